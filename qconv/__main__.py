@@ -1,0 +1,3 @@
+from qconv.cli.main import main
+
+main()

@@ -1,0 +1,64 @@
+"""Run the (normalized) float model over feeds with every float activation exposed; stream into observers.
+
+Memory is one batch's activations at a time: statistics are folded into the observers and the arrays
+dropped before the next batch runs, so it does not grow with the number of samples.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import numpy as np
+import onnx
+
+from qconv.calib.observers import MinMaxObserver
+from qconv.errors import QconvError
+from qconv.graph import Graph
+from qconv.runtime import run, session
+
+
+def activation_tensors(model: onnx.ModelProto) -> list[str]:
+    """Float tensors computed at run time (graph inputs and node outputs), in graph order."""
+    g = Graph(model)
+    names = [n for n in g.graph_inputs if g.is_float(n)]
+    for node in model.graph.node:
+        names += [o for o in node.output if o and g.is_float(o)]
+    return list(dict.fromkeys(names))
+
+
+def expose(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose graph outputs include ``names``."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    for name in names:
+        if name not in have:
+            m.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    return m
+
+
+def collect(
+    model: onnx.ModelProto,
+    feeds: Iterable[dict[str, np.ndarray]],
+    threads: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[dict[str, MinMaxObserver], int]:
+    """Observers for every float activation, and the number of feeds seen."""
+    names = activation_tensors(model)
+    sess = session(expose(model, names), threads)
+    outputs = [o.name for o in sess.get_outputs()]
+    wanted = [n for n in outputs if n in set(names)]
+    inputs = [n for n in names if n in {i.name for i in sess.get_inputs()}]
+    observers = {n: MinMaxObserver() for n in names}
+    seen = 0
+    for feed in feeds:
+        for name in inputs:
+            observers[name].update(np.asarray(feed[name], dtype=np.float32))
+        for name, value in zip(wanted, run(sess, feed, wanted)):
+            observers[name].update(np.asarray(value))
+        seen += 1
+        if progress:
+            progress(1)
+    if seen == 0:
+        raise QconvError("no calibration samples: the data set is empty")
+    return observers, seen

@@ -1,0 +1,56 @@
+"""Shared CLI plumbing: the error boundary and options several commands take."""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+
+from qconv.cli.console import Terminal
+from qconv.errors import QconvError
+
+
+def guarded(fn):
+    """Turn QconvError into a one-line message and its exit code; anything else is an internal error."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        ctx = click.get_current_context()
+        debug = bool(ctx.find_root().params.get("debug"))
+        term = Terminal(quiet=bool(kwargs.get("quiet")))
+        try:
+            return fn(term, *args, **kwargs)
+        except QconvError as exc:
+            if debug:
+                raise
+            term.error(str(exc))
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            term.error("interrupted; nothing was written")
+            sys.exit(130)
+        except Exception as exc:  # noqa: BLE001 - the boundary: no traceback unless --debug
+            if debug:
+                raise
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            term.error(f"internal error: {type(exc).__name__}: {first} (re-run with --debug for the traceback, and please report it)")
+            sys.exit(1)
+
+    return wrapper
+
+
+def data_options(fn):
+    fn = click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
+                      help="Rows per feed when an array is split into batches.")(fn)
+    fn = click.option("--samples", type=click.IntRange(min=1), default=None,
+                      help="Use at most N rows of calibration data (default: all).")(fn)
+    fn = click.option("--method", type=click.Choice(["minmax"]), default="minmax", show_default=True,
+                      help="How activation ranges are chosen from the statistics.")(fn)
+    return fn
+
+
+def output_options(fn):
+    fn = click.option("--threads", type=click.IntRange(min=1), default=None,
+                      help="onnxruntime intra-op threads (default: all cores).")(fn)
+    fn = click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")(fn)
+    return fn

@@ -1,0 +1,60 @@
+"""The one place that prints. Messages and progress go to stderr; reports and JSON go to stdout."""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+
+class Terminal:
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self.err = Console(stderr=True, highlight=False)
+        self.out = Console(highlight=False, soft_wrap=True)
+        self._progress: Progress | None = None
+
+    def info(self, msg: str) -> None:
+        if not self.quiet:
+            self.err.print(msg)
+
+    def warn(self, msg: str) -> None:
+        if not self.quiet:
+            self.err.print(f"[yellow]warning:[/yellow] {msg}")
+
+    def error(self, msg: str) -> None:
+        self.err.print(f"[bold red]error:[/bold red] {msg}", soft_wrap=True)
+
+    def print_json(self, obj) -> None:
+        sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        sys.stdout.flush()
+
+    def print(self, renderable) -> None:
+        if not self.quiet:
+            self.out.print(renderable)
+
+    @contextmanager
+    def progress(self):
+        """Yield a factory ``(label, total) -> advance(n)``; bars only on a terminal, silent otherwise."""
+        if self.quiet or not self.err.is_terminal:
+            yield lambda label, total: (lambda n: None)
+            return
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=self.err, transient=True) as bar:
+            def factory(label, total):
+                task = bar.add_task(label, total=total)
+                return lambda n: bar.advance(task, n)
+            yield factory
+
+
+def table(title: str, columns: list[str], rows: list[list]) -> Table:
+    t = Table(title=title, title_justify="left")
+    for c in columns:
+        t.add_column(c, overflow="fold")
+    for r in rows:
+        t.add_row(*[str(x) for x in r])
+    return t

@@ -1,0 +1,254 @@
+"""Feeds for a model from .npy, .npz or a folder of them, streamed one batch at a time.
+
+Rules (also in the README):
+- ``.npy``: for a model with exactly one input. ``.npz``: arrays keyed by input name. A folder: every
+  ``.npy``/``.npz`` file in it, in name order, each read by the same rules.
+- An array whose rank is the input's rank + 1 is a stack of feeds: ``a[k]`` is feed ``k``.
+- An array whose rank equals the input's is split along axis 0 into batches of ``--batch-size`` (a fixed
+  batch dimension in the model wins).
+- A 0-d array (say, a sample rate) goes unchanged to every feed.
+Arrays are cast to the input's type when that loses nothing (float64 -> float32, int32 -> int64); NaN or
+Inf in a float feed is an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from qconv.errors import QconvError
+
+_ONNX_TO_NP = {
+    "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int16)": np.int16, "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8, "tensor(uint16)": np.uint16, "tensor(bool)": np.bool_,
+}
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """A model input as onnxruntime reports it: name, numpy dtype, shape (None or a str for dynamic)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+    @classmethod
+    def from_ort(cls, arg) -> "InputSpec":
+        if arg.type not in _ONNX_TO_NP:
+            raise QconvError(f"input '{arg.name}' has type {arg.type}, which qconv cannot feed from numpy files")
+        return cls(arg.name, np.dtype(_ONNX_TO_NP[arg.type]), tuple(arg.shape))
+
+
+def _files(path: Path) -> list[Path]:
+    if not path.exists():
+        raise QconvError(f"data not found: {path}")
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in (".npy", ".npz"))
+        if not files:
+            raise QconvError(f"data folder has no .npy or .npz files: {path}")
+        return files
+    if path.suffix not in (".npy", ".npz"):
+        raise QconvError(f"data must be a .npy file, a .npz file or a folder of them: {path}")
+    return [path]
+
+
+def _open(path: Path, specs: list[InputSpec]) -> dict[str, np.ndarray]:
+    try:
+        if path.suffix == ".npy":
+            if len(specs) != 1:
+                names = ", ".join(s.name for s in specs)
+                raise QconvError(f"{path.name}: a .npy file feeds a single-input model; this model has inputs {names}: use a .npz keyed by input name")
+            return {specs[0].name: np.load(path, mmap_mode="r", allow_pickle=False)}
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except QconvError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - numpy raises many types for broken files
+        raise QconvError(f"cannot read data file {path} (truncated or not numpy?): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    wanted = {s.name for s in specs}
+    missing = sorted(wanted - set(arrays))
+    extra = sorted(set(arrays) - wanted)
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing)}")
+        if extra:
+            parts.append(f"unknown {', '.join(extra)}")
+        raise QconvError(f"{path.name}: keys do not match the model inputs ({'; '.join(parts)}); model inputs are {', '.join(sorted(wanted))}")
+    return arrays
+
+
+def _cast(a: np.ndarray, spec: InputSpec, where: str) -> np.ndarray:
+    if a.dtype == spec.dtype:
+        return a
+    same_kind = (a.dtype.kind == spec.dtype.kind) or (a.dtype.kind in "iu" and spec.dtype.kind in "iu") or (
+        a.dtype.kind in "iub" and spec.dtype.kind == "f"
+    )
+    if not same_kind:
+        raise QconvError(f"{where}: input '{spec.name}' expects {spec.dtype} but the data is {a.dtype}; convert it with astype")
+    return a.astype(spec.dtype)
+
+
+def _check_shape(a: np.ndarray, spec: InputSpec, where: str) -> None:
+    if a.ndim != spec.rank:
+        raise QconvError(f"{where}: input '{spec.name}' has rank {spec.rank} but a feed has rank {a.ndim} (shape {a.shape})")
+    for k, (d, want) in enumerate(zip(a.shape, spec.shape)):
+        if isinstance(want, int) and want > 0 and d != want:
+            raise QconvError(f"{where}: input '{spec.name}' needs size {want} on axis {k} but the data has {d} (shape {a.shape}, model {list(spec.shape)})")
+
+
+def _check_finite(a: np.ndarray, spec: InputSpec, where: str) -> None:
+    if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
+        raise QconvError(f"{where}: input '{spec.name}' contains NaN or Inf; clean the data first")
+
+
+def _plan(shapes: dict[str, tuple], specs: list[InputSpec], batch_size: int, where: str):
+    """How each array splits into feeds (scalar, stack or batch with its step), and the feed count."""
+    by_name = {s.name: s for s in specs}
+    counts, kinds = {}, {}
+    for name, shape in shapes.items():
+        spec = by_name[name]
+        ndim = len(shape)
+        if ndim == 0:
+            kinds[name] = ("scalar", 0)
+        elif ndim == spec.rank + 1:
+            kinds[name] = ("stack", 0)
+            counts[name] = shape[0]
+        elif ndim == spec.rank:
+            fixed = spec.shape[0] if isinstance(spec.shape[0], int) and spec.shape[0] > 0 else None
+            step = fixed or batch_size
+            if fixed and shape[0] % fixed:
+                raise QconvError(f"{where}: input '{name}' has a fixed batch of {fixed} but the data has {shape[0]} rows")
+            kinds[name] = ("batch", step)
+            counts[name] = -(-shape[0] // step)
+        else:
+            raise QconvError(f"{where}: input '{name}' has rank {spec.rank} (shape {list(spec.shape)}); data of shape {tuple(shape)} is neither a stack of feeds (rank {spec.rank + 1}) nor a batch (rank {spec.rank})")
+    sizes = set(counts.values())
+    if len(sizes) > 1:
+        detail = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
+        raise QconvError(f"{where}: inputs give different numbers of feeds ({detail}); every input needs the same count")
+    return kinds, (sizes.pop() if sizes else 1)
+
+
+def _split(arrays: dict[str, np.ndarray], specs: list[InputSpec], batch_size: int, where: str):
+    """Yield feed dicts from one file's arrays, by the rules in the module docstring."""
+    by_name = {s.name: s for s in specs}
+    kinds, n = _plan({k: a.shape for k, a in arrays.items()}, specs, batch_size, where)
+    for k in range(n):
+        feed = {}
+        for name, a in arrays.items():
+            spec = by_name[name]
+            kind, step = kinds[name]
+            if kind == "scalar":
+                piece = np.asarray(a)
+            elif kind == "stack":
+                piece = np.asarray(a[k])
+            else:
+                piece = np.asarray(a[k * step:(k + 1) * step])
+            piece = np.ascontiguousarray(_cast(piece, spec, where))
+            _check_shape(piece, spec, where)
+            _check_finite(piece, spec, where)
+            feed[name] = piece
+        yield feed
+
+
+class FeedSource:
+    """A re-iterable stream of feeds from DATA, limited to ``samples`` rows when given."""
+
+    def __init__(self, path: str | os.PathLike, specs: list[InputSpec], batch_size: int = 1, samples: int | None = None):
+        if batch_size < 1:
+            raise QconvError(f"--batch-size must be at least 1 (got {batch_size})")
+        if samples is not None and samples < 1:
+            raise QconvError(f"--samples must be at least 1 (got {samples})")
+        self.path = Path(path)
+        self.specs = specs
+        self.batch_size = batch_size
+        self.samples = samples
+        self.files = _files(self.path)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        seen = 0
+        for f in self.files:
+            arrays = _open(f, self.specs)
+            for feed in _split(arrays, self.specs, self.batch_size, f.name):
+                rows = _rows(feed, self.specs)
+                if self.samples is not None and seen + rows > self.samples:
+                    feed = _truncate(feed, self.specs, self.samples - seen)
+                    rows = self.samples - seen
+                if rows <= 0:
+                    return
+                seen += rows
+                yield feed
+                if self.samples is not None and seen >= self.samples:
+                    return
+
+    def count(self) -> int:
+        """Number of feeds, from the arrays' headers only (no data is read)."""
+        total = 0
+        for f in self.files:
+            shapes = _header_shapes(f, self.specs)
+            kinds, n = _plan(shapes, self.specs, self.batch_size, f.name)
+            total += n
+        if self.samples is not None:
+            total = min(total, self.samples)  # an upper bound when feeds hold several rows
+        return total
+
+    def identity(self) -> str:
+        """Hash of the data files' bytes and the options that select feeds from them."""
+        h = hashlib.sha256()
+        for f in self.files:
+            h.update(f.name.encode())
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+        h.update(f"batch={self.batch_size};samples={self.samples}".encode())
+        return h.hexdigest()
+
+
+def _header_shapes(path: Path, specs: list[InputSpec]) -> dict[str, tuple]:
+    if path.suffix == ".npy":
+        return {specs[0].name: np.load(path, mmap_mode="r", allow_pickle=False).shape} if len(specs) == 1 else {}
+    shapes = {}
+    with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist():
+            if info.filename.endswith(".npy"):
+                with zf.open(info) as fh:
+                    major, _ = np.lib.format.read_magic(fh)
+                    read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                    shape = read(fh)[0]
+                shapes[info.filename[:-4]] = shape
+    return {k: v for k, v in shapes.items() if k in {s.name for s in specs}}
+
+
+def _rows(feed: dict[str, np.ndarray], specs: list[InputSpec]) -> int:
+    for s in specs:
+        a = feed[s.name]
+        if a.ndim >= 1 and s.rank >= 1:
+            return int(a.shape[0])
+    return 1
+
+
+def _truncate(feed, specs, rows: int):
+    out = {}
+    for s in specs:
+        a = feed[s.name]
+        fixed = isinstance(s.shape[0], int) and s.shape[0] > 0 if s.rank else True
+        out[s.name] = a[:rows] if (a.ndim >= 1 and s.rank >= 1 and not fixed) else a
+    return out
+
+
+def ensure_nonempty(source: FeedSource) -> None:
+    for _ in source:
+        return
+    raise QconvError(f"data set is empty: {source.path} holds no feeds")

@@ -1,0 +1,139 @@
+"""An indexed view of a ModelProto's main graph: producers, consumers, constants, types, unique names."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+FLOAT = onnx.TensorProto.FLOAT
+
+
+def subgraph_inputs(node: onnx.NodeProto) -> set[str]:
+    """Outer-scope names a node's subgraphs (If/Loop/Scan bodies) read."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for g in graphs:
+            local = {i.name for i in g.input} | {t.name for t in g.initializer}
+            for n in g.node:
+                local.update(n.output)
+            for n in g.node:
+                names.update(i for i in n.input if i and i not in local)
+                names.update(subgraph_inputs(n) - local)
+    return names
+
+
+class Graph:
+    """Index of the main graph. Rebuild it after structural edits (it is cheap)."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        g = model.graph
+        self.initializers = {t.name: t for t in g.initializer}
+        self.graph_inputs = [i.name for i in g.input if i.name not in self.initializers]
+        self.graph_outputs = {o.name for o in g.output}
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        self.pinned: set[str] = set()  # read by a subgraph: never renamed or removed
+        for node in g.node:
+            for o in node.output:
+                if o:
+                    self.producer[o] = node
+            for i in node.input:
+                if i:
+                    self.consumers[i].append(node)
+            self.pinned |= subgraph_inputs(node)
+        self.types = {}
+        for vi in list(g.input) + list(g.value_info) + list(g.output):
+            if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+                self.types[vi.name] = vi.type.tensor_type.elem_type
+        for t in g.initializer:
+            self.types[t.name] = t.data_type
+        self._names = set(self.producer) | set(self.initializers) | set(self.graph_inputs)
+        self._names |= {n.name for n in g.node if n.name}
+
+    def is_constant(self, name: str) -> bool:
+        return name in self.initializers
+
+    def array(self, name: str) -> np.ndarray:
+        return numpy_helper.to_array(self.initializers[name])
+
+    def is_float(self, name: str) -> bool:
+        return self.types.get(name) == FLOAT
+
+    def shape(self, name: str) -> list | None:
+        for vi in list(self.model.graph.input) + list(self.model.graph.value_info) + list(self.model.graph.output):
+            if vi.name == name and vi.type.tensor_type.HasField("shape"):
+                return [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+        if name in self.initializers:
+            return list(self.initializers[name].dims)
+        return None
+
+    def unique(self, base: str) -> str:
+        """A tensor or node name not yet used in the graph."""
+        name, k = base, 1
+        while name in self._names:
+            name, k = f"{base}_{k}", k + 1
+        self._names.add(name)
+        return name
+
+    def only_consumer(self, name: str) -> onnx.NodeProto | None:
+        cons = self.consumers.get(name, [])
+        if len(cons) == 1 and name not in self.graph_outputs and name not in self.pinned:
+            return cons[0]
+        return None
+
+
+def attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def ai_onnx_opset(model: onnx.ModelProto) -> int:
+    for op in model.opset_import:
+        if op.domain in ("", "ai.onnx"):
+            return op.version
+    return 0
+
+
+def name_nodes(model: onnx.ModelProto) -> None:
+    """Give every unnamed node a stable name (op type + index) so reports and excludes can refer to it."""
+    used = {n.name for n in model.graph.node if n.name}
+    for k, node in enumerate(model.graph.node):
+        if not node.name:
+            base = f"{node.op_type}_{k}"
+            name, j = base, 1
+            while name in used:
+                name, j = f"{base}_{j}", j + 1
+            node.name = name
+            used.add(name)
+
+
+def topo_sort(model: onnx.ModelProto) -> None:
+    """Reorder the main graph's nodes topologically (stable for already-sorted graphs)."""
+    g = model.graph
+    known = {i.name for i in g.input} | {t.name for t in g.initializer} | {""}
+    remaining = list(g.node)
+    ordered = []
+    while remaining:
+        progress = False
+        rest = []
+        for node in remaining:
+            needs = set(node.input) | subgraph_inputs(node)
+            if needs <= known:
+                ordered.append(node)
+                known.update(node.output)
+                progress = True
+            else:
+                rest.append(node)
+        if not progress:
+            ordered.extend(rest)  # a cycle or a missing input: leave the checker to report it
+            break
+        remaining = rest
+    del g.node[:]
+    g.node.extend(ordered)

@@ -1,0 +1,289 @@
+"""Bring a model as exporters really produce it into the form the quantizer works on.
+
+Each pass edits the model in place and returns a note (or None) saying what it did, for the report:
+old-IR inputs that are really initializers, weights held in Constant nodes or computed from constants,
+inference no-ops (Identity, Dropout), BatchNorm and per-channel Mul/Add folded into the Conv before
+them, and an opset upgrade where the QDQ rewrite needs one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+from onnx.reference import ReferenceEvaluator
+
+from qconv.errors import QconvError
+from qconv.graph import Graph, ai_onnx_opset, attr, name_nodes, topo_sort
+
+_NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
+# IR version that first allows each ai.onnx opset (onnx.helper.VERSION_TABLE), enough for our targets.
+_MIN_IR = {10: 5, 11: 6, 12: 7, 13: 7, 14: 7, 15: 8, 16: 8, 17: 8, 18: 8, 19: 9, 20: 9, 21: 10}
+
+
+def strip_initializer_inputs(model: onnx.ModelProto) -> str | None:
+    """Old IR (< 4) lists every initializer as a graph input too; such inputs are weights, not feeds."""
+    g = model.graph
+    inits = {t.name for t in g.initializer}
+    keep = [i for i in g.input if i.name not in inits]
+    dropped = len(g.input) - len(keep)
+    if not dropped:
+        return None
+    del g.input[:]
+    g.input.extend(keep)
+    model.ir_version = max(model.ir_version, 4)
+    return f"{dropped} initializers listed as graph inputs (old IR) treated as weights"
+
+
+def constants_to_initializers(model: onnx.ModelProto) -> str | None:
+    """Constant nodes become initializers, so weights held in them are quantized like any other."""
+    g = model.graph
+    moved, keep = 0, []
+    for node in g.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.attribute) == 1:
+            value = _constant_value(node)
+            if value is not None:
+                t = numpy_helper.from_array(value, node.output[0])
+                g.initializer.append(t)
+                moved += 1
+                continue
+        keep.append(node)
+    if not moved:
+        return None
+    del g.node[:]
+    g.node.extend(keep)
+    return f"{moved} Constant nodes turned into initializers"
+
+
+def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
+    a = node.attribute[0]
+    if a.name == "value":
+        return numpy_helper.to_array(a.t)
+    scalars = {"value_float": np.float32, "value_int": np.int64}
+    lists = {"value_floats": np.float32, "value_ints": np.int64}
+    if a.name in scalars:
+        return np.array(onnx.helper.get_attribute_value(a), dtype=scalars[a.name])
+    if a.name in lists:
+        return np.array(onnx.helper.get_attribute_value(a), dtype=lists[a.name])
+    return None  # sparse or string constants stay as they are
+
+
+def remove_noops(model: onnx.ModelProto) -> str | None:
+    """Identity and inference-mode Dropout pass their input through; they only break patterns."""
+    g = Graph(model)
+    removed = 0
+    keep = []
+    rename: dict[str, str] = {}
+    for node in model.graph.node:
+        is_noop = node.op_type == "Identity" or (
+            node.op_type == "Dropout" and (len(node.output) < 2 or not node.output[1] or not g.consumers.get(node.output[1]))
+        )
+        out = node.output[0] if node.output else ""
+        if is_noop and node.domain in ("", "ai.onnx") and out not in g.graph_outputs and out not in g.pinned:
+            src = node.input[0]
+            rename[out] = rename.get(src, src)
+            removed += 1
+            continue
+        keep.append(node)
+    if not removed:
+        return None
+    for node in keep:
+        for k, i in enumerate(node.input):
+            if i in rename:
+                node.input[k] = rename[i]
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    return f"{removed} Identity/Dropout nodes removed (no-ops at inference)"
+
+
+def sum_to_add(model: onnx.ModelProto) -> str | None:
+    """A two-input Sum (old exporters' residual add) is an Add, which has an int8 kernel."""
+    changed = 0
+    for node in model.graph.node:
+        if node.op_type == "Sum" and node.domain in ("", "ai.onnx") and len(node.input) == 2:
+            node.op_type = "Add"
+            changed += 1
+    return f"{changed} two-input Sum nodes rewritten as Add" if changed else None
+
+
+def fold_constants(model: onnx.ModelProto) -> str | None:
+    """Evaluate nodes whose inputs are all constant (e.g. weights made by ConstantOfShape or Unsqueeze)."""
+    g = Graph(model)
+    const = set(g.initializers) | {""}
+    foldable = []
+    for node in model.graph.node:
+        if (
+            node.domain in ("", "ai.onnx")
+            and node.op_type not in _NONDETERMINISTIC
+            and not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+            and all(i in const for i in node.input)
+            and not any(o in g.graph_outputs or o in g.pinned for o in node.output)
+        ):
+            foldable.append(node)
+            const.update(node.output)
+    if not foldable:
+        return None
+    folded_outputs = {o for n in foldable for o in n.output if o}
+    needed = [o for o in sorted(folded_outputs) if any(c not in foldable for c in g.consumers.get(o, []))]
+    used_inits = {i for n in foldable for i in n.input if i in g.initializers}
+    sub = onnx.helper.make_model(
+        onnx.helper.make_graph(
+            foldable, "fold", [],
+            [onnx.helper.make_value_info(o, onnx.TypeProto()) for o in needed],
+            [g.initializers[n] for n in sorted(used_inits)],
+        ),
+        opset_imports=[op for op in model.opset_import if op.domain in ("", "ai.onnx")],
+    )
+    try:
+        values = ReferenceEvaluator(sub).run(needed, {}) if needed else []
+    except Exception:  # noqa: BLE001 - an op the reference runtime lacks: leave the graph as it is
+        return None
+    folded_ids = {id(n) for n in foldable}
+    keep = [n for n in model.graph.node if id(n) not in folded_ids]
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    for name, value in zip(needed, values):
+        model.graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+    still_used = {i for n in keep for i in n.input} | {o.name for o in model.graph.output}
+    unused = [t for t in model.graph.initializer if t.name not in still_used and t.name not in g.pinned]
+    for t in unused:
+        model.graph.initializer.remove(t)
+    return f"{len(foldable)} nodes with constant inputs folded into initializers"
+
+
+def upgrade_opset(model: onnx.ModelProto, target: int) -> str | None:
+    """Raise the ai.onnx opset to ``target`` with onnx's version converter (never lowers it)."""
+    current = ai_onnx_opset(model)
+    if current >= target:
+        return None
+    try:
+        converted = onnx.version_converter.convert_version(model, target)
+    except Exception as exc:  # noqa: BLE001 - the converter raises bare RuntimeErrors
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise QconvError(
+            f"cannot upgrade the model from opset {current} to {target} ({msg}); "
+            f"re-export it at opset >= {target}, or use --per-tensor which needs only opset 10"
+        ) from None
+    model.CopyFrom(converted)
+    model.ir_version = max(model.ir_version, _MIN_IR.get(target, 7))
+    return f"opset upgraded from {current} to {target} (needed by the QDQ form)"
+
+
+def _per_channel_factor(c: np.ndarray, channels: int, rank: int) -> np.ndarray | None:
+    """``c`` as a per-output-channel vector when it broadcasts only along axis 1 of an NC... tensor."""
+    if c.size == 1 and c.ndim <= rank:
+        return np.full(channels, c.reshape(()), dtype=np.float32)
+    shape = [1] * (rank - c.ndim) + list(c.shape)
+    if len(shape) != rank or shape[1] != channels or any(s != 1 for k, s in enumerate(shape) if k != 1):
+        return None
+    return c.reshape(channels).astype(np.float32)
+
+
+def fold_into_conv(model: onnx.ModelProto) -> str | None:
+    """Fold BatchNormalization, and Mul/Add by per-channel constants, into the Conv that feeds them."""
+    folded = 0
+    changed = True
+    while changed:
+        changed = False
+        g = Graph(model)
+        for conv in model.graph.node:
+            if conv.op_type != "Conv" or conv.domain not in ("", "ai.onnx") or not g.is_constant(conv.input[1]):
+                continue
+            nxt = g.only_consumer(conv.output[0])
+            if nxt is None or nxt.domain not in ("", "ai.onnx"):
+                continue
+            w = g.array(conv.input[1]).astype(np.float32)
+            channels = w.shape[0]
+            has_bias = len(conv.input) > 2 and conv.input[2]
+            if has_bias and not g.is_constant(conv.input[2]):
+                continue
+            b = g.array(conv.input[2]).astype(np.float32) if has_bias else np.zeros(channels, np.float32)
+            new = _affine_after(nxt, g, channels, w.ndim)
+            if new is None:
+                continue
+            mul, add = new
+            w = w * mul.reshape([-1] + [1] * (w.ndim - 1))
+            b = b * mul + add
+            _set_conv_weights(model, g, conv, w, b)
+            conv.output[0] = nxt.output[0]
+            model.graph.node.remove(nxt)
+            folded += 1
+            changed = True
+            break
+    return f"{folded} BatchNormalization/Mul/Add nodes folded into the Conv before them" if folded else None
+
+
+def _affine_after(node, g: Graph, channels: int, rank: int):
+    """(mul, add) per-channel vectors equivalent to ``node`` applied to a conv output, or None."""
+    if node.op_type == "BatchNormalization":
+        if len([o for o in node.output if o]) != 1 or not all(g.is_constant(i) for i in node.input[1:5]):
+            return None
+        scale, bias, mean, var = (g.array(i).astype(np.float64) for i in node.input[1:5])
+        if scale.shape != (channels,):
+            return None
+        s = scale / np.sqrt(var + attr(node, "epsilon", 1e-5))
+        return s.astype(np.float32), (bias - mean * s).astype(np.float32)
+    if node.op_type in ("Mul", "Add") and len(node.input) == 2:
+        const = [i for i in node.input if g.is_constant(i)]
+        if len(const) != 1:
+            return None
+        c = _per_channel_factor(g.array(const[0]), channels, rank)
+        if c is None or not np.all(np.isfinite(c)):
+            return None
+        if node.op_type == "Mul":
+            return c, np.zeros(channels, np.float32)
+        return np.ones(channels, np.float32), c
+    return None
+
+
+def _set_conv_weights(model, g: Graph, conv, w: np.ndarray, b: np.ndarray) -> None:
+    wname = g.unique(conv.input[1] + "_folded")
+    bname = g.unique((conv.input[2] if len(conv.input) > 2 and conv.input[2] else conv.output[0]) + "_bias_folded")
+    model.graph.initializer.extend([numpy_helper.from_array(w, wname), numpy_helper.from_array(b, bname)])
+    old = [i for i in conv.input[1:3] if i]
+    conv.input[1] = wname
+    if len(conv.input) > 2:
+        conv.input[2] = bname
+    else:
+        conv.input.append(bname)
+    drop_unused_initializers(model, old)
+
+
+def drop_unused_initializers(model: onnx.ModelProto, names=None) -> None:
+    g = Graph(model)
+    used = set(g.consumers) | g.graph_outputs | g.pinned
+    candidates = set(names) if names is not None else set(g.initializers)
+    for t in list(model.graph.initializer):
+        if t.name in candidates and t.name not in used:
+            model.graph.initializer.remove(t)
+
+
+def infer_types(model: onnx.ModelProto) -> None:
+    """Fill value_info with inferred types and shapes where onnx can infer them."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except Exception:  # noqa: BLE001 - inference is best effort; calibration reports real dtypes
+        return
+    model.CopyFrom(inferred)
+
+
+def check_supported(model: onnx.ModelProto) -> None:
+    if ai_onnx_opset(model) == 0:
+        raise QconvError("model imports no ai.onnx opset: not a model qconv can quantize")
+    if not model.graph.node:
+        raise QconvError("model graph has no nodes: nothing to quantize")
+
+
+def prepare(model: onnx.ModelProto, min_opset: int) -> tuple[onnx.ModelProto, list[str]]:
+    """Return a normalized copy of ``model`` and notes on what was changed."""
+    check_supported(model)
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    notes = [strip_initializer_inputs(m), constants_to_initializers(m)]
+    topo_sort(m)
+    notes.append(upgrade_opset(m, min_opset))
+    notes += [constants_to_initializers(m), fold_constants(m), remove_noops(m), sum_to_add(m), fold_into_conv(m)]
+    drop_unused_initializers(m)
+    name_nodes(m)
+    infer_types(m)
+    return m, [n for n in notes if n]

@@ -1,0 +1,146 @@
+"""The stages wired together: what the CLI calls. The library never prints; progress goes to a callback."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from qconv import __version__, io, runtime
+from qconv.calib.collect import collect
+from qconv.calib.store import Calibration
+from qconv.config import QuantConfig
+from qconv.data import FeedSource
+from qconv.errors import QconvError
+from qconv.intake import prepare
+from qconv.plan import QuantPlan, build_plan
+from qconv.report.evaluate import compare, latency
+from qconv.rewrite.qdq import apply_qdq
+
+Progress = Callable[[str, int | None], Callable[[int], None]]  # (label, total) -> advance(n)
+
+
+def _no_progress(label: str, total: int | None):
+    return lambda n: None
+
+
+@dataclass
+class Prepared:
+    """A model as loaded, its normalized float form, and what intake changed."""
+
+    path: Path
+    original: onnx.ModelProto
+    model: onnx.ModelProto
+    notes: list[str]
+    model_id: str
+    external_data: bool
+
+
+def load(path: str | os.PathLike, config: QuantConfig) -> Prepared:
+    original = io.load_model(path)
+    model, notes = prepare(original, config.min_opset)
+    return Prepared(Path(path), original, model, notes, io.model_identity(original), io.has_external_data(onnx.load(str(path), load_external_data=False)))
+
+
+def feeds_for(prepared: Prepared, data: str | os.PathLike, batch_size: int = 1, samples: int | None = None) -> FeedSource:
+    specs = runtime.input_specs(runtime.session(prepared.model, threads=1, optimize=False))
+    return FeedSource(data, specs, batch_size=batch_size, samples=samples)
+
+
+def calibrate(prepared: Prepared, source: FeedSource, threads: int | None = None,
+              progress: Progress = _no_progress, method: str = "minmax") -> Calibration:
+    advance = progress("calibrating", source.count())
+    observers, seen = collect(prepared.model, source, threads=threads, progress=advance)
+    options = {"method": method, "batch_size": source.batch_size, "samples": source.samples}
+    return Calibration(prepared.model_id, source.identity(), seen, options, observers)
+
+
+def load_calibration(path: str | os.PathLike, prepared: Prepared, force: bool = False) -> Calibration:
+    calib = Calibration.from_dict(io.read_json(path, "calibration file"), f"calibration file {path}")
+    if calib.model_id != prepared.model_id and not force:
+        raise QconvError(f"calibration file {path} was made for another model (id {calib.model_id[:12]}, this model {prepared.model_id[:12]}): re-run qconv calibrate, or pass --force-calib")
+    return calib
+
+
+@dataclass
+class Result:
+    model: onnx.ModelProto
+    plan: QuantPlan
+    report: dict = field(default_factory=dict)
+
+
+def quantize(prepared: Prepared, calib: Calibration, config: QuantConfig) -> Result:
+    nonfinite = {k: o.nonfinite for k, o in calib.tensors.items() if o.nonfinite}
+    plan = build_plan(prepared.model, calib.ranges(), config, nonfinite)
+    qmodel = apply_qdq(prepared.model, plan)
+    _annotate(qmodel, config, calib, prepared)
+    verify(qmodel)
+    return Result(qmodel, plan)
+
+
+def _annotate(model: onnx.ModelProto, config: QuantConfig, calib: Calibration, prepared: Prepared) -> None:
+    meta = {
+        "qconv.version": __version__,
+        "qconv.mode": "int8-static",
+        "qconv.config": json.dumps(config.to_dict(), sort_keys=True),
+        "qconv.calibration": json.dumps({"model_id": calib.model_id, "data_id": calib.data_id, "samples": calib.samples, "options": calib.options}, sort_keys=True),
+        "qconv.source_model_id": prepared.model_id,
+    }
+    kept = [p for p in model.metadata_props if not p.key.startswith("qconv.")]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    for k, v in meta.items():
+        model.metadata_props.add(key=k, value=v)
+    model.producer_name = "qconv"
+    model.producer_version = __version__
+
+
+def verify(model: onnx.ModelProto) -> None:
+    """The output must pass onnx.checker and load in onnxruntime, or nothing is written."""
+    try:
+        if model.ByteSize() < 2**31 - 2**26:
+            onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        raise QconvError(f"internal error: the quantized model fails onnx.checker ({str(exc).splitlines()[0]}); please report it") from None
+    runtime.session(model, threads=1)
+
+
+def evaluate(prepared: Prepared, result: Result, source: FeedSource, labels: np.ndarray | None,
+             threads: int | None, progress: Progress = _no_progress, measure_latency: bool = True) -> dict:
+    threads = threads or runtime.default_threads()
+    float_sess = runtime.session(str(prepared.path), threads)
+    quant_sess = runtime.session(result.model, threads)
+    advance = progress("evaluating", source.count())
+    report = compare(float_sess, quant_sess, source, labels, progress=advance)
+    if measure_latency:
+        first = next(iter(source))
+        report["latency_ms"] = latency(float_sess, quant_sess, first, threads)
+    return report
+
+
+def node_summary(plan: QuantPlan) -> dict:
+    by_op: dict[str, dict[str, int]] = {}
+    for n in plan.nodes:
+        slot = by_op.setdefault(n.op_type, {"quantized": 0, "float": 0})
+        slot["quantized" if n.quantized else "float"] += 1
+    for name, producer in plan.folded.items():
+        by_op.setdefault("Relu/Clip folded", {"quantized": 0, "float": 0})["quantized"] += 1
+    return dict(sorted(by_op.items()))
+
+
+def save_quantized(result: Result, out: Path, prepared: Prepared) -> int:
+    io.save_model(result.model, out, external_data=prepared.external_data or None)
+    return io.model_size_bytes(out)
+
+
+def temp_model_size(model: onnx.ModelProto) -> int:
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "m.onnx"
+        io.save_model(model, p)
+        return io.model_size_bytes(p)

@@ -1,0 +1,293 @@
+"""graph + calibration ranges + config -> QuantPlan: what gets quantized, with which parameters, and why not.
+
+The plan is a plain value (``to_dict`` gives JSON) that the rewrite passes apply; the reasons a node stays
+in float travel to ``qconv inspect`` and the report.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from qconv import qmath
+from qconv.config import QuantConfig
+from qconv.graph import Graph, attr
+
+# Ops whose output keeps the input's scale and zero point: onnxruntime then runs them on int8 directly.
+SHARED = {"MaxPool", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Resize", "Slice",
+          "Gather", "DepthToSpace", "SpaceToDepth", "Expand"}
+# Ops with int8 kernels (or QDQ fusions) in onnxruntime's CPU provider, output with its own parameters.
+OWN = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "Concat", "AveragePool",
+       "GlobalAveragePool", "Sigmoid", "LeakyRelu", "Relu", "Clip"}
+# Activations that a quantized producer's QuantizeLinear can absorb (its clamp is the activation).
+FOLDABLE_ACT = {"Relu", "Clip"}
+FOLD_PRODUCERS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool"}
+FRAGILE = {
+    "Softmax": "numerically fragile: its outputs span orders of magnitude that 8 bits cannot hold",
+    "LogSoftmax": "numerically fragile: its outputs span orders of magnitude that 8 bits cannot hold",
+    "LayerNormalization": "numerically fragile: normalization divides by a variance that 8 bits distort",
+    "InstanceNormalization": "numerically fragile: normalization divides by a variance that 8 bits distort",
+    "BatchNormalization": "no int8 kernel in onnxruntime (only a BatchNormalization after a Conv is folded)",
+}
+MASK_LIMIT = 1e6
+
+
+@dataclass
+class NodeDecision:
+    name: str
+    op_type: str
+    quantized: bool
+    reason: str = ""
+
+
+@dataclass
+class TensorPlan:
+    name: str
+    role: str  # activation | weight | bias | const
+    qparams: qmath.QParams
+    consumers: list[str] = field(default_factory=list)  # node names that read the dequantized tensor
+    origin: str = ""
+
+
+@dataclass
+class QuantPlan:
+    config: QuantConfig
+    nodes: list[NodeDecision]
+    tensors: dict[str, TensorPlan]
+    folded: dict[str, str]  # removed activation node name -> the producer that absorbed it
+
+    def to_dict(self) -> dict:
+        return {
+            "config": self.config.to_dict(),
+            "nodes": [vars(n) for n in self.nodes],
+            "tensors": {k: {"role": t.role, **t.qparams.to_dict()} for k, t in sorted(self.tensors.items())},
+            "folded": dict(self.folded),
+        }
+
+    def decision(self, name: str) -> NodeDecision | None:
+        return next((n for n in self.nodes if n.name == name), None)
+
+
+def _inputs(node: onnx.NodeProto, g: Graph, per_channel: bool) -> list[tuple[int, str, int | None]] | str:
+    """(input index, role, per-channel axis) for each input to quantize, or a reason it cannot be."""
+    op = node.op_type
+    ins = list(node.input)
+
+    def weight_or_act(k: int, axis: int | None):
+        if g.is_constant(ins[k]):
+            return (k, "weight", axis if per_channel else None)
+        return (k, "activation", None)
+
+    if op in ("Conv", "ConvTranspose"):
+        if op == "ConvTranspose" and attr(node, "group", 1) != 1:
+            per_channel = False
+        spec = [(0, "activation", None), weight_or_act(1, 0 if op == "Conv" else 1)]
+        if len(ins) > 2 and ins[2]:
+            if not (g.is_constant(ins[1]) and g.is_constant(ins[2])):
+                return "bias is computed at run time; int8 kernels need a constant bias"
+            spec.append((2, "bias", 0))
+        return spec
+    if op == "Gemm":
+        if attr(node, "transA", 0):
+            return "transA=1 has no int8 Gemm kernel"
+        axis = 0 if attr(node, "transB", 0) else 1
+        spec = [(0, "activation", None), weight_or_act(1, axis)]
+        if len(ins) > 2 and ins[2]:
+            c = g.array(ins[2]) if g.is_constant(ins[2]) else None
+            simple = attr(node, "alpha", 1.0) == 1.0 and attr(node, "beta", 1.0) == 1.0
+            if c is not None and simple and c.ndim in (1, 2) and c.shape[-1] == c.size and g.is_constant(ins[1]):
+                spec.append((2, "bias", 0))
+        return spec
+    if op == "MatMul":
+        b_const = g.is_constant(ins[1])
+        rank = len(g.initializers[ins[1]].dims) if b_const else 0
+        return [(0, "activation", None), weight_or_act(1, rank - 1 if rank >= 2 else None)]
+    if op in ("Add", "Mul", "Concat"):
+        return [(k, "const" if g.is_constant(i) else "activation", None) for k, i in enumerate(ins) if i]
+    if op == "Gather":
+        return [(0, "const" if g.is_constant(ins[0]) else "activation", None)]
+    if op == "Clip":
+        if any(i and not g.is_constant(i) for i in ins[1:]):
+            return "clip bounds are computed at run time"
+        return [(0, "activation", None)]
+    if op == "MaxPool" and len([o for o in node.output if o]) > 1:
+        return "MaxPool with an Indices output has no int8 kernel"
+    return [(0, "activation", None)]
+
+
+def _excluded(node: onnx.NodeProto, config: QuantConfig) -> str | None:
+    for pattern in config.exclude_nodes:
+        if fnmatch.fnmatchcase(node.name, pattern):
+            return f"excluded by --exclude-nodes {pattern}"
+    if node.op_type in config.exclude_ops:
+        return f"excluded by --exclude-ops {node.op_type}"
+    return None
+
+
+def _range_problem(name: str, ranges: dict, nonfinite: dict, op_type: str = "") -> str | None:
+    """Why tensor ``name`` cannot be quantized, if it cannot.
+
+    Tensors with inf/NaN never can. Operands and results of Add/Mul reaching |x| >= 1e6 are attention-mask
+    arithmetic (-1e9 or finfo.min added to scores): a shared 8-bit scale would flatten the real values.
+    """
+    if name not in ranges:
+        return f"no calibration statistics for tensor '{name}'"
+    if nonfinite.get(name, 0):
+        return f"tensor '{name}' holds {nonfinite[name]} inf/NaN values that int8 cannot represent"
+    lo, hi = ranges[name]
+    if op_type in ("Add", "Mul") and max(abs(lo), abs(hi)) >= MASK_LIMIT:
+        return f"tensor '{name}' holds mask-like values (|x| >= {MASK_LIMIT:g}) that int8 would erase"
+    return None
+
+
+def build_plan(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]], config: QuantConfig,
+               nonfinite: dict[str, int] | None = None) -> QuantPlan:
+    g = Graph(model)
+    nonfinite = nonfinite or {}
+    act_q = qmath.qtype(config.activation_type)
+    w_q = qmath.qtype(config.weight_type)
+    decisions: list[NodeDecision] = []
+    wanted: dict[str, tuple[str, int | None]] = {}  # tensor -> (role, axis)
+    readers: dict[str, list[str]] = {}
+    quantized_nodes: dict[str, onnx.NodeProto] = {}
+
+    for node in model.graph.node:
+        reason = _excluded(node, config) or _node_problem(node, g, ranges, nonfinite, config)
+        if reason:
+            decisions.append(NodeDecision(node.name, node.op_type, False, reason))
+            continue
+        spec = _inputs(node, g, config.per_channel)
+        if isinstance(spec, str):
+            decisions.append(NodeDecision(node.name, node.op_type, False, spec))
+            continue
+        problem = None
+        for k, role, _ in spec:
+            if role == "activation":
+                problem = problem or _range_problem(node.input[k], ranges, nonfinite, node.op_type)
+        if node.op_type in ("Add", "Mul"):
+            problem = problem or _range_problem(node.output[0], ranges, nonfinite, node.op_type)
+        if problem:
+            decisions.append(NodeDecision(node.name, node.op_type, False, problem))
+            continue
+        decisions.append(NodeDecision(node.name, node.op_type, True))
+        quantized_nodes[node.name] = node
+        for k, role, axis in spec:
+            wanted.setdefault(node.input[k], (role, axis))
+            readers.setdefault(node.input[k], []).append(node.name)
+
+    # Outputs of quantized nodes are quantized too (so onnxruntime can fuse DQ -> op -> Q), except graph
+    # outputs, which stay float for the user.
+    outputs: dict[str, onnx.NodeProto] = {}
+    for node in quantized_nodes.values():
+        out = node.output[0]
+        if out and out not in g.graph_outputs and g.is_float(out) and not _range_problem(out, ranges, nonfinite):
+            outputs[out] = node
+            wanted.setdefault(out, ("activation", None))
+
+    folded = _fold_activations(model, g, quantized_nodes, outputs, wanted, config)
+    tensors = _qparams(model, g, wanted, readers, outputs, ranges, folded, config, act_q, w_q)
+    return QuantPlan(config, decisions, tensors, folded)
+
+
+def _node_problem(node, g: Graph, ranges, nonfinite, config) -> str | None:
+    if node.domain not in ("", "ai.onnx"):
+        return f"custom-domain op ({node.domain}) is left as it is"
+    if node.op_type in FRAGILE:
+        return FRAGILE[node.op_type]
+    if node.op_type not in SHARED and node.op_type not in OWN:
+        return f"no int8 kernel for {node.op_type} in onnxruntime's CPU provider"
+    first = node.input[0] if node.input else ""
+    if not first or not (g.is_float(first) or (node.op_type == "Gather" and g.is_constant(first))):
+        return "input is not float32"
+    if node.op_type in ("Add", "Mul"):
+        for i in node.input:
+            if g.is_constant(i):
+                c = g.array(i)
+                if c.dtype != np.float32 or not np.all(np.isfinite(c)) or (c.size and np.abs(c).max() >= MASK_LIMIT):
+                    return f"operand '{i}' holds mask-like constants that int8 would erase"
+    return None
+
+
+def _fold_activations(model, g: Graph, quantized_nodes, outputs, wanted, config) -> dict[str, str]:
+    """Relu/Clip right after a quantized op: drop them, their QuantizeLinear clamps the same way."""
+    folded = {}
+    if config.symmetric_activations:
+        return folded
+    for node in model.graph.node:
+        if node.op_type not in FOLDABLE_ACT or node.name not in quantized_nodes:
+            continue
+        x, y = node.input[0], node.output[0]
+        producer = g.producer.get(x)
+        if (
+            producer is None or producer.name not in quantized_nodes or producer.op_type not in FOLD_PRODUCERS
+            or g.only_consumer(x) is not node or y not in outputs
+        ):
+            continue
+        if node.op_type == "Clip":
+            lo, hi = _clip_bounds(node, g)
+            if not lo <= 0.0 <= hi:
+                continue
+        folded[node.name] = producer.name
+        wanted.pop(x, None)
+    return folded
+
+
+def _clip_bounds(node, g: Graph) -> tuple[float, float]:
+    lo, hi = attr(node, "min", float("-inf")), attr(node, "max", float("inf"))
+    if len(node.input) > 1 and node.input[1]:
+        lo = float(g.array(node.input[1]))
+    if len(node.input) > 2 and node.input[2]:
+        hi = float(g.array(node.input[2]))
+    return lo, hi
+
+
+def _qparams(model, g: Graph, wanted, readers, outputs, ranges, folded, config, act_q, w_q) -> dict[str, TensorPlan]:
+    plans: dict[str, TensorPlan] = {}
+    sym_a = config.symmetric_activations
+
+    def act_params(name: str) -> qmath.QParams:
+        node = outputs.get(name)
+        if node is not None and node.op_type in SHARED and node.input[0] in plans:
+            return plans[node.input[0]].qparams
+        lo, hi = ranges[name]
+        return qmath.choose_qparams(lo, hi, act_q, sym_a)
+
+    # Graph order, so a shared-parameter op's input is planned before its output.
+    order = list(g.graph_inputs) + [o for n in model.graph.node for o in list(n.input) + list(n.output)]
+    for name in dict.fromkeys(order):
+        if name not in wanted:
+            continue
+        role, axis = wanted[name]
+        if role == "activation":
+            qp, origin = act_params(name), "calibrated range"
+        elif role == "const":
+            arr = g.array(name).astype(np.float32)
+            qp = qmath.choose_qparams(float(arr.min()) if arr.size else 0.0, float(arr.max()) if arr.size else 0.0, act_q, sym_a)
+            origin = "constant operand"
+        elif role == "weight":
+            qp = qmath.weight_qparams(g.array(name), w_q, config.symmetric_weights, axis)
+            origin = "weight, per-channel" if axis is not None else "weight, per-tensor"
+        else:
+            continue  # biases after their inputs and weights
+        plans[name] = TensorPlan(name, role, qp, list(readers.get(name, [])), origin)
+
+    for name, (role, _) in wanted.items():
+        if role != "bias":
+            continue
+        node = next(n for n in model.graph.node if n.name in readers[name])
+        x, w = node.input[0], node.input[1]
+        if x not in plans or w not in plans:
+            continue
+        bias = g.array(name)
+        wp = plans[w].qparams
+        if config.symmetric_weights:
+            widened = qmath.widen_weight_scale_for_bias(bias, float(plans[x].qparams.scale), wp.scale)
+            if not np.array_equal(widened, wp.scale):
+                wp = qmath.QParams(widened, wp.zero_point, wp.qtype, wp.axis)
+                plans[w] = TensorPlan(w, "weight", wp, plans[w].consumers, plans[w].origin + ", widened for int32 bias")
+        w_scale = wp.scale if wp.scale.ndim else np.full(bias.size, wp.scale, np.float32)
+        plans[name] = TensorPlan(name, "bias", qmath.bias_qparams(bias, float(plans[x].qparams.scale), w_scale), list(readers[name]), "bias, int32")
+    return plans

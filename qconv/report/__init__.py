@@ -1,0 +1,1 @@
+"""Evaluation (float vs quantized through onnxruntime) and the report built from it."""

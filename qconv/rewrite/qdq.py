@@ -1,0 +1,87 @@
+"""Apply a QuantPlan as QuantizeLinear/DequantizeLinear pairs (the QDQ form onnxruntime fuses to int8)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from qconv import qmath
+from qconv.graph import Graph, topo_sort
+from qconv.intake import drop_unused_initializers
+from qconv.plan import QuantPlan, TensorPlan
+
+
+def _fmt(qp: qmath.QParams) -> str:
+    if qp.scale.ndim:
+        return f"{qp.qtype.name} axis={qp.axis} scale=[{qp.scale.min():.3g},{qp.scale.max():.3g}]"
+    return f"{qp.qtype.name} scale={float(qp.scale):.4g} zp={int(qp.zero_point)}"
+
+
+def _param_inits(g: Graph, base: str, qp: qmath.QParams) -> tuple[onnx.TensorProto, onnx.TensorProto]:
+    scale = numpy_helper.from_array(qp.scale.astype(np.float32), g.unique(base + "_scale"))
+    zp = numpy_helper.from_array(qp.zero_point.astype(qp.qtype.dtype), g.unique(base + "_zero_point"))
+    return scale, zp
+
+
+def _dq_node(g: Graph, src: str, scale: str, zp: str, out: str, qp: qmath.QParams, doc: str) -> onnx.NodeProto:
+    kwargs = {"axis": qp.axis} if qp.scale.ndim else {}
+    node = helper.make_node("DequantizeLinear", [src, scale, zp], [out], name=g.unique(out + "_DequantizeLinear"), **kwargs)
+    node.doc_string = doc
+    return node
+
+
+def apply_qdq(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    by_name = {n.name: n for n in m.graph.node}
+    for act_name, producer_name in plan.folded.items():
+        act = by_name[act_name]
+        by_name[producer_name].output[0] = act.output[0]
+        m.graph.node.remove(act)
+    g = Graph(m)
+    new_nodes, new_inits = [], []
+    for name, tp in sorted(plan.tensors.items()):
+        if tp.role == "activation":
+            nodes, inits, dq_out = _activation(g, tp)
+        else:
+            nodes, inits, dq_out = _constant(g, tp)
+        new_nodes += nodes
+        new_inits += inits
+        readers = set(tp.consumers) if tp.role != "activation" else None
+        for consumer in g.consumers.get(name, []):
+            if consumer.op_type == "QuantizeLinear" or (readers is not None and consumer.name not in readers):
+                continue
+            if tp.role == "activation" and name in g.pinned:
+                continue
+            for k, i in enumerate(consumer.input):
+                if i == name:
+                    consumer.input[k] = dq_out
+    m.graph.initializer.extend(new_inits)
+    m.graph.node.extend(new_nodes)
+    topo_sort(m)
+    drop_unused_initializers(m, [t for t, p in plan.tensors.items() if p.role != "activation"])
+    return m
+
+
+def _activation(g: Graph, tp: TensorPlan):
+    qp = tp.qparams
+    scale, zp = _param_inits(g, tp.name, qp)
+    q_out, dq_out = g.unique(tp.name + "_quantized"), g.unique(tp.name + "_dequantized")
+    q = helper.make_node("QuantizeLinear", [tp.name, scale.name, zp.name], [q_out], name=g.unique(tp.name + "_QuantizeLinear"))
+    q.doc_string = f"qconv: {tp.origin}, {_fmt(qp)}"
+    dq = _dq_node(g, q_out, scale.name, zp.name, dq_out, qp, "qconv")
+    return [q, dq], [scale, zp], dq_out
+
+
+def _constant(g: Graph, tp: TensorPlan):
+    qp = tp.qparams
+    arr = g.array(tp.name).astype(np.float32)
+    if tp.role == "bias":
+        arr = arr.reshape(-1)
+    q = numpy_helper.from_array(qmath.quantize(arr, qp), g.unique(tp.name + "_quantized"))
+    q.doc_string = f"qconv: from '{tp.name}' ({tp.origin}), {_fmt(qp)}"
+    scale, zp = _param_inits(g, tp.name, qp)
+    dq_out = g.unique(tp.name + "_dequantized")
+    dq = _dq_node(g, q.name, scale.name, zp.name, dq_out, qp, "qconv")
+    return [dq], [q, scale, zp], dq_out

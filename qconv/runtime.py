@@ -1,0 +1,42 @@
+"""onnxruntime sessions, made one way everywhere: CPU provider, fixed thread count, errors as one line."""
+
+from __future__ import annotations
+
+import os
+
+import onnx
+import onnxruntime as ort
+
+from qconv.data import InputSpec
+from qconv.errors import QconvError
+
+
+def default_threads() -> int:
+    return max(1, os.cpu_count() or 1)
+
+
+def session(model: onnx.ModelProto | str, threads: int | None = None, optimize: bool = True) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or default_threads()
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    src = model if isinstance(model, str) else model.SerializeToString()
+    try:
+        return ort.InferenceSession(src, sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise QconvError(f"onnxruntime cannot load the model: {first}") from None
+
+
+def input_specs(sess: ort.InferenceSession) -> list[InputSpec]:
+    return [InputSpec.from_ort(i) for i in sess.get_inputs()]
+
+
+def run(sess: ort.InferenceSession, feed: dict, outputs: list[str] | None = None) -> list:
+    try:
+        return sess.run(outputs, feed)
+    except Exception as exc:  # noqa: BLE001
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise QconvError(f"onnxruntime failed to run the model on the data: {first}") from None
