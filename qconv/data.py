@@ -156,7 +156,7 @@ def _split(arrays: dict[str, np.ndarray], specs: list[InputSpec], batch_size: in
                 piece = np.asarray(a[k])
             else:
                 piece = np.asarray(a[k * step:(k + 1) * step])
-            piece = np.ascontiguousarray(_cast(piece, spec, where))
+            piece = np.asarray(_cast(piece, spec, where), order="C")
             _check_shape(piece, spec, where)
             _check_finite(piece, spec, where)
             feed[name] = piece

@@ -43,7 +43,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     if has_external_data(model):
         try:
             onnx.external_data_helper.load_external_data_for_model(model, str(p.parent))
-        except (OSError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - onnx raises OSError, ValueError or ValidationError here
             raise QconvError(
                 f"cannot read the model's external data next to {p}: {_first_line(exc)}; keep the .data file beside the model"
             ) from None

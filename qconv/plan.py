@@ -285,9 +285,10 @@ def _qparams(model, g: Graph, wanted, readers, outputs, ranges, folded, config, 
         wp = plans[w].qparams
         if config.symmetric_weights:
             widened = qmath.widen_weight_scale_for_bias(bias, float(plans[x].qparams.scale), wp.scale)
+            if wp.scale.ndim == 0:
+                widened = np.float32(widened.max())
             if not np.array_equal(widened, wp.scale):
                 wp = qmath.QParams(widened, wp.zero_point, wp.qtype, wp.axis)
                 plans[w] = TensorPlan(w, "weight", wp, plans[w].consumers, plans[w].origin + ", widened for int32 bias")
-        w_scale = wp.scale if wp.scale.ndim else np.full(bias.size, wp.scale, np.float32)
-        plans[name] = TensorPlan(name, "bias", qmath.bias_qparams(bias, float(plans[x].qparams.scale), w_scale), list(readers[name]), "bias, int32")
+        plans[name] = TensorPlan(name, "bias", qmath.bias_qparams(bias, float(plans[x].qparams.scale), wp.scale), list(readers[name]), "bias, int32")
     return plans

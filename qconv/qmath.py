@@ -109,7 +109,8 @@ def quantize(x: np.ndarray, qp: QParams) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     scale = _broadcast(qp.scale, x.ndim, qp.axis)
     zp = _broadcast(qp.zero_point.astype(np.float64), x.ndim, qp.axis)
-    q = np.rint(x / scale).astype(np.float64) + zp
+    with np.errstate(over="ignore"):  # saturates below, as QuantizeLinear does
+        q = np.rint(x / scale).astype(np.float64) + zp
     return np.clip(q, qp.qtype.qmin, qp.qtype.qmax).astype(qp.qtype.dtype)
 
 

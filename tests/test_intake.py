@@ -1,0 +1,98 @@
+"""Models as exporters really write them: each intake pass keeps the numbers and makes the graph quantizable."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from qconv import io
+from qconv.errors import QconvError
+from qconv.intake import prepare
+from tests.conftest import LIGHT, conv_model, make_model, run_model
+
+X = np.random.default_rng(0).normal(0, 1, (2, 3, 8, 8)).astype(np.float32)
+
+
+def assert_same_outputs(a, b, feed, atol=1e-4):
+    for ra, rb in zip(run_model(a, feed), run_model(b, feed)):
+        np.testing.assert_allclose(ra, rb, atol=atol, rtol=1e-4)
+
+
+def test_batchnorm_is_folded_into_conv_with_identical_outputs():
+    m = conv_model()
+    out, notes = prepare(m, 13)
+    ops = [n.op_type for n in out.graph.node]
+    assert "BatchNormalization" not in ops
+    assert any("folded into the Conv" in n for n in notes)
+    assert_same_outputs(m, out, {"x": X})
+
+
+def test_old_ir_initializers_listed_as_inputs_become_weights():
+    m = conv_model(opset=9, bn=False)
+    m.ir_version = 3
+    m.graph.input.extend([helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in m.graph.initializer])
+    out, notes = prepare(m, 13)
+    assert [i.name for i in out.graph.input] == ["x"]
+    assert any("old IR" in n for n in notes) and any("opset upgraded from 9 to 13" in n for n in notes)
+    assert_same_outputs(conv_model(opset=9, bn=False), out, {"x": X})
+
+
+def test_weights_in_constant_nodes_and_computed_from_constants():
+    w = np.random.default_rng(1).normal(0, 1, (4, 6)).astype(np.float32)
+    nodes = [
+        helper.make_node("Constant", [], ["w_t"], value=numpy_helper.from_array(w.T.copy())),
+        helper.make_node("Transpose", ["w_t"], ["w"], perm=[1, 0]),
+        helper.make_node("MatMul", ["x", "w"], ["y"]),
+    ]
+    m = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6])])
+    out, _ = prepare(m, 13)
+    assert [n.op_type for n in out.graph.node] == ["MatMul"]
+    assert out.graph.node[0].input[1] in {t.name for t in out.graph.initializer}
+    x = np.ones((3, 4), np.float32)
+    assert_same_outputs(m, out, {"x": x})
+
+
+def test_identity_and_dropout_are_removed_but_graph_outputs_kept():
+    nodes = [helper.make_node("Identity", ["x"], ["a"]), helper.make_node("Dropout", ["a"], ["b"]),
+             helper.make_node("Relu", ["b"], ["y"]), helper.make_node("Identity", ["y"], ["z"])]
+    m = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                   [helper.make_tensor_value_info("z", TensorProto.FLOAT, [2])], opset=13)
+    out, _ = prepare(m, 13)
+    assert [n.op_type for n in out.graph.node] == ["Relu", "Identity"]
+    assert out.graph.node[0].input[0] == "x"
+
+
+def test_model_without_default_opset_is_refused():
+    m = helper.make_model(helper.make_graph([], "g", [], []), opset_imports=[helper.make_opsetid("custom", 1)])
+    with pytest.raises(QconvError, match="no ai.onnx opset"):
+        prepare(m, 13)
+
+
+def test_external_data_round_trip(tmp_path):
+    src = tmp_path / "ext.onnx"
+    onnx.save_model(conv_model(), src, save_as_external_data=True, location="ext.onnx.data", size_threshold=0)
+    loaded = io.load_model(src)
+    assert io.has_external_data(onnx.load(str(src), load_external_data=False))
+    out = tmp_path / "copy.onnx"
+    io.save_model(loaded, out, external_data=True)
+    assert (tmp_path / "copy.onnx.data").exists()
+    assert_same_outputs(conv_model(), out, {"x": X})
+
+
+def test_missing_external_data_is_a_clear_error(tmp_path):
+    src = tmp_path / "ext.onnx"
+    onnx.save_model(conv_model(), src, save_as_external_data=True, location="ext.onnx.data", size_threshold=0)
+    (tmp_path / "ext.onnx.data").unlink()
+    with pytest.raises(QconvError, match="external data"):
+        io.load_model(src)
+
+
+@pytest.mark.skipif(not LIGHT.exists(), reason="onnx package without light models")
+def test_light_resnet50_intake_keeps_numbers():
+    m = onnx.load(str(LIGHT / "light_resnet50.onnx"))
+    out, notes = prepare(m, 13)
+    assert "BatchNormalization" not in {n.op_type for n in out.graph.node}
+    x = np.random.default_rng(0).random((1, 3, 224, 224), dtype=np.float32)
+    a, b = run_model(m, {"gpu_0/data_0": x})[0], run_model(out, {"gpu_0/data_0": x})[0]
+    np.testing.assert_allclose(a, b, rtol=1e-3)
