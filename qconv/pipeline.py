@@ -79,9 +79,17 @@ def quantize(prepared: Prepared, calib: Calibration, config: QuantConfig) -> Res
     nonfinite = {k: o.nonfinite for k, o in calib.tensors.items() if o.nonfinite}
     plan = build_plan(prepared.model, calib.ranges(), config, nonfinite)
     qmodel = apply_qdq(prepared.model, plan)
+    _keep_value_info(qmodel, {vi.name for vi in prepared.original.graph.value_info})
     _annotate(qmodel, config, calib, prepared)
     verify(qmodel)
     return Result(qmodel, plan)
+
+
+def _keep_value_info(model: onnx.ModelProto, names: set[str]) -> None:
+    """Drop the shape annotations intake inferred (onnxruntime infers them again); keep the exporter's."""
+    keep = [vi for vi in model.graph.value_info if vi.name in names]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(keep)
 
 
 def _annotate(model: onnx.ModelProto, config: QuantConfig, calib: Calibration, prepared: Prepared) -> None:
@@ -127,10 +135,8 @@ def evaluate(prepared: Prepared, result: Result, source: FeedSource, labels: np.
 def node_summary(plan: QuantPlan) -> dict:
     by_op: dict[str, dict[str, int]] = {}
     for n in plan.nodes:
-        slot = by_op.setdefault(n.op_type, {"quantized": 0, "float": 0})
-        slot["quantized" if n.quantized else "float"] += 1
-    for name, producer in plan.folded.items():
-        by_op.setdefault("Relu/Clip folded", {"quantized": 0, "float": 0})["quantized"] += 1
+        slot = by_op.setdefault(n.op_type, {"quantized": 0, "float": 0, "integer": 0})
+        slot[n.status] += 1
     return dict(sorted(by_op.items()))
 
 

@@ -22,6 +22,8 @@ SHARED = {"MaxPool", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", 
 # Ops with int8 kernels (or QDQ fusions) in onnxruntime's CPU provider, output with its own parameters.
 OWN = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "Concat", "AveragePool",
        "GlobalAveragePool", "Sigmoid", "LeakyRelu", "Relu", "Clip"}
+# Ops with int8 kernels worth converting float inputs for.
+ANCHORS = {"Conv", "ConvTranspose", "MatMul", "Gemm"}
 # Activations that a quantized producer's QuantizeLinear can absorb (its clamp is the activation).
 FOLDABLE_ACT = {"Relu", "Clip"}
 FOLD_PRODUCERS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool"}
@@ -39,8 +41,16 @@ MASK_LIMIT = 1e6
 class NodeDecision:
     name: str
     op_type: str
-    quantized: bool
+    status: str  # quantized | float (kept in float, with a reason) | integer (no float data: nothing to do)
     reason: str = ""
+
+    @property
+    def quantized(self) -> bool:
+        return self.status == "quantized"
+
+    @property
+    def kept_float(self) -> bool:
+        return self.status == "float"
 
 
 @dataclass
@@ -153,15 +163,19 @@ def build_plan(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]], c
     wanted: dict[str, tuple[str, int | None]] = {}  # tensor -> (role, axis)
     readers: dict[str, list[str]] = {}
     quantized_nodes: dict[str, onnx.NodeProto] = {}
+    available: set[str] = set()  # outputs of quantized nodes that can carry Q/DQ
 
     for node in model.graph.node:
+        if _integer_only(node, g):
+            decisions.append(NodeDecision(node.name, node.op_type, "integer", "integer or shape arithmetic: nothing to quantize"))
+            continue
         reason = _excluded(node, config) or _node_problem(node, g, ranges, nonfinite, config)
         if reason:
-            decisions.append(NodeDecision(node.name, node.op_type, False, reason))
+            decisions.append(NodeDecision(node.name, node.op_type, "float", reason))
             continue
         spec = _inputs(node, g, config.per_channel)
         if isinstance(spec, str):
-            decisions.append(NodeDecision(node.name, node.op_type, False, spec))
+            decisions.append(NodeDecision(node.name, node.op_type, "float", spec))
             continue
         problem = None
         for k, role, _ in spec:
@@ -169,27 +183,63 @@ def build_plan(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]], c
                 problem = problem or _range_problem(node.input[k], ranges, nonfinite, node.op_type)
         if node.op_type in ("Add", "Mul"):
             problem = problem or _range_problem(node.output[0], ranges, nonfinite, node.op_type)
+        problem = problem or _cost_problem(node, spec, g, available, quantized_nodes)
         if problem:
-            decisions.append(NodeDecision(node.name, node.op_type, False, problem))
+            decisions.append(NodeDecision(node.name, node.op_type, "float", problem))
             continue
-        decisions.append(NodeDecision(node.name, node.op_type, True))
+        decisions.append(NodeDecision(node.name, node.op_type, "quantized"))
         quantized_nodes[node.name] = node
+        out = node.output[0]
+        if out and out not in g.graph_outputs and g.is_float(out) and not _range_problem(out, ranges, nonfinite):
+            available.add(out)
         for k, role, axis in spec:
             wanted.setdefault(node.input[k], (role, axis))
             readers.setdefault(node.input[k], []).append(node.name)
 
-    # Outputs of quantized nodes are quantized too (so onnxruntime can fuse DQ -> op -> Q), except graph
-    # outputs, which stay float for the user.
+    # A quantized node's output gets Q/DQ when a quantized node reads it (the pair between two int8 kernels),
+    # and always after Conv, whose int8 kernel (QLinearConv) needs it. MatMul and Gemm with a float
+    # consumer keep a float output: onnxruntime runs them as MatMulIntegerToFloat / QGemm.
     outputs: dict[str, onnx.NodeProto] = {}
     for node in quantized_nodes.values():
         out = node.output[0]
-        if out and out not in g.graph_outputs and g.is_float(out) and not _range_problem(out, ranges, nonfinite):
+        if out in available and (node.op_type in ("Conv", "ConvTranspose") or out in wanted):
             outputs[out] = node
             wanted.setdefault(out, ("activation", None))
 
     folded = _fold_activations(model, g, quantized_nodes, outputs, wanted, config)
     tensors = _qparams(model, g, wanted, readers, outputs, ranges, folded, config, act_q, w_q)
     return QuantPlan(config, decisions, tensors, folded)
+
+
+def _cost_problem(node, spec, g: Graph, available: set[str], quantized_nodes) -> str | None:
+    """Why quantizing ``node`` would cost more than it gains, if it would.
+
+    Conv, ConvTranspose, MatMul and Gemm always gain (int8 kernels). Any other op gains only when its
+    inputs are already quantized: otherwise it would add conversions around an op as fast in float.
+    A bias Add right after a quantized MatMul/Gemm stays float: onnxruntime fuses it into
+    MatMulIntegerToFloat, and a float bias is exact where an int8 one is not.
+    """
+    if node.op_type in ANCHORS:
+        return None
+    if node.op_type == "Add":
+        consts = [i for i in node.input if g.is_constant(i)]
+        other = [i for i in node.input if not g.is_constant(i)]
+        producer = g.producer.get(other[0]) if len(other) == 1 and consts else None
+        if producer is not None and producer.name in quantized_nodes and producer.op_type in ("MatMul", "Gemm"):
+            return "bias add after a quantized MatMul: onnxruntime fuses it (MatMulIntegerToFloat) with an exact float bias"
+    for k, role, _ in spec:
+        if role == "activation" and node.input[k] not in available:
+            return "its inputs are float: quantizing it alone would only add conversions"
+    return None
+
+
+def _integer_only(node, g: Graph) -> bool:
+    """True when every input and output has a known type and none is float (shape and index math)."""
+    names = [n for n in list(node.input) + list(node.output) if n]
+    return bool(names) and all(n in g.types for n in names) and not any(g.types[n] in _FLOATS for n in names)
+
+
+_FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
 
 
 def _node_problem(node, g: Graph, ranges, nonfinite, config) -> str | None:

@@ -38,7 +38,7 @@ def inspect_model(model_path: Path, calib_path: Path | None, per_tensor: bool) -
         "ops": dict(sorted(collections.Counter(n.op_type for n in prepared.original.graph.node).items())),
         "intake": prepared.notes,
         "would_quantize": pipeline.node_summary(plan),
-        "kept_float": [{"name": n.name, "op_type": n.op_type, "reason": n.reason} for n in plan.nodes if not n.quantized],
+        "kept_float": [{"name": n.name, "op_type": n.op_type, "reason": n.reason} for n in plan.nodes if n.kept_float],
         "ranges_checked": bool(calib_path),
         "size_bytes": io.model_size_bytes(model_path),
     }
@@ -67,7 +67,8 @@ def inspect_cmd(term, model, calib, per_tensor, as_json, quiet):
     term.print(f"[bold]{info['model']}[/bold]  IR {info['ir_version']}, opset {info['opset']}, {info['size_bytes']:,} bytes, producer {info['producer'] or '-'}")
     term.print(table("Inputs", ["name", "type", "shape"], [[i["name"], i["type"], i["shape"]] for i in info["inputs"]]))
     term.print(table("Outputs", ["name", "type", "shape"], [[o["name"], o["type"], o["shape"]] for o in info["outputs"]]))
-    term.print(table("Ops (after intake)", ["op", "quantized", "float"], [[k, v["quantized"], v["float"]] for k, v in info["would_quantize"].items()]))
+    term.print(table("Ops (after intake)", ["op", "quantized", "float", "integer"],
+                     [[k, v["quantized"], v["float"], v["integer"]] for k, v in info["would_quantize"].items()]))
     for note in info["intake"]:
         term.print(f"intake: {note}")
     reasons = collections.Counter((n["op_type"], n["reason"]) for n in info["kept_float"])

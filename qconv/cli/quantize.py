@@ -111,7 +111,8 @@ def render(term, report: dict) -> None:
                      [[k, _fmt(v["sqnr_db"], ".2f"), _fmt(v["cosine"], ".6f"), _fmt(v["max_abs_err"], ".4g"), _fmt(v["mean_abs_err"], ".4g")]
                       for k, v in report["outputs"].items()]))
     n = report["nodes"]
-    term.print(f"nodes: {n['quantized']} quantized, {n['float']} kept in float, {n['folded_activations']} Relu/Clip folded into their producer")
+    term.print(f"nodes: {n['quantized']} quantized ({n['folded_activations']} Relu/Clip folded into their producer), "
+               f"{n['float']} kept in float, {n['integer']} integer/shape ops left as they are")
     reasons = collections.Counter((k["op_type"], k["reason"]) for k in n["kept_float"])
     if reasons:
         term.print(table("Kept in float", ["op", "nodes", "why"], [[op, c, r] for (op, r), c in sorted(reasons.items())]))

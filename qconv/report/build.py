@@ -35,10 +35,11 @@ def build_report(prepared: Prepared, result: Result, calib: Calibration, out_pat
         },
         "nodes": {
             "quantized": sum(1 for n in plan.nodes if n.quantized),
-            "float": sum(1 for n in plan.nodes if not n.quantized),
+            "float": sum(1 for n in plan.nodes if n.kept_float),
+            "integer": sum(1 for n in plan.nodes if n.status == "integer"),
             "folded_activations": len(plan.folded),
             "by_op": node_summary(plan),
-            "kept_float": [{"name": n.name, "op_type": n.op_type, "reason": n.reason} for n in plan.nodes if not n.quantized],
+            "kept_float": [{"name": n.name, "op_type": n.op_type, "reason": n.reason} for n in plan.nodes if n.kept_float],
         },
         "calibration": {
             "method": calib.options.get("method", "minmax"),

@@ -1,0 +1,405 @@
+"""Benchmark qconv against onnxruntime's own static quantizer (a benchmark, not a test).
+
+Run from the repository root:
+
+    PYTHONPATH=. python scripts/bench_quality.py [--models 'digits*'] [--skip-light] [--json out.json]
+
+Models: every sample_models/*/ folder with model.onnx, calib.np[yz], eval.np[yz] and eval_labels.npy
+(folders missing files are skipped), and the nine structural models in onnx's
+backend/test/data/light/ (fed uniform [0, 1) noise from numpy's default_rng(0); their weights are
+constants, so only "quantizes and runs", size and latency mean anything there).
+
+Tools, each given the original model and the same calibration feeds (batch 1):
+  qconv    qconv's library pipeline with its default QuantConfig (QDQ, per-channel int8 weights, uint8 activations)
+  ort      onnxruntime.quantization.quantize_static (QDQ, per_channel, QUInt8 activations, QInt8 weights, MinMax)
+  ort+pre  the same after onnxruntime's recommended quant_pre_process (skip_symbolic_shape: no sympy needed)
+Each tool calibrates and quantizes in its own spawned child process, which reports its wall time and
+its peak RSS above its RSS after imports (the memory the calibration and rewrite themselves took).
+
+Measured in this process, with the same code and onnxruntime settings (CPU, --threads intra-op threads)
+for every model: per-output SQNR (dB) and cosine vs fp32 over the eval feeds, top-1 accuracy of the first
+output against eval_labels, median latency over interleaved runs on one eval feed (ratio to fp32), and bytes
+on disk (fp32 / quantized). The fp32 reference is the original with its weights materialized: initializers
+dropped from the graph inputs (old IR lists them there, which keeps them from being folded) and onnxruntime's
+basic constant folding saved to a file. Exit code is 0 whether or not the targets pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import fnmatch
+import json
+import logging
+import multiprocessing
+import resource
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization.shape_inference import quant_pre_process
+
+from qconv import pipeline
+from qconv.config import QuantConfig
+from qconv.data import FeedSource, InputSpec
+
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
+LIGHT = Path(onnx.__file__).parent / "backend/test/data/light"
+
+
+@dataclass
+class Case:
+    name: str
+    model: Path
+    calib: Path
+    eval: Path
+    labels: Path | None
+    light: bool = False
+    tools: dict = field(default_factory=dict)  # tool -> results
+    fp32: dict = field(default_factory=dict)
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
+
+
+def graph_specs(model: Path) -> list[InputSpec]:
+    """The model's real inputs (not initializers), read from the graph without building a session."""
+    m = onnx.load(str(model), load_external_data=False)
+    inits = {t.name for t in m.graph.initializer}
+    specs = []
+    for i in m.graph.input:
+        if i.name not in inits:
+            t = i.type.tensor_type
+            dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim)
+            specs.append(InputSpec(i.name, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)), dims))
+    return specs
+
+
+def feeds(model: Path, data: Path) -> FeedSource:
+    return FeedSource(data, graph_specs(model), batch_size=1)
+
+
+# ---- models -------------------------------------------------------------------------------------
+
+def sample_cases() -> list[Case]:
+    cases = []
+    for d in sorted(p for p in SAMPLES.iterdir() if p.is_dir()):
+        found = {"model": d / "model.onnx", "labels": d / "eval_labels.npy",
+                 "calib": d / "calib.npy" if (d / "calib.npy").exists() else d / "calib.npz",
+                 "eval": d / "eval.npy" if (d / "eval.npy").exists() else d / "eval.npz"}
+        missing = [p.name for p in found.values() if not p.exists()]
+        if missing:
+            print(f"skipping sample_models/{d.name}: missing {', '.join(missing)}")
+            continue
+        cases.append(Case(d.name, **found))
+    return cases
+
+
+def light_cases(scratch: Path, n_calib: int, n_eval: int, pattern: str) -> list[Case]:
+    cases = []
+    for model in sorted(LIGHT.glob("*.onnx")):
+        if not fnmatch.fnmatch(model.stem, pattern):
+            continue
+        shape = graph_specs(model)[0].shape
+        rng = np.random.default_rng(0)
+        paths = {}
+        for part, n in (("calib", n_calib), ("eval", n_eval)):
+            paths[part] = scratch / f"{model.stem}.{part}.npy"
+            np.save(paths[part], rng.random((n, *shape), dtype=np.float32))  # a stack of n feeds
+        cases.append(Case(model.stem, model, paths["calib"], paths["eval"], None, light=True))
+    return cases
+
+
+def materialize_fp32(model: Path, out: Path) -> None:
+    """Save ``model`` with constant weights folded, so fp32 size and latency are not flattered by ConstantOfShape."""
+    m = onnx.load(str(model))
+    inits = {t.name for t in m.graph.initializer}
+    keep = [i for i in m.graph.input if i.name not in inits]
+    del m.graph.input[:]
+    m.graph.input.extend(keep)
+    m.ir_version = max(m.ir_version, 4)
+    stripped = out.with_suffix(".in.onnx")
+    onnx.save(m, str(stripped))
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts.optimized_model_filepath = str(out)
+    opts.log_severity_level = 3
+    ort.InferenceSession(str(stripped), opts, providers=["CPUExecutionProvider"])
+    stripped.unlink()
+
+
+# ---- calibrate + quantize, one tool per child process --------------------------------------------
+
+class Reader(CalibrationDataReader):
+    def __init__(self, source: FeedSource):
+        self.it = iter(source)
+
+    def get_next(self):
+        return next(self.it, None)
+
+
+def ort_quantize(model: Path, calib: Path, out: Path, pre: bool) -> None:
+    if pre:
+        pre_path = out.with_suffix(".pre.onnx")
+        quant_pre_process(str(model), str(pre_path), skip_symbolic_shape=True)
+        model = pre_path
+    quantize_static(str(model), str(out), Reader(feeds(model, calib)), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax)
+
+
+def qconv_quantize(model: Path, calib: Path, out: Path) -> None:
+    cfg = QuantConfig()
+    prep = pipeline.load(model, cfg)
+    calibration = pipeline.calibrate(prep, pipeline.feeds_for(prep, calib, batch_size=1))
+    pipeline.save_quantized(pipeline.quantize(prep, calibration, cfg), out, prep)
+
+
+def max_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def child(tool: str, model: Path, calib: Path, out: Path) -> dict:
+    """Runs in a fresh process: calibrate + quantize with one tool, report time and memory."""
+    logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization warns through the root logger
+    base = max_rss_mb()
+    start = time.perf_counter()
+    try:
+        if tool == "qconv":
+            qconv_quantize(model, calib, out)
+        else:
+            ort_quantize(model, calib, out, pre=tool == "ort+pre")
+    except Exception as exc:  # noqa: BLE001 - any failure of the tool is a result
+        return {"status": "FAILED", "error": f"{type(exc).__name__}: {first_line(exc)}"}
+    peak = max_rss_mb()
+    return {"status": "ok", "wall_s": time.perf_counter() - start, "rss_base_mb": base, "rss_peak_mb": peak,
+            "rss_mb": peak - base}
+
+
+def run_in_child(tool: str, case: Case, out: Path) -> dict:
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+        try:
+            return pool.submit(child, tool, case.model, case.calib, out).result()
+        except concurrent.futures.process.BrokenProcessPool:
+            return {"status": "FAILED", "error": "child process died (killed or crashed)"}
+
+
+# ---- evaluation: the same code for every model --------------------------------------------------
+
+def session(path: Path, threads: int) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def fidelity(sess, names: list[str], reference: list[list], source: FeedSource, labels) -> dict:
+    """SQNR and cosine per float output against the fp32 outputs, and top-1 of the first output."""
+    sums = {n: np.zeros(4) for n in names}  # sum r^2, sum (r-q)^2, sum r*q, sum q^2
+    correct = rows = 0
+    for ref, feed in zip(reference, source):
+        got = sess.run(names, feed)
+        for n, r, q in zip(names, ref, got):
+            if r.dtype.kind == "f":
+                r, q = r.astype(np.float64).ravel(), np.asarray(q, np.float64).ravel()
+                sums[n] += [r @ r, (r - q) @ (r - q), r @ q, q @ q]
+        pred = np.argmax(got[0], axis=-1).reshape(-1)
+        if labels is not None:
+            correct += int((pred == labels[rows:rows + pred.size]).sum())
+        rows += pred.size
+    out = {"outputs": {}}
+    for n, (rr, ee, rq, qq) in sums.items():
+        if rr or qq:
+            out["outputs"][n] = {"sqnr_db": float(10 * np.log10(rr / ee)) if ee else float("inf"),
+                                 "cosine": float(rq / np.sqrt(rr * qq)) if rr and qq else 0.0}
+    first = out["outputs"].get(names[0], {})
+    out.update(sqnr_db=first.get("sqnr_db"), cosine=first.get("cosine"))
+    if labels is not None:
+        out["top1"] = 100.0 * correct / rows
+    return out
+
+
+def latencies(sessions: dict, feed: dict, runs: int, budget_s: float = 60.0) -> dict[str, float]:
+    """Median ms per model on one feed; runs interleave the models, rotating the order each round."""
+    names = list(sessions)
+    for _ in range(3):
+        for s in sessions.values():
+            s.run(None, feed)
+    times = {n: [] for n in names}
+    start = time.perf_counter()
+    for k in range(runs):
+        for n in names[k % len(names):] + names[:k % len(names)]:
+            t0 = time.perf_counter()
+            sessions[n].run(None, feed)
+            times[n].append(1000.0 * (time.perf_counter() - t0))
+        if k >= 4 and time.perf_counter() - start > budget_s:
+            break
+    return {n: float(np.median(t)) for n, t in times.items()}
+
+
+def int8_weight_bytes(path: Path) -> int:
+    m = onnx.load(str(path))
+    return sum(len(t.raw_data) or len(t.int32_data) for t in m.graph.initializer
+               if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8) and len(t.dims) >= 2)
+
+
+def evaluate(case: Case, fp32_path: Path, outs: dict[str, Path], threads: int, runs: int) -> None:
+    labels = np.load(case.labels).reshape(-1) if case.labels else None
+    source = feeds(case.model, case.eval)
+    ref_sess = session(fp32_path, threads)
+    names = [o.name for o in ref_sess.get_outputs()]
+    reference = [ref_sess.run(names, feed) for feed in source]
+    weights = sum(onnx.numpy_helper.to_array(t).nbytes for t in onnx.load(str(fp32_path)).graph.initializer)
+    case.fp32 = {"bytes_on_disk": case.model.stat().st_size, "bytes": fp32_path.stat().st_size, "weight_bytes": weights}
+    if labels is not None:
+        case.fp32["top1"] = fidelity(ref_sess, names, reference, source, labels)["top1"]
+    sessions = {"fp32": ref_sess}
+    for tool, out in outs.items():
+        r = case.tools[tool]
+        try:
+            sess = session(out, threads)
+            r.update(fidelity(sess, names, reference, source, labels))
+        except Exception as exc:  # noqa: BLE001 - a model that will not load or run is a result
+            r.update(status="RUN FAILED", error=first_line(exc))
+            continue
+        sessions[tool] = sess
+        r.update(bytes=out.stat().st_size, size_ratio=case.fp32["bytes"] / out.stat().st_size,
+                 int8_weight_bytes=int8_weight_bytes(out))
+    ms = latencies(sessions, next(iter(source)), runs)
+    case.fp32["latency_ms"] = ms["fp32"]
+    for tool in sessions.keys() - {"fp32"}:
+        case.tools[tool].update(latency_ms=ms[tool], latency_ratio=ms[tool] / ms["fp32"])
+
+
+def bench(case: Case, tools: list[str], threads: int, runs: int) -> None:
+    with tempfile.TemporaryDirectory(prefix="bench_quality.", dir="/tmp") as tmp:
+        fp32_path = Path(tmp) / "fp32.onnx"
+        materialize_fp32(case.model, fp32_path)
+        outs = {}
+        for tool in tools:
+            out = Path(tmp) / f"{tool}.onnx"
+            case.tools[tool] = run_in_child(tool, case, out)
+            if case.tools[tool]["status"] == "ok":
+                outs[tool] = out
+        evaluate(case, fp32_path, outs, threads, runs)
+
+
+# ---- report ---------------------------------------------------------------------------------------
+
+def fmt(x, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def row(case: Case, tools: list[str]) -> list[str]:
+    def cell(key, spec, scale=1.0):
+        return "/".join(fmt(None if case.tools[t].get(key) is None else case.tools[t][key] * scale, spec) for t in tools)
+    status = "/".join("ok" if case.tools[t]["status"] == "ok" else "FAIL" for t in tools)
+    top1 = f"{fmt(case.fp32.get('top1'), '.1f')}|{cell('top1', '.1f')}" if case.labels else "-"
+    return [case.name, status, top1, cell("cosine", ".4f"), cell("sqnr_db", ".1f"), cell("size_ratio", ".2f"),
+            cell("latency_ratio", ".2f"), cell("wall_s", ".2f"), cell("rss_mb", ".0f")]
+
+
+def table(cases: list[Case], tools: list[str]) -> str:
+    who = "/".join({"qconv": "q", "ort": "ort", "ort+pre": "pre"}[t] for t in tools)
+    head = ["model", f"status {who}", f"top-1 % fp32|{who}", f"cosine {who}", f"SQNR dB {who}", f"size x {who}",
+            f"latency x {who}", f"calib s {who}", f"RSS MB {who}"]
+    rows = [head] + [row(c, tools) for c in cases]
+    widths = [max(len(r[k]) for r in rows) for k in range(len(head))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join([lines[0], "-" * len(lines[0])] + lines[1:])
+
+
+def notes(cases: list[Case]) -> list[str]:
+    out = []
+    for c in cases:
+        for tool, r in c.tools.items():
+            if r["status"] != "ok":
+                out.append(f"{c.name} {tool}: {r['status']}: {r['error']}")
+            elif r.get("int8_weight_bytes") is not None and 4 * r["int8_weight_bytes"] < 0.5 * c.fp32["weight_bytes"]:
+                out.append(f"{c.name} {tool}: most weights left in float ({r['int8_weight_bytes']:,} B int8 "
+                           f"of {c.fp32['weight_bytes']:,} B fp32 weights)")
+    return out
+
+
+def check(label: str, ok: bool | None, detail: str) -> str:
+    return f"{'SKIP' if ok is None else 'PASS' if ok else 'FAIL'}  {label}: {detail}"
+
+
+def targets(cases: list[Case]) -> list[str]:
+    q = {c.name: c.tools["qconv"] for c in cases}
+    ran = [c for c in cases if "latency_ms" in c.tools["qconv"]]
+    lines = []
+    digits = [c for c in cases if c.name.startswith("digits") and "top1" in c.tools["qconv"]]
+    drops = {c.name: c.fp32["top1"] - c.tools["qconv"]["top1"] for c in digits}
+    lines.append(check("digits CNN top-1 within 0.5 points of fp32", all(d <= 0.5 for d in drops.values()) if drops else None,
+                       ", ".join(f"{n} drop {d:+.2f} points" for n, d in drops.items()) or "not run"))
+    tf = {n: r["cosine"] for n, r in q.items() if "transformer" in n and r.get("cosine") is not None}
+    lines.append(check("transformer cosine >= 0.99", all(v >= 0.99 for v in tf.values()) if tf else None,
+                       ", ".join(f"{n} {v:.4f}" for n, v in tf.items()) or "not run"))
+    light = [c for c in cases if c.light]
+    bad = [c.name for c in light if c not in ran]
+    lines.append(check("all nine light models quantize and run", (not bad and len(light) == 9) if light else None,
+                       f"{len(light) - len(bad)}/{len(light)} of the selected ran" + (f"; failed: {', '.join(bad)}" if bad else "")))
+    heavy = [c for c in ran if c.fp32["weight_bytes"] >= 2**20 and c.fp32["weight_bytes"] >= 0.9 * c.fp32["bytes"]]
+    lines.append(check("size ratio >= 3.8x where weights dominate", all(c.tools["qconv"]["size_ratio"] >= 3.8 for c in heavy) if heavy else None,
+                       ", ".join(f"{c.name} {c.tools['qconv']['size_ratio']:.2f}x" for c in heavy) or "no such model"))
+    slow = [c for c in ran if c.tools["qconv"]["latency_ratio"] >= 1.0]
+    lines.append(check("int8 faster than fp32 (latency ratio < 1)", not slow if ran else None,
+                       f"{len(ran) - len(slow)}/{len(ran)} faster" + (
+                           "; slower: " + ", ".join(f"{c.name} {c.tools['qconv']['latency_ratio']:.2f}x" for c in slow) if slow else "")))
+    return lines
+
+
+def summary(cases: list[Case]) -> list[str]:
+    lines = []
+    for key, what in (("wall_s", "calibrate+quantize wall time"), ("rss_mb", "peak RSS above baseline")):
+        ratios = [c.tools["qconv"][key] / c.tools["ort"][key] for c in cases
+                  if c.tools["qconv"].get(key) and c.tools.get("ort", {}).get(key)]
+        if ratios:
+            lines.append(f"{what}, qconv/ort: median {statistics.median(ratios):.2f}x over {len(ratios)} models")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="*", help="fnmatch pattern on model names, e.g. 'digits*' or 'light_*'")
+    ap.add_argument("--skip-light", action="store_true", help="skip onnx's backend/test/data/light models")
+    ap.add_argument("--light-samples", type=int, nargs=2, default=(8, 4), metavar=("CALIB", "EVAL"),
+                    help="random feeds for the light models (default 8 4)")
+    ap.add_argument("--no-ort-pre", action="store_true", help="skip the ort+pre column")
+    ap.add_argument("--threads", type=int, default=2, help="intra-op threads for evaluation and latency (default 2)")
+    ap.add_argument("--runs", type=int, default=30, help="latency runs per model (default 30, 60 s budget)")
+    ap.add_argument("--json", type=Path, help="write every number to this JSON file")
+    args = ap.parse_args()
+    tools = ["qconv", "ort"] + ([] if args.no_ort_pre else ["ort+pre"])
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench_quality.data.", dir="/tmp") as scratch:
+        cases = [c for c in sample_cases() if fnmatch.fnmatch(c.name, args.models)]
+        if not args.skip_light:
+            cases += light_cases(Path(scratch), *args.light_samples, args.models)
+        for c in cases:
+            t0 = time.perf_counter()
+            bench(c, tools, args.threads, args.runs)
+            print(f"  {c.name}: {time.perf_counter() - t0:.0f} s", flush=True)
+    print()
+    print(table(cases, tools))
+    print("\n".join(["", "notes:"] + [f"  {n}" for n in notes(cases)] + [f"  {s}" for s in summary(cases)]))
+    print("\n".join(["", "targets (qconv):"] + [f"  {t}" for t in targets(cases)]))
+    print(f"\ntotal wall time {time.perf_counter() - start:.0f} s; threads {args.threads}; latency = median of interleaved runs")
+    if args.json:
+        args.json.write_text(json.dumps({"threads": args.threads, "tools": tools, "models": [
+            {"name": c.name, "light": c.light, "fp32": c.fp32, "tools": c.tools} for c in cases]}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
