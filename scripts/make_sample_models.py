@@ -486,8 +486,9 @@ numpy, from the repository root:
 
     python scripts/make_sample_models.py
 
-Training is seeded, single-threaded and uses deterministic algorithms, so the
-output is byte-for-byte reproducible with the same package versions; it takes about a minute on one CPU core.
+Training is seeded, single-threaded and uses deterministic algorithms, so with
+the same package versions the output is byte-for-byte reproducible; it takes
+about a minute on one CPU core.
 """
     (out / "README.md").write_text(text)
 

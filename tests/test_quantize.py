@@ -140,3 +140,52 @@ def test_nonfinite_and_constant_tensors_do_not_crash(tmp_path):
     assert not d["add"].quantized and "inf/NaN" in d["add"].reason
     out = run_model(res.model, {"x": np.ones((2, 4), np.float32)})[0]
     np.testing.assert_allclose(out, 0.0, atol=0.01)  # log(1) after an 8-bit round trip of relu(1)
+
+
+def decoder_model() -> onnx.ModelProto:
+    """Conv -> LeakyRelu -> ConvTranspose -> Resize, Concat with a pooled branch, Sigmoid, and an If whose
+    branches read an outer tensor (a subgraph consumer must keep working)."""
+    rng = np.random.default_rng(2)
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 0.3, (6, 3, 3, 3)).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.normal(0, 0.3, (6, 4, 2, 2)).astype(np.float32), "wt"),  # ConvTranspose: [C_in, C_out, k, k]
+        numpy_helper.from_array(rng.normal(0, 0.1, 4).astype(np.float32), "bt"),
+        numpy_helper.from_array(np.array([1, 1, 0.5, 0.5], np.float32), "scales"),
+    ]
+    then_g = helper.make_graph([helper.make_node("Sigmoid", ["cat"], ["t_out"])], "then", [],
+                               [helper.make_tensor_value_info("t_out", TensorProto.FLOAT, None)])
+    else_g = helper.make_graph([helper.make_node("Neg", ["cat"], ["e_out"])], "else", [],
+                               [helper.make_tensor_value_info("e_out", TensorProto.FLOAT, None)])
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1], name="conv"),
+        helper.make_node("LeakyRelu", ["c1"], ["l1"], alpha=0.1, name="leaky"),
+        helper.make_node("ConvTranspose", ["l1", "wt", "bt"], ["up"], strides=[2, 2], name="deconv"),
+        helper.make_node("Resize", ["up", "", "scales"], ["down"], mode="nearest", name="resize"),
+        helper.make_node("AveragePool", ["l1"], ["pool"], kernel_shape=[1, 1], name="pool"),
+        helper.make_node("Concat", ["down", "pool"], ["cat"], axis=1, name="concat"),
+        helper.make_node("Sigmoid", ["cat"], ["y"], name="sigmoid"),
+        helper.make_node("If", ["cond"], ["z"], then_branch=then_g, else_branch=else_g, name="branch"),
+    ]
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8]),
+                              helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10, 8, 8]),
+                       helper.make_tensor_value_info("z", TensorProto.FLOAT, None)], inits, opset=17)
+
+
+def test_decoder_ops_and_subgraph_consumers(tmp_path):
+    m = decoder_model()
+    onnx.save(m, tmp_path / "dec.onnx")
+    rng = np.random.default_rng(3)
+    np.savez(tmp_path / "d.npz", x=rng.normal(0, 1, (8, 3, 8, 8)).astype(np.float32), cond=np.array(True))
+    _, _, res = quantize_file(tmp_path / "dec.onnx", tmp_path / "d.npz")
+    d = {n.name: n for n in res.plan.nodes}
+    for name in ("conv", "leaky", "deconv", "resize", "pool", "concat", "sigmoid"):
+        assert d[name].quantized, (name, d[name].reason)
+    assert not d["branch"].quantized
+    for cond in (True, False):
+        feed = {"x": rng.normal(0, 1, (2, 3, 8, 8)).astype(np.float32), "cond": np.array(cond)}
+        ref, got = run_model(m, feed), run_model(res.model, feed)
+        for r, q in zip(ref, got):
+            s = ErrorStats()
+            s.update(r, q)
+            assert s.cosine > 0.999, (cond, s.cosine)

@@ -52,8 +52,6 @@ def apply_qdq(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
         for consumer in g.consumers.get(name, []):
             if consumer.op_type == "QuantizeLinear" or (readers is not None and consumer.name not in readers):
                 continue
-            if tp.role == "activation" and name in g.pinned:
-                continue
             for k, i in enumerate(consumer.input):
                 if i == name:
                     consumer.input[k] = dq_out
