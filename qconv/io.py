@@ -138,6 +138,9 @@ def atomic_path(out: Path):
     fd, name = tempfile.mkstemp(prefix=".qconv-", suffix=out.suffix, dir=out.parent)
     os.close(fd)
     tmp = Path(name)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result should look like any other file
     try:
         yield tmp
         os.replace(tmp, out)

@@ -167,7 +167,7 @@ def build_plan(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]], c
 
     for node in model.graph.node:
         if _integer_only(node, g):
-            decisions.append(NodeDecision(node.name, node.op_type, "integer", "integer or shape arithmetic: nothing to quantize"))
+            decisions.append(NodeDecision(node.name, node.op_type, "integer", "integer output (shape or index math): nothing to quantize"))
             continue
         reason = _excluded(node, config) or _node_problem(node, g, ranges, nonfinite, config)
         if reason:
@@ -234,9 +234,9 @@ def _cost_problem(node, spec, g: Graph, available: set[str], quantized_nodes) ->
 
 
 def _integer_only(node, g: Graph) -> bool:
-    """True when every input and output has a known type and none is float (shape and index math)."""
-    names = [n for n in list(node.input) + list(node.output) if n]
-    return bool(names) and all(n in g.types for n in names) and not any(g.types[n] in _FLOATS for n in names)
+    """True when no output is float: shape and index math (Shape, Range, comparisons on shapes...)."""
+    outs = [n for n in node.output if n]
+    return bool(outs) and all(n in g.types and g.types[n] not in _FLOATS for n in outs)
 
 
 _FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
