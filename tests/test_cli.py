@@ -1,6 +1,7 @@
 """The command line contract: exit codes, one-line errors, nothing written on failure, help everywhere."""
 
 import json
+import os
 
 import numpy as np
 import onnx
@@ -30,6 +31,9 @@ def test_quantize_writes_model_and_report(conv_path, conv_data, tmp_path):
     r = invoke("quantize", conv_path, "-o", out, "--data", conv_data, "--report", rep, "--no-latency")
     assert r.exit_code == 0, r.output
     report = json.loads(rep.read_text())
+    umask = os.umask(0)
+    os.umask(umask)
+    assert rep.stat().st_mode & 0o777 == 0o666 & ~umask and out.stat().st_mode & 0o777 == 0o666 & ~umask
     assert report["schema"] == "qconv.report" and report["version"] == 1
     s = report["size_bytes"]
     assert s["quantized"] == out.stat().st_size and s["ratio"] == pytest.approx(s["original"] / s["quantized"])
