@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from qconv.errors import UsageError
 
 FORMATS = ("qdq",)
-METHODS = ("minmax",)
+from qconv.calib.ranges import METHODS
 
 
 @dataclass(frozen=True)
@@ -19,6 +19,7 @@ class QuantConfig:
     symmetric_weights: bool = True
     symmetric_activations: bool = False
     method: str = "minmax"
+    percentile: float = 99.999
     exclude_nodes: tuple[str, ...] = field(default_factory=tuple)
     exclude_ops: tuple[str, ...] = field(default_factory=tuple)
 
@@ -27,6 +28,8 @@ class QuantConfig:
             raise UsageError(f"unknown --format '{self.format}'; choose one of: {', '.join(FORMATS)}")
         if self.method not in METHODS:
             raise UsageError(f"unknown --method '{self.method}'; choose one of: {', '.join(METHODS)}")
+        if not 0.0 < self.percentile <= 100.0:
+            raise UsageError(f"--percentile must be in (0, 100] (got {self.percentile:g})")
         if self.weight_type not in ("int8", "uint8") or self.activation_type not in ("int8", "uint8"):
             raise UsageError("weight and activation types must be int8 or uint8")
 

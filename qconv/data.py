@@ -166,22 +166,31 @@ def _split(arrays: dict[str, np.ndarray], specs: list[InputSpec], batch_size: in
 class FeedSource:
     """A re-iterable stream of feeds from DATA, limited to ``samples`` rows when given."""
 
-    def __init__(self, path: str | os.PathLike, specs: list[InputSpec], batch_size: int = 1, samples: int | None = None):
+    def __init__(self, path: str | os.PathLike, specs: list[InputSpec], batch_size: int = 1, samples: int | None = None,
+                 shard: tuple[int, int] = (0, 1)):
         if batch_size < 1:
             raise QconvError(f"--batch-size must be at least 1 (got {batch_size})")
         if samples is not None and samples < 1:
             raise QconvError(f"--samples must be at least 1 (got {samples})")
+        if not (shard[1] >= 1 and 0 <= shard[0] < shard[1]):
+            raise QconvError(f"shard {shard[0]}/{shard[1]} is not valid: K/N needs 0 <= K < N")
         self.path = Path(path)
         self.specs = specs
         self.batch_size = batch_size
         self.samples = samples
+        self.shard = shard
         self.files = _files(self.path)
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         seen = 0
+        index = -1
+        k, n = self.shard
         for f in self.files:
             arrays = _open(f, self.specs)
             for feed in _split(arrays, self.specs, self.batch_size, f.name):
+                index += 1
+                if index % n != k:
+                    continue
                 rows = _rows(feed, self.specs)
                 if self.samples is not None and seen + rows > self.samples:
                     feed = _truncate(feed, self.specs, self.samples - seen)
@@ -200,6 +209,8 @@ class FeedSource:
             shapes = _header_shapes(f, self.specs)
             kinds, n = _plan(shapes, self.specs, self.batch_size, f.name)
             total += n
+        k, n = self.shard
+        total = len(range(k, total, n))
         if self.samples is not None:
             total = min(total, self.samples)  # an upper bound when feeds hold several rows
         return total
@@ -212,7 +223,7 @@ class FeedSource:
             with open(f, "rb") as fh:
                 for chunk in iter(lambda: fh.read(1 << 20), b""):
                     h.update(chunk)
-        h.update(f"batch={self.batch_size};samples={self.samples}".encode())
+        h.update(f"batch={self.batch_size};samples={self.samples};shard={self.shard[0]}/{self.shard[1]}".encode())
         return h.hexdigest()
 
 

@@ -14,6 +14,7 @@ import onnx
 
 from qconv import __version__, io, runtime
 from qconv.calib.collect import collect
+from qconv.calib.observers import DEFAULT_BINS, DEFAULT_MOMENTUM
 from qconv.calib.store import Calibration
 from qconv.config import QuantConfig
 from qconv.data import FeedSource
@@ -48,17 +49,24 @@ def load(path: str | os.PathLike, config: QuantConfig) -> Prepared:
     return Prepared(Path(path), original, model, notes, io.model_identity(original), io.has_external_data(onnx.load(str(path), load_external_data=False)))
 
 
-def feeds_for(prepared: Prepared, data: str | os.PathLike, batch_size: int = 1, samples: int | None = None) -> FeedSource:
+def feeds_for(prepared: Prepared, data: str | os.PathLike, batch_size: int = 1, samples: int | None = None,
+              shard: tuple[int, int] = (0, 1)) -> FeedSource:
     specs = runtime.input_specs(runtime.session(prepared.model, threads=1, optimize=False))
-    return FeedSource(data, specs, batch_size=batch_size, samples=samples)
+    return FeedSource(data, specs, batch_size=batch_size, samples=samples, shard=shard)
+
+
+def calibration_options(source: FeedSource, method: str = "minmax", bins: int = DEFAULT_BINS,
+                        momentum: float = DEFAULT_MOMENTUM) -> dict:
+    return {"method": method, "bins": bins, "momentum": momentum, "batch_size": source.batch_size,
+            "samples": source.samples, "shard": f"{source.shard[0]}/{source.shard[1]}"}
 
 
 def calibrate(prepared: Prepared, source: FeedSource, threads: int | None = None,
-              progress: Progress = _no_progress, method: str = "minmax") -> Calibration:
+              progress: Progress = _no_progress, method: str = "minmax", bins: int = DEFAULT_BINS,
+              momentum: float = DEFAULT_MOMENTUM) -> Calibration:
     advance = progress("calibrating", source.count())
-    observers, seen = collect(prepared.model, source, threads=threads, progress=advance)
-    options = {"method": method, "batch_size": source.batch_size, "samples": source.samples}
-    return Calibration(prepared.model_id, source.identity(), seen, options, observers)
+    observers, seen = collect(prepared.model, source, threads=threads, progress=advance, bins=bins, momentum=momentum)
+    return Calibration(prepared.model_id, source.identity(), seen, calibration_options(source, method, bins, momentum), observers)
 
 
 def load_calibration(path: str | os.PathLike, prepared: Prepared, force: bool = False) -> Calibration:
@@ -76,8 +84,8 @@ class Result:
 
 
 def quantize(prepared: Prepared, calib: Calibration, config: QuantConfig) -> Result:
-    nonfinite = {k: o.nonfinite for k, o in calib.tensors.items() if o.nonfinite}
-    plan = build_plan(prepared.model, calib.ranges(), config, nonfinite)
+    ranges = calib.ranges(config.method, config.symmetric_activations, config.percentile)
+    plan = build_plan(prepared.model, ranges, config, calib.nonfinite())
     qmodel = apply_qdq(prepared.model, plan)
     _keep_value_info(qmodel, {vi.name for vi in prepared.original.graph.value_info})
     _annotate(qmodel, config, calib, prepared)

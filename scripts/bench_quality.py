@@ -21,7 +21,7 @@ for every model: per-output SQNR (dB) and cosine vs fp32 over the eval feeds, to
 output against eval_labels, median latency over interleaved runs on one eval feed (ratio to fp32), and bytes
 on disk (fp32 / quantized). The fp32 reference is the original with its weights materialized: initializers
 dropped from the graph inputs (old IR lists them there, which keeps them from being folded) and onnxruntime's
-basic constant folding saved to a file. Exit code is 0 whether or not the targets pass.
+basic constant folding saved to a file (without ConstantSharing, which would merge identical weight fills). Exit code is 0 whether or not the targets pass.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ import fnmatch
 import json
 import logging
 import multiprocessing
-import resource
 import statistics
 import tempfile
 import time
@@ -132,7 +131,8 @@ def materialize_fp32(model: Path, out: Path) -> None:
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     opts.optimized_model_filepath = str(out)
     opts.log_severity_level = 3
-    ort.InferenceSession(str(stripped), opts, providers=["CPUExecutionProvider"])
+    # ConstantSharing would merge identical fills (the light models' weights), shrinking the fp32 file
+    ort.InferenceSession(str(stripped), opts, providers=["CPUExecutionProvider"], disabled_optimizers=["ConstantSharing"])
     stripped.unlink()
 
 
@@ -147,11 +147,12 @@ class Reader(CalibrationDataReader):
 
 
 def ort_quantize(model: Path, calib: Path, out: Path, pre: bool) -> None:
+    source = feeds(model, calib)  # the original's inputs: pre-processing may expose more graph inputs
     if pre:
         pre_path = out.with_suffix(".pre.onnx")
         quant_pre_process(str(model), str(pre_path), skip_symbolic_shape=True)
         model = pre_path
-    quantize_static(str(model), str(out), Reader(feeds(model, calib)), quant_format=QuantFormat.QDQ, per_channel=True,
+    quantize_static(str(model), str(out), Reader(source), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     calibrate_method=CalibrationMethod.MinMax)
 
@@ -163,14 +164,20 @@ def qconv_quantize(model: Path, calib: Path, out: Path) -> None:
     pipeline.save_quantized(pipeline.quantize(prep, calibration, cfg), out, prep)
 
 
-def max_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+def peak_rss_mb() -> float:
+    """This process's peak RSS (Linux VmHWM). Not ru_maxrss: that survives exec, so a spawned child starts
+    with its parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024.0
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 
 
 def child(tool: str, model: Path, calib: Path, out: Path) -> dict:
     """Runs in a fresh process: calibrate + quantize with one tool, report time and memory."""
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization warns through the root logger
-    base = max_rss_mb()
+    ort.set_default_logger_severity(3)
+    base = peak_rss_mb()
     start = time.perf_counter()
     try:
         if tool == "qconv":
@@ -179,7 +186,7 @@ def child(tool: str, model: Path, calib: Path, out: Path) -> dict:
             ort_quantize(model, calib, out, pre=tool == "ort+pre")
     except Exception as exc:  # noqa: BLE001 - any failure of the tool is a result
         return {"status": "FAILED", "error": f"{type(exc).__name__}: {first_line(exc)}"}
-    peak = max_rss_mb()
+    peak = peak_rss_mb()
     return {"status": "ok", "wall_s": time.perf_counter() - start, "rss_base_mb": base, "rss_peak_mb": peak,
             "rss_mb": peak - base}
 

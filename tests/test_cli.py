@@ -48,7 +48,7 @@ def test_calibrate_then_quantize_from_file_and_up_to_date(conv_path, conv_data, 
     r = invoke("calibrate", conv_path, "--data", conv_data, "-o", calib)
     assert r.exit_code == 0, r.output
     doc = json.loads(calib.read_text())
-    assert doc["schema"] == "qconv.calibration" and doc["version"] == 1 and "x" in doc["tensors"]
+    assert doc["schema"] == "qconv.calibration" and doc["version"] == 2 and "x" in doc["tensors"]
     mtime = calib.stat().st_mtime_ns
     r = invoke("calibrate", conv_path, "--data", conv_data, "-o", calib)
     assert r.exit_code == 0 and "up to date" in r.output and calib.stat().st_mtime_ns == mtime

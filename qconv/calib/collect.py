@@ -11,7 +11,7 @@ from typing import Callable, Iterable
 import numpy as np
 import onnx
 
-from qconv.calib.observers import MinMaxObserver
+from qconv.calib.observers import DEFAULT_BINS, DEFAULT_MOMENTUM, TensorObserver
 from qconv.errors import QconvError
 from qconv.graph import Graph
 from qconv.runtime import run, session
@@ -42,14 +42,16 @@ def collect(
     feeds: Iterable[dict[str, np.ndarray]],
     threads: int | None = None,
     progress: Callable[[int], None] | None = None,
-) -> tuple[dict[str, MinMaxObserver], int]:
+    bins: int = DEFAULT_BINS,
+    momentum: float = DEFAULT_MOMENTUM,
+) -> tuple[dict[str, TensorObserver], int]:
     """Observers for every float activation, and the number of feeds seen."""
     names = activation_tensors(model)
     sess = session(expose(model, names), threads)
     outputs = [o.name for o in sess.get_outputs()]
     wanted = [n for n in outputs if n in set(names)]
     inputs = [n for n in names if n in {i.name for i in sess.get_inputs()}]
-    observers = {n: MinMaxObserver() for n in names}
+    observers = {n: TensorObserver(bins=bins, momentum=momentum) for n in names}
     seen = 0
     for feed in feeds:
         for name in inputs:

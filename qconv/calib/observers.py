@@ -1,60 +1,215 @@
-"""Observers accumulate statistics of one tensor over a stream of batches; they never keep the data."""
+"""Observers accumulate statistics of one tensor over a stream of batches; they never keep the data.
+
+``TensorObserver`` keeps, in O(bins) memory whatever the number of samples:
+- the min and max of the finite values, element count and count of inf/NaN elements;
+- a moving average of per-batch min and max (``momentum``);
+- a histogram on a grid anchored at zero with a power-of-two bin width. When new values fall outside the
+  window, the window first slides, and if the values still do not fit the width doubles: pairs of bins
+  merge exactly, so no count is ever split or interpolated. After any stream the width is at most
+  2 * (max - min) / (bins - 1) (or the first batch's width, if that was larger), so any quantile read from
+  the histogram is exact to within one bin width. Two histograms merge exactly too: the finer one's bins
+  merge onto the coarser grid.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import base64
+import math
+import zlib
+from dataclasses import dataclass, field
 
 import numpy as np
 
+DEFAULT_BINS = 2048
+DEFAULT_MOMENTUM = 0.01
+
 
 @dataclass
-class MinMaxObserver:
-    """Running min and max of the finite values, with counts of all and of non-finite elements."""
+class Histogram:
+    """Counts of bins ``[(start + k) * width, (start + k + 1) * width)`` for k in 0..bins-1."""
 
+    bins: int
+    width: float = 0.0  # 0 until the first finite value arrives
+    start: int = 0
+    counts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+    def __post_init__(self):
+        if self.counts.size == 0:
+            self.counts = np.zeros(self.bins, np.int64)
+
+    @property
+    def edges(self) -> np.ndarray:
+        return (self.start + np.arange(self.bins + 1, dtype=np.float64)) * self.width
+
+    def _fit(self, lo: float, hi: float) -> None:
+        """Slide and widen the window until [lo, hi] and every non-empty bin fit."""
+        if self.width == 0.0:
+            span = hi - lo if hi > lo else max(abs(hi), 1e-30)
+            self.width = 2.0 ** math.ceil(math.log2(span / (self.bins - 1)))
+            self.start = math.floor(lo / self.width)
+        nz = np.flatnonzero(self.counts)
+        while True:
+            first = math.floor(lo / self.width)
+            last = math.floor(hi / self.width)
+            if nz.size:
+                first = min(first, self.start + int(nz[0]))
+                last = max(last, self.start + int(nz[-1]))
+            if last - first < self.bins:
+                break
+            self._double()
+            nz = np.flatnonzero(self.counts)
+        if first != self.start:
+            self._slide(first)
+
+    def _slide(self, new_start: int) -> None:
+        shift = new_start - self.start
+        moved = np.zeros_like(self.counts)
+        src = np.flatnonzero(self.counts)
+        moved[src - shift] = self.counts[src]
+        self.counts, self.start = moved, new_start
+
+    def _double(self) -> None:
+        idx = self.start + np.arange(self.bins)
+        new_start = math.floor(self.start / 2)
+        merged = np.zeros(self.bins, np.int64)
+        np.add.at(merged, (idx // 2) - new_start, self.counts)
+        self.counts, self.start, self.width = merged, new_start, self.width * 2.0
+
+    def add(self, x: np.ndarray, lo: float, hi: float) -> None:
+        """Count finite values ``x`` whose min and max are ``lo`` and ``hi``."""
+        self._fit(lo, hi)
+        idx = np.floor(x * np.float32(1.0 / self.width)).astype(np.int64) - self.start
+        np.clip(idx, 0, self.bins - 1, out=idx)  # float rounding at the edges only
+        self.counts += np.bincount(idx.ravel(), minlength=self.bins)
+
+    def coarsened_to(self, width: float) -> "Histogram":
+        """This histogram's counts on a grid of ``width`` (a power-of-two multiple of our width)."""
+        h = Histogram(self.bins, self.width, self.start, self.counts.copy())
+        while h.width < width:
+            h._double()
+        return h
+
+    def merge(self, other: "Histogram") -> None:
+        """Add ``other``'s counts: both move to the coarser grid (exact: widths are powers of two)."""
+        if other.width == 0.0:
+            return
+        if self.width == 0.0:
+            self.width, self.start, self.counts = other.width, other.start, other.counts.copy()
+            return
+        a, b = self.coarsened_to(max(self.width, other.width)), other.coarsened_to(max(self.width, other.width))
+        while True:
+            spans = [s for s in (_span(a), _span(b)) if s]
+            lo = min(s[0] for s in spans) if spans else a.start
+            hi = max(s[1] for s in spans) if spans else a.start
+            if hi - lo < self.bins:
+                break
+            a._double()
+            b._double()
+        a._slide(lo)
+        b._slide(lo)
+        self.width, self.start, self.counts = a.width, lo, a.counts + b.counts
+
+    def to_dict(self) -> dict:
+        raw = zlib.compress(self.counts.astype("<i8").tobytes(), 9)
+        return {"bins": self.bins, "width": self.width, "start": self.start, "counts_zlib_b64": base64.b64encode(raw).decode()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Histogram":
+        counts = np.frombuffer(zlib.decompress(base64.b64decode(d["counts_zlib_b64"])), dtype="<i8").astype(np.int64)
+        if counts.size != int(d["bins"]):
+            raise ValueError("histogram counts do not match its bin count")
+        return cls(int(d["bins"]), float(d["width"]), int(d["start"]), counts)
+
+
+def _span(h: Histogram) -> tuple[int, int] | None:
+    """Grid indices of the first and last non-empty bins."""
+    nz = np.flatnonzero(h.counts)
+    return (h.start + int(nz[0]), h.start + int(nz[-1])) if nz.size else None
+
+
+@dataclass
+class TensorObserver:
+    """Everything any range method needs, accumulated batch by batch."""
+
+    bins: int = DEFAULT_BINS
+    momentum: float = DEFAULT_MOMENTUM
     min: float = float("inf")
     max: float = float("-inf")
     count: int = 0
     nonfinite: int = 0
+    batches: int = 0
+    ema_min: float | None = None
+    ema_max: float | None = None
+    hist: Histogram | None = None
+
+    def __post_init__(self):
+        if self.hist is None and self.bins:
+            self.hist = Histogram(self.bins)
 
     def update(self, x: np.ndarray) -> None:
         if x.size == 0:
             return
+        x = np.asarray(x, dtype=np.float32)
+        self.count += int(x.size)
         lo, hi = float(x.min()), float(x.max())
-        if not (np.isfinite(lo) and np.isfinite(hi)):  # NaN propagates; +-inf from masks: filter
+        if not (math.isfinite(lo) and math.isfinite(hi)):  # NaN propagates; +-inf from masks: filter
             finite = x[np.isfinite(x)]
             self.nonfinite += int(x.size - finite.size)
-            if finite.size == 0:
-                self.count += int(x.size)
+            x = finite
+            if x.size == 0:
                 return
-            lo, hi = float(finite.min()), float(finite.max())
-        self.min = min(self.min, lo)
-        self.max = max(self.max, hi)
-        self.count += int(x.size)
-
-    def merge(self, other: "MinMaxObserver") -> None:
-        self.min = min(self.min, other.min)
-        self.max = max(self.max, other.max)
-        self.count += other.count
-        self.nonfinite += other.nonfinite
+            lo, hi = float(x.min()), float(x.max())
+        self.min, self.max = min(self.min, lo), max(self.max, hi)
+        if self.ema_min is None:
+            self.ema_min, self.ema_max = lo, hi
+        else:
+            self.ema_min += self.momentum * (lo - self.ema_min)
+            self.ema_max += self.momentum * (hi - self.ema_max)
+        self.batches += 1
+        if self.hist is not None:
+            self.hist.add(x, lo, hi)
 
     @property
     def seen_finite(self) -> bool:
         return self.min <= self.max
 
+    def merge(self, other: "TensorObserver") -> None:
+        """Combine two observers of the same tensor (shards). Moving averages combine weighted by batches."""
+        self.min, self.max = min(self.min, other.min), max(self.max, other.max)
+        self.count += other.count
+        self.nonfinite += other.nonfinite
+        if other.ema_min is not None:
+            if self.ema_min is None:
+                self.ema_min, self.ema_max = other.ema_min, other.ema_max
+            else:
+                total = max(self.batches + other.batches, 1)
+                self.ema_min = (self.ema_min * self.batches + other.ema_min * other.batches) / total
+                self.ema_max = (self.ema_max * self.batches + other.ema_max * other.batches) / total
+        self.batches += other.batches
+        if self.hist is not None and other.hist is not None:
+            self.hist.merge(other.hist)
+
     def to_dict(self) -> dict:
-        return {
+        d = {
             "min": self.min if self.seen_finite else None,
             "max": self.max if self.seen_finite else None,
             "count": self.count,
             "nonfinite": self.nonfinite,
+            "batches": self.batches,
+            "ema_min": self.ema_min,
+            "ema_max": self.ema_max,
         }
+        if self.hist is not None and self.hist.width:
+            d["hist"] = self.hist.to_dict()
+        return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "MinMaxObserver":
+    def from_dict(cls, d: dict, bins: int = DEFAULT_BINS, momentum: float = DEFAULT_MOMENTUM) -> "TensorObserver":
         lo, hi = d.get("min"), d.get("max")
+        hist = Histogram.from_dict(d["hist"]) if d.get("hist") else Histogram(bins)
         return cls(
-            float("inf") if lo is None else float(lo),
-            float("-inf") if hi is None else float(hi),
-            int(d.get("count", 0)),
-            int(d.get("nonfinite", 0)),
+            bins=hist.bins, momentum=momentum,
+            min=float("inf") if lo is None else float(lo), max=float("-inf") if hi is None else float(hi),
+            count=int(d.get("count", 0)), nonfinite=int(d.get("nonfinite", 0)), batches=int(d.get("batches", 0)),
+            ema_min=d.get("ema_min"), ema_max=d.get("ema_max"), hist=hist,
         )

@@ -1,15 +1,21 @@
-"""The calibration file: versioned JSON with the model's and data's identity and per-tensor statistics."""
+"""The calibration file: versioned JSON with the model's and data's identity and per-tensor statistics.
+
+It stores statistics, not ranges, so the range method can change at quantize time without running the
+model again; shards of one calibration merge into the file a single run would have produced.
+"""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 from qconv import __version__
-from qconv.calib.observers import MinMaxObserver
+from qconv.calib.observers import TensorObserver
+from qconv.calib.ranges import select_range
 from qconv.errors import QconvError
 
 SCHEMA = "qconv.calibration"
-VERSION = 1
+VERSION = 2
 
 
 @dataclass
@@ -18,7 +24,7 @@ class Calibration:
     data_id: str
     samples: int
     options: dict
-    tensors: dict[str, MinMaxObserver] = field(default_factory=dict)
+    tensors: dict[str, TensorObserver] = field(default_factory=dict)
     qconv_version: str = __version__
 
     def to_dict(self) -> dict:
@@ -40,17 +46,56 @@ class Calibration:
         if d.get("version") != VERSION:
             raise QconvError(f"{source} has calibration schema version {d.get('version')}; this qconv reads version {VERSION}: re-run qconv calibrate")
         try:
+            options = dict(d.get("options", {}))
             return cls(
                 model_id=str(d["model_id"]),
                 data_id=str(d["data_id"]),
                 samples=int(d["samples"]),
-                options=dict(d.get("options", {})),
-                tensors={k: MinMaxObserver.from_dict(v) for k, v in dict(d["tensors"]).items()},
+                options=options,
+                tensors={k: TensorObserver.from_dict(v, momentum=float(options.get("momentum", 0.01))) for k, v in dict(d["tensors"]).items()},
                 qconv_version=str(d.get("qconv_version", "")),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise QconvError(f"{source} is missing or has malformed fields ({exc}): re-run qconv calibrate") from None
 
-    def ranges(self) -> dict[str, tuple[float, float]]:
-        """Min-max range of every tensor that saw at least one finite value."""
-        return {k: (o.min, o.max) for k, o in self.tensors.items() if o.seen_finite}
+    def ranges(self, method: str = "minmax", symmetric: bool = False, percentile: float = 99.999) -> dict[str, tuple[float, float]]:
+        """The range of every tensor that saw at least one finite value, by ``method``."""
+        return {k: select_range(o, method, symmetric, percentile) for k, o in self.tensors.items() if o.seen_finite}
+
+    def nonfinite(self) -> dict[str, int]:
+        return {k: o.nonfinite for k, o in self.tensors.items() if o.nonfinite}
+
+    def constant(self) -> list[str]:
+        return sorted(k for k, o in self.tensors.items() if o.seen_finite and o.min == o.max)
+
+
+_MERGE_KEYS = ("bins", "momentum", "batch_size")
+
+
+def merge(parts: list[tuple[str, Calibration]]) -> Calibration:
+    """One calibration from shards of the same model made with the same options."""
+    if not parts:
+        raise QconvError("nothing to merge: give two or more calibration files")
+    first_name, first = parts[0]
+    for name, c in parts[1:]:
+        if c.model_id != first.model_id:
+            raise QconvError(f"cannot merge {name} with {first_name}: they were made for different models")
+        if c.qconv_version != first.qconv_version:
+            raise QconvError(f"cannot merge {name} (qconv {c.qconv_version}) with {first_name} (qconv {first.qconv_version}): re-run calibrate with one version")
+        for key in _MERGE_KEYS:
+            if c.options.get(key) != first.options.get(key):
+                raise QconvError(f"cannot merge {name} with {first_name}: option {key} differs ({c.options.get(key)} vs {first.options.get(key)})")
+    tensors: dict[str, TensorObserver] = {}
+    for _, c in parts:
+        for k, o in c.tensors.items():
+            if k in tensors:
+                tensors[k].merge(o)
+            else:
+                tensors[k] = TensorObserver.from_dict(o.to_dict(), momentum=o.momentum)
+    h = hashlib.sha256()
+    for data_id in sorted(c.data_id for _, c in parts):
+        h.update(data_id.encode())
+    options = {k: first.options.get(k) for k in _MERGE_KEYS}
+    options["method"] = first.options.get("method", "minmax")
+    options["merged_from"] = len(parts)
+    return Calibration(first.model_id, h.hexdigest(), sum(c.samples for _, c in parts), options, tensors, first.qconv_version)

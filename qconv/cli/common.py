@@ -7,6 +7,8 @@ import sys
 
 import click
 
+from qconv.calib.observers import DEFAULT_BINS, DEFAULT_MOMENTUM
+from qconv.calib.ranges import METHODS
 from qconv.cli.console import Terminal
 from qconv.errors import QconvError
 
@@ -40,12 +42,24 @@ def guarded(fn):
 
 
 def data_options(fn):
+    """Options that select feeds and set what calibration records."""
+    fn = click.option("--momentum", type=click.FloatRange(0.0, 1.0, min_open=True), default=DEFAULT_MOMENTUM, show_default=True,
+                      help="Weight of each batch in the moving-average method.")(fn)
+    fn = click.option("--bins", type=click.IntRange(min=128, max=65536), default=DEFAULT_BINS, show_default=True,
+                      help="Histogram bins per tensor (memory per tensor is O(bins), whatever the samples).")(fn)
     fn = click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
                       help="Rows per feed when an array is split into batches.")(fn)
     fn = click.option("--samples", type=click.IntRange(min=1), default=None,
                       help="Use at most N rows of calibration data (default: all).")(fn)
-    fn = click.option("--method", type=click.Choice(["minmax"]), default="minmax", show_default=True,
-                      help="How activation ranges are chosen from the statistics.")(fn)
+    return fn
+
+
+def range_options(fn):
+    """How activation ranges are chosen from the recorded statistics."""
+    fn = click.option("--percentile", type=float, default=None,
+                      help="Percent of values the percentile method keeps, in (0, 100]  [default: 99.999]")(fn)
+    fn = click.option("--method", type=click.Choice(METHODS), default=None,
+                      help="Range method: minmax, moving-average, percentile, entropy (KL) or mse  [default: minmax, or the calibration file's]")(fn)
     return fn
 
 

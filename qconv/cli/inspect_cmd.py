@@ -23,7 +23,7 @@ def inspect_model(model_path: Path, calib_path: Path | None, per_tensor: bool) -
     if calib_path:
         calib = pipeline.load_calibration(calib_path, prepared)
         ranges = calib.ranges()
-        nonfinite = {k: o.nonfinite for k, o in calib.tensors.items() if o.nonfinite}
+        nonfinite = calib.nonfinite()
     else:  # structure only: every activation assumed to have a usable range
         ranges = {n: (0.0, 1.0) for n in activation_tensors(prepared.model)}
         nonfinite = {}

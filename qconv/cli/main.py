@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from qconv import __version__
-from qconv.cli.calibrate import calibrate_cmd
+from qconv.cli.calibrate import calibrate_group
 from qconv.cli.inspect_cmd import inspect_cmd
 from qconv.cli.quantize import quantize_cmd
 
@@ -20,7 +20,7 @@ def cli(debug):
     """
 
 
-cli.add_command(calibrate_cmd)
+cli.add_command(calibrate_group)
 cli.add_command(quantize_cmd)
 cli.add_command(inspect_cmd)
 

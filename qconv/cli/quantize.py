@@ -9,7 +9,7 @@ import click
 import numpy as np
 
 from qconv import io, pipeline
-from qconv.cli.common import data_options, guarded, output_options
+from qconv.cli.common import data_options, guarded, output_options, range_options
 from qconv.cli.console import table
 from qconv.config import QuantConfig
 from qconv.errors import QconvError, UsageError
@@ -46,10 +46,12 @@ def _labels(path: Path | None) -> np.ndarray | None:
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report on stdout.")
 @click.option("--no-latency", is_flag=True, help="Skip the latency measurement.")
 @data_options
+@range_options
 @output_options
 @guarded
 def quantize_cmd(term, model, out, calib, data, force_calib, fmt, per_tensor, exclude_nodes, exclude_ops, eval_data,
-                 eval_labels, reports, as_json, no_latency, batch_size, samples, method, threads, quiet):
+                 eval_labels, reports, as_json, no_latency, batch_size, samples, bins, momentum, method, percentile,
+                 threads, quiet):
     """Quantize MODEL to static int8 in QDQ form and write it to OUTPUT.
 
     \b
@@ -69,16 +71,20 @@ def quantize_cmd(term, model, out, calib, data, force_calib, fmt, per_tensor, ex
             raise UsageError(f"--report {r}: only .json reports are supported")
         io.check_output_path(r, model)
     io.check_output_path(out, model, calib, data, eval_data)
-    config = QuantConfig(format=fmt, per_channel=not per_tensor, method=method,
-                         exclude_nodes=tuple(exclude_nodes), exclude_ops=tuple(exclude_ops))
+    settings = dict(format=fmt, per_channel=not per_tensor, exclude_nodes=tuple(exclude_nodes), exclude_ops=tuple(exclude_ops))
+    QuantConfig(**settings, method=method or "minmax", percentile=99.999 if percentile is None else percentile)  # validate early
     labels = _labels(eval_labels)
-    prepared = pipeline.load(model, config)
+    prepared = pipeline.load(model, QuantConfig(**settings))
     eval_source = pipeline.feeds_for(prepared, eval_data or data, batch_size)
     with term.progress() as progress:
         if calib is not None:
             calibration = pipeline.load_calibration(calib, prepared, force_calib)
         else:
-            calibration = pipeline.calibrate(prepared, pipeline.feeds_for(prepared, data, batch_size, samples), threads, progress, method)
+            source = pipeline.feeds_for(prepared, data, batch_size, samples)
+            calibration = pipeline.calibrate(prepared, source, threads, progress, method or "minmax", bins, momentum)
+        recorded = calibration.options
+        config = QuantConfig(**settings, method=method or recorded.get("method", "minmax"),
+                             percentile=percentile if percentile is not None else float(recorded.get("percentile", 99.999)))
         result = pipeline.quantize(prepared, calibration, config)
         evaluation = pipeline.evaluate(prepared, result, eval_source, labels, threads, progress, not no_latency)
     size_q = pipeline.save_quantized(result, out, prepared)

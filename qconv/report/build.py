@@ -14,8 +14,6 @@ VERSION = 1
 def build_report(prepared: Prepared, result: Result, calib: Calibration, out_path: str,
                  size_original: int, size_quantized: int, evaluation: dict, eval_source: str) -> dict:
     plan = result.plan
-    nonfinite = sorted(k for k, o in calib.tensors.items() if o.nonfinite)
-    constant = sorted(k for k, o in calib.tensors.items() if o.seen_finite and o.min == o.max)
     report = {
         "schema": SCHEMA,
         "version": VERSION,
@@ -42,13 +40,14 @@ def build_report(prepared: Prepared, result: Result, calib: Calibration, out_pat
             "kept_float": [{"name": n.name, "op_type": n.op_type, "reason": n.reason} for n in plan.nodes if n.kept_float],
         },
         "calibration": {
-            "method": calib.options.get("method", "minmax"),
+            "method": plan.config.method,
+            "recorded_with": calib.options,
             "samples": calib.samples,
             "model_id": calib.model_id,
             "data_id": calib.data_id,
             "tensors": len(calib.tensors),
-            "nonfinite_tensors": nonfinite,
-            "constant_tensors": constant,
+            "nonfinite_tensors": sorted(calib.nonfinite()),
+            "constant_tensors": calib.constant(),
         },
         "evaluation": {"data": eval_source, "batches": evaluation.get("batches")},
         "outputs": evaluation.get("outputs", {}),
