@@ -136,6 +136,17 @@ def test_infinities_and_nan_are_counted_not_absorbed():
         assert np.isfinite(lo) and np.isfinite(hi)
 
 
+def test_float32_extremes_do_not_overflow_the_histogram():
+    """finfo(float32).min is how Hugging Face models mask: finite, but x - origin overflows in float32."""
+    obs = TensorObserver()
+    obs.update(np.array([np.finfo(np.float32).min, 0.0, 1.0], np.float32))
+    obs.update(np.array([0.5, 2.0], np.float32))
+    assert obs.hist.counts.sum() == 5
+    for method in ("minmax", "percentile", "entropy", "mse"):
+        lo, hi = select_range(obs, method)
+        assert np.isfinite(lo) and np.isfinite(hi)
+
+
 def mask_model():
     """scores + log(mask): the additive mask holds -inf inside the model (onnxruntime's percentile
     calibration crashes on such tensors: "autodetected range ... is not finite")."""

@@ -78,9 +78,16 @@ class Histogram:
     def add(self, x: np.ndarray, lo: float, hi: float) -> None:
         """Count finite values ``x`` whose min and max are ``lo`` and ``hi``."""
         self._fit(lo, hi)
-        idx = np.floor(x * np.float32(1.0 / self.width)).astype(np.int64) - self.start
-        np.clip(idx, 0, self.bins - 1, out=idx)  # float rounding at the edges only
-        self.counts += np.bincount(idx.ravel(), minlength=self.bins)
+        # (x - window start) / width is >= 0, so truncation is floor: four passes over the data in all.
+        origin = self.start * self.width
+        wide = max(abs(lo), abs(hi), abs(origin)) > 1e30  # e.g. finfo.min masks: float32 would overflow
+        dtype = np.float64 if wide else np.float32
+        y = np.subtract(x.ravel(), dtype(origin), dtype=dtype)
+        y *= dtype(1.0 / self.width)
+        counts = np.bincount(y.astype(np.intp), minlength=self.bins)
+        if counts.size > self.bins:  # float rounding at the top edge only
+            counts[self.bins - 1] += counts[self.bins:].sum()
+        self.counts += counts[: self.bins]
 
     def coarsened_to(self, width: float) -> "Histogram":
         """This histogram's counts on a grid of ``width`` (a power-of-two multiple of our width)."""

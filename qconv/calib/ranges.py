@@ -89,6 +89,8 @@ def _kl_threshold(counts: np.ndarray, width: float, levels: int) -> float:
 
 def entropy_range(o: TensorObserver, symmetric: bool, levels: int | None = None) -> tuple[float, float]:
     counts, w = _abs_hist(o.hist)
+    if counts.size > 1:
+        counts[0] = counts[1]  # the bin holding exact zeros (ReLU, padding) would dominate the KL search
     one_sided = o.min >= 0 and not symmetric
     t = _kl_threshold(counts, w, levels or (256 if one_sided else 128))
     if symmetric:

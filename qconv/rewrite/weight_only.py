@@ -93,8 +93,8 @@ class Int4Weight:
 
     def padded_q(self) -> np.ndarray:
         """``q`` padded along K to whole blocks with the zero point (padding decodes to exactly 0)."""
-        return np.repeat(self.zero_point, self.block_size, axis=0)[: self.q.shape[0]].copy() if False else \
-            np.concatenate([self.q, np.repeat(self.zero_point, self.block_size, axis=0)[self.q.shape[0]:]])
+        padding = np.repeat(self.zero_point, self.block_size, axis=0)[self.q.shape[0]:]
+        return np.concatenate([self.q, padding])
 
 
 def pack_nibbles(q: np.ndarray) -> np.ndarray:
@@ -182,8 +182,15 @@ def _weight_input(node: onnx.NodeProto) -> str:
     return node.input[1] if node.op_type == "MatMul" else node.input[0]
 
 
-def _may_be_float(g: Graph, name: str) -> bool:
-    return name not in g.types or g.types[name] in _FLOATING
+def _is_candidate(g: Graph, node: onnx.NodeProto) -> bool:
+    """A float MatMul (type unknown counts as float), or a Gather reading a constant float table.
+
+    Other Gathers index shapes or activations: they hold no weight, so they are not reported as kept float.
+    """
+    name = _weight_input(node)
+    if node.op_type == "Gather":
+        return g.is_constant(name) and g.types[name] in _FLOATING
+    return g.types.get(name, TensorProto.FLOAT) in _FLOATING
 
 
 def _weight_problem(node: onnx.NodeProto, g: Graph, block_size: int) -> str | None:
@@ -223,8 +230,8 @@ def _select(model: onnx.ModelProto, g: Graph, block_size: int, exclude_nodes):
     for node in model.graph.node:
         if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gather"):
             continue
-        if not _may_be_float(g, _weight_input(node)):
-            continue  # integer Gather/MatMul: shape or index math, not a float weight
+        if not _is_candidate(g, node):
+            continue
         reason = _excluded(node, exclude_nodes) or _weight_problem(node, g, block_size)
         if reason:
             kept.append({"name": node.name, "op_type": node.op_type, "reason": reason})
@@ -254,13 +261,15 @@ def input_hessians(model: onnx.ModelProto, widths: dict[str, int], feeds: Iterab
     return {n: sums[n] / rows[n] for n in names}
 
 
-def _weight_hessians(model: onnx.ModelProto, g: Graph, targets, feeds) -> dict[str, np.ndarray]:
+def _weight_hessians(model: onnx.ModelProto, g: Graph, targets, feeds) -> dict[tuple[str, str], np.ndarray]:
+    """Hessian per ("MatMul", weight): the sum over the MatMuls reading that weight."""
     matmuls = [n for n in targets if n.op_type == "MatMul"]
     widths = {n.input[0]: int(g.initializers[n.input[1]].dims[0]) for n in matmuls}
     per_input = input_hessians(model, widths, feeds)
-    hessians: dict[str, np.ndarray] = {}
+    hessians: dict[tuple[str, str], np.ndarray] = {}
     for node in matmuls:
-        hessians[node.input[1]] = hessians.get(node.input[1], 0.0) + per_input[node.input[0]]
+        key = ("MatMul", node.input[1])
+        hessians[key] = hessians.get(key, 0.0) + per_input[node.input[0]]
     return hessians
 
 
@@ -310,16 +319,16 @@ def quantize_int4(model: onnx.ModelProto, block_size: int = 32, symmetric: bool 
     targets, kept = _select(m, g, block_size, exclude_nodes)
     hessians = _weight_hessians(m, g, targets, calib_feeds) if method == "gptq" else {}
     encoded: dict[tuple[str, str], tuple[list[TensorProto], dict]] = {}
-    replaced: dict[str, onnx.NodeProto] = {}
+    replaced: dict[int, onnx.NodeProto] = {}
     quantized = []
     for node in targets:
         key = (node.op_type, _weight_input(node))
         if key not in encoded:
-            encoded[key] = _encode(g, node, block_size, symmetric, hessians.get(key[1]) if node.op_type == "MatMul" else None, act_order)
+            encoded[key] = _encode(g, node, block_size, symmetric, hessians.get(key), act_order)
         inits, record = encoded[key]
-        replaced[node.name] = _replacement(g, node, inits, block_size, accuracy_level)
+        replaced[id(node)] = _replacement(g, node, inits, block_size, accuracy_level)
         quantized.append({"node": node.name, **record})
-    new_nodes = [replaced.get(n.name, n) for n in m.graph.node]
+    new_nodes = [replaced.get(id(n), n) for n in m.graph.node]
     del m.graph.node[:]
     m.graph.node.extend(new_nodes)
     m.graph.initializer.extend(t for inits, _ in encoded.values() for t in inits)

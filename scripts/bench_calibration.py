@@ -1,0 +1,230 @@
+"""Calibration benchmark: qconv's streaming calibration vs onnxruntime's calibrators, side by side.
+
+    .venv/bin/python scripts/bench_calibration.py [--samples 16 64 256] [--size 128] [--json out.json]
+
+The model is the bundled digits CNN made fully convolutional (its spatial dims turned dynamic) and fed
+digits upsampled to SIZE x SIZE, so activations are large (about 2 MB per sample at 128 x 128). For each
+method (minmax, entropy, percentile; qconv also mse) and each sample count, each tool calibrates and
+quantizes (QDQ, per-channel int8 weights, uint8 activations) in a child process of its own, which
+reports its peak RSS (ru_maxrss) and its RSS before calibration. The parent measures one plain fp32
+onnxruntime pass over the same samples, and scores each quantized model by SQNR and top-1 accuracy of
+the logits on held-out upsampled digits. onnxruntime's calibrators run with their default options, as
+users get them. Machines are noisy: the script reports medians of --repeat runs and ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "sample_models" / "digits_cnn"
+sys.path.insert(0, str(ROOT))
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def peak_mb() -> float:
+    """Peak RSS of this process (VmHWM: unlike ru_maxrss it is not inherited across fork/exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def make_inputs(workdir: Path, size: int, max_samples: int) -> tuple[Path, Path, Path]:
+    """A fully convolutional copy of the digits CNN, and upsampled calibration / eval data."""
+    model = onnx.load(str(SAMPLE / "model.onnx"))
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[2].dim_param, dims[3].dim_param = "height", "width"
+    path = workdir / "digits_fcn.onnx"
+    onnx.save(model, str(path))
+    factor = size // 8
+    up = lambda a: np.kron(a, np.ones((1, 1, factor, factor), np.float32)).astype(np.float32)  # noqa: E731
+    calib = np.load(SAMPLE / "calib.npy")
+    reps = -(-max_samples // calib.shape[0])
+    calib = np.concatenate([calib] * reps)[:max_samples]
+    np.save(workdir / "calib.npy", up(calib))
+    np.save(workdir / "eval.npy", up(np.load(SAMPLE / "eval.npy")[:200]))
+    return path, workdir / "calib.npy", workdir / "eval.npy"
+
+
+def run_qconv(model: str, data: str, n: int, method: str, out: str, queue) -> None:
+    from qconv import pipeline
+    from qconv.config import QuantConfig
+
+    cfg = QuantConfig(method=method)
+    prep = pipeline.load(model, cfg)
+    source = pipeline.feeds_for(prep, data, samples=n)
+    before = rss_mb()
+    t0 = time.perf_counter()
+    calib = pipeline.calibrate(prep, source, threads=2)
+    t_calib = time.perf_counter() - t0
+    result = pipeline.quantize(prep, calib, cfg)
+    pipeline.save_quantized(result, Path(out), prep)
+    queue.put({"wall_s": time.perf_counter() - t0, "calib_s": t_calib, "peak_mb": peak_mb(), "base_mb": before})
+
+
+def run_ort(model: str, data: str, n: int, method: str, out: str, queue) -> None:
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    arr = np.load(data, mmap_mode="r")
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.k = 0
+
+        def get_next(self):
+            if self.k >= n:
+                return None
+            self.k += 1
+            return {"input": np.asarray(arr[self.k - 1:self.k])}
+
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
+    before = rss_mb()
+    t0 = time.perf_counter()
+    quantize_static(model, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=methods[method])
+    queue.put({"wall_s": time.perf_counter() - t0, "calib_s": None, "peak_mb": peak_mb(), "base_mb": before})
+
+
+def in_child(fn, *args) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    p = ctx.Process(target=fn, args=(*args, queue))
+    p.start()
+    p.join()
+    if p.exitcode != 0:
+        return {"error": f"exit code {p.exitcode}"}
+    return queue.get()
+
+
+def session(path: str):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+
+def fp32_pass_seconds(model: Path, data: Path, n: int, repeat: int) -> float:
+    sess = session(str(model))
+    arr = np.load(data, mmap_mode="r")
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for k in range(n):
+            sess.run(None, {"input": np.asarray(arr[k:k + 1])})
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def score(reference: np.ndarray, labels: np.ndarray, quantized: Path, eval_data: np.ndarray) -> dict:
+    logits = np.concatenate([session(str(quantized)).run(None, {"input": eval_data[k:k + 50]})[0] for k in range(0, len(eval_data), 50)])
+    noise = float(np.sum((reference - logits) ** 2))
+    sqnr = 10 * np.log10(float(np.sum(reference ** 2)) / noise) if noise else float("inf")
+    return {"sqnr_db": sqnr, "top1": float(np.mean(logits.argmax(1) == labels))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--samples", type=int, nargs="+", default=[16, 64, 256])
+    ap.add_argument("--size", type=int, default=128, help="input height and width (a multiple of 8)")
+    ap.add_argument("--methods", nargs="+", default=["minmax", "entropy", "percentile", "mse"])
+    ap.add_argument("--repeat", type=int, default=1, help="runs per cell; medians are reported")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="qconv-bench-calib-"))
+    model, calib, eval_path = make_inputs(work, args.size, max(args.samples))
+    eval_data = np.load(eval_path)
+    labels = np.load(SAMPLE / "eval_labels.npy")[: len(eval_data)]
+    reference = np.concatenate([session(str(model)).run(None, {"input": eval_data[k:k + 50]})[0] for k in range(0, len(eval_data), 50)])
+    print(f"model: digits CNN at {args.size}x{args.size}; fp32 top-1 on {len(eval_data)} eval digits: "
+          f"{np.mean(reference.argmax(1) == labels):.3f}", flush=True)
+
+    rows = []
+    for n in args.samples:
+        fp32_s = fp32_pass_seconds(model, calib, n, max(3, args.repeat))
+        for method in args.methods:
+            row = {"samples": n, "method": method, "fp32_pass_s": fp32_s}
+            for tool, fn in (("qconv", run_qconv), ("ort", run_ort)):
+                if tool == "ort" and method == "mse":
+                    continue
+                out = work / f"{tool}-{method}-{n}.onnx"
+                runs = [in_child(fn, str(model), str(calib), n, method, str(out)) for _ in range(args.repeat)]
+                ok = [r for r in runs if "error" not in r]
+                if not ok:
+                    row[tool] = {"error": runs[0]["error"]}
+                    continue
+                med = {k: statistics.median([r[k] for r in ok]) for k in ("wall_s", "peak_mb", "base_mb")}
+                if ok[0]["calib_s"] is not None:
+                    med["calib_s"] = statistics.median([r["calib_s"] for r in ok])
+                row[tool] = {**med, **score(reference, labels, out, eval_data)}
+            rows.append(row)
+            print_row(row, header=len(rows) == 1)
+    print_targets(rows, args.samples)
+    if args.json:
+        args.json.write_text(json.dumps({"size": args.size, "rows": rows}, indent=2))
+
+
+def fmt(v, spec):
+    return format(v, spec) if isinstance(v, (int, float)) else "-"
+
+
+def print_row(row: dict, header: bool) -> None:
+    cols = ["samples", "method", "qconv MB", "ort MB", "RSS q/o", "qconv s", "ort s", "calib/fp32", "SQNR qconv", "SQNR ort", "top1 q", "top1 o"]
+    if header:
+        print("  ".join(f"{c:>10}" for c in cols))
+    q, o = row.get("qconv", {}), row.get("ort", {})
+    cells = [
+        str(row["samples"]), row["method"], fmt(q.get("peak_mb"), ".0f"), fmt(o.get("peak_mb"), ".0f") if o else "n/a",
+        fmt(q["peak_mb"] / o["peak_mb"], ".2f") if "peak_mb" in q and "peak_mb" in o else "-",
+        fmt(q.get("wall_s"), ".2f"), fmt(o.get("wall_s"), ".2f") if o else "n/a",
+        fmt(q["calib_s"] / row["fp32_pass_s"], ".2f") if "calib_s" in q else "-",
+        fmt(q.get("sqnr_db"), ".2f"), fmt(o.get("sqnr_db"), ".2f") if o else "n/a",
+        fmt(q.get("top1"), ".3f"), fmt(o.get("top1"), ".3f") if o else "n/a",
+    ]
+    if "error" in o:
+        cells[3] = "FAILED"
+    print("  ".join(f"{c:>10}" for c in cells), flush=True)
+
+
+def print_targets(rows: list[dict], samples: list[int]) -> None:
+    print("\ntargets:")
+    lo, hi = min(samples), max(samples)
+    for method in sorted({r["method"] for r in rows}):
+        by_n = {r["samples"]: r for r in rows if r["method"] == method and "peak_mb" in r.get("qconv", {})}
+        if lo in by_n and hi in by_n and lo != hi:
+            growth = by_n[hi]["qconv"]["peak_mb"] / by_n[lo]["qconv"]["peak_mb"]
+            print(f"  [{'PASS' if growth <= 1.1 else 'FAIL'}] {method}: qconv peak RSS {lo}->{hi} samples grows {growth:.2f}x (<= 1.10x)")
+        r = by_n.get(lo)
+        if r and method in ("entropy", "percentile") and "peak_mb" in r.get("ort", {}):
+            ratio = (r["qconv"]["peak_mb"] - r["qconv"]["base_mb"]) / max(r["ort"]["peak_mb"] - r["ort"]["base_mb"], 1e-9)
+            print(f"  [{'PASS' if ratio <= 0.25 else 'FAIL'}] {method}: qconv/ort calibration memory (peak - base) at {lo} samples {ratio:.2f} (<= 0.25)")
+        for n, r in sorted(by_n.items()):
+            q, o = r["qconv"], r.get("ort", {})
+            wall = q["calib_s"] / r["fp32_pass_s"]
+            print(f"  [{'PASS' if wall <= 2.0 else 'FAIL'}] {method} @ {n}: calibration wall {wall:.2f}x one fp32 pass (<= 2x)")
+            if method in ("entropy", "percentile") and "sqnr_db" in o:
+                print(f"  [{'PASS' if q['sqnr_db'] >= o['sqnr_db'] - 0.05 else 'FAIL'}] {method} @ {n}: SQNR qconv {q['sqnr_db']:.2f} dB vs ort {o['sqnr_db']:.2f} dB")
+
+
+if __name__ == "__main__":
+    main()
