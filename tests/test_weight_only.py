@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from onnx import TensorProto, helper, numpy_helper
 
-from qconv.errors import UsageError
+from qconv.errors import QconvError, UsageError
 from qconv.intake import prepare
 from qconv.rewrite import weight_only as wo
 from tests.conftest import SAMPLES, make_model, run_model
@@ -42,7 +42,7 @@ def test_block_error_is_at_most_half_a_step(w, block_size, symmetric):
     qw = wo.rtn(w, block_size, symmetric)
     assert qw.q.shape == w.shape and qw.q.max(initial=0) <= 15
     assert qw.scale.shape == (-(-w.shape[0] // block_size), w.shape[1])
-    step = np.abs(qw._per_row(qw.scale))
+    step = np.abs(np.repeat(qw.scale, block_size, axis=0)[: w.shape[0]])
     assert np.all(np.abs(qw.dequantize() - w) <= step / 2 * (1 + 1e-5) + 1e-30)
 
 
@@ -197,7 +197,8 @@ def test_nodes_that_stay_float_say_why():
     ins = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 64]),
            helper.make_tensor_value_info("c2", TensorProto.FLOAT, [1, 8, 8]),
            helper.make_tensor_value_info("ids", TensorProto.INT64, [3])]
-    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in [("d", [1, 2, 8]), ("e", [3, 41]), ("g", [1, 2, 8])]]
+    shapes = {"d": [1, 2, 8], "e": [3, 41], "g": [1, 2, 8]}
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in shapes.items()]
     outs.append(helper.make_tensor_value_info("h", TensorProto.INT64, []))
     model = make_model(nodes, ins, outs, inits)
     res = wo.quantize_int4(model, exclude_nodes=["skip*"])
@@ -212,6 +213,19 @@ def test_nodes_that_stay_float_say_why():
     onnx.checker.check_model(res.model)
     feed = {"x": f(1, 2, 64), "c2": f(1, 8, 8), "ids": np.array([0, 9, 4], np.int64)}
     run_model(res.model, feed)
+
+
+def test_gptq_on_a_graph_input_and_bad_calibration_data():
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(64, 8)).astype(np.float32)
+    feeds = [{"x": rng.normal(size=(2, 3, 64)).astype(np.float32)} for _ in range(3)]
+    res = wo.quantize_int4(_matmul_model(w), method="gptq", calib_feeds=iter(feeds))
+    assert res.quantized[0]["method"] == "gptq" and res.model.graph.node[0].op_type == "MatMulNBits"
+    with pytest.raises(UsageError, match="no rows"):
+        wo.quantize_int4(_matmul_model(w), method="gptq", calib_feeds=[])
+    feeds[1]["x"][0, 0, 0] = np.nan
+    with pytest.raises(QconvError, match="inf/NaN"):
+        wo.quantize_int4(_matmul_model(w), method="gptq", calib_feeds=feeds)
 
 
 @pytest.mark.parametrize("block_size", [8, 24, 48, 0, 512, 32.0, True])
