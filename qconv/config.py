@@ -4,42 +4,81 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from qconv.calib.ranges import METHODS
 from qconv.errors import UsageError
 
-FORMATS = ("qdq",)
-from qconv.calib.ranges import METHODS
+MODES = ("int8", "dynamic", "fp16", "a16w8", "int4")
+FORMATS = ("qdq", "qoperator")
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+# Modes that need calibration statistics, and the formats each mode can be written in.
+CALIBRATED = {"int8", "a16w8"}
+MODE_FORMATS = {"int8": ("qdq", "qoperator"), "a16w8": ("qdq",), "dynamic": ("qoperator",), "fp16": (), "int4": ()}
 
 
 @dataclass(frozen=True)
 class QuantConfig:
-    format: str = "qdq"
+    mode: str = "int8"
+    format: str | None = None  # None: the mode's natural form (qdq for static modes)
     per_channel: bool = True
     weight_type: str = "int8"
-    activation_type: str = "uint8"
+    activation_type: str | None = None  # None: uint8 (int8 mode), uint16 (a16w8)
     symmetric_weights: bool = True
     symmetric_activations: bool = False
+    reduce_range: bool = False
     method: str = "minmax"
     percentile: float = 99.999
+    block_size: int = 32
+    int4_method: str = "rtn"
+    keep_io_types: bool = True
     exclude_nodes: tuple[str, ...] = field(default_factory=tuple)
     exclude_ops: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self):
-        if self.format not in FORMATS:
+        if self.mode not in MODES:
+            raise UsageError(f"unknown --mode '{self.mode}'; choose one of: {', '.join(MODES)}")
+        if self.format is not None and self.format not in FORMATS:
             raise UsageError(f"unknown --format '{self.format}'; choose one of: {', '.join(FORMATS)}")
+        if self.format is not None and self.format not in MODE_FORMATS[self.mode]:
+            allowed = MODE_FORMATS[self.mode]
+            detail = f"it is written as {allowed[0]}" if allowed else "it has no integer operator form"
+            raise UsageError(f"--mode {self.mode} cannot be written as --format {self.format} ({detail}); drop --format")
         if self.method not in METHODS:
             raise UsageError(f"unknown --method '{self.method}'; choose one of: {', '.join(METHODS)}")
         if not 0.0 < self.percentile <= 100.0:
             raise UsageError(f"--percentile must be in (0, 100] (got {self.percentile:g})")
-        if self.weight_type not in ("int8", "uint8") or self.activation_type not in ("int8", "uint8"):
-            raise UsageError("weight and activation types must be int8 or uint8")
+        if self.weight_type not in ("int8", "uint8"):
+            raise UsageError(f"--weight-type must be int8 or uint8 (got {self.weight_type})")
+        allowed_act = ("uint16", "int16") if self.mode == "a16w8" else ("uint8", "int8")
+        if self.activation_type is not None and self.activation_type not in allowed_act:
+            raise UsageError(f"--mode {self.mode} takes --activation-type {' or '.join(allowed_act)} (got {self.activation_type})")
+        if self.block_size not in BLOCK_SIZES:
+            raise UsageError(f"--block-size must be one of {', '.join(map(str, BLOCK_SIZES))} (got {self.block_size})")
+        if self.int4_method not in ("rtn", "gptq"):
+            raise UsageError(f"unknown int4 method '{self.int4_method}'; choose rtn or gptq")
+
+    @property
+    def output_format(self) -> str:
+        return self.format or (MODE_FORMATS[self.mode][0] if MODE_FORMATS[self.mode] else self.mode)
+
+    @property
+    def act_type(self) -> str:
+        return self.activation_type or ("uint16" if self.mode == "a16w8" else "uint8")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.mode in CALIBRATED
 
     @property
     def min_opset(self) -> int:
         """Per-channel DequantizeLinear (the axis attribute) needs opset 13; plain QDQ needs 10."""
-        return 13 if self.per_channel else 10
+        if self.mode in ("fp16", "int4"):
+            return 1
+        return 13 if self.per_channel or self.mode == "dynamic" else 10
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["exclude_nodes"] = list(self.exclude_nodes)
         d["exclude_ops"] = list(self.exclude_ops)
+        d["format"] = self.output_format
+        d["activation_type"] = self.act_type
         return d

@@ -101,6 +101,15 @@ def ai_onnx_opset(model: onnx.ModelProto) -> int:
     return 0
 
 
+def ensure_opset(model: onnx.ModelProto, domain: str, version: int) -> None:
+    """Import ``domain`` at ``version`` at least."""
+    for op in model.opset_import:
+        if op.domain == domain:
+            op.version = max(op.version, version)
+            return
+    model.opset_import.add(domain=domain, version=version)
+
+
 def name_nodes(model: onnx.ModelProto) -> None:
     """Give every unnamed node a stable name (op type + index) so reports and excludes can refer to it."""
     used = {n.name for n in model.graph.node if n.name}

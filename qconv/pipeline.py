@@ -13,14 +13,14 @@ import numpy as np
 import onnx
 
 from qconv import __version__, io, runtime
-from qconv.calib.collect import collect
+from qconv.calib.collect import activation_tensors, collect
 from qconv.calib.observers import DEFAULT_BINS, DEFAULT_MOMENTUM
 from qconv.calib.store import Calibration
 from qconv.config import QuantConfig
 from qconv.data import FeedSource
 from qconv.errors import QconvError
 from qconv.intake import prepare
-from qconv.plan import QuantPlan, build_plan
+from qconv.plan import QuantPlan, build_plan, calibration_targets
 from qconv.report.evaluate import compare, latency
 from qconv.rewrite.qdq import apply_qdq
 
@@ -63,10 +63,16 @@ def calibration_options(source: FeedSource, method: str = "minmax", bins: int = 
 
 def calibrate(prepared: Prepared, source: FeedSource, threads: int | None = None,
               progress: Progress = _no_progress, method: str = "minmax", bins: int = DEFAULT_BINS,
-              momentum: float = DEFAULT_MOMENTUM) -> Calibration:
+              momentum: float = DEFAULT_MOMENTUM, config: QuantConfig | None = None) -> Calibration:
+    """Observe the tensors ``config``'s plan can use (every float activation when ``config`` is None)."""
+    names = activation_tensors(prepared.model)
+    if config is not None:
+        names = calibration_targets(prepared.model, config, names)
     advance = progress("calibrating", source.count())
-    observers, seen = collect(prepared.model, source, threads=threads, progress=advance, bins=bins, momentum=momentum)
-    return Calibration(prepared.model_id, source.identity(), seen, calibration_options(source, method, bins, momentum), observers)
+    observers, seen = collect(prepared.model, source, threads=threads, progress=advance, bins=bins, momentum=momentum, names=names)
+    options = calibration_options(source, method, bins, momentum)
+    options["tensors"] = "all" if config is None else "planned"
+    return Calibration(prepared.model_id, source.identity(), seen, options, observers)
 
 
 def load_calibration(path: str | os.PathLike, prepared: Prepared, force: bool = False) -> Calibration:

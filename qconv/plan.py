@@ -157,13 +157,17 @@ def build_plan(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]], c
                nonfinite: dict[str, int] | None = None) -> QuantPlan:
     g = Graph(model)
     nonfinite = nonfinite or {}
-    act_q = qmath.qtype(config.activation_type)
+    ranges = _alias_activation_inputs(model, g, ranges)
+    act_q = qmath.qtype(config.act_type)
     w_q = qmath.qtype(config.weight_type)
+    if config.reduce_range:  # 7-bit weights: int8 products cannot overflow int16 sums on CPUs without VNNI
+        w_q = qmath.QType(w_q.name, -64, 63) if w_q.signed else qmath.QType(w_q.name, 0, 127)
     decisions: list[NodeDecision] = []
     wanted: dict[str, tuple[str, int | None]] = {}  # tensor -> (role, axis)
     readers: dict[str, list[str]] = {}
     quantized_nodes: dict[str, onnx.NodeProto] = {}
     available: set[str] = set()  # outputs of quantized nodes that can carry Q/DQ
+    inherited: set[str] = set()  # outputs of data-movement ops: they take their input's parameters
 
     for node in model.graph.node:
         if _integer_only(node, g):
@@ -179,7 +183,7 @@ def build_plan(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]], c
             continue
         problem = None
         for k, role, _ in spec:
-            if role == "activation":
+            if role == "activation" and node.input[k] not in inherited:
                 problem = problem or _range_problem(node.input[k], ranges, nonfinite, node.op_type)
         if node.op_type in ("Add", "Mul"):
             problem = problem or _range_problem(node.output[0], ranges, nonfinite, node.op_type)
@@ -190,8 +194,13 @@ def build_plan(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]], c
         decisions.append(NodeDecision(node.name, node.op_type, "quantized"))
         quantized_nodes[node.name] = node
         out = node.output[0]
-        if out and out not in g.graph_outputs and g.is_float(out) and not _range_problem(out, ranges, nonfinite):
-            available.add(out)
+        if out and out not in g.graph_outputs and g.is_float(out):
+            # A data-movement op's output takes its input's parameters: it needs no range of its own.
+            if node.op_type in SHARED and (node.input[0] in available or g.is_constant(node.input[0])):
+                available.add(out)
+                inherited.add(out)
+            elif not _range_problem(out, ranges, nonfinite):
+                available.add(out)
         for k, role, axis in spec:
             wanted.setdefault(node.input[k], (role, axis))
             readers.setdefault(node.input[k], []).append(node.name)
@@ -209,6 +218,22 @@ def build_plan(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]], c
     folded = _fold_activations(model, g, quantized_nodes, outputs, wanted, config)
     tensors = _qparams(model, g, wanted, readers, outputs, ranges, folded, config, act_q, w_q)
     return QuantPlan(config, decisions, tensors, folded)
+
+
+def _alias_activation_inputs(model, g: Graph, ranges: dict) -> dict:
+    """A Relu/Clip input read by nothing else can use the Relu's output range (calibration skips it).
+
+    When the Relu is folded the input is never quantized; when it is not, clipping the input to the
+    Relu's output range changes nothing the Relu lets through.
+    """
+    out = dict(ranges)
+    for node in model.graph.node:
+        if node.op_type in FOLDABLE_ACT and node.output[0] in ranges and node.input[0] not in ranges:
+            if g.only_consumer(node.input[0]) is node and g.producer.get(node.input[0]) is not None:
+                const_bounds = all(not i or g.is_constant(i) for i in node.input[1:])
+                if node.op_type == "Relu" or (const_bounds and _clip_bounds(node, g)[0] <= 0.0):
+                    out[node.input[0]] = ranges[node.output[0]]
+    return out
 
 
 def _cost_problem(node, spec, g: Graph, available: set[str], quantized_nodes) -> str | None:
@@ -231,6 +256,24 @@ def _cost_problem(node, spec, g: Graph, available: set[str], quantized_nodes) ->
         if role == "activation" and node.input[k] not in available:
             return "its inputs are float: quantizing it alone would only add conversions"
     return None
+
+
+def calibration_targets(model: onnx.ModelProto, config: QuantConfig, candidates: list[str]) -> list[str]:
+    """The activations whose ranges the plan can use: the only tensors calibration needs to observe.
+
+    Planned with every candidate assumed to have a clean range, so masks and inf are still found (the
+    tensors they would touch are observed). Conv outputs a Relu absorbs and the outputs of data-movement
+    ops (which share their input's parameters) are left out: they are the bulk of a CNN's activations.
+    """
+    plan = build_plan(model, {n: (0.0, 1.0) for n in candidates}, config)
+    g = Graph(model)
+    quantized = {d.name for d in plan.nodes if d.quantized}
+
+    def shares(name: str) -> bool:
+        p = g.producer.get(name)
+        return p is not None and p.name in quantized and p.op_type in SHARED and p.input[0] in plan.tensors
+
+    return [n for n in candidates if n in plan.tensors and plan.tensors[n].role == "activation" and not shares(n)]
 
 
 def _integer_only(node, g: Graph) -> bool:

@@ -170,7 +170,8 @@ def test_mask_with_inf_quantizes_with_every_method(method, tmp_path):
     mask = np.ones((32, 4), np.float32)
     mask[:, 3] = 0.0
     np.savez(tmp_path / "d.npz", x=np.random.default_rng(1).normal(0, 1, (32, 4)).astype(np.float32), mask=mask)
-    r = invoke("calibrate", tmp_path / "m.onnx", "--data", tmp_path / "d.npz", "--batch-size", "8", "-o", tmp_path / "c.json")
+    r = invoke("calibrate", tmp_path / "m.onnx", "--data", tmp_path / "d.npz", "--batch-size", "8", "-o", tmp_path / "c.json",
+               "--all-tensors")
     assert r.exit_code == 0 and "inf/NaN" in r.output and "additive" in r.output
     r = invoke("quantize", tmp_path / "m.onnx", "-o", tmp_path / "q.onnx", "--calib", tmp_path / "c.json",
                "--eval-data", tmp_path / "d.npz", "--method", method, "--json", "--no-latency", "--batch-size", "8")
@@ -179,6 +180,16 @@ def test_mask_with_inf_quantizes_with_every_method(method, tmp_path):
     assert report["calibration"]["nonfinite_tensors"] == ["additive", "m"]
     assert report["calibration"]["method"] == method
     assert report["outputs"]["y"]["cosine"] > 0.99
+
+
+def test_calibration_observes_only_what_the_plan_can_use(conv_path, conv_data, tmp_path):
+    """Conv outputs a Relu absorbs and data-movement outputs need no statistics; --all-tensors records all."""
+    invoke("calibrate", conv_path, "--data", conv_data, "-o", tmp_path / "planned.json")
+    invoke("calibrate", conv_path, "--data", conv_data, "-o", tmp_path / "all.json", "--all-tensors")
+    planned = set(json.loads((tmp_path / "planned.json").read_text())["tensors"])
+    everything = set(json.loads((tmp_path / "all.json").read_text())["tensors"])
+    assert planned < everything
+    assert "x" in planned and "c2" not in planned and "flat" not in planned and "c2" in everything
 
 
 def test_shards_merge_into_the_single_run(conv_path, tmp_path):

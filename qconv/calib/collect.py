@@ -44,9 +44,10 @@ def collect(
     progress: Callable[[int], None] | None = None,
     bins: int = DEFAULT_BINS,
     momentum: float = DEFAULT_MOMENTUM,
+    names: list[str] | None = None,
 ) -> tuple[dict[str, TensorObserver], int]:
-    """Observers for every float activation, and the number of feeds seen."""
-    names = activation_tensors(model)
+    """Observers for ``names`` (default: every float activation), and the number of feeds seen."""
+    names = activation_tensors(model) if names is None else names
     sess = session(expose(model, names), threads)
     outputs = [o.name for o in sess.get_outputs()]
     wanted = [n for n in outputs if n in set(names)]

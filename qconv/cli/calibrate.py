@@ -51,11 +51,14 @@ def calibrate_group():
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Calibration file to write (JSON).")
 @click.option("--shard", default=None, metavar="K/N", help="Use every N-th feed starting at K (K from 0); merge the shards later.")
 @click.option("--per-tensor", is_flag=True, help="Calibrate for per-tensor weights (only changes the opset needed).")
+@click.option("--all-tensors", is_flag=True,
+              help="Observe every float activation, not only those the default plan quantizes (for --exclude-* at quantize time).")
 @data_options
 @range_options
 @output_options
 @guarded
-def run_cmd(term, model, data, out, shard, per_tensor, batch_size, samples, bins, momentum, method, percentile, threads, quiet):
+def run_cmd(term, model, data, out, shard, per_tensor, all_tensors, batch_size, samples, bins, momentum, method, percentile,
+            threads, quiet):
     """Record per-tensor statistics (min/max, moving averages, histograms) of MODEL on DATA.
 
     The file stores statistics, not ranges: `qconv quantize --calib FILE --method M` picks any range
@@ -70,9 +73,11 @@ def run_cmd(term, model, data, out, shard, per_tensor, batch_size, samples, bins
     method = method or "minmax"
     QuantConfig(method=method, percentile=99.999 if percentile is None else percentile)  # validates
     io.check_output_path(out, model, data)
-    prepared = pipeline.load(model, QuantConfig(per_channel=not per_tensor))
+    config = QuantConfig(per_channel=not per_tensor)
+    prepared = pipeline.load(model, config)
     source = pipeline.feeds_for(prepared, data, batch_size, samples, shard_kn)
     options = pipeline.calibration_options(source, method, bins, momentum)
+    options["tensors"] = "all" if all_tensors else "planned"
     if percentile is not None:
         options["percentile"] = percentile
     data_id = source.identity()
@@ -85,7 +90,7 @@ def run_cmd(term, model, data, out, shard, per_tensor, batch_size, samples, bins
             term.info(f"{out} is up to date (same model, data and options): nothing to do")
             return
     with term.progress() as progress:
-        calib = pipeline.calibrate(prepared, source, threads, progress, method, bins, momentum)
+        calib = pipeline.calibrate(prepared, source, threads, progress, method, bins, momentum, None if all_tensors else config)
     calib.options = options
     io.write_json(calib.to_dict(), out)
     _warn_tensors(term, calib)

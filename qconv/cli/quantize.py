@@ -81,7 +81,8 @@ def quantize_cmd(term, model, out, calib, data, force_calib, fmt, per_tensor, ex
             calibration = pipeline.load_calibration(calib, prepared, force_calib)
         else:
             source = pipeline.feeds_for(prepared, data, batch_size, samples)
-            calibration = pipeline.calibrate(prepared, source, threads, progress, method or "minmax", bins, momentum)
+            calibration = pipeline.calibrate(prepared, source, threads, progress, method or "minmax", bins, momentum,
+                                             QuantConfig(**settings))
         recorded = calibration.options
         config = QuantConfig(**settings, method=method or recorded.get("method", "minmax"),
                              percentile=percentile if percentile is not None else float(recorded.get("percentile", 99.999)))

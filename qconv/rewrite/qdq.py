@@ -7,7 +7,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from qconv import qmath
-from qconv.graph import Graph, topo_sort
+from qconv.graph import Graph, ai_onnx_opset, ensure_opset, topo_sort
 from qconv.intake import drop_unused_initializers
 from qconv.plan import QuantPlan, TensorPlan
 
@@ -24,9 +24,15 @@ def _param_inits(g: Graph, base: str, qp: qmath.QParams) -> tuple[onnx.TensorPro
     return scale, zp
 
 
+def _domain(g: Graph, qp: qmath.QParams) -> str:
+    """16-bit Q/DQ are standard from opset 21; below that onnxruntime has them in com.microsoft."""
+    return "com.microsoft" if qp.qtype.name in ("int16", "uint16") and ai_onnx_opset(g.model) < 21 else ""
+
+
 def _dq_node(g: Graph, src: str, scale: str, zp: str, out: str, qp: qmath.QParams, doc: str) -> onnx.NodeProto:
     kwargs = {"axis": qp.axis} if qp.scale.ndim else {}
-    node = helper.make_node("DequantizeLinear", [src, scale, zp], [out], name=g.unique(out + "_DequantizeLinear"), **kwargs)
+    node = helper.make_node("DequantizeLinear", [src, scale, zp], [out], name=g.unique(out + "_DequantizeLinear"),
+                            domain=_domain(g, qp), **kwargs)
     node.doc_string = doc
     return node
 
@@ -57,6 +63,8 @@ def apply_qdq(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
                     consumer.input[k] = dq_out
     m.graph.initializer.extend(new_inits)
     m.graph.node.extend(new_nodes)
+    if any(n.domain == "com.microsoft" for n in new_nodes):
+        ensure_opset(m, "com.microsoft", 1)
     topo_sort(m)
     drop_unused_initializers(m, [t for t, p in plan.tensors.items() if p.role != "activation"])
     return m
@@ -66,7 +74,8 @@ def _activation(g: Graph, tp: TensorPlan):
     qp = tp.qparams
     scale, zp = _param_inits(g, tp.name, qp)
     q_out, dq_out = g.unique(tp.name + "_quantized"), g.unique(tp.name + "_dequantized")
-    q = helper.make_node("QuantizeLinear", [tp.name, scale.name, zp.name], [q_out], name=g.unique(tp.name + "_QuantizeLinear"))
+    q = helper.make_node("QuantizeLinear", [tp.name, scale.name, zp.name], [q_out], name=g.unique(tp.name + "_QuantizeLinear"),
+                         domain=_domain(g, qp))
     q.doc_string = f"qconv: {tp.origin}, {_fmt(qp)}"
     dq = _dq_node(g, q_out, scale.name, zp.name, dq_out, qp, "qconv")
     return [q, dq], [scale, zp], dq_out

@@ -1,0 +1,122 @@
+"""Dynamic int8: weights quantized offline, activations quantized at run time from their own range.
+
+For each MatMul (and Gemm) with a constant weight the rewrite emits the standard-op pattern
+
+    DynamicQuantizeLinear(A) -> MatMulInteger(A_q, W_q, A_zp, W_zp) -> Cast -> Mul(A_scale * W_scale) [-> Add(bias)]
+
+which any ONNX runtime can run and which onnxruntime fuses into one DynamicQuantizeMatMul kernel. One
+DynamicQuantizeLinear serves every MatMul reading the same tensor. Conv stays float: onnxruntime has no
+optimized ConvInteger kernel, and dynamic quantization makes CNNs several times slower than fp32 there.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from qconv import qmath
+from qconv.config import QuantConfig
+from qconv.graph import Graph, attr, topo_sort
+from qconv.intake import drop_unused_initializers
+from qconv.plan import NodeDecision, QuantPlan, TensorPlan
+
+CONV_REASON = ("dynamic mode keeps Conv in float: onnxruntime's ConvInteger has no optimized kernel and runs "
+               "several times slower than fp32; use --mode int8 (static) for CNNs")
+
+
+def _weight(node: onnx.NodeProto, g: Graph) -> tuple[np.ndarray, str] | str:
+    """The [K, N] weight of a MatMul/Gemm, or the reason the node stays float."""
+    if not (len(node.input) > 1 and g.is_constant(node.input[1])):
+        return "weight is computed at run time"
+    if not g.is_float(node.input[0]):
+        return "input is not float32"
+    w = g.array(node.input[1])
+    if w.dtype != np.float32 or w.ndim != 2:
+        return "weight is not a 2-D float32 matrix"
+    if node.op_type == "Gemm":
+        if attr(node, "transA", 0) or attr(node, "alpha", 1.0) != 1.0 or attr(node, "beta", 1.0) != 1.0:
+            return "Gemm with transA, alpha or beta has no integer kernel"
+        if attr(node, "transB", 0):
+            w = w.T
+    return np.ascontiguousarray(w), node.input[1]
+
+
+def _decide(node, g: Graph, config: QuantConfig):
+    for pattern in config.exclude_nodes:
+        if fnmatch.fnmatchcase(node.name, pattern):
+            return f"excluded by --exclude-nodes {pattern}"
+    if node.op_type in config.exclude_ops:
+        return f"excluded by --exclude-ops {node.op_type}"
+    if node.domain not in ("", "ai.onnx"):
+        return f"custom-domain op ({node.domain}) is left as it is"
+    if node.op_type in ("Conv", "ConvTranspose"):
+        return CONV_REASON
+    if node.op_type not in ("MatMul", "Gemm"):
+        return "dynamic mode quantizes MatMul and Gemm weights only"
+    return _weight(node, g)
+
+
+def apply_dynamic(model: onnx.ModelProto, config: QuantConfig) -> tuple[onnx.ModelProto, QuantPlan]:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = Graph(m)
+    w_q = qmath.qtype(config.weight_type)
+    if config.reduce_range:
+        w_q = qmath.QType(w_q.name, -64, 63) if w_q.signed else qmath.QType(w_q.name, 0, 127)
+    decisions, tensors, new_nodes, new_inits = [], {}, [], []
+    dql: dict[str, tuple[str, str, str]] = {}  # activation -> (quantized, scale, zero point)
+    replaced = []
+    for node in m.graph.node:
+        outs = [o for o in node.output if o]
+        if outs and all(o in g.types and g.types[o] != onnx.TensorProto.FLOAT for o in outs):
+            decisions.append(NodeDecision(node.name, node.op_type, "integer", "integer output (shape or index math): nothing to quantize"))
+            continue
+        found = _decide(node, g, config)
+        if isinstance(found, str):
+            decisions.append(NodeDecision(node.name, node.op_type, "float", found))
+            continue
+        w, wname = found
+        qp = qmath.weight_qparams(w, w_q, config.symmetric_weights, 1 if config.per_channel else None)
+        a = node.input[0]
+        if a not in dql:
+            q, s, z = (g.unique(f"{a}_{x}") for x in ("dynamic_quantized", "dynamic_scale", "dynamic_zero_point"))
+            new_nodes.append(helper.make_node("DynamicQuantizeLinear", [a], [q, s, z], name=g.unique(a + "_DynamicQuantizeLinear"),
+                                              doc_string="qconv: activation quantized at run time (uint8, its own range)"))
+            dql[a] = (q, s, z)
+        q, s, z = dql[a]
+        new_nodes += _matmul_integer(g, node, w, wname, qp, q, s, z, new_inits)
+        tensors[wname] = TensorPlan(wname, "weight", qp, [node.name], "weight, per-channel" if config.per_channel else "weight, per-tensor")
+        decisions.append(NodeDecision(node.name, node.op_type, "quantized"))
+        replaced.append(node)
+    for node in replaced:
+        m.graph.node.remove(node)
+    m.graph.initializer.extend(new_inits)
+    m.graph.node.extend(new_nodes)
+    topo_sort(m)
+    drop_unused_initializers(m, list(tensors))
+    return m, QuantPlan(config, decisions, tensors, {})
+
+
+def _matmul_integer(g: Graph, node, w, wname, qp, q, s, z, inits) -> list[onnx.NodeProto]:
+    base = node.name or node.output[0]
+    wq = numpy_helper.from_array(qmath.quantize(w, qp), g.unique(wname + "_quantized"))
+    wq.doc_string = f"qconv: from '{wname}' ({qp.qtype.name} {'per-channel' if qp.scale.ndim else 'per-tensor'}, dynamic mode)"
+    ws = numpy_helper.from_array(qp.scale.astype(np.float32), g.unique(wname + "_scale"))
+    wz = numpy_helper.from_array(qp.zero_point.astype(qp.qtype.dtype), g.unique(wname + "_zero_point"))
+    inits += [wq, ws, wz]
+    acc, flt, scales = (g.unique(f"{base}_{x}") for x in ("int32", "int32_float", "scales"))
+    has_bias = node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]
+    out = node.output[0]
+    scaled = g.unique(f"{base}_scaled") if has_bias else out
+    nodes = [
+        helper.make_node("MatMulInteger", [q, wq.name, z, wz.name], [acc], name=g.unique(base + "_MatMulInteger")),
+        helper.make_node("Cast", [acc], [flt], to=onnx.TensorProto.FLOAT, name=g.unique(base + "_Cast")),
+        helper.make_node("Mul", [s, ws.name], [scales], name=g.unique(base + "_scales_Mul")),
+        helper.make_node("Mul", [flt, scales], [scaled], name=g.unique(base + "_output_Mul")),
+    ]
+    if has_bias:
+        nodes.append(helper.make_node("Add", [scaled, node.input[2]], [out], name=g.unique(base + "_bias_Add")))
+    return nodes
