@@ -74,7 +74,7 @@ def run_qconv(model: str, data: str, n: int, method: str, out: str, queue) -> No
     source = pipeline.feeds_for(prep, data, samples=n)
     before = rss_mb()
     t0 = time.perf_counter()
-    calib = pipeline.calibrate(prep, source, threads=2, config=cfg)
+    calib = pipeline.calibrate(prep, source, config=cfg)  # default threads: one core left for statistics
     t_calib = time.perf_counter() - t0
     result = pipeline.quantize(prep, calib, cfg)
     pipeline.save_quantized(result, Path(out), prep)

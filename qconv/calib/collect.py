@@ -6,6 +6,8 @@ dropped before the next batch runs, so it does not grow with the number of sampl
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable
 
 import numpy as np
@@ -48,20 +50,34 @@ def collect(
 ) -> tuple[dict[str, TensorObserver], int]:
     """Observers for ``names`` (default: every float activation), and the number of feeds seen."""
     names = activation_tensors(model) if names is None else names
-    sess = session(expose(model, names), threads)
+    # One core is left to the statistics thread unless the caller says otherwise.
+    sess = session(expose(model, names), threads or max(1, (os.cpu_count() or 2) - 1))
     outputs = [o.name for o in sess.get_outputs()]
     wanted = [n for n in outputs if n in set(names)]
     inputs = [n for n in names if n in {i.name for i in sess.get_inputs()}]
     observers = {n: TensorObserver(bins=bins, momentum=momentum) for n in names}
-    seen = 0
-    for feed in feeds:
+
+    def observe(feed: dict, values: list) -> None:
         for name in inputs:
             observers[name].update(np.asarray(feed[name], dtype=np.float32))
-        for name, value in zip(wanted, run(sess, feed, wanted)):
+        for name, value in zip(wanted, values):
             observers[name].update(np.asarray(value))
-        seen += 1
-        if progress:
-            progress(1)
+
+    # Statistics of batch k are computed while onnxruntime runs batch k + 1 (numpy and onnxruntime both
+    # release the GIL): at most two batches of activations are alive, and observers see batches in order.
+    seen = 0
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = None
+        for feed in feeds:
+            values = run(sess, feed, wanted)
+            if pending is not None:
+                pending.result()
+            pending = pool.submit(observe, feed, values)
+            seen += 1
+            if progress:
+                progress(1)
+        if pending is not None:
+            pending.result()
     if seen == 0:
         raise QconvError("no calibration samples: the data set is empty")
     return observers, seen
