@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import onnx
@@ -20,9 +21,11 @@ from qconv.config import QuantConfig
 from qconv.data import FeedSource
 from qconv.errors import QconvError
 from qconv.intake import prepare
-from qconv.plan import QuantPlan, build_plan, calibration_targets
+from qconv.plan import NodeDecision, QuantPlan, build_plan, calibration_targets
 from qconv.report.evaluate import compare, latency
+from qconv.rewrite.dynamic import apply_dynamic
 from qconv.rewrite.qdq import apply_qdq
+from qconv.rewrite.qoperator import fold_qoperator
 
 Progress = Callable[[str, int | None], Callable[[int], None]]  # (label, total) -> advance(n)
 
@@ -86,17 +89,64 @@ def load_calibration(path: str | os.PathLike, prepared: Prepared, force: bool = 
 class Result:
     model: onnx.ModelProto
     plan: QuantPlan
-    report: dict = field(default_factory=dict)
+    extras: dict = field(default_factory=dict)  # mode-specific findings for the report (fp16 overflow, int4 blocks)
 
 
-def quantize(prepared: Prepared, calib: Calibration, config: QuantConfig) -> Result:
-    ranges = calib.ranges(config.method, config.symmetric_activations, config.percentile)
-    plan = build_plan(prepared.model, ranges, config, calib.nonfinite())
-    qmodel = apply_qdq(prepared.model, plan)
+def quantize(prepared: Prepared, calib: Calibration | None, config: QuantConfig,
+             calib_feeds: Iterable[dict] | None = None) -> Result:
+    """Rewrite the prepared model as ``config.mode`` asks; ``calib`` is needed by the static modes."""
+    extras: dict = {}
+    if config.needs_calibration:
+        if calib is None:
+            raise QconvError(f"--mode {config.mode} needs calibration: give --data or --calib")
+        ranges = calib.ranges(config.method, config.symmetric_activations, config.percentile)
+        plan = build_plan(prepared.model, ranges, config, calib.nonfinite())
+        qmodel = apply_qdq(prepared.model, plan)
+        if config.output_format == "qoperator":
+            qmodel, folded = fold_qoperator(qmodel)
+            extras["qoperator"] = dict(sorted(collections.Counter(folded.values()).items()))
+    elif config.mode == "dynamic":
+        qmodel, plan = apply_dynamic(prepared.model, config)
+    elif config.mode == "fp16":
+        qmodel, plan, extras = _fp16(prepared, config)
+    else:
+        qmodel, plan, extras = _int4(prepared, config, calib_feeds)
     _keep_value_info(qmodel, {vi.name for vi in prepared.original.graph.value_info})
     _annotate(qmodel, config, calib, prepared)
     verify(qmodel)
-    return Result(qmodel, plan)
+    return Result(qmodel, plan, extras)
+
+
+def _fp16(prepared: Prepared, config: QuantConfig):
+    from qconv.rewrite.fp16 import convert_fp16
+
+    r = convert_fp16(prepared.model, keep_io_types=config.keep_io_types, block_ops=config.exclude_ops,
+                     block_nodes=config.exclude_nodes)
+    kept = {k["name"]: k["reason"] for k in r.kept_float}
+    decisions = [NodeDecision(n.name, n.op_type, "float" if n.name in kept else "quantized", kept.get(n.name, ""))
+                 for n in prepared.model.graph.node]
+    extras = {"fp16": {"overflow": r.overflow, "underflow": r.underflow, "converted_nodes": r.converted_nodes,
+                       "keep_io_types": config.keep_io_types}}
+    return r.model, QuantPlan(config, decisions, {}, {}), extras
+
+
+def _int4(prepared: Prepared, config: QuantConfig, calib_feeds):
+    from qconv.rewrite.weight_only import quantize_int4
+
+    method = config.int4_method if calib_feeds is not None else "rtn"
+    r = quantize_int4(prepared.model, block_size=config.block_size, symmetric=config.symmetric_weights, method=method,
+                      calib_feeds=calib_feeds if method == "gptq" else None, exclude_nodes=config.exclude_nodes)
+    done = {q["node"] for q in r.quantized}
+    kept = {k["name"]: k["reason"] for k in r.kept_float}
+    decisions = []
+    for n in prepared.model.graph.node:
+        if n.name in done:
+            decisions.append(NodeDecision(n.name, n.op_type, "quantized"))
+        else:
+            decisions.append(NodeDecision(n.name, n.op_type, "float", kept.get(n.name, "int4 is weight-only: MatMul and Gather weights are converted, the rest stays float")))
+    extras = {"int4": {"method": method, "block_size": config.block_size, "symmetric": config.symmetric_weights,
+                       "weights": r.quantized}}
+    return r.model, QuantPlan(config, decisions, {}, {}), extras
 
 
 def _keep_value_info(model: onnx.ModelProto, names: set[str]) -> None:
@@ -106,12 +156,13 @@ def _keep_value_info(model: onnx.ModelProto, names: set[str]) -> None:
     model.graph.value_info.extend(keep)
 
 
-def _annotate(model: onnx.ModelProto, config: QuantConfig, calib: Calibration, prepared: Prepared) -> None:
+def _annotate(model: onnx.ModelProto, config: QuantConfig, calib: Calibration | None, prepared: Prepared) -> None:
     meta = {
         "qconv.version": __version__,
-        "qconv.mode": "int8-static",
+        "qconv.mode": config.mode,
         "qconv.config": json.dumps(config.to_dict(), sort_keys=True),
-        "qconv.calibration": json.dumps({"model_id": calib.model_id, "data_id": calib.data_id, "samples": calib.samples, "options": calib.options}, sort_keys=True),
+        "qconv.calibration": json.dumps({"model_id": calib.model_id, "data_id": calib.data_id, "samples": calib.samples,
+                                         "options": calib.options} if calib else None, sort_keys=True),
         "qconv.source_model_id": prepared.model_id,
     }
     kept = [p for p in model.metadata_props if not p.key.startswith("qconv.")]

@@ -60,7 +60,7 @@ def test_same_inputs_give_byte_identical_models(conv_path, conv_data):
 def test_metadata_and_doc_strings_record_the_run(conv_path, conv_data):
     _, calib, res = quantize_file(conv_path, conv_data)
     meta = {p.key: p.value for p in res.model.metadata_props}
-    assert meta["qconv.mode"] == "int8-static"
+    assert meta["qconv.mode"] == "int8"
     assert calib.model_id in meta["qconv.calibration"]
     assert '"per_channel": true' in meta["qconv.config"]
     q = [n for n in res.model.graph.node if n.op_type == "QuantizeLinear"]

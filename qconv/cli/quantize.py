@@ -6,28 +6,13 @@ import collections
 from pathlib import Path
 
 import click
-import numpy as np
 
-from qconv import io, pipeline
+from qconv import io
 from qconv.cli.common import data_options, guarded, output_options, range_options
 from qconv.cli.console import table
-from qconv.config import QuantConfig
-from qconv.errors import QconvError, UsageError
-from qconv.report.build import build_report
-
-
-def _labels(path: Path | None) -> np.ndarray | None:
-    if path is None:
-        return None
-    if not path.exists():
-        raise QconvError(f"labels file not found: {path}")
-    try:
-        labels = np.load(path, allow_pickle=False)
-    except Exception as exc:  # noqa: BLE001
-        raise QconvError(f"cannot read labels {path} (expected a .npy of integer class ids): {exc}") from None
-    if labels.dtype.kind not in "iu":
-        raise QconvError(f"labels {path} have dtype {labels.dtype}; expected integer class ids")
-    return labels.reshape(-1)
+from qconv.config import FORMATS, MODES
+from qconv.errors import UsageError
+from qconv.run import QuantizeJob, run_quantize
 
 
 @click.command("quantize")
@@ -36,8 +21,20 @@ def _labels(path: Path | None) -> np.ndarray | None:
 @click.option("--calib", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Calibration file from qconv calibrate.")
 @click.option("--data", type=click.Path(path_type=Path), default=None, help="Calibration data (calibrates in this run).")
 @click.option("--force-calib", is_flag=True, help="Use --calib even if it was made for another model.")
-@click.option("--format", "fmt", type=click.Choice(["qdq"]), default="qdq", show_default=True, help="Output form.")
+@click.option("--mode", type=click.Choice(MODES), default="int8", show_default=True,
+              help="int8 (static), dynamic (int8 weights, run-time activations), fp16, a16w8 (int16 activations, int8 weights), int4 (weight-only).")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default=None,
+              help="qdq (QuantizeLinear/DequantizeLinear pairs) or qoperator (QLinearConv, QLinearMatMul, ...)  [default: qdq]")
 @click.option("--per-tensor", is_flag=True, help="One scale per weight tensor instead of per output channel.")
+@click.option("--weight-type", type=click.Choice(["int8", "uint8"]), default="int8", show_default=True, help="Integer type of weights.")
+@click.option("--activation-type", type=click.Choice(["uint8", "int8", "uint16", "int16"]), default=None,
+              help="Integer type of activations  [default: uint8; uint16 for a16w8]")
+@click.option("--symmetric-activations", is_flag=True, help="Zero point fixed at the middle of the activation range.")
+@click.option("--reduce-range", is_flag=True, help="7-bit weights, for CPUs without VNNI (avoids int16 overflow in their int8 kernels).")
+@click.option("--block-size", type=int, default=32, show_default=True, help="int4: weights per block along K (16, 32, 64, 128 or 256).")
+@click.option("--int4-method", type=click.Choice(["rtn", "gptq"]), default="gptq", show_default=True,
+              help="int4 with --data: GPTQ (data-aware); without data, round-to-nearest is used.")
+@click.option("--keep-io-types/--no-keep-io-types", default=True, show_default=True, help="fp16: keep model inputs and outputs float32.")
 @click.option("--exclude-nodes", multiple=True, metavar="GLOB", help="Keep nodes whose name matches GLOB in float (repeatable).")
 @click.option("--exclude-ops", multiple=True, metavar="OP", help="Keep every node of this op type in float (repeatable).")
 @click.option("--eval-data", type=click.Path(path_type=Path), default=None, help="Data for the report (default: the calibration data).")
@@ -49,48 +46,34 @@ def _labels(path: Path | None) -> np.ndarray | None:
 @range_options
 @output_options
 @guarded
-def quantize_cmd(term, model, out, calib, data, force_calib, fmt, per_tensor, exclude_nodes, exclude_ops, eval_data,
-                 eval_labels, reports, as_json, no_latency, batch_size, samples, bins, momentum, method, percentile,
-                 threads, quiet):
-    """Quantize MODEL to static int8 in QDQ form and write it to OUTPUT.
+def quantize_cmd(term, model, out, calib, data, force_calib, mode, fmt, per_tensor, weight_type, activation_type,
+                 symmetric_activations, reduce_range, block_size, int4_method, keep_io_types, exclude_nodes, exclude_ops,
+                 eval_data, eval_labels, reports, as_json, no_latency, batch_size, samples, bins, momentum, method,
+                 percentile, threads, quiet):
+    """Quantize MODEL and write it to OUTPUT, with a report of what it cost.
 
     \b
     Examples:
       qconv quantize model.onnx -o model.int8.onnx --data calib.npy
       qconv quantize model.onnx -o model.int8.onnx --calib model.calib.json \\
           --eval-data val.npy --eval-labels val_labels.npy --report report.json
+      qconv quantize bert.onnx -o bert.dyn.onnx --mode dynamic --eval-data val.npz
+      qconv quantize model.onnx -o model.fp16.onnx --mode fp16 --eval-data val.npy
+      qconv quantize llm.onnx -o llm.int4.onnx --mode int4 --block-size 32 --data calib.npz
     """
-    if (calib is None) == (data is None):
-        raise UsageError("give exactly one of --calib FILE or --data DATA")
-    if calib is not None and eval_data is None:
-        raise UsageError("with --calib, give --eval-data so the report has data to measure on")
-    if eval_labels is not None and eval_data is None:
-        raise UsageError("--eval-labels needs --eval-data (labels must match the evaluated rows)")
     for r in reports:
         if r.suffix.lower() != ".json":
             raise UsageError(f"--report {r}: only .json reports are supported")
         io.check_output_path(r, model)
-    io.check_output_path(out, model, calib, data, eval_data)
-    settings = dict(format=fmt, per_channel=not per_tensor, exclude_nodes=tuple(exclude_nodes), exclude_ops=tuple(exclude_ops))
-    QuantConfig(**settings, method=method or "minmax", percentile=99.999 if percentile is None else percentile)  # validate early
-    labels = _labels(eval_labels)
-    prepared = pipeline.load(model, QuantConfig(**settings))
-    eval_source = pipeline.feeds_for(prepared, eval_data or data, batch_size)
+    settings = dict(mode=mode, format=fmt, per_channel=not per_tensor, weight_type=weight_type, activation_type=activation_type,
+                    symmetric_activations=symmetric_activations, reduce_range=reduce_range, block_size=block_size,
+                    int4_method=int4_method, keep_io_types=keep_io_types, exclude_nodes=tuple(exclude_nodes),
+                    exclude_ops=tuple(exclude_ops))
+    job = QuantizeJob(model, out, settings, calib, data, force_calib, eval_data, eval_labels, batch_size, samples, bins,
+                      momentum, method, percentile, threads, not no_latency)
+    job.check()
     with term.progress() as progress:
-        if calib is not None:
-            calibration = pipeline.load_calibration(calib, prepared, force_calib)
-        else:
-            source = pipeline.feeds_for(prepared, data, batch_size, samples)
-            calibration = pipeline.calibrate(prepared, source, threads, progress, method or "minmax", bins, momentum,
-                                             QuantConfig(**settings))
-        recorded = calibration.options
-        config = QuantConfig(**settings, method=method or recorded.get("method", "minmax"),
-                             percentile=percentile if percentile is not None else float(recorded.get("percentile", 99.999)))
-        result = pipeline.quantize(prepared, calibration, config)
-        evaluation = pipeline.evaluate(prepared, result, eval_source, labels, threads, progress, not no_latency)
-    size_q = pipeline.save_quantized(result, out, prepared)
-    report = build_report(prepared, result, calibration, str(out), io.model_size_bytes(model), size_q, evaluation,
-                          str(eval_data or data))
+        report, _ = run_quantize(job, progress)
     for r in reports:
         io.write_json(report, r)
     if as_json:
@@ -113,15 +96,17 @@ def render(term, report: dict) -> None:
         lat = report["latency_ms"]
         rows.append([f"latency (median, {lat['threads']} threads)", f"{lat['original']:.3f} ms", f"{lat['quantized']:.3f} ms",
                      f"{lat['ratio']:.2f}x time" if lat["ratio"] else "-"])
-    term.print(table(f"qconv: {report['model']['input']} -> {report['model']['output']}", ["", "original", "quantized", "change"], rows))
-    term.print(table("Output fidelity (quantized vs original)", ["output", "SQNR dB", "cosine", "max abs err", "mean abs err"],
-                     [[k, _fmt(v["sqnr_db"], ".2f"), _fmt(v["cosine"], ".6f"), _fmt(v["max_abs_err"], ".4g"), _fmt(v["mean_abs_err"], ".4g")]
-                      for k, v in report["outputs"].items()]))
+    term.print(table(f"qconv {report['mode']}: {report['model']['input']} -> {report['model']['output']}",
+                     ["", "original", "quantized", "change"], rows))
+    if report["outputs"]:
+        term.print(table("Output fidelity (quantized vs original)", ["output", "SQNR dB", "cosine", "max abs err", "mean abs err"],
+                         [[k, _fmt(v["sqnr_db"], ".2f"), _fmt(v["cosine"], ".6f"), _fmt(v["max_abs_err"], ".4g"), _fmt(v["mean_abs_err"], ".4g")]
+                          for k, v in report["outputs"].items()]))
     n = report["nodes"]
     term.print(f"nodes: {n['quantized']} quantized ({n['folded_activations']} Relu/Clip folded into their producer), "
                f"{n['float']} kept in float, {n['integer']} integer/shape ops left as they are")
     reasons = collections.Counter((k["op_type"], k["reason"]) for k in n["kept_float"])
     if reasons:
         term.print(table("Kept in float", ["op", "nodes", "why"], [[op, c, r] for (op, r), c in sorted(reasons.items())]))
-    if "latency_ms" in report and report["latency_ms"]["ratio"] and report["latency_ms"]["ratio"] > 1.0:
-        term.warn(f"the quantized model is slower than the original on this CPU ({report['latency_ms']['ratio']:.2f}x the time)")
+    for w in report.get("warnings", []):
+        term.warn(w)
