@@ -2,11 +2,12 @@
 
 - ``minmax``: the observed extremes.
 - ``moving-average``: moving averages of per-batch extremes (robust to a few extreme batches).
-- ``percentile``: keep ``percentile`` % of the values. One-sided data (all >= 0, e.g. after ReLU) clips
-  only the top; two-sided data clips both tails equally; symmetric ranges clip |x|.
+- ``percentile``: the range spans the central ``percentile`` % of the values: (100 - p) / 2 % is cut
+  from each end (onnxruntime's convention; at the end of one-sided data, e.g. the zeros after a ReLU,
+  that cut is empty). Symmetric ranges cut (100 - p) % of |x|.
 - ``entropy``: the clipping threshold of |x| minimizing the KL divergence between the histogram and its
-  quantized version (TensorRT's method), searched over the whole histogram with ``levels`` quantization
-  levels (128 for int8-style symmetric data; 256 for one-sided uint8 data).
+  quantized version (TensorRT's method), searched over the whole histogram with 128 quantization levels
+  (TensorRT's int8 resolution per side of zero; for one-sided uint8 data this errs towards wider ranges).
 - ``mse``: the range minimizing the expected squared quantization error (clipping plus rounding) under
   the histogram.
 All histogram-based results are exact to within one bin width (see observers.py).
@@ -53,10 +54,6 @@ def percentile_range(o: TensorObserver, percentile: float, symmetric: bool) -> t
         counts, w = _abs_hist(h)
         t = _quantile(Histogram(counts.size, w, 0, counts), 1.0 - tail)
         return -t, t
-    if o.min >= 0:
-        return o.min, min(o.max, _quantile(h, 1.0 - tail))
-    if o.max <= 0:
-        return max(o.min, _quantile(h, tail)), o.max
     return max(o.min, _quantile(h, tail / 2)), min(o.max, _quantile(h, 1.0 - tail / 2))
 
 
@@ -91,8 +88,7 @@ def entropy_range(o: TensorObserver, symmetric: bool, levels: int | None = None)
     counts, w = _abs_hist(o.hist)
     if counts.size > 1:
         counts[0] = counts[1]  # the bin holding exact zeros (ReLU, padding) would dominate the KL search
-    one_sided = o.min >= 0 and not symmetric
-    t = _kl_threshold(counts, w, levels or (256 if one_sided else 128))
+    t = _kl_threshold(counts, w, levels or 128)
     if symmetric:
         return -t, t
     return max(o.min, -t), min(o.max, t)
