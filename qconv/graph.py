@@ -101,6 +101,17 @@ def ai_onnx_opset(model: onnx.ModelProto) -> int:
     return 0
 
 
+def expose(model: onnx.ModelProto, names_types: dict[str, int]) -> onnx.ModelProto:
+    """A copy of ``model`` whose graph outputs also include the given tensors (name -> element type)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    for name, elem in names_types.items():
+        if name not in have:
+            m.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
+    return m
+
+
 def ensure_opset(model: onnx.ModelProto, domain: str, version: int) -> None:
     """Import ``domain`` at ``version`` at least."""
     for op in model.opset_import:

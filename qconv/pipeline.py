@@ -22,7 +22,9 @@ from qconv.data import FeedSource
 from qconv.errors import QconvError
 from qconv.intake import prepare
 from qconv.plan import NodeDecision, QuantPlan, build_plan, calibration_targets
+from qconv.graph import expose
 from qconv.report.evaluate import compare, latency
+from qconv.report.layers import probe_pairs
 from qconv.rewrite.dynamic import apply_dynamic
 from qconv.rewrite.qdq import apply_qdq
 from qconv.rewrite.qoperator import fold_qoperator
@@ -90,18 +92,22 @@ class Result:
     model: onnx.ModelProto
     plan: QuantPlan
     extras: dict = field(default_factory=dict)  # mode-specific findings for the report (fp16 overflow, int4 blocks)
+    analysis_model: onnx.ModelProto | None = None  # numerically the same as model, with DequantizeLinear to probe
+    dequantized: dict[str, str] = field(default_factory=dict)  # float tensor -> its DequantizeLinear output
 
 
 def quantize(prepared: Prepared, calib: Calibration | None, config: QuantConfig,
              calib_feeds: Iterable[dict] | None = None) -> Result:
     """Rewrite the prepared model as ``config.mode`` asks; ``calib`` is needed by the static modes."""
     extras: dict = {}
+    analysis, dequantized = None, {}
     if config.needs_calibration:
         if calib is None:
             raise QconvError(f"--mode {config.mode} needs calibration: give --data or --calib")
         ranges = calib.ranges(config.method, config.symmetric_activations, config.percentile)
         plan = build_plan(prepared.model, ranges, config, calib.nonfinite())
-        qmodel = apply_qdq(prepared.model, plan)
+        qmodel, dequantized = apply_qdq(prepared.model, plan)
+        analysis = qmodel
         if config.output_format == "qoperator":
             qmodel, folded = fold_qoperator(qmodel)
             extras["qoperator"] = dict(sorted(collections.Counter(folded.values()).items()))
@@ -114,7 +120,7 @@ def quantize(prepared: Prepared, calib: Calibration | None, config: QuantConfig,
     _keep_value_info(qmodel, {vi.name for vi in prepared.original.graph.value_info})
     _annotate(qmodel, config, calib, prepared)
     verify(qmodel)
-    return Result(qmodel, plan, extras)
+    return Result(qmodel, plan, extras, analysis if analysis is not None else qmodel, dequantized)
 
 
 def _fp16(prepared: Prepared, config: QuantConfig):
@@ -185,15 +191,27 @@ def verify(model: onnx.ModelProto) -> None:
 
 
 def evaluate(prepared: Prepared, result: Result, source: FeedSource, labels: np.ndarray | None,
-             threads: int | None, progress: Progress = _no_progress, measure_latency: bool = True) -> dict:
+             threads: int | None, progress: Progress = _no_progress, measure_latency: bool = True,
+             layers: bool = True) -> dict:
+    """Fidelity of every output (and, with ``layers``, of every comparable tensor), accuracy, latency."""
     threads = threads or runtime.default_threads()
-    float_sess = runtime.session(str(prepared.path), threads)
-    quant_sess = runtime.session(result.model, threads)
+    analysis = result.analysis_model or result.model
+    return compare_models(prepared.model, analysis, source, labels, threads, progress,
+                          result.dequantized if layers else None, layers, latency_models=(str(prepared.path), result.model) if measure_latency else None)
+
+
+def compare_models(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, source: FeedSource,
+                   labels: np.ndarray | None, threads: int, progress: Progress = _no_progress,
+                   dequantized: dict[str, str] | None = None, layers: bool = True, latency_models=None) -> dict:
+    """Run both models over ``source`` once, with the tensors to compare exposed; latency on plain sessions."""
+    pairs = probe_pairs(float_model, quant_model, dequantized) if layers else {}
+    fsess = runtime.session(expose(float_model, {t: onnx.TensorProto.FLOAT for t in pairs}), threads)
+    qsess = runtime.session(expose(quant_model, dict(pairs.values())), threads)
     advance = progress("evaluating", source.count())
-    report = compare(float_sess, quant_sess, source, labels, progress=advance)
-    if measure_latency:
-        first = next(iter(source))
-        report["latency_ms"] = latency(float_sess, quant_sess, first, threads)
+    report = compare(fsess, qsess, source, labels, progress=advance, probes={t: q for t, (q, _) in pairs.items()})
+    if latency_models is not None:
+        plain_f, plain_q = (runtime.session(m, threads) for m in latency_models)
+        report["latency_ms"] = latency(plain_f, plain_q, next(iter(source)), threads)
     return report
 
 

@@ -15,7 +15,7 @@ import onnx
 
 from qconv.calib.observers import DEFAULT_BINS, DEFAULT_MOMENTUM, TensorObserver
 from qconv.errors import QconvError
-from qconv.graph import Graph
+from qconv.graph import Graph, expose
 from qconv.runtime import run, session
 
 
@@ -26,17 +26,6 @@ def activation_tensors(model: onnx.ModelProto) -> list[str]:
     for node in model.graph.node:
         names += [o for o in node.output if o and g.is_float(o)]
     return list(dict.fromkeys(names))
-
-
-def expose(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    """A copy of ``model`` whose graph outputs include ``names``."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    have = {o.name for o in m.graph.output}
-    for name in names:
-        if name not in have:
-            m.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    return m
 
 
 def collect(
@@ -51,7 +40,7 @@ def collect(
     """Observers for ``names`` (default: every float activation), and the number of feeds seen."""
     names = activation_tensors(model) if names is None else names
     # One core is left to the statistics thread unless the caller says otherwise.
-    sess = session(expose(model, names), threads or max(1, (os.cpu_count() or 2) - 1))
+    sess = session(expose(model, {n: onnx.TensorProto.FLOAT for n in names}), threads or max(1, (os.cpu_count() or 2) - 1))
     outputs = [o.name for o in sess.get_outputs()]
     wanted = [n for n in outputs if n in set(names)]
     inputs = [n for n in names if n in {i.name for i in sess.get_inputs()}]

@@ -13,21 +13,29 @@ from qconv.runtime import run
 
 
 def compare(float_sess, quant_sess, feeds: Iterable[dict], labels: np.ndarray | None = None,
-            progress: Callable[[int], None] | None = None) -> dict:
-    """Per-output error statistics over all feeds, and top-1 accuracy of both when labels are given."""
-    names = [o.name for o in float_sess.get_outputs()]
+            progress: Callable[[int], None] | None = None, probes: dict[str, str] | None = None) -> dict:
+    """Per-output error statistics over all feeds, top-1 accuracy of both when labels are given, and
+    per-tensor statistics for ``probes`` ({tensor in the float model: tensor in the quantized model}),
+    all streamed: nothing is kept across batches but the sums."""
+    probes = probes or {}
+    names = [o.name for o in float_sess.get_outputs() if o.name not in probes]
     qnames = {o.name for o in quant_sess.get_outputs()}
     missing = [n for n in names if n not in qnames]
     if missing:
         raise QconvError(f"the quantized model lacks outputs {', '.join(missing)} of the original")
     stats = {n: ErrorStats() for n in names}
+    layer_stats = {t: ErrorStats() for t in probes}
+    fetch_f, fetch_q = names + list(probes), names + list(probes.values())
     correct_f = correct_q = seen = batches = 0
     for feed in feeds:
-        ref = run(float_sess, feed, names)
-        got = run(quant_sess, feed, names)
+        ref = run(float_sess, feed, fetch_f)
+        got = run(quant_sess, feed, fetch_q)
         for n, r, q in zip(names, ref, got):
             if np.asarray(r).dtype.kind == "f":
                 stats[n].update(r, q)
+        for t, r, q in zip(probes, ref[len(names):], got[len(names):]):
+            layer_stats[t].update(r, q)
+        ref, got = ref[:len(names)], got[:len(names)]
         if labels is not None:
             pf, pq = top1(ref[0]), top1(got[0])
             want = labels[seen:seen + pf.size]
@@ -41,7 +49,8 @@ def compare(float_sess, quant_sess, feeds: Iterable[dict], labels: np.ndarray | 
             progress(1)
     if batches == 0:
         raise QconvError("evaluation data set is empty")
-    result = {"outputs": {n: s.to_dict() for n, s in stats.items() if s.count}, "batches": batches}
+    result = {"outputs": {n: s.to_dict() for n, s in stats.items() if s.count}, "batches": batches,
+              "layers": {t: s.to_dict() for t, s in layer_stats.items() if s.count}}
     if labels is not None:
         if seen != labels.size:
             raise QconvError(f"--eval-labels has {labels.size} labels but the eval data has {seen} rows; give one label per row")

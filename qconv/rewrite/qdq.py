@@ -37,7 +37,8 @@ def _dq_node(g: Graph, src: str, scale: str, zp: str, out: str, qp: qmath.QParam
     return node
 
 
-def apply_qdq(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
+def apply_qdq(model: onnx.ModelProto, plan: QuantPlan) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """The QDQ model, and for each quantized activation the DequantizeLinear output that replaces it."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     by_name = {n.name: n for n in m.graph.node}
@@ -46,10 +47,11 @@ def apply_qdq(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
         by_name[producer_name].output[0] = act.output[0]
         m.graph.node.remove(act)
     g = Graph(m)
-    new_nodes, new_inits = [], []
+    new_nodes, new_inits, dequantized = [], [], {}
     for name, tp in sorted(plan.tensors.items()):
         if tp.role == "activation":
             nodes, inits, dq_out = _activation(g, tp)
+            dequantized[name] = dq_out
         else:
             nodes, inits, dq_out = _constant(g, tp)
         new_nodes += nodes
@@ -67,7 +69,7 @@ def apply_qdq(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
         ensure_opset(m, "com.microsoft", 1)
     topo_sort(m)
     drop_unused_initializers(m, [t for t, p in plan.tensors.items() if p.role != "activation"])
-    return m
+    return m, dequantized
 
 
 def _activation(g: Graph, tp: TensorPlan):

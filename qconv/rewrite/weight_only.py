@@ -57,9 +57,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from qconv import gptq, qmath
-from qconv.calib.collect import expose
 from qconv.errors import QconvError, UsageError
-from qconv.graph import Graph, attr
+from qconv.graph import Graph, attr, expose
 from qconv.intake import drop_unused_initializers
 from qconv.runtime import run, session
 
@@ -249,7 +248,7 @@ def input_hessians(model: onnx.ModelProto, widths: dict[str, int], feeds: Iterab
     graph_inputs = set(Graph(model).graph_inputs)
     names = sorted(widths)
     computed = [n for n in names if n not in graph_inputs]
-    sess = session(expose(model, computed))
+    sess = session(expose(model, {n: TensorProto.FLOAT for n in computed}))
     sums = {n: np.zeros((widths[n], widths[n])) for n in names}
     rows = dict.fromkeys(names, 0)
     for feed in feeds:

@@ -1,0 +1,43 @@
+"""Which tensors to compare layer by layer, and models instrumented to expose them.
+
+A float tensor T of the (normalized) float model is compared with the tensor the quantized model feeds
+onward in its place: T's DequantizeLinear output where the plan quantized T (so the error includes T's
+own rounding), else T itself when the quantized model still computes a tensor of that name (dynamic,
+fp16 and int4 keep node output names). Any two models can be compared this way, including ones made by
+other tools, as long as they keep the original tensor names.
+"""
+
+from __future__ import annotations
+
+import onnx
+
+from qconv.graph import Graph
+
+_FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
+
+
+def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element types of the main graph's tensors (after onnx shape inference, where it succeeds)."""
+    try:
+        model = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception:  # noqa: BLE001 - inference is best effort: contrib ops may defeat it
+        pass
+    return Graph(model).types
+
+
+def probe_pairs(float_model: onnx.ModelProto, quant_model: onnx.ModelProto,
+                dequantized: dict[str, str] | None = None) -> dict[str, tuple[str, int]]:
+    """{float tensor: (tensor in the quantized model, its element type)} for every comparable activation."""
+    dequantized = dequantized or {}
+    ftypes, qtypes = tensor_types(float_model), tensor_types(quant_model)
+    produced = {o for n in quant_model.graph.node for o in n.output}
+    graph_outputs = {o.name for o in float_model.graph.output}
+    pairs = {}
+    for node in float_model.graph.node:
+        for t in node.output:
+            if not t or t in graph_outputs or ftypes.get(t) != onnx.TensorProto.FLOAT:
+                continue
+            q = dequantized.get(t, t)
+            if q in produced and qtypes.get(q) in _FLOATS:
+                pairs[t] = (q, qtypes[q])
+    return pairs
