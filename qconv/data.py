@@ -44,6 +44,19 @@ class InputSpec:
         return len(self.shape)
 
     @classmethod
+    def from_value_info(cls, vi) -> "InputSpec":
+        """From a graph input: dims are ints, dim_param strings, or None when unknown."""
+        import onnx
+
+        t = vi.type.tensor_type
+        try:
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type))
+        except (KeyError, TypeError):
+            raise QconvError(f"input '{vi.name}' has an element type qconv cannot feed from numpy files") from None
+        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim)
+        return cls(vi.name, dtype, dims)
+
+    @classmethod
     def from_ort(cls, arg) -> "InputSpec":
         if arg.type not in _ONNX_TO_NP:
             raise QconvError(f"input '{arg.name}' has type {arg.type}, which qconv cannot feed from numpy files")

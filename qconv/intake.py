@@ -259,12 +259,28 @@ def drop_unused_initializers(model: onnx.ModelProto, names=None) -> None:
 
 
 def infer_types(model: onnx.ModelProto) -> None:
-    """Fill value_info with inferred types and shapes where onnx can infer them."""
+    """Fill value_info with inferred types and shapes where onnx can infer them.
+
+    Inference reads initializers' types and dims, and the values of small ones (shape tensors): large
+    initializers are emptied for the call and restored after, so a 500 MB model is not copied twice.
+    """
+    held = {}
+    for t in model.graph.initializer:
+        if len(t.raw_data) > 4096:
+            held[t.name] = t.raw_data
+            t.ClearField("raw_data")
     try:
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
     except Exception:  # noqa: BLE001 - inference is best effort; calibration reports real dtypes
-        return
-    model.CopyFrom(inferred)
+        inferred = None
+    finally:
+        for t in model.graph.initializer:
+            if t.name in held:
+                t.raw_data = held[t.name]
+    if inferred is not None:  # take everything inference touched except the (emptied) initializers
+        for field in ("node", "value_info", "output"):
+            del getattr(model.graph, field)[:]
+            getattr(model.graph, field).extend(getattr(inferred.graph, field))
 
 
 def check_supported(model: onnx.ModelProto) -> None:

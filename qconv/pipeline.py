@@ -18,7 +18,7 @@ from qconv.calib.collect import activation_tensors, collect
 from qconv.calib.observers import DEFAULT_BINS, DEFAULT_MOMENTUM
 from qconv.calib.store import Calibration
 from qconv.config import QuantConfig
-from qconv.data import FeedSource
+from qconv.data import FeedSource, InputSpec
 from qconv.errors import QconvError
 from qconv.intake import prepare
 from qconv.plan import NodeDecision, QuantPlan, build_plan, calibration_targets
@@ -50,13 +50,16 @@ class Prepared:
 
 def load(path: str | os.PathLike, config: QuantConfig) -> Prepared:
     original = io.load_model(path)
+    identity = io.model_identity(original)
+    external = io.has_external_data(onnx.load(str(path), load_external_data=False))
     model, notes = prepare(original, config.min_opset)
-    return Prepared(Path(path), original, model, notes, io.model_identity(original), io.has_external_data(onnx.load(str(path), load_external_data=False)))
+    del original.graph.initializer[:]  # only its structure is read later: do not hold the weights twice
+    return Prepared(Path(path), original, model, notes, identity, external)
 
 
 def feeds_for(prepared: Prepared, data: str | os.PathLike, batch_size: int = 1, samples: int | None = None,
               shard: tuple[int, int] = (0, 1)) -> FeedSource:
-    specs = runtime.input_specs(runtime.session(prepared.model, threads=1, optimize=False))
+    specs = [InputSpec.from_value_info(i) for i in prepared.model.graph.input]
     return FeedSource(data, specs, batch_size=batch_size, samples=samples, shard=shard)
 
 
@@ -105,7 +108,7 @@ def quantize(prepared: Prepared, calib: Calibration | None, config: QuantConfig,
         if calib is None:
             raise QconvError(f"--mode {config.mode} needs calibration: give --data or --calib")
         ranges = calib.ranges(config.method, config.symmetric_activations, config.percentile)
-        plan = build_plan(prepared.model, ranges, config, calib.nonfinite())
+        plan = build_plan(prepared.model, ranges, config, calib.nonfinite(), calib.mask_like())
         qmodel, dequantized = apply_qdq(prepared.model, plan)
         analysis = qmodel
         if config.output_format == "qoperator":
@@ -209,6 +212,7 @@ def compare_models(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, s
     qsess = runtime.session(expose(quant_model, dict(pairs.values())), threads)
     advance = progress("evaluating", source.count())
     report = compare(fsess, qsess, source, labels, progress=advance, probes={t: q for t, (q, _) in pairs.items()})
+    del fsess, qsess  # free their weights before the latency sessions load theirs
     if latency_models is not None:
         plain_f, plain_q = (runtime.session(m, threads) for m in latency_models)
         report["latency_ms"] = latency(plain_f, plain_q, next(iter(source)), threads)

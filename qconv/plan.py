@@ -137,24 +137,24 @@ def _excluded(node: onnx.NodeProto, config: QuantConfig) -> str | None:
     return None
 
 
-def _range_problem(name: str, ranges: dict, nonfinite: dict, op_type: str = "") -> str | None:
+def _range_problem(name: str, ranges: dict, nonfinite: dict, op_type: str = "", masks: set | None = None) -> str | None:
     """Why tensor ``name`` cannot be quantized, if it cannot.
 
-    Tensors with inf/NaN never can. Operands and results of Add/Mul reaching |x| >= 1e6 are attention-mask
-    arithmetic (-1e9 or finfo.min added to scores): a shared 8-bit scale would flatten the real values.
+    Tensors with inf/NaN never can. Operands and results of Add/Mul that calibration found mask-like
+    (values near zero and values beyond 1e6 in the same tensor: -1e9 or finfo.min added to attention
+    scores) cannot either: one 8-bit scale would flatten the real values to zero.
     """
     if name not in ranges:
         return f"no calibration statistics for tensor '{name}'"
     if nonfinite.get(name, 0):
         return f"tensor '{name}' holds {nonfinite[name]} inf/NaN values that int8 cannot represent"
-    lo, hi = ranges[name]
-    if op_type in ("Add", "Mul") and max(abs(lo), abs(hi)) >= MASK_LIMIT:
-        return f"tensor '{name}' holds mask-like values (|x| >= {MASK_LIMIT:g}) that int8 would erase"
+    if op_type in ("Add", "Mul") and name in (masks or ()):
+        return f"tensor '{name}' holds mask-like values (|x| >= {MASK_LIMIT:g} next to values near 0) that int8 would erase"
     return None
 
 
 def build_plan(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]], config: QuantConfig,
-               nonfinite: dict[str, int] | None = None) -> QuantPlan:
+               nonfinite: dict[str, int] | None = None, masks: set[str] | None = None) -> QuantPlan:
     g = Graph(model)
     nonfinite = nonfinite or {}
     ranges = _alias_activation_inputs(model, g, ranges)
@@ -184,9 +184,9 @@ def build_plan(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]], c
         problem = None
         for k, role, _ in spec:
             if role == "activation" and node.input[k] not in inherited:
-                problem = problem or _range_problem(node.input[k], ranges, nonfinite, node.op_type)
+                problem = problem or _range_problem(node.input[k], ranges, nonfinite, node.op_type, masks)
         if node.op_type in ("Add", "Mul"):
-            problem = problem or _range_problem(node.output[0], ranges, nonfinite, node.op_type)
+            problem = problem or _range_problem(node.output[0], ranges, nonfinite, node.op_type, masks)
         problem = problem or _cost_problem(node, spec, g, available, quantized_nodes)
         if problem:
             decisions.append(NodeDecision(node.name, node.op_type, "float", problem))
@@ -262,18 +262,12 @@ def calibration_targets(model: onnx.ModelProto, config: QuantConfig, candidates:
     """The activations whose ranges the plan can use: the only tensors calibration needs to observe.
 
     Planned with every candidate assumed to have a clean range, so masks and inf are still found (the
-    tensors they would touch are observed). Conv outputs a Relu absorbs and the outputs of data-movement
-    ops (which share their input's parameters) are left out: they are the bulk of a CNN's activations.
+    tensors they would touch are observed). Conv outputs a Relu absorbs are left out (the plan gives them
+    the Relu's range): they are the bulk of a CNN's activations. Outputs of data-movement ops are kept:
+    if real ranges make their input float, the next layer needs their own range.
     """
     plan = build_plan(model, {n: (0.0, 1.0) for n in candidates}, config)
-    g = Graph(model)
-    quantized = {d.name for d in plan.nodes if d.quantized}
-
-    def shares(name: str) -> bool:
-        p = g.producer.get(name)
-        return p is not None and p.name in quantized and p.op_type in SHARED and p.input[0] in plan.tensors
-
-    return [n for n in candidates if n in plan.tensors and plan.tensors[n].role == "activation" and not shares(n)]
+    return [n for n in candidates if n in plan.tensors and plan.tensors[n].role == "activation"]
 
 
 def _integer_only(node, g: Graph) -> bool:

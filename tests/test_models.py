@@ -56,8 +56,10 @@ def quantize_light(name, tmp_path):
     data = tmp_path / "x.npy"
     np.save(data, np.random.default_rng(0).random([2] + shape, dtype=np.float32))  # a stack of 2 feeds
     out = tmp_path / "q.onnx"
-    r = CliRunner().invoke(cli, ["quantize", str(model), "-o", str(out), "--data", str(data), "--no-latency", "-q"])
+    r = CliRunner().invoke(cli, ["quantize", str(model), "-o", str(out), "--data", str(data), "--no-latency", "--json", "-q"])
     assert r.exit_code == 0, r.output
+    kept = {k["op_type"] for k in json.loads(r.stdout)["nodes"]["kept_float"]}
+    assert not kept & {"Conv", "Gemm"}, kept  # every weight layer quantized (exploding activations are no masks)
     q = onnx.load(str(out))
     onnx.checker.check_model(q)
     y = run_model(out, {inp.name: np.load(data)[0]})[0]

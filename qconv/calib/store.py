@@ -7,6 +7,8 @@ model again; shards of one calibration merge into the file a single run would ha
 from __future__ import annotations
 
 import hashlib
+
+import numpy as np
 from dataclasses import dataclass, field
 
 from qconv import __version__
@@ -64,6 +66,26 @@ class Calibration:
 
     def nonfinite(self) -> dict[str, int]:
         return {k: o.nonfinite for k, o in self.tensors.items() if o.nonfinite}
+
+    def mask_like(self, limit: float = 1e6) -> set[str]:
+        """Tensors holding both values beyond ``limit`` and values near zero (>= 1% of them within
+        1e-3 of the extreme): attention-mask arithmetic, unlike uniformly large activations."""
+        out = set()
+        for k, o in self.tensors.items():
+            if not o.seen_finite:
+                continue
+            extreme = max(abs(o.min), abs(o.max))
+            if extreme < limit:
+                continue
+            h = o.hist
+            if h is None or h.width == 0.0:
+                out.add(k)  # no histogram: by magnitude alone
+                continue
+            centers = (h.start + np.arange(h.bins) + 0.5) * h.width
+            small = h.counts[np.abs(centers) <= max(1e-3 * extreme, h.width)].sum()
+            if small >= 0.01 * max(h.counts.sum(), 1):
+                out.add(k)
+        return out
 
     def constant(self) -> list[str]:
         return sorted(k for k, o in self.tensors.items() if o.seen_finite and o.min == o.max)

@@ -23,11 +23,11 @@ def inspect_model(model_path: Path, calib_path: Path | None, per_tensor: bool) -
     if calib_path:
         calib = pipeline.load_calibration(calib_path, prepared)
         ranges = calib.ranges()
-        nonfinite = calib.nonfinite()
+        nonfinite, masks = calib.nonfinite(), calib.mask_like()
     else:  # structure only: every activation assumed to have a usable range
         ranges = {n: (0.0, 1.0) for n in activation_tensors(prepared.model)}
-        nonfinite = {}
-    plan = build_plan(prepared.model, ranges, config, nonfinite)
+        nonfinite, masks = {}, set()
+    plan = build_plan(prepared.model, ranges, config, nonfinite, masks)
     return {
         "model": str(model_path),
         "ir_version": prepared.original.ir_version,
