@@ -34,11 +34,11 @@ def test_quantize_writes_model_and_report(conv_path, conv_data, tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert rep.stat().st_mode & 0o777 == 0o666 & ~umask and out.stat().st_mode & 0o777 == 0o666 & ~umask
-    assert report["schema"] == "qconv.report" and report["version"] == 1
+    assert report["schema"] == "qconv.report" and report["version"] == 2
     s = report["size_bytes"]
     assert s["quantized"] == out.stat().st_size and s["ratio"] == pytest.approx(s["original"] / s["quantized"])
     assert report["outputs"]["y"]["cosine"] > 0.999
-    assert report["nodes"]["quantized"] >= 4
+    assert report["node_summary"]["quantized"] >= 4
     x = np.load(conv_data)
     assert run_model(out, {"x": x})[0].shape == (16, 5)
 

@@ -35,9 +35,9 @@ def test_tiny_transformer_is_faithful(tmp_path):
     out, report = quantize_sample("tiny_transformer", tmp_path, "npz")
     assert report["outputs"]["logits"]["cosine"] >= 0.99
     assert report["task"]["drop_points"] <= 1.0
-    kept = {k["op_type"] for k in report["nodes"]["kept_float"]}
+    kept = {k["op_type"] for k in report["node_summary"]["kept_float"]}
     assert {"Softmax", "LayerNormalization"} <= kept
-    mask_adds = [k for k in report["nodes"]["kept_float"] if "mask-like" in k["reason"]]
+    mask_adds = [k for k in report["node_summary"]["kept_float"] if "mask-like" in k["reason"]]
     assert mask_adds  # the -1e9 attention-mask arithmetic is named, not quantized
     ops = optimized_ops(out, tmp_path)
     assert ops.get("MatMulIntegerToFloat", 0) + ops.get("QLinearMatMul", 0) >= 8
@@ -58,7 +58,7 @@ def quantize_light(name, tmp_path):
     out = tmp_path / "q.onnx"
     r = CliRunner().invoke(cli, ["quantize", str(model), "-o", str(out), "--data", str(data), "--no-latency", "--json", "-q"])
     assert r.exit_code == 0, r.output
-    kept = {k["op_type"] for k in json.loads(r.stdout)["nodes"]["kept_float"]}
+    kept = {k["op_type"] for k in json.loads(r.stdout)["node_summary"]["kept_float"]}
     assert not kept & {"Conv", "Gemm"}, kept  # every weight layer quantized (exploding activations are no masks)
     q = onnx.load(str(out))
     onnx.checker.check_model(q)

@@ -41,7 +41,7 @@ def test_dynamic_transformer_runs_fused_integer_matmuls(tmp_path):
 
 def test_dynamic_keeps_convs_float_and_says_why(tmp_path):
     _, report = quantize(D, "npy", tmp_path, "--mode", "dynamic")
-    convs = [k for k in report["nodes"]["kept_float"] if k["op_type"] == "Conv"]
+    convs = [k for k in report["node_summary"]["kept_float"] if k["op_type"] == "Conv"]
     assert len(convs) == 3 and all("ConvInteger" in k["reason"] for k in convs)
 
 
@@ -75,7 +75,7 @@ def test_a16w8_uses_16_bit_activations_and_keeps_accuracy(tmp_path):
 
 def test_int4_on_a_cnn_warns_that_nothing_changed(tmp_path):
     _, report = quantize(D, "npy", tmp_path, "--mode", "int4")
-    assert report["nodes"]["quantized"] == 0 and any("nothing was quantized" in w for w in report["warnings"])
+    assert report["node_summary"]["quantized"] == 0 and any("nothing was quantized" in w for w in report["warnings"])
 
 
 @pytest.mark.parametrize("args,message", [

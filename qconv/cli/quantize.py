@@ -102,7 +102,7 @@ def render(term, report: dict) -> None:
         term.print(table("Output fidelity (quantized vs original)", ["output", "SQNR dB", "cosine", "max abs err", "mean abs err"],
                          [[k, _fmt(v["sqnr_db"], ".2f"), _fmt(v["cosine"], ".6f"), _fmt(v["max_abs_err"], ".4g"), _fmt(v["mean_abs_err"], ".4g")]
                           for k, v in report["outputs"].items()]))
-    n = report["nodes"]
+    n = report["node_summary"]
     term.print(f"nodes: {n['quantized']} quantized ({n['folded_activations']} Relu/Clip folded into their producer), "
                f"{n['float']} kept in float, {n['integer']} integer/shape ops left as they are")
     reasons = collections.Counter((k["op_type"], k["reason"]) for k in n["kept_float"])

@@ -1,8 +1,11 @@
-"""The report as a plain dict (schema ``qconv.report`` version 1, documented in the README)."""
+"""The report as a plain dict (schema ``qconv.report`` version 2, documented in the README)."""
 
 from __future__ import annotations
 
 import collections
+import math
+
+import numpy as np
 
 from qconv import __version__
 from qconv.calib.store import Calibration
@@ -10,7 +13,7 @@ from qconv.graph import ai_onnx_opset
 from qconv.pipeline import Prepared, Result, node_summary
 
 SCHEMA = "qconv.report"
-VERSION = 1
+VERSION = 2
 
 
 def build_report(prepared: Prepared, result: Result, calib: Calibration | None, out_path: str,
@@ -34,7 +37,7 @@ def build_report(prepared: Prepared, result: Result, calib: Calibration | None, 
             "quantized": size_quantized,
             "ratio": size_original / size_quantized if size_quantized else None,
         },
-        "nodes": {
+        "node_summary": {
             "quantized": sum(1 for n in plan.nodes if n.quantized),
             "float": sum(1 for n in plan.nodes if n.kept_float),
             "integer": sum(1 for n in plan.nodes if n.status == "integer"),
@@ -42,6 +45,9 @@ def build_report(prepared: Prepared, result: Result, calib: Calibration | None, 
             "by_op": node_summary(plan),
             "kept_float": [{"name": n.name, "op_type": n.op_type, "reason": n.reason} for n in plan.nodes if n.kept_float],
         },
+        "nodes": node_rows(prepared, result, evaluation.get("layers", {})),
+        "layers": layer_rows(prepared, evaluation.get("layers", {})),
+        "size_by_op": size_by_op(prepared.model, result.model),
         "calibration": _calibration(calib, plan),
         "evaluation": {"data": eval_source, "batches": evaluation.get("batches")},
         "outputs": evaluation.get("outputs", {}),
@@ -50,8 +56,82 @@ def build_report(prepared: Prepared, result: Result, calib: Calibration | None, 
     for key in ("task", "latency_ms"):
         if key in evaluation:
             report[key] = evaluation[key]
+    report["histograms"] = histograms(calib, plan, report["layers"]) if calib else {}
     report["warnings"] = warnings(report, prepared)
     return report
+
+
+def _finite(x):
+    return x if not isinstance(x, float) or math.isfinite(x) else ("inf" if x > 0 else "-inf")
+
+
+def node_rows(prepared: Prepared, result: Result, layers: dict) -> list[dict]:
+    """One row per node of the float graph: status, reason, its output's SQNR and quantization parameters."""
+    producers = {n.name: n for n in prepared.model.graph.node}
+    absorbed_by = {producer: act for act, producer in result.plan.folded.items()}  # Conv -> the Relu it took over
+    rows = []
+    for d in result.plan.nodes:
+        node = producers.get(absorbed_by.get(d.name, d.name))
+        out = node.output[0] if node is not None and node.output else ""
+        folded_into = result.plan.folded.get(d.name)
+        tp = result.plan.tensors.get(out)
+        rows.append({
+            "name": d.name, "op_type": d.op_type, "status": d.status, "quantized": d.quantized,
+            "reason": d.reason or (f"folded into {folded_into}: its QuantizeLinear clamps the same way" if folded_into else ""),
+            "output": out,
+            "sqnr_db": layers[out]["sqnr_db"] if out in layers else None,
+            "scale": float(tp.qparams.scale) if tp is not None and tp.qparams.scale.ndim == 0 else None,
+            "zero_point": int(tp.qparams.zero_point) if tp is not None and tp.qparams.scale.ndim == 0 else None,
+        })
+    return rows
+
+
+def layer_rows(prepared: Prepared, layers: dict) -> list[dict]:
+    """Per-tensor fidelity, worst (lowest SQNR) first: where to look, and what to --exclude-nodes."""
+    producer = {o: n for n in prepared.model.graph.node for o in n.output}
+    rows = [{"tensor": t, "node": producer[t].name if t in producer else "", "op_type": producer[t].op_type if t in producer else "",
+             **{k: v[k] for k in ("sqnr_db", "cosine", "max_abs_err")}} for t, v in layers.items()]
+    return sorted(rows, key=lambda r: (r["sqnr_db"] if isinstance(r["sqnr_db"], float) else math.inf, r["tensor"]))
+
+
+def size_by_op(float_model, quant_model) -> dict:
+    """Bytes of constants by the op type that consumes them (through a DequantizeLinear in QDQ models)."""
+    def tally(model) -> dict[str, int]:
+        consumers = collections.defaultdict(list)
+        for n in model.graph.node:
+            for i in n.input:
+                consumers[i].append(n)
+        out = collections.Counter()
+        for t in model.graph.initializer:
+            users = consumers.get(t.name, [])
+            while users and users[0].op_type in ("DequantizeLinear", "Cast") and users[0].output:
+                users = consumers.get(users[0].output[0], [])
+            out[users[0].op_type if users else "(unused)"] += t.ByteSize()
+        return out
+    f, q = tally(float_model), tally(quant_model)
+    return {op: {"original": f.get(op, 0), "quantized": q.get(op, 0)} for op in sorted(set(f) | set(q), key=lambda o: -f.get(o, 0))}
+
+
+def histograms(calib: Calibration, plan, layers: list[dict], count: int = 6, bins: int = 96) -> dict:
+    """Calibration histograms of the worst quantized tensors, with the range the method chose."""
+    ranges = calib.ranges(plan.config.method, plan.config.symmetric_activations, plan.config.percentile)
+    chosen = [r["tensor"] for r in layers if r["tensor"] in calib.tensors and r["tensor"] in ranges][:count]
+    out = {}
+    for name in chosen:
+        o = calib.tensors[name]
+        h = o.hist
+        if h is None or not h.width or not h.counts.any():
+            continue
+        nz = np.flatnonzero(h.counts)
+        counts = h.counts[nz[0]:nz[-1] + 1]
+        group = -(-counts.size // bins)
+        counts = np.add.reduceat(counts, np.arange(0, counts.size, group))
+        start = (h.start + nz[0]) * h.width
+        edges = start + np.arange(counts.size + 1) * group * h.width
+        out[name] = {"edges": [float(e) for e in edges], "counts": [int(c) for c in counts],
+                     "range": [float(ranges[name][0]), float(ranges[name][1])], "min": o.min, "max": o.max,
+                     "method": plan.config.method}
+    return out
 
 
 def _calibration(calib: Calibration | None, plan) -> dict | None:
@@ -72,7 +152,7 @@ def _calibration(calib: Calibration | None, plan) -> dict | None:
 def warnings(report: dict, prepared: Prepared) -> list[str]:
     """Things a user should act on: a slower model (with the mode that would not be), constants fp16 cannot hold."""
     out = []
-    if report["nodes"]["quantized"] == 0:
+    if report["node_summary"]["quantized"] == 0:
         out.append(f"nothing was quantized in {report['mode']} mode: see the reasons under kept_float")
     lat = report.get("latency_ms")
     if lat and lat.get("ratio") and lat["ratio"] > 1.0:
