@@ -13,3 +13,9 @@ class UsageError(QconvError):
     """Options that contradict each other or cannot be honoured (exit 2, like click's usage errors)."""
 
     exit_code = 2
+
+
+class GateFailed(QconvError):
+    """A quality gate failed: the outputs were written, the pipeline should stop (exit 3)."""
+
+    exit_code = 3

@@ -119,6 +119,13 @@ def write_json(obj, out: str | os.PathLike) -> Path:
     return o
 
 
+def write_text(text: str, out: str | os.PathLike) -> Path:
+    o = Path(out)
+    with atomic_path(o) as tmp:
+        tmp.write_text(text)
+    return o
+
+
 def read_json(path: str | os.PathLike, what: str) -> dict:
     p = Path(path)
     if not p.exists():

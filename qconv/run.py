@@ -7,11 +7,15 @@ from pathlib import Path
 
 import numpy as np
 
-from qconv import io, pipeline
+from qconv import io, pipeline, runtime
 from qconv.calib.observers import DEFAULT_BINS, DEFAULT_MOMENTUM
 from qconv.config import QuantConfig
 from qconv.errors import QconvError, UsageError
-from qconv.report.build import build_report
+from qconv.data import FeedSource, InputSpec
+from qconv.report.build import build_comparison_report, build_report
+from qconv.report.layers import dequantized_of
+from qconv.report.gates import Gates, evaluate_gates
+from qconv.report.write import check_report_paths, write_reports
 
 
 @dataclass
@@ -32,6 +36,8 @@ class QuantizeJob:
     percentile: float | None = None
     threads: int | None = None
     latency: bool = True
+    gates: Gates = field(default_factory=Gates)
+    reports: tuple = ()
 
     def check(self) -> QuantConfig:
         """Validate the options together, before any work; returns the config (method from the CLI)."""
@@ -47,6 +53,9 @@ class QuantizeJob:
                              f"{' and GPTQ' if config.mode == 'int4' else ''})")
         if self.eval_labels is not None and self.eval_data is None:
             raise UsageError("--eval-labels needs --eval-data (labels must match the evaluated rows)")
+        has_eval = (self.eval_data or self.data) is not None
+        self.gates.check_options(self.eval_labels is not None, self.latency and has_eval, has_eval)
+        check_report_paths(self.reports, self.model)
         io.check_output_path(self.out, self.model, self.calib, self.data, self.eval_data)
         return config
 
@@ -92,4 +101,42 @@ def run_quantize(job: QuantizeJob, progress=pipeline._no_progress) -> tuple[dict
     size_q = pipeline.save_quantized(result, job.out, prepared)
     report = build_report(prepared, result, calibration, str(job.out), io.model_size_bytes(job.model), size_q,
                           evaluation, str(eval_path) if eval_path else None)
+    if job.gates.any():
+        report["gate"] = evaluate_gates(job.gates, report)
+    write_reports(report, job.reports)
     return report, result
+
+
+@dataclass
+class CompareJob:
+    original: Path
+    quantized: Path
+    data: Path
+    eval_labels: Path | None = None
+    batch_size: int = 1
+    threads: int | None = None
+    latency: bool = True
+    gates: Gates = field(default_factory=Gates)
+    reports: tuple = ()
+
+    def check(self) -> None:
+        self.gates.check_options(self.eval_labels is not None, self.latency, True)
+        check_report_paths(self.reports, self.original, self.quantized, self.data)
+
+
+def run_compare(job: CompareJob, progress=pipeline._no_progress) -> dict:
+    """Compare any two models on the same data: outputs, task accuracy, latency and every shared tensor."""
+    job.check()
+    original, quantized = io.load_model(job.original), io.load_model(job.quantized)
+    labels = load_labels(job.eval_labels)
+    initializers = {t.name for t in original.graph.initializer}
+    specs = [InputSpec.from_value_info(i) for i in original.graph.input if i.name not in initializers]
+    source = FeedSource(job.data, specs, batch_size=job.batch_size)
+    threads = job.threads or runtime.default_threads()
+    evaluation = pipeline.compare_models(original, quantized, source, labels, threads, progress, dequantized_of(quantized),
+                                         latency_models=(str(job.original), str(job.quantized)) if job.latency else None)
+    report = build_comparison_report(str(job.original), str(job.quantized), original, quantized, evaluation, str(job.data))
+    if job.gates.any():
+        report["gate"] = evaluate_gates(job.gates, report)
+    write_reports(report, job.reports)
+    return report

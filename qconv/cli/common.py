@@ -10,7 +10,8 @@ import click
 from qconv.calib.observers import DEFAULT_BINS, DEFAULT_MOMENTUM
 from qconv.calib.ranges import METHODS
 from qconv.cli.console import Terminal
-from qconv.errors import QconvError
+from qconv.errors import GateFailed, QconvError
+from qconv.report.gates import Gates
 
 
 def guarded(fn):
@@ -61,6 +62,33 @@ def range_options(fn):
     fn = click.option("--method", type=click.Choice(METHODS), default=None,
                       help="Range method: minmax, moving-average, percentile, entropy (KL) or mse  [default: minmax, or the calibration file's]")(fn)
     return fn
+
+
+def gate_options(fn):
+    """Quality gates: any failing one makes the command exit 3 (outputs are still written)."""
+    fn = click.option("--max-latency-ratio", type=float, default=None, metavar="R", help="Gate: quantized/original median latency <= R.")(fn)
+    fn = click.option("--max-size-mb", type=float, default=None, metavar="MB", help="Gate: quantized model size <= MB (10^6 bytes).")(fn)
+    fn = click.option("--max-top1-drop", type=float, default=None, metavar="POINTS", help="Gate: top-1 accuracy drop <= POINTS (needs --eval-labels).")(fn)
+    fn = click.option("--min-cosine", type=float, default=None, metavar="X", help="Gate: cosine similarity of every output >= X.")(fn)
+    fn = click.option("--min-sqnr", type=float, default=None, metavar="DB", help="Gate: SQNR of every output >= DB.")(fn)
+    return fn
+
+
+def gates_from(kwargs: dict) -> Gates:
+    return Gates(**{k: kwargs.pop(k) for k in ("min_sqnr", "min_cosine", "max_top1_drop", "max_size_mb", "max_latency_ratio")})
+
+
+def finish(term, report: dict, as_json: bool, render) -> None:
+    """Print the report (JSON or tables), then fail with exit 3 if a gate failed."""
+    if as_json:
+        term.print_json(report)
+    else:
+        render(term, report)
+    gate = report.get("gate")
+    if gate and not gate["passed"]:
+        raise GateFailed("\n".join(f"gate failed: {c['message']}" for c in gate["checks"] if not c["passed"]))
+    if gate:
+        term.info(f"all {len(gate['checks'])} quality gates passed")
 
 
 def output_options(fn):

@@ -6,6 +6,7 @@ import json
 import sys
 from contextlib import contextmanager
 
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -14,8 +15,9 @@ from rich.table import Table
 class Terminal:
     def __init__(self, quiet: bool = False):
         self.quiet = quiet
-        self.err = Console(stderr=True, highlight=False, soft_wrap=True)
-        self.out = Console(highlight=False, soft_wrap=True)
+        # Off a terminal (CI logs, pipes) tables get a fixed, wide layout instead of 80 columns.
+        self.err = Console(stderr=True, highlight=False, soft_wrap=True, width=None if sys.stderr.isatty() else 160)
+        self.out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
         self._progress: Progress | None = None
 
     def info(self, msg: str) -> None:
@@ -51,8 +53,12 @@ class Terminal:
             yield factory
 
 
+_PLAIN = not sys.stdout.isatty()
+
+
 def table(title: str, columns: list[str], rows: list[list]) -> Table:
-    t = Table(title=title, title_justify="left")
+    """A table; ASCII borders when stdout is not a terminal, so CI logs stay clean."""
+    t = Table(title=title, title_justify="left", box=box.ASCII if _PLAIN else box.HEAVY_HEAD)
     for c in columns:
         t.add_column(c, overflow="fold")
     for r in rows:

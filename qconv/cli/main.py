@@ -8,6 +8,7 @@ from qconv import __version__
 from qconv.cli.calibrate import calibrate_group
 from qconv.cli.inspect_cmd import inspect_cmd
 from qconv.cli.quantize import quantize_cmd
+from qconv.cli.report_cmd import report_cmd
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -23,6 +24,7 @@ def cli(debug):
 cli.add_command(calibrate_group)
 cli.add_command(quantize_cmd)
 cli.add_command(inspect_cmd)
+cli.add_command(report_cmd)
 
 
 def main() -> None:

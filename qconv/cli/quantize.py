@@ -7,11 +7,9 @@ from pathlib import Path
 
 import click
 
-from qconv import io
-from qconv.cli.common import data_options, guarded, output_options, range_options
+from qconv.cli.common import data_options, finish, gate_options, gates_from, guarded, output_options, range_options
 from qconv.cli.console import table
 from qconv.config import FORMATS, MODES
-from qconv.errors import UsageError
 from qconv.run import QuantizeJob, run_quantize
 
 
@@ -39,9 +37,11 @@ from qconv.run import QuantizeJob, run_quantize
 @click.option("--exclude-ops", multiple=True, metavar="OP", help="Keep every node of this op type in float (repeatable).")
 @click.option("--eval-data", type=click.Path(path_type=Path), default=None, help="Data for the report (default: the calibration data).")
 @click.option("--eval-labels", type=click.Path(dir_okay=False, path_type=Path), default=None, help=".npy of class ids, one per eval row: adds top-1 accuracy.")
-@click.option("--report", "reports", multiple=True, type=click.Path(dir_okay=False, path_type=Path), help="Write the report as JSON to PATH (repeatable).")
+@click.option("--report", "reports", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the report to PATH; .json, .html or .md picks the format (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report on stdout.")
 @click.option("--no-latency", is_flag=True, help="Skip the latency measurement.")
+@gate_options
 @data_options
 @range_options
 @output_options
@@ -49,7 +49,7 @@ from qconv.run import QuantizeJob, run_quantize
 def quantize_cmd(term, model, out, calib, data, force_calib, mode, fmt, per_tensor, weight_type, activation_type,
                  symmetric_activations, reduce_range, block_size, int4_method, keep_io_types, exclude_nodes, exclude_ops,
                  eval_data, eval_labels, reports, as_json, no_latency, batch_size, samples, bins, momentum, method,
-                 percentile, threads, quiet):
+                 percentile, threads, quiet, **gate_kwargs):
     """Quantize MODEL and write it to OUTPUT, with a report of what it cost.
 
     \b
@@ -61,25 +61,16 @@ def quantize_cmd(term, model, out, calib, data, force_calib, mode, fmt, per_tens
       qconv quantize model.onnx -o model.fp16.onnx --mode fp16 --eval-data val.npy
       qconv quantize llm.onnx -o llm.int4.onnx --mode int4 --block-size 32 --data calib.npz
     """
-    for r in reports:
-        if r.suffix.lower() != ".json":
-            raise UsageError(f"--report {r}: only .json reports are supported")
-        io.check_output_path(r, model)
     settings = dict(mode=mode, format=fmt, per_channel=not per_tensor, weight_type=weight_type, activation_type=activation_type,
                     symmetric_activations=symmetric_activations, reduce_range=reduce_range, block_size=block_size,
                     int4_method=int4_method, keep_io_types=keep_io_types, exclude_nodes=tuple(exclude_nodes),
                     exclude_ops=tuple(exclude_ops))
     job = QuantizeJob(model, out, settings, calib, data, force_calib, eval_data, eval_labels, batch_size, samples, bins,
-                      momentum, method, percentile, threads, not no_latency)
+                      momentum, method, percentile, threads, not no_latency, gates_from(gate_kwargs), tuple(reports))
     job.check()
     with term.progress() as progress:
         report, _ = run_quantize(job, progress)
-    for r in reports:
-        io.write_json(report, r)
-    if as_json:
-        term.print_json(report)
-    else:
-        render(term, report)
+    finish(term, report, as_json, render)
 
 
 def _fmt(x, spec=".4f"):
@@ -102,6 +93,10 @@ def render(term, report: dict) -> None:
         term.print(table("Output fidelity (quantized vs original)", ["output", "SQNR dB", "cosine", "max abs err", "mean abs err"],
                          [[k, _fmt(v["sqnr_db"], ".2f"), _fmt(v["cosine"], ".6f"), _fmt(v["max_abs_err"], ".4g"), _fmt(v["mean_abs_err"], ".4g")]
                           for k, v in report["outputs"].items()]))
+    worst = [r for r in report.get("layers", []) if r["sqnr_db"] is not None][:5]
+    if worst:
+        term.print(table("Worst layers (per-tensor SQNR vs float)", ["tensor", "op", "SQNR dB", "cosine"],
+                         [[r["tensor"], r["op_type"], _fmt(r["sqnr_db"], ".2f"), _fmt(r["cosine"], ".6f")] for r in worst]))
     n = report["node_summary"]
     term.print(f"nodes: {n['quantized']} quantized ({n['folded_activations']} Relu/Clip folded into their producer), "
                f"{n['float']} kept in float, {n['integer']} integer/shape ops left as they are")

@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from qconv import __version__
+from qconv import __version__, io
 from qconv.calib.store import Calibration
 from qconv.graph import ai_onnx_opset
 from qconv.pipeline import Prepared, Result, node_summary
@@ -87,8 +87,12 @@ def node_rows(prepared: Prepared, result: Result, layers: dict) -> list[dict]:
 
 
 def layer_rows(prepared: Prepared, layers: dict) -> list[dict]:
+    return layer_rows_of(prepared.model, layers)
+
+
+def layer_rows_of(float_model, layers: dict) -> list[dict]:
     """Per-tensor fidelity, worst (lowest SQNR) first: where to look, and what to --exclude-nodes."""
-    producer = {o: n for n in prepared.model.graph.node for o in n.output}
+    producer = {o: n for n in float_model.graph.node for o in n.output}
     rows = [{"tensor": t, "node": producer[t].name if t in producer else "", "op_type": producer[t].op_type if t in producer else "",
              **{k: v[k] for k in ("sqnr_db", "cosine", "max_abs_err")}} for t, v in layers.items()]
     return sorted(rows, key=lambda r: (r["sqnr_db"] if isinstance(r["sqnr_db"], float) else math.inf, r["tensor"]))
@@ -149,15 +153,15 @@ def _calibration(calib: Calibration | None, plan) -> dict | None:
     }
 
 
-def warnings(report: dict, prepared: Prepared) -> list[str]:
+def warnings(report: dict, prepared: Prepared | None) -> list[str]:
     """Things a user should act on: a slower model (with the mode that would not be), constants fp16 cannot hold."""
     out = []
     if report["node_summary"]["quantized"] == 0:
         out.append(f"nothing was quantized in {report['mode']} mode: see the reasons under kept_float")
     lat = report.get("latency_ms")
     if lat and lat.get("ratio") and lat["ratio"] > 1.0:
-        out.append(f"the {report['mode']} model is slower than the original on this CPU ({lat['ratio']:.2f}x the time); "
-                   + _faster_suggestion(report["mode"], prepared))
+        advice = _faster_suggestion(report["mode"], prepared) if prepared is not None else "see the per-layer table for what to keep float"
+        out.append(f"the {report['mode']} model is slower than the original on this CPU ({lat['ratio']:.2f}x the time); {advice}")
     if not report["outputs"]:
         out.append("no evaluation data: give --eval-data (or --data) to measure fidelity and speed")
     fp16 = report.get("fp16")
@@ -181,3 +185,45 @@ def _faster_suggestion(mode: str, prepared: Prepared) -> str:
     if mode == "int4":
         return "int4 MatMulNBits pays off on large, memory-bound MatMuls; keep small models at int8 (--mode dynamic)"
     return "keep the slowest layers float with --exclude-nodes, or keep the float model"
+
+
+def build_comparison_report(original_path: str, quantized_path: str, original, quantized, evaluation: dict,
+                            eval_source: str) -> dict:
+    """The report of ``qconv report``: any two models (any tool's) compared on the same data."""
+    from qconv.report.layers import dequantized_of
+
+    layers = evaluation.get("layers", {})
+    quantized_tensors = set(dequantized_of(quantized))
+    dq_outputs = {o for n in quantized.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    integer_ops = ("QLinear", "QGemm", "MatMulInteger", "MatMulNBits", "DynamicQuantize", "GatherBlockQuantized")
+    qnodes = {n.name: n for n in quantized.graph.node}
+    rows = []
+    for n in original.graph.node:
+        out = n.output[0] if n.output else ""
+        q = qnodes.get(n.name)
+        reads_dq = q is not None and any(i in dq_outputs for i in q.input)
+        status = "quantized" if out in quantized_tensors or reads_dq or (q is not None and q.op_type.startswith(integer_ops)) else "float"
+        rows.append({"name": n.name, "op_type": n.op_type, "status": status, "quantized": status == "quantized", "reason": "",
+                     "output": out, "sqnr_db": layers[out]["sqnr_db"] if out in layers else None, "scale": None, "zero_point": None})
+    size_o, size_q = io.model_size_bytes(original_path), io.model_size_bytes(quantized_path)
+    report = {
+        "schema": SCHEMA, "version": VERSION, "qconv_version": __version__, "mode": "compare",
+        "model": {"input": str(original_path), "output": str(quantized_path), "opset_original": ai_onnx_opset(original),
+                  "opset_quantized": ai_onnx_opset(quantized), "intake": []},
+        "config": {},
+        "size_bytes": {"original": size_o, "quantized": size_q, "ratio": size_o / size_q if size_q else None},
+        "node_summary": {"quantized": sum(r["quantized"] for r in rows), "float": sum(not r["quantized"] for r in rows),
+                         "integer": 0, "folded_activations": 0, "by_op": {}, "kept_float": []},
+        "nodes": rows,
+        "layers": layer_rows_of(original, layers),
+        "size_by_op": size_by_op(original, quantized),
+        "calibration": None,
+        "evaluation": {"data": eval_source, "batches": evaluation.get("batches")},
+        "outputs": evaluation.get("outputs", {}),
+        "histograms": {},
+    }
+    for key in ("task", "latency_ms"):
+        if key in evaluation:
+            report[key] = evaluation[key]
+    report["warnings"] = [w for w in warnings(report, None) if "nothing was quantized" not in w]
+    return report

@@ -41,3 +41,15 @@ def probe_pairs(float_model: onnx.ModelProto, quant_model: onnx.ModelProto,
             if q in produced and qtypes.get(q) in _FLOATS:
                 pairs[t] = (q, qtypes[q])
     return pairs
+
+
+def dequantized_of(model: onnx.ModelProto) -> dict[str, str]:
+    """{tensor: output of the DequantizeLinear its QuantizeLinear feeds} in any QDQ model (any tool's)."""
+    g = Graph(model)
+    out = {}
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear" and node.input and node.output:
+            dq = [c for c in g.consumers.get(node.output[0], []) if c.op_type == "DequantizeLinear"]
+            if dq:
+                out.setdefault(node.input[0], dq[0].output[0])
+    return out

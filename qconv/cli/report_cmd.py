@@ -1,0 +1,41 @@
+"""qconv report: compare any two models (qconv's or another tool's) on the same data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from qconv.cli.common import finish, gate_options, gates_from, guarded, output_options
+from qconv.cli.quantize import render
+from qconv.run import CompareJob, run_compare
+
+
+@click.command("report")
+@click.argument("original", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("quantized", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="Data to run both models on (.npy, .npz or a folder).")
+@click.option("--eval-labels", type=click.Path(dir_okay=False, path_type=Path), default=None, help=".npy of class ids, one per row: adds top-1 accuracy.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, help="Rows per feed when an array is split into batches.")
+@click.option("--report", "reports", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the report to PATH; .json, .html or .md picks the format (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON report on stdout.")
+@click.option("--no-latency", is_flag=True, help="Skip the latency measurement.")
+@gate_options
+@output_options
+@guarded
+def report_cmd(term, original, quantized, data, eval_labels, batch_size, reports, as_json, no_latency, threads, quiet, **gate_kwargs):
+    """Compare ORIGINAL and QUANTIZED on DATA: output fidelity, accuracy, latency and per-layer SQNR.
+
+    Works on models from any tool that keeps tensor names (onnxruntime's quantizer does).
+
+    \b
+    Examples:
+      qconv report model.onnx model.int8.onnx --data val.npy --eval-labels val_labels.npy --report r.html
+      qconv report model.onnx ort.int8.onnx --data val.npz --min-cosine 0.99 --report r.md   # exit 3 if it fails
+    """
+    job = CompareJob(original, quantized, data, eval_labels, batch_size, threads, not no_latency, gates_from(gate_kwargs), tuple(reports))
+    job.check()
+    with term.progress() as progress:
+        report = run_compare(job, progress)
+    finish(term, report, as_json, render)

@@ -1,0 +1,64 @@
+"""Quality gates: thresholds a CI pipeline sets on the report. Failing any gives exit code 3."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from qconv.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Gates:
+    min_sqnr: float | None = None  # dB, worst model output
+    min_cosine: float | None = None  # worst model output
+    max_top1_drop: float | None = None  # percentage points
+    max_size_mb: float | None = None  # quantized file(s), 1 MB = 1,000,000 bytes
+    max_latency_ratio: float | None = None  # quantized / original median time
+
+    def any(self) -> bool:
+        return any(v is not None for v in vars(self).values())
+
+    def check_options(self, has_labels: bool, has_latency: bool, has_eval: bool) -> None:
+        if (self.min_sqnr is not None or self.min_cosine is not None) and not has_eval:
+            raise UsageError("--min-sqnr and --min-cosine need evaluation data (--eval-data or --data)")
+        if self.max_top1_drop is not None and not has_labels:
+            raise UsageError("--max-top1-drop needs --eval-labels")
+        if self.max_latency_ratio is not None and not has_latency:
+            raise UsageError("--max-latency-ratio needs the latency measurement: drop --no-latency")
+
+
+def _worst(report: dict, key: str) -> float | None:
+    vals = []
+    for v in report.get("outputs", {}).values():
+        x = v.get(key)
+        vals.append(math.inf if x == "inf" else -math.inf if x == "-inf" else float(x))
+    return min(vals) if vals else None
+
+
+def evaluate_gates(gates: Gates, report: dict) -> dict:
+    """{"passed", "checks": [{name, measured, required, passed, message}], "failed": [names]}."""
+    checks = []
+
+    def add(name, measured, required, ok, unit, relation):
+        shown = "inf" if measured == math.inf else f"{measured:.4g}"
+        checks.append({"name": name, "measured": "inf" if measured == math.inf else measured, "required": required,
+                       "passed": bool(ok), "message": f"{name}: measured {shown}{unit}, required {relation} {required:g}{unit}"})
+
+    if gates.min_sqnr is not None:
+        m = _worst(report, "sqnr_db")
+        add("min-sqnr", m, gates.min_sqnr, m >= gates.min_sqnr, " dB", ">=")
+    if gates.min_cosine is not None:
+        m = _worst(report, "cosine")
+        add("min-cosine", m, gates.min_cosine, m >= gates.min_cosine, "", ">=")
+    if gates.max_top1_drop is not None:
+        m = report["task"]["drop_points"]
+        add("max-top1-drop", m, gates.max_top1_drop, m <= gates.max_top1_drop, " points", "<=")
+    if gates.max_size_mb is not None:
+        m = report["size_bytes"]["quantized"] / 1e6
+        add("max-size-mb", m, gates.max_size_mb, m <= gates.max_size_mb, " MB", "<=")
+    if gates.max_latency_ratio is not None:
+        m = report["latency_ms"]["ratio"]
+        add("max-latency-ratio", m, gates.max_latency_ratio, m <= gates.max_latency_ratio, "x", "<=")
+    failed = [c["name"] for c in checks if not c["passed"]]
+    return {"passed": not failed, "checks": checks, "failed": failed}
