@@ -25,6 +25,7 @@ from qconv.run import QuantizeJob, run_quantize
               help="qdq (QuantizeLinear/DequantizeLinear pairs) or qoperator (QLinearConv, QLinearMatMul, ...)  [default: qdq]")
 @click.option("--per-tensor", is_flag=True, help="One scale per weight tensor instead of per output channel.")
 @click.option("--weight-type", type=click.Choice(["int8", "uint8"]), default="int8", show_default=True, help="Integer type of weights.")
+@click.option("--affine-weights", is_flag=True, help="Weights with a zero point (default: symmetric, zero point 0).")
 @click.option("--activation-type", type=click.Choice(["uint8", "int8", "uint16", "int16"]), default=None,
               help="Integer type of activations  [default: uint8; uint16 for a16w8]")
 @click.option("--symmetric-activations", is_flag=True, help="Zero point fixed at the middle of the activation range.")
@@ -46,7 +47,7 @@ from qconv.run import QuantizeJob, run_quantize
 @range_options
 @output_options
 @guarded
-def quantize_cmd(term, model, out, calib, data, force_calib, mode, fmt, per_tensor, weight_type, activation_type,
+def quantize_cmd(term, model, out, calib, data, force_calib, mode, fmt, per_tensor, weight_type, affine_weights, activation_type,
                  symmetric_activations, reduce_range, block_size, int4_method, keep_io_types, exclude_nodes, exclude_ops,
                  eval_data, eval_labels, reports, as_json, no_latency, batch_size, samples, bins, momentum, method,
                  percentile, threads, quiet, **gate_kwargs):
@@ -61,7 +62,8 @@ def quantize_cmd(term, model, out, calib, data, force_calib, mode, fmt, per_tens
       qconv quantize model.onnx -o model.fp16.onnx --mode fp16 --eval-data val.npy
       qconv quantize llm.onnx -o llm.int4.onnx --mode int4 --block-size 32 --data calib.npz
     """
-    settings = dict(mode=mode, format=fmt, per_channel=not per_tensor, weight_type=weight_type, activation_type=activation_type,
+    settings = dict(mode=mode, format=fmt, per_channel=not per_tensor, weight_type=weight_type,
+                    symmetric_weights=not affine_weights, activation_type=activation_type,
                     symmetric_activations=symmetric_activations, reduce_range=reduce_range, block_size=block_size,
                     int4_method=int4_method, keep_io_types=keep_io_types, exclude_nodes=tuple(exclude_nodes),
                     exclude_ops=tuple(exclude_ops))

@@ -65,10 +65,12 @@ def format_bytes(n) -> str:
     v = as_number(n)
     if v is None or not math.isfinite(v):
         return DASH
-    if abs(v) < 1024:
-        return f"{v:.0f} B"
-    exponent = min(int(math.log(abs(v), 1024)), 3)
-    return f"{v / 1024 ** exponent:.1f} {('KiB', 'MiB', 'GiB')[exponent - 1]}"
+    units = ("B", "KiB", "MiB", "GiB")
+    step = 0
+    while abs(v) >= 1024 and step < len(units) - 1:
+        v /= 1024
+        step += 1
+    return f"{v:.0f} B" if step == 0 else f"{v:.1f} {units[step]}"
 
 
 def format_percent(fraction) -> str:
@@ -210,7 +212,7 @@ th,td{text-align:left;padding:5px 10px;border-bottom:1px solid var(--line);verti
 th{background:var(--soft);font-weight:600;color:var(--muted);font-size:12px;text-transform:uppercase;
 letter-spacing:.03em;position:sticky;top:0}
 td.num,th.num{text-align:right;white-space:nowrap}
-td.name{overflow-wrap:anywhere;font:12px/1.4 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace}
+td.name{overflow-wrap:anywhere;min-width:14em;font:12px/1.4 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace}
 tbody tr:nth-child(even){background:#fbfcfd}
 .scroll{max-height:560px;overflow:auto;border:1px solid var(--line);border-radius:6px}
 .scroll table{border:0}
@@ -228,7 +230,7 @@ svg .tick{fill:var(--muted);font-size:10px}
 svg .op{fill:var(--muted);font-size:10px}
 svg .name{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:10.5px}
 svg .val{font-size:10.5px;font-variant-numeric:tabular-nums}
-svg .good{fill:#2da44e}svg .warn{fill:#d4a72c}svg .bad{fill:#cf222e}svg .na{fill:var(--grey)}
+svg .good{fill:#2da44e}svg .exact{fill:#8ddb8c}svg .warn{fill:#d4a72c}svg .bad{fill:#cf222e}svg .na{fill:var(--grey)}
 svg .orig{fill:#afb8c1}svg .quant{fill:var(--accent)}
 svg .bins{fill:#6e7781}svg .bins.out{fill:#fa9c98}svg .keep{fill:var(--accent-soft)}
 svg .clip{stroke:var(--accent);stroke-width:1.5;stroke-dasharray:4 3}
@@ -294,7 +296,8 @@ def _table(head: list[str], body: list[list[str]], num: frozenset[int] = frozens
 
 def _collapsible(summary: str, table: str, opened: bool) -> str:
     """A table behind <details>, scrolled within a box when long."""
-    return f"<details{' open' if opened else ''}>\n<summary>{_e(summary)}</summary>\n<div class=\"scroll\">\n{table}\n</div>\n</details>"
+    return (f"<details{' open' if opened else ''}>\n<summary>{_e(summary)}</summary>\n"
+            f"<div class=\"scroll\">\n{table}\n</div>\n</details>")
 
 
 def _pill(text: str, kind: str) -> str:
@@ -392,8 +395,9 @@ def _node_card(report: dict) -> str:
     summary = section(report, "node_summary")
     if not summary:
         return ""
-    sub = (f"{format_number(summary.get('float'), 'g')} float \u00b7 {format_number(summary.get('integer'), 'g')} integer"
-           f" \u00b7 {format_number(summary.get('folded_activations'), 'g')} activations folded")
+    counts = {k: format_number(summary.get(k), "g") for k in ("float", "integer", "folded_activations")}
+    sub = (f"{counts['float']} float \u00b7 {counts['integer']} integer \u00b7 "
+           f"{counts['folded_activations']} activations folded")
     return _card("Nodes quantized", format_number(summary.get("quantized"), "g"), sub)
 
 
@@ -418,8 +422,8 @@ def _gate(report: dict) -> str:
              _pill("pass", "pass") if c.get("passed") else _pill("fail", "fail")] for c in checks]
     failed = strings(gate.get("failed"))
     note = f"Failed: {', '.join(_e(f) for f in failed)}." if failed else "Every check passed."
-    return _section("Quality gate", note, _table(["check", "measured", "required", "result"], body, num=frozenset({1, 2})),
-                    "gate")
+    table = _table(["check", "measured", "required", "result"], body, num=frozenset({1, 2}))
+    return _section("Quality gate", note, table, "gate")
 
 
 def _value(x) -> str:
@@ -451,7 +455,7 @@ def _layer_chart(report: dict) -> str:
         return ""
     shown = layers[:MAX_SQNR_BARS]
     note = (f"Signal-to-quantization-noise ratio of each compared activation, worst first. "
-            f"Bars under {SQNR_BAD_DB:g} dB are red, under {SQNR_WARN_DB:g} dB amber.")
+            f"Bars under {SQNR_BAD_DB:g} dB are red, under {SQNR_WARN_DB:g} dB amber; \u221e marks an exact match.")
     if len(layers) > len(shown):
         note += f" Showing the {len(shown)} worst of {len(layers)} layers."
     return _section("Per-layer SQNR", _e(note), _sqnr_svg(shown), "layers")
@@ -482,13 +486,14 @@ def _sqnr_bar(layer: dict, y: int, label_w: int, op_w: int, plot_w: int, bar_h: 
         w = 0.0
     else:
         w = plot_w * min(max(v, 0.0), span) / span
-    tip = f"{tensor} ({op}, node {layer.get('node') or '?'}): {format_sqnr(v)} dB, cosine {format_number(layer.get('cosine'), '.5f')}"
+    tip = (f"{tensor} ({op}, node {layer.get('node') or '?'}): {format_sqnr(v)} dB, "
+           f"cosine {format_number(layer.get('cosine'), '.5f')}")
     cy = y + bar_h - 3
     return (
         f"<g><title>{_e(tip)}</title>"
         f"<text class=\"op\" x=\"0\" y=\"{cy}\">{_e(_shorten(op, 20))}</text>"
         f"<text class=\"name\" x=\"{op_w}\" y=\"{cy}\">{_e(_shorten(tensor, 42))}</text>"
-        f"<rect class=\"{_sqnr_class(v)}\" x=\"{label_w}\" y=\"{y}\" width=\"{w:.1f}\" height=\"{bar_h}\" rx=\"2\"/>"
+        f"<rect class=\"{'exact' if v == math.inf else _sqnr_class(v)}\" x=\"{label_w}\" y=\"{y}\" width=\"{w:.1f}\" height=\"{bar_h}\" rx=\"2\"/>"
         f"<text class=\"val\" x=\"{label_w + w + 5:.1f}\" y=\"{cy}\">{_e(format_sqnr(v))}</text></g>"
     )
 
@@ -504,7 +509,8 @@ def _size_chart(report: dict) -> str:
     entries.sort(key=lambda e: (-e[1], -e[2], e[0]))
     if len(entries) > MAX_SIZE_OPS:
         rest = entries[MAX_SIZE_OPS - 1:]
-        entries = entries[:MAX_SIZE_OPS - 1] + [(f"{len(rest)} other ops", sum(e[1] for e in rest), sum(e[2] for e in rest))]
+        other = (f"{len(rest)} other ops", sum(e[1] for e in rest), sum(e[2] for e in rest))
+        entries = entries[:MAX_SIZE_OPS - 1] + [other]
     legend = ("<div class=\"legend\"><span><i style=\"background:#afb8c1\"></i>original</span>"
               "<span><i style=\"background:#0969da\"></i>quantized</span></div>")
     note = "Bytes of initializers (weights, biases, scales) attributed to the op type that reads them."
@@ -526,7 +532,8 @@ def _size_svg(entries: list[tuple[str, float, float]]) -> str:
             f"<g><title>{_e(op)}: {_e(label)}</title>"
             f"<text x=\"0\" y=\"{y + bar_h + 3}\">{_e(_shorten(op, 22))}</text>"
             f"<rect class=\"orig\" x=\"{label_w}\" y=\"{y}\" width=\"{wo:.1f}\" height=\"{bar_h}\" rx=\"2\"/>"
-            f"<rect class=\"quant\" x=\"{label_w}\" y=\"{y + bar_h + 1}\" width=\"{wq:.1f}\" height=\"{bar_h}\" rx=\"2\"/>"
+            f"<rect class=\"quant\" x=\"{label_w}\" y=\"{y + bar_h + 1}\" width=\"{wq:.1f}\" "
+            f"height=\"{bar_h}\" rx=\"2\"/>"
             f"<text class=\"val\" x=\"{label_w + max(wo, wq) + 6:.1f}\" y=\"{y + bar_h + 3}\">{_e(label)}</text></g>"
         )
     out.append("</svg>")
@@ -718,7 +725,8 @@ def _config(report: dict) -> str:
     config = section(report, "config")
     if not config:
         return ""
-    body = [[_e(k), _e(json.dumps(v, sort_keys=True, default=str))] for k, v in config.items()]
+    body = [[_e(k), _e(v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str))]
+            for k, v in config.items()]
     table = _table(["option", "value"], body, name=frozenset({1}))
     return _section("Configuration", "", _collapsible(f"Options ({len(body)})", table, False), "config")
 

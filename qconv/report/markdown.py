@@ -127,8 +127,9 @@ def _layers(report: dict) -> str:
     shown = layers[:WORST_LAYERS]
     lines = [f"**Worst layers** ({len(shown)} of {len(layers)})", "",
              _row("tensor", "op", "SQNR dB", "cosine", "max abs err"), _row("---", "---", "---:", "---:", "---:")]
-    lines += [_row(_code(r.get("tensor") or r.get("node") or "?"), _text(r.get("op_type")), format_sqnr(r.get("sqnr_db")),
-                   format_number(r.get("cosine"), ".5f"), format_number(r.get("max_abs_err"))) for r in shown]
+    lines += [_row(_code(r.get("tensor") or r.get("node") or "?"), _text(r.get("op_type")),
+                   format_sqnr(r.get("sqnr_db")), format_number(r.get("cosine"), ".5f"),
+                   format_number(r.get("max_abs_err"))) for r in shown]
     return "\n".join(lines)
 
 
