@@ -46,9 +46,11 @@ def transformer(gate_passed: bool | None = None) -> dict:
     """The transformer report, with a quality gate when gate_passed is given (the real runs had none)."""
     report = copy.deepcopy(TRANSFORMER_REPORT)
     if gate_passed is not None:
-        checks = [{"name": "min_output_sqnr_db", "measured": 42.2989, "required": 30.0, "passed": True},
-                  {"name": "max_latency_ratio", "measured": 1.0331, "required": 0.9 if not gate_passed else 1.1,
-                   "passed": gate_passed}]
+        required = 1.1 if gate_passed else 0.9
+        checks = [{"name": "min-sqnr", "measured": 42.2989, "required": 30, "passed": True,
+                   "message": "min-sqnr: measured 42.3 dB, required >= 30 dB"},
+                  {"name": "max-latency-ratio", "measured": 1.0331, "required": required, "passed": gate_passed,
+                   "message": f"max-latency-ratio: measured 1.033x, required <= {required:g}x"}]
         report["gate"] = {"passed": gate_passed, "checks": checks,
                           "failed": [c["name"] for c in checks if not c["passed"]]}
     return report
@@ -114,7 +116,8 @@ def test_html_shows_the_key_facts():
     worst = report["layers"][0]["tensor"]
     assert worst == "/layers.1/attention/Div_output_0" and text.index(worst) < text.index(report["layers"][4]["tensor"])
     for fact in ("Gate failed", "int8", "sample_models/tiny_transformer/model.onnx", "2.44\u00d7", "100.00%",
-                 "1.03\u00d7", "slower", "max_latency_ratio", "for MatMul-heavy models try --mode dynamic",
+                 "1.03\u00d7", "slower", "max-latency-ratio", "\u2264 0.9",
+                 "for MatMul-heavy models try --mode dynamic",
                  "numerically fragile: normalization divides by a variance that 8 bits distort",
                  "no calibration statistics for tensor '\u2026'", "66 Constant nodes turned into initializers",
                  "42.3 dB", "\u221e"):
@@ -220,7 +223,7 @@ def test_markdown_tables_are_consistent_and_compact():
     for table in tables:
         assert len({_cells(line) for line in table}) == 1, table
     assert "| `` a\\|b`c `` |" in md and "warning 0 with a \\| pipe" in md
-    assert "- `max_latency_ratio`: measured 1.033, required 0.9" in md
+    assert "- \u274c max-latency-ratio: measured 1.033x, required \\<= 0.9x" in md
     assert "| Add | 24 | no calibration statistics for tensor '\u2026' |" in md
 
 
@@ -232,6 +235,9 @@ def test_markdown_escapes_and_handles_inf_and_missing_sections():
     assert md.splitlines()[0].endswith("\u2705 PASSED")
     assert "<script>" not in md and "\\<script\\>" in md and "| \u2014 | \u221e dB SQNR |" in md
     assert "| \u221e |" in render_markdown(large(report, 1) | {"layers": [_layer("x", "Relu", "inf", 1.0, 0.0)]})
+    report["gate"] = {"passed": False,
+                      "checks": [{"name": "custom", "measured": "inf", "required": 5, "passed": False}]}
+    assert "- \u274c `custom`: measured inf, required 5\n" in render_markdown(report)
     assert render_markdown({}) == "## qconv ?\n"
 
 
@@ -595,4 +601,3 @@ TRANSFORMER_REPORT = {
         '--mode dynamic, or keep small layers float with --exclude-nodes',
     ],
 }
-

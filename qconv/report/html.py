@@ -25,6 +25,7 @@ SQNR_BAD_DB = 10.0
 SQNR_WARN_DB = 20.0
 DASH = "\u2014"
 _QUOTED = re.compile(r"(?<!\w)'[^']*'(?!\w)")
+_RELATION = re.compile(r"required (<=|>=|<|>)")
 
 # ---------------------------------------------------------------------------------------------- formatting
 
@@ -418,12 +419,18 @@ def _gate(report: dict) -> str:
     checks = rows(gate, "checks")
     if not gate or not checks:
         return ""
-    body = [[_e(c.get("name")), _e(_value(c.get("measured"))), _e(_value(c.get("required"))),
+    body = [[_e(c.get("name")), _e(_value(c.get("measured"))), _e(_relation(c) + _value(c.get("required"))),
              _pill("pass", "pass") if c.get("passed") else _pill("fail", "fail")] for c in checks]
     failed = strings(gate.get("failed"))
     note = f"Failed: {', '.join(_e(f) for f in failed)}." if failed else "Every check passed."
     table = _table(["check", "measured", "required", "result"], body, num=frozenset({1, 2}))
     return _section("Quality gate", note, table, "gate")
+
+
+def _relation(check: dict) -> str:
+    """"≤ " or "≥ " as the check's message states it ("required <= 0.9x"), else nothing."""
+    found = _RELATION.search(str(check.get("message") or ""))
+    return {"<=": "\u2264 ", ">=": "\u2265 ", "<": "< ", ">": "> "}[found.group(1)] if found else ""
 
 
 def _value(x) -> str:
@@ -482,10 +489,8 @@ def _sqnr_bar(layer: dict, y: int, label_w: int, op_w: int, plot_w: int, bar_h: 
     tensor = str(layer.get("tensor") or layer.get("node") or "?")
     op = str(layer.get("op_type") or "")
     v = as_number(layer.get("sqnr_db"))
-    if v is None or math.isnan(v):
-        w = 0.0
-    else:
-        w = plot_w * min(max(v, 0.0), span) / span
+    w = 0.0 if v is None or math.isnan(v) else plot_w * min(max(v, 0.0), span) / span
+    kind = "exact" if v == math.inf else _sqnr_class(v)
     tip = (f"{tensor} ({op}, node {layer.get('node') or '?'}): {format_sqnr(v)} dB, "
            f"cosine {format_number(layer.get('cosine'), '.5f')}")
     cy = y + bar_h - 3
@@ -493,7 +498,7 @@ def _sqnr_bar(layer: dict, y: int, label_w: int, op_w: int, plot_w: int, bar_h: 
         f"<g><title>{_e(tip)}</title>"
         f"<text class=\"op\" x=\"0\" y=\"{cy}\">{_e(_shorten(op, 20))}</text>"
         f"<text class=\"name\" x=\"{op_w}\" y=\"{cy}\">{_e(_shorten(tensor, 42))}</text>"
-        f"<rect class=\"{'exact' if v == math.inf else _sqnr_class(v)}\" x=\"{label_w}\" y=\"{y}\" width=\"{w:.1f}\" height=\"{bar_h}\" rx=\"2\"/>"
+        f"<rect class=\"{kind}\" x=\"{label_w}\" y=\"{y}\" width=\"{w:.1f}\" height=\"{bar_h}\" rx=\"2\"/>"
         f"<text class=\"val\" x=\"{label_w + w + 5:.1f}\" y=\"{cy}\">{_e(format_sqnr(v))}</text></g>"
     )
 
