@@ -76,13 +76,57 @@ def _files(path: Path) -> list[Path]:
     return [path]
 
 
+class NpyRows:
+    """A .npy file read row block by row block (axis 0) with plain reads: unlike a memory map, the
+    pages read do not stay resident, so memory stays flat however large the file is."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        with open(path, "rb") as f:
+            major, _ = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            self.shape, fortran, self.dtype = read(f)
+            self.offset = f.tell()
+        if fortran or self.dtype.hasobject:
+            raise ValueError("Fortran-ordered or object arrays are not streamed")
+        self.ndim = len(self.shape)
+        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize if self.ndim else self.dtype.itemsize
+
+    def _rows(self, start: int, stop: int) -> np.ndarray:
+        stop = min(stop, self.shape[0])
+        count = max(stop - start, 0)
+        with open(self.path, "rb") as f:
+            f.seek(self.offset + start * self.row_bytes)
+            raw = f.read(count * self.row_bytes)
+        if len(raw) != count * self.row_bytes:
+            raise QconvError(f"cannot read data file {self.path}: it is shorter than its header says (truncated?)")
+        return np.frombuffer(raw, dtype=self.dtype).reshape((count, *self.shape[1:]))
+
+    def __getitem__(self, key):
+        if isinstance(key, slice) and key.step in (None, 1):
+            return self._rows(key.start or 0, self.shape[0] if key.stop is None else key.stop)
+        if isinstance(key, (int, np.integer)):
+            return self._rows(int(key), int(key) + 1)[0]
+        raise TypeError("NpyRows supports an index or a contiguous slice along axis 0")
+
+    def __array__(self, dtype=None, copy=None):
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            a = np.frombuffer(f.read(), dtype=self.dtype).reshape(self.shape)
+        return a.astype(dtype) if dtype is not None else a
+
+
 def _open(path: Path, specs: list[InputSpec]) -> dict[str, np.ndarray]:
     try:
         if path.suffix == ".npy":
             if len(specs) != 1:
                 names = ", ".join(s.name for s in specs)
                 raise QconvError(f"{path.name}: a .npy file feeds a single-input model; this model has inputs {names}: use a .npz keyed by input name")
-            return {specs[0].name: np.load(path, mmap_mode="r", allow_pickle=False)}
+            try:
+                rows = NpyRows(path)
+                return {specs[0].name: rows if rows.ndim else np.load(path, allow_pickle=False)}
+            except ValueError:
+                return {specs[0].name: np.load(path, mmap_mode="r", allow_pickle=False)}
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
     except QconvError:
