@@ -86,8 +86,9 @@ def run_qconv(model: str, data: str, n: int, method: str, out: str, queue) -> No
     queue.put({"wall_s": time.perf_counter() - t0, "calib_s": t_calib, "peak_mb": peak_mb(), "base_mb": before})
 
 
-def run_ort(model: str, data: str, n: int, method: str, out: str, queue) -> None:
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+def ort_reader(data: str, n: int):
+    """onnxruntime's data reader over the first ``n`` samples, one per feed, as qconv reads them."""
+    from onnxruntime.quantization import CalibrationDataReader
 
     arr = np.load(data, mmap_mode="r")
 
@@ -101,10 +102,16 @@ def run_ort(model: str, data: str, n: int, method: str, out: str, queue) -> None
             self.k += 1
             return {"input": np.asarray(arr[self.k - 1:self.k])}
 
+    return Reader()
+
+
+def run_ort(model: str, data: str, n: int, method: str, out: str, queue) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
     before = rss_mb()
     t0 = time.perf_counter()
-    quantize_static(model, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+    quantize_static(model, out, ort_reader(data, n), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=methods[method])
     queue.put({"wall_s": time.perf_counter() - t0, "calib_s": None, "peak_mb": peak_mb(), "base_mb": before})
 
@@ -112,31 +119,19 @@ def run_ort(model: str, data: str, n: int, method: str, out: str, queue) -> None
 def run_ort_ranges(model: str, data: str, n: int, method: str, out: str, queue) -> None:
     """onnxruntime's calibrator with histogram bins as its docs recommend (2048), its ranges applied by
     qconv's rewrite: compares the calibration methods alone, on equal footing."""
-    from onnxruntime.quantization.calibrate import CalibrationDataReader, CalibrationMethod, create_calibrator
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
 
     from qconv import pipeline
     from qconv.calib.observers import TensorObserver
     from qconv.calib.store import Calibration
     from qconv.config import QuantConfig
 
-    arr = np.load(data, mmap_mode="r")
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.k = 0
-
-        def get_next(self):
-            if self.k >= n:
-                return None
-            self.k += 1
-            return {"input": np.asarray(arr[self.k - 1:self.k])}
-
     extra = {"num_bins": 2048, "num_quantized_bins": 128} if method == "entropy" else {"num_bins": 2048, "percentile": 99.999}
     kind = {"entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}[method]
     before = rss_mb()
     t0 = time.perf_counter()
     cal = create_calibrator(model, None, augmented_model_path=out + ".aug.onnx", calibrate_method=kind, extra_options=extra)
-    cal.collect_data(Reader())
+    cal.collect_data(ort_reader(data, n))
     ranges = {k: tuple(float(x) for x in v.range_value) for k, v in cal.compute_data().items()}
     wall = time.perf_counter() - t0
     peak = peak_mb()

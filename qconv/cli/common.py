@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from pathlib import Path
 
 import click
 
@@ -61,6 +62,15 @@ def range_options(fn):
                       help="Percent of values the percentile method keeps, in (0, 100]  [default: 99.999]")(fn)
     fn = click.option("--method", type=click.Choice(METHODS), default=None,
                       help="Range method: minmax, moving-average, percentile, entropy (KL) or mse  [default: minmax, or the calibration file's]")(fn)
+    return fn
+
+
+def report_options(fn):
+    """Where the report goes: files by extension, JSON on stdout; and whether latency is measured."""
+    fn = click.option("--no-latency", is_flag=True, help="Skip the latency measurement.")(fn)
+    fn = click.option("--json", "as_json", is_flag=True, help="Print the JSON report on stdout.")(fn)
+    fn = click.option("--report", "reports", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+                      help="Write the report to PATH; .json, .html or .md picks the format (repeatable).")(fn)
     return fn
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from qconv.cli.common import data_options, finish, gate_options, gates_from, guarded, output_options, range_options
+from qconv.cli.common import report_options, data_options, finish, gate_options, gates_from, guarded, output_options, range_options
 from qconv.cli.console import table
 from qconv.config import FORMATS, MODES
 from qconv.run import QuantizeJob, run_quantize
@@ -38,10 +38,7 @@ from qconv.run import QuantizeJob, run_quantize
 @click.option("--exclude-ops", multiple=True, metavar="OP", help="Keep every node of this op type in float (repeatable).")
 @click.option("--eval-data", type=click.Path(path_type=Path), default=None, help="Data for the report (default: the calibration data).")
 @click.option("--eval-labels", type=click.Path(dir_okay=False, path_type=Path), default=None, help=".npy of class ids, one per eval row: adds top-1 accuracy.")
-@click.option("--report", "reports", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the report to PATH; .json, .html or .md picks the format (repeatable).")
-@click.option("--json", "as_json", is_flag=True, help="Print the JSON report on stdout.")
-@click.option("--no-latency", is_flag=True, help="Skip the latency measurement.")
+@report_options
 @gate_options
 @data_options
 @range_options

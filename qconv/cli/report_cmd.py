@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from qconv.cli.common import finish, gate_options, gates_from, guarded, output_options
+from qconv.cli.common import report_options, finish, gate_options, gates_from, guarded, output_options
 from qconv.cli.quantize import render
 from qconv.run import CompareJob, run_compare
 
@@ -17,10 +17,7 @@ from qconv.run import CompareJob, run_compare
 @click.option("--data", required=True, type=click.Path(path_type=Path), help="Data to run both models on (.npy, .npz or a folder).")
 @click.option("--eval-labels", type=click.Path(dir_okay=False, path_type=Path), default=None, help=".npy of class ids, one per row: adds top-1 accuracy.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, help="Rows per feed when an array is split into batches.")
-@click.option("--report", "reports", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the report to PATH; .json, .html or .md picks the format (repeatable).")
-@click.option("--json", "as_json", is_flag=True, help="Print the JSON report on stdout.")
-@click.option("--no-latency", is_flag=True, help="Skip the latency measurement.")
+@report_options
 @gate_options
 @output_options
 @guarded
