@@ -213,6 +213,39 @@ def fold_into_conv(model: onnx.ModelProto) -> str | None:
     return f"{folded} BatchNormalization/Mul/Add nodes folded into the Conv before them" if folded else None
 
 
+def fold_into_batchnorm(model: onnx.ModelProto) -> str | None:
+    """Fold Mul/Add by per-channel constants into the BatchNormalization before them (its scale and bias)."""
+    folded = 0
+    changed = True
+    while changed:
+        changed = False
+        g = Graph(model)
+        for bn in model.graph.node:
+            if bn.op_type != "BatchNormalization" or len([o for o in bn.output if o]) != 1 or not all(g.is_constant(i) for i in bn.input[1:5]):
+                continue
+            nxt = g.only_consumer(bn.output[0])
+            scale, bias = g.array(bn.input[1]).astype(np.float32), g.array(bn.input[2]).astype(np.float32)
+            rank = len(g.shape(bn.output[0]) or []) or 4
+            if nxt is None or nxt.op_type not in ("Mul", "Add") or nxt.domain not in ("", "ai.onnx"):
+                continue
+            affine = _affine_after(nxt, g, scale.size, rank)
+            if affine is None:
+                continue
+            mul, add = affine
+            names = [g.unique(bn.input[1] + "_folded"), g.unique(bn.input[2] + "_folded")]
+            model.graph.initializer.extend([numpy_helper.from_array(scale * mul, names[0]),
+                                            numpy_helper.from_array(bias * mul + add, names[1])])
+            old = list(bn.input[1:3])
+            bn.input[1], bn.input[2] = names
+            bn.output[0] = nxt.output[0]
+            model.graph.node.remove(nxt)
+            drop_unused_initializers(model, old)
+            folded += 1
+            changed = True
+            break
+    return f"{folded} Mul/Add nodes folded into the BatchNormalization before them" if folded else None
+
+
 def _affine_after(node, g: Graph, channels: int, rank: int):
     """(mul, add) per-channel vectors equivalent to ``node`` applied to a conv output, or None."""
     if node.op_type == "BatchNormalization":
@@ -298,7 +331,7 @@ def prepare(model: onnx.ModelProto, min_opset: int) -> tuple[onnx.ModelProto, li
     notes = [strip_initializer_inputs(m), constants_to_initializers(m)]
     topo_sort(m)
     notes.append(upgrade_opset(m, min_opset))
-    notes += [constants_to_initializers(m), fold_constants(m), remove_noops(m), sum_to_add(m), fold_into_conv(m)]
+    notes += [constants_to_initializers(m), fold_constants(m), remove_noops(m), sum_to_add(m), fold_into_batchnorm(m), fold_into_conv(m)]
     drop_unused_initializers(m)
     name_nodes(m)
     infer_types(m)

@@ -27,6 +27,20 @@ def test_batchnorm_is_folded_into_conv_with_identical_outputs():
     assert_same_outputs(m, out, {"x": X})
 
 
+def test_per_channel_mul_add_fold_into_a_standalone_batchnorm():
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.uniform(0.5, 1.5, 4).astype(np.float32), n) for n in ("s", "v")]
+    inits += [numpy_helper.from_array(rng.normal(0, 1, 4).astype(np.float32), n) for n in ("b", "m")]
+    inits += [numpy_helper.from_array(rng.normal(0, 1, (4, 1, 1)).astype(np.float32), n) for n in ("c1", "c2")]
+    nodes = [helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y"]), helper.make_node("Mul", ["y", "c1"], ["z"]),
+             helper.make_node("Add", ["z", "c2"], ["w"]), helper.make_node("Relu", ["w"], ["o"])]
+    m = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 3, 3])],
+                   [helper.make_tensor_value_info("o", TensorProto.FLOAT, ["N", 4, 3, 3])], inits)
+    out, notes = prepare(m, 13)
+    assert [n.op_type for n in out.graph.node] == ["BatchNormalization", "Relu"]
+    assert_same_outputs(m, out, {"x": rng.normal(0, 1, (2, 4, 3, 3)).astype(np.float32)}, atol=1e-5)
+
+
 def test_old_ir_initializers_listed_as_inputs_become_weights():
     m = conv_model(opset=9, bn=False)
     m.ir_version = 3
