@@ -144,7 +144,8 @@ def _int4(prepared: Prepared, config: QuantConfig, calib_feeds):
 
     method = config.int4_method if calib_feeds is not None else "rtn"
     r = quantize_int4(prepared.model, block_size=config.block_size, symmetric=config.symmetric_weights, method=method,
-                      calib_feeds=calib_feeds if method == "gptq" else None, exclude_nodes=config.exclude_nodes)
+                      calib_feeds=calib_feeds if method == "gptq" else None, exclude_nodes=config.exclude_nodes + tuple(
+                          n.name for n in prepared.model.graph.node if n.op_type in config.exclude_ops))
     done = {q["node"] for q in r.quantized}
     kept = {k["name"]: k["reason"] for k in r.kept_float}
     decisions = []

@@ -95,3 +95,8 @@ def test_incompatible_options_exit_2_and_write_nothing(args, message, tmp_path):
 def test_unknown_mode_is_a_usage_error(tmp_path):
     r = invoke("quantize", D / "model.onnx", "-o", tmp_path / "q.onnx", "--mode", "int3")
     assert r.exit_code == 2 and "int3" in r.output
+
+
+def test_int4_honours_exclude_ops(tmp_path):
+    _, report = quantize(T, "npz", tmp_path, "--mode", "int4", "--exclude-ops", "Gather")
+    assert {w["op_type"] for w in report["int4"]["weights"]} == {"MatMul"}
