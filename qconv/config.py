@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import fnmatch
+from dataclasses import asdict, dataclass, field, fields
 
 from qconv.calib.ranges import METHODS
 from qconv.errors import UsageError
@@ -74,6 +75,30 @@ class QuantConfig:
         if self.mode in ("fp16", "int4"):
             return 1
         return 13 if self.per_channel or self.mode == "dynamic" else 10
+
+    def excluded(self, name: str, op_type: str) -> str | None:
+        """Why --exclude-nodes / --exclude-ops keep this node in float, if they do: the one place they are read."""
+        for pattern in self.exclude_nodes:
+            if fnmatch.fnmatchcase(name, pattern):
+                return f"excluded by --exclude-nodes {pattern}"
+        if op_type in self.exclude_ops:
+            return f"excluded by --exclude-ops {op_type}"
+        return None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantConfig":
+        """The inverse of ``to_dict`` (unknown keys are refused by the caller's error handling)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown config key '{unknown[0]}'")
+        kw = dict(d)
+        mode = kw.get("mode", "int8")
+        if kw.get("format") not in MODE_FORMATS.get(mode, ()):
+            kw["format"] = None
+        kw["exclude_nodes"] = tuple(kw.get("exclude_nodes", ()))
+        kw["exclude_ops"] = tuple(kw.get("exclude_ops", ()))
+        return cls(**kw)
 
     def to_dict(self) -> dict:
         d = asdict(self)

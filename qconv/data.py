@@ -307,6 +307,9 @@ def _rows(feed: dict[str, np.ndarray], specs: list[InputSpec]) -> int:
     return 1
 
 
+feed_rows = _rows  # rows in one feed (the batch dimension of the first batched input)
+
+
 def _truncate(feed, specs, rows: int):
     out = {}
     for s in specs:

@@ -1,4 +1,7 @@
-"""The stages wired together: what the CLI calls. The library never prints; progress goes to a callback."""
+"""The stages as library calls: load, calibrate, plan, apply (rewrite + verify), save.
+
+``qconv.run`` wires them into the jobs the CLI runs; the library never prints (progress goes to a callback).
+"""
 
 from __future__ import annotations
 
@@ -21,11 +24,10 @@ from qconv.config import QuantConfig
 from qconv.data import FeedSource, InputSpec
 from qconv.errors import QconvError
 from qconv.intake import prepare
-from qconv.plan import NodeDecision, QuantPlan, build_plan, calibration_targets
-from qconv.graph import expose
-from qconv.report.evaluate import compare, latency
-from qconv.report.layers import probe_pairs
-from qconv.rewrite.dynamic import apply_dynamic
+from qconv.overrides import NodeOverride, Overrides
+from qconv.plan import NodeDecision, QuantPlan
+from qconv.planner import activation_ranges, build_plan, calibration_targets
+from qconv.rewrite.dynamic import apply_dynamic, plan_dynamic
 from qconv.rewrite.qdq import apply_qdq
 from qconv.rewrite.qoperator import fold_qoperator
 
@@ -71,11 +73,12 @@ def calibration_options(source: FeedSource, method: str = "minmax", bins: int = 
 
 def calibrate(prepared: Prepared, source: FeedSource, threads: int | None = None,
               progress: Progress = _no_progress, method: str = "minmax", bins: int = DEFAULT_BINS,
-              momentum: float = DEFAULT_MOMENTUM, config: QuantConfig | None = None) -> Calibration:
-    """Observe the tensors ``config``'s plan can use (every float activation when ``config`` is None)."""
+              momentum: float = DEFAULT_MOMENTUM, config: QuantConfig | None = None,
+              overrides: Overrides | None = None) -> Calibration:
+    """Observe the tensors ``config``'s plan (with ``overrides``) can use (every float activation when ``config`` is None)."""
     names = activation_tensors(prepared.model)
     if config is not None:
-        names = calibration_targets(prepared.model, config, names)
+        names = calibration_targets(prepared.model, config, names, overrides)
     advance = progress("calibrating", source.count())
     observers, seen = collect(prepared.model, source, threads=threads, progress=advance, bins=bins, momentum=momentum, names=names)
     options = calibration_options(source, method, bins, momentum)
@@ -94,69 +97,171 @@ def load_calibration(path: str | os.PathLike, prepared: Prepared, force: bool = 
 class Result:
     model: onnx.ModelProto
     plan: QuantPlan
-    extras: dict = field(default_factory=dict)  # mode-specific findings for the report (fp16 overflow, int4 blocks)
+    findings: dict = field(default_factory=dict)  # mode-specific findings for the report (fp16 overflow, int4 blocks)
     analysis_model: onnx.ModelProto | None = None  # numerically the same as model, with DequantizeLinear to probe
     dequantized: dict[str, str] = field(default_factory=dict)  # float tensor -> its DequantizeLinear output
 
 
-def quantize(prepared: Prepared, calib: Calibration | None, config: QuantConfig,
-             calib_feeds: Iterable[dict] | None = None) -> Result:
-    """Rewrite the prepared model as ``config.mode`` asks; ``calib`` is needed by the static modes."""
-    extras: dict = {}
-    analysis, dequantized = None, {}
+def plan(prepared: Prepared, calib: Calibration | None, config: QuantConfig, overrides: Overrides | None = None) -> QuantPlan:
+    """Decide what ``config.mode`` does to every node of the prepared model: the plan its rewrite applies."""
+    overrides = overrides or Overrides()
+    overrides.check_against([n.name for n in prepared.model.graph.node], set(activation_tensors(prepared.model)))
+    if config.mode in ("fp16", "int4") and any(o.precision not in (None, "float") or o.granularity for o in overrides.nodes.values()):
+        raise QconvError(f"--mode {config.mode} takes only {{\"precision\": \"float\"}} node overrides")
+    if overrides.tensors and not config.needs_calibration:
+        raise QconvError(f"--mode {config.mode} has no activation ranges: drop the plan's tensor overrides")
     if config.needs_calibration:
         if calib is None:
             raise QconvError(f"--mode {config.mode} needs calibration: give --data or --calib")
-        ranges = calib.ranges(config.method, config.symmetric_activations, config.percentile)
-        plan = build_plan(prepared.model, ranges, config, calib.nonfinite(), calib.mask_like())
-        qmodel, dequantized = apply_qdq(prepared.model, plan)
+        ranges, methods = activation_ranges(calib, config, overrides)
+        nonfinite, masks = calib.nonfinite(), calib.mask_like()
+        p = build_plan(prepared.model, ranges, config, nonfinite, masks, overrides, methods)
+        p.source = {"ranges": {k: [float(v[0]), float(v[1])] for k, v in sorted(ranges.items()) if k not in methods},
+                    "nonfinite": dict(sorted(nonfinite.items())), "masks": dict(sorted(masks.items()))}
+    elif config.mode == "dynamic":
+        p = plan_dynamic(prepared.model, config, overrides)
+    elif config.mode == "fp16":
+        p = _plan_fp16(prepared, config, overrides)
+    else:
+        p = _plan_int4(prepared, config, overrides)
+    p.source = {"model_id": prepared.model_id, "calibration": calibration_identity(calib), **p.source}
+    return p
+
+
+def replan(prepared: Prepared, stored: QuantPlan, calib: Calibration | None) -> QuantPlan:
+    """Plan again after the overrides of a stored plan were edited: from its recorded ranges, or from ``calib``
+    (needed only by method overrides)."""
+    config = stored.config
+    if calib is None and config.needs_calibration:
+        calib = _StoredRanges(stored.source)
+    p = plan(prepared, calib, config, stored.overrides)
+    if isinstance(calib, _StoredRanges):
+        p.source["calibration"] = stored.source.get("calibration")
+    return p
+
+
+class _StoredRanges:
+    """The statistics a stored plan recorded (ranges by its method): enough to plan again without the model."""
+
+    def __init__(self, source: dict):
+        self._ranges = {k: (float(v[0]), float(v[1])) for k, v in dict(source.get("ranges") or {}).items()}
+        self._nonfinite = dict(source.get("nonfinite") or {})
+        self._masks = dict(source.get("masks") or {})
+        self.tensors: dict = {}  # no histograms: a method override needs the calibration file
+
+    def ranges(self, method, symmetric, percentile) -> dict:
+        return dict(self._ranges)
+
+    def nonfinite(self) -> dict:
+        return dict(self._nonfinite)
+
+    def mask_like(self) -> dict:
+        return dict(self._masks)
+
+
+def calibration_identity(calib: Calibration | None) -> dict | None:
+    if calib is None or isinstance(calib, _StoredRanges):
+        return None
+    return {"model_id": calib.model_id, "data_id": calib.data_id, "samples": calib.samples, "options": calib.options}
+
+
+def apply(prepared: Prepared, p: QuantPlan, calib_feeds: Iterable[dict] | None = None) -> Result:
+    """Rewrite the prepared model as the plan says, annotate it, and check that onnxruntime runs it."""
+    config = p.config
+    findings: dict = {}
+    analysis, dequantized = None, {}
+    if config.needs_calibration:
+        qmodel, dequantized = apply_qdq(prepared.model, p)
         analysis = qmodel
         if config.output_format == "qoperator":
             qmodel, folded = fold_qoperator(qmodel)
-            extras["qoperator"] = dict(sorted(collections.Counter(folded.values()).items()))
+            findings["qoperator"] = dict(sorted(collections.Counter(folded.values()).items()))
     elif config.mode == "dynamic":
-        qmodel, plan = apply_dynamic(prepared.model, config)
+        qmodel = apply_dynamic(prepared.model, p)
     elif config.mode == "fp16":
-        qmodel, plan, extras = _fp16(prepared, config)
+        qmodel, findings = _apply_fp16(prepared, p)
     else:
-        qmodel, plan, extras = _int4(prepared, config, calib_feeds)
+        qmodel, findings = _apply_int4(prepared, p, calib_feeds)
     _keep_value_info(qmodel, {vi.name for vi in prepared.original.graph.value_info})
-    _annotate(qmodel, config, calib, prepared)
+    _annotate(qmodel, config, p.source.get("calibration"), prepared)
     verify(qmodel)
-    return Result(qmodel, plan, extras, analysis if analysis is not None else qmodel, dequantized)
+    return Result(qmodel, p, findings, analysis if analysis is not None else qmodel, dequantized)
 
 
-def _fp16(prepared: Prepared, config: QuantConfig):
+def quantize(prepared: Prepared, calib: Calibration | None, config: QuantConfig,
+             calib_feeds: Iterable[dict] | None = None, overrides: Overrides | None = None) -> Result:
+    """Plan and apply in one call (``qconv quantize`` without --plan)."""
+    return apply(prepared, plan(prepared, calib, config, overrides), calib_feeds)
+
+
+def _decisions_from(prepared: Prepared, reasons: dict[str, tuple[str, str]], touched) -> list[NodeDecision]:
+    out = []
+    for n in prepared.model.graph.node:
+        if n.name in reasons:
+            out.append(NodeDecision(n.name, n.op_type, "float", reasons[n.name][1], reasons[n.name][0]))
+        elif touched(n):
+            out.append(NodeDecision(n.name, n.op_type, "quantized"))
+        else:
+            out.append(NodeDecision(n.name, n.op_type, "integer", "no float data: nothing to convert"))
+    return out
+
+
+def _plan_fp16(prepared: Prepared, config: QuantConfig, overrides: Overrides) -> QuantPlan:
+    from qconv.rewrite.fp16 import fp16_decisions
+
+    forced = {n.name for n in prepared.model.graph.node if (overrides.node(n.name) or NodeOverride()).precision == "float"}
+    rows = fp16_decisions(prepared.model, config.exclude_ops, config.exclude_nodes, forced)
+    reasons, touched = {}, set()
+    for node, reason, uses_float in rows:
+        if reason:
+            excluded = config.excluded(node.name, node.op_type)
+            code = "excluded" if excluded else "override" if node.name in forced else "fp16"
+            reasons[node.name] = (code, excluded or reason)
+        elif uses_float:
+            touched.add(node.name)
+    return QuantPlan(config, _decisions_from(prepared, reasons, lambda n: n.name in touched), {}, {}, overrides)
+
+
+def _apply_fp16(prepared: Prepared, p: QuantPlan):
     from qconv.rewrite.fp16 import convert_fp16
 
-    r = convert_fp16(prepared.model, keep_io_types=config.keep_io_types, block_ops=config.exclude_ops,
-                     block_nodes=config.exclude_nodes)
-    kept = {k["name"]: k["reason"] for k in r.kept_float}
-    decisions = [NodeDecision(n.name, n.op_type, "float" if n.name in kept else "quantized", kept.get(n.name, ""))
-                 for n in prepared.model.graph.node]
-    extras = {"fp16": {"overflow": r.overflow, "underflow": r.underflow, "converted_nodes": r.converted_nodes,
-                       "keep_io_types": config.keep_io_types}}
-    return r.model, QuantPlan(config, decisions, {}, {}), extras
+    config = p.config
+    forced = [n.name for n in p.nodes if n.kept_float and n.code in ("excluded", "override")]
+    r = convert_fp16(prepared.model, keep_io_types=config.keep_io_types, float_nodes=forced)
+    findings = {"fp16": {"overflow": r.overflow, "underflow": r.underflow, "converted_nodes": r.converted_nodes,
+                         "keep_io_types": config.keep_io_types}}
+    return r.model, findings
 
 
-def _int4(prepared: Prepared, config: QuantConfig, calib_feeds):
+def _plan_int4(prepared: Prepared, config: QuantConfig, overrides: Overrides) -> QuantPlan:
+    from qconv.rewrite.weight_only import int4_decisions
+
+    converted, kept = int4_decisions(prepared.model, config.block_size)
+    reasons = {}
+    for n in prepared.model.graph.node:
+        excluded = config.excluded(n.name, n.op_type)
+        ov = overrides.node(n.name)
+        if excluded:
+            reasons[n.name] = ("excluded", excluded)
+        elif ov is not None and ov.precision == "float":
+            reasons[n.name] = ("override", "kept float by the plan's override")
+        elif n.name in kept:
+            reasons[n.name] = ("unsupported", kept[n.name])
+        elif n.name not in converted:
+            reasons[n.name] = ("mode", "int4 is weight-only: MatMul and Gather weights are converted, the rest stays float")
+    return QuantPlan(config, _decisions_from(prepared, reasons, lambda n: n.name in converted), {}, {}, overrides)
+
+
+def _apply_int4(prepared: Prepared, p: QuantPlan, calib_feeds):
     from qconv.rewrite.weight_only import quantize_int4
 
+    config = p.config
     method = config.int4_method if calib_feeds is not None else "rtn"
     r = quantize_int4(prepared.model, block_size=config.block_size, symmetric=config.symmetric_weights, method=method,
-                      calib_feeds=calib_feeds if method == "gptq" else None, exclude_nodes=config.exclude_nodes + tuple(
-                          n.name for n in prepared.model.graph.node if n.op_type in config.exclude_ops))
-    done = {q["node"] for q in r.quantized}
-    kept = {k["name"]: k["reason"] for k in r.kept_float}
-    decisions = []
-    for n in prepared.model.graph.node:
-        if n.name in done:
-            decisions.append(NodeDecision(n.name, n.op_type, "quantized"))
-        else:
-            decisions.append(NodeDecision(n.name, n.op_type, "float", kept.get(n.name, "int4 is weight-only: MatMul and Gather weights are converted, the rest stays float")))
-    extras = {"int4": {"method": method, "block_size": config.block_size, "symmetric": config.symmetric_weights,
-                       "weights": r.quantized}}
-    return r.model, QuantPlan(config, decisions, {}, {}), extras
+                      calib_feeds=calib_feeds if method == "gptq" else None, only_nodes={n.name for n in p.nodes if n.quantized})
+    findings = {"int4": {"method": method, "block_size": config.block_size, "symmetric": config.symmetric_weights,
+                         "weights": r.quantized}}
+    return r.model, findings
 
 
 def _keep_value_info(model: onnx.ModelProto, names: set[str]) -> None:
@@ -166,13 +271,12 @@ def _keep_value_info(model: onnx.ModelProto, names: set[str]) -> None:
     model.graph.value_info.extend(keep)
 
 
-def _annotate(model: onnx.ModelProto, config: QuantConfig, calib: Calibration | None, prepared: Prepared) -> None:
+def _annotate(model: onnx.ModelProto, config: QuantConfig, calib: dict | None, prepared: Prepared) -> None:
     meta = {
         "qconv.version": __version__,
         "qconv.mode": config.mode,
         "qconv.config": json.dumps(config.to_dict(), sort_keys=True),
-        "qconv.calibration": json.dumps({"model_id": calib.model_id, "data_id": calib.data_id, "samples": calib.samples,
-                                         "options": calib.options} if calib else None, sort_keys=True),
+        "qconv.calibration": json.dumps(calib, sort_keys=True),
         "qconv.source_model_id": prepared.model_id,
     }
     kept = [p for p in model.metadata_props if not p.key.startswith("qconv.")]
@@ -192,40 +296,6 @@ def verify(model: onnx.ModelProto) -> None:
     except onnx.checker.ValidationError as exc:
         raise QconvError(f"internal error: the quantized model fails onnx.checker ({str(exc).splitlines()[0]}); please report it") from None
     runtime.session(model, threads=1)
-
-
-def evaluate(prepared: Prepared, result: Result, source: FeedSource, labels: np.ndarray | None,
-             threads: int | None, progress: Progress = _no_progress, measure_latency: bool = True,
-             layers: bool = True) -> dict:
-    """Fidelity of every output (and, with ``layers``, of every comparable tensor), accuracy, latency."""
-    threads = threads or runtime.default_threads()
-    analysis = result.analysis_model or result.model
-    return compare_models(prepared.model, analysis, source, labels, threads, progress,
-                          result.dequantized if layers else None, layers, latency_models=(str(prepared.path), result.model) if measure_latency else None)
-
-
-def compare_models(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, source: FeedSource,
-                   labels: np.ndarray | None, threads: int, progress: Progress = _no_progress,
-                   dequantized: dict[str, str] | None = None, layers: bool = True, latency_models=None) -> dict:
-    """Run both models over ``source`` once, with the tensors to compare exposed; latency on plain sessions."""
-    pairs = probe_pairs(float_model, quant_model, dequantized) if layers else {}
-    fsess = runtime.session(expose(float_model, {t: onnx.TensorProto.FLOAT for t in pairs}), threads)
-    qsess = runtime.session(expose(quant_model, dict(pairs.values())), threads)
-    advance = progress("evaluating", source.count())
-    report = compare(fsess, qsess, source, labels, progress=advance, probes={t: q for t, (q, _) in pairs.items()})
-    del fsess, qsess  # free their weights before the latency sessions load theirs
-    if latency_models is not None:
-        plain_f, plain_q = (runtime.session(m, threads) for m in latency_models)
-        report["latency_ms"] = latency(plain_f, plain_q, next(iter(source)), threads)
-    return report
-
-
-def node_summary(plan: QuantPlan) -> dict:
-    by_op: dict[str, dict[str, int]] = {}
-    for n in plan.nodes:
-        slot = by_op.setdefault(n.op_type, {"quantized": 0, "float": 0, "integer": 0})
-        slot[n.status] += 1
-    return dict(sorted(by_op.items()))
 
 
 def save_quantized(result: Result, out: Path, prepared: Prepared) -> int:

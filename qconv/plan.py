@@ -1,40 +1,43 @@
-"""graph + calibration ranges + config -> QuantPlan: what gets quantized, with which parameters, and why not.
+"""The quantization plan: the one contract between deciding (``planner``) and rewriting (``rewrite/``).
 
-The plan is a plain value (``to_dict`` gives JSON) that the rewrite passes apply; the reasons a node stays
-in float travel to ``qconv inspect`` and the report.
+A ``QuantPlan`` says, for every node, whether it is quantized and why not, and for every tensor that
+gets quantized its role, integer type, granularity, the range it was given and by which method, and its
+scale and zero point. It is a plain value: ``to_dict`` / ``from_dict`` round-trip it losslessly through
+JSON (schema ``qconv.plan``), so ``qconv plan`` can write it, a person or a tuner can edit its
+``overrides``, and ``qconv quantize --plan`` applies it. Every mode (int8, a16w8, dynamic, fp16, int4)
+produces one and its rewrite reads it.
 """
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnx
 
 from qconv import qmath
 from qconv.config import QuantConfig
-from qconv.graph import Graph, attr
+from qconv.errors import QconvError
+from qconv.overrides import Overrides
 
-# Ops whose output keeps the input's scale and zero point: onnxruntime then runs them on int8 directly.
-SHARED = {"MaxPool", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Resize", "Slice",
-          "Gather", "DepthToSpace", "SpaceToDepth", "Expand"}
-# Ops with int8 kernels (or QDQ fusions) in onnxruntime's CPU provider, output with its own parameters.
-OWN = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "Concat", "AveragePool",
-       "GlobalAveragePool", "Sigmoid", "LeakyRelu", "Relu", "Clip"}
-# Ops with int8 kernels worth converting float inputs for.
-ANCHORS = {"Conv", "ConvTranspose", "MatMul", "Gemm"}
-# Activations that a quantized producer's QuantizeLinear can absorb (its clamp is the activation).
-FOLDABLE_ACT = {"Relu", "Clip"}
-FOLD_PRODUCERS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool"}
-FRAGILE = {
-    "Softmax": "numerically fragile: its outputs span orders of magnitude that 8 bits cannot hold",
-    "LogSoftmax": "numerically fragile: its outputs span orders of magnitude that 8 bits cannot hold",
-    "LayerNormalization": "numerically fragile: normalization divides by a variance that 8 bits distort",
-    "InstanceNormalization": "numerically fragile: normalization divides by a variance that 8 bits distort",
-    "BatchNormalization": "no int8 kernel in onnxruntime (only a BatchNormalization after a Conv is folded)",
+SCHEMA = "qconv.plan"
+VERSION = 1
+
+# Why a node stays float, grouped the way a user reads it: (code) -> the sentence shown once per group.
+GROUPS = {
+    "excluded": "excluded on the command line (--exclude-nodes / --exclude-ops)",
+    "override": "kept float by an override in the plan",
+    "inputs-float": "its inputs stay float: no int8 kernel gains from converting them",
+    "bias-add": "bias Add after a quantized MatMul: onnxruntime fuses it with an exact float bias",
+    "fragile": "numerically fragile: 8 bits distort it (Softmax, normalizations)",
+    "no-kernel": "no int8 kernel for this op in onnxruntime's CPU provider",
+    "wide-range": "values span more than 8 bits can hold",
+    "nonfinite": "holds inf/NaN values, which integers cannot represent",
+    "unobserved": "needs a tensor the calibration did not observe: re-run qconv calibrate with --all-tensors",
+    "not-float": "its input is not float32",
+    "unsupported": "an input form the int8 kernels do not take",
+    "custom-domain": "custom-domain op, left as it is",
+    "mode": "this mode does not convert this op",
 }
-MASK_LIMIT = 1e6
 
 
 @dataclass
@@ -43,6 +46,7 @@ class NodeDecision:
     op_type: str
     status: str  # quantized | float (kept in float, with a reason) | integer (no float data: nothing to do)
     reason: str = ""
+    code: str = ""  # key of GROUPS for kept-float nodes
 
     @property
     def quantized(self) -> bool:
@@ -60,6 +64,26 @@ class TensorPlan:
     qparams: qmath.QParams
     consumers: list[str] = field(default_factory=list)  # node names that read the dequantized tensor
     origin: str = ""
+    method: str = ""  # activations: the range method (or "explicit" for an override range)
+    range: tuple[float, float] | None = None  # activations: the range the parameters cover
+
+    def to_dict(self) -> dict:
+        d = {"tensor": self.name, "role": self.role, **self.qparams.to_dict(), "consumers": list(self.consumers),
+             "origin": self.origin}
+        if self.role == "activation":
+            d["method"] = self.method
+            d["range"] = None if self.range is None else [float(self.range[0]), float(self.range[1])]
+        return d
+
+    @classmethod
+    def from_dict(cls, name: str, d: dict) -> "TensorPlan":
+        qt = qmath.qtype(d["type"])
+        scale = np.asarray(d["scale"], dtype=np.float32)
+        zp = np.asarray(d["zero_point"], dtype=np.int64).astype(qt.dtype)
+        qp = qmath.QParams(scale, zp, qt, d.get("axis"))
+        rng = d.get("range")
+        return cls(d.get("tensor", name), d["role"], qp, list(d.get("consumers", [])), d.get("origin", ""), d.get("method", ""),
+                   None if rng is None else (float(rng[0]), float(rng[1])))
 
 
 @dataclass
@@ -68,314 +92,70 @@ class QuantPlan:
     nodes: list[NodeDecision]
     tensors: dict[str, TensorPlan]
     folded: dict[str, str]  # removed activation node name -> the producer that absorbed it
-
-    def to_dict(self) -> dict:
-        return {
-            "config": self.config.to_dict(),
-            "nodes": [vars(n) for n in self.nodes],
-            "tensors": {k: {"role": t.role, **t.qparams.to_dict()} for k, t in sorted(self.tensors.items())},
-            "folded": dict(self.folded),
-        }
+    overrides: Overrides = field(default_factory=Overrides)
+    # Where the decisions came from: model id, calibration identity, and the ranges the planner saw, so an
+    # edited plan can be planned again without running the model (see planner.replan).
+    source: dict = field(default_factory=dict)
 
     def decision(self, name: str) -> NodeDecision | None:
         return next((n for n in self.nodes if n.name == name), None)
 
+    def by_op(self) -> dict[str, dict[str, int]]:
+        """{op type: {"quantized": n, "float": n, "integer": n}}."""
+        out: dict[str, dict[str, int]] = {}
+        for n in self.nodes:
+            slot = out.setdefault(n.op_type, {"quantized": 0, "float": 0, "integer": 0})
+            slot[n.status] += 1
+        return dict(sorted(out.items()))
 
-def _inputs(node: onnx.NodeProto, g: Graph, per_channel: bool) -> list[tuple[int, str, int | None]] | str:
-    """(input index, role, per-channel axis) for each input to quantize, or a reason it cannot be."""
-    op = node.op_type
-    ins = list(node.input)
-
-    def weight_or_act(k: int, axis: int | None):
-        if g.is_constant(ins[k]):
-            return (k, "weight", axis if per_channel else None)
-        return (k, "activation", None)
-
-    if op in ("Conv", "ConvTranspose"):
-        if op == "ConvTranspose" and attr(node, "group", 1) != 1:
-            per_channel = False
-        spec = [(0, "activation", None), weight_or_act(1, 0 if op == "Conv" else 1)]
-        if len(ins) > 2 and ins[2]:
-            if not (g.is_constant(ins[1]) and g.is_constant(ins[2])):
-                return "bias is computed at run time; int8 kernels need a constant bias"
-            spec.append((2, "bias", 0))
-        return spec
-    if op == "Gemm":
-        if attr(node, "transA", 0):
-            return "transA=1 has no int8 Gemm kernel"
-        axis = 0 if attr(node, "transB", 0) else 1
-        spec = [(0, "activation", None), weight_or_act(1, axis)]
-        if len(ins) > 2 and ins[2]:
-            c = g.array(ins[2]) if g.is_constant(ins[2]) else None
-            simple = attr(node, "alpha", 1.0) == 1.0 and attr(node, "beta", 1.0) == 1.0
-            if c is not None and simple and c.ndim in (1, 2) and c.shape[-1] == c.size and g.is_constant(ins[1]):
-                spec.append((2, "bias", 0))
-        return spec
-    if op == "MatMul":
-        b_const = g.is_constant(ins[1])
-        rank = len(g.initializers[ins[1]].dims) if b_const else 0
-        return [(0, "activation", None), weight_or_act(1, rank - 1 if rank >= 2 else None)]
-    if op in ("Add", "Mul", "Concat"):
-        return [(k, "const" if g.is_constant(i) else "activation", None) for k, i in enumerate(ins) if i]
-    if op == "Gather":
-        return [(0, "const" if g.is_constant(ins[0]) else "activation", None)]
-    if op == "Clip":
-        if any(i and not g.is_constant(i) for i in ins[1:]):
-            return "clip bounds are computed at run time"
-        return [(0, "activation", None)]
-    if op == "MaxPool" and len([o for o in node.output if o]) > 1:
-        return "MaxPool with an Indices output has no int8 kernel"
-    return [(0, "activation", None)]
-
-
-def _excluded(node: onnx.NodeProto, config: QuantConfig) -> str | None:
-    for pattern in config.exclude_nodes:
-        if fnmatch.fnmatchcase(node.name, pattern):
-            return f"excluded by --exclude-nodes {pattern}"
-    if node.op_type in config.exclude_ops:
-        return f"excluded by --exclude-ops {node.op_type}"
-    return None
-
-
-def _range_problem(name: str, ranges: dict, nonfinite: dict, op_type: str = "", masks: set | None = None) -> str | None:
-    """Why tensor ``name`` cannot be quantized, if it cannot.
-
-    Tensors with inf/NaN never can. Operands and results of Add/Mul that calibration found mask-like
-    (values near zero and values beyond 1e6 in the same tensor: -1e9 or finfo.min added to attention
-    scores) cannot either: one 8-bit scale would flatten the real values to zero.
-    """
-    if name not in ranges:
-        return f"no calibration statistics for tensor '{name}'"
-    if nonfinite.get(name, 0):
-        return f"tensor '{name}' holds {nonfinite[name]} inf/NaN values that int8 cannot represent"
-    if op_type in ("Add", "Mul") and name in (masks or ()):
-        return f"tensor '{name}' holds mask-like values (|x| >= {MASK_LIMIT:g} next to values near 0) that int8 would erase"
-    return None
-
-
-def build_plan(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]], config: QuantConfig,
-               nonfinite: dict[str, int] | None = None, masks: set[str] | None = None) -> QuantPlan:
-    g = Graph(model)
-    nonfinite = nonfinite or {}
-    ranges = _alias_activation_inputs(model, g, ranges)
-    act_q = qmath.qtype(config.act_type)
-    w_q = qmath.qtype(config.weight_type)
-    if config.reduce_range:  # 7-bit weights: int8 products cannot overflow int16 sums on CPUs without VNNI
-        w_q = qmath.QType(w_q.name, -64, 63) if w_q.signed else qmath.QType(w_q.name, 0, 127)
-    decisions: list[NodeDecision] = []
-    wanted: dict[str, tuple[str, int | None]] = {}  # tensor -> (role, axis)
-    readers: dict[str, list[str]] = {}
-    quantized_nodes: dict[str, onnx.NodeProto] = {}
-    available: set[str] = set()  # outputs of quantized nodes that can carry Q/DQ
-    inherited: set[str] = set()  # outputs of data-movement ops: they take their input's parameters
-
-    for node in model.graph.node:
-        if _integer_only(node, g):
-            decisions.append(NodeDecision(node.name, node.op_type, "integer", "integer output (shape or index math): nothing to quantize"))
-            continue
-        reason = _excluded(node, config) or _node_problem(node, g, ranges, nonfinite, config)
-        if reason:
-            decisions.append(NodeDecision(node.name, node.op_type, "float", reason))
-            continue
-        spec = _inputs(node, g, config.per_channel)
-        if isinstance(spec, str):
-            decisions.append(NodeDecision(node.name, node.op_type, "float", spec))
-            continue
-        problem = None
-        for k, role, _ in spec:
-            if role == "activation" and node.input[k] not in inherited:
-                problem = problem or _range_problem(node.input[k], ranges, nonfinite, node.op_type, masks)
-        if node.op_type in ("Add", "Mul"):
-            problem = problem or _range_problem(node.output[0], ranges, nonfinite, node.op_type, masks)
-        problem = problem or _cost_problem(node, spec, g, available, quantized_nodes)
-        if problem:
-            decisions.append(NodeDecision(node.name, node.op_type, "float", problem))
-            continue
-        decisions.append(NodeDecision(node.name, node.op_type, "quantized"))
-        quantized_nodes[node.name] = node
-        out = node.output[0]
-        if out and out not in g.graph_outputs and g.is_float(out):
-            # A data-movement op's output takes its input's parameters: it needs no range of its own.
-            if node.op_type in SHARED and (node.input[0] in available or g.is_constant(node.input[0])):
-                available.add(out)
-                inherited.add(out)
-            elif not _range_problem(out, ranges, nonfinite):
-                available.add(out)
-        for k, role, axis in spec:
-            wanted.setdefault(node.input[k], (role, axis))
-            readers.setdefault(node.input[k], []).append(node.name)
-
-    # A quantized node's output gets Q/DQ when a quantized node reads it (the pair between two int8 kernels),
-    # and always after Conv, whose int8 kernel (QLinearConv) needs it. MatMul and Gemm with a float
-    # consumer keep a float output: onnxruntime runs them as MatMulIntegerToFloat / QGemm.
-    outputs: dict[str, onnx.NodeProto] = {}
-    for node in quantized_nodes.values():
-        out = node.output[0]
-        if out in available and (node.op_type in ("Conv", "ConvTranspose") or out in wanted):
-            outputs[out] = node
-            wanted.setdefault(out, ("activation", None))
-
-    folded = _fold_activations(model, g, quantized_nodes, outputs, wanted, config)
-    tensors = _qparams(model, g, wanted, readers, outputs, ranges, folded, config, act_q, w_q)
-    return QuantPlan(config, decisions, tensors, folded)
-
-
-def _alias_activation_inputs(model, g: Graph, ranges: dict) -> dict:
-    """A Relu/Clip input read by nothing else can use the Relu's output range (calibration skips it).
-
-    When the Relu is folded the input is never quantized; when it is not, clipping the input to the
-    Relu's output range changes nothing the Relu lets through.
-    """
-    out = dict(ranges)
-    for node in model.graph.node:
-        if node.op_type in FOLDABLE_ACT and node.output[0] in ranges and node.input[0] not in ranges:
-            if g.only_consumer(node.input[0]) is node and g.producer.get(node.input[0]) is not None:
-                const_bounds = all(not i or g.is_constant(i) for i in node.input[1:])
-                if node.op_type == "Relu" or (const_bounds and _clip_bounds(node, g)[0] <= 0.0):
-                    out[node.input[0]] = ranges[node.output[0]]
-    return out
-
-
-def _cost_problem(node, spec, g: Graph, available: set[str], quantized_nodes) -> str | None:
-    """Why quantizing ``node`` would cost more than it gains, if it would.
-
-    Conv, ConvTranspose, MatMul and Gemm always gain (int8 kernels). Any other op gains only when its
-    inputs are already quantized: otherwise it would add conversions around an op as fast in float.
-    A bias Add right after a quantized MatMul/Gemm stays float: onnxruntime fuses it into
-    MatMulIntegerToFloat, and a float bias is exact where an int8 one is not.
-    """
-    if node.op_type in ANCHORS:
-        return None
-    if node.op_type == "Add":
-        consts = [i for i in node.input if g.is_constant(i)]
-        other = [i for i in node.input if not g.is_constant(i)]
-        producer = g.producer.get(other[0]) if len(other) == 1 and consts else None
-        if producer is not None and producer.name in quantized_nodes and producer.op_type in ("MatMul", "Gemm"):
-            return "bias add after a quantized MatMul: onnxruntime fuses it (MatMulIntegerToFloat) with an exact float bias"
-    for k, role, _ in spec:
-        if role == "activation" and node.input[k] not in available:
-            return "its inputs are float: quantizing it alone would only add conversions"
-    return None
-
-
-def calibration_targets(model: onnx.ModelProto, config: QuantConfig, candidates: list[str]) -> list[str]:
-    """The activations whose ranges the plan can use: the only tensors calibration needs to observe.
-
-    Planned with every candidate assumed to have a clean range, so masks and inf are still found (the
-    tensors they would touch are observed). Conv outputs a Relu absorbs are left out (the plan gives them
-    the Relu's range): they are the bulk of a CNN's activations. Outputs of data-movement ops are kept:
-    if real ranges make their input float, the next layer needs their own range.
-    """
-    plan = build_plan(model, {n: (0.0, 1.0) for n in candidates}, config)
-    return [n for n in candidates if n in plan.tensors and plan.tensors[n].role == "activation"]
-
-
-def _integer_only(node, g: Graph) -> bool:
-    """True when no output is float: shape and index math (Shape, Range, comparisons on shapes...)."""
-    outs = [n for n in node.output if n]
-    return bool(outs) and all(n in g.types and g.types[n] not in _FLOATS for n in outs)
-
-
-_FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
-
-
-def _node_problem(node, g: Graph, ranges, nonfinite, config) -> str | None:
-    if node.domain not in ("", "ai.onnx"):
-        return f"custom-domain op ({node.domain}) is left as it is"
-    if node.op_type in FRAGILE:
-        return FRAGILE[node.op_type]
-    if node.op_type not in SHARED and node.op_type not in OWN:
-        return f"no int8 kernel for {node.op_type} in onnxruntime's CPU provider"
-    first = node.input[0] if node.input else ""
-    if not first or not (g.is_float(first) or (node.op_type == "Gather" and g.is_constant(first))):
-        return "input is not float32"
-    if node.op_type in ("Add", "Mul"):
-        for i in node.input:
-            if g.is_constant(i):
-                c = g.array(i)
-                if c.dtype != np.float32 or not np.all(np.isfinite(c)) or (c.size and np.abs(c).max() >= MASK_LIMIT):
-                    return f"operand '{i}' holds mask-like constants that int8 would erase"
-    return None
-
-
-def _fold_activations(model, g: Graph, quantized_nodes, outputs, wanted, config) -> dict[str, str]:
-    """Relu/Clip right after a quantized op: drop them, their QuantizeLinear clamps the same way."""
-    folded = {}
-    if config.symmetric_activations:
-        return folded
-    for node in model.graph.node:
-        if node.op_type not in FOLDABLE_ACT or node.name not in quantized_nodes:
-            continue
-        x, y = node.input[0], node.output[0]
-        producer = g.producer.get(x)
-        if (
-            producer is None or producer.name not in quantized_nodes or producer.op_type not in FOLD_PRODUCERS
-            or g.only_consumer(x) is not node or y not in outputs
-        ):
-            continue
-        if node.op_type == "Clip":
-            lo, hi = _clip_bounds(node, g)
-            if not lo <= 0.0 <= hi:
+    def kept_float_groups(self, examples: int = 4) -> list[dict]:
+        """Kept-float nodes grouped by reason: what a user reads first (most nodes first)."""
+        groups: dict[str, dict] = {}
+        for n in self.nodes:
+            if not n.kept_float:
                 continue
-        folded[node.name] = producer.name
-        wanted.pop(x, None)
-    return folded
+            code = n.code or "other"
+            g = groups.setdefault(code, {"code": code, "reason": GROUPS.get(code, n.reason), "nodes": 0, "ops": {}, "examples": []})
+            g["nodes"] += 1
+            g["ops"][n.op_type] = g["ops"].get(n.op_type, 0) + 1
+            if len(g["examples"]) < examples:
+                g["examples"].append({"name": n.name, "op_type": n.op_type, "detail": n.reason})
+        for g in groups.values():
+            g["ops"] = dict(sorted(g["ops"].items(), key=lambda kv: (-kv[1], kv[0])))
+        return sorted(groups.values(), key=lambda g: (-g["nodes"], g["code"]))
 
+    def to_dict(self) -> dict:
+        return {
+            "schema": SCHEMA,
+            "version": VERSION,
+            "config": self.config.to_dict(),
+            "source": self.source,
+            "overrides": self.overrides.to_dict(),
+            "planned_with_overrides": self.overrides.digest(),
+            "nodes": [{"name": n.name, "op_type": n.op_type, "status": n.status, "reason": n.reason, "code": n.code}
+                      for n in self.nodes],
+            "tensors": {k: t.to_dict() for k, t in sorted(self.tensors.items())},
+            "folded": dict(sorted(self.folded.items())),
+        }
 
-def _clip_bounds(node, g: Graph) -> tuple[float, float]:
-    lo, hi = attr(node, "min", float("-inf")), attr(node, "max", float("inf"))
-    if len(node.input) > 1 and node.input[1]:
-        lo = float(g.array(node.input[1]))
-    if len(node.input) > 2 and node.input[2]:
-        hi = float(g.array(node.input[2]))
-    return lo, hi
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "plan file") -> "QuantPlan":
+        if not isinstance(d, dict) or d.get("schema") != SCHEMA:
+            raise QconvError(f"{where} is not a qconv plan (no '{SCHEMA}' schema field): write one with qconv plan")
+        if d.get("version") != VERSION:
+            raise QconvError(f"{where} has plan schema version {d.get('version')}; this qconv reads version {VERSION}: re-run qconv plan")
+        try:
+            config = QuantConfig.from_dict(d["config"])
+            nodes = [NodeDecision(n["name"], n["op_type"], n["status"], n.get("reason", ""), n.get("code", "")) for n in d["nodes"]]
+            tensors = {k: TensorPlan.from_dict(k, v) for k, v in dict(d["tensors"]).items()}
+            folded = {str(k): str(v) for k, v in dict(d.get("folded", {})).items()}
+            source = dict(d.get("source") or {})
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise QconvError(f"{where} is missing or has malformed fields ({type(exc).__name__}: {exc}): re-run qconv plan") from None
+        overrides = Overrides.from_dict(d.get("overrides") or {}, where)
+        plan = cls(config, nodes, tensors, folded, overrides, source)
+        plan.stale = overrides.digest() != d.get("planned_with_overrides", overrides.digest())
+        return plan
 
+    stale: bool = False  # True when the overrides were edited after planning: the planner must run again
 
-def _qparams(model, g: Graph, wanted, readers, outputs, ranges, folded, config, act_q, w_q) -> dict[str, TensorPlan]:
-    plans: dict[str, TensorPlan] = {}
-    sym_a = config.symmetric_activations
-
-    def act_params(name: str) -> qmath.QParams:
-        node = outputs.get(name)
-        if node is not None and node.op_type in SHARED and node.input[0] in plans:
-            return plans[node.input[0]].qparams
-        lo, hi = ranges[name]
-        return qmath.choose_qparams(lo, hi, act_q, sym_a)
-
-    # Graph order, so a shared-parameter op's input is planned before its output.
-    order = list(g.graph_inputs) + [o for n in model.graph.node for o in list(n.input) + list(n.output)]
-    for name in dict.fromkeys(order):
-        if name not in wanted:
-            continue
-        role, axis = wanted[name]
-        if role == "activation":
-            qp, origin = act_params(name), "calibrated range"
-        elif role == "const":
-            arr = g.array(name).astype(np.float32)
-            qp = qmath.choose_qparams(float(arr.min()) if arr.size else 0.0, float(arr.max()) if arr.size else 0.0, act_q, sym_a)
-            origin = "constant operand"
-        elif role == "weight":
-            qp = qmath.weight_qparams(g.array(name), w_q, config.symmetric_weights, axis)
-            origin = "weight, per-channel" if axis is not None else "weight, per-tensor"
-        else:
-            continue  # biases after their inputs and weights
-        plans[name] = TensorPlan(name, role, qp, list(readers.get(name, [])), origin)
-
-    for name, (role, _) in wanted.items():
-        if role != "bias":
-            continue
-        node = next(n for n in model.graph.node if n.name in readers[name])
-        x, w = node.input[0], node.input[1]
-        if x not in plans or w not in plans:
-            continue
-        bias = g.array(name)
-        wp = plans[w].qparams
-        if config.symmetric_weights:
-            widened = qmath.widen_weight_scale_for_bias(bias, float(plans[x].qparams.scale), wp.scale)
-            if wp.scale.ndim == 0:
-                widened = np.float32(widened.max())
-            if not np.array_equal(widened, wp.scale):
-                wp = qmath.QParams(widened, wp.zero_point, wp.qtype, wp.axis)
-                plans[w] = TensorPlan(w, "weight", wp, plans[w].consumers, plans[w].origin + ", widened for int32 bias")
-        plans[name] = TensorPlan(name, "bias", qmath.bias_qparams(bias, float(plans[x].qparams.scale), wp.scale), list(readers[name]), "bias, int32")
-    return plans

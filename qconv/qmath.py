@@ -31,6 +31,10 @@ class QType:
         return _ONNX_ELEM[self.name]
 
     @property
+    def bits(self) -> int:
+        return self.dtype.itemsize * 8
+
+    @property
     def signed(self) -> bool:
         return self.qmin < 0
 

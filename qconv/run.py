@@ -1,63 +1,166 @@
-"""One quantization job from start to report: what ``qconv quantize`` calls (the CLI only parses and renders)."""
+"""The jobs the CLI runs, and the one place that wires the stages together.
+
+``run_plan``     load -> calibrate (or read statistics) -> plan                      (``qconv plan``)
+``run_quantize`` load -> calibrate / read statistics / read a plan -> plan -> apply -> evaluate -> report
+``run_compare``  evaluate any two models on the same data -> report                   (``qconv report``)
+
+The CLI only parses options into these dataclasses and renders what comes back.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from qconv import io, pipeline, runtime
 from qconv.calib.observers import DEFAULT_BINS, DEFAULT_MOMENTUM
+from qconv.calib.ranges import METHODS
 from qconv.config import QuantConfig
-from qconv.errors import QconvError, UsageError
 from qconv.data import FeedSource, InputSpec
+from qconv.errors import QconvError, UsageError
+from qconv.data import feed_rows
+from qconv.graph import Graph, ai_onnx_opset, expose
+from qconv.overrides import Overrides
+from qconv.plan import QuantPlan
+from qconv.report import evaluate as ev
 from qconv.report.build import build_comparison_report, build_report
-from qconv.report.layers import dequantized_of
 from qconv.report.gates import Gates, evaluate_gates
+from qconv.report.layers import dequantized_of, probe_pairs
 from qconv.report.write import check_report_paths, write_reports
 
+DAMAGE_COSINE = 0.9  # below this output cosine (or top-1 agreement) the model is damaged: say so loudly
+ALTERNATIVE_ROWS = 16  # rows on which other range methods are measured when a model is damaged
 
-@dataclass
-class QuantizeJob:
-    model: Path
-    out: Path
-    settings: dict = field(default_factory=dict)  # QuantConfig fields given on the command line
-    calib: Path | None = None
-    data: Path | None = None
-    force_calib: bool = False
-    eval_data: Path | None = None
-    eval_labels: Path | None = None
+
+@dataclass(frozen=True)
+class CalibOptions:
+    """How feeds are read and what calibration records."""
+
     batch_size: int = 1
     samples: int | None = None
     bins: int = DEFAULT_BINS
     momentum: float = DEFAULT_MOMENTUM
-    method: str | None = None
-    percentile: float | None = None
     threads: int | None = None
-    latency: bool = True
-    gates: Gates = field(default_factory=Gates)
-    reports: tuple = ()
 
-    def check(self) -> QuantConfig:
-        """Validate the options together, before any work; returns the config (method from the CLI)."""
-        config = QuantConfig(**self.settings, method=self.method or "minmax",
-                             percentile=99.999 if self.percentile is None else self.percentile)
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """What the report measures."""
+
+    data: Path | None = None
+    labels: Path | None = None
+    latency: bool = True
+    layer_samples: int = ev.DEFAULT_LAYER_SAMPLES  # 0: no per-layer analysis
+    threads: int | None = None
+
+
+@dataclass
+class PlanJob:
+    """Inputs of a plan: the model, where statistics come from, the scheme, and overrides."""
+
+    model: Path
+    config: QuantConfig = field(default_factory=QuantConfig)
+    method: str | None = None  # None: the calibration file's method
+    percentile: float | None = None
+    calib: Path | None = None
+    data: Path | None = None
+    force_calib: bool = False
+    overrides: Path | None = None  # a JSON file with an "overrides" object (or a plan whose overrides to reuse)
+    calib_options: CalibOptions = field(default_factory=CalibOptions)
+
+    def check(self, plan_file: bool = False) -> None:
+        """With a plan file the mode is the plan's: --calib then only serves method overrides, --data evaluation."""
+        config = self.config
+        if plan_file:
+            return
         if config.needs_calibration:
             if (self.calib is None) == (self.data is None):
                 raise UsageError(f"--mode {config.mode} needs calibration: give exactly one of --calib FILE or --data DATA")
-            if self.calib is not None and self.eval_data is None:
-                raise UsageError("with --calib, give --eval-data so the report has data to measure on")
         elif self.calib is not None:
             raise UsageError(f"--mode {config.mode} takes no calibration file: drop --calib (--data, if given, is used for evaluation"
                              f"{' and GPTQ' if config.mode == 'int4' else ''})")
-        if self.eval_labels is not None and self.eval_data is None:
+
+    def effective(self, recorded: dict | None) -> QuantConfig:
+        """The config with the range method and percentile: from the options, else as calibration recorded them."""
+        recorded = recorded or {}
+        method = self.method or recorded.get("method", "minmax")
+        pct = self.percentile if self.percentile is not None else float(recorded.get("percentile", 99.999))
+        return dataclasses.replace(self.config, method=method, percentile=pct)
+
+
+def load_overrides(path: Path | None) -> Overrides:
+    if path is None:
+        return Overrides()
+    d = io.read_json(path, "overrides file")
+    return Overrides.from_dict(d.get("overrides", d) if isinstance(d, dict) else d, f"overrides file {path}")
+
+
+def _statistics(job: PlanJob, prepared: pipeline.Prepared, overrides: Overrides, progress):
+    """The calibration (read from --calib, or made from --data), or None for modes without it."""
+    if not job.config.needs_calibration:
+        return None
+    if job.calib is not None:
+        return pipeline.load_calibration(job.calib, prepared, job.force_calib)
+    o = job.calib_options
+    source = pipeline.feeds_for(prepared, job.data, o.batch_size, o.samples)
+    return pipeline.calibrate(prepared, source, o.threads, progress, job.method or "minmax", o.bins, o.momentum,
+                              job.effective(None), overrides)
+
+
+def run_plan(job: PlanJob, progress=pipeline._no_progress) -> tuple[QuantPlan, pipeline.Prepared]:
+    """The plan of ``job`` (``qconv plan``): nothing is rewritten."""
+    job.check()
+    overrides = load_overrides(job.overrides)
+    prepared = pipeline.load(job.model, job.config)
+    calib = _statistics(job, prepared, overrides, progress)
+    config = job.effective(calib.options if calib is not None else None)
+    return pipeline.plan(prepared, calib, config, overrides), prepared
+
+
+def read_plan(path: Path) -> QuantPlan:
+    return QuantPlan.from_dict(io.read_json(path, "plan file"), f"plan file {path}")
+
+
+def check_plan_model(stored: QuantPlan, path: Path, prepared: pipeline.Prepared, force: bool = False) -> None:
+    made_for = str(stored.source.get("model_id", ""))
+    if made_for != prepared.model_id and not force:
+        raise QconvError(f"plan file {path} was made for another model (id {made_for[:12]}, this model {prepared.model_id[:12]}): "
+                         "re-run qconv plan, or pass --force-calib")
+
+
+@dataclass
+class QuantizeJob:
+    out: Path
+    plan: PlanJob
+    plan_file: Path | None = None
+    evaluation: EvalOptions = field(default_factory=EvalOptions)
+    gates: Gates = field(default_factory=Gates)
+    reports: tuple = ()
+
+    @property
+    def model(self) -> Path:
+        return self.plan.model
+
+    def check(self) -> None:
+        """Validate the options together, before any work."""
+        e = self.evaluation
+        self.plan.check(self.plan_file is not None)
+        if self.plan_file is not None and (self.plan.overrides is not None):
+            raise UsageError("--plan already holds its overrides: edit them in the plan file and drop --overrides")
+        if e.labels is not None and e.data is None:
             raise UsageError("--eval-labels needs --eval-data (labels must match the evaluated rows)")
-        has_eval = (self.eval_data or self.data) is not None
-        self.gates.check_options(self.eval_labels is not None, self.latency and has_eval, has_eval)
+        has_eval = self.eval_path is not None
+        self.gates.check_options(e.labels is not None, e.latency and has_eval, has_eval)
         check_report_paths(self.reports, self.model)
-        io.check_output_path(self.out, self.model, self.calib, self.data, self.eval_data)
-        return config
+        io.check_output_path(self.out, self.model, self.plan.calib, self.plan.data, e.data, self.plan_file)
+
+    @property
+    def eval_path(self) -> Path | None:
+        return self.evaluation.data or self.plan.data
 
 
 def load_labels(path: Path | None) -> np.ndarray | None:
@@ -74,37 +177,137 @@ def load_labels(path: Path | None) -> np.ndarray | None:
     return labels.reshape(-1)
 
 
+def _make_plan(job: QuantizeJob, prepared: pipeline.Prepared, stored: QuantPlan | None, progress):
+    """(plan, calibration or None): planned now, or the stored plan (planned again if its overrides were edited)."""
+    pj = job.plan
+    if stored is None:
+        overrides = load_overrides(pj.overrides)
+        calib = _statistics(pj, prepared, overrides, progress)
+        config = pj.effective(calib.options if calib is not None else None)
+        return pipeline.plan(prepared, calib, config, overrides), calib
+    check_plan_model(stored, job.plan_file, prepared, pj.force_calib)
+    calib = pipeline.load_calibration(pj.calib, prepared, pj.force_calib) if pj.calib is not None else None
+    if not stored.stale:
+        return stored, calib
+    return pipeline.replan(prepared, stored, calib), calib
+
+
 def run_quantize(job: QuantizeJob, progress=pipeline._no_progress) -> tuple[dict, pipeline.Result]:
-    """Quantize, evaluate, write the model; return the report and the result. Nothing is written on error."""
-    config = job.check()
-    labels = load_labels(job.eval_labels)
-    prepared = pipeline.load(job.model, config)
-    eval_path = job.eval_data or job.data
-    eval_source = pipeline.feeds_for(prepared, eval_path, job.batch_size) if eval_path else None
-    calibration, calib_feeds = None, None
-    if config.needs_calibration:
-        if job.calib is not None:
-            calibration = pipeline.load_calibration(job.calib, prepared, job.force_calib)
-        else:
-            source = pipeline.feeds_for(prepared, job.data, job.batch_size, job.samples)
-            calibration = pipeline.calibrate(prepared, source, job.threads, progress, config.method, job.bins,
-                                             job.momentum, config)
-        recorded = calibration.options
-        config = QuantConfig(**job.settings, method=job.method or recorded.get("method", "minmax"),
-                             percentile=job.percentile if job.percentile is not None else float(recorded.get("percentile", 99.999)))
-    elif config.mode == "int4" and job.data is not None:
-        calib_feeds = pipeline.feeds_for(prepared, job.data, job.batch_size, job.samples)
-    result = pipeline.quantize(prepared, calibration, config, calib_feeds)
-    evaluation = {}
+    """Plan (or read a plan), rewrite, evaluate, write the model and reports. Nothing is written on error."""
+    job.check()
+    labels = load_labels(job.evaluation.labels)
+    stored = read_plan(job.plan_file) if job.plan_file is not None else None
+    prepared = pipeline.load(job.model, stored.config if stored is not None else job.plan.config)
+    eval_path = job.eval_path
+    eval_source = pipeline.feeds_for(prepared, eval_path, job.plan.calib_options.batch_size) if eval_path else None
+    plan, calib = _make_plan(job, prepared, stored, progress)
+    calib_feeds = None
+    if plan.config.mode == "int4" and job.plan.data is not None:
+        o = job.plan.calib_options
+        calib_feeds = pipeline.feeds_for(prepared, job.plan.data, o.batch_size, o.samples)
+    result = pipeline.apply(prepared, plan, calib_feeds)
+    evaluation, notes = None, []
     if eval_source is not None:
-        evaluation = pipeline.evaluate(prepared, result, eval_source, labels, job.threads, progress, job.latency)
+        evaluation, reference = evaluate(prepared, result, eval_source, labels, job.evaluation, progress)
+        notes = damage_warnings(evaluation, prepared, result, calib, reference, job.evaluation.threads)
     size_q = pipeline.save_quantized(result, job.out, prepared)
-    report = build_report(prepared, result, calibration, str(job.out), io.model_size_bytes(job.model), size_q,
-                          evaluation, str(eval_path) if eval_path else None)
+    report = build_report(plan, prepared.model, result.model, input_path=str(prepared.path), output_path=str(job.out),
+                          original_opset=ai_onnx_opset(prepared.original), intake=prepared.notes, findings=result.findings,
+                          calib=calib, sizes=(io.model_size_bytes(job.model), size_q), evaluation=evaluation,
+                          eval_source=str(eval_path) if eval_path else None, extra_warnings=notes)
     if job.gates.any():
         report["gate"] = evaluate_gates(job.gates, report)
     write_reports(report, job.reports)
     return report, result
+
+
+def evaluate(prepared: pipeline.Prepared, result: pipeline.Result, source: FeedSource, labels, opts: EvalOptions,
+             progress=pipeline._no_progress) -> tuple[dict, ev.Reference]:
+    """Fidelity of the written model against the original file, latency, and per-layer error on a sample."""
+    qtypes = None
+    if result.plan.config.needs_calibration:  # the QDQ analysis model: known types, no shape inference
+        ftypes = Graph(prepared.model).types
+        qtypes = {**ftypes, **{dq: onnx.TensorProto.FLOAT for dq in result.dequantized.values()}}
+    return _evaluate_models(str(prepared.path), result.model, prepared.model, result.analysis_model, result.dequantized,
+                            source, labels, opts, progress, qtypes)
+
+
+def _evaluate_models(float_src, quant_src, float_layers, quant_layers, dequantized, source: FeedSource, labels,
+                     opts: EvalOptions, progress, qtypes=None) -> tuple[dict, ev.Reference]:
+    threads = opts.threads or runtime.default_threads()
+    fsess = runtime.session(float_src, threads, spinning=False)
+    qsess = runtime.session(quant_src, threads, spinning=False)
+    reference = ev.Reference([o.name for o in fsess.get_outputs()])
+    out = ev.compare_outputs(fsess, qsess, source, labels, progress("evaluating", source.count()), reference,
+                             ALTERNATIVE_ROWS, source.specs)
+    if opts.latency:
+        out["latency_ms"] = ev.latency(fsess, qsess, next(iter(source)), threads)
+    del fsess, qsess  # free their weights before the analysis sessions load theirs
+    out["layer_rows"] = 0
+    if opts.layer_samples > 0:
+        ftypes = Graph(float_layers).types if qtypes is not None else None
+        pairs = probe_pairs(float_layers, quant_layers, dequantized, ftypes, qtypes)
+        if pairs:
+            fl = runtime.session(expose(float_layers, {t: onnx.TensorProto.FLOAT for t in pairs}), threads)
+            ql = runtime.session(expose(quant_layers, dict(pairs.values())), threads)
+            feeds = list(ev.limited(source, source.specs, opts.layer_samples))
+            out["layers"] = ev.compare_layers(fl, ql, feeds, {t: q for t, (q, _) in pairs.items()},
+                                              progress("per-layer analysis", len(feeds)))
+            out["layer_rows"] = sum(feed_rows(f, source.specs) for f in feeds)
+    return out, reference
+
+
+def damage_warnings(evaluation: dict, prepared, result: pipeline.Result, calib, reference: ev.Reference,
+                    threads: int | None) -> list[str]:
+    """A loud warning when the written model is damaged (output cosine or top-1 agreement below 0.9):
+    the outputs hurt, the worst layers, and, for calibrated modes, which range method measures better."""
+    outs = evaluation.get("outputs", {})
+    bad = [(k, v["cosine"]) for k, v in outs.items() if v["cosine"] < DAMAGE_COSINE]
+    agreement = evaluation.get("top1_agreement")
+    classifier = bool(outs) and (evaluation.get("task") is not None or _rank(prepared.model) == 2)
+    low_agreement = classifier and agreement is not None and agreement < DAMAGE_COSINE
+    if not bad and not low_agreement:
+        return []
+    what = [f"output '{k}' cosine {c:.3f}" for k, c in bad]
+    if low_agreement:
+        what.append(f"top-1 agreement with the original {agreement:.3f}")
+    msg = f"the quantized model is damaged: {', '.join(what)} (below {DAMAGE_COSINE})"
+    layers = sorted(((t, v["sqnr_db"]) for t, v in evaluation.get("layers", {}).items() if isinstance(v["sqnr_db"], float)),
+                    key=lambda kv: kv[1])[:3]
+    if layers:
+        msg += "; worst layers: " + ", ".join(f"{t} ({db:.1f} dB)" for t, db in layers)
+    if result.plan.config.needs_calibration and calib is not None and reference.rows:
+        msg += "; " + _better_method(prepared, result, calib, reference, threads)
+    return [msg]
+
+
+def _rank(model: onnx.ModelProto) -> int:
+    t = model.graph.output[0].type.tensor_type if model.graph.output else None
+    return len(t.shape.dim) if t is not None and t.HasField("shape") else 0
+
+
+def _better_method(prepared, result: pipeline.Result, calib, reference: ev.Reference, threads) -> str:
+    """Measure the other range methods on the reference rows; name the best if it beats the one used."""
+    config = result.plan.config
+    scores = {config.method: _worst_cosine(ev.compare_reference(reference, runtime.session(result.model, threads)))}
+    for method in METHODS:
+        if method == config.method:
+            continue
+        try:
+            other = pipeline.quantize(prepared, calib, dataclasses.replace(config, method=method), overrides=result.plan.overrides)
+        except QconvError:
+            continue
+        scores[method] = _worst_cosine(ev.compare_reference(reference, runtime.session(other.model, threads)))
+    best = max(scores, key=lambda m: (scores[m], m == config.method))
+    measured = ", ".join(f"{m} {c:.3f}" for m, c in sorted(scores.items(), key=lambda kv: -kv[1]))
+    rows = reference.count
+    if best != config.method:
+        return f"--method {best} measured better on {rows} rows (worst-output cosine: {measured})"
+    return f"no other range method measured better on {rows} rows ({measured}): keep the worst layers float with --exclude-nodes"
+
+
+def _worst_cosine(summary: dict) -> float:
+    return min((v["cosine"] for v in summary["outputs"].values()), default=1.0)
 
 
 @dataclass
@@ -112,15 +315,13 @@ class CompareJob:
     original: Path
     quantized: Path
     data: Path
-    eval_labels: Path | None = None
+    evaluation: EvalOptions = field(default_factory=EvalOptions)
     batch_size: int = 1
-    threads: int | None = None
-    latency: bool = True
     gates: Gates = field(default_factory=Gates)
     reports: tuple = ()
 
     def check(self) -> None:
-        self.gates.check_options(self.eval_labels is not None, self.latency, True)
+        self.gates.check_options(self.evaluation.labels is not None, self.evaluation.latency, True)
         check_report_paths(self.reports, self.original, self.quantized, self.data)
 
 
@@ -128,13 +329,12 @@ def run_compare(job: CompareJob, progress=pipeline._no_progress) -> dict:
     """Compare any two models on the same data: outputs, task accuracy, latency and every shared tensor."""
     job.check()
     original, quantized = io.load_model(job.original), io.load_model(job.quantized)
-    labels = load_labels(job.eval_labels)
+    labels = load_labels(job.evaluation.labels)
     initializers = {t.name for t in original.graph.initializer}
     specs = [InputSpec.from_value_info(i) for i in original.graph.input if i.name not in initializers]
     source = FeedSource(job.data, specs, batch_size=job.batch_size)
-    threads = job.threads or runtime.default_threads()
-    evaluation = pipeline.compare_models(original, quantized, source, labels, threads, progress, dequantized_of(quantized),
-                                         latency_models=(str(job.original), str(job.quantized)) if job.latency else None)
+    evaluation, _ = _evaluate_models(str(job.original), str(job.quantized), original, quantized, dequantized_of(quantized),
+                                     source, labels, job.evaluation, progress)
     report = build_comparison_report(str(job.original), str(job.quantized), original, quantized, evaluation, str(job.data))
     if job.gates.any():
         report["gate"] = evaluate_gates(job.gates, report)

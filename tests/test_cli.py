@@ -166,7 +166,6 @@ def test_output_in_missing_folder(conv_path, conv_data, tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     ([], "give exactly one of --calib FILE or --data DATA"),
-    (["--calib", "c.json"], "with --calib, give --eval-data"),
     (["--data", "d.npy", "--eval-labels", "l.npy"], "--eval-labels needs --eval-data"),
     (["--data", "d.npy", "--report", "r.txt"], "the extension picks the format"),
 ])

@@ -7,6 +7,7 @@ model again; shards of one calibration merge into the file a single run would ha
 from __future__ import annotations
 
 import hashlib
+import math
 
 import numpy as np
 from dataclasses import dataclass, field
@@ -67,10 +68,11 @@ class Calibration:
     def nonfinite(self) -> dict[str, int]:
         return {k: o.nonfinite for k, o in self.tensors.items() if o.nonfinite}
 
-    def mask_like(self, limit: float = 1e6) -> set[str]:
-        """Tensors holding both values beyond ``limit`` and values near zero (>= 1% of them within
-        1e-3 of the extreme): attention-mask arithmetic, unlike uniformly large activations."""
-        out = set()
+    def mask_like(self, limit: float = 1e6) -> dict[str, float]:
+        """Tensors whose values span more than 8 bits can hold: values beyond ``limit`` next to values near
+        zero (>= 1% of them within 1e-3 of the extreme), as attention-mask arithmetic makes, unlike uniformly
+        large activations. Maps each to the ratio of its largest to its typical (median) magnitude."""
+        out = {}
         for k, o in self.tensors.items():
             if not o.seen_finite:
                 continue
@@ -79,12 +81,16 @@ class Calibration:
                 continue
             h = o.hist
             if h is None or h.width == 0.0:
-                out.add(k)  # no histogram: by magnitude alone
+                out[k] = math.inf  # no histogram: by magnitude alone
                 continue
             centers = (h.start + np.arange(h.bins) + 0.5) * h.width
             small = h.counts[np.abs(centers) <= max(1e-3 * extreme, h.width)].sum()
             if small >= 0.01 * max(h.counts.sum(), 1):
-                out.add(k)
+                mags = np.abs(centers)
+                order = np.argsort(mags, kind="stable")
+                cum = np.cumsum(h.counts[order])
+                median = float(mags[order][int(np.searchsorted(cum, cum[-1] / 2.0))]) if cum[-1] else 0.0
+                out[k] = extreme / max(median, h.width / 2.0)
         return out
 
     def constant(self) -> list[str]:

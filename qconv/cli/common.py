@@ -11,6 +11,7 @@ import click
 from qconv.calib.observers import DEFAULT_BINS, DEFAULT_MOMENTUM
 from qconv.calib.ranges import METHODS
 from qconv.cli.console import Terminal
+from qconv.config import FORMATS, MODES, QuantConfig
 from qconv.errors import GateFailed, QconvError
 from qconv.report.gates import Gates
 
@@ -99,6 +100,67 @@ def finish(term, report: dict, as_json: bool, render) -> None:
         raise GateFailed("\n".join(f"gate failed: {c['message']}" for c in gate["checks"] if not c["passed"]))
     if gate:
         term.info(f"all {len(gate['checks'])} quality gates passed")
+
+
+def scheme_options(fn):
+    """The mode and scheme of a plan (shared by ``plan`` and ``quantize``), read back by ``config_from``."""
+    opts = [
+        click.option("--exclude-ops", multiple=True, metavar="OP", help="Keep every node of this op type in float (repeatable)."),
+        click.option("--exclude-nodes", multiple=True, metavar="GLOB", help="Keep nodes whose name matches GLOB in float (repeatable)."),
+        click.option("--keep-io-types/--no-keep-io-types", default=True, show_default=True, help="fp16: keep model inputs and outputs float32."),
+        click.option("--int4-method", type=click.Choice(["rtn", "gptq"]), default="gptq", show_default=True,
+                     help="int4 with --data: GPTQ (data-aware); without data, round-to-nearest is used."),
+        click.option("--block-size", type=int, default=32, show_default=True, help="int4: weights per block along K (16, 32, 64, 128 or 256)."),
+        click.option("--reduce-range", is_flag=True, help="7-bit weights, for CPUs without VNNI (avoids int16 overflow in their int8 kernels)."),
+        click.option("--symmetric-activations", is_flag=True, help="Zero point fixed at the middle of the activation range."),
+        click.option("--activation-type", type=click.Choice(["uint8", "int8", "uint16", "int16"]), default=None,
+                     help="Integer type of activations  [default: uint8; uint16 for a16w8]"),
+        click.option("--affine-weights", is_flag=True, help="Weights with a zero point (default: symmetric, zero point 0)."),
+        click.option("--weight-type", type=click.Choice(["int8", "uint8"]), default="int8", show_default=True, help="Integer type of weights."),
+        click.option("--per-tensor", is_flag=True, help="One scale per weight tensor instead of per output channel."),
+        click.option("--format", "fmt", type=click.Choice(FORMATS), default=None,
+                     help="qdq (QuantizeLinear/DequantizeLinear pairs) or qoperator (QLinearConv, QLinearMatMul, ...)  [default: qdq]"),
+        click.option("--mode", type=click.Choice(MODES), default="int8", show_default=True,
+                     help="int8 (static), dynamic (int8 weights, run-time activations), fp16, a16w8 (int16 activations, int8 weights), int4 (weight-only)."),
+    ]
+    for o in opts:
+        fn = o(fn)
+    return fn
+
+
+SCHEME_KEYS = ("mode", "fmt", "per_tensor", "weight_type", "affine_weights", "activation_type", "symmetric_activations",
+               "reduce_range", "block_size", "int4_method", "keep_io_types", "exclude_nodes", "exclude_ops")
+
+
+def config_from(kwargs: dict) -> QuantConfig:
+    """Pop the scheme options out of a command's kwargs into a validated QuantConfig."""
+    k = {name: kwargs.pop(name) for name in SCHEME_KEYS}
+    return QuantConfig(mode=k["mode"], format=k["fmt"], per_channel=not k["per_tensor"], weight_type=k["weight_type"],
+                       symmetric_weights=not k["affine_weights"], activation_type=k["activation_type"],
+                       symmetric_activations=k["symmetric_activations"], reduce_range=k["reduce_range"],
+                       block_size=k["block_size"], int4_method=k["int4_method"], keep_io_types=k["keep_io_types"],
+                       exclude_nodes=tuple(k["exclude_nodes"]), exclude_ops=tuple(k["exclude_ops"]))
+
+
+def scheme_given(ctx: click.Context) -> list[str]:
+    """The scheme options the user set on the command line (not left at their defaults)."""
+    from click.core import ParameterSource
+
+    names = []
+    for p in ctx.command.params:
+        if p.name in SCHEME_KEYS and ctx.get_parameter_source(p.name) == ParameterSource.COMMANDLINE:
+            names.append(p.opts[0])
+    return names
+
+
+def calib_sources(fn):
+    """Where a plan's statistics come from."""
+    fn = click.option("--overrides", "overrides", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                      help="JSON file of per-node / per-tensor overrides (an 'overrides' object, or a plan file).")(fn)
+    fn = click.option("--force-calib", is_flag=True, help="Use --calib (or --plan) even if it was made for another model.")(fn)
+    fn = click.option("--data", type=click.Path(path_type=Path), default=None, help="Calibration data (calibrates in this run).")(fn)
+    fn = click.option("--calib", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Calibration file from qconv calibrate.")(fn)
+    return fn
 
 
 def output_options(fn):

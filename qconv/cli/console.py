@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from contextlib import contextmanager
 
 from rich import box
@@ -41,9 +42,13 @@ class Terminal:
 
     @contextmanager
     def progress(self):
-        """Yield a factory ``(label, total) -> advance(n)``; bars only on a terminal, silent otherwise."""
-        if self.quiet or not self.err.is_terminal:
+        """Yield a factory ``(label, total) -> advance(n)``: bars on a terminal; off one (CI logs), plain
+        ``label: done/total`` lines on stderr at most every PLAIN_EVERY seconds, and one when a stage ends."""
+        if self.quiet:
             yield lambda label, total: (lambda n: None)
+            return
+        if not self.err.is_terminal:
+            yield self._plain_progress
             return
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=self.err, transient=True) as bar:
@@ -53,6 +58,23 @@ class Terminal:
             yield factory
 
 
+    def _plain_progress(self, label: str, total: int | None):
+        state = {"done": 0, "last": time.monotonic()}
+
+        def advance(n: int) -> None:
+            state["done"] += n
+            now = time.monotonic()
+            finished = total is not None and state["done"] >= total
+            if finished or now - state["last"] >= PLAIN_EVERY:
+                state["last"] = now
+                of = f"/{total}" if total else ""
+                sys.stderr.write(f"{label}: {state['done']}{of} batches\n")
+                sys.stderr.flush()
+
+        return advance
+
+
+PLAIN_EVERY = 10.0  # seconds between plain progress lines
 _PLAIN = not sys.stdout.isatty()
 
 

@@ -13,7 +13,7 @@ from qconv.cli.common import guarded
 from qconv.cli.console import table
 from qconv.config import QuantConfig
 from qconv.graph import ai_onnx_opset
-from qconv.plan import build_plan
+from qconv.planner import build_plan
 
 
 def inspect_model(model_path: Path, calib_path: Path | None, per_tensor: bool) -> dict:
@@ -26,7 +26,7 @@ def inspect_model(model_path: Path, calib_path: Path | None, per_tensor: bool) -
         nonfinite, masks = calib.nonfinite(), calib.mask_like()
     else:  # structure only: every activation assumed to have a usable range
         ranges = {n: (0.0, 1.0) for n in activation_tensors(prepared.model)}
-        nonfinite, masks = {}, set()
+        nonfinite, masks = {}, {}
     plan = build_plan(prepared.model, ranges, config, nonfinite, masks)
     return {
         "model": str(model_path),
@@ -37,8 +37,9 @@ def inspect_model(model_path: Path, calib_path: Path | None, per_tensor: bool) -
         "outputs": [{"name": o.name, "type": o.type, "shape": list(o.shape)} for o in sess.get_outputs()],
         "ops": dict(sorted(collections.Counter(n.op_type for n in prepared.original.graph.node).items())),
         "intake": prepared.notes,
-        "would_quantize": pipeline.node_summary(plan),
-        "kept_float": [{"name": n.name, "op_type": n.op_type, "reason": n.reason} for n in plan.nodes if n.kept_float],
+        "would_quantize": plan.by_op(),
+        "kept_float": [{"name": n.name, "op_type": n.op_type, "reason": n.reason, "code": n.code} for n in plan.nodes if n.kept_float],
+        "kept_float_groups": plan.kept_float_groups(),
         "ranges_checked": bool(calib_path),
         "size_bytes": io.model_size_bytes(model_path),
     }

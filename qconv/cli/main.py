@@ -7,6 +7,7 @@ import click
 from qconv import __version__
 from qconv.cli.calibrate import calibrate_group
 from qconv.cli.inspect_cmd import inspect_cmd
+from qconv.cli.plan_cmd import plan_cmd
 from qconv.cli.quantize import quantize_cmd
 from qconv.cli.report_cmd import report_cmd
 
@@ -22,6 +23,7 @@ def cli(debug):
 
 
 cli.add_command(calibrate_group)
+cli.add_command(plan_cmd)
 cli.add_command(quantize_cmd)
 cli.add_command(inspect_cmd)
 cli.add_command(report_cmd)

@@ -1,71 +1,63 @@
-"""qconv quantize: calibrate (or reuse a calibration file), rewrite to QDQ, evaluate, report."""
+"""qconv quantize: plan (from calibration, or read a plan file), rewrite, evaluate, report."""
 
 from __future__ import annotations
 
-import collections
 from pathlib import Path
 
 import click
 
-from qconv.cli.common import report_options, data_options, finish, gate_options, gates_from, guarded, output_options, range_options
+from qconv.cli.common import (calib_sources, data_options, finish, gate_options, gates_from, guarded, output_options,
+                              range_options, report_options, scheme_given, scheme_options, config_from)
 from qconv.cli.console import table
-from qconv.config import FORMATS, MODES
-from qconv.run import QuantizeJob, run_quantize
+from qconv.errors import UsageError
+from qconv.report.evaluate import DEFAULT_LAYER_SAMPLES
+from qconv.run import CalibOptions, EvalOptions, PlanJob, QuantizeJob, run_quantize
 
 
 @click.command("quantize")
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Quantized model to write.")
-@click.option("--calib", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Calibration file from qconv calibrate.")
-@click.option("--data", type=click.Path(path_type=Path), default=None, help="Calibration data (calibrates in this run).")
-@click.option("--force-calib", is_flag=True, help="Use --calib even if it was made for another model.")
-@click.option("--mode", type=click.Choice(MODES), default="int8", show_default=True,
-              help="int8 (static), dynamic (int8 weights, run-time activations), fp16, a16w8 (int16 activations, int8 weights), int4 (weight-only).")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default=None,
-              help="qdq (QuantizeLinear/DequantizeLinear pairs) or qoperator (QLinearConv, QLinearMatMul, ...)  [default: qdq]")
-@click.option("--per-tensor", is_flag=True, help="One scale per weight tensor instead of per output channel.")
-@click.option("--weight-type", type=click.Choice(["int8", "uint8"]), default="int8", show_default=True, help="Integer type of weights.")
-@click.option("--affine-weights", is_flag=True, help="Weights with a zero point (default: symmetric, zero point 0).")
-@click.option("--activation-type", type=click.Choice(["uint8", "int8", "uint16", "int16"]), default=None,
-              help="Integer type of activations  [default: uint8; uint16 for a16w8]")
-@click.option("--symmetric-activations", is_flag=True, help="Zero point fixed at the middle of the activation range.")
-@click.option("--reduce-range", is_flag=True, help="7-bit weights, for CPUs without VNNI (avoids int16 overflow in their int8 kernels).")
-@click.option("--block-size", type=int, default=32, show_default=True, help="int4: weights per block along K (16, 32, 64, 128 or 256).")
-@click.option("--int4-method", type=click.Choice(["rtn", "gptq"]), default="gptq", show_default=True,
-              help="int4 with --data: GPTQ (data-aware); without data, round-to-nearest is used.")
-@click.option("--keep-io-types/--no-keep-io-types", default=True, show_default=True, help="fp16: keep model inputs and outputs float32.")
-@click.option("--exclude-nodes", multiple=True, metavar="GLOB", help="Keep nodes whose name matches GLOB in float (repeatable).")
-@click.option("--exclude-ops", multiple=True, metavar="OP", help="Keep every node of this op type in float (repeatable).")
+@click.option("--plan", "plan_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Apply this plan (from qconv plan, possibly edited) instead of planning now.")
+@calib_sources
+@scheme_options
 @click.option("--eval-data", type=click.Path(path_type=Path), default=None, help="Data for the report (default: the calibration data).")
 @click.option("--eval-labels", type=click.Path(dir_okay=False, path_type=Path), default=None, help=".npy of class ids, one per eval row: adds top-1 accuracy.")
+@click.option("--layer-samples", type=click.IntRange(min=0), default=DEFAULT_LAYER_SAMPLES, show_default=True,
+              help="Rows of the eval data used for the per-layer analysis (0: none).")
 @report_options
 @gate_options
 @data_options
 @range_options
 @output_options
 @guarded
-def quantize_cmd(term, model, out, calib, data, force_calib, mode, fmt, per_tensor, weight_type, affine_weights, activation_type,
-                 symmetric_activations, reduce_range, block_size, int4_method, keep_io_types, exclude_nodes, exclude_ops,
-                 eval_data, eval_labels, reports, as_json, no_latency, batch_size, samples, bins, momentum, method,
-                 percentile, threads, quiet, **gate_kwargs):
+def quantize_cmd(term, model, out, plan_file, calib, data, force_calib, overrides, eval_data, eval_labels, layer_samples,
+                 reports, as_json, no_latency, batch_size, samples, bins, momentum, method, percentile, threads, quiet, **kwargs):
     """Quantize MODEL and write it to OUTPUT, with a report of what it cost.
+
+    Without evaluation data (--calib alone) the model and a report of size, coverage and plan are written;
+    fidelity is measured with --eval-data (or on --data).
 
     \b
     Examples:
       qconv quantize model.onnx -o model.int8.onnx --data calib.npy
+      qconv quantize model.onnx -o model.int8.onnx --calib model.calib.json
       qconv quantize model.onnx -o model.int8.onnx --calib model.calib.json \\
           --eval-data val.npy --eval-labels val_labels.npy --report report.json
+      qconv quantize model.onnx -o model.int8.onnx --plan model.plan.json --eval-data val.npy
       qconv quantize bert.onnx -o bert.dyn.onnx --mode dynamic --eval-data val.npz
-      qconv quantize model.onnx -o model.fp16.onnx --mode fp16 --eval-data val.npy
       qconv quantize llm.onnx -o llm.int4.onnx --mode int4 --block-size 32 --data calib.npz
     """
-    settings = dict(mode=mode, format=fmt, per_channel=not per_tensor, weight_type=weight_type,
-                    symmetric_weights=not affine_weights, activation_type=activation_type,
-                    symmetric_activations=symmetric_activations, reduce_range=reduce_range, block_size=block_size,
-                    int4_method=int4_method, keep_io_types=keep_io_types, exclude_nodes=tuple(exclude_nodes),
-                    exclude_ops=tuple(exclude_ops))
-    job = QuantizeJob(model, out, settings, calib, data, force_calib, eval_data, eval_labels, batch_size, samples, bins,
-                      momentum, method, percentile, threads, not no_latency, gates_from(gate_kwargs), tuple(reports))
+    if plan_file is not None:
+        given = scheme_given(click.get_current_context())
+        if given or method is not None or percentile is not None:
+            raise UsageError(f"--plan fixes the mode, scheme and range methods: drop {', '.join(given + [o for o, v in (('--method', method), ('--percentile', percentile)) if v is not None])} "
+                             "(or edit the plan's overrides)")
+    config = config_from(kwargs)
+    plan = PlanJob(model, config, method, percentile, calib, data, force_calib, overrides,
+                   CalibOptions(batch_size, samples, bins, momentum, threads))
+    job = QuantizeJob(out, plan, plan_file, EvalOptions(eval_data, eval_labels, not no_latency, layer_samples, threads),
+                      gates_from(kwargs), tuple(reports))
     job.check()
     with term.progress() as progress:
         report, _ = run_quantize(job, progress)
@@ -76,6 +68,15 @@ def _fmt(x, spec=".4f"):
     return format(x, spec) if isinstance(x, (int, float)) else str(x)
 
 
+def latency_row(lat: dict) -> list:
+    change = "-"
+    if lat.get("ratio"):
+        change = f"{lat['ratio']:.2f}x time"
+        if lat.get("ratio_low") is not None:
+            change += f" ({lat['ratio_low']:.2f}-{lat['ratio_high']:.2f}, {lat.get('verdict', '')})"
+    return [f"latency (median of {lat['runs']}, {lat['threads']} threads)", f"{lat['original']:.3f} ms", f"{lat['quantized']:.3f} ms", change]
+
+
 def render(term, report: dict) -> None:
     s = report["size_bytes"]
     rows = [["size", f"{s['original']:,} B", f"{s['quantized']:,} B", f"{s['ratio']:.2f}x smaller"]]
@@ -83,24 +84,41 @@ def render(term, report: dict) -> None:
         t = report["task"]
         rows.append(["top-1", f"{100 * t['original']:.2f}%", f"{100 * t['quantized']:.2f}%", f"{0.0 - t['drop_points']:+.2f} points"])
     if "latency_ms" in report:
-        lat = report["latency_ms"]
-        rows.append([f"latency (median, {lat['threads']} threads)", f"{lat['original']:.3f} ms", f"{lat['quantized']:.3f} ms",
-                     f"{lat['ratio']:.2f}x time" if lat["ratio"] else "-"])
+        rows.append(latency_row(report["latency_ms"]))
     term.print(table(f"qconv {report['mode']}: {report['model']['input']} -> {report['model']['output']}",
                      ["", "original", "quantized", "change"], rows))
+    if report.get("fidelity") is None and report.get("fidelity_reason"):
+        term.print(f"fidelity: {report['fidelity_reason']}")
     if report["outputs"]:
-        term.print(table("Output fidelity (quantized vs original)", ["output", "SQNR dB", "cosine", "max abs err", "mean abs err"],
+        fid = report.get("fidelity") or {}
+        title = "Output fidelity (quantized vs original"
+        title += f", {fid['rows']} rows)" if fid.get("rows") else ")"
+        term.print(table(title, ["output", "SQNR dB", "cosine", "max abs err", "mean abs err"],
                          [[k, _fmt(v["sqnr_db"], ".2f"), _fmt(v["cosine"], ".6f"), _fmt(v["max_abs_err"], ".4g"), _fmt(v["mean_abs_err"], ".4g")]
                           for k, v in report["outputs"].items()]))
+        if fid.get("top1_agreement") is not None:
+            term.print(f"top-1 agreement with the original (argmax of the first output): {fid['top1_agreement']:.4f}")
     worst = [r for r in report.get("layers", []) if r["sqnr_db"] is not None][:5]
     if worst:
-        term.print(table("Worst layers (per-tensor SQNR vs float)", ["tensor", "op", "SQNR dB", "cosine"],
+        rows_used = (report.get("evaluation") or {}).get("layer_rows")
+        term.print(table(f"Worst layers (per-tensor SQNR vs float{f', first {rows_used} rows' if rows_used else ''})",
+                         ["tensor", "op", "SQNR dB", "cosine"],
                          [[r["tensor"], r["op_type"], _fmt(r["sqnr_db"], ".2f"), _fmt(r["cosine"], ".6f")] for r in worst]))
     n = report["node_summary"]
     term.print(f"nodes: {n['quantized']} quantized ({n['folded_activations']} Relu/Clip folded into their producer), "
                f"{n['float']} kept in float, {n['integer']} integer/shape ops left as they are")
-    reasons = collections.Counter((k["op_type"], k["reason"]) for k in n["kept_float"])
-    if reasons:
-        term.print(table("Kept in float", ["op", "nodes", "why"], [[op, c, r] for (op, r), c in sorted(reasons.items())]))
+    render_groups(term, n.get("kept_float_groups", []))
     for w in report.get("warnings", []):
         term.warn(w)
+
+
+def render_groups(term, groups: list[dict]) -> None:
+    if not groups:
+        return
+    rows = []
+    for g in groups:
+        ops = ", ".join(f"{op} {c}" for op, c in g["ops"].items())
+        names = ", ".join(e["name"] for e in g["examples"])
+        more = g["nodes"] - len(g["examples"])
+        rows.append([g["reason"], g["nodes"], ops, names + (f" (+{more} more)" if more > 0 else "")])
+    term.print(table("Kept in float", ["why", "nodes", "ops", "e.g."], rows))

@@ -8,7 +8,8 @@ import click
 
 from qconv.cli.common import report_options, finish, gate_options, gates_from, guarded, output_options
 from qconv.cli.quantize import render
-from qconv.run import CompareJob, run_compare
+from qconv.report.evaluate import DEFAULT_LAYER_SAMPLES
+from qconv.run import CompareJob, EvalOptions, run_compare
 
 
 @click.command("report")
@@ -17,11 +18,14 @@ from qconv.run import CompareJob, run_compare
 @click.option("--data", required=True, type=click.Path(path_type=Path), help="Data to run both models on (.npy, .npz or a folder).")
 @click.option("--eval-labels", type=click.Path(dir_okay=False, path_type=Path), default=None, help=".npy of class ids, one per row: adds top-1 accuracy.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, help="Rows per feed when an array is split into batches.")
+@click.option("--layer-samples", type=click.IntRange(min=0), default=DEFAULT_LAYER_SAMPLES, show_default=True,
+              help="Rows of the data used for the per-layer analysis (0: none).")
 @report_options
 @gate_options
 @output_options
 @guarded
-def report_cmd(term, original, quantized, data, eval_labels, batch_size, reports, as_json, no_latency, threads, quiet, **gate_kwargs):
+def report_cmd(term, original, quantized, data, eval_labels, batch_size, layer_samples, reports, as_json, no_latency, threads, quiet,
+               **gate_kwargs):
     """Compare ORIGINAL and QUANTIZED on DATA: output fidelity, accuracy, latency and per-layer SQNR.
 
     Works on models from any tool that keeps tensor names (onnxruntime's quantizer does).
@@ -31,7 +35,8 @@ def report_cmd(term, original, quantized, data, eval_labels, batch_size, reports
       qconv report model.onnx model.int8.onnx --data val.npy --eval-labels val_labels.npy --report r.html
       qconv report model.onnx ort.int8.onnx --data val.npz --min-cosine 0.99 --report r.md   # exit 3 if it fails
     """
-    job = CompareJob(original, quantized, data, eval_labels, batch_size, threads, not no_latency, gates_from(gate_kwargs), tuple(reports))
+    job = CompareJob(original, quantized, data, EvalOptions(data, eval_labels, not no_latency, layer_samples, threads), batch_size,
+                     gates_from(gate_kwargs), tuple(reports))
     job.check()
     with term.progress() as progress:
         report = run_compare(job, progress)

@@ -10,84 +10,104 @@ import numpy as np
 from qconv import __version__, io
 from qconv.calib.store import Calibration
 from qconv.graph import ai_onnx_opset
-from qconv.pipeline import Prepared, Result, node_summary
+from qconv.plan import QuantPlan
 
 SCHEMA = "qconv.report"
 VERSION = 2
+NOT_MEASURED = "not measured: pass --eval-data"
 
 
-def build_report(prepared: Prepared, result: Result, calib: Calibration | None, out_path: str,
-                 size_original: int, size_quantized: int, evaluation: dict, eval_source: str | None) -> dict:
-    plan = result.plan
+def build_report(plan: QuantPlan, float_model, quant_model, *, input_path: str, output_path: str, original_opset: int,
+                 intake: list[str], findings: dict, calib, sizes: tuple[int, int], evaluation: dict | None,
+                 eval_source: str | None, extra_warnings: list[str] = ()) -> dict:
+    """The report of ``qconv quantize`` from plain values: the plan, the float and written models, what
+    evaluation measured (None: nothing was measured) and the calibration statistics (or None)."""
+    evaluation = evaluation or {}
+    size_original, size_quantized = sizes
     report = {
         "schema": SCHEMA,
         "version": VERSION,
         "qconv_version": __version__,
         "mode": plan.config.mode,
         "model": {
-            "input": str(prepared.path),
-            "output": str(out_path),
-            "opset_original": ai_onnx_opset(prepared.original),
-            "opset_quantized": ai_onnx_opset(result.model),
-            "intake": list(prepared.notes),
+            "input": str(input_path),
+            "output": str(output_path),
+            "opset_original": original_opset,
+            "opset_quantized": ai_onnx_opset(quant_model),
+            "intake": list(intake),
         },
         "config": plan.config.to_dict(),
+        "overrides": plan.overrides.to_dict() if plan.overrides else None,
         "size_bytes": {
             "original": size_original,
             "quantized": size_quantized,
             "ratio": size_original / size_quantized if size_quantized else None,
         },
-        "node_summary": {
-            "quantized": sum(1 for n in plan.nodes if n.quantized),
-            "float": sum(1 for n in plan.nodes if n.kept_float),
-            "integer": sum(1 for n in plan.nodes if n.status == "integer"),
-            "folded_activations": len(plan.folded),
-            "by_op": node_summary(plan),
-            "kept_float": [{"name": n.name, "op_type": n.op_type, "reason": n.reason} for n in plan.nodes if n.kept_float],
-        },
-        "nodes": node_rows(prepared, result, evaluation.get("layers", {})),
-        "layers": layer_rows(prepared, evaluation.get("layers", {})),
-        "size_by_op": size_by_op(prepared.model, result.model),
+        "node_summary": node_summary(plan),
+        "nodes": node_rows(plan, float_model, evaluation.get("layers", {})),
+        "layers": layer_rows_of(float_model, evaluation.get("layers", {})),
+        "size_by_op": size_by_op(float_model, quant_model),
         "calibration": _calibration(calib, plan),
-        "evaluation": {"data": eval_source, "batches": evaluation.get("batches")},
+        "evaluation": {"data": eval_source, "batches": evaluation.get("batches"), "layer_rows": evaluation.get("layer_rows")},
+        "fidelity": _fidelity(evaluation) if evaluation else None,
         "outputs": evaluation.get("outputs", {}),
-        **result.extras,
+        **findings,
     }
+    if not evaluation:
+        report["fidelity_reason"] = NOT_MEASURED
     for key in ("task", "latency_ms"):
         if key in evaluation:
             report[key] = evaluation[key]
-    report["histograms"] = histograms(calib, plan, report["layers"]) if calib else {}
-    report["warnings"] = warnings(report, prepared)
+    report["histograms"] = histograms(calib, plan, report["layers"]) if isinstance(calib, Calibration) else {}
+    report["warnings"] = list(extra_warnings) + warnings(report, float_model)
     return report
+
+
+def node_summary(plan: QuantPlan) -> dict:
+    return {
+        "quantized": sum(1 for n in plan.nodes if n.quantized),
+        "float": sum(1 for n in plan.nodes if n.kept_float),
+        "integer": sum(1 for n in plan.nodes if n.status == "integer"),
+        "folded_activations": len(plan.folded),
+        "by_op": plan.by_op(),
+        "kept_float": [{"name": n.name, "op_type": n.op_type, "reason": n.reason, "code": n.code} for n in plan.nodes if n.kept_float],
+        "kept_float_groups": plan.kept_float_groups(),
+    }
+
+
+def _fidelity(evaluation: dict) -> dict:
+    outs = evaluation.get("outputs", {})
+    worst = min(outs.items(), key=lambda kv: kv[1]["cosine"]) if outs else None
+    return {"rows": evaluation.get("rows"), "batches": evaluation.get("batches"),
+            "top1_agreement": evaluation.get("top1_agreement"),
+            "worst_output": worst[0] if worst else None, "worst_cosine": worst[1]["cosine"] if worst else None,
+            "layer_rows": evaluation.get("layer_rows")}
 
 
 def _finite(x):
     return x if not isinstance(x, float) or math.isfinite(x) else ("inf" if x > 0 else "-inf")
 
 
-def node_rows(prepared: Prepared, result: Result, layers: dict) -> list[dict]:
+def node_rows(plan: QuantPlan, float_model, layers: dict) -> list[dict]:
     """One row per node of the float graph: status, reason, its output's SQNR and quantization parameters."""
-    producers = {n.name: n for n in prepared.model.graph.node}
-    absorbed_by = {producer: act for act, producer in result.plan.folded.items()}  # Conv -> the Relu it took over
+    producers = {n.name: n for n in float_model.graph.node}
+    absorbed_by = {producer: act for act, producer in plan.folded.items()}  # Conv -> the Relu it took over
     rows = []
-    for d in result.plan.nodes:
+    for d in plan.nodes:
         node = producers.get(absorbed_by.get(d.name, d.name))
         out = node.output[0] if node is not None and node.output else ""
-        folded_into = result.plan.folded.get(d.name)
-        tp = result.plan.tensors.get(out)
+        folded_into = plan.folded.get(d.name)
+        tp = plan.tensors.get(out)
         rows.append({
             "name": d.name, "op_type": d.op_type, "status": d.status, "quantized": d.quantized,
             "reason": d.reason or (f"folded into {folded_into}: its QuantizeLinear clamps the same way" if folded_into else ""),
+            "code": d.code,
             "output": out,
             "sqnr_db": layers[out]["sqnr_db"] if out in layers else None,
             "scale": float(tp.qparams.scale) if tp is not None and tp.qparams.scale.ndim == 0 else None,
             "zero_point": int(tp.qparams.zero_point) if tp is not None and tp.qparams.scale.ndim == 0 else None,
         })
     return rows
-
-
-def layer_rows(prepared: Prepared, layers: dict) -> list[dict]:
-    return layer_rows_of(prepared.model, layers)
 
 
 def layer_rows_of(float_model, layers: dict) -> list[dict]:
@@ -119,6 +139,7 @@ def size_by_op(float_model, quant_model) -> dict:
 def histograms(calib: Calibration, plan, layers: list[dict], count: int = 6, bins: int = 96) -> dict:
     """Calibration histograms of the worst quantized tensors, with the range the method chose."""
     ranges = calib.ranges(plan.config.method, plan.config.symmetric_activations, plan.config.percentile)
+    ranges.update({k: t.range for k, t in plan.tensors.items() if t.range is not None})
     chosen = [r["tensor"] for r in layers if r["tensor"] in calib.tensors and r["tensor"] in ranges][:count]
     out = {}
     for name in chosen:
@@ -134,13 +155,18 @@ def histograms(calib: Calibration, plan, layers: list[dict], count: int = 6, bin
         edges = start + np.arange(counts.size + 1) * group * h.width
         out[name] = {"edges": [float(e) for e in edges], "counts": [int(c) for c in counts],
                      "range": [float(ranges[name][0]), float(ranges[name][1])], "min": o.min, "max": o.max,
-                     "method": plan.config.method}
+                     "method": plan.tensors[name].method if name in plan.tensors and plan.tensors[name].method else plan.config.method}
     return out
 
 
-def _calibration(calib: Calibration | None, plan) -> dict | None:
+def _calibration(calib, plan) -> dict | None:
     if calib is None:
-        return None
+        recorded = plan.source.get("calibration")
+        if not recorded:
+            return None
+        return {"method": plan.config.method, "recorded_with": recorded.get("options"), "samples": recorded.get("samples"),
+                "model_id": recorded.get("model_id"), "data_id": recorded.get("data_id"), "tensors": None,
+                "nonfinite_tensors": sorted(plan.source.get("nonfinite", {})), "constant_tensors": None}
     return {
         "method": plan.config.method,
         "recorded_with": calib.options,
@@ -153,17 +179,16 @@ def _calibration(calib: Calibration | None, plan) -> dict | None:
     }
 
 
-def warnings(report: dict, prepared: Prepared | None) -> list[str]:
-    """Things a user should act on: a slower model (with the mode that would not be), constants fp16 cannot hold."""
+def warnings(report: dict, float_model) -> list[str]:
+    """Things a user should act on: a measurably slower model (with the mode that would not be), fp16 overflow."""
     out = []
     if report["node_summary"]["quantized"] == 0:
         out.append(f"nothing was quantized in {report['mode']} mode: see the reasons under kept_float")
     lat = report.get("latency_ms")
-    if lat and lat.get("ratio") and lat["ratio"] > 1.0:
-        advice = _faster_suggestion(report["mode"], prepared) if prepared is not None else "see the per-layer table for what to keep float"
-        out.append(f"the {report['mode']} model is slower than the original on this CPU ({lat['ratio']:.2f}x the time); {advice}")
-    if not report["outputs"]:
-        out.append("no evaluation data: give --eval-data (or --data) to measure fidelity and speed")
+    if lat and lat.get("verdict") == "slower":
+        advice = _faster_suggestion(report["mode"], float_model) if float_model is not None else "see the per-layer table for what to keep float"
+        out.append(f"the {report['mode']} model is slower than the original on this CPU ({lat['ratio']:.2f}x the time, "
+                   f"95% interval {lat['ratio_low']:.2f}-{lat['ratio_high']:.2f}x over {lat['runs']} runs); {advice}")
     fp16 = report.get("fp16")
     if fp16 and fp16.get("overflow"):
         names = ", ".join(o["tensor"] for o in fp16["overflow"][:5])
@@ -171,8 +196,8 @@ def warnings(report: dict, prepared: Prepared | None) -> list[str]:
     return out
 
 
-def _faster_suggestion(mode: str, prepared: Prepared) -> str:
-    ops = collections.Counter(n.op_type for n in prepared.model.graph.node)
+def _faster_suggestion(mode: str, float_model) -> str:
+    ops = collections.Counter(n.op_type for n in float_model.graph.node)
     convs, matmuls = ops["Conv"] + ops["ConvTranspose"], ops["MatMul"] + ops["Gemm"]
     if mode == "dynamic" and convs:
         return "this model is convolutional: static int8 (--mode int8 with calibration data) runs int8 Conv kernels"
@@ -188,7 +213,7 @@ def _faster_suggestion(mode: str, prepared: Prepared) -> str:
 
 
 def build_comparison_report(original_path: str, quantized_path: str, original, quantized, evaluation: dict,
-                            eval_source: str) -> dict:
+                            eval_source: str, extra_warnings: list[str] = ()) -> dict:
     """The report of ``qconv report``: any two models (any tool's) compared on the same data."""
     from qconv.report.layers import dequantized_of
 
@@ -213,17 +238,18 @@ def build_comparison_report(original_path: str, quantized_path: str, original, q
         "config": {},
         "size_bytes": {"original": size_o, "quantized": size_q, "ratio": size_o / size_q if size_q else None},
         "node_summary": {"quantized": sum(r["quantized"] for r in rows), "float": sum(not r["quantized"] for r in rows),
-                         "integer": 0, "folded_activations": 0, "by_op": {}, "kept_float": []},
+                         "integer": 0, "folded_activations": 0, "by_op": {}, "kept_float": [], "kept_float_groups": []},
         "nodes": rows,
         "layers": layer_rows_of(original, layers),
         "size_by_op": size_by_op(original, quantized),
         "calibration": None,
-        "evaluation": {"data": eval_source, "batches": evaluation.get("batches")},
+        "evaluation": {"data": eval_source, "batches": evaluation.get("batches"), "layer_rows": evaluation.get("layer_rows")},
+        "fidelity": _fidelity(evaluation),
         "outputs": evaluation.get("outputs", {}),
         "histograms": {},
     }
     for key in ("task", "latency_ms"):
         if key in evaluation:
             report[key] = evaluation[key]
-    report["warnings"] = [w for w in warnings(report, None) if "nothing was quantized" not in w]
+    report["warnings"] = list(extra_warnings) + [w for w in warnings(report, None) if "nothing was quantized" not in w]
     return report

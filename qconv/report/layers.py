@@ -17,19 +17,37 @@ _FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DO
 
 
 def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
-    """Element types of the main graph's tensors (after onnx shape inference, where it succeeds)."""
+    """Element types of the main graph's tensors (after onnx shape inference, where it succeeds).
+
+    Large initializers are emptied for the call and restored after, so the weights are not copied.
+    """
+    held = {}
+    for t in model.graph.initializer:
+        if len(t.raw_data) > 4096:
+            held[t.name] = t.raw_data
+            t.ClearField("raw_data")
     try:
-        model = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
     except Exception:  # noqa: BLE001 - inference is best effort: contrib ops may defeat it
-        pass
-    return Graph(model).types
+        inferred = model
+    finally:
+        for t in model.graph.initializer:
+            if t.name in held:
+                t.raw_data = held[t.name]
+    types = Graph(inferred).types
+    types.update({t.name: t.data_type for t in model.graph.initializer})
+    return types
 
 
 def probe_pairs(float_model: onnx.ModelProto, quant_model: onnx.ModelProto,
-                dequantized: dict[str, str] | None = None) -> dict[str, tuple[str, int]]:
-    """{float tensor: (tensor in the quantized model, its element type)} for every comparable activation."""
+                dequantized: dict[str, str] | None = None, ftypes: dict[str, int] | None = None,
+                qtypes: dict[str, int] | None = None) -> dict[str, tuple[str, int]]:
+    """{float tensor: (tensor in the quantized model, its element type)} for every comparable activation.
+
+    Types that the caller already knows (a normalized model carries them) are not inferred again."""
     dequantized = dequantized or {}
-    ftypes, qtypes = tensor_types(float_model), tensor_types(quant_model)
+    ftypes = tensor_types(float_model) if ftypes is None else ftypes
+    qtypes = tensor_types(quant_model) if qtypes is None else qtypes
     produced = {o for n in quant_model.graph.node for o in n.output}
     graph_outputs = {o.name for o in float_model.graph.output}
     pairs = {}

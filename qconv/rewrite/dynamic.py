@@ -11,8 +11,6 @@ optimized ConvInteger kernel, and dynamic quantization makes CNNs several times 
 
 from __future__ import annotations
 
-import fnmatch
-
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
@@ -20,7 +18,9 @@ from onnx import helper, numpy_helper
 from qconv import qmath
 from qconv.config import QuantConfig
 from qconv.graph import Graph, attr, topo_sort
+from qconv.errors import QconvError
 from qconv.intake import drop_unused_initializers
+from qconv.overrides import Overrides
 from qconv.plan import NodeDecision, QuantPlan, TensorPlan
 
 CONV_REASON = ("dynamic mode keeps Conv in float: onnxruntime's ConvInteger has no optimized kernel and runs "
@@ -44,42 +44,65 @@ def _weight(node: onnx.NodeProto, g: Graph) -> tuple[np.ndarray, str] | str:
     return np.ascontiguousarray(w), node.input[1]
 
 
-def _decide(node, g: Graph, config: QuantConfig):
-    for pattern in config.exclude_nodes:
-        if fnmatch.fnmatchcase(node.name, pattern):
-            return f"excluded by --exclude-nodes {pattern}"
-    if node.op_type in config.exclude_ops:
-        return f"excluded by --exclude-ops {node.op_type}"
+def _decide(node, g: Graph, config: QuantConfig, ov) -> tuple[str, str] | tuple[np.ndarray, str]:
+    """(code, reason) the node stays float, or (its [K, N] weight, the weight's name)."""
+    excluded = config.excluded(node.name, node.op_type)
+    if excluded:
+        return "excluded", excluded
+    if ov is not None and ov.precision == "float":
+        return "override", "kept float by the plan's override"
     if node.domain not in ("", "ai.onnx"):
-        return f"custom-domain op ({node.domain}) is left as it is"
+        return "custom-domain", f"custom-domain op ({node.domain}) is left as it is"
     if node.op_type in ("Conv", "ConvTranspose"):
-        return CONV_REASON
+        return "mode", CONV_REASON
     if node.op_type not in ("MatMul", "Gemm"):
-        return "dynamic mode quantizes MatMul and Gemm weights only"
-    return _weight(node, g)
+        return "mode", "dynamic mode quantizes MatMul and Gemm weights only"
+    found = _weight(node, g)
+    return ("unsupported", found) if isinstance(found, str) else found
 
 
-def apply_dynamic(model: onnx.ModelProto, config: QuantConfig) -> tuple[onnx.ModelProto, QuantPlan]:
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    g = Graph(m)
+def plan_dynamic(model: onnx.ModelProto, config: QuantConfig, overrides: Overrides | None = None) -> QuantPlan:
+    """Which MatMul/Gemm weights become int8, with their parameters (axis 1 of the [K, N] matrix)."""
+    overrides = overrides or Overrides()
+    if any(o.precision == "int16" for o in overrides.nodes.values()):
+        raise QconvError("dynamic mode has no int16 activations: use precision float or int8 in the plan's overrides")
+    g = Graph(model)
     w_q = qmath.qtype(config.weight_type)
     if config.reduce_range:
         w_q = qmath.QType(w_q.name, -64, 63) if w_q.signed else qmath.QType(w_q.name, 0, 127)
-    decisions, tensors, new_nodes, new_inits = [], {}, [], []
-    dql: dict[str, tuple[str, str, str]] = {}  # activation -> (quantized, scale, zero point)
-    replaced = []
-    for node in m.graph.node:
+    decisions, tensors = [], {}
+    for node in model.graph.node:
         outs = [o for o in node.output if o]
         if outs and all(o in g.types and g.types[o] != onnx.TensorProto.FLOAT for o in outs):
             decisions.append(NodeDecision(node.name, node.op_type, "integer", "integer output (shape or index math): nothing to quantize"))
             continue
-        found = _decide(node, g, config)
-        if isinstance(found, str):
-            decisions.append(NodeDecision(node.name, node.op_type, "float", found))
+        ov = overrides.node(node.name)
+        found = _decide(node, g, config, ov)
+        if isinstance(found[0], str):
+            decisions.append(NodeDecision(node.name, node.op_type, "float", found[1], found[0]))
             continue
         w, wname = found
-        qp = qmath.weight_qparams(w, w_q, config.symmetric_weights, 1 if config.per_channel else None)
+        per_channel = config.per_channel if not (ov and ov.granularity) else ov.granularity == "per-channel"
+        qp = qmath.weight_qparams(w, w_q, config.symmetric_weights, 1 if per_channel else None)
+        key = f"{node.name}/{wname}"  # one plan entry per reader: a Gemm with transB reads the weight transposed
+        tensors[key] = TensorPlan(wname, "weight", qp, [node.name], "weight, per-channel" if per_channel else "weight, per-tensor")
+        decisions.append(NodeDecision(node.name, node.op_type, "quantized"))
+    return QuantPlan(config, decisions, tensors, {}, overrides)
+
+
+def apply_dynamic(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
+    """Rewrite every MatMul/Gemm the plan quantizes into the integer pattern, with the plan's parameters."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = Graph(m)
+    by_reader = {t.consumers[0]: t for t in plan.tensors.values() if t.role == "weight"}
+    new_nodes, new_inits, replaced = [], [], []
+    dql: dict[str, tuple[str, str, str]] = {}  # activation -> (quantized, scale, zero point)
+    for node in m.graph.node:
+        tp = by_reader.get(node.name)
+        if tp is None:
+            continue
+        w, wname = _weight(node, g)
         a = node.input[0]
         if a not in dql:
             q, s, z = (g.unique(f"{a}_{x}") for x in ("dynamic_quantized", "dynamic_scale", "dynamic_zero_point"))
@@ -87,17 +110,15 @@ def apply_dynamic(model: onnx.ModelProto, config: QuantConfig) -> tuple[onnx.Mod
                                               doc_string="qconv: activation quantized at run time (uint8, its own range)"))
             dql[a] = (q, s, z)
         q, s, z = dql[a]
-        new_nodes += _matmul_integer(g, node, w, wname, qp, q, s, z, new_inits)
-        tensors[wname] = TensorPlan(wname, "weight", qp, [node.name], "weight, per-channel" if config.per_channel else "weight, per-tensor")
-        decisions.append(NodeDecision(node.name, node.op_type, "quantized"))
+        new_nodes += _matmul_integer(g, node, w, wname, tp.qparams, q, s, z, new_inits)
         replaced.append(node)
     for node in replaced:
         m.graph.node.remove(node)
     m.graph.initializer.extend(new_inits)
     m.graph.node.extend(new_nodes)
     topo_sort(m)
-    drop_unused_initializers(m, list(tensors))
-    return m, QuantPlan(config, decisions, tensors, {})
+    drop_unused_initializers(m, sorted({t.name for t in plan.tensors.values()}))
+    return m
 
 
 def _matmul_integer(g: Graph, node, w, wname, qp, q, s, z, inits) -> list[onnx.NodeProto]:

@@ -94,10 +94,27 @@ class _Plan:
 
 
 def convert_fp16(
-    model: onnx.ModelProto, keep_io_types: bool = True, block_ops: Iterable[str] = (), block_nodes: Iterable[str] = ()
+    model: onnx.ModelProto, keep_io_types: bool = True, block_ops: Iterable[str] = (), block_nodes: Iterable[str] = (),
+    float_nodes: Iterable[str] = (),
 ) -> Fp16Result:
     """Return a float16 copy of ``model``. ``block_ops`` are op types and ``block_nodes`` node-name globs
-    (as ``--exclude-nodes``) to keep in float32; ``keep_io_types`` keeps float graph inputs/outputs float32."""
+    (as ``--exclude-nodes``) to keep in float32, ``float_nodes`` exact node names (a plan's decisions);
+    ``keep_io_types`` keeps float graph inputs/outputs float32."""
+    m, g, nodes, plans, planner, overflow, underflow = _plan_nodes(model, block_ops, block_nodes, float_nodes)
+    _Rewriter(m, g, plans, FLOAT if keep_io_types else FLOAT16, planner.types).run()
+    kept = [{"name": n.name, "op_type": n.op_type, "reason": p.reason} for n, p in zip(nodes, plans) if p.reason]
+    converted = sum(1 for p in plans if not p.reason and FLOAT16 in p.inputs + p.outputs)
+    return Fp16Result(m, overflow, underflow, kept, converted)
+
+
+def fp16_decisions(model: onnx.ModelProto, block_ops: Iterable[str] = (), block_nodes: Iterable[str] = (),
+                   float_nodes: Iterable[str] = ()) -> list[tuple[onnx.NodeProto, str | None, bool]]:
+    """(node, reason it stays float32 or None, whether it touches float data) for every node, without rewriting."""
+    _, _, nodes, plans, _, _, _ = _plan_nodes(model, block_ops, block_nodes, float_nodes)
+    return [(n, p.reason, any(t is not None for t in p.inputs + p.outputs)) for n, p in zip(nodes, plans)]
+
+
+def _plan_nodes(model, block_ops, block_nodes, float_nodes):
     m = onnx.ModelProto()
     m.CopyFrom(model)
     constants_to_initializers(m)
@@ -106,13 +123,11 @@ def convert_fp16(
         infer_types(m)
     g = Graph(m)
     overflow, underflow, all_under = _scan_constants(g)
-    planner = _Planner(m, g, set(block_ops), tuple(block_nodes), {o["tensor"]: o["max_abs"] for o in overflow}, all_under)
+    planner = _Planner(m, g, set(block_ops), tuple(block_nodes), {o["tensor"]: o["max_abs"] for o in overflow}, all_under,
+                       set(float_nodes))
     nodes = list(m.graph.node)
     plans = [planner.plan(node) for node in nodes]
-    _Rewriter(m, g, plans, FLOAT if keep_io_types else FLOAT16, planner.types).run()
-    kept = [{"name": n.name, "op_type": n.op_type, "reason": p.reason} for n, p in zip(nodes, plans) if p.reason]
-    converted = sum(1 for p in plans if not p.reason and FLOAT16 in p.inputs + p.outputs)
-    return Fp16Result(m, overflow, underflow, kept, converted)
+    return m, g, nodes, plans, planner, overflow, underflow
 
 
 def _has_untyped_outputs(m: onnx.ModelProto) -> bool:
@@ -169,8 +184,10 @@ def _has_subgraph(node: onnx.NodeProto) -> bool:
 class _Planner:
     """Decides node by node, in topological order, which nodes run in float16 and which dtype each slot takes."""
 
-    def __init__(self, m, g: Graph, block_ops: set, block_nodes: tuple, overflow: dict, all_under: set):
+    def __init__(self, m, g: Graph, block_ops: set, block_nodes: tuple, overflow: dict, all_under: set,
+                 float_nodes: set = frozenset()):
         self.g = g
+        self.float_nodes = float_nodes
         self.types = dict(g.types)  # original dtypes, completed from schemas as nodes are visited
         self.opsets = {("" if o.domain == "ai.onnx" else o.domain): o.version for o in m.opset_import}
         self.block_ops, self.block_nodes = block_ops, block_nodes
@@ -222,6 +239,8 @@ class _Planner:
                 return f"blocked by block_nodes pattern '{pattern}'"
         if node.op_type in self.block_ops:
             return "blocked by block_ops"
+        if node.name in self.float_nodes:
+            return "kept float32 by the plan"
         if _has_subgraph(node):
             return f"{node.op_type} has a subgraph body; it stays float32 with its body"
         if schema is None:

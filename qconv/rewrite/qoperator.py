@@ -14,7 +14,7 @@ from onnx import helper
 
 from qconv.graph import Graph, attr, ensure_opset, topo_sort
 from qconv.intake import drop_unused_initializers
-from qconv.plan import SHARED
+from qconv.planner import SHARED
 
 MS = "com.microsoft"
 
@@ -27,11 +27,20 @@ class _View:
         self.dq = {n.output[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear"}
 
     def deq(self, name: str):
-        """(quantized, scale, zero point) feeding float tensor ``name`` through a DQ, or None."""
+        """(quantized, scale, zero point) feeding float tensor ``name`` through an 8-bit DQ, or None
+        (16-bit and int32-bias DQ are not QLinear inputs, except a bias, which ``bias`` reads)."""
         n = self.dq.get(name)
         if n is None or len(n.input) < 3:
             return None
+        zp = self.g.initializers.get(n.input[2])
+        if zp is None or zp.data_type not in _EIGHT_BIT + (onnx.TensorProto.INT32,):
+            return None
         return n.input[0], n.input[1], n.input[2]
+
+    def eight_bit(self, name: str) -> bool:
+        n = self.dq.get(name)
+        zp = self.g.initializers.get(n.input[2]) if n is not None and len(n.input) > 2 else None
+        return zp is not None and zp.data_type in _EIGHT_BIT
 
     def q_after(self, name: str):
         """The single QuantizeLinear reading ``name`` (and nothing else reading it), or None."""
@@ -45,8 +54,17 @@ class _View:
         return all(g.is_constant(x) and g.is_constant(y) and np.array_equal(g.array(x), g.array(y)) for x, y in zip(a[1:], b[1:]))
 
 
+_EIGHT_BIT = (onnx.TensorProto.UINT8, onnx.TensorProto.INT8)
+
+
 def _inputs_quantized(node, view: _View, indices) -> list | None:
-    got = [view.deq(node.input[k]) for k in indices]
+    """The (q, scale, zp) of each input in ``indices``: 8-bit ones, except a Conv/Gemm bias (int32)."""
+    got = []
+    for k in indices:
+        bias = k == 2 and node.op_type in ("Conv", "Gemm")
+        if not bias and not view.eight_bit(node.input[k]):
+            return None
+        got.append(view.deq(node.input[k]))
     return None if any(x is None for x in got) else got
 
 
@@ -54,7 +72,8 @@ def _rule(node, view: _View):
     """(op_type, domain, inputs, extra attributes, output name) replacing ``node``, or None."""
     op = node.op_type
     q = view.q_after(node.output[0]) if node.output else None
-    y = (q.input[1], q.input[2], q.output[0]) if q is not None else None
+    zp = view.g.initializers.get(q.input[2]) if q is not None and len(q.input) > 2 else None
+    y = (q.input[1], q.input[2], q.output[0]) if zp is not None and zp.data_type in _EIGHT_BIT else None
     if op == "Conv" and y:
         ins = _inputs_quantized(node, view, range(len([i for i in node.input if i])))
         if ins:

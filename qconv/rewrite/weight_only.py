@@ -229,18 +229,27 @@ def _excluded(node: onnx.NodeProto, patterns) -> str | None:
     return None
 
 
-def _select(model: onnx.ModelProto, g: Graph, block_size: int, exclude_nodes):
-    """({position: node} to convert, kept_float records) over the main graph's float MatMul and Gather nodes."""
+def _select(model: onnx.ModelProto, g: Graph, block_size: int, exclude_nodes, only: set | None = None):
+    """({position: node} to convert, kept_float records) over the main graph's float MatMul and Gather nodes;
+    ``only`` (node names), when given, limits the conversion to those nodes (a plan's decisions)."""
     targets, kept = {}, []
     for position, node in enumerate(model.graph.node):
         if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gather") or not _is_candidate(g, node):
             continue
         reason = _excluded(node, exclude_nodes) or _weight_problem(node, g, block_size)
+        if reason is None and only is not None and node.name not in only:
+            reason = "kept float by the plan"
         if reason:
             kept.append({"name": node.name, "op_type": node.op_type, "reason": reason})
         else:
             targets[position] = node
     return targets, kept
+
+
+def int4_decisions(model: onnx.ModelProto, block_size: int, exclude_nodes=()) -> tuple[set[str], dict[str, str]]:
+    """(names of the nodes int4 converts, {node name: reason} for the candidates it keeps float), without rewriting."""
+    targets, kept = _select(model, Graph(model), int(block_size), exclude_nodes)
+    return {n.name for n in targets.values()}, {k["name"]: k["reason"] for k in kept}
 
 
 def input_hessians(model: onnx.ModelProto, widths: dict[str, int], feeds: Iterable[dict]) -> dict[str, np.ndarray]:
@@ -316,7 +325,7 @@ def _replacement(g: Graph, node: onnx.NodeProto, inits: list[TensorProto], block
 
 def quantize_int4(model: onnx.ModelProto, block_size: int = 32, symmetric: bool = True, method: str = "rtn",
                   calib_feeds: Iterable[dict[str, np.ndarray]] | None = None, exclude_nodes=(),
-                  accuracy_level: int | None = None, act_order: bool = False) -> WeightOnlyResult:
+                  accuracy_level: int | None = None, act_order: bool = False, only_nodes=None) -> WeightOnlyResult:
     """Store constant MatMul weights and Gather tables of ``model`` as block-wise int4 (see the module docstring).
 
     ``exclude_nodes`` are node-name globs kept in float. ``method="gptq"`` streams ``calib_feeds`` (feed dicts,
@@ -327,7 +336,7 @@ def quantize_int4(model: onnx.ModelProto, block_size: int = 32, symmetric: bool 
     m = onnx.ModelProto()
     m.CopyFrom(model)
     g = Graph(m)
-    targets, kept = _select(m, g, block_size, exclude_nodes)
+    targets, kept = _select(m, g, block_size, exclude_nodes, None if only_nodes is None else set(only_nodes))
     hessians = _weight_hessians(m, g, targets.values(), calib_feeds) if method == "gptq" else {}
     encoded: dict[tuple[str, str], tuple[list[TensorProto], dict]] = {}
     quantized = []

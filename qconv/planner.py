@@ -1,0 +1,410 @@
+"""graph + calibration ranges + config (+ overrides) -> QuantPlan: what gets quantized, with which parameters, and why not.
+
+The static modes (int8, a16w8) are planned here; ``plan_dynamic`` and the fp16 / int4 planners live beside
+their rewrites. The reasons a node stays float carry a code (``qconv.plan.GROUPS``) so the report can
+group them the way a user reads them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from qconv import qmath
+from qconv.calib.ranges import select_range
+from qconv.config import QuantConfig
+from qconv.errors import QconvError
+from qconv.graph import Graph, attr
+from qconv.overrides import Overrides
+from qconv.plan import NodeDecision, QuantPlan, TensorPlan
+
+# Ops whose output keeps the input's scale and zero point: onnxruntime then runs them on int8 directly.
+SHARED = {"MaxPool", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Resize", "Slice",
+          "Gather", "DepthToSpace", "SpaceToDepth", "Expand"}
+# Ops with int8 kernels (or QDQ fusions) in onnxruntime's CPU provider, output with its own parameters.
+OWN = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "Concat", "AveragePool",
+       "GlobalAveragePool", "Sigmoid", "LeakyRelu", "Relu", "Clip"}
+# Ops with int8 kernels worth converting float inputs for.
+ANCHORS = {"Conv", "ConvTranspose", "MatMul", "Gemm"}
+# Activations that a quantized producer's QuantizeLinear can absorb (its clamp is the activation).
+FOLDABLE_ACT = {"Relu", "Clip"}
+FOLD_PRODUCERS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool"}
+FRAGILE = {
+    "Softmax": "numerically fragile: its outputs span orders of magnitude that 8 bits cannot hold",
+    "LogSoftmax": "numerically fragile: its outputs span orders of magnitude that 8 bits cannot hold",
+    "LayerNormalization": "numerically fragile: normalization divides by a variance that 8 bits distort",
+    "InstanceNormalization": "numerically fragile: normalization divides by a variance that 8 bits distort",
+    "BatchNormalization": "no int8 kernel in onnxruntime (only a BatchNormalization after a Conv is folded)",
+}
+MASK_LIMIT = 1e6
+
+
+
+
+def _inputs(node: onnx.NodeProto, g: Graph, per_channel: bool) -> list[tuple[int, str, int | None]] | str:
+    """(input index, role, per-channel axis) for each input to quantize, or a reason it cannot be."""
+    op = node.op_type
+    ins = list(node.input)
+
+    def weight_or_act(k: int, axis: int | None):
+        if g.is_constant(ins[k]):
+            return (k, "weight", axis if per_channel else None)
+        return (k, "activation", None)
+
+    if op in ("Conv", "ConvTranspose"):
+        if op == "ConvTranspose" and attr(node, "group", 1) != 1:
+            per_channel = False
+        spec = [(0, "activation", None), weight_or_act(1, 0 if op == "Conv" else 1)]
+        if len(ins) > 2 and ins[2]:
+            if not (g.is_constant(ins[1]) and g.is_constant(ins[2])):
+                return "bias is computed at run time; int8 kernels need a constant bias"
+            spec.append((2, "bias", 0))
+        return spec
+    if op == "Gemm":
+        if attr(node, "transA", 0):
+            return "transA=1 has no int8 Gemm kernel"
+        axis = 0 if attr(node, "transB", 0) else 1
+        spec = [(0, "activation", None), weight_or_act(1, axis)]
+        if len(ins) > 2 and ins[2]:
+            c = g.array(ins[2]) if g.is_constant(ins[2]) else None
+            simple = attr(node, "alpha", 1.0) == 1.0 and attr(node, "beta", 1.0) == 1.0
+            if c is not None and simple and c.ndim in (1, 2) and c.shape[-1] == c.size and g.is_constant(ins[1]):
+                spec.append((2, "bias", 0))
+        return spec
+    if op == "MatMul":
+        b_const = g.is_constant(ins[1])
+        rank = len(g.initializers[ins[1]].dims) if b_const else 0
+        return [(0, "activation", None), weight_or_act(1, rank - 1 if rank >= 2 else None)]
+    if op in ("Add", "Mul", "Concat"):
+        return [(k, "const" if g.is_constant(i) else "activation", None) for k, i in enumerate(ins) if i]
+    if op == "Gather":
+        return [(0, "const" if g.is_constant(ins[0]) else "activation", None)]
+    if op == "Clip":
+        if any(i and not g.is_constant(i) for i in ins[1:]):
+            return "clip bounds are computed at run time"
+        return [(0, "activation", None)]
+    if op == "MaxPool" and len([o for o in node.output if o]) > 1:
+        return "MaxPool with an Indices output has no int8 kernel"
+    return [(0, "activation", None)]
+
+
+def _range_problem(name: str, ranges: dict, nonfinite: dict, op_type: str = "", masks: dict | None = None) -> tuple[str, str] | None:
+    """(code, reason) why tensor ``name`` cannot be quantized, if it cannot.
+
+    Tensors with inf/NaN never can. Operands and results of Add/Mul whose values span more than 8 bits
+    can hold (values near zero next to values beyond 1e6: -1e9 or finfo.min added to attention scores)
+    cannot either: one 8-bit scale would flatten the small values to zero.
+    """
+    if name not in ranges:
+        return "unobserved", f"tensor '{name}' has no calibration statistics (the calibration observed only the tensors the default plan needs)"
+    if nonfinite.get(name, 0):
+        return "nonfinite", f"tensor '{name}' held {nonfinite[name]} inf/NaN values"
+    if op_type in ("Add", "Mul") and name in (masks or {}):
+        ratio = masks[name] if isinstance(masks, dict) else None
+        detail = f" (max/typical magnitude ratio {ratio:.3g})" if ratio else ""
+        return "wide-range", f"tensor '{name}' values span more than 8 bits can hold{detail}"
+    return None
+
+
+@dataclass
+class _State:
+    """What the node walk has decided so far."""
+
+    decisions: list = field(default_factory=list)
+    wanted: dict = field(default_factory=dict)  # tensor -> (role, axis)
+    readers: dict = field(default_factory=dict)  # tensor -> node names reading its DQ
+    quantized: dict = field(default_factory=dict)  # node name -> node
+    forced: set = field(default_factory=set)  # nodes an override quantizes: their output gets Q/DQ too
+    available: set = field(default_factory=set)  # outputs of quantized nodes that can carry Q/DQ
+    inherited: set = field(default_factory=set)  # outputs of data-movement ops: they take their input's parameters
+    wide: set = field(default_factory=set)  # activations an int16 override widens to 16 bits
+
+    def keep_float(self, node, code: str, reason: str) -> None:
+        self.decisions.append(NodeDecision(node.name, node.op_type, "float", reason, code))
+
+
+def build_plan(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]], config: QuantConfig,
+               nonfinite: dict[str, int] | None = None, masks: dict[str, float] | None = None,
+               overrides: Overrides | None = None, methods: dict[str, str] | None = None) -> QuantPlan:
+    """The static plan. ``methods`` names the range method behind each range (default: ``config.method``)."""
+    g = Graph(model)
+    nonfinite = nonfinite or {}
+    overrides = overrides or Overrides()
+    ranges = _alias_activation_inputs(model, g, ranges)
+    act_q = qmath.qtype(config.act_type)
+    w_q = qmath.qtype(config.weight_type)
+    if config.reduce_range:  # 7-bit weights: int8 products cannot overflow int16 sums on CPUs without VNNI
+        w_q = qmath.QType(w_q.name, -64, 63) if w_q.signed else qmath.QType(w_q.name, 0, 127)
+    st = _State()
+    for node in model.graph.node:
+        _decide(node, g, ranges, nonfinite, masks, config, overrides.node(node.name), st)
+
+    # A quantized node's output gets Q/DQ when a quantized node reads it (the pair between two int8 kernels),
+    # and always after Conv, whose int8 kernel (QLinearConv) needs it, and after a node an override forces.
+    # MatMul and Gemm with a float consumer keep a float output: onnxruntime runs them as
+    # MatMulIntegerToFloat / QGemm.
+    outputs: dict[str, onnx.NodeProto] = {}
+    for node in st.quantized.values():
+        out = node.output[0]
+        if out in st.available and (node.op_type in ("Conv", "ConvTranspose") or out in st.wanted or node.name in st.forced):
+            outputs[out] = node
+            st.wanted.setdefault(out, ("activation", None))
+
+    folded = _fold_activations(model, g, st.quantized, outputs, st.wanted, config)
+    tensors = _qparams(model, g, st, outputs, ranges, folded, config, act_q, w_q, methods or {})
+    return QuantPlan(config, st.decisions, tensors, folded, overrides)
+
+
+def _decide(node, g: Graph, ranges, nonfinite, masks, config: QuantConfig, ov, st: _State) -> None:
+    """Decide one node (graph order: its producers are decided) and record what it needs."""
+    if _integer_only(node, g):
+        st.decisions.append(NodeDecision(node.name, node.op_type, "integer", "integer output (shape or index math): nothing to quantize"))
+        return
+    precision = ov.precision if ov else None
+    excluded = config.excluded(node.name, node.op_type)
+    if excluded and precision in (None, "float"):
+        return st.keep_float(node, "excluded", excluded)
+    if precision == "float":
+        return st.keep_float(node, "override", "kept float by the plan's override")
+    forced = precision in ("int8", "int16")
+    found = _node_problem(node, g, forced)
+    if found:
+        return st.keep_float(node, *found)
+    per_channel = config.per_channel if not (ov and ov.granularity) else ov.granularity == "per-channel"
+    spec = _inputs(node, g, per_channel)
+    if isinstance(spec, str):
+        return st.keep_float(node, "unsupported", spec)
+    if not forced:
+        cost = _cost_problem(node, spec, g, st.available, st.quantized)
+        if cost:
+            return st.keep_float(node, *cost)
+    problem = None
+    for k, role, _ in spec:
+        if role == "activation" and node.input[k] not in st.inherited:
+            problem = problem or _range_problem(node.input[k], ranges, nonfinite, node.op_type, masks)
+    if node.op_type in ("Add", "Mul"):
+        problem = problem or _range_problem(node.output[0], ranges, nonfinite, node.op_type, masks)
+    if problem:
+        return st.keep_float(node, *problem)
+    reason = f"quantized by the plan's override ({precision})" if forced else ""
+    st.decisions.append(NodeDecision(node.name, node.op_type, "quantized", reason))
+    st.quantized[node.name] = node
+    if forced:
+        st.forced.add(node.name)
+    out = node.output[0]
+    if out and out not in g.graph_outputs and g.is_float(out):
+        # A data-movement op's output takes its input's parameters: it needs no range of its own.
+        if node.op_type in SHARED and (node.input[0] in st.available or g.is_constant(node.input[0])):
+            st.available.add(out)
+            st.inherited.add(out)
+        elif not _range_problem(out, ranges, nonfinite):
+            st.available.add(out)
+    for k, role, axis in spec:
+        st.wanted.setdefault(node.input[k], (role, axis))
+        st.readers.setdefault(node.input[k], []).append(node.name)
+        if precision == "int16" and role == "activation":
+            st.wide.add(node.input[k])
+    if precision == "int16" and out:
+        st.wide.add(out)
+
+
+def _alias_activation_inputs(model, g: Graph, ranges: dict) -> dict:
+    """A Relu/Clip input read by nothing else can use the Relu's output range (calibration skips it).
+
+    When the Relu is folded the input is never quantized; when it is not, clipping the input to the
+    Relu's output range changes nothing the Relu lets through.
+    """
+    out = dict(ranges)
+    for node in model.graph.node:
+        if node.op_type in FOLDABLE_ACT and node.output[0] in ranges and node.input[0] not in ranges:
+            if g.only_consumer(node.input[0]) is node and g.producer.get(node.input[0]) is not None:
+                const_bounds = all(not i or g.is_constant(i) for i in node.input[1:])
+                if node.op_type == "Relu" or (const_bounds and _clip_bounds(node, g)[0] <= 0.0):
+                    out[node.input[0]] = ranges[node.output[0]]
+    return out
+
+
+def _cost_problem(node, spec, g: Graph, available: set[str], quantized_nodes) -> tuple[str, str] | None:
+    """(code, reason) why quantizing ``node`` would cost more than it gains, if it would.
+
+    Conv, ConvTranspose, MatMul and Gemm always gain (int8 kernels). Any other op gains only when its
+    inputs are already quantized: otherwise it would add conversions around an op as fast in float.
+    A bias Add right after a quantized MatMul/Gemm stays float: onnxruntime fuses it into
+    MatMulIntegerToFloat, and a float bias is exact where an int8 one is not.
+    """
+    if node.op_type in ANCHORS:
+        return None
+    if node.op_type == "Add":
+        consts = [i for i in node.input if g.is_constant(i)]
+        other = [i for i in node.input if not g.is_constant(i)]
+        producer = g.producer.get(other[0]) if len(other) == 1 and consts else None
+        if producer is not None and producer.name in quantized_nodes and producer.op_type in ("MatMul", "Gemm"):
+            return "bias-add", f"bias Add after the quantized {producer.op_type} '{producer.name}': onnxruntime fuses it with an exact float bias"
+    for k, role, _ in spec:
+        if role == "activation" and node.input[k] not in available:
+            src = g.producer.get(node.input[k])
+            whence = f"from {src.op_type} '{src.name}'" if src is not None else "a graph input"
+            return "inputs-float", f"input '{node.input[k]}' ({whence}) stays float, so no int8 kernel gains from converting it"
+    return None
+
+
+def calibration_targets(model: onnx.ModelProto, config: QuantConfig, candidates: list[str],
+                        overrides: Overrides | None = None) -> list[str]:
+    """The activations whose ranges the plan can use: the only tensors calibration needs to observe.
+
+    Planned with every candidate assumed to have a clean range, so masks and inf are still found (the
+    tensors they would touch are observed). Conv outputs a Relu absorbs are left out (the plan gives them
+    the Relu's range): they are the bulk of a CNN's activations. Outputs of data-movement ops are kept:
+    if real ranges make their input float, the next layer needs their own range.
+    """
+    plan = build_plan(model, {n: (0.0, 1.0) for n in candidates}, config, overrides=overrides)
+    return [n for n in candidates if n in plan.tensors and plan.tensors[n].role == "activation"]
+
+
+def _integer_only(node, g: Graph) -> bool:
+    """True when no output is float: shape and index math (Shape, Range, comparisons on shapes...)."""
+    outs = [n for n in node.output if n]
+    return bool(outs) and all(n in g.types and g.types[n] not in _FLOATS for n in outs)
+
+
+_FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+
+
+def _node_problem(node, g: Graph, forced: bool = False) -> tuple[str, str] | None:
+    """(code, reason) why the op itself stays float; ``forced`` (an override) skips the kernel checks."""
+    if node.domain not in ("", "ai.onnx"):
+        return "custom-domain", f"custom-domain op ({node.domain}) is left as it is"
+    if not forced and node.op_type in FRAGILE:
+        return "fragile", FRAGILE[node.op_type]
+    if not forced and node.op_type not in SHARED and node.op_type not in OWN:
+        return "no-kernel", f"no int8 kernel for {node.op_type} in onnxruntime's CPU provider"
+    first = node.input[0] if node.input else ""
+    if not first or not (g.is_float(first) or (node.op_type == "Gather" and g.is_constant(first))):
+        return "not-float", "input is not float32"
+    if node.op_type in ("Add", "Mul"):
+        for i in node.input:
+            if g.is_constant(i):
+                c = g.array(i)
+                if c.dtype != np.float32 or not np.all(np.isfinite(c)):
+                    return "nonfinite", f"operand '{i}' holds inf/NaN or non-float32 constants"
+                big = float(np.abs(c).max()) if c.size else 0.0
+                if big >= MASK_LIMIT:
+                    return "wide-range", f"constant operand '{i}' values span more than 8 bits can hold (|x| up to {big:.3g})"
+    return None
+
+
+def _fold_activations(model, g: Graph, quantized_nodes, outputs, wanted, config) -> dict[str, str]:
+    """Relu/Clip right after a quantized op: drop them, their QuantizeLinear clamps the same way."""
+    folded = {}
+    if config.symmetric_activations:
+        return folded
+    for node in model.graph.node:
+        if node.op_type not in FOLDABLE_ACT or node.name not in quantized_nodes:
+            continue
+        x, y = node.input[0], node.output[0]
+        producer = g.producer.get(x)
+        if (
+            producer is None or producer.name not in quantized_nodes or producer.op_type not in FOLD_PRODUCERS
+            or g.only_consumer(x) is not node or y not in outputs
+        ):
+            continue
+        if node.op_type == "Clip":
+            lo, hi = _clip_bounds(node, g)
+            if not lo <= 0.0 <= hi:
+                continue
+        folded[node.name] = producer.name
+        wanted.pop(x, None)
+    return folded
+
+
+def _clip_bounds(node, g: Graph) -> tuple[float, float]:
+    lo, hi = attr(node, "min", float("-inf")), attr(node, "max", float("inf"))
+    if len(node.input) > 1 and node.input[1]:
+        lo = float(g.array(node.input[1]))
+    if len(node.input) > 2 and node.input[2]:
+        hi = float(g.array(node.input[2]))
+    return lo, hi
+
+
+def wide_type(act_q: qmath.QType) -> qmath.QType:
+    """The 16-bit activation type an int16 override uses: unsigned stays unsigned."""
+    return qmath.qtype("int16" if act_q.signed else "uint16")
+
+
+def _qparams(model, g: Graph, st: _State, outputs, ranges, folded, config, act_q, w_q, methods) -> dict[str, TensorPlan]:
+    plans: dict[str, TensorPlan] = {}
+    wanted, readers = st.wanted, st.readers
+    sym_a = config.symmetric_activations
+
+    def act_params(name: str) -> tuple[qmath.QParams, str, str, tuple | None]:
+        node = outputs.get(name)
+        if node is not None and node.op_type in SHARED and node.input[0] in plans:
+            src = plans[node.input[0]]
+            return src.qparams, f"shares the parameters of '{src.name}'", src.method, src.range
+        lo, hi = ranges[name]
+        qt = wide_type(act_q) if name in st.wide and act_q.bits <= 8 else act_q
+        method = methods.get(name, config.method)
+        return qmath.choose_qparams(lo, hi, qt, sym_a), "calibrated range" if method != "explicit" else "range set by override", method, (lo, hi)
+
+    # Graph order, so a shared-parameter op's input is planned before its output.
+    order = list(g.graph_inputs) + [o for n in model.graph.node for o in list(n.input) + list(n.output)]
+    for name in dict.fromkeys(order):
+        if name not in wanted:
+            continue
+        role, axis = wanted[name]
+        method, rng = "", None
+        if role == "activation":
+            qp, origin, method, rng = act_params(name)
+        elif role == "const":
+            arr = g.array(name).astype(np.float32)
+            qp = qmath.choose_qparams(float(arr.min()) if arr.size else 0.0, float(arr.max()) if arr.size else 0.0, act_q, sym_a)
+            origin = "constant operand"
+        elif role == "weight":
+            qp = qmath.weight_qparams(g.array(name), w_q, config.symmetric_weights, axis)
+            origin = "weight, per-channel" if axis is not None else "weight, per-tensor"
+        else:
+            continue  # biases after their inputs and weights
+        plans[name] = TensorPlan(name, role, qp, list(readers.get(name, [])), origin, method, rng)
+
+    for name, (role, _) in wanted.items():
+        if role != "bias":
+            continue
+        node = next(n for n in model.graph.node if n.name in readers[name])
+        x, w = node.input[0], node.input[1]
+        if x not in plans or w not in plans:
+            continue
+        bias = g.array(name)
+        wp = plans[w].qparams
+        if config.symmetric_weights:
+            widened = qmath.widen_weight_scale_for_bias(bias, float(plans[x].qparams.scale), wp.scale)
+            if wp.scale.ndim == 0:
+                widened = np.float32(widened.max())
+            if not np.array_equal(widened, wp.scale):
+                wp = qmath.QParams(widened, wp.zero_point, wp.qtype, wp.axis)
+                plans[w] = TensorPlan(w, "weight", wp, plans[w].consumers, plans[w].origin + ", widened for int32 bias")
+        plans[name] = TensorPlan(name, "bias", qmath.bias_qparams(bias, float(plans[x].qparams.scale), wp.scale), list(readers[name]), "bias, int32")
+    return plans
+
+
+def activation_ranges(calib, config: QuantConfig, overrides: Overrides | None = None) -> tuple[dict, dict]:
+    """(ranges, methods) of every observed activation by ``config.method``, with tensor overrides applied.
+
+    ``calib`` is a ``Calibration`` (statistics); a method override needs its histograms, a range override
+    needs nothing. ``methods`` names the method of each overridden tensor ("explicit" for a set range).
+    """
+    ranges = calib.ranges(config.method, config.symmetric_activations, config.percentile)
+    methods: dict[str, str] = {}
+    for name, t in sorted((overrides or Overrides()).tensors.items()):
+        if t.range is not None:
+            ranges[name], methods[name] = t.range, "explicit"
+            continue
+        obs = calib.tensors.get(name)
+        if obs is None or not obs.seen_finite:
+            raise QconvError(f"override for tensor '{name}' asks for method {t.method}, but the calibration has no statistics "
+                             "of it: re-run qconv calibrate with --all-tensors, or give its range")
+        pct = config.percentile if t.percentile is None else t.percentile
+        ranges[name] = select_range(obs, t.method, config.symmetric_activations, pct)
+        methods[name] = t.method if t.method != "percentile" else f"percentile {pct:g}"
+    return ranges, methods
