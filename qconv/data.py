@@ -310,6 +310,17 @@ def _rows(feed: dict[str, np.ndarray], specs: list[InputSpec]) -> int:
 feed_rows = _rows  # rows in one feed (the batch dimension of the first batched input)
 
 
+def single_rows(feed: dict[str, np.ndarray], specs: list[InputSpec]):
+    """The feed one row at a time (inputs with a free batch dimension are sliced; the rest pass unchanged);
+    the feed itself when a fixed batch dimension forbids it."""
+    batched = [s for s in specs if s.rank >= 1 and feed[s.name].ndim >= 1]
+    if not batched or any(isinstance(s.shape[0], int) and s.shape[0] > 0 for s in batched):
+        yield feed
+        return
+    for k in range(_rows(feed, specs)):
+        yield {n: (a[k:k + 1] if any(s.name == n for s in batched) else a) for n, a in feed.items()}
+
+
 def _truncate(feed, specs, rows: int):
     out = {}
     for s in specs:

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-import numpy as np
 import onnx
 
 from qconv import __version__, io, runtime
@@ -102,10 +101,11 @@ class Result:
     dequantized: dict[str, str] = field(default_factory=dict)  # float tensor -> its DequantizeLinear output
 
 
-def plan(prepared: Prepared, calib: Calibration | None, config: QuantConfig, overrides: Overrides | None = None) -> QuantPlan:
+def plan(prepared: Prepared, calib: Calibration | None, config: QuantConfig, overrides: Overrides | None = None,
+         where: str = "overrides") -> QuantPlan:
     """Decide what ``config.mode`` does to every node of the prepared model: the plan its rewrite applies."""
     overrides = overrides or Overrides()
-    overrides.check_against([n.name for n in prepared.model.graph.node], set(activation_tensors(prepared.model)))
+    overrides.check_against([n.name for n in prepared.model.graph.node], set(activation_tensors(prepared.model)), where)
     if config.mode in ("fp16", "int4") and any(o.precision not in (None, "float") or o.granularity for o in overrides.nodes.values()):
         raise QconvError(f"--mode {config.mode} takes only {{\"precision\": \"float\"}} node overrides")
     if overrides.tensors and not config.needs_calibration:
@@ -128,16 +128,29 @@ def plan(prepared: Prepared, calib: Calibration | None, config: QuantConfig, ove
     return p
 
 
-def replan(prepared: Prepared, stored: QuantPlan, calib: Calibration | None) -> QuantPlan:
+def replan(prepared: Prepared, stored: QuantPlan, calib: Calibration | None, where: str = "plan file") -> QuantPlan:
     """Plan again after the overrides of a stored plan were edited: from its recorded ranges, or from ``calib``
     (needed only by method overrides)."""
     config = stored.config
     if calib is None and config.needs_calibration:
         calib = _StoredRanges(stored.source)
-    p = plan(prepared, calib, config, stored.overrides)
+    try:
+        p = plan(prepared, calib, config, stored.overrides, where)
+    except _NeedsStatistics as exc:
+        raise QconvError(f"{where}: the override for tensor '{exc.args[0]}' changes its range method, which needs the calibration "
+                         "statistics (a plan records ranges only): pass --calib FILE") from None
     if isinstance(calib, _StoredRanges):
         p.source["calibration"] = stored.source.get("calibration")
     return p
+
+
+class _NeedsStatistics(KeyError):
+    pass
+
+
+class _NoHistograms(dict):
+    def get(self, key, default=None):
+        raise _NeedsStatistics(key)
 
 
 class _StoredRanges:
@@ -147,7 +160,7 @@ class _StoredRanges:
         self._ranges = {k: (float(v[0]), float(v[1])) for k, v in dict(source.get("ranges") or {}).items()}
         self._nonfinite = dict(source.get("nonfinite") or {})
         self._masks = dict(source.get("masks") or {})
-        self.tensors: dict = {}  # no histograms: a method override needs the calibration file
+        self.tensors = _NoHistograms()  # a method override needs the calibration file
 
     def ranges(self, method, symmetric, percentile) -> dict:
         return dict(self._ranges)

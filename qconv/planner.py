@@ -152,7 +152,7 @@ def build_plan(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]], c
             outputs[out] = node
             st.wanted.setdefault(out, ("activation", None))
 
-    folded = _fold_activations(model, g, st.quantized, outputs, st.wanted, config)
+    folded = _fold_activations(model, g, st.quantized, outputs, st.wanted, config, st.wide)
     tensors = _qparams(model, g, st, outputs, ranges, folded, config, act_q, w_q, methods or {})
     return QuantPlan(config, st.decisions, tensors, folded, overrides)
 
@@ -260,7 +260,13 @@ def calibration_targets(model: onnx.ModelProto, config: QuantConfig, candidates:
     if real ranges make their input float, the next layer needs their own range.
     """
     plan = build_plan(model, {n: (0.0, 1.0) for n in candidates}, config, overrides=overrides)
-    return [n for n in candidates if n in plan.tensors and plan.tensors[n].role == "activation"]
+    needed = {n for n, t in plan.tensors.items() if t.role == "activation"}
+    # A quantized Add/Mul's result is range-checked (masks) even when no quantized node reads it.
+    g = Graph(model)
+    needed |= {g.producer[o].output[0] for o in g.producer
+               if g.producer[o].op_type in ("Add", "Mul") and plan.decision(g.producer[o].name) is not None
+               and plan.decision(g.producer[o].name).quantized}
+    return [n for n in candidates if n in needed]
 
 
 def _integer_only(node, g: Graph) -> bool:
@@ -295,7 +301,7 @@ def _node_problem(node, g: Graph, forced: bool = False) -> tuple[str, str] | Non
     return None
 
 
-def _fold_activations(model, g: Graph, quantized_nodes, outputs, wanted, config) -> dict[str, str]:
+def _fold_activations(model, g: Graph, quantized_nodes, outputs, wanted, config, wide: set) -> dict[str, str]:
     """Relu/Clip right after a quantized op: drop them, their QuantizeLinear clamps the same way."""
     folded = {}
     if config.symmetric_activations:
@@ -316,6 +322,8 @@ def _fold_activations(model, g: Graph, quantized_nodes, outputs, wanted, config)
                 continue
         folded[node.name] = producer.name
         wanted.pop(x, None)
+        if x in wide:  # the activation's output now carries the producer's 16-bit quantization
+            wide.add(y)
     return folded
 
 
@@ -340,11 +348,16 @@ def _qparams(model, g: Graph, st: _State, outputs, ranges, folded, config, act_q
 
     def act_params(name: str) -> tuple[qmath.QParams, str, str, tuple | None]:
         node = outputs.get(name)
+        wide = name in st.wide and act_q.bits <= 8
         if node is not None and node.op_type in SHARED and node.input[0] in plans:
             src = plans[node.input[0]]
-            return src.qparams, f"shares the parameters of '{src.name}'", src.method, src.range
+            if not wide or src.qparams.qtype.bits > 8:
+                return src.qparams, f"shares the parameters of '{src.name}'", src.method, src.range
+            if name not in ranges and src.range is not None:  # a data-movement output lies within its input's range
+                lo, hi = src.range
+                return qmath.choose_qparams(lo, hi, wide_type(act_q), sym_a), f"the range of '{src.name}'", src.method, (lo, hi)
         lo, hi = ranges[name]
-        qt = wide_type(act_q) if name in st.wide and act_q.bits <= 8 else act_q
+        qt = wide_type(act_q) if wide else act_q
         method = methods.get(name, config.method)
         return qmath.choose_qparams(lo, hi, qt, sym_a), "calibrated range" if method != "explicit" else "range set by override", method, (lo, hi)
 

@@ -189,7 +189,7 @@ def _make_plan(job: QuantizeJob, prepared: pipeline.Prepared, stored: QuantPlan 
     calib = pipeline.load_calibration(pj.calib, prepared, pj.force_calib) if pj.calib is not None else None
     if not stored.stale:
         return stored, calib
-    return pipeline.replan(prepared, stored, calib), calib
+    return pipeline.replan(prepared, stored, calib, f"plan file {job.plan_file}"), calib
 
 
 def run_quantize(job: QuantizeJob, progress=pipeline._no_progress) -> tuple[dict, pipeline.Result]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import statistics
 import sys
 import tempfile
@@ -32,22 +31,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "sample_models" / "digits_cnn"
 sys.path.insert(0, str(ROOT))
 
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+from scripts.benchlib import in_child, peak_rss_mb, rss_mb, session  # noqa: E402
 
 
-def peak_mb() -> float:
-    """Peak RSS of this process (VmHWM: unlike ru_maxrss it is not inherited across fork/exec)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+
+
 
 
 def mosaics(digits: np.ndarray, count: int, size: int, seed: int) -> np.ndarray:
@@ -83,7 +71,7 @@ def run_qconv(model: str, data: str, n: int, method: str, out: str, queue) -> No
     t_calib = time.perf_counter() - t0
     result = pipeline.quantize(prep, calib, cfg)
     pipeline.save_quantized(result, Path(out), prep)
-    queue.put({"wall_s": time.perf_counter() - t0, "calib_s": t_calib, "peak_mb": peak_mb(), "base_mb": before})
+    queue.put({"wall_s": time.perf_counter() - t0, "calib_s": t_calib, "peak_mb": peak_rss_mb(), "base_mb": before})
 
 
 def ort_reader(data: str, n: int):
@@ -113,7 +101,7 @@ def run_ort(model: str, data: str, n: int, method: str, out: str, queue) -> None
     t0 = time.perf_counter()
     quantize_static(model, out, ort_reader(data, n), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=methods[method])
-    queue.put({"wall_s": time.perf_counter() - t0, "calib_s": None, "peak_mb": peak_mb(), "base_mb": before})
+    queue.put({"wall_s": time.perf_counter() - t0, "calib_s": None, "peak_mb": peak_rss_mb(), "base_mb": before})
 
 
 def run_ort_ranges(model: str, data: str, n: int, method: str, out: str, queue) -> None:
@@ -134,7 +122,7 @@ def run_ort_ranges(model: str, data: str, n: int, method: str, out: str, queue) 
     cal.collect_data(ort_reader(data, n))
     ranges = {k: tuple(float(x) for x in v.range_value) for k, v in cal.compute_data().items()}
     wall = time.perf_counter() - t0
-    peak = peak_mb()
+    peak = peak_rss_mb()
     cfg = QuantConfig()
     prep = pipeline.load(model, cfg)
     observers = {k: TensorObserver(bins=0, min=lo, max=hi, count=1) for k, (lo, hi) in ranges.items()}
@@ -143,23 +131,8 @@ def run_ort_ranges(model: str, data: str, n: int, method: str, out: str, queue) 
     queue.put({"wall_s": wall, "calib_s": wall, "peak_mb": peak, "base_mb": before})
 
 
-def in_child(fn, *args) -> dict:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    p = ctx.Process(target=fn, args=(*args, queue))
-    p.start()
-    p.join()
-    if p.exitcode != 0:
-        return {"error": f"exit code {p.exitcode}"}
-    return queue.get()
 
 
-def session(path: str):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 2
-    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
 
 def fp32_pass_seconds(model: Path, data: Path, n: int, repeat: int) -> float:

@@ -63,7 +63,7 @@ from onnxruntime.quantization import (
 
 from qconv.data import FeedSource
 from qconv.run import QuantizeJob, run_quantize
-from scripts.bench_quality import (
+from scripts.benchlib import (
     Reader,
     check,
     fidelity,

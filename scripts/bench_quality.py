@@ -34,88 +34,40 @@ import json
 import logging
 import multiprocessing
 import statistics
+import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from qconv import pipeline
-from qconv.config import QuantConfig
-from qconv.data import FeedSource, InputSpec
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
-LIGHT = Path(onnx.__file__).parent / "backend/test/data/light"
+from qconv import pipeline  # noqa: E402
+from qconv.config import QuantConfig  # noqa: E402
+from scripts.benchlib import (  # noqa: E402
+    Case,
+    first_line,
+    feeds,
+    sample_cases,
+    light_cases,
+    Reader,
+    peak_rss_mb,
+    session,
+    fidelity,
+    latencies,
+    fmt,
+    check,
+)
 
-
-@dataclass
-class Case:
-    name: str
-    model: Path
-    calib: Path
-    eval: Path
-    labels: Path | None
-    light: bool = False
-    tools: dict = field(default_factory=dict)  # tool -> what its child reported, then its evaluation
-    fp32: dict = field(default_factory=dict)
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
-
-
-def graph_specs(model: Path) -> list[InputSpec]:
-    """The model's real inputs (not initializers), read from the graph without building a session."""
-    m = onnx.load(str(model), load_external_data=False)
-    inits = {t.name for t in m.graph.initializer}
-    specs = []
-    for i in m.graph.input:
-        if i.name not in inits:
-            t = i.type.tensor_type
-            dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim)
-            specs.append(InputSpec(i.name, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)), dims))
-    return specs
-
-
-def feeds(model: Path, data: Path) -> FeedSource:
-    return FeedSource(data, graph_specs(model), batch_size=1)
 
 
 # ---- models -------------------------------------------------------------------------------------
-
-def sample_cases() -> list[Case]:
-    cases = []
-    for d in sorted(p for p in SAMPLES.iterdir() if p.is_dir()):
-        found = {"model": d / "model.onnx", "labels": d / "eval_labels.npy",
-                 "calib": d / "calib.npy" if (d / "calib.npy").exists() else d / "calib.npz",
-                 "eval": d / "eval.npy" if (d / "eval.npy").exists() else d / "eval.npz"}
-        missing = [p.name for p in found.values() if not p.exists()]
-        if missing:
-            print(f"skipping sample_models/{d.name}: missing {', '.join(missing)}")
-            continue
-        cases.append(Case(d.name, **found))
-    return cases
-
-
-def light_cases(scratch: Path, n_calib: int, n_eval: int, pattern: str) -> list[Case]:
-    cases = []
-    for model in sorted(LIGHT.glob("*.onnx")):
-        if not fnmatch.fnmatch(model.stem, pattern):
-            continue
-        shape = graph_specs(model)[0].shape
-        rng = np.random.default_rng(0)
-        paths = {}
-        for part, n in (("calib", n_calib), ("eval", n_eval)):
-            paths[part] = scratch / f"{model.stem}.{part}.npy"
-            np.save(paths[part], rng.random((n, *shape), dtype=np.float32))  # a stack of n feeds
-        cases.append(Case(model.stem, model, paths["calib"], paths["eval"], None, light=True))
-    return cases
 
 
 def materialize_fp32(model: Path, out: Path) -> None:
@@ -139,13 +91,6 @@ def materialize_fp32(model: Path, out: Path) -> None:
 
 # ---- calibrate + quantize, one tool per child process --------------------------------------------
 
-class Reader(CalibrationDataReader):
-    def __init__(self, source: FeedSource):
-        self.it = iter(source)
-
-    def get_next(self):
-        return next(self.it, None)
-
 
 def ort_quantize(model: Path, calib: Path, out: Path, pre: bool) -> None:
     source = feeds(model, calib)  # the original's inputs: pre-processing may expose more graph inputs
@@ -163,15 +108,6 @@ def qconv_quantize(model: Path, calib: Path, out: Path) -> None:
     prep = pipeline.load(model, cfg)
     calibration = pipeline.calibrate(prep, pipeline.feeds_for(prep, calib, batch_size=1), config=cfg)  # as `qconv quantize --data`
     pipeline.save_quantized(pipeline.quantize(prep, calibration, cfg), out, prep)
-
-
-def peak_rss_mb() -> float:
-    """This process's peak RSS (Linux VmHWM). Not ru_maxrss: that survives exec, so a spawned child starts
-    with its parent's peak."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024.0
-    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 
 
 def child(tool: str, model: Path, calib: Path, out: Path) -> dict:
@@ -202,57 +138,6 @@ def run_in_child(tool: str, case: Case, out: Path) -> dict:
 
 
 # ---- evaluation: the same code for every model --------------------------------------------------
-
-def session(path: Path, threads: int) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-def fidelity(sess, names: list[str], reference: list[list], source: FeedSource, labels) -> dict:
-    """SQNR and cosine per float output against the fp32 outputs, and top-1 of the first output."""
-    sums = {n: np.zeros(4) for n in names}  # sum r^2, sum (r-q)^2, sum r*q, sum q^2
-    correct = rows = 0
-    for ref, feed in zip(reference, source):
-        got = sess.run(names, feed)
-        for n, r, q in zip(names, ref, got):
-            if r.dtype.kind == "f":
-                r, q = r.astype(np.float64).ravel(), np.asarray(q, np.float64).ravel()
-                sums[n] += [r @ r, (r - q) @ (r - q), r @ q, q @ q]
-        pred = np.argmax(got[0], axis=-1).reshape(-1)
-        if labels is not None:
-            correct += int((pred == labels[rows:rows + pred.size]).sum())
-        rows += pred.size
-    out = {"outputs": {}}
-    for n, (rr, ee, rq, qq) in sums.items():
-        if rr or qq:
-            out["outputs"][n] = {"sqnr_db": float(10 * np.log10(rr / ee)) if ee else float("inf"),
-                                 "cosine": float(rq / np.sqrt(rr * qq)) if rr and qq else 0.0}
-    first = out["outputs"].get(names[0], {})
-    out.update(sqnr_db=first.get("sqnr_db"), cosine=first.get("cosine"))
-    if labels is not None:
-        out["top1"] = 100.0 * correct / rows
-    return out
-
-
-def latencies(sessions: dict, feed: dict, runs: int, budget_s: float = 60.0) -> dict[str, float]:
-    """Median ms per model on one feed; runs interleave the models, rotating the order each round."""
-    names = list(sessions)
-    for _ in range(3):
-        for s in sessions.values():
-            s.run(None, feed)
-    times = {n: [] for n in names}
-    start = time.perf_counter()
-    for k in range(runs):
-        for n in names[k % len(names):] + names[:k % len(names)]:
-            t0 = time.perf_counter()
-            sessions[n].run(None, feed)
-            times[n].append(1000.0 * (time.perf_counter() - t0))
-        if k >= 4 and time.perf_counter() - start > budget_s:
-            break
-    return {n: float(np.median(t)) for n, t in times.items()}
 
 
 def int8_weight_bytes(path: Path) -> int:
@@ -307,10 +192,6 @@ def bench(case: Case, tools: list[str], threads: int, runs: int) -> None:
 STATUS = {"ok": "ok", "FAILED": "FAIL", "RUN FAILED": "NORUN"}  # NORUN: quantized, but will not load or run
 
 
-def fmt(x, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
-
-
 def row(case: Case, tools: list[str]) -> list[str]:
     def cell(key, spec):
         return "/".join(fmt(case.tools[t].get(key), spec) for t in tools)
@@ -351,10 +232,6 @@ def notes(cases: list[Case]) -> list[str]:
             ratio = statistics.median(c.tools["qconv"][key] / c.tools["ort"][key] for c in both)
             out.append(f"{what}, qconv/ort: median {ratio:.2f}x over {len(both)} models where both quantized the weights")
     return out
-
-
-def check(label: str, ok: bool | None, detail: str) -> str:
-    return f"{'SKIP' if ok is None else 'PASS' if ok else 'FAIL'}  {label}: {detail}"
 
 
 def targets(cases: list[Case]) -> list[str]:

