@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import asdict, dataclass, field, fields
 
+from qconv.calib.observers import DEFAULT_BINS, DEFAULT_MOMENTUM  # noqa: F401 - re-exported for the CLI
 from qconv.calib.ranges import METHODS
 from qconv.errors import UsageError
 

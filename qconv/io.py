@@ -27,6 +27,11 @@ def has_external_data(model: onnx.ModelProto) -> bool:
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     """Load an ONNX model with its external data, or fail with a one-line reason."""
+    return load_model_and_layout(path)[0]
+
+
+def load_model_and_layout(path: str | os.PathLike) -> tuple[onnx.ModelProto, bool]:
+    """The model (external data loaded) and whether its weights were stored as external data."""
     p = Path(path)
     if not p.exists():
         raise QconvError(f"model file not found: {p}")
@@ -40,7 +45,8 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         raise QconvError(f"not a readable ONNX model (truncated or not ONNX?): {p} ({_first_line(exc)})") from None
     if not model.graph.node and not model.graph.output:
         raise QconvError(f"not an ONNX model (no graph found): {p}")
-    if has_external_data(model):
+    external = has_external_data(model)
+    if external:
         try:
             onnx.external_data_helper.load_external_data_for_model(model, str(p.parent))
         except Exception as exc:  # noqa: BLE001 - onnx raises OSError, ValueError or ValidationError here
@@ -48,7 +54,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
                 f"cannot read the model's external data next to {p}: {_first_line(exc)}; keep the .data file beside the model"
             ) from None
         model.ir_version = max(model.ir_version, 4)
-    return model
+    return model, external
 
 
 def _first_line(exc: BaseException) -> str:

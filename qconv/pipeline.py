@@ -50,9 +50,8 @@ class Prepared:
 
 
 def load(path: str | os.PathLike, config: QuantConfig) -> Prepared:
-    original = io.load_model(path)
+    original, external = io.load_model_and_layout(path)
     identity = io.model_identity(original)
-    external = io.has_external_data(onnx.load(str(path), load_external_data=False))
     model, notes = prepare(original, config.min_opset)
     del original.graph.initializer[:]  # only its structure is read later: do not hold the weights twice
     return Prepared(Path(path), original, model, notes, identity, external)

@@ -311,6 +311,99 @@ def _worst_cosine(summary: dict) -> float:
 
 
 @dataclass
+class CalibrateJob:
+    """``qconv calibrate``: statistics of the tensors the default plan needs (or all, ``all_tensors``)."""
+
+    model: Path
+    data: Path
+    out: Path
+    shard: tuple[int, int] = (0, 1)
+    per_tensor: bool = False
+    all_tensors: bool = False
+    method: str = "minmax"
+    percentile: float | None = None
+    options: CalibOptions = field(default_factory=CalibOptions)
+
+    def check(self) -> None:
+        QuantConfig(method=self.method, percentile=99.999 if self.percentile is None else self.percentile)  # validates
+        io.check_output_path(self.out, self.model, self.data)
+
+
+def run_calibrate(job: CalibrateJob, progress=pipeline._no_progress):
+    """The calibration written to ``job.out``, or None when the file there is already up to date."""
+    from qconv.calib.store import Calibration
+
+    job.check()
+    config = QuantConfig(per_channel=not job.per_tensor)
+    prepared = pipeline.load(job.model, config)
+    o = job.options
+    source = pipeline.feeds_for(prepared, job.data, o.batch_size, o.samples, job.shard)
+    options = pipeline.calibration_options(source, job.method, o.bins, o.momentum)
+    options["tensors"] = "all" if job.all_tensors else "planned"
+    if job.percentile is not None:
+        options["percentile"] = job.percentile
+    data_id = source.identity()
+    if job.out.exists():
+        try:
+            old = Calibration.from_dict(io.read_json(job.out, "calibration file"))
+        except QconvError:
+            old = None
+        if old and old.model_id == prepared.model_id and old.data_id == data_id and old.options == options:
+            return None
+    calib = pipeline.calibrate(prepared, source, o.threads, progress, job.method, o.bins, o.momentum,
+                               None if job.all_tensors else config)
+    calib.options = options
+    io.write_json(calib.to_dict(), job.out)
+    return calib
+
+
+def run_merge(parts: list[Path], out: Path):
+    """``qconv calibrate merge``: one calibration file from shards."""
+    from qconv.calib.store import Calibration, merge
+
+    if len(parts) < 2:
+        raise UsageError("give at least two calibration files to merge")
+    io.check_output_path(out, *parts)
+    loaded = [(str(p), Calibration.from_dict(io.read_json(p, "calibration file"), f"calibration file {p}")) for p in parts]
+    merged = merge(loaded)
+    io.write_json(merged.to_dict(), out)
+    return merged
+
+
+def run_inspect(model_path: Path, calib_path: Path | None, per_tensor: bool) -> dict:
+    """``qconv inspect``: what a model holds and what the default plan would do with it."""
+    import collections
+
+    from qconv.calib.collect import activation_tensors
+    from qconv.planner import build_plan
+
+    config = QuantConfig(per_channel=not per_tensor)
+    prepared = pipeline.load(model_path, config)
+    sess = runtime.session(prepared.model, threads=1, optimize=False)
+    if calib_path:
+        calib = pipeline.load_calibration(calib_path, prepared)
+        ranges, nonfinite, masks = calib.ranges(), calib.nonfinite(), calib.mask_like()
+    else:  # structure only: every activation assumed to have a usable range
+        ranges, nonfinite, masks = {n: (0.0, 1.0) for n in activation_tensors(prepared.model)}, {}, {}
+    plan = build_plan(prepared.model, ranges, config, nonfinite, masks)
+    return {
+        "model": str(model_path),
+        "ir_version": prepared.original.ir_version,
+        "opset": ai_onnx_opset(prepared.original),
+        "producer": f"{prepared.original.producer_name} {prepared.original.producer_version}".strip(),
+        "inputs": [{"name": i.name, "type": i.type, "shape": list(i.shape)} for i in sess.get_inputs()],
+        "outputs": [{"name": o.name, "type": o.type, "shape": list(o.shape)} for o in sess.get_outputs()],
+        "ops": dict(sorted(collections.Counter(n.op_type for n in prepared.original.graph.node).items())),
+        "intake": prepared.notes,
+        "would_quantize": plan.by_op(),
+        "kept_float": [{"name": n.name, "op_type": n.op_type, "reason": n.reason, "code": n.code} for n in plan.nodes if n.kept_float],
+        "kept_float_groups": plan.kept_float_groups(),
+        "ranges_checked": bool(calib_path),
+        "size_bytes": io.model_size_bytes(model_path),
+    }
+
+
+@dataclass
 class CompareJob:
     original: Path
     quantized: Path

@@ -6,11 +6,9 @@ from pathlib import Path
 
 import click
 
-from qconv import io, pipeline
-from qconv.calib.store import Calibration, merge
 from qconv.cli.common import data_options, guarded, output_options, range_options
-from qconv.config import QuantConfig
-from qconv.errors import QconvError, UsageError
+from qconv.errors import UsageError
+from qconv.run import CalibOptions, CalibrateJob, run_calibrate, run_merge
 
 
 def parse_shard(spec: str | None) -> tuple[int, int]:
@@ -69,35 +67,19 @@ def run_cmd(term, model, data, out, shard, per_tensor, all_tensors, batch_size, 
       qconv calibrate model.onnx --data calib.npz -o model.calib.json --samples 256
       qconv calibrate model.onnx --data calib/ --shard 0/4 -o part0.json   # then: qconv calibrate merge
     """
-    shard_kn = parse_shard(shard)
-    method = method or "minmax"
-    QuantConfig(method=method, percentile=99.999 if percentile is None else percentile)  # validates
-    io.check_output_path(out, model, data)
-    config = QuantConfig(per_channel=not per_tensor)
-    prepared = pipeline.load(model, config)
-    source = pipeline.feeds_for(prepared, data, batch_size, samples, shard_kn)
-    options = pipeline.calibration_options(source, method, bins, momentum)
-    options["tensors"] = "all" if all_tensors else "planned"
-    if percentile is not None:
-        options["percentile"] = percentile
-    data_id = source.identity()
-    if out.exists():
-        try:
-            old = Calibration.from_dict(io.read_json(out, "calibration file"))
-        except QconvError:
-            old = None
-        if old and old.model_id == prepared.model_id and old.data_id == data_id and old.options == options:
-            term.info(f"{out} is up to date (same model, data and options): nothing to do")
-            return
+    job = CalibrateJob(model, data, out, parse_shard(shard), per_tensor, all_tensors, method or "minmax", percentile,
+                       CalibOptions(batch_size, samples, bins, momentum, threads))
+    job.check()
     with term.progress() as progress:
-        calib = pipeline.calibrate(prepared, source, threads, progress, method, bins, momentum, None if all_tensors else config)
-    calib.options = options
-    io.write_json(calib.to_dict(), out)
+        calib = run_calibrate(job, progress)
+    if calib is None:
+        term.info(f"{out} is up to date (same model, data and options): nothing to do")
+        return
     _warn_tensors(term, calib)
     term.info(f"wrote {out}: {len(calib.tensors)} tensors from {calib.samples} feeds")
 
 
-def _warn_tensors(term, calib: Calibration) -> None:
+def _warn_tensors(term, calib) -> None:
     bad = sorted(calib.nonfinite())
     if bad:
         term.warn(f"{len(bad)} tensors held inf/NaN (kept in float when quantizing): {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
@@ -120,11 +102,6 @@ def merge_cmd(term, parts, out, quiet):
     Example:
       qconv calibrate merge part0.json part1.json part2.json part3.json -o all.json
     """
-    if len(parts) < 2:
-        raise UsageError("give at least two calibration files to merge")
-    io.check_output_path(out, *parts)
-    loaded = [(str(p), Calibration.from_dict(io.read_json(p, "calibration file"), f"calibration file {p}")) for p in parts]
-    merged = merge(loaded)
-    io.write_json(merged.to_dict(), out)
+    merged = run_merge(list(parts), out)
     _warn_tensors(term, merged)
     term.info(f"wrote {out}: {len(merged.tensors)} tensors from {merged.samples} feeds in {len(parts)} shards")

@@ -8,10 +8,8 @@ from pathlib import Path
 
 import click
 
-from qconv.calib.observers import DEFAULT_BINS, DEFAULT_MOMENTUM
-from qconv.calib.ranges import METHODS
 from qconv.cli.console import Terminal
-from qconv.config import FORMATS, MODES, QuantConfig
+from qconv.config import DEFAULT_BINS, DEFAULT_MOMENTUM, FORMATS, METHODS, MODES, QuantConfig
 from qconv.errors import GateFailed, QconvError
 from qconv.report.gates import Gates
 
@@ -93,6 +91,8 @@ def finish(term, report: dict, as_json: bool, render) -> None:
     """Print the report (JSON or tables), then fail with exit 3 if a gate failed."""
     if as_json:
         term.print_json(report)
+        for w in report.get("warnings", []):  # stdout holds the JSON; stderr still says what to act on
+            term.warn(w)
     else:
         render(term, report)
     gate = report.get("gate")

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -23,14 +24,14 @@ class Terminal:
 
     def info(self, msg: str) -> None:
         if not self.quiet:
-            self.err.print(msg)
+            self.err.print(escape(msg))
 
     def warn(self, msg: str) -> None:
         if not self.quiet:
-            self.err.print(f"[yellow]warning:[/yellow] {msg}")
+            self.err.print(f"[yellow]warning:[/yellow] {escape(msg)}")
 
     def error(self, msg: str) -> None:
-        self.err.print(f"[bold red]error:[/bold red] {msg}", soft_wrap=True)
+        self.err.print(f"[bold red]error:[/bold red] {escape(msg)}", soft_wrap=True)
 
     def print_json(self, obj) -> None:
         sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")

@@ -122,17 +122,29 @@ def worst_output(report: dict) -> tuple[str, dict] | None:
 
 
 def float_groups(report: dict) -> list[tuple[str, str, list[str]]]:
-    """Nodes kept in float grouped by (op type, reason): [(op, reason, node names)], largest group first.
+    """Nodes kept in float grouped by why: [(ops, reason, node names)], largest group first.
 
-    Quoted names in a reason ("no calibration statistics for tensor '/Add_output_0'") become '…' so
-    nodes kept float for the same cause fall into one group; the node names keep the specifics.
+    Reports that carry reason codes group by code ("ops" then lists the op types, "Add 42, Mul 41"); older
+    ones group by (op type, reason) with quoted names in a reason become '…', so nodes kept float for the
+    same cause fall into one group; the node names keep the specifics.
     """
+    floats = [n for n in rows(report, "nodes") if n.get("status") == "float"]
+    if floats and all(n.get("code") for n in floats):
+        texts = {g.get("code"): g.get("reason") for g in rows(section(report, "node_summary"), "kept_float_groups")}
+        by_code: dict[str, list[dict]] = collections.defaultdict(list)
+        for n in floats:
+            by_code[str(n["code"])].append(n)
+        out = []
+        for code, nodes in by_code.items():
+            ops = collections.Counter(str(n.get("op_type") or "?") for n in nodes)
+            label = ", ".join(f"{op} {c}" for op, c in sorted(ops.items(), key=lambda kv: (-kv[1], kv[0])))
+            out.append((label, str(texts.get(code) or nodes[0].get("reason") or code), [str(n.get("name") or "?") for n in nodes]))
+        return sorted(out, key=lambda g: (-len(g[2]), g[0], g[1]))
     groups: dict[tuple[str, str], list[str]] = collections.defaultdict(list)
-    for node in rows(report, "nodes"):
-        if node.get("status") == "float":
-            reason = _QUOTED.sub("'\u2026'", str(node.get("reason") or "no reason recorded"))
-            key = (str(node.get("op_type") or "?"), reason)
-            groups[key].append(str(node.get("name") or "?"))
+    for node in floats:
+        reason = _QUOTED.sub("'\u2026'", str(node.get("reason") or "no reason recorded"))
+        key = (str(node.get("op_type") or "?"), reason)
+        groups[key].append(str(node.get("name") or "?"))
     return sorted(((op, reason, names) for (op, reason), names in groups.items()),
                   key=lambda g: (-len(g[2]), g[0], g[1]))
 
@@ -385,7 +397,8 @@ def _plural(count, noun: str) -> str:
 def _output_card(report: dict) -> str:
     worst = worst_output(report)
     if worst is None:
-        return ""
+        reason = report.get("fidelity_reason")
+        return _card("Output fidelity", "not measured", str(reason), "") if reason else ""
     name, stats = worst
     kind = {"bad": "bad", "warn": "warn", "good": "good"}.get(_sqnr_class(stats.get("sqnr_db")), "")
     sub = f"cosine {format_number(stats.get('cosine'), '.5f')} \u00b7 {_shorten(name, 28)}"

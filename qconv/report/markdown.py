@@ -93,6 +93,12 @@ def _summary(report: dict) -> str:
         name, stats = worst
         lines.append(_row(f"worst output {_code(name)}", DASH, f"{format_sqnr(stats.get('sqnr_db'))} dB SQNR",
                           f"cosine {format_number(stats.get('cosine'), '.5f')}"))
+    elif report.get("fidelity_reason"):
+        lines.append(_row("output fidelity", DASH, DASH, _text(report["fidelity_reason"])))
+    nodes = section(report, "node_summary")
+    if nodes:
+        lines.append(_row("nodes", DASH, f"{format_number(nodes.get('quantized'), 'g')} quantized",
+                          f"{format_number(nodes.get('float'), 'g')} kept float"))
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
@@ -155,7 +161,7 @@ def _kept_float(report: dict) -> str:
     if not groups:
         return ""
     total = sum(len(names) for _, _, names in groups)
-    lines = [f"**Kept in float** ({total} nodes)", "", _row("op", "count", "reason"), _row("---", "---:", "---")]
+    lines = [f"**Kept in float** ({total} nodes)", "", _row("ops", "count", "reason"), _row("---", "---:", "---")]
     lines += [_row(_text(op), str(len(names)), _text(reason)) for op, reason, names in groups[:MAX_FLOAT_GROUPS]]
     if len(groups) > MAX_FLOAT_GROUPS:
         rest = groups[MAX_FLOAT_GROUPS:]

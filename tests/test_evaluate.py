@@ -1,0 +1,72 @@
+"""Evaluation pieces: error statistics against a float64 reference, the latency interval and verdict, row limits."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from qconv.data import InputSpec, single_rows
+from qconv.report.evaluate import limited, ratio_interval, verdict
+from qconv.report.metrics import ErrorStats
+
+
+def reference(r: np.ndarray, a: np.ndarray) -> tuple[float, float]:
+    r, a = r.astype(np.float64).ravel(), a.astype(np.float64).ravel()
+    m = np.isfinite(r) & np.isfinite(a)
+    r, a = r[m], a[m]
+    d = r - a
+    sqnr = math.inf if d @ d == 0 else 10 * math.log10((r @ r) / (d @ d)) if r @ r else -math.inf
+    cos = (r @ a) / math.sqrt((r @ r) * (a @ a)) if (r @ r) and (a @ a) else (1.0 if (r @ r) == (a @ a) else 0.0)
+    return sqnr, cos
+
+
+@settings(max_examples=60, deadline=None)
+@given(arrays(np.float32, st.integers(1, 300_000), elements=st.floats(-1e4, 1e4, width=32)),
+       st.floats(1e-6, 1.0), st.integers(0, 2**31))
+def test_error_stats_match_float64(x, noise, seed):
+    rng = np.random.default_rng(seed)
+    y = (x + noise * rng.normal(0, 1, x.shape)).astype(np.float32)
+    s = ErrorStats()
+    half = x.size // 2
+    s.update(x[:half], y[:half])  # two batches: the sums carry over
+    s.update(x[half:], y[half:])
+    sqnr, cos = reference(x, y)
+    if math.isfinite(sqnr):
+        assert abs(s.sqnr_db - sqnr) < 1e-3
+    assert abs(s.cosine - cos) <= 1e-6 * max(1.0, 1 - cos) + 1e-9
+
+
+def test_error_stats_skip_nonfinite_and_survive_huge_values():
+    x = np.array([1.0, np.inf, -3.0e38, 2.0], np.float32)
+    y = np.array([1.1, 1.0, -3.0e38, np.nan], np.float32)
+    s = ErrorStats()
+    s.update(x, y)
+    assert s.count == 2 and math.isfinite(s.sqnr_db) and s.max_abs_err == np.float32(1.1) - np.float32(1.0)
+
+
+@given(st.lists(st.floats(0.2, 5.0), min_size=5, max_size=400))
+def test_ratio_interval_brackets_the_median(ratios):
+    lo, hi = ratio_interval(np.array(ratios))
+    med = float(np.median(ratios))
+    assert lo <= med <= hi and min(ratios) <= lo and hi <= max(ratios)
+
+
+def test_verdict_claims_only_beyond_the_interval():
+    assert verdict(0.6, 0.9) == "faster" and verdict(1.1, 1.4) == "slower"
+    assert verdict(0.95, 1.05) == "same within noise"
+    noisy = np.concatenate([np.full(20, 0.9), np.full(20, 1.1)])
+    assert verdict(*ratio_interval(noisy)) == "same within noise"  # a 50/50 split proves nothing
+
+
+def test_layer_rows_are_single_rows_and_bounded():
+    specs = [InputSpec("x", np.dtype(np.float32), ("N", 3))]
+    feeds = [{"x": np.arange(12, dtype=np.float32).reshape(4, 3)} for _ in range(5)]
+    rows = list(limited(feeds, specs, 6))
+    assert len(rows) == 6 and all(r["x"].shape == (1, 3) for r in rows)
+    np.testing.assert_array_equal(rows[4]["x"], feeds[1]["x"][:1])
+    fixed = [InputSpec("x", np.dtype(np.float32), (4, 3))]
+    assert len(list(single_rows(feeds[0], fixed))) == 1  # a fixed batch cannot be split
