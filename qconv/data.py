@@ -116,6 +116,72 @@ class NpyRows:
         return a.astype(dtype) if dtype is not None else a
 
 
+class NpzRows(NpyRows):
+    """One array of a .npz (stored or deflated) read row block by row block: the member is decompressed as a
+    stream, forward from where the last read stopped, so memory stays flat however large the array is."""
+
+    def __init__(self, path: Path, member: str):
+        self.path, self.member = path, member
+        self._zip = zipfile.ZipFile(path)
+        self._fh = None
+        with self._zip.open(member) as f:
+            major, _ = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            self.shape, fortran, self.dtype = read(f)
+            self.offset = f.tell()
+        if fortran or self.dtype.hasobject:
+            raise ValueError("Fortran-ordered or object arrays are not streamed")
+        self.ndim = len(self.shape)
+        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize if self.ndim else self.dtype.itemsize
+        self._pos = None
+
+    def _rows(self, start: int, stop: int) -> np.ndarray:
+        stop = min(stop, self.shape[0])
+        count = max(stop - start, 0)
+        at = self.offset + start * self.row_bytes
+        if self._fh is None or self._pos is None or at < self._pos:
+            if self._fh is not None:
+                self._fh.close()
+            self._fh, self._pos = self._zip.open(self.member), 0
+        while self._pos < at:  # skip forward (a deflated stream cannot seek)
+            skipped = len(self._fh.read(min(at - self._pos, 1 << 22)))
+            if not skipped:
+                break
+            self._pos += skipped
+        raw = self._fh.read(count * self.row_bytes)
+        self._pos += len(raw)
+        if len(raw) != count * self.row_bytes:
+            raise QconvError(f"cannot read data file {self.path}: '{self.member}' is shorter than its header says (truncated?)")
+        return np.frombuffer(raw, dtype=self.dtype).reshape((count, *self.shape[1:]))
+
+    def __array__(self, dtype=None, copy=None):
+        with self._zip.open(self.member) as f:
+            f.read(self.offset)
+            a = np.frombuffer(f.read(), dtype=self.dtype).reshape(self.shape)
+        return a.astype(dtype) if dtype is not None else a
+
+
+def _npz_arrays(path: Path) -> dict:
+    """The arrays of a .npz: streamed row blocks where possible (rank >= 1), else loaded (scalars, objects)."""
+    out = {}
+    with zipfile.ZipFile(path) as z:
+        members = [n for n in z.namelist() if n.endswith(".npy")]
+    loaded = None
+    for member in members:
+        name = member[:-4]
+        try:
+            rows = NpzRows(path, member)
+            if rows.ndim:
+                out[name] = rows
+                continue
+        except ValueError:
+            pass
+        if loaded is None:
+            loaded = np.load(path, allow_pickle=False)
+        out[name] = loaded[name]
+    return out
+
+
 def _open(path: Path, specs: list[InputSpec]) -> dict[str, np.ndarray]:
     try:
         if path.suffix == ".npy":
@@ -127,8 +193,7 @@ def _open(path: Path, specs: list[InputSpec]) -> dict[str, np.ndarray]:
                 return {specs[0].name: rows if rows.ndim else np.load(path, allow_pickle=False)}
             except ValueError:
                 return {specs[0].name: np.load(path, mmap_mode="r", allow_pickle=False)}
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
+        arrays = _npz_arrays(path)
     except QconvError:
         raise
     except Exception as exc:  # noqa: BLE001 - numpy raises many types for broken files
@@ -329,8 +394,3 @@ def _truncate(feed, specs, rows: int):
         out[s.name] = a[:rows] if (a.ndim >= 1 and s.rank >= 1 and not fixed) else a
     return out
 
-
-def ensure_nonempty(source: FeedSource) -> None:
-    for _ in source:
-        return
-    raise QconvError(f"data set is empty: {source.path} holds no feeds")

@@ -162,12 +162,6 @@ def atomic_path(out: Path):
             tmp.unlink()
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def model_identity(model: onnx.ModelProto) -> str:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import collections
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -314,9 +313,3 @@ def save_quantized(result: Result, out: Path, prepared: Prepared) -> int:
     io.save_model(result.model, out, external_data=prepared.external_data or None)
     return io.model_size_bytes(out)
 
-
-def temp_model_size(model: onnx.ModelProto) -> int:
-    with tempfile.TemporaryDirectory() as d:
-        p = Path(d) / "m.onnx"
-        io.save_model(model, p)
-        return io.model_size_bytes(p)

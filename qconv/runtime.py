@@ -7,7 +7,6 @@ import os
 import onnx
 import onnxruntime as ort
 
-from qconv.data import InputSpec
 from qconv.errors import QconvError
 
 
@@ -35,8 +34,6 @@ def session(model: onnx.ModelProto | str, threads: int | None = None, optimize: 
         raise QconvError(f"onnxruntime cannot load the model: {first}") from None
 
 
-def input_specs(sess: ort.InferenceSession) -> list[InputSpec]:
-    return [InputSpec.from_ort(i) for i in sess.get_inputs()]
 
 
 def run(sess: ort.InferenceSession, feed: dict, outputs: list[str] | None = None) -> list:

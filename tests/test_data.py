@@ -90,3 +90,23 @@ def test_different_feed_counts_across_inputs(tmp_path):
     np.savez(tmp_path / "d.npz", x=np.zeros((4, 3, 4)), m=np.zeros((3, 3, 4)))
     with pytest.raises(QconvError, match="different numbers of feeds"):
         feeds(tmp_path / "d.npz", [IMG, other])
+
+
+def test_npz_members_stream_in_row_blocks(tmp_path):
+    from qconv.data import NpzRows
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(37, 3, 4)).astype(np.float32)
+    for save in (np.savez, np.savez_compressed):
+        p = tmp_path / f"{save.__name__}.npz"
+        save(p, x=a, s=np.float32(2.0))
+        rows = NpzRows(p, "x.npy")
+        assert rows.shape == a.shape and rows.dtype == a.dtype
+        got = [rows[k:k + 5] for k in range(0, 37, 5)]  # forward, as feeds are read
+        np.testing.assert_array_equal(np.concatenate(got), a)
+        np.testing.assert_array_equal(rows[3:4], a[3:4])  # backward: the stream restarts
+        np.testing.assert_array_equal(np.asarray(rows), a)
+        specs = [InputSpec("x", np.dtype(np.float32), ("N", 3, 4)), InputSpec("s", np.dtype(np.float32), ())]
+        feeds = list(FeedSource(p, specs, batch_size=8))
+        np.testing.assert_array_equal(np.concatenate([f["x"] for f in feeds]), a)
+        assert all(float(f["s"]) == 2.0 for f in feeds)

@@ -84,8 +84,6 @@ def _fidelity(evaluation: dict) -> dict:
             "layer_rows": evaluation.get("layer_rows")}
 
 
-def _finite(x):
-    return x if not isinstance(x, float) or math.isfinite(x) else ("inf" if x > 0 else "-inf")
 
 
 def node_rows(plan: QuantPlan, float_model, layers: dict) -> list[dict]:
