@@ -63,6 +63,16 @@ class QuantConfig:
         return self.format or (MODE_FORMATS[self.mode][0] if MODE_FORMATS[self.mode] else self.mode)
 
     @property
+    def weight_qtype(self):
+        """The weight QType; ``reduce_range``: 7-bit, so int8 products cannot overflow int16 sums on CPUs without VNNI."""
+        from qconv import qmath
+
+        w_q = qmath.qtype(self.weight_type)
+        if self.reduce_range:
+            w_q = qmath.QType(w_q.name, -64, 63) if w_q.signed else qmath.QType(w_q.name, 0, 127)
+        return w_q
+
+    @property
     def act_type(self) -> str:
         return self.activation_type or ("uint16" if self.mode == "a16w8" else "uint8")
 

@@ -9,6 +9,7 @@ import onnx
 from onnx import numpy_helper
 
 FLOAT = onnx.TensorProto.FLOAT
+FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16})
 
 
 def subgraph_inputs(node: onnx.NodeProto) -> set[str]:
@@ -85,6 +86,12 @@ class Graph:
         if len(cons) == 1 and name not in self.graph_outputs and name not in self.pinned:
             return cons[0]
         return None
+
+
+def integer_only(node: onnx.NodeProto, g: Graph) -> bool:
+    """True when no output is float: shape and index math (Shape, Range, comparisons on shapes...)."""
+    outs = [n for n in node.output if n]
+    return bool(outs) and all(n in g.types and g.types[n] not in FLOAT_TYPES for n in outs)
 
 
 def attr(node: onnx.NodeProto, name: str, default=None):

@@ -106,6 +106,31 @@ def sum_to_add(model: onnx.ModelProto) -> str | None:
     return f"{changed} two-input Sum nodes rewritten as Add" if changed else None
 
 
+def div_to_mul(model: onnx.ModelProto) -> str | None:
+    """x / c with a constant float c becomes x * (1/c): Mul has an int8 kernel (QLinearMul), Div has none, so a
+    hard-swish written x * clip(x + 3, 0, 6) / 6 can stay int8. The reciprocal differs from the division by at
+    most one float32 rounding (far below int8 resolution)."""
+    g = Graph(model)
+    changed = 0
+    for node in model.graph.node:
+        if node.op_type != "Div" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+            continue
+        c = node.input[1]
+        if not g.is_constant(c) or g.initializers[c].data_type != onnx.TensorProto.FLOAT or c in g.pinned:
+            continue
+        value = g.array(c)
+        if value.size > 4096 or not np.all(np.isfinite(value)) or np.any(value == 0):
+            continue
+        recip = numpy_helper.from_array((np.float32(1.0) / value).astype(np.float32), g.unique(c + "_reciprocal"))
+        model.graph.initializer.append(recip)
+        node.op_type = "Mul"
+        node.input[1] = recip.name
+        changed += 1
+    if changed:
+        drop_unused_initializers(model)
+    return f"{changed} divisions by a constant rewritten as multiplications by its reciprocal" if changed else None
+
+
 def fold_constants(model: onnx.ModelProto) -> str | None:
     """Evaluate nodes whose inputs are all constant (e.g. weights made by ConstantOfShape or Unsqueeze)."""
     g = Graph(model)
@@ -331,7 +356,8 @@ def prepare(model: onnx.ModelProto, min_opset: int) -> tuple[onnx.ModelProto, li
     notes = [strip_initializer_inputs(m), constants_to_initializers(m)]
     topo_sort(m)
     notes.append(upgrade_opset(m, min_opset))
-    notes += [constants_to_initializers(m), fold_constants(m), remove_noops(m), sum_to_add(m), fold_into_batchnorm(m), fold_into_conv(m)]
+    notes += [constants_to_initializers(m), fold_constants(m), remove_noops(m), sum_to_add(m), div_to_mul(m),
+              fold_into_batchnorm(m), fold_into_conv(m)]
     drop_unused_initializers(m)
     name_nodes(m)
     infer_types(m)

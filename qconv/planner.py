@@ -16,7 +16,7 @@ from qconv import qmath
 from qconv.calib.ranges import select_range
 from qconv.config import QuantConfig
 from qconv.errors import QconvError
-from qconv.graph import Graph, attr
+from qconv.graph import Graph, attr, integer_only
 from qconv.overrides import Overrides
 from qconv.plan import NodeDecision, QuantPlan, TensorPlan
 
@@ -134,9 +134,7 @@ def build_plan(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]], c
     overrides = overrides or Overrides()
     ranges = _alias_activation_inputs(model, g, ranges)
     act_q = qmath.qtype(config.act_type)
-    w_q = qmath.qtype(config.weight_type)
-    if config.reduce_range:  # 7-bit weights: int8 products cannot overflow int16 sums on CPUs without VNNI
-        w_q = qmath.QType(w_q.name, -64, 63) if w_q.signed else qmath.QType(w_q.name, 0, 127)
+    w_q = config.weight_qtype
     st = _State()
     for node in model.graph.node:
         _decide(node, g, ranges, nonfinite, masks, config, overrides.node(node.name), st)
@@ -159,7 +157,7 @@ def build_plan(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]], c
 
 def _decide(node, g: Graph, ranges, nonfinite, masks, config: QuantConfig, ov, st: _State) -> None:
     """Decide one node (graph order: its producers are decided) and record what it needs."""
-    if _integer_only(node, g):
+    if integer_only(node, g):
         st.decisions.append(NodeDecision(node.name, node.op_type, "integer", "integer output (shape or index math): nothing to quantize"))
         return
     precision = ov.precision if ov else None
@@ -269,13 +267,6 @@ def calibration_targets(model: onnx.ModelProto, config: QuantConfig, candidates:
     return [n for n in candidates if n in needed]
 
 
-def _integer_only(node, g: Graph) -> bool:
-    """True when no output is float: shape and index math (Shape, Range, comparisons on shapes...)."""
-    outs = [n for n in node.output if n]
-    return bool(outs) and all(n in g.types and g.types[n] not in _FLOATS for n in outs)
-
-
-_FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
 
 
 def _node_problem(node, g: Graph, forced: bool = False) -> tuple[str, str] | None:

@@ -24,7 +24,7 @@ from qconv.data import FeedSource, InputSpec
 from qconv.errors import QconvError, UsageError
 from qconv.data import feed_rows
 from qconv.graph import Graph, ai_onnx_opset, expose
-from qconv.overrides import Overrides
+from qconv.overrides import NodeOverride, Overrides
 from qconv.plan import QuantPlan
 from qconv.report import evaluate as ev
 from qconv.report.build import build_comparison_report, build_report
@@ -56,6 +56,7 @@ class EvalOptions:
     latency: bool = True
     layer_samples: int = ev.DEFAULT_LAYER_SAMPLES  # 0: no per-layer analysis
     threads: int | None = None
+    profile: bool = True  # with latency: per-node kernel times of both models
 
 
 @dataclass
@@ -140,6 +141,7 @@ class QuantizeJob:
     evaluation: EvalOptions = field(default_factory=EvalOptions)
     gates: Gates = field(default_factory=Gates)
     reports: tuple = ()
+    speed_fallback: bool = False  # keep float the nodes the profile shows slower in int8, if the model then measures faster
 
     @property
     def model(self) -> Path:
@@ -154,6 +156,8 @@ class QuantizeJob:
         if e.labels is not None and e.data is None:
             raise UsageError("--eval-labels needs --eval-data (labels must match the evaluated rows)")
         has_eval = self.eval_path is not None
+        if self.speed_fallback and not (has_eval and e.latency):
+            raise UsageError("--speed-fallback measures the model: it needs evaluation data (--eval-data or --data) and latency (drop --no-latency)")
         self.gates.check_options(e.labels is not None, e.latency and has_eval, has_eval)
         check_report_paths(self.reports, self.model)
         io.check_output_path(self.out, self.model, self.plan.calib, self.plan.data, e.data, self.plan_file)
@@ -206,19 +210,53 @@ def run_quantize(job: QuantizeJob, progress=pipeline._no_progress) -> tuple[dict
         o = job.plan.calib_options
         calib_feeds = pipeline.feeds_for(prepared, job.plan.data, o.batch_size, o.samples)
     result = pipeline.apply(prepared, plan, calib_feeds)
-    evaluation, notes = None, []
+    evaluation, notes, fallback = None, [], None
     if eval_source is not None:
         evaluation, reference = evaluate(prepared, result, eval_source, labels, job.evaluation, progress)
+        if job.speed_fallback:
+            fallback, faster = speed_fallback(prepared, result, calib, evaluation, eval_source, job.evaluation)
+            if faster is not None:
+                result = faster
+                evaluation, reference = evaluate(prepared, result, eval_source, labels, job.evaluation, progress)
         notes = damage_warnings(evaluation, prepared, result, calib, reference, job.evaluation.threads)
+    plan = result.plan
     size_q = pipeline.save_quantized(result, job.out, prepared)
     report = build_report(plan, prepared.model, result.model, input_path=str(prepared.path), output_path=str(job.out),
                           original_opset=ai_onnx_opset(prepared.original), intake=prepared.notes, findings=result.findings,
                           calib=calib, sizes=(io.model_size_bytes(job.model), size_q), evaluation=evaluation,
                           eval_source=str(eval_path) if eval_path else None, extra_warnings=notes)
+    if fallback is not None:
+        report["speed_fallback"] = fallback
     if job.gates.any():
         report["gate"] = evaluate_gates(job.gates, report)
     write_reports(report, job.reports)
     return report, result
+
+
+def speed_fallback(prepared: pipeline.Prepared, result: pipeline.Result, calib, evaluation: dict, source: FeedSource,
+                   opts: EvalOptions) -> tuple[dict, pipeline.Result | None]:
+    """Keep float the nodes the profile shows slower in int8, rewrite, and time both int8 models A/B: the new one
+    is taken only when the whole interval says it is faster. Returns (what was tried, the faster result or None).
+    The decisions become float overrides in the plan, so ``--plan`` reproduces the chosen model exactly."""
+    slow = [r["node"] for r in (evaluation.get("profile") or {}).get("slower_in_int8", [])]
+    if not slow:
+        return {"tried": [], "taken": False, "reason": "no node is slower in int8 than in float on this CPU"}, None
+    extra = Overrides({n: NodeOverride(precision="float") for n in slow}, {})
+    stored = result.plan
+    merged = stored.overrides.merged(extra)
+    if calib is not None or not stored.config.needs_calibration:
+        candidate_plan = pipeline.plan(prepared, calib, stored.config, merged)
+    else:
+        candidate_plan = pipeline.replan(prepared, dataclasses.replace(stored, overrides=merged), None)
+    candidate = pipeline.apply(prepared, candidate_plan)
+    threads = opts.threads or runtime.default_threads()
+    timing = ev.latency(runtime.session(result.model, threads, spinning=False),
+                        runtime.session(candidate.model, threads, spinning=False), next(iter(source)), threads)
+    taken = timing["verdict"] == "faster"
+    record = {"tried": slow, "taken": taken, "ratio": timing["ratio"], "ratio_low": timing["ratio_low"],
+              "ratio_high": timing["ratio_high"], "runs": timing["runs"],
+              "reason": "measured faster with these nodes float" if taken else f"not measurably faster ({timing['verdict']})"}
+    return record, candidate if taken else None
 
 
 def evaluate(prepared: pipeline.Prepared, result: pipeline.Result, source: FeedSource, labels, opts: EvalOptions,
@@ -228,8 +266,25 @@ def evaluate(prepared: pipeline.Prepared, result: pipeline.Result, source: FeedS
     if result.plan.config.needs_calibration:  # the QDQ analysis model: known types, no shape inference
         ftypes = Graph(prepared.model).types
         qtypes = {**ftypes, **{dq: onnx.TensorProto.FLOAT for dq in result.dequantized.values()}}
-    return _evaluate_models(str(prepared.path), result.model, prepared.model, result.analysis_model, result.dequantized,
-                            source, labels, opts, progress, qtypes)
+    out, reference = _evaluate_models(str(prepared.path), result.model, prepared.model, result.analysis_model,
+                                      result.dequantized, source, labels, opts, progress, qtypes)
+    if opts.latency and opts.profile:
+        out["profile"] = node_profile(prepared, result, next(iter(source)), opts.threads or runtime.default_threads())
+    return out, reference
+
+
+def node_profile(prepared: pipeline.Prepared, result: pipeline.Result, feed: dict, threads: int) -> dict:
+    """Per-node kernel times of the float and the written model (onnxruntime's profiler) on one feed."""
+    from qconv.report import profile as prof
+
+    plan = result.plan
+    ft = prof.attribute(prof.profile(prepared.model, feed, threads), prepared.model)
+    qt = prof.attribute(prof.profile(result.model, feed, threads), prepared.model)
+    for t in ft + qt:  # onnxruntime fuses Conv+Relu under the Relu's output name; qconv folded that Relu into the Conv
+        t.node = plan.folded.get(t.node, t.node)
+    quantized = {n.name for n in plan.nodes if n.quantized and n.name not in plan.folded}
+    ops = {n.name: n.op_type for n in prepared.model.graph.node}
+    return prof.compare(ft, qt, quantized, ops)
 
 
 def _evaluate_models(float_src, quant_src, float_layers, quant_layers, dequantized, source: FeedSource, labels,

@@ -15,13 +15,17 @@ def default_threads() -> int:
 
 
 def session(model: onnx.ModelProto | str, threads: int | None = None, optimize: bool = True,
-            spinning: bool = True) -> ort.InferenceSession:
+            spinning: bool = True, profile_prefix: str | None = None) -> ort.InferenceSession:
     """A CPU session. ``spinning=False`` stops idle worker threads from busy-waiting: timings of two models
-    measured in turn then do not steal each other's cores."""
+    measured in turn then do not steal each other's cores. ``profile_prefix`` records every kernel's time
+    (``end_profiling()`` returns the trace file's path)."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or default_threads()
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
+    if profile_prefix is not None:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
     if not spinning:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not optimize:
@@ -32,8 +36,6 @@ def session(model: onnx.ModelProto | str, threads: int | None = None, optimize: 
     except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise QconvError(f"onnxruntime cannot load the model: {first}") from None
-
-
 
 
 def run(sess: ort.InferenceSession, feed: dict, outputs: list[str] | None = None) -> list:

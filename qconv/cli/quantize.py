@@ -23,6 +23,8 @@ from qconv.run import CalibOptions, EvalOptions, PlanJob, QuantizeJob, run_quant
 @scheme_options
 @click.option("--eval-data", type=click.Path(path_type=Path), default=None, help="Data for the report (default: the calibration data).")
 @click.option("--eval-labels", type=click.Path(dir_okay=False, path_type=Path), default=None, help=".npy of class ids, one per eval row: adds top-1 accuracy.")
+@click.option("--speed-fallback", is_flag=True,
+              help="Profile both models on this CPU, keep float the int8 nodes that run slower, and keep that model only if it measures faster (the choices go into the plan's overrides).")
 @click.option("--layer-samples", type=click.IntRange(min=0), default=DEFAULT_LAYER_SAMPLES, show_default=True,
               help="Rows of the eval data used for the per-layer analysis (0: none).")
 @report_options
@@ -31,7 +33,7 @@ from qconv.run import CalibOptions, EvalOptions, PlanJob, QuantizeJob, run_quant
 @range_options
 @output_options
 @guarded
-def quantize_cmd(term, model, out, plan_file, calib, data, force_calib, overrides, eval_data, eval_labels, layer_samples,
+def quantize_cmd(term, model, out, plan_file, calib, data, force_calib, overrides, eval_data, eval_labels, speed_fallback, layer_samples,
                  reports, as_json, no_latency, batch_size, samples, bins, momentum, method, percentile, threads, quiet, **kwargs):
     """Quantize MODEL and write it to OUTPUT, with a report of what it cost.
 
@@ -57,7 +59,7 @@ def quantize_cmd(term, model, out, plan_file, calib, data, force_calib, override
     plan = PlanJob(model, config, method, percentile, calib, data, force_calib, overrides,
                    CalibOptions(batch_size, samples, bins, momentum, threads))
     job = QuantizeJob(out, plan, plan_file, EvalOptions(eval_data, eval_labels, not no_latency, layer_samples, threads),
-                      gates_from(kwargs), tuple(reports))
+                      gates_from(kwargs), tuple(reports), speed_fallback)
     job.check()
     with term.progress() as progress:
         report, _ = run_quantize(job, progress)

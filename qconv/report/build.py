@@ -55,7 +55,7 @@ def build_report(plan: QuantPlan, float_model, quant_model, *, input_path: str, 
     }
     if not evaluation:
         report["fidelity_reason"] = NOT_MEASURED
-    for key in ("task", "latency_ms"):
+    for key in ("task", "latency_ms", "profile"):
         if key in evaluation:
             report[key] = evaluation[key]
     report["histograms"] = histograms(calib, plan, report["layers"]) if isinstance(calib, Calibration) else {}
@@ -185,6 +185,12 @@ def warnings(report: dict, float_model) -> list[str]:
     lat = report.get("latency_ms")
     if lat and lat.get("verdict") == "slower":
         advice = _faster_suggestion(report["mode"], float_model) if float_model is not None else "see the per-layer table for what to keep float"
+        slow = (report.get("profile") or {}).get("slower_in_int8") or []
+        if slow:
+            names = ", ".join(f"{r['node']} ({r['op_type']}: {r['int8_us'] + r['conversions_us']:.0f} us int8 vs {r['float_us']:.0f} us float)"
+                              for r in slow[:4])
+            advice = (f"the profile shows {len(slow)} nodes slower in int8 than in float on this CPU: {names}"
+                      f"{' ...' if len(slow) > 4 else ''}; --speed-fallback keeps them float when that measures faster")
         out.append(f"the {report['mode']} model is slower than the original on this CPU ({lat['ratio']:.2f}x the time, "
                    f"95% interval {lat['ratio_low']:.2f}-{lat['ratio_high']:.2f}x over {lat['runs']} runs); {advice}")
     fp16 = report.get("fp16")

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import onnx
 
-from qconv.graph import Graph
+from qconv.graph import FLOAT_TYPES, Graph
 
-_FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
 
 
 def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
@@ -56,7 +55,7 @@ def probe_pairs(float_model: onnx.ModelProto, quant_model: onnx.ModelProto,
             if not t or t in graph_outputs or ftypes.get(t) != onnx.TensorProto.FLOAT:
                 continue
             q = dequantized.get(t, t)
-            if q in produced and qtypes.get(q) in _FLOATS:
+            if q in produced and qtypes.get(q) in FLOAT_TYPES:
                 pairs[t] = (q, qtypes[q])
     return pairs
 

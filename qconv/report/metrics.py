@@ -22,7 +22,7 @@ class ErrorStats:
     def update(self, ref: np.ndarray, approx: np.ndarray) -> None:
         """Fold one batch in. Sums of squares are float32 BLAS dot products over chunks of CHUNK elements,
         added in float64 (relative error ~1e-6, far below what SQNR or cosine can show); a batch holding
-        inf/NaN, or squares beyond float32's range, is redone in float64 without the non-finite pairs."""
+        inf/NaN, or squares beyond float32's range (or below it), is redone in float64 without the non-finite pairs."""
         r = np.ascontiguousarray(ref, dtype=np.float32).reshape(-1)
         a = np.ascontiguousarray(approx, dtype=np.float32).reshape(-1)
         if r.size != a.size:
@@ -34,7 +34,8 @@ class ErrorStats:
             sums = [_sumsq(r), _sumsq(d), _sumsq(a)]
             np.abs(d, out=d)
             sums += [float(np.add.reduce(d, dtype=np.float64)), float(d.max())]
-        if not all(math.isfinite(x) for x in sums):
+        underflow = (sums[0] == 0.0 and r.any()) or (sums[2] == 0.0 and a.any()) or (sums[1] == 0.0 and sums[3] > 0.0)
+        if underflow or not all(math.isfinite(x) for x in sums):  # tiny values square to 0 in float32
             finite = np.isfinite(r) & np.isfinite(a)
             r64, a64 = r[finite].astype(np.float64), a[finite].astype(np.float64)
             if not r64.size:

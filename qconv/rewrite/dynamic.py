@@ -17,7 +17,7 @@ from onnx import helper, numpy_helper
 
 from qconv import qmath
 from qconv.config import QuantConfig
-from qconv.graph import Graph, attr, topo_sort
+from qconv.graph import Graph, attr, integer_only, topo_sort
 from qconv.errors import QconvError
 from qconv.intake import drop_unused_initializers
 from qconv.overrides import Overrides
@@ -67,13 +67,10 @@ def plan_dynamic(model: onnx.ModelProto, config: QuantConfig, overrides: Overrid
     if any(o.precision == "int16" for o in overrides.nodes.values()):
         raise QconvError("dynamic mode has no int16 activations: use precision float or int8 in the plan's overrides")
     g = Graph(model)
-    w_q = qmath.qtype(config.weight_type)
-    if config.reduce_range:
-        w_q = qmath.QType(w_q.name, -64, 63) if w_q.signed else qmath.QType(w_q.name, 0, 127)
+    w_q = config.weight_qtype
     decisions, tensors = [], {}
     for node in model.graph.node:
-        outs = [o for o in node.output if o]
-        if outs and all(o in g.types and g.types[o] != onnx.TensorProto.FLOAT for o in outs):
+        if integer_only(node, g):
             decisions.append(NodeDecision(node.name, node.op_type, "integer", "integer output (shape or index math): nothing to quantize"))
             continue
         ov = overrides.node(node.name)

@@ -37,13 +37,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from qconv.graph import Graph, attr, subgraph_inputs, topo_sort
+from qconv.graph import FLOAT_TYPES, Graph, attr, subgraph_inputs, topo_sort
 from qconv.intake import constants_to_initializers, infer_types
 
 FLOAT, FLOAT16 = TensorProto.FLOAT, TensorProto.FLOAT16
 FP16_MAX = 65504.0
 FP16_TINY = 2.0**-24  # smallest positive float16 (subnormal)
-_FLOAT_TYPES = {FLOAT, FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
 _SUFFIX = {FLOAT: "fp32", FLOAT16: "fp16"}
 
 _SUM = "a sum over an axis can exceed float16's maximum 65504"
@@ -270,7 +269,7 @@ class _Planner:
     def _from_integers(self, node, float_inputs: list) -> bool:
         if node.op_type == "Cast":
             src = self.types.get(node.input[0])
-            return (src is not None and src not in _FLOAT_TYPES) or node.input[0] in self.int_sourced
+            return (src is not None and src not in FLOAT_TYPES) or node.input[0] in self.int_sourced
         computed = [i for i in float_inputs if not self.g.is_constant(i)]
         return bool(computed) and all(i in self.int_sourced for i in computed)
 
