@@ -1,0 +1,166 @@
+"""Placement for speed: each int8 region pattern is asserted in the graph onnxruntime actually runs (its QDQ
+fusions), numerics are compared through onnxruntime, and the per-node profile names real nodes."""
+
+from __future__ import annotations
+
+import json
+import zlib
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from qconv.cli.main import cli
+from tests.conftest import make_model, optimized_ops, run_model
+
+RNG = np.random.default_rng(0)
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def w(name, *shape, scale=0.3):
+    """A weight seeded by its name: every call builds the same model."""
+    rng = np.random.default_rng(zlib.crc32(name.encode()))
+    return numpy_helper.from_array(rng.normal(0, scale, shape).astype(np.float32), name)
+
+
+def c(name, value):
+    return numpy_helper.from_array(np.asarray(value, np.float32), name)
+
+
+def conv(x, wname, y, name, **kw):
+    return helper.make_node("Conv", [x, wname], [y], name=name, pads=[1, 1, 1, 1], **kw)
+
+
+def model_of(nodes, inits, out_shape=("N", 8, 8, 8), in_ch=3):
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", in_ch, 8, 8])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(out_shape))], inits, opset=13)
+
+
+def hard_swish():
+    """conv -> x * clip(x + 3, 0, 6) / 6 (how PaddlePaddle exports hard-swish) -> conv."""
+    nodes = [conv("x", "w1", "a", "conv1"), helper.make_node("Add", ["a", "three"], ["b"], name="add3"),
+             helper.make_node("Clip", ["b", "zero", "six"], ["cl"], name="clip"),
+             helper.make_node("Div", ["cl", "six"], ["d"], name="div6"), helper.make_node("Mul", ["a", "d"], ["h"], name="hswish"),
+             conv("h", "w2", "y", "conv2")]
+    return model_of(nodes, [w("w1", 8, 3, 3, 3), w("w2", 8, 8, 3, 3), c("three", 3.0), c("zero", 0.0), c("six", 6.0)])
+
+
+def residual():
+    nodes = [conv("x", "w1", "a", "conv1"), helper.make_node("Relu", ["a"], ["r"], name="relu1"),
+             conv("r", "w2", "b", "conv2"), helper.make_node("Add", ["r", "b"], ["s"], name="res_add"),
+             conv("s", "w3", "y", "conv3")]
+    return model_of(nodes, [w("w1", 8, 3, 3, 3), w("w2", 8, 8, 3, 3), w("w3", 8, 8, 3, 3)])
+
+
+def squeeze_excite():
+    """conv -> GlobalAveragePool -> conv(1x1) -> Sigmoid -> Mul with the feature map -> conv."""
+    nodes = [conv("x", "w1", "a", "conv1"), helper.make_node("GlobalAveragePool", ["a"], ["g"], name="gap"),
+             helper.make_node("Conv", ["g", "w2"], ["e"], name="se_conv"), helper.make_node("Sigmoid", ["e"], ["s"], name="sig"),
+             helper.make_node("Mul", ["a", "s"], ["m"], name="se_mul"), conv("m", "w3", "y", "conv3")]
+    return model_of(nodes, [w("w1", 8, 3, 3, 3), w("w2", 8, 8, 1, 1), w("w3", 8, 8, 3, 3)])
+
+
+def concat_branches():
+    nodes = [conv("x", "w1", "a", "conv1"), conv("x", "w2", "b", "conv2"),
+             helper.make_node("Concat", ["a", "b"], ["cat"], axis=1, name="cat"), conv("cat", "w3", "y", "conv3")]
+    return model_of(nodes, [w("w1", 4, 3, 3, 3), w("w2", 4, 3, 3, 3), w("w3", 8, 8, 3, 3)])
+
+
+def leaky_and_pool():
+    nodes = [conv("x", "w1", "a", "conv1"), helper.make_node("LeakyRelu", ["a"], ["l"], alpha=0.1, name="leaky"),
+             helper.make_node("AveragePool", ["l"], ["p"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[1, 1], name="avg"),
+             conv("p", "w2", "y", "conv2")]
+    return model_of(nodes, [w("w1", 8, 3, 3, 3), w("w2", 8, 8, 3, 3)])
+
+
+def movement():
+    """conv -> Transpose -> Transpose back -> Reshape (identity shape) -> conv: no conversion between the convs."""
+    nodes = [conv("x", "w1", "a", "conv1"), helper.make_node("Transpose", ["a"], ["t"], perm=[0, 2, 3, 1], name="t1"),
+             helper.make_node("Transpose", ["t"], ["u"], perm=[0, 3, 1, 2], name="t2"),
+             helper.make_node("Reshape", ["u", "shape"], ["v"], name="reshape"), conv("v", "w2", "y", "conv2")]
+    return model_of(nodes, [w("w1", 8, 3, 3, 3), w("w2", 8, 8, 3, 3),
+                            numpy_helper.from_array(np.array([0, 8, 8, 8], np.int64), "shape")])
+
+
+# (model, fused ops that must run, float compute ops that must not be left, max Q+DQ left in the optimized graph).
+# The last Conv writes a graph output, which stays float: it runs as a float Conv on dequantized inputs, so the
+# Q+DQ left are the input's QuantizeLinear and that Conv's two DequantizeLinear (activation and weight).
+PATTERNS = {
+    "hard-swish": (hard_swish, {"QLinearConv": 1, "QLinearAdd": 1, "QLinearMul": 2}, {"Div", "Mul", "Add", "Clip"}, 3),
+    "residual Add": (residual, {"QLinearConv": 2, "QLinearAdd": 1}, {"Add", "Relu"}, 3),
+    "squeeze-excite": (squeeze_excite, {"QLinearConv": 2, "QLinearGlobalAveragePool": 1, "QLinearSigmoid": 1, "QLinearMul": 1},
+                       {"Sigmoid", "Mul", "GlobalAveragePool"}, 3),
+    "Concat": (concat_branches, {"QLinearConv": 2, "QLinearConcat": 1}, {"Concat"}, 3),
+    "LeakyRelu + AveragePool": (leaky_and_pool, {"QLinearConv": 1, "QLinearLeakyRelu": 1, "QLinearAveragePool": 1},
+                                {"LeakyRelu", "AveragePool"}, 3),
+    "data movement": (movement, {"QLinearConv": 1}, {"Transpose"}, 3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PATTERNS))
+def test_region_fuses_in_onnxruntime(name, tmp_path):
+    make, fused, no_float, max_qdq = PATTERNS[name]
+    m = make()
+    onnx.save(m, tmp_path / "m.onnx")
+    x = RNG.normal(0, 1, (16, 3, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "d.npy", x)
+    r = invoke("quantize", tmp_path / "m.onnx", "--data", tmp_path / "d.npy", "-o", tmp_path / "q.onnx", "-q", "--batch-size", "8")
+    assert r.exit_code == 0, r.output
+    ops = optimized_ops(tmp_path / "q.onnx", tmp_path)
+    for op, count in fused.items():
+        assert ops.get(op, 0) == count, (op, ops)
+    assert not (no_float & set(ops)), ops
+    assert ops.get("QuantizeLinear", 0) + ops.get("DequantizeLinear", 0) <= max_qdq, ops
+    ref, got = run_model(m, {"x": x})[0], run_model(tmp_path / "q.onnx", {"x": x})[0]
+    assert np.corrcoef(ref.ravel(), got.ravel())[0, 1] > 0.995
+
+
+def test_division_by_a_constant_becomes_a_multiplication():
+    from qconv.intake import prepare
+
+    m, notes = prepare(hard_swish(), 13)
+    assert not any(n.op_type == "Div" for n in m.graph.node)
+    assert "1 divisions by a constant rewritten as multiplications by its reciprocal" in notes
+    x = RNG.normal(0, 1, (2, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(run_model(m, {"x": x})[0], run_model(hard_swish(), {"x": x})[0], rtol=1e-5, atol=1e-5)
+
+
+def pooled_model():
+    """A large uint8 MaxPool between two convs: onnxruntime's int8 MaxPool is far slower than its float one."""
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1, 1, 1, 1], name="conv1"),
+             helper.make_node("MaxPool", ["a"], ["p"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[1, 1], name="pool"),
+             helper.make_node("Conv", ["p", "w2"], ["y"], pads=[1, 1, 1, 1], name="conv2")]
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 64, 64])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16, 64, 64])],
+                      [w("w1", 32, 3, 3, 3), w("w2", 16, 32, 3, 3)], opset=13)
+
+
+def test_profile_names_nodes_and_speed_fallback_records_its_choice(tmp_path):
+    onnx.save(pooled_model(), tmp_path / "m.onnx")
+    np.save(tmp_path / "d.npy", RNG.normal(0, 1, (8, 3, 64, 64)).astype(np.float32))
+    r = invoke("quantize", tmp_path / "m.onnx", "--data", tmp_path / "d.npy", "-o", tmp_path / "q.onnx", "--batch-size", "4",
+               "--threads", "1", "--speed-fallback", "--json", "--layer-samples", "0")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    prof = report["profile"]
+    names = {row["node"] for row in prof["float_top"]} | {row["node"] for row in prof["quantized_top"]}
+    assert {"conv1", "conv2"} <= names and prof["float_us"] > 0 and prof["quantized_us"] > 0
+    fb = report["speed_fallback"]
+    assert set(fb) >= {"tried", "taken", "ratio", "ratio_low", "ratio_high", "reason"}
+    assert "pool" in fb["tried"]  # uint8 MaxPool: several times slower than float on the CPU provider
+    if fb["taken"]:
+        assert report["overrides"]["nodes"]["pool"] == {"precision": "float"}
+        assert {n["name"]: n["code"] for n in report["nodes"]}["pool"] == "override"
+    x = RNG.normal(0, 1, (2, 3, 64, 64)).astype(np.float32)
+    ref, got = run_model(tmp_path / "m.onnx", {"x": x})[0], run_model(tmp_path / "q.onnx", {"x": x})[0]
+    assert np.corrcoef(ref.ravel(), got.ravel())[0, 1] > 0.995
+
+
+def test_speed_fallback_needs_measurements(conv_path, conv_data, tmp_path):
+    r = invoke("quantize", conv_path, "--data", conv_data, "-o", tmp_path / "q.onnx", "--speed-fallback", "--no-latency")
+    assert r.exit_code == 2 and "--speed-fallback measures the model" in r.output
