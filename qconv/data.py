@@ -211,13 +211,18 @@ def _open(path: Path, specs: list[InputSpec]) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _cast(a: np.ndarray, spec: InputSpec, where: str) -> np.ndarray:
+def _cast(a: np.ndarray, spec: InputSpec, where: str, cast: bool = False) -> np.ndarray:
+    """The array in the input's dtype when that loses nothing (float64 -> float32, int32 -> int64). Integer or
+    bool data for a float input is refused (un-normalized uint8 pixels are the classic calibration mistake)
+    unless ``cast`` (``--cast-data``) says the values are meant as they are."""
     if a.dtype == spec.dtype:
         return a
-    same_kind = (a.dtype.kind == spec.dtype.kind) or (a.dtype.kind in "iu" and spec.dtype.kind in "iu") or (
-        a.dtype.kind in "iub" and spec.dtype.kind == "f"
-    )
-    if not same_kind:
+    same_kind = (a.dtype.kind == spec.dtype.kind) or (a.dtype.kind in "iu" and spec.dtype.kind in "iu")
+    if a.dtype.kind in "iub" and spec.dtype.kind == "f" and not cast:
+        raise QconvError(f"{where}: input '{spec.name}' expects {spec.dtype} but the data is {a.dtype} (integer pixels "
+                         f"not yet normalized?): convert and scale it the way the model was trained, or pass --cast-data "
+                         "to use the values as they are")
+    if not same_kind and not (cast and a.dtype.kind in "iub" and spec.dtype.kind == "f"):
         raise QconvError(f"{where}: input '{spec.name}' expects {spec.dtype} but the data is {a.dtype}; convert it with astype")
     return a.astype(spec.dtype)
 
@@ -263,11 +268,15 @@ def _plan(shapes: dict[str, tuple], specs: list[InputSpec], batch_size: int, whe
     return kinds, (sizes.pop() if sizes else 1)
 
 
-def _split(arrays: dict[str, np.ndarray], specs: list[InputSpec], batch_size: int, where: str):
-    """Yield feed dicts from one file's arrays, by the rules in the module docstring."""
+def _split(arrays: dict[str, np.ndarray], specs: list[InputSpec], batch_size: int, where: str, cast: bool = False,
+           first: int = 0, shard: tuple[int, int] = (0, 1)):
+    """Yield (index, feed) from one file's arrays, by the rules in the module docstring; ``first`` is the index of
+    this file's first feed in the whole data set. Feeds of other shards are skipped before any row is read."""
     by_name = {s.name: s for s in specs}
     kinds, n = _plan({k: a.shape for k, a in arrays.items()}, specs, batch_size, where)
     for k in range(n):
+        if (first + k) % shard[1] != shard[0]:
+            continue
         feed = {}
         for name, a in arrays.items():
             spec = by_name[name]
@@ -278,18 +287,18 @@ def _split(arrays: dict[str, np.ndarray], specs: list[InputSpec], batch_size: in
                 piece = np.asarray(a[k])
             else:
                 piece = np.asarray(a[k * step:(k + 1) * step])
-            piece = np.asarray(_cast(piece, spec, where), order="C")
+            piece = np.asarray(_cast(piece, spec, where, cast), order="C")
             _check_shape(piece, spec, where)
             _check_finite(piece, spec, where)
             feed[name] = piece
-        yield feed
+        yield first + k, feed
 
 
 class FeedSource:
     """A re-iterable stream of feeds from DATA, limited to ``samples`` rows when given."""
 
     def __init__(self, path: str | os.PathLike, specs: list[InputSpec], batch_size: int = 1, samples: int | None = None,
-                 shard: tuple[int, int] = (0, 1)):
+                 shard: tuple[int, int] = (0, 1), cast: bool = False):
         if batch_size < 1:
             raise QconvError(f"--batch-size must be at least 1 (got {batch_size})")
         if samples is not None and samples < 1:
@@ -301,18 +310,16 @@ class FeedSource:
         self.batch_size = batch_size
         self.samples = samples
         self.shard = shard
+        self.cast = cast
         self.files = _files(self.path)
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         seen = 0
-        index = -1
-        k, n = self.shard
+        first = 0
         for f in self.files:
             arrays = _open(f, self.specs)
-            for feed in _split(arrays, self.specs, self.batch_size, f.name):
-                index += 1
-                if index % n != k:
-                    continue
+            _, count = _plan({k: a.shape for k, a in arrays.items()}, self.specs, self.batch_size, f.name)
+            for _, feed in _split(arrays, self.specs, self.batch_size, f.name, self.cast, first, self.shard):
                 rows = _rows(feed, self.specs)
                 if self.samples is not None and seen + rows > self.samples:
                     feed = _truncate(feed, self.specs, self.samples - seen)
@@ -323,6 +330,7 @@ class FeedSource:
                 yield feed
                 if self.samples is not None and seen >= self.samples:
                     return
+            first += count
 
     def count(self) -> int:
         """Number of feeds, from the arrays' headers only (no data is read)."""

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
+import numpy as np
 import onnx
 
 from qconv import __version__, io, runtime
@@ -57,9 +58,9 @@ def load(path: str | os.PathLike, config: QuantConfig) -> Prepared:
 
 
 def feeds_for(prepared: Prepared, data: str | os.PathLike, batch_size: int = 1, samples: int | None = None,
-              shard: tuple[int, int] = (0, 1)) -> FeedSource:
+              shard: tuple[int, int] = (0, 1), cast: bool = False) -> FeedSource:
     specs = [InputSpec.from_value_info(i) for i in prepared.model.graph.input]
-    return FeedSource(data, specs, batch_size=batch_size, samples=samples, shard=shard)
+    return FeedSource(data, specs, batch_size=batch_size, samples=samples, shard=shard, cast=cast)
 
 
 def calibration_options(source: FeedSource, method: str = "minmax", bins: int = DEFAULT_BINS,
@@ -297,6 +298,35 @@ def _annotate(model: onnx.ModelProto, config: QuantConfig, calib: dict | None, p
         model.metadata_props.add(key=k, value=v)
     model.producer_name = "qconv"
     model.producer_version = __version__
+
+
+def check_runs(prepared: Prepared, model: onnx.ModelProto, feed: dict | None) -> None:
+    """The written model must run, not only load: on ``feed`` (the first row of the user's data), or, without
+    data, on a synthetic feed (zeros; 1 for every free dimension) when the float model itself runs on that."""
+    if feed is None:
+        feed = _synthetic_feed(prepared)
+        if feed is None:
+            return
+        try:
+            runtime.run(runtime.session(prepared.model, threads=1), feed)
+        except QconvError:
+            return  # the float model cannot run on made-up inputs either: nothing to learn from them
+    try:
+        runtime.run(runtime.session(model, threads=1), feed)
+    except QconvError as exc:
+        raise QconvError(f"internal error: the quantized model loads but fails to run ({exc}); nothing was written, please report it") from None
+
+
+def _synthetic_feed(prepared: Prepared) -> dict | None:
+    feed = {}
+    for vi in prepared.model.graph.input:
+        try:
+            spec = InputSpec.from_value_info(vi)
+        except QconvError:
+            return None
+        shape = [d if isinstance(d, int) and d > 0 else 1 for d in spec.shape]
+        feed[spec.name] = np.zeros(shape, dtype=spec.dtype)
+    return feed
 
 
 def verify(model: onnx.ModelProto) -> None:

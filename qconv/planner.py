@@ -76,7 +76,8 @@ def _inputs(node: onnx.NodeProto, g: Graph, per_channel: bool) -> list[tuple[int
     if op == "MatMul":
         b_const = g.is_constant(ins[1])
         rank = len(g.initializers[ins[1]].dims) if b_const else 0
-        return [(0, "activation", None), weight_or_act(1, rank - 1 if rank >= 2 else None)]
+        # per-column scales only for a 2-D weight: MatMulIntegerToFloat / QLinearMatMul take no per-axis N-D B
+        return [(0, "activation", None), weight_or_act(1, 1 if rank == 2 else None)]
     if op in ("Add", "Mul", "Concat"):
         return [(k, "const" if g.is_constant(i) else "activation", None) for k, i in enumerate(ins) if i]
     if op == "Gather":
@@ -379,7 +380,7 @@ def _qparams(model, g: Graph, st: _State, outputs, ranges, folded, config, act_q
         x, w = node.input[0], node.input[1]
         if x not in plans or w not in plans:
             continue
-        bias = g.array(name)
+        bias = g.array(name).reshape(-1)  # a Gemm's C may be (1, N)
         wp = plans[w].qparams
         if config.symmetric_weights:
             widened = qmath.widen_weight_scale_for_bias(bias, float(plans[x].qparams.scale), wp.scale)

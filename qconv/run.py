@@ -45,6 +45,7 @@ class CalibOptions:
     bins: int = DEFAULT_BINS
     momentum: float = DEFAULT_MOMENTUM
     threads: int | None = None
+    cast_data: bool = False  # integer data for float inputs is used as it is (else refused)
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ def _statistics(job: PlanJob, prepared: pipeline.Prepared, overrides: Overrides,
     if job.calib is not None:
         return pipeline.load_calibration(job.calib, prepared, job.force_calib)
     o = job.calib_options
-    source = pipeline.feeds_for(prepared, job.data, o.batch_size, o.samples)
+    source = pipeline.feeds_for(prepared, job.data, o.batch_size, o.samples, cast=o.cast_data)
     return pipeline.calibrate(prepared, source, o.threads, progress, job.method or "minmax", o.bins, o.momentum,
                               job.effective(None), overrides)
 
@@ -203,13 +204,15 @@ def run_quantize(job: QuantizeJob, progress=pipeline._no_progress) -> tuple[dict
     stored = read_plan(job.plan_file) if job.plan_file is not None else None
     prepared = pipeline.load(job.model, stored.config if stored is not None else job.plan.config)
     eval_path = job.eval_path
-    eval_source = pipeline.feeds_for(prepared, eval_path, job.plan.calib_options.batch_size) if eval_path else None
+    o = job.plan.calib_options
+    eval_source = pipeline.feeds_for(prepared, eval_path, o.batch_size, cast=o.cast_data) if eval_path else None
     plan, calib = _make_plan(job, prepared, stored, progress)
     calib_feeds = None
     if plan.config.mode == "int4" and job.plan.data is not None:
-        o = job.plan.calib_options
-        calib_feeds = pipeline.feeds_for(prepared, job.plan.data, o.batch_size, o.samples)
+        calib_feeds = pipeline.feeds_for(prepared, job.plan.data, o.batch_size, o.samples, cast=o.cast_data)
     result = pipeline.apply(prepared, plan, calib_feeds)
+    first = eval_source or (pipeline.feeds_for(prepared, job.plan.data, o.batch_size, cast=o.cast_data) if job.plan.data else None)
+    pipeline.check_runs(prepared, result.model, next(iter(first)) if first is not None else None)
     evaluation, notes, fallback = None, [], None
     if eval_source is not None:
         evaluation, reference = evaluate(prepared, result, eval_source, labels, job.evaluation, progress)
@@ -392,7 +395,7 @@ def run_calibrate(job: CalibrateJob, progress=pipeline._no_progress):
     config = QuantConfig(per_channel=not job.per_tensor)
     prepared = pipeline.load(job.model, config)
     o = job.options
-    source = pipeline.feeds_for(prepared, job.data, o.batch_size, o.samples, job.shard)
+    source = pipeline.feeds_for(prepared, job.data, o.batch_size, o.samples, job.shard, o.cast_data)
     options = pipeline.calibration_options(source, job.method, o.bins, o.momentum)
     options["tensors"] = "all" if job.all_tensors else "planned"
     if job.percentile is not None:
@@ -467,6 +470,7 @@ class CompareJob:
     batch_size: int = 1
     gates: Gates = field(default_factory=Gates)
     reports: tuple = ()
+    cast_data: bool = False
 
     def check(self) -> None:
         self.gates.check_options(self.evaluation.labels is not None, self.evaluation.latency, True)
@@ -480,7 +484,7 @@ def run_compare(job: CompareJob, progress=pipeline._no_progress) -> dict:
     labels = load_labels(job.evaluation.labels)
     initializers = {t.name for t in original.graph.initializer}
     specs = [InputSpec.from_value_info(i) for i in original.graph.input if i.name not in initializers]
-    source = FeedSource(job.data, specs, batch_size=job.batch_size)
+    source = FeedSource(job.data, specs, batch_size=job.batch_size, cast=job.cast_data)
     evaluation, _ = _evaluate_models(str(job.original), str(job.quantized), original, quantized, dequantized_of(quantized),
                                      source, labels, job.evaluation, progress)
     report = build_comparison_report(str(job.original), str(job.quantized), original, quantized, evaluation, str(job.data))

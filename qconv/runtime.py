@@ -22,7 +22,7 @@ def session(model: onnx.ModelProto | str, threads: int | None = None, optimize: 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or default_threads()
     opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # failures come back as exceptions, turned into one-line errors below
     if profile_prefix is not None:
         opts.enable_profiling = True
         opts.profile_file_prefix = profile_prefix

@@ -189,3 +189,13 @@ def test_corrupt_calibration_file(conv_path, conv_data, tmp_path):
 def test_debug_shows_traceback(tmp_path, conv_data):
     r = CliRunner().invoke(cli, ["--debug", "quantize", str(tmp_path / "x.onnx"), "-o", str(tmp_path / "q.onnx"), "--data", str(conv_data)])
     assert r.exit_code != 0 and r.exception is not None and "model file not found" in str(r.exception)
+
+
+def test_integer_data_for_a_float_input_is_refused_unless_cast(conv_path, tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 256, (8, 3, 8, 8)).astype(np.int32)
+    np.save(tmp_path / "px.npy", pixels)
+    r = invoke("quantize", conv_path, "-o", tmp_path / "q.onnx", "--data", tmp_path / "px.npy")
+    assert r.exit_code == 1 and "input 'x' expects float32 but the data is int32" in r.output and "--cast-data" in r.output
+    assert not (tmp_path / "q.onnx").exists()
+    r = invoke("quantize", conv_path, "-o", tmp_path / "q.onnx", "--data", tmp_path / "px.npy", "--cast-data", "-q", "--no-latency")
+    assert r.exit_code == 0 and (tmp_path / "q.onnx").exists()

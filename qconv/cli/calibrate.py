@@ -55,7 +55,7 @@ def calibrate_group():
 @range_options
 @output_options
 @guarded
-def run_cmd(term, model, data, out, shard, per_tensor, all_tensors, batch_size, samples, bins, momentum, method, percentile,
+def run_cmd(term, model, data, out, shard, per_tensor, all_tensors, batch_size, samples, bins, momentum, cast_data, method, percentile,
             threads, quiet):
     """Record per-tensor statistics (min/max, moving averages, histograms) of MODEL on DATA.
 
@@ -68,7 +68,7 @@ def run_cmd(term, model, data, out, shard, per_tensor, all_tensors, batch_size, 
       qconv calibrate model.onnx --data calib/ --shard 0/4 -o part0.json   # then: qconv calibrate merge
     """
     job = CalibrateJob(model, data, out, parse_shard(shard), per_tensor, all_tensors, method or "minmax", percentile,
-                       CalibOptions(batch_size, samples, bins, momentum, threads))
+                       CalibOptions(batch_size, samples, bins, momentum, threads, cast_data))
     job.check()
     with term.progress() as progress:
         calib = run_calibrate(job, progress)

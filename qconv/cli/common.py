@@ -44,6 +44,8 @@ def guarded(fn):
 
 def data_options(fn):
     """Options that select feeds and set what calibration records."""
+    fn = click.option("--cast-data", is_flag=True,
+                      help="Use integer data for float inputs as it is (by default refused: un-normalized pixels are a classic mistake).")(fn)
     fn = click.option("--momentum", type=click.FloatRange(0.0, 1.0, min_open=True), default=DEFAULT_MOMENTUM, show_default=True,
                       help="Weight of each batch in the moving-average method.")(fn)
     fn = click.option("--bins", type=click.IntRange(min=128, max=65536), default=DEFAULT_BINS, show_default=True,

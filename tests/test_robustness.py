@@ -1,0 +1,58 @@
+"""Models as people export them, and the defects found in the wild: each reproduced, then checked through onnxruntime."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from qconv.cli.main import cli
+from tests.conftest import make_model, run_model
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def close(model_path, quant_path, feed, min_corr=0.99):
+    ref, got = run_model(model_path, feed)[0], run_model(quant_path, feed)[0]
+    assert ref.shape == got.shape and np.corrcoef(ref.ravel(), got.ravel())[0, 1] > min_corr
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+@pytest.mark.parametrize("extra", [[], ["--per-tensor"], ["--format", "qoperator"]])
+def test_gemm_with_a_2d_bias(trans_b, extra, tmp_path):
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(5, 4) if trans_b else (4, 5)).astype(np.float32)
+    m = make_model([helper.make_node("Gemm", ["x", "w", "c"], ["y"], transB=trans_b, name="gemm")],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])],
+                   [numpy_helper.from_array(w, "w"), numpy_helper.from_array(rng.normal(size=(1, 5)).astype(np.float32), "c")], opset=13)
+    onnx.save(m, tmp_path / "m.onnx")
+    x = rng.normal(size=(16, 4)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    r = invoke("quantize", tmp_path / "m.onnx", "--data", tmp_path / "x.npy", "-o", tmp_path / "q.onnx", "-q", "--no-latency", *extra)
+    assert r.exit_code == 0, r.output
+    close(tmp_path / "m.onnx", tmp_path / "q.onnx", {"x": x})
+
+
+@pytest.mark.parametrize("wshape", [(2, 4, 5), (1, 4, 5), (2, 1, 4, 5)])
+@pytest.mark.parametrize("mode", ["int8", "qoperator", "dynamic"])
+def test_matmul_with_an_nd_weight(wshape, mode, tmp_path):
+    rng = np.random.default_rng(1)
+    xshape = [2, 3, 4] if len(wshape) == 3 else [2, 2, 3, 4]
+    yshape = [2, 3, 5] if len(wshape) == 3 else [2, 2, 3, 5]
+    m = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, xshape)],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, yshape)],
+                   [numpy_helper.from_array(rng.normal(size=wshape).astype(np.float32), "w")], opset=13)
+    onnx.save(m, tmp_path / "m.onnx")
+    x = rng.normal(size=(4, *xshape)).astype(np.float32)  # a stack of 4 feeds
+    np.save(tmp_path / "x.npy", x)
+    args = {"int8": ["--data", tmp_path / "x.npy"], "qoperator": ["--data", tmp_path / "x.npy", "--format", "qoperator"],
+            "dynamic": ["--mode", "dynamic", "--eval-data", tmp_path / "x.npy"]}[mode]
+    r = invoke("quantize", tmp_path / "m.onnx", *args, "-o", tmp_path / "q.onnx", "-q", "--no-latency")
+    assert r.exit_code == 0, r.output
+    close(tmp_path / "m.onnx", tmp_path / "q.onnx", {"x": x[0]})
