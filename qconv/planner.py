@@ -19,15 +19,9 @@ from qconv.errors import QconvError
 from qconv.graph import Graph, attr, integer_only
 from qconv.overrides import Overrides
 from qconv.plan import NodeDecision, QuantPlan, TensorPlan
+from qconv.rewrite import rules
+from qconv.rewrite.rules import ANCHORS, OWN, SHARED
 
-# Ops whose output keeps the input's scale and zero point: onnxruntime then runs them on int8 directly.
-SHARED = {"MaxPool", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Resize", "Slice",
-          "Gather", "DepthToSpace", "SpaceToDepth", "Expand"}
-# Ops with int8 kernels (or QDQ fusions) in onnxruntime's CPU provider, output with its own parameters.
-OWN = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "Concat", "AveragePool",
-       "GlobalAveragePool", "Sigmoid", "LeakyRelu", "Relu", "Clip"}
-# Ops with int8 kernels worth converting float inputs for.
-ANCHORS = {"Conv", "ConvTranspose", "MatMul", "Gemm"}
 # Activations that a quantized producer's QuantizeLinear can absorb (its clamp is the activation).
 FOLDABLE_ACT = {"Relu", "Clip"}
 FOLD_PRODUCERS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool"}
@@ -39,56 +33,6 @@ FRAGILE = {
     "BatchNormalization": "no int8 kernel in onnxruntime (only a BatchNormalization after a Conv is folded)",
 }
 MASK_LIMIT = 1e6
-
-
-
-
-def _inputs(node: onnx.NodeProto, g: Graph, per_channel: bool) -> list[tuple[int, str, int | None]] | str:
-    """(input index, role, per-channel axis) for each input to quantize, or a reason it cannot be."""
-    op = node.op_type
-    ins = list(node.input)
-
-    def weight_or_act(k: int, axis: int | None):
-        if g.is_constant(ins[k]):
-            return (k, "weight", axis if per_channel else None)
-        return (k, "activation", None)
-
-    if op in ("Conv", "ConvTranspose"):
-        if op == "ConvTranspose" and attr(node, "group", 1) != 1:
-            per_channel = False
-        spec = [(0, "activation", None), weight_or_act(1, 0 if op == "Conv" else 1)]
-        if len(ins) > 2 and ins[2]:
-            if not (g.is_constant(ins[1]) and g.is_constant(ins[2])):
-                return "bias is computed at run time; int8 kernels need a constant bias"
-            spec.append((2, "bias", 0))
-        return spec
-    if op == "Gemm":
-        if attr(node, "transA", 0):
-            return "transA=1 has no int8 Gemm kernel"
-        axis = 0 if attr(node, "transB", 0) else 1
-        spec = [(0, "activation", None), weight_or_act(1, axis)]
-        if len(ins) > 2 and ins[2]:
-            c = g.array(ins[2]) if g.is_constant(ins[2]) else None
-            simple = attr(node, "alpha", 1.0) == 1.0 and attr(node, "beta", 1.0) == 1.0
-            if c is not None and simple and c.ndim in (1, 2) and c.shape[-1] == c.size and g.is_constant(ins[1]):
-                spec.append((2, "bias", 0))
-        return spec
-    if op == "MatMul":
-        b_const = g.is_constant(ins[1])
-        rank = len(g.initializers[ins[1]].dims) if b_const else 0
-        # per-column scales only for a 2-D weight: MatMulIntegerToFloat / QLinearMatMul take no per-axis N-D B
-        return [(0, "activation", None), weight_or_act(1, 1 if rank == 2 else None)]
-    if op in ("Add", "Mul", "Concat"):
-        return [(k, "const" if g.is_constant(i) else "activation", None) for k, i in enumerate(ins) if i]
-    if op == "Gather":
-        return [(0, "const" if g.is_constant(ins[0]) else "activation", None)]
-    if op == "Clip":
-        if any(i and not g.is_constant(i) for i in ins[1:]):
-            return "clip bounds are computed at run time"
-        return [(0, "activation", None)]
-    if op == "MaxPool" and len([o for o in node.output if o]) > 1:
-        return "MaxPool with an Indices output has no int8 kernel"
-    return [(0, "activation", None)]
 
 
 def _range_problem(name: str, ranges: dict, nonfinite: dict, op_type: str = "", masks: dict | None = None) -> tuple[str, str] | None:
@@ -172,7 +116,7 @@ def _decide(node, g: Graph, ranges, nonfinite, masks, config: QuantConfig, ov, s
     if found:
         return st.keep_float(node, *found)
     per_channel = config.per_channel if not (ov and ov.granularity) else ov.granularity == "per-channel"
-    spec = _inputs(node, g, per_channel)
+    spec = rules.spec(node, g, per_channel)
     if isinstance(spec, str):
         return st.keep_float(node, "unsupported", spec)
     if not forced:

@@ -13,35 +13,21 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from qconv import qmath
 from qconv.config import QuantConfig
-from qconv.graph import Graph, attr, integer_only, topo_sort
+from qconv.graph import Graph, integer_only, topo_sort
 from qconv.errors import QconvError
 from qconv.intake import drop_unused_initializers
 from qconv.overrides import Overrides
 from qconv.plan import NodeDecision, QuantPlan, TensorPlan
+from qconv.rewrite.rules.matmul import dynamic_weight, emit_matmul_integer
 
 CONV_REASON = ("dynamic mode keeps Conv in float: onnxruntime's ConvInteger has no optimized kernel and runs "
                "several times slower than fp32; use --mode int8 (static) for CNNs")
 
 
-def _weight(node: onnx.NodeProto, g: Graph) -> tuple[np.ndarray, str] | str:
-    """The [K, N] weight of a MatMul/Gemm, or the reason the node stays float."""
-    if not (len(node.input) > 1 and g.is_constant(node.input[1])):
-        return "weight is computed at run time"
-    if not g.is_float(node.input[0]):
-        return "input is not float32"
-    w = g.array(node.input[1])
-    if w.dtype != np.float32 or w.ndim != 2:
-        return "weight is not a 2-D float32 matrix"
-    if node.op_type == "Gemm":
-        if attr(node, "transA", 0) or attr(node, "alpha", 1.0) != 1.0 or attr(node, "beta", 1.0) != 1.0:
-            return "Gemm with transA, alpha or beta has no integer kernel"
-        if attr(node, "transB", 0):
-            w = w.T
-    return np.ascontiguousarray(w), node.input[1]
 
 
 def _decide(node, g: Graph, config: QuantConfig, ov) -> tuple[str, str] | tuple[np.ndarray, str]:
@@ -57,7 +43,7 @@ def _decide(node, g: Graph, config: QuantConfig, ov) -> tuple[str, str] | tuple[
         return "mode", CONV_REASON
     if node.op_type not in ("MatMul", "Gemm"):
         return "mode", "dynamic mode quantizes MatMul and Gemm weights only"
-    found = _weight(node, g)
+    found = dynamic_weight(node, g)
     return ("unsupported", found) if isinstance(found, str) else found
 
 
@@ -99,7 +85,7 @@ def apply_dynamic(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
         tp = by_reader.get(node.name)
         if tp is None:
             continue
-        w, wname = _weight(node, g)
+        w, wname = dynamic_weight(node, g)
         a = node.input[0]
         if a not in dql:
             q, s, z = (g.unique(f"{a}_{x}") for x in ("dynamic_quantized", "dynamic_scale", "dynamic_zero_point"))
@@ -107,7 +93,7 @@ def apply_dynamic(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
                                               doc_string="qconv: activation quantized at run time (uint8, its own range)"))
             dql[a] = (q, s, z)
         q, s, z = dql[a]
-        new_nodes += _matmul_integer(g, node, w, wname, tp.qparams, q, s, z, new_inits)
+        new_nodes += emit_matmul_integer(g, node, w, wname, tp.qparams, q, s, z, new_inits)
         replaced.append(node)
     for node in replaced:
         m.graph.node.remove(node)
@@ -116,25 +102,3 @@ def apply_dynamic(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
     topo_sort(m)
     drop_unused_initializers(m, sorted({t.name for t in plan.tensors.values()}))
     return m
-
-
-def _matmul_integer(g: Graph, node, w, wname, qp, q, s, z, inits) -> list[onnx.NodeProto]:
-    base = node.name or node.output[0]
-    wq = numpy_helper.from_array(qmath.quantize(w, qp), g.unique(wname + "_quantized"))
-    wq.doc_string = f"qconv: from '{wname}' ({qp.qtype.name} {'per-channel' if qp.scale.ndim else 'per-tensor'}, dynamic mode)"
-    ws = numpy_helper.from_array(qp.scale.astype(np.float32), g.unique(wname + "_scale"))
-    wz = numpy_helper.from_array(qp.zero_point.astype(qp.qtype.dtype), g.unique(wname + "_zero_point"))
-    inits += [wq, ws, wz]
-    acc, flt, scales = (g.unique(f"{base}_{x}") for x in ("int32", "int32_float", "scales"))
-    has_bias = node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]
-    out = node.output[0]
-    scaled = g.unique(f"{base}_scaled") if has_bias else out
-    nodes = [
-        helper.make_node("MatMulInteger", [q, wq.name, z, wz.name], [acc], name=g.unique(base + "_MatMulInteger")),
-        helper.make_node("Cast", [acc], [flt], to=onnx.TensorProto.FLOAT, name=g.unique(base + "_Cast")),
-        helper.make_node("Mul", [s, ws.name], [scales], name=g.unique(base + "_scales_Mul")),
-        helper.make_node("Mul", [flt, scales], [scaled], name=g.unique(base + "_output_Mul")),
-    ]
-    if has_bias:
-        nodes.append(helper.make_node("Add", [scaled, node.input[2]], [out], name=g.unique(base + "_bias_Add")))
-    return nodes
