@@ -189,9 +189,44 @@ def upgrade_opset(model: onnx.ModelProto, target: int) -> str | None:
             f"cannot upgrade the model from opset {current} to {target} ({msg}); "
             f"re-export it at opset >= {target}, or use --per-tensor which needs only opset 10"
         ) from None
+    changed = interface_change(model, converted)
+    if changed:
+        raise QconvError(
+            f"onnx's version converter changes the model's interface when upgrading it from opset {current} to {target} "
+            f"({changed}); re-export it at opset >= {target}, or use --per-tensor which needs only opset 10"
+        )
     model.CopyFrom(converted)
     model.ir_version = max(model.ir_version, _MIN_IR.get(target, 7))
     return f"opset upgraded from {current} to {target} (needed by the QDQ form)"
+
+
+def interface(model: onnx.ModelProto) -> dict[str, tuple]:
+    """{name: (input/output, element type, rank, fixed dims)} of the graph's real inputs and its outputs."""
+    inits = {t.name for t in model.graph.initializer}
+    out = {}
+    for kind, values in (("input", [i for i in model.graph.input if i.name not in inits]), ("output", model.graph.output)):
+        for v in values:
+            t = v.type.tensor_type
+            dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim) if t.HasField("shape") else None
+            out[v.name] = (kind, t.elem_type, None if dims is None else len(dims), dims)
+    return out
+
+
+def interface_change(before: onnx.ModelProto, after: onnx.ModelProto) -> str | None:
+    """The first difference in names, types, ranks or fixed dimensions of the inputs and outputs, or None."""
+    a, b = interface(before), interface(after)
+    for name, (kind, elem, rank, dims) in a.items():
+        if name not in b:
+            return f"{kind} '{name}' is gone"
+        _, elem2, rank2, dims2 = b[name]
+        if elem2 and elem and elem2 != elem:
+            return f"{kind} '{name}' changes type"
+        if rank is not None and rank2 is not None and rank != rank2:
+            return f"{kind} '{name}' changes rank from {rank} to {rank2}: dims {list(dims)} became {list(dims2)}"
+        if dims and dims2 and any(x is not None and y is not None and x != y for x, y in zip(dims, dims2)):
+            return f"{kind} '{name}' changes shape from {list(dims)} to {list(dims2)}"
+    extra = sorted(set(b) - set(a))
+    return f"new {b[extra[0]][0]} '{extra[0]}'" if extra else None
 
 
 def _per_channel_factor(c: np.ndarray, channels: int, rank: int) -> np.ndarray | None:
@@ -361,4 +396,7 @@ def prepare(model: onnx.ModelProto, min_opset: int) -> tuple[onnx.ModelProto, li
     drop_unused_initializers(m)
     name_nodes(m)
     infer_types(m)
+    changed = interface_change(model, m)
+    if changed:
+        raise QconvError(f"internal error: normalizing the model changed its interface ({changed}); please report it")
     return m, [n for n in notes if n]

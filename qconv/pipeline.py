@@ -22,7 +22,7 @@ from qconv.calib.store import Calibration
 from qconv.config import QuantConfig
 from qconv.data import FeedSource, InputSpec
 from qconv.errors import QconvError
-from qconv.intake import prepare
+from qconv.intake import interface_change, prepare
 from qconv.overrides import NodeOverride, Overrides
 from qconv.plan import NodeDecision, QuantPlan
 from qconv.planner import activation_ranges, build_plan, calibration_targets
@@ -47,6 +47,17 @@ class Prepared:
     notes: list[str]
     model_id: str
     external_data: bool
+    quantized_already: dict | None = None  # integer ops found in the input (it is not a float model)
+
+
+QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinear", "ConvInteger", "MatMulInteger",
+                 "QGemm", "MatMulNBits", "GatherBlockQuantized", "DynamicQuantizeMatMul", "DynamicQuantizeLSTM", "QAttention")
+
+
+def quantized_ops(model: onnx.ModelProto) -> dict[str, int] | None:
+    """{op: count} of the quantization ops an already-quantized model holds (main graph), or None."""
+    found = collections.Counter(n.op_type for n in model.graph.node if n.op_type.startswith(QUANTIZED_OPS))
+    return dict(sorted(found.items())) or None
 
 
 def load(path: str | os.PathLike, config: QuantConfig) -> Prepared:
@@ -54,7 +65,16 @@ def load(path: str | os.PathLike, config: QuantConfig) -> Prepared:
     identity = io.model_identity(original)
     model, notes = prepare(original, config.min_opset)
     del original.graph.initializer[:]  # only its structure is read later: do not hold the weights twice
-    return Prepared(Path(path), original, model, notes, identity, external)
+    return Prepared(Path(path), original, model, notes, identity, external, quantized_ops(original))
+
+
+def check_float(prepared: Prepared) -> None:
+    """Quantizing needs a float model: refuse one that already holds Q/DQ pairs or integer ops."""
+    found = prepared.quantized_already
+    if found:
+        ops = ", ".join(f"{c} {op}" for op, c in found.items())
+        raise QconvError(f"{prepared.path} is already quantized ({ops}): qconv quantizes float models; give it the float "
+                         "original (qconv inspect shows what a model holds)")
 
 
 def feeds_for(prepared: Prepared, data: str | os.PathLike, batch_size: int = 1, samples: int | None = None,
@@ -195,6 +215,10 @@ def apply(prepared: Prepared, p: QuantPlan, calib_feeds: Iterable[dict] | None =
     else:
         qmodel, findings = _apply_int4(prepared, p, calib_feeds)
     _keep_value_info(qmodel, {vi.name for vi in prepared.original.graph.value_info})
+    changed = interface_change(prepared.model, qmodel)
+    if changed and not (config.mode == "fp16" and not config.keep_io_types and changed.endswith("changes type")):
+        raise QconvError(f"internal error: the rewritten model's interface differs from the original's ({changed}); "
+                         "nothing was written, please report it")
     _annotate(qmodel, config, p.source.get("calibration"), prepared)
     verify(qmodel)
     return Result(qmodel, p, findings, analysis if analysis is not None else qmodel, dequantized)

@@ -118,6 +118,7 @@ def run_plan(job: PlanJob, progress=pipeline._no_progress) -> tuple[QuantPlan, p
     job.check()
     overrides = load_overrides(job.overrides)
     prepared = pipeline.load(job.model, job.config)
+    pipeline.check_float(prepared)
     calib = _statistics(job, prepared, overrides, progress)
     config = job.effective(calib.options if calib is not None else None)
     return pipeline.plan(prepared, calib, config, overrides), prepared
@@ -203,6 +204,7 @@ def run_quantize(job: QuantizeJob, progress=pipeline._no_progress) -> tuple[dict
     labels = load_labels(job.evaluation.labels)
     stored = read_plan(job.plan_file) if job.plan_file is not None else None
     prepared = pipeline.load(job.model, stored.config if stored is not None else job.plan.config)
+    pipeline.check_float(prepared)
     eval_path = job.eval_path
     o = job.plan.calib_options
     eval_source = pipeline.feeds_for(prepared, eval_path, o.batch_size, cast=o.cast_data) if eval_path else None
@@ -456,6 +458,7 @@ def run_inspect(model_path: Path, calib_path: Path | None, per_tensor: bool) -> 
         "would_quantize": plan.by_op(),
         "kept_float": [{"name": n.name, "op_type": n.op_type, "reason": n.reason, "code": n.code} for n in plan.nodes if n.kept_float],
         "kept_float_groups": plan.kept_float_groups(),
+        "quantized_already": prepared.quantized_already,
         "ranges_checked": bool(calib_path),
         "size_bytes": io.model_size_bytes(model_path),
     }

@@ -14,6 +14,7 @@ For each model, in this one run:
          on the same calibration rows, after onnx's version converter raised the model to opset 13 (onnxruntime
          rejects per-channel DequantizeLinear below 13)
   qconv  qconv's default int8 (`qconv quantize MODEL --data CALIB -o Q`)
+  +fb    with --fallback: the same with --speed-fallback (profile, keep slower int8 nodes float if that measures faster)
 Latency: one session per model (1 intra-op thread unless --threads, idle threads not spinning), timed in
 interleaved rounds on one eval batch (the order rotates each round); medians of >= --rounds rounds and the
 ratio to fp32 with the 95% interval of the per-round ratios. Fidelity: cosine of the first output against
@@ -148,9 +149,9 @@ def ort_int8(case: Case, out: Path) -> None:
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
 
 
-def qconv_int8(case: Case, out: Path) -> dict:
+def qconv_int8(case: Case, out: Path, fallback: bool = False) -> dict:
     job = QuantizeJob(out, PlanJob(case.model, data=case.calib, calib_options=CalibOptions(batch_size=case.batch)),
-                      evaluation=EvalOptions(case.eval, None, True, 0, 1))
+                      evaluation=EvalOptions(case.eval, None, True, 0, 1), speed_fallback=fallback)
     report, _ = run_quantize(job)
     return report
 
@@ -210,10 +211,13 @@ def latency(paths: dict[str, Path], feed: dict, threads: int, rounds: int, budge
     return out
 
 
-def bench(case: Case, work: Path, threads: int, rounds: int, budget_s: float) -> dict:
+def bench(case: Case, work: Path, threads: int, rounds: int, budget_s: float, fallback: bool = False) -> dict:
     paths = {"fp32": case.model}
     res: dict = {"source": case.source, "batch": case.batch}
-    for tool, fn in (("ort", ort_int8), ("qconv", qconv_int8)):
+    tools = [("ort", ort_int8), ("qconv", qconv_int8)]
+    if fallback:
+        tools.append(("qconv+fb", lambda c, o: qconv_int8(c, o, fallback=True)))
+    for tool, fn in tools:
         out = work / f"{case.name}.{tool}.onnx"
         t0 = time.perf_counter()
         try:
@@ -223,8 +227,9 @@ def bench(case: Case, work: Path, threads: int, rounds: int, budget_s: float) ->
             res[tool] = {"error": f"{type(exc).__name__}: {first_line(exc)}"}
             continue
         res[tool] = {"wall_s": time.perf_counter() - t0, **optimized_ops(out, work)}
-        if tool == "qconv":
+        if tool.startswith("qconv"):
             res[tool]["warnings"] = rep.get("warnings", [])
+            res[tool]["speed_fallback"] = rep.get("speed_fallback")
             res[tool]["verdict"] = rep.get("latency_ms", {}).get("verdict")
         paths[tool] = out
     res["fp32"] = optimized_ops(case.model, work)
@@ -234,7 +239,7 @@ def bench(case: Case, work: Path, threads: int, rounds: int, budget_s: float) ->
 
 
 def table(results: dict) -> str:
-    head = ["model", "batch", "fp32 ms", "ort/fp32", "qconv/fp32", "qconv/ort (95%)", "cos ort", "cos qconv",
+    head = ["model", "batch", "fp32 ms", "ort/fp32", "qconv/fp32", "+fb/fp32", "qconv/ort (95%)", "cos ort", "cos qconv",
             "fused ort/qconv", "Q+DQ ort/qconv", "float ops fp32/ort/qconv"]
     rows = [head]
     for name, r in results.items():
@@ -248,6 +253,7 @@ def table(results: dict) -> str:
 
         q_o = lat.get("qconv_over_ort")
         rows.append([name, str(r["batch"]), f"{lat['fp32']['ms']:.1f}", ratio("ort"), ratio("qconv"),
+                     ratio("qconv+fb") if "qconv+fb" in lat else "-",
                      f"{q_o['ratio']:.2f} ({q_o['low']:.2f}-{q_o['high']:.2f})" if q_o else "-",
                      f"{r['cosine'].get('ort', float('nan')):.4f}", f"{r['cosine'].get('qconv', float('nan')):.4f}",
                      f"{get('ort', 'fused')}/{get('qconv', 'fused')}", f"{get('ort', 'qdq')}/{get('qconv', 'qdq')}",
@@ -284,6 +290,7 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=120.0, help="seconds of latency rounds per model at most (>= 5 rounds)")
     ap.add_argument("--batch", type=int, default=8, help="rows per batch (the detector uses min(batch, 2))")
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads of the timed sessions (default 1)")
+    ap.add_argument("--fallback", action="store_true", help="also time qconv with --speed-fallback (column +fb)")
     ap.add_argument("--json", type=Path, help="write every number to this JSON file")
     args = ap.parse_args()
     ort.set_default_logger_severity(3)
@@ -300,7 +307,7 @@ def main() -> None:
             if not fnmatch.fnmatch(case.name, args.models):
                 continue
             t0 = time.perf_counter()
-            results[case.name] = bench(case, work, args.threads, args.rounds, args.budget)
+            results[case.name] = bench(case, work, args.threads, args.rounds, args.budget, args.fallback)
             print(f"  {case.name}: {time.perf_counter() - t0:.0f} s", flush=True)
     print(f"\nlatency: medians of interleaved rounds, {args.threads} thread(s), no spinning; ratios are medians of per-round"
           " ratios (95% interval in brackets); cosine of the first output vs fp32 over the eval rows;"

@@ -56,3 +56,56 @@ def test_matmul_with_an_nd_weight(wshape, mode, tmp_path):
     r = invoke("quantize", tmp_path / "m.onnx", *args, "-o", tmp_path / "q.onnx", "-q", "--no-latency")
     assert r.exit_code == 0, r.output
     close(tmp_path / "m.onnx", tmp_path / "q.onnx", {"x": x[0]})
+
+
+def onnx_case(name: str):
+    """One of onnx's own operator test cases: (model, {input name: array})."""
+    import warnings
+
+    from onnx.backend.test.case.node import collect_testcases
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        case = next(c for c in collect_testcases(None) if c.name == name)
+    inputs = case.data_sets[0][0]
+    names = [i.name for i in case.model.graph.input]
+    return case.model, dict(zip(names, inputs))
+
+
+def test_an_opset_upgrade_that_changes_the_interface_is_refused(tmp_path):
+    model, feed = onnx_case("test_scan_sum")  # Scan-8: onnx's converter drops its batch axis on the way to 13
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", **{k: v[None] for k, v in feed.items()})  # one stacked feed
+    before = {p.name for p in tmp_path.iterdir()}
+    r = invoke("quantize", tmp_path / "m.onnx", "--data", tmp_path / "d.npz", "-o", tmp_path / "q.onnx")
+    assert r.exit_code == 1, r.output
+    assert "onnx's version converter changes the model's interface" in r.output and "input 'initial'" in r.output
+    assert {p.name for p in tmp_path.iterdir()} == before
+
+
+def test_sequence_outputs_do_not_break_the_report(tmp_path):
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+             helper.make_node("SplitToSequence", ["r", "lens"], ["seq"], axis=1, name="split")]
+    m = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5])],
+                   [helper.make_value_info("seq", helper.make_sequence_type_proto(helper.make_tensor_type_proto(TensorProto.FLOAT, None)))],
+                   [numpy_helper.from_array(np.array([2, 3], np.int64), "lens")], opset=13)
+    onnx.save(m, tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(8, 5)).astype(np.float32))
+    r = invoke("quantize", tmp_path / "m.onnx", "--data", tmp_path / "x.npy", "-o", tmp_path / "q.onnx", "--json", "--no-latency")
+    assert r.exit_code == 0, r.output
+    assert "internal error" not in r.output
+
+
+def test_an_already_quantized_model_is_recognized_and_refused(conv_path, conv_data, tmp_path):
+    assert invoke("quantize", conv_path, "--data", conv_data, "-o", tmp_path / "q.onnx", "-q", "--no-latency").exit_code == 0
+    r = invoke("inspect", tmp_path / "q.onnx", "--json")
+    assert r.exit_code == 0 and r.stdout and json_of(r)["quantized_already"]["QuantizeLinear"] >= 1
+    r = invoke("quantize", tmp_path / "q.onnx", "--data", conv_data, "-o", tmp_path / "qq.onnx")
+    assert r.exit_code == 1 and "is already quantized" in r.output and "QuantizeLinear" in r.output
+    assert not (tmp_path / "qq.onnx").exists()
+
+
+def json_of(result):
+    import json
+
+    return json.loads(result.stdout)

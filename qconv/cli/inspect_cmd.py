@@ -37,6 +37,9 @@ def inspect_cmd(term, model, calib, per_tensor, as_json, quiet):
     term.print(table("Outputs", ["name", "type", "shape"], [[o["name"], o["type"], o["shape"]] for o in info["outputs"]]))
     term.print(table("Ops (after intake)", ["op", "quantized", "float", "integer"],
                      [[k, v["quantized"], v["float"], v["integer"]] for k, v in info["would_quantize"].items()]))
+    if info.get("quantized_already"):
+        ops = ", ".join(f"{c} {op}" for op, c in info["quantized_already"].items())
+        term.print(f"[bold yellow]already quantized[/bold yellow]: {ops} (qconv quantize takes the float original)")
     for note in info["intake"]:
         term.print(f"intake: {note}")
     render_groups(term, info["kept_float_groups"])

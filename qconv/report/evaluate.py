@@ -42,13 +42,24 @@ class Reference:
         if self.full or self.count >= limit_rows:
             self.full = True
             return
-        size = sum(np.asarray(v).nbytes for v in feed.values()) + sum(np.asarray(v).nbytes for v in outputs)
+        size = sum(_nbytes(v) for v in feed.values()) + sum(_nbytes(v) for v in outputs)
         if self.nbytes + size > REFERENCE_BYTES:
             self.full = True
             return
         self.rows.append((feed, outputs))
         self.count += rows
         self.nbytes += size
+
+
+def _nbytes(value) -> int:
+    """Bytes of a tensor, or of the tensors in a sequence / map output."""
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_nbytes(v) for v in value)
+    return 8
 
 
 def limited(feeds: Iterable[dict], specs, rows: int) -> Iterator[dict]:
@@ -63,9 +74,8 @@ def limited(feeds: Iterable[dict], specs, rows: int) -> Iterator[dict]:
             seen += feed_rows(row, specs)
 
 
-def _agreement_axis(ref: np.ndarray) -> bool:
-    a = np.asarray(ref)
-    return a.dtype.kind == "f" and a.ndim >= 2 and a.shape[-1] >= 2
+def _agreement_axis(ref) -> bool:
+    return isinstance(ref, np.ndarray) and ref.dtype.kind == "f" and ref.ndim >= 2 and ref.shape[-1] >= 2
 
 
 def compare_outputs(float_sess, quant_sess, feeds: Iterable[dict], labels: np.ndarray | None = None,
@@ -113,13 +123,15 @@ def compare_reference(reference: Reference, quant_sess) -> dict:
 
 def _fold(names, stats, ref, got, labels, seen):
     for n, r, q in zip(names, ref, got):
-        if np.asarray(r).dtype.kind == "f":
+        if isinstance(r, np.ndarray) and r.dtype.kind == "f":  # sequences and maps are not compared element-wise
             stats[n].update(r, q)
     agree = total = correct_f = correct_q = rows = 0
     if ref and _agreement_axis(ref[0]):
         pf, pq = top1(ref[0]), top1(got[0])
         agree, total = int((pf == pq).sum()), int(pf.size)
     if labels is not None:
+        if not isinstance(ref[0], np.ndarray):
+            raise QconvError("--eval-labels needs a tensor as the model's first output (it is a sequence or map)")
         pf, pq = top1(ref[0]), top1(got[0])
         want = labels[seen:seen + pf.size]
         if want.size != pf.size:
