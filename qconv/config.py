@@ -34,6 +34,7 @@ class QuantConfig:
     keep_io_types: bool = True
     exclude_nodes: tuple[str, ...] = field(default_factory=tuple)
     exclude_ops: tuple[str, ...] = field(default_factory=tuple)
+    quantized_io: str | None = None  # uint8 | int8: the model's float inputs and outputs become integer tensors
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -55,6 +56,14 @@ class QuantConfig:
             raise UsageError(f"--mode {self.mode} takes --activation-type {' or '.join(allowed_act)} (got {self.activation_type})")
         if self.block_size not in BLOCK_SIZES:
             raise UsageError(f"--block-size must be one of {', '.join(map(str, BLOCK_SIZES))} (got {self.block_size})")
+        if self.quantized_io is not None:
+            if self.quantized_io not in ("uint8", "int8"):
+                raise UsageError(f"--quantized-io must be uint8 or int8 (got {self.quantized_io})")
+            if self.mode != "int8":
+                raise UsageError(f"--quantized-io needs --mode int8 (integer inputs and outputs are 8-bit); drop it for --mode {self.mode}")
+            if self.activation_type is not None and self.activation_type != self.quantized_io:
+                raise UsageError(f"--quantized-io {self.quantized_io} needs {self.quantized_io} activations: drop --activation-type "
+                                 f"{self.activation_type} (or make them match)")
         if self.int4_method not in ("rtn", "gptq"):
             raise UsageError(f"unknown int4 method '{self.int4_method}'; choose rtn or gptq")
 
@@ -74,7 +83,7 @@ class QuantConfig:
 
     @property
     def act_type(self) -> str:
-        return self.activation_type or ("uint16" if self.mode == "a16w8" else "uint8")
+        return self.activation_type or self.quantized_io or ("uint16" if self.mode == "a16w8" else "uint8")
 
     @property
     def needs_calibration(self) -> bool:

@@ -383,6 +383,19 @@ def check_supported(model: onnx.ModelProto) -> None:
         raise QconvError("model graph has no nodes: nothing to quantize")
 
 
+def prepare_quantized(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """The passes that keep an already-quantized model's numbers: no folding (it would evaluate the
+    DequantizeLinear of every weight), no opset change."""
+    check_supported(model)
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    notes = [strip_initializer_inputs(m), constants_to_initializers(m)]
+    topo_sort(m)
+    name_nodes(m)
+    infer_types(m)
+    return m, [n for n in notes if n]
+
+
 def prepare(model: onnx.ModelProto, min_opset: int) -> tuple[onnx.ModelProto, list[str]]:
     """Return a normalized copy of ``model`` and notes on what was changed."""
     check_supported(model)

@@ -57,6 +57,17 @@ def load_model_and_layout(path: str | os.PathLike) -> tuple[onnx.ModelProto, boo
     return model, external
 
 
+def op_counts(path: str | os.PathLike) -> dict[str, int]:
+    """{op type: count} of a model's main graph, read without its weights (for checks before any work)."""
+    import collections
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - the real load reports a broken file properly
+        return {}
+    return dict(collections.Counter(n.op_type for n in model.graph.node))
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
@@ -129,6 +140,13 @@ def write_text(text: str, out: str | os.PathLike) -> Path:
     o = Path(out)
     with atomic_path(o) as tmp:
         tmp.write_text(text)
+    return o
+
+
+def write_bytes(data: bytes, out: str | os.PathLike) -> Path:
+    o = Path(out)
+    with atomic_path(o) as tmp:
+        tmp.write_bytes(data)
     return o
 
 

@@ -22,7 +22,7 @@ from qconv.calib.store import Calibration
 from qconv.config import QuantConfig
 from qconv.data import FeedSource, InputSpec
 from qconv.errors import QconvError
-from qconv.intake import interface_change, prepare
+from qconv.intake import interface_change, prepare, prepare_quantized
 from qconv.overrides import NodeOverride, Overrides
 from qconv.plan import NodeDecision, QuantPlan
 from qconv.planner import activation_ranges, build_plan, calibration_targets
@@ -56,16 +56,21 @@ QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", 
 
 def quantized_ops(model: onnx.ModelProto) -> dict[str, int] | None:
     """{op: count} of the quantization ops an already-quantized model holds (main graph), or None."""
-    found = collections.Counter(n.op_type for n in model.graph.node if n.op_type.startswith(QUANTIZED_OPS))
+    return quantized_ops_of(collections.Counter(n.op_type for n in model.graph.node))
+
+
+def quantized_ops_of(op_counts: dict[str, int]) -> dict[str, int] | None:
+    found = {op: c for op, c in op_counts.items() if op.startswith(QUANTIZED_OPS)}
     return dict(sorted(found.items())) or None
 
 
 def load(path: str | os.PathLike, config: QuantConfig) -> Prepared:
     original, external = io.load_model_and_layout(path)
     identity = io.model_identity(original)
-    model, notes = prepare(original, config.min_opset)
+    found = quantized_ops(original)
+    model, notes = prepare_quantized(original) if found else prepare(original, config.min_opset)
     del original.graph.initializer[:]  # only its structure is read later: do not hold the weights twice
-    return Prepared(Path(path), original, model, notes, identity, external, quantized_ops(original))
+    return Prepared(Path(path), original, model, notes, identity, external, found)
 
 
 def check_float(prepared: Prepared) -> None:
@@ -73,8 +78,38 @@ def check_float(prepared: Prepared) -> None:
     found = prepared.quantized_already
     if found:
         ops = ", ".join(f"{c} {op}" for op, c in found.items())
+        hint = " (to turn its QDQ pairs into QLinear ops, pass --format qoperator alone)" if is_qdq(found) else ""
         raise QconvError(f"{prepared.path} is already quantized ({ops}): qconv quantizes float models; give it the float "
-                         "original (qconv inspect shows what a model holds)")
+                         f"original{hint}")
+
+
+def is_qdq(ops: dict[str, int] | None) -> bool:
+    """QuantizeLinear/DequantizeLinear pairs and no QOperator ops yet: a QDQ model (e.g. exported after QAT)."""
+    ops = ops or {}
+    return bool(ops.get("DequantizeLinear")) and not any(op.startswith(("QLinear", "QGemm", "MatMulInteger", "ConvInteger"))
+                                                         for op in ops)
+
+
+def convert_qdq(prepared: Prepared, config: QuantConfig) -> Result:
+    """A QDQ model (QAT-exported, or any tool's) in QOperator form, with no recalibration: the scales and zero
+    points are the model's own. The plan records which nodes became QLinear ops."""
+    qmodel, folded = fold_qoperator(prepared.model)
+    if not folded:
+        raise QconvError(f"{prepared.path} holds QuantizeLinear/DequantizeLinear pairs, but none around an op with a "
+                         "QOperator form (Conv, MatMul, Gemm, Add, Mul, Concat, pooling, ...): nothing to convert")
+    decisions = [NodeDecision(n.name, n.op_type, "quantized", f"QDQ group folded into {folded[n.name]}") if n.name in folded
+                 else NodeDecision(n.name, n.op_type, "float", "left as it is in the QDQ model", "mode")
+                 for n in prepared.model.graph.node]
+    p = QuantPlan(config, decisions, {}, {}, source={"model_id": prepared.model_id, "calibration": None,
+                                                      "converted_from": "qdq"})
+    _keep_value_info(qmodel, {vi.name for vi in prepared.original.graph.value_info})
+    changed = interface_change(prepared.model, qmodel)
+    if changed:
+        raise QconvError(f"internal error: the converted model's interface differs from the original's ({changed}); please report it")
+    _annotate(qmodel, config, None, prepared)
+    verify(qmodel)
+    findings = {"qoperator": dict(sorted(collections.Counter(folded.values()).items())), "converted_from": "qdq"}
+    return Result(qmodel, p, findings, qmodel, {})
 
 
 def feeds_for(prepared: Prepared, data: str | os.PathLike, batch_size: int = 1, samples: int | None = None,
@@ -205,6 +240,12 @@ def apply(prepared: Prepared, p: QuantPlan, calib_feeds: Iterable[dict] | None =
     if config.needs_calibration:
         qmodel, dequantized = apply_qdq(prepared.model, p)
         analysis = qmodel
+        if config.quantized_io:
+            from qconv.rewrite.quantized_io import integer_io
+
+            ranges = {k: (float(v[0]), float(v[1])) for k, v in dict(p.source.get("ranges") or {}).items()}
+            ranges.update({k: t.range for k, t in p.tensors.items() if t.range is not None})
+            qmodel, findings["quantized_io"] = integer_io(qmodel, p, ranges)
         if config.output_format == "qoperator":
             qmodel, folded = fold_qoperator(qmodel)
             findings["qoperator"] = dict(sorted(collections.Counter(folded.values()).items()))
@@ -216,10 +257,13 @@ def apply(prepared: Prepared, p: QuantPlan, calib_feeds: Iterable[dict] | None =
         qmodel, findings = _apply_int4(prepared, p, calib_feeds)
     _keep_value_info(qmodel, {vi.name for vi in prepared.original.graph.value_info})
     changed = interface_change(prepared.model, qmodel)
-    if changed and not (config.mode == "fp16" and not config.keep_io_types and changed.endswith("changes type")):
+    retyped = (config.mode == "fp16" and not config.keep_io_types) or config.quantized_io
+    if changed and not (retyped and changed.endswith("changes type")):
         raise QconvError(f"internal error: the rewritten model's interface differs from the original's ({changed}); "
                          "nothing was written, please report it")
     _annotate(qmodel, config, p.source.get("calibration"), prepared)
+    if findings.get("quantized_io"):
+        qmodel.metadata_props.add(key="qconv.quantized_io", value=json.dumps(findings["quantized_io"], sort_keys=True))
     verify(qmodel)
     return Result(qmodel, p, findings, analysis if analysis is not None else qmodel, dequantized)
 
@@ -335,8 +379,15 @@ def check_runs(prepared: Prepared, model: onnx.ModelProto, feed: dict | None) ->
             runtime.run(runtime.session(prepared.model, threads=1), feed)
         except QconvError:
             return  # the float model cannot run on made-up inputs either: nothing to learn from them
+    io = next((json.loads(m.value) for m in model.metadata_props if m.key == "qconv.quantized_io"), None)
+    if io:
+        from qconv.rewrite.quantized_io import IntegerIO
+
+        sess = IntegerIO(runtime.session(model, threads=1), io)
+    else:
+        sess = runtime.session(model, threads=1)
     try:
-        runtime.run(runtime.session(model, threads=1), feed)
+        runtime.run(sess, feed)
     except QconvError as exc:
         raise QconvError(f"internal error: the quantized model loads but fails to run ({exc}); nothing was written, please report it") from None
 

@@ -204,6 +204,8 @@ def calibration_targets(model: onnx.ModelProto, config: QuantConfig, candidates:
     """
     plan = build_plan(model, {n: (0.0, 1.0) for n in candidates}, config, overrides=overrides)
     needed = {n for n, t in plan.tensors.items() if t.role == "activation"}
+    if config.quantized_io:  # integer outputs need the float outputs' ranges
+        needed |= {o.name for o in model.graph.output}
     # A quantized Add/Mul's result is range-checked (masks) even when no quantized node reads it.
     g = Graph(model)
     needed |= {g.producer[o].output[0] for o in g.producer

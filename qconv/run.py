@@ -10,6 +10,7 @@ The CLI only parses options into these dataclasses and renders what comes back.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from qconv.plan import QuantPlan
 from qconv.report import evaluate as ev
 from qconv.report.build import build_comparison_report, build_report
 from qconv.report.gates import Gates, evaluate_gates
+from qconv.report.metrics import ErrorStats
 from qconv.report.layers import dequantized_of, probe_pairs
 from qconv.report.write import check_report_paths, write_reports
 
@@ -144,6 +146,7 @@ class QuantizeJob:
     gates: Gates = field(default_factory=Gates)
     reports: tuple = ()
     speed_fallback: bool = False  # keep float the nodes the profile shows slower in int8, if the model then measures faster
+    converting: bool = field(default=False, init=False)  # set by check(): a QDQ input to fold into QOperator form
 
     @property
     def model(self) -> Path:
@@ -152,7 +155,15 @@ class QuantizeJob:
     def check(self) -> None:
         """Validate the options together, before any work."""
         e = self.evaluation
-        self.plan.check(self.plan_file is not None)
+        wants_fold = (self.plan_file is None and self.plan.calib is None and self.plan.data is None
+                      and self.plan.config.output_format == "qoperator")
+        ops = io.op_counts(self.model) if wants_fold else {}
+        self.converting = wants_fold and pipeline.is_qdq(ops)
+        if wants_fold and not self.converting and pipeline.quantized_ops_of(ops):
+            found = ", ".join(f"{c} {op}" for op, c in pipeline.quantized_ops_of(ops).items())
+            raise QconvError(f"{self.model} has no QuantizeLinear/DequantizeLinear pairs to convert ({found}): "
+                             "it is in QOperator (or integer) form already")
+        self.plan.check(self.plan_file is not None or self.converting)
         if self.plan_file is not None and (self.plan.overrides is not None):
             raise UsageError("--plan already holds its overrides: edit them in the plan file and drop --overrides")
         if e.labels is not None and e.data is None:
@@ -204,6 +215,8 @@ def run_quantize(job: QuantizeJob, progress=pipeline._no_progress) -> tuple[dict
     labels = load_labels(job.evaluation.labels)
     stored = read_plan(job.plan_file) if job.plan_file is not None else None
     prepared = pipeline.load(job.model, stored.config if stored is not None else job.plan.config)
+    if job.converting:
+        return _run_conversion(job, prepared, labels, progress)
     pipeline.check_float(prepared)
     eval_path = job.eval_path
     o = job.plan.calib_options
@@ -232,6 +245,36 @@ def run_quantize(job: QuantizeJob, progress=pipeline._no_progress) -> tuple[dict
                           eval_source=str(eval_path) if eval_path else None, extra_warnings=notes)
     if fallback is not None:
         report["speed_fallback"] = fallback
+    if job.gates.any():
+        report["gate"] = evaluate_gates(job.gates, report)
+    write_reports(report, job.reports)
+    return report, result
+
+
+def _run_conversion(job: QuantizeJob, prepared: pipeline.Prepared, labels, progress) -> tuple[dict, pipeline.Result]:
+    """``quantize --format qoperator`` on a QDQ model: fold, check the outputs against the QDQ model, report."""
+    result = pipeline.convert_qdq(prepared, job.plan.config)
+    o = job.plan.calib_options
+    source = pipeline.feeds_for(prepared, job.evaluation.data, o.batch_size, cast=o.cast_data) if job.evaluation.data else None
+    feed = next(iter(source)) if source is not None else pipeline._synthetic_feed(prepared)
+    if feed is not None:
+        ref = runtime.run(runtime.session(prepared.model, 1), feed)
+        got = runtime.run(runtime.session(result.model, 1), feed)
+        for r, g, o_ in zip(ref, got, prepared.model.graph.output):
+            if isinstance(r, np.ndarray) and r.dtype.kind == "f":
+                s = ErrorStats()
+                s.update(r, g)
+                if s.cosine < 0.999:
+                    raise QconvError(f"the QOperator form changes output '{o_.name}' (cosine {s.cosine:.4f} against the QDQ model): "
+                                     "nothing was written; please report it")
+    evaluation = None
+    if source is not None:
+        evaluation, _ = evaluate(prepared, result, source, labels, dataclasses.replace(job.evaluation, profile=False), progress)
+    size_q = pipeline.save_quantized(result, job.out, prepared)
+    report = build_report(result.plan, prepared.model, result.model, input_path=str(prepared.path), output_path=str(job.out),
+                          original_opset=ai_onnx_opset(prepared.original), intake=prepared.notes, findings=result.findings,
+                          calib=None, sizes=(io.model_size_bytes(job.model), size_q), evaluation=evaluation,
+                          eval_source=str(job.evaluation.data) if job.evaluation.data else None)
     if job.gates.any():
         report["gate"] = evaluate_gates(job.gates, report)
     write_reports(report, job.reports)
@@ -271,9 +314,10 @@ def evaluate(prepared: pipeline.Prepared, result: pipeline.Result, source: FeedS
     if result.plan.config.needs_calibration:  # the QDQ analysis model: known types, no shape inference
         ftypes = Graph(prepared.model).types
         qtypes = {**ftypes, **{dq: onnx.TensorProto.FLOAT for dq in result.dequantized.values()}}
+    io = result.findings.get("quantized_io")
     out, reference = _evaluate_models(str(prepared.path), result.model, prepared.model, result.analysis_model,
-                                      result.dequantized, source, labels, opts, progress, qtypes)
-    if opts.latency and opts.profile:
+                                      result.dequantized, source, labels, opts, progress, qtypes, io)
+    if opts.latency and opts.profile and not io:
         out["profile"] = node_profile(prepared, result, next(iter(source)), opts.threads or runtime.default_threads())
     return out, reference
 
@@ -293,10 +337,15 @@ def node_profile(prepared: pipeline.Prepared, result: pipeline.Result, feed: dic
 
 
 def _evaluate_models(float_src, quant_src, float_layers, quant_layers, dequantized, source: FeedSource, labels,
-                     opts: EvalOptions, progress, qtypes=None) -> tuple[dict, ev.Reference]:
+                     opts: EvalOptions, progress, qtypes=None, io: dict | None = None) -> tuple[dict, ev.Reference]:
+    """``io``: integer-I/O parameters of the quantized model; its inputs are quantized and outputs dequantized here."""
     threads = opts.threads or runtime.default_threads()
     fsess = runtime.session(float_src, threads, spinning=False)
     qsess = runtime.session(quant_src, threads, spinning=False)
+    if io:
+        from qconv.rewrite.quantized_io import IntegerIO
+
+        qsess = IntegerIO(qsess, io)
     reference = ev.Reference([o.name for o in fsess.get_outputs()])
     out = ev.compare_outputs(fsess, qsess, source, labels, progress("evaluating", source.count()), reference,
                              ALTERNATIVE_ROWS, source.specs)
@@ -417,6 +466,55 @@ def run_calibrate(job: CalibrateJob, progress=pipeline._no_progress):
     return calib
 
 
+EXPORT_FORMATS = ("tensorrt",)
+
+
+def parse_export(spec: str | None) -> tuple[str, Path] | None:
+    """``tensorrt:PATH`` -> ("tensorrt", PATH)."""
+    if spec is None:
+        return None
+    fmt, _, path = spec.partition(":")
+    if fmt not in EXPORT_FORMATS or not path:
+        raise UsageError(f"--export '{spec}' is not FORMAT:PATH with FORMAT one of {', '.join(EXPORT_FORMATS)} (e.g. tensorrt:model.calib.flatbuffers)")
+    return fmt, Path(path)
+
+
+def export_paths(path: Path) -> list[Path]:
+    """The files a TensorRT export writes: the flatbuffers table, its JSON form, TensorRT's own cache."""
+    return [path, path.with_name(path.name + ".json"), path.with_name(path.name + ".cache")]
+
+
+def export_tables(calib, fmt: str, path: Path, method: str | None = None, percentile: float | None = None) -> list[Path]:
+    """Write the calibration's ranges (by ``method``, default the recorded one) as tables another runtime reads."""
+    from qconv.calib import export
+
+    method = method or calib.options.get("method", "minmax")
+    pct = percentile if percentile is not None else float(calib.options.get("percentile", 99.999))
+    ranges = calib.ranges(method, True, pct)  # symmetric: TensorRT's int8 ranges are +-amax
+    table, as_json, cache = export_paths(path)
+    io.write_bytes(export.trt_table_flatbuffers(ranges), table)
+    io.write_text(export.trt_table_json(ranges), as_json)
+    io.write_text(export.trt_native_cache(ranges), cache)
+    return [table, as_json, cache]
+
+
+def load_calibration_file(path: Path):
+    from qconv.calib.store import Calibration
+
+    return Calibration.from_dict(io.read_json(path, "calibration file"), f"calibration file {path}")
+
+
+def run_export(calib_path: Path, fmt: str, out: Path, method: str | None, percentile: float | None) -> list[Path]:
+    """``qconv calibrate export``: tables from an existing calibration file."""
+
+    if fmt not in EXPORT_FORMATS:
+        raise UsageError(f"--format {fmt}: choose one of {', '.join(EXPORT_FORMATS)}")
+    for p in export_paths(out):
+        io.check_output_path(p, calib_path)
+    calib = load_calibration_file(calib_path)
+    return export_tables(calib, fmt, out, method, percentile)
+
+
 def run_merge(parts: list[Path], out: Path):
     """``qconv calibrate merge``: one calibration file from shards."""
     from qconv.calib.store import Calibration, merge
@@ -459,6 +557,7 @@ def run_inspect(model_path: Path, calib_path: Path | None, per_tensor: bool) -> 
         "kept_float": [{"name": n.name, "op_type": n.op_type, "reason": n.reason, "code": n.code} for n in plan.nodes if n.kept_float],
         "kept_float_groups": plan.kept_float_groups(),
         "quantized_already": prepared.quantized_already,
+        "quantized_io": next((json.loads(m.value) for m in prepared.original.metadata_props if m.key == "qconv.quantized_io"), None),
         "ranges_checked": bool(calib_path),
         "size_bytes": io.model_size_bytes(model_path),
     }

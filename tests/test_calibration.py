@@ -268,3 +268,35 @@ def test_method_can_change_at_quantize_time_without_rerunning(conv_path, conv_da
         m = onnx.load(str(out))
         scales[method] = {t.name: numpy_helper.to_array(t).tolist() for t in m.graph.initializer if t.name == "x_scale"}
     assert scales["minmax"]["x_scale"] > scales["percentile"]["x_scale"]
+
+
+def test_tensorrt_tables_round_trip_through_onnxruntimes_reader(conv_path, conv_data, tmp_path):
+    import json as _json
+    import struct
+
+    from onnxruntime.quantization.CalTableFlatBuffers import TrtTable
+
+    calib, table = tmp_path / "c.json", tmp_path / "model.trt.flatbuffers"
+    r = invoke("calibrate", conv_path, "--data", conv_data, "-o", calib, "--export", f"tensorrt:{table}")
+    assert r.exit_code == 0, r.output
+    doc = _json.loads(calib.read_text())
+    assert doc["options"]["tensors"] == "all"  # an export needs every tensor's range
+    expected = {k: max(abs(v["min"]), abs(v["max"])) for k, v in doc["tensors"].items() if v["min"] is not None}
+    t = TrtTable.TrtTable.GetRootAsTrtTable(table.read_bytes(), 0)
+    read = {t.Dict(i).Key().decode(): float(t.Dict(i).Value()) for i in range(t.DictLength())}
+    assert read == pytest.approx(expected, rel=1e-12) and list(read) == sorted(read)
+    as_json = _json.loads((tmp_path / "model.trt.flatbuffers.json").read_text())
+    assert {k: max(abs(v["lowest"]), abs(v["highest"])) for k, v in as_json.items()} == pytest.approx(expected)
+    lines = (tmp_path / "model.trt.flatbuffers.cache").read_text().splitlines()
+    assert lines[0].startswith("TRT-") and len(lines) == len(expected) + 1
+    for line in lines[1:]:
+        name, hexval = line.split(": ")
+        scale = struct.unpack(">f", bytes.fromhex(hexval))[0]
+        assert scale == pytest.approx(expected[name] / 127.0, rel=1e-6)
+    # the same tables from the file alone, with another range method
+    r = invoke("calibrate", "export", calib, "--format", "tensorrt", "-o", tmp_path / "p.fb", "--method", "percentile")
+    assert r.exit_code == 0, r.output
+    t2 = TrtTable.TrtTable.GetRootAsTrtTable((tmp_path / "p.fb").read_bytes(), 0)
+    assert t2.DictLength() == len(expected)
+    r = invoke("calibrate", conv_path, "--data", conv_data, "-o", tmp_path / "c2.json", "--export", "tflite:x")
+    assert r.exit_code == 2 and "is not FORMAT:PATH" in r.output

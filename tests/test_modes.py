@@ -100,3 +100,61 @@ def test_unknown_mode_is_a_usage_error(tmp_path):
 def test_int4_honours_exclude_ops(tmp_path):
     _, report = quantize(T, "npz", tmp_path, "--mode", "int4", "--exclude-ops", "Gather")
     assert {w["op_type"] for w in report["int4"]["weights"]} == {"MatMul"}
+
+
+def test_qdq_model_converts_to_qoperator_without_recalibration(conv_path, conv_data, tmp_path):
+    """A QDQ model (as QAT exports write them; here qconv's own) becomes QLinear ops with its own scales."""
+    import json
+
+    r = CliRunner().invoke(cli, ["quantize", str(conv_path), "--data", str(conv_data), "-o", str(tmp_path / "qdq.onnx"), "-q", "--no-latency"])
+    assert r.exit_code == 0
+    r = CliRunner().invoke(cli, ["quantize", str(tmp_path / "qdq.onnx"), "--format", "qoperator", "-o", str(tmp_path / "qop.onnx"),
+                                 "--eval-data", str(conv_data), "--json", "--no-latency"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["converted_from"] == "qdq" and report["qoperator"]["QLinearConv"] == 2
+    assert report["outputs"]["y"]["cosine"] > 0.9999  # against the QDQ model itself
+    ops = {n.op_type for n in onnx.load(tmp_path / "qop.onnx").graph.node}
+    assert "QLinearConv" in ops and "Conv" not in ops
+    x = np.load(conv_data)
+    np.testing.assert_allclose(run_model(tmp_path / "qop.onnx", {"x": x})[0], run_model(tmp_path / "qdq.onnx", {"x": x})[0], atol=0.05)
+    # a QOperator model has no QDQ pairs left to convert, and a QDQ model is not quantized again
+    r = CliRunner().invoke(cli, ["quantize", str(tmp_path / "qop.onnx"), "--format", "qoperator", "-o", str(tmp_path / "again.onnx")])
+    assert r.exit_code == 1 and "has no QuantizeLinear/DequantizeLinear pairs to convert" in r.output
+    r = CliRunner().invoke(cli, ["quantize", str(tmp_path / "qdq.onnx"), "--data", str(conv_data), "-o", str(tmp_path / "again.onnx")])
+    assert r.exit_code == 1 and "is already quantized" in r.output and "pass --format qoperator alone" in r.output
+
+
+@pytest.mark.parametrize("fmt", ["qdq", "qoperator"])
+def test_quantized_io_makes_integer_inputs_and_outputs(fmt, tmp_path):
+    import json
+
+    d = SAMPLES / "digits_cnn"
+    out = tmp_path / "q.onnx"
+    r = CliRunner().invoke(cli, ["quantize", str(d / "model.onnx"), "--data", str(d / "calib.npy"), "--quantized-io", "uint8",
+                                 "--format", fmt, "-o", str(out), "--eval-data", str(d / "eval.npy"), "--eval-labels",
+                                 str(d / "eval_labels.npy"), "--batch-size", "100", "--json", "--no-latency"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    io = report["quantized_io"]
+    assert io["input"]["role"] == "input" and io["logits"]["role"] == "output" and io["input"]["type"] == "uint8"
+    assert report["task"]["drop_points"] <= 1.0 and report["outputs"]["logits"]["cosine"] > 0.99  # measured through the I/O
+    m = onnx.load(out)
+    assert m.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert m.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert json.loads({p.key: p.value for p in m.metadata_props}["qconv.quantized_io"]) == io
+    x = np.load(d / "eval.npy")[:50]
+    q = np.clip(np.rint(x / io["input"]["scale"]) + io["input"]["zero_point"], 0, 255).astype(np.uint8)
+    y = (run_model(out, {"input": q})[0].astype(np.float32) - io["logits"]["zero_point"]) * io["logits"]["scale"]
+    assert (y.argmax(1) == run_model(d / "model.onnx", {"input": x})[0].argmax(1)).mean() >= 0.98
+    r = CliRunner().invoke(cli, ["inspect", str(out)])
+    assert r.exit_code == 0 and "Integer inputs/outputs" in r.output and "0.00392157" in r.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--mode", "dynamic", "--quantized-io", "uint8"], "--quantized-io needs --mode int8"),
+    (["--quantized-io", "uint8", "--activation-type", "int8", "--data", "d.npy"], "--quantized-io uint8 needs uint8 activations"),
+])
+def test_quantized_io_usage_errors(args, message, conv_path, tmp_path):
+    r = CliRunner().invoke(cli, ["quantize", str(conv_path), "-o", str(tmp_path / "q.onnx"), *args])
+    assert r.exit_code == 2 and message in r.output

@@ -8,7 +8,9 @@ import click
 
 from qconv.cli.common import data_options, guarded, output_options, range_options
 from qconv.errors import UsageError
-from qconv.run import CalibOptions, CalibrateJob, run_calibrate, run_merge
+from qconv.io import check_output_path
+from qconv.run import (CalibOptions, CalibrateJob, export_paths, export_tables, load_calibration_file, parse_export,
+                       run_calibrate, run_export, run_merge)
 
 
 def parse_shard(spec: str | None) -> tuple[int, int]:
@@ -36,6 +38,7 @@ class CalibrateGroup(click.Group):
         run_cmd.format_help(run_ctx, formatter)
         formatter.write_paragraph()
         formatter.write_text("Merge shards: qconv calibrate merge A.json B.json ... -o ALL.json")
+        formatter.write_text("TensorRT tables from a calibration file: qconv calibrate export C.json --format tensorrt -o TABLE")
 
 
 @click.group("calibrate", cls=CalibrateGroup, invoke_without_command=False)
@@ -49,13 +52,15 @@ def calibrate_group():
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Calibration file to write (JSON).")
 @click.option("--shard", default=None, metavar="K/N", help="Use every N-th feed starting at K (K from 0); merge the shards later.")
 @click.option("--per-tensor", is_flag=True, help="Calibrate for per-tensor weights (only changes the opset needed).")
+@click.option("--export", "export_spec", default=None, metavar="tensorrt:PATH",
+              help="Also write TensorRT calibration tables (PATH, PATH.json, PATH.cache); observes every float tensor.")
 @click.option("--all-tensors", is_flag=True,
               help="Observe every float activation, not only those the default plan quantizes (for --exclude-* at quantize time).")
 @data_options
 @range_options
 @output_options
 @guarded
-def run_cmd(term, model, data, out, shard, per_tensor, all_tensors, batch_size, samples, bins, momentum, cast_data, method, percentile,
+def run_cmd(term, model, data, out, shard, per_tensor, export_spec, all_tensors, batch_size, samples, bins, momentum, cast_data, method, percentile,
             threads, quiet):
     """Record per-tensor statistics (min/max, moving averages, histograms) of MODEL on DATA.
 
@@ -67,16 +72,24 @@ def run_cmd(term, model, data, out, shard, per_tensor, all_tensors, batch_size, 
       qconv calibrate model.onnx --data calib.npz -o model.calib.json --samples 256
       qconv calibrate model.onnx --data calib/ --shard 0/4 -o part0.json   # then: qconv calibrate merge
     """
-    job = CalibrateJob(model, data, out, parse_shard(shard), per_tensor, all_tensors, method or "minmax", percentile,
-                       CalibOptions(batch_size, samples, bins, momentum, threads, cast_data))
+    export = parse_export(export_spec)
+    job = CalibrateJob(model, data, out, parse_shard(shard), per_tensor, all_tensors or export is not None, method or "minmax",
+                       percentile, CalibOptions(batch_size, samples, bins, momentum, threads, cast_data))
     job.check()
+    if export is not None:
+        for p in export_paths(export[1]):
+            check_output_path(p, model, data, out)
     with term.progress() as progress:
         calib = run_calibrate(job, progress)
-    if calib is None:
+    fresh = calib is not None
+    if not fresh:
         term.info(f"{out} is up to date (same model, data and options): nothing to do")
-        return
-    _warn_tensors(term, calib)
-    term.info(f"wrote {out}: {len(calib.tensors)} tensors from {calib.samples} feeds")
+    else:
+        _warn_tensors(term, calib)
+        term.info(f"wrote {out}: {len(calib.tensors)} tensors from {calib.samples} feeds")
+    if export is not None:
+        written = export_tables(calib if fresh else load_calibration_file(out), export[0], export[1])
+        term.info(f"wrote TensorRT tables {', '.join(str(p) for p in written)}")
 
 
 def _warn_tensors(term, calib) -> None:
@@ -105,3 +118,26 @@ def merge_cmd(term, parts, out, quiet):
     merged = run_merge(list(parts), out)
     _warn_tensors(term, merged)
     term.info(f"wrote {out}: {len(merged.tensors)} tensors from {merged.samples} feeds in {len(parts)} shards")
+
+
+@calibrate_group.command("export")
+@click.argument("calib", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["tensorrt"]), default="tensorrt", show_default=True,
+              help="tensorrt: onnxruntime-TensorRT's flatbuffers table (OUT), its JSON form (OUT.json) and TensorRT's own cache (OUT.cache).")
+@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Table to write.")
+@range_options
+@click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
+@guarded
+def export_cmd(term, calib, fmt, out, method, percentile, quiet):
+    """Write the per-tensor dynamic ranges of CALIB as calibration tables another runtime reads.
+
+    Point onnxruntime's TensorRT provider at OUT (trt_int8_calibration_table_name); TensorRT's
+    IInt8Calibrator reads OUT.cache. Ranges are symmetric (+-max|x| of the chosen method's range).
+
+    \b
+    Example:
+      qconv calibrate model.onnx --data calib/ -o model.calib.json --all-tensors
+      qconv calibrate export model.calib.json --format tensorrt -o model.trt.flatbuffers --method entropy
+    """
+    written = run_export(calib, fmt, out, method, percentile)
+    term.info(f"wrote {', '.join(str(p) for p in written)}")

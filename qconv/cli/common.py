@@ -108,6 +108,8 @@ def scheme_options(fn):
     """The mode and scheme of a plan (shared by ``plan`` and ``quantize``), read back by ``config_from``."""
     opts = [
         click.option("--exclude-ops", multiple=True, metavar="OP", help="Keep every node of this op type in float (repeatable)."),
+        click.option("--quantized-io", type=click.Choice(["uint8", "int8"]), default=None,
+                     help="int8: make the model's float inputs and outputs integer tensors (scales in the model's metadata)."),
         click.option("--exclude-nodes", multiple=True, metavar="GLOB", help="Keep nodes whose name matches GLOB in float (repeatable)."),
         click.option("--keep-io-types/--no-keep-io-types", default=True, show_default=True, help="fp16: keep model inputs and outputs float32."),
         click.option("--int4-method", type=click.Choice(["rtn", "gptq"]), default="gptq", show_default=True,
@@ -131,7 +133,7 @@ def scheme_options(fn):
 
 
 SCHEME_KEYS = ("mode", "fmt", "per_tensor", "weight_type", "affine_weights", "activation_type", "symmetric_activations",
-               "reduce_range", "block_size", "int4_method", "keep_io_types", "exclude_nodes", "exclude_ops")
+               "reduce_range", "block_size", "int4_method", "keep_io_types", "exclude_nodes", "exclude_ops", "quantized_io")
 
 
 def config_from(kwargs: dict) -> QuantConfig:
@@ -141,7 +143,7 @@ def config_from(kwargs: dict) -> QuantConfig:
                        symmetric_weights=not k["affine_weights"], activation_type=k["activation_type"],
                        symmetric_activations=k["symmetric_activations"], reduce_range=k["reduce_range"],
                        block_size=k["block_size"], int4_method=k["int4_method"], keep_io_types=k["keep_io_types"],
-                       exclude_nodes=tuple(k["exclude_nodes"]), exclude_ops=tuple(k["exclude_ops"]))
+                       exclude_nodes=tuple(k["exclude_nodes"]), exclude_ops=tuple(k["exclude_ops"]), quantized_io=k["quantized_io"])
 
 
 def scheme_given(ctx: click.Context) -> list[str]:

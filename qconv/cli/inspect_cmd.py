@@ -35,11 +35,18 @@ def inspect_cmd(term, model, calib, per_tensor, as_json, quiet):
     term.print(f"[bold]{info['model']}[/bold]  IR {info['ir_version']}, opset {info['opset']}, {info['size_bytes']:,} bytes, producer {info['producer'] or '-'}")
     term.print(table("Inputs", ["name", "type", "shape"], [[i["name"], i["type"], i["shape"]] for i in info["inputs"]]))
     term.print(table("Outputs", ["name", "type", "shape"], [[o["name"], o["type"], o["shape"]] for o in info["outputs"]]))
+    if info.get("quantized_already"):  # no plan for a quantized model: what it holds
+        ops = ", ".join(f"{c} {op}" for op, c in info["quantized_already"].items())
+        qdq = "QuantizeLinear" in info["quantized_already"] and not any(k.startswith("QLinear") for k in info["quantized_already"])
+        hint = "; qconv quantize --format qoperator turns its QDQ pairs into QLinear ops" if qdq else ""
+        term.print(f"[bold yellow]already quantized[/bold yellow]: {ops}{hint}")
+        if info.get("quantized_io"):
+            rows = [[k, v["role"], v["type"], f"{v['scale']:.6g}", v["zero_point"]] for k, v in info["quantized_io"].items()]
+            term.print(table("Integer inputs/outputs (x = (q - zero_point) * scale)", ["tensor", "role", "type", "scale", "zero point"], rows))
+        term.print(table("Ops", ["op", "nodes"], [[k, v] for k, v in info["ops"].items()]))
+        return
     term.print(table("Ops (after intake)", ["op", "quantized", "float", "integer"],
                      [[k, v["quantized"], v["float"], v["integer"]] for k, v in info["would_quantize"].items()]))
-    if info.get("quantized_already"):
-        ops = ", ".join(f"{c} {op}" for op, c in info["quantized_already"].items())
-        term.print(f"[bold yellow]already quantized[/bold yellow]: {ops} (qconv quantize takes the float original)")
     for note in info["intake"]:
         term.print(f"intake: {note}")
     render_groups(term, info["kept_float_groups"])
