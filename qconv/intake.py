@@ -131,14 +131,17 @@ def div_to_mul(model: onnx.ModelProto) -> str | None:
     return f"{changed} divisions by a constant rewritten as multiplications by its reciprocal" if changed else None
 
 
-def fold_constants(model: onnx.ModelProto) -> str | None:
-    """Evaluate nodes whose inputs are all constant (e.g. weights made by ConstantOfShape or Unsqueeze)."""
+def fold_constants(model: onnx.ModelProto, keep_ops: frozenset = frozenset()) -> str | None:
+    """Evaluate nodes whose inputs are all constant (e.g. weights made by ConstantOfShape or Unsqueeze); nodes of
+    ``keep_ops`` stay (a QDQ model keeps the DequantizeLinear of its weights, while QuantizeLinear of a float
+    weight, as quantization-aware training exports it, becomes an int8 initializer)."""
     g = Graph(model)
     const = set(g.initializers) | {""}
     foldable = []
     for node in model.graph.node:
         if (
             node.domain in ("", "ai.onnx")
+            and node.op_type not in keep_ops
             and node.op_type not in _NONDETERMINISTIC
             and not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
             and all(i in const for i in node.input)
@@ -391,6 +394,8 @@ def prepare_quantized(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str
     m.CopyFrom(model)
     notes = [strip_initializer_inputs(m), constants_to_initializers(m)]
     topo_sort(m)
+    notes += [fold_constants(m, keep_ops=frozenset({"DequantizeLinear"})), remove_noops(m)]
+    drop_unused_initializers(m)
     name_nodes(m)
     infer_types(m)
     return m, [n for n in notes if n]

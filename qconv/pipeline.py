@@ -93,7 +93,11 @@ def is_qdq(ops: dict[str, int] | None) -> bool:
 def convert_qdq(prepared: Prepared, config: QuantConfig) -> Result:
     """A QDQ model (QAT-exported, or any tool's) in QOperator form, with no recalibration: the scales and zero
     points are the model's own. The plan records which nodes became QLinear ops."""
-    qmodel, folded = fold_qoperator(prepared.model)
+    from qconv.rewrite.qdq_normalize import normalize_qdq
+
+    normalized, notes = normalize_qdq(prepared.model)
+    prepared.notes.extend(notes)
+    qmodel, folded = fold_qoperator(normalized)
     if not folded:
         raise QconvError(f"{prepared.path} holds QuantizeLinear/DequantizeLinear pairs, but none around an op with a "
                          "QOperator form (Conv, MatMul, Gemm, Add, Mul, Concat, pooling, ...): nothing to convert")

@@ -6,6 +6,8 @@ at the repository root):
 * ``digits_cnn/``: a small CNN trained on scikit-learn's bundled ``load_digits``
   (8x8 grayscale, 10 classes). Files: ``model.onnx``, ``calib.npy``, ``eval.npy``,
   ``eval_labels.npy``.
+* ``digits_cnn_qat/``: the same CNN after quantization-aware training with ``torch.ao``, exported as a
+  QDQ model (``--only digits_cnn_qat`` makes just this one).
 * ``tiny_transformer/``: a 2-layer transformer encoder classifying synthetic token
   sequences ("which of 4 token groups occurs most often"), with a BERT-style
   additive attention mask. Files: ``model.onnx``, ``calib.npz``, ``eval.npz``,
@@ -313,15 +315,15 @@ def ort_session(path: Path) -> ort.InferenceSession:
 
 
 def check_matches_torch(
-    model: nn.Module, session: ort.InferenceSession, feeds: dict[str, np.ndarray]
+    model: nn.Module, session: ort.InferenceSession, feeds: dict[str, np.ndarray], atol: float = MAX_ABS_DIFF
 ) -> None:
-    """Run both on `feeds`; fail unless max |torch - onnx| < MAX_ABS_DIFF."""
+    """Run both on `feeds`; fail unless max |torch - onnx| < atol (a QDQ model may round one step apart)."""
     with torch.no_grad():
         expected = model(*(torch.from_numpy(v) for v in feeds.values())).numpy()
     (actual,) = session.run(["logits"], feeds)
     diff = float(np.abs(expected - actual).max())
     shapes = {k: list(v.shape) for k, v in feeds.items()}
-    if not diff < MAX_ABS_DIFF:
+    if not diff < atol:
         raise SystemExit(f"ONNX output differs from torch by {diff:.3g} for {shapes}")
     print(f"  onnx vs torch max abs diff {diff:.2e} for {shapes}")
 
@@ -378,6 +380,66 @@ def make_digits_cnn(out_dir: Path) -> Result:
     np.save(out_dir / "eval.npy", x_test)
     np.save(out_dir / "eval_labels.npy", y_test)
     return Result("digits_cnn", accuracy, len(y_test), op_histogram(path))
+
+
+class QATDigitsCNN(nn.Module):
+    """DigitsCNN between QuantStub/DeQuantStub, for torch.ao's eager-mode quantization-aware training."""
+
+    def __init__(self, float_model: DigitsCNN) -> None:
+        super().__init__()
+        self.quant = torch.ao.quantization.QuantStub()
+        self.body = float_model
+        self.dequant = torch.ao.quantization.DeQuantStub()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dequant(self.body(self.quant(x)))
+
+
+def make_digits_cnn_qat(out_dir: Path) -> Result:
+    """The digits CNN after quantization-aware training with torch.ao (fbgemm: per-channel int8 weights, uint8
+    activations), exported with its fake-quant modules as QuantizeLinear/DequantizeLinear pairs: a QDQ model
+    as QAT users hand it to `qconv quantize --format qoperator`."""
+    print("digits_cnn_qat: float training, then quantization-aware fine-tuning on load_digits")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    x_train, y_train, x_test, y_test = digits_data()
+    torch.manual_seed(SEED)
+    base = DigitsCNN()
+    inputs, labels = (torch.from_numpy(x_train),), torch.from_numpy(y_train)
+    train(base, inputs, labels, epochs=DIGITS_EPOCHS, batch_size=DIGITS_BATCH, lr=3e-3)
+    base.eval()
+    f = base.features  # BatchNorm folded into its Conv first, as QAT users do before export
+    f[0], f[1] = torch.nn.utils.fusion.fuse_conv_bn_eval(f[0], f[1]), nn.Identity()
+    f[3], f[4] = torch.nn.utils.fusion.fuse_conv_bn_eval(f[3], f[4]), nn.Identity()
+    model = QATDigitsCNN(base)
+    model.train()
+    torch.ao.quantization.fuse_modules_qat(model.body.features, [["0", "2"], ["3", "5"], ["7", "8"]], inplace=True)
+    model.qconfig = torch.ao.quantization.get_default_qat_qconfig("fbgemm", version=0)  # exportable FakeQuantize modules
+    torch.ao.quantization.prepare_qat(model, inplace=True)
+    train(model, inputs, labels, epochs=8, batch_size=DIGITS_BATCH, lr=5e-4)
+    model.apply(torch.ao.quantization.disable_observer)  # the scales are final: export them as they are
+    path = out_dir / "model.onnx"
+    export(model, (torch.from_numpy(x_test[:1]),), path, ["input"], {"input": {0: "batch"}})
+    session = ort_session(path)
+    check_matches_torch(model, session, {"input": x_test[:1]}, atol=0.5)  # fake-quant rounding may differ one step
+    accuracy = onnx_accuracy(session, {"input": x_test}, y_test)
+    ops = op_histogram(path)
+    print(f"  onnxruntime accuracy of the QDQ model {accuracy:.4f} on {len(y_test)} test images; ops {ops_line(ops)}")
+    require(accuracy, DIGITS_MIN_ACC, "digits_cnn_qat")
+    if not ops.get("QuantizeLinear"):
+        raise SystemExit("digits_cnn_qat: the export holds no QuantizeLinear: fake-quant modules were not exported as QDQ")
+    np.save(out_dir / "eval.npy", x_test)
+    np.save(out_dir / "eval_labels.npy", y_test)
+    (out_dir / "README.md").write_text(
+        "# digits_cnn_qat\n\n"
+        "The digits CNN of `../digits_cnn` after quantization-aware training with `torch.ao.quantization` (eager mode,\n"
+        "fbgemm qconfig: per-channel int8 weights, uint8 activations; BatchNorm folded into the Conv, Conv+ReLU fused),\n"
+        "exported by "
+        "`scripts/make_sample_models.py` with its fake-quant modules as QuantizeLinear/DequantizeLinear pairs.\n\n"
+        f"- onnxruntime top-1 of this QDQ model: {accuracy:.4f} on {len(y_test)} test images (`eval.npy`, `eval_labels.npy`)\n"
+        f"- ops: {ops_line(ops)}\n\n"
+        "Convert it to QOperator form without recalibrating:\n\n"
+        "    qconv quantize model.onnx --format qoperator -o model.qop.onnx --eval-data eval.npy --eval-labels eval_labels.npy\n")
+    return Result("digits_cnn_qat", accuracy, len(y_test), ops)
 
 
 def make_tiny_transformer(out_dir: Path) -> Result:
@@ -479,6 +541,13 @@ mask is added to the scores as `(1 - mask) * float32_min`, as Hugging Face BERT 
 - fp32 accuracy (onnxruntime): **{transformer.accuracy:.2%}**
 - ops: {ops_line(transformer.ops)}
 
+## digits_cnn_qat
+
+The digits CNN after quantization-aware training with `torch.ao.quantization`, exported as a QDQ model
+(QuantizeLinear/DequantizeLinear pairs, as QAT tools write them): the input for
+`qconv quantize --format qoperator`, which converts it without recalibrating. See `digits_cnn_qat/README.md`;
+`python scripts/make_sample_models.py --only digits_cnn_qat` remakes just this one.
+
 ## Regenerating
 
 In an environment with torch==2.13.0 (CPU), onnx, onnxruntime, scikit-learn and
@@ -504,12 +573,19 @@ def main() -> None:
         default=Path(__file__).resolve().parent.parent / "sample_models",
         help="output directory (default: sample_models/ at the repository root)",
     )
+    parser.add_argument("--only", choices=["digits_cnn_qat"], default=None,
+                        help="make only this model (its own folder and README)")
     args = parser.parse_args()
 
     start = time.perf_counter()
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.only == "digits_cnn_qat":
+        make_digits_cnn_qat(args.out / "digits_cnn_qat")
+        print(f"wrote {args.out / 'digits_cnn_qat'} in {time.perf_counter() - start:.1f} s")
+        return
+    make_digits_cnn_qat(args.out / "digits_cnn_qat")
     digits = make_digits_cnn(args.out / "digits_cnn")
     transformer = make_tiny_transformer(args.out / "tiny_transformer")
     write_readme(args.out, digits, transformer)

@@ -158,3 +158,23 @@ def test_quantized_io_makes_integer_inputs_and_outputs(fmt, tmp_path):
 def test_quantized_io_usage_errors(args, message, conv_path, tmp_path):
     r = CliRunner().invoke(cli, ["quantize", str(conv_path), "-o", str(tmp_path / "q.onnx"), *args])
     assert r.exit_code == 2 and message in r.output
+
+
+def test_qat_exported_model_converts_bit_exactly(tmp_path):
+    """sample_models/digits_cnn_qat: torch.ao QAT, exported as QDQ (Q->Clip->DQ activations, Q/DQ weights, float
+    biases, Relu before Q, MaxPool between DQ and Conv): every Conv becomes QLinearConv, outputs unchanged."""
+    import json
+
+    d = SAMPLES / "digits_cnn_qat"
+    r = CliRunner().invoke(cli, ["quantize", str(d / "model.onnx"), "--format", "qoperator", "-o", str(tmp_path / "q.onnx"),
+                                 "--eval-data", str(d / "eval.npy"), "--eval-labels", str(d / "eval_labels.npy"),
+                                 "--batch-size", "100", "--json", "--no-latency"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["qoperator"] == {"QLinearConv": 3}
+    assert report["task"]["drop_points"] == 0.0 and report["outputs"]["logits"]["cosine"] > 0.99999
+    assert any("Relu before a QuantizeLinear" in n for n in report["model"]["intake"])
+    ops = {n.op_type for n in onnx.load(tmp_path / "q.onnx").graph.node}
+    assert "Conv" not in ops and "QLinearConv" in ops
+    r = CliRunner().invoke(cli, ["inspect", str(d / "model.onnx")])
+    assert r.exit_code == 0 and "already quantized" in r.output and "--format qoperator" in r.output
