@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 
@@ -39,6 +40,17 @@ def session(model: onnx.ModelProto | str, threads: int | None = None, optimize: 
 
 
 def run(sess: ort.InferenceSession, feed: dict, outputs: list[str] | None = None) -> list:
+    """Run on ``feed``; float32 arrays for float16 inputs (an fp16 model without --keep-io-types) are cast."""
+    halves = getattr(sess, "_qconv_half_inputs", None)
+    if halves is None:
+        halves = {i.name for i in sess.get_inputs() if i.type == "tensor(float16)"}
+        try:
+            sess._qconv_half_inputs = halves
+        except AttributeError:
+            pass
+    if halves:
+        feed = {k: (v.astype(np.float16) if k in halves and isinstance(v, np.ndarray) and v.dtype == np.float32 else v)
+                for k, v in feed.items()}
     try:
         return sess.run(outputs, feed)
     except Exception as exc:  # noqa: BLE001

@@ -47,8 +47,11 @@ def test_plan_round_trips_losslessly(mode, conv_path, conv_data):
 
 
 @pytest.mark.parametrize("args", [[], ["--format", "qoperator"], ["--per-tensor", "--method", "percentile"],
-                                  ["--mode", "a16w8"], ["--mode", "dynamic"], ["--mode", "fp16"],
-                                  ["--mode", "int4", "--block-size", "16"]])
+                                  ["--weight-type", "uint8", "--affine-weights"], ["--activation-type", "int8", "--symmetric-activations"],
+                                  ["--reduce-range", "--method", "entropy"], ["--method", "mse", "--exclude-ops", "Gemm"],
+                                  ["--quantized-io", "uint8"], ["--mode", "a16w8", "--activation-type", "int16"],
+                                  ["--mode", "dynamic", "--per-tensor"], ["--mode", "fp16"], ["--mode", "fp16", "--no-keep-io-types"],
+                                  ["--mode", "int4", "--block-size", "16"], ["--mode", "int4", "--block-size", "16", "--affine-weights"]])
 def test_plan_then_quantize_is_byte_identical(args, conv_path, conv_data, tmp_path):
     static = "--mode" not in args or "a16w8" in args
     src = ["--data", conv_data] if static else []
