@@ -83,10 +83,14 @@ class NpyRows:
     def __init__(self, path: Path):
         self.path = path
         with open(path, "rb") as f:
-            major, _ = np.lib.format.read_magic(f)
-            read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-            self.shape, fortran, self.dtype = read(f)
-            self.offset = f.tell()
+            self._read_header(f)
+
+    def _read_header(self, f) -> None:
+        """Shape, dtype and data offset from an open .npy stream; refuses what cannot be streamed."""
+        major, _ = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        self.shape, fortran, self.dtype = read(f)
+        self.offset = f.tell()
         if fortran or self.dtype.hasobject:
             raise ValueError("Fortran-ordered or object arrays are not streamed")
         self.ndim = len(self.shape)
@@ -125,14 +129,7 @@ class NpzRows(NpyRows):
         self._zip = zipfile.ZipFile(path)
         self._fh = None
         with self._zip.open(member) as f:
-            major, _ = np.lib.format.read_magic(f)
-            read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-            self.shape, fortran, self.dtype = read(f)
-            self.offset = f.tell()
-        if fortran or self.dtype.hasobject:
-            raise ValueError("Fortran-ordered or object arrays are not streamed")
-        self.ndim = len(self.shape)
-        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize if self.ndim else self.dtype.itemsize
+            self._read_header(f)
         self._pos = None
 
     def _rows(self, start: int, stop: int) -> np.ndarray:
