@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 
 from qconv import __version__, io, runtime
-from qconv.calib.collect import activation_tensors, collect
+from qconv.calib.collect import DEFAULT_MAX_MEMORY, activation_tensors, collect, memory_groups
 from qconv.calib.observers import DEFAULT_BINS, DEFAULT_MOMENTUM
 from qconv.calib.store import Calibration
 from qconv.config import QuantConfig
@@ -131,13 +131,16 @@ def calibration_options(source: FeedSource, method: str = "minmax", bins: int = 
 def calibrate(prepared: Prepared, source: FeedSource, threads: int | None = None,
               progress: Progress = _no_progress, method: str = "minmax", bins: int = DEFAULT_BINS,
               momentum: float = DEFAULT_MOMENTUM, config: QuantConfig | None = None,
-              overrides: Overrides | None = None) -> Calibration:
+              overrides: Overrides | None = None, max_memory: int = DEFAULT_MAX_MEMORY) -> Calibration:
     """Observe the tensors ``config``'s plan (with ``overrides``) can use (every float activation when ``config`` is None)."""
     names = activation_tensors(prepared.model)
     if config is not None:
         names = calibration_targets(prepared.model, config, names, overrides)
-    advance = progress("calibrating", source.count())
-    observers, seen = collect(prepared.model, source, threads=threads, progress=advance, bins=bins, momentum=momentum, names=names)
+    groups = memory_groups(prepared.model, source, names, max_memory)
+    label = "calibrating" if len(groups) == 1 else f"calibrating ({len(groups)} passes within --max-memory)"
+    advance = progress(label, source.count() * len(groups))
+    observers, seen = collect(prepared.model, source, threads=threads, progress=advance, bins=bins, momentum=momentum,
+                              names=names, groups=groups)
     options = calibration_options(source, method, bins, momentum)
     options["tensors"] = "all" if config is None else "planned"
     return Calibration(prepared.model_id, source.identity(), seen, options, observers)
@@ -415,7 +418,10 @@ def verify(model: onnx.ModelProto) -> None:
             onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
         raise QconvError(f"internal error: the quantized model fails onnx.checker ({str(exc).splitlines()[0]}); please report it") from None
-    runtime.session(model, threads=1)
+    try:
+        runtime.session(model, threads=1)
+    except QconvError as exc:
+        raise QconvError(f"internal error: the rewritten model does not load ({exc}); nothing was written, please report it") from None
 
 
 def save_quantized(result: Result, out: Path, prepared: Prepared) -> int:

@@ -48,6 +48,7 @@ class CalibOptions:
     momentum: float = DEFAULT_MOMENTUM
     threads: int | None = None
     cast_data: bool = False  # integer data for float inputs is used as it is (else refused)
+    max_memory: int = 1 << 30  # bytes of exposed activations one calibration pass may hold
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ def _statistics(job: PlanJob, prepared: pipeline.Prepared, overrides: Overrides,
     o = job.calib_options
     source = pipeline.feeds_for(prepared, job.data, o.batch_size, o.samples, cast=o.cast_data)
     return pipeline.calibrate(prepared, source, o.threads, progress, job.method or "minmax", o.bins, o.momentum,
-                              job.effective(None), overrides)
+                              job.effective(None), overrides, o.max_memory)
 
 
 def run_plan(job: PlanJob, progress=pipeline._no_progress) -> tuple[QuantPlan, pipeline.Prepared]:
@@ -156,7 +157,7 @@ class QuantizeJob:
         """Validate the options together, before any work."""
         e = self.evaluation
         wants_fold = (self.plan_file is None and self.plan.calib is None and self.plan.data is None
-                      and self.plan.config.output_format == "qoperator")
+                      and self.plan.config.mode == "int8" and self.plan.config.format == "qoperator")
         ops = io.op_counts(self.model) if wants_fold else {}
         self.converting = wants_fold and pipeline.is_qdq(ops)
         if wants_fold and not self.converting and pipeline.quantized_ops_of(ops):
@@ -227,7 +228,7 @@ def run_quantize(job: QuantizeJob, progress=pipeline._no_progress) -> tuple[dict
         calib_feeds = pipeline.feeds_for(prepared, job.plan.data, o.batch_size, o.samples, cast=o.cast_data)
     result = pipeline.apply(prepared, plan, calib_feeds)
     first = eval_source or (pipeline.feeds_for(prepared, job.plan.data, o.batch_size, cast=o.cast_data) if job.plan.data else None)
-    pipeline.check_runs(prepared, result.model, next(iter(first)) if first is not None else None)
+    pipeline.check_runs(prepared, result.model, next(iter(first), None) if first is not None else None)
     evaluation, notes, fallback = None, [], None
     if eval_source is not None:
         evaluation, reference = evaluate(prepared, result, eval_source, labels, job.evaluation, progress)
@@ -256,7 +257,7 @@ def _run_conversion(job: QuantizeJob, prepared: pipeline.Prepared, labels, progr
     result = pipeline.convert_qdq(prepared, job.plan.config)
     o = job.plan.calib_options
     source = pipeline.feeds_for(prepared, job.evaluation.data, o.batch_size, cast=o.cast_data) if job.evaluation.data else None
-    feed = next(iter(source)) if source is not None else pipeline._synthetic_feed(prepared)
+    feed = next(iter(source), None) if source is not None else pipeline._synthetic_feed(prepared)
     if feed is not None:
         ref = runtime.run(runtime.session(prepared.model, 1), feed)
         got = runtime.run(runtime.session(result.model, 1), feed)
@@ -460,7 +461,7 @@ def run_calibrate(job: CalibrateJob, progress=pipeline._no_progress):
         if old and old.model_id == prepared.model_id and old.data_id == data_id and old.options == options:
             return None
     calib = pipeline.calibrate(prepared, source, o.threads, progress, job.method, o.bins, o.momentum,
-                               None if job.all_tensors else config)
+                               None if job.all_tensors else config, None, o.max_memory)
     calib.options = options
     io.write_json(calib.to_dict(), job.out)
     return calib

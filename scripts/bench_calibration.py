@@ -147,6 +147,32 @@ def fp32_pass_seconds(model: Path, data: Path, n: int, repeat: int) -> float:
     return statistics.median(times)
 
 
+def run_budget(model: str, data: str, n: int, budget: int, out: str, queue) -> None:
+    """Calibrate every float tensor within ``budget`` bytes of exposed activations per pass; write the file."""
+    from qconv import io, pipeline
+    from qconv.calib.collect import activation_tensors, memory_groups
+    from qconv.config import QuantConfig
+
+    prep = pipeline.load(model, QuantConfig())
+    source = pipeline.feeds_for(prep, data, batch_size=16, samples=n)
+    passes = len(memory_groups(prep.model, source, activation_tensors(prep.model), budget))
+    before = rss_mb()
+    t0 = time.perf_counter()
+    calib = pipeline.calibrate(prep, source, max_memory=budget)
+    wall = time.perf_counter() - t0
+    io.write_json(calib.to_dict(), out)
+    queue.put({"wall_s": wall, "peak_mb": peak_rss_mb(), "base_mb": before, "passes": passes})
+
+
+def budget_rows(model: Path, calib: Path, n: int, work: Path) -> list[dict]:
+    rows = []
+    for budget_mb in (1024, 64, 16):
+        out = work / f"budget-{budget_mb}.json"
+        r = in_child(run_budget, str(model), str(calib), n, budget_mb << 20, str(out))
+        rows.append({"budget_mb": budget_mb, **r, "bytes": out.read_bytes() if out.exists() else b""})
+    return rows
+
+
 def score(reference: np.ndarray, quantized: Path, eval_data: np.ndarray) -> dict:
     logits = np.concatenate([session(str(quantized)).run(None, {"input": eval_data[k:k + 50]})[0] for k in range(0, len(eval_data), 50)])
     noise = float(np.sum((reference - logits) ** 2))
@@ -191,8 +217,26 @@ def main() -> None:
             rows.append(row)
             print_row(row, header=len(rows) == 1)
     print_targets(rows, args.samples)
+    budgets = budget_rows(model, calib, max(args.samples), work)
+    print(f"\n--max-memory (every float tensor, batches of 16, {max(args.samples)} samples): peak RSS above the base, passes, wall time")
+    for b in budgets:
+        if "error" in b:
+            print(f"  {b['budget_mb']:>5} MB: FAIL {b['error']}")
+            continue
+        same = b["bytes"] == budgets[0]["bytes"]
+        print(f"  {b['budget_mb']:>5} MB: peak {b['peak_mb'] - b['base_mb']:.0f} MB, {b['passes']} passes, {b['wall_s']:.2f} s, "
+              f"calibration file {'identical to' if same else 'DIFFERENT from'} the 1024 MB one")
+    ok = [b for b in budgets if "error" not in b]
+    if len(ok) == len(budgets):
+        lo = ok[-1]
+        print(check_line("the smallest budget bounds peak memory (peak above base <= budget + 64 MB slack) with identical statistics",
+                         lo["peak_mb"] - lo["base_mb"] <= lo["budget_mb"] + 64 and all(b["bytes"] == ok[0]["bytes"] for b in ok)))
     if args.json:
         args.json.write_text(json.dumps({"size": args.size, "rows": rows}, indent=2))
+
+
+def check_line(label: str, ok: bool) -> str:
+    return f"  {'PASS' if ok else 'FAIL'}  {label}"
 
 
 def fmt(v, spec):

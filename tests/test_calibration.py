@@ -300,3 +300,28 @@ def test_tensorrt_tables_round_trip_through_onnxruntimes_reader(conv_path, conv_
     assert t2.DictLength() == len(expected)
     r = invoke("calibrate", conv_path, "--data", conv_data, "-o", tmp_path / "c2.json", "--export", "tflite:x")
     assert r.exit_code == 2 and "is not FORMAT:PATH" in r.output
+
+
+def test_memory_budget_observes_in_passes_with_identical_statistics(tmp_path):
+    from tests.conftest import SAMPLES
+
+    d = SAMPLES / "digits_cnn"
+    one, many = tmp_path / "one.json", tmp_path / "many.json"
+    r = invoke("calibrate", d / "model.onnx", "--data", d / "calib.npy", "--batch-size", "128", "--all-tensors", "-o", one)
+    assert r.exit_code == 0, r.output
+    r = invoke("calibrate", d / "model.onnx", "--data", d / "calib.npy", "--batch-size", "128", "--all-tensors", "-o", many,
+               "--max-memory", "1MB")
+    assert r.exit_code == 0, r.output
+    assert "passes within --max-memory" in r.stderr
+    assert one.read_bytes() == many.read_bytes()  # the same batches in the same order: the same statistics
+    r = invoke("calibrate", d / "model.onnx", "--data", d / "calib.npy", "-o", tmp_path / "x.json", "--max-memory", "lots")
+    assert r.exit_code == 2 and "is not a size like 512MB or 2GB" in r.output
+
+
+def test_groups_respect_the_budget():
+    from qconv.calib.collect import groups_within
+
+    sizes = {"a": 4, "b": 4, "c": 8, "d": 1}
+    assert groups_within(list(sizes), sizes, 8) == [["a", "b"], ["c"], ["d"]]
+    assert groups_within(list(sizes), sizes, 2) == [["a"], ["b"], ["c"], ["d"]]  # a tensor over budget is alone
+    assert groups_within(list(sizes), sizes, 100) == [list(sizes)]

@@ -109,3 +109,42 @@ def json_of(result):
     import json
 
     return json.loads(result.stdout)
+
+
+# onnx operator cases that once broke a mode (scripts/sweep_onnx_cases.py runs all 1,884 of them: `-m large` below)
+ONCE_BROKEN = ["test_bitcast_float32_to_int32", "test_mvn", "test_split_to_sequence_1", "test_reshape_allowzero_reordered",
+               "test_split_zero_size_splits_opset13", "test_gemm_default_single_elem_vector_bias", "test_matmul_4d",
+               "test_conv_with_strides_padding", "test_gru_defaults", "test_lstm_defaults", "test_scan9_sum", "test_if"]
+
+
+@pytest.mark.parametrize("mode", ["int8", "dynamic", "fp16", "a16w8"])
+@pytest.mark.parametrize("name", ONCE_BROKEN)
+def test_onnx_operator_cases_never_hit_an_internal_error(name, mode, tmp_path):
+    import onnxruntime as ort
+
+    from scripts.sweep_onnx_cases import cases, one
+
+    ort.set_default_logger_severity(4)
+    found = list(cases(name))
+    assert found, name
+    status, message = one(found[0], mode, tmp_path)
+    assert status in ("ok", "refused", "skipped"), message
+    assert "internal error" not in message
+
+
+@pytest.mark.large
+def test_every_onnx_operator_case_in_every_mode(tmp_path):
+    import onnxruntime as ort
+
+    from scripts.sweep_onnx_cases import cases, one
+
+    ort.set_default_logger_severity(4)
+    bad = []
+    for case in cases("test_*"):
+        for mode in ("int8", "dynamic", "fp16", "a16w8"):
+            status, message = one(case, mode, tmp_path)
+            if status == "INTERNAL":
+                bad.append(f"{case.name} {mode}: {message}")
+        for f in tmp_path.iterdir():
+            f.unlink()
+    assert not bad, bad[:20]

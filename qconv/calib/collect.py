@@ -28,6 +28,60 @@ def activation_tensors(model: onnx.ModelProto) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+DEFAULT_MAX_MEMORY = 1 << 30  # bytes of exposed activations per pass (two feeds' worth are alive at once)
+
+
+def tensor_bytes(model: onnx.ModelProto, feed: dict[str, np.ndarray], names: list[str]) -> dict[str, int]:
+    """Bytes of each named float tensor for ``feed``, from onnx shape inference with the feed's shapes; a tensor
+    whose shape stays unknown counts as the largest known one (a safe overestimate)."""
+    held = {}
+    for t in model.graph.initializer:
+        if len(t.raw_data) > 4096:
+            held[t.name] = t.raw_data
+            t.ClearField("raw_data")
+    try:
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+    finally:
+        for t in model.graph.initializer:
+            if t.name in held:
+                t.raw_data = held[t.name]
+    del m.graph.value_info[:]
+    for vi in m.graph.input:
+        if vi.name in feed:
+            dims = vi.type.tensor_type.shape.dim
+            for d, n in zip(dims, np.shape(feed[vi.name])):
+                d.ClearField("dim_param")
+                d.dim_value = int(n)
+    try:
+        m = onnx.shape_inference.infer_shapes(m, strict_mode=False, data_prop=True)
+    except Exception:  # noqa: BLE001 - best effort: unknown sizes count as the largest known
+        pass
+    sizes = {}
+    for vi in list(m.graph.value_info) + list(m.graph.output) + list(m.graph.input):
+        dims = vi.type.tensor_type.shape.dim
+        if dims and all(d.HasField("dim_value") for d in dims):
+            sizes[vi.name] = int(np.prod([d.dim_value for d in dims], dtype=np.int64)) * 4
+    for name in feed:
+        sizes[name] = int(np.asarray(feed[name]).size) * 4
+    largest = max(sizes.values(), default=4)
+    return {n: sizes.get(n, largest) for n in names}
+
+
+def groups_within(names: list[str], sizes: dict[str, int], budget: int) -> list[list[str]]:
+    """``names`` in graph order, cut into consecutive groups of at most ``budget`` bytes (one tensor at least)."""
+    out, current, used = [], [], 0
+    for n in names:
+        if current and used + sizes[n] > budget:
+            out.append(current)
+            current, used = [], 0
+        current.append(n)
+        used += sizes[n]
+    if current:
+        out.append(current)
+    return out
+
+
 def collect(
     model: onnx.ModelProto,
     feeds: Iterable[dict[str, np.ndarray]],
@@ -36,9 +90,31 @@ def collect(
     bins: int = DEFAULT_BINS,
     momentum: float = DEFAULT_MOMENTUM,
     names: list[str] | None = None,
+    groups: list[list[str]] | None = None,
 ) -> tuple[dict[str, TensorObserver], int]:
-    """Observers for ``names`` (default: every float activation), and the number of feeds seen."""
+    """Observers for ``names`` (default: every float activation), and the number of feeds seen.
+
+    ``groups`` (from ``memory_groups``) observes the tensors a group per pass over the data, so the exposed
+    activations stay within a memory budget; observers see the same batches in the same order either way, so
+    the statistics are identical."""
     names = activation_tensors(model) if names is None else names
+    observers: dict[str, TensorObserver] = {}
+    seen = 0
+    for group in groups or [names]:
+        got, seen = _collect_group(model, feeds, threads, progress, bins, momentum, group)
+        observers.update(got)
+    return {n: observers[n] for n in names}, seen
+
+
+def memory_groups(model: onnx.ModelProto, feeds: Iterable[dict], names: list[str], max_memory: int) -> list[list[str]]:
+    """``names`` cut so one pass holds at most ``max_memory`` bytes of exposed activations (two feeds alive)."""
+    first = next(iter(feeds), None)
+    if first is None:
+        raise QconvError("no calibration samples: the data set is empty")
+    return groups_within(names, tensor_bytes(model, first, names), max(1, max_memory // 2))
+
+
+def _collect_group(model, feeds, threads, progress, bins, momentum, names) -> tuple[dict[str, TensorObserver], int]:
     # One core is left to the statistics thread unless the caller says otherwise.
     sess = session(expose(model, {n: onnx.TensorProto.FLOAT for n in names}), threads or max(1, (os.cpu_count() or 2) - 1))
     outputs = [o.name for o in sess.get_outputs()]

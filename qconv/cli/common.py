@@ -42,8 +42,24 @@ def guarded(fn):
     return wrapper
 
 
+def parse_size(text: str) -> int:
+    """'512MB', '2GB', '1.5G', '300000000' -> bytes (powers of 1024 for the units)."""
+    units = {"": 1, "K": 2**10, "KB": 2**10, "M": 2**20, "MB": 2**20, "G": 2**30, "GB": 2**30}
+    t = text.strip().upper().replace(" ", "").replace("IB", "B")
+    num = t.rstrip("KMGB")
+    try:
+        value = float(num) * units[t[len(num):]]
+    except (ValueError, KeyError):
+        raise click.BadParameter(f"'{text}' is not a size like 512MB or 2GB") from None
+    if value < 2**20:
+        raise click.BadParameter(f"'{text}' is below 1MB: calibration needs room for at least one tensor")
+    return int(value)
+
+
 def data_options(fn):
     """Options that select feeds and set what calibration records."""
+    fn = click.option("--max-memory", default="1GB", show_default=True, callback=lambda ctx, p, v: parse_size(v),
+                      help="Activation memory one calibration pass may hold; beyond it tensors are observed over several passes.")(fn)
     fn = click.option("--cast-data", is_flag=True,
                       help="Use integer data for float inputs as it is (by default refused: un-normalized pixels are a classic mistake).")(fn)
     fn = click.option("--momentum", type=click.FloatRange(0.0, 1.0, min_open=True), default=DEFAULT_MOMENTUM, show_default=True,

@@ -70,6 +70,14 @@ _TYPE_BLIND = {"Shape", "Size"}
 # forbids float16 (the schema rule covers it); running failed only for these reductions ("MLFloat16 data type
 # is not supported with ScatterElements opset 16 when reduction is 'add'").
 _CPU_NO_FP16_REDUCTION = {"ScatterElements", "ScatterND"}
+# Found by running every case of onnx's operator suite through fp16 (scripts/sweep_onnx_cases.py): ops that
+# must keep float32 whatever their schema allows.
+_KEEP_FP32 = {
+    "BitCast": "reinterprets the bits of its input: a float16 input would change the result's width",
+    "MeanVarianceNormalization": "onnxruntime expands its function body with float32 constants, which a float16 input contradicts",
+}
+_SEQUENCE_OPS = {"SplitToSequence", "SequenceConstruct", "SequenceInsert", "SequenceAt", "SequenceErase", "SequenceLength",
+                 "ConcatFromSequence", "SequenceMap", "SequenceEmpty"}
 
 
 @dataclass
@@ -242,6 +250,10 @@ class _Planner:
             return "kept float32 by the plan"
         if _has_subgraph(node):
             return f"{node.op_type} has a subgraph body; it stays float32 with its body"
+        if node.op_type in _KEEP_FP32:
+            return _KEEP_FP32[node.op_type]
+        if node.op_type in _SEQUENCE_OPS:
+            return "sequence-typed values keep float32 (their element type is fixed where the sequence is made)"
         if schema is None:
             return f"no ONNX schema for {node.domain}:{node.op_type}, so float16 support is unknown"
         if not eligible:
