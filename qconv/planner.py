@@ -20,6 +20,7 @@ from qconv.graph import Graph, attr, integer_only
 from qconv.overrides import Overrides
 from qconv.plan import NodeDecision, QuantPlan, TensorPlan
 from qconv.rewrite import rules
+from qconv.rewrite.rules import recurrent
 from qconv.rewrite.rules import ANCHORS, OWN, SHARED
 
 # Activations that a quantized producer's QuantizeLinear can absorb (its clamp is the activation).
@@ -65,6 +66,7 @@ class _State:
     available: set = field(default_factory=set)  # outputs of quantized nodes that can carry Q/DQ
     inherited: set = field(default_factory=set)  # outputs of data-movement ops: they take their input's parameters
     wide: set = field(default_factory=set)  # activations an int16 override widens to 16 bits
+    recurrent: list = field(default_factory=list)  # LSTM nodes that become DynamicQuantizeLSTM
 
     def keep_float(self, node, code: str, reason: str) -> None:
         self.decisions.append(NodeDecision(node.name, node.op_type, "float", reason, code))
@@ -97,6 +99,11 @@ def build_plan(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]], c
 
     folded = _fold_activations(model, g, st.quantized, outputs, st.wanted, config, st.wide)
     tensors = _qparams(model, g, st, outputs, ranges, folded, config, act_q, w_q, methods or {})
+    for node in st.recurrent:
+        ov = overrides.node(node.name)
+        per_channel = config.per_channel if not (ov and ov.granularity) else ov.granularity == "per-channel"
+        for name, qp in recurrent.plan_lstm(node, g, qmath.qtype("int8"), per_channel):
+            tensors[f"{node.name}/{name}"] = TensorPlan(name, recurrent.ROLE, qp, [node.name], "LSTM weight, int8 per gate row")
     return QuantPlan(config, st.decisions, tensors, folded, overrides)
 
 
@@ -112,6 +119,16 @@ def _decide(node, g: Graph, ranges, nonfinite, masks, config: QuantConfig, ov, s
     if precision == "float":
         return st.keep_float(node, "override", "kept float by the plan's override")
     forced = precision in ("int8", "int16")
+    if node.op_type == "LSTM" and not forced:  # no static int8 kernel: int8 weights, run-time activations
+        problem = recurrent.lstm_problem(node, g)
+        if problem:
+            return st.keep_float(node, "unsupported", problem)
+        st.decisions.append(NodeDecision(node.name, node.op_type, "quantized",
+                                         "int8 weights, activations quantized at run time (DynamicQuantizeLSTM)"))
+        st.recurrent.append(node)
+        return
+    if node.op_type == "GRU":
+        return st.keep_float(node, "no-kernel", recurrent.GRU_REASON)
     found = _node_problem(node, g, forced)
     if found:
         return st.keep_float(node, *found)

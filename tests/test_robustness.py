@@ -148,3 +148,60 @@ def test_every_onnx_operator_case_in_every_mode(tmp_path):
         for f in tmp_path.iterdir():
             f.unlink()
     assert not bad, bad[:20]
+
+
+def crnn(hidden=96, directions=2) -> onnx.ModelProto:
+    """Conv features -> [T, N, C] sequence -> (bi)LSTM -> per-step class scores (a CRNN text recognizer's shape)."""
+    rng = np.random.default_rng(3)
+    c, classes = 32, 40
+    inits = [numpy_helper.from_array(rng.normal(0, 0.2, (c, 1, 3, 3)).astype(np.float32), "wc"),
+             numpy_helper.from_array(rng.normal(0, 0.1, (directions, 4 * hidden, c * 4)).astype(np.float32), "W"),
+             numpy_helper.from_array(rng.normal(0, 0.1, (directions, 4 * hidden, hidden)).astype(np.float32), "R"),
+             numpy_helper.from_array(rng.normal(0, 0.1, (directions, 8 * hidden)).astype(np.float32), "B"),
+             numpy_helper.from_array(rng.normal(0, 0.1, (directions * hidden, classes)).astype(np.float32), "wo"),
+             numpy_helper.from_array(np.array([0, 0, -1], np.int64), "shape1"),
+             numpy_helper.from_array(np.array([0, 0, directions * hidden], np.int64), "shape2")]
+    nodes = [helper.make_node("Conv", ["x", "wc"], ["f"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("Relu", ["f"], ["fr"], name="relu"),
+             helper.make_node("Transpose", ["fr"], ["ft"], perm=[3, 0, 1, 2], name="to_seq"),  # [W, N, C, H]
+             helper.make_node("Reshape", ["ft", "shape1"], ["seq"], name="flatten_steps"),  # [W, N, C*H]
+             helper.make_node("LSTM", ["seq", "W", "R", "B"], ["Y"], hidden_size=hidden,
+                              direction="bidirectional" if directions == 2 else "forward", name="lstm"),
+             helper.make_node("Transpose", ["Y"], ["yt"], perm=[0, 2, 1, 3], name="steps"),  # [W, N, D, H]
+             helper.make_node("Reshape", ["yt", "shape2"], ["yr"], name="merge_dirs"),
+             helper.make_node("MatMul", ["yr", "wo"], ["logits"], name="classifier")]
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 4, 24])],
+                      [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [24, "N", classes])], inits, opset=13)
+
+
+@pytest.mark.parametrize("mode", ["int8", "dynamic"])
+def test_lstm_weights_become_int8(mode, tmp_path):
+    import json as _json
+
+    m = crnn()
+    onnx.save(m, tmp_path / "m.onnx")
+    x = np.random.default_rng(4).normal(0, 1, (16, 1, 4, 24)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    src = ["--data", tmp_path / "x.npy"] if mode == "int8" else ["--eval-data", tmp_path / "x.npy"]
+    r = invoke("quantize", tmp_path / "m.onnx", "--mode", mode, *src, "-o", tmp_path / "q.onnx", "--json", "--no-latency",
+               "--batch-size", "8")
+    assert r.exit_code == 0, r.output
+    report = _json.loads(r.stdout)
+    lstm = next(n for n in report["nodes"] if n["name"] == "lstm")
+    assert lstm["status"] == "quantized" and "DynamicQuantizeLSTM" in lstm["reason"]
+    ops = {n.op_type for n in onnx.load(tmp_path / "q.onnx").graph.node}
+    assert "DynamicQuantizeLSTM" in ops and "LSTM" not in ops
+    assert report["size_bytes"]["ratio"] >= 3.5  # the LSTM weights dominate, as in a CRNN recognizer
+    assert report["outputs"]["logits"]["cosine"] > 0.995
+    close(tmp_path / "m.onnx", tmp_path / "q.onnx", {"x": x[:4]}, min_corr=0.995)
+
+
+def test_gru_stays_float_with_a_reason(tmp_path):
+    model, feed = onnx_case("test_gru_defaults")
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", **{k: v[None] for k, v in feed.items()})
+    r = invoke("quantize", tmp_path / "m.onnx", "--mode", "dynamic", "--eval-data", tmp_path / "d.npz", "-o", tmp_path / "q.onnx",
+               "--json", "--no-latency")
+    assert r.exit_code == 0, r.output
+    gru = next(n for n in json_of(r)["nodes"] if n["op_type"] == "GRU")
+    assert gru["status"] == "float" and "no int8 GRU kernel" in gru["reason"]

@@ -22,6 +22,7 @@ from qconv.errors import QconvError
 from qconv.intake import drop_unused_initializers
 from qconv.overrides import Overrides
 from qconv.plan import NodeDecision, QuantPlan, TensorPlan
+from qconv.rewrite.rules import recurrent
 from qconv.rewrite.rules.matmul import dynamic_weight, emit_matmul_integer
 
 CONV_REASON = ("dynamic mode keeps Conv in float: onnxruntime's ConvInteger has no optimized kernel and runs "
@@ -41,6 +42,11 @@ def _decide(node, g: Graph, config: QuantConfig, ov) -> tuple[str, str] | tuple[
         return "custom-domain", f"custom-domain op ({node.domain}) is left as it is"
     if node.op_type in ("Conv", "ConvTranspose"):
         return "mode", CONV_REASON
+    if node.op_type == "LSTM":
+        problem = recurrent.lstm_problem(node, g)
+        return ("unsupported", problem) if problem else ("lstm", "")
+    if node.op_type == "GRU":
+        return "no-kernel", recurrent.GRU_REASON
     if node.op_type not in ("MatMul", "Gemm"):
         return "mode", "dynamic mode quantizes MatMul and Gemm weights only"
     found = dynamic_weight(node, g)
@@ -61,11 +67,16 @@ def plan_dynamic(model: onnx.ModelProto, config: QuantConfig, overrides: Overrid
             continue
         ov = overrides.node(node.name)
         found = _decide(node, g, config, ov)
+        per_channel = config.per_channel if not (ov and ov.granularity) else ov.granularity == "per-channel"
+        if isinstance(found[0], str) and found[0] == "lstm":
+            for name, qp in recurrent.plan_lstm(node, g, w_q, per_channel):
+                tensors[f"{node.name}/{name}"] = TensorPlan(name, recurrent.ROLE, qp, [node.name], "LSTM weight, int8 per gate row")
+            decisions.append(NodeDecision(node.name, node.op_type, "quantized", "int8 weights, activations quantized at run time (DynamicQuantizeLSTM)"))
+            continue
         if isinstance(found[0], str):
             decisions.append(NodeDecision(node.name, node.op_type, "float", found[1], found[0]))
             continue
         w, wname = found
-        per_channel = config.per_channel if not (ov and ov.granularity) else ov.granularity == "per-channel"
         qp = qmath.weight_qparams(w, w_q, config.symmetric_weights, 1 if per_channel else None)
         key = f"{node.name}/{wname}"  # one plan entry per reader: a Gemm with transB reads the weight transposed
         tensors[key] = TensorPlan(wname, "weight", qp, [node.name], "weight, per-channel" if per_channel else "weight, per-tensor")
@@ -75,6 +86,7 @@ def plan_dynamic(model: onnx.ModelProto, config: QuantConfig, overrides: Overrid
 
 def apply_dynamic(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
     """Rewrite every MatMul/Gemm the plan quantizes into the integer pattern, with the plan's parameters."""
+    model = recurrent.apply_lstm(model, plan)
     m = onnx.ModelProto()
     m.CopyFrom(model)
     g = Graph(m)

@@ -10,6 +10,7 @@ from qconv import qmath
 from qconv.graph import Graph, ai_onnx_opset, ensure_opset, topo_sort
 from qconv.intake import drop_unused_initializers
 from qconv.plan import QuantPlan, TensorPlan
+from qconv.rewrite.rules import recurrent
 
 
 def _fmt(qp: qmath.QParams) -> str:
@@ -49,6 +50,8 @@ def apply_qdq(model: onnx.ModelProto, plan: QuantPlan) -> tuple[onnx.ModelProto,
     g = Graph(m)
     new_nodes, new_inits, dequantized = [], [], {}
     for name, tp in sorted(plan.tensors.items()):
+        if tp.role == "lstm-weight":  # rewritten by rules.recurrent after the QDQ pass
+            continue
         if tp.role == "activation":
             nodes, inits, dq_out = _activation(g, tp)
             dequantized[name] = dq_out
@@ -68,8 +71,8 @@ def apply_qdq(model: onnx.ModelProto, plan: QuantPlan) -> tuple[onnx.ModelProto,
     if any(n.domain == "com.microsoft" for n in new_nodes):
         ensure_opset(m, "com.microsoft", 1)
     topo_sort(m)
-    drop_unused_initializers(m, [t for t, p in plan.tensors.items() if p.role != "activation"])
-    return m, dequantized
+    drop_unused_initializers(m, [p.name for p in plan.tensors.values() if p.role not in ("activation", "lstm-weight")])
+    return recurrent.apply_lstm(m, plan), dequantized
 
 
 def _activation(g: Graph, tp: TensorPlan):
