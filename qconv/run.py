@@ -17,7 +17,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from qconv import io, pipeline, runtime
+from qconv import distributed, io, pipeline, runtime
+from qconv.calib.collect import activation_tensors
+from qconv.planner import calibration_targets
 from qconv.calib.observers import DEFAULT_BINS, DEFAULT_MOMENTUM
 from qconv.calib.ranges import METHODS
 from qconv.config import QuantConfig
@@ -49,6 +51,16 @@ class CalibOptions:
     threads: int | None = None
     cast_data: bool = False  # integer data for float inputs is used as it is (else refused)
     max_memory: int = 1 << 30  # bytes of exposed activations one calibration pass may hold
+    executor: str | None = None  # local | local:N | dask://HOST:PORT (shards as tasks on Dask)
+    shards: int | None = None  # with a distributed executor: how many shards (default 16, whatever the workers)
+
+    def check(self) -> None:
+        ex = distributed.parse_executor(self.executor)
+        if self.shards is not None and self.shards < 1:
+            raise UsageError("--shards must be at least 1")
+        if (ex.distributed or self.shards) and self.samples is not None:
+            raise UsageError("--samples cannot be combined with --executor/--shards (each shard reads its own feeds): "
+                             "give the rows to calibrate on as the data")
 
 
 @dataclass(frozen=True)
@@ -79,6 +91,7 @@ class PlanJob:
 
     def check(self, plan_file: bool = False) -> None:
         """With a plan file the mode is the plan's: --calib then only serves method overrides, --data evaluation."""
+        self.calib_options.check()
         config = self.config
         if plan_file:
             return
@@ -112,8 +125,32 @@ def _statistics(job: PlanJob, prepared: pipeline.Prepared, overrides: Overrides,
         return pipeline.load_calibration(job.calib, prepared, job.force_calib)
     o = job.calib_options
     source = pipeline.feeds_for(prepared, job.data, o.batch_size, o.samples, cast=o.cast_data)
+    if distributed.parse_executor(o.executor).distributed or o.shards:
+        names = calibration_targets(prepared.model, job.effective(None), activation_tensors(prepared.model), overrides)
+        return sharded_calibration(prepared, job.data, source, names, job.config.per_channel, job.method or "minmax", o, progress)
     return pipeline.calibrate(prepared, source, o.threads, progress, job.method or "minmax", o.bins, o.momentum,
                               job.effective(None), overrides, o.max_memory)
+
+
+def sharded_calibration(prepared: pipeline.Prepared, data: Path, source: FeedSource, names: list[str], per_channel: bool,
+                        method: str, o: CalibOptions, progress):
+    """Calibration of ``names`` as shard tasks on the executor, merged in shard order (see qconv.distributed)."""
+    from qconv.calib.store import Calibration, merge_tensors
+
+    executor = distributed.parse_executor(o.executor)
+    shards = o.shards or distributed.DEFAULT_SHARDS
+    data_id = source.identity()  # once, here: workers never hash the data
+    tasks = [(str(prepared.path), str(data), per_channel, o.batch_size, (k, shards), o.bins, o.momentum, names, o.max_memory,
+              o.cast_data) for k in range(shards)]
+    parts = distributed.run_tasks(executor, distributed.calibrate_shard, tasks, "calibrating shards", progress)
+    seen = sum(p["seen"] for p in parts)
+    if seen == 0:
+        raise QconvError("no calibration samples: the data set is empty")
+    observers = merge_tensors([p["tensors"] for p in parts])
+    options = pipeline.calibration_options(source, method, o.bins, o.momentum)
+    options["shards"] = shards
+    options["tensors"] = "planned"
+    return Calibration(prepared.model_id, data_id, seen, options, {n: observers[n] for n in names if n in observers})
 
 
 def run_plan(job: PlanJob, progress=pipeline._no_progress) -> tuple[QuantPlan, pipeline.Prepared]:
@@ -436,6 +473,9 @@ class CalibrateJob:
 
     def check(self) -> None:
         QuantConfig(method=self.method, percentile=99.999 if self.percentile is None else self.percentile)  # validates
+        self.options.check()
+        if self.shard != (0, 1) and (distributed.parse_executor(self.options.executor).distributed or self.options.shards):
+            raise UsageError("--shard K/N runs one shard by hand; --executor/--shards runs them all: give one of them")
         io.check_output_path(self.out, self.model, self.data)
 
 
@@ -447,8 +487,11 @@ def run_calibrate(job: CalibrateJob, progress=pipeline._no_progress):
     config = QuantConfig(per_channel=not job.per_tensor)
     prepared = pipeline.load(job.model, config)
     o = job.options
+    sharded = distributed.parse_executor(o.executor).distributed or o.shards
     source = pipeline.feeds_for(prepared, job.data, o.batch_size, o.samples, job.shard, o.cast_data)
     options = pipeline.calibration_options(source, job.method, o.bins, o.momentum)
+    if sharded:
+        options["shards"] = o.shards or distributed.DEFAULT_SHARDS
     options["tensors"] = "all" if job.all_tensors else "planned"
     if job.percentile is not None:
         options["percentile"] = job.percentile
@@ -460,8 +503,14 @@ def run_calibrate(job: CalibrateJob, progress=pipeline._no_progress):
             old = None
         if old and old.model_id == prepared.model_id and old.data_id == data_id and old.options == options:
             return None
-    calib = pipeline.calibrate(prepared, source, o.threads, progress, job.method, o.bins, o.momentum,
-                               None if job.all_tensors else config, None, o.max_memory)
+    if sharded:
+        names = activation_tensors(prepared.model)
+        if not job.all_tensors:
+            names = calibration_targets(prepared.model, config, names)
+        calib = sharded_calibration(prepared, job.data, source, names, config.per_channel, job.method, o, progress)
+    else:
+        calib = pipeline.calibrate(prepared, source, o.threads, progress, job.method, o.bins, o.momentum,
+                                   None if job.all_tensors else config, None, o.max_memory)
     calib.options = options
     io.write_json(calib.to_dict(), job.out)
     return calib

@@ -100,6 +100,18 @@ class Calibration:
 _MERGE_KEYS = ("bins", "momentum", "batch_size")
 
 
+def merge_tensors(parts: list[dict[str, TensorObserver]]) -> dict[str, TensorObserver]:
+    """Observers of the same tensors from shards, merged in the order given (min/max and histograms exactly)."""
+    tensors: dict[str, TensorObserver] = {}
+    for part in parts:
+        for k, o in part.items():
+            if k in tensors:
+                tensors[k].merge(o)
+            else:
+                tensors[k] = TensorObserver.from_dict(o.to_dict(), momentum=o.momentum)
+    return tensors
+
+
 def merge(parts: list[tuple[str, Calibration]]) -> Calibration:
     """One calibration from shards of the same model made with the same options."""
     if not parts:
@@ -113,13 +125,7 @@ def merge(parts: list[tuple[str, Calibration]]) -> Calibration:
         for key in _MERGE_KEYS:
             if c.options.get(key) != first.options.get(key):
                 raise QconvError(f"cannot merge {name} with {first_name}: option {key} differs ({c.options.get(key)} vs {first.options.get(key)})")
-    tensors: dict[str, TensorObserver] = {}
-    for _, c in parts:
-        for k, o in c.tensors.items():
-            if k in tensors:
-                tensors[k].merge(o)
-            else:
-                tensors[k] = TensorObserver.from_dict(o.to_dict(), momentum=o.momentum)
+    tensors = merge_tensors([c.tensors for _, c in parts])
     h = hashlib.sha256()
     for data_id in sorted(c.data_id for _, c in parts):
         h.update(data_id.encode())

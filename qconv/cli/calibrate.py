@@ -60,7 +60,7 @@ def calibrate_group():
 @range_options
 @output_options
 @guarded
-def run_cmd(term, model, data, out, shard, per_tensor, export_spec, all_tensors, batch_size, samples, bins, momentum, cast_data, max_memory, method, percentile,
+def run_cmd(term, model, data, out, shard, per_tensor, export_spec, all_tensors, batch_size, samples, bins, momentum, cast_data, max_memory, executor, shards, method, percentile,
             threads, quiet):
     """Record per-tensor statistics (min/max, moving averages, histograms) of MODEL on DATA.
 
@@ -74,7 +74,7 @@ def run_cmd(term, model, data, out, shard, per_tensor, export_spec, all_tensors,
     """
     export = parse_export(export_spec)
     job = CalibrateJob(model, data, out, parse_shard(shard), per_tensor, all_tensors or export is not None, method or "minmax",
-                       percentile, CalibOptions(batch_size, samples, bins, momentum, threads, cast_data, max_memory))
+                       percentile, CalibOptions(batch_size, samples, bins, momentum, threads, cast_data, max_memory, executor, shards))
     job.check()
     if export is not None:
         for p in export_paths(export[1]):

@@ -22,7 +22,7 @@ from qconv.run import CalibOptions, PlanJob, run_plan
 @range_options
 @output_options
 @guarded
-def plan_cmd(term, model, out, calib, data, force_calib, overrides, as_json, batch_size, samples, bins, momentum, cast_data, max_memory, method,
+def plan_cmd(term, model, out, calib, data, force_calib, overrides, as_json, batch_size, samples, bins, momentum, cast_data, max_memory, executor, shards, method,
              percentile, threads, quiet, **kwargs):
     """Write the plan for MODEL: per node, quantized or float (and why); per tensor, type, granularity,
     range method, range, scale and zero point.
@@ -37,7 +37,7 @@ def plan_cmd(term, model, out, calib, data, force_calib, overrides, as_json, bat
       qconv plan bert.onnx --mode dynamic -o bert.plan.json
     """
     job = PlanJob(model, config_from(kwargs), method, percentile, calib, data, force_calib, overrides,
-                  CalibOptions(batch_size, samples, bins, momentum, threads, cast_data, max_memory))
+                  CalibOptions(batch_size, samples, bins, momentum, threads, cast_data, max_memory, executor, shards))
     job.check()
     io.check_output_path(out, model, calib, data, overrides)
     with term.progress() as progress:

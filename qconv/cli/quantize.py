@@ -34,7 +34,7 @@ from qconv.run import CalibOptions, EvalOptions, PlanJob, QuantizeJob, run_quant
 @output_options
 @guarded
 def quantize_cmd(term, model, out, plan_file, calib, data, force_calib, overrides, eval_data, eval_labels, speed_fallback, layer_samples,
-                 reports, as_json, no_latency, batch_size, samples, bins, momentum, cast_data, max_memory, method, percentile, threads, quiet, **kwargs):
+                 reports, as_json, no_latency, batch_size, samples, bins, momentum, cast_data, max_memory, executor, shards, method, percentile, threads, quiet, **kwargs):
     """Quantize MODEL and write it to OUTPUT, with a report of what it cost.
 
     Without evaluation data (--calib alone) the model and a report of size, coverage and plan are written;
@@ -57,7 +57,7 @@ def quantize_cmd(term, model, out, plan_file, calib, data, force_calib, override
                              "(or edit the plan's overrides)")
     config = config_from(kwargs)
     plan = PlanJob(model, config, method, percentile, calib, data, force_calib, overrides,
-                   CalibOptions(batch_size, samples, bins, momentum, threads, cast_data, max_memory))
+                   CalibOptions(batch_size, samples, bins, momentum, threads, cast_data, max_memory, executor, shards))
     job = QuantizeJob(out, plan, plan_file, EvalOptions(eval_data, eval_labels, not no_latency, layer_samples, threads),
                       gates_from(kwargs), tuple(reports), speed_fallback)
     job.check()

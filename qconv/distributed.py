@@ -1,0 +1,155 @@
+"""Calibration shards as tasks on Dask (``pip install 'qconv[dask]'``): qconv schedules nothing itself.
+
+``--executor local`` runs in this process as always. ``local:N`` starts a Dask ``LocalCluster`` of N worker
+processes (one thread each) on this machine; ``dask://HOST:PORT`` connects to a running scheduler. The data set
+is cut into ``shards`` interleaved shards (feed k goes to shard k mod S, whatever the executor), each a task
+that loads the model from its shared path (no model bytes are shipped), reads only its own feeds, streams them
+through onnxruntime within the memory budget and returns its serialized statistics (O(bins) per tensor). The
+driver merges them in shard order, so the file is the same on 1 worker or 64, and the same as
+``--executor local:1``. A task that raises, or whose worker dies, is run once more; a second failure fails the
+run with the shard named, and nothing is written.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from qconv.errors import QconvError, UsageError
+
+DEFAULT_SHARDS = 16
+INSTALL = "pip install 'qconv[dask]'"
+
+
+@dataclass(frozen=True)
+class Executor:
+    kind: str  # local | cluster | dask
+    workers: int = 1
+    address: str = ""
+
+    @property
+    def distributed(self) -> bool:
+        return self.kind != "local"
+
+
+def parse_executor(spec: str | None) -> Executor:
+    """``local``, ``local:N`` or ``dask://HOST:PORT``."""
+    if spec in (None, "", "local"):
+        return Executor("local")
+    if spec.startswith("local:"):
+        try:
+            n = int(spec.split(":", 1)[1])
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise UsageError(f"--executor {spec}: local:N needs a worker count N >= 1 (e.g. local:4)")
+        return Executor("cluster", workers=n)
+    if spec.startswith("dask://"):
+        address = spec[len("dask://"):]
+        if ":" not in address:
+            raise UsageError(f"--executor {spec}: give the scheduler as dask://HOST:PORT (e.g. dask://10.0.0.5:8786)")
+        return Executor("dask", address=f"tcp://{address}")
+    raise UsageError(f"--executor '{spec}' is not one of local, local:N, dask://HOST:PORT")
+
+
+def _client(executor: Executor):
+    try:
+        from dask.distributed import Client, LocalCluster
+    except ImportError:
+        raise QconvError(f"--executor {executor.kind}: Dask is not installed ({INSTALL})") from None
+    if executor.kind == "cluster":
+        cluster = LocalCluster(n_workers=executor.workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                               host="127.0.0.1", silence_logs=50)
+        return Client(cluster), cluster
+    try:
+        return Client(executor.address, timeout=30), None
+    except OSError as exc:
+        raise QconvError(f"cannot reach the Dask scheduler at {executor.address} ({exc}); start one with `dask scheduler`") from None
+
+
+def run_tasks(executor: Executor, fn: Callable, tasks: list[tuple], label: str,
+              progress: Callable[[str, int | None], Callable[[int], None]]) -> list:
+    """``fn(*task)`` for every task on the engine, results in task order; one retry, then fail naming the task."""
+    where = {"local": "in this process", "cluster": f"{executor.workers} local workers", "dask": executor.address}[executor.kind]
+    advance = progress(f"{label} ({where})", len(tasks))
+    if not executor.distributed:
+        out = []
+        for t in tasks:
+            out.append(fn(*t))
+            advance(1)
+        return out
+    from dask.distributed import as_completed
+
+    client, cluster = _client(executor)
+    try:
+        futures = [client.submit(fn, *t, retries=1, pure=False, key=f"qconv-shard-{k}-{os.getpid()}")
+                   for k, t in enumerate(tasks)]
+        index = {f.key: k for k, f in enumerate(futures)}
+        results: list = [None] * len(tasks)
+        for future in as_completed(futures):
+            k = index[future.key]
+            try:
+                results[k] = future.result()
+            except QconvError as exc:
+                raise QconvError(f"shard {k}/{len(tasks)} failed twice: {exc}") from None
+            except Exception as exc:  # noqa: BLE001 - a killed worker or an error the task raised, after its retry
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise QconvError(f"shard {k}/{len(tasks)} failed twice ({type(exc).__name__}: {first})") from None
+            advance(1)
+        return results
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def calibrate_shard(model: str, data: str, per_channel: bool, batch_size: int, shard: tuple[int, int], bins: int,
+                    momentum: float, names: list[str], max_memory: int, cast: bool) -> dict:
+    """One shard's statistics: what a worker runs. Returns {"seen": feeds, "tensors": {name: TensorObserver}} (the
+    observers travel pickled, their histograms as plain arrays: O(bins) per tensor)."""
+    from qconv.calib.collect import collect, memory_groups
+
+    _fault_injection(shard)
+    prepared = _prepared(model, per_channel)
+    from qconv import pipeline
+
+    source = pipeline.feeds_for(prepared, data, batch_size, None, shard, cast)
+    if next(iter(source), None) is None:
+        return {"seen": 0, "tensors": {}}
+    groups = memory_groups(prepared.model, source, names, max_memory)
+    observers, seen = collect(prepared.model, source, threads=1, bins=bins, momentum=momentum, names=names, groups=groups)
+    return {"seen": seen, "tensors": observers}
+
+
+_PREPARED: dict = {}  # per worker process: the model of the last job, keyed by path, size, mtime and scheme
+
+
+def _prepared(model: str, per_channel: bool):
+    from qconv import pipeline
+    from qconv.config import QuantConfig
+
+    st = os.stat(model)
+    key = (model, st.st_size, st.st_mtime_ns, per_channel)
+    if key not in _PREPARED:
+        _PREPARED.clear()  # one model at a time: a worker's memory holds one set of weights
+        _PREPARED[key] = pipeline.load(Path(model), QuantConfig(per_channel=per_channel))
+    return _PREPARED[key]
+
+
+def _fault_injection(shard: tuple[int, int]) -> None:
+    """For the fault tests only: QCONV_FAULT=kill:K:MARKER kills the worker running shard K once (the marker file
+    records that it happened), QCONV_FAULT=fail:K makes shard K raise every time."""
+    spec = os.environ.get("QCONV_FAULT", "")
+    if not spec:
+        return
+    kind, _, rest = spec.partition(":")
+    k, _, marker = rest.partition(":")
+    if not k.isdigit() or int(k) != shard[0]:
+        return
+    if kind == "kill" and marker and not os.path.exists(marker):
+        Path(marker).write_text("killed once")
+        os._exit(17)
+    if kind == "fail":
+        raise QconvError(f"injected failure in shard {shard[0]}")

@@ -1,0 +1,74 @@
+"""Calibration shards on a real local Dask cluster (worker processes on this machine): identical results on any
+number of workers, a killed worker's shard retried, a failing shard named, nothing half-written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from qconv.cli.main import cli
+from tests.conftest import SAMPLES
+
+pytest.importorskip("dask.distributed")
+D = SAMPLES / "digits_cnn"
+
+
+def calibrate(out, *extra, env=None):
+    return CliRunner(env=env).invoke(cli, ["calibrate", str(D / "model.onnx"), "--data", str(D / "calib.npy"), "--batch-size", "8",
+                                           "-o", str(out), "-q", *map(str, extra)], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def in_process(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist") / "local.json"
+    assert calibrate(out, "--shards", "4").exit_code == 0
+    return out
+
+
+def test_cluster_gives_the_same_file_as_one_process(in_process, tmp_path):
+    out = tmp_path / "cluster.json"
+    r = calibrate(out, "--executor", "local:2", "--shards", "4")
+    assert r.exit_code == 0, r.output
+    assert out.read_bytes() == in_process.read_bytes()
+    plain = tmp_path / "plain.json"
+    assert calibrate(plain).exit_code == 0
+    a, b = json.loads(plain.read_text()), json.loads(out.read_text())
+    assert b["options"]["shards"] == 4 and b["samples"] == a["samples"] and b["data_id"] == a["data_id"]
+    for name, t in a["tensors"].items():  # statistics that merge exactly are the unsharded run's, bit for bit
+        u = b["tensors"][name]
+        assert (u["min"], u["max"], u["count"], u["nonfinite"], u["hist"]) == (t["min"], t["max"], t["count"], t["nonfinite"], t["hist"])
+
+
+def test_a_killed_worker_is_retried(in_process, tmp_path):
+    out, marker = tmp_path / "killed.json", tmp_path / "killed.marker"
+    r = calibrate(out, "--executor", "local:2", "--shards", "4", env={"QCONV_FAULT": f"kill:1:{marker}"})
+    assert r.exit_code == 0, r.output
+    assert marker.exists() and out.read_bytes() == in_process.read_bytes()
+
+
+def test_a_failing_shard_fails_the_run_and_writes_nothing(tmp_path):
+    out = tmp_path / "failed.json"
+    r = calibrate(out, "--executor", "local:2", "--shards", "4", env={"QCONV_FAULT": "fail:2"})
+    assert r.exit_code == 1 and "shard 2/4 failed twice: injected failure in shard 2" in r.output
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--executor", "local:0"], "local:N needs a worker count N >= 1"),
+    (["--executor", "yarn://x"], "is not one of local, local:N, dask://HOST:PORT"),
+    (["--executor", "local:2", "--samples", "10"], "--samples cannot be combined with --executor"),
+    (["--executor", "local:2", "--shard", "0/2"], "--shard K/N runs one shard by hand"),
+])
+def test_executor_usage_errors(args, message, tmp_path):
+    r = calibrate(tmp_path / "x.json", *args)
+    assert r.exit_code == 2 and message in r.output
+
+
+def test_quantize_calibrates_on_the_cluster(tmp_path):
+    r = CliRunner().invoke(cli, ["quantize", str(D / "model.onnx"), "--data", str(D / "calib.npy"), "--batch-size", "8",
+                                 "--executor", "local:2", "-o", str(tmp_path / "q.onnx"), "--json", "--no-latency"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["calibration"]["recorded_with"]["shards"] == 16 and report["outputs"]["logits"]["cosine"] > 0.999
