@@ -637,8 +637,9 @@ def run_compare(job: CompareJob, progress=pipeline._no_progress) -> dict:
     initializers = {t.name for t in original.graph.initializer}
     specs = [InputSpec.from_value_info(i) for i in original.graph.input if i.name not in initializers]
     source = FeedSource(job.data, specs, batch_size=job.batch_size, cast=job.cast_data)
+    io_params = next((json.loads(m.value) for m in quantized.metadata_props if m.key == "qconv.quantized_io"), None)
     evaluation, _ = _evaluate_models(str(job.original), str(job.quantized), original, quantized, dequantized_of(quantized),
-                                     source, labels, job.evaluation, progress)
+                                     source, labels, job.evaluation, progress, io=io_params)
     report = build_comparison_report(str(job.original), str(job.quantized), original, quantized, evaluation, str(job.data))
     if job.gates.any():
         report["gate"] = evaluate_gates(job.gates, report)

@@ -178,3 +178,16 @@ def test_qat_exported_model_converts_bit_exactly(tmp_path):
     assert "Conv" not in ops and "QLinearConv" in ops
     r = CliRunner().invoke(cli, ["inspect", str(d / "model.onnx")])
     assert r.exit_code == 0 and "already quantized" in r.output and "--format qoperator" in r.output
+
+
+def test_report_compares_an_integer_io_model(tmp_path):
+    d = SAMPLES / "digits_cnn"
+    r = CliRunner().invoke(cli, ["quantize", str(d / "model.onnx"), "--data", str(d / "calib.npy"), "--quantized-io", "uint8",
+                                 "-o", str(tmp_path / "q.onnx"), "-q", "--no-latency"])
+    assert r.exit_code == 0
+    r = CliRunner().invoke(cli, ["report", str(d / "model.onnx"), str(tmp_path / "q.onnx"), "--data", str(d / "eval.npy"),
+                                 "--batch-size", "100", "--json", "--no-latency", "--layer-samples", "0"])
+    assert r.exit_code == 0, r.output
+    import json
+
+    assert json.loads(r.stdout)["outputs"]["logits"]["cosine"] > 0.99
