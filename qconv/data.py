@@ -311,12 +311,17 @@ class FeedSource:
         self.files = _files(self.path)
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        for _, feed in self.indexed():
+            yield feed
+
+    def indexed(self) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """(index of the feed in the whole data set, feed): shards of one data set interleave by this index."""
         seen = 0
         first = 0
         for f in self.files:
             arrays = _open(f, self.specs)
             _, count = _plan({k: a.shape for k, a in arrays.items()}, self.specs, self.batch_size, f.name)
-            for _, feed in _split(arrays, self.specs, self.batch_size, f.name, self.cast, first, self.shard):
+            for index, feed in _split(arrays, self.specs, self.batch_size, f.name, self.cast, first, self.shard):
                 rows = _rows(feed, self.specs)
                 if self.samples is not None and seen + rows > self.samples:
                     feed = _truncate(feed, self.specs, self.samples - seen)
@@ -324,7 +329,7 @@ class FeedSource:
                 if rows <= 0:
                     return
                 seen += rows
-                yield feed
+                yield index, feed
                 if self.samples is not None and seen >= self.samples:
                     return
             first += count

@@ -123,6 +123,33 @@ def calibrate_shard(model: str, data: str, per_channel: bool, batch_size: int, s
     return {"seen": seen, "tensors": observers}
 
 
+def evaluate_shard(float_model: str, quant_model: str, data: str, specs: list, batch_size: int, shard: tuple[int, int],
+                   cast: bool, io: dict | None, predictions: bool) -> dict:
+    """One shard's output comparison: error sums per output, top-1 agreement counts, and (for labels) the first
+    output's argmax of both models per feed index, so the driver can score them against the labels in order."""
+    from qconv import runtime
+    from qconv.data import FeedSource, feed_rows
+    from qconv.report import evaluate as ev
+    from qconv.report.metrics import top1
+
+    fsess, qsess = runtime.session(float_model, 1), runtime.session(quant_model, 1)
+    if io:
+        from qconv.rewrite.quantized_io import IntegerIO
+
+        qsess = IntegerIO(qsess, io)
+    names = [o.name for o in fsess.get_outputs()]
+    stats = {n: ev.ErrorStats() for n in names}
+    agree = total = rows = batches = 0
+    preds = []
+    for index, feed in FeedSource(data, specs, batch_size=batch_size, shard=shard, cast=cast).indexed():
+        ref, got = runtime.run(fsess, feed, names), runtime.run(qsess, feed, names)
+        a, t, *_ = ev._fold(names, stats, ref, got, None, 0)
+        agree, total, rows, batches = agree + a, total + t, rows + feed_rows(feed, specs), batches + 1
+        if predictions:
+            preds.append((index, top1(ref[0]), top1(got[0])))
+    return {"stats": stats, "agree": agree, "total": total, "rows": rows, "batches": batches, "preds": preds}
+
+
 _PREPARED: dict = {}  # per worker process: the model of the last job, keyed by path, size, mtime and scheme
 
 

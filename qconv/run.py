@@ -73,6 +73,8 @@ class EvalOptions:
     layer_samples: int = ev.DEFAULT_LAYER_SAMPLES  # 0: no per-layer analysis
     threads: int | None = None
     profile: bool = True  # with latency: per-node kernel times of both models
+    executor: str | None = None  # the output comparison as shard tasks on Dask (see qconv.distributed)
+    shards: int | None = None
 
 
 @dataclass
@@ -360,6 +362,45 @@ def evaluate(prepared: pipeline.Prepared, result: pipeline.Result, source: FeedS
     return out, reference
 
 
+def _sharded_outputs(float_src, quant_src, source: FeedSource, labels, opts: EvalOptions, io_params, progress) -> dict:
+    """compare_outputs as shard tasks: error sums merged in shard order, predictions scored in feed order."""
+    import tempfile
+
+    executor = distributed.parse_executor(opts.executor)
+    shards = opts.shards or distributed.DEFAULT_SHARDS
+    with tempfile.TemporaryDirectory(prefix="qconv-eval.") as tmp:
+        paths = []
+        for k, src in enumerate((float_src, quant_src)):  # workers load models from paths, never from shipped bytes
+            if isinstance(src, onnx.ModelProto):
+                p = Path(tmp) / f"model{k}.onnx"
+                io.save_model(src, p)
+                src = str(p)
+            paths.append(str(src))
+        tasks = [(paths[0], paths[1], str(source.path), source.specs, source.batch_size, (k, shards), source.cast, io_params,
+                  labels is not None) for k in range(shards)]
+        parts = distributed.run_tasks(executor, distributed.evaluate_shard, tasks, "evaluating shards", progress)
+    names = list(parts[0]["stats"])
+    stats = {n: ev.ErrorStats() for n in names}
+    for p in parts:
+        for n in names:
+            stats[n].merge(p["stats"][n])
+    agree, total = sum(p["agree"] for p in parts), sum(p["total"] for p in parts)
+    batches, rows = sum(p["batches"] for p in parts), sum(p["rows"] for p in parts)
+    if batches == 0:
+        raise QconvError("evaluation data set is empty")
+    correct_f = correct_q = seen = 0
+    if labels is not None:
+        preds = sorted((x for p in parts for x in p["preds"]), key=lambda x: x[0])
+        pf = np.concatenate([x[1] for x in preds])
+        pq = np.concatenate([x[2] for x in preds])
+        if pf.size != labels.size:
+            raise QconvError(f"--eval-labels has {labels.size} labels but the eval data has {pf.size} rows; give one label per row")
+        correct_f, correct_q, seen = int((pf == labels).sum()), int((pq == labels).sum()), int(pf.size)
+    out = ev._summary(names, stats, agree, total, labels, correct_f, correct_q, seen, batches)
+    out["rows"] = rows
+    return out
+
+
 def node_profile(prepared: pipeline.Prepared, result: pipeline.Result, feed: dict, threads: int) -> dict:
     """Per-node kernel times of the float and the written model (onnxruntime's profiler) on one feed."""
     from qconv.report import profile as prof
@@ -385,8 +426,13 @@ def _evaluate_models(float_src, quant_src, float_layers, quant_layers, dequantiz
 
         qsess = IntegerIO(qsess, io)
     reference = ev.Reference([o.name for o in fsess.get_outputs()])
-    out = ev.compare_outputs(fsess, qsess, source, labels, progress("evaluating", source.count()), reference,
-                             ALTERNATIVE_ROWS, source.specs)
+    if distributed.parse_executor(opts.executor).distributed or opts.shards:
+        out = _sharded_outputs(float_src, quant_src, source, labels, opts, io, progress)
+        for feed in ev.limited(source, source.specs, ALTERNATIVE_ROWS):  # the rows other candidates are measured on
+            reference.keep(feed, runtime.run(fsess, feed, reference.names), 1, ALTERNATIVE_ROWS)
+    else:
+        out = ev.compare_outputs(fsess, qsess, source, labels, progress("evaluating", source.count()), reference,
+                                 ALTERNATIVE_ROWS, source.specs)
     if opts.latency:
         out["latency_ms"] = ev.latency(fsess, qsess, next(iter(source)), threads)
     del fsess, qsess  # free their weights before the analysis sessions load theirs
@@ -625,6 +671,7 @@ class CompareJob:
     cast_data: bool = False
 
     def check(self) -> None:
+        distributed.parse_executor(self.evaluation.executor)
         self.gates.check_options(self.evaluation.labels is not None, self.evaluation.latency, True)
         check_report_paths(self.reports, self.original, self.quantized, self.data)
 

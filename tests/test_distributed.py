@@ -72,3 +72,21 @@ def test_quantize_calibrates_on_the_cluster(tmp_path):
     assert r.exit_code == 0, r.output
     report = json.loads(r.stdout)
     assert report["calibration"]["recorded_with"]["shards"] == 16 and report["outputs"]["logits"]["cosine"] > 0.999
+
+
+def test_evaluation_on_the_cluster_matches_the_local_one(tmp_path):
+    args = ["quantize", str(D / "model.onnx"), "--data", str(D / "calib.npy"), "--eval-data", str(D / "eval.npy"), "--eval-labels",
+            str(D / "eval_labels.npy"), "--batch-size", "50", "--json", "--no-latency", "--layer-samples", "0"]
+    local = CliRunner().invoke(cli, [*args, "-o", str(tmp_path / "a.onnx")])
+    remote = CliRunner().invoke(cli, [*args, "-o", str(tmp_path / "b.onnx"), "--executor", "local:2", "--shards", "4"])
+    assert local.exit_code == 0 and remote.exit_code == 0, remote.output
+    a, b = json.loads(local.stdout), json.loads(remote.stdout)
+    assert b["task"] == a["task"] and b["fidelity"]["rows"] == a["fidelity"]["rows"] == 500
+    assert b["outputs"]["logits"]["cosine"] == pytest.approx(a["outputs"]["logits"]["cosine"], abs=1e-9)
+    assert b["outputs"]["logits"]["sqnr_db"] == pytest.approx(a["outputs"]["logits"]["sqnr_db"], abs=1e-6)
+    assert b["fidelity"]["top1_agreement"] == a["fidelity"]["top1_agreement"]
+    r = CliRunner().invoke(cli, ["report", str(D / "model.onnx"), str(tmp_path / "b.onnx"), "--data", str(D / "eval.npy"),
+                                 "--eval-labels", str(D / "eval_labels.npy"), "--batch-size", "50", "--executor", "local:2",
+                                 "--json", "--no-latency", "--layer-samples", "0"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["task"] == a["task"]

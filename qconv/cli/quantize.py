@@ -58,7 +58,8 @@ def quantize_cmd(term, model, out, plan_file, calib, data, force_calib, override
     config = config_from(kwargs)
     plan = PlanJob(model, config, method, percentile, calib, data, force_calib, overrides,
                    CalibOptions(batch_size, samples, bins, momentum, threads, cast_data, max_memory, executor, shards))
-    job = QuantizeJob(out, plan, plan_file, EvalOptions(eval_data, eval_labels, not no_latency, layer_samples, threads),
+    job = QuantizeJob(out, plan, plan_file, EvalOptions(eval_data, eval_labels, not no_latency, layer_samples, threads,
+                                                        executor=executor, shards=shards),
                       gates_from(kwargs), tuple(reports), speed_fallback)
     job.check()
     with term.progress() as progress:

@@ -19,13 +19,16 @@ from qconv.run import CompareJob, EvalOptions, run_compare
 @click.option("--eval-labels", type=click.Path(dir_okay=False, path_type=Path), default=None, help=".npy of class ids, one per row: adds top-1 accuracy.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, help="Rows per feed when an array is split into batches.")
 @click.option("--cast-data", is_flag=True, help="Use integer data for float inputs as it is (by default refused).")
+@click.option("--shards", type=click.IntRange(min=1), default=None, help="Evaluation shards run as tasks (default 16 with --executor).")
+@click.option("--executor", default=None, metavar="local|local:N|dask://HOST:PORT",
+              help="Compare the outputs as shard tasks on Dask (pip install 'qconv[dask]').")
 @click.option("--layer-samples", type=click.IntRange(min=0), default=DEFAULT_LAYER_SAMPLES, show_default=True,
               help="Rows of the data used for the per-layer analysis (0: none).")
 @report_options
 @gate_options
 @output_options
 @guarded
-def report_cmd(term, original, quantized, data, eval_labels, batch_size, cast_data, layer_samples, reports, as_json, no_latency, threads, quiet,
+def report_cmd(term, original, quantized, data, eval_labels, batch_size, cast_data, shards, executor, layer_samples, reports, as_json, no_latency, threads, quiet,
                **gate_kwargs):
     """Compare ORIGINAL and QUANTIZED on DATA: output fidelity, accuracy, latency and per-layer SQNR.
 
@@ -36,7 +39,8 @@ def report_cmd(term, original, quantized, data, eval_labels, batch_size, cast_da
       qconv report model.onnx model.int8.onnx --data val.npy --eval-labels val_labels.npy --report r.html
       qconv report model.onnx ort.int8.onnx --data val.npz --min-cosine 0.99 --report r.md   # exit 3 if it fails
     """
-    job = CompareJob(original, quantized, data, EvalOptions(data, eval_labels, not no_latency, layer_samples, threads), batch_size,
+    job = CompareJob(original, quantized, data, EvalOptions(data, eval_labels, not no_latency, layer_samples, threads,
+                                                            executor=executor, shards=shards), batch_size,
                      gates_from(gate_kwargs), tuple(reports), cast_data)
     job.check()
     with term.progress() as progress:

@@ -52,6 +52,15 @@ class ErrorStats:
         self.max_abs_err = max(self.max_abs_err, sums[4])
         self.count += count
 
+    def merge(self, other: "ErrorStats") -> None:
+        """Add another shard's sums (the result depends on the shard order only through float rounding)."""
+        self.signal += other.signal
+        self.noise += other.noise
+        self.approx_sq += other.approx_sq
+        self.abs_err_sum += other.abs_err_sum
+        self.max_abs_err = max(self.max_abs_err, other.max_abs_err)
+        self.count += other.count
+
     @property
     def sqnr_db(self) -> float:
         if self.noise == 0.0:
