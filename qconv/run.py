@@ -1,4 +1,5 @@
-"""The jobs the CLI runs, and the one place that wires the stages together.
+"""The jobs the CLI runs, and the place that wires the stages together (with ``qconv.evaluation`` for measuring a
+written model and ``qconv.tools`` for the jobs around calibration files).
 
 ``run_plan``     load -> calibrate (or read statistics) -> plan                      (``qconv plan``)
 ``run_quantize`` load -> calibrate / read statistics / read a plan -> plan -> apply -> evaluate -> report
@@ -15,29 +16,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnx
 
 from qconv import distributed, io, pipeline, runtime
 from qconv.calib.collect import activation_tensors
 from qconv.planner import calibration_targets
 from qconv.calib.observers import DEFAULT_BINS, DEFAULT_MOMENTUM
-from qconv.calib.ranges import METHODS
 from qconv.config import QuantConfig
 from qconv.data import FeedSource, InputSpec
 from qconv.errors import QconvError, UsageError
-from qconv.data import feed_rows
-from qconv.graph import Graph, ai_onnx_opset, expose
+from qconv.graph import ai_onnx_opset
 from qconv.overrides import NodeOverride, Overrides
 from qconv.plan import QuantPlan
 from qconv.report import evaluate as ev
+from qconv.evaluation import ALTERNATIVE_ROWS, EvalOptions, damage_warnings, evaluate  # noqa: F401
+from qconv.evaluation import _evaluate_models
 from qconv.report.build import build_comparison_report, build_report
 from qconv.report.gates import Gates, evaluate_gates
 from qconv.report.metrics import ErrorStats
-from qconv.report.layers import dequantized_of, probe_pairs
+from qconv.report.layers import dequantized_of
 from qconv.report.write import check_report_paths, write_reports
-
-DAMAGE_COSINE = 0.9  # below this output cosine (or top-1 agreement) the model is damaged: say so loudly
-ALTERNATIVE_ROWS = 16  # rows on which other range methods are measured when a model is damaged
 
 
 @dataclass(frozen=True)
@@ -61,20 +58,6 @@ class CalibOptions:
         if (ex.distributed or self.shards) and self.samples is not None:
             raise UsageError("--samples cannot be combined with --executor/--shards (each shard reads its own feeds): "
                              "give the rows to calibrate on as the data")
-
-
-@dataclass(frozen=True)
-class EvalOptions:
-    """What the report measures."""
-
-    data: Path | None = None
-    labels: Path | None = None
-    latency: bool = True
-    layer_samples: int = ev.DEFAULT_LAYER_SAMPLES  # 0: no per-layer analysis
-    threads: int | None = None
-    profile: bool = True  # with latency: per-node kernel times of both models
-    executor: str | None = None  # the output comparison as shard tasks on Dask (see qconv.distributed)
-    shards: int | None = None
 
 
 @dataclass
@@ -345,318 +328,6 @@ def speed_fallback(prepared: pipeline.Prepared, result: pipeline.Result, calib, 
               "ratio_high": timing["ratio_high"], "runs": timing["runs"],
               "reason": "measured faster with these nodes float" if taken else f"not measurably faster ({timing['verdict']})"}
     return record, candidate if taken else None
-
-
-def evaluate(prepared: pipeline.Prepared, result: pipeline.Result, source: FeedSource, labels, opts: EvalOptions,
-             progress=pipeline._no_progress) -> tuple[dict, ev.Reference]:
-    """Fidelity of the written model against the original file, latency, and per-layer error on a sample."""
-    qtypes = None
-    if result.plan.config.needs_calibration:  # the QDQ analysis model: known types, no shape inference
-        ftypes = Graph(prepared.model).types
-        qtypes = {**ftypes, **{dq: onnx.TensorProto.FLOAT for dq in result.dequantized.values()}}
-    io = result.findings.get("quantized_io")
-    out, reference = _evaluate_models(str(prepared.path), result.model, prepared.model, result.analysis_model,
-                                      result.dequantized, source, labels, opts, progress, qtypes, io)
-    if opts.latency and opts.profile and not io:
-        out["profile"] = node_profile(prepared, result, next(iter(source)), opts.threads or runtime.default_threads())
-    return out, reference
-
-
-def _sharded_outputs(float_src, quant_src, source: FeedSource, labels, opts: EvalOptions, io_params, progress) -> dict:
-    """compare_outputs as shard tasks: error sums merged in shard order, predictions scored in feed order."""
-    import tempfile
-
-    executor = distributed.parse_executor(opts.executor)
-    shards = opts.shards or distributed.DEFAULT_SHARDS
-    with tempfile.TemporaryDirectory(prefix="qconv-eval.") as tmp:
-        paths = []
-        for k, src in enumerate((float_src, quant_src)):  # workers load models from paths, never from shipped bytes
-            if isinstance(src, onnx.ModelProto):
-                p = Path(tmp) / f"model{k}.onnx"
-                io.save_model(src, p)
-                src = str(p)
-            paths.append(str(src))
-        tasks = [(paths[0], paths[1], str(source.path), source.specs, source.batch_size, (k, shards), source.cast, io_params,
-                  labels is not None) for k in range(shards)]
-        parts = distributed.run_tasks(executor, distributed.evaluate_shard, tasks, "evaluating shards", progress)
-    names = list(parts[0]["stats"])
-    stats = {n: ev.ErrorStats() for n in names}
-    for p in parts:
-        for n in names:
-            stats[n].merge(p["stats"][n])
-    agree, total = sum(p["agree"] for p in parts), sum(p["total"] for p in parts)
-    batches, rows = sum(p["batches"] for p in parts), sum(p["rows"] for p in parts)
-    if batches == 0:
-        raise QconvError("evaluation data set is empty")
-    correct_f = correct_q = seen = 0
-    if labels is not None:
-        preds = sorted((x for p in parts for x in p["preds"]), key=lambda x: x[0])
-        pf = np.concatenate([x[1] for x in preds])
-        pq = np.concatenate([x[2] for x in preds])
-        if pf.size != labels.size:
-            raise QconvError(f"--eval-labels has {labels.size} labels but the eval data has {pf.size} rows; give one label per row")
-        correct_f, correct_q, seen = int((pf == labels).sum()), int((pq == labels).sum()), int(pf.size)
-    out = ev._summary(names, stats, agree, total, labels, correct_f, correct_q, seen, batches)
-    out["rows"] = rows
-    return out
-
-
-def node_profile(prepared: pipeline.Prepared, result: pipeline.Result, feed: dict, threads: int) -> dict:
-    """Per-node kernel times of the float and the written model (onnxruntime's profiler) on one feed."""
-    from qconv.report import profile as prof
-
-    plan = result.plan
-    ft = prof.attribute(prof.profile(prepared.model, feed, threads), prepared.model)
-    qt = prof.attribute(prof.profile(result.model, feed, threads), prepared.model)
-    for t in ft + qt:  # onnxruntime fuses Conv+Relu under the Relu's output name; qconv folded that Relu into the Conv
-        t.node = plan.folded.get(t.node, t.node)
-    quantized = {n.name for n in plan.nodes if n.quantized and n.name not in plan.folded}
-    ops = {n.name: n.op_type for n in prepared.model.graph.node}
-    return prof.compare(ft, qt, quantized, ops)
-
-
-def _evaluate_models(float_src, quant_src, float_layers, quant_layers, dequantized, source: FeedSource, labels,
-                     opts: EvalOptions, progress, qtypes=None, io: dict | None = None) -> tuple[dict, ev.Reference]:
-    """``io``: integer-I/O parameters of the quantized model; its inputs are quantized and outputs dequantized here."""
-    threads = opts.threads or runtime.default_threads()
-    fsess = runtime.session(float_src, threads, spinning=False)
-    qsess = runtime.session(quant_src, threads, spinning=False)
-    if io:
-        from qconv.rewrite.quantized_io import IntegerIO
-
-        qsess = IntegerIO(qsess, io)
-    reference = ev.Reference([o.name for o in fsess.get_outputs()])
-    if distributed.parse_executor(opts.executor).distributed or opts.shards:
-        out = _sharded_outputs(float_src, quant_src, source, labels, opts, io, progress)
-        for feed in ev.limited(source, source.specs, ALTERNATIVE_ROWS):  # the rows other candidates are measured on
-            reference.keep(feed, runtime.run(fsess, feed, reference.names), 1, ALTERNATIVE_ROWS)
-    else:
-        out = ev.compare_outputs(fsess, qsess, source, labels, progress("evaluating", source.count()), reference,
-                                 ALTERNATIVE_ROWS, source.specs)
-    if opts.latency:
-        out["latency_ms"] = ev.latency(fsess, qsess, next(iter(source)), threads)
-    del fsess, qsess  # free their weights before the analysis sessions load theirs
-    out["layer_rows"] = 0
-    if opts.layer_samples > 0:
-        ftypes = Graph(float_layers).types if qtypes is not None else None
-        pairs = probe_pairs(float_layers, quant_layers, dequantized, ftypes, qtypes)
-        if pairs:
-            fl = runtime.session(expose(float_layers, {t: onnx.TensorProto.FLOAT for t in pairs}), threads)
-            ql = runtime.session(expose(quant_layers, dict(pairs.values())), threads)
-            feeds = list(ev.limited(source, source.specs, opts.layer_samples))
-            out["layers"] = ev.compare_layers(fl, ql, feeds, {t: q for t, (q, _) in pairs.items()},
-                                              progress("per-layer analysis", len(feeds)))
-            out["layer_rows"] = sum(feed_rows(f, source.specs) for f in feeds)
-    return out, reference
-
-
-def damage_warnings(evaluation: dict, prepared, result: pipeline.Result, calib, reference: ev.Reference,
-                    threads: int | None) -> list[str]:
-    """A loud warning when the written model is damaged (output cosine or top-1 agreement below 0.9):
-    the outputs hurt, the worst layers, and, for calibrated modes, which range method measures better."""
-    outs = evaluation.get("outputs", {})
-    bad = [(k, v["cosine"]) for k, v in outs.items() if v["cosine"] < DAMAGE_COSINE]
-    agreement = evaluation.get("top1_agreement")
-    classifier = bool(outs) and (evaluation.get("task") is not None or _rank(prepared.model) == 2)
-    low_agreement = classifier and agreement is not None and agreement < DAMAGE_COSINE
-    if not bad and not low_agreement:
-        return []
-    what = [f"output '{k}' cosine {c:.3f}" for k, c in bad]
-    if low_agreement:
-        what.append(f"top-1 agreement with the original {agreement:.3f}")
-    msg = f"the quantized model is damaged: {', '.join(what)} (below {DAMAGE_COSINE})"
-    layers = sorted(((t, v["sqnr_db"]) for t, v in evaluation.get("layers", {}).items() if isinstance(v["sqnr_db"], float)),
-                    key=lambda kv: kv[1])[:3]
-    if layers:
-        msg += "; worst layers: " + ", ".join(f"{t} ({db:.1f} dB)" for t, db in layers)
-    if result.plan.config.needs_calibration and calib is not None and reference.rows:
-        msg += "; " + _better_method(prepared, result, calib, reference, threads)
-    return [msg]
-
-
-def _rank(model: onnx.ModelProto) -> int:
-    t = model.graph.output[0].type.tensor_type if model.graph.output else None
-    return len(t.shape.dim) if t is not None and t.HasField("shape") else 0
-
-
-def _better_method(prepared, result: pipeline.Result, calib, reference: ev.Reference, threads) -> str:
-    """Measure the other range methods on the reference rows; name the best if it beats the one used."""
-    config = result.plan.config
-    scores = {config.method: _worst_cosine(ev.compare_reference(reference, runtime.session(result.model, threads)))}
-    for method in METHODS:
-        if method == config.method:
-            continue
-        try:
-            other = pipeline.quantize(prepared, calib, dataclasses.replace(config, method=method), overrides=result.plan.overrides)
-        except QconvError:
-            continue
-        scores[method] = _worst_cosine(ev.compare_reference(reference, runtime.session(other.model, threads)))
-    best = max(scores, key=lambda m: (scores[m], m == config.method))
-    measured = ", ".join(f"{m} {c:.3f}" for m, c in sorted(scores.items(), key=lambda kv: -kv[1]))
-    rows = reference.count
-    if best != config.method:
-        return f"--method {best} measured better on {rows} rows (worst-output cosine: {measured})"
-    return f"no other range method measured better on {rows} rows ({measured}): keep the worst layers float with --exclude-nodes"
-
-
-def _worst_cosine(summary: dict) -> float:
-    return min((v["cosine"] for v in summary["outputs"].values()), default=1.0)
-
-
-@dataclass
-class CalibrateJob:
-    """``qconv calibrate``: statistics of the tensors the default plan needs (or all, ``all_tensors``)."""
-
-    model: Path
-    data: Path
-    out: Path
-    shard: tuple[int, int] = (0, 1)
-    per_tensor: bool = False
-    all_tensors: bool = False
-    method: str = "minmax"
-    percentile: float | None = None
-    options: CalibOptions = field(default_factory=CalibOptions)
-
-    def check(self) -> None:
-        QuantConfig(method=self.method, percentile=99.999 if self.percentile is None else self.percentile)  # validates
-        self.options.check()
-        if self.shard != (0, 1) and (distributed.parse_executor(self.options.executor).distributed or self.options.shards):
-            raise UsageError("--shard K/N runs one shard by hand; --executor/--shards runs them all: give one of them")
-        io.check_output_path(self.out, self.model, self.data)
-
-
-def run_calibrate(job: CalibrateJob, progress=pipeline._no_progress):
-    """The calibration written to ``job.out``, or None when the file there is already up to date."""
-    from qconv.calib.store import Calibration
-
-    job.check()
-    config = QuantConfig(per_channel=not job.per_tensor)
-    prepared = pipeline.load(job.model, config)
-    o = job.options
-    sharded = distributed.parse_executor(o.executor).distributed or o.shards
-    source = pipeline.feeds_for(prepared, job.data, o.batch_size, o.samples, job.shard, o.cast_data)
-    options = pipeline.calibration_options(source, job.method, o.bins, o.momentum)
-    if sharded:
-        options["shards"] = o.shards or distributed.DEFAULT_SHARDS
-    options["tensors"] = "all" if job.all_tensors else "planned"
-    if job.percentile is not None:
-        options["percentile"] = job.percentile
-    data_id = source.identity()
-    if job.out.exists():
-        try:
-            old = Calibration.from_dict(io.read_json(job.out, "calibration file"))
-        except QconvError:
-            old = None
-        if old and old.model_id == prepared.model_id and old.data_id == data_id and old.options == options:
-            return None
-    if sharded:
-        names = activation_tensors(prepared.model)
-        if not job.all_tensors:
-            names = calibration_targets(prepared.model, config, names)
-        calib = sharded_calibration(prepared, job.data, source, names, config.per_channel, job.method, o, progress)
-    else:
-        calib = pipeline.calibrate(prepared, source, o.threads, progress, job.method, o.bins, o.momentum,
-                                   None if job.all_tensors else config, None, o.max_memory)
-    calib.options = options
-    io.write_json(calib.to_dict(), job.out)
-    return calib
-
-
-EXPORT_FORMATS = ("tensorrt",)
-
-
-def parse_export(spec: str | None) -> tuple[str, Path] | None:
-    """``tensorrt:PATH`` -> ("tensorrt", PATH)."""
-    if spec is None:
-        return None
-    fmt, _, path = spec.partition(":")
-    if fmt not in EXPORT_FORMATS or not path:
-        raise UsageError(f"--export '{spec}' is not FORMAT:PATH with FORMAT one of {', '.join(EXPORT_FORMATS)} (e.g. tensorrt:model.calib.flatbuffers)")
-    return fmt, Path(path)
-
-
-def export_paths(path: Path) -> list[Path]:
-    """The files a TensorRT export writes: the flatbuffers table, its JSON form, TensorRT's own cache."""
-    return [path, path.with_name(path.name + ".json"), path.with_name(path.name + ".cache")]
-
-
-def export_tables(calib, fmt: str, path: Path, method: str | None = None, percentile: float | None = None) -> list[Path]:
-    """Write the calibration's ranges (by ``method``, default the recorded one) as tables another runtime reads."""
-    from qconv.calib import export
-
-    method = method or calib.options.get("method", "minmax")
-    pct = percentile if percentile is not None else float(calib.options.get("percentile", 99.999))
-    ranges = calib.ranges(method, True, pct)  # symmetric: TensorRT's int8 ranges are +-amax
-    table, as_json, cache = export_paths(path)
-    io.write_bytes(export.trt_table_flatbuffers(ranges), table)
-    io.write_text(export.trt_table_json(ranges), as_json)
-    io.write_text(export.trt_native_cache(ranges), cache)
-    return [table, as_json, cache]
-
-
-def load_calibration_file(path: Path):
-    from qconv.calib.store import Calibration
-
-    return Calibration.from_dict(io.read_json(path, "calibration file"), f"calibration file {path}")
-
-
-def run_export(calib_path: Path, fmt: str, out: Path, method: str | None, percentile: float | None) -> list[Path]:
-    """``qconv calibrate export``: tables from an existing calibration file."""
-
-    if fmt not in EXPORT_FORMATS:
-        raise UsageError(f"--format {fmt}: choose one of {', '.join(EXPORT_FORMATS)}")
-    for p in export_paths(out):
-        io.check_output_path(p, calib_path)
-    calib = load_calibration_file(calib_path)
-    return export_tables(calib, fmt, out, method, percentile)
-
-
-def run_merge(parts: list[Path], out: Path):
-    """``qconv calibrate merge``: one calibration file from shards."""
-    from qconv.calib.store import Calibration, merge
-
-    if len(parts) < 2:
-        raise UsageError("give at least two calibration files to merge")
-    io.check_output_path(out, *parts)
-    loaded = [(str(p), Calibration.from_dict(io.read_json(p, "calibration file"), f"calibration file {p}")) for p in parts]
-    merged = merge(loaded)
-    io.write_json(merged.to_dict(), out)
-    return merged
-
-
-def run_inspect(model_path: Path, calib_path: Path | None, per_tensor: bool) -> dict:
-    """``qconv inspect``: what a model holds and what the default plan would do with it."""
-    import collections
-
-    from qconv.calib.collect import activation_tensors
-    from qconv.planner import build_plan
-
-    config = QuantConfig(per_channel=not per_tensor)
-    prepared = pipeline.load(model_path, config)
-    sess = runtime.session(prepared.model, threads=1, optimize=False)
-    if calib_path:
-        calib = pipeline.load_calibration(calib_path, prepared)
-        ranges, nonfinite, masks = calib.ranges(), calib.nonfinite(), calib.mask_like()
-    else:  # structure only: every activation assumed to have a usable range
-        ranges, nonfinite, masks = {n: (0.0, 1.0) for n in activation_tensors(prepared.model)}, {}, {}
-    plan = build_plan(prepared.model, ranges, config, nonfinite, masks)
-    return {
-        "model": str(model_path),
-        "ir_version": prepared.original.ir_version,
-        "opset": ai_onnx_opset(prepared.original),
-        "producer": f"{prepared.original.producer_name} {prepared.original.producer_version}".strip(),
-        "inputs": [{"name": i.name, "type": i.type, "shape": list(i.shape)} for i in sess.get_inputs()],
-        "outputs": [{"name": o.name, "type": o.type, "shape": list(o.shape)} for o in sess.get_outputs()],
-        "ops": dict(sorted(collections.Counter(n.op_type for n in prepared.original.graph.node).items())),
-        "intake": prepared.notes,
-        "would_quantize": plan.by_op(),
-        "kept_float": [{"name": n.name, "op_type": n.op_type, "reason": n.reason, "code": n.code} for n in plan.nodes if n.kept_float],
-        "kept_float_groups": plan.kept_float_groups(),
-        "quantized_already": prepared.quantized_already,
-        "quantized_io": next((json.loads(m.value) for m in prepared.original.metadata_props if m.key == "qconv.quantized_io"), None),
-        "ranges_checked": bool(calib_path),
-        "size_bytes": io.model_size_bytes(model_path),
-    }
 
 
 @dataclass

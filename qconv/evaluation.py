@@ -1,0 +1,195 @@
+"""Evaluation as the jobs use it: fidelity of a written model against its original, latency, the per-node
+profile, per-layer error on a sample, the output comparison as shard tasks on Dask, and the warning a damaged
+model gets (with the range method that measures better)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from qconv import distributed, io, pipeline, runtime
+from qconv.calib.ranges import METHODS
+from qconv.data import FeedSource, feed_rows
+from qconv.errors import QconvError
+from qconv.graph import Graph, expose
+from qconv.report import evaluate as ev
+from qconv.report.layers import probe_pairs
+
+DAMAGE_COSINE = 0.9  # below this output cosine (or top-1 agreement) the model is damaged: say so loudly
+
+
+ALTERNATIVE_ROWS = 16  # rows on which other range methods are measured when a model is damaged
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """What the report measures."""
+
+    data: Path | None = None
+    labels: Path | None = None
+    latency: bool = True
+    layer_samples: int = ev.DEFAULT_LAYER_SAMPLES  # 0: no per-layer analysis
+    threads: int | None = None
+    profile: bool = True  # with latency: per-node kernel times of both models
+    executor: str | None = None  # the output comparison as shard tasks on Dask (see qconv.distributed)
+    shards: int | None = None
+
+
+def evaluate(prepared: pipeline.Prepared, result: pipeline.Result, source: FeedSource, labels, opts: EvalOptions,
+             progress=pipeline._no_progress) -> tuple[dict, ev.Reference]:
+    """Fidelity of the written model against the original file, latency, and per-layer error on a sample."""
+    qtypes = None
+    if result.plan.config.needs_calibration:  # the QDQ analysis model: known types, no shape inference
+        ftypes = Graph(prepared.model).types
+        qtypes = {**ftypes, **{dq: onnx.TensorProto.FLOAT for dq in result.dequantized.values()}}
+    io = result.findings.get("quantized_io")
+    out, reference = _evaluate_models(str(prepared.path), result.model, prepared.model, result.analysis_model,
+                                      result.dequantized, source, labels, opts, progress, qtypes, io)
+    if opts.latency and opts.profile and not io:
+        out["profile"] = node_profile(prepared, result, next(iter(source)), opts.threads or runtime.default_threads())
+    return out, reference
+
+
+def _sharded_outputs(float_src, quant_src, source: FeedSource, labels, opts: EvalOptions, io_params, progress) -> dict:
+    """compare_outputs as shard tasks: error sums merged in shard order, predictions scored in feed order."""
+    import tempfile
+
+    executor = distributed.parse_executor(opts.executor)
+    shards = opts.shards or distributed.DEFAULT_SHARDS
+    with tempfile.TemporaryDirectory(prefix="qconv-eval.") as tmp:
+        paths = []
+        for k, src in enumerate((float_src, quant_src)):  # workers load models from paths, never from shipped bytes
+            if isinstance(src, onnx.ModelProto):
+                p = Path(tmp) / f"model{k}.onnx"
+                io.save_model(src, p)
+                src = str(p)
+            paths.append(str(src))
+        tasks = [(paths[0], paths[1], str(source.path), source.specs, source.batch_size, (k, shards), source.cast, io_params,
+                  labels is not None) for k in range(shards)]
+        parts = distributed.run_tasks(executor, distributed.evaluate_shard, tasks, "evaluating shards", progress)
+    names = list(parts[0]["stats"])
+    stats = {n: ev.ErrorStats() for n in names}
+    for p in parts:
+        for n in names:
+            stats[n].merge(p["stats"][n])
+    agree, total = sum(p["agree"] for p in parts), sum(p["total"] for p in parts)
+    batches, rows = sum(p["batches"] for p in parts), sum(p["rows"] for p in parts)
+    if batches == 0:
+        raise QconvError("evaluation data set is empty")
+    correct_f = correct_q = seen = 0
+    if labels is not None:
+        preds = sorted((x for p in parts for x in p["preds"]), key=lambda x: x[0])
+        pf = np.concatenate([x[1] for x in preds])
+        pq = np.concatenate([x[2] for x in preds])
+        if pf.size != labels.size:
+            raise QconvError(f"--eval-labels has {labels.size} labels but the eval data has {pf.size} rows; give one label per row")
+        correct_f, correct_q, seen = int((pf == labels).sum()), int((pq == labels).sum()), int(pf.size)
+    out = ev._summary(names, stats, agree, total, labels, correct_f, correct_q, seen, batches)
+    out["rows"] = rows
+    return out
+
+
+def node_profile(prepared: pipeline.Prepared, result: pipeline.Result, feed: dict, threads: int) -> dict:
+    """Per-node kernel times of the float and the written model (onnxruntime's profiler) on one feed."""
+    from qconv.report import profile as prof
+
+    plan = result.plan
+    ft = prof.attribute(prof.profile(prepared.model, feed, threads), prepared.model)
+    qt = prof.attribute(prof.profile(result.model, feed, threads), prepared.model)
+    for t in ft + qt:  # onnxruntime fuses Conv+Relu under the Relu's output name; qconv folded that Relu into the Conv
+        t.node = plan.folded.get(t.node, t.node)
+    quantized = {n.name for n in plan.nodes if n.quantized and n.name not in plan.folded}
+    ops = {n.name: n.op_type for n in prepared.model.graph.node}
+    return prof.compare(ft, qt, quantized, ops)
+
+
+def _evaluate_models(float_src, quant_src, float_layers, quant_layers, dequantized, source: FeedSource, labels,
+                     opts: EvalOptions, progress, qtypes=None, io: dict | None = None) -> tuple[dict, ev.Reference]:
+    """``io``: integer-I/O parameters of the quantized model; its inputs are quantized and outputs dequantized here."""
+    threads = opts.threads or runtime.default_threads()
+    fsess = runtime.session(float_src, threads, spinning=False)
+    qsess = runtime.session(quant_src, threads, spinning=False)
+    if io:
+        from qconv.rewrite.quantized_io import IntegerIO
+
+        qsess = IntegerIO(qsess, io)
+    reference = ev.Reference([o.name for o in fsess.get_outputs()])
+    if distributed.parse_executor(opts.executor).distributed or opts.shards:
+        out = _sharded_outputs(float_src, quant_src, source, labels, opts, io, progress)
+        for feed in ev.limited(source, source.specs, ALTERNATIVE_ROWS):  # the rows other candidates are measured on
+            reference.keep(feed, runtime.run(fsess, feed, reference.names), 1, ALTERNATIVE_ROWS)
+    else:
+        out = ev.compare_outputs(fsess, qsess, source, labels, progress("evaluating", source.count()), reference,
+                                 ALTERNATIVE_ROWS, source.specs)
+    if opts.latency:
+        out["latency_ms"] = ev.latency(fsess, qsess, next(iter(source)), threads)
+    del fsess, qsess  # free their weights before the analysis sessions load theirs
+    out["layer_rows"] = 0
+    if opts.layer_samples > 0:
+        ftypes = Graph(float_layers).types if qtypes is not None else None
+        pairs = probe_pairs(float_layers, quant_layers, dequantized, ftypes, qtypes)
+        if pairs:
+            fl = runtime.session(expose(float_layers, {t: onnx.TensorProto.FLOAT for t in pairs}), threads)
+            ql = runtime.session(expose(quant_layers, dict(pairs.values())), threads)
+            feeds = list(ev.limited(source, source.specs, opts.layer_samples))
+            out["layers"] = ev.compare_layers(fl, ql, feeds, {t: q for t, (q, _) in pairs.items()},
+                                              progress("per-layer analysis", len(feeds)))
+            out["layer_rows"] = sum(feed_rows(f, source.specs) for f in feeds)
+    return out, reference
+
+
+def damage_warnings(evaluation: dict, prepared, result: pipeline.Result, calib, reference: ev.Reference,
+                    threads: int | None) -> list[str]:
+    """A loud warning when the written model is damaged (output cosine or top-1 agreement below 0.9):
+    the outputs hurt, the worst layers, and, for calibrated modes, which range method measures better."""
+    outs = evaluation.get("outputs", {})
+    bad = [(k, v["cosine"]) for k, v in outs.items() if v["cosine"] < DAMAGE_COSINE]
+    agreement = evaluation.get("top1_agreement")
+    classifier = bool(outs) and (evaluation.get("task") is not None or _rank(prepared.model) == 2)
+    low_agreement = classifier and agreement is not None and agreement < DAMAGE_COSINE
+    if not bad and not low_agreement:
+        return []
+    what = [f"output '{k}' cosine {c:.3f}" for k, c in bad]
+    if low_agreement:
+        what.append(f"top-1 agreement with the original {agreement:.3f}")
+    msg = f"the quantized model is damaged: {', '.join(what)} (below {DAMAGE_COSINE})"
+    layers = sorted(((t, v["sqnr_db"]) for t, v in evaluation.get("layers", {}).items() if isinstance(v["sqnr_db"], float)),
+                    key=lambda kv: kv[1])[:3]
+    if layers:
+        msg += "; worst layers: " + ", ".join(f"{t} ({db:.1f} dB)" for t, db in layers)
+    if result.plan.config.needs_calibration and calib is not None and reference.rows:
+        msg += "; " + _better_method(prepared, result, calib, reference, threads)
+    return [msg]
+
+
+def _rank(model: onnx.ModelProto) -> int:
+    t = model.graph.output[0].type.tensor_type if model.graph.output else None
+    return len(t.shape.dim) if t is not None and t.HasField("shape") else 0
+
+
+def _better_method(prepared, result: pipeline.Result, calib, reference: ev.Reference, threads) -> str:
+    """Measure the other range methods on the reference rows; name the best if it beats the one used."""
+    config = result.plan.config
+    scores = {config.method: _worst_cosine(ev.compare_reference(reference, runtime.session(result.model, threads)))}
+    for method in METHODS:
+        if method == config.method:
+            continue
+        try:
+            other = pipeline.quantize(prepared, calib, dataclasses.replace(config, method=method), overrides=result.plan.overrides)
+        except QconvError:
+            continue
+        scores[method] = _worst_cosine(ev.compare_reference(reference, runtime.session(other.model, threads)))
+    best = max(scores, key=lambda m: (scores[m], m == config.method))
+    measured = ", ".join(f"{m} {c:.3f}" for m, c in sorted(scores.items(), key=lambda kv: -kv[1]))
+    rows = reference.count
+    if best != config.method:
+        return f"--method {best} measured better on {rows} rows (worst-output cosine: {measured})"
+    return f"no other range method measured better on {rows} rows ({measured}): keep the worst layers float with --exclude-nodes"
+
+
+def _worst_cosine(summary: dict) -> float:
+    return min((v["cosine"] for v in summary["outputs"].values()), default=1.0)

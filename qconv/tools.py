@@ -1,0 +1,170 @@
+"""The jobs around calibration files and models that need no plan: calibrate, merge, export, inspect."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qconv import distributed, io, pipeline, runtime
+from qconv.calib.collect import activation_tensors
+from qconv.config import QuantConfig
+from qconv.errors import QconvError, UsageError
+from qconv.graph import ai_onnx_opset
+from qconv.planner import calibration_targets
+from qconv.run import CalibOptions, sharded_calibration
+
+@dataclass
+class CalibrateJob:
+    """``qconv calibrate``: statistics of the tensors the default plan needs (or all, ``all_tensors``)."""
+
+    model: Path
+    data: Path
+    out: Path
+    shard: tuple[int, int] = (0, 1)
+    per_tensor: bool = False
+    all_tensors: bool = False
+    method: str = "minmax"
+    percentile: float | None = None
+    options: CalibOptions = field(default_factory=CalibOptions)
+
+    def check(self) -> None:
+        QuantConfig(method=self.method, percentile=99.999 if self.percentile is None else self.percentile)  # validates
+        self.options.check()
+        if self.shard != (0, 1) and (distributed.parse_executor(self.options.executor).distributed or self.options.shards):
+            raise UsageError("--shard K/N runs one shard by hand; --executor/--shards runs them all: give one of them")
+        io.check_output_path(self.out, self.model, self.data)
+
+
+def run_calibrate(job: CalibrateJob, progress=pipeline._no_progress):
+    """The calibration written to ``job.out``, or None when the file there is already up to date."""
+    from qconv.calib.store import Calibration
+
+    job.check()
+    config = QuantConfig(per_channel=not job.per_tensor)
+    prepared = pipeline.load(job.model, config)
+    o = job.options
+    sharded = distributed.parse_executor(o.executor).distributed or o.shards
+    source = pipeline.feeds_for(prepared, job.data, o.batch_size, o.samples, job.shard, o.cast_data)
+    options = pipeline.calibration_options(source, job.method, o.bins, o.momentum)
+    if sharded:
+        options["shards"] = o.shards or distributed.DEFAULT_SHARDS
+    options["tensors"] = "all" if job.all_tensors else "planned"
+    if job.percentile is not None:
+        options["percentile"] = job.percentile
+    data_id = source.identity()
+    if job.out.exists():
+        try:
+            old = Calibration.from_dict(io.read_json(job.out, "calibration file"))
+        except QconvError:
+            old = None
+        if old and old.model_id == prepared.model_id and old.data_id == data_id and old.options == options:
+            return None
+    if sharded:
+        names = activation_tensors(prepared.model)
+        if not job.all_tensors:
+            names = calibration_targets(prepared.model, config, names)
+        calib = sharded_calibration(prepared, job.data, source, names, config.per_channel, job.method, o, progress)
+    else:
+        calib = pipeline.calibrate(prepared, source, o.threads, progress, job.method, o.bins, o.momentum,
+                                   None if job.all_tensors else config, None, o.max_memory)
+    calib.options = options
+    io.write_json(calib.to_dict(), job.out)
+    return calib
+
+
+EXPORT_FORMATS = ("tensorrt",)
+
+
+def parse_export(spec: str | None) -> tuple[str, Path] | None:
+    """``tensorrt:PATH`` -> ("tensorrt", PATH)."""
+    if spec is None:
+        return None
+    fmt, _, path = spec.partition(":")
+    if fmt not in EXPORT_FORMATS or not path:
+        raise UsageError(f"--export '{spec}' is not FORMAT:PATH with FORMAT one of {', '.join(EXPORT_FORMATS)} (e.g. tensorrt:model.calib.flatbuffers)")
+    return fmt, Path(path)
+
+
+def export_paths(path: Path) -> list[Path]:
+    """The files a TensorRT export writes: the flatbuffers table, its JSON form, TensorRT's own cache."""
+    return [path, path.with_name(path.name + ".json"), path.with_name(path.name + ".cache")]
+
+
+def export_tables(calib, fmt: str, path: Path, method: str | None = None, percentile: float | None = None) -> list[Path]:
+    """Write the calibration's ranges (by ``method``, default the recorded one) as tables another runtime reads."""
+    from qconv.calib import export
+
+    method = method or calib.options.get("method", "minmax")
+    pct = percentile if percentile is not None else float(calib.options.get("percentile", 99.999))
+    ranges = calib.ranges(method, True, pct)  # symmetric: TensorRT's int8 ranges are +-amax
+    table, as_json, cache = export_paths(path)
+    io.write_bytes(export.trt_table_flatbuffers(ranges), table)
+    io.write_text(export.trt_table_json(ranges), as_json)
+    io.write_text(export.trt_native_cache(ranges), cache)
+    return [table, as_json, cache]
+
+
+def load_calibration_file(path: Path):
+    from qconv.calib.store import Calibration
+
+    return Calibration.from_dict(io.read_json(path, "calibration file"), f"calibration file {path}")
+
+
+def run_export(calib_path: Path, fmt: str, out: Path, method: str | None, percentile: float | None) -> list[Path]:
+    """``qconv calibrate export``: tables from an existing calibration file."""
+
+    if fmt not in EXPORT_FORMATS:
+        raise UsageError(f"--format {fmt}: choose one of {', '.join(EXPORT_FORMATS)}")
+    for p in export_paths(out):
+        io.check_output_path(p, calib_path)
+    calib = load_calibration_file(calib_path)
+    return export_tables(calib, fmt, out, method, percentile)
+
+
+def run_merge(parts: list[Path], out: Path):
+    """``qconv calibrate merge``: one calibration file from shards."""
+    from qconv.calib.store import Calibration, merge
+
+    if len(parts) < 2:
+        raise UsageError("give at least two calibration files to merge")
+    io.check_output_path(out, *parts)
+    loaded = [(str(p), Calibration.from_dict(io.read_json(p, "calibration file"), f"calibration file {p}")) for p in parts]
+    merged = merge(loaded)
+    io.write_json(merged.to_dict(), out)
+    return merged
+
+
+def run_inspect(model_path: Path, calib_path: Path | None, per_tensor: bool) -> dict:
+    """``qconv inspect``: what a model holds and what the default plan would do with it."""
+    import collections
+
+    from qconv.calib.collect import activation_tensors
+    from qconv.planner import build_plan
+
+    config = QuantConfig(per_channel=not per_tensor)
+    prepared = pipeline.load(model_path, config)
+    sess = runtime.session(prepared.model, threads=1, optimize=False)
+    if calib_path:
+        calib = pipeline.load_calibration(calib_path, prepared)
+        ranges, nonfinite, masks = calib.ranges(), calib.nonfinite(), calib.mask_like()
+    else:  # structure only: every activation assumed to have a usable range
+        ranges, nonfinite, masks = {n: (0.0, 1.0) for n in activation_tensors(prepared.model)}, {}, {}
+    plan = build_plan(prepared.model, ranges, config, nonfinite, masks)
+    return {
+        "model": str(model_path),
+        "ir_version": prepared.original.ir_version,
+        "opset": ai_onnx_opset(prepared.original),
+        "producer": f"{prepared.original.producer_name} {prepared.original.producer_version}".strip(),
+        "inputs": [{"name": i.name, "type": i.type, "shape": list(i.shape)} for i in sess.get_inputs()],
+        "outputs": [{"name": o.name, "type": o.type, "shape": list(o.shape)} for o in sess.get_outputs()],
+        "ops": dict(sorted(collections.Counter(n.op_type for n in prepared.original.graph.node).items())),
+        "intake": prepared.notes,
+        "would_quantize": plan.by_op(),
+        "kept_float": [{"name": n.name, "op_type": n.op_type, "reason": n.reason, "code": n.code} for n in plan.nodes if n.kept_float],
+        "kept_float_groups": plan.kept_float_groups(),
+        "quantized_already": prepared.quantized_already,
+        "quantized_io": next((json.loads(m.value) for m in prepared.original.metadata_props if m.key == "qconv.quantized_io"), None),
+        "ranges_checked": bool(calib_path),
+        "size_bytes": io.model_size_bytes(model_path),
+    }
