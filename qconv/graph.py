@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from contextlib import contextmanager
 
 import numpy as np
 import onnx
@@ -92,6 +93,23 @@ def integer_only(node: onnx.NodeProto, g: Graph) -> bool:
     """True when no output is float: shape and index math (Shape, Range, comparisons on shapes...)."""
     outs = [n for n in node.output if n]
     return bool(outs) and all(n in g.types and g.types[n] not in FLOAT_TYPES for n in outs)
+
+
+@contextmanager
+def weights_held(model: onnx.ModelProto, threshold: int = 4096):
+    """Empty the large initializers for the block and restore them after: shape inference, which reads only types,
+    dims and the values of small (shape) tensors, then never copies a 500 MB model."""
+    held = {}
+    for t in model.graph.initializer:
+        if len(t.raw_data) > threshold:
+            held[t.name] = t.raw_data
+            t.ClearField("raw_data")
+    try:
+        yield model
+    finally:
+        for t in model.graph.initializer:
+            if t.name in held:
+                t.raw_data = held[t.name]
 
 
 def attr(node: onnx.NodeProto, name: str, default=None):

@@ -14,7 +14,7 @@ from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from qconv.errors import QconvError
-from qconv.graph import Graph, ai_onnx_opset, attr, name_nodes, topo_sort
+from qconv.graph import Graph, ai_onnx_opset, attr, name_nodes, topo_sort, weights_held
 
 _NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
 # IR version that first allows each ai.onnx opset (onnx.helper.VERSION_TABLE), enough for our targets.
@@ -360,19 +360,11 @@ def infer_types(model: onnx.ModelProto) -> None:
     Inference reads initializers' types and dims, and the values of small ones (shape tensors): large
     initializers are emptied for the call and restored after, so a 500 MB model is not copied twice.
     """
-    held = {}
-    for t in model.graph.initializer:
-        if len(t.raw_data) > 4096:
-            held[t.name] = t.raw_data
-            t.ClearField("raw_data")
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
-    except Exception:  # noqa: BLE001 - inference is best effort; calibration reports real dtypes
-        inferred = None
-    finally:
-        for t in model.graph.initializer:
-            if t.name in held:
-                t.raw_data = held[t.name]
+    with weights_held(model):
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        except Exception:  # noqa: BLE001 - inference is best effort; calibration reports real dtypes
+            inferred = None
     if inferred is not None:  # take everything inference touched except the (emptied) initializers
         for field in ("node", "value_info", "output"):
             del getattr(model.graph, field)[:]

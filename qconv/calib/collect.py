@@ -15,7 +15,7 @@ import onnx
 
 from qconv.calib.observers import DEFAULT_BINS, DEFAULT_MOMENTUM, TensorObserver
 from qconv.errors import QconvError
-from qconv.graph import Graph, expose
+from qconv.graph import Graph, expose, weights_held
 from qconv.runtime import run, session
 
 
@@ -34,18 +34,9 @@ DEFAULT_MAX_MEMORY = 1 << 30  # bytes of exposed activations per pass (two feeds
 def tensor_bytes(model: onnx.ModelProto, feed: dict[str, np.ndarray], names: list[str]) -> dict[str, int]:
     """Bytes of each named float tensor for ``feed``, from onnx shape inference with the feed's shapes; a tensor
     whose shape stays unknown counts as the largest known one (a safe overestimate)."""
-    held = {}
-    for t in model.graph.initializer:
-        if len(t.raw_data) > 4096:
-            held[t.name] = t.raw_data
-            t.ClearField("raw_data")
-    try:
-        m = onnx.ModelProto()
+    m = onnx.ModelProto()
+    with weights_held(model):
         m.CopyFrom(model)
-    finally:
-        for t in model.graph.initializer:
-            if t.name in held:
-                t.raw_data = held[t.name]
     del m.graph.value_info[:]
     for vi in m.graph.input:
         if vi.name in feed:

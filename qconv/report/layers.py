@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import onnx
 
-from qconv.graph import FLOAT_TYPES, Graph
+from qconv.graph import FLOAT_TYPES, Graph, weights_held
 
 
 
@@ -20,19 +20,11 @@ def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
 
     Large initializers are emptied for the call and restored after, so the weights are not copied.
     """
-    held = {}
-    for t in model.graph.initializer:
-        if len(t.raw_data) > 4096:
-            held[t.name] = t.raw_data
-            t.ClearField("raw_data")
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-    except Exception:  # noqa: BLE001 - inference is best effort: contrib ops may defeat it
-        inferred = model
-    finally:
-        for t in model.graph.initializer:
-            if t.name in held:
-                t.raw_data = held[t.name]
+    with weights_held(model):
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+        except Exception:  # noqa: BLE001 - inference is best effort: contrib ops may defeat it
+            inferred = model
     types = Graph(inferred).types
     types.update({t.name: t.data_type for t in model.graph.initializer})
     return types
