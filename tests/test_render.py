@@ -180,6 +180,14 @@ def test_renderers_survive_sections_of_the_wrong_type(junk):
     assert "fp16" in bare and "Per-layer SQNR" not in bare and "Gate" not in bare
 
 
+def test_latency_words_follow_the_measured_verdict():
+    report = cnn()
+    report["latency_ms"].update(ratio=0.97, verdict="same within noise")
+    assert "same within noise" in render_html(report) and "faster" not in render_markdown(report).split("latency")[1].split("\n")[0]
+    report["latency_ms"].update(ratio=0.5, verdict="faster")
+    assert "2.00\u00d7 faster" in render_markdown(report)
+
+
 def test_html_handles_infinite_and_missing_sqnr():
     report = cnn()
     report["layers"] = [_layer("t_exact", "Relu", "inf", 1.0, 0.0), _layer("t_broken", "Div", "-inf", 0.0, 1.0),
@@ -219,7 +227,7 @@ def test_markdown_summary_of_a_real_report():
     drop = "0.00 pts" if round(task["drop_points"], 2) == 0 else f"{-task['drop_points']:+.2f} pts".replace("-", "\u2212")
     for fact in (f"| size | {format_bytes(size['original'])} | {format_bytes(size['quantized'])} | {size_change(size['ratio'])} |",
                  f"| {format_percent(task['original'])} | {format_percent(task['quantized'])} | {drop} |",
-                 speed_change(lat["ratio"]),
+                 speed_change(lat["ratio"], lat.get("verdict")),
                  f"| worst output `logits` | \u2014 | {out['sqnr_db']:.1f} dB SQNR | cosine {format_number(out['cosine'], '.5f')} |",
                  f"**Worst layers** ({len(report['layers'])} of {len(report['layers'])})",
                  f"| `{report['layers'][0]['tensor']}` | {report['layers'][0]['op_type']} |",

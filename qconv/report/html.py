@@ -80,11 +80,14 @@ def format_percent(fraction) -> str:
     return DASH if v is None else f"{100.0 * v:.2f}%"
 
 
-def speed_change(ratio) -> str:
-    """The latency ratio (quantized / original time) in words: "1.64× faster", "1.20× slower"."""
+def speed_change(ratio, verdict=None) -> str:
+    """The latency ratio (quantized / original time) in words: "1.64× faster", "1.20× slower"; with the
+    measurement's verdict "same within noise", it never claims either."""
     v = as_number(ratio)
     if v is None or v <= 0 or not math.isfinite(v):
         return DASH
+    if verdict == "same within noise":
+        return f"{v:.2f}\u00d7 time (same within noise)"
     return f"{1.0 / v:.2f}\u00d7 faster" if v < 1.0 else f"{v:.2f}\u00d7 slower"
 
 
@@ -381,11 +384,12 @@ def _latency_card(report: dict) -> str:
     if not lat:
         return ""
     ratio = as_number(lat.get("ratio"))
-    kind = "" if ratio is None else "warn" if ratio > 1.0 else "good"
+    verdict = lat.get("verdict")
+    kind = "" if ratio is None or verdict == "same within noise" else "warn" if ratio > 1.0 else "good"
     sub = f"{format_number(lat.get('original'), '.2f')} ms \u2192 {format_number(lat.get('quantized'), '.2f')} ms"
     extra = [_plural(lat.get("runs"), "run"), _plural(lat.get("threads"), "thread")]
     sub += "".join(f" \u00b7 {x}" for x in extra if x)
-    return _card("Latency", speed_change(ratio), sub, kind)
+    return _card("Latency", speed_change(ratio, verdict), sub, kind)
 
 
 def _plural(count, noun: str) -> str:

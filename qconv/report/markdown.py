@@ -87,7 +87,7 @@ def _summary(report: dict) -> str:
     if lat:
         lines.append(_row(f"latency ({format_number(lat.get('runs'), 'g')} runs)",
                           f"{format_number(lat.get('original'), '.2f')} ms",
-                          f"{format_number(lat.get('quantized'), '.2f')} ms", speed_change(lat.get("ratio"))))
+                          f"{format_number(lat.get('quantized'), '.2f')} ms", speed_change(lat.get("ratio"), lat.get("verdict"))))
     worst = worst_output(report)
     if worst:
         name, stats = worst
