@@ -149,7 +149,7 @@ def damage_warnings(evaluation: dict, prepared, result: pipeline.Result, calib, 
     outs = evaluation.get("outputs", {})
     bad = [(k, v["cosine"]) for k, v in outs.items() if v["cosine"] < DAMAGE_COSINE]
     agreement = evaluation.get("top1_agreement")
-    classifier = bool(outs) and (evaluation.get("task") is not None or _rank(prepared.model) == 2)
+    classifier = bool(outs) and (evaluation.get("task") is not None or _rank(prepared.model) == 2 or _scores(prepared.model))
     low_agreement = classifier and agreement is not None and agreement < DAMAGE_COSINE
     if not bad and not low_agreement:
         return []
@@ -164,6 +164,17 @@ def damage_warnings(evaluation: dict, prepared, result: pipeline.Result, calib, 
     if result.plan.config.needs_calibration and calib is not None and reference.rows:
         msg += "; " + _better_method(prepared, result, calib, reference, threads)
     return [msg]
+
+
+def _scores(model: onnx.ModelProto) -> bool:
+    """The first output is class scores per position (a Softmax/LogSoftmax result, e.g. an OCR recognizer's)."""
+    if not model.graph.output:
+        return False
+    producers = {o: n for n in model.graph.node for o in n.output}
+    node = producers.get(model.graph.output[0].name)
+    while node is not None and node.op_type in ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity"):
+        node = producers.get(node.input[0])  # past data movement (onnx's opset converter wraps Softmax-12 in two)
+    return node is not None and node.op_type in ("Softmax", "LogSoftmax")
 
 
 def _rank(model: onnx.ModelProto) -> int:

@@ -74,3 +74,18 @@ def test_layer_rows_are_single_rows_and_bounded():
     np.testing.assert_array_equal(rows[4]["x"], feeds[1]["x"][:1])
     fixed = [InputSpec("x", np.dtype(np.float32), (4, 3))]
     assert len(list(single_rows(feeds[0], fixed))) == 1  # a fixed batch cannot be split
+
+
+def test_class_scores_are_recognized_past_data_movement():
+    from onnx import TensorProto, helper
+
+    from qconv.evaluation import _scores
+    from tests.conftest import make_model
+
+    nodes = [helper.make_node("Softmax", ["x"], ["s"], axis=-1), helper.make_node("Reshape", ["s", "shape"], ["y"])]
+    shape = helper.make_tensor("shape", TensorProto.INT64, [3], [0, 0, -1])
+    m = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 5])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 5])], [shape])
+    assert _scores(m)
+    m.graph.node[0].op_type = "Relu"
+    assert not _scores(m)

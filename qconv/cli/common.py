@@ -62,7 +62,7 @@ def data_options(fn):
                       help="Calibration shards run as tasks (default 16 with --executor); the result depends on this, not on the workers.")(fn)
     fn = click.option("--executor", default=None, metavar="local|local:N|dask://HOST:PORT",
                       help="Run calibration shards on Dask: local:N starts N worker processes here (pip install 'qconv[dask]').")(fn)
-    fn = click.option("--max-memory", default="1GB", show_default=True, callback=lambda ctx, p, v: parse_size(v),
+    fn = click.option("--max-memory", default="1GB", show_default=True, metavar="SIZE", callback=lambda ctx, p, v: parse_size(v),
                       help="Activation memory one calibration pass may hold; beyond it tensors are observed over several passes.")(fn)
     fn = click.option("--cast-data", is_flag=True,
                       help="Use integer data for float inputs as it is (by default refused: un-normalized pixels are a classic mistake).")(fn)
