@@ -109,12 +109,11 @@ def calibrate_shard(model: str, data: str, per_channel: bool, batch_size: int, s
                     momentum: float, names: list[str], max_memory: int, cast: bool) -> dict:
     """One shard's statistics: what a worker runs. Returns {"seen": feeds, "tensors": {name: TensorObserver}} (the
     observers travel pickled, their histograms as plain arrays: O(bins) per tensor)."""
+    from qconv import pipeline
     from qconv.calib.collect import collect, memory_groups
 
     _fault_injection(shard)
     prepared = _prepared(model, per_channel)
-    from qconv import pipeline
-
     source = pipeline.feeds_for(prepared, data, batch_size, None, shard, cast)
     if next(iter(source), None) is None:
         return {"seen": 0, "tensors": {}}

@@ -47,7 +47,7 @@ def evaluate(prepared: pipeline.Prepared, result: pipeline.Result, source: FeedS
         ftypes = Graph(prepared.model).types
         qtypes = {**ftypes, **{dq: onnx.TensorProto.FLOAT for dq in result.dequantized.values()}}
     io = result.findings.get("quantized_io")
-    out, reference = _evaluate_models(str(prepared.path), result.model, prepared.model, result.analysis_model,
+    out, reference = evaluate_models(str(prepared.path), result.model, prepared.model, result.analysis_model,
                                       result.dequantized, source, labels, opts, progress, qtypes, io)
     if opts.latency and opts.profile and not io:
         out["profile"] = node_profile(prepared, result, next(iter(source)), opts.threads or runtime.default_threads())
@@ -107,7 +107,7 @@ def node_profile(prepared: pipeline.Prepared, result: pipeline.Result, feed: dic
     return prof.compare(ft, qt, quantized, ops)
 
 
-def _evaluate_models(float_src, quant_src, float_layers, quant_layers, dequantized, source: FeedSource, labels,
+def evaluate_models(float_src, quant_src, float_layers, quant_layers, dequantized, source: FeedSource, labels,
                      opts: EvalOptions, progress, qtypes=None, io: dict | None = None) -> tuple[dict, ev.Reference]:
     """``io``: integer-I/O parameters of the quantized model; its inputs are quantized and outputs dequantized here."""
     threads = opts.threads or runtime.default_threads()

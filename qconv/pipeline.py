@@ -16,7 +16,12 @@ import numpy as np
 import onnx
 
 from qconv import __version__, io, runtime
-from qconv.calib.collect import DEFAULT_MAX_MEMORY, activation_tensors, collect, memory_groups
+from qconv.calib.collect import (
+    DEFAULT_MAX_MEMORY,
+    activation_tensors,
+    collect,
+    memory_groups,
+)
 from qconv.calib.observers import DEFAULT_BINS, DEFAULT_MOMENTUM
 from qconv.calib.store import Calibration
 from qconv.config import QuantConfig
@@ -194,24 +199,15 @@ def replan(prepared: Prepared, stored: QuantPlan, calib: Calibration | None, whe
     (needed only by method overrides)."""
     config = stored.config
     if calib is None and config.needs_calibration:
+        needs = sorted(k for k, t in stored.overrides.tensors.items() if t.method is not None)
+        if needs:
+            raise QconvError(f"{where}: the override for tensor '{needs[0]}' changes its range method, which needs the calibration "
+                             "statistics (a plan records ranges only): pass --calib FILE")
         calib = _StoredRanges(stored.source)
-    try:
-        p = plan(prepared, calib, config, stored.overrides, where)
-    except _NeedsStatistics as exc:
-        raise QconvError(f"{where}: the override for tensor '{exc.args[0]}' changes its range method, which needs the calibration "
-                         "statistics (a plan records ranges only): pass --calib FILE") from None
+    p = plan(prepared, calib, config, stored.overrides, where)
     if isinstance(calib, _StoredRanges):
         p.source["calibration"] = stored.source.get("calibration")
     return p
-
-
-class _NeedsStatistics(KeyError):
-    pass
-
-
-class _NoHistograms(dict):
-    def get(self, key, default=None):
-        raise _NeedsStatistics(key)
 
 
 class _StoredRanges:
@@ -221,7 +217,7 @@ class _StoredRanges:
         self._ranges = {k: (float(v[0]), float(v[1])) for k, v in dict(source.get("ranges") or {}).items()}
         self._nonfinite = dict(source.get("nonfinite") or {})
         self._masks = dict(source.get("masks") or {})
-        self.tensors = _NoHistograms()  # a method override needs the calibration file
+        self.tensors: dict = {}  # no histograms: replan asks for the calibration file before a method override
 
     def ranges(self, method, symmetric, percentile) -> dict:
         return dict(self._ranges)
@@ -239,8 +235,9 @@ def calibration_identity(calib: Calibration | None) -> dict | None:
     return {"model_id": calib.model_id, "data_id": calib.data_id, "samples": calib.samples, "options": calib.options}
 
 
-def apply(prepared: Prepared, p: QuantPlan, calib_feeds: Iterable[dict] | None = None) -> Result:
-    """Rewrite the prepared model as the plan says, annotate it, and check that onnxruntime runs it."""
+def apply(prepared: Prepared, p: QuantPlan, calib_feeds: Iterable[dict] | None = None, feed: dict | None = None) -> Result:
+    """Rewrite the prepared model as the plan says, annotate it, and check that onnxruntime loads it (and runs it
+    on ``feed``, from ``check_feed``)."""
     config = p.config
     findings: dict = {}
     analysis, dequantized = None, {}
@@ -270,8 +267,10 @@ def apply(prepared: Prepared, p: QuantPlan, calib_feeds: Iterable[dict] | None =
                          "nothing was written, please report it")
     _annotate(qmodel, config, p.source.get("calibration"), prepared)
     if findings.get("quantized_io"):
-        qmodel.metadata_props.add(key="qconv.quantized_io", value=json.dumps(findings["quantized_io"], sort_keys=True))
-    verify(qmodel)
+        from qconv.rewrite.quantized_io import META_KEY
+
+        qmodel.metadata_props.add(key=META_KEY, value=json.dumps(findings["quantized_io"], sort_keys=True))
+    verify(qmodel, feed)
     return Result(qmodel, p, findings, analysis if analysis is not None else qmodel, dequantized)
 
 
@@ -375,53 +374,47 @@ def _annotate(model: onnx.ModelProto, config: QuantConfig, calib: dict | None, p
     model.producer_version = __version__
 
 
-def check_runs(prepared: Prepared, model: onnx.ModelProto, feed: dict | None) -> None:
-    """The written model must run, not only load: on ``feed`` (the first row of the user's data), or, without
-    data, on a synthetic feed (zeros; 1 for every free dimension) when the float model itself runs on that."""
-    if feed is None:
-        feed = _synthetic_feed(prepared)
-        if feed is None:
-            return
-        try:
-            runtime.run(runtime.session(prepared.model, threads=1), feed)
-        except QconvError:
-            return  # the float model cannot run on made-up inputs either: nothing to learn from them
-    io = next((json.loads(m.value) for m in model.metadata_props if m.key == "qconv.quantized_io"), None)
-    if io:
-        from qconv.rewrite.quantized_io import IntegerIO
-
-        sess = IntegerIO(runtime.session(model, threads=1), io)
-    else:
-        sess = runtime.session(model, threads=1)
-    try:
-        runtime.run(sess, feed)
-    except QconvError as exc:
-        raise QconvError(f"internal error: the quantized model loads but fails to run ({exc}); nothing was written, please report it") from None
-
-
-def _synthetic_feed(prepared: Prepared) -> dict | None:
+def check_feed(prepared: Prepared, feed: dict | None) -> dict | None:
+    """The feed ``verify`` runs the written model on: the first of the user's data, or, without data, a synthetic
+    one (zeros; 1 for every free dimension) when the float model itself runs on it (else None: load only)."""
+    if feed is not None:
+        return feed
     feed = {}
     for vi in prepared.model.graph.input:
         try:
             spec = InputSpec.from_value_info(vi)
         except QconvError:
             return None
-        shape = [d if isinstance(d, int) and d > 0 else 1 for d in spec.shape]
-        feed[spec.name] = np.zeros(shape, dtype=spec.dtype)
+        feed[spec.name] = np.zeros([d if isinstance(d, int) and d > 0 else 1 for d in spec.shape], dtype=spec.dtype)
+    try:
+        runtime.run(runtime.session(prepared.model, threads=1), feed)
+    except QconvError:
+        return None  # the float model cannot run on made-up inputs either: nothing to learn from them
     return feed
 
 
-def verify(model: onnx.ModelProto) -> None:
-    """The output must pass onnx.checker and load in onnxruntime, or nothing is written."""
+def verify(model: onnx.ModelProto, feed: dict | None = None) -> None:
+    """The output must pass onnx.checker, load in onnxruntime and, given ``feed``, run on it; or nothing is written."""
     try:
         if model.ByteSize() < 2**31 - 2**26:
             onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
         raise QconvError(f"internal error: the quantized model fails onnx.checker ({str(exc).splitlines()[0]}); please report it") from None
     try:
-        runtime.session(model, threads=1)
+        sess = runtime.session(model, threads=1)
     except QconvError as exc:
         raise QconvError(f"internal error: the rewritten model does not load ({exc}); nothing was written, please report it") from None
+    if feed is None:
+        return
+    from qconv.rewrite.quantized_io import IntegerIO, io_params_of
+
+    io_params = io_params_of(model)
+    if io_params:
+        sess = IntegerIO(sess, io_params)
+    try:
+        runtime.run(sess, feed)
+    except QconvError as exc:
+        raise QconvError(f"internal error: the quantized model loads but fails to run ({exc}); nothing was written, please report it") from None
 
 
 def save_quantized(result: Result, out: Path, prepared: Prepared) -> int:

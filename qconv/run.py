@@ -11,7 +11,6 @@ The CLI only parses options into these dataclasses and renders what comes back.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,22 +18,27 @@ import numpy as np
 
 from qconv import distributed, io, pipeline, runtime
 from qconv.calib.collect import activation_tensors
-from qconv.planner import calibration_targets
 from qconv.calib.observers import DEFAULT_BINS, DEFAULT_MOMENTUM
 from qconv.config import QuantConfig
 from qconv.data import FeedSource, InputSpec
 from qconv.errors import QconvError, UsageError
+from qconv.evaluation import (  # EvalOptions: for the CLI
+    EvalOptions,
+    damage_warnings,
+    evaluate,
+    evaluate_models,
+)
 from qconv.graph import ai_onnx_opset
 from qconv.overrides import NodeOverride, Overrides
 from qconv.plan import QuantPlan
+from qconv.planner import calibration_targets
 from qconv.report import evaluate as ev
-from qconv.evaluation import ALTERNATIVE_ROWS, EvalOptions, damage_warnings, evaluate  # noqa: F401
-from qconv.evaluation import _evaluate_models
 from qconv.report.build import build_comparison_report, build_report
 from qconv.report.gates import Gates, evaluate_gates
-from qconv.report.metrics import ErrorStats
 from qconv.report.layers import dequantized_of
+from qconv.report.metrics import ErrorStats
 from qconv.report.write import check_report_paths, write_reports
+from qconv.rewrite.quantized_io import io_params_of
 
 
 @dataclass(frozen=True)
@@ -248,9 +252,9 @@ def run_quantize(job: QuantizeJob, progress=pipeline._no_progress) -> tuple[dict
     calib_feeds = None
     if plan.config.mode == "int4" and job.plan.data is not None:
         calib_feeds = pipeline.feeds_for(prepared, job.plan.data, o.batch_size, o.samples, cast=o.cast_data)
-    result = pipeline.apply(prepared, plan, calib_feeds)
     first = eval_source or (pipeline.feeds_for(prepared, job.plan.data, o.batch_size, cast=o.cast_data) if job.plan.data else None)
-    pipeline.check_runs(prepared, result.model, next(iter(first), None) if first is not None else None)
+    feed = pipeline.check_feed(prepared, next(iter(first), None) if first is not None else None)
+    result = pipeline.apply(prepared, plan, calib_feeds, feed)
     evaluation, notes, fallback = None, [], None
     if eval_source is not None:
         evaluation, reference = evaluate(prepared, result, eval_source, labels, job.evaluation, progress)
@@ -279,7 +283,7 @@ def _run_conversion(job: QuantizeJob, prepared: pipeline.Prepared, labels, progr
     result = pipeline.convert_qdq(prepared, job.plan.config)
     o = job.plan.calib_options
     source = pipeline.feeds_for(prepared, job.evaluation.data, o.batch_size, cast=o.cast_data) if job.evaluation.data else None
-    feed = next(iter(source), None) if source is not None else pipeline._synthetic_feed(prepared)
+    feed = pipeline.check_feed(prepared, next(iter(source), None) if source is not None else None)
     if feed is not None:
         ref = runtime.run(runtime.session(prepared.model, 1), feed)
         got = runtime.run(runtime.session(result.model, 1), feed)
@@ -355,8 +359,8 @@ def run_compare(job: CompareJob, progress=pipeline._no_progress) -> dict:
     initializers = {t.name for t in original.graph.initializer}
     specs = [InputSpec.from_value_info(i) for i in original.graph.input if i.name not in initializers]
     source = FeedSource(job.data, specs, batch_size=job.batch_size, cast=job.cast_data)
-    io_params = next((json.loads(m.value) for m in quantized.metadata_props if m.key == "qconv.quantized_io"), None)
-    evaluation, _ = _evaluate_models(str(job.original), str(job.quantized), original, quantized, dequantized_of(quantized),
+    io_params = io_params_of(quantized)
+    evaluation, _ = evaluate_models(str(job.original), str(job.quantized), original, quantized, dequantized_of(quantized),
                                      source, labels, job.evaluation, progress, io=io_params)
     report = build_comparison_report(str(job.original), str(job.quantized), original, quantized, evaluation, str(job.data))
     if job.gates.any():

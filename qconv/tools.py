@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,7 +11,9 @@ from qconv.config import QuantConfig
 from qconv.errors import QconvError, UsageError
 from qconv.graph import ai_onnx_opset
 from qconv.planner import calibration_targets
+from qconv.rewrite.quantized_io import io_params_of
 from qconv.run import CalibOptions, sharded_calibration
+
 
 @dataclass
 class CalibrateJob:
@@ -164,7 +165,7 @@ def run_inspect(model_path: Path, calib_path: Path | None, per_tensor: bool) -> 
         "kept_float": [{"name": n.name, "op_type": n.op_type, "reason": n.reason, "code": n.code} for n in plan.nodes if n.kept_float],
         "kept_float_groups": plan.kept_float_groups(),
         "quantized_already": prepared.quantized_already,
-        "quantized_io": next((json.loads(m.value) for m in prepared.original.metadata_props if m.key == "qconv.quantized_io"), None),
+        "quantized_io": io_params_of(prepared.original),
         "ranges_checked": bool(calib_path),
         "size_bytes": io.model_size_bytes(model_path),
     }

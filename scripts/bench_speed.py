@@ -27,6 +27,7 @@ reason in its report, and output cosine no worse than onnxruntime's.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import collections
 import fnmatch
 import json
@@ -34,7 +35,6 @@ import logging
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -50,12 +50,13 @@ from qconv.report.evaluate import ratio_interval  # noqa: E402
 from qconv.report.metrics import ErrorStats  # noqa: E402
 from qconv.run import CalibOptions, EvalOptions, PlanJob, QuantizeJob, run_quantize  # noqa: E402
 from scripts.benchlib import (  # noqa: E402
-    LIGHT,
+    Case,
     Reader,
     aligned,
     check,
     first_line,
     graph_specs,
+    light_cases,
     sample_cases,
     session,
     text_lines,
@@ -66,16 +67,6 @@ FUSED = ("QLinear", "QGemm", "MatMulInteger", "DynamicQuantize", "ConvInteger", 
 MOVEMENT = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Slice", "Gather", "Concat", "Split", "Shape",
             "Cast", "Identity", "Expand", "Tile", "Constant", "ConstantOfShape", "Range", "MaxPool", "Resize"}
 
-
-@dataclass
-class Case:
-    name: str
-    model: Path
-    calib: Path
-    eval: Path
-    batch: int
-    source: str
-    tools: dict = field(default_factory=dict)
 
 
 def page_images(count: int, size: int = 480, seed: int = 0) -> np.ndarray:
@@ -110,20 +101,7 @@ def ppocr_cases(work: Path, n_calib: int, n_eval: int, batch: int) -> list[Case]
         calib, evald = work / f"{name}.calib.npy", work / f"{name}.eval.npy"
         np.save(calib, make(n_calib, 1))
         np.save(evald, make(n_eval, 2))
-        cases.append(Case(name, models[file], calib, evald, b, "rapidocr-onnxruntime 1.4.4 (PyPI)"))
-    return cases
-
-
-def light_cases(work: Path, n_calib: int, n_eval: int) -> list[Case]:
-    cases = []
-    for model in sorted(LIGHT.glob("light_*.onnx")):
-        shape = graph_specs(model)[0].shape
-        rng = np.random.default_rng(0)
-        paths = {}
-        for part, n in (("calib", n_calib), ("eval", n_eval)):
-            paths[part] = work / f"{model.stem}.{part}.npy"
-            np.save(paths[part], rng.random((n, *shape), dtype=np.float32))  # a stack of fixed-batch feeds
-        cases.append(Case(model.stem, model, paths["calib"], paths["eval"], 1, "onnx light zoo (random inputs)"))
+        cases.append(Case(name, models[file], calib, evald, None, batch=b, source="rapidocr-onnxruntime 1.4.4 (PyPI)"))
     return cases
 
 
@@ -298,11 +276,11 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench_speed.", dir="/tmp") as tmp:
         work = Path(tmp)
-        cases = [Case(c.name, c.model, c.calib, c.eval, 32, "sample_models") for c in sample_cases()]
+        cases = [dataclasses.replace(c, batch=32, source="sample_models") for c in sample_cases()]
         if not args.no_ppocr:
             cases += ppocr_cases(work, 32, 32, args.batch)
         if not args.no_light:
-            cases += light_cases(work, 8, 4)
+            cases += light_cases(work, 8, 4, "light_*")
         for case in cases:
             if not fnmatch.fnmatch(case.name, args.models):
                 continue

@@ -40,6 +40,8 @@ class Case:
     light: bool = False
     tools: dict = field(default_factory=dict)  # tool -> what its child reported, then its evaluation
     fp32: dict = field(default_factory=dict)
+    batch: int = 1  # rows per feed where the data is split into batches
+    source: str = ""  # where the model comes from
 
 
 def first_line(exc: BaseException) -> str:
@@ -89,7 +91,7 @@ def light_cases(scratch: Path, n_calib: int, n_eval: int, pattern: str) -> list[
         for part, n in (("calib", n_calib), ("eval", n_eval)):
             paths[part] = scratch / f"{model.stem}.{part}.npy"
             np.save(paths[part], rng.random((n, *shape), dtype=np.float32))  # a stack of n feeds
-        cases.append(Case(model.stem, model, paths["calib"], paths["eval"], None, light=True))
+        cases.append(Case(model.stem, model, paths["calib"], paths["eval"], None, light=True, source="onnx light zoo (random inputs)"))
     return cases
 
 

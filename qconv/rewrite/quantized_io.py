@@ -75,6 +75,16 @@ def integer_io(model: onnx.ModelProto, plan, ranges: dict[str, tuple[float, floa
     return m, params
 
 
+META_KEY = "qconv.quantized_io"
+
+
+def io_params_of(model: onnx.ModelProto) -> dict | None:
+    """The integer-I/O parameters qconv recorded in a model's metadata, or None."""
+    import json
+
+    return next((json.loads(m.value) for m in model.metadata_props if m.key == META_KEY), None)
+
+
 class IntegerIO:
     """A session of an integer-I/O model that takes float feeds and returns float outputs: quantizes each
     integer input with its parameters and dequantizes each integer output, so fidelity is measured as usual."""
