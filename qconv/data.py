@@ -266,13 +266,13 @@ def _plan(shapes: dict[str, tuple], specs: list[InputSpec], batch_size: int, whe
 
 
 def _split(arrays: dict[str, np.ndarray], specs: list[InputSpec], batch_size: int, where: str, cast: bool = False,
-           first: int = 0, shard: tuple[int, int] = (0, 1)):
+           first: int = 0, shard: tuple[int, int] = (0, 1), skip: tuple[int, int] | None = None):
     """Yield (index, feed) from one file's arrays, by the rules in the module docstring; ``first`` is the index of
     this file's first feed in the whole data set. Feeds of other shards are skipped before any row is read."""
     by_name = {s.name: s for s in specs}
     kinds, n = _plan({k: a.shape for k, a in arrays.items()}, specs, batch_size, where)
     for k in range(n):
-        if (first + k) % shard[1] != shard[0]:
+        if (first + k) % shard[1] != shard[0] or (skip is not None and (first + k) % skip[1] == skip[0]):
             continue
         feed = {}
         for name, a in arrays.items():
@@ -295,7 +295,8 @@ class FeedSource:
     """A re-iterable stream of feeds from DATA, limited to ``samples`` rows when given."""
 
     def __init__(self, path: str | os.PathLike, specs: list[InputSpec], batch_size: int = 1, samples: int | None = None,
-                 shard: tuple[int, int] = (0, 1), cast: bool = False):
+                 shard: tuple[int, int] = (0, 1), cast: bool = False, skip: tuple[int, int] | None = None):
+        """``shard`` (K, N): only feeds whose index is K mod N; ``skip`` (K, N): all feeds but those (a held-out part)."""
         if batch_size < 1:
             raise QconvError(f"--batch-size must be at least 1 (got {batch_size})")
         if samples is not None and samples < 1:
@@ -308,6 +309,7 @@ class FeedSource:
         self.samples = samples
         self.shard = shard
         self.cast = cast
+        self.skip = skip
         self.files = _files(self.path)
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
@@ -321,7 +323,7 @@ class FeedSource:
         for f in self.files:
             arrays = _open(f, self.specs)
             _, count = _plan({k: a.shape for k, a in arrays.items()}, self.specs, self.batch_size, f.name)
-            for index, feed in _split(arrays, self.specs, self.batch_size, f.name, self.cast, first, self.shard):
+            for index, feed in _split(arrays, self.specs, self.batch_size, f.name, self.cast, first, self.shard, self.skip):
                 rows = _rows(feed, self.specs)
                 if self.samples is not None and seen + rows > self.samples:
                     feed = _truncate(feed, self.specs, self.samples - seen)
@@ -342,7 +344,8 @@ class FeedSource:
             kinds, n = _plan(shapes, self.specs, self.batch_size, f.name)
             total += n
         k, n = self.shard
-        total = len(range(k, total, n))
+        indices = range(k, total, n)
+        total = len(indices) if self.skip is None else sum(1 for i in indices if i % self.skip[1] != self.skip[0])
         if self.samples is not None:
             total = min(total, self.samples)  # an upper bound when feeds hold several rows
         return total
@@ -356,6 +359,8 @@ class FeedSource:
                 for chunk in iter(lambda: fh.read(1 << 20), b""):
                     h.update(chunk)
         h.update(f"batch={self.batch_size};samples={self.samples};shard={self.shard[0]}/{self.shard[1]}".encode())
+        if self.skip is not None:
+            h.update(f";skip={self.skip[0]}/{self.skip[1]}".encode())
         return h.hexdigest()
 
 

@@ -122,9 +122,9 @@ def convert_qdq(prepared: Prepared, config: QuantConfig) -> Result:
 
 
 def feeds_for(prepared: Prepared, data: str | os.PathLike, batch_size: int = 1, samples: int | None = None,
-              shard: tuple[int, int] = (0, 1), cast: bool = False) -> FeedSource:
+              shard: tuple[int, int] = (0, 1), cast: bool = False, skip: tuple[int, int] | None = None) -> FeedSource:
     specs = [InputSpec.from_value_info(i) for i in prepared.model.graph.input]
-    return FeedSource(data, specs, batch_size=batch_size, samples=samples, shard=shard, cast=cast)
+    return FeedSource(data, specs, batch_size=batch_size, samples=samples, shard=shard, cast=cast, skip=skip)
 
 
 def calibration_options(source: FeedSource, method: str = "minmax", bins: int = DEFAULT_BINS,
@@ -235,9 +235,10 @@ def calibration_identity(calib: Calibration | None) -> dict | None:
     return {"model_id": calib.model_id, "data_id": calib.data_id, "samples": calib.samples, "options": calib.options}
 
 
-def apply(prepared: Prepared, p: QuantPlan, calib_feeds: Iterable[dict] | None = None, feed: dict | None = None) -> Result:
+def apply(prepared: Prepared, p: QuantPlan, calib_feeds: Iterable[dict] | None = None, feed: dict | None = None,
+          check: bool = True) -> Result:
     """Rewrite the prepared model as the plan says, annotate it, and check that onnxruntime loads it (and runs it
-    on ``feed``, from ``check_feed``)."""
+    on ``feed``, from ``check_feed``). ``check=False`` (a tuning candidate, run right after) skips the check."""
     config = p.config
     findings: dict = {}
     analysis, dequantized = None, {}
@@ -270,7 +271,8 @@ def apply(prepared: Prepared, p: QuantPlan, calib_feeds: Iterable[dict] | None =
         from qconv.rewrite.quantized_io import META_KEY
 
         qmodel.metadata_props.add(key=META_KEY, value=json.dumps(findings["quantized_io"], sort_keys=True))
-    verify(qmodel, feed)
+    if check:
+        verify(qmodel, feed)
     return Result(qmodel, p, findings, analysis if analysis is not None else qmodel, dequantized)
 
 

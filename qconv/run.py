@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qconv import distributed, io, pipeline, runtime
+from qconv import distributed, io, pipeline, runtime, tuning
 from qconv.calib.collect import activation_tensors
 from qconv.calib.observers import DEFAULT_BINS, DEFAULT_MOMENTUM
 from qconv.config import QuantConfig
@@ -39,6 +39,7 @@ from qconv.report.layers import dequantized_of
 from qconv.report.metrics import ErrorStats
 from qconv.report.write import check_report_paths, write_reports
 from qconv.rewrite.quantized_io import io_params_of
+from qconv.tuning import TuneOptions
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ class PlanJob:
     force_calib: bool = False
     overrides: Path | None = None  # a JSON file with an "overrides" object (or a plan whose overrides to reuse)
     calib_options: CalibOptions = field(default_factory=CalibOptions)
+    holdout: tuple[int, int] | None = None  # (K, N): calibrate on --data without its feeds K mod N (tuning measures on them)
 
     def check(self, plan_file: bool = False) -> None:
         """With a plan file the mode is the plan's: --calib then only serves method overrides, --data evaluation."""
@@ -113,7 +115,7 @@ def _statistics(job: PlanJob, prepared: pipeline.Prepared, overrides: Overrides,
     if job.calib is not None:
         return pipeline.load_calibration(job.calib, prepared, job.force_calib)
     o = job.calib_options
-    source = pipeline.feeds_for(prepared, job.data, o.batch_size, o.samples, cast=o.cast_data)
+    source = pipeline.feeds_for(prepared, job.data, o.batch_size, o.samples, cast=o.cast_data, skip=job.holdout)
     if distributed.parse_executor(o.executor).distributed or o.shards:
         names = calibration_targets(prepared.model, job.effective(None), activation_tensors(prepared.model), overrides)
         return sharded_calibration(prepared, job.data, source, names, job.config.per_channel, job.method or "minmax", o, progress)
@@ -173,6 +175,8 @@ class QuantizeJob:
     gates: Gates = field(default_factory=Gates)
     reports: tuple = ()
     speed_fallback: bool = False  # keep float the nodes the profile shows slower in int8, if the model then measures faster
+    tune: TuneOptions | None = None  # search the overrides for a model that meets the targets (see qconv.tuning)
+    write_plan: Path | None = None  # also write the plan the model was made from (with tuning's overrides)
     converting: bool = field(default=False, init=False)  # set by check(): a QDQ input to fold into QOperator form
 
     @property
@@ -198,9 +202,28 @@ class QuantizeJob:
         has_eval = self.eval_path is not None
         if self.speed_fallback and not (has_eval and e.latency):
             raise UsageError("--speed-fallback measures the model: it needs evaluation data (--eval-data or --data) and latency (drop --no-latency)")
+        if self.tune is not None:
+            self._check_tune()
         self.gates.check_options(e.labels is not None, e.latency and has_eval, has_eval)
         check_report_paths(self.reports, self.model)
         io.check_output_path(self.out, self.model, self.plan.calib, self.plan.data, e.data, self.plan_file)
+        if self.write_plan is not None:
+            io.check_output_path(self.write_plan, self.model, self.plan.calib, self.plan.data, e.data, self.plan_file, self.out)
+
+    def _check_tune(self) -> None:
+        mode = self.plan.config.mode
+        if self.plan_file is not None:
+            raise UsageError("--tune searches the plan: drop --plan (or apply the tuned plan later with --plan)")
+        if not self.plan.config.needs_calibration:
+            raise UsageError(f"--tune searches ranges, int16 islands and float fallbacks of the static modes: --mode {mode} has none "
+                             "(use --mode int8 or a16w8, or --exclude-nodes for this mode)")
+        if self.speed_fallback:
+            raise UsageError("--tune already weighs speed (it keeps float the nodes slower in int8 when that measures faster): drop --speed-fallback")
+        if self.evaluation.data is None:
+            if self.plan.data is None:
+                raise UsageError("--tune measures candidates: give --eval-data (with --calib), or --data to hold part of it out")
+            if distributed.parse_executor(self.plan.calib_options.executor).distributed or self.plan.calib_options.shards:
+                raise UsageError("--tune without --eval-data holds out part of --data, which --executor/--shards cannot: give --eval-data")
 
     @property
     def eval_path(self) -> Path | None:
@@ -245,6 +268,8 @@ def run_quantize(job: QuantizeJob, progress=pipeline._no_progress) -> tuple[dict
     if job.converting:
         return _run_conversion(job, prepared, labels, progress)
     pipeline.check_float(prepared)
+    if job.tune is not None:
+        return _run_tuned(job, prepared, labels, progress)
     eval_path = job.eval_path
     o = job.plan.calib_options
     eval_source = pipeline.feeds_for(prepared, eval_path, o.batch_size, cast=o.cast_data) if eval_path else None
@@ -274,8 +299,84 @@ def run_quantize(job: QuantizeJob, progress=pipeline._no_progress) -> tuple[dict
         report["speed_fallback"] = fallback
     if job.gates.any():
         report["gate"] = evaluate_gates(job.gates, report)
+    _write_plan(job, plan)
     write_reports(report, job.reports)
     return report, result
+
+
+def _write_plan(job: QuantizeJob, plan: QuantPlan) -> None:
+    if job.write_plan is not None:
+        io.write_json(plan.to_dict(), job.write_plan)
+
+
+HOLDOUT = (4, 5)  # without --eval-data, tuning measures on every fifth feed of --data and calibrates on the rest
+
+
+def _run_tuned(job: QuantizeJob, prepared: pipeline.Prepared, labels, progress) -> tuple[dict, pipeline.Result]:
+    """Calibrate, search the overrides (qconv.tuning), then write and report the best model found."""
+    pj = job.plan
+    o = pj.calib_options
+    held_out = job.evaluation.data is None
+    if held_out:
+        pj = dataclasses.replace(pj, holdout=HOLDOUT)
+        source = pipeline.feeds_for(prepared, pj.data, o.batch_size, shard=HOLDOUT, cast=o.cast_data)
+        if source.count() < 1 or pipeline.feeds_for(prepared, pj.data, o.batch_size, cast=o.cast_data, skip=HOLDOUT).count() < 1:
+            raise QconvError(f"--tune holds out every fifth feed of {pj.data} to measure on, and it has too few (give --eval-data, "
+                             "or more rows)")
+        data_note = f"every fifth feed of {pj.data} ({source.count()} of {source.count() + pipeline.feeds_for(prepared, pj.data, o.batch_size, cast=o.cast_data, skip=HOLDOUT).count()}), held out of calibration"
+    else:
+        source = pipeline.feeds_for(prepared, job.evaluation.data, o.batch_size, cast=o.cast_data)
+        data_note = f"the first rows of {job.evaluation.data}"
+    overrides = load_overrides(pj.overrides)
+    calib = _statistics(pj, prepared, overrides, progress)
+    config = pj.effective(calib.options)
+    targets = tuning.Targets.from_gates(job.gates, job.evaluation.latency)
+    threads = job.evaluation.threads or runtime.default_threads()
+    held = tuning.hold_rows(prepared, source, labels, job.tune.rows, threads)
+    tuner = tuning.Tuner(prepared, calib, config, overrides, held, source.identity(), targets, job.tune, threads, progress)
+    method, tuned, _ = tuner.run()
+    plan = pipeline.plan(prepared, calib, dataclasses.replace(config, method=method), tuned)
+    feed = pipeline.check_feed(prepared, next(iter(source), None))
+    result = pipeline.apply(prepared, plan, None, feed)
+    evaluation, reference = evaluate(prepared, result, source, labels, job.evaluation, progress)
+    speed = None
+    lat = evaluation.get("latency_ms") or {}
+    if targets.max_latency_ratio is not None and lat and lat["ratio"] > targets.max_latency_ratio:
+        speed, faster = _tune_speed(tuner, prepared, result, calib, evaluation, source, job.evaluation, method, tuned)
+        if faster is not None:
+            result = faster
+            evaluation, reference = evaluate(prepared, result, source, labels, job.evaluation, progress)
+    notes = damage_warnings(evaluation, prepared, result, calib, reference, job.evaluation.threads)
+    plan = result.plan
+    size_q = pipeline.save_quantized(result, job.out, prepared)
+    eval_path = job.evaluation.data or pj.data
+    report = build_report(plan, prepared.model, result.model, input_path=str(prepared.path), output_path=str(job.out),
+                          original_opset=ai_onnx_opset(prepared.original), intake=prepared.notes, findings=result.findings,
+                          calib=calib, sizes=(io.model_size_bytes(job.model), size_q), evaluation=evaluation,
+                          eval_source=f"{eval_path} (every fifth feed)" if held_out else str(eval_path), extra_warnings=notes)
+    report["gate"] = evaluate_gates(targets.gates(job.gates.max_size_mb), report)
+    report["tuning"] = tuner.report(method, data_note, speed, report["gate"])
+    _write_plan(job, plan)
+    write_reports(report, job.reports)
+    return report, result
+
+
+def _tune_speed(tuner: tuning.Tuner, prepared, result, calib, evaluation, source, opts, method, overrides):
+    """The tuned model is slower than the target: keep float the nodes slower in int8, if that keeps the accuracy
+    targets and measures faster."""
+    slow = [r["node"] for r in (evaluation.get("profile") or {}).get("slower_in_int8", [])]
+    if not slow:
+        return {"tried": [], "taken": False, "reason": "no node is slower in int8 than in float on this CPU"}, None
+    trial = tuner.trial("speed", f"{len(slow)} node{'s' if len(slow) > 1 else ''} slower in int8 kept float", method,
+                        overrides.merged(Overrides({n: NodeOverride(precision="float") for n in slow}, {})), force=True)
+    if trial.metrics is None or tuner.targets.misses(trial.metrics):
+        return {"tried": slow, "taken": False, "reason": "keeping them float misses the accuracy target"}, None
+    record, faster = speed_fallback(prepared, result, calib, evaluation, source, opts)
+    trial.accepted = faster is not None
+    if faster is not None:
+        tuner.changes.append({"what": ", ".join(slow[:6]) + (f" (+{len(slow) - 6} more)" if len(slow) > 6 else ""),
+                              "change": "kept float", "why": f"slower in int8 on this CPU; the model measured {record['ratio']:.2f}x the time without it"})
+    return record, faster
 
 
 def _run_conversion(job: QuantizeJob, prepared: pipeline.Prepared, labels, progress) -> tuple[dict, pipeline.Result]:

@@ -100,13 +100,15 @@ def gate_options(fn):
     fn = click.option("--max-latency-ratio", type=float, default=None, metavar="R", help="Gate: quantized/original median latency <= R.")(fn)
     fn = click.option("--max-size-mb", type=float, default=None, metavar="MB", help="Gate: quantized model size <= MB (10^6 bytes).")(fn)
     fn = click.option("--max-top1-drop", type=float, default=None, metavar="POINTS", help="Gate: top-1 accuracy drop <= POINTS (needs --eval-labels).")(fn)
+    fn = click.option("--min-agreement", type=float, default=None, metavar="X",
+                      help="Gate: top-1 agreement of the first output (argmax per row or position) with the original's >= X.")(fn)
     fn = click.option("--min-cosine", type=float, default=None, metavar="X", help="Gate: cosine similarity of every output >= X.")(fn)
     fn = click.option("--min-sqnr", type=float, default=None, metavar="DB", help="Gate: SQNR of every output >= DB.")(fn)
     return fn
 
 
 def gates_from(kwargs: dict) -> Gates:
-    return Gates(**{k: kwargs.pop(k) for k in ("min_sqnr", "min_cosine", "max_top1_drop", "max_size_mb", "max_latency_ratio")})
+    return Gates(**{k: kwargs.pop(k) for k in ("min_sqnr", "min_cosine", "max_top1_drop", "max_size_mb", "max_latency_ratio", "min_agreement")})
 
 
 def finish(term, report: dict, as_json: bool, render) -> None:

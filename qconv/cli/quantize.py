@@ -6,12 +6,25 @@ from pathlib import Path
 
 import click
 
-from qconv.cli.common import (calib_sources, data_options, finish, gate_options, gates_from, guarded, output_options,
-                              range_options, report_options, scheme_given, scheme_options, config_from)
+from qconv.cli.common import (
+    calib_sources,
+    config_from,
+    data_options,
+    finish,
+    gate_options,
+    gates_from,
+    guarded,
+    output_options,
+    range_options,
+    report_options,
+    scheme_given,
+    scheme_options,
+)
 from qconv.cli.console import table
 from qconv.errors import UsageError
 from qconv.report.evaluate import DEFAULT_LAYER_SAMPLES
 from qconv.run import CalibOptions, EvalOptions, PlanJob, QuantizeJob, run_quantize
+from qconv.tuning import DEFAULT_ROWS, Budget, TuneOptions
 
 
 @click.command("quantize")
@@ -25,6 +38,14 @@ from qconv.run import CalibOptions, EvalOptions, PlanJob, QuantizeJob, run_quant
 @click.option("--eval-labels", type=click.Path(dir_okay=False, path_type=Path), default=None, help=".npy of class ids, one per eval row: adds top-1 accuracy.")
 @click.option("--speed-fallback", is_flag=True,
               help="Profile both models on this CPU, keep float the int8 nodes that run slower, and keep that model only if it measures faster (the choices go into the plan's overrides).")
+@click.option("--tune", is_flag=True,
+              help="Search per-node ranges, int16 islands and float fallbacks until the targets (the gates given, else output cosine >= 0.999 and not slower than fp32) are met; exit 3 if they are not.")
+@click.option("--budget", default="10m", show_default=True, metavar="TIME|Ntrials",
+              help="With --tune: how long to search (10m, 90s) or how many candidates to measure (40trials: deterministic).")
+@click.option("--tune-rows", type=click.IntRange(min=1), default=DEFAULT_ROWS, show_default=True,
+              help="With --tune: eval rows each candidate is measured on (fewer if one float pass over them takes over 3 s).")
+@click.option("--write-plan", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the plan the model was made from (tuning's choices are its overrides): reuse it with --plan.")
 @click.option("--layer-samples", type=click.IntRange(min=0), default=DEFAULT_LAYER_SAMPLES, show_default=True,
               help="Rows of the eval data used for the per-layer analysis (0: none).")
 @report_options
@@ -33,7 +54,8 @@ from qconv.run import CalibOptions, EvalOptions, PlanJob, QuantizeJob, run_quant
 @range_options
 @output_options
 @guarded
-def quantize_cmd(term, model, out, plan_file, calib, data, force_calib, overrides, eval_data, eval_labels, speed_fallback, layer_samples,
+def quantize_cmd(term, model, out, plan_file, calib, data, force_calib, overrides, eval_data, eval_labels, speed_fallback, tune, budget,
+                 tune_rows, write_plan, layer_samples,
                  reports, as_json, no_latency, batch_size, samples, bins, momentum, cast_data, max_memory, executor, shards, method, percentile, threads, quiet, **kwargs):
     """Quantize MODEL and write it to OUTPUT, with a report of what it cost.
 
@@ -47,6 +69,8 @@ def quantize_cmd(term, model, out, plan_file, calib, data, force_calib, override
       qconv quantize model.onnx -o model.int8.onnx --calib model.calib.json \\
           --eval-data val.npy --eval-labels val_labels.npy --report report.json
       qconv quantize model.onnx -o model.int8.onnx --plan model.plan.json --eval-data val.npy
+      qconv quantize model.onnx -o model.int8.onnx --calib model.calib.json --eval-data val.npy \\
+          --tune --budget 10m --write-plan model.tuned.plan.json
       qconv quantize bert.onnx -o bert.dyn.onnx --mode dynamic --eval-data val.npz
       qconv quantize llm.onnx -o llm.int4.onnx --mode int4 --block-size 32 --data calib.npz
     """
@@ -55,12 +79,18 @@ def quantize_cmd(term, model, out, plan_file, calib, data, force_calib, override
         if given or method is not None or percentile is not None:
             raise UsageError(f"--plan fixes the mode, scheme and range methods: drop {', '.join(given + [o for o, v in (('--method', method), ('--percentile', percentile)) if v is not None])} "
                              "(or edit the plan's overrides)")
+    ctx = click.get_current_context()
+    from click.core import ParameterSource
+
+    if not tune and any(ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE for k in ("budget", "tune_rows")):
+        raise UsageError("--budget and --tune-rows set how --tune searches: add --tune")
     config = config_from(kwargs)
     plan = PlanJob(model, config, method, percentile, calib, data, force_calib, overrides,
                    CalibOptions(batch_size, samples, bins, momentum, threads, cast_data, max_memory, executor, shards))
     job = QuantizeJob(out, plan, plan_file, EvalOptions(eval_data, eval_labels, not no_latency, layer_samples, threads,
                                                         executor=executor, shards=shards),
-                      gates_from(kwargs), tuple(reports), speed_fallback)
+                      gates_from(kwargs), tuple(reports), speed_fallback,
+                      TuneOptions(Budget.parse(budget), tune_rows) if tune else None, write_plan)
     job.check()
     with term.progress() as progress:
         report, _ = run_quantize(job, progress)
@@ -111,6 +141,8 @@ def render(term, report: dict) -> None:
     term.print(f"nodes: {n['quantized']} quantized ({n['folded_activations']} Relu/Clip folded into their producer), "
                f"{n['float']} kept in float, {n['integer']} integer/shape ops left as they are")
     render_groups(term, n.get("kept_float_groups", []))
+    if report.get("tuning"):
+        render_tuning(term, report["tuning"])
     for w in report.get("warnings", []):
         term.warn(w)
 
@@ -125,3 +157,17 @@ def render_groups(term, groups: list[dict]) -> None:
         more = g["nodes"] - len(g["examples"])
         rows.append([g["reason"], g["nodes"], ops, names + (f" (+{more} more)" if more > 0 else "")])
     term.print(table("Kept in float", ["why", "nodes", "ops", "e.g."], rows))
+
+
+def render_tuning(term, t: dict) -> None:
+    cached = f", {t['cached_trials']} from the cache" if t.get("cached_trials") else ""
+    term.print(f"tuning: {len(t['trials'])} trials in {t['seconds']:.1f} s{cached} (budget {t['budget']}), measured on {t['rows']} rows "
+               f"of {t['data']}")
+    b, best = t.get("baseline") or {}, t.get("best") or {}
+    if b and best:
+        term.print(f"  worst-output cosine on those rows: {_fmt(b.get('cosine'), '.5f')} as planned -> {_fmt(best.get('cosine'), '.5f')} tuned")
+    if t["changes"]:
+        term.print(table("Tuning changes", ["node / tensor", "change", "why"], [[c["what"], c["change"], c["why"]] for c in t["changes"]]))
+    else:
+        term.print("  no change measured better than the plan")
+    term.print("  targets " + ("reached" if t["reached"] else f"missed: {', '.join(t['missed'])}"))

@@ -15,13 +15,14 @@ class Gates:
     max_top1_drop: float | None = None  # percentage points
     max_size_mb: float | None = None  # quantized file(s), 1 MB = 1,000,000 bytes
     max_latency_ratio: float | None = None  # quantized / original median time
+    min_agreement: float | None = None  # top-1 agreement of the first output with the original's (no labels needed)
 
     def any(self) -> bool:
         return any(v is not None for v in vars(self).values())
 
     def check_options(self, has_labels: bool, has_latency: bool, has_eval: bool) -> None:
-        if (self.min_sqnr is not None or self.min_cosine is not None) and not has_eval:
-            raise UsageError("--min-sqnr and --min-cosine need evaluation data (--eval-data or --data)")
+        if (self.min_sqnr is not None or self.min_cosine is not None or self.min_agreement is not None) and not has_eval:
+            raise UsageError("--min-sqnr, --min-cosine and --min-agreement need evaluation data (--eval-data or --data)")
         if self.max_top1_drop is not None and not has_labels:
             raise UsageError("--max-top1-drop needs --eval-labels")
         if self.max_latency_ratio is not None and not has_latency:
@@ -41,7 +42,7 @@ def evaluate_gates(gates: Gates, report: dict) -> dict:
     checks = []
 
     def add(name, measured, required, ok, unit, relation):
-        shown = "inf" if measured == math.inf else f"{measured:.4g}"
+        shown = "inf" if measured == math.inf else f"{measured:.6f}" if name in ("min-cosine", "min-agreement") else f"{measured:.4g}"
         checks.append({"name": name, "measured": "inf" if measured == math.inf else measured, "required": required,
                        "passed": bool(ok), "message": f"{name}: measured {shown}{unit}, required {relation} {required:g}{unit}"})
 
@@ -51,6 +52,13 @@ def evaluate_gates(gates: Gates, report: dict) -> dict:
     if gates.min_cosine is not None:
         m = _worst(report, "cosine")
         add("min-cosine", m, gates.min_cosine, m >= gates.min_cosine, "", ">=")
+    if gates.min_agreement is not None:
+        m = (report.get("fidelity") or {}).get("top1_agreement")
+        if m is None:
+            checks.append({"name": "min-agreement", "measured": None, "required": gates.min_agreement, "passed": False,
+                           "message": "min-agreement: the first output is not class scores (no top-1 agreement to measure)"})
+        else:
+            add("min-agreement", m, gates.min_agreement, m >= gates.min_agreement, "", ">=")
     if gates.max_top1_drop is not None:
         m = report["task"]["drop_points"]
         add("max-top1-drop", m, gates.max_top1_drop, m <= gates.max_top1_drop, " points", "<=")
