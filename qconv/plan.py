@@ -31,6 +31,7 @@ GROUPS = {
     "fragile": "numerically fragile: 8 bits distort it (Softmax, normalizations)",
     "no-kernel": "no int8 kernel for this op in onnxruntime's CPU provider",
     "wide-range": "values span more than 8 bits can hold",
+    "mixed-scales": "joins tensors of very different ranges: one 8-bit scale would erase the smaller ones",
     "nonfinite": "holds inf/NaN values, which integers cannot represent",
     "unobserved": "needs a tensor the calibration did not observe: re-run qconv calibrate with --all-tensors",
     "not-float": "its input is not float32",

@@ -34,6 +34,7 @@ FRAGILE = {
     "BatchNormalization": "no int8 kernel in onnxruntime (only a BatchNormalization after a Conv is folded)",
 }
 MASK_LIMIT = 1e6
+MIXED_SCALES = 16.0  # a Concat whose inputs' ranges differ by more than this loses the small ones at one 8-bit scale
 
 
 def _range_problem(name: str, ranges: dict, nonfinite: dict, op_type: str = "", masks: dict | None = None) -> tuple[str, str] | None:
@@ -146,6 +147,8 @@ def _decide(node, g: Graph, ranges, nonfinite, masks, config: QuantConfig, ov, s
             problem = problem or _range_problem(node.input[k], ranges, nonfinite, node.op_type, masks)
     if node.op_type in ("Add", "Mul"):
         problem = problem or _range_problem(node.output[0], ranges, nonfinite, node.op_type, masks)
+    if not problem and node.op_type == "Concat" and not forced:
+        problem = _mixed_scales(node, g, ranges)
     if problem:
         return st.keep_float(node, *problem)
     reason = f"quantized by the plan's override ({precision})" if forced else ""
@@ -168,6 +171,46 @@ def _decide(node, g: Graph, ranges, nonfinite, masks, config: QuantConfig, ov, s
             st.wide.add(node.input[k])
     if precision == "int16" and out:
         st.wide.add(out)
+
+
+def _mixed_scales(node, g: Graph, ranges: dict) -> tuple[str, str] | None:
+    """A Concat that joins tensors of very different ranges (box coordinates in pixels next to class scores in
+    [0, 1], as a YOLO head's output) and whose result leaves the int8 region (a graph output, or read only by
+    ops without an int8 kernel): one output scale would round the small-range inputs to a few levels. Kept
+    float, each input keeps its own scale. A Concat feeding a Conv gains nothing from this: the Conv quantizes
+    its input at one scale anyway."""
+    if not _leaves_int8(node.output[0], g):
+        return None
+    spans = {}
+    for i in node.input:
+        if i in ranges and not g.is_constant(i):
+            lo, hi = ranges[i]
+            spans[i] = max(abs(lo), abs(hi))
+    spans = {k: v for k, v in spans.items() if v > 0}
+    if len(spans) < 2:
+        return None
+    big, small = max(spans, key=spans.get), min(spans, key=spans.get)
+    ratio = spans[big] / spans[small]
+    if ratio <= MIXED_SCALES:
+        return None
+    return "mixed-scales", (f"joins '{big}' (up to {spans[big]:.3g}) and '{small}' (up to {spans[small]:.3g}), {ratio:.0f}x apart: "
+                            "one 8-bit scale would erase the smaller, so each keeps its own")
+
+
+def _leaves_int8(name: str, g: Graph, depth: int = 0) -> bool:
+    """``name`` reaches only graph outputs or ops without an int8 kernel (through data movement)."""
+    if name in g.graph_outputs:
+        return True
+    readers = g.consumers.get(name, [])
+    if not readers or depth > 16:
+        return False
+    for c in readers:
+        if c.op_type in SHARED:
+            if not _leaves_int8(c.output[0], g, depth + 1):
+                return False
+        elif c.op_type in OWN:
+            return False
+    return True
 
 
 def _alias_activation_inputs(model, g: Graph, ranges: dict) -> dict:

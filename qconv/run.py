@@ -318,12 +318,16 @@ def _run_tuned(job: QuantizeJob, prepared: pipeline.Prepared, labels, progress) 
     o = pj.calib_options
     held_out = job.evaluation.data is None
     if held_out:
-        pj = dataclasses.replace(pj, holdout=HOLDOUT)
-        source = pipeline.feeds_for(prepared, pj.data, o.batch_size, shard=HOLDOUT, cast=o.cast_data)
-        if source.count() < 1 or pipeline.feeds_for(prepared, pj.data, o.batch_size, cast=o.cast_data, skip=HOLDOUT).count() < 1:
-            raise QconvError(f"--tune holds out every fifth feed of {pj.data} to measure on, and it has too few (give --eval-data, "
-                             "or more rows)")
-        data_note = f"every fifth feed of {pj.data} ({source.count()} of {source.count() + pipeline.feeds_for(prepared, pj.data, o.batch_size, cast=o.cast_data, skip=HOLDOUT).count()}), held out of calibration"
+        # Every fifth feed is held out; with fewer than 10 feeds, every fifth row (feeds of one row each).
+        bs = o.batch_size if pipeline.feeds_for(prepared, pj.data, o.batch_size, cast=o.cast_data).count() >= 10 else 1
+        pj = dataclasses.replace(pj, holdout=HOLDOUT, calib_options=dataclasses.replace(o, batch_size=bs))
+        source = pipeline.feeds_for(prepared, pj.data, bs, shard=HOLDOUT, cast=o.cast_data)
+        kept = pipeline.feeds_for(prepared, pj.data, bs, cast=o.cast_data, skip=HOLDOUT).count()
+        if source.count() < 1 or kept < 1:
+            raise QconvError(f"--tune holds out every fifth row of {pj.data} to measure on, and it has too few rows "
+                             "(give --eval-data, or at least 5 rows)")
+        unit = "feed" if bs > 1 else "row"
+        data_note = f"every fifth {unit} of {pj.data} ({source.count()} of {source.count() + kept} {unit}s), held out of calibration"
     else:
         source = pipeline.feeds_for(prepared, job.evaluation.data, o.batch_size, cast=o.cast_data)
         data_note = f"the first rows of {job.evaluation.data}"

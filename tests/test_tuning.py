@@ -1,0 +1,179 @@
+"""Tuning (`quantize --tune`): measured candidates, the budget, the cache, determinism, the plan it leaves,
+exit codes; and the planner's mixed-scales rule that keeps a YOLO-style output Concat float."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from qconv.cli.main import cli
+from qconv.errors import UsageError
+from qconv.tuning import Budget, Targets
+from qconv.report.gates import Gates
+from tests.conftest import SAMPLES, make_model, run_model
+
+DIGITS = SAMPLES / "digits_cnn"
+
+
+def invoke(*args, env=None):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False, env=env)
+
+
+@pytest.fixture
+def cache(tmp_path):
+    return {"QCONV_CACHE_DIR": str(tmp_path / "cache")}
+
+
+def tune(tmp_path, name, cache, *extra):
+    out, rep, plan = tmp_path / f"{name}.onnx", tmp_path / f"{name}.json", tmp_path / f"{name}.plan.json"
+    r = invoke("quantize", DIGITS / "model.onnx", "-o", out, "--data", DIGITS / "calib.npy", "--eval-data", DIGITS / "eval.npy",
+               "--batch-size", 32, "--tune", "--layer-samples", 0, "--report", rep, "--write-plan", plan, "-q", *extra, env=cache)
+    return r, out, json.loads(rep.read_text()) if rep.exists() else None, plan
+
+
+def test_unreachable_target_exits_3_with_the_best_model_and_a_tuning_section(tmp_path, cache):
+    r, out, report, _ = tune(tmp_path, "a", cache, "--budget", "14trials", "--min-cosine", "0.9999999", "--no-latency")
+    assert r.exit_code == 3, r.output
+    assert "gate failed: min-cosine" in r.output
+    t = report["tuning"]
+    assert len(t["trials"]) <= 14 and t["budget"] == "14 trials"
+    assert t["reached"] is False and t["missed"] == ["min-cosine"]
+    assert [x["step"] for x in t["trials"][:4]] == ["baseline", "ranges", "ranges", "ranges"]
+    # The best candidate is never worse than the plan as given (minmax) on the held rows.
+    assert t["best"]["cosine"] >= t["trials"][0]["cosine"]
+    onnx.checker.check_model(onnx.load(out))
+    x = np.load(DIGITS / "eval.npy")[:8]
+    assert run_model(out, {"input": x})[0].shape == run_model(DIGITS / "model.onnx", {"input": x})[0].shape
+
+
+def test_remedies_are_measured_and_kept_only_when_they_help(tmp_path, cache):
+    r, out, report, plan_path = tune(tmp_path, "b", cache, "--budget", "40trials", "--min-cosine", "0.99999", "--no-latency")
+    assert r.exit_code in (0, 3), r.output
+    t = report["tuning"]
+    accepted = [x for x in t["trials"] if x["accepted"]]
+    cos = [x["cosine"] for x in accepted]
+    assert cos == sorted(cos), "every accepted step measures better than the one before"
+    assert t["changes"], "digits at 0.99999 needs per-node changes"
+    plan = json.loads(plan_path.read_text())
+    changed = {c["what"] for c in t["changes"] if c["what"] != "all activations"}
+    assert changed <= set(plan["overrides"]["nodes"]) | set(plan["overrides"]["tensors"]) | {
+        n for c in t["changes"] for n in [c["what"]]}
+    assert t["sensitivity"] and all("float_gain" in s for s in t["sensitivity"])
+    # The written plan reproduces the tuned model byte for byte.
+    again = tmp_path / "again.onnx"
+    r2 = invoke("quantize", DIGITS / "model.onnx", "--plan", plan_path, "-o", again, "--no-latency", "-q")
+    assert r2.exit_code == 0, r2.output
+    assert again.read_bytes() == out.read_bytes()
+
+
+def test_same_inputs_and_trial_budget_give_the_same_bytes_and_a_rerun_is_cached(tmp_path, cache):
+    args = ("--budget", "20trials", "--min-cosine", "0.99999", "--no-latency")
+    _, out1, rep1, _ = tune(tmp_path, "c1", cache, *args)
+    _, out2, rep2, _ = tune(tmp_path, "c2", cache, *args)
+    fresh = {"QCONV_CACHE_DIR": str(tmp_path / "other-cache")}
+    _, out3, rep3, _ = tune(tmp_path, "c3", fresh, *args)
+    assert out1.read_bytes() == out2.read_bytes() == out3.read_bytes()
+    # A fresh cache only repeats what one run measured twice (a remedy equal to a sensitivity candidate).
+    assert rep1["tuning"]["cached_trials"] == rep3["tuning"]["cached_trials"] < len(rep1["tuning"]["trials"]) // 2
+    assert rep2["tuning"]["cached_trials"] == len(rep2["tuning"]["trials"])
+    assert [x["change"] for x in rep1["tuning"]["trials"]] == [x["change"] for x in rep2["tuning"]["trials"]]
+
+
+def test_without_eval_data_part_of_the_calibration_data_is_held_out(tmp_path, cache):
+    out, rep = tmp_path / "h.onnx", tmp_path / "h.json"
+    r = invoke("quantize", DIGITS / "model.onnx", "-o", out, "--data", DIGITS / "calib.npy", "--tune", "--budget", "6trials",
+               "--no-latency", "--layer-samples", 0, "--report", rep, "-q", env=cache)
+    assert r.exit_code in (0, 3), r.output
+    t = json.loads(rep.read_text())["tuning"]
+    n = np.load(DIGITS / "calib.npy").shape[0]
+    held = len(range(4, n, 5))
+    assert t["data"].startswith("every fifth row") and f"({held} of {n} rows)" in t["data"]
+    assert t["rows"] == held
+    assert json.loads(rep.read_text())["calibration"]["samples"] == n - held
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--mode", "dynamic", "--tune"], "--mode dynamic has none"),
+    (["--data", "CALIB", "--budget", "5m"], "--budget and --tune-rows set how --tune searches: add --tune"),
+    (["--data", "CALIB", "--tune", "--budget", "soon"], "--budget 'soon' is not a time like 10m"),
+    (["--calib", "CAL", "--tune"], "--tune measures candidates: give --eval-data"),
+    (["--data", "CALIB", "--tune", "--speed-fallback"], "--tune already weighs speed"),
+])
+def test_tune_usage_errors_are_one_line_exit_2_and_write_nothing(args, message, tmp_path, cache):
+    cal = tmp_path / "c.json"
+    assert invoke("calibrate", DIGITS / "model.onnx", "--data", DIGITS / "calib.npy", "-o", cal, "-q").exit_code == 0
+    args = [{"CALIB": DIGITS / "calib.npy", "CAL": cal}.get(a, a) for a in args]
+    out = tmp_path / "x.onnx"
+    r = invoke("quantize", DIGITS / "model.onnx", "-o", out, *args, env=cache)
+    assert r.exit_code == 2, r.output
+    assert message in r.output and "Traceback" not in r.output
+    assert not out.exists()
+
+
+def test_budget_parsing():
+    assert Budget.parse("10m") == Budget(600.0, None)
+    assert Budget.parse("90s") == Budget(90.0, None)
+    assert Budget.parse("1h") == Budget(3600.0, None)
+    assert Budget.parse("40trials") == Budget(None, 40)
+    assert Budget.parse("1 trial") == Budget(None, 1)
+    for bad in ("0trials", "-3m", "ten", "5x"):
+        with pytest.raises(UsageError):
+            Budget.parse(bad)
+
+
+def test_default_targets_and_their_order():
+    t = Targets.from_gates(Gates(), latency=True)
+    assert (t.min_cosine, t.max_latency_ratio, t.default) == (0.999, 1.0, True)
+    assert Targets.from_gates(Gates(), latency=False).max_latency_ratio is None
+    given = Targets.from_gates(Gates(min_agreement=0.98), latency=True)
+    assert (given.min_cosine, given.min_agreement, given.max_latency_ratio) == (None, 0.98, None)
+    m = lambda c, a=None: {"cosine": c, "sqnr_db": 30.0, "agreement": a, "top1_drop": None}  # noqa: E731
+    assert t.key(m(0.9995)) < t.key(m(0.9990)) < t.key(m(0.99))  # met beats unmet; nearer beats farther
+    assert given.misses(m(0.5, 0.99)) == [] and given.misses(m(1.0, 0.97))[0][0] == "min-agreement"
+
+
+# ---- the mixed-scales rule: a YOLO-style head ------------------------------------------------------------
+
+def yolo_head(seed=0) -> onnx.ModelProto:
+    """x[N,3,16,16] -> Conv -> Relu -> {boxes: Conv(4) * 320 (pixels), scores: Sigmoid(Conv(3))} -> Concat(axis 1),
+    flattened to [N, 7, 64]: box coordinates in pixels next to class scores in [0, 1], as YOLOv8 exports."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.4, (8, 3, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(0, 0.4, (4, 8, 1, 1)).astype(np.float32), "wb"),
+             numpy_helper.from_array(rng.normal(0, 0.4, (3, 8, 1, 1)).astype(np.float32), "ws"),
+             numpy_helper.from_array(np.float32(320.0), "px"),
+             numpy_helper.from_array(np.array([0, 0, -1], np.int64), "shape")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1], strides=[2, 2], name="stem"),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu"),
+             helper.make_node("Conv", ["r1", "wb"], ["b0"], name="box_conv"),
+             helper.make_node("Sigmoid", ["b0"], ["b1"], name="box_sig"),
+             helper.make_node("Mul", ["b1", "px"], ["boxes"], name="to_pixels"),
+             helper.make_node("Conv", ["r1", "ws"], ["s0"], name="cls_conv"),
+             helper.make_node("Sigmoid", ["s0"], ["scores"], name="cls_sig"),
+             helper.make_node("Concat", ["boxes", "scores"], ["cat"], axis=1, name="head_concat"),
+             helper.make_node("Reshape", ["cat", "shape"], ["y"], name="flat")]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 7, 64])
+    return make_model(nodes, [x], [y], inits)
+
+
+def test_a_concat_of_pixels_and_scores_stays_float_so_the_scores_survive(tmp_path):
+    model, data = tmp_path / "yolo.onnx", tmp_path / "x.npy"
+    onnx.save(yolo_head(), model)
+    x = np.random.default_rng(3).normal(0, 1, (32, 3, 16, 16)).astype(np.float32)
+    np.save(data, x)
+    out, rep = tmp_path / "q.onnx", tmp_path / "q.json"
+    r = invoke("quantize", model, "-o", out, "--data", data, "--no-latency", "--report", rep, "-q")
+    assert r.exit_code == 0, r.output
+    nodes = {n["name"]: n for n in json.loads(rep.read_text())["nodes"]}
+    assert nodes["head_concat"]["status"] == "float" and nodes["head_concat"]["code"] == "mixed-scales"
+    assert "320" in nodes["head_concat"]["reason"] or "3.2e+02" in nodes["head_concat"]["reason"]
+    assert nodes["box_conv"]["status"] == "quantized" and nodes["cls_conv"]["status"] == "quantized"
+    ref, got = run_model(model, {"x": x})[0], run_model(out, {"x": x})[0]
+    scores_err = np.abs(ref[:, 4:] - got[:, 4:]).max()
+    assert scores_err < 0.05, scores_err  # at one 8-bit scale for 0..320 a step is 1.25: every score would be 0 or 1.25
