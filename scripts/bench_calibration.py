@@ -31,11 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "sample_models" / "digits_cnn"
 sys.path.insert(0, str(ROOT))
 
-from scripts.benchlib import in_child, peak_rss_mb, rss_mb, session  # noqa: E402
-
-
-
-
+from scripts.benchlib import in_child, peak_rss_mb, rss_mb, session
 
 
 def mosaics(digits: np.ndarray, count: int, size: int, seed: int) -> np.ndarray:
@@ -94,7 +90,12 @@ def ort_reader(data: str, n: int):
 
 
 def run_ort(model: str, data: str, n: int, method: str, out: str, queue) -> None:
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
     before = rss_mb()

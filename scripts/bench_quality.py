@@ -42,30 +42,33 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization import (
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_static,
+)
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from qconv import pipeline  # noqa: E402
-from qconv.config import QuantConfig  # noqa: E402
-from scripts.benchlib import (  # noqa: E402
+from qconv import pipeline
+from qconv.config import QuantConfig
+from scripts.benchlib import (
     Case,
-    first_line,
-    feeds,
-    sample_cases,
-    light_cases,
     Reader,
-    peak_rss_mb,
-    session,
-    fidelity,
-    latencies,
-    fmt,
     check,
+    feeds,
+    fidelity,
+    first_line,
+    fmt,
+    latencies,
+    light_cases,
+    peak_rss_mb,
+    sample_cases,
+    session,
 )
-
-
 
 # ---- models -------------------------------------------------------------------------------------
 

@@ -49,8 +49,25 @@ sys.path.insert(0, str(ROOT))
 
 from qconv.config import QuantConfig
 from qconv.report.evaluate import DEFAULT_LAYER_SAMPLES
-from qconv.run import CalibOptions, CompareJob, EvalOptions, PlanJob, QuantizeJob, run_compare, run_quantize
-from scripts.benchlib import Case, aligned, check, in_child, ocr_recognizer, sample_cases, session, text_lines
+from qconv.run import (
+    CalibOptions,
+    CompareJob,
+    EvalOptions,
+    PlanJob,
+    QuantizeJob,
+    run_compare,
+    run_quantize,
+)
+from scripts.benchlib import (
+    Case,
+    aligned,
+    check,
+    in_child,
+    ocr_recognizer,
+    sample_cases,
+    session,
+    text_lines,
+)
 
 BATCH = 8
 

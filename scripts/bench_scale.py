@@ -32,7 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scripts.benchlib import aligned, check, session, text_lines, wheel_models  # noqa: E402
+from scripts.benchlib import aligned, check, session, text_lines, wheel_models
 
 QCONV = [sys.executable, "-m", "qconv"]
 

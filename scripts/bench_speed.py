@@ -27,11 +27,10 @@ reason in its report, and output cosine no worse than onnxruntime's.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import collections
+import dataclasses
 import fnmatch
 import json
-import logging
 import sys
 import tempfile
 import time
@@ -43,20 +42,20 @@ import onnx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import onnxruntime as ort  # noqa: E402
-from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static  # noqa: E402
+import onnxruntime as ort
 
-from qconv.report.evaluate import ratio_interval  # noqa: E402
-from qconv.report.metrics import ErrorStats  # noqa: E402
-from qconv.run import CalibOptions, EvalOptions, PlanJob, QuantizeJob, run_quantize  # noqa: E402
-from scripts.benchlib import (  # noqa: E402
+from qconv.report.evaluate import ratio_interval
+from qconv.report.metrics import ErrorStats
+from qconv.run import CalibOptions, EvalOptions, PlanJob, QuantizeJob, run_quantize
+from scripts.benchlib import (
     Case,
-    Reader,
     aligned,
     check,
     first_line,
     graph_specs,
     light_cases,
+    ort_int8,
+    page_images,
     sample_cases,
     session,
     text_lines,
@@ -67,26 +66,6 @@ FUSED = ("QLinear", "QGemm", "MatMulInteger", "DynamicQuantize", "ConvInteger", 
 MOVEMENT = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Slice", "Gather", "Concat", "Split", "Shape",
             "Cast", "Identity", "Expand", "Tile", "Constant", "ConstantOfShape", "Range", "MaxPool", "Resize"}
 
-
-
-def page_images(count: int, size: int = 480, seed: int = 0) -> np.ndarray:
-    """Pages of printed text lines (PP-OCR det normalization: ImageNet mean/std on RGB in [0, 1])."""
-    rng = np.random.default_rng(seed)
-    out = np.empty((count, 3, size, size), np.float32)
-    mean = np.array([0.485, 0.456, 0.406], np.float32)[:, None, None]
-    std = np.array([0.229, 0.224, 0.225], np.float32)[:, None, None]
-    for k in range(count):
-        lines = text_lines(int(rng.integers(6, 12)), 40, size - 40, seed=seed * 1000 + k)  # in [-1, 1]
-        page = np.full((3, size, size), 1.0, np.float32) * rng.uniform(0.85, 1.0)
-        y = int(rng.integers(5, 30))
-        for line in lines:
-            if y + 40 > size:
-                break
-            x = int(rng.integers(0, 40))
-            page[:, y:y + 40, x:x + size - 40] = line * 0.5 + 0.5
-            y += 40 + int(rng.integers(0, 20))
-        out[k] = (page - mean) / std
-    return out
 
 
 def ppocr_cases(work: Path, n_calib: int, n_eval: int, batch: int) -> list[Case]:
@@ -110,21 +89,6 @@ def batched(case: Case):
     from qconv.data import FeedSource
 
     return FeedSource(case.eval, graph_specs(case.model), batch_size=case.batch)
-
-
-def ort_int8(case: Case, out: Path) -> None:
-    logging.getLogger().setLevel(logging.ERROR)
-    m = onnx.load(str(case.model))
-    opset = next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
-    src = case.model
-    if opset < 13:
-        src = out.with_suffix(".opset13.onnx")
-        onnx.save(onnx.version_converter.convert_version(m, 13), str(src))
-    from qconv.data import FeedSource
-
-    reader = Reader(FeedSource(case.calib, graph_specs(case.model), batch_size=case.batch))
-    quantize_static(str(src), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
 
 
 def qconv_int8(case: Case, out: Path, fallback: bool = False) -> dict:

@@ -7,6 +7,7 @@ Scripts import it as ``from scripts.benchlib import ...`` (run them from the rep
 from __future__ import annotations
 
 import fnmatch
+import logging
 import multiprocessing
 import subprocess
 import sys
@@ -18,12 +19,18 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnxruntime.quantization import CalibrationDataReader
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_static,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from qconv.data import FeedSource, InputSpec  # noqa: E402
+from qconv.data import FeedSource, InputSpec
 
 SAMPLES = ROOT / "sample_models"
 LIGHT = Path(onnx.__file__).parent / "backend/test/data/light"
@@ -227,12 +234,10 @@ def ocr_recognizer() -> Path:
     return next(p for p in wheel_models("rapidocr-onnxruntime", "1.4.4", "*/models/*.onnx") if "rec" in p.name)
 
 
-WORDS = ("invoice total amount due date account number reference payment received thank you customer service "
-         "order shipped tracking delivery address street city postal code phone email website quantity price "
-         "discount tax subtotal balance receipt store open monday friday hours manager signature approved").split()
+WORDS = ["invoice", "total", "amount", "due", "date", "account", "number", "reference", "payment", "received", "thank", "you", "customer", "service", "order", "shipped", "tracking", "delivery", "address", "street", "city", "postal", "code", "phone", "email", "website", "quantity", "price", "discount", "tax", "subtotal", "balance", "receipt", "store", "open", "monday", "friday", "hours", "manager", "signature", "approved"]
 
 
-def text_lines(count: int, height: int = 48, width: int = 320, seed: int = 0) -> np.ndarray:
+def text_lines(count: int, height: int = 48, width: int = 320, seed: int = 0, texts: list | None = None) -> np.ndarray:
     """``count`` images of printed text lines (dark text on light paper, PP-OCR's normalization to [-1, 1]):
     words and numbers rendered with Pillow's scalable default font at varied sizes, offsets and contrast."""
     from PIL import Image, ImageDraw, ImageFont
@@ -247,6 +252,8 @@ def text_lines(count: int, height: int = 48, width: int = 320, seed: int = 0) ->
         while len(words) > 1 and font.getlength(" ".join(words)) > width - 24:  # a crop holds whole words
             words.pop()
         text = " ".join(words)
+        if texts is not None:
+            texts.append(text)
         paper = int(rng.integers(200, 256))
         ink = int(rng.integers(0, 80))
         img = Image.new("RGB", (width, height), (paper, paper, paper))
@@ -256,3 +263,40 @@ def text_lines(count: int, height: int = 48, width: int = 320, seed: int = 0) ->
         a = a + rng.normal(0, 0.02, a.shape).astype(np.float32)  # scanner noise
         out[k] = ((a - 0.5) / 0.5).transpose(2, 0, 1)
     return out
+
+
+def page_images(count: int, size: int = 480, seed: int = 0) -> np.ndarray:
+    """Pages of printed text lines (PP-OCR det normalization: ImageNet mean/std on RGB in [0, 1])."""
+    rng = np.random.default_rng(seed)
+    out = np.empty((count, 3, size, size), np.float32)
+    mean = np.array([0.485, 0.456, 0.406], np.float32)[:, None, None]
+    std = np.array([0.229, 0.224, 0.225], np.float32)[:, None, None]
+    for k in range(count):
+        lines = text_lines(int(rng.integers(6, 12)), 40, size - 40, seed=seed * 1000 + k)  # in [-1, 1]
+        page = np.full((3, size, size), 1.0, np.float32) * rng.uniform(0.85, 1.0)
+        y = int(rng.integers(5, 30))
+        for line in lines:
+            if y + 40 > size:
+                break
+            x = int(rng.integers(0, 40))
+            page[:, y:y + 40, x:x + size - 40] = line * 0.5 + 0.5
+            y += 40 + int(rng.integers(0, 20))
+        out[k] = (page - mean) / std
+    return out
+
+
+def ort_int8(case: Case, out: Path, method: str = "MinMax") -> None:
+    """onnxruntime.quantization.quantize_static: QDQ, per-channel int8 weights, uint8 activations (after an opset-13
+    upgrade for older models, which its quantizer needs)."""
+    logging.getLogger().setLevel(logging.ERROR)
+    m = onnx.load(str(case.model))
+    opset = next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
+    src = case.model
+    if opset < 13:
+        src = out.with_suffix(".opset13.onnx")
+        onnx.save(onnx.version_converter.convert_version(m, 13), str(src))
+    from qconv.data import FeedSource
+
+    reader = Reader(FeedSource(case.calib, graph_specs(case.model), batch_size=case.batch))
+    quantize_static(str(src), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=getattr(CalibrationMethod, method))

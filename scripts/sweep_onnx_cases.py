@@ -30,10 +30,10 @@ import onnx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from qconv.config import QuantConfig  # noqa: E402
-from qconv.errors import QconvError  # noqa: E402
-from qconv.run import EvalOptions, PlanJob, QuantizeJob, run_quantize  # noqa: E402
-from scripts.benchlib import first_line, session  # noqa: E402
+from qconv.config import QuantConfig
+from qconv.errors import QconvError
+from qconv.run import EvalOptions, PlanJob, QuantizeJob, run_quantize
+from scripts.benchlib import first_line, session
 
 
 def cases(pattern: str):

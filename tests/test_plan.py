@@ -181,7 +181,7 @@ def test_quantize_from_calibration_alone_writes_model_and_coverage(conv_plan, co
 def test_gates_that_need_evaluation_are_refused_without_it(conv_plan, conv_path, tmp_path):
     _, calib = conv_plan
     r = invoke("quantize", conv_path, "--calib", calib, "-o", tmp_path / "q.onnx", "--min-cosine", "0.99")
-    assert r.exit_code == 2 and "--min-sqnr and --min-cosine need evaluation data" in r.output
+    assert r.exit_code == 2 and "--min-sqnr, --min-cosine and --min-agreement need evaluation data" in r.output
 
 
 def test_kept_float_groups_read_as_a_user_would(tmp_path):
