@@ -11,7 +11,10 @@ In a plan file::
 Node keys are node names or fnmatch globs; every key must match a node. ``precision``: ``float`` keeps
 the node in float, ``int8`` quantizes it even where the cost rule would not, ``int16`` quantizes its
 activations (inputs and output) to 16 bits: an a16w8 island. ``granularity`` sets its weight to
-``per-tensor`` or ``per-channel``. Tensor keys are exact activation names: ``method`` (with
+``per-tensor`` or ``per-channel``. ``smooth`` (MatMul/Gemm with a constant weight) is a list of per-input-channel
+scales s: the activation is divided by s (a Mul inserted before the node) and the weight's rows multiplied by
+it, SmoothQuant's migration of activation outliers into the weight; tuning writes it with the smoothed
+activation's range as a tensor override. Tensor keys are exact activation names: ``method`` (with
 ``percentile``) picks that tensor's range method, ``range`` sets the range outright.
 """
 
@@ -28,7 +31,7 @@ from qconv.errors import QconvError
 
 PRECISIONS = ("float", "int8", "int16")
 GRANULARITIES = ("per-tensor", "per-channel")
-_NODE_KEYS = {"precision", "granularity"}
+_NODE_KEYS = {"precision", "granularity", "smooth"}
 _TENSOR_KEYS = {"method", "percentile", "range"}
 
 
@@ -36,9 +39,13 @@ _TENSOR_KEYS = {"method", "percentile", "range"}
 class NodeOverride:
     precision: str | None = None
     granularity: str | None = None
+    smooth: tuple[float, ...] | None = None
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in (("precision", self.precision), ("granularity", self.granularity)) if v is not None}
+        d = {k: v for k, v in (("precision", self.precision), ("granularity", self.granularity)) if v is not None}
+        if self.smooth is not None:
+            d["smooth"] = list(self.smooth)
+        return d
 
 
 @dataclass(frozen=True)
@@ -119,9 +126,17 @@ def _node_override(key, v, where: str) -> NodeOverride:
         raise QconvError(f"{where}: node '{key}': precision '{p}' is not one of {', '.join(PRECISIONS)}")
     if gr is not None and gr not in GRANULARITIES:
         raise QconvError(f"{where}: node '{key}': granularity '{gr}' is not one of {', '.join(GRANULARITIES)}")
-    if p is None and gr is None:
-        raise QconvError(f"{where}: override for node '{key}' is empty: give precision or granularity")
-    return NodeOverride(p, gr)
+    sm = v.get("smooth")
+    if sm is not None:
+        ok = isinstance(sm, list) and sm and all(isinstance(x, (int, float)) and math.isfinite(x) and x > 0 for x in sm)
+        if not ok:
+            raise QconvError(f"{where}: node '{key}': smooth must be a list of positive per-channel scales")
+        if any(ch in str(key) for ch in "*?["):
+            raise QconvError(f"{where}: node '{key}': smooth scales belong to one node: give its exact name, not a pattern")
+        sm = tuple(float(x) for x in sm)
+    if p is None and gr is None and sm is None:
+        raise QconvError(f"{where}: override for node '{key}' is empty: give precision, granularity or smooth")
+    return NodeOverride(p, gr, sm)
 
 
 def _tensor_override(key, v, where: str) -> TensorOverride:

@@ -53,6 +53,24 @@ class Prepared:
     model_id: str
     external_data: bool
     quantized_already: dict | None = None  # integer ops found in the input (it is not a float model)
+    derived: dict = field(default_factory=dict, repr=False, compare=False)  # smoothed forms, by their scales
+
+
+def smoothed(prepared: Prepared, overrides: Overrides | None) -> Prepared:
+    """The prepared model with the overrides' SmoothQuant scales applied (itself when there are none)."""
+    from qconv.rewrite.smooth import apply_smoothing
+
+    scales = {k: v.smooth for k, v in (overrides.nodes.items() if overrides else []) if v.smooth is not None}
+    if not scales:
+        return prepared
+    key = json.dumps(sorted(scales.items()))
+    if key not in prepared.derived:
+        if len(prepared.derived) > 8:
+            prepared.derived.clear()
+        model = apply_smoothing(prepared.model, scales)
+        prepared.derived[key] = Prepared(prepared.path, prepared.original, model, prepared.notes, prepared.model_id,
+                                         prepared.external_data, prepared.quantized_already)
+    return prepared.derived[key]
 
 
 QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinear", "ConvInteger", "MatMulInteger",
@@ -171,6 +189,13 @@ def plan(prepared: Prepared, calib: Calibration | None, config: QuantConfig, ove
          where: str = "overrides") -> QuantPlan:
     """Decide what ``config.mode`` does to every node of the prepared model: the plan its rewrite applies."""
     overrides = overrides or Overrides()
+    if any(o.smooth is not None for o in overrides.nodes.values()):
+        if config.mode not in ("int8", "a16w8"):
+            raise QconvError(f"{where}: smooth overrides apply to the static modes (int8, a16w8), not --mode {config.mode}")
+        prepared = smoothed(prepared, overrides)
+        smooth_muls = {f"{k}/smooth" for k, v in overrides.nodes.items() if v.smooth is not None}
+    else:
+        smooth_muls = set()
     overrides.check_against([n.name for n in prepared.model.graph.node], set(activation_tensors(prepared.model)), where)
     if config.mode in ("fp16", "int4") and any(o.precision not in (None, "float") or o.granularity for o in overrides.nodes.values()):
         raise QconvError(f"--mode {config.mode} takes only {{\"precision\": \"float\"}} node overrides")
@@ -181,7 +206,13 @@ def plan(prepared: Prepared, calib: Calibration | None, config: QuantConfig, ove
             raise QconvError(f"--mode {config.mode} needs calibration: give --data or --calib")
         ranges, methods = activation_ranges(calib, config, overrides)
         nonfinite, masks = calib.nonfinite(), calib.mask_like()
-        p = build_plan(prepared.model, ranges, config, nonfinite, masks, overrides, methods)
+        # The smoothing Mul runs in float: quantizing its input would crush the channels it exists to rescale.
+        internal = overrides.merged(Overrides({m: NodeOverride(precision="float") for m in smooth_muls}, {}))
+        p = build_plan(prepared.model, ranges, config, nonfinite, masks, internal, methods)
+        p.overrides = overrides
+        for d in p.nodes:
+            if d.name in smooth_muls:
+                d.reason, d.code = "SmoothQuant's division of the input by its channel scales, in float before it is quantized", "mode"
         p.source = {"ranges": {k: [float(v[0]), float(v[1])] for k, v in sorted(ranges.items()) if k not in methods},
                     "nonfinite": dict(sorted(nonfinite.items())), "masks": dict(sorted(masks.items()))}
     elif config.mode == "dynamic":
@@ -240,6 +271,7 @@ def apply(prepared: Prepared, p: QuantPlan, calib_feeds: Iterable[dict] | None =
     """Rewrite the prepared model as the plan says, annotate it, and check that onnxruntime loads it (and runs it
     on ``feed``, from ``check_feed``). ``check=False`` (a tuning candidate, run right after) skips the check."""
     config = p.config
+    prepared = smoothed(prepared, p.overrides)
     findings: dict = {}
     analysis, dequantized = None, {}
     if config.needs_calibration:

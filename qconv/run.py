@@ -338,7 +338,11 @@ def _run_tuned(job: QuantizeJob, prepared: pipeline.Prepared, labels, progress) 
     targets = tuning.Targets.from_gates(job.gates, job.evaluation.latency)
     threads = job.evaluation.threads or runtime.default_threads()
     held = tuning.hold_rows(prepared, source, labels, job.tune.rows, threads)
-    tuner = tuning.Tuner(prepared, calib, config, overrides, held, source.identity(), targets, job.tune, threads, progress)
+    calib_source = None
+    if pj.data is not None:
+        calib_source = pipeline.feeds_for(prepared, pj.data, pj.calib_options.batch_size, cast=o.cast_data, skip=pj.holdout)
+    tuner = tuning.Tuner(prepared, calib, config, overrides, held, source.identity(), targets, job.tune, threads, progress,
+                         calib_source)
     method, tuned, _ = tuner.run()
     plan = pipeline.plan(prepared, calib, dataclasses.replace(config, method=method), tuned)
     feed = pipeline.check_feed(prepared, next(iter(source), None))

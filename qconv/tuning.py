@@ -285,8 +285,11 @@ def _macs(prepared: pipeline.Prepared, shapes: dict[str, tuple]) -> dict[str, fl
 
 class Tuner:
     def __init__(self, prepared: pipeline.Prepared, calib, config, base: Overrides, held: Held, data_id: str,
-                 targets: Targets, opts: TuneOptions, threads: int, progress=pipeline._no_progress):
+                 targets: Targets, opts: TuneOptions, threads: int, progress=pipeline._no_progress,
+                 calib_source: FeedSource | None = None):
         self.prepared, self.calib, self.config, self.base = prepared, calib, config, base
+        self.calib_source = calib_source  # feeds for per-channel statistics (smoothing); else the held rows
+        self._channels: dict | None = None
         self.held, self.targets, self.opts, self.threads = held, targets, opts, threads
         self.trials: list[Trial] = []
         self.start = time.perf_counter()
@@ -363,6 +366,33 @@ class Tuner:
                 "baseline": {k: _num(v) for k, v in (base or {}).items()},
                 "best": {k: _num(v) for k, v in (accepted[-1].metrics or {}).items()} if accepted else None,
                 "speed": speed, "reached": bool(gate["passed"]), "missed": gate["failed"]}
+
+    def _smoothing(self, node, alpha: float) -> Overrides | None:
+        """Overrides that smooth ``node``'s input (scales and the smoothed input's range), if it has outlier channels."""
+        from qconv.rewrite.smooth import smoothed_input, smoothing_scales, weight_layout
+
+        g = Graph(self.prepared.model)
+        layout = weight_layout(node, g)
+        if isinstance(layout, str) or not g.is_float(node.input[0]):
+            return None
+        if self._channels is None:
+            names = sorted({n.input[0] for n in self.prepared.model.graph.node
+                            if not isinstance(weight_layout(n, g), str) and g.is_float(n.input[0])})
+            feeds = self.calib_source if self.calib_source is not None else self.held.feeds
+            self._channels = _channel_stats(self.prepared, ev.limited(feeds, _specs(self.prepared), STAT_ROWS), names, self.threads)
+        w, axis = layout
+        st = self._channels.get(node.input[0])
+        if st is None or st[0].size != w.shape[axis]:
+            return None
+        lo, hi = st
+        absmax = np.maximum(np.abs(lo), np.abs(hi))
+        med = float(np.median(absmax))
+        if med <= 0 or float(absmax.max()) / med < SMOOTH_OUTLIERS:
+            return None
+        s = smoothing_scales(absmax, w, axis, alpha)
+        rng = (float(min(0.0, (lo / s).min())), float(max(0.0, (hi / s).max())))
+        return Overrides({node.name: NodeOverride(smooth=tuple(float(x) for x in s))},
+                         {smoothed_input(node.name): TensorOverride(range=rng)})
 
     # -- the search -------------------------------------------------------------------------------
     def run(self) -> tuple[str, Overrides, Trial]:
@@ -467,7 +497,7 @@ class Tuner:
             t = self.trial("sensitivity", f"'{r['node']}' alone quantized", method, alone)
             r["alone_cosine"] = t.metrics["cosine"] if t.metrics else None
         # Remedies, in order of gain per cost.
-        order = sorted((r for r in measured if (r.get("float_gain") or 0.0) > 0.0),
+        order = sorted((r for r in measured if (r.get("float_gain") or 0.0) >= MIN_GAIN),
                        key=lambda r: (-(r["float_gain"] / (1.0 + 20.0 * r["mac_share"])), r["node"]))
         for r in order:
             if self.met(best):
@@ -475,11 +505,11 @@ class Tuner:
             node = plan_nodes[r["node"]]
             for what, change, m, extra in self._options(node, method, overrides, best):
                 t = self.trial("remedy", change, m, overrides.merged(extra))
-                if self.better(t, best) and _gain(self.targets, best, t) >= 0.25 * r["float_gain"]:
+                if self.better(t, best) and _gain(self.targets, best, t) >= max(0.25 * r["float_gain"], MIN_GAIN / 2):
                     t.accepted = True
                     best, overrides, method = t, overrides.merged(extra), m
                     self.changes.append({"what": r["node"], "op": r["op"], "change": what,
-                                         "why": f"it added {r['added_db']:.1f} dB of error; with this change the worst-output cosine is "
+                                         "why": f"it added {max(r['added_db'], 0.0):.1f} dB of error; with this change the worst-output cosine is "
                                                 f"{t.metrics['cosine']:.5f}"})
                     break
         return method, overrides, best
@@ -512,8 +542,35 @@ class Tuner:
                 if ts:
                     yield (f"range method {m} for its input{'s' if len(ts) > 1 else ''}", f"'{node.name}' inputs: --method {m}",
                            method, Overrides({}, ts))
+        for alpha in (0.5, 0.75):
+            smooth = self._smoothing(node, alpha)
+            if smooth is not None:
+                yield (f"SmoothQuant scales (alpha {alpha:g}) folded into its weight", f"'{node.name}' smoothed (alpha {alpha:g})",
+                       method, smooth)
         yield ("int16 activations (a16w8 island)", f"'{node.name}' int16", method, Overrides({node.name: NodeOverride(precision="int16")}, {}))
         yield ("kept float", f"'{node.name}' float", method, Overrides({node.name: NodeOverride(precision="float")}, {}))
+
+
+MIN_GAIN = 0.01  # a node is remedied only if keeping it float removes at least 1% of what the model misses by
+SMOOTH_OUTLIERS = 4.0  # smooth a MatMul input whose largest channel magnitude is this many times the median channel's
+STAT_ROWS = 64
+
+
+def _channel_stats(prepared: pipeline.Prepared, feeds, names: list[str], threads: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per-last-axis-channel (min, max) of each tensor over ``feeds`` (one pass with them exposed)."""
+    sess = runtime.session(expose(prepared.model, {n: onnx.TensorProto.FLOAT for n in names}), threads)
+    stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for feed in feeds:
+        for n, v in zip(names, runtime.run(sess, feed, names)):
+            v = np.asarray(v)
+            if v.ndim == 0:
+                continue
+            flat = v.reshape(-1, v.shape[-1])
+            lo, hi = flat.min(0), flat.max(0)
+            if n in stats:
+                lo, hi = np.minimum(stats[n][0], lo), np.maximum(stats[n][1], hi)
+            stats[n] = (lo, hi)
+    return stats
 
 
 def _gain(targets: Targets, base: Trial, t: Trial) -> float:

@@ -9,6 +9,8 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from qconv.cli.main import cli
@@ -177,3 +179,80 @@ def test_a_concat_of_pixels_and_scores_stays_float_so_the_scores_survive(tmp_pat
     ref, got = run_model(model, {"x": x})[0], run_model(out, {"x": x})[0]
     scores_err = np.abs(ref[:, 4:] - got[:, 4:]).max()
     assert scores_err < 0.05, scores_err  # at one 8-bit scale for 0..320 a step is 1.25: every score would be 0 or 1.25
+
+
+# ---- SmoothQuant-style smoothing --------------------------------------------------------------------------
+
+def outlier_mlp() -> onnx.ModelProto:
+    """x -> MatMul -> Relu -> Mul(channel gains, three channels x60) -> MatMul: the second MatMul's input has
+    outlier channels whose weights are small (as LayerNorm gains make them in BERT-style encoders)."""
+    rng = np.random.default_rng(0)
+    w1 = rng.normal(0, 0.2, (32, 64)).astype(np.float32)
+    gains = np.ones(64, np.float32)
+    gains[[3, 17, 40]] = 60.0
+    w2 = rng.normal(0, 0.1, (64, 16)).astype(np.float32)
+    w2[[3, 17, 40]] /= 60.0
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"), helper.make_node("Relu", ["h"], ["r"], name="act"),
+             helper.make_node("Mul", ["r", "g"], ["rg"], name="gain"), helper.make_node("MatMul", ["rg", "w2"], ["y"], name="fc2")]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16])
+    return make_model(nodes, [x], [y], [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(gains, "g"),
+                                        numpy_helper.from_array(w2, "w2")])
+
+
+@given(st.integers(0, 10_000))
+@settings(max_examples=10, deadline=None)
+def test_smoothing_computes_the_same_function(seed):
+    from qconv.rewrite.smooth import apply_smoothing
+
+    rng = np.random.default_rng(seed)
+    model = outlier_mlp()
+    s = rng.uniform(0.05, 20.0, 64).astype(np.float32)
+    smoothed = apply_smoothing(model, {"fc2": tuple(float(v) for v in s)})
+    onnx.checker.check_model(smoothed)
+    x = rng.normal(0, 1, (8, 32)).astype(np.float32)
+    ref, got = run_model(model, {"x": x})[0], run_model(smoothed, {"x": x})[0]
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    assert [n.op_type for n in smoothed.graph.node] == ["MatMul", "Relu", "Mul", "Mul", "MatMul"]
+
+
+def test_tuning_smooths_a_matmul_input_with_outlier_channels(tmp_path, cache):
+    model, calib, evald = tmp_path / "mlp.onnx", tmp_path / "c.npy", tmp_path / "e.npy"
+    onnx.save(outlier_mlp(), model)
+    rng = np.random.default_rng(1)
+    np.save(calib, rng.normal(0, 1, (128, 32)).astype(np.float32))
+    np.save(evald, rng.normal(0, 1, (128, 32)).astype(np.float32))
+    out, rep, plan = tmp_path / "q.onnx", tmp_path / "q.json", tmp_path / "p.json"
+    r = invoke("quantize", model, "-o", out, "--data", calib, "--eval-data", evald, "--tune", "--budget", "30trials",
+               "--min-cosine", "0.999", "--no-latency", "--layer-samples", 0, "--report", rep, "--write-plan", plan, "-q", env=cache)
+    assert r.exit_code == 0, r.output
+    t = json.loads(rep.read_text())["tuning"]
+    assert any(c["what"] == "fc2" and c["change"].startswith("SmoothQuant") for c in t["changes"]), t["changes"]
+    p = json.loads(plan.read_text())
+    assert len(p["overrides"]["nodes"]["fc2"]["smooth"]) == 64
+    assert "fc2/smoothed_input" in p["overrides"]["tensors"]
+    x = np.load(evald)
+    ref, got = run_model(model, {"x": x})[0], run_model(out, {"x": x})[0]
+    cos = float((ref * got).sum() / np.sqrt((ref * ref).sum() * (got * got).sum()))
+    assert cos >= 0.999  # minmax without smoothing: 0.977
+    again = tmp_path / "again.onnx"
+    assert invoke("quantize", model, "--plan", plan, "-o", again, "--no-latency", "-q").exit_code == 0
+    assert again.read_bytes() == out.read_bytes()
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"fc2": {"smooth": [1.0] * 3}}, "smooth override for node 'fc2' has 3 scales, its weight has 64 input channels"),
+    ({"act": {"smooth": [1.0] * 64}}, "smooth override for node 'act' (Relu): Relu is not MatMul or Gemm"),
+    ({"fc*": {"smooth": [1.0] * 64}}, "smooth scales belong to one node"),
+    ({"fc2": {"smooth": [1.0, -2.0]}}, "smooth must be a list of positive per-channel scales"),
+])
+def test_bad_smooth_overrides_fail_in_one_line(override, message, tmp_path):
+    model, calib = tmp_path / "mlp.onnx", tmp_path / "c.npy"
+    onnx.save(outlier_mlp(), model)
+    np.save(calib, np.random.default_rng(1).normal(0, 1, (16, 32)).astype(np.float32))
+    ov = tmp_path / "ov.json"
+    ov.write_text(json.dumps({"overrides": {"nodes": override, "tensors": {}}}))
+    out = tmp_path / "q.onnx"
+    r = invoke("quantize", model, "-o", out, "--data", calib, "--overrides", ov, "--no-latency")
+    assert r.exit_code == 1 and message in r.output and "Traceback" not in r.output, r.output
+    assert not out.exists()

@@ -276,6 +276,7 @@ def render_html(report: dict) -> str:
         _warnings(report),
         _gate(report),
         _fidelity(report),
+        _tuning(report),
         _layer_chart(report),
         _size_chart(report),
         _histograms(report),
@@ -518,6 +519,69 @@ def _sqnr_bar(layer: dict, y: int, label_w: int, op_w: int, plot_w: int, bar_h: 
         f"<rect class=\"{kind}\" x=\"{label_w}\" y=\"{y}\" width=\"{w:.1f}\" height=\"{bar_h}\" rx=\"2\"/>"
         f"<text class=\"val\" x=\"{label_w + w + 5:.1f}\" y=\"{cy}\">{_e(format_sqnr(v))}</text></g>"
     )
+
+
+# ---------------------------------------------------------------------------------------------- tuning
+
+
+def _tuning(report: dict) -> str:
+    t = section(report, "tuning")
+    if not t:
+        return ""
+    trials = rows(t, "trials")
+    targets = ", ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in sorted(section(t, "targets").items()) if k != "default")
+    cached = f", {t.get('cached_trials')} from the cache" if t.get("cached_trials") else ""
+    note = (f"Target: {targets}{' (the default)' if section(t, 'targets').get('default') else ''}. "
+            f"{len(trials)} candidates measured in {format_number(t.get('seconds'), '.1f')} s{cached} (budget {t.get('budget')}) "
+            f"on {t.get('rows')} rows: {t.get('data')}. Each dot is one candidate's worst-output error (1 - cosine, log scale); "
+            "green dots were kept.")
+    status = _pill("targets reached", "pass") if t.get("reached") else _pill("missed: " + ", ".join(strings(t.get("missed"))), "fail")
+    changes = rows(t, "changes")
+    body = [[f"<span class=\"name\">{_e(c.get('what'))}</span>", _e(c.get("op") or ""), _e(c.get("change")), _e(c.get("why"))]
+            for c in changes]
+    table = _table(["node / tensor", "op", "change", "why"], body) if body else "<p class=\"note\">No change measured better than the plan.</p>"
+    trial_rows = [[str(x.get("n")), _e(x.get("step")), _e(x.get("change")), _e(format_number(x.get("cosine"), ".6f")),
+                   _e(format_number(x.get("agreement"), ".4f")), _e(format_number(x.get("seconds"), ".2f")),
+                   _pill("kept", "pass") if x.get("accepted") else ("" if not x.get("error") else _pill("failed", "fail"))]
+                  for x in trials]
+    trial_table = _collapsible(f"All {len(trials)} candidates", _table(["#", "step", "candidate", "worst cosine", "agreement", "s", ""],
+                                                                        trial_rows, num=frozenset({0, 3, 4, 5})), False)
+    return _section("Tuning", _e(note), f"<p>{status}</p>\n{_tuning_svg(trials)}\n{table}\n{trial_table}", "tuning")
+
+
+def _tuning_svg(trials: list[dict]) -> str:
+    pts = [(i, as_number(x.get("cosine")), bool(x.get("accepted"))) for i, x in enumerate(trials)]
+    errs = [1.0 - c for _, c, _ in pts if c is not None and c < 1.0]
+    if not errs:
+        return ""
+    width, height, left, top, bottom = 960, 220, 60, 12, 26
+    lo_e, hi_e = math.floor(math.log10(max(min(errs), 1e-9))), math.ceil(math.log10(max(errs)))
+    hi_e = max(hi_e, lo_e + 1)
+    plot_w, plot_h = width - left - 10, height - top - bottom
+    n = max(1, len(pts) - 1)
+
+    def y(err: float) -> float:
+        e = math.log10(min(max(err, 10.0 ** lo_e), 10.0 ** hi_e))
+        return top + plot_h * (hi_e - e) / (hi_e - lo_e)
+
+    out = [f"<svg viewBox=\"0 0 {width} {height}\" role=\"img\" aria-label=\"tuning candidates\">"]
+    for e in range(lo_e, hi_e + 1):
+        yy = y(10.0 ** e)
+        out.append(f"<line class=\"axis\" x1=\"{left}\" y1=\"{yy:.1f}\" x2=\"{width - 10}\" y2=\"{yy:.1f}\"/>"
+                   f"<text class=\"tick\" x=\"{left - 6}\" y=\"{yy + 3:.1f}\" text-anchor=\"end\">1e{e}</text>")
+    best = [(i, c) for i, c, a in pts if a and c is not None]
+    if len(best) > 1:
+        path = " ".join(f"{left + plot_w * i / n:.1f},{y(1.0 - c):.1f}" for i, c in best)
+        out.append(f"<polyline points=\"{path}\" fill=\"none\" stroke=\"#2da44e\" stroke-width=\"1.5\"/>")
+    for i, c, a in pts:
+        if c is None:
+            continue
+        out.append(f"<circle class=\"{'good' if a else 'na'}\" cx=\"{left + plot_w * i / n:.1f}\" cy=\"{y(1.0 - c):.1f}\" "
+                   f"r=\"{4 if a else 2.5}\"><title>{_e(trials[i].get('change'))}: cosine {format_number(c, '.6f')}</title></circle>")
+    out.append(f"<text class=\"tick\" x=\"{left}\" y=\"{height - 8}\">candidate 1</text>"
+               f"<text class=\"tick\" x=\"{width - 10}\" y=\"{height - 8}\" text-anchor=\"end\">candidate {len(pts)}</text>")
+    out.append("</svg>")
+    return "\n".join(out)
 
 
 # ---------------------------------------------------------------------------------------------- size chart

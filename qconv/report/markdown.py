@@ -37,7 +37,7 @@ _SPECIAL = re.compile(r"([\\`*_\[\]<>|#~!])")
 
 def render_markdown(report: dict) -> str:
     """The report as a short Markdown document (deterministic, no I/O)."""
-    blocks = [_title(report), _summary(report), _failed(report), _layers(report), _warnings(report),
+    blocks = [_title(report), _summary(report), _failed(report), _tuning(report), _layers(report), _warnings(report),
               _kept_float(report)]
     return "\n\n".join(b for b in blocks if b) + "\n"
 
@@ -143,6 +143,25 @@ def _layers(report: dict) -> str:
     lines += [_row(_code(r.get("tensor") or r.get("node") or "?"), _text(r.get("op_type")),
                    format_sqnr(r.get("sqnr_db")), format_number(r.get("cosine"), ".5f"),
                    format_number(r.get("max_abs_err"))) for r in shown]
+    return "\n".join(lines)
+
+
+def _tuning(report: dict) -> str:
+    t = report.get("tuning") or {}
+    if not t:
+        return ""
+    trials = t.get("trials") or []
+    base, best = t.get("baseline") or {}, t.get("best") or {}
+    state = "reached" if t.get("reached") else "missed (" + ", ".join(strings(t.get("missed"))) + ")"
+    lines = [f"**Tuning**: targets {state}; {len(trials)} candidates in {format_number(t.get('seconds'), '.1f')} s "
+             f"(budget {_text(t.get('budget'))}) on {t.get('rows')} rows; worst-output cosine "
+             f"{format_number(base.get('cosine'), '.5f')} as planned, {format_number(best.get('cosine'), '.5f')} tuned", ""]
+    changes = t.get("changes") or []
+    if changes:
+        lines += [_row("node / tensor", "change", "why"), _row("---", "---", "---")]
+        lines += [_row(_code(c.get("what")), _text(c.get("change")), _text(c.get("why"))) for c in changes]
+    else:
+        lines.append("No change measured better than the plan.")
     return "\n".join(lines)
 
 

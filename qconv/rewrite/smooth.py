@@ -1,0 +1,112 @@
+"""SmoothQuant-style smoothing: move activation outliers of a MatMul/Gemm input into its constant weight.
+
+For per-input-channel scales s, ``x @ W == (x / s) @ (diag(s) W)``: the model computes the same function,
+but the activation the int8 kernel sees has its outlier channels divided down, so one per-tensor scale
+serves every channel (Xiao et al., SmoothQuant, 2023). The weight, quantized per output channel, absorbs
+the scales. A Mul by 1/s is inserted before the node (onnxruntime runs it in float, fused with the
+QuantizeLinear that follows); the weight is rescaled in place, or copied when other nodes share it.
+
+The scales come from a node override (``{"smooth": [s_0, ..., s_K-1]}``), which tuning writes with the
+smoothed activation's range, so a plan file reproduces the model without calibration data.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from qconv.errors import QconvError
+from qconv.graph import Graph, attr
+
+SMOOTHABLE = ("MatMul", "Gemm")
+
+
+def smoothed_input(node_name: str) -> str:
+    """Name of the smoothed activation that feeds ``node_name`` (the tensor tuning's range override names)."""
+    return f"{node_name}/smoothed_input"
+
+
+def weight_layout(node: onnx.NodeProto, g: Graph) -> tuple[np.ndarray, int] | str:
+    """(weight, axis of its input channels K) of a smoothable node, or why it is not smoothable."""
+    if node.op_type not in SMOOTHABLE:
+        return f"{node.op_type} is not MatMul or Gemm"
+    if len(node.input) < 2 or not g.is_constant(node.input[1]):
+        return "its weight is not a constant"
+    if node.op_type == "Gemm" and attr(node, "transA", 0):
+        return "Gemm with transA"
+    w = g.array(node.input[1])
+    if w.ndim != 2 or w.dtype != np.float32:
+        return "its weight is not a 2-D float32 matrix"
+    if node.op_type == "Gemm" and attr(node, "transB", 0):
+        return w, 1
+    return w, 0
+
+
+def apply_smoothing(model: onnx.ModelProto, scales: dict[str, tuple[float, ...]]) -> onnx.ModelProto:
+    """A copy of ``model`` with each named node's input divided by its scales and its weight multiplied by them."""
+    if not scales:
+        return model
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = Graph(m)
+    by_name = {n.name: n for n in m.graph.node}
+    uses: dict[str, int] = {}
+    for n in m.graph.node:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+    inits = {t.name: t for t in m.graph.initializer}
+    inserts: dict[str, onnx.NodeProto] = {}
+    for name, s in sorted(scales.items()):
+        node = by_name.get(name)
+        if node is None:
+            raise QconvError(f"smooth override for node '{name}': the model has no such node")
+        layout = weight_layout(node, g)
+        if isinstance(layout, str):
+            raise QconvError(f"smooth override for node '{name}' ({node.op_type}): {layout}; only MatMul/Gemm with a constant "
+                             "2-D weight can be smoothed")
+        w, axis = layout
+        k = w.shape[axis]
+        s_arr = np.asarray(s, np.float32)
+        if s_arr.size != k:
+            raise QconvError(f"smooth override for node '{name}' has {s_arr.size} scales, its weight has {k} input channels")
+        shape = (k, 1) if axis == 0 else (1, k)
+        w_new = (w * s_arr.reshape(shape)).astype(np.float32)
+        w_name = node.input[1]
+        if uses.get(w_name, 0) > 1 or w_name not in inits:
+            w_name = f"{name}/smoothed_weight"
+            m.graph.initializer.append(numpy_helper.from_array(w_new, w_name))
+            node.input[1] = w_name
+        else:
+            inits[w_name].CopyFrom(numpy_helper.from_array(w_new, w_name))
+        inv = f"{name}/smooth_scale"
+        m.graph.initializer.append(numpy_helper.from_array((1.0 / s_arr).astype(np.float32), inv))
+        out = smoothed_input(name)
+        inserts[name] = helper.make_node("Mul", [node.input[0], inv], [out], name=f"{name}/smooth")
+        vi = next((v for v in list(m.graph.value_info) + list(m.graph.input) if v.name == node.input[0]), None)
+        typed = onnx.ValueInfoProto()
+        if vi is not None:
+            typed.CopyFrom(vi)
+        else:
+            typed.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+        typed.name = out
+        m.graph.value_info.append(typed)
+        node.input[0] = out
+    nodes = []
+    for n in m.graph.node:
+        if n.name in inserts:
+            nodes.append(inserts[n.name])
+        nodes.append(n)
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    return m
+
+
+def smoothing_scales(absmax: np.ndarray, w: np.ndarray, axis: int, alpha: float) -> np.ndarray:
+    """SmoothQuant's s_j = max|x_j|^alpha / max|W_j|^(1 - alpha), for channels that carry signal (others: 1)."""
+    wmax = np.abs(w).max(axis=1 - axis)
+    a = np.asarray(absmax, np.float64)
+    s = np.ones_like(a)
+    ok = (a > 0) & (wmax > 0)
+    s[ok] = np.power(a[ok], alpha) / np.power(wmax[ok].astype(np.float64), 1.0 - alpha)
+    return np.clip(s, 1e-5, 1e5).astype(np.float32)
