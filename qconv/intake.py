@@ -131,6 +131,41 @@ def div_to_mul(model: onnx.ModelProto) -> str | None:
     return f"{changed} divisions by a constant rewritten as multiplications by its reciprocal" if changed else None
 
 
+def expand_hard_activations(model: onnx.ModelProto) -> str | None:
+    """HardSigmoid(x) as Clip(x * alpha + beta, 0, 1) and HardSwish(x) as x * that (alpha 1/6, beta 1/2): Mul, Add
+    and Clip have int8 kernels (QLinearMul, QLinearAdd; a Clip folds into the QuantizeLinear before it), the two
+    hard activations have none, so a MobileNetV3/PP-LCNet block stays int8 instead of converting around each
+    activation. For the static modes only (in float the single op is faster)."""
+    g = Graph(model)
+    nodes, changed = [], 0
+    for node in model.graph.node:
+        if node.op_type not in ("HardSwish", "HardSigmoid") or node.domain not in ("", "ai.onnx") or not node.output[0]:
+            nodes.append(node)
+            continue
+        x, y = node.input[0], node.output[0]
+        alpha = attr(node, "alpha", 0.2) if node.op_type == "HardSigmoid" else 1.0 / 6.0
+        beta = attr(node, "beta", 0.5) if node.op_type == "HardSigmoid" else 0.5
+        base = node.name or g.unique(node.op_type)
+        consts = {}
+        for key, value in (("alpha", alpha), ("beta", beta), ("zero", 0.0), ("one", 1.0)):
+            consts[key] = g.unique(f"{base}/{key}")
+            model.graph.initializer.append(numpy_helper.from_array(np.array(value, np.float32), consts[key]))
+        scaled, shifted = g.unique(f"{base}/scaled"), g.unique(f"{base}/shifted")
+        gate = y if node.op_type == "HardSigmoid" else g.unique(f"{base}/gate")
+        nodes += [onnx.helper.make_node("Mul", [x, consts["alpha"]], [scaled], name=f"{base}/mul"),
+                  onnx.helper.make_node("Add", [scaled, consts["beta"]], [shifted], name=f"{base}/add"),
+                  onnx.helper.make_node("Clip", [shifted, consts["zero"], consts["one"]], [gate], name=f"{base}/clip")]
+        if node.op_type == "HardSwish":
+            nodes.append(onnx.helper.make_node("Mul", [x, gate], [y], name=base))
+        changed += 1
+    if not changed:
+        return None
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    infer_types(model)
+    return f"{changed} HardSwish/HardSigmoid written as Mul/Add/Clip, which have int8 kernels"
+
+
 def fold_constants(model: onnx.ModelProto, keep_ops: frozenset = frozenset()) -> str | None:
     """Evaluate nodes whose inputs are all constant (e.g. weights made by ConstantOfShape or Unsqueeze); nodes of
     ``keep_ops`` stay (a QDQ model keeps the DequantizeLinear of its weights, while QuantizeLinear of a float
@@ -406,7 +441,29 @@ def prepare(model: onnx.ModelProto, min_opset: int) -> tuple[onnx.ModelProto, li
     drop_unused_initializers(m)
     name_nodes(m)
     infer_types(m)
+    notes.append(normalize_bodies(m))
     changed = interface_change(model, m)
     if changed:
         raise QconvError(f"internal error: normalizing the model changed its interface ({changed}); please report it")
     return m, [n for n in notes if n]
+
+
+def normalize_bodies(model: onnx.ModelProto) -> str | None:
+    """The main graph's passes on every If/Loop/Scan body (weights in Constant nodes become body initializers,
+    BatchNormalization folds into its Conv, nodes get names, types are inferred), outer bodies first."""
+    from qconv.subgraphs import bodies, body_model, put_body
+
+    found = bodies(model)
+    if not found:
+        return None
+    for body in found:
+        wrapped, added = body_model(model, body)
+        constants_to_initializers(wrapped)
+        topo_sort(wrapped)
+        for step in (fold_constants, div_to_mul, fold_into_batchnorm, fold_into_conv):
+            step(wrapped)
+        drop_unused_initializers(wrapped)
+        name_nodes(wrapped)
+        infer_types(wrapped)
+        put_body(model, body, wrapped, added)
+    return f"{len(found)} If/Loop/Scan bodies normalized like the main graph"

@@ -30,7 +30,9 @@ from qconv.errors import QconvError
 from qconv.intake import interface_change, prepare, prepare_quantized
 from qconv.overrides import NodeOverride, Overrides
 from qconv.plan import NodeDecision, QuantPlan
-from qconv.planner import activation_ranges, build_plan, calibration_targets
+from qconv import subgraphs
+from qconv.graph import ensure_opset
+from qconv.planner import activation_ranges, build_plan, calibration_targets, subplan
 from qconv.rewrite.dynamic import apply_dynamic, plan_dynamic
 from qconv.rewrite.qdq import apply_qdq
 from qconv.rewrite.qoperator import fold_qoperator
@@ -92,6 +94,10 @@ def load(path: str | os.PathLike, config: QuantConfig) -> Prepared:
     identity = io.model_identity(original)
     found = quantized_ops(original)
     model, notes = prepare_quantized(original) if found else prepare(original, config.min_opset)
+    if config.needs_calibration and not found:
+        from qconv.intake import expand_hard_activations
+
+        notes += [n for n in [expand_hard_activations(model)] if n]
     del original.graph.initializer[:]  # only its structure is read later: do not hold the weights twice
     return Prepared(Path(path), original, model, notes, identity, external, found)
 
@@ -196,7 +202,7 @@ def plan(prepared: Prepared, calib: Calibration | None, config: QuantConfig, ove
         smooth_muls = {f"{k}/smooth" for k, v in overrides.nodes.items() if v.smooth is not None}
     else:
         smooth_muls = set()
-    overrides.check_against([n.name for n in prepared.model.graph.node], set(activation_tensors(prepared.model)), where)
+    overrides.check_against(subgraphs.node_names(prepared.model), set(activation_tensors(prepared.model)), where)
     if config.mode in ("fp16", "int4") and any(o.precision not in (None, "float") or o.granularity for o in overrides.nodes.values()):
         raise QconvError(f"--mode {config.mode} takes only {{\"precision\": \"float\"}} node overrides")
     if overrides.tensors and not config.needs_calibration:
@@ -275,7 +281,8 @@ def apply(prepared: Prepared, p: QuantPlan, calib_feeds: Iterable[dict] | None =
     findings: dict = {}
     analysis, dequantized = None, {}
     if config.needs_calibration:
-        qmodel, dequantized = apply_qdq(prepared.model, p)
+        qmodel, dequantized = apply_qdq(prepared.model, subplan(p))
+        _apply_bodies(qmodel, p, config, findings)
         analysis = qmodel
         if config.quantized_io:
             from qconv.rewrite.quantized_io import integer_io
@@ -306,6 +313,30 @@ def apply(prepared: Prepared, p: QuantPlan, calib_feeds: Iterable[dict] | None =
     if check:
         verify(qmodel, feed)
     return Result(qmodel, p, findings, analysis if analysis is not None else qmodel, dequantized)
+
+
+def _apply_bodies(qmodel: onnx.ModelProto, p: QuantPlan, config: QuantConfig, findings: dict) -> None:
+    """Rewrite each If/Loop/Scan body as its part of the plan says, in place (outer bodies first)."""
+    if not subgraphs.has_bodies(qmodel):
+        return
+    done = quantized = 0
+    for body in subgraphs.bodies(qmodel):
+        sub = subplan(p, body.scope)
+        if not sub.tensors:
+            continue
+        wrapped, added = subgraphs.body_model(qmodel, body)
+        rewritten, _ = apply_qdq(wrapped, sub)
+        if config.output_format == "qoperator":
+            rewritten, _ = fold_qoperator(rewritten)
+        subgraphs.put_body(qmodel, body, rewritten, added)
+        for op in rewritten.opset_import:  # e.g. com.microsoft for a DynamicQuantizeLSTM in the body
+            ensure_opset(qmodel, op.domain, op.version)
+        done += 1
+        quantized += sum(d.quantized for d in sub.nodes)
+    subgraphs.prune_initializers(qmodel)  # float weights a body's int8 copies replaced
+    if done:
+        findings["subgraphs"] = {"bodies_quantized": done, "nodes_quantized": quantized,
+                                 "bodies": len(subgraphs.bodies(qmodel))}
 
 
 def quantize(prepared: Prepared, calib: Calibration | None, config: QuantConfig,

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from qconv import qmath
+from qconv import qmath, subgraphs
 from qconv.calib.ranges import select_range
 from qconv.config import QuantConfig
 from qconv.errors import QconvError
@@ -76,7 +76,88 @@ class _State:
 def build_plan(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]], config: QuantConfig,
                nonfinite: dict[str, int] | None = None, masks: dict[str, float] | None = None,
                overrides: Overrides | None = None, methods: dict[str, str] | None = None) -> QuantPlan:
-    """The static plan. ``methods`` names the range method behind each range (default: ``config.method``)."""
+    """The static plan of the main graph and of every If/Loop/Scan body (their nodes and tensors under scoped
+    names, see qconv.subgraphs). ``methods`` names the range method behind each range (default: ``config.method``)."""
+    overrides = overrides or Overrides()
+    p = _plan_graph(model, ranges, config, nonfinite, masks, overrides, methods)
+    if not subgraphs.has_bodies(model):
+        return p
+    for body in subgraphs.bodies(model):
+        wrapped, added = subgraphs.body_model(model, body)
+        local = {r: _defined_in(r, body, ranges) for r in added}
+
+        def mapped(d: dict | None) -> dict:
+            d = d or {}
+            out = {}
+            prefix = body.scope + subgraphs.SEP
+            for k, v in d.items():
+                if k.startswith(prefix) and subgraphs.SEP not in k[len(prefix):]:
+                    out[k[len(prefix):]] = v
+            for r, key in local.items():
+                if key in d:
+                    out[r] = d[key]
+            return out
+
+        bp = _plan_graph(wrapped, mapped(ranges), config, mapped(nonfinite), mapped(masks), _ScopedOverrides(overrides, body.scope),
+                         mapped(methods))
+        name = body.name
+        for d in bp.nodes:
+            reason = d.reason
+            if d.code == "unobserved":
+                reason = (f"{body.op} body '{body.scope}' never ran on the calibration data, so its tensors have no "
+                          "statistics: calibrate on data that takes it")
+            p.nodes.append(NodeDecision(name(d.name), d.op_type, d.status, reason, d.code))
+        for k, t in bp.tensors.items():
+            p.tensors[name(k)] = t
+        for a, b in bp.folded.items():
+            p.folded[name(a)] = name(b)
+    return p
+
+
+def _defined_in(ref: str, body, ranges: dict) -> str:
+    """The key an outer-scope name read by ``body`` has in the scoped statistics: the innermost enclosing body
+    that defines it, else the main graph."""
+    for k in range(len(body.path) - 1, 0, -1):
+        scope = subgraphs.SEP.join(f"{n}.{a}" for n, a in body.path[:k])
+        key = subgraphs.scoped(scope, ref)
+        if key in ranges:
+            return key
+    return ref
+
+
+class _ScopedOverrides:
+    """The overrides as a body's planner sees them: node lookups by the scoped name."""
+
+    def __init__(self, overrides: Overrides, scope: str):
+        self._o, self._scope = overrides, scope
+
+    def node(self, name: str):
+        return self._o.node(subgraphs.scoped(self._scope, name))
+
+    def __bool__(self) -> bool:
+        return bool(self._o)
+
+
+def subplan(p: QuantPlan, scope: str = "") -> QuantPlan:
+    """The part of ``p`` for one graph (``scope`` '' is the main graph), under local names: what its rewrite applies."""
+    prefix = scope + subgraphs.SEP if scope else ""
+
+    def local(name: str) -> str | None:
+        if not name.startswith(prefix):
+            return None
+        rest = name[len(prefix):]
+        return None if subgraphs.SEP in rest else rest
+
+    nodes = [NodeDecision(local(d.name), d.op_type, d.status, d.reason, d.code) for d in p.nodes if local(d.name) is not None]
+    tensors = {local(k): t for k, t in p.tensors.items() if local(k) is not None}
+    folded = {local(a): local(b) for a, b in p.folded.items() if local(a) is not None}
+    return QuantPlan(p.config, nodes, tensors, folded, p.overrides, p.source)
+
+
+def _plan_graph(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]], config: QuantConfig,
+                nonfinite: dict[str, int] | None = None, masks: dict[str, float] | None = None,
+                overrides=None, methods: dict[str, str] | None = None) -> QuantPlan:
+    """The static plan of one graph."""
     g = Graph(model)
     nonfinite = nonfinite or {}
     overrides = overrides or Overrides()
@@ -264,6 +345,16 @@ def calibration_targets(model: onnx.ModelProto, config: QuantConfig, candidates:
     """
     plan = build_plan(model, {n: (0.0, 1.0) for n in candidates}, config, overrides=overrides)
     needed = {n for n, t in plan.tensors.items() if t.role == "activation"}
+    if subgraphs.has_bodies(model):  # a body's outer-scope input is observed where it is defined
+        for body in subgraphs.bodies(model):
+            wrapped, added = subgraphs.body_model(model, body)
+            for r in added:
+                if body.name(r) in needed:
+                    needed.add(_defined_in(r, body, {n: None for n in candidates}))
+            for node in wrapped.graph.node:
+                d = plan.decision(body.name(node.name))
+                if node.op_type in ("Add", "Mul") and d is not None and d.quantized:
+                    needed.add(body.name(node.output[0]))
     if config.quantized_io:  # integer outputs need the float outputs' ranges
         needed |= {o.name for o in model.graph.output}
     # A quantized Add/Mul's result is range-checked (masks) even when no quantized node reads it.

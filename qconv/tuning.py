@@ -369,15 +369,15 @@ class Tuner:
 
     def _smoothing(self, node, alpha: float) -> Overrides | None:
         """Overrides that smooth ``node``'s input (scales and the smoothed input's range), if it has outlier channels."""
-        from qconv.rewrite.smooth import smoothed_input, smoothing_scales, weight_layout
+        from qconv.rewrite.smooth import input_axis, smoothed_input, smoothing_scales, weight_layout
 
         g = Graph(self.prepared.model)
         layout = weight_layout(node, g)
         if isinstance(layout, str) or not g.is_float(node.input[0]):
             return None
         if self._channels is None:
-            names = sorted({n.input[0] for n in self.prepared.model.graph.node
-                            if not isinstance(weight_layout(n, g), str) and g.is_float(n.input[0])})
+            names = {n.input[0]: input_axis(n) for n in self.prepared.model.graph.node
+                     if not isinstance(weight_layout(n, g), str) and g.is_float(n.input[0])}
             feeds = self.calib_source if self.calib_source is not None else self.held.feeds
             self._channels = _channel_stats(self.prepared, ev.limited(feeds, _specs(self.prepared), STAT_ROWS), names, self.threads)
         w, axis = layout
@@ -556,16 +556,17 @@ SMOOTH_OUTLIERS = 4.0  # smooth a MatMul input whose largest channel magnitude i
 STAT_ROWS = 64
 
 
-def _channel_stats(prepared: pipeline.Prepared, feeds, names: list[str], threads: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per-last-axis-channel (min, max) of each tensor over ``feeds`` (one pass with them exposed)."""
+def _channel_stats(prepared: pipeline.Prepared, feeds, names: dict[str, int], threads: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per-channel (min, max) of each tensor ({name: channel axis}) over ``feeds`` (one pass with them exposed)."""
     sess = runtime.session(expose(prepared.model, {n: onnx.TensorProto.FLOAT for n in names}), threads)
     stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    order = list(names)
     for feed in feeds:
-        for n, v in zip(names, runtime.run(sess, feed, names)):
+        for n, v in zip(order, runtime.run(sess, feed, order)):
             v = np.asarray(v)
-            if v.ndim == 0:
+            if v.ndim < 2:
                 continue
-            flat = v.reshape(-1, v.shape[-1])
+            flat = np.moveaxis(v, names[n], -1).reshape(-1, v.shape[names[n]])
             lo, hi = flat.min(0), flat.max(0)
             if n in stats:
                 lo, hi = np.minimum(stats[n][0], lo), np.maximum(stats[n][1], hi)

@@ -242,7 +242,7 @@ def test_tuning_smooths_a_matmul_input_with_outlier_channels(tmp_path, cache):
 
 @pytest.mark.parametrize("override,message", [
     ({"fc2": {"smooth": [1.0] * 3}}, "smooth override for node 'fc2' has 3 scales, its weight has 64 input channels"),
-    ({"act": {"smooth": [1.0] * 64}}, "smooth override for node 'act' (Relu): Relu is not MatMul or Gemm"),
+    ({"act": {"smooth": [1.0] * 64}}, "smooth override for node 'act' (Relu): Relu is not MatMul, Gemm or Conv"),
     ({"fc*": {"smooth": [1.0] * 64}}, "smooth scales belong to one node"),
     ({"fc2": {"smooth": [1.0, -2.0]}}, "smooth must be a list of positive per-channel scales"),
 ])

@@ -19,12 +19,19 @@ from qconv.graph import Graph, expose, weights_held
 from qconv.runtime import run, session
 
 
-def activation_tensors(model: onnx.ModelProto) -> list[str]:
-    """Float tensors computed at run time (graph inputs and node outputs), in graph order."""
+def activation_tensors(model: onnx.ModelProto, bodies: bool = True) -> list[str]:
+    """Float tensors computed at run time (graph inputs and node outputs), in graph order; then those of every
+    If/Loop/Scan body under scoped names (``bodies``)."""
     g = Graph(model)
     names = [n for n in g.graph_inputs if g.is_float(n)]
     for node in model.graph.node:
         names += [o for o in node.output if o and g.is_float(o)]
+    if bodies:
+        from qconv import subgraphs
+
+        for body in subgraphs.bodies(model) if subgraphs.has_bodies(model) else []:
+            wrapped, added = subgraphs.body_model(model, body)
+            names += [body.name(n) for n in activation_tensors(wrapped, bodies=False) if n not in set(added)]
     return list(dict.fromkeys(names))
 
 
@@ -89,12 +96,29 @@ def collect(
     activations stay within a memory budget; observers see the same batches in the same order either way, so
     the statistics are identical."""
     names = activation_tensors(model) if names is None else names
+    model, renamed = _promoted(model, names)
     observers: dict[str, TensorObserver] = {}
     seen = 0
     for group in groups or [names]:
+        group = [renamed.get(n, n) for n in group]
         got, seen = _collect_group(model, feeds, threads, progress, bins, momentum, group)
         observers.update(got)
-    return {n: observers[n] for n in names}, seen
+    return {n: observers[renamed.get(n, n)] for n in names}, seen
+
+
+def _promoted(model: onnx.ModelProto, names: list[str]) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """Body tensors (scoped names, see qconv.subgraphs) lifted to main-graph tensors: (model, {scoped: lifted})."""
+    from qconv.subgraphs import promote, split_scoped
+
+    wanted: dict[str, list[str]] = {}
+    for n in names:
+        scope, local = split_scoped(n)
+        if scope:
+            wanted.setdefault(scope, []).append(local)
+    if not wanted:
+        return model, {}
+    m, lifted = promote(model, wanted)
+    return m, {full: out for out, full in lifted.items()}
 
 
 def memory_groups(model: onnx.ModelProto, feeds: Iterable[dict], names: list[str], max_memory: int) -> list[list[str]]:

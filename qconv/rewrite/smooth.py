@@ -19,7 +19,7 @@ from onnx import helper, numpy_helper
 from qconv.errors import QconvError
 from qconv.graph import Graph, attr
 
-SMOOTHABLE = ("MatMul", "Gemm")
+SMOOTHABLE = ("MatMul", "Gemm", "Conv")
 
 
 def smoothed_input(node_name: str) -> str:
@@ -28,11 +28,22 @@ def smoothed_input(node_name: str) -> str:
 
 
 def weight_layout(node: onnx.NodeProto, g: Graph) -> tuple[np.ndarray, int] | str:
-    """(weight, axis of its input channels K) of a smoothable node, or why it is not smoothable."""
+    """(weight, axis of its input channels K) of a smoothable node, or why it is not smoothable. For a Conv the
+    input's channels are its axis 1; a depthwise Conv's weight holds them on axis 0, a plain one on axis 1."""
     if node.op_type not in SMOOTHABLE:
-        return f"{node.op_type} is not MatMul or Gemm"
+        return f"{node.op_type} is not MatMul, Gemm or Conv"
     if len(node.input) < 2 or not g.is_constant(node.input[1]):
         return "its weight is not a constant"
+    if node.op_type == "Conv":
+        w = g.array(node.input[1])
+        group = attr(node, "group", 1)
+        if w.dtype != np.float32 or w.ndim < 3:
+            return "its weight is not a float32 convolution kernel"
+        if group == 1:
+            return w, 1
+        if w.shape[1] == 1 and group == w.shape[0]:
+            return w, 0
+        return "a grouped (not depthwise) Conv"
     if node.op_type == "Gemm" and attr(node, "transA", 0):
         return "Gemm with transA"
     w = g.array(node.input[1])
@@ -70,7 +81,8 @@ def apply_smoothing(model: onnx.ModelProto, scales: dict[str, tuple[float, ...]]
         s_arr = np.asarray(s, np.float32)
         if s_arr.size != k:
             raise QconvError(f"smooth override for node '{name}' has {s_arr.size} scales, its weight has {k} input channels")
-        shape = (k, 1) if axis == 0 else (1, k)
+        shape = [1] * w.ndim
+        shape[axis] = k
         w_new = (w * s_arr.reshape(shape)).astype(np.float32)
         w_name = node.input[1]
         if uses.get(w_name, 0) > 1 or w_name not in inits:
@@ -80,7 +92,10 @@ def apply_smoothing(model: onnx.ModelProto, scales: dict[str, tuple[float, ...]]
         else:
             inits[w_name].CopyFrom(numpy_helper.from_array(w_new, w_name))
         inv = f"{name}/smooth_scale"
-        m.graph.initializer.append(numpy_helper.from_array((1.0 / s_arr).astype(np.float32), inv))
+        inv_arr = (1.0 / s_arr).astype(np.float32)
+        if node.op_type == "Conv":  # NCHW: the channels are axis 1 of the input
+            inv_arr = inv_arr.reshape([k] + [1] * (w.ndim - 2))
+        m.graph.initializer.append(numpy_helper.from_array(inv_arr, inv))
         out = smoothed_input(name)
         inserts[name] = helper.make_node("Mul", [node.input[0], inv], [out], name=f"{name}/smooth")
         vi = next((v for v in list(m.graph.value_info) + list(m.graph.input) if v.name == node.input[0]), None)
@@ -102,9 +117,14 @@ def apply_smoothing(model: onnx.ModelProto, scales: dict[str, tuple[float, ...]]
     return m
 
 
+def input_axis(node: onnx.NodeProto) -> int:
+    """The axis of the node's input that holds the channels its weight's K axis multiplies."""
+    return 1 if node.op_type == "Conv" else -1
+
+
 def smoothing_scales(absmax: np.ndarray, w: np.ndarray, axis: int, alpha: float) -> np.ndarray:
     """SmoothQuant's s_j = max|x_j|^alpha / max|W_j|^(1 - alpha), for channels that carry signal (others: 1)."""
-    wmax = np.abs(w).max(axis=1 - axis)
+    wmax = np.abs(np.moveaxis(w, axis, 0)).reshape(w.shape[axis], -1).max(axis=1)
     a = np.asarray(absmax, np.float64)
     s = np.ones_like(a)
     ok = (a > 0) & (wmax > 0)
