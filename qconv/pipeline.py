@@ -300,6 +300,7 @@ def apply(prepared: Prepared, p: QuantPlan, calib_feeds: Iterable[dict] | None =
     else:
         qmodel, findings = _apply_int4(prepared, p, calib_feeds)
     _keep_value_info(qmodel, {vi.name for vi in prepared.original.graph.value_info})
+    subgraphs.prune_initializers(qmodel)  # e.g. the bounds of a Clip folded into its producer's QuantizeLinear
     changed = interface_change(prepared.model, qmodel)
     retyped = (config.mode == "fp16" and not config.keep_io_types) or config.quantized_io
     if changed and not (retyped and changed.endswith("changes type")):

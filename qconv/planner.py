@@ -218,6 +218,9 @@ def _decide(node, g: Graph, ranges, nonfinite, masks, config: QuantConfig, ov, s
     spec = rules.spec(node, g, per_channel)
     if isinstance(spec, str):
         return st.keep_float(node, "unsupported", spec)
+    if not forced and node.op_type in SHARED and node.output and _leaves_int8(node.output[0], g):
+        return st.keep_float(node, "inputs-float", "data movement on its way to a graph output: int8 gains nothing here, and "
+                                                   "quantizing its input would round the model's output to 8 bits")
     if not forced:
         cost = _cost_problem(node, spec, g, st.available, st.quantized)
         if cost:

@@ -477,7 +477,8 @@ class Tuner:
         else:
             per = max(0.05, np.median([t.seconds for t in self.trials if not t.cached] or [1.0]))
             k = max(1, min(len(ranked), int(0.35 * (b.seconds - self.seconds()) / per)))
-        k = min(k, 32)
+        first_round = not done
+        k = min(k, 32 if first_round else 16)
         plan_nodes = {n.name: n for n in self.prepared.model.graph.node}
         # Sensitivity: the gain of keeping each top-ranked node alone in float (and, for the first few, the
         # loss of quantizing it alone in the float model).
@@ -490,7 +491,7 @@ class Tuner:
             r["float_gain"] = _gain(self.targets, best, t)
             r["float_cosine"] = t.metrics["cosine"] if t.metrics else None
             self.sensitivity.append(r)
-        for r in sorted(measured, key=lambda r: -(r.get("float_gain") or 0.0))[:4]:
+        for r in sorted(measured, key=lambda r: -(r.get("float_gain") or 0.0))[:4 if first_round else 0]:
             if not self.left():
                 break
             alone = Overrides({"*": NodeOverride(precision="float"), r["node"]: NodeOverride(precision="int8")}, {})
