@@ -32,7 +32,7 @@ from qconv.overrides import NodeOverride, Overrides
 from qconv.plan import NodeDecision, QuantPlan
 from qconv import subgraphs
 from qconv.graph import ensure_opset
-from qconv.planner import activation_ranges, build_plan, calibration_targets, subplan
+from qconv.planner import ScopedOverrides, activation_ranges, build_plan, calibration_targets, merge_body, subplan
 from qconv.rewrite.dynamic import apply_dynamic, plan_dynamic
 from qconv.rewrite.qdq import apply_qdq
 from qconv.rewrite.qoperator import fold_qoperator
@@ -223,6 +223,11 @@ def plan(prepared: Prepared, calib: Calibration | None, config: QuantConfig, ove
                     "nonfinite": dict(sorted(nonfinite.items())), "masks": dict(sorted(masks.items()))}
     elif config.mode == "dynamic":
         p = plan_dynamic(prepared.model, config, overrides)
+        for body in subgraphs.bodies(prepared.model) if subgraphs.has_bodies(prepared.model) else []:
+            wrapped, _ = subgraphs.body_model(prepared.model, body)
+            bp = plan_dynamic(wrapped, config, ScopedOverrides(overrides, body.scope))
+            merge_body(p, body, bp)
+            p.overrides = overrides
     elif config.mode == "fp16":
         p = _plan_fp16(prepared, config, overrides)
     else:
@@ -282,7 +287,7 @@ def apply(prepared: Prepared, p: QuantPlan, calib_feeds: Iterable[dict] | None =
     analysis, dequantized = None, {}
     if config.needs_calibration:
         qmodel, dequantized = apply_qdq(prepared.model, subplan(p))
-        _apply_bodies(qmodel, p, config, findings)
+        _apply_bodies(qmodel, p, findings, lambda m, sub: _qdq_body(m, sub, config))
         analysis = qmodel
         if config.quantized_io:
             from qconv.rewrite.quantized_io import integer_io
@@ -294,7 +299,8 @@ def apply(prepared: Prepared, p: QuantPlan, calib_feeds: Iterable[dict] | None =
             qmodel, folded = fold_qoperator(qmodel)
             findings["qoperator"] = dict(sorted(collections.Counter(folded.values()).items()))
     elif config.mode == "dynamic":
-        qmodel = apply_dynamic(prepared.model, p)
+        qmodel = apply_dynamic(prepared.model, subplan(p))
+        _apply_bodies(qmodel, p, findings, apply_dynamic)
     elif config.mode == "fp16":
         qmodel, findings = _apply_fp16(prepared, p)
     else:
@@ -316,8 +322,16 @@ def apply(prepared: Prepared, p: QuantPlan, calib_feeds: Iterable[dict] | None =
     return Result(qmodel, p, findings, analysis if analysis is not None else qmodel, dequantized)
 
 
-def _apply_bodies(qmodel: onnx.ModelProto, p: QuantPlan, config: QuantConfig, findings: dict) -> None:
-    """Rewrite each If/Loop/Scan body as its part of the plan says, in place (outer bodies first)."""
+def _qdq_body(model: onnx.ModelProto, sub: QuantPlan, config: QuantConfig) -> onnx.ModelProto:
+    rewritten, _ = apply_qdq(model, sub)
+    if config.output_format == "qoperator":
+        rewritten, _ = fold_qoperator(rewritten)
+    return rewritten
+
+
+def _apply_bodies(qmodel: onnx.ModelProto, p: QuantPlan, findings: dict, rewrite) -> None:
+    """Rewrite each If/Loop/Scan body as its part of the plan says (``rewrite(body model, its plan)``), in place,
+    outer bodies first."""
     if not subgraphs.has_bodies(qmodel):
         return
     done = quantized = 0
@@ -326,9 +340,7 @@ def _apply_bodies(qmodel: onnx.ModelProto, p: QuantPlan, config: QuantConfig, fi
         if not sub.tensors:
             continue
         wrapped, added = subgraphs.body_model(qmodel, body)
-        rewritten, _ = apply_qdq(wrapped, sub)
-        if config.output_format == "qoperator":
-            rewritten, _ = fold_qoperator(rewritten)
+        rewritten = rewrite(wrapped, sub)
         subgraphs.put_body(qmodel, body, rewritten, added)
         for op in rewritten.opset_import:  # e.g. com.microsoft for a DynamicQuantizeLSTM in the body
             ensure_opset(qmodel, op.domain, op.version)

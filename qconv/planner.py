@@ -98,20 +98,25 @@ def build_plan(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]], c
                     out[r] = d[key]
             return out
 
-        bp = _plan_graph(wrapped, mapped(ranges), config, mapped(nonfinite), mapped(masks), _ScopedOverrides(overrides, body.scope),
+        bp = _plan_graph(wrapped, mapped(ranges), config, mapped(nonfinite), mapped(masks), ScopedOverrides(overrides, body.scope),
                          mapped(methods))
-        name = body.name
-        for d in bp.nodes:
-            reason = d.reason
-            if d.code == "unobserved":
-                reason = (f"{body.op} body '{body.scope}' never ran on the calibration data, so its tensors have no "
-                          "statistics: calibrate on data that takes it")
-            p.nodes.append(NodeDecision(name(d.name), d.op_type, d.status, reason, d.code))
-        for k, t in bp.tensors.items():
-            p.tensors[name(k)] = t
-        for a, b in bp.folded.items():
-            p.folded[name(a)] = name(b)
+        merge_body(p, body, bp)
     return p
+
+
+def merge_body(p: QuantPlan, body, bp: QuantPlan) -> None:
+    """Add a body's plan to ``p`` under scoped names (a branch never run says so instead of 'no statistics')."""
+    name = body.name
+    for d in bp.nodes:
+        reason = d.reason
+        if d.code == "unobserved":
+            reason = (f"{body.op} body '{body.scope}' never ran on the calibration data, so its tensors have no "
+                      "statistics: calibrate on data that takes it")
+        p.nodes.append(NodeDecision(name(d.name), d.op_type, d.status, reason, d.code))
+    for k, t in bp.tensors.items():
+        p.tensors[name(k)] = t
+    for a, b in bp.folded.items():
+        p.folded[name(a)] = name(b)
 
 
 def _defined_in(ref: str, body, ranges: dict) -> str:
@@ -125,11 +130,12 @@ def _defined_in(ref: str, body, ranges: dict) -> str:
     return ref
 
 
-class _ScopedOverrides:
+class ScopedOverrides:
     """The overrides as a body's planner sees them: node lookups by the scoped name."""
 
     def __init__(self, overrides: Overrides, scope: str):
         self._o, self._scope = overrides, scope
+        self.nodes = overrides.nodes
 
     def node(self, name: str):
         return self._o.node(subgraphs.scoped(self._scope, name))

@@ -174,3 +174,19 @@ def test_promoted_body_tensors_keep_the_outputs(builder):
     a, b = run_model(model, feed), run_model(promoted, feed)
     for r, p in zip(a, b):
         np.testing.assert_array_equal(r, p)
+
+
+def test_dynamic_mode_quantizes_a_loop_body_matmul(tmp_path):
+    path, out, rep = tmp_path / "m.onnx", tmp_path / "q.onnx", tmp_path / "r.json"
+    onnx.save(loop_model(), path)
+    data = tmp_path / "x.npy"
+    np.save(data, np.random.default_rng(1).normal(0, 1, (8, 16)).astype(np.float32))
+    r = invoke("quantize", path, "-o", out, "--mode", "dynamic", "--eval-data", data, "--no-latency", "--report", rep, "-q")
+    assert r.exit_code == 0, r.output
+    nodes = {n["name"]: n for n in json.loads(rep.read_text())["nodes"]}
+    assert nodes["loop.body|step_mm"]["status"] == "quantized"
+    body = subgraphs.graph_at(onnx.load(out), (("loop", "body"),))
+    assert "MatMulInteger" in _qtypes(body) and "DynamicQuantizeLinear" in _qtypes(body)
+    x = np.random.default_rng(2).normal(0, 1, (1, 16)).astype(np.float32)
+    ref, got = run_model(path, {"x": x})[0], run_model(out, {"x": x})[0]
+    assert float((ref * got).sum() / np.sqrt((ref * ref).sum() * (got * got).sum())) > 0.995
