@@ -412,11 +412,13 @@ class Tuner:
                 self.changes.append({"what": "all activations", "change": f"range method {method}",
                                      "why": f"measured best of {', '.join(RANGE_METHODS)} (worst-output cosine {best.metrics['cosine']:.5f})"})
             done: set[str] = set()
-            while not self.met(best) and self.left():
-                before = best
+            idle = 0
+            while not self.met(best) and self.left() and idle < 2:
+                before, measured = best, len(done)
                 method, overrides, best = self._remedies(method, overrides, best, done)
-                if best is before:
-                    break  # a whole round found nothing better: more rounds would measure the same candidates
+                if len(done) == measured:
+                    break  # every quantized node has been measured
+                idle = idle + 1 if best is before else 0  # two rounds without a gain: the next ranks are noise
         except BudgetSpent:
             pass
         return method, overrides, best
