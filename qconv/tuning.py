@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from qconv import pipeline, runtime
+from qconv import __version__, pipeline, runtime
 from qconv.calib.ranges import select_range
 from qconv.data import FeedSource, feed_rows
 from qconv.errors import QconvError, UsageError
@@ -293,7 +293,7 @@ class Tuner:
         self.held, self.targets, self.opts, self.threads = held, targets, opts, threads
         self.trials: list[Trial] = []
         self.start = time.perf_counter()
-        ident = json.dumps({"model": prepared.model_id, "calib": pipeline.calibration_identity(calib), "data": data_id,
+        ident = json.dumps({"qconv": __version__, "model": prepared.model_id, "calib": pipeline.calibration_identity(calib), "data": data_id,
                             "rows": held.rows, "labels": None if held.labels is None else hashlib.sha256(held.labels.tobytes()).hexdigest(),
                             "config": dataclasses.replace(config, method="minmax").to_dict()}, sort_keys=True, default=str)
         self.ident = hashlib.sha256(ident.encode()).hexdigest()
