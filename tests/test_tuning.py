@@ -256,3 +256,18 @@ def test_bad_smooth_overrides_fail_in_one_line(override, message, tmp_path):
     r = invoke("quantize", model, "-o", out, "--data", calib, "--overrides", ov, "--no-latency")
     assert r.exit_code == 1 and message in r.output and "Traceback" not in r.output, r.output
     assert not out.exists()
+
+
+def test_min_agreement_gate_on_a_real_run(tmp_path):
+    out = tmp_path / "q.onnx"
+    args = ["quantize", DIGITS / "model.onnx", "-o", out, "--data", DIGITS / "calib.npy", "--eval-data", DIGITS / "eval.npy",
+            "--batch-size", 32, "--no-latency", "--layer-samples", 0, "-q"]
+    r = invoke(*args, "--min-agreement", "0.95")
+    assert r.exit_code == 0, r.output
+    r = invoke(*args, "--min-agreement", "1.01")
+    assert r.exit_code == 3
+    assert "gate failed: min-agreement: measured 1.000000, required >= 1.01" in r.output
+    from qconv.report.gates import evaluate_gates
+
+    g = evaluate_gates(Gates(min_agreement=0.9), {"fidelity": {"top1_agreement": None}, "outputs": {}})
+    assert not g["passed"] and "not class scores" in g["checks"][0]["message"]
