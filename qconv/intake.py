@@ -453,10 +453,13 @@ def normalize_bodies(model: onnx.ModelProto) -> str | None:
     BatchNormalization folds into its Conv, nodes get names, types are inferred), outer bodies first."""
     from qconv.subgraphs import bodies, body_model, put_body
 
-    found = bodies(model)
-    if not found:
+    count = len(bodies(model))
+    if not count:
         return None
-    for body in found:
+    k = 0
+    while k < len(found := bodies(model)):  # found again each time: naming an outer body's nodes renames paths inside it
+        body = found[k]
+        k += 1
         wrapped, added = body_model(model, body)
         constants_to_initializers(wrapped)
         topo_sort(wrapped)
@@ -466,4 +469,4 @@ def normalize_bodies(model: onnx.ModelProto) -> str | None:
         name_nodes(wrapped)
         infer_types(wrapped)
         put_body(model, body, wrapped, added)
-    return f"{len(found)} If/Loop/Scan bodies normalized like the main graph"
+    return f"{count} If/Loop/Scan bodies normalized like the main graph"
