@@ -271,3 +271,17 @@ def test_min_agreement_gate_on_a_real_run(tmp_path):
 
     g = evaluate_gates(Gates(min_agreement=0.9), {"fidelity": {"top1_agreement": None}, "outputs": {}})
     assert not g["passed"] and "not class scores" in g["checks"][0]["message"]
+
+
+def test_tuning_section_renders_in_html_and_markdown(tmp_path, cache):
+    html, md = tmp_path / "r.html", tmp_path / "r.md"
+    r, _, report, _ = tune(tmp_path, "r", cache, "--budget", "12trials", "--min-cosine", "0.99999", "--no-latency",
+                           "--report", html, "--report", md)
+    assert r.exit_code == 3
+    page = html.read_text()
+    assert '<section id="tuning">' in page and 'aria-label="tuning candidates"' in page
+    assert page.count("<circle") == sum(1 for t in report["tuning"]["trials"] if t["cosine"] is not None and t["cosine"] < 1.0)
+    text = md.read_text()
+    assert "**Tuning**: targets missed (min-cosine)" in text
+    for c in report["tuning"]["changes"]:
+        assert c["change"] in text
