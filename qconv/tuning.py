@@ -512,7 +512,7 @@ class Tuner:
                     t.accepted = True
                     best, overrides, method = t, overrides.merged(extra), m
                     self.changes.append({"what": r["node"], "op": r["op"], "change": what,
-                                         "why": f"it added {max(r['added_db'], 0.0):.1f} dB of error; with this change the worst-output cosine is "
+                                         "why": f"{_added(r)}; with this change the worst-output cosine is "
                                                 f"{t.metrics['cosine']:.5f}"})
                     break
         return method, overrides, best
@@ -575,6 +575,13 @@ def _channel_stats(prepared: pipeline.Prepared, feeds, names: dict[str, int], th
                 lo, hi = np.minimum(stats[n][0], lo), np.maximum(stats[n][1], hi)
             stats[n] = (lo, hi)
     return stats
+
+
+def _added(r: dict) -> str:
+    """How a ranked node's error reads: the dB it adds, or, at the model's input (nothing before it), its output SQNR."""
+    if r["added_db"] >= 60.0 and isinstance(r.get("output_sqnr_db"), float):
+        return f"its output SQNR is {r['output_sqnr_db']:.1f} dB (it quantizes the model's input)"
+    return f"it added {max(r['added_db'], 0.0):.1f} dB of error"
 
 
 def _gain(targets: Targets, base: Trial, t: Trial) -> float:
