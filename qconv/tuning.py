@@ -367,6 +367,31 @@ class Tuner:
                 "best": {k: _num(v) for k, v in (accepted[-1].metrics or {}).items()} if accepted else None,
                 "speed": speed, "reached": bool(gate["passed"]), "missed": gate["failed"]}
 
+    def _time_costs(self, method: str, overrides: Overrides) -> dict[str, float] | None:
+        """With a latency target: the share of the float model's time each node would give back in float
+        (float kernel time minus int8 kernel time, from onnxruntime's profiler on one held feed), measured once
+        and kept in the trial cache (so a re-run orders the same way). Without one: None (MACs are the cost)."""
+        if self.targets.max_latency_ratio is None:
+            return None
+        key = f"profile|{self.ident}"
+        hit = self.cache.get(key)
+        if hit is not None:
+            return hit
+        from qconv.report import profile as prof
+
+        result = self.candidate(method, overrides)
+        feed = self.held.feeds[0]
+        f = prof.by_node(prof.attribute(prof.profile(self.prepared.model, feed, self.threads), self.prepared.model))
+        q = prof.by_node(prof.attribute(prof.profile(result.model, feed, self.threads), self.prepared.model))
+        for act, producer in result.plan.folded.items():  # onnxruntime reports a fused Conv+Relu under the Relu
+            for d in (f, q):
+                if act in d:
+                    d[producer] = d.get(producer, 0.0) + d.pop(act)
+        total = sum(f.values()) or 1.0
+        costs = {n: round(max(0.0, f.get(n, 0.0) - q.get(n, 0.0)) / total, 6) for n in set(f) | set(q)}
+        self.cache.put(key, costs)
+        return costs
+
     def _smoothing(self, node, alpha: float) -> Overrides | None:
         """Overrides that smooth ``node``'s input (scales and the smoothed input's range), if it has outlier channels."""
         from qconv.rewrite.smooth import input_axis, smoothed_input, smoothing_scales, weight_layout
@@ -500,8 +525,11 @@ class Tuner:
             t = self.trial("sensitivity", f"'{r['node']}' alone quantized", method, alone)
             r["alone_cosine"] = t.metrics["cosine"] if t.metrics else None
         # Remedies, in order of gain per cost.
+        costs = self._time_costs(method, overrides)
+        for r in measured:
+            r["cost"] = costs.get(r["node"], r["mac_share"]) if costs else r["mac_share"]
         order = sorted((r for r in measured if (r.get("float_gain") or 0.0) >= MIN_GAIN),
-                       key=lambda r: (-(r["float_gain"] / (1.0 + 20.0 * r["mac_share"])), r["node"]))
+                       key=lambda r: (-(r["float_gain"] / (1.0 + 20.0 * r["cost"])), r["node"]))
         for r in order:
             if self.met(best):
                 break
