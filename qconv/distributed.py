@@ -142,7 +142,7 @@ def evaluate_shard(float_model: str, quant_model: str, data: str, specs: list, b
     preds = []
     for index, feed in FeedSource(data, specs, batch_size=batch_size, shard=shard, cast=cast).indexed():
         ref, got = runtime.run(fsess, feed, names), runtime.run(qsess, feed, names)
-        a, t, *_ = ev._fold(names, stats, ref, got, None, 0)
+        a, t, *_ = ev.fold(names, stats, ref, got, None, 0)
         agree, total, rows, batches = agree + a, total + t, rows + feed_rows(feed, specs), batches + 1
         if predictions:
             preds.append((index, top1(ref[0]), top1(got[0])))

@@ -289,19 +289,24 @@ def run_quantize(job: QuantizeJob, progress=pipeline._no_progress) -> tuple[dict
                 result = faster
                 evaluation, reference = evaluate(prepared, result, eval_source, labels, job.evaluation, progress)
         notes = damage_warnings(evaluation, prepared, result, calib, reference, job.evaluation.threads)
-    plan = result.plan
-    size_q = pipeline.save_quantized(result, job.out, prepared)
-    report = build_report(plan, prepared.model, result.model, input_path=str(prepared.path), output_path=str(job.out),
-                          original_opset=ai_onnx_opset(prepared.original), intake=prepared.notes, findings=result.findings,
-                          calib=calib, sizes=(io.model_size_bytes(job.model), size_q), evaluation=evaluation,
-                          eval_source=str(eval_path) if eval_path else None, extra_warnings=notes)
+    report = _save_and_report(job, prepared, result, calib, evaluation, str(eval_path) if eval_path else None, notes)
     if fallback is not None:
         report["speed_fallback"] = fallback
     if job.gates.any():
         report["gate"] = evaluate_gates(job.gates, report)
-    _write_plan(job, plan)
+    _write_plan(job, result.plan)
     write_reports(report, job.reports)
     return report, result
+
+
+def _save_and_report(job: QuantizeJob, prepared: pipeline.Prepared, result: pipeline.Result, calib, evaluation: dict | None,
+                     eval_source: str | None, notes=()) -> dict:
+    """Write the model and build its report (the caller adds gates and job-specific sections, then writes it)."""
+    size_q = pipeline.save_quantized(result, job.out, prepared)
+    return build_report(result.plan, prepared.model, result.model, input_path=str(prepared.path), output_path=str(job.out),
+                        original_opset=ai_onnx_opset(prepared.original), intake=prepared.notes, findings=result.findings,
+                        calib=calib, sizes=(io.model_size_bytes(job.model), size_q), evaluation=evaluation,
+                        eval_source=eval_source, extra_warnings=list(notes))
 
 
 def _write_plan(job: QuantizeJob, plan: QuantPlan) -> None:
@@ -317,21 +322,22 @@ def _run_tuned(job: QuantizeJob, prepared: pipeline.Prepared, labels, progress) 
     """Calibrate, search the overrides (qconv.tuning), then write and report the best model found."""
     pj = job.plan
     o = pj.calib_options
-    held_out = job.evaluation.data is None
-    if held_out:
+    if job.evaluation.data is None:
         # Every fifth feed is held out; with fewer than 10 feeds, every fifth row (feeds of one row each).
         bs = o.batch_size if pipeline.feeds_for(prepared, pj.data, o.batch_size, cast=o.cast_data).count() >= 10 else 1
         pj = dataclasses.replace(pj, holdout=HOLDOUT, calib_options=dataclasses.replace(o, batch_size=bs))
         source = pipeline.feeds_for(prepared, pj.data, bs, shard=HOLDOUT, cast=o.cast_data)
         kept = pipeline.feeds_for(prepared, pj.data, bs, cast=o.cast_data, skip=HOLDOUT).count()
-        if source.count() < 1 or kept < 1:
+        if kept < 1 or source.count() < 1:
             raise QconvError(f"--tune holds out every fifth row of {pj.data} to measure on, and it has too few rows "
                              "(give --eval-data, or at least 5 rows)")
-        unit = "feed" if bs > 1 else "row"
-        data_note = f"every fifth {unit} of {pj.data} ({source.count()} of {source.count() + kept} {unit}s), held out of calibration"
+        unit, held = ("feed" if bs > 1 else "row"), source.count()
+        data_note = f"every fifth {unit} of {pj.data} ({held} of {held + kept} {unit}s), held out of calibration"
+        eval_label = f"{pj.data} (every fifth {unit})"
     else:
         source = pipeline.feeds_for(prepared, job.evaluation.data, o.batch_size, cast=o.cast_data)
         data_note = f"the first rows of {job.evaluation.data}"
+        eval_label = str(job.evaluation.data)
     overrides = load_overrides(pj.overrides)
     calib = _statistics(pj, prepared, overrides, progress)
     config = pj.effective(calib.options)
@@ -361,16 +367,10 @@ def _run_tuned(job: QuantizeJob, prepared: pipeline.Prepared, labels, progress) 
         result = faster
         evaluation, reference = evaluate(prepared, result, source, labels, job.evaluation, progress)
     notes = damage_warnings(evaluation, prepared, result, calib, reference, job.evaluation.threads)
-    plan = result.plan
-    size_q = pipeline.save_quantized(result, job.out, prepared)
-    eval_path = job.evaluation.data or pj.data
-    report = build_report(plan, prepared.model, result.model, input_path=str(prepared.path), output_path=str(job.out),
-                          original_opset=ai_onnx_opset(prepared.original), intake=prepared.notes, findings=result.findings,
-                          calib=calib, sizes=(io.model_size_bytes(job.model), size_q), evaluation=evaluation,
-                          eval_source=f"{eval_path} (every fifth feed)" if held_out else str(eval_path), extra_warnings=notes)
+    report = _save_and_report(job, prepared, result, calib, evaluation, eval_label, notes)
     report["gate"] = evaluate_gates(targets.gates(job.gates.max_size_mb), report)
     report["tuning"] = tuner.report(method, data_note, speed, report["gate"])
-    _write_plan(job, plan)
+    _write_plan(job, result.plan)
     write_reports(report, job.reports)
     return report, result
 
@@ -412,13 +412,10 @@ def _run_conversion(job: QuantizeJob, prepared: pipeline.Prepared, labels, progr
     evaluation = None
     if source is not None:
         evaluation, _ = evaluate(prepared, result, source, labels, dataclasses.replace(job.evaluation, profile=False), progress)
-    size_q = pipeline.save_quantized(result, job.out, prepared)
-    report = build_report(result.plan, prepared.model, result.model, input_path=str(prepared.path), output_path=str(job.out),
-                          original_opset=ai_onnx_opset(prepared.original), intake=prepared.notes, findings=result.findings,
-                          calib=None, sizes=(io.model_size_bytes(job.model), size_q), evaluation=evaluation,
-                          eval_source=str(job.evaluation.data) if job.evaluation.data else None)
+    report = _save_and_report(job, prepared, result, None, evaluation, str(job.evaluation.data) if job.evaluation.data else None)
     if job.gates.any():
         report["gate"] = evaluate_gates(job.gates, report)
+    _write_plan(job, result.plan)
     write_reports(report, job.reports)
     return report, result
 

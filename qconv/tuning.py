@@ -45,7 +45,7 @@ from qconv.overrides import NodeOverride, Overrides, TensorOverride
 from qconv.report import evaluate as ev
 from qconv.report.gates import Gates
 from qconv.report.layers import probe_pairs
-from qconv.report.metrics import ErrorStats, top1
+from qconv.report.metrics import ErrorStats
 from qconv.rewrite.rules import ANCHORS, SHARED
 
 DEFAULT_COSINE = 0.999
@@ -243,24 +243,15 @@ def hold_rows(prepared: pipeline.Prepared, source: FeedSource, labels: np.ndarra
 def score(held: Held, sess) -> dict:
     """Worst output cosine and SQNR, top-1 agreement of the first output (and top-1 drop with labels)."""
     stats = {n: ErrorStats() for n in held.names}
-    agree = total = correct_f = correct_q = k = 0
+    agree = total = correct_f = correct_q = seen = 0
     for feed, ref in zip(held.feeds, held.outputs):
-        got = runtime.run(sess, feed, held.names)
-        for n, r, q in zip(held.names, ref, got):
-            if isinstance(r, np.ndarray) and r.dtype.kind == "f":
-                stats[n].update(r, q)
-        if ref and isinstance(ref[0], np.ndarray) and ref[0].dtype.kind == "f" and ref[0].ndim >= 2 and ref[0].shape[-1] >= 2:
-            pf, pq = top1(ref[0]), top1(got[0])
-            agree, total = agree + int((pf == pq).sum()), total + int(pf.size)
-            if held.labels is not None:
-                want = held.labels[k:k + pf.size]
-                correct_f, correct_q, k = correct_f + int((pf == want).sum()), correct_q + int((pq == want).sum()), k + pf.size
+        a, t, cf, cq, n = ev.fold(held.names, stats, ref, runtime.run(sess, feed, held.names), held.labels, seen)
+        agree, total, correct_f, correct_q, seen = agree + a, total + t, correct_f + cf, correct_q + cq, seen + n
     used = [s for s in stats.values() if s.count]
-    cos = min((s.cosine for s in used), default=1.0)
-    sqnr = min((s.sqnr_db for s in used), default=math.inf)
-    m = {"cosine": float(cos), "sqnr_db": float(sqnr), "agreement": agree / total if total else None, "top1_drop": None}
-    if held.labels is not None and k:
-        m["top1_drop"] = 100.0 * (correct_f - correct_q) / k
+    m = {"cosine": float(min((s.cosine for s in used), default=1.0)), "sqnr_db": float(min((s.sqnr_db for s in used), default=math.inf)),
+         "agreement": agree / total if total else None, "top1_drop": None}
+    if held.labels is not None and seen:
+        m["top1_drop"] = 100.0 * (correct_f - correct_q) / seen
     return m
 
 
@@ -290,6 +281,7 @@ class Tuner:
         self.prepared, self.calib, self.config, self.base = prepared, calib, config, base
         self.calib_source = calib_source  # feeds for per-channel statistics (smoothing); else the held rows
         self._channels: dict | None = None
+        self._last = None  # (key, result) of the last candidate built
         self.held, self.targets, self.opts, self.threads = held, targets, opts, threads
         self.trials: list[Trial] = []
         self.start = time.perf_counter()
@@ -314,9 +306,15 @@ class Tuner:
 
     # -- one candidate ----------------------------------------------------------------------------
     def candidate(self, method: str, overrides: Overrides):
+        """The rewritten model of one candidate; the last one is kept (ranking and costs rebuild the current best)."""
+        key = (method, overrides.digest())
+        if self._last is not None and self._last[0] == key:
+            return self._last[1]
         config = dataclasses.replace(self.config, method=method)
         p = pipeline.plan(self.prepared, self.calib, config, overrides, "tuning")
-        return pipeline.apply(self.prepared, p, check=False)
+        result = pipeline.apply(self.prepared, p, check=False)
+        self._last = (key, result)
+        return result
 
     def trial(self, step: str, change: str, method: str, overrides: Overrides, force: bool = False) -> Trial:
         """Measure one candidate (or read it from the cache). ``force``: past the budget (the final speed check)."""

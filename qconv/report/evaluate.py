@@ -98,7 +98,7 @@ def compare_outputs(float_sess, quant_sess, feeds: Iterable[dict], labels: np.nd
         rows += k
         if reference is not None:
             reference.keep(feed, ref, k, keep_rows)
-        a, t, cf, cq, n = _fold(names, stats, ref, got, labels, seen)
+        a, t, cf, cq, n = fold(names, stats, ref, got, labels, seen)
         agree, total, correct_f, correct_q, seen = agree + a, total + t, correct_f + cf, correct_q + cq, seen + n
         batches += 1
         if progress:
@@ -116,12 +116,13 @@ def compare_reference(reference: Reference, quant_sess) -> dict:
     agree = total = 0
     for feed, ref in reference.rows:
         got = run(quant_sess, feed, reference.names)
-        a, t, *_ = _fold(reference.names, stats, ref, got, None, 0)
+        a, t, *_ = fold(reference.names, stats, ref, got, None, 0)
         agree, total = agree + a, total + t
     return _summary(reference.names, stats, agree, total, None, 0, 0, 0, len(reference.rows))
 
 
-def _fold(names, stats, ref, got, labels, seen):
+def fold(names, stats, ref, got, labels, seen):
+    """Add one feed to the per-output sums; (agreeing, compared, correct float, correct quantized, labelled rows)."""
     for n, r, q in zip(names, ref, got):
         if isinstance(r, np.ndarray) and r.dtype.kind == "f":  # sequences and maps are not compared element-wise
             stats[n].update(r, q)
