@@ -34,10 +34,24 @@ class Executor:
         return self.kind != "local"
 
 
+def require_dask(spec: str) -> None:
+    """A usage error (exit 2, before any work) naming the install command when the optional extra is missing."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec("dask") is not None and importlib.util.find_spec("distributed") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise UsageError(f"--executor {spec} needs Dask, an optional extra that is not installed: {INSTALL}")
+
+
 def parse_executor(spec: str | None) -> Executor:
-    """``local``, ``local:N`` or ``dask://HOST:PORT``."""
+    """``local``, ``local:N`` or ``dask://HOST:PORT``; a distributed one only where Dask is installed."""
     if spec in (None, "", "local"):
         return Executor("local")
+    if spec.startswith(("local:", "dask://")):
+        require_dask(spec)
     if spec.startswith("local:"):
         try:
             n = int(spec.split(":", 1)[1])
@@ -55,10 +69,8 @@ def parse_executor(spec: str | None) -> Executor:
 
 
 def _client(executor: Executor):
-    try:
-        from dask.distributed import Client, LocalCluster
-    except ImportError:
-        raise QconvError(f"--executor {executor.kind}: Dask is not installed ({INSTALL})") from None
+    from dask.distributed import Client, LocalCluster
+
     if executor.kind == "cluster":
         cluster = LocalCluster(n_workers=executor.workers, threads_per_worker=1, processes=True, dashboard_address=None,
                                host="127.0.0.1", silence_logs=50)

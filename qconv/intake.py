@@ -131,6 +131,40 @@ def div_to_mul(model: onnx.ModelProto) -> str | None:
     return f"{changed} divisions by a constant rewritten as multiplications by its reciprocal" if changed else None
 
 
+_GATES = ("Clip", "Sigmoid", "HardSigmoid", "Relu")
+
+
+def scale_the_gate(model: onnx.ModelProto) -> str | None:
+    """``(x * gate) * c`` with a bounded gate (Clip, Sigmoid, HardSigmoid) and a constant scalar c becomes
+    ``x * (gate * c)``: a hard-swish written ``x * clip(x + 3, 0, 6) / 6`` then never materializes the product
+    before the division, whose range is c^-1 times wider than the result's. In int8 that product is rounded on
+    a grid six times coarser than the output's (PP-OCRv4's recognizer lost points of characters to it); scaled
+    first, the gate keeps its own [0, 1] grid and the output is rounded once on its own. Same ops, same count:
+    the speed is unchanged. Reassociation changes float results by rounding only."""
+    g = Graph(model)
+    changed = 0
+    for outer in model.graph.node:
+        if outer.op_type != "Mul" or outer.domain not in ("", "ai.onnx") or len(outer.input) != 2:
+            continue
+        k = next((k for k in (0, 1) if g.is_constant(outer.input[k]) and g.is_float(outer.input[k])), None)
+        if k is None or g.array(outer.input[k]).size != 1:
+            continue
+        product, const = outer.input[1 - k], outer.input[k]
+        inner = g.producer.get(product)
+        if inner is None or inner.op_type != "Mul" or inner.domain not in ("", "ai.onnx") or g.only_consumer(product) is not outer:
+            continue
+        gates = [j for j in (0, 1) if (p := g.producer.get(inner.input[j])) is not None and p.op_type in _GATES]
+        if len(gates) != 1 or g.is_constant(inner.input[1 - gates[0]]):
+            continue
+        x, gate = inner.input[1 - gates[0]], inner.input[gates[0]]
+        scaled = g.unique(product + "_gate")
+        inner.input[:] = [gate, const]
+        inner.output[0] = scaled
+        outer.input[:] = [x, scaled]
+        changed += 1
+    return f"{changed} gate products scaled at the gate (x * gate * c as x * (gate * c))" if changed else None
+
+
 def expand_hard_activations(model: onnx.ModelProto) -> str | None:
     """HardSigmoid(x) as Clip(x * alpha + beta, 0, 1) and HardSwish(x) as x * that (alpha 1/6, beta 1/2): Mul, Add
     and Clip have int8 kernels (QLinearMul, QLinearAdd; a Clip folds into the QuantizeLinear before it), the two
@@ -436,7 +470,7 @@ def prepare(model: onnx.ModelProto, min_opset: int) -> tuple[onnx.ModelProto, li
     notes = [strip_initializer_inputs(m), constants_to_initializers(m)]
     topo_sort(m)
     notes.append(upgrade_opset(m, min_opset))
-    notes += [constants_to_initializers(m), fold_constants(m), remove_noops(m), sum_to_add(m), div_to_mul(m),
+    notes += [constants_to_initializers(m), fold_constants(m), remove_noops(m), sum_to_add(m), div_to_mul(m), scale_the_gate(m),
               fold_into_batchnorm(m), fold_into_conv(m)]
     drop_unused_initializers(m)
     name_nodes(m)
@@ -463,7 +497,7 @@ def normalize_bodies(model: onnx.ModelProto) -> str | None:
         wrapped, added = body_model(model, body)
         constants_to_initializers(wrapped)
         topo_sort(wrapped)
-        for step in (fold_constants, div_to_mul, fold_into_batchnorm, fold_into_conv):
+        for step in (fold_constants, div_to_mul, scale_the_gate, fold_into_batchnorm, fold_into_conv):
             step(wrapped)
         drop_unused_initializers(wrapped)
         name_nodes(wrapped)

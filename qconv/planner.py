@@ -364,8 +364,9 @@ def calibration_targets(model: onnx.ModelProto, config: QuantConfig, candidates:
                 d = plan.decision(body.name(node.name))
                 if node.op_type in ("Add", "Mul") and d is not None and d.quantized:
                     needed.add(body.name(node.output[0]))
-    if config.quantized_io:  # integer outputs need the float outputs' ranges
-        needed |= {o.name for o in model.graph.output}
+    # The graph outputs are always observed (integer I/O needs their ranges), whatever the options the statistics
+    # were made with, so one calibration file serves every `quantize` option; they are few and small.
+    needed |= {o.name for o in model.graph.output}
     # A quantized Add/Mul's result is range-checked (masks) even when no quantized node reads it.
     g = Graph(model)
     needed |= {g.producer[o].output[0] for o in g.producer

@@ -110,3 +110,33 @@ def test_light_resnet50_intake_keeps_numbers():
     x = np.random.default_rng(0).random((1, 3, 224, 224), dtype=np.float32)
     a, b = run_model(m, {"gpu_0/data_0": x})[0], run_model(out, {"gpu_0/data_0": x})[0]
     np.testing.assert_allclose(a, b, rtol=1e-3)
+
+
+def test_hard_swish_divided_by_a_constant_scales_its_gate_first():
+    """x * clip(x + 3, 0, 6) / 6 becomes x * (clip(x + 3, 0, 6) * (1/6)): the wide product is never formed."""
+    consts = [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("three", 3.0), ("zero", 0.0), ("six", 6.0))]
+    nodes = [helper.make_node("Add", ["x", "three"], ["shifted"]), helper.make_node("Clip", ["shifted", "zero", "six"], ["gate"]),
+             helper.make_node("Mul", ["x", "gate"], ["product"]), helper.make_node("Div", ["product", "six"], ["y"])]
+    m = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 8, 8])], consts)
+    out, notes = prepare(m, 13)
+    producer = {o: n for n in out.graph.node for o in n.output}
+    last = producer["y"]
+    assert last.op_type == "Mul" and last.input[0] == "x"
+    scaled = producer[last.input[1]]
+    assert scaled.op_type == "Mul" and scaled.input[0] == "gate"
+    assert any("gate products scaled" in n for n in notes)
+    x = np.random.default_rng(1).normal(0, 4, (2, 3, 8, 8)).astype(np.float32)
+    assert_same_outputs(m, out, {"x": x}, atol=1e-5)
+
+
+def test_a_product_read_twice_keeps_its_form():
+    consts = [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("zero", 0.0), ("six", 6.0), ("c", 0.5))]
+    nodes = [helper.make_node("Clip", ["x", "zero", "six"], ["gate"]), helper.make_node("Mul", ["x", "gate"], ["product"]),
+             helper.make_node("Mul", ["product", "c"], ["y"]), helper.make_node("Relu", ["product"], ["z"])]
+    m = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4]),
+                    helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 4])], consts)
+    out, notes = prepare(m, 13)
+    assert not any("gate products" in n for n in notes)
+    assert "product" in {o for n in out.graph.node for o in n.output}

@@ -42,9 +42,13 @@ def evaluate_gates(gates: Gates, report: dict) -> dict:
     checks = []
 
     def add(name, measured, required, ok, unit, relation):
-        shown = "inf" if measured == math.inf else f"{measured:.6f}" if name in ("min-cosine", "min-agreement") else f"{measured:.4g}"
+        given = repr(float(required)).removesuffix(".0")  # the threshold as the user wrote it, never rounded
+        decimals = len(given.partition(".")[2])
+        fine = name in ("min-cosine", "min-agreement")
+        shown = "inf" if measured == math.inf else f"{measured:.{max(6 if fine else 0, decimals + 1)}f}" if fine or decimals > 2 \
+            else f"{measured:.4g}"
         checks.append({"name": name, "measured": "inf" if measured == math.inf else measured, "required": required,
-                       "passed": bool(ok), "message": f"{name}: measured {shown}{unit}, required {relation} {required:g}{unit}"})
+                       "passed": bool(ok), "message": f"{name}: measured {shown}{unit}, required {relation} {given}{unit}"})
 
     if gates.min_sqnr is not None:
         m = _worst(report, "sqnr_db")
