@@ -33,7 +33,7 @@ from qconv.overrides import NodeOverride, Overrides
 from qconv.plan import QuantPlan
 from qconv.planner import calibration_targets
 from qconv.report import evaluate as ev
-from qconv.report.build import build_comparison_report, build_report
+from qconv.report.build import build_comparison_report, build_report, complete
 from qconv.report.gates import Gates, evaluate_gates
 from qconv.report.layers import dequantized_of
 from qconv.report.metrics import ErrorStats
@@ -290,13 +290,9 @@ def run_quantize(job: QuantizeJob, progress=pipeline._no_progress) -> tuple[dict
                 evaluation, reference = evaluate(prepared, result, eval_source, labels, job.evaluation, progress)
         notes = damage_warnings(evaluation, prepared, result, calib, reference, job.evaluation.threads)
     report = _save_and_report(job, prepared, result, calib, evaluation, str(eval_path) if eval_path else None, notes)
-    if fallback is not None:
-        report["speed_fallback"] = fallback
-    if job.gates.any():
-        report["gate"] = evaluate_gates(job.gates, report)
+    report["speed_fallback"] = fallback
     _write_plan(job, result.plan)
-    write_reports(report, job.reports)
-    return report, result
+    return _finish(report, job.gates, job.reports), result
 
 
 def _save_and_report(job: QuantizeJob, prepared: pipeline.Prepared, result: pipeline.Result, calib, evaluation: dict | None,
@@ -307,6 +303,15 @@ def _save_and_report(job: QuantizeJob, prepared: pipeline.Prepared, result: pipe
                         original_opset=ai_onnx_opset(prepared.original), intake=prepared.notes, findings=result.findings,
                         calib=calib, sizes=(io.model_size_bytes(job.model), size_q), evaluation=evaluation,
                         eval_source=eval_source, extra_warnings=list(notes))
+
+
+def _finish(report: dict, gates: Gates, paths) -> dict:
+    """The last step of every report: its gate (passed with no checks when none was asked for; tuning sets its
+    targets' own), every schema key present, then written."""
+    if "gate" not in report:
+        report["gate"] = evaluate_gates(gates, report)
+    write_reports(complete(report), paths)
+    return report
 
 
 def _write_plan(job: QuantizeJob, plan: QuantPlan) -> None:
@@ -371,8 +376,7 @@ def _run_tuned(job: QuantizeJob, prepared: pipeline.Prepared, labels, progress) 
     report["gate"] = evaluate_gates(targets.gates(job.gates.max_size_mb), report)
     report["tuning"] = tuner.report(method, data_note, speed, report["gate"])
     _write_plan(job, result.plan)
-    write_reports(report, job.reports)
-    return report, result
+    return _finish(report, job.gates, job.reports), result
 
 
 def _tune_speed(tuner: tuning.Tuner, prepared, result, calib, evaluation, source, opts, method, overrides):
@@ -413,11 +417,8 @@ def _run_conversion(job: QuantizeJob, prepared: pipeline.Prepared, labels, progr
     if source is not None:
         evaluation, _ = evaluate(prepared, result, source, labels, dataclasses.replace(job.evaluation, profile=False), progress)
     report = _save_and_report(job, prepared, result, None, evaluation, str(job.evaluation.data) if job.evaluation.data else None)
-    if job.gates.any():
-        report["gate"] = evaluate_gates(job.gates, report)
     _write_plan(job, result.plan)
-    write_reports(report, job.reports)
-    return report, result
+    return _finish(report, job.gates, job.reports), result
 
 
 def speed_fallback(prepared: pipeline.Prepared, result: pipeline.Result, calib, evaluation: dict, source: FeedSource,
@@ -475,7 +476,4 @@ def run_compare(job: CompareJob, progress=pipeline._no_progress) -> dict:
     evaluation, _ = evaluate_models(str(job.original), str(job.quantized), original, quantized, dequantized_of(quantized),
                                      source, labels, job.evaluation, progress, io=io_params)
     report = build_comparison_report(str(job.original), str(job.quantized), original, quantized, evaluation, str(job.data))
-    if job.gates.any():
-        report["gate"] = evaluate_gates(job.gates, report)
-    write_reports(report, job.reports)
-    return report
+    return _finish(report, job.gates, job.reports)

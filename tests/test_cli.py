@@ -34,7 +34,7 @@ def test_quantize_writes_model_and_report(conv_path, conv_data, tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert rep.stat().st_mode & 0o777 == 0o666 & ~umask and out.stat().st_mode & 0o777 == 0o666 & ~umask
-    assert report["schema"] == "qconv.report" and report["version"] == 2
+    assert report["schema"] == "qconv.report" and report["version"] == 3
     s = report["size_bytes"]
     assert s["quantized"] == out.stat().st_size and s["ratio"] == pytest.approx(s["original"] / s["quantized"])
     assert report["outputs"]["y"]["cosine"] > 0.999

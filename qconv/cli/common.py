@@ -122,7 +122,7 @@ def finish(term, report: dict, as_json: bool, render) -> None:
     gate = report.get("gate")
     if gate and not gate["passed"]:
         raise GateFailed("\n".join(f"gate failed: {c['message']}" for c in gate["checks"] if not c["passed"]))
-    if gate:
+    if gate and gate["checks"]:
         term.info(f"all {len(gate['checks'])} quality gates passed")
 
 

@@ -113,10 +113,10 @@ def latency_row(lat: dict) -> list:
 def render(term, report: dict) -> None:
     s = report["size_bytes"]
     rows = [["size", f"{s['original']:,} B", f"{s['quantized']:,} B", f"{s['ratio']:.2f}x smaller"]]
-    if "task" in report:
+    if report.get("task"):
         t = report["task"]
         rows.append(["top-1", f"{100 * t['original']:.2f}%", f"{100 * t['quantized']:.2f}%", f"{0.0 - t['drop_points']:+.2f} points"])
-    if "latency_ms" in report:
+    if report.get("latency_ms"):
         rows.append(latency_row(report["latency_ms"]))
     term.print(table(f"qconv {report['mode']}: {report['model']['input']} -> {report['model']['output']}",
                      ["", "original", "quantized", "change"], rows))

@@ -13,7 +13,20 @@ from qconv.graph import ai_onnx_opset
 from qconv.plan import QuantPlan
 
 SCHEMA = "qconv.report"
-VERSION = 2
+VERSION = 3  # 3: every top-level key is always present (null plus a *_reason where not measured or not asked)
+
+# Sections that are measured or asked for only with some options: null, with the reason, when absent.
+OPTIONAL_SECTIONS = {
+    "fidelity": "not measured: pass --eval-data",
+    "task": "not measured: pass --eval-labels with --eval-data",
+    "latency_ms": "not measured: needs --eval-data (or --data), without --no-latency",
+    "profile": "not measured: needs --eval-data (or --data), without --no-latency",
+    "speed_fallback": "not asked for: pass --speed-fallback",
+    "tuning": "not asked for: pass --tune",
+}
+# Findings of one mode or form: null in the others.
+FINDINGS = ("quantized_io", "qoperator", "converted_from", "fp16", "int4", "subgraphs")
+NO_GATES = {"passed": True, "checks": [], "failed": []}
 NOT_MEASURED = "not measured: pass --eval-data"
 
 
@@ -53,8 +66,6 @@ def build_report(plan: QuantPlan, float_model, quant_model, *, input_path: str, 
         "outputs": evaluation.get("outputs", {}),
         **findings,
     }
-    if not evaluation:
-        report["fidelity_reason"] = NOT_MEASURED
     for key in ("task", "latency_ms", "profile"):
         if key in evaluation:
             report[key] = evaluation[key]
@@ -256,4 +267,15 @@ def build_comparison_report(original_path: str, quantized_path: str, original, q
         if key in evaluation:
             report[key] = evaluation[key]
     report["warnings"] = list(extra_warnings) + [w for w in warnings(report, None) if "nothing was quantized" not in w]
+    return report
+
+def complete(report: dict) -> dict:
+    """Every top-level key the schema defines, whatever the options: absent sections become null with a
+    ``<key>_reason``, mode findings null, and the gate passed with no checks when none was asked for."""
+    for key, reason in OPTIONAL_SECTIONS.items():
+        report[key] = report.get(key)
+        report[f"{key}_reason"] = reason if report[key] is None else None
+    for key in FINDINGS:
+        report.setdefault(key, None)
+    report.setdefault("gate", dict(NO_GATES))
     return report

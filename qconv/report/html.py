@@ -328,7 +328,7 @@ def _header(report: dict) -> str:
     model = section(report, "model")
     gate = section(report, "gate")
     badge = ""
-    if "passed" in gate:
+    if "passed" in gate and gate.get("checks"):  # no checks asked for: no verdict to show
         ok = bool(gate["passed"])
         badge = f"<span class=\"badge gate {'pass' if ok else 'fail'}\">{'Gate passed' if ok else 'Gate failed'}</span>"
     paths = [("model", model.get("input")), ("quantized", model.get("output"))]

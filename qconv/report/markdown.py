@@ -64,7 +64,7 @@ def _row(*cells: str) -> str:
 def _title(report: dict) -> str:
     gate = section(report, "gate")
     verdict = ""
-    if "passed" in gate:
+    if "passed" in gate and gate.get("checks"):  # no checks asked for: no verdict to show
         verdict = " \u2014 \u2705 PASSED" if gate["passed"] else " \u2014 \u274c FAILED"
     model = section(report, "model")
     name = f" {_code(model['input'], cell=False)}" if model.get("input") else ""

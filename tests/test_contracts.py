@@ -1,0 +1,73 @@
+"""What pipelines parse and chain: a report whose top-level keys do not depend on the options, gate messages that
+print the threshold as given, a missing optional extra as a usage error, and one calibration file that serves every
+`quantize` option."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from qconv.cli.main import cli
+from tests.conftest import run_model
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_a_plain_calibration_file_serves_quantized_io(conv_path, conv_data, tmp_path):
+    calib, out = tmp_path / "c.json", tmp_path / "q.onnx"
+    assert invoke("calibrate", conv_path, "--data", conv_data, "-o", calib, "-q").exit_code == 0
+    r = invoke("quantize", conv_path, "--calib", calib, "--quantized-io", "uint8", "-o", out, "-q")
+    assert r.exit_code == 0, r.output
+    x = np.load(conv_data)[:2]
+    got = run_model(out, {"x": np.clip(np.round(x / 0.05) + 128, 0, 255).astype(np.uint8)})[0]
+    assert got.dtype == np.uint8 and got.shape == (2, 5)
+
+
+@pytest.mark.parametrize("command", ["calibrate", "quantize"])
+def test_a_missing_dask_is_a_usage_error_naming_the_install(command, conv_path, conv_data, tmp_path, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name.split(".")[0] in ("dask", "distributed") else real(name, *a))
+    out = tmp_path / ("c.json" if command == "calibrate" else "q.onnx")
+    r = invoke(command, conv_path, "--data", conv_data, "--executor", "local:2", "-o", out)
+    assert r.exit_code == 2
+    assert r.output.strip().splitlines()[-1] == (
+        "error: --executor local:2 needs Dask, an optional extra that is not installed: pip install 'qconv[dask]'")
+    assert "internal error" not in r.output and not out.exists()
+
+
+def test_a_gate_message_prints_the_threshold_as_given(conv_path, conv_data, tmp_path):
+    r = invoke("quantize", conv_path, "--data", conv_data, "-o", tmp_path / "q.onnx", "--min-cosine", "0.9999999", "-q",
+               "--no-latency", "--report", tmp_path / "r.json")
+    assert r.exit_code == 3
+    check = json.loads((tmp_path / "r.json").read_text())["gate"]["checks"][0]
+    assert check["message"].endswith("required >= 0.9999999")
+    assert f"measured {check['measured']:.8f}" in check["message"]
+
+
+def _keys(conv_path, tmp_path, name, *options):
+    rep = tmp_path / f"{name}.json"
+    r = invoke("quantize", conv_path, "-o", tmp_path / f"{name}.onnx", "-q", "--report", rep, *options)
+    assert r.exit_code in (0, 3), r.output
+    return json.loads(rep.read_text())
+
+
+def test_report_keys_do_not_depend_on_the_options(conv_path, conv_data, tmp_path):
+    labels = tmp_path / "labels.npy"
+    np.save(labels, np.zeros(16, np.int64))
+    calib = tmp_path / "c.json"
+    assert invoke("calibrate", conv_path, "--data", conv_data, "-o", calib, "-q").exit_code == 0
+    bare = _keys(conv_path, tmp_path, "bare", "--calib", calib)  # the Makefile step: nothing measured, no gate
+    full = _keys(conv_path, tmp_path, "full", "--data", conv_data, "--eval-data", conv_data, "--eval-labels", labels, "--min-cosine", "0.5",
+                 "--max-latency-ratio", "10", "--speed-fallback", "--max-size-mb", "100")
+    assert sorted(bare) == sorted(full)
+    assert bare["gate"] == {"passed": True, "checks": [], "failed": []}
+    for key in ("fidelity", "task", "latency_ms", "profile", "speed_fallback", "tuning"):
+        assert bare[key] is None and isinstance(bare[f"{key}_reason"], str), key
+    assert full["task"] is not None and full["task_reason"] is None
+    assert full["gate"]["checks"] and bare["version"] == full["version"] == 3
