@@ -169,3 +169,16 @@ def run_inspect(model_path: Path, calib_path: Path | None, per_tensor: bool) -> 
         "ranges_checked": bool(calib_path),
         "size_bytes": io.model_size_bytes(model_path),
     }
+
+
+SCHEMAS = ("report", "plan", "calibration")
+
+
+def schema(name: str) -> dict:
+    """The JSON Schema (draft 2020-12) shipped in the package for one of qconv's files: report, plan, calibration."""
+    import json
+    from importlib import resources
+
+    if name not in SCHEMAS:
+        raise UsageError(f"no schema named '{name}': one of {', '.join(SCHEMAS)}")
+    return json.loads(resources.files("qconv").joinpath("schemas", f"{name}.schema.json").read_text(encoding="utf-8"))

@@ -91,3 +91,35 @@ def optimized_ops(model_or_path, tmp_path: Path) -> dict[str, int]:
     so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
     return dict(collections.Counter(n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node))
+
+
+QCONV_SCHEMAS = {"qconv.report": "report", "qconv.plan": "plan", "qconv.calibration": "calibration"}
+
+
+@pytest.fixture(autouse=True)
+def _validate_written_json(request):
+    """Every qconv report, plan and calibration file a test writes under its tmp_path is validated against the JSON
+    Schema shipped in the package (`qconv schema NAME`)."""
+    folder = request.getfixturevalue("tmp_path") if "tmp_path" in request.fixturenames else None
+    yield
+    if folder is None:
+        return
+    import json
+
+    import jsonschema
+
+    from qconv.tools import schema
+
+    for path in folder.rglob("*.json"):
+        try:
+            doc = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError):
+            continue  # a test's deliberately corrupt file
+        name = QCONV_SCHEMAS.get(doc.get("schema")) if isinstance(doc, dict) else None
+        if name is None:
+            continue
+        if doc.get("version") != schema(name)["properties"]["version"]["const"]:
+            continue  # a test's file of another version (the refusal tests write those)
+        errors = sorted(jsonschema.Draft202012Validator(schema(name)).iter_errors(doc), key=lambda e: list(e.path))
+        assert not errors, f"{path.name} does not match the {name} schema: " + "; ".join(
+            f"{'/'.join(map(str, e.path))}: {e.message[:200]}" for e in errors[:5])

@@ -71,3 +71,49 @@ def test_report_keys_do_not_depend_on_the_options(conv_path, conv_data, tmp_path
         assert bare[key] is None and isinstance(bare[f"{key}_reason"], str), key
     assert full["task"] is not None and full["task_reason"] is None
     assert full["gate"]["checks"] and bare["version"] == full["version"] == 3
+
+
+@pytest.mark.parametrize("kind", ["calibration", "plan"])
+def test_a_file_of_another_format_version_is_refused_naming_the_version(kind, conv_path, conv_data, tmp_path):
+    path = tmp_path / f"{kind}.json"
+    if kind == "calibration":
+        assert invoke("calibrate", conv_path, "--data", conv_data, "-o", path, "-q").exit_code == 0
+    else:
+        assert invoke("plan", conv_path, "--data", conv_data, "-o", path, "-q").exit_code == 0
+    doc = json.loads(path.read_text())
+    current = doc["version"]
+    doc["version"] = current - 1  # what the previous format wrote
+    path.write_text(json.dumps(doc))
+    flag = "--calib" if kind == "calibration" else "--plan"
+    out = tmp_path / "q.onnx"
+    r = invoke("quantize", conv_path, flag, path, "-o", out)
+    assert r.exit_code == 1 and not out.exists()
+    line = r.output.strip().splitlines()[-1]
+    assert f"{kind} schema version {current - 1}; this qconv reads version {current}: re-run qconv " in line, line
+
+
+@pytest.mark.parametrize("name", ["report", "plan", "calibration"])
+def test_schema_command_prints_the_shipped_schema(name):
+    r = invoke("schema", name)
+    assert r.exit_code == 0
+    doc = json.loads(r.output)
+    assert doc["properties"]["schema"]["const"] == f"qconv.{name}" and doc["$schema"].endswith("2020-12/schema")
+
+
+def test_an_unknown_schema_is_a_usage_error():
+    r = invoke("schema", "tuning")
+    assert r.exit_code == 2 and "'tuning' is not one of 'report', 'plan', 'calibration'" in r.output
+
+
+def test_the_schema_rejects_a_report_missing_a_key(conv_path, conv_data, tmp_path):
+    import jsonschema
+
+    from qconv.tools import schema
+
+    rep = tmp_path / "r.json"
+    assert invoke("quantize", conv_path, "--data", conv_data, "-o", tmp_path / "q.onnx", "-q", "--report", rep).exit_code == 0
+    doc = json.loads(rep.read_text())
+    jsonschema.validate(doc, schema("report"))
+    del doc["gate"]
+    with pytest.raises(jsonschema.ValidationError, match="'gate' is a required property"):
+        jsonschema.validate(doc, schema("report"))

@@ -10,6 +10,7 @@ from qconv.cli.inspect_cmd import inspect_cmd
 from qconv.cli.plan_cmd import plan_cmd
 from qconv.cli.quantize import quantize_cmd
 from qconv.cli.report_cmd import report_cmd
+from qconv.cli.schema_cmd import schema_cmd
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -27,6 +28,7 @@ cli.add_command(plan_cmd)
 cli.add_command(quantize_cmd)
 cli.add_command(inspect_cmd)
 cli.add_command(report_cmd)
+cli.add_command(schema_cmd)
 
 
 def main() -> None:
