@@ -151,14 +151,14 @@ def feeds_for(prepared: Prepared, data: str | os.PathLike, batch_size: int = 1, 
     return FeedSource(data, specs, batch_size=batch_size, samples=samples, shard=shard, cast=cast, skip=skip)
 
 
-def calibration_options(source: FeedSource, method: str = "minmax", bins: int = DEFAULT_BINS,
+def calibration_options(source: FeedSource, method: str | None = None, bins: int = DEFAULT_BINS,
                         momentum: float = DEFAULT_MOMENTUM) -> dict:
     return {"method": method, "bins": bins, "momentum": momentum, "batch_size": source.batch_size,
             "samples": source.samples, "shard": f"{source.shard[0]}/{source.shard[1]}"}
 
 
 def calibrate(prepared: Prepared, source: FeedSource, threads: int | None = None,
-              progress: Progress = _no_progress, method: str = "minmax", bins: int = DEFAULT_BINS,
+              progress: Progress = _no_progress, method: str | None = None, bins: int = DEFAULT_BINS,
               momentum: float = DEFAULT_MOMENTUM, config: QuantConfig | None = None,
               overrides: Overrides | None = None, max_memory: int = DEFAULT_MAX_MEMORY) -> Calibration:
     """Observe the tensors ``config``'s plan (with ``overrides``) can use (every float activation when ``config`` is None)."""

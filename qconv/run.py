@@ -18,6 +18,7 @@ import numpy as np
 
 from qconv import distributed, io, pipeline, runtime, tuning
 from qconv.calib.collect import activation_tensors
+from qconv.calib.ranges import default_method
 from qconv.calib.observers import DEFAULT_BINS, DEFAULT_MOMENTUM
 from qconv.config import QuantConfig
 from qconv.data import FeedSource, InputSpec
@@ -96,7 +97,7 @@ class PlanJob:
     def effective(self, recorded: dict | None) -> QuantConfig:
         """The config with the range method and percentile: from the options, else as calibration recorded them."""
         recorded = recorded or {}
-        method = self.method or recorded.get("method", "minmax")
+        method = self.method or recorded.get("method") or default_method(self.config.mode)
         pct = self.percentile if self.percentile is not None else float(recorded.get("percentile", 99.999))
         return dataclasses.replace(self.config, method=method, percentile=pct)
 
@@ -118,8 +119,8 @@ def _statistics(job: PlanJob, prepared: pipeline.Prepared, overrides: Overrides,
     source = pipeline.feeds_for(prepared, job.data, o.batch_size, o.samples, cast=o.cast_data, skip=job.holdout)
     if distributed.parse_executor(o.executor).distributed or o.shards:
         names = calibration_targets(prepared.model, job.effective(None), activation_tensors(prepared.model), overrides)
-        return sharded_calibration(prepared, job.data, source, names, job.config.per_channel, job.method or "minmax", o, progress)
-    return pipeline.calibrate(prepared, source, o.threads, progress, job.method or "minmax", o.bins, o.momentum,
+        return sharded_calibration(prepared, job.data, source, names, job.config.per_channel, job.method, o, progress)
+    return pipeline.calibrate(prepared, source, o.threads, progress, job.method, o.bins, o.momentum,
                               job.effective(None), overrides, o.max_memory)
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from qconv import distributed, io, pipeline, runtime
 from qconv.calib.collect import activation_tensors
+from qconv.calib.ranges import DEFAULT_METHOD
 from qconv.config import QuantConfig
 from qconv.errors import QconvError, UsageError
 from qconv.graph import ai_onnx_opset
@@ -25,12 +26,12 @@ class CalibrateJob:
     shard: tuple[int, int] = (0, 1)
     per_tensor: bool = False
     all_tensors: bool = False
-    method: str = "minmax"
+    method: str | None = None  # None: recorded as null, so quantize uses its mode's default
     percentile: float | None = None
     options: CalibOptions = field(default_factory=CalibOptions)
 
     def check(self) -> None:
-        QuantConfig(method=self.method, percentile=99.999 if self.percentile is None else self.percentile)  # validates
+        QuantConfig(method=self.method or "percentile", percentile=99.999 if self.percentile is None else self.percentile)  # validates
         self.options.check()
         if self.shard != (0, 1) and (distributed.parse_executor(self.options.executor).distributed or self.options.shards):
             raise UsageError("--shard K/N runs one shard by hand; --executor/--shards runs them all: give one of them")
@@ -96,7 +97,7 @@ def export_tables(calib, fmt: str, path: Path, method: str | None = None, percen
     """Write the calibration's ranges (by ``method``, default the recorded one) as tables another runtime reads."""
     from qconv.calib import export
 
-    method = method or calib.options.get("method", "minmax")
+    method = method or calib.options.get("method") or DEFAULT_METHOD
     pct = percentile if percentile is not None else float(calib.options.get("percentile", 99.999))
     ranges = calib.ranges(method, True, pct)  # symmetric: TensorRT's int8 ranges are +-amax
     table, as_json, cache = export_paths(path)

@@ -130,6 +130,6 @@ def merge(parts: list[tuple[str, Calibration]]) -> Calibration:
     for data_id in sorted(c.data_id for _, c in parts):
         h.update(data_id.encode())
     options = {k: first.options.get(k) for k in _MERGE_KEYS}
-    options["method"] = first.options.get("method", "minmax")
+    options["method"] = first.options.get("method")
     options["merged_from"] = len(parts)
     return Calibration(first.model_id, h.hexdigest(), sum(c.samples for _, c in parts), options, tensors, first.qconv_version)

@@ -74,7 +74,7 @@ def run_cmd(term, model, data, out, shard, per_tensor, export_spec, all_tensors,
       qconv calibrate model.onnx --data calib/ --shard 0/4 -o part0.json   # then: qconv calibrate merge
     """
     export = parse_export(export_spec)
-    job = CalibrateJob(model, data, out, parse_shard(shard), per_tensor, all_tensors or export is not None, method or "minmax",
+    job = CalibrateJob(model, data, out, parse_shard(shard), per_tensor, all_tensors or export is not None, method,
                        percentile, CalibOptions(batch_size, samples, bins, momentum, threads, cast_data, max_memory, executor, shards))
     job.check()
     if export is not None:

@@ -1,0 +1,63 @@
+"""The quality ledger's small variant: the default `qconv calibrate` + `qconv quantize --calib` on the sample models,
+scored on their 500 labelled eval rows and paired row by row with the default recorded in scripts/ledger_baseline.json
+(written by `scripts/bench_ledger.py --write-baseline`). A default that loses top-1 beyond noise fails: the whole
+95% interval of the paired difference below zero."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+
+from qconv.cli.main import cli
+from qconv.data import FeedSource, InputSpec
+
+from tests.conftest import ROOT, SAMPLES
+
+BASELINE = json.loads((ROOT / "scripts" / "ledger_baseline.json").read_text())["models"]
+
+
+def paired_interval(base: np.ndarray, new: np.ndarray, resamples: int = 2000) -> tuple[float, float]:
+    """95% bootstrap interval of mean(new) - mean(base) over the same resampled rows."""
+    idx = np.random.default_rng(0).integers(0, len(base), (resamples, len(base)))
+    d = new[idx].mean(1) - base[idx].mean(1)
+    return float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5))
+
+
+def test_paired_interval_resolves_a_loss_and_not_noise():
+    rng = np.random.default_rng(1)
+    base = (rng.random(500) < 0.9).astype(float)
+    worse = base.copy()
+    worse[np.flatnonzero(base)[:15]] = 0  # 3 points lost
+    assert paired_interval(base, worse)[1] < 0
+    noisy = base.copy()
+    noisy[np.flatnonzero(base == 1)[:3]] = 0  # three rows read worse, three better: no change in the mean
+    noisy[np.flatnonzero(base == 0)[:3]] = 1
+    lo, hi = paired_interval(base, noisy)
+    assert lo < 0 < hi
+
+
+@pytest.mark.parametrize("name", ["digits_cnn", "tiny_transformer"])
+def test_default_keeps_its_accuracy_on_the_sample_models(name, tmp_path):
+    d = SAMPLES / name
+    calib_data = d / ("calib.npy" if (d / "calib.npy").exists() else "calib.npz")
+    eval_data = d / ("eval.npy" if (d / "eval.npy").exists() else "eval.npz")
+    calib, out = tmp_path / "c.json", tmp_path / "q.onnx"
+    runner = CliRunner()
+    r = runner.invoke(cli, ["calibrate", str(d / "model.onnx"), "--data", str(calib_data), "-o", str(calib), "-q"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(cli, ["quantize", str(d / "model.onnx"), "--calib", str(calib), "-o", str(out), "-q"])
+    assert r.exit_code == 0, r.output
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    specs = [InputSpec(i.name, np.dtype(np.float32 if "float" in i.type else np.int64), tuple(i.shape)) for i in sess.get_inputs()]
+    pred = np.concatenate([sess.run(None, feed)[0].argmax(-1) for feed in FeedSource(eval_data, specs, batch_size=100)])
+    correct = (pred == np.load(d / "eval_labels.npy")).astype(float)
+    base = BASELINE[name]
+    assert base["rows"] == len(correct)
+    before = np.array(base["num"]) / np.array(base["den"])
+    lo, hi = paired_interval(before, correct)
+    assert hi >= 0, (f"{name}: the default lost top-1 beyond noise: {100 * correct.mean():.1f}% vs {100 * before.mean():.1f}% "
+                     f"in the ledger baseline (95% paired interval {100 * lo:+.1f} .. {100 * hi:+.1f} points)")
