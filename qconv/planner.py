@@ -68,6 +68,7 @@ class _State:
     inherited: set = field(default_factory=set)  # outputs of data-movement ops: they take their input's parameters
     wide: set = field(default_factory=set)  # activations an int16 override widens to 16 bits
     recurrent: list = field(default_factory=list)  # LSTM nodes that become DynamicQuantizeLSTM
+    scaled: dict = field(default_factory=dict)  # output of a Mul by a positive constant -> (its input, the constant)
 
     def keep_float(self, node, code: str, reason: str) -> None:
         self.decisions.append(NodeDecision(node.name, node.op_type, "float", reason, code))
@@ -185,7 +186,7 @@ def _plan_graph(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]], 
             outputs[out] = node
             st.wanted.setdefault(out, ("activation", None))
 
-    folded = _fold_activations(model, g, st.quantized, outputs, st.wanted, config, st.wide)
+    folded = _fold_activations(model, g, st.quantized, outputs, st.wanted, config, st.wide, st.scaled)
     tensors = _qparams(model, g, st, outputs, ranges, folded, config, act_q, w_q, methods or {})
     for node in st.recurrent:
         ov = overrides.node(node.name)
@@ -193,6 +194,20 @@ def _plan_graph(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]], 
         for name, qp in recurrent.plan_lstm(node, g, qmath.qtype("int8"), per_channel):
             tensors[f"{node.name}/{name}"] = TensorPlan(name, recurrent.ROLE, qp, [node.name], "LSTM weight, int8 per gate row")
     return QuantPlan(config, st.decisions, tensors, folded, overrides)
+
+
+def scalar_scale(node, g: Graph) -> tuple[int, float] | None:
+    """(input index, c) when ``node`` multiplies a tensor by a positive finite scalar constant c. Such a Mul needs no
+    kernel in int8: its output is its input's integers read with the scale times c (see qconv.rewrite.qdq)."""
+    if node.op_type != "Mul" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+        return None
+    for k in (0, 1):
+        c = node.input[1 - k]
+        if g.is_constant(c) and not g.is_constant(node.input[k]) and g.is_float(c) and g.initializers[c].data_type == onnx.TensorProto.FLOAT:
+            value = g.array(c)
+            if value.size == 1 and np.isfinite(value).all() and float(value.reshape(-1)[0]) > 0.0:
+                return k, float(value.reshape(-1)[0])
+    return None
 
 
 def _decide(node, g: Graph, ranges, nonfinite, masks, config: QuantConfig, ov, st: _State) -> None:
@@ -235,6 +250,21 @@ def _decide(node, g: Graph, ranges, nonfinite, masks, config: QuantConfig, ov, s
     for k, role, _ in spec:
         if role == "activation" and node.input[k] not in st.inherited:
             problem = problem or _range_problem(node.input[k], ranges, nonfinite, node.op_type, masks)
+    scale = scalar_scale(node, g) if not forced else None
+    if scale is not None and node.input[scale[0]] in st.available and not problem:
+        spec = [(scale[0], "activation", None)]  # the constant folds into the scale: not quantized itself
+        st.scaled[node.output[0]] = (node.input[scale[0]], scale[1])
+        st.decisions.append(NodeDecision(node.name, node.op_type, "quantized",
+                                         f"multiplies by the constant {scale[1]:.6g}: its input's int8 values are read with the scale "
+                                         "times that constant (exact, no kernel runs)"))
+        st.quantized[node.name] = node
+        out = node.output[0]
+        if out and out not in g.graph_outputs:
+            st.available.add(out)
+            st.inherited.add(out)
+        st.wanted.setdefault(node.input[scale[0]], ("activation", None))
+        st.readers.setdefault(node.input[scale[0]], []).append(node.name)
+        return
     if node.op_type in ("Add", "Mul"):
         problem = problem or _range_problem(node.output[0], ranges, nonfinite, node.op_type, masks)
     if not problem and node.op_type == "Concat" and not forced:
@@ -400,8 +430,9 @@ def _node_problem(node, g: Graph, forced: bool = False) -> tuple[str, str] | Non
     return None
 
 
-def _fold_activations(model, g: Graph, quantized_nodes, outputs, wanted, config, wide: set) -> dict[str, str]:
-    """Relu/Clip right after a quantized op: drop them, their QuantizeLinear clamps the same way."""
+def _fold_activations(model, g: Graph, quantized_nodes, outputs, wanted, config, wide: set, scaled=()) -> dict[str, str]:
+    """Relu/Clip right after a quantized op: drop them, their QuantizeLinear clamps the same way (not after a Mul
+    folded into a scale: no QuantizeLinear runs there)."""
     folded = {}
     if config.symmetric_activations:
         return folded
@@ -411,7 +442,7 @@ def _fold_activations(model, g: Graph, quantized_nodes, outputs, wanted, config,
         x, y = node.input[0], node.output[0]
         producer = g.producer.get(x)
         if (
-            producer is None or producer.name not in quantized_nodes or producer.op_type not in FOLD_PRODUCERS
+            producer is None or producer.name not in quantized_nodes or producer.op_type not in FOLD_PRODUCERS or x in scaled
             or g.only_consumer(x) is not node or y not in outputs
         ):
             continue
@@ -448,6 +479,11 @@ def _qparams(model, g: Graph, st: _State, outputs, ranges, folded, config, act_q
     def act_params(name: str) -> tuple[qmath.QParams, str, str, tuple | None]:
         node = outputs.get(name)
         wide = name in st.wide and act_q.bits <= 8
+        if name in st.scaled and st.scaled[name][0] in plans and not wide:
+            src, c = plans[st.scaled[name][0]], st.scaled[name][1]
+            qp = qmath.QParams(np.float32(src.qparams.scale * np.float32(c)), src.qparams.zero_point, src.qparams.qtype, None)
+            rng = None if src.range is None else (src.range[0] * c, src.range[1] * c)
+            return qp, f"the parameters of '{src.name}' with the scale times {c:.6g}", src.method, rng
         if node is not None and node.op_type in SHARED and node.input[0] in plans:
             src = plans[node.input[0]]
             if not wide or src.qparams.qtype.bits > 8:

@@ -31,7 +31,7 @@ class CalibrateJob:
     options: CalibOptions = field(default_factory=CalibOptions)
 
     def check(self) -> None:
-        QuantConfig(method=self.method or "percentile", percentile=99.999 if self.percentile is None else self.percentile)  # validates
+        QuantConfig(method=self.method or DEFAULT_METHOD, percentile=99.999 if self.percentile is None else self.percentile)  # validates
         self.options.check()
         if self.shard != (0, 1) and (distributed.parse_executor(self.options.executor).distributed or self.options.shards):
             raise UsageError("--shard K/N runs one shard by hand; --executor/--shards runs them all: give one of them")

@@ -81,7 +81,8 @@ def _fonts(size: int):
 
 def text_crops(count: int, seed: int, width: int = 320, height: int = 48, texts: list | None = None) -> np.ndarray:
     """Printed text lines as PP-OCR's recognizer sees them: a line rendered in one of several fonts, cropped to its
-    box, resized to ``height`` keeping the aspect ratio, padded right to ``width``; paper tone, ink, blur and noise vary."""
+    box, resized to ``height`` keeping the aspect ratio, padded right to ``width``; paper tone, ink, skew, blur,
+    resolution, JPEG quality and noise vary (a scan or phone photo, not a clean render)."""
     from PIL import Image, ImageDraw, ImageFilter
 
     from scripts.benchlib import WORDS
@@ -100,12 +101,23 @@ def text_crops(count: int, seed: int, width: int = 320, height: int = 48, texts:
             text = " ".join(words)
         if texts is not None:
             texts.append(text)
-        paper, ink = int(rng.integers(170, 256)), int(rng.integers(0, 90))
+        paper, ink = int(rng.integers(150, 256)), int(rng.integers(0, 120))
         w = int(font.getlength(text)) + 16
         img = Image.new("L", (w, int(size * 1.3) + 8), paper)
         ImageDraw.Draw(img).text((8, 4), text, fill=ink, font=font)
-        if rng.random() < 0.3:
-            img = img.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.3, 0.9))))
+        if rng.random() < 0.25:  # a slightly skewed line
+            img = img.rotate(float(rng.uniform(-2.5, 2.5)), resample=Image.BILINEAR, expand=False, fillcolor=paper)
+        if rng.random() < 0.5:
+            img = img.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.3, 1.2))))
+        if rng.random() < 0.5:  # scanned or photographed at a lower resolution
+            f = float(rng.uniform(0.35, 0.7))
+            img = img.resize((max(8, int(img.width * f)), max(8, int(img.height * f))), Image.BILINEAR)
+        if rng.random() < 0.5:  # JPEG artefacts
+            import io as _io
+
+            buf = _io.BytesIO()
+            img.save(buf, "JPEG", quality=int(rng.integers(20, 60)))
+            img = Image.open(_io.BytesIO(buf.getvalue())).convert("L")
         new_w = min(width, max(8, int(round(img.width * height / img.height))))
         img = img.resize((new_w, height), Image.BILINEAR)
         a = np.asarray(img, np.float32) / 255.0

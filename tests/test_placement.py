@@ -108,10 +108,12 @@ def movement():
 # The last Conv writes a graph output, which stays float: it runs as a float Conv on dequantized inputs, so the
 # Q+DQ left are the input's QuantizeLinear and that Conv's two DequantizeLinear (activation and weight).
 PATTERNS = {
-    "hard-swish": (hard_swish, {"QLinearConv": 1, "QLinearAdd": 1, "QLinearMul": 2}, {"Div", "Mul", "Add", "Clip"}, 3),
-    "HardSwish op": (hard_swish_op, {"QLinearConv": 1, "QLinearAdd": 1, "QLinearMul": 2}, {"HardSwish", "Mul", "Add", "Clip"}, 3),
+    # The multiplication by the constant 1/6 (or HardSigmoid's alpha) runs no kernel: its input's int8 values are
+    # read with the scale times the constant, so one QLinearMul is left (x * gate).
+    "hard-swish": (hard_swish, {"QLinearConv": 1, "QLinearAdd": 1, "QLinearMul": 1}, {"Div", "Mul", "Add", "Clip"}, 3),
+    "HardSwish op": (hard_swish_op, {"QLinearConv": 1, "QLinearAdd": 1, "QLinearMul": 1}, {"HardSwish", "Mul", "Add", "Clip"}, 3),
     "HardSigmoid squeeze-excite": (hard_sigmoid_excite, {"QLinearConv": 2, "QLinearGlobalAveragePool": 1, "QLinearAdd": 1,
-                                                         "QLinearMul": 2}, {"HardSigmoid", "Mul", "Add", "Clip"}, 3),
+                                                         "QLinearMul": 1}, {"HardSigmoid", "Mul", "Add", "Clip"}, 3),
     "residual Add": (residual, {"QLinearConv": 2, "QLinearAdd": 1}, {"Add", "Relu"}, 3),
     "squeeze-excite": (squeeze_excite, {"QLinearConv": 2, "QLinearGlobalAveragePool": 1, "QLinearSigmoid": 1, "QLinearMul": 1},
                        {"Sigmoid", "Mul", "GlobalAveragePool"}, 3),
@@ -188,3 +190,53 @@ def test_profile_names_nodes_and_speed_fallback_records_its_choice(tmp_path):
 def test_speed_fallback_needs_measurements(conv_path, conv_data, tmp_path):
     r = invoke("quantize", conv_path, "--data", conv_data, "-o", tmp_path / "q.onnx", "--speed-fallback", "--no-latency")
     assert r.exit_code == 2 and "--speed-fallback measures the model" in r.output
+
+
+def scaled(value, then_relu=False):
+    """conv -> LeakyRelu -> Mul(value) [-> Relu] -> conv (the activation keeps intake from folding the Mul into conv1)."""
+    nodes = [conv("x", "w1", "c1", "conv1"), helper.make_node("LeakyRelu", ["c1"], ["a"], alpha=0.1, name="leaky"),
+             helper.make_node("Mul", ["a", "k"], ["m"], name="scale")]
+    src = "m"
+    if then_relu:
+        nodes.append(helper.make_node("Relu", ["m"], ["r"], name="relu"))
+        src = "r"
+    nodes.append(conv(src, "w2", "y", "conv2"))
+    return model_of(nodes, [w("w1", 8, 3, 3, 3), w("w2", 8, 8, 3, 3), c("k", value)])
+
+
+@pytest.mark.parametrize("then_relu", [False, True])
+def test_a_mul_by_a_positive_constant_reads_its_input_with_a_scaled_scale(then_relu, tmp_path):
+    m = scaled(0.37, then_relu)
+    onnx.save(m, tmp_path / "m.onnx")
+    x = RNG.normal(0, 1, (16, 3, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "d.npy", x)
+    for fmt in ("qdq", "qoperator"):
+        out = tmp_path / f"{fmt}.onnx"
+        r = invoke("quantize", tmp_path / "m.onnx", "--data", tmp_path / "d.npy", "-o", out, "-q", "--format", fmt,
+                   "--write-plan", tmp_path / f"{fmt}.plan.json")
+        assert r.exit_code == 0, r.output
+    q = onnx.load(str(tmp_path / "qdq.onnx"))
+    assert "Mul" not in {n.op_type for n in q.graph.node}  # no kernel runs for it
+    plan = json.loads((tmp_path / "qdq.plan.json").read_text())
+    a, mm = plan["tensors"]["a"], plan["tensors"]["m"]
+    assert np.float32(mm["scale"]) == np.float32(np.float32(a["scale"]) * np.float32(0.37)) and mm["zero_point"] == a["zero_point"]
+    assert "constant 0.37" in next(n["reason"] for n in plan["nodes"] if n["name"] == "scale")
+    by_out = {o: n for n in q.graph.node for o in n.output}
+    dq = next(n for n in q.graph.node if n.op_type == "DequantizeLinear" and n.input[1].startswith("m_scale"))
+    assert by_out[dq.input[0]].input[0] == "a"  # conv1's quantized output, read again with the scale of m
+    ref = run_model(m, {"x": x})[0]
+    got_qdq, got_qop = run_model(tmp_path / "qdq.onnx", {"x": x})[0], run_model(tmp_path / "qoperator.onnx", {"x": x})[0]
+    np.testing.assert_array_equal(got_qdq, got_qop)
+    assert np.corrcoef(ref.ravel(), got_qdq.ravel())[0, 1] > 0.995
+    if then_relu:
+        assert "relu" not in plan["folded"]  # no QuantizeLinear after the Mul to clamp for it
+        assert "relu" in {n.name for n in q.graph.node}  # it still runs (on the dequantized values), so it still clamps
+
+
+def test_a_mul_by_a_negative_constant_keeps_its_kernel(tmp_path):
+    m = scaled(-0.5)
+    onnx.save(m, tmp_path / "m.onnx")
+    np.save(tmp_path / "d.npy", RNG.normal(0, 1, (16, 3, 8, 8)).astype(np.float32))
+    r = invoke("quantize", tmp_path / "m.onnx", "--data", tmp_path / "d.npy", "-o", tmp_path / "q.onnx", "-q")
+    assert r.exit_code == 0, r.output
+    assert optimized_ops(tmp_path / "q.onnx", tmp_path).get("QLinearMul") == 1

@@ -82,7 +82,7 @@ def range_options(fn):
     fn = click.option("--percentile", type=float, default=None,
                       help="Percent of values the percentile method keeps, in (0, 100]  [default: 99.999]")(fn)
     fn = click.option("--method", type=click.Choice(METHODS), default=None,
-                      help="Range method: minmax, moving-average, percentile, entropy (KL) or mse  [default: percentile (minmax for a16w8), or the calibration file's]")(fn)
+                      help="Range method: minmax, moving-average, percentile, entropy (KL) or mse  [default: minmax, or the calibration file's]")(fn)
     return fn
 
 

@@ -70,8 +70,9 @@ def apply_qdq(model: onnx.ModelProto, plan: QuantPlan) -> tuple[onnx.ModelProto,
     m.graph.node.extend(new_nodes)
     if any(n.domain == "com.microsoft" for n in new_nodes):
         ensure_opset(m, "com.microsoft", 1)
+    constants = fold_scaled_muls(m)
     topo_sort(m)
-    drop_unused_initializers(m, [p.name for p in plan.tensors.values() if p.role not in ("activation", "lstm-weight")])
+    drop_unused_initializers(m, [p.name for p in plan.tensors.values() if p.role not in ("activation", "lstm-weight")] + constants)
     return recurrent.apply_lstm(m, plan), dequantized
 
 
@@ -97,3 +98,45 @@ def _constant(g: Graph, tp: TensorPlan):
     dq_out = g.unique(tp.name + "_dequantized")
     dq = _dq_node(g, q.name, scale.name, zp.name, dq_out, qp, "qconv")
     return [dq], [q, scale, zp], dq_out
+
+
+def fold_scaled_muls(m: onnx.ModelProto) -> list[str]:
+    """``DQ(x_q, s) -> Mul(c) -> Q(s * c) -> DQ(s * c)`` is the identity on x's integers: the last DQ reads x_q
+    directly and the Mul and its QuantizeLinear go (the planner gives a Mul by a positive constant its input's
+    parameters with the scale times c). Exact, and no QLinearMul runs (onnxruntime's is slower than a float Mul).
+    Returns the constants that may now be unused."""
+    from qconv.planner import scalar_scale
+
+    g = Graph(m)
+    dropped, constants = set(), []
+    for node in m.graph.node:
+        found = scalar_scale(node, g)
+        if found is None:
+            continue
+        k, c = found
+        dq_in = g.producer.get(node.input[k])
+        readers = g.consumers.get(node.output[0], [])
+        if dq_in is None or dq_in.op_type != "DequantizeLinear" or len(readers) != 1 or readers[0].op_type != "QuantizeLinear":
+            continue
+        q_out = readers[0]
+        dqs = g.consumers.get(q_out.output[0], [])
+        if not dqs or any(d.op_type != "DequantizeLinear" or d.domain != dq_in.domain for d in dqs) or node.output[0] in g.graph_outputs:
+            continue
+        if len(dq_in.input) < 3 or len(q_out.input) < 3 or not all(g.is_constant(i) for i in (*dq_in.input[1:3], *q_out.input[1:3])):
+            continue
+        s_in, z_in = g.array(dq_in.input[1]), g.array(dq_in.input[2])
+        s_out, z_out = g.array(q_out.input[1]), g.array(q_out.input[2])
+        if s_in.size != 1 or z_in.dtype != z_out.dtype or not np.array_equal(z_in, z_out) \
+                or np.float32(s_in.reshape(-1)[0] * np.float32(c)) != np.float32(s_out.reshape(-1)[0]):
+            continue
+        for d in dqs:
+            d.input[0] = dq_in.input[0]
+        dropped |= {id(node), id(q_out)}
+        if len(g.consumers.get(dq_in.output[0], [])) == 1:  # the Mul was its only reader
+            dropped.add(id(dq_in))
+        constants.append(node.input[1 - k])
+    if dropped:
+        keep = [n for n in m.graph.node if id(n) not in dropped]
+        del m.graph.node[:]
+        m.graph.node.extend(keep)
+    return constants
