@@ -269,6 +269,43 @@ def test_markdown_escapes_and_handles_inf_and_missing_sections():
     assert render_markdown({}) == "## qconv ?\n"
 
 
+@pytest.mark.parametrize("make", [cnn, lambda: transformer(gate_passed=False), lambda: large(transformer(gate_passed=True), 40)])
+def test_html_passes_a_strict_html5_parser(make):
+    """html5lib in strict mode raises on any parse error of the HTML5 spec (unclosed or misnested elements, bad
+    attributes, stray end tags): the offline validator the suite can run."""
+    import html5lib
+
+    html5lib.HTMLParser(strict=True, namespaceHTMLElements=False).parse(render_html(make()))
+
+
+@pytest.mark.parametrize("make", [cnn, lambda: transformer(gate_passed=False)])
+def test_markdown_renders_as_github_tables_without_raw_html(make):
+    """CommonMark with GitHub's tables (markdown-it, rich's own parser): every table line becomes a table, and no
+    token is raw HTML (a pull-request comment shows it as written)."""
+    from markdown_it import MarkdownIt
+
+    md = render_markdown(make())
+    tokens = MarkdownIt("commonmark").enable("table").parse(md)
+    assert not [t for t in tokens if t.type in ("html_block", "html_inline")]
+    assert not [c for t in tokens if t.children for c in t.children if c.type == "html_inline"]
+    table_lines = sum(1 for line in md.splitlines() if line.startswith("|"))
+    rows = sum(1 for t in tokens if t.type == "tr_open")
+    assert table_lines > 3 and rows == table_lines - sum(1 for t in tokens if t.type == "table_open")  # separators aside
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed")
+def test_html_loads_without_console_errors_in_headless_chromium(tmp_path):
+    page = tmp_path / "report.html"
+    page.write_text(render_html(transformer(gate_passed=False)), encoding="utf-8")
+    cmd = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync", "--enable-logging=stderr",
+           "--v=0", f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", page.as_uri()]
+    r = subprocess.run(cmd, capture_output=True, timeout=60, text=True)
+    assert r.returncode == 0 and "</html>" in r.stdout
+    console = [line for line in r.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
+    assert not console, console
+
+
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed")
 def test_html_screenshot_in_headless_chromium(tmp_path):
     page = tmp_path / "report.html"
