@@ -117,3 +117,17 @@ def test_the_schema_rejects_a_report_missing_a_key(conv_path, conv_data, tmp_pat
     del doc["gate"]
     with pytest.raises(jsonschema.ValidationError, match="'gate' is a required property"):
         jsonschema.validate(doc, schema("report"))
+
+
+def test_report_json_of_compare_and_quantize_share_one_schema(conv_path, conv_data, tmp_path):
+    import jsonschema
+
+    from qconv.tools import schema
+
+    q = invoke("quantize", conv_path, "--data", conv_data, "-o", tmp_path / "q.onnx", "--json", "--no-latency")
+    c = invoke("report", conv_path, tmp_path / "q.onnx", "--data", conv_data, "--json", "--no-latency")
+    assert q.exit_code == 0 and c.exit_code == 0, c.output
+    quantized, compared = json.loads(q.stdout), json.loads(c.stdout)
+    for doc in (quantized, compared):
+        jsonschema.validate(doc, schema("report"))
+    assert sorted(quantized) == sorted(compared) and compared["mode"] == "compare"

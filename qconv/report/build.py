@@ -251,6 +251,7 @@ def build_comparison_report(original_path: str, quantized_path: str, original, q
         "model": {"input": str(original_path), "output": str(quantized_path), "opset_original": ai_onnx_opset(original),
                   "opset_quantized": ai_onnx_opset(quantized), "intake": []},
         "config": {},
+        "overrides": None,
         "size_bytes": {"original": size_o, "quantized": size_q, "ratio": size_o / size_q if size_q else None},
         "node_summary": {"quantized": sum(r["quantized"] for r in rows), "float": sum(not r["quantized"] for r in rows),
                          "integer": 0, "folded_activations": 0, "by_op": {}, "kept_float": [], "kept_float_groups": []},
