@@ -63,10 +63,13 @@ def test_merged_shards_equal_a_single_run(spec, split):
     data = stream(spec)
     whole, a, b = TensorObserver(), TensorObserver(), TensorObserver()
     for k, x in enumerate(data):
-        whole.update(x)
-        (a if k % 2 == 0 else b).update(x)
+        whole.update(x, k)
+        (a if k % split == 0 else b).update(x, k)
     a.merge(b)
     assert (a.min, a.max, a.count) == (whole.min, whole.max, whole.count)  # exact
+    assert (a.ema_min, a.ema_max) == (whole.ema_min, whole.ema_max)  # the same moving average, bit for bit
+    b2 = TensorObserver.from_dict(b.to_dict())  # and through the file
+    assert b2.extremes == b.extremes
     width = max(a.hist.width, whole.hist.width)
     ca, cw = a.hist.coarsened_to(width), whole.hist.coarsened_to(width)
     assert ca.counts.sum() == cw.counts.sum()

@@ -39,6 +39,7 @@ def test_cluster_gives_the_same_file_as_one_process(in_process, tmp_path):
     for name, t in a["tensors"].items():  # statistics that merge exactly are the unsharded run's, bit for bit
         u = b["tensors"][name]
         assert (u["min"], u["max"], u["count"], u["nonfinite"], u["hist"]) == (t["min"], t["max"], t["count"], t["nonfinite"], t["hist"])
+        assert (u["ema_min"], u["ema_max"], u["extremes"]) == (t["ema_min"], t["ema_max"], t["extremes"])
 
 
 def test_a_killed_worker_is_retried(in_process, tmp_path):

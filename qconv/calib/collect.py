@@ -137,22 +137,23 @@ def _collect_group(model, feeds, threads, progress, bins, momentum, names) -> tu
     inputs = [n for n in names if n in {i.name for i in sess.get_inputs()}]
     observers = {n: TensorObserver(bins=bins, momentum=momentum) for n in names}
 
-    def observe(feed: dict, values: list) -> None:
+    def observe(index: int, feed: dict, values: list) -> None:
         for name in inputs:
-            observers[name].update(np.asarray(feed[name], dtype=np.float32))
+            observers[name].update(np.asarray(feed[name], dtype=np.float32), index)
         for name, value in zip(wanted, values):
-            observers[name].update(np.asarray(value))
+            observers[name].update(np.asarray(value), index)
 
     # Statistics of batch k are computed while onnxruntime runs batch k + 1 (numpy and onnxruntime both
     # release the GIL): at most two batches of activations are alive, and observers see batches in order.
     seen = 0
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = None
-        for feed in feeds:
+        # Each batch's index in the whole data set orders the moving averages, so shards merge exactly.
+        for index, feed in (feeds.indexed() if hasattr(feeds, "indexed") else enumerate(feeds)):
             values = run(sess, feed, wanted)
             if pending is not None:
                 pending.result()
-            pending = pool.submit(observe, feed, values)
+            pending = pool.submit(observe, index, feed, values)
             seen += 1
             if progress:
                 progress(1)

@@ -2,7 +2,9 @@
 
 ``TensorObserver`` keeps, in O(bins) memory whatever the number of samples:
 - the min and max of the finite values, element count and count of inf/NaN elements;
-- a moving average of per-batch min and max (``momentum``);
+- a moving average of per-batch min and max (``momentum``), and the per-batch extremes it is made from with
+  each batch's index in the data set (O(batches) floats), so shards merge into exactly the moving average a
+  single run computes;
 - a histogram on a grid anchored at zero with a power-of-two bin width. When new values fall outside the
   window, the window first slides, and if the values still do not fit the width doubles: pairs of bins
   merge exactly, so no count is ever split or interpolated. After any stream the width is at most
@@ -148,12 +150,16 @@ class TensorObserver:
     ema_min: float | None = None
     ema_max: float | None = None
     hist: Histogram | None = None
+    # (index of the batch in the data set, its finite min, its finite max), in index order; None when unknown
+    # (a file written before they were recorded): then shards merge their moving averages weighted by batches.
+    extremes: list | None = field(default_factory=list)
 
     def __post_init__(self):
         if self.hist is None and self.bins:
             self.hist = Histogram(self.bins)
 
-    def update(self, x: np.ndarray) -> None:
+    def update(self, x: np.ndarray, index: int | None = None) -> None:
+        """Fold one batch in; ``index`` is its position in the whole data set (default: the next one)."""
         if x.size == 0:
             return
         x = np.asarray(x, dtype=np.float32)
@@ -167,11 +173,9 @@ class TensorObserver:
                 return
             lo, hi = float(x.min()), float(x.max())
         self.min, self.max = min(self.min, lo), max(self.max, hi)
-        if self.ema_min is None:
-            self.ema_min, self.ema_max = lo, hi
-        else:
-            self.ema_min += self.momentum * (lo - self.ema_min)
-            self.ema_max += self.momentum * (hi - self.ema_max)
+        self.ema_min, self.ema_max = _ema_step(self.ema_min, self.ema_max, lo, hi, self.momentum)
+        if self.extremes is not None:
+            self.extremes.append((self.extremes[-1][0] + 1 if index is None and self.extremes else index or 0, lo, hi))
         self.batches += 1
         if self.hist is not None:
             self.hist.add(x, lo, hi)
@@ -185,7 +189,14 @@ class TensorObserver:
         self.min, self.max = min(self.min, other.min), max(self.max, other.max)
         self.count += other.count
         self.nonfinite += other.nonfinite
-        if other.ema_min is not None:
+        if self.extremes is not None and other.extremes is not None:
+            # The single run's moving average: the batches of both, folded again in data-set order.
+            self.extremes = sorted(self.extremes + other.extremes)
+            self.ema_min = self.ema_max = None
+            for _, lo, hi in self.extremes:
+                self.ema_min, self.ema_max = _ema_step(self.ema_min, self.ema_max, lo, hi, self.momentum)
+        elif other.ema_min is not None:
+            self.extremes = None
             if self.ema_min is None:
                 self.ema_min, self.ema_max = other.ema_min, other.ema_max
             else:
@@ -208,6 +219,8 @@ class TensorObserver:
         }
         if self.hist is not None and self.hist.width:
             d["hist"] = self.hist.to_dict()
+        if self.extremes:
+            d["extremes"] = _pack_extremes(self.extremes)
         return d
 
     @classmethod
@@ -219,4 +232,29 @@ class TensorObserver:
             min=float("inf") if lo is None else float(lo), max=float("-inf") if hi is None else float(hi),
             count=int(d.get("count", 0)), nonfinite=int(d.get("nonfinite", 0)), batches=int(d.get("batches", 0)),
             ema_min=d.get("ema_min"), ema_max=d.get("ema_max"), hist=hist,
+            extremes=_unpack_extremes(d["extremes"]) if d.get("extremes") else ([] if not d.get("batches") else None),
         )
+
+
+def _ema_step(ema_min, ema_max, lo: float, hi: float, momentum: float):
+    """One batch of the moving average (the first batch starts it): one definition for a run and for a merge."""
+    if ema_min is None:
+        return lo, hi
+    return ema_min + momentum * (lo - ema_min), ema_max + momentum * (hi - ema_max)
+
+
+def _pack_extremes(extremes: list) -> dict:
+    """Batch indices (int64) and extremes (float32: they are values of float32 tensors, exactly), zlib + base64."""
+    a = np.asarray(extremes, dtype=np.float64)
+    idx = a[:, 0].astype("<i8")
+    vals = a[:, 1:].astype("<f4")
+    return {"batches": len(extremes), "index_zlib_b64": base64.b64encode(zlib.compress(np.diff(idx, prepend=0).astype("<i8").tobytes(), 9)).decode(),
+            "minmax_zlib_b64": base64.b64encode(zlib.compress(vals.tobytes(), 9)).decode()}
+
+
+def _unpack_extremes(d: dict) -> list:
+    idx = np.cumsum(np.frombuffer(zlib.decompress(base64.b64decode(d["index_zlib_b64"])), dtype="<i8"))
+    vals = np.frombuffer(zlib.decompress(base64.b64decode(d["minmax_zlib_b64"])), dtype="<f4").reshape(-1, 2)
+    if len(idx) != int(d["batches"]) or len(vals) != len(idx):
+        raise ValueError("per-batch extremes do not match their batch count")
+    return [(int(k), float(lo), float(hi)) for k, (lo, hi) in zip(idx, vals)]
