@@ -119,7 +119,7 @@ class Histogram:
         self.width, self.start, self.counts = a.width, lo, a.counts + b.counts
 
     def to_dict(self) -> dict:
-        raw = zlib.compress(self.counts.astype("<i8").tobytes(), 9)
+        raw = zlib.compress(self.counts.astype("<i8").tobytes(), 6)
         return {"bins": self.bins, "width": self.width, "start": self.start, "counts_zlib_b64": base64.b64encode(raw).decode()}
 
     @classmethod
@@ -248,8 +248,8 @@ def _pack_extremes(extremes: list) -> dict:
     a = np.asarray(extremes, dtype=np.float64)
     idx = a[:, 0].astype("<i8")
     vals = a[:, 1:].astype("<f4")
-    return {"batches": len(extremes), "index_zlib_b64": base64.b64encode(zlib.compress(np.diff(idx, prepend=0).astype("<i8").tobytes(), 9)).decode(),
-            "minmax_zlib_b64": base64.b64encode(zlib.compress(vals.tobytes(), 9)).decode()}
+    return {"batches": len(extremes), "index_zlib_b64": base64.b64encode(zlib.compress(np.diff(idx, prepend=0).astype("<i8").tobytes(), 6)).decode(),
+            "minmax_zlib_b64": base64.b64encode(zlib.compress(vals.tobytes(), 6)).decode()}
 
 
 def _unpack_extremes(d: dict) -> list:
