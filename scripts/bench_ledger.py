@@ -33,6 +33,7 @@ scripts/ledger_baseline.json (per-row scores included, so later runs pair agains
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import os
@@ -40,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -49,12 +50,15 @@ import onnx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from qconv.data import FeedSource  # noqa: E402
 from scripts.bench_tuning import STRIDES, _boxes, _edit, _iou, pages, turned  # noqa: E402
 from scripts.benchlib import (  # noqa: E402
     SAMPLES,
+    WORDS,
     Case,
     aligned,
     first_line,
+    graph_specs,
     latencies,
     ort_int8,
     session,
@@ -86,8 +90,6 @@ def text_crops(count: int, seed: int, width: int = 320, height: int = 48, texts:
     resolution, JPEG quality and noise vary (a scan or phone photo, not a clean render)."""
     from PIL import Image, ImageDraw, ImageFilter
 
-    from scripts.benchlib import WORDS
-
     rng = np.random.default_rng(seed)
     out = np.zeros((count, 3, height, width), np.float32)
     fonts = {s: _fonts(s) for s in (22, 28, 34)}
@@ -114,11 +116,9 @@ def text_crops(count: int, seed: int, width: int = 320, height: int = 48, texts:
             f = float(rng.uniform(0.35, 0.7))
             img = img.resize((max(8, int(img.width * f)), max(8, int(img.height * f))), Image.BILINEAR)
         if rng.random() < 0.5:  # JPEG artefacts
-            import io as _io
-
-            buf = _io.BytesIO()
+            buf = io.BytesIO()
             img.save(buf, "JPEG", quality=int(rng.integers(20, 60)))
-            img = Image.open(_io.BytesIO(buf.getvalue())).convert("L")
+            img = Image.open(io.BytesIO(buf.getvalue())).convert("L")
         new_w = min(width, max(8, int(round(img.width * height / img.height))))
         img = img.resize((new_w, height), Image.BILINEAR)
         a = np.asarray(img, np.float32) / 255.0
@@ -259,9 +259,6 @@ def tasks(work: Path, quick: bool) -> list[Task]:
 # ---- the columns -----------------------------------------------------------------------------------------------
 
 def outputs_of(path: Path, data: Path, batch: int) -> list[np.ndarray]:
-    from qconv.data import FeedSource
-    from scripts.benchlib import graph_specs
-
     sess = session(path, THREADS)
     names = [o.name for o in sess.get_outputs()]
     runs = [sess.run(names, feed) for feed in FeedSource(data, graph_specs(path), batch_size=batch)]
@@ -283,9 +280,6 @@ def qconv_cli(cli: list[str], task: Task, work: Path, tag: str, extra: list[str]
 
 def nncf_int8(task: Task, out: Path) -> float:
     import nncf  # noqa: F401 - optional, a peer
-
-    from qconv.data import FeedSource
-    from scripts.benchlib import graph_specs
 
     c = task.case
     t0 = time.perf_counter()
@@ -342,8 +336,7 @@ def run_task(task: Task, work: Path, variants: list[str], before: list[str] | No
             notes.append(f"nncf: {first_line(exc)}")
     ref = outputs_of(c.model, c.eval, c.batch)
     rows = {k: task.rows(ref, ref if k == "fp32" else outputs_of(p, c.eval, c.batch), task.truth) for k, p in paths.items()}
-    x_feed = next(iter(__import__("qconv.data", fromlist=["FeedSource"]).FeedSource(
-        c.eval, __import__("scripts.benchlib", fromlist=["graph_specs"]).graph_specs(c.model), batch_size=1)))
+    x_feed = next(iter(FeedSource(c.eval, graph_specs(c.model), batch_size=1)))
     sessions = {k: session(p, 1, spinning=False) for k, p in paths.items()}
     ms = latencies(sessions, x_feed, 25, 45.0)
     return {"rows": rows, "ms": ms, "wall": wall, "notes": notes, "size": {k: Path(p).stat().st_size for k, p in paths.items()}}
