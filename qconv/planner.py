@@ -22,6 +22,7 @@ from qconv.plan import NodeDecision, QuantPlan, TensorPlan
 from qconv.rewrite import rules
 from qconv.rewrite.rules import recurrent
 from qconv.rewrite.rules import ANCHORS, OWN, SHARED
+from qconv.rewrite.rules.elementwise import scalar_scale
 
 # Activations that a quantized producer's QuantizeLinear can absorb (its clamp is the activation).
 FOLDABLE_ACT = {"Relu", "Clip"}
@@ -194,20 +195,6 @@ def _plan_graph(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]], 
         for name, qp in recurrent.plan_lstm(node, g, qmath.qtype("int8"), per_channel):
             tensors[f"{node.name}/{name}"] = TensorPlan(name, recurrent.ROLE, qp, [node.name], "LSTM weight, int8 per gate row")
     return QuantPlan(config, st.decisions, tensors, folded, overrides)
-
-
-def scalar_scale(node, g: Graph) -> tuple[int, float] | None:
-    """(input index, c) when ``node`` multiplies a tensor by a positive finite scalar constant c. Such a Mul needs no
-    kernel in int8: its output is its input's integers read with the scale times c (see qconv.rewrite.qdq)."""
-    if node.op_type != "Mul" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
-        return None
-    for k in (0, 1):
-        c = node.input[1 - k]
-        if g.is_constant(c) and not g.is_constant(node.input[k]) and g.is_float(c) and g.initializers[c].data_type == onnx.TensorProto.FLOAT:
-            value = g.array(c)
-            if value.size == 1 and np.isfinite(value).all() and float(value.reshape(-1)[0]) > 0.0:
-                return k, float(value.reshape(-1)[0])
-    return None
 
 
 def _decide(node, g: Graph, ranges, nonfinite, masks, config: QuantConfig, ov, st: _State) -> None:

@@ -11,6 +11,7 @@ from qconv.graph import Graph, ai_onnx_opset, ensure_opset, topo_sort
 from qconv.intake import drop_unused_initializers
 from qconv.plan import QuantPlan, TensorPlan
 from qconv.rewrite.rules import recurrent
+from qconv.rewrite.rules.elementwise import scalar_scale
 
 
 def _fmt(qp: qmath.QParams) -> str:
@@ -105,8 +106,6 @@ def fold_scaled_muls(m: onnx.ModelProto) -> list[str]:
     directly and the Mul and its QuantizeLinear go (the planner gives a Mul by a positive constant its input's
     parameters with the scale times c). Exact, and no QLinearMul runs (onnxruntime's is slower than a float Mul).
     Returns the constants that may now be unused."""
-    from qconv.planner import scalar_scale
-
     g = Graph(m)
     dropped, constants = set(), []
     for node in m.graph.node:

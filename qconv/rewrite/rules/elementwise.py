@@ -3,7 +3,25 @@ Relu and Clip are absorbed by their producer's QuantizeLinear (see the planner).
 
 from __future__ import annotations
 
+import numpy as np
+import onnx
+
 from qconv.rewrite.rules import MS, Rule
+
+
+def scalar_scale(node, g) -> tuple[int, float] | None:
+    """(input index, c) when ``node`` multiplies a tensor by a positive finite scalar constant c. Such a Mul needs no
+    kernel in int8: its output is its input's integers read with the scale times c (the planner gives it those
+    parameters, ``qdq.fold_scaled_muls`` drops the Mul)."""
+    if node.op_type != "Mul" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+        return None
+    for k in (0, 1):
+        c = node.input[1 - k]
+        if g.is_constant(c) and not g.is_constant(node.input[k]) and g.is_float(c) and g.initializers[c].data_type == onnx.TensorProto.FLOAT:
+            value = g.array(c)
+            if value.size == 1 and np.isfinite(value).all() and float(value.reshape(-1)[0]) > 0.0:
+                return k, float(value.reshape(-1)[0])
+    return None
 
 
 def spec_operands(node, g, per_channel: bool):
