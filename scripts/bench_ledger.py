@@ -25,6 +25,9 @@ Speed: one thread, interleaved warm blocks, median ms per feed (benchlib.latenci
     .venv/bin/python scripts/bench_ledger.py [--only NAME] [--variants default,percentile] [--before REV]
         [--nncf] [--json ledger.json] [--write-baseline] [--quick]
 
+NNCF runs with its defaults on the model after qconv's intake (BatchNorm folded, opset 13): as shipped (opset 11-12)
+it falls back to per-tensor weights and collapses on the recognizer.
+
 ``--variants`` adds qconv columns (a range method name is passed as --method); ``--before REV`` adds a column for
 qconv at that git revision (a worktree), the paired reference; ``--write-baseline`` stores the default column as
 scripts/ledger_baseline.json (per-row scores included, so later runs pair against it).
@@ -279,12 +282,17 @@ def qconv_cli(cli: list[str], task: Task, work: Path, tag: str, extra: list[str]
 
 
 def nncf_int8(task: Task, out: Path) -> float:
+    """NNCF's defaults, on the model after qconv's intake (BatchNorm folded, opset 13 so weights are per-channel):
+    NNCF quantizes an opset-11/12 model per tensor and collapses on PP-OCR's recognizer as shipped."""
     import nncf  # noqa: F401 - optional, a peer
+
+    from qconv import pipeline
+    from qconv.config import QuantConfig
 
     c = task.case
     t0 = time.perf_counter()
     feeds = list(FeedSource(c.calib, graph_specs(c.model), batch_size=c.batch))
-    model = onnx.load(str(c.model))
+    model = pipeline.load(c.model, QuantConfig()).model
     q = nncf.quantize(model, nncf.Dataset(feeds), subset_size=len(feeds))
     onnx.save(q, str(out))
     return time.perf_counter() - t0
