@@ -27,7 +27,7 @@ class QuantConfig:
     symmetric_weights: bool = True
     symmetric_activations: bool = False
     reduce_range: bool = False
-    method: str = "minmax"  # calib.ranges.DEFAULT_METHOD; jobs resolve the default per mode
+    method: str = "minmax"  # calib.ranges.DEFAULT_METHOD (jobs fill it from the options or the calibration file)
     percentile: float = 99.999
     block_size: int = 32
     int4_method: str = "rtn"

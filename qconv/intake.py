@@ -131,7 +131,7 @@ def div_to_mul(model: onnx.ModelProto) -> str | None:
     return f"{changed} divisions by a constant rewritten as multiplications by its reciprocal" if changed else None
 
 
-_GATES = ("Clip", "Sigmoid", "HardSigmoid", "Relu")
+_GATES = ("Clip", "Sigmoid", "HardSigmoid")  # bounded: their product with x is no wider than x
 
 
 def scale_the_gate(model: onnx.ModelProto) -> str | None:

@@ -18,7 +18,7 @@ import numpy as np
 
 from qconv import distributed, io, pipeline, runtime, tuning
 from qconv.calib.collect import activation_tensors
-from qconv.calib.ranges import default_method
+from qconv.calib.ranges import DEFAULT_METHOD
 from qconv.calib.observers import DEFAULT_BINS, DEFAULT_MOMENTUM
 from qconv.config import QuantConfig
 from qconv.data import FeedSource, InputSpec
@@ -97,7 +97,7 @@ class PlanJob:
     def effective(self, recorded: dict | None) -> QuantConfig:
         """The config with the range method and percentile: from the options, else as calibration recorded them."""
         recorded = recorded or {}
-        method = self.method or recorded.get("method") or default_method(self.config.mode)
+        method = self.method or recorded.get("method") or DEFAULT_METHOD
         pct = self.percentile if self.percentile is not None else float(recorded.get("percentile", 99.999))
         return dataclasses.replace(self.config, method=method, percentile=pct)
 

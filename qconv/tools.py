@@ -26,7 +26,7 @@ class CalibrateJob:
     shard: tuple[int, int] = (0, 1)
     per_tensor: bool = False
     all_tensors: bool = False
-    method: str | None = None  # None: recorded as null, so quantize uses its mode's default
+    method: str | None = None  # None: recorded as null, so quantize uses the default (calib.ranges.DEFAULT_METHOD)
     percentile: float | None = None
     options: CalibOptions = field(default_factory=CalibOptions)
 

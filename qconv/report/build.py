@@ -27,7 +27,6 @@ OPTIONAL_SECTIONS = {
 # Findings of one mode or form: null in the others.
 FINDINGS = ("quantized_io", "qoperator", "converted_from", "fp16", "int4", "subgraphs")
 NO_GATES = {"passed": True, "checks": [], "failed": []}
-NOT_MEASURED = "not measured: pass --eval-data"
 
 
 def build_report(plan: QuantPlan, float_model, quant_model, *, input_path: str, output_path: str, original_opset: int,
@@ -269,6 +268,7 @@ def build_comparison_report(original_path: str, quantized_path: str, original, q
             report[key] = evaluation[key]
     report["warnings"] = list(extra_warnings) + [w for w in warnings(report, None) if "nothing was quantized" not in w]
     return report
+
 
 def complete(report: dict) -> dict:
     """Every top-level key the schema defines, whatever the options: absent sections become null with a
