@@ -35,6 +35,7 @@ class QuantConfig:
     exclude_nodes: tuple[str, ...] = field(default_factory=tuple)
     exclude_ops: tuple[str, ...] = field(default_factory=tuple)
     quantized_io: str | None = None  # uint8 | int8: the model's float inputs and outputs become integer tensors
+    bias_correction: bool = False  # shift each int8 layer's bias by the mean error it measures on the data (qconv.adjust.bias)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -64,6 +65,9 @@ class QuantConfig:
             if self.activation_type is not None and self.activation_type != self.quantized_io:
                 raise UsageError(f"--quantized-io {self.quantized_io} needs {self.quantized_io} activations: drop --activation-type "
                                  f"{self.activation_type} (or make them match)")
+        if self.bias_correction and not self.needs_calibration:
+            raise UsageError(f"--bias-correction corrects the static int8 modes (int8, a16w8); --mode {self.mode} has no activation "
+                             "quantization to correct: drop it")
         if self.int4_method not in ("rtn", "gptq"):
             raise UsageError(f"unknown int4 method '{self.int4_method}'; choose rtn or gptq")
 

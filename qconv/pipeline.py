@@ -36,6 +36,7 @@ from qconv.planner import ScopedOverrides, activation_ranges, build_plan, calibr
 from qconv.rewrite.dynamic import apply_dynamic, plan_dynamic
 from qconv.rewrite.qdq import apply_qdq
 from qconv.rewrite.qoperator import fold_qoperator
+from qconv.adjust import bias
 
 Progress = Callable[[str, int | None], Callable[[int], None]]  # (label, total) -> advance(n)
 
@@ -236,6 +237,24 @@ def plan(prepared: Prepared, calib: Calibration | None, config: QuantConfig, ove
     return p
 
 
+def correct_bias(prepared: Prepared, p: QuantPlan, source: FeedSource, threads: int | None = None,
+                 progress: Progress = _no_progress) -> QuantPlan:
+    """``p`` with bias correction measured on ``source`` (when its config asks for it) and recorded in the plan."""
+    if not p.config.bias_correction:
+        return p
+    model = smoothed(prepared, p.overrides).model
+    rows = min(source.count() * source.batch_size, bias.MAX_ROWS)
+    advance = progress("bias correction", -(-rows // source.batch_size))
+    bias.record(p, model, bias.measure(model, p, source, threads, advance))
+    return p
+
+
+def keep_corrections(prepared: Prepared, stored: QuantPlan, p: QuantPlan) -> QuantPlan:
+    """``p`` (planned again from ``stored`` with other overrides) with the corrections of ``stored`` that still hold."""
+    bias.carry(stored, p, smoothed(prepared, p.overrides).model)
+    return p
+
+
 def replan(prepared: Prepared, stored: QuantPlan, calib: Calibration | None, where: str = "plan file") -> QuantPlan:
     """Plan again after the overrides of a stored plan were edited: from its recorded ranges, or from ``calib``
     (needed only by method overrides)."""
@@ -247,6 +266,7 @@ def replan(prepared: Prepared, stored: QuantPlan, calib: Calibration | None, whe
                              "statistics (a plan records ranges only): pass --calib FILE")
         calib = _StoredRanges(stored.source)
     p = plan(prepared, calib, config, stored.overrides, where)
+    keep_corrections(prepared, stored, p)
     if isinstance(calib, _StoredRanges):
         p.source["calibration"] = stored.source.get("calibration")
     return p
@@ -286,7 +306,7 @@ def apply(prepared: Prepared, p: QuantPlan, calib_feeds: Iterable[dict] | None =
     findings: dict = {}
     analysis, dequantized = None, {}
     if config.needs_calibration:
-        qmodel, dequantized = apply_qdq(prepared.model, subplan(p))
+        qmodel, dequantized = apply_qdq(bias.apply(prepared.model, p.corrections), subplan(p))
         _apply_bodies(qmodel, p, findings, lambda m, sub: _qdq_body(m, sub, config))
         analysis = qmodel
         if config.quantized_io:

@@ -97,6 +97,9 @@ class QuantPlan:
     # Where the decisions came from: model id, calibration identity, and the ranges the planner saw, so an
     # edited plan can be planned again without running the model (see planner.replan).
     source: dict = field(default_factory=dict)
+    # Weight-level steps decided with data (qconv.adjust): node -> {"bias": tensor, "added": bool, "shift": [per channel]},
+    # the mean shift bias correction adds to that float bias before the rewrite quantizes it.
+    corrections: dict[str, dict] = field(default_factory=dict)
 
     def decision(self, name: str) -> NodeDecision | None:
         return next((n for n in self.nodes if n.name == name), None)
@@ -137,6 +140,7 @@ class QuantPlan:
                       for n in self.nodes],
             "tensors": {k: t.to_dict() for k, t in sorted(self.tensors.items())},
             "folded": dict(sorted(self.folded.items())),
+            "corrections": {k: dict(v) for k, v in sorted(self.corrections.items())},
         }
 
     @classmethod
@@ -151,10 +155,12 @@ class QuantPlan:
             tensors = {k: TensorPlan.from_dict(k, v) for k, v in dict(d["tensors"]).items()}
             folded = {str(k): str(v) for k, v in dict(d.get("folded", {})).items()}
             source = dict(d.get("source") or {})
+            corrections = {str(k): {"bias": str(v["bias"]), "added": bool(v.get("added", False)),
+                                    "shift": [float(x) for x in v["shift"]]} for k, v in dict(d.get("corrections") or {}).items()}
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise QconvError(f"{where} is missing or has malformed fields ({type(exc).__name__}: {exc}): re-run qconv plan") from None
         overrides = Overrides.from_dict(d.get("overrides") or {}, where)
-        plan = cls(config, nodes, tensors, folded, overrides, source)
+        plan = cls(config, nodes, tensors, folded, overrides, source, corrections)
         plan.stale = overrides.digest() != d.get("planned_with_overrides", overrides.digest())
         return plan
 

@@ -90,6 +90,9 @@ class PlanJob:
         if config.needs_calibration:
             if (self.calib is None) == (self.data is None):
                 raise UsageError(f"--mode {config.mode} needs calibration: give exactly one of --calib FILE or --data DATA")
+            if config.bias_correction and self.data is None:
+                raise UsageError("--bias-correction measures each layer's mean error on the calibration rows: give --data DATA "
+                                 "in place of --calib (a calibration file holds ranges, not rows)")
         elif self.calib is not None:
             raise UsageError(f"--mode {config.mode} takes no calibration file: drop --calib (--data, if given, is used for evaluation"
                              f"{' and GPTQ' if config.mode == 'int4' else ''})")
@@ -153,7 +156,16 @@ def run_plan(job: PlanJob, progress=pipeline._no_progress) -> tuple[QuantPlan, p
     pipeline.check_float(prepared)
     calib = _statistics(job, prepared, overrides, progress)
     config = job.effective(calib.options if calib is not None else None)
-    return pipeline.plan(prepared, calib, config, overrides), prepared
+    return _corrected(job, prepared, pipeline.plan(prepared, calib, config, overrides), progress), prepared
+
+
+def _corrected(job: PlanJob, prepared: pipeline.Prepared, plan: QuantPlan, progress) -> QuantPlan:
+    """The plan with bias correction measured on the calibration rows (when --bias-correction asks for it)."""
+    if not plan.config.bias_correction:
+        return plan
+    o = job.calib_options
+    source = pipeline.feeds_for(prepared, job.data, o.batch_size, o.samples, cast=o.cast_data, skip=job.holdout)
+    return pipeline.correct_bias(prepared, plan, source, o.threads, progress)
 
 
 def read_plan(path: Path) -> QuantPlan:
@@ -252,7 +264,7 @@ def _make_plan(job: QuantizeJob, prepared: pipeline.Prepared, stored: QuantPlan 
         overrides = load_overrides(pj.overrides)
         calib = _statistics(pj, prepared, overrides, progress)
         config = pj.effective(calib.options if calib is not None else None)
-        return pipeline.plan(prepared, calib, config, overrides), calib
+        return _corrected(pj, prepared, pipeline.plan(prepared, calib, config, overrides), progress), calib
     check_plan_model(stored, job.plan_file, prepared, pj.force_calib)
     calib = pipeline.load_calibration(pj.calib, prepared, pj.force_calib) if pj.calib is not None else None
     if not stored.stale:
@@ -356,7 +368,7 @@ def _run_tuned(job: QuantizeJob, prepared: pipeline.Prepared, labels, progress) 
     tuner = tuning.Tuner(prepared, calib, config, overrides, held, source.identity(), targets, job.tune, threads, progress,
                          calib_source)
     method, tuned, _ = tuner.run()
-    plan = pipeline.plan(prepared, calib, dataclasses.replace(config, method=method), tuned)
+    plan = _corrected(pj, prepared, pipeline.plan(prepared, calib, dataclasses.replace(config, method=method), tuned), progress)
     feed = pipeline.check_feed(prepared, next(iter(source), None))
     result = pipeline.apply(prepared, plan, None, feed)
     evaluation, reference = evaluate(prepared, result, source, labels, job.evaluation, progress)
@@ -434,7 +446,7 @@ def speed_fallback(prepared: pipeline.Prepared, result: pipeline.Result, calib, 
     stored = result.plan
     merged = stored.overrides.merged(extra)
     if calib is not None or not stored.config.needs_calibration:
-        candidate_plan = pipeline.plan(prepared, calib, stored.config, merged)
+        candidate_plan = pipeline.keep_corrections(prepared, stored, pipeline.plan(prepared, calib, stored.config, merged))
     else:
         candidate_plan = pipeline.replan(prepared, dataclasses.replace(stored, overrides=merged), None)
     candidate = pipeline.apply(prepared, candidate_plan)

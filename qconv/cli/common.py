@@ -144,6 +144,8 @@ def scheme_options(fn):
         click.option("--affine-weights", is_flag=True, help="Weights with a zero point (default: symmetric, zero point 0)."),
         click.option("--weight-type", type=click.Choice(["int8", "uint8"]), default="int8", show_default=True, help="Integer type of weights."),
         click.option("--per-tensor", is_flag=True, help="One scale per weight tensor instead of per output channel."),
+        click.option("--bias-correction", is_flag=True,
+                     help="int8: shift each layer's bias by the mean error int8 causes at its output, measured on --data (same graph, same speed)."),
         click.option("--format", "fmt", type=click.Choice(FORMATS), default=None,
                      help="qdq (QuantizeLinear/DequantizeLinear pairs) or qoperator (QLinearConv, QLinearMatMul, ...)  [default: qdq]"),
         click.option("--mode", type=click.Choice(MODES), default="int8", show_default=True,
@@ -155,7 +157,8 @@ def scheme_options(fn):
 
 
 SCHEME_KEYS = ("mode", "fmt", "per_tensor", "weight_type", "affine_weights", "activation_type", "symmetric_activations",
-               "reduce_range", "block_size", "int4_method", "keep_io_types", "exclude_nodes", "exclude_ops", "quantized_io")
+               "reduce_range", "block_size", "int4_method", "keep_io_types", "exclude_nodes", "exclude_ops", "quantized_io",
+               "bias_correction")
 
 
 def config_from(kwargs: dict) -> QuantConfig:
@@ -165,7 +168,8 @@ def config_from(kwargs: dict) -> QuantConfig:
                        symmetric_weights=not k["affine_weights"], activation_type=k["activation_type"],
                        symmetric_activations=k["symmetric_activations"], reduce_range=k["reduce_range"],
                        block_size=k["block_size"], int4_method=k["int4_method"], keep_io_types=k["keep_io_types"],
-                       exclude_nodes=tuple(k["exclude_nodes"]), exclude_ops=tuple(k["exclude_ops"]), quantized_io=k["quantized_io"])
+                       exclude_nodes=tuple(k["exclude_nodes"]), exclude_ops=tuple(k["exclude_ops"]), quantized_io=k["quantized_io"],
+                       bias_correction=k["bias_correction"])
 
 
 def scheme_given(ctx: click.Context) -> list[str]:
