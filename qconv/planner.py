@@ -20,7 +20,7 @@ from qconv.graph import Graph, attr, integer_only
 from qconv.overrides import Overrides
 from qconv.plan import NodeDecision, QuantPlan, TensorPlan
 from qconv.rewrite import rules
-from qconv.rewrite.rules import recurrent
+from qconv.rewrite.rules import recurrent, saturation
 from qconv.rewrite.rules import ANCHORS, OWN, SHARED
 from qconv.rewrite.rules.elementwise import scalar_scale
 
@@ -70,6 +70,7 @@ class _State:
     wide: set = field(default_factory=set)  # activations an int16 override widens to 16 bits
     recurrent: list = field(default_factory=list)  # LSTM nodes that become DynamicQuantizeLSTM
     scaled: dict = field(default_factory=dict)  # output of a Mul by a positive constant -> (its input, the constant)
+    floors: dict = field(default_factory=dict)  # activation -> the value its readers are flat below (saturation.floor_of)
 
     def keep_float(self, node, code: str, reason: str) -> None:
         self.decisions.append(NodeDecision(node.name, node.op_type, "float", reason, code))
@@ -173,6 +174,7 @@ def _plan_graph(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]], 
     act_q = qmath.qtype(config.act_type)
     w_q = config.weight_qtype
     st = _State()
+    ranges, st.floors = _floored_ranges(g, ranges, act_q, methods or {})
     for node in model.graph.node:
         _decide(node, g, ranges, nonfinite, masks, config, overrides.node(node.name), st)
 
@@ -318,6 +320,20 @@ def _leaves_int8(name: str, g: Graph, depth: int = 0) -> bool:
         elif c.op_type in OWN:
             return False
     return True
+
+
+def _floored_ranges(g: Graph, ranges: dict, act_q: qmath.QType, methods: dict) -> tuple[dict, dict]:
+    """Ranges cut at the floor below which every reader is flat (e.g. -3 before a hard-swish): exact, finer steps.
+    A range an override set stays as given."""
+    out, floors = dict(ranges), {}
+    for name, (lo, hi) in ranges.items():
+        if lo >= 0.0 or methods.get(name) == "explicit":
+            continue
+        t = saturation.floor_of(name, g)
+        low = saturation.floored(lo, hi, t, 2 ** act_q.bits)
+        if low != lo:
+            out[name], floors[name] = (low, hi), t
+    return out, floors
 
 
 def _alias_activation_inputs(model, g: Graph, ranges: dict) -> dict:
@@ -481,7 +497,10 @@ def _qparams(model, g: Graph, st: _State, outputs, ranges, folded, config, act_q
         lo, hi = ranges[name]
         qt = wide_type(act_q) if wide else act_q
         method = methods.get(name, config.method)
-        return qmath.choose_qparams(lo, hi, qt, sym_a), "calibrated range" if method != "explicit" else "range set by override", method, (lo, hi)
+        origin = "calibrated range" if method != "explicit" else "range set by override"
+        if name in st.floors:
+            origin += f", floored at {st.floors[name]:.6g} (every reader is flat below it)"
+        return qmath.choose_qparams(lo, hi, qt, sym_a), origin, method, (lo, hi)
 
     # Graph order, so a shared-parameter op's input is planned before its output.
     order = list(g.graph_inputs) + [o for n in model.graph.node for o in list(n.input) + list(n.output)]

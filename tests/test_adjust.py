@@ -1,0 +1,156 @@
+"""Bias correction (qconv.adjust.bias): measured through onnxruntime, recorded in the plan, reproduced by --plan."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from qconv import pipeline
+from qconv.adjust import bias
+from qconv.cli.main import cli
+from qconv.config import QuantConfig
+from qconv.data import FeedSource, InputSpec
+from tests.conftest import conv_model, make_model, optimized_ops, run_model
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def one_conv(with_bias: bool, depthwise: bool = True) -> onnx.ModelProto:
+    """x[N,8,10,10] -> Conv 3x3 (depthwise: 9 weights a channel, whose rounding errors do not average out)."""
+    rng = np.random.default_rng(3)
+    groups = 8 if depthwise else 1
+    w = rng.normal(0, 0.4, (8, 8 // groups, 3, 3)).astype(np.float32)
+    w[:, :, 1, 1] *= 6.0  # one large tap per channel: the others round on a coarse grid
+    inits = [numpy_helper.from_array(w, "w")]
+    ins = ["x", "w"]
+    if with_bias:
+        inits.append(numpy_helper.from_array(rng.normal(0, 0.1, 8).astype(np.float32), "b"))
+        ins.append("b")
+    node = helper.make_node("Conv", ins, ["y"], pads=[1, 1, 1, 1], group=groups, name="conv")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 10, 10])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 10, 10])
+    return make_model([node], [x], [y], inits, opset=13)
+
+
+def _rows(tmp_path, n=24):
+    # Positive, offset inputs (a post-activation tensor): the weights' rounding error times a large mean input.
+    data = (np.random.default_rng(5).gamma(2.0, 1.0, (n, 8, 10, 10)) + 0.5).astype(np.float32)
+    p = tmp_path / "calib.npy"
+    np.save(p, data)
+    return p, data
+
+
+def _channel_means(model_or_path, data):
+    return run_model(model_or_path, {"x": data})[0].astype(np.float64).mean(axis=(0, 2, 3))
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_corrected_layer_has_the_float_mean(tmp_path, with_bias):
+    """One layer: its int8 twin is exactly the quantized layer, so after correction the quantized model's mean output
+    per channel equals the float model's on the calibration rows, up to the rounding of the int8 output itself."""
+    src = tmp_path / "m.onnx"
+    onnx.save(one_conv(with_bias), src)
+    calib, data = _rows(tmp_path)
+    for flag, out in (([], "plain.onnx"), (["--bias-correction"], "bc.onnx")):
+        r = invoke("quantize", src, "--data", calib, "--batch-size", 4, "-o", tmp_path / out, "-q", *flag)
+        assert r.exit_code == 0, r.output
+    ref = _channel_means(src, data)
+    before = np.abs(_channel_means(tmp_path / "plain.onnx", data) - ref)
+    after = np.abs(_channel_means(tmp_path / "bc.onnx", data) - ref)
+    assert before.mean() > 5e-3
+    assert after.mean() < before.mean() / 20 and after.max() < 1e-3, (before, after)
+    q = onnx.load(tmp_path / "bc.onnx")
+    onnx.checker.check_model(q)
+    conv = next(n for n in q.graph.node if n.op_type == "Conv")
+    assert len(conv.input) == 3 and conv.input[2]  # a bias was added where the layer had none
+
+
+def test_plan_records_and_reproduces_the_correction(tmp_path):
+    src = tmp_path / "m.onnx"
+    onnx.save(conv_model(), src)
+    calib, _ = _rows(tmp_path)
+    data = tmp_path / "x.npy"
+    np.save(data, np.random.default_rng(2).normal(0.5, 1, (16, 3, 8, 8)).astype(np.float32))
+    plan = tmp_path / "p.json"
+    assert invoke("quantize", src, "--data", data, "-o", tmp_path / "a.onnx", "--bias-correction", "--write-plan", plan, "-q").exit_code == 0
+    stored = json.loads(plan.read_text())
+    assert stored["config"]["bias_correction"] is True
+    assert set(stored["corrections"]) == {"conv1", "conv2", "fc"}
+    assert all(len(c["shift"]) == n for c, n in zip([stored["corrections"][k] for k in ("conv1", "conv2", "fc")], (8, 4, 5)))
+    assert invoke("quantize", src, "--plan", plan, "-o", tmp_path / "b.onnx", "-q").exit_code == 0
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    assert invoke("quantize", src, "--data", data, "-o", tmp_path / "plain.onnx", "-q").exit_code == 0
+    assert optimized_ops(tmp_path / "a.onnx", tmp_path) == optimized_ops(tmp_path / "plain.onnx", tmp_path)  # same kernels
+    # Editing the plan (conv2 kept float) plans again: the corrections of the layers quantized as before stay.
+    stored["overrides"]["nodes"]["conv2"] = {"precision": "float"}
+    plan.write_text(json.dumps(stored))
+    edited = tmp_path / "edited.json"
+    assert invoke("quantize", src, "--plan", plan, "-o", tmp_path / "c.onnx", "--write-plan", edited, "-q").exit_code == 0
+    kept = json.loads(edited.read_text())["corrections"]
+    assert "conv2" not in kept and kept["conv1"] == stored["corrections"]["conv1"]
+
+
+def test_matmul_shift_goes_into_the_bias_add(tmp_path):
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.2, (16, 6)).astype(np.float32), "W"),
+             numpy_helper.from_array(rng.normal(0, 0.1, 6).astype(np.float32), "B")]
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"), helper.make_node("Add", ["h", "B"], ["y"], name="add")]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5, 16])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5, 6])], inits, opset=13)
+    src = tmp_path / "mm.onnx"
+    onnx.save(model, src)
+    data = tmp_path / "x.npy"
+    np.save(data, (rng.gamma(2.0, 1.0, (12, 5, 16)) + 1).astype(np.float32))
+    prepared = pipeline.load(src, QuantConfig())
+    calib = pipeline.calibrate(prepared, pipeline.feeds_for(prepared, data, 4))
+    p = pipeline.plan(prepared, calib, QuantConfig(bias_correction=True))
+    pipeline.correct_bias(prepared, p, pipeline.feeds_for(prepared, data, 4))
+    assert set(p.corrections) == {"mm"} and p.corrections["mm"]["bias"] == "B" and not p.corrections["mm"]["added"]
+    x = np.load(data)
+    want = np.asarray(p.corrections["mm"]["shift"])
+    w = np.asarray(numpy_helper.to_array(inits[0]))
+    t = p.tensors
+    from qconv import qmath
+
+    xq = qmath.dequantize(qmath.quantize(x, t["x"].qparams), t["x"].qparams)
+    wq = qmath.dequantize(qmath.quantize(w, t["W"].qparams), t["W"].qparams)
+    expected = (x.astype(np.float64) @ w - xq.astype(np.float64) @ wq).reshape(-1, 6).mean(axis=0)
+    np.testing.assert_allclose(want, expected, rtol=1e-3, atol=1e-6)
+    corrected = bias.apply(prepared.model, p.corrections)
+    got = numpy_helper.to_array(next(i for i in corrected.graph.initializer if i.name == "B"))
+    np.testing.assert_allclose(got, numpy_helper.to_array(inits[1]) + want.astype(np.float32), rtol=0, atol=1e-7)
+
+
+def test_bias_correction_refuses_what_it_cannot_do(tmp_path, conv_path, conv_data):
+    calib = tmp_path / "c.json"
+    assert invoke("calibrate", conv_path, "--data", conv_data, "-o", calib, "-q").exit_code == 0
+    r = invoke("quantize", conv_path, "--calib", calib, "--bias-correction", "-o", tmp_path / "q.onnx")
+    assert r.exit_code == 2 and "--bias-correction measures each layer's mean error on the calibration rows: give --data DATA" in r.output
+    r = invoke("quantize", conv_path, "--mode", "fp16", "--bias-correction", "-o", tmp_path / "q.onnx")
+    assert r.exit_code == 2 and "--mode fp16 has no activation quantization to correct" in r.output
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_measure_streams_only_channel_sums(tmp_path):
+    """The probe exposes two small outputs a layer (channel sums and a count), never an activation."""
+    src = tmp_path / "m.onnx"
+    onnx.save(conv_model(), src)
+    prepared = pipeline.load(src, QuantConfig())
+    data = tmp_path / "x.npy"
+    np.save(data, np.random.default_rng(2).normal(0.5, 1, (8, 3, 8, 8)).astype(np.float32))
+    calib = pipeline.calibrate(prepared, pipeline.feeds_for(prepared, data, 2))
+    p = pipeline.plan(prepared, calib, QuantConfig())
+    found = bias.targets(prepared.model, p)
+    model, names = bias.probe(prepared.model, p, found)
+    shapes = [[d.dim_value for d in o.type.tensor_type.shape.dim] for o in model.graph.output]
+    assert len(model.graph.output) == 2 * len(found) == 6 and all(len(s) <= 1 for s in shapes)
+    source = FeedSource(data, [InputSpec.from_value_info(i) for i in prepared.model.graph.input], batch_size=2)
+    a = bias.measure(prepared.model, p, source)
+    b = bias.measure(prepared.model, p, FeedSource(data, source.specs, batch_size=8))
+    for k in a:  # batching does not change the mean
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-6)
