@@ -35,7 +35,8 @@ class QuantConfig:
     exclude_nodes: tuple[str, ...] = field(default_factory=tuple)
     exclude_ops: tuple[str, ...] = field(default_factory=tuple)
     quantized_io: str | None = None  # uint8 | int8: the model's float inputs and outputs become integer tensors
-    bias_correction: bool = False  # shift each int8 layer's bias by the mean error it measures on the data (qconv.adjust.bias)
+    bias_correction: str | None = None  # full | fast: shift each int8 layer's bias by the mean error measured on the data
+    floor_ranges: bool = False  # cut activation ranges where every reader is flat below (rules.saturation): exact, opt-in
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -65,6 +66,8 @@ class QuantConfig:
             if self.activation_type is not None and self.activation_type != self.quantized_io:
                 raise UsageError(f"--quantized-io {self.quantized_io} needs {self.quantized_io} activations: drop --activation-type "
                                  f"{self.activation_type} (or make them match)")
+        if self.bias_correction not in (None, "full", "fast"):
+            raise UsageError(f"--bias-correction is full or fast (got {self.bias_correction})")
         if self.bias_correction and not self.needs_calibration:
             raise UsageError(f"--bias-correction corrects the static int8 modes (int8, a16w8); --mode {self.mode} has no activation "
                              "quantization to correct: drop it")
@@ -122,6 +125,10 @@ class QuantConfig:
             kw["format"] = None
         kw["exclude_nodes"] = tuple(kw.get("exclude_nodes", ()))
         kw["exclude_ops"] = tuple(kw.get("exclude_ops", ()))
+        if kw.get("bias_correction") is True:
+            kw["bias_correction"] = "full"
+        if kw.get("bias_correction") is False:
+            kw["bias_correction"] = None
         return cls(**kw)
 
     def to_dict(self) -> dict:

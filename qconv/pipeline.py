@@ -243,9 +243,13 @@ def correct_bias(prepared: Prepared, p: QuantPlan, source: FeedSource, threads: 
     if not p.config.bias_correction:
         return p
     model = smoothed(prepared, p.overrides).model
-    rows = min(source.count() * source.batch_size, bias.MAX_ROWS)
-    advance = progress("bias correction", -(-rows // source.batch_size))
-    bias.record(p, model, bias.measure(model, p, source, threads, advance))
+    if p.config.bias_correction == "fast":
+        rows = min(source.count() * source.batch_size, bias.MAX_ROWS)
+        advance = progress("bias correction (fast)", -(-rows // source.batch_size))
+        bias.record(p, model, bias.measure(model, p, source, threads, advance))
+    else:
+        advance = progress("bias correction, layer by layer", len(bias.targets(model, p)))
+        bias.record(p, model, bias.measure_full(model, p, source, threads, advance))
     return p
 
 

@@ -174,7 +174,8 @@ def _plan_graph(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]], 
     act_q = qmath.qtype(config.act_type)
     w_q = config.weight_qtype
     st = _State()
-    ranges, st.floors = _floored_ranges(g, ranges, act_q, methods or {})
+    if config.floor_ranges:
+        ranges, st.floors = _floored_ranges(g, ranges, act_q, methods or {})
     for node in model.graph.node:
         _decide(node, g, ranges, nonfinite, masks, config, overrides.node(node.name), st)
 

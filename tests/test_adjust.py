@@ -49,14 +49,14 @@ def _channel_means(model_or_path, data):
     return run_model(model_or_path, {"x": data})[0].astype(np.float64).mean(axis=(0, 2, 3))
 
 
-@pytest.mark.parametrize("with_bias", [True, False])
-def test_corrected_layer_has_the_float_mean(tmp_path, with_bias):
+@pytest.mark.parametrize("with_bias,method", [(True, "full"), (False, "full"), (True, "fast")])
+def test_corrected_layer_has_the_float_mean(tmp_path, with_bias, method):
     """One layer: its int8 twin is exactly the quantized layer, so after correction the quantized model's mean output
     per channel equals the float model's on the calibration rows, up to the rounding of the int8 output itself."""
     src = tmp_path / "m.onnx"
     onnx.save(one_conv(with_bias), src)
-    calib, data = _rows(tmp_path)
-    for flag, out in (([], "plain.onnx"), (["--bias-correction"], "bc.onnx")):
+    calib, data = _rows(tmp_path, n=bias.FULL_ROWS)  # the rows both methods measure on
+    for flag, out in (([], "plain.onnx"), (["--bias-correction", method], "bc.onnx")):
         r = invoke("quantize", src, "--data", calib, "--batch-size", 4, "-o", tmp_path / out, "-q", *flag)
         assert r.exit_code == 0, r.output
     ref = _channel_means(src, data)
@@ -79,7 +79,7 @@ def test_plan_records_and_reproduces_the_correction(tmp_path):
     plan = tmp_path / "p.json"
     assert invoke("quantize", src, "--data", data, "-o", tmp_path / "a.onnx", "--bias-correction", "--write-plan", plan, "-q").exit_code == 0
     stored = json.loads(plan.read_text())
-    assert stored["config"]["bias_correction"] is True
+    assert stored["config"]["bias_correction"] == "full"
     assert set(stored["corrections"]) == {"conv1", "conv2", "fc"}
     assert all(len(c["shift"]) == n for c, n in zip([stored["corrections"][k] for k in ("conv1", "conv2", "fc")], (8, 4, 5)))
     assert invoke("quantize", src, "--plan", plan, "-o", tmp_path / "b.onnx", "-q").exit_code == 0
@@ -108,7 +108,7 @@ def test_matmul_shift_goes_into_the_bias_add(tmp_path):
     np.save(data, (rng.gamma(2.0, 1.0, (12, 5, 16)) + 1).astype(np.float32))
     prepared = pipeline.load(src, QuantConfig())
     calib = pipeline.calibrate(prepared, pipeline.feeds_for(prepared, data, 4))
-    p = pipeline.plan(prepared, calib, QuantConfig(bias_correction=True))
+    p = pipeline.plan(prepared, calib, QuantConfig(bias_correction="fast"))
     pipeline.correct_bias(prepared, p, pipeline.feeds_for(prepared, data, 4))
     assert set(p.corrections) == {"mm"} and p.corrections["mm"]["bias"] == "B" and not p.corrections["mm"]["added"]
     x = np.load(data)

@@ -144,8 +144,12 @@ def scheme_options(fn):
         click.option("--affine-weights", is_flag=True, help="Weights with a zero point (default: symmetric, zero point 0)."),
         click.option("--weight-type", type=click.Choice(["int8", "uint8"]), default="int8", show_default=True, help="Integer type of weights."),
         click.option("--per-tensor", is_flag=True, help="One scale per weight tensor instead of per output channel."),
-        click.option("--bias-correction", is_flag=True,
-                     help="int8: shift each layer's bias by the mean error int8 causes at its output, measured on --data (same graph, same speed)."),
+        click.option("--bias-correction", type=click.Choice(["full", "fast"]), is_flag=False, flag_value="full", default=None,
+                     help="int8: shift each layer's bias by the mean error int8 causes at its output, measured on --data (same graph, "
+                          "same speed). full: layer by layer in the int8 model (errors carried from earlier layers too); fast: each "
+                          "layer alone, one pass.  [flag alone: full]"),
+        click.option("--floor-ranges", is_flag=True,
+                     help="Cut an activation's range where every reader is flat below (e.g. -3 before a hard-swish): exact, finer steps."),
         click.option("--format", "fmt", type=click.Choice(FORMATS), default=None,
                      help="qdq (QuantizeLinear/DequantizeLinear pairs) or qoperator (QLinearConv, QLinearMatMul, ...)  [default: qdq]"),
         click.option("--mode", type=click.Choice(MODES), default="int8", show_default=True,
@@ -158,7 +162,7 @@ def scheme_options(fn):
 
 SCHEME_KEYS = ("mode", "fmt", "per_tensor", "weight_type", "affine_weights", "activation_type", "symmetric_activations",
                "reduce_range", "block_size", "int4_method", "keep_io_types", "exclude_nodes", "exclude_ops", "quantized_io",
-               "bias_correction")
+               "bias_correction", "floor_ranges")
 
 
 def config_from(kwargs: dict) -> QuantConfig:
@@ -169,7 +173,7 @@ def config_from(kwargs: dict) -> QuantConfig:
                        symmetric_activations=k["symmetric_activations"], reduce_range=k["reduce_range"],
                        block_size=k["block_size"], int4_method=k["int4_method"], keep_io_types=k["keep_io_types"],
                        exclude_nodes=tuple(k["exclude_nodes"]), exclude_ops=tuple(k["exclude_ops"]), quantized_io=k["quantized_io"],
-                       bias_correction=k["bias_correction"])
+                       bias_correction=k["bias_correction"], floor_ranges=k["floor_ranges"])
 
 
 def scheme_given(ctx: click.Context) -> list[str]:
