@@ -246,10 +246,12 @@ def correct_bias(prepared: Prepared, p: QuantPlan, source: FeedSource, threads: 
     if p.config.bias_correction == "fast":
         rows = min(source.count() * source.batch_size, bias.MAX_ROWS)
         advance = progress("bias correction (fast)", -(-rows // source.batch_size))
-        bias.record(p, model, bias.measure(model, p, source, threads, advance))
+        shifts, rows = bias.measure(model, p, source, threads, advance)
     else:
         advance = progress("bias correction, layer by layer", len(bias.targets(model, p)))
-        bias.record(p, model, bias.measure_full(model, p, source, threads, advance))
+        shifts, rows = bias.measure_full(model, p, source, threads, advance)
+    bias.record(p, model, shifts)
+    p.source["bias_correction"] = {"method": p.config.bias_correction, "rows": rows}
     return p
 
 
@@ -329,6 +331,8 @@ def apply(prepared: Prepared, p: QuantPlan, calib_feeds: Iterable[dict] | None =
         qmodel, findings = _apply_fp16(prepared, p)
     else:
         qmodel, findings = _apply_int4(prepared, p, calib_feeds)
+    if p.corrections:
+        findings["bias_correction"] = bias.summary(p)
     _keep_value_info(qmodel, {vi.name for vi in prepared.original.graph.value_info})
     subgraphs.prune_initializers(qmodel)  # e.g. the bounds of a Clip folded into its producer's QuantizeLinear
     changed = interface_change(prepared.model, qmodel)

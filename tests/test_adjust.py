@@ -77,7 +77,11 @@ def test_plan_records_and_reproduces_the_correction(tmp_path):
     data = tmp_path / "x.npy"
     np.save(data, np.random.default_rng(2).normal(0.5, 1, (16, 3, 8, 8)).astype(np.float32))
     plan = tmp_path / "p.json"
-    assert invoke("quantize", src, "--data", data, "-o", tmp_path / "a.onnx", "--bias-correction", "--write-plan", plan, "-q").exit_code == 0
+    assert invoke("quantize", src, "--data", data, "-o", tmp_path / "a.onnx", "--bias-correction", "--write-plan", plan, "-q",
+                  "--report", tmp_path / "r.json", "--report", tmp_path / "r.md").exit_code == 0
+    finding = json.loads((tmp_path / "r.json").read_text())["bias_correction"]
+    assert finding["method"] == "full" and finding["rows"] == bias.FULL_ROWS and finding["layers"] == 3 and finding["biases_added"] == 0
+    assert "| bias correction | — | 3 layers | full, on 8 rows |" in (tmp_path / "r.md").read_text()
     stored = json.loads(plan.read_text())
     assert stored["config"]["bias_correction"] == "full"
     assert set(stored["corrections"]) == {"conv1", "conv2", "fc"}
@@ -150,7 +154,8 @@ def test_measure_streams_only_channel_sums(tmp_path):
     shapes = [[d.dim_value for d in o.type.tensor_type.shape.dim] for o in model.graph.output]
     assert len(model.graph.output) == 2 * len(found) == 6 and all(len(s) <= 1 for s in shapes)
     source = FeedSource(data, [InputSpec.from_value_info(i) for i in prepared.model.graph.input], batch_size=2)
-    a = bias.measure(prepared.model, p, source)
-    b = bias.measure(prepared.model, p, FeedSource(data, source.specs, batch_size=8))
+    a, rows = bias.measure(prepared.model, p, source)
+    b, _ = bias.measure(prepared.model, p, FeedSource(data, source.specs, batch_size=8))
+    assert rows == 8
     for k in a:  # batching does not change the mean
         np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-6)

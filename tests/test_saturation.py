@@ -92,7 +92,7 @@ def hardswish_net(tmp_path):
 def test_planner_floors_a_hardswish_input_and_the_output_gets_closer(tmp_path):
     src, data = hardswish_net(tmp_path)
     run = lambda *a: CliRunner().invoke(cli, [str(v) for v in a], catch_exceptions=False)  # noqa: E731
-    assert run("quantize", src, "--data", data, "-o", tmp_path / "f.onnx", "--write-plan", tmp_path / "p.json", "-q").exit_code == 0
+    assert run("quantize", src, "--data", data, "-o", tmp_path / "f.onnx", "--floor-ranges", "--write-plan", tmp_path / "p.json", "-q").exit_code == 0
     plan = json.loads((tmp_path / "p.json").read_text())
     h = plan["tensors"]["h"]
     observed = plan["source"]["ranges"]["h"]
@@ -107,3 +107,14 @@ def test_planner_floors_a_hardswish_input_and_the_output_gets_closer(tmp_path):
     err_floor = np.abs(run_model(tmp_path / "f.onnx", feed)[0] - ref).mean()
     err_plain = np.abs(run_model(tmp_path / "u.onnx", feed)[0] - ref).mean()
     assert err_floor < 0.9 * err_plain, (err_floor, err_plain)
+
+
+def test_floors_are_opt_in(tmp_path):
+    """The quality ledger measured PicoDet losing detections with floors (an exact change that moves where a white
+    page's constant lands on the grid), so the default plan keeps the observed range."""
+    src, data = hardswish_net(tmp_path)
+    r = CliRunner().invoke(cli, ["quantize", str(src), "--data", str(data), "-o", str(tmp_path / "q.onnx"),
+                                 "--write-plan", str(tmp_path / "p.json"), "-q"], catch_exceptions=False)
+    assert r.exit_code == 0
+    plan = json.loads((tmp_path / "p.json").read_text())
+    assert plan["tensors"]["h"]["range"] == plan["source"]["ranges"]["h"] and "floored" not in plan["tensors"]["h"]["origin"]

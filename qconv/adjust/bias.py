@@ -153,11 +153,11 @@ def _fake_quant(g: Graph, tp: TensorPlan, nodes: list, inits: list) -> str:
 
 
 def measure(model: onnx.ModelProto, plan: QuantPlan, feeds: Iterable[dict], threads: int | None = None,
-            advance: Callable[[int], None] = lambda n: None, max_rows: int = MAX_ROWS) -> dict[str, np.ndarray]:
-    """{node: mean over the feeds of (float output - int8 twin output), per output channel} for every target."""
+            advance: Callable[[int], None] = lambda n: None, max_rows: int = MAX_ROWS) -> tuple[dict[str, np.ndarray], int]:
+    """({node: mean over the feeds of (float output - int8 twin output), per output channel}, rows measured)."""
     found = targets(model, plan)
     if not found:
-        return {}
+        return {}, 0
     m, names = probe(model, plan, found)
     sess = session(m, threads)
     sums = [np.zeros(t.channels, dtype=np.float64) for t in found]
@@ -177,19 +177,19 @@ def measure(model: onnx.ModelProto, plan: QuantPlan, feeds: Iterable[dict], thre
     for t, s, c in zip(found, sums, counts):
         if c:
             out[t.node] = (-s / (c / t.channels)).astype(np.float32)  # float - twin
-    return out
+    return out, rows
 
 
 def measure_full(model: onnx.ModelProto, plan: QuantPlan, feeds: Iterable[dict], threads: int | None = None,
-                 advance: Callable[[int], None] = lambda n: None, max_rows: int = FULL_ROWS) -> dict[str, np.ndarray]:
-    """{node: float mean - int8 mean, per output channel}, measured layer by layer in the int8 model with the
+                 advance: Callable[[int], None] = lambda n: None, max_rows: int = FULL_ROWS) -> tuple[dict[str, np.ndarray], int]:
+    """({node: float mean - int8 mean, per output channel}, rows measured), layer by layer in the int8 model with the
     corrections of the layers before it in place."""
     from qconv.planner import subplan
     from qconv.rewrite.qdq import apply_qdq
 
     found = targets(model, plan)
     if not found:
-        return {}
+        return {}, 0
     rows, n = [], 0
     for feed in feeds:
         rows.append(feed)
@@ -234,7 +234,7 @@ def measure_full(model: onnx.ModelProto, plan: QuantPlan, feeds: Iterable[dict],
                 values.clear()
                 values.update(carried)
                 values.update(zip(made, got))
-    return out
+    return out, n
 
 
 STAGES = 8  # the int8 model is cut into this many pieces; a layer's run starts from the cached values at its piece
@@ -404,6 +404,16 @@ def _with_deltas(qmodel: onnx.ModelProto, found: list[Target], by_node: dict) ->
 
     topo_sort(m)
     return m, deltas
+
+
+def summary(plan: QuantPlan) -> dict | None:
+    """What the report says about the plan's corrections (None when it has none)."""
+    if not plan.corrections:
+        return None
+    largest = max((max(abs(v) for v in c["shift"]) for c in plan.corrections.values() if c["shift"]), default=0.0)
+    made = dict(plan.source.get("bias_correction") or {})
+    return {"method": made.get("method"), "rows": made.get("rows"), "layers": len(plan.corrections),
+            "biases_added": sum(1 for c in plan.corrections.values() if c["added"]), "largest_shift": float(largest)}
 
 
 def record(plan: QuantPlan, model: onnx.ModelProto, shifts: dict[str, np.ndarray]) -> None:

@@ -95,6 +95,10 @@ def _summary(report: dict) -> str:
                           f"cosine {format_number(stats.get('cosine'), '.5f')}"))
     elif report.get("fidelity_reason"):
         lines.append(_row("output fidelity", DASH, DASH, _text(report["fidelity_reason"])))
+    bc = section(report, "bias_correction")
+    if bc:
+        lines.append(_row("bias correction", DASH, f"{format_number(bc.get('layers'), 'g')} layers",
+                          f"{_text(bc.get('method'))}, on {format_number(bc.get('rows'), 'g')} rows"))
     nodes = section(report, "node_summary")
     if nodes:
         lines.append(_row("nodes", DASH, f"{format_number(nodes.get('quantized'), 'g')} quantized",
