@@ -37,6 +37,7 @@ class QuantConfig:
     quantized_io: str | None = None  # uint8 | int8: the model's float inputs and outputs become integer tensors
     bias_correction: str | None = None  # full | fast: shift each int8 layer's bias by the mean error measured on the data
     floor_ranges: bool = False  # cut activation ranges where every reader is flat below (rules.saturation): exact, opt-in
+    equalize: bool = False  # cross-layer equalization of Conv pairs before calibration (qconv.adjust.equalize)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -68,6 +69,8 @@ class QuantConfig:
                                  f"{self.activation_type} (or make them match)")
         if self.bias_correction not in (None, "full", "fast"):
             raise UsageError(f"--bias-correction is full or fast (got {self.bias_correction})")
+        if self.equalize and not self.needs_calibration:
+            raise UsageError(f"--equalize prepares the weights for the static int8 modes (int8, a16w8), not --mode {self.mode}: drop it")
         if self.bias_correction and not self.needs_calibration:
             raise UsageError(f"--bias-correction corrects the static int8 modes (int8, a16w8); --mode {self.mode} has no activation "
                              "quantization to correct: drop it")

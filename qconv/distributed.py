@@ -118,14 +118,14 @@ def run_tasks(executor: Executor, fn: Callable, tasks: list[tuple], label: str,
 
 
 def calibrate_shard(model: str, data: str, per_channel: bool, batch_size: int, shard: tuple[int, int], bins: int,
-                    momentum: float, names: list[str], max_memory: int, cast: bool) -> dict:
+                    momentum: float, names: list[str], max_memory: int, cast: bool, equalize: bool = False) -> dict:
     """One shard's statistics: what a worker runs. Returns {"seen": feeds, "tensors": {name: TensorObserver}} (the
     observers travel pickled, their histograms as plain arrays: O(bins) per tensor)."""
     from qconv import pipeline
     from qconv.calib.collect import collect, memory_groups
 
     _fault_injection(shard)
-    prepared = _prepared(model, per_channel)
+    prepared = _prepared(model, per_channel, equalize)
     source = pipeline.feeds_for(prepared, data, batch_size, None, shard, cast)
     if next(iter(source), None) is None:
         return {"seen": 0, "tensors": {}}
@@ -164,15 +164,15 @@ def evaluate_shard(float_model: str, quant_model: str, data: str, specs: list, b
 _PREPARED: dict = {}  # per worker process: the model of the last job, keyed by path, size, mtime and scheme
 
 
-def _prepared(model: str, per_channel: bool):
+def _prepared(model: str, per_channel: bool, equalize: bool = False):
     from qconv import pipeline
     from qconv.config import QuantConfig
 
     st = os.stat(model)
-    key = (model, st.st_size, st.st_mtime_ns, per_channel)
+    key = (model, st.st_size, st.st_mtime_ns, per_channel, equalize)
     if key not in _PREPARED:
         _PREPARED.clear()  # one model at a time: a worker's memory holds one set of weights
-        _PREPARED[key] = pipeline.load(Path(model), QuantConfig(per_channel=per_channel))
+        _PREPARED[key] = pipeline.load(Path(model), QuantConfig(per_channel=per_channel, equalize=equalize))
     return _PREPARED[key]
 
 

@@ -99,6 +99,12 @@ def load(path: str | os.PathLike, config: QuantConfig) -> Prepared:
         from qconv.intake import expand_hard_activations
 
         notes += [n for n in [expand_hard_activations(model)] if n]
+        if config.equalize:
+            from qconv.adjust.equalize import equalize
+
+            pairs = equalize(model)
+            notes.append(f"cross-layer equalization: {pairs} Conv pair{'s' if pairs != 1 else ''} rescaled"
+                         if pairs else "cross-layer equalization: no Conv pair joined by identity or Relu to rescale")
     del original.graph.initializer[:]  # only its structure is read later: do not hold the weights twice
     return Prepared(Path(path), original, model, notes, identity, external, found)
 

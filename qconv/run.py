@@ -117,18 +117,28 @@ def _statistics(job: PlanJob, prepared: pipeline.Prepared, overrides: Overrides,
     if not job.config.needs_calibration:
         return None
     if job.calib is not None:
-        return pipeline.load_calibration(job.calib, prepared, job.force_calib)
+        calib = pipeline.load_calibration(job.calib, prepared, job.force_calib)
+        made = bool(calib.options.get("equalize"))
+        if made != job.config.equalize:
+            raise QconvError(f"calibration file {job.calib} was made {'with' if made else 'without'} --equalize and this run "
+                             f"{'asks for' if job.config.equalize else 'does not ask for'} it (the ranges belong to other weights): "
+                             f"{'add' if made else 'drop'} --equalize, or re-run qconv calibrate {'without' if made else 'with'} it")
+        return calib
     o = job.calib_options
     source = pipeline.feeds_for(prepared, job.data, o.batch_size, o.samples, cast=o.cast_data, skip=job.holdout)
     if distributed.parse_executor(o.executor).distributed or o.shards:
         names = calibration_targets(prepared.model, job.effective(None), activation_tensors(prepared.model), overrides)
-        return sharded_calibration(prepared, job.data, source, names, job.config.per_channel, job.method, o, progress)
-    return pipeline.calibrate(prepared, source, o.threads, progress, job.method, o.bins, o.momentum,
-                              job.effective(None), overrides, o.max_memory)
+        return sharded_calibration(prepared, job.data, source, names, job.config.per_channel, job.method, o, progress,
+                                   job.config.equalize)
+    calib = pipeline.calibrate(prepared, source, o.threads, progress, job.method, o.bins, o.momentum,
+                               job.effective(None), overrides, o.max_memory)
+    if job.config.equalize:
+        calib.options["equalize"] = True
+    return calib
 
 
 def sharded_calibration(prepared: pipeline.Prepared, data: Path, source: FeedSource, names: list[str], per_channel: bool,
-                        method: str, o: CalibOptions, progress):
+                        method: str, o: CalibOptions, progress, equalize: bool = False):
     """Calibration of ``names`` as shard tasks on the executor, merged in shard order (see qconv.distributed)."""
     from qconv.calib.store import Calibration, merge_tensors
 
@@ -136,7 +146,7 @@ def sharded_calibration(prepared: pipeline.Prepared, data: Path, source: FeedSou
     shards = o.shards or distributed.DEFAULT_SHARDS
     data_id = source.identity()  # once, here: workers never hash the data
     tasks = [(str(prepared.path), str(data), per_channel, o.batch_size, (k, shards), o.bins, o.momentum, names, o.max_memory,
-              o.cast_data) for k in range(shards)]
+              o.cast_data, equalize) for k in range(shards)]
     parts = distributed.run_tasks(executor, distributed.calibrate_shard, tasks, "calibrating shards", progress)
     seen = sum(p["seen"] for p in parts)
     if seen == 0:
@@ -145,6 +155,8 @@ def sharded_calibration(prepared: pipeline.Prepared, data: Path, source: FeedSou
     options = pipeline.calibration_options(source, method, o.bins, o.momentum)
     options["shards"] = shards
     options["tensors"] = "planned"
+    if equalize:
+        options["equalize"] = True
     return Calibration(prepared.model_id, data_id, seen, options, {n: observers[n] for n in names if n in observers})
 
 

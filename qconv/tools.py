@@ -29,6 +29,7 @@ class CalibrateJob:
     method: str | None = None  # None: recorded as null, so quantize uses the default (calib.ranges.DEFAULT_METHOD)
     percentile: float | None = None
     options: CalibOptions = field(default_factory=CalibOptions)
+    equalize: bool = False  # calibrate the model after cross-layer equalization (for quantize --equalize)
 
     def check(self) -> None:
         QuantConfig(method=self.method or DEFAULT_METHOD, percentile=99.999 if self.percentile is None else self.percentile)  # validates
@@ -43,7 +44,7 @@ def run_calibrate(job: CalibrateJob, progress=pipeline._no_progress):
     from qconv.calib.store import Calibration
 
     job.check()
-    config = QuantConfig(per_channel=not job.per_tensor)
+    config = QuantConfig(per_channel=not job.per_tensor, equalize=job.equalize)
     prepared = pipeline.load(job.model, config)
     o = job.options
     sharded = distributed.parse_executor(o.executor).distributed or o.shards
@@ -52,6 +53,8 @@ def run_calibrate(job: CalibrateJob, progress=pipeline._no_progress):
     if sharded:
         options["shards"] = o.shards or distributed.DEFAULT_SHARDS
     options["tensors"] = "all" if job.all_tensors else "planned"
+    if job.equalize:
+        options["equalize"] = True
     if job.percentile is not None:
         options["percentile"] = job.percentile
     data_id = source.identity()
@@ -66,7 +69,7 @@ def run_calibrate(job: CalibrateJob, progress=pipeline._no_progress):
         names = activation_tensors(prepared.model)
         if not job.all_tensors:
             names = calibration_targets(prepared.model, config, names)
-        calib = sharded_calibration(prepared, job.data, source, names, config.per_channel, job.method, o, progress)
+        calib = sharded_calibration(prepared, job.data, source, names, config.per_channel, job.method, o, progress, job.equalize)
     else:
         calib = pipeline.calibrate(prepared, source, o.threads, progress, job.method, o.bins, o.momentum,
                                    None if job.all_tensors else config, None, o.max_memory)

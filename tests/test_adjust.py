@@ -159,3 +159,74 @@ def test_measure_streams_only_channel_sums(tmp_path):
     assert rows == 8
     for k in a:  # batching does not change the mean
         np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+# ---- cross-layer equalization ------------------------------------------------------------------------------------
+
+def conv_pair(mid: str, depthwise: bool) -> onnx.ModelProto:
+    """x -> Conv(8, channel ranges from 0.01 to 30) -> mid -> Conv (dense or depthwise) -> y."""
+    rng = np.random.default_rng(7)
+    w1 = rng.normal(0, 1, (8, 3, 3, 3)).astype(np.float32) * np.geomspace(0.01, 30, 8).astype(np.float32).reshape(8, 1, 1, 1)
+    w2 = rng.normal(0, 0.5, (8, 1, 3, 3) if depthwise else (4, 8, 3, 3)).astype(np.float32)
+    inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(rng.normal(0, 0.1, 8).astype(np.float32), "b1"),
+             numpy_helper.from_array(w2, "w2")]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["h"], pads=[1, 1, 1, 1], name="conv1")]
+    src = "h"
+    if mid:
+        extra = [numpy_helper.from_array(np.array(0.0, np.float32), "lo"), numpy_helper.from_array(np.array(6.0, np.float32), "hi")]
+        nodes.append(helper.make_node(mid, ["h", "lo", "hi"] if mid == "Clip" else ["h"], ["a"], name="act"))
+        inits += extra if mid == "Clip" else []
+        src = "a"
+    nodes.append(helper.make_node("Conv", [src, "w2"], ["y"], pads=[1, 1, 1, 1], group=8 if depthwise else 1, name="conv2"))
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 6, 6])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    return make_model(nodes, [x], [y], inits, opset=13)
+
+
+@pytest.mark.parametrize("mid,depthwise", [("", False), ("Relu", False), ("Relu", True), ("LeakyRelu", True)])
+def test_equalize_keeps_the_function_and_equalizes_ranges(mid, depthwise):
+    from qconv.adjust.equalize import equalize
+
+    model = conv_pair(mid, depthwise)
+    x = np.random.default_rng(0).normal(0, 1, (4, 3, 6, 6)).astype(np.float32)
+    before = run_model(model, {"x": x})[0]
+    assert equalize(model) == 1
+    after = run_model(model, {"x": x})[0]
+    np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-4 * np.abs(before).max())
+    w1, w2 = (numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == n)) for n in ("w1", "w2"))
+    r1 = np.abs(w1).reshape(8, -1).max(1)
+    r2 = np.abs(w2).max(axis=(0, 2, 3)) if not depthwise else np.abs(w2).reshape(8, -1).max(1)
+    np.testing.assert_allclose(r1, r2, rtol=1e-3)  # each channel's two ranges met in the middle
+    assert r1.max() / r1.min() < 2 * np.sqrt(3000)  # 3000x apart before: the geometric middle
+
+
+def test_equalize_stops_at_a_clip():
+    from qconv.adjust.equalize import equalize
+
+    assert equalize(conv_pair("Clip", False)) == 0  # Relu6 is not homogeneous: rescaling would move its cap
+
+
+def test_equalize_on_the_command_line(tmp_path):
+    src = tmp_path / "m.onnx"
+    onnx.save(conv_pair("Relu", False), src)
+    data = tmp_path / "x.npy"
+    np.save(data, np.random.default_rng(1).normal(0, 1, (32, 3, 6, 6)).astype(np.float32))
+    plain, eq = tmp_path / "c.json", tmp_path / "ce.json"
+    assert invoke("calibrate", src, "--data", data, "-o", plain, "-q").exit_code == 0
+    assert invoke("calibrate", src, "--data", data, "-o", eq, "-q", "--equalize").exit_code == 0
+    r = invoke("quantize", src, "--calib", plain, "--equalize", "-o", tmp_path / "q.onnx")
+    assert r.exit_code == 1 and "was made without --equalize and this run asks for it" in r.output
+    assert not (tmp_path / "q.onnx").exists()
+    r = invoke("quantize", src, "--calib", eq, "-o", tmp_path / "q.onnx")
+    assert r.exit_code == 1 and "was made with --equalize and this run does not ask for it" in r.output
+    errs = {}
+    for name, args in (("pt", ["--calib", plain, "--per-tensor"]), ("pt_eq", ["--calib", eq, "--per-tensor", "--equalize"])):
+        out = tmp_path / f"{name}.onnx"
+        assert invoke("quantize", src, *args, "-o", out, "-q", "--write-plan", tmp_path / f"{name}.plan.json").exit_code == 0
+        x = np.load(data)
+        errs[name] = np.abs(run_model(out, {"x": x})[0] - run_model(src, {"x": x})[0]).mean()
+    assert errs["pt_eq"] < 0.8 * errs["pt"], errs  # per-tensor weights: the small channels are no longer rounded away
+    assert invoke("quantize", src, "--plan", tmp_path / "pt_eq.plan.json", "-o", tmp_path / "again.onnx", "-q").exit_code == 0
+    assert (tmp_path / "again.onnx").read_bytes() == (tmp_path / "pt_eq.onnx").read_bytes()
+    r = invoke("quantize", src, "--mode", "fp16", "--equalize", "-o", tmp_path / "h.onnx")
+    assert r.exit_code == 2 and "--equalize prepares the weights for the static int8 modes" in r.output

@@ -53,6 +53,7 @@ def calibrate_group():
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Calibration file to write (JSON).")
 @click.option("--shard", default=None, metavar="K/N", help="Use every N-th feed starting at K (K from 0); merge the shards later.")
 @click.option("--per-tensor", is_flag=True, help="Calibrate for per-tensor weights (only changes the opset needed).")
+@click.option("--equalize", is_flag=True, help="Calibrate after cross-layer equalization (for quantize --equalize).")
 @click.option("--export", "export_spec", default=None, metavar="tensorrt:PATH",
               help="Also write TensorRT calibration tables (PATH, PATH.json, PATH.cache); observes every float tensor.")
 @click.option("--all-tensors", is_flag=True,
@@ -61,7 +62,7 @@ def calibrate_group():
 @range_options
 @output_options
 @guarded
-def run_cmd(term, model, data, out, shard, per_tensor, export_spec, all_tensors, batch_size, samples, bins, momentum, cast_data, max_memory, executor, shards, method, percentile,
+def run_cmd(term, model, data, out, shard, per_tensor, equalize, export_spec, all_tensors, batch_size, samples, bins, momentum, cast_data, max_memory, executor, shards, method, percentile,
             threads, quiet):
     """Record per-tensor statistics (min/max, moving averages, histograms) of MODEL on DATA.
 
@@ -75,7 +76,8 @@ def run_cmd(term, model, data, out, shard, per_tensor, export_spec, all_tensors,
     """
     export = parse_export(export_spec)
     job = CalibrateJob(model, data, out, parse_shard(shard), per_tensor, all_tensors or export is not None, method,
-                       percentile, CalibOptions(batch_size, samples, bins, momentum, threads, cast_data, max_memory, executor, shards))
+                       percentile, CalibOptions(batch_size, samples, bins, momentum, threads, cast_data, max_memory, executor, shards),
+                       equalize=equalize)
     job.check()
     if export is not None:
         for p in export_paths(export[1]):

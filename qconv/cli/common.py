@@ -148,6 +148,9 @@ def scheme_options(fn):
                      help="int8: shift each layer's bias by the mean error int8 causes at its output, measured on --data (same graph, "
                           "same speed). full: layer by layer in the int8 model (errors carried from earlier layers too); fast: each "
                           "layer alone, one pass.  [flag alone: full]"),
+        click.option("--equalize", is_flag=True,
+                     help="int8: cross-layer equalization, Conv pairs joined by identity/Relu rescaled to equal channel ranges "
+                          "(helps --per-tensor most); a calibration file must be made with it too."),
         click.option("--floor-ranges", is_flag=True,
                      help="Cut an activation's range where every reader is flat below (e.g. -3 before a hard-swish): exact, finer steps."),
         click.option("--format", "fmt", type=click.Choice(FORMATS), default=None,
@@ -162,7 +165,7 @@ def scheme_options(fn):
 
 SCHEME_KEYS = ("mode", "fmt", "per_tensor", "weight_type", "affine_weights", "activation_type", "symmetric_activations",
                "reduce_range", "block_size", "int4_method", "keep_io_types", "exclude_nodes", "exclude_ops", "quantized_io",
-               "bias_correction", "floor_ranges")
+               "bias_correction", "floor_ranges", "equalize")
 
 
 def config_from(kwargs: dict) -> QuantConfig:
@@ -173,7 +176,8 @@ def config_from(kwargs: dict) -> QuantConfig:
                        symmetric_activations=k["symmetric_activations"], reduce_range=k["reduce_range"],
                        block_size=k["block_size"], int4_method=k["int4_method"], keep_io_types=k["keep_io_types"],
                        exclude_nodes=tuple(k["exclude_nodes"]), exclude_ops=tuple(k["exclude_ops"]), quantized_io=k["quantized_io"],
-                       bias_correction=k["bias_correction"], floor_ranges=k["floor_ranges"])
+                       bias_correction=k["bias_correction"], floor_ranges=k["floor_ranges"],
+                       equalize=k["equalize"])
 
 
 def scheme_given(ctx: click.Context) -> list[str]:
