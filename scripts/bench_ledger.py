@@ -268,7 +268,7 @@ def outputs_of(path: Path, data: Path, batch: int) -> list[np.ndarray]:
     return [np.concatenate([r[i] for r in runs]) for i in range(len(names))]
 
 
-DATA_FLAGS = ("--bias-correction",)
+DATA_FLAGS = ("--bias-correction", "--equalize")
 
 
 def qconv_cli(cli: list[str], task: Task, work: Path, tag: str, extra: list[str]) -> tuple[Path, float]:
