@@ -1,0 +1,107 @@
+#!/usr/bin/env python3
+"""The tool's own cost of bias correction and cross-layer equalization, in one run per model.
+
+For each bench model (the quality ledger's models and calibration rows), times and peak memory of:
+
+  fp32 pass       one pass of the float model over the calibration rows (onnxruntime, 2 threads): the unit
+  ort static      onnxruntime's quantize_static (MinMax, QDQ, per-channel) on the same rows
+  qconv           `qconv quantize M --data ROWS` (calibration, plan, rewrite, check)
+  + variants      the same with --bias-correction (full), --bias-correction fast, --equalize --bias-correction
+
+Each qconv run is a fresh process; its peak RSS is the process's VmHWM. The targets (issue: accuracy that costs no
+speed): calibration with every adjustment on within 3x the plain run's wall time, and within its memory budget.
+
+    .venv/bin/python scripts/bench_adjust.py [--only NAME] [--json adjust.json] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from qconv.data import FeedSource  # noqa: E402
+from scripts.bench_ledger import tasks  # noqa: E402  (the ledger's models and rows)
+from scripts.benchlib import aligned, graph_specs, ort_int8, session  # noqa: E402
+VARIANTS = {"qconv": [], "+bc full": ["--bias-correction"], "+bc fast": ["--bias-correction", "fast"],
+            "+eq +bc": ["--equalize", "--bias-correction"]}
+PEAK = "import atexit, sys, re; atexit.register(lambda: sys.stderr.write('VmHWM ' + re.search(r'VmHWM:\\s+(\\d+)', " \
+       "open('/proc/self/status').read()).group(1) + '\\n')); from qconv.cli.main import cli; cli(sys.argv[1:], prog_name='qconv')"
+
+
+def qconv_run(args: list[str]) -> tuple[float, float]:
+    """(seconds, peak RSS MB) of one qconv command in a fresh process."""
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", PEAK, *args], capture_output=True, text=True, cwd=ROOT)
+    seconds = time.perf_counter() - t0
+    if r.returncode:
+        raise RuntimeError(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}")
+    kb = next(int(line.split()[1]) for line in r.stderr.splitlines() if line.startswith("VmHWM "))
+    return seconds, kb / 1024.0
+
+
+def fp32_pass(model: Path, calib: Path, batch: int) -> float:
+    sess = session(str(model), 2)
+    names = [o.name for o in sess.get_outputs()]
+    feeds = list(FeedSource(calib, graph_specs(model), batch_size=batch))
+    t0 = time.perf_counter()
+    for feed in feeds:
+        sess.run(names, feed)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", action="append", help="run only these models")
+    ap.add_argument("--json", type=Path, help="write every number here")
+    ap.add_argument("--quick", action="store_true", help="fewer rows")
+    args = ap.parse_args()
+    os.environ.setdefault("QCONV_CACHE_DIR", tempfile.mkdtemp(prefix="qconv-cache."))
+    work = Path(tempfile.mkdtemp(prefix="qconv-adjust."))
+    record: dict = {}
+    table = [["model", "rows", "fp32 pass s", "ort static s", *[f"{v} s" for v in VARIANTS], "x plain: " + " / ".join(list(VARIANTS)[1:]),
+              "x fp32 pass: qconv / +bc full", "x ort: qconv / +bc full", "peak MB: " + " / ".join(VARIANTS)]]
+    for task in tasks(work, args.quick):
+        if args.only and task.name not in args.only:
+            continue
+        c = task.case
+        rows = int(sum(np.shape(next(iter(f.values())))[0] for f in FeedSource(c.calib, graph_specs(c.model), batch_size=c.batch)))
+        fp32 = fp32_pass(c.model, c.calib, c.batch)
+        t0 = time.perf_counter()
+        ort_int8(c, work / f"{task.name}.ort.onnx")
+        ort_s = time.perf_counter() - t0
+        got = {}
+        for label, flags in VARIANTS.items():
+            out = work / f"{task.name}.{label.replace(' ', '_').replace('+', '')}.onnx"
+            got[label] = qconv_run(["quantize", str(c.model), "--data", str(c.calib), "--batch-size", str(c.batch), "-o", str(out),
+                                    "-q", *flags])
+            print(f"{task.name:18s} {label:10s} {got[label][0]:7.1f} s  {got[label][1]:7.0f} MB", flush=True)
+        plain = got["qconv"][0]
+        record[task.name] = {"rows": rows, "fp32_pass_s": fp32, "ort_static_s": ort_s,
+                             "qconv": {k: {"seconds": s, "peak_mb": m} for k, (s, m) in got.items()}}
+        table.append([task.name, str(rows), f"{fp32:.1f}", f"{ort_s:.1f}", *[f"{got[v][0]:.1f}" for v in VARIANTS],
+                      " / ".join(f"{got[v][0] / plain:.2f}" for v in list(VARIANTS)[1:]),
+                      f"{plain / fp32:.1f} / {got['+bc full'][0] / fp32:.1f}", f"{plain / ort_s:.2f} / {got['+bc full'][0] / ort_s:.2f}",
+                      " / ".join(f"{got[v][1]:.0f}" for v in VARIANTS)])
+    print()
+    print(aligned(table))
+    worst = max((r["qconv"][k]["seconds"] / r["qconv"]["qconv"]["seconds"] for r in record.values() for k in VARIANTS), default=0)
+    mem = max((r["qconv"][k]["peak_mb"] / r["qconv"]["qconv"]["peak_mb"] for r in record.values() for k in VARIANTS), default=0)
+    print(f"\ntargets: every adjustment within 3x the plain run's wall time: {'PASS' if worst <= 3 else 'MISS'} (worst {worst:.2f}x); "
+          f"peak memory {mem:.2f}x the plain run's")
+    if args.json:
+        args.json.write_text(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    main()
