@@ -398,6 +398,11 @@ def main() -> None:
         speed = " / ".join("-" if k not in ms else f"{ms[k] / ms['fp32']:.2f}" for k in ["ort", "nncf", "before", *[f"qconv:{v}" for v in variants]])
         table.append([task.name, task.metric_name, fmt("fp32"), fmt("ort"), fmt("nncf"), fmt("before"), *[fmt(f"qconv:{v}") for v in variants],
                       "-" if diff is None else f"{task.scale * diff[0]:+.2f} [{task.scale * diff[1]:+.2f},{task.scale * diff[2]:+.2f}]", speed])
+        for v in variants[1:]:  # each variant against the default, paired on the same rows
+            dv = paired(rows["qconv:default"], rows[f"qconv:{v}"], idx)
+            print(f"   {v} vs default: {task.scale * dv[0]:+.2f} points (95% paired interval {task.scale * dv[1]:+.2f} .. "
+                  f"{task.scale * dv[2]:+.2f})", flush=True)
+            r.setdefault("variant_diffs", {})[v] = dv
         if diff is not None:
             lost = diff[2] < 0
             verdicts.append(f"{'FAIL' if lost else 'PASS'}  {task.name}: default vs reference {task.scale * diff[0]:+.2f} points "
@@ -408,6 +413,8 @@ def main() -> None:
               "  ".join(f"{k} {v:.2f}" for k, v in ms.items()), flush=True)
         record["models"][task.name] = {"metric": task.metric_name, "rows": n_rows, "cells": cell, "ms": ms, "wall_s": r["wall"],
                                        "size": r["size"], "diff_vs_reference": diff, "notes": r["notes"],
+                                       "variant_vs_default": r.get("variant_diffs", {}),
+                                       "columns": {k: [v[0].tolist(), v[1].tolist()] for k, v in rows.items()},
                                        "num": rows["qconv:default"][0].tolist(), "den": rows["qconv:default"][1].tolist()}
     print()
     print(aligned(table))
