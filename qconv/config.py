@@ -35,7 +35,9 @@ class QuantConfig:
     exclude_nodes: tuple[str, ...] = field(default_factory=tuple)
     exclude_ops: tuple[str, ...] = field(default_factory=tuple)
     quantized_io: str | None = None  # uint8 | int8: the model's float inputs and outputs become integer tensors
-    bias_correction: str | None = None  # full | fast: shift each int8 layer's bias by the mean error measured on the data
+    # full | fast: shift each int8 layer's bias by the mean error measured on the data (qconv.adjust.bias); auto (the
+    # command line's default): full when the run has calibration rows (--data, no --tune), else none. Jobs resolve it.
+    bias_correction: str | None = None
     floor_ranges: bool = False  # cut activation ranges where every reader is flat below (rules.saturation): exact, opt-in
     equalize: bool = False  # cross-layer equalization of Conv pairs before calibration (qconv.adjust.equalize)
 
@@ -67,11 +69,11 @@ class QuantConfig:
             if self.activation_type is not None and self.activation_type != self.quantized_io:
                 raise UsageError(f"--quantized-io {self.quantized_io} needs {self.quantized_io} activations: drop --activation-type "
                                  f"{self.activation_type} (or make them match)")
-        if self.bias_correction not in (None, "full", "fast"):
-            raise UsageError(f"--bias-correction is full or fast (got {self.bias_correction})")
+        if self.bias_correction not in (None, "full", "fast", "auto"):
+            raise UsageError(f"--bias-correction is full, fast or off (got {self.bias_correction})")
         if self.equalize and not self.needs_calibration:
             raise UsageError(f"--equalize prepares the weights for the static int8 modes (int8, a16w8), not --mode {self.mode}: drop it")
-        if self.bias_correction and not self.needs_calibration:
+        if self.bias_correction in ("full", "fast") and not self.needs_calibration:
             raise UsageError(f"--bias-correction corrects the static int8 modes (int8, a16w8); --mode {self.mode} has no activation "
                              "quantization to correct: drop it")
         if self.int4_method not in ("rtn", "gptq"):

@@ -80,6 +80,7 @@ class PlanJob:
     overrides: Path | None = None  # a JSON file with an "overrides" object (or a plan whose overrides to reuse)
     calib_options: CalibOptions = field(default_factory=CalibOptions)
     holdout: tuple[int, int] | None = None  # (K, N): calibrate on --data without its feeds K mod N (tuning measures on them)
+    tuning: bool = False  # the plan is tuning's: bias correction only when asked for
 
     def check(self, plan_file: bool = False) -> None:
         """With a plan file the mode is the plan's: --calib then only serves method overrides, --data evaluation."""
@@ -90,7 +91,7 @@ class PlanJob:
         if config.needs_calibration:
             if (self.calib is None) == (self.data is None):
                 raise UsageError(f"--mode {config.mode} needs calibration: give exactly one of --calib FILE or --data DATA")
-            if config.bias_correction and self.data is None:
+            if config.bias_correction in ("full", "fast") and self.data is None:
                 raise UsageError("--bias-correction measures each layer's mean error on the calibration rows: give --data DATA "
                                  "in place of --calib (a calibration file holds ranges, not rows)")
         elif self.calib is not None:
@@ -102,7 +103,15 @@ class PlanJob:
         recorded = recorded or {}
         method = self.method or recorded.get("method") or DEFAULT_METHOD
         pct = self.percentile if self.percentile is not None else float(recorded.get("percentile", 99.999))
-        return dataclasses.replace(self.config, method=method, percentile=pct)
+        return dataclasses.replace(self.config, method=method, percentile=pct, bias_correction=self.bias_correction())
+
+    def bias_correction(self) -> str | None:
+        """The bias correction this plan gets: as asked, or by default full when the run has calibration rows (not with
+        --calib, which has none, nor with tuning, which measures its candidates without it)."""
+        asked = self.config.bias_correction
+        if asked != "auto":
+            return asked
+        return "full" if self.data is not None and self.config.needs_calibration and not self.tuning else None
 
 
 def load_overrides(path: Path | None) -> Overrides:
@@ -350,7 +359,7 @@ HOLDOUT = (4, 5)  # without --eval-data, tuning measures on every fifth feed of 
 
 def _run_tuned(job: QuantizeJob, prepared: pipeline.Prepared, labels, progress) -> tuple[dict, pipeline.Result]:
     """Calibrate, search the overrides (qconv.tuning), then write and report the best model found."""
-    pj = job.plan
+    pj = dataclasses.replace(job.plan, tuning=True)
     o = pj.calib_options
     if job.evaluation.data is None:
         # Every fifth feed is held out; with fewer than 10 feeds, every fifth row (feeds of one row each).

@@ -419,13 +419,17 @@ def summary(plan: QuantPlan) -> dict | None:
 def record(plan: QuantPlan, model: onnx.ModelProto, shifts: dict[str, np.ndarray]) -> None:
     """Write the shifts into the plan: ``plan.corrections`` and, for a layer without a bias, its int32 bias plan."""
     by_node = {t.node: t for t in targets(model, plan)}
+    outputs = {n.name: n.output[0] for n in model.graph.node if n.name in shifts}
+    absorbed = set(plan.folded.values())  # layers whose Relu/Clip their QuantizeLinear took over: quantized outputs
     corrections = {}
     for name, shift in sorted(shifts.items()):
         t = by_node.get(name)
         if t is None:
             continue
         corrections[name] = {"bias": t.bias, "added": t.added, "shift": [float(v) for v in shift]}
-        if t.added:
+        # An added bias is int32 where the layer runs as an int8 kernel (its output quantized); where it runs in float
+        # (its output stays float, e.g. a graph output) it stays a float initializer: exact, and no DequantizeLinear.
+        if t.added and (outputs.get(name) in plan.tensors or name in absorbed):
             tx, tw = plan.tensors[t.x], plan.tensors[t.w]
             qp = qmath.bias_qparams(shift, float(tx.qparams.scale), tw.qparams.scale)
             plan.tensors[t.bias] = TensorPlan(t.bias, "bias", qp, [name], "bias added by bias correction, int32")

@@ -144,10 +144,10 @@ def scheme_options(fn):
         click.option("--affine-weights", is_flag=True, help="Weights with a zero point (default: symmetric, zero point 0)."),
         click.option("--weight-type", type=click.Choice(["int8", "uint8"]), default="int8", show_default=True, help="Integer type of weights."),
         click.option("--per-tensor", is_flag=True, help="One scale per weight tensor instead of per output channel."),
-        click.option("--bias-correction", type=click.Choice(["full", "fast"]), is_flag=False, flag_value="full", default=None,
-                     help="int8: shift each layer's bias by the mean error int8 causes at its output, measured on --data (same graph, "
-                          "same speed). full: layer by layer in the int8 model (errors carried from earlier layers too); fast: each "
-                          "layer alone, one pass.  [flag alone: full]"),
+        click.option("--bias-correction", type=click.Choice(["full", "fast", "off"]), is_flag=False, flag_value="full", default=None,
+                     help="int8: shift each layer's bias by the mean error int8 causes at its output, measured on the calibration rows "
+                          "(same graph, same speed). full: layer by layer in the int8 model (errors carried from earlier layers too); "
+                          "fast: each layer alone, one pass; off.  [default: full with --data, none with --calib or --tune]"),
         click.option("--equalize", is_flag=True,
                      help="int8: cross-layer equalization, Conv pairs joined by identity/Relu rescaled to equal channel ranges "
                           "(helps --per-tensor most); a calibration file must be made with it too."),
@@ -176,7 +176,7 @@ def config_from(kwargs: dict) -> QuantConfig:
                        symmetric_activations=k["symmetric_activations"], reduce_range=k["reduce_range"],
                        block_size=k["block_size"], int4_method=k["int4_method"], keep_io_types=k["keep_io_types"],
                        exclude_nodes=tuple(k["exclude_nodes"]), exclude_ops=tuple(k["exclude_ops"]), quantized_io=k["quantized_io"],
-                       bias_correction=k["bias_correction"], floor_ranges=k["floor_ranges"],
+                       bias_correction={None: "auto", "off": None}.get(k["bias_correction"], k["bias_correction"]), floor_ranges=k["floor_ranges"],
                        equalize=k["equalize"])
 
 
