@@ -230,3 +230,20 @@ def test_equalize_on_the_command_line(tmp_path):
     assert (tmp_path / "again.onnx").read_bytes() == (tmp_path / "pt_eq.onnx").read_bytes()
     r = invoke("quantize", src, "--mode", "fp16", "--equalize", "-o", tmp_path / "h.onnx")
     assert r.exit_code == 2 and "--equalize prepares the weights for the static int8 modes" in r.output
+
+
+def test_bias_correction_is_the_default_only_where_there_are_rows(tmp_path, conv_path, conv_data):
+    def report(*args):
+        out = tmp_path / "r.json"
+        r = invoke("quantize", conv_path, *args, "-o", tmp_path / "q.onnx", "--report", out, "-q")
+        assert r.exit_code == 0, r.output
+        return json.loads(out.read_text())
+
+    with_rows = report("--data", conv_data)
+    assert with_rows["config"]["bias_correction"] == "full" and with_rows["bias_correction"]["layers"] == 3
+    calib = tmp_path / "c.json"
+    assert invoke("calibrate", conv_path, "--data", conv_data, "-o", calib, "-q").exit_code == 0
+    makefile_step = report("--calib", calib)
+    assert makefile_step["config"]["bias_correction"] is None and makefile_step["bias_correction"] is None
+    off = report("--data", conv_data, "--bias-correction", "off")
+    assert off["config"]["bias_correction"] is None and off["bias_correction"] is None

@@ -6,8 +6,11 @@ calibration rows and both leaving only per-channel sums the runtime computes in-
 - ``full`` (Nagel et al. 2019's empirical correction, NNCF's BiasCorrection): the int8 model itself, layer by
   layer in graph order, each layer's shift measured with every earlier layer already corrected, so the error a
   layer inherits (an earlier output's rounding, which on a white page is the same for every pixel and reaches
-  the next depthwise kernel 9 times) is corrected too. One pruned run a layer: the runtime computes only that
-  layer's ancestors, and the corrections are fed as inputs, so one session serves every layer.
+  the next depthwise kernel 9 times) is corrected too. The corrections so far are fed as inputs (``+ delta``
+  after each layer), so one session serves many layers; layers no path connects (a level) are measured in one
+  run; the model is cut into ``STAGES`` pieces and each piece starts from the previous piece's outputs, cached
+  per row. The default with calibration rows: YOLOv8n DocLayNet 64.6% -> 86.0% of fp32's detections kept,
+  PicoDet 31.2% -> 50.4%, the text detector 92.9 -> 95.4 IoU (bench_ledger.py).
 - ``fast`` (NNCF's FastBiasCorrection): the float model with an int8 twin of each layer beside it (the op on
   the fake-quantized float input with the dequantized weight and bias), all layers in one pass. Cheaper, but
   blind to inherited error: on PicoDet it measured worse than none (26.5% vs 31.2% of detections kept).
