@@ -5,7 +5,7 @@ For each bench model (the quality ledger's models and calibration rows), times a
 
   fp32 pass       one pass of the float model over the calibration rows (onnxruntime, 2 threads): the unit
   ort static      onnxruntime's quantize_static (MinMax, QDQ, per-channel) on the same rows
-  qconv           `qconv quantize M --data ROWS` (calibration, plan, rewrite, check)
+  qconv           `qconv quantize M --data ROWS --bias-correction off` (calibration, plan, rewrite, check)
   + variants      the same with --bias-correction (full), --bias-correction fast, --equalize --bias-correction
 
 Each qconv run is a fresh process; its peak RSS is the process's VmHWM. The targets (issue: accuracy that costs no
@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 from qconv.data import FeedSource  # noqa: E402
 from scripts.bench_ledger import tasks  # noqa: E402  (the ledger's models and rows)
 from scripts.benchlib import aligned, graph_specs, ort_int8, session  # noqa: E402
-VARIANTS = {"qconv": [], "+bc full": ["--bias-correction"], "+bc fast": ["--bias-correction", "fast"],
+VARIANTS = {"qconv": ["--bias-correction", "off"], "+bc full": ["--bias-correction", "full"], "+bc fast": ["--bias-correction", "fast"],
             "+eq +bc": ["--equalize", "--bias-correction"]}
 PEAK = "import atexit, sys, re; atexit.register(lambda: sys.stderr.write('VmHWM ' + re.search(r'VmHWM:\\s+(\\d+)', " \
        "open('/proc/self/status').read()).group(1) + '\\n')); from qconv.cli.main import cli; cli(sys.argv[1:], prog_name='qconv')"
@@ -65,7 +65,11 @@ def main() -> None:
     ap.add_argument("--only", action="append", help="run only these models")
     ap.add_argument("--json", type=Path, help="write every number here")
     ap.add_argument("--quick", action="store_true", help="fewer rows")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated columns (qconv and +bc full always run)")
     args = ap.parse_args()
+    wanted = {"qconv", "+bc full", *[v.strip() for v in args.variants.split(",")]}
+    for k in [k for k in VARIANTS if k not in wanted]:
+        del VARIANTS[k]
     os.environ.setdefault("QCONV_CACHE_DIR", tempfile.mkdtemp(prefix="qconv-cache."))
     work = Path(tempfile.mkdtemp(prefix="qconv-adjust."))
     record: dict = {}
