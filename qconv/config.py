@@ -130,10 +130,6 @@ class QuantConfig:
             kw["format"] = None
         kw["exclude_nodes"] = tuple(kw.get("exclude_nodes", ()))
         kw["exclude_ops"] = tuple(kw.get("exclude_ops", ()))
-        if kw.get("bias_correction") is True:
-            kw["bias_correction"] = "full"
-        if kw.get("bias_correction") is False:
-            kw["bias_correction"] = None
         return cls(**kw)
 
     def to_dict(self) -> dict:

@@ -150,7 +150,7 @@ def test_measure_streams_only_channel_sums(tmp_path):
     calib = pipeline.calibrate(prepared, pipeline.feeds_for(prepared, data, 2))
     p = pipeline.plan(prepared, calib, QuantConfig())
     found = bias.targets(prepared.model, p)
-    model, names = bias.probe(prepared.model, p, found)
+    model = bias.probe(prepared.model, p, found)
     shapes = [[d.dim_value for d in o.type.tensor_type.shape.dim] for o in model.graph.output]
     assert len(model.graph.output) == 2 * len(found) == 6 and all(len(s) <= 1 for s in shapes)
     source = FeedSource(data, [InputSpec.from_value_info(i) for i in prepared.model.graph.input], batch_size=2)

@@ -27,8 +27,9 @@ import onnx
 from onnx import helper, numpy_helper
 
 from qconv import qmath
-from qconv.graph import FLOAT, Graph, ai_onnx_opset, attr, subgraph_inputs
+from qconv.graph import FLOAT, Graph, ai_onnx_opset, attr, ensure_opset, subgraph_inputs, topo_sort, weights_held
 from qconv.plan import QuantPlan, TensorPlan
+from qconv.rewrite.qdq import activation_pair
 from qconv.runtime import run, session
 
 OPS = ("Conv", "Gemm", "MatMul")
@@ -102,19 +103,22 @@ def _target(node, g: Graph, plan: QuantPlan) -> Target | None:
     return Target(node.name, node.op_type, node.input[0], node.input[1], f"{node.name}.bias_correction", True, channels)
 
 
-def probe(model: onnx.ModelProto, plan: QuantPlan, found: list[Target]) -> tuple[onnx.ModelProto, list[tuple[str, str]]]:
+def probe(model: onnx.ModelProto, plan: QuantPlan, found: list[Target]) -> onnx.ModelProto:
     """The float model with every target's twin beside it; outputs (channel sums of twin - float, element count)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     g = Graph(m)
     opset = ai_onnx_opset(m)
     del m.graph.output[:]
-    nodes, inits, outputs, names = [], [], [], []
+    nodes, inits, outputs = [], [], []
     fq_of: dict[str, str] = {}
+    by_name = {n.name: n for n in m.graph.node}
     for t in found:
-        node = next(n for n in m.graph.node if n.name == t.node)
+        node = by_name[t.node]
         if t.x not in fq_of:
-            fq_of[t.x] = _fake_quant(g, plan.tensors[t.x], nodes, inits)
+            pair, params, fq_of[t.x] = activation_pair(g, plan.tensors[t.x])
+            nodes += pair
+            inits += params
         tw = plan.tensors[t.w]
         wdq = qmath.dequantize(qmath.quantize(g.array(t.w).astype(np.float32), tw.qparams), tw.qparams)
         w_name = g.unique(f"{t.node}.bc_weight")
@@ -131,28 +135,44 @@ def probe(model: onnx.ModelProto, plan: QuantPlan, found: list[Target]) -> tuple
         nodes.append(helper.make_node(t.op, ins, [twin], name=g.unique(f"{t.node}.bc_twin_node"), **{a.name: helper.get_attribute_value(a) for a in node.attribute}))
         diff = g.unique(f"{t.node}.bc_diff")
         nodes.append(helper.make_node("Sub", [twin, node.output[0]], [diff], name=g.unique(f"{t.node}.bc_sub")))
-        sums, size = _reduce(nodes, inits, g, t, diff, opset)
-        outputs += [helper.make_tensor_value_info(sums, FLOAT, None),
-                    helper.make_tensor_value_info(size, onnx.TensorProto.INT64, None)]
-        names.append((sums, size))
+        _reduce(nodes, inits, outputs, g, t, diff, opset)
     m.graph.node.extend(nodes)
     m.graph.initializer.extend(inits)
     m.graph.output.extend(outputs)
-    return m, names
+    if any(n.domain == "com.microsoft" for n in nodes):  # 16-bit Q/DQ below opset 21
+        ensure_opset(m, "com.microsoft", 1)
+    return m
 
 
-def _fake_quant(g: Graph, tp: TensorPlan, nodes: list, inits: list) -> str:
-    qp = tp.qparams
-    domain = "com.microsoft" if qp.qtype.bits > 8 and ai_onnx_opset(g.model) < 21 else ""
-    scale = numpy_helper.from_array(np.asarray(qp.scale, dtype=np.float32), g.unique(f"{tp.name}.bc_scale"))
-    zp = numpy_helper.from_array(np.asarray(qp.zero_point).astype(qp.qtype.dtype), g.unique(f"{tp.name}.bc_zp"))
-    inits += [scale, zp]
-    q, dq = g.unique(f"{tp.name}.bc_q"), g.unique(f"{tp.name}.bc_dq")
-    nodes.append(helper.make_node("QuantizeLinear", [tp.name, scale.name, zp.name], [q], name=g.unique(f"{tp.name}.bc_q_node"), domain=domain))
-    nodes.append(helper.make_node("DequantizeLinear", [q, scale.name, zp.name], [dq], name=g.unique(f"{tp.name}.bc_dq_node"), domain=domain))
-    if domain and not any(o.domain == domain for o in g.model.opset_import):
-        g.model.opset_import.append(helper.make_opsetid(domain, 1))
-    return dq
+def _rows_of(feed: dict) -> int:
+    return len(next(iter(feed.values()))) if feed else 1
+
+
+def _first_rows(feeds: Iterable[dict], max_rows: int, seen: list[int]):
+    """The feeds, until they hold ``max_rows`` rows (streamed: never all in memory); each feed's rows go to ``seen``."""
+    for feed in feeds:
+        yield feed
+        seen.append(_rows_of(feed))
+        if sum(seen) >= max_rows:
+            return
+
+
+def _channel_sums(sess, found: list[Target], feeds: Iterable[dict], fetch: list[str] | None = None, extra: dict | None = None,
+                  advance: Callable[[int], None] = lambda n: None) -> list[tuple[np.ndarray, int]]:
+    """(channel sums, element count) of each target over ``feeds``: the runs return (sum, size) pairs in ``found``'s order."""
+    sums, counts = [np.zeros(t.channels, np.float64) for t in found], [0] * len(found)
+    for feed in feeds:
+        got = run(sess, {**feed, **(extra or {})}, fetch)
+        for k in range(len(found)):
+            sums[k] += got[2 * k].astype(np.float64)
+            counts[k] += int(got[2 * k + 1])
+        advance(1)
+    return list(zip(sums, counts))
+
+
+def _mean(pair: tuple[np.ndarray, int], channels: int) -> np.ndarray:
+    s, c = pair
+    return s / (c / channels)
 
 
 def measure(model: onnx.ModelProto, plan: QuantPlan, feeds: Iterable[dict], threads: int | None = None,
@@ -161,26 +181,10 @@ def measure(model: onnx.ModelProto, plan: QuantPlan, feeds: Iterable[dict], thre
     found = targets(model, plan)
     if not found:
         return {}, 0
-    m, names = probe(model, plan, found)
-    sess = session(m, threads)
-    sums = [np.zeros(t.channels, dtype=np.float64) for t in found]
-    counts = [0] * len(found)
-    rows = 0
-    for feed in feeds:
-        got = run(sess, feed)
-        for k in range(len(found)):
-            sums[k] += got[2 * k].astype(np.float64)
-            counts[k] += int(got[2 * k + 1])
-        n = len(next(iter(feed.values()))) if feed else 1
-        rows += n
-        advance(1)
-        if rows >= max_rows:
-            break
-    out = {}
-    for t, s, c in zip(found, sums, counts):
-        if c:
-            out[t.node] = (-s / (c / t.channels)).astype(np.float32)  # float - twin
-    return out, rows
+    sess = session(probe(model, plan, found), threads)
+    seen: list[int] = []
+    got = _channel_sums(sess, found, _first_rows(feeds, max_rows, seen), advance=advance)
+    return {t.node: (-_mean(p, t.channels)).astype(np.float32) for t, p in zip(found, got) if p[1]}, sum(seen)  # float - twin
 
 
 def measure_full(model: onnx.ModelProto, plan: QuantPlan, feeds: Iterable[dict], threads: int | None = None,
@@ -193,18 +197,14 @@ def measure_full(model: onnx.ModelProto, plan: QuantPlan, feeds: Iterable[dict],
     found = targets(model, plan)
     if not found:
         return {}, 0
-    rows, n = [], 0
-    for feed in feeds:
-        rows.append(feed)
-        n += len(next(iter(feed.values()))) if feed else 1
-        if n >= max_rows:
-            break
+    seen: list[int] = []
+    rows = list(_first_rows(feeds, max_rows, seen))
     reference = _sums(model, found, rows, threads)
     qmodel, _ = apply_qdq(model, subplan(plan))
-    m, deltas = _with_deltas(qmodel, found, {t.node: t for t in found})
+    m, deltas = _with_deltas(qmodel, found)
     fed = {name: np.zeros(shape, np.float32) for name, shape in deltas.values()}
-    groups = levels(m, found)
     lv, types = _out_levels(m, found), _elem_types(m)
+    groups = levels(found, lv)
     out: dict[str, np.ndarray] = {}
     cache = [dict(feed) for feed in rows]  # the frontier's values, row by row (first: the graph inputs)
     per_stage = -(-len(groups) // STAGES)
@@ -216,15 +216,9 @@ def measure_full(model: onnx.ModelProto, plan: QuantPlan, feeds: Iterable[dict],
         sess = session(sub, threads)
         for level in stage:  # no layer of a level is upstream of another: corrected together
             fetch = [o for t in level for o in (f"{t.node}.bc_sum", f"{t.node}.bc_size")]
-            sums, counts = [np.zeros(t.channels, np.float64) for t in level], [0] * len(level)
-            for values in cache:
-                got = run(sess, {**values, **_inputs_of(sess, fed)}, fetch)
-                for k in range(len(level)):
-                    sums[k] += got[2 * k].astype(np.float64)
-                    counts[k] += int(got[2 * k + 1])
-            for t, s_, c in zip(level, sums, counts):
-                ref_sum, ref_count = reference[t.node]
-                shift = (ref_sum / (ref_count / t.channels) - s_ / (c / t.channels)).astype(np.float32)
+            got = _channel_sums(sess, level, cache, fetch, _inputs_of(sess, fed))
+            for t, pair in zip(level, got):
+                shift = (_mean(reference[t.node], t.channels) - _mean(pair, t.channels)).astype(np.float32)
                 name, shape = deltas[t.node]
                 fed[name] = shift.reshape(shape)
                 out[t.node] = shift
@@ -237,7 +231,7 @@ def measure_full(model: onnx.ModelProto, plan: QuantPlan, feeds: Iterable[dict],
                 values.clear()
                 values.update(carried)
                 values.update(zip(made, got))
-    return out, n
+    return out, sum(seen)
 
 
 STAGES = 8  # the int8 model is cut into this many pieces; a layer's run starts from the cached values at its piece
@@ -268,8 +262,6 @@ def _out_levels(m: onnx.ModelProto, found: list[Target]) -> dict[str, int]:
 
 def _elem_types(m: onnx.ModelProto) -> dict[str, int]:
     """Element type of every tensor of ``m`` (onnx shape inference on its structure)."""
-    from qconv.graph import weights_held
-
     with weights_held(m):
         inferred = onnx.shape_inference.infer_shapes(m, strict_mode=False)
     return {vi.name: vi.type.tensor_type.elem_type for vi in list(inferred.graph.value_info) + list(inferred.graph.input)
@@ -319,23 +311,17 @@ def _stage_model(m: onnx.ModelProto, lv: dict[str, int], types: dict[str, int], 
     return sub, nxt
 
 
-def levels(model: onnx.ModelProto, found: list[Target]) -> list[list[Target]]:
-    """The targets grouped by how many targets lie on the longest path from the inputs to them (graph order)."""
-    by_node = {t.node: t for t in found}
-    level_of: dict[str, int] = {}  # tensor -> level of the targets it depends on
+def levels(found: list[Target], lv: dict[str, int]) -> list[list[Target]]:
+    """The targets grouped by how many targets lie on the longest path from the inputs to them (``_out_levels``), in
+    graph order: no target of a group is upstream of another."""
     groups: dict[int, list[Target]] = {}
-    for node in model.graph.node:
-        lv = max((level_of.get(i, 0) for i in node.input if i), default=0)
-        if node.name in by_node:
-            groups.setdefault(lv, []).append(by_node[node.name])
-            lv += 1
-        for o in node.output:
-            level_of[o] = lv
+    for t in found:
+        groups.setdefault(lv[t.node], []).append(t)
     return [groups[k] for k in sorted(groups)]
 
 
-def _reduce(nodes: list, inits: list, g: Graph, t: Target, y: str, opset: int) -> tuple[str, str]:
-    """Nodes that reduce ``y`` (the layer's output) to channel sums and an element count."""
+def _reduce(nodes: list, inits: list, outputs: list, g: Graph, t: Target, y: str, opset: int) -> None:
+    """Nodes that reduce ``y`` (the layer's output) to channel sums and an element count, both graph outputs."""
     if t.op == "Conv":
         axes = [0] + list(range(2, t.rank))
     else:
@@ -352,7 +338,7 @@ def _reduce(nodes: list, inits: list, g: Graph, t: Target, y: str, opset: int) -
     else:
         nodes.append(helper.make_node("ReduceSum", [y], [sums], name=g.unique(f"{t.node}.bc_reduce"), axes=axes, keepdims=0))
     nodes.append(helper.make_node("Size", [y], [size], name=g.unique(f"{t.node}.bc_count")))
-    return sums, size
+    outputs += [helper.make_tensor_value_info(sums, FLOAT, None), helper.make_tensor_value_info(size, onnx.TensorProto.INT64, None)]
 
 
 def _sums(model: onnx.ModelProto, found: list[Target], rows: list[dict], threads) -> dict[str, tuple[np.ndarray, int]]:
@@ -360,26 +346,18 @@ def _sums(model: onnx.ModelProto, found: list[Target], rows: list[dict], threads
     m = onnx.ModelProto()
     m.CopyFrom(model)
     g = Graph(m)
-    nodes, inits, names = [], [], []
+    nodes, inits, outputs = [], [], []
     by_name = {n.name: n for n in m.graph.node}
     for t in found:
-        names.append(_reduce(nodes, inits, g, t, by_name[t.node].output[0], ai_onnx_opset(m)))
+        _reduce(nodes, inits, outputs, g, t, by_name[t.node].output[0], ai_onnx_opset(m))
     del m.graph.output[:]
     m.graph.node.extend(nodes)
     m.graph.initializer.extend(inits)
-    for sums, size in names:
-        m.graph.output.extend([helper.make_tensor_value_info(sums, FLOAT, None), helper.make_tensor_value_info(size, onnx.TensorProto.INT64, None)])
-    sess = session(m, threads)
-    acc = {t.node: (np.zeros(t.channels, np.float64), 0) for t in found}
-    for feed in rows:
-        got = run(sess, feed)
-        for k, t in enumerate(found):
-            s, c = acc[t.node]
-            acc[t.node] = (s + got[2 * k].astype(np.float64), c + int(got[2 * k + 1]))
-    return acc
+    m.graph.output.extend(outputs)
+    return {t.node: p for t, p in zip(found, _channel_sums(session(m, threads), found, rows))}
 
 
-def _with_deltas(qmodel: onnx.ModelProto, found: list[Target], by_node: dict) -> tuple[onnx.ModelProto, dict]:
+def _with_deltas(qmodel: onnx.ModelProto, found: list[Target]) -> tuple[onnx.ModelProto, dict]:
     """The int8 model with, after each target, ``+ delta`` fed as an input (its correction so far), and the channel
     sums of the uncorrected output exposed. Returns the model and {node: (delta input, its shape)}."""
     m = onnx.ModelProto()
@@ -387,7 +365,7 @@ def _with_deltas(qmodel: onnx.ModelProto, found: list[Target], by_node: dict) ->
     g = Graph(m)
     opset = ai_onnx_opset(m)
     nodes_by = {n.name: n for n in m.graph.node}
-    extra, inits, deltas = [], [], {}
+    extra, inits, outputs, deltas = [], [], [], {}
     del m.graph.output[:]
     for t in found:
         node = nodes_by[t.node]
@@ -398,13 +376,11 @@ def _with_deltas(qmodel: onnx.ModelProto, found: list[Target], by_node: dict) ->
         delta = f"{t.node}.bc_delta"
         m.graph.input.append(helper.make_tensor_value_info(delta, FLOAT, shape))
         extra.append(helper.make_node("Add", [raw, delta], [y], name=g.unique(f"{t.node}.bc_shift")))
-        sums, size = _reduce(extra, inits, g, t, raw, opset)
-        m.graph.output.extend([helper.make_tensor_value_info(sums, FLOAT, None), helper.make_tensor_value_info(size, onnx.TensorProto.INT64, None)])
+        _reduce(extra, inits, outputs, g, t, raw, opset)
         deltas[t.node] = (delta, tuple(shape))
     m.graph.node.extend(extra)
     m.graph.initializer.extend(inits)
-    from qconv.graph import topo_sort
-
+    m.graph.output.extend(outputs)
     topo_sort(m)
     return m, deltas
 

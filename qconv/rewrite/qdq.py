@@ -54,7 +54,7 @@ def apply_qdq(model: onnx.ModelProto, plan: QuantPlan) -> tuple[onnx.ModelProto,
         if tp.role == "lstm-weight":  # rewritten by rules.recurrent after the QDQ pass
             continue
         if tp.role == "activation":
-            nodes, inits, dq_out = _activation(g, tp)
+            nodes, inits, dq_out = activation_pair(g, tp)
             dequantized[name] = dq_out
         else:
             nodes, inits, dq_out = _constant(g, tp)
@@ -77,7 +77,8 @@ def apply_qdq(model: onnx.ModelProto, plan: QuantPlan) -> tuple[onnx.ModelProto,
     return recurrent.apply_lstm(m, plan), dequantized
 
 
-def _activation(g: Graph, tp: TensorPlan):
+def activation_pair(g: Graph, tp: TensorPlan):
+    """QuantizeLinear -> DequantizeLinear of an activation with its plan's parameters: (nodes, initializers, DQ output)."""
     qp = tp.qparams
     scale, zp = _param_inits(g, tp.name, qp)
     q_out, dq_out = g.unique(tp.name + "_quantized"), g.unique(tp.name + "_dequantized")
