@@ -140,8 +140,8 @@ def evaluate_shard(float_model: str, quant_model: str, data: str, specs: list, b
     output's argmax of both models per feed index, so the driver can score them against the labels in order."""
     from qconv import runtime
     from qconv.data import FeedSource, feed_rows
-    from qconv.report import evaluate as ev
-    from qconv.report.metrics import top1
+    from qconv.measure.stats import top1
+    from qconv.measure.tally import Tally
 
     fsess, qsess = runtime.session(float_model, 1), runtime.session(quant_model, 1)
     if io:
@@ -149,16 +149,14 @@ def evaluate_shard(float_model: str, quant_model: str, data: str, specs: list, b
 
         qsess = IntegerIO(qsess, io)
     names = [o.name for o in fsess.get_outputs()]
-    stats = {n: ev.ErrorStats() for n in names}
-    agree = total = rows = batches = 0
+    tally = Tally(names)
     preds = []
     for index, feed in FeedSource(data, specs, batch_size=batch_size, shard=shard, cast=cast).indexed():
         ref, got = runtime.run(fsess, feed, names), runtime.run(qsess, feed, names)
-        a, t, *_ = ev.fold(names, stats, ref, got, None, 0)
-        agree, total, rows, batches = agree + a, total + t, rows + feed_rows(feed, specs), batches + 1
+        tally.add(ref, got, None, feed_rows(feed, specs))
         if predictions:
             preds.append((index, top1(ref[0]), top1(got[0])))
-    return {"stats": stats, "agree": agree, "total": total, "rows": rows, "batches": batches, "preds": preds}
+    return {"tally": tally, "preds": preds}
 
 
 _PREPARED: dict = {}  # per worker process: the model of the last job, keyed by path, size, mtime and scheme

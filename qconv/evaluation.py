@@ -16,7 +16,10 @@ from qconv.calib.ranges import METHODS
 from qconv.data import FeedSource, feed_rows
 from qconv.errors import QconvError
 from qconv.graph import Graph, expose
-from qconv.report import evaluate as ev
+from qconv.measure import compare
+from qconv.measure.latency import latency
+from qconv.measure.reference import Reference
+from qconv.measure.tally import Tally
 from qconv.report.layers import probe_pairs
 
 DAMAGE_COSINE = 0.9  # below this output cosine (or top-1 agreement) the model is damaged: say so loudly
@@ -32,7 +35,7 @@ class EvalOptions:
     data: Path | None = None
     labels: Path | None = None
     latency: bool = True
-    layer_samples: int = ev.DEFAULT_LAYER_SAMPLES  # 0: no per-layer analysis
+    layer_samples: int = compare.DEFAULT_LAYER_SAMPLES  # 0: no per-layer analysis
     threads: int | None = None
     profile: bool = True  # with latency: per-node kernel times of both models
     executor: str | None = None  # the output comparison as shard tasks on Dask (see qconv.distributed)
@@ -40,7 +43,7 @@ class EvalOptions:
 
 
 def evaluate(prepared: pipeline.Prepared, result: pipeline.Result, source: FeedSource, labels, opts: EvalOptions,
-             progress=pipeline._no_progress) -> tuple[dict, ev.Reference]:
+             progress=pipeline.no_progress) -> tuple[dict, Reference]:
     """Fidelity of the written model against the original file, latency, and per-layer error on a sample."""
     qtypes = None
     if result.plan.config.needs_calibration:  # the QDQ analysis model: known types, no shape inference
@@ -71,26 +74,15 @@ def _sharded_outputs(float_src, quant_src, source: FeedSource, labels, opts: Eva
         tasks = [(paths[0], paths[1], str(source.path), source.specs, source.batch_size, (k, shards), source.cast, io_params,
                   labels is not None) for k in range(shards)]
         parts = distributed.run_tasks(executor, distributed.evaluate_shard, tasks, "evaluating shards", progress)
-    names = list(parts[0]["stats"])
-    stats = {n: ev.ErrorStats() for n in names}
+    tally = Tally(parts[0]["tally"].names)
     for p in parts:
-        for n in names:
-            stats[n].merge(p["stats"][n])
-    agree, total = sum(p["agree"] for p in parts), sum(p["total"] for p in parts)
-    batches, rows = sum(p["batches"] for p in parts), sum(p["rows"] for p in parts)
-    if batches == 0:
+        tally.merge(p["tally"])
+    if tally.batches == 0:
         raise QconvError("evaluation data set is empty")
-    correct_f = correct_q = seen = 0
     if labels is not None:
         preds = sorted((x for p in parts for x in p["preds"]), key=lambda x: x[0])
-        pf = np.concatenate([x[1] for x in preds])
-        pq = np.concatenate([x[2] for x in preds])
-        if pf.size != labels.size:
-            raise QconvError(f"--eval-labels has {labels.size} labels but the eval data has {pf.size} rows; give one label per row")
-        correct_f, correct_q, seen = int((pf == labels).sum()), int((pq == labels).sum()), int(pf.size)
-    out = ev._summary(names, stats, agree, total, labels, correct_f, correct_q, seen, batches)
-    out["rows"] = rows
-    return out
+        tally.score_labels(np.concatenate([x[1] for x in preds]), np.concatenate([x[2] for x in preds]), labels)
+    return {**tally.summary(labels), "rows": tally.rows}
 
 
 def node_profile(prepared: pipeline.Prepared, result: pipeline.Result, feed: dict, threads: int) -> dict:
@@ -108,7 +100,7 @@ def node_profile(prepared: pipeline.Prepared, result: pipeline.Result, feed: dic
 
 
 def evaluate_models(float_src, quant_src, float_layers, quant_layers, dequantized, source: FeedSource, labels,
-                     opts: EvalOptions, progress, qtypes=None, io: dict | None = None) -> tuple[dict, ev.Reference]:
+                     opts: EvalOptions, progress, qtypes=None, io: dict | None = None) -> tuple[dict, Reference]:
     """``io``: integer-I/O parameters of the quantized model; its inputs are quantized and outputs dequantized here."""
     threads = opts.threads or runtime.default_threads()
     fsess = runtime.session(float_src, threads, spinning=False)
@@ -117,16 +109,16 @@ def evaluate_models(float_src, quant_src, float_layers, quant_layers, dequantize
         from qconv.rewrite.quantized_io import IntegerIO
 
         qsess = IntegerIO(qsess, io)
-    reference = ev.Reference([o.name for o in fsess.get_outputs()])
+    reference = Reference([o.name for o in fsess.get_outputs()])
     if distributed.parse_executor(opts.executor).distributed or opts.shards:
         out = _sharded_outputs(float_src, quant_src, source, labels, opts, io, progress)
-        for feed in ev.limited(source, source.specs, ALTERNATIVE_ROWS):  # the rows other candidates are measured on
+        for feed in compare.limited(source, source.specs, ALTERNATIVE_ROWS):  # the rows other candidates are measured on
             reference.keep(feed, runtime.run(fsess, feed, reference.names), 1, ALTERNATIVE_ROWS)
     else:
-        out = ev.compare_outputs(fsess, qsess, source, labels, progress("evaluating", source.count()), reference,
+        out = compare.compare_outputs(fsess, qsess, source, labels, progress("evaluating", source.count()), reference,
                                  ALTERNATIVE_ROWS, source.specs)
     if opts.latency:
-        out["latency_ms"] = ev.latency(fsess, qsess, next(iter(source)), threads)
+        out["latency_ms"] = latency(fsess, qsess, next(iter(source)), threads)
     del fsess, qsess  # free their weights before the analysis sessions load theirs
     out["layer_rows"] = 0
     if opts.layer_samples > 0:
@@ -135,14 +127,14 @@ def evaluate_models(float_src, quant_src, float_layers, quant_layers, dequantize
         if pairs:
             fl = runtime.session(expose(float_layers, {t: onnx.TensorProto.FLOAT for t in pairs}), threads)
             ql = runtime.session(expose(quant_layers, dict(pairs.values())), threads)
-            feeds = list(ev.limited(source, source.specs, opts.layer_samples))
-            out["layers"] = ev.compare_layers(fl, ql, feeds, {t: q for t, (q, _) in pairs.items()},
+            feeds = list(compare.limited(source, source.specs, opts.layer_samples))
+            out["layers"] = compare.compare_layers(fl, ql, feeds, {t: q for t, (q, _) in pairs.items()},
                                               progress("per-layer analysis", len(feeds)))
             out["layer_rows"] = sum(feed_rows(f, source.specs) for f in feeds)
     return out, reference
 
 
-def damage_warnings(evaluation: dict, prepared, result: pipeline.Result, calib, reference: ev.Reference,
+def damage_warnings(evaluation: dict, prepared, result: pipeline.Result, calib, reference: Reference,
                     threads: int | None) -> list[str]:
     """A loud warning when the written model is damaged (output cosine or top-1 agreement below 0.9):
     the outputs hurt, the worst layers, and, for calibrated modes, which range method measures better."""
@@ -161,7 +153,7 @@ def damage_warnings(evaluation: dict, prepared, result: pipeline.Result, calib, 
                     key=lambda kv: kv[1])[:3]
     if layers:
         msg += "; worst layers: " + ", ".join(f"{t} ({db:.1f} dB)" for t, db in layers)
-    if result.plan.config.needs_calibration and calib is not None and reference.rows:
+    if result.plan.config.needs_calibration and calib is not None and reference.feeds:
         msg += "; " + _better_method(prepared, result, calib, reference, threads)
     return [msg]
 
@@ -182,10 +174,10 @@ def _rank(model: onnx.ModelProto) -> int:
     return len(t.shape.dim) if t is not None and t.HasField("shape") else 0
 
 
-def _better_method(prepared, result: pipeline.Result, calib, reference: ev.Reference, threads) -> str:
+def _better_method(prepared, result: pipeline.Result, calib, reference: Reference, threads) -> str:
     """Measure the other range methods on the reference rows; name the best if it beats the one used."""
     config = result.plan.config
-    scores = {config.method: _worst_cosine(ev.compare_reference(reference, runtime.session(result.model, threads)))}
+    scores = {config.method: reference.compare(runtime.session(result.model, threads)).metrics().cosine}
     for method in METHODS:
         if method == config.method:
             continue
@@ -193,14 +185,10 @@ def _better_method(prepared, result: pipeline.Result, calib, reference: ev.Refer
             other = pipeline.quantize(prepared, calib, dataclasses.replace(config, method=method), overrides=result.plan.overrides)
         except QconvError:
             continue
-        scores[method] = _worst_cosine(ev.compare_reference(reference, runtime.session(other.model, threads)))
+        scores[method] = reference.compare(runtime.session(other.model, threads)).metrics().cosine
     best = max(scores, key=lambda m: (scores[m], m == config.method))
     measured = ", ".join(f"{m} {c:.3f}" for m, c in sorted(scores.items(), key=lambda kv: -kv[1]))
-    rows = reference.count
+    rows = reference.rows
     if best != config.method:
         return f"--method {best} measured better on {rows} rows (worst-output cosine: {measured})"
     return f"no other range method measured better on {rows} rows ({measured}): keep the worst layers float with --exclude-nodes"
-
-
-def _worst_cosine(summary: dict) -> float:
-    return min((v["cosine"] for v in summary["outputs"].values()), default=1.0)

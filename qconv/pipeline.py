@@ -41,7 +41,7 @@ from qconv.adjust import bias
 Progress = Callable[[str, int | None], Callable[[int], None]]  # (label, total) -> advance(n)
 
 
-def _no_progress(label: str, total: int | None):
+def no_progress(label: str, total: int | None):
     return lambda n: None
 
 
@@ -165,7 +165,7 @@ def calibration_options(source: FeedSource, method: str | None = None, bins: int
 
 
 def calibrate(prepared: Prepared, source: FeedSource, threads: int | None = None,
-              progress: Progress = _no_progress, method: str | None = None, bins: int = DEFAULT_BINS,
+              progress: Progress = no_progress, method: str | None = None, bins: int = DEFAULT_BINS,
               momentum: float = DEFAULT_MOMENTUM, config: QuantConfig | None = None,
               overrides: Overrides | None = None, max_memory: int = DEFAULT_MAX_MEMORY) -> Calibration:
     """Observe the tensors ``config``'s plan (with ``overrides``) can use (every float activation when ``config`` is None)."""
@@ -244,7 +244,7 @@ def plan(prepared: Prepared, calib: Calibration | None, config: QuantConfig, ove
 
 
 def correct_bias(prepared: Prepared, p: QuantPlan, source: FeedSource, threads: int | None = None,
-                 progress: Progress = _no_progress) -> QuantPlan:
+                 progress: Progress = no_progress) -> QuantPlan:
     """``p`` with bias correction measured on ``source`` (when its config asks for it) and recorded in the plan."""
     if not p.config.bias_correction:
         return p

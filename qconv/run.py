@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qconv import distributed, io, pipeline, runtime, tuning
+from qconv import distributed, io, pipeline, runtime
 from qconv.calib.collect import activation_tensors
 from qconv.calib.ranges import DEFAULT_METHOD
 from qconv.calib.observers import DEFAULT_BINS, DEFAULT_MOMENTUM
@@ -30,17 +30,19 @@ from qconv.evaluation import (  # EvalOptions: for the CLI
     evaluate_models,
 )
 from qconv.graph import ai_onnx_opset
-from qconv.overrides import NodeOverride, Overrides
+from qconv.measure.stats import ErrorStats
+from qconv.measure.thresholds import Thresholds
+from qconv.overrides import Overrides
 from qconv.plan import QuantPlan
 from qconv.planner import calibration_targets
-from qconv.report import evaluate as ev
 from qconv.report.build import build_comparison_report, build_report, complete
-from qconv.report.gates import Gates, evaluate_gates
+from qconv.report.gates import evaluate_gates
 from qconv.report.layers import dequantized_of
-from qconv.report.metrics import ErrorStats
 from qconv.report.write import check_report_paths, write_reports
 from qconv.rewrite.quantized_io import io_params_of
-from qconv.tuning import TuneOptions
+from qconv.tune.budget import TuneOptions
+from qconv.tune.speed import speed_fallback
+from qconv.tune.tuner import TuneJob, tune
 
 
 @dataclass(frozen=True)
@@ -169,7 +171,7 @@ def sharded_calibration(prepared: pipeline.Prepared, data: Path, source: FeedSou
     return Calibration(prepared.model_id, data_id, seen, options, {n: observers[n] for n in names if n in observers})
 
 
-def run_plan(job: PlanJob, progress=pipeline._no_progress) -> tuple[QuantPlan, pipeline.Prepared]:
+def run_plan(job: PlanJob, progress=pipeline.no_progress) -> tuple[QuantPlan, pipeline.Prepared]:
     """The plan of ``job`` (``qconv plan``): nothing is rewritten."""
     job.check()
     overrides = load_overrides(job.overrides)
@@ -206,10 +208,10 @@ class QuantizeJob:
     plan: PlanJob
     plan_file: Path | None = None
     evaluation: EvalOptions = field(default_factory=EvalOptions)
-    gates: Gates = field(default_factory=Gates)
+    gates: Thresholds = field(default_factory=Thresholds)
     reports: tuple = ()
     speed_fallback: bool = False  # keep float the nodes the profile shows slower in int8, if the model then measures faster
-    tune: TuneOptions | None = None  # search the overrides for a model that meets the targets (see qconv.tuning)
+    tune: TuneOptions | None = None  # search the overrides for a model that meets the targets (see qconv.tune)
     write_plan: Path | None = None  # also write the plan the model was made from (with tuning's overrides)
     converting: bool = field(default=False, init=False)  # set by check(): a QDQ input to fold into QOperator form
 
@@ -293,7 +295,7 @@ def _make_plan(job: QuantizeJob, prepared: pipeline.Prepared, stored: QuantPlan 
     return pipeline.replan(prepared, stored, calib, f"plan file {job.plan_file}"), calib
 
 
-def run_quantize(job: QuantizeJob, progress=pipeline._no_progress) -> tuple[dict, pipeline.Result]:
+def run_quantize(job: QuantizeJob, progress=pipeline.no_progress) -> tuple[dict, pipeline.Result]:
     """Plan (or read a plan), rewrite, evaluate, write the model and reports. Nothing is written on error."""
     job.check()
     labels = load_labels(job.evaluation.labels)
@@ -318,7 +320,7 @@ def run_quantize(job: QuantizeJob, progress=pipeline._no_progress) -> tuple[dict
     if eval_source is not None:
         evaluation, reference = evaluate(prepared, result, eval_source, labels, job.evaluation, progress)
         if job.speed_fallback:
-            fallback, faster = speed_fallback(prepared, result, calib, evaluation, eval_source, job.evaluation)
+            fallback, faster = speed_fallback(prepared, result, calib, evaluation, eval_source, job.evaluation.threads)
             if faster is not None:
                 result = faster
                 evaluation, reference = evaluate(prepared, result, eval_source, labels, job.evaluation, progress)
@@ -339,7 +341,7 @@ def _save_and_report(job: QuantizeJob, prepared: pipeline.Prepared, result: pipe
                         eval_source=eval_source, extra_warnings=list(notes))
 
 
-def _finish(report: dict, gates: Gates, paths) -> dict:
+def _finish(report: dict, gates: Thresholds, paths) -> dict:
     """The last step of every report: its gate (passed with no checks when none was asked for; tuning sets its
     targets' own), every schema key present, then written."""
     if "gate" not in report:
@@ -353,12 +355,11 @@ def _write_plan(job: QuantizeJob, plan: QuantPlan) -> None:
         io.write_json(plan.to_dict(), job.write_plan)
 
 
-SPEED_ROUNDS = 4
 HOLDOUT = (4, 5)  # without --eval-data, tuning measures on every fifth feed of --data and calibrates on the rest
 
 
 def _run_tuned(job: QuantizeJob, prepared: pipeline.Prepared, labels, progress) -> tuple[dict, pipeline.Result]:
-    """Calibrate, search the overrides (qconv.tuning), then write and report the best model found."""
+    """Calibrate, search the overrides (qconv.tune), then write and report the best model found."""
     pj = dataclasses.replace(job.plan, tuning=True)
     o = pj.calib_options
     if job.evaluation.data is None:
@@ -379,56 +380,19 @@ def _run_tuned(job: QuantizeJob, prepared: pipeline.Prepared, labels, progress) 
         eval_label = str(job.evaluation.data)
     overrides = load_overrides(pj.overrides)
     calib = _statistics(pj, prepared, overrides, progress)
-    config = pj.effective(calib.options)
-    targets = tuning.Targets.from_gates(job.gates, job.evaluation.latency)
-    threads = job.evaluation.threads or runtime.default_threads()
-    held = tuning.hold_rows(prepared, source, labels, job.tune.rows, threads)
     calib_source = None
     if pj.data is not None:
         calib_source = pipeline.feeds_for(prepared, pj.data, pj.calib_options.batch_size, cast=o.cast_data, skip=pj.holdout)
-    tuner = tuning.Tuner(prepared, calib, config, overrides, held, source.identity(), targets, job.tune, threads, progress,
-                         calib_source)
-    method, tuned, _ = tuner.run()
-    plan = _corrected(pj, prepared, pipeline.plan(prepared, calib, dataclasses.replace(config, method=method), tuned), progress)
-    feed = pipeline.check_feed(prepared, next(iter(source), None))
-    result = pipeline.apply(prepared, plan, None, feed)
-    evaluation, reference = evaluate(prepared, result, source, labels, job.evaluation, progress)
-    speed = []
-    for _ in range(SPEED_ROUNDS):  # each round keeps float the nodes the new profile shows slower in int8
-        lat = evaluation.get("latency_ms") or {}
-        if targets.max_latency_ratio is None or not lat or lat["ratio"] <= targets.max_latency_ratio:
-            break
-        record, faster = _tune_speed(tuner, prepared, result, calib, evaluation, source, job.evaluation, method,
-                                     result.plan.overrides)
-        speed.append(record)
-        if faster is None:
-            break
-        result = faster
-        evaluation, reference = evaluate(prepared, result, source, labels, job.evaluation, progress)
-    notes = damage_warnings(evaluation, prepared, result, calib, reference, job.evaluation.threads)
-    report = _save_and_report(job, prepared, result, calib, evaluation, eval_label, notes)
-    report["gate"] = evaluate_gates(targets.gates(job.gates.max_size_mb), report)
-    report["tuning"] = tuner.report(method, data_note, speed, report["gate"])
+    tuned = tune(TuneJob(prepared=prepared, calib=calib, config=pj.effective(calib.options), overrides=overrides, source=source,
+                         labels=labels, gates=job.gates, options=job.tune, evaluation=job.evaluation, calib_source=calib_source,
+                         correct=lambda plan: _corrected(pj, prepared, plan, progress)), progress)
+    result = tuned.result
+    notes = damage_warnings(tuned.evaluation, prepared, result, calib, tuned.reference, job.evaluation.threads)
+    report = _save_and_report(job, prepared, result, calib, tuned.evaluation, eval_label, notes)
+    report["gate"] = evaluate_gates(dataclasses.replace(tuned.targets, max_size_mb=job.gates.max_size_mb), report)
+    report["tuning"] = tuned.section(data_note, report["gate"])
     _write_plan(job, result.plan)
     return _finish(report, job.gates, job.reports), result
-
-
-def _tune_speed(tuner: tuning.Tuner, prepared, result, calib, evaluation, source, opts, method, overrides):
-    """The tuned model is slower than the target: keep float the nodes slower in int8, if that keeps the accuracy
-    targets and measures faster."""
-    slow = [r["node"] for r in (evaluation.get("profile") or {}).get("slower_in_int8", [])]
-    if not slow:
-        return {"tried": [], "taken": False, "reason": "no node is slower in int8 than in float on this CPU"}, None
-    trial = tuner.trial("speed", f"{len(slow)} node{'s' if len(slow) > 1 else ''} slower in int8 kept float", method,
-                        overrides.merged(Overrides({n: NodeOverride(precision="float") for n in slow}, {})), force=True)
-    if trial.metrics is None or tuner.targets.misses(trial.metrics):
-        return {"tried": slow, "taken": False, "reason": "keeping them float misses the accuracy target"}, None
-    record, faster = speed_fallback(prepared, result, calib, evaluation, source, opts)
-    trial.accepted = faster is not None
-    if faster is not None:
-        tuner.changes.append({"what": ", ".join(slow[:6]) + (f" (+{len(slow) - 6} more)" if len(slow) > 6 else ""),
-                              "change": "kept float", "why": f"slower in int8 on this CPU; the model measured {record['ratio']:.2f}x the time without it"})
-    return record, faster
 
 
 def _run_conversion(job: QuantizeJob, prepared: pipeline.Prepared, labels, progress) -> tuple[dict, pipeline.Result]:
@@ -455,32 +419,6 @@ def _run_conversion(job: QuantizeJob, prepared: pipeline.Prepared, labels, progr
     return _finish(report, job.gates, job.reports), result
 
 
-def speed_fallback(prepared: pipeline.Prepared, result: pipeline.Result, calib, evaluation: dict, source: FeedSource,
-                   opts: EvalOptions) -> tuple[dict, pipeline.Result | None]:
-    """Keep float the nodes the profile shows slower in int8, rewrite, and time both int8 models A/B: the new one
-    is taken only when the whole interval says it is faster. Returns (what was tried, the faster result or None).
-    The decisions become float overrides in the plan, so ``--plan`` reproduces the chosen model exactly."""
-    slow = [r["node"] for r in (evaluation.get("profile") or {}).get("slower_in_int8", [])]
-    if not slow:
-        return {"tried": [], "taken": False, "reason": "no node is slower in int8 than in float on this CPU"}, None
-    extra = Overrides({n: NodeOverride(precision="float") for n in slow}, {})
-    stored = result.plan
-    merged = stored.overrides.merged(extra)
-    if calib is not None or not stored.config.needs_calibration:
-        candidate_plan = pipeline.keep_corrections(prepared, stored, pipeline.plan(prepared, calib, stored.config, merged))
-    else:
-        candidate_plan = pipeline.replan(prepared, dataclasses.replace(stored, overrides=merged), None)
-    candidate = pipeline.apply(prepared, candidate_plan)
-    threads = opts.threads or runtime.default_threads()
-    timing = ev.latency(runtime.session(result.model, threads, spinning=False),
-                        runtime.session(candidate.model, threads, spinning=False), next(iter(source)), threads)
-    taken = timing["verdict"] == "faster"
-    record = {"tried": slow, "taken": taken, "ratio": timing["ratio"], "ratio_low": timing["ratio_low"],
-              "ratio_high": timing["ratio_high"], "runs": timing["runs"],
-              "reason": "measured faster with these nodes float" if taken else f"not measurably faster ({timing['verdict']})"}
-    return record, candidate if taken else None
-
-
 @dataclass
 class CompareJob:
     original: Path
@@ -488,7 +426,7 @@ class CompareJob:
     data: Path
     evaluation: EvalOptions = field(default_factory=EvalOptions)
     batch_size: int = 1
-    gates: Gates = field(default_factory=Gates)
+    gates: Thresholds = field(default_factory=Thresholds)
     reports: tuple = ()
     cast_data: bool = False
 
@@ -498,7 +436,7 @@ class CompareJob:
         check_report_paths(self.reports, self.original, self.quantized, self.data)
 
 
-def run_compare(job: CompareJob, progress=pipeline._no_progress) -> dict:
+def run_compare(job: CompareJob, progress=pipeline.no_progress) -> dict:
     """Compare any two models on the same data: outputs, task accuracy, latency and every shared tensor."""
     job.check()
     original, quantized = io.load_model(job.original), io.load_model(job.quantized)

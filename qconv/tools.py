@@ -39,7 +39,7 @@ class CalibrateJob:
         io.check_output_path(self.out, self.model, self.data)
 
 
-def run_calibrate(job: CalibrateJob, progress=pipeline._no_progress):
+def run_calibrate(job: CalibrateJob, progress=pipeline.no_progress):
     """The calibration written to ``job.out``, or None when the file there is already up to date."""
     from qconv.calib.store import Calibration
 

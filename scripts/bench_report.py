@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from qconv.config import QuantConfig
-from qconv.report.evaluate import DEFAULT_LAYER_SAMPLES
+from qconv.measure.compare import DEFAULT_LAYER_SAMPLES
 from qconv.run import (
     CalibOptions,
     CompareJob,

@@ -44,8 +44,8 @@ sys.path.insert(0, str(ROOT))
 
 import onnxruntime as ort
 
-from qconv.report.evaluate import ratio_interval
-from qconv.report.metrics import ErrorStats
+from qconv.measure.latency import ratio_interval
+from qconv.measure.stats import ErrorStats
 from qconv.run import CalibOptions, EvalOptions, PlanJob, QuantizeJob, run_quantize
 from scripts.benchlib import (
     Case,

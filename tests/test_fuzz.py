@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from qconv.config import QuantConfig
 from qconv.errors import QconvError
 from qconv.intake import interface_change
-from qconv.report.metrics import ErrorStats
+from qconv.measure.stats import ErrorStats
 from qconv.run import EvalOptions, PlanJob, QuantizeJob, run_quantize
 from tests.conftest import make_model, run_model
 

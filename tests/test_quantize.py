@@ -6,7 +6,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qconv import pipeline
 from qconv.config import QuantConfig
-from qconv.report.metrics import ErrorStats
+from qconv.measure.stats import ErrorStats
 from tests.conftest import conv_model, make_model, optimized_ops, run_model
 
 

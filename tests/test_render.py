@@ -324,7 +324,7 @@ def test_html_screenshot_in_headless_chromium(tmp_path):
 
 @pytest.fixture(scope="session")
 def real_reports(tmp_path_factory):
-    from qconv.report.gates import Gates
+    from qconv.measure.thresholds import Thresholds
     from qconv.run import CalibOptions, EvalOptions, PlanJob, QuantizeJob, run_quantize
     from tests.conftest import SAMPLES
 
@@ -335,7 +335,7 @@ def real_reports(tmp_path_factory):
         job = QuantizeJob(out / f"{name}.onnx", PlanJob(d / "model.onnx", data=d / f"calib.{ext}",
                                                         calib_options=CalibOptions(batch_size=100)),
                           evaluation=EvalOptions(d / f"eval.{ext}", d / "eval_labels.npy", True, 32, None),
-                          gates=Gates(min_sqnr=30.0) if name == "tiny_transformer" else Gates())
+                          gates=Thresholds(min_sqnr=30.0) if name == "tiny_transformer" else Thresholds())
         made[name], _ = run_quantize(job)
     return made
 

@@ -15,8 +15,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qconv.cli.main import cli
 from qconv.errors import UsageError
-from qconv.tuning import Budget, Targets
-from qconv.report.gates import Gates
+from qconv.measure.tally import Metrics
+from qconv.tune.budget import Budget
+from qconv.measure.thresholds import Thresholds
 from tests.conftest import SAMPLES, make_model, run_model
 
 DIGITS = SAMPLES / "digits_cnn"
@@ -129,12 +130,12 @@ def test_budget_parsing():
 
 
 def test_default_targets_and_their_order():
-    t = Targets.from_gates(Gates(), latency=True)
-    assert (t.min_cosine, t.max_latency_ratio, t.default) == (0.999, 1.0, True)
-    assert Targets.from_gates(Gates(), latency=False).max_latency_ratio is None
-    given = Targets.from_gates(Gates(min_agreement=0.98), latency=True)
-    assert (given.min_cosine, given.min_agreement, given.max_latency_ratio) == (None, 0.98, None)
-    m = lambda c, a=None: {"cosine": c, "sqnr_db": 30.0, "agreement": a, "top1_drop": None}  # noqa: E731
+    t, default = Thresholds.tuning(Thresholds(), latency=True)
+    assert (t.min_cosine, t.max_latency_ratio, default) == (0.999, 1.0, True)
+    assert Thresholds.tuning(Thresholds(), latency=False)[0].max_latency_ratio is None
+    given, default = Thresholds.tuning(Thresholds(min_agreement=0.98, max_size_mb=3.0), latency=True)
+    assert (given.min_cosine, given.min_agreement, given.max_latency_ratio, given.max_size_mb, default) == (None, 0.98, None, None, False)
+    m = lambda c, a=None: Metrics(c, 30.0, a)  # noqa: E731
     assert t.key(m(0.9995)) < t.key(m(0.9990)) < t.key(m(0.99))  # met beats unmet; nearer beats farther
     assert given.misses(m(0.5, 0.99)) == [] and given.misses(m(1.0, 0.97))[0][0] == "min-agreement"
 
@@ -269,7 +270,7 @@ def test_min_agreement_gate_on_a_real_run(tmp_path):
     assert "gate failed: min-agreement: measured 1.000000, required >= 1.01" in r.output
     from qconv.report.gates import evaluate_gates
 
-    g = evaluate_gates(Gates(min_agreement=0.9), {"fidelity": {"top1_agreement": None}, "outputs": {}})
+    g = evaluate_gates(Thresholds(min_agreement=0.9), {"fidelity": {"top1_agreement": None}, "outputs": {}})
     assert not g["passed"] and "not class scores" in g["checks"][0]["message"]
 
 

@@ -11,7 +11,7 @@ import click
 from qconv.cli.console import Terminal
 from qconv.config import DEFAULT_BINS, DEFAULT_MOMENTUM, FORMATS, METHODS, MODES, QuantConfig
 from qconv.errors import GateFailed, QconvError
-from qconv.report.gates import Gates
+from qconv.measure.thresholds import Thresholds
 
 
 def guarded(fn):
@@ -107,8 +107,8 @@ def gate_options(fn):
     return fn
 
 
-def gates_from(kwargs: dict) -> Gates:
-    return Gates(**{k: kwargs.pop(k) for k in ("min_sqnr", "min_cosine", "max_top1_drop", "max_size_mb", "max_latency_ratio", "min_agreement")})
+def gates_from(kwargs: dict) -> Thresholds:
+    return Thresholds(**{k: kwargs.pop(k) for k in ("min_sqnr", "min_cosine", "max_top1_drop", "max_size_mb", "max_latency_ratio", "min_agreement")})
 
 
 def finish(term, report: dict, as_json: bool, render) -> None:

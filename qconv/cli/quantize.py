@@ -22,9 +22,9 @@ from qconv.cli.common import (
 )
 from qconv.cli.console import table
 from qconv.errors import UsageError
-from qconv.report.evaluate import DEFAULT_LAYER_SAMPLES
+from qconv.measure.compare import DEFAULT_LAYER_SAMPLES
 from qconv.run import CalibOptions, EvalOptions, PlanJob, QuantizeJob, run_quantize
-from qconv.tuning import DEFAULT_ROWS, Budget, TuneOptions
+from qconv.tune.budget import DEFAULT_ROWS, Budget, TuneOptions
 
 
 @click.command("quantize")

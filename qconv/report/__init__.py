@@ -1,1 +1,1 @@
-"""Evaluation (float vs quantized through onnxruntime) and the report built from it."""
+"""The report: built from plain values (plan, models, measurements), gated, and written as JSON, HTML and Markdown."""

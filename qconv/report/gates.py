@@ -1,32 +1,10 @@
-"""Quality gates: thresholds a CI pipeline sets on the report. Failing any gives exit code 3."""
+"""Quality gates: the thresholds a CI pipeline sets, checked on the report. Failing any gives exit code 3."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
-from qconv.errors import UsageError
-
-
-@dataclass(frozen=True)
-class Gates:
-    min_sqnr: float | None = None  # dB, worst model output
-    min_cosine: float | None = None  # worst model output
-    max_top1_drop: float | None = None  # percentage points
-    max_size_mb: float | None = None  # quantized file(s), 1 MB = 1,000,000 bytes
-    max_latency_ratio: float | None = None  # quantized / original median time
-    min_agreement: float | None = None  # top-1 agreement of the first output with the original's (no labels needed)
-
-    def any(self) -> bool:
-        return any(v is not None for v in vars(self).values())
-
-    def check_options(self, has_labels: bool, has_latency: bool, has_eval: bool) -> None:
-        if (self.min_sqnr is not None or self.min_cosine is not None or self.min_agreement is not None) and not has_eval:
-            raise UsageError("--min-sqnr, --min-cosine and --min-agreement need evaluation data (--eval-data or --data)")
-        if self.max_top1_drop is not None and not has_labels:
-            raise UsageError("--max-top1-drop needs --eval-labels")
-        if self.max_latency_ratio is not None and not has_latency:
-            raise UsageError("--max-latency-ratio needs the latency measurement: drop --no-latency")
+from qconv.measure.thresholds import Thresholds
 
 
 def _worst(report: dict, key: str) -> float | None:
@@ -37,7 +15,7 @@ def _worst(report: dict, key: str) -> float | None:
     return min(vals) if vals else None
 
 
-def evaluate_gates(gates: Gates, report: dict) -> dict:
+def evaluate_gates(gates: Thresholds, report: dict) -> dict:
     """{"passed", "checks": [{name, measured, required, passed, message}], "failed": [names]}."""
     checks = []
 

@@ -1,0 +1,129 @@
+"""What one comparison of two models adds up to: per-output error sums, top-1 agreement counts and, with labels,
+the correct predictions of both (``Tally``); and the few numbers a search compares (``Metrics``). Pure numpy.
+
+A tally is filled feed by feed (``add``), merged over shards in shard order (``merge``), and read once
+(``summary`` for the report, ``metrics`` for gates and tuning).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from qconv.errors import QconvError
+from qconv.measure.stats import ErrorStats, top1
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """The worst output's cosine and SQNR, top-1 agreement of the first output, and the top-1 drop (with labels)."""
+
+    cosine: float
+    sqnr_db: float
+    agreement: float | None = None
+    top1_drop: float | None = None
+
+    def to_dict(self) -> dict:
+        """JSON-safe (infinite SQNR as "inf")."""
+        return {"cosine": self.cosine, "sqnr_db": json_number(self.sqnr_db), "agreement": self.agreement, "top1_drop": self.top1_drop}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Metrics:
+        s = d["sqnr_db"]
+        return cls(d["cosine"], float(s) if s in ("inf", "-inf") else s, d.get("agreement"), d.get("top1_drop"))
+
+
+def json_number(x):
+    """JSON has no infinity: +-inf as the strings "inf" / "-inf"."""
+    if isinstance(x, float) and math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return x
+
+
+def agreement_axis(ref) -> bool:
+    """Outputs whose last axis is class scores (float, rank >= 2, at least two classes) have a top-1 to agree on."""
+    return isinstance(ref, np.ndarray) and ref.dtype.kind == "f" and ref.ndim >= 2 and ref.shape[-1] >= 2
+
+
+@dataclass
+class Tally:
+    names: list[str]
+    stats: dict[str, ErrorStats] = field(default_factory=dict)
+    agree: int = 0  # positions where the first output's top-1 is the same
+    positions: int = 0
+    correct_float: int = 0  # with labels: rows each model predicts right
+    correct_quant: int = 0
+    labelled: int = 0
+    batches: int = 0
+    rows: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.stats:
+            self.stats = {n: ErrorStats() for n in self.names}
+
+    def add(self, ref: list, got: list, labels: np.ndarray | None = None, rows: int = 1) -> None:
+        """One feed: the float model's outputs ``ref`` and the other model's ``got`` (in ``names`` order); ``labels``
+        is the whole label array (this feed's are the next ones)."""
+        for n, r, q in zip(self.names, ref, got):
+            if isinstance(r, np.ndarray) and r.dtype.kind == "f":  # sequences and maps are not compared element-wise
+                self.stats[n].update(r, q)
+        if ref and agreement_axis(ref[0]):
+            pf, pq = top1(ref[0]), top1(got[0])
+            self.agree += int((pf == pq).sum())
+            self.positions += int(pf.size)
+        if labels is not None:
+            if not isinstance(ref[0], np.ndarray):
+                raise QconvError("--eval-labels needs a tensor as the model's first output (it is a sequence or map)")
+            pf, pq = top1(ref[0]), top1(got[0])
+            want = labels[self.labelled:self.labelled + pf.size]
+            if want.size != pf.size:
+                raise QconvError(f"--eval-labels has {labels.size} labels but the eval data has more rows; give one label per row")
+            self.correct_float += int((pf == want).sum())
+            self.correct_quant += int((pq == want).sum())
+            self.labelled += int(pf.size)
+        self.batches += 1
+        self.rows += rows
+
+    def merge(self, other: Tally) -> None:
+        """Add another shard's tally (labels are scored by the driver, in feed order: see ``score_labels``)."""
+        for n in self.names:
+            self.stats[n].merge(other.stats[n])
+        self.agree += other.agree
+        self.positions += other.positions
+        self.batches += other.batches
+        self.rows += other.rows
+
+    def score_labels(self, pred_float: np.ndarray, pred_quant: np.ndarray, labels: np.ndarray) -> None:
+        """Top-1 of both models, gathered from shards in feed order, against the labels."""
+        if pred_float.size != labels.size:
+            raise QconvError(f"--eval-labels has {labels.size} labels but the eval data has {pred_float.size} rows; "
+                             "give one label per row")
+        self.correct_float, self.correct_quant = int((pred_float == labels).sum()), int((pred_quant == labels).sum())
+        self.labelled = int(pred_float.size)
+
+    @property
+    def agreement(self) -> float | None:
+        return self.agree / self.positions if self.positions else None
+
+    def summary(self, labels: np.ndarray | None = None) -> dict:
+        """The report's fidelity section: every compared output, agreement and (with labels) the task."""
+        result = {"outputs": {n: s.to_dict() for n, s in self.stats.items() if s.count}, "batches": self.batches,
+                  "top1_agreement": self.agreement, "agreement_positions": self.positions}
+        if labels is not None:
+            seen = self.labelled
+            if seen != labels.size:
+                raise QconvError(f"--eval-labels has {labels.size} labels but the eval data has {seen} rows; give one label per row")
+            result["task"] = {"metric": "top1", "samples": seen, "original": self.correct_float / seen,
+                              "quantized": self.correct_quant / seen,
+                              "drop_points": 100.0 * (self.correct_float - self.correct_quant) / seen}
+        return result
+
+    def metrics(self, labelled: bool = False) -> Metrics:
+        used = [s for s in self.stats.values() if s.count]
+        drop = None
+        if labelled and self.labelled:
+            drop = 100.0 * (self.correct_float - self.correct_quant) / self.labelled
+        return Metrics(float(min((s.cosine for s in used), default=1.0)), float(min((s.sqnr_db for s in used), default=math.inf)),
+                       self.agreement, drop)

@@ -1,0 +1,79 @@
+"""How much search (wall seconds or a number of trials), the clock that enforces it, and tuning's options."""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from qconv.errors import UsageError
+
+
+class BudgetSpent(Exception):
+    """Raised by a trial asked for past the budget: the search stops with the best model so far."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Wall seconds, or a number of trials (deterministic: cached trials count too)."""
+
+    seconds: float | None = 600.0
+    trials: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Budget:
+        t = text.strip().lower().replace(" ", "")
+        m = re.fullmatch(r"(\d+)(trials?)", t)
+        if m:
+            if int(m.group(1)) < 1:
+                raise UsageError("--budget in trials must be at least 1")
+            return cls(None, int(m.group(1)))
+        m = re.fullmatch(r"(\d+(?:\.\d+)?)(s|m|min|h)?", t)
+        if not m:
+            raise UsageError(f"--budget '{text}' is not a time like 10m, 90s, 1h or a trial count like 40trials")
+        scale = {"s": 1, None: 1, "m": 60, "min": 60, "h": 3600}[m.group(2)]
+        seconds = float(m.group(1)) * scale
+        if seconds <= 0:
+            raise UsageError("--budget must be positive")
+        return cls(seconds, None)
+
+    def describe(self) -> str:
+        return f"{self.trials} trials" if self.trials is not None else f"{self.seconds:g} s"
+
+
+class Clock:
+    """The budget against the trials made and the time since the search started."""
+
+    def __init__(self, budget: Budget):
+        self.budget = budget
+        self.start = time.perf_counter()
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
+
+    def left(self, trials: int) -> bool:
+        if self.budget.trials is not None:
+            return trials < self.budget.trials
+        return self.seconds() < self.budget.seconds
+
+    def affordable(self, trials: list, wanted: int) -> int:
+        """How many of ``wanted`` trials to spend on one sensitivity round (at least 1): a third of the trials left,
+        or what 35% of the time left buys at the median trial's time so far."""
+        b = self.budget
+        if b.trials is not None:
+            return max(1, min(wanted, (b.trials - len(trials)) // 3))
+        per = max(0.05, np.median([t.seconds for t in trials if not t.cached] or [1.0]))
+        return max(1, min(wanted, int(0.35 * (b.seconds - self.seconds()) / per)))
+
+
+DEFAULT_ROWS = 64
+
+
+@dataclass(frozen=True)
+class TuneOptions:
+    budget: Budget = Budget()
+    rows: int = DEFAULT_ROWS  # held rows every trial is measured on (fewer if one float pass would take long)
+    cache_dir: Path | None = None  # default: $QCONV_CACHE_DIR/tuning or ~/.cache/qconv/tuning

@@ -1,0 +1,135 @@
+"""Where candidates become models and models become numbers: each candidate is planned, rewritten and *run* by
+onnxruntime on the held rows (whose float outputs were computed once), and the sensitivity maps and time costs the
+search ranks by are measured here. The search itself (``qconv.tune.search``) sees only this class's five methods, so
+its unit tests drive it with a fake lab."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import Iterator
+
+import numpy as np
+import onnx
+
+from qconv import pipeline, runtime
+from qconv.graph import Graph, expose
+from qconv.measure.compare import limited
+from qconv.measure.stats import ErrorStats
+from qconv.measure.tally import Metrics
+from qconv.overrides import Overrides
+from qconv.report.layers import probe_pairs
+from qconv.rewrite.rules import ANCHORS, SHARED
+from qconv.tune.remedies import Context, proposals
+from qconv.tune.sensitivity import Site, rank
+from qconv.tune.trial import Candidate, Ranked, TrialCache
+
+RANK_ROWS = 8  # held rows the sensitivity pass runs on
+
+
+class Lab:
+    def __init__(self, prepared: pipeline.Prepared, ctx: Context, cache: TrialCache, ident: str):
+        self.prepared, self.ctx, self.cache, self.ident = prepared, ctx, cache, ident
+        self._last = None  # (key, result) of the last candidate built: ranking and costs rebuild the current best
+
+    def key(self, method: str, overrides: Overrides) -> str:
+        return hashlib.sha256(f"{self.ident}|{method}|{self.ctx.config.percentile}|{overrides.digest()}".encode()).hexdigest()
+
+    def candidate(self, method: str, overrides: Overrides) -> pipeline.Result:
+        key = (method, overrides.digest())
+        if self._last is not None and self._last[0] == key:
+            return self._last[1]
+        config = dataclasses.replace(self.ctx.config, method=method)
+        result = pipeline.apply(self.prepared, pipeline.plan(self.prepared, self.ctx.calib, config, overrides, "tuning"), check=False)
+        self._last = (key, result)
+        return result
+
+    def measure(self, method: str, overrides: Overrides) -> Metrics:
+        """The candidate's worst-output metrics on the held rows (QconvError when it cannot be built)."""
+        held = self.ctx.held
+        sess = runtime.session(self.candidate(method, overrides).model, self.ctx.threads, spinning=False)
+        return held.compare(sess).metrics(labelled=held.labels is not None)
+
+    def options(self, node: str, method: str, overrides: Overrides) -> Iterator[Candidate]:
+        yield from proposals(self.ctx, self.ctx.nodes[node], method, overrides)
+
+    def rank(self, method: str, overrides: Overrides) -> list[Ranked]:
+        """Quantized nodes by the error each adds, from one pass of the float and the QDQ analysis model."""
+        result = self.candidate(method, overrides)
+        sqnr, shapes = self._error_map(result)
+        plan = result.plan
+        by_name = self.ctx.nodes
+        for act, producer in plan.folded.items():  # a folded Relu's output has its producer's shape
+            if by_name[act].output[0] in shapes:
+                shapes.setdefault(by_name[producer].output[0], shapes[by_name[act].output[0]])
+        macs = node_macs(self.prepared.model, shapes)
+        g = self.ctx.graph
+        folded_into = {v: k for k, v in plan.folded.items()}  # producer -> its folded activation
+        sites = []
+        for d in plan.nodes:
+            node = by_name.get(d.name)
+            if node is None or not d.quantized or d.name in plan.folded or node.op_type in SHARED or not node.output:
+                continue
+            out = by_name[folded_into[d.name]].output[0] if d.name in folded_into else node.output[0]
+            sites.append(Site(d.name, node.op_type, out, tuple(i for i in node.input if i and not g.is_constant(i)),
+                              macs.get(d.name, 0.0)))
+        return rank(sites, sqnr, sum(macs.values()))
+
+    def _error_map(self, result: pipeline.Result) -> tuple[dict[str, float], dict[str, tuple]]:
+        """SQNR of every probed tensor and model output (float model vs QDQ analysis model), and their shapes."""
+        model = self.prepared.model
+        ftypes = self.ctx.graph.types
+        qtypes = {**ftypes, **{dq: onnx.TensorProto.FLOAT for dq in result.dequantized.values()}}
+        pairs = probe_pairs(model, result.analysis_model, result.dequantized, ftypes, qtypes)
+        fl = runtime.session(expose(model, {t: onnx.TensorProto.FLOAT for t in pairs}), self.ctx.threads)
+        ql = runtime.session(expose(result.analysis_model, dict(pairs.values())), self.ctx.threads)
+        held = self.ctx.held
+        feeds = list(limited(held.feeds, self.ctx.specs, RANK_ROWS))
+        outs = [o for o, v in zip(held.names, held.outputs[0]) if isinstance(v, np.ndarray) and v.dtype.kind == "f"]
+        fetch_f, fetch_q = list(pairs) + outs, [q for q, _ in pairs.values()] + outs
+        stats = {t: ErrorStats() for t in fetch_f}
+        shapes: dict[str, tuple] = {}
+        for feed in feeds:
+            for t, r, q in zip(fetch_f, runtime.run(fl, feed, fetch_f), runtime.run(ql, feed, fetch_q)):
+                stats[t].update(r, q)
+                shapes.setdefault(t, tuple(r.shape))
+        return {t: s.sqnr_db for t, s in stats.items() if s.count}, shapes
+
+    def costs(self, method: str, overrides: Overrides) -> dict[str, float]:
+        """The share of the float model's time each node would give back in float (float kernel time minus int8
+        kernel time, from onnxruntime's profiler on one held feed), measured once and kept in the trial cache (so a
+        re-run orders the same way)."""
+        key = f"profile|{self.ident}"
+        hit = self.cache.get(key)
+        if hit is not None:
+            return hit
+        from qconv.report import profile as prof
+
+        result = self.candidate(method, overrides)
+        feed, threads = self.ctx.held.feeds[0], self.ctx.threads
+        f = prof.by_node(prof.attribute(prof.profile(self.prepared.model, feed, threads), self.prepared.model))
+        q = prof.by_node(prof.attribute(prof.profile(result.model, feed, threads), self.prepared.model))
+        for act, producer in result.plan.folded.items():  # onnxruntime reports a fused Conv+Relu under the Relu
+            for d in (f, q):
+                if act in d:
+                    d[producer] = d.get(producer, 0.0) + d.pop(act)
+        total = sum(f.values()) or 1.0
+        costs = {n: round(max(0.0, f.get(n, 0.0) - q.get(n, 0.0)) / total, 6) for n in set(f) | set(q)}
+        self.cache.put(key, costs)
+        return costs
+
+
+def node_macs(model: onnx.ModelProto, shapes: dict[str, tuple]) -> dict[str, float]:
+    """Multiply-accumulates per node from the output shapes of one run (weights' sizes for Conv/MatMul/Gemm)."""
+    g = Graph(model)
+    out = {}
+    for node in model.graph.node:
+        shape = shapes.get(node.output[0]) if node.output else None
+        elems = float(np.prod(shape)) if shape is not None else 0.0
+        if node.op_type in ANCHORS and len(node.input) > 1 and g.is_constant(node.input[1]):
+            w = g.array(node.input[1])
+            per = w.size / max(1, w.shape[0]) if node.op_type in ("Conv", "ConvTranspose") else (w.shape[-2] if w.ndim >= 2 else w.size)
+            out[node.name] = elems * float(per)
+        else:
+            out[node.name] = elems
+    return out

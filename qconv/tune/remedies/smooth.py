@@ -1,0 +1,73 @@
+"""SmoothQuant for one MatMul/Gemm: an input with outlier channels is divided by per-channel scales that are folded
+into the weight (the same function), so both quantize with less error. Per-channel extremes of every candidate
+input are measured once, on up to ``STAT_ROWS`` calibration rows."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import onnx
+
+from qconv import runtime
+from qconv.graph import expose
+from qconv.measure.compare import limited
+from qconv.overrides import NodeOverride, Overrides, TensorOverride
+from qconv.rewrite.smooth import input_axis, smoothed_input, smoothing_scales, weight_layout
+from qconv.tune.remedies import Context
+from qconv.tune.trial import Candidate
+
+ALPHAS = (0.5, 0.75)
+SMOOTH_OUTLIERS = 4.0  # smooth an input whose largest channel magnitude is this many times the median channel's
+STAT_ROWS = 64
+
+
+def propose(ctx: Context, node, method: str, overrides: Overrides) -> Iterator[Candidate]:
+    for alpha in ALPHAS:
+        extra = smoothing(ctx, node, alpha)
+        if extra is not None:
+            yield Candidate(f"SmoothQuant scales (alpha {alpha:g}) folded into its weight", f"'{node.name}' smoothed (alpha {alpha:g})",
+                            method, extra)
+
+
+def smoothing(ctx: Context, node, alpha: float) -> Overrides | None:
+    """Overrides that smooth ``node``'s input (scales and the smoothed input's range), if it has outlier channels."""
+    g = ctx.graph
+    layout = weight_layout(node, g)
+    if isinstance(layout, str) or not g.is_float(node.input[0]):
+        return None
+    if ctx.channels is None:
+        names = {n.input[0]: input_axis(n) for n in ctx.model.graph.node
+                 if not isinstance(weight_layout(n, g), str) and g.is_float(n.input[0])}
+        feeds = ctx.calib_source if ctx.calib_source is not None else ctx.held.feeds
+        ctx.channels = channel_extremes(ctx.model, limited(feeds, ctx.specs, STAT_ROWS), names, ctx.threads)
+    w, axis = layout
+    st = ctx.channels.get(node.input[0])
+    if st is None or st[0].size != w.shape[axis]:
+        return None
+    lo, hi = st
+    absmax = np.maximum(np.abs(lo), np.abs(hi))
+    med = float(np.median(absmax))
+    if med <= 0 or float(absmax.max()) / med < SMOOTH_OUTLIERS:
+        return None
+    s = smoothing_scales(absmax, w, axis, alpha)
+    rng = (float(min(0.0, (lo / s).min())), float(max(0.0, (hi / s).max())))
+    return Overrides({node.name: NodeOverride(smooth=tuple(float(x) for x in s))}, {smoothed_input(node.name): TensorOverride(range=rng)})
+
+
+def channel_extremes(model: onnx.ModelProto, feeds, names: dict[str, int], threads: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per-channel (min, max) of each tensor ({name: channel axis}) over ``feeds`` (one pass with them exposed)."""
+    sess = runtime.session(expose(model, {n: onnx.TensorProto.FLOAT for n in names}), threads)
+    stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    order = list(names)
+    for feed in feeds:
+        for n, v in zip(order, runtime.run(sess, feed, order)):
+            v = np.asarray(v)
+            if v.ndim < 2:
+                continue
+            flat = np.moveaxis(v, names[n], -1).reshape(-1, v.shape[names[n]])
+            lo, hi = flat.min(0), flat.max(0)
+            if n in stats:
+                lo, hi = np.minimum(stats[n][0], lo), np.maximum(stats[n][1], hi)
+            stats[n] = (lo, hi)
+    return stats

@@ -1,0 +1,170 @@
+"""The search: from the plan as given to the best candidate measured, within the budget.
+
+1. ranges: each range method for the whole model; the best measured wins (never worse than the plan as given);
+2. sensitivity rounds: the lab ranks the quantized nodes by the error each adds; the top ones are measured alone
+   (the model with only that node float: the gain of falling back; for the first few, the float model with only
+   that node quantized);
+3. remedies, per sensitive node in order of gain per cost: each remedy's candidates in turn (see
+   ``qconv.tune.remedies``); the first that measures better, by at least a quarter of the node's float gain, is
+   kept. Rounds repeat on the new best until the targets are met, every node was measured, or two rounds gain
+   nothing.
+
+The lab (``qconv.tune.lab``, or a fake one in tests) turns candidates into numbers; everything here is decisions.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterator, Protocol
+
+from qconv.errors import QconvError
+from qconv.measure.tally import Metrics
+from qconv.measure.thresholds import Thresholds
+from qconv.overrides import NodeOverride, Overrides
+from qconv.tune.budget import BudgetSpent, Clock
+from qconv.tune.sensitivity import gain, priority
+from qconv.tune.trial import Candidate, Change, Ranked, Trial, TrialCache
+
+RANGE_METHODS = ("minmax", "percentile", "mse", "entropy")  # moving-average is minmax smoothed: not a separate candidate
+MIN_GAIN = 0.01  # a node is remedied only if keeping it float removes at least 1% of what the model misses by
+FIRST_ROUND, LATER_ROUNDS = 32, 16  # nodes measured alone per round, at most
+ALONE = 4  # of the first round's, how many are also measured as the only quantized node
+IDLE_ROUNDS = 2  # rounds without a gain before the ranks are taken for noise
+
+
+class Bench(Protocol):
+    """What the search needs measured."""
+
+    def key(self, method: str, overrides: Overrides) -> str: ...
+
+    def measure(self, method: str, overrides: Overrides) -> Metrics: ...
+
+    def rank(self, method: str, overrides: Overrides) -> list[Ranked]: ...
+
+    def costs(self, method: str, overrides: Overrides) -> dict[str, float]: ...
+
+    def options(self, node: str, method: str, overrides: Overrides) -> Iterator[Candidate]: ...
+
+
+class Search:
+    def __init__(self, bench: Bench, targets: Thresholds, clock: Clock, cache: TrialCache,
+                 advance: Callable[[int], None] = lambda n: None):
+        self.bench, self.targets, self.clock, self.cache, self.advance = bench, targets, clock, cache, advance
+        self.trials: list[Trial] = []
+        self.changes: list[Change] = []
+        self.sensitivity: list[Ranked] = []
+
+    # -- trials -----------------------------------------------------------------------------------
+    def left(self) -> bool:
+        return self.clock.left(len(self.trials))
+
+    def trial(self, step: str, change: str, method: str, overrides: Overrides, force: bool = False) -> Trial:
+        """Measure one candidate (or read it from the cache). ``force``: past the budget (the final speed check)."""
+        if not force and not self.left():
+            raise BudgetSpent
+        key = self.bench.key(method, overrides)
+        t0 = time.perf_counter()
+        cached, metrics, error = self.cache.metrics(key)
+        if not cached:
+            try:
+                metrics = self.bench.measure(method, overrides)
+            except QconvError as exc:
+                metrics, error = None, str(exc)
+            self.cache.put_metrics(key, metrics, error)
+        t = Trial(len(self.trials) + 1, step, change, overrides, metrics, time.perf_counter() - t0, cached, error=error)
+        self.trials.append(t)
+        self.advance(1)
+        return t
+
+    def better(self, a: Trial, b: Trial | None) -> bool:
+        """``a`` measures better than ``b`` (strictly)."""
+        if a.metrics is None:
+            return False
+        if b is None or b.metrics is None:
+            return True
+        return self.targets.key(a.metrics) < self.targets.key(b.metrics)
+
+    def met(self, t: Trial) -> bool:
+        return t.metrics is not None and not self.targets.misses(t.metrics)
+
+    # -- the search -------------------------------------------------------------------------------
+    def run(self, method: str, overrides: Overrides) -> tuple[str, Overrides, Trial]:
+        """(range method, overrides, its trial) of the best candidate measured, starting from ``method``/``overrides``."""
+        best = self.trial("baseline", f"as planned (--method {method})", method, overrides)
+        best.accepted = True
+        method, best = self._ranges(method, overrides, best)
+        try:
+            done: set[str] = set()
+            idle = 0
+            while not self.met(best) and self.left() and idle < IDLE_ROUNDS:
+                before, measured = best, len(done)
+                method, overrides, best = self._round(method, overrides, best, done)
+                if len(done) == measured:
+                    break  # every quantized node has been measured
+                idle = idle + 1 if best is before else 0
+        except BudgetSpent:
+            pass
+        return method, overrides, best
+
+    def _ranges(self, base: str, overrides: Overrides, best: Trial) -> tuple[str, Trial]:
+        """Each range method for every tensor; the best measured (before the budget ends) is kept."""
+        method = base
+        for m in RANGE_METHODS:
+            if m == base:
+                continue
+            if not self.left():
+                break
+            t = self.trial("ranges", f"--method {m} for every tensor", m, overrides)
+            if self.better(t, best):
+                best, method = t, m
+        if method != base:
+            best.accepted = True
+            self.changes.append(Change("all activations", f"range method {method}", f"measured best of {', '.join(RANGE_METHODS)} "
+                                       f"(worst-output cosine {best.metrics.cosine:.5f})"))
+        return method, best
+
+    def _round(self, method: str, overrides: Overrides, best: Trial, done: set[str]) -> tuple[str, Overrides, Trial]:
+        """One round: rank the nodes on the current best, measure the top ones not tried yet, remedy in order."""
+        ranked = [r for r in self.bench.rank(method, overrides) if r.node not in done and r.node not in overrides.nodes]
+        first_round = not done
+        k = min(self.clock.affordable(self.trials, len(ranked)), FIRST_ROUND if first_round else LATER_ROUNDS)
+        measured = self._alone(ranked[:k], method, overrides, best, done, first_round)
+        costs = self.bench.costs(method, overrides) if self.targets.max_latency_ratio is not None else None
+        for r in measured:
+            r.cost = costs.get(r.node, r.mac_share) if costs else r.mac_share
+        for r in sorted((r for r in measured if (r.float_gain or 0.0) >= MIN_GAIN), key=priority):
+            if self.met(best):
+                break
+            method, overrides, best = self._remedy(r, method, overrides, best)
+        return method, overrides, best
+
+    def _alone(self, top: list[Ranked], method: str, overrides: Overrides, best: Trial, done: set[str],
+               first_round: bool) -> list[Ranked]:
+        """Measure each of ``top`` kept float alone (its gain); the first round's best few also quantized alone."""
+        measured = []
+        for r in top:
+            done.add(r.node)
+            measured.append(r)
+            t = self.trial("sensitivity", f"'{r.node}' ({r.op}) alone in float", method,
+                           overrides.merged(Overrides({r.node: NodeOverride(precision="float")}, {})))
+            r.float_gain = gain(self.targets, best.metrics, t.metrics)
+            r.float_cosine = t.metrics.cosine if t.metrics else None
+            self.sensitivity.append(r)
+        for r in sorted(measured, key=lambda r: -(r.float_gain or 0.0))[:ALONE if first_round else 0]:
+            if not self.left():
+                break
+            alone = Overrides({"*": NodeOverride(precision="float"), r.node: NodeOverride(precision="int8")}, {})
+            t = self.trial("sensitivity", f"'{r.node}' alone quantized", method, alone)
+            r.alone_cosine = t.metrics.cosine if t.metrics else None
+        return measured
+
+    def _remedy(self, r: Ranked, method: str, overrides: Overrides, best: Trial) -> tuple[str, Overrides, Trial]:
+        """Each candidate for ``r`` in turn; the first that measures better by enough is kept."""
+        for c in self.bench.options(r.node, method, overrides):
+            t = self.trial("remedy", c.label, c.method, overrides.merged(c.extra))
+            if self.better(t, best) and gain(self.targets, best.metrics, t.metrics) >= max(0.25 * r.float_gain, MIN_GAIN / 2):
+                t.accepted = True
+                self.changes.append(Change(r.node, c.what, f"{r.describe()}; with this change the worst-output cosine is "
+                                           f"{t.metrics.cosine:.5f}", op=r.op))
+                return c.method, overrides.merged(c.extra), t
+        return method, overrides, best

@@ -1,0 +1,268 @@
+"""The tuning search as decisions: driven by a fake bench whose scores are a formula of the candidate (deterministic,
+milliseconds), and the remedies' proposals on small graphs. End-to-end tuning runs are in test_tuning.py."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+from qconv.calib.observers import TensorObserver
+from qconv.config import QuantConfig
+from qconv.errors import QconvError
+from qconv.measure.reference import Reference
+from qconv.measure.tally import Metrics
+from qconv.measure.thresholds import Thresholds
+from qconv.overrides import NodeOverride, Overrides, TensorOverride
+from qconv.tune.budget import Budget, BudgetSpent, Clock
+from qconv.tune.remedies import Context, concat, floating, island, proposals, ranges, smooth
+from qconv.tune.search import Search
+from qconv.tune.sensitivity import Site, gain, rank
+from qconv.tune.trial import Candidate, Ranked, TrialCache
+from tests.conftest import make_model
+
+METHOD_ERROR = {"minmax": 1.0, "percentile": 0.9, "mse": 0.7, "entropy": 1.3}
+
+
+class FakeBench:
+    """Cosine = 1 - sum of the quantized nodes' errors x the range method's factor; int16 removes 90% of a node's
+    error, float all of it, a tensor override on its input 50%. Node "bad" cannot be built as int16."""
+
+    def __init__(self, errors: dict[str, float], costs: dict[str, float] | None = None):
+        self.errors, self.cost_map = errors, costs or {}
+        self.measured: list[tuple[str, str]] = []
+
+    def key(self, method, overrides):
+        return f"{method}|{overrides.digest()}"
+
+    def _error(self, method, overrides, node):
+        o = overrides.nodes.get(node) or overrides.nodes.get("*")
+        if "*" in overrides.nodes and node in overrides.nodes:
+            o = overrides.nodes[node]
+        if o is not None and o.precision == "float":
+            return 0.0
+        e = self.errors[node] * METHOD_ERROR[method]
+        if f"{node}_in" in overrides.tensors and node != "bad":
+            e *= 0.5
+        if o is not None and o.precision == "int16":
+            if node == "bad":
+                raise QconvError("int16 not supported here")
+            e *= 0.1
+        return e
+
+    def measure(self, method, overrides):
+        self.measured.append((method, overrides.digest()))
+        cos = 1.0 - sum(self._error(method, overrides, n) for n in self.errors)
+        return Metrics(cos, -10.0 * math.log10(max(1.0 - cos, 1e-12)))
+
+    def rank(self, method, overrides):
+        rows = [Ranked(n, "Conv", round(100.0 * self._error(method, Overrides(), n), 3), 30.0, 1.0 / len(self.errors))
+                for n in self.errors]
+        return sorted(rows, key=lambda r: (-r.added_db, r.node))
+
+    def costs(self, method, overrides):
+        return self.cost_map
+
+    def options(self, node, method, overrides):
+        yield Candidate("range method percentile for its input", f"'{node}' inputs", method,
+                        Overrides({}, {f"{node}_in": TensorOverride(method="percentile")}))
+        yield Candidate("int16 activations (a16w8 island)", f"'{node}' int16", method, Overrides({node: NodeOverride(precision="int16")}, {}))
+        yield Candidate("kept float", f"'{node}' float", method, Overrides({node: NodeOverride(precision="float")}, {}))
+
+
+def search(bench, target=0.9999, trials=200, cache=None):
+    return Search(bench, Thresholds(min_cosine=target), Clock(Budget(None, trials)), cache or TrialCache(None))
+
+
+def test_range_step_takes_the_best_method_and_says_so():
+    s = search(FakeBench({"a": 0.002, "b": 0.001}), target=0.5)  # met by every method: no rounds
+    method, overrides, best = s.run("minmax", Overrides())
+    assert method == "mse" and overrides == Overrides()
+    assert [t.step for t in s.trials] == ["baseline", "ranges", "ranges", "ranges"]
+    assert [t.accepted for t in s.trials] == [True, False, True, False]
+    assert s.changes[0].what == "all activations" and s.changes[0].change == "range method mse"
+    assert best.metrics.cosine == pytest.approx(1 - 0.003 * 0.7)
+
+
+def test_remedies_take_the_cheapest_candidate_that_helps_enough():
+    bench = FakeBench({"a": 0.004, "b": 0.0001, "c": 0.00005})
+    s = search(bench, target=0.998)
+    method, overrides, best = s.run("minmax", Overrides())
+    assert s.met(best) and method == "mse"
+    # "a" carries the error; halving its input's error (the first candidate) meets the target: int16 and float
+    # are never tried, and nothing else is changed once the target is met.
+    assert overrides == Overrides({}, {"a_in": TensorOverride(method="percentile")})
+    assert [t.change for t in s.trials if t.step == "remedy"] == ["'a' inputs"]
+    accepted = [t for t in s.trials if t.accepted]
+    assert [t.metrics.cosine for t in accepted] == sorted(t.metrics.cosine for t in accepted)
+    assert [c.op for c in s.changes] == [None, "Conv"]
+
+
+def test_nodes_that_gain_too_little_are_never_remedied():
+    bench = FakeBench({"a": 0.004, "tiny": 1e-9})
+    s = search(bench, target=0.999999)
+    s.run("minmax", Overrides())
+    assert any(t.change == "'tiny' (Conv) alone in float" for t in s.trials)
+    assert not any(t.step == "remedy" and "'tiny'" in t.change for t in s.trials)
+
+
+def test_a_candidate_that_cannot_be_built_is_recorded_and_never_taken():
+    bench = FakeBench({"bad": 0.01})
+    s = search(bench, target=0.99999)
+    s.run("minmax", Overrides())
+    failed = [t for t in s.trials if t.error]
+    assert failed and failed[0].change == "'bad' int16" and failed[0].metrics is None and not failed[0].accepted
+    assert any(t.accepted and t.change == "'bad' float" for t in s.trials)
+
+
+@given(st.integers(1, 30), st.lists(st.floats(1e-5, 1e-2), min_size=1, max_size=6))
+@settings(max_examples=60, deadline=None)
+def test_the_budget_in_trials_is_never_exceeded_and_the_result_never_worse_than_the_baseline(budget, errors):
+    bench = FakeBench({f"n{i}": e for i, e in enumerate(errors)})
+    s = search(bench, target=0.99999, trials=budget)
+    method, overrides, best = s.run("minmax", Overrides())
+    assert len(s.trials) <= budget
+    assert best.metrics.cosine >= s.trials[0].metrics.cosine
+    # What is returned is what was measured.
+    assert bench.measure(method, overrides) == best.metrics
+
+
+def test_a_range_method_found_before_the_budget_ends_is_still_reported():
+    s = search(FakeBench({"a": 0.01}), trials=3)  # baseline, percentile, mse: the budget ends inside the range step
+    method, _, best = s.run("minmax", Overrides())
+    assert method == "mse" and best.accepted and s.changes[0].change == "range method mse"
+
+
+def test_a_rerun_reads_every_trial_from_the_cache(tmp_path):
+    cache = TrialCache(tmp_path / "c.json")
+    first = search(FakeBench({"a": 0.004, "b": 0.001}), cache=cache)
+    r1 = first.run("minmax", Overrides())
+    bench = FakeBench({"a": 0.004, "b": 0.001})
+    again = search(bench, cache=TrialCache(tmp_path / "c.json"))
+    r2 = again.run("minmax", Overrides())
+    assert bench.measured == [] and all(t.cached for t in again.trials)
+    assert (r1[0], r1[1], r1[2].metrics) == (r2[0], r2[1], r2[2].metrics)
+    assert [t.change for t in first.trials] == [t.change for t in again.trials]
+
+
+def test_with_a_latency_target_cheap_nodes_are_remedied_before_costly_ones():
+    # Equal errors: the node that costs more time in float goes later.
+    bench = FakeBench({"big": 0.003, "small": 0.003}, costs={"big": 0.5, "small": 0.01})
+    s = Search(bench, Thresholds(min_cosine=0.99999, max_latency_ratio=1.0), Clock(Budget(None, 200)), TrialCache(None))
+    s.run("minmax", Overrides())
+    remedied = [t.change.split("'")[1] for t in s.trials if t.step == "remedy"]
+    assert remedied[0] == "small"
+    assert {r.node: r.cost for r in s.sensitivity} == {"big": 0.5, "small": 0.01}
+
+
+def test_a_trial_past_the_budget_raises_unless_forced():
+    s = search(FakeBench({"a": 0.01}), trials=1)
+    s.trial("baseline", "x", "minmax", Overrides())
+    with pytest.raises(BudgetSpent):
+        s.trial("ranges", "y", "mse", Overrides())
+    assert s.trial("speed", "z", "mse", Overrides(), force=True).n == 2
+
+
+def test_rank_orders_by_added_error_and_counts_the_models_input_as_exact():
+    sites = [Site("first", "Conv", "t1", ("x",), 10.0), Site("mid", "Conv", "t2", ("t1",), 30.0),
+             Site("last", "Gemm", "t3", ("t2",), 60.0), Site("unseen", "Relu", "t9", ("t3",), 0.0)]
+    sqnr = {"t1": 40.0, "t2": 25.0, "t3": 24.0}  # x is not probed: the model's input is exact
+    r = rank(sites, sqnr, 100.0)
+    assert [x.node for x in r] == ["first", "mid", "last", "unseen"]
+    assert [x.added_db for x in r] == [80.0, 15.0, 1.0, 0.0]
+    assert r[0].mac_share == 0.1 and r[3].output_sqnr_db is None
+    assert r[0].describe() == "its output SQNR is 40.0 dB (it quantizes the model's input)"
+    assert r[1].describe() == "it added 15.0 dB of error"
+
+
+def test_gain_is_the_share_of_the_shortfall_removed():
+    t = Thresholds(min_cosine=0.999)
+    assert gain(t, Metrics(0.998, 20.0), Metrics(0.9985, 20.0)) == pytest.approx(0.5)
+    assert gain(t, Metrics(0.9995, 20.0), Metrics(0.99975, 20.0)) == pytest.approx(0.5)  # met: share of 1 - cosine
+    assert gain(t, Metrics(0.998, 20.0), None) == 0.0
+    assert gain(t, Metrics(0.998, 20.0), Metrics(0.997, 20.0)) == pytest.approx(-1.0)
+
+
+# -- remedies on small graphs --------------------------------------------------------------------------------------
+
+
+def _observer(lo, hi, seed=0):
+    o = TensorObserver()
+    o.update(np.random.default_rng(seed).uniform(lo, hi, 4096).astype(np.float32))
+    o.update(np.array([lo, hi], np.float32))
+    return o
+
+
+class _Calib:
+    def __init__(self, tensors):
+        self.tensors = tensors
+
+    def ranges(self, method, symmetric, percentile):
+        return {n: (o.min, o.max) for n, o in self.tensors.items()}
+
+
+def _concat_ctx(span_b: float, calib=True):
+    x = helper.make_tensor_value_info("a", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("b", TensorProto.FLOAT, [1, 4])
+    out = helper.make_tensor_value_info("c", TensorProto.FLOAT, [1, 8])
+    node = helper.make_node("Concat", ["a", "b"], ["c"], axis=1, name="cat")
+    model = make_model([node], [x, y], [out])
+    c = _Calib({"a": _observer(-1.0, 1.0), "b": _observer(-span_b, span_b, 1)}) if calib else None
+    return Context(model, c, QuantConfig(), Reference(["c"]), 1), node
+
+
+def test_concat_remedy_only_for_inputs_of_very_different_ranges():
+    ctx, node = _concat_ctx(100.0)
+    (c,) = list(concat.propose(ctx, node, "minmax", Overrides()))
+    assert c.extra.nodes == {"cat": NodeOverride(precision="float")} and "100x" in c.label
+    ctx, node = _concat_ctx(8.0)
+    assert list(concat.propose(ctx, node, "minmax", Overrides())) == []
+    ctx, node = _concat_ctx(100.0, calib=False)
+    assert list(concat.propose(ctx, node, "minmax", Overrides())) == []
+
+
+def test_range_remedy_skips_methods_that_give_the_same_ranges_and_inputs_already_overridden():
+    ctx, node = _concat_ctx(8.0)
+    got = list(ranges.propose(ctx, node, "minmax", Overrides()))
+    methods = [next(iter(c.extra.tensors.values())).method for c in got]
+    assert methods and "minmax" not in methods and len(methods) == len(set(methods))
+    assert all(set(c.extra.tensors) == {"a", "b"} and c.method == "minmax" for c in got)
+    only_b = list(ranges.propose(ctx, node, "minmax", Overrides({}, {"a": TensorOverride(range=(-1.0, 1.0))})))
+    assert all(set(c.extra.tensors) == {"b"} and c.what.endswith("its input") for c in only_b)
+
+
+def test_island_and_float_remedies_and_their_order():
+    ctx, node = _concat_ctx(100.0)
+    assert [c.extra.nodes["cat"].precision for c in island.propose(ctx, node, "mse", Overrides())] == ["int16"]
+    assert [c.extra.nodes["cat"].precision for c in floating.propose(ctx, node, "mse", Overrides())] == ["float"]
+    labels = [c.what for c in proposals(ctx, node, "minmax", Overrides())]
+    assert labels[0].startswith("float Concat") and labels[-2:] == ["int16 activations (a16w8 island)", "kept float"]
+    assert any(w.startswith("range method") for w in labels[1:-2])
+
+
+def _matmul_ctx(outlier: float):
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(0, 0.2, (8, 4)).astype(np.float32), "w")
+    node = helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")
+    model = make_model([node], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [w])
+    x = rng.normal(0, 1, (32, 1, 8)).astype(np.float32)
+    x[:, :, 3] *= outlier
+    held = Reference(["y"], feeds=[{"x": r} for r in x], rows=32)
+    return Context(model, None, QuantConfig(), held, 1), node
+
+
+def test_smooth_remedy_only_for_outlier_channels_and_its_scales_keep_the_function():
+    ctx, node = _matmul_ctx(50.0)
+    got = list(smooth.propose(ctx, node, "minmax", Overrides()))
+    assert [c.label for c in got] == ["'mm' smoothed (alpha 0.5)", "'mm' smoothed (alpha 0.75)"]
+    s = np.array(got[0].extra.nodes["mm"].smooth)
+    assert s.shape == (8,) and s[3] == s.max() and (s > 0).all()
+    lo, hi = next(iter(got[0].extra.tensors.values())).range
+    assert lo <= 0.0 <= hi
+    ctx, node = _matmul_ctx(1.0)
+    assert list(smooth.propose(ctx, node, "minmax", Overrides())) == []
