@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import asdict, dataclass, field, fields
 
 from qconv.calib.observers import DEFAULT_BINS, DEFAULT_MOMENTUM  # noqa: F401 - re-exported for the CLI
 from qconv.calib.ranges import METHODS
 from qconv.errors import UsageError
+from qconv.names import first_match
 
 MODES = ("int8", "dynamic", "fp16", "a16w8", "int4")
 FORMATS = ("qdq", "qoperator")
@@ -110,9 +110,9 @@ class QuantConfig:
 
     def excluded(self, name: str, op_type: str) -> str | None:
         """Why --exclude-nodes / --exclude-ops keep this node in float, if they do: the one place they are read."""
-        for pattern in self.exclude_nodes:
-            if fnmatch.fnmatchcase(name, pattern):
-                return f"excluded by --exclude-nodes {pattern}"
+        pattern = first_match(name, self.exclude_nodes)
+        if pattern is not None:
+            return f"excluded by --exclude-nodes {pattern}"
         if op_type in self.exclude_ops:
             return f"excluded by --exclude-ops {op_type}"
         return None

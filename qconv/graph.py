@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import defaultdict
 from contextlib import contextmanager
 
+from typing import Callable
+
 import numpy as np
 import onnx
 from onnx import numpy_helper
@@ -182,3 +184,18 @@ def topo_sort(model: onnx.ModelProto) -> None:
         remaining = rest
     del g.node[:]
     g.node.extend(ordered)
+
+
+def until_fixed(model: onnx.ModelProto, step: Callable[[onnx.ModelProto, Graph, onnx.NodeProto], bool]) -> int:
+    """Offer every node to ``step`` in graph order, reading the graph again after each change it makes (``step``
+    returns True), until a whole pass changes nothing. Returns the number of changes."""
+    count, changed = 0, True
+    while changed:
+        changed = False
+        g = Graph(model)
+        for node in list(model.graph.node):
+            if step(model, g, node):
+                count, changed = count + 1, True
+                break
+    return count
+

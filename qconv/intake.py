@@ -14,7 +14,7 @@ from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from qconv.errors import QconvError
-from qconv.graph import Graph, ai_onnx_opset, attr, name_nodes, topo_sort, weights_held
+from qconv.graph import Graph, ai_onnx_opset, attr, name_nodes, topo_sort, until_fixed, weights_held
 
 _NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
 # IR version that first allows each ai.onnx opset (onnx.helper.VERSION_TABLE), enough for our targets.
@@ -313,69 +313,63 @@ def _per_channel_factor(c: np.ndarray, channels: int, rank: int) -> np.ndarray |
 
 def fold_into_conv(model: onnx.ModelProto) -> str | None:
     """Fold BatchNormalization, and Mul/Add by per-channel constants, into the Conv that feeds them."""
-    folded = 0
-    changed = True
-    while changed:
-        changed = False
-        g = Graph(model)
-        for conv in model.graph.node:
-            if conv.op_type != "Conv" or conv.domain not in ("", "ai.onnx") or not g.is_constant(conv.input[1]):
-                continue
-            nxt = g.only_consumer(conv.output[0])
-            if nxt is None or nxt.domain not in ("", "ai.onnx"):
-                continue
-            w = g.array(conv.input[1]).astype(np.float32)
-            channels = w.shape[0]
-            has_bias = len(conv.input) > 2 and conv.input[2]
-            if has_bias and not g.is_constant(conv.input[2]):
-                continue
-            b = g.array(conv.input[2]).astype(np.float32) if has_bias else np.zeros(channels, np.float32)
-            new = _affine_after(nxt, g, channels, w.ndim)
-            if new is None:
-                continue
-            mul, add = new
-            w = w * mul.reshape([-1] + [1] * (w.ndim - 1))
-            b = b * mul + add
-            _set_conv_weights(model, g, conv, w, b)
-            conv.output[0] = nxt.output[0]
-            model.graph.node.remove(nxt)
-            folded += 1
-            changed = True
-            break
+    folded = until_fixed(model, _fold_one_into_conv)
     return f"{folded} BatchNormalization/Mul/Add nodes folded into the Conv before them" if folded else None
+
+
+def _fold_one_into_conv(model: onnx.ModelProto, g: Graph, conv: onnx.NodeProto) -> bool:
+    """Fold the BatchNormalization or per-channel Mul/Add after ``conv`` into it (True when folded)."""
+    if conv.op_type != "Conv" or conv.domain not in ("", "ai.onnx") or not g.is_constant(conv.input[1]):
+        return False
+    nxt = g.only_consumer(conv.output[0])
+    if nxt is None or nxt.domain not in ("", "ai.onnx"):
+        return False
+    w = g.array(conv.input[1]).astype(np.float32)
+    channels = w.shape[0]
+    has_bias = len(conv.input) > 2 and conv.input[2]
+    if has_bias and not g.is_constant(conv.input[2]):
+        return False
+    b = g.array(conv.input[2]).astype(np.float32) if has_bias else np.zeros(channels, np.float32)
+    new = _affine_after(nxt, g, channels, w.ndim)
+    if new is None:
+        return False
+    mul, add = new
+    w = w * mul.reshape([-1] + [1] * (w.ndim - 1))
+    b = b * mul + add
+    _set_conv_weights(model, g, conv, w, b)
+    conv.output[0] = nxt.output[0]
+    model.graph.node.remove(nxt)
+    return True
 
 
 def fold_into_batchnorm(model: onnx.ModelProto) -> str | None:
     """Fold Mul/Add by per-channel constants into the BatchNormalization before them (its scale and bias)."""
-    folded = 0
-    changed = True
-    while changed:
-        changed = False
-        g = Graph(model)
-        for bn in model.graph.node:
-            if bn.op_type != "BatchNormalization" or len([o for o in bn.output if o]) != 1 or not all(g.is_constant(i) for i in bn.input[1:5]):
-                continue
-            nxt = g.only_consumer(bn.output[0])
-            scale, bias = g.array(bn.input[1]).astype(np.float32), g.array(bn.input[2]).astype(np.float32)
-            rank = len(g.shape(bn.output[0]) or []) or 4
-            if nxt is None or nxt.op_type not in ("Mul", "Add") or nxt.domain not in ("", "ai.onnx"):
-                continue
-            affine = _affine_after(nxt, g, scale.size, rank)
-            if affine is None:
-                continue
-            mul, add = affine
-            names = [g.unique(bn.input[1] + "_folded"), g.unique(bn.input[2] + "_folded")]
-            model.graph.initializer.extend([numpy_helper.from_array(scale * mul, names[0]),
-                                            numpy_helper.from_array(bias * mul + add, names[1])])
-            old = list(bn.input[1:3])
-            bn.input[1], bn.input[2] = names
-            bn.output[0] = nxt.output[0]
-            model.graph.node.remove(nxt)
-            drop_unused_initializers(model, old)
-            folded += 1
-            changed = True
-            break
+    folded = until_fixed(model, _fold_one_into_batchnorm)
     return f"{folded} Mul/Add nodes folded into the BatchNormalization before them" if folded else None
+
+
+def _fold_one_into_batchnorm(model: onnx.ModelProto, g: Graph, bn: onnx.NodeProto) -> bool:
+    """Fold the per-channel Mul/Add after ``bn`` into its scale and bias (True when folded)."""
+    if bn.op_type != "BatchNormalization" or len([o for o in bn.output if o]) != 1 or not all(g.is_constant(i) for i in bn.input[1:5]):
+        return False
+    nxt = g.only_consumer(bn.output[0])
+    scale, bias = g.array(bn.input[1]).astype(np.float32), g.array(bn.input[2]).astype(np.float32)
+    rank = len(g.shape(bn.output[0]) or []) or 4
+    if nxt is None or nxt.op_type not in ("Mul", "Add") or nxt.domain not in ("", "ai.onnx"):
+        return False
+    affine = _affine_after(nxt, g, scale.size, rank)
+    if affine is None:
+        return False
+    mul, add = affine
+    names = [g.unique(bn.input[1] + "_folded"), g.unique(bn.input[2] + "_folded")]
+    model.graph.initializer.extend([numpy_helper.from_array(scale * mul, names[0]),
+                                    numpy_helper.from_array(bias * mul + add, names[1])])
+    old = list(bn.input[1:3])
+    bn.input[1], bn.input[2] = names
+    bn.output[0] = nxt.output[0]
+    model.graph.node.remove(nxt)
+    drop_unused_initializers(model, old)
+    return True
 
 
 def _affine_after(node, g: Graph, channels: int, rank: int):

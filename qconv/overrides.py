@@ -20,7 +20,6 @@ activation's range as a tensor override. Tensor keys are exact activation names:
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import json
 import math
@@ -28,6 +27,7 @@ from dataclasses import dataclass, field
 
 from qconv.calib.ranges import METHODS
 from qconv.errors import QconvError
+from qconv.names import first_match, matches_any
 
 PRECISIONS = ("float", "int8", "int16")
 GRANULARITIES = ("per-tensor", "per-channel")
@@ -77,10 +77,8 @@ class Overrides:
         """The override for node ``name``: an exact key wins, else the first matching glob in key order."""
         if name in self.nodes:
             return self.nodes[name]
-        for pattern in sorted(self.nodes):
-            if fnmatch.fnmatchcase(name, pattern):
-                return self.nodes[pattern]
-        return None
+        pattern = first_match(name, sorted(self.nodes))
+        return self.nodes[pattern] if pattern is not None else None
 
     def to_dict(self) -> dict:
         return {"nodes": {k: v.to_dict() for k, v in sorted(self.nodes.items())},
@@ -106,7 +104,7 @@ class Overrides:
     def check_against(self, node_names: list[str], activations: set[str], where: str = "plan file") -> None:
         """Every node key must match a node, every tensor key must name a float activation of the model."""
         for pattern in self.nodes:
-            if pattern not in node_names and not any(fnmatch.fnmatchcase(n, pattern) for n in node_names):
+            if not matches_any(pattern, node_names):
                 raise QconvError(f"{where}: override for node '{pattern}' matches no node of the model "
                                  "(names are listed under 'nodes' in the plan)")
         for name in self.tensors:
@@ -115,12 +113,16 @@ class Overrides:
                                  "(tensor overrides take graph inputs and node outputs)")
 
 
-def _node_override(key, v, where: str) -> NodeOverride:
+def _check_keys(kind: str, key, v, allowed: set[str], example: str, where: str) -> None:
     if not isinstance(v, dict):
-        raise QconvError(f"{where}: override for node '{key}' must be an object like {{\"precision\": \"float\"}}")
-    unknown = sorted(set(v) - _NODE_KEYS)
+        raise QconvError(f"{where}: override for {kind} '{key}' must be an object like {example}")
+    unknown = sorted(set(v) - allowed)
     if unknown:
-        raise QconvError(f"{where}: override for node '{key}' has unknown key '{unknown[0]}' (node overrides take: {', '.join(sorted(_NODE_KEYS))})")
+        raise QconvError(f"{where}: override for {kind} '{key}' has unknown key '{unknown[0]}' ({kind} overrides take: {', '.join(sorted(allowed))})")
+
+
+def _node_override(key, v, where: str) -> NodeOverride:
+    _check_keys("node", key, v, _NODE_KEYS, '{"precision": "float"}', where)
     p, gr = v.get("precision"), v.get("granularity")
     if p is not None and p not in PRECISIONS:
         raise QconvError(f"{where}: node '{key}': precision '{p}' is not one of {', '.join(PRECISIONS)}")
@@ -140,11 +142,7 @@ def _node_override(key, v, where: str) -> NodeOverride:
 
 
 def _tensor_override(key, v, where: str) -> TensorOverride:
-    if not isinstance(v, dict):
-        raise QconvError(f"{where}: override for tensor '{key}' must be an object like {{\"method\": \"percentile\"}}")
-    unknown = sorted(set(v) - _TENSOR_KEYS)
-    if unknown:
-        raise QconvError(f"{where}: override for tensor '{key}' has unknown key '{unknown[0]}' (tensor overrides take: {', '.join(sorted(_TENSOR_KEYS))})")
+    _check_keys("tensor", key, v, _TENSOR_KEYS, '{"method": "percentile"}', where)
     method, pct, rng = v.get("method"), v.get("percentile"), v.get("range")
     if method is not None and rng is not None:
         raise QconvError(f"{where}: tensor '{key}': give either method or range, not both")

@@ -202,29 +202,10 @@ def _plan_graph(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]], 
 
 def _decide(node, g: Graph, ranges, nonfinite, masks, config: QuantConfig, ov, st: _State) -> None:
     """Decide one node (graph order: its producers are decided) and record what it needs."""
-    if integer_only(node, g):
-        st.decisions.append(NodeDecision(node.name, node.op_type, "integer", "integer output (shape or index math): nothing to quantize"))
-        return
     precision = ov.precision if ov else None
-    excluded = config.excluded(node.name, node.op_type)
-    if excluded and precision in (None, "float"):
-        return st.keep_float(node, "excluded", excluded)
-    if precision == "float":
-        return st.keep_float(node, "override", "kept float by the plan's override")
     forced = precision in ("int8", "int16")
-    if node.op_type == "LSTM" and not forced:  # no static int8 kernel: int8 weights, run-time activations
-        problem = recurrent.lstm_problem(node, g)
-        if problem:
-            return st.keep_float(node, "unsupported", problem)
-        st.decisions.append(NodeDecision(node.name, node.op_type, "quantized",
-                                         "int8 weights, activations quantized at run time (DynamicQuantizeLSTM)"))
-        st.recurrent.append(node)
+    if _decided_early(node, g, config, precision, forced, st):
         return
-    if node.op_type == "GRU":
-        return st.keep_float(node, "no-kernel", recurrent.GRU_REASON)
-    found = _node_problem(node, g, forced)
-    if found:
-        return st.keep_float(node, *found)
     per_channel = config.per_channel if not (ov and ov.granularity) else ov.granularity == "per-channel"
     spec = rules.spec(node, g, per_channel)
     if isinstance(spec, str):
@@ -242,25 +223,63 @@ def _decide(node, g: Graph, ranges, nonfinite, masks, config: QuantConfig, ov, s
             problem = problem or _range_problem(node.input[k], ranges, nonfinite, node.op_type, masks)
     scale = scalar_scale(node, g) if not forced else None
     if scale is not None and node.input[scale[0]] in st.available and not problem:
-        spec = [(scale[0], "activation", None)]  # the constant folds into the scale: not quantized itself
-        st.scaled[node.output[0]] = (node.input[scale[0]], scale[1])
-        st.decisions.append(NodeDecision(node.name, node.op_type, "quantized",
-                                         f"multiplies by the constant {scale[1]:.6g}: its input's int8 values are read with the scale "
-                                         "times that constant (exact, no kernel runs)"))
-        st.quantized[node.name] = node
-        out = node.output[0]
-        if out and out not in g.graph_outputs:
-            st.available.add(out)
-            st.inherited.add(out)
-        st.wanted.setdefault(node.input[scale[0]], ("activation", None))
-        st.readers.setdefault(node.input[scale[0]], []).append(node.name)
-        return
+        return _take_scaled(node, g, scale, st)
     if node.op_type in ("Add", "Mul"):
         problem = problem or _range_problem(node.output[0], ranges, nonfinite, node.op_type, masks)
     if not problem and node.op_type == "Concat" and not forced:
         problem = _mixed_scales(node, g, ranges)
     if problem:
         return st.keep_float(node, *problem)
+    _take(node, g, spec, precision, ranges, nonfinite, st)
+
+
+def _decided_early(node, g: Graph, config: QuantConfig, precision, forced: bool, st: _State) -> bool:
+    """Integer nodes, exclusions, float overrides, recurrent ops and nodes with a known problem: decided before their
+    quantization spec is looked at (True when decided)."""
+    if integer_only(node, g):
+        st.decisions.append(NodeDecision(node.name, node.op_type, "integer", "integer output (shape or index math): nothing to quantize"))
+        return True
+    excluded = config.excluded(node.name, node.op_type)
+    if excluded and precision in (None, "float"):
+        st.keep_float(node, "excluded", excluded)
+    elif precision == "float":
+        st.keep_float(node, "override", "kept float by the plan's override")
+    elif node.op_type == "LSTM" and not forced:  # no static int8 kernel: int8 weights, run-time activations
+        problem = recurrent.lstm_problem(node, g)
+        if problem:
+            st.keep_float(node, "unsupported", problem)
+        else:
+            st.decisions.append(NodeDecision(node.name, node.op_type, "quantized",
+                                             "int8 weights, activations quantized at run time (DynamicQuantizeLSTM)"))
+            st.recurrent.append(node)
+    elif node.op_type == "GRU":
+        st.keep_float(node, "no-kernel", recurrent.GRU_REASON)
+    else:
+        found = _node_problem(node, g, forced)
+        if not found:
+            return False
+        st.keep_float(node, *found)
+    return True
+
+
+def _take_scaled(node, g: Graph, scale: tuple[int, float], st: _State) -> None:
+    """A multiplication by a scalar constant whose input is int8: read as the input with a scaled scale."""
+    st.scaled[node.output[0]] = (node.input[scale[0]], scale[1])
+    st.decisions.append(NodeDecision(node.name, node.op_type, "quantized",
+                                     f"multiplies by the constant {scale[1]:.6g}: its input's int8 values are read with the scale "
+                                     "times that constant (exact, no kernel runs)"))
+    st.quantized[node.name] = node
+    out = node.output[0]
+    if out and out not in g.graph_outputs:
+        st.available.add(out)
+        st.inherited.add(out)
+    st.wanted.setdefault(node.input[scale[0]], ("activation", None))  # the constant folds into the scale
+    st.readers.setdefault(node.input[scale[0]], []).append(node.name)
+
+
+def _take(node, g: Graph, spec, precision, ranges, nonfinite, st: _State) -> None:
+    """Quantize the node: record it, what its output makes available to its readers, and the tensors it needs."""
+    forced = precision in ("int8", "int16")
     reason = f"quantized by the plan's override ({precision})" if forced else ""
     st.decisions.append(NodeDecision(node.name, node.op_type, "quantized", reason))
     st.quantized[node.name] = node
@@ -524,23 +543,27 @@ def _qparams(model, g: Graph, st: _State, outputs, ranges, folded, config, act_q
         plans[name] = TensorPlan(name, role, qp, list(readers.get(name, [])), origin, method, rng)
 
     for name, (role, _) in wanted.items():
-        if role != "bias":
-            continue
-        node = next(n for n in model.graph.node if n.name in readers[name])
-        x, w = node.input[0], node.input[1]
-        if x not in plans or w not in plans:
-            continue
-        bias = g.array(name).reshape(-1)  # a Gemm's C may be (1, N)
-        wp = plans[w].qparams
-        if config.symmetric_weights:
-            widened = qmath.widen_weight_scale_for_bias(bias, float(plans[x].qparams.scale), wp.scale)
-            if wp.scale.ndim == 0:
-                widened = np.float32(widened.max())
-            if not np.array_equal(widened, wp.scale):
-                wp = qmath.QParams(widened, wp.zero_point, wp.qtype, wp.axis)
-                plans[w] = TensorPlan(w, "weight", wp, plans[w].consumers, plans[w].origin + ", widened for int32 bias")
-        plans[name] = TensorPlan(name, "bias", qmath.bias_qparams(bias, float(plans[x].qparams.scale), wp.scale), list(readers[name]), "bias, int32")
+        if role == "bias":
+            _bias_plan(model, g, name, readers[name], plans, config)
     return plans
+
+
+def _bias_plan(model, g: Graph, name: str, readers: list[str], plans: dict[str, TensorPlan], config) -> None:
+    """An int32 bias at the input's scale times the weight's (the weight's scale widened where the bias would not fit)."""
+    node = next(n for n in model.graph.node if n.name in readers)
+    x, w = node.input[0], node.input[1]
+    if x not in plans or w not in plans:
+        return
+    bias = g.array(name).reshape(-1)  # a Gemm's C may be (1, N)
+    wp = plans[w].qparams
+    if config.symmetric_weights:
+        widened = qmath.widen_weight_scale_for_bias(bias, float(plans[x].qparams.scale), wp.scale)
+        if wp.scale.ndim == 0:
+            widened = np.float32(widened.max())
+        if not np.array_equal(widened, wp.scale):
+            wp = qmath.QParams(widened, wp.zero_point, wp.qtype, wp.axis)
+            plans[w] = TensorPlan(w, "weight", wp, plans[w].consumers, plans[w].origin + ", widened for int32 bias")
+    plans[name] = TensorPlan(name, "bias", qmath.bias_qparams(bias, float(plans[x].qparams.scale), wp.scale), list(readers), "bias, int32")
 
 
 def activation_ranges(calib, config: QuantConfig, overrides: Overrides | None = None) -> tuple[dict, dict]:

@@ -11,6 +11,7 @@ import click
 from qconv.cli.console import Terminal
 from qconv.config import DEFAULT_BINS, DEFAULT_MOMENTUM, FORMATS, METHODS, MODES, QuantConfig
 from qconv.errors import GateFailed, QconvError
+from qconv.measure.compare import DEFAULT_LAYER_SAMPLES
 from qconv.measure.thresholds import Thresholds
 
 
@@ -87,7 +88,10 @@ def range_options(fn):
 
 
 def report_options(fn):
-    """Where the report goes: files by extension, JSON on stdout; and whether latency is measured."""
+    """Where the report goes: files by extension, JSON on stdout; whether latency is measured, how many rows the
+    per-layer analysis runs on."""
+    fn = click.option("--layer-samples", type=click.IntRange(min=0), default=DEFAULT_LAYER_SAMPLES, show_default=True,
+                      help="Rows of the evaluation data used for the per-layer analysis (0: none).")(fn)
     fn = click.option("--no-latency", is_flag=True, help="Skip the latency measurement.")(fn)
     fn = click.option("--json", "as_json", is_flag=True, help="Print the JSON report on stdout.")(fn)
     fn = click.option("--report", "reports", multiple=True, type=click.Path(dir_okay=False, path_type=Path),

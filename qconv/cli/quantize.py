@@ -22,7 +22,6 @@ from qconv.cli.common import (
 )
 from qconv.cli.console import table
 from qconv.errors import UsageError
-from qconv.measure.compare import DEFAULT_LAYER_SAMPLES
 from qconv.run import CalibOptions, EvalOptions, PlanJob, QuantizeJob, run_quantize
 from qconv.tune.budget import DEFAULT_ROWS, Budget, TuneOptions
 
@@ -46,8 +45,6 @@ from qconv.tune.budget import DEFAULT_ROWS, Budget, TuneOptions
               help="With --tune: eval rows each candidate is measured on (fewer if one float pass over them takes over 3 s).")
 @click.option("--write-plan", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the plan the model was made from (tuning's choices are its overrides): reuse it with --plan.")
-@click.option("--layer-samples", type=click.IntRange(min=0), default=DEFAULT_LAYER_SAMPLES, show_default=True,
-              help="Rows of the eval data used for the per-layer analysis (0: none).")
 @report_options
 @gate_options
 @data_options

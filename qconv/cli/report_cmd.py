@@ -8,7 +8,6 @@ import click
 
 from qconv.cli.common import report_options, finish, gate_options, gates_from, guarded, output_options
 from qconv.cli.quantize import render
-from qconv.measure.compare import DEFAULT_LAYER_SAMPLES
 from qconv.run import CompareJob, EvalOptions, run_compare
 
 
@@ -22,8 +21,6 @@ from qconv.run import CompareJob, EvalOptions, run_compare
 @click.option("--shards", type=click.IntRange(min=1), default=None, help="Evaluation shards run as tasks (default 16 with --executor).")
 @click.option("--executor", default=None, metavar="local|local:N|dask://HOST:PORT",
               help="Compare the outputs as shard tasks on Dask (pip install 'qconv[dask]').")
-@click.option("--layer-samples", type=click.IntRange(min=0), default=DEFAULT_LAYER_SAMPLES, show_default=True,
-              help="Rows of the data used for the per-layer analysis (0: none).")
 @report_options
 @gate_options
 @output_options

@@ -28,7 +28,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import chain
@@ -39,6 +38,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qconv.graph import FLOAT_TYPES, Graph, attr, subgraph_inputs, topo_sort
 from qconv.intake import constants_to_initializers, infer_types
+from qconv.names import first_match
 
 FLOAT, FLOAT16 = TensorProto.FLOAT, TensorProto.FLOAT16
 FP16_MAX = 65504.0
@@ -241,9 +241,9 @@ class _Planner:
 
     def _reason(self, node, schema, eligible: set, input_vars: set, float_inputs: list) -> str | None:
         """Why ``node`` must stay float32, or None."""
-        for pattern in self.block_nodes:
-            if fnmatch.fnmatchcase(node.name, pattern):
-                return f"blocked by block_nodes pattern '{pattern}'"
+        pattern = first_match(node.name, self.block_nodes)
+        if pattern is not None:
+            return f"blocked by block_nodes pattern '{pattern}'"
         if node.op_type in self.block_ops:
             return "blocked by block_ops"
         if node.name in self.float_nodes:

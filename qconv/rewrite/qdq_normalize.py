@@ -16,7 +16,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from qconv import qmath
-from qconv.graph import Graph, topo_sort
+from qconv.graph import Graph, topo_sort, until_fixed
 
 _COMMUTES = {"MaxPool", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten"}
 
@@ -53,31 +53,28 @@ def _drop_relu_before_q(m: onnx.ModelProto) -> str | None:
 
 
 def _move_dq_after_movement(m: onnx.ModelProto) -> str | None:
-    moved = 0
-    changed = True
-    while changed:
-        changed = False
-        g = Graph(m)
-        for node in list(m.graph.node):
-            if node.op_type not in _COMMUTES or len([o for o in node.output if o]) != 1:
-                continue
-            dq = g.producer.get(node.input[0])
-            if dq is None or dq.op_type != "DequantizeLinear" or len(g.consumers.get(dq.output[0], [])) != 1:
-                continue
-            if not (len(dq.input) > 1 and g.is_constant(dq.input[1]) and np.all(g.array(dq.input[1]) > 0)):
-                continue
-            if g.array(dq.input[1]).size != 1 and node.op_type != "MaxPool":
-                continue  # a per-axis scale follows its axis; only MaxPool keeps axes in place
-            out = node.output[0]
-            inner = g.unique(out + "_quantized")
-            node.input[0] = dq.input[0]
-            node.output[0] = inner
-            dq.input[0] = inner
-            dq.output[0] = out
-            moved += 1
-            changed = True
-            break
+    moved = until_fixed(m, _move_one_dq)
     return f"{moved} DequantizeLinear moved after the data-movement op it fed" if moved else None
+
+
+def _move_one_dq(m: onnx.ModelProto, g: Graph, node: onnx.NodeProto) -> bool:
+    """Move the DequantizeLinear feeding data-movement ``node`` after it (True when moved)."""
+    if node.op_type not in _COMMUTES or len([o for o in node.output if o]) != 1:
+        return False
+    dq = g.producer.get(node.input[0])
+    if dq is None or dq.op_type != "DequantizeLinear" or len(g.consumers.get(dq.output[0], [])) != 1:
+        return False
+    if not (len(dq.input) > 1 and g.is_constant(dq.input[1]) and np.all(g.array(dq.input[1]) > 0)):
+        return False
+    if g.array(dq.input[1]).size != 1 and node.op_type != "MaxPool":
+        return False  # a per-axis scale follows its axis; only MaxPool keeps axes in place
+    out = node.output[0]
+    inner = g.unique(out + "_quantized")
+    node.input[0] = dq.input[0]
+    node.output[0] = inner
+    dq.input[0] = inner
+    dq.output[0] = out
+    return True
 
 
 def _quantize_biases(m: onnx.ModelProto) -> str | None:

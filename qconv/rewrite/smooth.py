@@ -91,22 +91,7 @@ def apply_smoothing(model: onnx.ModelProto, scales: dict[str, tuple[float, ...]]
             node.input[1] = w_name
         else:
             inits[w_name].CopyFrom(numpy_helper.from_array(w_new, w_name))
-        inv = f"{name}/smooth_scale"
-        inv_arr = (1.0 / s_arr).astype(np.float32)
-        if node.op_type == "Conv":  # NCHW: the channels are axis 1 of the input
-            inv_arr = inv_arr.reshape([k] + [1] * (w.ndim - 2))
-        m.graph.initializer.append(numpy_helper.from_array(inv_arr, inv))
-        out = smoothed_input(name)
-        inserts[name] = helper.make_node("Mul", [node.input[0], inv], [out], name=f"{name}/smooth")
-        vi = next((v for v in list(m.graph.value_info) + list(m.graph.input) if v.name == node.input[0]), None)
-        typed = onnx.ValueInfoProto()
-        if vi is not None:
-            typed.CopyFrom(vi)
-        else:
-            typed.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
-        typed.name = out
-        m.graph.value_info.append(typed)
-        node.input[0] = out
+        inserts[name] = _divide_input(m, node, name, s_arr, w.ndim)
     nodes = []
     for n in m.graph.node:
         if n.name in inserts:
@@ -115,6 +100,28 @@ def apply_smoothing(model: onnx.ModelProto, scales: dict[str, tuple[float, ...]]
     del m.graph.node[:]
     m.graph.node.extend(nodes)
     return m
+
+
+def _divide_input(m: onnx.ModelProto, node: onnx.NodeProto, name: str, s_arr: np.ndarray, w_ndim: int) -> onnx.NodeProto:
+    """The Mul that divides ``node``'s input by the scales (its output typed like the input); ``node`` reads it."""
+    k = s_arr.size
+    inv = f"{name}/smooth_scale"
+    inv_arr = (1.0 / s_arr).astype(np.float32)
+    if node.op_type == "Conv":  # NCHW: the channels are axis 1 of the input
+        inv_arr = inv_arr.reshape([k] + [1] * (w_ndim - 2))
+    m.graph.initializer.append(numpy_helper.from_array(inv_arr, inv))
+    out = smoothed_input(name)
+    mul = helper.make_node("Mul", [node.input[0], inv], [out], name=f"{name}/smooth")
+    vi = next((v for v in list(m.graph.value_info) + list(m.graph.input) if v.name == node.input[0]), None)
+    typed = onnx.ValueInfoProto()
+    if vi is not None:
+        typed.CopyFrom(vi)
+    else:
+        typed.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+    typed.name = out
+    m.graph.value_info.append(typed)
+    node.input[0] = out
+    return mul
 
 
 def input_axis(node: onnx.NodeProto) -> int:

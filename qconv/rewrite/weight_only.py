@@ -47,7 +47,6 @@ GPTQ
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass
 from functools import partial
 from typing import Iterable
@@ -61,6 +60,7 @@ from qconv.errors import QconvError, UsageError
 from qconv.graph import Graph, attr, expose
 from qconv.intake import drop_unused_initializers
 from qconv.runtime import run, session
+from qconv.names import first_match
 
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 METHODS = ("rtn", "gptq")
@@ -223,10 +223,8 @@ def _weight_problem(node: onnx.NodeProto, g: Graph, block_size: int) -> str | No
 
 
 def _excluded(node: onnx.NodeProto, patterns) -> str | None:
-    for pattern in patterns:
-        if fnmatch.fnmatchcase(node.name, pattern):
-            return f"excluded by --exclude-nodes {pattern}"
-    return None
+    pattern = first_match(node.name, patterns)
+    return f"excluded by --exclude-nodes {pattern}" if pattern is not None else None
 
 
 def _select(model: onnx.ModelProto, g: Graph, block_size: int, exclude_nodes, only: set | None = None):
