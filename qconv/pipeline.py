@@ -28,52 +28,19 @@ from qconv.config import QuantConfig
 from qconv.data import FeedSource, InputSpec
 from qconv.errors import QconvError
 from qconv.intake import interface_change, prepare, prepare_quantized
-from qconv.overrides import NodeOverride, Overrides
-from qconv.plan import NodeDecision, QuantPlan
-from qconv import subgraphs
-from qconv.graph import ensure_opset
-from qconv.planner import ScopedOverrides, activation_ranges, build_plan, calibration_targets, merge_body, subplan
-from qconv.rewrite.dynamic import apply_dynamic, plan_dynamic
-from qconv.rewrite.qdq import apply_qdq
-from qconv.rewrite.qoperator import fold_qoperator
+from qconv import modes, subgraphs
 from qconv.adjust import bias
+from qconv.overrides import Overrides
+from qconv.plan import NodeDecision, QuantPlan
+from qconv.planner import calibration_targets
+from qconv.prepared import Prepared, smoothed  # noqa: F401 - Prepared is the stages' common currency: pipeline.Prepared
+from qconv.rewrite.qoperator import fold_qoperator
 
 Progress = Callable[[str, int | None], Callable[[int], None]]  # (label, total) -> advance(n)
 
 
 def no_progress(label: str, total: int | None):
     return lambda n: None
-
-
-@dataclass
-class Prepared:
-    """A model as loaded, its normalized float form, and what intake changed."""
-
-    path: Path
-    original: onnx.ModelProto
-    model: onnx.ModelProto
-    notes: list[str]
-    model_id: str
-    external_data: bool
-    quantized_already: dict | None = None  # integer ops found in the input (it is not a float model)
-    derived: dict = field(default_factory=dict, repr=False, compare=False)  # smoothed forms, by their scales
-
-
-def smoothed(prepared: Prepared, overrides: Overrides | None) -> Prepared:
-    """The prepared model with the overrides' SmoothQuant scales applied (itself when there are none)."""
-    from qconv.rewrite.smooth import apply_smoothing
-
-    scales = {k: v.smooth for k, v in (overrides.nodes.items() if overrides else []) if v.smooth is not None}
-    if not scales:
-        return prepared
-    key = json.dumps(sorted(scales.items()))
-    if key not in prepared.derived:
-        if len(prepared.derived) > 8:
-            prepared.derived.clear()
-        model = apply_smoothing(prepared.model, scales)
-        prepared.derived[key] = Prepared(prepared.path, prepared.original, model, prepared.notes, prepared.model_id,
-                                         prepared.external_data, prepared.quantized_already)
-    return prepared.derived[key]
 
 
 QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinear", "ConvInteger", "MatMulInteger",
@@ -202,43 +169,14 @@ def plan(prepared: Prepared, calib: Calibration | None, config: QuantConfig, ove
          where: str = "overrides") -> QuantPlan:
     """Decide what ``config.mode`` does to every node of the prepared model: the plan its rewrite applies."""
     overrides = overrides or Overrides()
+    mode = modes.of(config.mode)
     if any(o.smooth is not None for o in overrides.nodes.values()):
-        if config.mode not in ("int8", "a16w8"):
+        if not mode.SMOOTH:
             raise QconvError(f"{where}: smooth overrides apply to the static modes (int8, a16w8), not --mode {config.mode}")
         prepared = smoothed(prepared, overrides)
-        smooth_muls = {f"{k}/smooth" for k, v in overrides.nodes.items() if v.smooth is not None}
-    else:
-        smooth_muls = set()
     overrides.check_against(subgraphs.node_names(prepared.model), set(activation_tensors(prepared.model)), where)
-    if config.mode in ("fp16", "int4") and any(o.precision not in (None, "float") or o.granularity for o in overrides.nodes.values()):
-        raise QconvError(f"--mode {config.mode} takes only {{\"precision\": \"float\"}} node overrides")
-    if overrides.tensors and not config.needs_calibration:
-        raise QconvError(f"--mode {config.mode} has no activation ranges: drop the plan's tensor overrides")
-    if config.needs_calibration:
-        if calib is None:
-            raise QconvError(f"--mode {config.mode} needs calibration: give --data or --calib")
-        ranges, methods = activation_ranges(calib, config, overrides)
-        nonfinite, masks = calib.nonfinite(), calib.mask_like()
-        # The smoothing Mul runs in float: quantizing its input would crush the channels it exists to rescale.
-        internal = overrides.merged(Overrides({m: NodeOverride(precision="float") for m in smooth_muls}, {}))
-        p = build_plan(prepared.model, ranges, config, nonfinite, masks, internal, methods)
-        p.overrides = overrides
-        for d in p.nodes:
-            if d.name in smooth_muls:
-                d.reason, d.code = "SmoothQuant's division of the input by its channel scales, in float before it is quantized", "mode"
-        p.source = {"ranges": {k: [float(v[0]), float(v[1])] for k, v in sorted(ranges.items()) if k not in methods},
-                    "nonfinite": dict(sorted(nonfinite.items())), "masks": dict(sorted(masks.items()))}
-    elif config.mode == "dynamic":
-        p = plan_dynamic(prepared.model, config, overrides)
-        for body in subgraphs.bodies(prepared.model) if subgraphs.has_bodies(prepared.model) else []:
-            wrapped, _ = subgraphs.body_model(prepared.model, body)
-            bp = plan_dynamic(wrapped, config, ScopedOverrides(overrides, body.scope))
-            merge_body(p, body, bp)
-            p.overrides = overrides
-    elif config.mode == "fp16":
-        p = _plan_fp16(prepared, config, overrides)
-    else:
-        p = _plan_int4(prepared, config, overrides)
+    mode.check(overrides, config, where)
+    p = mode.plan(prepared, calib, config, overrides)
     p.source = {"model_id": prepared.model_id, "calibration": calibration_identity(calib), **p.source}
     return p
 
@@ -315,35 +253,14 @@ def apply(prepared: Prepared, p: QuantPlan, calib_feeds: Iterable[dict] | None =
     on ``feed``, from ``check_feed``). ``check=False`` (a tuning candidate, run right after) skips the check."""
     config = p.config
     prepared = smoothed(prepared, p.overrides)
-    findings: dict = {}
-    analysis, dequantized = None, {}
-    if config.needs_calibration:
-        qmodel, dequantized = apply_qdq(bias.apply(prepared.model, p.corrections), subplan(p))
-        _apply_bodies(qmodel, p, findings, lambda m, sub: _qdq_body(m, sub, config))
-        analysis = qmodel
-        if config.quantized_io:
-            from qconv.rewrite.quantized_io import integer_io
-
-            ranges = {k: (float(v[0]), float(v[1])) for k, v in dict(p.source.get("ranges") or {}).items()}
-            ranges.update({k: t.range for k, t in p.tensors.items() if t.range is not None})
-            qmodel, findings["quantized_io"] = integer_io(qmodel, p, ranges)
-        if config.output_format == "qoperator":
-            qmodel, folded = fold_qoperator(qmodel)
-            findings["qoperator"] = dict(sorted(collections.Counter(folded.values()).items()))
-    elif config.mode == "dynamic":
-        qmodel = apply_dynamic(prepared.model, subplan(p))
-        _apply_bodies(qmodel, p, findings, apply_dynamic)
-    elif config.mode == "fp16":
-        qmodel, findings = _apply_fp16(prepared, p)
-    else:
-        qmodel, findings = _apply_int4(prepared, p, calib_feeds)
+    done = modes.of(config.mode).apply(prepared, p, calib_feeds)
+    qmodel, findings = done.model, done.findings
     if p.corrections:
         findings["bias_correction"] = bias.summary(p)
     _keep_value_info(qmodel, {vi.name for vi in prepared.original.graph.value_info})
     subgraphs.prune_initializers(qmodel)  # e.g. the bounds of a Clip folded into its producer's QuantizeLinear
     changed = interface_change(prepared.model, qmodel)
-    retyped = (config.mode == "fp16" and not config.keep_io_types) or config.quantized_io
-    if changed and not (retyped and changed.endswith("changes type")):
+    if changed and not ((done.retyped_io or config.quantized_io) and changed.endswith("changes type")):
         raise QconvError(f"internal error: the rewritten model's interface differs from the original's ({changed}); "
                          "nothing was written, please report it")
     _annotate(qmodel, config, p.source.get("calibration"), prepared)
@@ -353,113 +270,13 @@ def apply(prepared: Prepared, p: QuantPlan, calib_feeds: Iterable[dict] | None =
         qmodel.metadata_props.add(key=META_KEY, value=json.dumps(findings["quantized_io"], sort_keys=True))
     if check:
         verify(qmodel, feed)
-    return Result(qmodel, p, findings, analysis if analysis is not None else qmodel, dequantized)
-
-
-def _qdq_body(model: onnx.ModelProto, sub: QuantPlan, config: QuantConfig) -> onnx.ModelProto:
-    rewritten, _ = apply_qdq(model, sub)
-    if config.output_format == "qoperator":
-        rewritten, _ = fold_qoperator(rewritten)
-    return rewritten
-
-
-def _apply_bodies(qmodel: onnx.ModelProto, p: QuantPlan, findings: dict, rewrite) -> None:
-    """Rewrite each If/Loop/Scan body as its part of the plan says (``rewrite(body model, its plan)``), in place,
-    outer bodies first."""
-    if not subgraphs.has_bodies(qmodel):
-        return
-    done = quantized = 0
-    for body in subgraphs.bodies(qmodel):
-        sub = subplan(p, body.scope)
-        if not sub.tensors:
-            continue
-        wrapped, added = subgraphs.body_model(qmodel, body)
-        rewritten = rewrite(wrapped, sub)
-        subgraphs.put_body(qmodel, body, rewritten, added)
-        for op in rewritten.opset_import:  # e.g. com.microsoft for a DynamicQuantizeLSTM in the body
-            ensure_opset(qmodel, op.domain, op.version)
-        done += 1
-        quantized += sum(d.quantized for d in sub.nodes)
-    subgraphs.prune_initializers(qmodel)  # float weights a body's int8 copies replaced
-    if done:
-        findings["subgraphs"] = {"bodies_quantized": done, "nodes_quantized": quantized,
-                                 "bodies": len(subgraphs.bodies(qmodel))}
+    return Result(qmodel, p, findings, done.analysis if done.analysis is not None else qmodel, done.dequantized)
 
 
 def quantize(prepared: Prepared, calib: Calibration | None, config: QuantConfig,
              calib_feeds: Iterable[dict] | None = None, overrides: Overrides | None = None) -> Result:
     """Plan and apply in one call (``qconv quantize`` without --plan)."""
     return apply(prepared, plan(prepared, calib, config, overrides), calib_feeds)
-
-
-def _decisions_from(prepared: Prepared, reasons: dict[str, tuple[str, str]], touched) -> list[NodeDecision]:
-    out = []
-    for n in prepared.model.graph.node:
-        if n.name in reasons:
-            out.append(NodeDecision(n.name, n.op_type, "float", reasons[n.name][1], reasons[n.name][0]))
-        elif touched(n):
-            out.append(NodeDecision(n.name, n.op_type, "quantized"))
-        else:
-            out.append(NodeDecision(n.name, n.op_type, "integer", "no float data: nothing to convert"))
-    return out
-
-
-def _plan_fp16(prepared: Prepared, config: QuantConfig, overrides: Overrides) -> QuantPlan:
-    from qconv.rewrite.fp16 import fp16_decisions
-
-    forced = {n.name for n in prepared.model.graph.node if (overrides.node(n.name) or NodeOverride()).precision == "float"}
-    rows = fp16_decisions(prepared.model, config.exclude_ops, config.exclude_nodes, forced)
-    reasons, touched = {}, set()
-    for node, reason, uses_float in rows:
-        if reason:
-            excluded = config.excluded(node.name, node.op_type)
-            code = "excluded" if excluded else "override" if node.name in forced else "fp16"
-            reasons[node.name] = (code, excluded or reason)
-        elif uses_float:
-            touched.add(node.name)
-    return QuantPlan(config, _decisions_from(prepared, reasons, lambda n: n.name in touched), {}, {}, overrides)
-
-
-def _apply_fp16(prepared: Prepared, p: QuantPlan):
-    from qconv.rewrite.fp16 import convert_fp16
-
-    config = p.config
-    forced = [n.name for n in p.nodes if n.kept_float and n.code in ("excluded", "override")]
-    r = convert_fp16(prepared.model, keep_io_types=config.keep_io_types, float_nodes=forced)
-    findings = {"fp16": {"overflow": r.overflow, "underflow": r.underflow, "converted_nodes": r.converted_nodes,
-                         "keep_io_types": config.keep_io_types}}
-    return r.model, findings
-
-
-def _plan_int4(prepared: Prepared, config: QuantConfig, overrides: Overrides) -> QuantPlan:
-    from qconv.rewrite.weight_only import int4_decisions
-
-    converted, kept = int4_decisions(prepared.model, config.block_size)
-    reasons = {}
-    for n in prepared.model.graph.node:
-        excluded = config.excluded(n.name, n.op_type)
-        ov = overrides.node(n.name)
-        if excluded:
-            reasons[n.name] = ("excluded", excluded)
-        elif ov is not None and ov.precision == "float":
-            reasons[n.name] = ("override", "kept float by the plan's override")
-        elif n.name in kept:
-            reasons[n.name] = ("unsupported", kept[n.name])
-        elif n.name not in converted:
-            reasons[n.name] = ("mode", "int4 is weight-only: MatMul and Gather weights are converted, the rest stays float")
-    return QuantPlan(config, _decisions_from(prepared, reasons, lambda n: n.name in converted), {}, {}, overrides)
-
-
-def _apply_int4(prepared: Prepared, p: QuantPlan, calib_feeds):
-    from qconv.rewrite.weight_only import quantize_int4
-
-    config = p.config
-    method = config.int4_method if calib_feeds is not None else "rtn"
-    r = quantize_int4(prepared.model, block_size=config.block_size, symmetric=config.symmetric_weights, method=method,
-                      calib_feeds=calib_feeds if method == "gptq" else None, only_nodes={n.name for n in p.nodes if n.quantized})
-    findings = {"int4": {"method": method, "block_size": config.block_size, "symmetric": config.symmetric_weights,
-                         "weights": r.quantized}}
-    return r.model, findings
 
 
 def _keep_value_info(model: onnx.ModelProto, names: set[str]) -> None:

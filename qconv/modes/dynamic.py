@@ -1,0 +1,35 @@
+"""Dynamic int8: int8 weights, activations quantized at run time (MatMulInteger, DynamicQuantizeLSTM); no
+calibration. If/Loop/Scan bodies are planned and rewritten as their own models."""
+
+from __future__ import annotations
+
+from qconv import subgraphs
+from qconv.modes import Applied
+from qconv.modes.common import apply_bodies, check_no_ranges
+from qconv.overrides import Overrides
+from qconv.plan import QuantPlan
+from qconv.planner import ScopedOverrides, merge_body, subplan
+from qconv.rewrite.dynamic import apply_dynamic, plan_dynamic
+
+SMOOTH = False
+
+
+def check(overrides: Overrides, config, where: str) -> None:
+    check_no_ranges(overrides, config, where)
+
+
+def plan(prepared, calib, config, overrides: Overrides) -> QuantPlan:
+    p = plan_dynamic(prepared.model, config, overrides)
+    for body in subgraphs.bodies(prepared.model) if subgraphs.has_bodies(prepared.model) else []:
+        wrapped, _ = subgraphs.body_model(prepared.model, body)
+        bp = plan_dynamic(wrapped, config, ScopedOverrides(overrides, body.scope))
+        merge_body(p, body, bp)
+        p.overrides = overrides
+    return p
+
+
+def apply(prepared, p: QuantPlan, calib_feeds=None) -> Applied:
+    qmodel = apply_dynamic(prepared.model, subplan(p))
+    findings: dict = {}
+    apply_bodies(qmodel, p, findings, apply_dynamic)
+    return Applied(qmodel, findings, qmodel)

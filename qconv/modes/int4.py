@@ -1,0 +1,46 @@
+"""int4 weight-only: MatMul and Gather weights in blocks of 4-bit values (MatMulNBits, GatherBlockQuantized), by
+round-to-nearest or, with calibration rows, GPTQ; everything else stays float."""
+
+from __future__ import annotations
+
+from qconv.modes import Applied
+from qconv.modes.common import check_float_only, decisions_from
+from qconv.overrides import Overrides
+from qconv.plan import QuantPlan
+
+SMOOTH = False
+
+
+def check(overrides: Overrides, config, where: str) -> None:
+    check_float_only(overrides, config, where)
+
+
+def plan(prepared, calib, config, overrides: Overrides) -> QuantPlan:
+    from qconv.rewrite.weight_only import int4_decisions
+
+    converted, kept = int4_decisions(prepared.model, config.block_size)
+    reasons = {}
+    for n in prepared.model.graph.node:
+        excluded = config.excluded(n.name, n.op_type)
+        ov = overrides.node(n.name)
+        if excluded:
+            reasons[n.name] = ("excluded", excluded)
+        elif ov is not None and ov.precision == "float":
+            reasons[n.name] = ("override", "kept float by the plan's override")
+        elif n.name in kept:
+            reasons[n.name] = ("unsupported", kept[n.name])
+        elif n.name not in converted:
+            reasons[n.name] = ("mode", "int4 is weight-only: MatMul and Gather weights are converted, the rest stays float")
+    return QuantPlan(config, decisions_from(prepared.model, reasons, lambda n: n.name in converted), {}, {}, overrides)
+
+
+def apply(prepared, p: QuantPlan, calib_feeds=None) -> Applied:
+    from qconv.rewrite.weight_only import quantize_int4
+
+    config = p.config
+    method = config.int4_method if calib_feeds is not None else "rtn"
+    r = quantize_int4(prepared.model, block_size=config.block_size, symmetric=config.symmetric_weights, method=method,
+                      calib_feeds=calib_feeds if method == "gptq" else None, only_nodes={n.name for n in p.nodes if n.quantized})
+    findings = {"int4": {"method": method, "block_size": config.block_size, "symmetric": config.symmetric_weights,
+                         "weights": r.quantized}}
+    return Applied(r.model, findings, r.model)

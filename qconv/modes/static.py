@@ -1,0 +1,65 @@
+"""Static int8 and a16w8: activations quantized with calibrated ranges, weights per channel; QDQ pairs, optionally
+folded into QOperator form, optionally with integer model I/O."""
+
+from __future__ import annotations
+
+import collections
+
+from qconv.adjust import bias
+from qconv.errors import QconvError
+from qconv.modes import Applied
+from qconv.modes.common import apply_bodies
+from qconv.overrides import NodeOverride, Overrides
+from qconv.plan import QuantPlan
+from qconv.planner import activation_ranges, build_plan, subplan
+from qconv.rewrite.qdq import apply_qdq
+from qconv.rewrite.qoperator import fold_qoperator
+
+SMOOTH = True
+
+
+def check(overrides: Overrides, config, where: str) -> None:
+    """Every override applies to a static mode."""
+
+
+def plan(prepared, calib, config, overrides: Overrides) -> QuantPlan:
+    if calib is None:
+        raise QconvError(f"--mode {config.mode} needs calibration: give --data or --calib")
+    smooth_muls = {f"{k}/smooth" for k, v in overrides.nodes.items() if v.smooth is not None}
+    ranges, methods = activation_ranges(calib, config, overrides)
+    nonfinite, masks = calib.nonfinite(), calib.mask_like()
+    # The smoothing Mul runs in float: quantizing its input would crush the channels it exists to rescale.
+    internal = overrides.merged(Overrides({m: NodeOverride(precision="float") for m in smooth_muls}, {}))
+    p = build_plan(prepared.model, ranges, config, nonfinite, masks, internal, methods)
+    p.overrides = overrides
+    for d in p.nodes:
+        if d.name in smooth_muls:
+            d.reason, d.code = "SmoothQuant's division of the input by its channel scales, in float before it is quantized", "mode"
+    p.source = {"ranges": {k: [float(v[0]), float(v[1])] for k, v in sorted(ranges.items()) if k not in methods},
+                "nonfinite": dict(sorted(nonfinite.items())), "masks": dict(sorted(masks.items()))}
+    return p
+
+
+def apply(prepared, p: QuantPlan, calib_feeds=None) -> Applied:
+    config = p.config
+    qmodel, dequantized = apply_qdq(bias.apply(prepared.model, p.corrections), subplan(p))
+    findings: dict = {}
+    apply_bodies(qmodel, p, findings, lambda m, sub: _body(m, sub, config))
+    analysis = qmodel
+    if config.quantized_io:
+        from qconv.rewrite.quantized_io import integer_io
+
+        ranges = {k: (float(v[0]), float(v[1])) for k, v in dict(p.source.get("ranges") or {}).items()}
+        ranges.update({k: t.range for k, t in p.tensors.items() if t.range is not None})
+        qmodel, findings["quantized_io"] = integer_io(qmodel, p, ranges)
+    if config.output_format == "qoperator":
+        qmodel, folded = fold_qoperator(qmodel)
+        findings["qoperator"] = dict(sorted(collections.Counter(folded.values()).items()))
+    return Applied(qmodel, findings, analysis, dequantized, retyped_io=bool(config.quantized_io))
+
+
+def _body(model, sub: QuantPlan, config):
+    rewritten, _ = apply_qdq(model, sub)
+    if config.output_format == "qoperator":
+        rewritten, _ = fold_qoperator(rewritten)
+    return rewritten
