@@ -23,7 +23,7 @@ from qconv.calib.collect import (
     memory_groups,
 )
 from qconv.calib.observers import DEFAULT_BINS, DEFAULT_MOMENTUM
-from qconv.calib.store import Calibration
+from qconv.calib.store import Calibration, Ranges
 from qconv.config import QuantConfig
 from qconv.data import FeedSource, InputSpec
 from qconv.errors import QconvError
@@ -165,7 +165,7 @@ class Result:
     dequantized: dict[str, str] = field(default_factory=dict)  # float tensor -> its DequantizeLinear output
 
 
-def plan(prepared: Prepared, calib: Calibration | None, config: QuantConfig, overrides: Overrides | None = None,
+def plan(prepared: Prepared, calib: Calibration | Ranges | None, config: QuantConfig, overrides: Overrides | None = None,
          where: str = "overrides") -> QuantPlan:
     """Decide what ``config.mode`` does to every node of the prepared model: the plan its rewrite applies."""
     overrides = overrides or Overrides()
@@ -176,8 +176,9 @@ def plan(prepared: Prepared, calib: Calibration | None, config: QuantConfig, ove
         prepared = smoothed(prepared, overrides)
     overrides.check_against(subgraphs.node_names(prepared.model), set(activation_tensors(prepared.model)), where)
     mode.check(overrides, config, where)
-    p = mode.plan(prepared, calib, config, overrides)
-    p.source = {"model_id": prepared.model_id, "calibration": calibration_identity(calib), **p.source}
+    stats = Ranges.of(calib)
+    p = mode.plan(prepared, stats, config, overrides)
+    p.source = {"model_id": prepared.model_id, "calibration": stats.identity if stats is not None else None, **p.source}
     return p
 
 
@@ -209,42 +210,21 @@ def replan(prepared: Prepared, stored: QuantPlan, calib: Calibration | None, whe
     """Plan again after the overrides of a stored plan were edited: from its recorded ranges, or from ``calib``
     (needed only by method overrides)."""
     config = stored.config
-    if calib is None and config.needs_calibration:
+    stats = Ranges.of(calib)
+    if stats is None and config.needs_calibration:
         needs = sorted(k for k, t in stored.overrides.tensors.items() if t.method is not None)
         if needs:
             raise QconvError(f"{where}: the override for tensor '{needs[0]}' changes its range method, which needs the calibration "
                              "statistics (a plan records ranges only): pass --calib FILE")
-        calib = _StoredRanges(stored.source)
-    p = plan(prepared, calib, config, stored.overrides, where)
+        stats = Ranges.recorded_in(stored.source)
+    p = plan(prepared, stats, config, stored.overrides, where)
     keep_corrections(prepared, stored, p)
-    if isinstance(calib, _StoredRanges):
-        p.source["calibration"] = stored.source.get("calibration")
     return p
 
 
-class _StoredRanges:
-    """The statistics a stored plan recorded (ranges by its method): enough to plan again without the model."""
-
-    def __init__(self, source: dict):
-        self._ranges = {k: (float(v[0]), float(v[1])) for k, v in dict(source.get("ranges") or {}).items()}
-        self._nonfinite = dict(source.get("nonfinite") or {})
-        self._masks = dict(source.get("masks") or {})
-        self.tensors: dict = {}  # no histograms: replan asks for the calibration file before a method override
-
-    def ranges(self, method, symmetric, percentile) -> dict:
-        return dict(self._ranges)
-
-    def nonfinite(self) -> dict:
-        return dict(self._nonfinite)
-
-    def mask_like(self) -> dict:
-        return dict(self._masks)
-
-
-def calibration_identity(calib: Calibration | None) -> dict | None:
-    if calib is None or isinstance(calib, _StoredRanges):
-        return None
-    return {"model_id": calib.model_id, "data_id": calib.data_id, "samples": calib.samples, "options": calib.options}
+def calibration_identity(calib: Calibration | Ranges | None) -> dict | None:
+    stats = Ranges.of(calib)
+    return stats.identity if stats is not None else None
 
 
 def apply(prepared: Prepared, p: QuantPlan, calib_feeds: Iterable[dict] | None = None, feed: dict | None = None,

@@ -14,6 +14,7 @@ import onnx
 
 from qconv import qmath, subgraphs
 from qconv.calib.ranges import select_range
+from qconv.calib.store import Ranges
 from qconv.config import QuantConfig
 from qconv.errors import QconvError
 from qconv.graph import Graph, attr, integer_only
@@ -566,19 +567,19 @@ def _bias_plan(model, g: Graph, name: str, readers: list[str], plans: dict[str, 
     plans[name] = TensorPlan(name, "bias", qmath.bias_qparams(bias, float(plans[x].qparams.scale), wp.scale), list(readers), "bias, int32")
 
 
-def activation_ranges(calib, config: QuantConfig, overrides: Overrides | None = None) -> tuple[dict, dict]:
+def activation_ranges(stats: Ranges, config: QuantConfig, overrides: Overrides | None = None) -> tuple[dict, dict]:
     """(ranges, methods) of every observed activation by ``config.method``, with tensor overrides applied.
 
-    ``calib`` is a ``Calibration`` (statistics); a method override needs its histograms, a range override
-    needs nothing. ``methods`` names the method of each overridden tensor ("explicit" for a set range).
+    A method override needs the observers' histograms, a range override nothing. ``methods`` names the method of
+    each overridden tensor ("explicit" for a set range).
     """
-    ranges = calib.ranges(config.method, config.symmetric_activations, config.percentile)
+    ranges = stats.select(config.method, config.symmetric_activations, config.percentile)
     methods: dict[str, str] = {}
     for name, t in sorted((overrides or Overrides()).tensors.items()):
         if t.range is not None:
             ranges[name], methods[name] = t.range, "explicit"
             continue
-        obs = calib.tensors.get(name)
+        obs = stats.observers.get(name)
         if obs is None or not obs.seen_finite:
             raise QconvError(f"override for tensor '{name}' asks for method {t.method}, but the calibration has no statistics "
                              "of it: re-run qconv calibrate with --all-tensors, or give its range")

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from qconv.calib.observers import TensorObserver
+from qconv.calib.store import Ranges
 from qconv.config import QuantConfig
 from qconv.errors import QconvError
 from qconv.measure.reference import Reference
@@ -197,21 +198,14 @@ def _observer(lo, hi, seed=0):
     return o
 
 
-class _Calib:
-    def __init__(self, tensors):
-        self.tensors = tensors
-
-    def ranges(self, method, symmetric, percentile):
-        return {n: (o.min, o.max) for n, o in self.tensors.items()}
-
-
 def _concat_ctx(span_b: float, calib=True):
     x = helper.make_tensor_value_info("a", TensorProto.FLOAT, [1, 4])
     y = helper.make_tensor_value_info("b", TensorProto.FLOAT, [1, 4])
     out = helper.make_tensor_value_info("c", TensorProto.FLOAT, [1, 8])
     node = helper.make_node("Concat", ["a", "b"], ["c"], axis=1, name="cat")
     model = make_model([node], [x, y], [out])
-    c = _Calib({"a": _observer(-1.0, 1.0), "b": _observer(-span_b, span_b, 1)}) if calib else None
+    observers = {"a": _observer(-1.0, 1.0), "b": _observer(-span_b, span_b, 1)}
+    c = Ranges(observers, None, {}, {}, None) if calib else None
     return Context(model, c, QuantConfig(), Reference(["c"]), 1), node
 
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import dataclass, field
 
 import numpy as np
-from dataclasses import dataclass, field
 
 from qconv import __version__
 from qconv.calib.observers import TensorObserver
@@ -95,6 +95,40 @@ class Calibration:
 
     def constant(self) -> list[str]:
         return sorted(k for k, o in self.tensors.items() if o.seen_finite and o.min == o.max)
+
+    def identity(self) -> dict:
+        """What a plan and a written model record of the calibration they were made from."""
+        return {"model_id": self.model_id, "data_id": self.data_id, "samples": self.samples, "options": self.options}
+
+
+@dataclass(frozen=True)
+class Ranges:
+    """What planning reads from statistics: from a calibration (its observers: any range method, per-tensor method
+    overrides) or from a stored plan (the ranges it recorded, by its own method: enough to plan again without data)."""
+
+    observers: dict[str, TensorObserver]
+    recorded: dict[str, tuple[float, float]] | None  # a stored plan's ranges; None: chosen from the observers
+    nonfinite: dict[str, int]
+    masks: dict[str, float]
+    identity: dict | None  # the calibration's identity (a stored plan's: as it recorded it)
+
+    @classmethod
+    def of(cls, calib: Calibration | Ranges | None) -> Ranges | None:
+        if calib is None or isinstance(calib, Ranges):
+            return calib
+        return cls(calib.tensors, None, calib.nonfinite(), calib.mask_like(), calib.identity())
+
+    @classmethod
+    def recorded_in(cls, source: dict) -> Ranges:
+        """The ranges a plan recorded in its ``source`` (no histograms: a method override needs the calibration file)."""
+        return cls({}, {k: (float(v[0]), float(v[1])) for k, v in dict(source.get("ranges") or {}).items()},
+                   dict(source.get("nonfinite") or {}), dict(source.get("masks") or {}), source.get("calibration"))
+
+    def select(self, method: str, symmetric: bool, percentile: float) -> dict[str, tuple[float, float]]:
+        """The range of every observed tensor by ``method`` (a stored plan: the ranges it recorded)."""
+        if self.recorded is not None:
+            return dict(self.recorded)
+        return {k: select_range(o, method, symmetric, percentile) for k, o in self.observers.items() if o.seen_finite}
 
 
 _MERGE_KEYS = ("bins", "momentum", "batch_size")

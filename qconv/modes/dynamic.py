@@ -18,7 +18,7 @@ def check(overrides: Overrides, config, where: str) -> None:
     check_no_ranges(overrides, config, where)
 
 
-def plan(prepared, calib, config, overrides: Overrides) -> QuantPlan:
+def plan(prepared, stats, config, overrides: Overrides) -> QuantPlan:
     p = plan_dynamic(prepared.model, config, overrides)
     for body in subgraphs.bodies(prepared.model) if subgraphs.has_bodies(prepared.model) else []:
         wrapped, _ = subgraphs.body_model(prepared.model, body)

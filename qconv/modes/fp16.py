@@ -15,7 +15,7 @@ def check(overrides: Overrides, config, where: str) -> None:
     check_float_only(overrides, config, where)
 
 
-def plan(prepared, calib, config, overrides: Overrides) -> QuantPlan:
+def plan(prepared, stats, config, overrides: Overrides) -> QuantPlan:
     from qconv.rewrite.fp16 import fp16_decisions
 
     forced = {n.name for n in prepared.model.graph.node if (overrides.node(n.name) or NodeOverride()).precision == "float"}

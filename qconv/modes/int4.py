@@ -15,7 +15,7 @@ def check(overrides: Overrides, config, where: str) -> None:
     check_float_only(overrides, config, where)
 
 
-def plan(prepared, calib, config, overrides: Overrides) -> QuantPlan:
+def plan(prepared, stats, config, overrides: Overrides) -> QuantPlan:
     from qconv.rewrite.weight_only import int4_decisions
 
     converted, kept = int4_decisions(prepared.model, config.block_size)

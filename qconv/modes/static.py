@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 
 from qconv.adjust import bias
+from qconv.calib.store import Ranges
 from qconv.errors import QconvError
 from qconv.modes import Applied
 from qconv.modes.common import apply_bodies
@@ -22,12 +23,12 @@ def check(overrides: Overrides, config, where: str) -> None:
     """Every override applies to a static mode."""
 
 
-def plan(prepared, calib, config, overrides: Overrides) -> QuantPlan:
-    if calib is None:
+def plan(prepared, stats: Ranges | None, config, overrides: Overrides) -> QuantPlan:
+    if stats is None:
         raise QconvError(f"--mode {config.mode} needs calibration: give --data or --calib")
     smooth_muls = {f"{k}/smooth" for k, v in overrides.nodes.items() if v.smooth is not None}
-    ranges, methods = activation_ranges(calib, config, overrides)
-    nonfinite, masks = calib.nonfinite(), calib.mask_like()
+    ranges, methods = activation_ranges(stats, config, overrides)
+    nonfinite, masks = stats.nonfinite, stats.masks
     # The smoothing Mul runs in float: quantizing its input would crush the channels it exists to rescale.
     internal = overrides.merged(Overrides({m: NodeOverride(precision="float") for m in smooth_muls}, {}))
     p = build_plan(prepared.model, ranges, config, nonfinite, masks, internal, methods)

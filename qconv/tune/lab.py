@@ -40,7 +40,7 @@ class Lab:
         if self._last is not None and self._last[0] == key:
             return self._last[1]
         config = dataclasses.replace(self.ctx.config, method=method)
-        result = pipeline.apply(self.prepared, pipeline.plan(self.prepared, self.ctx.calib, config, overrides, "tuning"), check=False)
+        result = pipeline.apply(self.prepared, pipeline.plan(self.prepared, self.ctx.stats, config, overrides, "tuning"), check=False)
         self._last = (key, result)
         return result
 

@@ -12,6 +12,7 @@ from typing import Callable
 import numpy as np
 
 from qconv import __version__, pipeline, runtime
+from qconv.calib.store import Ranges
 from qconv.data import FeedSource
 from qconv.evaluation import EvalOptions, evaluate
 from qconv.measure.reference import Reference, hold
@@ -75,7 +76,7 @@ def tune(job: TuneJob, progress=pipeline.no_progress) -> Tuned:
     held = hold(runtime.session(prepared.model, threads, spinning=False), job.source, job.labels, o.rows)
     ident = _identity(job, held)
     cache = TrialCache(cache_dir(o.cache_dir) / f"{prepared.model_id[:16]}-{ident[:16]}.json")
-    ctx = Context(prepared.model, job.calib, job.config, held, threads, job.calib_source)
+    ctx = Context(prepared.model, Ranges.of(job.calib), job.config, held, threads, job.calib_source)
     search = Search(Lab(prepared, ctx, cache, ident), targets, Clock(o.budget), cache, progress("tuning", o.budget.trials))
     method, overrides, _ = search.run(job.config.method, job.overrides)
     plan = job.correct(pipeline.plan(prepared, job.calib, dataclasses.replace(job.config, method=method), overrides))

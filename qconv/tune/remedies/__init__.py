@@ -17,6 +17,7 @@ from typing import Callable, Iterator
 
 import onnx
 
+from qconv.calib.store import Ranges
 from qconv.data import FeedSource, InputSpec
 from qconv.graph import Graph
 from qconv.measure.reference import Reference
@@ -30,7 +31,7 @@ class Context:
     """What remedies read: the float model, its calibration and config, and rows for per-channel statistics."""
 
     model: onnx.ModelProto
-    calib: object | None  # a Calibration, or a stored plan's ranges (None for modes without calibration)
+    stats: Ranges | None  # the calibration's statistics (None for modes without calibration)
     config: object  # QuantConfig
     held: Reference
     threads: int

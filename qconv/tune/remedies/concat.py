@@ -12,9 +12,9 @@ from qconv.tune.trial import Candidate
 
 
 def propose(ctx: Context, node, method: str, overrides: Overrides) -> Iterator[Candidate]:
-    if node.op_type != "Concat" or ctx.calib is None:
+    if node.op_type != "Concat" or ctx.stats is None:
         return
-    ranges = ctx.calib.ranges(method, ctx.config.symmetric_activations, ctx.config.percentile)
+    ranges = ctx.stats.select(method, ctx.config.symmetric_activations, ctx.config.percentile)
     spans = [max(abs(ranges[i][0]), abs(ranges[i][1])) for i in ctx.activations(node) if i in ranges]
     spans = [s for s in spans if s > 0]
     if len(spans) >= 2 and max(spans) / min(spans) > MIXED_SCALES:

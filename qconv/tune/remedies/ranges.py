@@ -15,7 +15,7 @@ ORDER = ("percentile", "mse", "entropy", "minmax")
 
 
 def propose(ctx: Context, node, method: str, overrides: Overrides) -> Iterator[Candidate]:
-    tensors = getattr(ctx.calib, "tensors", None) if ctx.calib is not None else None
+    tensors = ctx.stats.observers if ctx.stats is not None else None
     if not tensors:
         return
     sym, pct = ctx.config.symmetric_activations, ctx.config.percentile
