@@ -23,7 +23,7 @@ from qconv.calib.collect import (
     memory_groups,
 )
 from qconv.calib.observers import DEFAULT_BINS, DEFAULT_MOMENTUM
-from qconv.calib.store import Calibration, Ranges
+from qconv.calib.store import Calibration, Ranges, Record
 from qconv.config import QuantConfig
 from qconv.data import FeedSource, InputSpec
 from qconv.errors import QconvError
@@ -125,17 +125,19 @@ def feeds_for(prepared: Prepared, data: str | os.PathLike, batch_size: int = 1, 
     return FeedSource(data, specs, batch_size=batch_size, samples=samples, shard=shard, cast=cast, skip=skip)
 
 
-def calibration_options(source: FeedSource, method: str | None = None, bins: int = DEFAULT_BINS,
-                        momentum: float = DEFAULT_MOMENTUM) -> dict:
-    return {"method": method, "bins": bins, "momentum": momentum, "batch_size": source.batch_size,
-            "samples": source.samples, "shard": f"{source.shard[0]}/{source.shard[1]}"}
+def calibration_record(source: FeedSource, method: str | None = None, bins: int = DEFAULT_BINS, momentum: float = DEFAULT_MOMENTUM,
+                       **made) -> Record:
+    """What a calibration over ``source`` records of how it was made (``made``: tensors, shards, equalize, percentile)."""
+    return Record(method=method, bins=bins, momentum=momentum, batch_size=source.batch_size, samples=source.samples,
+                  shard=source.shard, **{"tensors": "planned", **made})
 
 
 def calibrate(prepared: Prepared, source: FeedSource, threads: int | None = None,
               progress: Progress = no_progress, method: str | None = None, bins: int = DEFAULT_BINS,
               momentum: float = DEFAULT_MOMENTUM, config: QuantConfig | None = None,
-              overrides: Overrides | None = None, max_memory: int = DEFAULT_MAX_MEMORY) -> Calibration:
-    """Observe the tensors ``config``'s plan (with ``overrides``) can use (every float activation when ``config`` is None)."""
+              overrides: Overrides | None = None, max_memory: int = DEFAULT_MAX_MEMORY, equalize: bool = False) -> Calibration:
+    """Observe the tensors ``config``'s plan (with ``overrides``) can use (every float activation when ``config`` is None).
+    ``equalize``: the prepared model was equalized (recorded, so a file is never used with other weights)."""
     names = activation_tensors(prepared.model)
     if config is not None:
         names = calibration_targets(prepared.model, config, names, overrides)
@@ -144,9 +146,8 @@ def calibrate(prepared: Prepared, source: FeedSource, threads: int | None = None
     advance = progress(label, source.count() * len(groups))
     observers, seen = collect(prepared.model, source, threads=threads, progress=advance, bins=bins, momentum=momentum,
                               names=names, groups=groups)
-    options = calibration_options(source, method, bins, momentum)
-    options["tensors"] = "all" if config is None else "planned"
-    return Calibration(prepared.model_id, source.identity(), seen, options, observers)
+    record = calibration_record(source, method, bins, momentum, tensors="all" if config is None else "planned", equalize=equalize)
+    return Calibration(prepared.model_id, source.identity(), seen, record.to_dict(), observers)
 
 
 def load_calibration(path: str | os.PathLike, prepared: Prepared, force: bool = False) -> Calibration:

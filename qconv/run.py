@@ -141,11 +141,8 @@ def _statistics(job: PlanJob, prepared: pipeline.Prepared, overrides: Overrides,
         names = calibration_targets(prepared.model, job.effective(None), activation_tensors(prepared.model), overrides)
         return sharded_calibration(prepared, job.data, source, names, job.config.per_channel, job.method, o, progress,
                                    job.config.equalize)
-    calib = pipeline.calibrate(prepared, source, o.threads, progress, job.method, o.bins, o.momentum,
-                               job.effective(None), overrides, o.max_memory)
-    if job.config.equalize:
-        calib.options["equalize"] = True
-    return calib
+    return pipeline.calibrate(prepared, source, o.threads, progress, job.method, o.bins, o.momentum,
+                              job.effective(None), overrides, o.max_memory, job.config.equalize)
 
 
 def sharded_calibration(prepared: pipeline.Prepared, data: Path, source: FeedSource, names: list[str], per_channel: bool,
@@ -163,12 +160,8 @@ def sharded_calibration(prepared: pipeline.Prepared, data: Path, source: FeedSou
     if seen == 0:
         raise QconvError("no calibration samples: the data set is empty")
     observers = merge_tensors([p["tensors"] for p in parts])
-    options = pipeline.calibration_options(source, method, o.bins, o.momentum)
-    options["shards"] = shards
-    options["tensors"] = "planned"
-    if equalize:
-        options["equalize"] = True
-    return Calibration(prepared.model_id, data_id, seen, options, {n: observers[n] for n in names if n in observers})
+    record = pipeline.calibration_record(source, method, o.bins, o.momentum, shards=shards, equalize=equalize)
+    return Calibration(prepared.model_id, data_id, seen, record.to_dict(), {n: observers[n] for n in names if n in observers})
 
 
 def run_plan(job: PlanJob, progress=pipeline.no_progress) -> tuple[QuantPlan, pipeline.Prepared]:

@@ -49,14 +49,9 @@ def run_calibrate(job: CalibrateJob, progress=pipeline.no_progress):
     o = job.options
     sharded = distributed.parse_executor(o.executor).distributed or o.shards
     source = pipeline.feeds_for(prepared, job.data, o.batch_size, o.samples, job.shard, o.cast_data)
-    options = pipeline.calibration_options(source, job.method, o.bins, o.momentum)
-    if sharded:
-        options["shards"] = o.shards or distributed.DEFAULT_SHARDS
-    options["tensors"] = "all" if job.all_tensors else "planned"
-    if job.equalize:
-        options["equalize"] = True
-    if job.percentile is not None:
-        options["percentile"] = job.percentile
+    options = pipeline.calibration_record(source, job.method, o.bins, o.momentum, tensors="all" if job.all_tensors else "planned",
+                                          shards=(o.shards or distributed.DEFAULT_SHARDS) if sharded else None,
+                                          equalize=job.equalize, percentile=job.percentile).to_dict()
     data_id = source.identity()
     if job.out.exists():
         try:

@@ -21,6 +21,33 @@ SCHEMA = "qconv.calibration"
 VERSION = 2
 
 
+@dataclass(frozen=True, kw_only=True)
+class Record:
+    """How a calibration was made: what its file keeps under "options", and what a re-run compares to skip work."""
+
+    method: str | None  # the range method asked for (None: quantize picks its default)
+    bins: int
+    momentum: float
+    batch_size: int
+    samples: int | None
+    shard: tuple[int, int]
+    tensors: str  # "all" | "planned"
+    shards: int | None = None  # calibrated as this many shard tasks
+    equalize: bool = False  # the model was calibrated after cross-layer equalization
+    percentile: float | None = None
+
+    def to_dict(self) -> dict:
+        d = {"method": self.method, "bins": self.bins, "momentum": self.momentum, "batch_size": self.batch_size,
+             "samples": self.samples, "shard": f"{self.shard[0]}/{self.shard[1]}", "tensors": self.tensors}
+        if self.shards is not None:
+            d["shards"] = self.shards
+        if self.equalize:
+            d["equalize"] = True
+        if self.percentile is not None:
+            d["percentile"] = self.percentile
+        return d
+
+
 @dataclass
 class Calibration:
     model_id: str
