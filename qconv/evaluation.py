@@ -49,7 +49,7 @@ def evaluate(prepared: pipeline.Prepared, result: pipeline.Result, source: FeedS
     if result.plan.config.needs_calibration:  # the QDQ analysis model: known types, no shape inference
         ftypes = Graph(prepared.model).types
         qtypes = {**ftypes, **{dq: onnx.TensorProto.FLOAT for dq in result.dequantized.values()}}
-    io = result.findings.get("quantized_io")
+    io = result.findings.quantized_io
     out, reference = evaluate_models(str(prepared.path), result.model, prepared.model, result.analysis_model,
                                       result.dequantized, source, labels, opts, progress, qtypes, io)
     if opts.latency and opts.profile and not io:

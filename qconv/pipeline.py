@@ -115,7 +115,7 @@ def convert_qdq(prepared: Prepared, config: QuantConfig) -> Result:
         raise QconvError(f"internal error: the converted model's interface differs from the original's ({changed}); please report it")
     _annotate(qmodel, config, None, prepared)
     verify(qmodel)
-    findings = {"qoperator": dict(sorted(collections.Counter(folded.values()).items())), "converted_from": "qdq"}
+    findings = modes.Findings(qoperator=dict(sorted(collections.Counter(folded.values()).items())), converted_from="qdq")
     return Result(qmodel, p, findings, qmodel, {})
 
 
@@ -161,7 +161,7 @@ def load_calibration(path: str | os.PathLike, prepared: Prepared, force: bool = 
 class Result:
     model: onnx.ModelProto
     plan: QuantPlan
-    findings: dict = field(default_factory=dict)  # mode-specific findings for the report (fp16 overflow, int4 blocks)
+    findings: modes.Findings = field(default_factory=modes.Findings)  # what the mode's rewrite found, for the report
     analysis_model: onnx.ModelProto | None = None  # numerically the same as model, with DequantizeLinear to probe
     dequantized: dict[str, str] = field(default_factory=dict)  # float tensor -> its DequantizeLinear output
 
@@ -237,7 +237,7 @@ def apply(prepared: Prepared, p: QuantPlan, calib_feeds: Iterable[dict] | None =
     done = modes.of(config.mode).apply(prepared, p, calib_feeds)
     qmodel, findings = done.model, done.findings
     if p.corrections:
-        findings["bias_correction"] = bias.summary(p)
+        findings.bias_correction = bias.summary(p)
     _keep_value_info(qmodel, {vi.name for vi in prepared.original.graph.value_info})
     subgraphs.prune_initializers(qmodel)  # e.g. the bounds of a Clip folded into its producer's QuantizeLinear
     changed = interface_change(prepared.model, qmodel)
@@ -245,10 +245,10 @@ def apply(prepared: Prepared, p: QuantPlan, calib_feeds: Iterable[dict] | None =
         raise QconvError(f"internal error: the rewritten model's interface differs from the original's ({changed}); "
                          "nothing was written, please report it")
     _annotate(qmodel, config, p.source.get("calibration"), prepared)
-    if findings.get("quantized_io"):
+    if findings.quantized_io:
         from qconv.rewrite.quantized_io import META_KEY
 
-        qmodel.metadata_props.add(key=META_KEY, value=json.dumps(findings["quantized_io"], sort_keys=True))
+        qmodel.metadata_props.add(key=META_KEY, value=json.dumps(findings.quantized_io, sort_keys=True))
     if check:
         verify(qmodel, feed)
     return Result(qmodel, p, findings, done.analysis if done.analysis is not None else qmodel, done.dequantized)

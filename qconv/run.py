@@ -329,7 +329,7 @@ def _save_and_report(job: QuantizeJob, prepared: pipeline.Prepared, result: pipe
     """Write the model and build its report (the caller adds gates and job-specific sections, then writes it)."""
     size_q = pipeline.save_quantized(result, job.out, prepared)
     return build_report(result.plan, prepared.model, result.model, input_path=str(prepared.path), output_path=str(job.out),
-                        original_opset=ai_onnx_opset(prepared.original), intake=prepared.notes, findings=result.findings,
+                        original_opset=ai_onnx_opset(prepared.original), intake=prepared.notes, findings=result.findings.to_dict(),
                         calib=calib, sizes=(io.model_size_bytes(job.model), size_q), evaluation=evaluation,
                         eval_source=eval_source, extra_warnings=list(notes))
 

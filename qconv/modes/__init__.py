@@ -18,9 +18,25 @@ import onnx
 
 
 @dataclass
+class Findings:
+    """What a rewrite found worth a report section (each mode fills its own; unset sections are left out)."""
+
+    fp16: dict | None = None  # overflow / underflow of the halved values, nodes converted
+    int4: dict | None = None  # method, block size, the weights converted and their error
+    quantized_io: dict | None = None  # the integer inputs' and outputs' scales
+    qoperator: dict | None = None  # {QLinear op: count} of the QOperator form
+    subgraphs: dict | None = None  # If/Loop/Scan bodies rewritten
+    bias_correction: dict | None = None
+    converted_from: str | None = None  # "qdq": a QDQ model folded into QOperator form
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in vars(self).items() if v is not None}
+
+
+@dataclass
 class Applied:
     model: onnx.ModelProto
-    findings: dict = field(default_factory=dict)  # the mode's findings for the report
+    findings: Findings = field(default_factory=Findings)
     analysis: onnx.ModelProto | None = None  # numerically the same as model, with DequantizeLinear to probe
     dequantized: dict[str, str] = field(default_factory=dict)  # float tensor -> its DequantizeLinear output
     retyped_io: bool = False  # the interface's element types changed on purpose (fp16 I/O, integer I/O)

@@ -12,7 +12,7 @@ from qconv.plan import NodeDecision, QuantPlan
 from qconv.planner import subplan
 
 
-def apply_bodies(qmodel: onnx.ModelProto, p: QuantPlan, findings: dict, rewrite) -> None:
+def apply_bodies(qmodel: onnx.ModelProto, p: QuantPlan, findings, rewrite) -> None:
     """Rewrite each If/Loop/Scan body as its part of the plan says (``rewrite(body model, its plan)``), in place,
     outer bodies first."""
     if not subgraphs.has_bodies(qmodel):
@@ -31,7 +31,7 @@ def apply_bodies(qmodel: onnx.ModelProto, p: QuantPlan, findings: dict, rewrite)
         quantized += sum(d.quantized for d in sub.nodes)
     subgraphs.prune_initializers(qmodel)  # float weights a body's int8 copies replaced
     if done:
-        findings["subgraphs"] = {"bodies_quantized": done, "nodes_quantized": quantized,
+        findings.subgraphs = {"bodies_quantized": done, "nodes_quantized": quantized,
                                  "bodies": len(subgraphs.bodies(qmodel))}
 
 

@@ -4,7 +4,7 @@ calibration. If/Loop/Scan bodies are planned and rewritten as their own models."
 from __future__ import annotations
 
 from qconv import subgraphs
-from qconv.modes import Applied
+from qconv.modes import Applied, Findings
 from qconv.modes.common import apply_bodies, check_no_ranges
 from qconv.overrides import Overrides
 from qconv.plan import QuantPlan
@@ -30,6 +30,6 @@ def plan(prepared, stats, config, overrides: Overrides) -> QuantPlan:
 
 def apply(prepared, p: QuantPlan, calib_feeds=None) -> Applied:
     qmodel = apply_dynamic(prepared.model, subplan(p))
-    findings: dict = {}
+    findings = Findings()
     apply_bodies(qmodel, p, findings, apply_dynamic)
     return Applied(qmodel, findings, qmodel)

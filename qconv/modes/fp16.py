@@ -3,7 +3,7 @@ borders); the plan names every node converted or kept float32, and why."""
 
 from __future__ import annotations
 
-from qconv.modes import Applied
+from qconv.modes import Applied, Findings
 from qconv.modes.common import check_float_only, decisions_from
 from qconv.overrides import NodeOverride, Overrides
 from qconv.plan import QuantPlan
@@ -37,6 +37,6 @@ def apply(prepared, p: QuantPlan, calib_feeds=None) -> Applied:
     config = p.config
     forced = [n.name for n in p.nodes if n.kept_float and n.code in ("excluded", "override")]
     r = convert_fp16(prepared.model, keep_io_types=config.keep_io_types, float_nodes=forced)
-    findings = {"fp16": {"overflow": r.overflow, "underflow": r.underflow, "converted_nodes": r.converted_nodes,
-                         "keep_io_types": config.keep_io_types}}
+    findings = Findings(fp16={"overflow": r.overflow, "underflow": r.underflow, "converted_nodes": r.converted_nodes,
+                              "keep_io_types": config.keep_io_types})
     return Applied(r.model, findings, r.model, retyped_io=not config.keep_io_types)

@@ -3,7 +3,7 @@ round-to-nearest or, with calibration rows, GPTQ; everything else stays float.""
 
 from __future__ import annotations
 
-from qconv.modes import Applied
+from qconv.modes import Applied, Findings
 from qconv.modes.common import check_float_only, decisions_from
 from qconv.overrides import Overrides
 from qconv.plan import QuantPlan
@@ -41,6 +41,6 @@ def apply(prepared, p: QuantPlan, calib_feeds=None) -> Applied:
     method = config.int4_method if calib_feeds is not None else "rtn"
     r = quantize_int4(prepared.model, block_size=config.block_size, symmetric=config.symmetric_weights, method=method,
                       calib_feeds=calib_feeds if method == "gptq" else None, only_nodes={n.name for n in p.nodes if n.quantized})
-    findings = {"int4": {"method": method, "block_size": config.block_size, "symmetric": config.symmetric_weights,
-                         "weights": r.quantized}}
+    findings = Findings(int4={"method": method, "block_size": config.block_size, "symmetric": config.symmetric_weights,
+                              "weights": r.quantized})
     return Applied(r.model, findings, r.model)

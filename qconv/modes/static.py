@@ -8,7 +8,7 @@ import collections
 from qconv.adjust import bias
 from qconv.calib.store import Ranges
 from qconv.errors import QconvError
-from qconv.modes import Applied
+from qconv.modes import Applied, Findings
 from qconv.modes.common import apply_bodies
 from qconv.overrides import NodeOverride, Overrides
 from qconv.plan import QuantPlan
@@ -44,7 +44,7 @@ def plan(prepared, stats: Ranges | None, config, overrides: Overrides) -> QuantP
 def apply(prepared, p: QuantPlan, calib_feeds=None) -> Applied:
     config = p.config
     qmodel, dequantized = apply_qdq(bias.apply(prepared.model, p.corrections), subplan(p))
-    findings: dict = {}
+    findings = Findings()
     apply_bodies(qmodel, p, findings, lambda m, sub: _body(m, sub, config))
     analysis = qmodel
     if config.quantized_io:
@@ -52,10 +52,10 @@ def apply(prepared, p: QuantPlan, calib_feeds=None) -> Applied:
 
         ranges = {k: (float(v[0]), float(v[1])) for k, v in dict(p.source.get("ranges") or {}).items()}
         ranges.update({k: t.range for k, t in p.tensors.items() if t.range is not None})
-        qmodel, findings["quantized_io"] = integer_io(qmodel, p, ranges)
+        qmodel, findings.quantized_io = integer_io(qmodel, p, ranges)
     if config.output_format == "qoperator":
         qmodel, folded = fold_qoperator(qmodel)
-        findings["qoperator"] = dict(sorted(collections.Counter(folded.values()).items()))
+        findings.qoperator = dict(sorted(collections.Counter(folded.values()).items()))
     return Applied(qmodel, findings, analysis, dequantized, retyped_io=bool(config.quantized_io))
 
 
