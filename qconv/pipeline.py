@@ -1,6 +1,6 @@
 """The stages as library calls: load, calibrate, plan, apply (rewrite + verify), save.
 
-``qconv.run`` wires them into the jobs the CLI runs; the library never prints (progress goes to a callback).
+``qconv.jobs`` wires them into the jobs the CLI runs; the library never prints (progress goes to a callback).
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from typing import Callable, Iterable
 import numpy as np
 import onnx
 
-from qconv import __version__, io, runtime
+from qconv import __version__, io, modes, runtime, subgraphs
+from qconv.adjust import bias
 from qconv.calib.collect import (
     DEFAULT_MAX_MEMORY,
     activation_tensors,
@@ -28,8 +29,6 @@ from qconv.config import QuantConfig
 from qconv.data import FeedSource, InputSpec
 from qconv.errors import QconvError
 from qconv.intake import interface_change, prepare, prepare_quantized
-from qconv import modes, subgraphs
-from qconv.adjust import bias
 from qconv.overrides import Overrides
 from qconv.plan import NodeDecision, QuantPlan
 from qconv.planner import calibration_targets

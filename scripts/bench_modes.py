@@ -5,7 +5,7 @@ Run from the repository root:
     /tmp/ci-venv/bin/python scripts/bench_modes.py [--models 'tiny*'] [--rows int8 fp16] [--json out.json]
 
 Models: every sample_models/*/ folder with model.onnx, calib.np[yz], eval.np[yz] and eval_labels.npy.
-Rows (qconv, through qconv.run.run_quantize with --batch-size 32, vs onnxruntime 1.31's own tool):
+Rows (qconv, through qconv.jobs.run_quantize with --batch-size 32, vs onnxruntime 1.31's own tool):
   int8        --mode int8 (QDQ)            vs quantize_static(QDQ, per_channel, QUInt8 act., QInt8 weights, MinMax)
   int8-qop    --mode int8 --format qoperator vs the same quantize_static with QuantFormat.QOperator
   dynamic     --mode dynamic               vs quantize_dynamic() with its default options
@@ -62,7 +62,7 @@ from onnxruntime.quantization import (
 )
 
 from qconv.data import FeedSource
-from qconv.run import QuantizeJob, run_quantize
+from qconv.jobs import QuantizeJob, run_quantize
 from scripts.benchlib import (
     Reader,
     check,

@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 
 from qconv.config import QuantConfig
 from qconv.measure.compare import DEFAULT_LAYER_SAMPLES
-from qconv.run import (
+from qconv.jobs import (
     CalibOptions,
     CompareJob,
     EvalOptions,

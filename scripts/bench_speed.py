@@ -46,7 +46,7 @@ import onnxruntime as ort
 
 from qconv.measure.latency import ratio_interval
 from qconv.measure.stats import ErrorStats
-from qconv.run import CalibOptions, EvalOptions, PlanJob, QuantizeJob, run_quantize
+from qconv.jobs import CalibOptions, EvalOptions, PlanJob, QuantizeJob, run_quantize
 from scripts.benchlib import (
     Case,
     aligned,

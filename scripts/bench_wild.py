@@ -112,7 +112,7 @@ def bench_vad(work: Path) -> tuple[list, list]:
         e = vad_feeds(model, sr, 6.0, 2)
         np.savez(evald / f"{sr}.npz", **e)
         evals.append(e)
-    from qconv.run import CalibOptions, EvalOptions, PlanJob, QuantizeJob, run_quantize
+    from qconv.jobs import CalibOptions, EvalOptions, PlanJob, QuantizeJob, run_quantize
 
     out = work / "vad.qconv.onnx"
     t0 = time.perf_counter()
@@ -165,7 +165,7 @@ def bench_dddd(work: Path) -> tuple[list, list]:
     np.save(work / "dd_calib.npy", gray_lines(32, 1))
     x_eval = gray_lines(48, 2)
     np.save(work / "dd_eval.npy", x_eval)
-    from qconv.run import CalibOptions, EvalOptions, PlanJob, QuantizeJob, run_quantize
+    from qconv.jobs import CalibOptions, EvalOptions, PlanJob, QuantizeJob, run_quantize
 
     out = work / "dd.qconv.onnx"
     t0 = time.perf_counter()

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from qconv.config import QuantConfig
 from qconv.errors import QconvError
-from qconv.run import EvalOptions, PlanJob, QuantizeJob, run_quantize
+from qconv.jobs import EvalOptions, PlanJob, QuantizeJob, run_quantize
 from scripts.benchlib import first_line, session
 
 

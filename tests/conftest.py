@@ -108,7 +108,7 @@ def _validate_written_json(request):
 
     import jsonschema
 
-    from qconv.tools import schema
+    from qconv.jobs.calibrate import schema
 
     for path in folder.rglob("*.json"):
         try:

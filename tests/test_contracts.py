@@ -108,7 +108,7 @@ def test_an_unknown_schema_is_a_usage_error():
 def test_the_schema_rejects_a_report_missing_a_key(conv_path, conv_data, tmp_path):
     import jsonschema
 
-    from qconv.tools import schema
+    from qconv.jobs.calibrate import schema
 
     rep = tmp_path / "r.json"
     assert invoke("quantize", conv_path, "--data", conv_data, "-o", tmp_path / "q.onnx", "-q", "--report", rep).exit_code == 0
@@ -122,7 +122,7 @@ def test_the_schema_rejects_a_report_missing_a_key(conv_path, conv_data, tmp_pat
 def test_report_json_of_compare_and_quantize_share_one_schema(conv_path, conv_data, tmp_path):
     import jsonschema
 
-    from qconv.tools import schema
+    from qconv.jobs.calibrate import schema
 
     q = invoke("quantize", conv_path, "--data", conv_data, "-o", tmp_path / "q.onnx", "--json", "--no-latency")
     c = invoke("report", conv_path, tmp_path / "q.onnx", "--data", conv_data, "--json", "--no-latency")

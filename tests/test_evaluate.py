@@ -80,7 +80,7 @@ def test_layer_rows_are_single_rows_and_bounded():
 def test_class_scores_are_recognized_past_data_movement():
     from onnx import TensorProto, helper
 
-    from qconv.evaluation import _scores
+    from qconv.measure.evaluate import _scores
     from tests.conftest import make_model
 
     nodes = [helper.make_node("Softmax", ["x"], ["s"], axis=-1), helper.make_node("Reshape", ["s", "shape"], ["y"])]

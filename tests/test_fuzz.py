@@ -14,7 +14,7 @@ from qconv.config import QuantConfig
 from qconv.errors import QconvError
 from qconv.intake import interface_change
 from qconv.measure.stats import ErrorStats
-from qconv.run import EvalOptions, PlanJob, QuantizeJob, run_quantize
+from qconv.jobs import EvalOptions, PlanJob, QuantizeJob, run_quantize
 from tests.conftest import make_model, run_model
 
 LAYERS = ["conv", "conv1x1", "relu", "add_const", "mul_const", "residual", "concat", "maxpool", "avgpool", "sigmoid",

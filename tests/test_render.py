@@ -325,7 +325,7 @@ def test_html_screenshot_in_headless_chromium(tmp_path):
 @pytest.fixture(scope="session")
 def real_reports(tmp_path_factory):
     from qconv.measure.thresholds import Thresholds
-    from qconv.run import CalibOptions, EvalOptions, PlanJob, QuantizeJob, run_quantize
+    from qconv.jobs import CalibOptions, EvalOptions, PlanJob, QuantizeJob, run_quantize
     from tests.conftest import SAMPLES
 
     out = tmp_path_factory.mktemp("reports")

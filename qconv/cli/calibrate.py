@@ -9,8 +9,8 @@ import click
 from qconv.cli.common import data_options, guarded, output_options, range_options
 from qconv.errors import UsageError
 from qconv.io import check_output_path
-from qconv.run import CalibOptions
-from qconv.tools import (CalibrateJob, export_paths, export_tables, load_calibration_file, parse_export, run_calibrate,
+from qconv.jobs import CalibOptions
+from qconv.jobs.calibrate import (CalibrateJob, export_paths, export_tables, load_calibration_file, parse_export, run_calibrate,
                          run_export, run_merge)
 
 

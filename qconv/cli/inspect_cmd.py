@@ -9,7 +9,7 @@ import click
 from qconv.cli.common import guarded
 from qconv.cli.console import table
 from qconv.cli.quantize import render_groups
-from qconv.tools import run_inspect
+from qconv.jobs.calibrate import run_inspect
 
 
 @click.command("inspect")

@@ -9,7 +9,7 @@ import click
 from qconv import io
 from qconv.cli.common import calib_sources, config_from, data_options, guarded, output_options, range_options, scheme_options
 from qconv.cli.quantize import render_groups
-from qconv.run import CalibOptions, PlanJob, run_plan
+from qconv.jobs import CalibOptions, PlanJob, run_plan
 
 
 @click.command("plan")

@@ -22,7 +22,7 @@ from qconv.cli.common import (
 )
 from qconv.cli.console import table
 from qconv.errors import UsageError
-from qconv.run import CalibOptions, EvalOptions, PlanJob, QuantizeJob, run_quantize
+from qconv.jobs import CalibOptions, EvalOptions, PlanJob, QuantizeJob, run_quantize
 from qconv.tune.budget import DEFAULT_ROWS, Budget, TuneOptions
 
 

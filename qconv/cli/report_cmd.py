@@ -8,7 +8,7 @@ import click
 
 from qconv.cli.common import report_options, finish, gate_options, gates_from, guarded, output_options
 from qconv.cli.quantize import render
-from qconv.run import CompareJob, EvalOptions, run_compare
+from qconv.jobs import CompareJob, EvalOptions, run_compare
 
 
 @click.command("report")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from qconv.cli.common import guarded
-from qconv.tools import SCHEMAS, schema
+from qconv.jobs.calibrate import SCHEMAS, schema
 
 
 @click.command("schema")

@@ -229,7 +229,7 @@ def _faster_suggestion(mode: str, float_model) -> str:
 def build_comparison_report(original_path: str, quantized_path: str, original, quantized, evaluation: dict,
                             eval_source: str, extra_warnings: list[str] = ()) -> dict:
     """The report of ``qconv report``: any two models (any tool's) compared on the same data."""
-    from qconv.report.layers import dequantized_of
+    from qconv.measure.layers import dequantized_of
 
     layers = evaluation.get("layers", {})
     quantized_tensors = set(dequantized_of(quantized))

@@ -15,10 +15,10 @@ import onnx
 from qconv import pipeline, runtime
 from qconv.graph import Graph, expose
 from qconv.measure.compare import limited
+from qconv.measure.layers import probe_pairs
 from qconv.measure.stats import ErrorStats
 from qconv.measure.tally import Metrics
 from qconv.overrides import Overrides
-from qconv.report.layers import probe_pairs
 from qconv.rewrite.rules import ANCHORS, SHARED
 from qconv.tune.remedies import Context, proposals
 from qconv.tune.sensitivity import Site, rank
@@ -103,7 +103,7 @@ class Lab:
         hit = self.cache.get(key)
         if hit is not None:
             return hit
-        from qconv.report import profile as prof
+        from qconv.measure import profile as prof
 
         result = self.candidate(method, overrides)
         feed, threads = self.ctx.held.feeds[0], self.ctx.threads

@@ -14,7 +14,7 @@ import numpy as np
 from qconv import __version__, pipeline, runtime
 from qconv.calib.store import Ranges
 from qconv.data import FeedSource
-from qconv.evaluation import EvalOptions, evaluate
+from qconv.measure.evaluate import EvalOptions, evaluate
 from qconv.measure.reference import Reference, hold
 from qconv.measure.thresholds import Thresholds
 from qconv.overrides import Overrides

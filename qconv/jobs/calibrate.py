@@ -11,9 +11,9 @@ from qconv.calib.ranges import DEFAULT_METHOD
 from qconv.config import QuantConfig
 from qconv.errors import QconvError, UsageError
 from qconv.graph import ai_onnx_opset
+from qconv.jobs.plan import CalibOptions, sharded_calibration
 from qconv.planner import calibration_targets
 from qconv.rewrite.quantized_io import io_params_of
-from qconv.run import CalibOptions, sharded_calibration
 
 
 @dataclass

@@ -18,9 +18,9 @@ from qconv.errors import QconvError
 from qconv.graph import Graph, expose
 from qconv.measure import compare
 from qconv.measure.latency import latency
+from qconv.measure.layers import probe_pairs
 from qconv.measure.reference import Reference
 from qconv.measure.tally import Tally
-from qconv.report.layers import probe_pairs
 
 DAMAGE_COSINE = 0.9  # below this output cosine (or top-1 agreement) the model is damaged: say so loudly
 
@@ -87,7 +87,7 @@ def _sharded_outputs(float_src, quant_src, source: FeedSource, labels, opts: Eva
 
 def node_profile(prepared: pipeline.Prepared, result: pipeline.Result, feed: dict, threads: int) -> dict:
     """Per-node kernel times of the float and the written model (onnxruntime's profiler) on one feed."""
-    from qconv.report import profile as prof
+    from qconv.measure import profile as prof
 
     plan = result.plan
     ft = prof.attribute(prof.profile(prepared.model, feed, threads), prepared.model)

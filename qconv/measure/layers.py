@@ -14,7 +14,6 @@ import onnx
 from qconv.graph import FLOAT_TYPES, Graph, weights_held
 
 
-
 def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
     """Element types of the main graph's tensors (after onnx shape inference, where it succeeds).
 
