@@ -134,37 +134,12 @@ def calibrate_shard(model: str, data: str, per_channel: bool, batch_size: int, s
     return {"seen": seen, "tensors": observers}
 
 
-def evaluate_shard(float_model: str, quant_model: str, data: str, specs: list, batch_size: int, shard: tuple[int, int],
-                   cast: bool, io: dict | None, predictions: bool) -> dict:
-    """One shard's output comparison: error sums per output, top-1 agreement counts, and (for labels) the first
-    output's argmax of both models per feed index, so the driver can score them against the labels in order."""
-    from qconv import runtime
-    from qconv.data import FeedSource, feed_rows
-    from qconv.measure.stats import top1
-    from qconv.measure.tally import Tally
-
-    fsess, qsess = runtime.session(float_model, 1), runtime.session(quant_model, 1)
-    if io:
-        from qconv.rewrite.quantized_io import IntegerIO
-
-        qsess = IntegerIO(qsess, io)
-    names = [o.name for o in fsess.get_outputs()]
-    tally = Tally(names)
-    preds = []
-    for index, feed in FeedSource(data, specs, batch_size=batch_size, shard=shard, cast=cast).indexed():
-        ref, got = runtime.run(fsess, feed, names), runtime.run(qsess, feed, names)
-        tally.add(ref, got, None, feed_rows(feed, specs))
-        if predictions:
-            preds.append((index, top1(ref[0]), top1(got[0])))
-    return {"tally": tally, "preds": preds}
-
-
 _PREPARED: dict = {}  # per worker process: the model of the last job, keyed by path, size, mtime and scheme
 
 
 def _prepared(model: str, per_channel: bool, equalize: bool = False):
     from qconv import pipeline
-    from qconv.config import QuantConfig
+    from qconv.plan.config import QuantConfig
 
     st = os.stat(model)
     key = (model, st.st_size, st.st_mtime_ns, per_channel, equalize)

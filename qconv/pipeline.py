@@ -15,7 +15,7 @@ from typing import Callable, Iterable
 import numpy as np
 import onnx
 
-from qconv import __version__, io, modes, runtime, subgraphs
+from qconv import __version__, io, modes, runtime
 from qconv.adjust import bias
 from qconv.calib.collect import (
     DEFAULT_MAX_MEMORY,
@@ -25,13 +25,14 @@ from qconv.calib.collect import (
 )
 from qconv.calib.observers import DEFAULT_BINS, DEFAULT_MOMENTUM
 from qconv.calib.store import Calibration, Ranges, Record
-from qconv.config import QuantConfig
 from qconv.data import FeedSource, InputSpec
 from qconv.errors import QconvError
-from qconv.intake import interface_change, prepare, prepare_quantized
-from qconv.overrides import Overrides
+from qconv.graph import subgraphs
+from qconv.graph.intake import interface_change, prepare, prepare_quantized
 from qconv.plan import NodeDecision, QuantPlan
-from qconv.planner import calibration_targets
+from qconv.plan.config import QuantConfig
+from qconv.plan.overrides import Overrides
+from qconv.plan.planner import calibration_targets
 from qconv.prepared import Prepared, smoothed  # noqa: F401 - Prepared is the stages' common currency: pipeline.Prepared
 from qconv.rewrite.qoperator import fold_qoperator
 
@@ -62,7 +63,7 @@ def load(path: str | os.PathLike, config: QuantConfig) -> Prepared:
     found = quantized_ops(original)
     model, notes = prepare_quantized(original) if found else prepare(original, config.min_opset)
     if config.needs_calibration and not found:
-        from qconv.intake import expand_hard_activations
+        from qconv.graph.intake import expand_hard_activations
 
         notes += [n for n in [expand_hard_activations(model)] if n]
         if config.equalize:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import onnx
 
-from qconv.overrides import Overrides
+from qconv.plan.overrides import Overrides
 
 
 @dataclass

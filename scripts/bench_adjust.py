@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 from qconv.data import FeedSource  # noqa: E402
 from scripts.bench_ledger import tasks  # noqa: E402  (the ledger's models and rows)
 from scripts.benchlib import aligned, graph_specs, ort_int8, session  # noqa: E402
+
 VARIANTS = {"qconv": ["--bias-correction", "off"], "+bc full": ["--bias-correction", "full"], "+bc fast": ["--bias-correction", "fast"],
             "+eq +bc": ["--equalize", "--bias-correction"]}
 PEAK = "import atexit, sys, re; atexit.register(lambda: sys.stderr.write('VmHWM ' + re.search(r'VmHWM:\\s+(\\d+)', " \

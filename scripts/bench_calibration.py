@@ -56,7 +56,7 @@ def make_inputs(workdir: Path, size: int, max_samples: int) -> tuple[Path, Path,
 
 def run_qconv(model: str, data: str, n: int, method: str, out: str, queue) -> None:
     from qconv import pipeline
-    from qconv.config import QuantConfig
+    from qconv.plan.config import QuantConfig
 
     cfg = QuantConfig(method=method)
     prep = pipeline.load(model, cfg)
@@ -113,7 +113,7 @@ def run_ort_ranges(model: str, data: str, n: int, method: str, out: str, queue) 
     from qconv import pipeline
     from qconv.calib.observers import TensorObserver
     from qconv.calib.store import Calibration
-    from qconv.config import QuantConfig
+    from qconv.plan.config import QuantConfig
 
     extra = {"num_bins": 2048, "num_quantized_bins": 128} if method == "entropy" else {"num_bins": 2048, "percentile": 99.999}
     kind = {"entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}[method]
@@ -152,7 +152,7 @@ def run_budget(model: str, data: str, n: int, budget: int, out: str, queue) -> N
     """Calibrate every float tensor within ``budget`` bytes of exposed activations per pass; write the file."""
     from qconv import io, pipeline
     from qconv.calib.collect import activation_tensors, memory_groups
-    from qconv.config import QuantConfig
+    from qconv.plan.config import QuantConfig
 
     prep = pipeline.load(model, QuantConfig())
     source = pipeline.feeds_for(prep, data, batch_size=16, samples=n)

@@ -294,7 +294,7 @@ def nncf_int8(task: Task, out: Path) -> float:
     import nncf  # noqa: F401 - optional, a peer
 
     from qconv import pipeline
-    from qconv.config import QuantConfig
+    from qconv.plan.config import QuantConfig
 
     c = task.case
     t0 = time.perf_counter()

@@ -54,7 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from qconv import pipeline
-from qconv.config import QuantConfig
+from qconv.plan.config import QuantConfig
 from scripts.benchlib import (
     Case,
     Reader,

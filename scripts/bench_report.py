@@ -47,8 +47,6 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from qconv.config import QuantConfig
-from qconv.measure.compare import DEFAULT_LAYER_SAMPLES
 from qconv.jobs import (
     CalibOptions,
     CompareJob,
@@ -58,6 +56,8 @@ from qconv.jobs import (
     run_compare,
     run_quantize,
 )
+from qconv.measure.compare import DEFAULT_LAYER_SAMPLES
+from qconv.plan.config import QuantConfig
 from scripts.benchlib import (
     Case,
     aligned,

@@ -44,9 +44,9 @@ sys.path.insert(0, str(ROOT))
 
 import onnxruntime as ort
 
+from qconv.jobs import CalibOptions, EvalOptions, PlanJob, QuantizeJob, run_quantize
 from qconv.measure.latency import ratio_interval
 from qconv.measure.stats import ErrorStats
-from qconv.jobs import CalibOptions, EvalOptions, PlanJob, QuantizeJob, run_quantize
 from scripts.benchlib import (
     Case,
     aligned,

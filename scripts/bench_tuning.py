@@ -34,8 +34,8 @@ import onnx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from qconv.measure.thresholds import Thresholds  # noqa: E402
 from qconv.jobs import CalibOptions, EvalOptions, PlanJob, QuantizeJob, run_quantize  # noqa: E402
+from qconv.measure.thresholds import Thresholds  # noqa: E402
 from qconv.tune.budget import Budget, TuneOptions  # noqa: E402
 from scripts.benchlib import (  # noqa: E402
     Case,

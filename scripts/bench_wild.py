@@ -94,7 +94,7 @@ def vad_decisions(path: Path, data: list[dict]) -> np.ndarray:
 
 
 def body_quantize_count(path: Path) -> int:
-    from qconv import subgraphs
+    from qconv.graph import subgraphs
 
     m = onnx.load(str(path))
     return sum(n.op_type in ("QuantizeLinear", "DynamicQuantizeLSTM", "DynamicQuantizeLinear")
@@ -124,8 +124,8 @@ def bench_vad(work: Path) -> tuple[list, list]:
     try:
         from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-        from scripts.benchlib import Reader
         from qconv.data import FeedSource, InputSpec
+        from scripts.benchlib import Reader
 
         m = onnx.load(str(model))
         specs = [InputSpec.from_value_info(i) for i in m.graph.input]
@@ -216,7 +216,7 @@ def bench_dddd(work: Path) -> tuple[list, list]:
 
 def _qconv_calib(model: str, data: str, budget: int, queue) -> None:
     from qconv import pipeline
-    from qconv.config import QuantConfig
+    from qconv.plan.config import QuantConfig
 
     cfg = QuantConfig()
     prep = pipeline.load(model, cfg)
@@ -229,8 +229,8 @@ def _qconv_calib(model: str, data: str, budget: int, queue) -> None:
 def _ort_calib(model: str, data: str, budget: int, queue) -> None:
     from onnxruntime.quantization import CalibrationMethod, create_calibrator
 
-    from scripts.benchlib import Reader
     from qconv.data import FeedSource, InputSpec
+    from scripts.benchlib import Reader
 
     m = onnx.load(model)
     specs = [InputSpec.from_value_info(i) for i in m.graph.input]

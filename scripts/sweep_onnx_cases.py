@@ -30,9 +30,9 @@ import onnx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from qconv.config import QuantConfig
 from qconv.errors import QconvError
 from qconv.jobs import EvalOptions, PlanJob, QuantizeJob, run_quantize
+from qconv.plan.config import QuantConfig
 from scripts.benchlib import first_line, session
 
 

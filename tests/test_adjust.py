@@ -11,8 +11,8 @@ from onnx import TensorProto, helper, numpy_helper
 from qconv import pipeline
 from qconv.adjust import bias
 from qconv.cli.main import cli
-from qconv.config import QuantConfig
 from qconv.data import FeedSource, InputSpec
+from qconv.plan.config import QuantConfig
 from tests.conftest import conv_model, make_model, optimized_ops, run_model
 
 
@@ -119,7 +119,7 @@ def test_matmul_shift_goes_into_the_bias_add(tmp_path):
     want = np.asarray(p.corrections["mm"]["shift"])
     w = np.asarray(numpy_helper.to_array(inits[0]))
     t = p.tensors
-    from qconv import qmath
+    from qconv.numeric import qmath
 
     xq = qmath.dequantize(qmath.quantize(x, t["x"].qparams), t["x"].qparams)
     wq = qmath.dequantize(qmath.quantize(w, t["W"].qparams), t["W"].qparams)

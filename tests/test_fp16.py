@@ -15,7 +15,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from qconv.intake import prepare
+from qconv.graph.intake import prepare
 from qconv.rewrite.fp16 import convert_fp16
 from tests.conftest import ROOT, SAMPLES, conv_model, make_model, run_model
 
@@ -330,7 +330,7 @@ def test_output_is_deterministic_across_runs_and_processes(transformer):
     model = transformer[0]
     assert _digest(model) == _digest(model)
     script = (
-        "import hashlib, onnx; from qconv.intake import prepare; from qconv.rewrite.fp16 import convert_fp16; "
+        "import hashlib, onnx; from qconv.graph.intake import prepare; from qconv.rewrite.fp16 import convert_fp16; "
         f"m = prepare(onnx.load({str(SAMPLES / 'tiny_transformer' / 'model.onnx')!r}), 13)[0]; "
         "print(hashlib.sha256(convert_fp16(m).model.SerializeToString(deterministic=True)).hexdigest())"
     )

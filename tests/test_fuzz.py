@@ -10,11 +10,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from qconv.config import QuantConfig
 from qconv.errors import QconvError
-from qconv.intake import interface_change
-from qconv.measure.stats import ErrorStats
+from qconv.graph.intake import interface_change
 from qconv.jobs import EvalOptions, PlanJob, QuantizeJob, run_quantize
+from qconv.measure.stats import ErrorStats
+from qconv.plan.config import QuantConfig
 from tests.conftest import make_model, run_model
 
 LAYERS = ["conv", "conv1x1", "relu", "add_const", "mul_const", "residual", "concat", "maxpool", "avgpool", "sigmoid",

@@ -7,7 +7,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qconv import io
 from qconv.errors import QconvError
-from qconv.intake import prepare
+from qconv.graph.intake import prepare
 from tests.conftest import LIGHT, conv_model, make_model, run_model
 
 X = np.random.default_rng(0).normal(0, 1, (2, 3, 8, 8)).astype(np.float32)

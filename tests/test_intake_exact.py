@@ -17,9 +17,8 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from qconv import intake
 from qconv.errors import QconvError
-from qconv.graph import ai_onnx_opset
+from qconv.graph import ai_onnx_opset, intake
 
 
 def _cases(pattern: str):

@@ -14,7 +14,6 @@ from click.testing import CliRunner
 
 from qconv.cli.main import cli
 from qconv.data import FeedSource, InputSpec
-
 from tests.conftest import ROOT, SAMPLES
 
 BASELINE = json.loads((ROOT / "scripts" / "ledger_baseline.json").read_text())["models"]

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from qconv import pipeline
 from qconv.cli.main import cli
-from qconv.config import QuantConfig
+from qconv.plan.config import QuantConfig
 from qconv.rewrite.qoperator import fold_qoperator
 from tests.conftest import SAMPLES, optimized_ops, run_model
 

@@ -143,7 +143,7 @@ def test_region_fuses_in_onnxruntime(name, tmp_path):
 
 
 def test_division_by_a_constant_becomes_a_multiplication():
-    from qconv.intake import prepare
+    from qconv.graph.intake import prepare
 
     m, notes = prepare(hard_swish(), 13)
     assert not any(n.op_type == "Div" for n in m.graph.node)

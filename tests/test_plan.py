@@ -15,9 +15,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qconv import pipeline
 from qconv.cli.main import cli
-from qconv.config import QuantConfig
-from qconv.overrides import Overrides
 from qconv.plan import QuantPlan
+from qconv.plan.config import QuantConfig
+from qconv.plan.overrides import Overrides
 from tests.conftest import SAMPLES, make_model, run_model
 
 TRANSFORMER = SAMPLES / "tiny_transformer"

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from onnx import TensorProto, helper, numpy_helper
 
-from qconv import qmath
+from qconv.numeric import qmath
 from tests.conftest import make_model, run_model
 
 finite = st.floats(-1e4, 1e4, allow_nan=False, allow_infinity=False, width=32)

@@ -5,8 +5,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from qconv import pipeline
-from qconv.config import QuantConfig
 from qconv.measure.stats import ErrorStats
+from qconv.plan.config import QuantConfig
 from tests.conftest import conv_model, make_model, optimized_ops, run_model
 
 

@@ -324,8 +324,8 @@ def test_html_screenshot_in_headless_chromium(tmp_path):
 
 @pytest.fixture(scope="session")
 def real_reports(tmp_path_factory):
-    from qconv.measure.thresholds import Thresholds
     from qconv.jobs import CalibOptions, EvalOptions, PlanJob, QuantizeJob, run_quantize
+    from qconv.measure.thresholds import Thresholds
     from tests.conftest import SAMPLES
 
     out = tmp_path_factory.mktemp("reports")

@@ -13,12 +13,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qconv.calib.observers import TensorObserver
 from qconv.calib.store import Ranges
-from qconv.config import QuantConfig
 from qconv.errors import QconvError
 from qconv.measure.reference import Reference
 from qconv.measure.tally import Metrics
 from qconv.measure.thresholds import Thresholds
-from qconv.overrides import NodeOverride, Overrides, TensorOverride
+from qconv.plan.config import QuantConfig
+from qconv.plan.overrides import NodeOverride, Overrides, TensorOverride
 from qconv.tune.budget import Budget, BudgetSpent, Clock
 from qconv.tune.remedies import Context, concat, floating, island, proposals, ranges, smooth
 from qconv.tune.search import Search

@@ -11,8 +11,8 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from qconv import subgraphs
 from qconv.cli.main import cli
+from qconv.graph import subgraphs
 from tests.conftest import make_model, run_model
 
 

@@ -16,8 +16,8 @@ from onnx import TensorProto, helper, numpy_helper
 from qconv.cli.main import cli
 from qconv.errors import UsageError
 from qconv.measure.tally import Metrics
-from qconv.tune.budget import Budget
 from qconv.measure.thresholds import Thresholds
+from qconv.tune.budget import Budget
 from tests.conftest import SAMPLES, make_model, run_model
 
 DIGITS = SAMPLES / "digits_cnn"

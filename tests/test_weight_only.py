@@ -10,7 +10,7 @@ from hypothesis.extra.numpy import arrays
 from onnx import TensorProto, helper, numpy_helper
 
 from qconv.errors import QconvError, UsageError
-from qconv.intake import prepare
+from qconv.graph.intake import prepare
 from qconv.rewrite import weight_only as wo
 from tests.conftest import SAMPLES, make_model, run_model
 

@@ -26,8 +26,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from qconv import qmath
 from qconv.graph import FLOAT, Graph, ai_onnx_opset, attr, ensure_opset, subgraph_inputs, topo_sort, weights_held
+from qconv.numeric import qmath
 from qconv.plan import QuantPlan, TensorPlan
 from qconv.rewrite.qdq import activation_pair
 from qconv.runtime import run, session
@@ -191,7 +191,7 @@ def measure_full(model: onnx.ModelProto, plan: QuantPlan, feeds: Iterable[dict],
                  advance: Callable[[int], None] = lambda n: None, max_rows: int = FULL_ROWS) -> tuple[dict[str, np.ndarray], int]:
     """({node: float mean - int8 mean, per output channel}, rows measured), layer by layer in the int8 model with the
     corrections of the layers before it in place."""
-    from qconv.planner import subplan
+    from qconv.plan.planner import subplan
     from qconv.rewrite.qdq import apply_qdq
 
     found = targets(model, plan)

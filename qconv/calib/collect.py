@@ -27,7 +27,7 @@ def activation_tensors(model: onnx.ModelProto, bodies: bool = True) -> list[str]
     for node in model.graph.node:
         names += [o for o in node.output if o and g.is_float(o)]
     if bodies:
-        from qconv import subgraphs
+        from qconv.graph import subgraphs
 
         for body in subgraphs.bodies(model) if subgraphs.has_bodies(model) else []:
             wrapped, added = subgraphs.body_model(model, body)
@@ -107,8 +107,8 @@ def collect(
 
 
 def _promoted(model: onnx.ModelProto, names: list[str]) -> tuple[onnx.ModelProto, dict[str, str]]:
-    """Body tensors (scoped names, see qconv.subgraphs) lifted to main-graph tensors: (model, {scoped: lifted})."""
-    from qconv.subgraphs import promote, split_scoped
+    """Body tensors (scoped names, see qconv.graph.subgraphs) lifted to main-graph tensors: (model, {scoped: lifted})."""
+    from qconv.graph.subgraphs import promote, split_scoped
 
     wanted: dict[str, list[str]] = {}
     for n in names:

@@ -10,8 +10,16 @@ from qconv.cli.common import data_options, guarded, output_options, range_option
 from qconv.errors import UsageError
 from qconv.io import check_output_path
 from qconv.jobs import CalibOptions
-from qconv.jobs.calibrate import (CalibrateJob, export_paths, export_tables, load_calibration_file, parse_export, run_calibrate,
-                         run_export, run_merge)
+from qconv.jobs.calibrate import (
+    CalibrateJob,
+    export_paths,
+    export_tables,
+    load_calibration_file,
+    parse_export,
+    run_calibrate,
+    run_export,
+    run_merge,
+)
 
 
 def parse_shard(spec: str | None) -> tuple[int, int]:

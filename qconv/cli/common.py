@@ -9,10 +9,10 @@ from pathlib import Path
 import click
 
 from qconv.cli.console import Terminal
-from qconv.config import DEFAULT_BINS, DEFAULT_MOMENTUM, FORMATS, METHODS, MODES, QuantConfig
 from qconv.errors import GateFailed, QconvError
 from qconv.measure.compare import DEFAULT_LAYER_SAMPLES
 from qconv.measure.thresholds import Thresholds
+from qconv.plan.config import DEFAULT_BINS, DEFAULT_MOMENTUM, FORMATS, METHODS, MODES, QuantConfig
 
 
 def guarded(fn):

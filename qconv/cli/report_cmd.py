@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from qconv.cli.common import report_options, finish, gate_options, gates_from, guarded, output_options
+from qconv.cli.common import finish, gate_options, gates_from, guarded, output_options, report_options
 from qconv.cli.quantize import render
 from qconv.jobs import CompareJob, EvalOptions, run_compare
 

@@ -8,11 +8,11 @@ from pathlib import Path
 from qconv import distributed, io, pipeline, runtime
 from qconv.calib.collect import activation_tensors
 from qconv.calib.ranges import DEFAULT_METHOD
-from qconv.config import QuantConfig
 from qconv.errors import QconvError, UsageError
 from qconv.graph import ai_onnx_opset
 from qconv.jobs.plan import CalibOptions, sharded_calibration
-from qconv.planner import calibration_targets
+from qconv.plan.config import QuantConfig
+from qconv.plan.planner import calibration_targets
 from qconv.rewrite.quantized_io import io_params_of
 
 
@@ -140,7 +140,7 @@ def run_inspect(model_path: Path, calib_path: Path | None, per_tensor: bool) -> 
     import collections
 
     from qconv.calib.collect import activation_tensors
-    from qconv.planner import build_plan
+    from qconv.plan.planner import build_plan
 
     config = QuantConfig(per_channel=not per_tensor)
     prepared = pipeline.load(model_path, config)

@@ -11,12 +11,12 @@ from qconv import distributed, io, pipeline
 from qconv.calib.collect import activation_tensors
 from qconv.calib.observers import DEFAULT_BINS, DEFAULT_MOMENTUM
 from qconv.calib.ranges import DEFAULT_METHOD
-from qconv.config import QuantConfig
 from qconv.data import FeedSource
 from qconv.errors import QconvError, UsageError
-from qconv.overrides import Overrides
 from qconv.plan import QuantPlan
-from qconv.planner import calibration_targets
+from qconv.plan.config import QuantConfig
+from qconv.plan.overrides import Overrides
+from qconv.plan.planner import calibration_targets
 
 
 @dataclass(frozen=True)

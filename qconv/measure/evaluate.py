@@ -73,7 +73,7 @@ def _sharded_outputs(float_src, quant_src, source: FeedSource, labels, opts: Eva
             paths.append(str(src))
         tasks = [(paths[0], paths[1], str(source.path), source.specs, source.batch_size, (k, shards), source.cast, io_params,
                   labels is not None) for k in range(shards)]
-        parts = distributed.run_tasks(executor, distributed.evaluate_shard, tasks, "evaluating shards", progress)
+        parts = distributed.run_tasks(executor, evaluate_shard, tasks, "evaluating shards", progress)
     tally = Tally(parts[0]["tally"].names)
     for p in parts:
         tally.merge(p["tally"])
@@ -192,3 +192,25 @@ def _better_method(prepared, result: pipeline.Result, calib, reference: Referenc
     if best != config.method:
         return f"--method {best} measured better on {rows} rows (worst-output cosine: {measured})"
     return f"no other range method measured better on {rows} rows ({measured}): keep the worst layers float with --exclude-nodes"
+
+
+def evaluate_shard(float_model: str, quant_model: str, data: str, specs: list, batch_size: int, shard: tuple[int, int],
+                   cast: bool, io: dict | None, predictions: bool) -> dict:
+    """One shard's output comparison: error sums per output, top-1 agreement counts, and (for labels) the first
+    output's argmax of both models per feed index, so the driver can score them against the labels in order."""
+    from qconv.measure.stats import top1
+
+    fsess, qsess = runtime.session(float_model, 1), runtime.session(quant_model, 1)
+    if io:
+        from qconv.rewrite.quantized_io import IntegerIO
+
+        qsess = IntegerIO(qsess, io)
+    names = [o.name for o in fsess.get_outputs()]
+    tally = Tally(names)
+    preds = []
+    for index, feed in FeedSource(data, specs, batch_size=batch_size, shard=shard, cast=cast).indexed():
+        ref, got = runtime.run(fsess, feed, names), runtime.run(qsess, feed, names)
+        tally.add(ref, got, None, feed_rows(feed, specs))
+        if predictions:
+            preds.append((index, top1(ref[0]), top1(got[0])))
+    return {"tally": tally, "preds": preds}

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import onnx
 
-from qconv import subgraphs
 from qconv.errors import QconvError
-from qconv.graph import ensure_opset
+from qconv.graph import ensure_opset, subgraphs
 from qconv.plan import NodeDecision, QuantPlan
-from qconv.planner import subplan
+from qconv.plan.planner import subplan
 
 
 def apply_bodies(qmodel: onnx.ModelProto, p: QuantPlan, findings, rewrite) -> None:

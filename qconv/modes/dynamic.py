@@ -3,12 +3,12 @@ calibration. If/Loop/Scan bodies are planned and rewritten as their own models."
 
 from __future__ import annotations
 
-from qconv import subgraphs
+from qconv.graph import subgraphs
 from qconv.modes import Applied, Findings
 from qconv.modes.common import apply_bodies, check_no_ranges
-from qconv.overrides import Overrides
 from qconv.plan import QuantPlan
-from qconv.planner import ScopedOverrides, merge_body, subplan
+from qconv.plan.overrides import Overrides
+from qconv.plan.planner import ScopedOverrides, merge_body, subplan
 from qconv.rewrite.dynamic import apply_dynamic, plan_dynamic
 
 SMOOTH = False

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from qconv.modes import Applied, Findings
 from qconv.modes.common import check_float_only, decisions_from
-from qconv.overrides import Overrides
 from qconv.plan import QuantPlan
+from qconv.plan.overrides import Overrides
 
 SMOOTH = False
 

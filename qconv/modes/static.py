@@ -10,9 +10,9 @@ from qconv.calib.store import Ranges
 from qconv.errors import QconvError
 from qconv.modes import Applied, Findings
 from qconv.modes.common import apply_bodies
-from qconv.overrides import NodeOverride, Overrides
 from qconv.plan import QuantPlan
-from qconv.planner import activation_ranges, build_plan, subplan
+from qconv.plan.overrides import NodeOverride, Overrides
+from qconv.plan.planner import activation_ranges, build_plan, subplan
 from qconv.rewrite.qdq import apply_qdq
 from qconv.rewrite.qoperator import fold_qoperator
 

@@ -15,13 +15,13 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from qconv import qmath
-from qconv.config import QuantConfig
-from qconv.graph import Graph, integer_only, topo_sort
 from qconv.errors import QconvError
-from qconv.intake import drop_unused_initializers
-from qconv.overrides import Overrides
+from qconv.graph import Graph, integer_only, topo_sort
+from qconv.graph.intake import drop_unused_initializers
+from qconv.numeric import qmath
 from qconv.plan import NodeDecision, QuantPlan, TensorPlan
+from qconv.plan.config import QuantConfig
+from qconv.plan.overrides import Overrides
 from qconv.rewrite.rules import recurrent
 from qconv.rewrite.rules.matmul import dynamic_weight, emit_matmul_integer
 

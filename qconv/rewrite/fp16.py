@@ -23,7 +23,7 @@
   meets another activation: Pow -> ReduceMean -> Add(eps) -> Sqrt -> Div(x - mean, .) stays float32
   through the Div, whose result is back at activation scale. A Cast right after the Pow would overflow.
 * If/Loop/Scan stay float32 with their bodies; outer tensors a body reads keep float32 under their name.
-* Constant nodes are turned into initializers first (as ``qconv.intake`` does), so they convert like weights.
+* Constant nodes are turned into initializers first (as ``qconv.graph.intake`` does), so they convert like weights.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from qconv.graph import FLOAT_TYPES, Graph, attr, subgraph_inputs, topo_sort
-from qconv.intake import constants_to_initializers, infer_types
-from qconv.names import first_match
+from qconv.graph.intake import constants_to_initializers, infer_types
+from qconv.plan.names import first_match
 
 FLOAT, FLOAT16 = TensorProto.FLOAT, TensorProto.FLOAT16
 FP16_MAX = 65504.0

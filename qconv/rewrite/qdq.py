@@ -6,9 +6,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from qconv import qmath
 from qconv.graph import Graph, ai_onnx_opset, ensure_opset, topo_sort
-from qconv.intake import drop_unused_initializers
+from qconv.graph.intake import drop_unused_initializers
+from qconv.numeric import qmath
 from qconv.plan import QuantPlan, TensorPlan
 from qconv.rewrite.rules import recurrent
 from qconv.rewrite.rules.elementwise import scalar_scale

@@ -15,8 +15,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from qconv import qmath
 from qconv.graph import Graph, topo_sort, until_fixed
+from qconv.numeric import qmath
 
 _COMMUTES = {"MaxPool", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten"}
 

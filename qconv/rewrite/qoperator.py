@@ -12,7 +12,7 @@ import onnx
 from onnx import helper
 
 from qconv.graph import Graph, ensure_opset, topo_sort
-from qconv.intake import drop_unused_initializers
+from qconv.graph.intake import drop_unused_initializers
 from qconv.rewrite import rules
 from qconv.rewrite.rules import MS
 

@@ -14,9 +14,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from qconv import qmath
 from qconv.errors import QconvError
 from qconv.graph import Graph, topo_sort
+from qconv.numeric import qmath
 
 
 def integer_io(model: onnx.ModelProto, plan, ranges: dict[str, tuple[float, float]]) -> tuple[onnx.ModelProto, dict]:

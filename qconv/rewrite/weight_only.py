@@ -40,7 +40,7 @@ Affine
 GPTQ
     One pass of the float model over the calibration feeds accumulates ``H = mean(x^T x)`` per MatMul input
     tensor (q/k/v projections share one), one batch at a time: memory is O(K^2) per input, not O(samples).
-    Weights read by several MatMuls sum their inputs' Hessians. Each weight is then quantized by qconv.gptq
+    Weights read by several MatMuls sum their inputs' Hessians. Each weight is then quantized by qconv.numeric.gptq
     (act-order off by default). Hessians taken sequentially on the partly quantized model (one pass per
     layer) gave no gain on the sample transformer, so one pass it is. Gather tables always use round-to-nearest.
 """
@@ -55,12 +55,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from qconv import gptq, qmath
 from qconv.errors import QconvError, UsageError
 from qconv.graph import Graph, attr, expose
-from qconv.intake import drop_unused_initializers
+from qconv.graph.intake import drop_unused_initializers
+from qconv.numeric import gptq, qmath
+from qconv.plan.names import first_match
 from qconv.runtime import run, session
-from qconv.names import first_match
 
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 METHODS = ("rtn", "gptq")

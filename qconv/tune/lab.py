@@ -18,7 +18,7 @@ from qconv.measure.compare import limited
 from qconv.measure.layers import probe_pairs
 from qconv.measure.stats import ErrorStats
 from qconv.measure.tally import Metrics
-from qconv.overrides import Overrides
+from qconv.plan.overrides import Overrides
 from qconv.rewrite.rules import ANCHORS, SHARED
 from qconv.tune.remedies import Context, proposals
 from qconv.tune.sensitivity import Site, rank

@@ -20,7 +20,7 @@ from typing import Callable, Iterator, Protocol
 from qconv.errors import QconvError
 from qconv.measure.tally import Metrics
 from qconv.measure.thresholds import Thresholds
-from qconv.overrides import NodeOverride, Overrides
+from qconv.plan.overrides import NodeOverride, Overrides
 from qconv.tune.budget import BudgetSpent, Clock
 from qconv.tune.sensitivity import gain, priority
 from qconv.tune.trial import Candidate, Change, Ranked, Trial, TrialCache

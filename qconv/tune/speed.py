@@ -10,7 +10,7 @@ import dataclasses
 from qconv import pipeline, runtime
 from qconv.data import FeedSource
 from qconv.measure.latency import latency
-from qconv.overrides import NodeOverride, Overrides
+from qconv.plan.overrides import NodeOverride, Overrides
 from qconv.tune.search import Search
 from qconv.tune.trial import Change
 

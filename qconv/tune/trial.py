@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qconv.measure.tally import Metrics, json_number
-from qconv.overrides import Overrides
+from qconv.plan.overrides import Overrides
 
 CACHE_VERSION = 1
 

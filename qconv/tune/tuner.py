@@ -17,8 +17,8 @@ from qconv.data import FeedSource
 from qconv.measure.evaluate import EvalOptions, evaluate
 from qconv.measure.reference import Reference, hold
 from qconv.measure.thresholds import Thresholds
-from qconv.overrides import Overrides
 from qconv.plan import QuantPlan
+from qconv.plan.overrides import Overrides
 from qconv.tune.budget import Clock, TuneOptions
 from qconv.tune.lab import Lab
 from qconv.tune.remedies import Context

@@ -6,8 +6,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from qconv import qmath
 from qconv.graph import Graph, attr
+from qconv.numeric import qmath
 from qconv.rewrite.rules import MS, Rule, weight_or_activation
 
 

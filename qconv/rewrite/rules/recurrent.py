@@ -12,8 +12,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from qconv import qmath
 from qconv.graph import Graph, attr
+from qconv.numeric import qmath
 
 MS = "com.microsoft"
 GRU_REASON = "onnxruntime has no int8 GRU kernel (no DynamicQuantizeGRU): GRU weights stay float"
@@ -88,7 +88,7 @@ def plan_lstm(node: onnx.NodeProto, g: Graph, qt: qmath.QType, per_channel: bool
 def apply_lstm(model: onnx.ModelProto, plan) -> onnx.ModelProto:
     """Every LSTM with weight plans of role ``lstm-weight`` becomes DynamicQuantizeLSTM (a copy of the model)."""
     from qconv.graph import ensure_opset, topo_sort
-    from qconv.intake import drop_unused_initializers
+    from qconv.graph.intake import drop_unused_initializers
 
     by_node: dict[str, dict[str, qmath.QParams]] = {}
     for t in plan.tensors.values():

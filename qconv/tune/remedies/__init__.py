@@ -21,7 +21,7 @@ from qconv.calib.store import Ranges
 from qconv.data import FeedSource, InputSpec
 from qconv.graph import Graph
 from qconv.measure.reference import Reference
-from qconv.overrides import Overrides
+from qconv.plan.overrides import Overrides
 from qconv.rewrite.rules import SHARED
 from qconv.tune.trial import Candidate
 

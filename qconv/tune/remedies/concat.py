@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from qconv.overrides import NodeOverride, Overrides
-from qconv.planner import MIXED_SCALES
+from qconv.plan.overrides import NodeOverride, Overrides
+from qconv.plan.planner import MIXED_SCALES
 from qconv.tune.remedies import Context
 from qconv.tune.trial import Candidate
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from qconv.overrides import NodeOverride, Overrides
+from qconv.plan.overrides import NodeOverride, Overrides
 from qconv.tune.remedies import Context
 from qconv.tune.trial import Candidate
 

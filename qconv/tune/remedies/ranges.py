@@ -7,7 +7,7 @@ from typing import Iterator
 import numpy as np
 
 from qconv.calib.ranges import select_range
-from qconv.overrides import Overrides, TensorOverride
+from qconv.plan.overrides import Overrides, TensorOverride
 from qconv.tune.remedies import Context
 from qconv.tune.trial import Candidate
 

@@ -12,7 +12,7 @@ import onnx
 from qconv import runtime
 from qconv.graph import expose
 from qconv.measure.compare import limited
-from qconv.overrides import NodeOverride, Overrides, TensorOverride
+from qconv.plan.overrides import NodeOverride, Overrides, TensorOverride
 from qconv.rewrite.smooth import input_axis, smoothed_input, smoothing_scales, weight_layout
 from qconv.tune.remedies import Context
 from qconv.tune.trial import Candidate

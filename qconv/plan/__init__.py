@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from qconv import qmath
-from qconv.config import QuantConfig
 from qconv.errors import QconvError
-from qconv.overrides import Overrides
+from qconv.numeric import qmath
+from qconv.plan.config import QuantConfig
+from qconv.plan.overrides import Overrides
 
 SCHEMA = "qconv.plan"
 VERSION = 1

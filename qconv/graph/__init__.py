@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 from contextlib import contextmanager
-
 from typing import Callable
 
 import numpy as np

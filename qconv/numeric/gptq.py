@@ -23,7 +23,7 @@ from typing import Callable
 
 import numpy as np
 
-from qconv import qmath
+from qconv.numeric import qmath
 
 LAZY_ROWS = 128
 # rows [C, n] -> parameters of shape (C,) along axis 0, one set per row of the argument

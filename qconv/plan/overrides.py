@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from qconv.calib.ranges import METHODS
 from qconv.errors import QconvError
-from qconv.names import first_match, matches_any
+from qconv.plan.names import first_match, matches_any
 
 PRECISIONS = ("float", "int8", "int16")
 GRANULARITIES = ("per-tensor", "per-channel")

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from qconv.calib.observers import DEFAULT_BINS, DEFAULT_MOMENTUM  # noqa: F401 - re-exported for the CLI
 from qconv.calib.ranges import METHODS
 from qconv.errors import UsageError
-from qconv.names import first_match
+from qconv.plan.names import first_match
 
 MODES = ("int8", "dynamic", "fp16", "a16w8", "int4")
 FORMATS = ("qdq", "qoperator")
@@ -86,7 +86,7 @@ class QuantConfig:
     @property
     def weight_qtype(self):
         """The weight QType; ``reduce_range``: 7-bit, so int8 products cannot overflow int16 sums on CPUs without VNNI."""
-        from qconv import qmath
+        from qconv.numeric import qmath
 
         w_q = qmath.qtype(self.weight_type)
         if self.reduce_range:

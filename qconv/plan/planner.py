@@ -12,17 +12,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from qconv import qmath, subgraphs
 from qconv.calib.ranges import select_range
 from qconv.calib.store import Ranges
-from qconv.config import QuantConfig
 from qconv.errors import QconvError
-from qconv.graph import Graph, attr, integer_only
-from qconv.overrides import Overrides
+from qconv.graph import Graph, attr, integer_only, subgraphs
+from qconv.numeric import qmath
 from qconv.plan import NodeDecision, QuantPlan, TensorPlan
+from qconv.plan.config import QuantConfig
+from qconv.plan.overrides import Overrides
 from qconv.rewrite import rules
-from qconv.rewrite.rules import recurrent, saturation
-from qconv.rewrite.rules import ANCHORS, OWN, SHARED
+from qconv.rewrite.rules import ANCHORS, OWN, SHARED, recurrent, saturation
 from qconv.rewrite.rules.elementwise import scalar_scale
 
 # Activations that a quantized producer's QuantizeLinear can absorb (its clamp is the activation).
@@ -81,7 +80,7 @@ def build_plan(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]], c
                nonfinite: dict[str, int] | None = None, masks: dict[str, float] | None = None,
                overrides: Overrides | None = None, methods: dict[str, str] | None = None) -> QuantPlan:
     """The static plan of the main graph and of every If/Loop/Scan body (their nodes and tensors under scoped
-    names, see qconv.subgraphs). ``methods`` names the range method behind each range (default: ``config.method``)."""
+    names, see qconv.graph.subgraphs). ``methods`` names the range method behind each range (default: ``config.method``)."""
     overrides = overrides or Overrides()
     p = _plan_graph(model, ranges, config, nonfinite, masks, overrides, methods)
     if not subgraphs.has_bodies(model):

@@ -479,7 +479,7 @@ def prepare(model: onnx.ModelProto, min_opset: int) -> tuple[onnx.ModelProto, li
 def normalize_bodies(model: onnx.ModelProto) -> str | None:
     """The main graph's passes on every If/Loop/Scan body (weights in Constant nodes become body initializers,
     BatchNormalization folds into its Conv, nodes get names, types are inferred), outer bodies first."""
-    from qconv.subgraphs import bodies, body_model, put_body
+    from qconv.graph.subgraphs import bodies, body_model, put_body
 
     count = len(bodies(model))
     if not count:
