@@ -62,7 +62,8 @@ from onnxruntime.quantization import (
 )
 
 from qconv.data import FeedSource
-from qconv.jobs import QuantizeJob, run_quantize
+from qconv.jobs import CalibOptions, EvalOptions, PlanJob, QuantizeJob, run_quantize
+from qconv.plan.config import QuantConfig
 from scripts.benchlib import (
     Reader,
     check,
@@ -93,8 +94,10 @@ def qconv_tool(settings: dict, calibrated: bool, matmul_only: bool = False):
         if matmul_only:
             gathers = [n.name for n in onnx.load(str(case.model), load_external_data=False).graph.node if n.op_type == "Gather"]
             extra["exclude_nodes"] = tuple(gathers)
-        job = QuantizeJob(model=case.model, out=out, settings={**settings, **extra}, data=case.calib if calibrated else None,
-                          eval_data=case.eval, eval_labels=case.labels, batch_size=BATCH, latency=False)
+        config = QuantConfig(**{**settings, **extra})
+        plan = PlanJob(model=case.model, config=config, data=case.calib if calibrated else None,
+                       calib_options=CalibOptions(batch_size=BATCH))
+        job = QuantizeJob(out=out, planning=plan, evaluation=EvalOptions(data=case.eval, labels=case.labels, latency=False))
         report, _ = run_quantize(job)
         return report
     return run

@@ -98,14 +98,15 @@ def plain_pass(model: Path, data: Path, threads: int) -> dict:
 
 def compare_job(case, quantized: Path, data: Path, labels: Path | None, out: Path, threads: int, layer_samples: int,
                 latency: bool = True) -> CompareJob:
-    return CompareJob(case.model, quantized, data, EvalOptions(data, labels, latency, layer_samples, threads), batch_size=BATCH,
-                      reports=(out / "r.html", out / "r.md", out / "r.json"))
+    return CompareJob(original=case.model, quantized=quantized, data=data,
+                      evaluation=EvalOptions(data=data, labels=labels, latency=latency, layer_samples=layer_samples, threads=threads),
+                      batch_size=BATCH, reports=(out / "r.html", out / "r.md", out / "r.json"))
 
 
 def quantize_job(case, calib: Path, out: Path, eval_data: Path | None, threads: int) -> QuantizeJob:
-    plan = PlanJob(case.model, QuantConfig(), calib=calib, calib_options=CalibOptions(batch_size=BATCH, threads=threads))
-    return QuantizeJob(out, plan, evaluation=EvalOptions(eval_data, case.labels if eval_data else None, True,
-                                                          DEFAULT_LAYER_SAMPLES, threads))
+    plan = PlanJob(model=case.model, config=QuantConfig(), calib=calib, calib_options=CalibOptions(batch_size=BATCH, threads=threads))
+    return QuantizeJob(out=out, planning=plan, evaluation=EvalOptions(data=eval_data, labels=case.labels if eval_data else None,
+                                                                  layer_samples=DEFAULT_LAYER_SAMPLES, threads=threads))
 
 
 def timed(fn, *args):
@@ -178,7 +179,9 @@ def rss_child(original: str, quantized: str, data: str, labels: str, out: str, t
     sampler.start()
     t0 = time.perf_counter()
     outdir = Path(out)
-    run_compare(CompareJob(Path(original), Path(quantized), Path(data), EvalOptions(Path(data), Path(labels), False, DEFAULT_LAYER_SAMPLES, threads),
+    run_compare(CompareJob(original=Path(original), quantized=Path(quantized), data=Path(data),
+                           evaluation=EvalOptions(data=Path(data), labels=Path(labels), latency=False, layer_samples=DEFAULT_LAYER_SAMPLES,
+                                                  threads=threads),
                            batch_size=BATCH, reports=(outdir / "r.html", outdir / "r.md", outdir / "r.json")))
     wall = time.perf_counter() - t0
     stop.set()

@@ -92,8 +92,8 @@ def batched(case: Case):
 
 
 def qconv_int8(case: Case, out: Path, fallback: bool = False) -> dict:
-    job = QuantizeJob(out, PlanJob(case.model, data=case.calib, calib_options=CalibOptions(batch_size=case.batch)),
-                      evaluation=EvalOptions(case.eval, None, True, 0, 1), speed_fallback=fallback)
+    job = QuantizeJob(out=out, planning=PlanJob(model=case.model, data=case.calib, calib_options=CalibOptions(batch_size=case.batch)),
+                      evaluation=EvalOptions(data=case.eval, layer_samples=0, threads=1), speed_fallback=fallback)
     report, _ = run_quantize(job)
     return report
 

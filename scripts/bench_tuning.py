@@ -220,10 +220,10 @@ def outputs_of(path: Path, data: Path, batch: int) -> list[list]:
 
 def qconv_job(task: Task, out: Path, budget: Budget | None) -> tuple[dict, float]:
     c = task.case
-    job = QuantizeJob(out, PlanJob(c.model, data=c.calib, calib_options=CalibOptions(batch_size=c.batch, threads=THREADS)),
-                      evaluation=EvalOptions(c.eval, None, budget is not None, 0, THREADS, profile=budget is not None),
+    job = QuantizeJob(out=out, planning=PlanJob(model=c.model, data=c.calib, calib_options=CalibOptions(batch_size=c.batch, threads=THREADS)),
+                      evaluation=EvalOptions(data=c.eval, latency=budget is not None, layer_samples=0, threads=THREADS, profile=budget is not None),
                       gates=task.gates if budget is not None else Thresholds(),
-                      tune=TuneOptions(budget) if budget is not None else None)
+                      tune=TuneOptions(budget=budget) if budget is not None else None)
     t0 = time.perf_counter()
     report, _ = run_quantize(job)
     return report, time.perf_counter() - t0

@@ -116,8 +116,8 @@ def bench_vad(work: Path) -> tuple[list, list]:
 
     out = work / "vad.qconv.onnx"
     t0 = time.perf_counter()
-    report, _ = run_quantize(QuantizeJob(out, PlanJob(model, data=calib, calib_options=CalibOptions(threads=THREADS)),
-                                         evaluation=EvalOptions(evald, None, False, 0, THREADS)))
+    report, _ = run_quantize(QuantizeJob(out=out, planning=PlanJob(model=model, data=calib, calib_options=CalibOptions(threads=THREADS)),
+                                         evaluation=EvalOptions(data=evald, latency=False, layer_samples=0, threads=THREADS)))
     wall = time.perf_counter() - t0
     paths = {"qconv": out}
     notes = []
@@ -169,8 +169,8 @@ def bench_dddd(work: Path) -> tuple[list, list]:
 
     out = work / "dd.qconv.onnx"
     t0 = time.perf_counter()
-    report, _ = run_quantize(QuantizeJob(out, PlanJob(model, data=work / "dd_calib.npy", calib_options=CalibOptions(threads=THREADS)),
-                                         evaluation=EvalOptions(work / "dd_eval.npy", None, False, 0, THREADS)))
+    report, _ = run_quantize(QuantizeJob(out=out, planning=PlanJob(model=model, data=work / "dd_calib.npy", calib_options=CalibOptions(threads=THREADS)),
+                                         evaluation=EvalOptions(data=work / "dd_eval.npy", latency=False, layer_samples=0, threads=THREADS)))
     wall = time.perf_counter() - t0
     paths = {"qconv": out}
     notes = []

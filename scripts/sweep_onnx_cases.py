@@ -66,8 +66,8 @@ def one(case, mode: str, work: Path) -> tuple[str, str]:
     onnx.save(model, path)
     np.savez(data, **{k: v[None] for k, v in feed.items()})  # one stacked feed each
     config = QuantConfig(mode=mode)
-    plan = PlanJob(path, config, data=data if config.needs_calibration else None)
-    job = QuantizeJob(work / f"{case.name}.{mode}.q.onnx", plan, evaluation=EvalOptions(data, None, False, 0, 1))
+    plan = PlanJob(model=path, config=config, data=data if config.needs_calibration else None)
+    job = QuantizeJob(out=work / f"{case.name}.{mode}.q.onnx", planning=plan, evaluation=EvalOptions(data=data, latency=False, layer_samples=0, threads=1))
     try:
         run_quantize(job)
     except QconvError as exc:

@@ -53,7 +53,7 @@ def test_a_gate_message_prints_the_threshold_as_given(conv_path, conv_data, tmp_
 def _keys(conv_path, tmp_path, name, *options):
     rep = tmp_path / f"{name}.json"
     r = invoke("quantize", conv_path, "-o", tmp_path / f"{name}.onnx", "-q", "--report", rep, *options)
-    assert r.exit_code in (0, 3), r.output
+    assert r.exit_code == 0, r.output  # every gate given is loose enough to pass
     return json.loads(rep.read_text())
 
 

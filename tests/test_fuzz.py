@@ -143,8 +143,8 @@ def test_random_graphs_quantize_or_refuse_cleanly(tmp_path_factory, seed, kinds,
     for mode, floor in FLOORS.items():
         out = tmp / f"{mode}.onnx"
         config = QuantConfig(mode=mode)
-        job = QuantizeJob(out, PlanJob(path, config, data=tmp / "x.npy" if config.needs_calibration else None),
-                          evaluation=EvalOptions(tmp / "x.npy", None, False, 0, 1))
+        job = QuantizeJob(out=out, planning=PlanJob(model=path, config=config, data=tmp / "x.npy" if config.needs_calibration else None),
+                          evaluation=EvalOptions(data=tmp / "x.npy", latency=False, layer_samples=0, threads=1))
         try:
             run_quantize(job)
         except QconvError as exc:

@@ -332,9 +332,9 @@ def real_reports(tmp_path_factory):
     made = {}
     for name, ext in (("digits_cnn", "npy"), ("tiny_transformer", "npz")):
         d = SAMPLES / name
-        job = QuantizeJob(out / f"{name}.onnx", PlanJob(d / "model.onnx", data=d / f"calib.{ext}",
+        job = QuantizeJob(out=out / f"{name}.onnx", planning=PlanJob(model=d / "model.onnx", data=d / f"calib.{ext}",
                                                         calib_options=CalibOptions(batch_size=100)),
-                          evaluation=EvalOptions(d / f"eval.{ext}", d / "eval_labels.npy", True, 32, None),
+                          evaluation=EvalOptions(data=d / f"eval.{ext}", labels=d / "eval_labels.npy", layer_samples=32),
                           gates=Thresholds(min_sqnr=30.0) if name == "tiny_transformer" else Thresholds())
         made[name], _ = run_quantize(job)
     return made

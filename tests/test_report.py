@@ -67,7 +67,10 @@ def test_report_formats_by_extension(tmp_path):
     assert json.loads(paths[0].read_text())["schema"] == "qconv.report"
     html = paths[1].read_text()
     assert html.lstrip().lower().startswith("<!doctype html") and "<svg" in html and "http://" not in html
-    assert "|" in paths[2].read_text()
+    md = paths[2].read_text().splitlines()
+    header = next(i for i, line in enumerate(md) if line.startswith("|") and "original" in line and "quantized" in line)
+    assert md[header + 1].replace(" ", "").startswith("|---|---:|---:|---:|")
+    assert any(line.startswith("| size |") for line in md[header + 2:])
 
 
 def test_compare_a_model_made_by_onnxruntime(tmp_path):

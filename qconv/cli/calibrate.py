@@ -6,10 +6,9 @@ from pathlib import Path
 
 import click
 
-from qconv.cli.common import data_options, guarded, output_options, range_options
+from qconv.cli.common import calib_options_from, data_options, guarded, output_options, range_options
 from qconv.errors import UsageError
 from qconv.io import check_output_path
-from qconv.jobs import CalibOptions
 from qconv.jobs.calibrate import (
     CalibrateJob,
     export_paths,
@@ -70,8 +69,7 @@ def calibrate_group():
 @range_options
 @output_options
 @guarded
-def run_cmd(term, model, data, out, shard, per_tensor, equalize, export_spec, all_tensors, batch_size, samples, bins, momentum, cast_data, max_memory, executor, shards, method, percentile,
-            threads, quiet):
+def run_cmd(term, model, data, out, shard, per_tensor, equalize, export_spec, all_tensors, method, percentile, **kw):
     """Record per-tensor statistics (min/max, moving averages, histograms) of MODEL on DATA.
 
     The file stores statistics, not ranges: `qconv quantize --calib FILE --method M` picks any range
@@ -83,9 +81,9 @@ def run_cmd(term, model, data, out, shard, per_tensor, equalize, export_spec, al
       qconv calibrate model.onnx --data calib/ --shard 0/4 -o part0.json   # then: qconv calibrate merge
     """
     export = parse_export(export_spec)
-    job = CalibrateJob(model, data, out, parse_shard(shard), per_tensor, all_tensors or export is not None, method,
-                       percentile, CalibOptions(batch_size, samples, bins, momentum, threads, cast_data, max_memory, executor, shards),
-                       equalize=equalize)
+    job = CalibrateJob(model=model, data=data, out=out, shard=parse_shard(shard), per_tensor=per_tensor,
+                       all_tensors=all_tensors or export is not None, method=method, percentile=percentile,
+                       options=calib_options_from(kw), equalize=equalize)
     job.check()
     if export is not None:
         for p in export_paths(export[1]):

@@ -10,6 +10,7 @@ import click
 
 from qconv.cli.console import Terminal
 from qconv.errors import GateFailed, QconvError
+from qconv.jobs import CalibOptions, EvalOptions
 from qconv.measure.compare import DEFAULT_LAYER_SAMPLES
 from qconv.measure.thresholds import Thresholds
 from qconv.plan.config import DEFAULT_BINS, DEFAULT_MOMENTUM, FORMATS, METHODS, MODES, QuantConfig
@@ -182,6 +183,19 @@ def config_from(kwargs: dict) -> QuantConfig:
                        exclude_nodes=tuple(k["exclude_nodes"]), exclude_ops=tuple(k["exclude_ops"]), quantized_io=k["quantized_io"],
                        bias_correction={None: "auto", "off": None}.get(k["bias_correction"], k["bias_correction"]), floor_ranges=k["floor_ranges"],
                        equalize=k["equalize"])
+
+
+def calib_options_from(kwargs: dict) -> CalibOptions:
+    """Pop the ``data_options`` (and read --threads) into the options of calibration."""
+    k = {name: kwargs.pop(name) for name in ("batch_size", "samples", "bins", "momentum", "cast_data", "max_memory", "executor", "shards")}
+    return CalibOptions(threads=kwargs.get("threads"), **k)
+
+
+def eval_options_from(kwargs: dict, data) -> EvalOptions:
+    """The ``report_options`` that say what the report measures (``data``: the rows it measures on); pops them."""
+    return EvalOptions(data=data, labels=kwargs.pop("eval_labels"), latency=not kwargs.pop("no_latency"),
+                       layer_samples=kwargs.pop("layer_samples"), threads=kwargs.get("threads"), executor=kwargs.get("executor"),
+                       shards=kwargs.get("shards"))
 
 
 def scheme_given(ctx: click.Context) -> list[str]:

@@ -7,9 +7,9 @@ from pathlib import Path
 import click
 
 from qconv import io
-from qconv.cli.common import calib_sources, config_from, data_options, guarded, output_options, range_options, scheme_options
+from qconv.cli.common import calib_options_from, calib_sources, config_from, data_options, guarded, output_options, range_options, scheme_options
 from qconv.cli.quantize import render_groups
-from qconv.jobs import CalibOptions, PlanJob, run_plan
+from qconv.jobs import PlanJob, run_plan
 
 
 @click.command("plan")
@@ -22,8 +22,7 @@ from qconv.jobs import CalibOptions, PlanJob, run_plan
 @range_options
 @output_options
 @guarded
-def plan_cmd(term, model, out, calib, data, force_calib, overrides, as_json, batch_size, samples, bins, momentum, cast_data, max_memory, executor, shards, method,
-             percentile, threads, quiet, **kwargs):
+def plan_cmd(term, model, out, calib, data, force_calib, overrides, as_json, **kw):
     """Write the plan for MODEL: per node, quantized or float (and why); per tensor, type, granularity,
     range method, range, scale and zero point.
 
@@ -36,8 +35,8 @@ def plan_cmd(term, model, out, calib, data, force_calib, overrides, as_json, bat
       qconv plan model.onnx --data calib.npy --per-tensor --method percentile -o model.plan.json
       qconv plan bert.onnx --mode dynamic -o bert.plan.json
     """
-    job = PlanJob(model, config_from(kwargs), method, percentile, calib, data, force_calib, overrides,
-                  CalibOptions(batch_size, samples, bins, momentum, threads, cast_data, max_memory, executor, shards))
+    job = PlanJob(model=model, config=config_from(kw), method=kw.pop("method"), percentile=kw.pop("percentile"), calib=calib, data=data,
+                  force_calib=force_calib, overrides=overrides, calib_options=calib_options_from(kw))
     job.check()
     io.check_output_path(out, model, calib, data, overrides)
     with term.progress() as progress:

@@ -7,6 +7,8 @@ from pathlib import Path
 import click
 
 from qconv.cli.common import (
+    calib_options_from,
+    eval_options_from,
     calib_sources,
     config_from,
     data_options,
@@ -22,7 +24,7 @@ from qconv.cli.common import (
 )
 from qconv.cli.console import table
 from qconv.errors import UsageError
-from qconv.jobs import CalibOptions, EvalOptions, PlanJob, QuantizeJob, run_quantize
+from qconv.jobs import PlanJob, QuantizeJob, run_quantize
 from qconv.tune.budget import DEFAULT_ROWS, Budget, TuneOptions
 
 
@@ -51,9 +53,7 @@ from qconv.tune.budget import DEFAULT_ROWS, Budget, TuneOptions
 @range_options
 @output_options
 @guarded
-def quantize_cmd(term, model, out, plan_file, calib, data, force_calib, overrides, eval_data, eval_labels, speed_fallback, tune, budget,
-                 tune_rows, write_plan, layer_samples,
-                 reports, as_json, no_latency, batch_size, samples, bins, momentum, cast_data, max_memory, executor, shards, method, percentile, threads, quiet, **kwargs):
+def quantize_cmd(term, model, out, plan_file, tune, budget, tune_rows, **kw):
     """Quantize MODEL and write it to OUTPUT, with a report of what it cost.
 
     Without evaluation data (--calib alone) the model and a report of size, coverage and plan are written;
@@ -71,6 +71,7 @@ def quantize_cmd(term, model, out, plan_file, calib, data, force_calib, override
       qconv quantize bert.onnx -o bert.dyn.onnx --mode dynamic --eval-data val.npz
       qconv quantize llm.onnx -o llm.int4.onnx --mode int4 --block-size 32 --data calib.npz
     """
+    method, percentile = kw.pop("method"), kw.pop("percentile")
     if plan_file is not None:
         given = scheme_given(click.get_current_context())
         if given or method is not None or percentile is not None:
@@ -81,17 +82,16 @@ def quantize_cmd(term, model, out, plan_file, calib, data, force_calib, override
 
     if not tune and any(ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE for k in ("budget", "tune_rows")):
         raise UsageError("--budget and --tune-rows set how --tune searches: add --tune")
-    config = config_from(kwargs)
-    plan = PlanJob(model, config, method, percentile, calib, data, force_calib, overrides,
-                   CalibOptions(batch_size, samples, bins, momentum, threads, cast_data, max_memory, executor, shards))
-    job = QuantizeJob(out, plan, plan_file, EvalOptions(eval_data, eval_labels, not no_latency, layer_samples, threads,
-                                                        executor=executor, shards=shards),
-                      gates_from(kwargs), tuple(reports), speed_fallback,
-                      TuneOptions(Budget.parse(budget), tune_rows) if tune else None, write_plan)
+    evaluation = eval_options_from(kw, kw.pop("eval_data"))
+    plan = PlanJob(model=model, config=config_from(kw), method=method, percentile=percentile, calib=kw.pop("calib"), data=kw.pop("data"),
+                   force_calib=kw.pop("force_calib"), overrides=kw.pop("overrides"), calib_options=calib_options_from(kw))
+    job = QuantizeJob(out=out, planning=plan, plan_file=plan_file, evaluation=evaluation, gates=gates_from(kw), reports=tuple(kw.pop("reports")),
+                      speed_fallback=kw.pop("speed_fallback"), tune=TuneOptions(budget=Budget.parse(budget), rows=tune_rows) if tune else None,
+                      write_plan=kw.pop("write_plan"))
     job.check()
     with term.progress() as progress:
         report, _ = run_quantize(job, progress)
-    finish(term, report, as_json, render)
+    finish(term, report, kw["as_json"], render)
 
 
 def _fmt(x, spec=".4f"):

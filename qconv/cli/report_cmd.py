@@ -6,9 +6,9 @@ from pathlib import Path
 
 import click
 
-from qconv.cli.common import finish, gate_options, gates_from, guarded, output_options, report_options
+from qconv.cli.common import eval_options_from, finish, gate_options, gates_from, guarded, output_options, report_options
 from qconv.cli.quantize import render
-from qconv.jobs import CompareJob, EvalOptions, run_compare
+from qconv.jobs import CompareJob, run_compare
 
 
 @click.command("report")
@@ -25,8 +25,7 @@ from qconv.jobs import CompareJob, EvalOptions, run_compare
 @gate_options
 @output_options
 @guarded
-def report_cmd(term, original, quantized, data, eval_labels, batch_size, cast_data, shards, executor, layer_samples, reports, as_json, no_latency, threads, quiet,
-               **gate_kwargs):
+def report_cmd(term, original, quantized, data, batch_size, cast_data, reports, as_json, **kw):
     """Compare ORIGINAL and QUANTIZED on DATA: output fidelity, accuracy, latency and per-layer SQNR.
 
     Works on models from any tool that keeps tensor names (onnxruntime's quantizer does).
@@ -36,9 +35,8 @@ def report_cmd(term, original, quantized, data, eval_labels, batch_size, cast_da
       qconv report model.onnx model.int8.onnx --data val.npy --eval-labels val_labels.npy --report r.html
       qconv report model.onnx ort.int8.onnx --data val.npz --min-cosine 0.99 --report r.md   # exit 3 if it fails
     """
-    job = CompareJob(original, quantized, data, EvalOptions(data, eval_labels, not no_latency, layer_samples, threads,
-                                                            executor=executor, shards=shards), batch_size,
-                     gates_from(gate_kwargs), tuple(reports), cast_data)
+    job = CompareJob(original=original, quantized=quantized, data=data, evaluation=eval_options_from(kw, data), batch_size=batch_size,
+                     gates=gates_from(kw), reports=tuple(reports), cast_data=cast_data)
     job.check()
     with term.progress() as progress:
         report = run_compare(job, progress)

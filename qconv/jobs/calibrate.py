@@ -16,7 +16,7 @@ from qconv.plan.planner import calibration_targets
 from qconv.rewrite.quantized_io import io_params_of
 
 
-@dataclass
+@dataclass(kw_only=True)
 class CalibrateJob:
     """``qconv calibrate``: statistics of the tensors the default plan needs (or all, ``all_tensors``)."""
 

@@ -16,7 +16,7 @@ from qconv.report.write import check_report_paths
 from qconv.rewrite.quantized_io import io_params_of
 
 
-@dataclass
+@dataclass(kw_only=True)
 class CompareJob:
     original: Path
     quantized: Path

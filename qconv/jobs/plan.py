@@ -19,7 +19,7 @@ from qconv.plan.overrides import Overrides
 from qconv.plan.planner import calibration_targets
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CalibOptions:
     """How feeds are read and what calibration records."""
 
@@ -42,7 +42,7 @@ class CalibOptions:
                              "give the rows to calibrate on as the data")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class PlanJob:
     """Inputs of a plan: the model, where statistics come from, the scheme, and overrides."""
 

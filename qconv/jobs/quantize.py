@@ -5,6 +5,7 @@ Nothing is written on error."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,10 +28,10 @@ from qconv.tune.speed import speed_fallback
 from qconv.tune.tuner import TuneJob, tune
 
 
-@dataclass
+@dataclass(kw_only=True)
 class QuantizeJob:
     out: Path
-    plan: PlanJob
+    planning: PlanJob  # how the plan is made (when no --plan file is given)
     plan_file: Path | None = None
     evaluation: EvalOptions = field(default_factory=EvalOptions)
     gates: Thresholds = field(default_factory=Thresholds)
@@ -38,25 +39,31 @@ class QuantizeJob:
     speed_fallback: bool = False  # keep float the nodes the profile shows slower in int8, if the model then measures faster
     tune: TuneOptions | None = None  # search the overrides for a model that meets the targets (see qconv.tune)
     write_plan: Path | None = None  # also write the plan the model was made from (with tuning's overrides)
-    converting: bool = field(default=False, init=False)  # set by check(): a QDQ input to fold into QOperator form
-
     @property
     def model(self) -> Path:
-        return self.plan.model
+        return self.planning.model
+
+    @functools.cached_property
+    def _input_ops(self) -> dict:
+        """Op counts of the input when the options ask for a QOperator form with nothing to plan from (else {})."""
+        wants_fold = (self.plan_file is None and self.planning.calib is None and self.planning.data is None
+                      and self.planning.config.mode == "int8" and self.planning.config.format == "qoperator")
+        return io.op_counts(self.model) if wants_fold else {}
+
+    @property
+    def converting(self) -> bool:
+        """A QDQ model given with --format qoperator alone: its pairs are folded into QLinear ops, nothing planned."""
+        return pipeline.is_qdq(self._input_ops)
 
     def check(self) -> None:
-        """Validate the options together, before any work."""
+        """Validate the options together, before any work (reads nothing but the input's op counts; writes nothing)."""
         e = self.evaluation
-        wants_fold = (self.plan_file is None and self.plan.calib is None and self.plan.data is None
-                      and self.plan.config.mode == "int8" and self.plan.config.format == "qoperator")
-        ops = io.op_counts(self.model) if wants_fold else {}
-        self.converting = wants_fold and pipeline.is_qdq(ops)
-        if wants_fold and not self.converting and pipeline.quantized_ops_of(ops):
-            found = ", ".join(f"{c} {op}" for op, c in pipeline.quantized_ops_of(ops).items())
+        if not self.converting and pipeline.quantized_ops_of(self._input_ops):
+            found = ", ".join(f"{c} {op}" for op, c in pipeline.quantized_ops_of(self._input_ops).items())
             raise QconvError(f"{self.model} has no QuantizeLinear/DequantizeLinear pairs to convert ({found}): "
                              "it is in QOperator (or integer) form already")
-        self.plan.check(self.plan_file is not None or self.converting)
-        if self.plan_file is not None and (self.plan.overrides is not None):
+        self.planning.check(self.plan_file is not None or self.converting)
+        if self.plan_file is not None and (self.planning.overrides is not None):
             raise UsageError("--plan already holds its overrides: edit them in the plan file and drop --overrides")
         if e.labels is not None and e.data is None:
             raise UsageError("--eval-labels needs --eval-data (labels must match the evaluated rows)")
@@ -67,33 +74,33 @@ class QuantizeJob:
             self._check_tune()
         self.gates.check_options(e.labels is not None, e.latency and has_eval, has_eval)
         check_report_paths(self.reports, self.model)
-        io.check_output_path(self.out, self.model, self.plan.calib, self.plan.data, e.data, self.plan_file)
+        io.check_output_path(self.out, self.model, self.planning.calib, self.planning.data, e.data, self.plan_file)
         if self.write_plan is not None:
-            io.check_output_path(self.write_plan, self.model, self.plan.calib, self.plan.data, e.data, self.plan_file, self.out)
+            io.check_output_path(self.write_plan, self.model, self.planning.calib, self.planning.data, e.data, self.plan_file, self.out)
 
     def _check_tune(self) -> None:
-        mode = self.plan.config.mode
+        mode = self.planning.config.mode
         if self.plan_file is not None:
             raise UsageError("--tune searches the plan: drop --plan (or apply the tuned plan later with --plan)")
-        if not self.plan.config.needs_calibration:
+        if not self.planning.config.needs_calibration:
             raise UsageError(f"--tune searches ranges, int16 islands and float fallbacks of the static modes: --mode {mode} has none "
                              "(use --mode int8 or a16w8, or --exclude-nodes for this mode)")
         if self.speed_fallback:
             raise UsageError("--tune already weighs speed (it keeps float the nodes slower in int8 when that measures faster): drop --speed-fallback")
         if self.evaluation.data is None:
-            if self.plan.data is None:
+            if self.planning.data is None:
                 raise UsageError("--tune measures candidates: give --eval-data (with --calib), or --data to hold part of it out")
-            if distributed.parse_executor(self.plan.calib_options.executor).distributed or self.plan.calib_options.shards:
+            if distributed.parse_executor(self.planning.calib_options.executor).distributed or self.planning.calib_options.shards:
                 raise UsageError("--tune without --eval-data holds out part of --data, which --executor/--shards cannot: give --eval-data")
 
     @property
     def eval_path(self) -> Path | None:
-        return self.evaluation.data or self.plan.data
+        return self.evaluation.data or self.planning.data
 
 
 def _make_plan(job: QuantizeJob, prepared: pipeline.Prepared, stored: QuantPlan | None, progress):
     """(plan, calibration or None): planned now, or the stored plan (planned again if its overrides were edited)."""
-    pj = job.plan
+    pj = job.planning
     if stored is None:
         overrides = load_overrides(pj.overrides)
         calib = statistics(pj, prepared, overrides, progress)
@@ -111,20 +118,20 @@ def run_quantize(job: QuantizeJob, progress=pipeline.no_progress) -> tuple[dict,
     job.check()
     labels = load_labels(job.evaluation.labels)
     stored = read_plan(job.plan_file) if job.plan_file is not None else None
-    prepared = pipeline.load(job.model, stored.config if stored is not None else job.plan.config)
+    prepared = pipeline.load(job.model, stored.config if stored is not None else job.planning.config)
     if job.converting:
         return _run_conversion(job, prepared, labels, progress)
     pipeline.check_float(prepared)
     if job.tune is not None:
         return _run_tuned(job, prepared, labels, progress)
     eval_path = job.eval_path
-    o = job.plan.calib_options
+    o = job.planning.calib_options
     eval_source = pipeline.feeds_for(prepared, eval_path, o.batch_size, cast=o.cast_data) if eval_path else None
     plan, calib = _make_plan(job, prepared, stored, progress)
     calib_feeds = None
-    if plan.config.mode == "int4" and job.plan.data is not None:
-        calib_feeds = pipeline.feeds_for(prepared, job.plan.data, o.batch_size, o.samples, cast=o.cast_data)
-    first = eval_source or (pipeline.feeds_for(prepared, job.plan.data, o.batch_size, cast=o.cast_data) if job.plan.data else None)
+    if plan.config.mode == "int4" and job.planning.data is not None:
+        calib_feeds = pipeline.feeds_for(prepared, job.planning.data, o.batch_size, o.samples, cast=o.cast_data)
+    first = eval_source or (pipeline.feeds_for(prepared, job.planning.data, o.batch_size, cast=o.cast_data) if job.planning.data else None)
     feed = pipeline.check_feed(prepared, next(iter(first), None) if first is not None else None)
     result = pipeline.apply(prepared, plan, calib_feeds, feed)
     evaluation, notes, fallback = None, [], None
@@ -162,7 +169,7 @@ HOLDOUT = (4, 5)  # without --eval-data, tuning measures on every fifth feed of 
 
 def _run_tuned(job: QuantizeJob, prepared: pipeline.Prepared, labels, progress) -> tuple[dict, pipeline.Result]:
     """Calibrate, search the overrides (qconv.tune), then write and report the best model found."""
-    pj = dataclasses.replace(job.plan, tuning=True)
+    pj = dataclasses.replace(job.planning, tuning=True)
     o = pj.calib_options
     if job.evaluation.data is None:
         # Every fifth feed is held out; with fewer than 10 feeds, every fifth row (feeds of one row each).
@@ -199,8 +206,8 @@ def _run_tuned(job: QuantizeJob, prepared: pipeline.Prepared, labels, progress) 
 
 def _run_conversion(job: QuantizeJob, prepared: pipeline.Prepared, labels, progress) -> tuple[dict, pipeline.Result]:
     """``quantize --format qoperator`` on a QDQ model: fold, check the outputs against the QDQ model, report."""
-    result = pipeline.convert_qdq(prepared, job.plan.config)
-    o = job.plan.calib_options
+    result = pipeline.convert_qdq(prepared, job.planning.config)
+    o = job.planning.calib_options
     source = pipeline.feeds_for(prepared, job.evaluation.data, o.batch_size, cast=o.cast_data) if job.evaluation.data else None
     feed = pipeline.check_feed(prepared, next(iter(source), None) if source is not None else None)
     if feed is not None:

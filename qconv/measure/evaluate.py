@@ -28,7 +28,7 @@ DAMAGE_COSINE = 0.9  # below this output cosine (or top-1 agreement) the model i
 ALTERNATIVE_ROWS = 16  # rows on which other range methods are measured when a model is damaged
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EvalOptions:
     """What the report measures."""
 

@@ -72,7 +72,7 @@ class Clock:
 DEFAULT_ROWS = 64
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TuneOptions:
     budget: Budget = Budget()
     rows: int = DEFAULT_ROWS  # held rows every trial is measured on (fewer if one float pass would take long)
