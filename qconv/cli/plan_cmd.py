@@ -7,7 +7,16 @@ from pathlib import Path
 import click
 
 from qconv import io
-from qconv.cli.common import calib_options_from, calib_sources, config_from, data_options, guarded, output_options, range_options, scheme_options
+from qconv.cli.common import (
+    calib_options_from,
+    calib_sources,
+    config_from,
+    data_options,
+    guarded,
+    output_options,
+    range_options,
+    scheme_options,
+)
 from qconv.cli.quantize import render_groups
 from qconv.jobs import PlanJob, run_plan
 

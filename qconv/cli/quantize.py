@@ -8,10 +8,10 @@ import click
 
 from qconv.cli.common import (
     calib_options_from,
-    eval_options_from,
     calib_sources,
     config_from,
     data_options,
+    eval_options_from,
     finish,
     gate_options,
     gates_from,

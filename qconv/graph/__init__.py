@@ -198,3 +198,12 @@ def until_fixed(model: onnx.ModelProto, step: Callable[[onnx.ModelProto, Graph, 
                 break
     return count
 
+
+def drop_unused_initializers(model: onnx.ModelProto, names=None) -> None:
+    """Remove initializers no node, graph output or subgraph reads (only among ``names`` when given)."""
+    g = Graph(model)
+    used = set(g.consumers) | g.graph_outputs | g.pinned
+    candidates = set(names) if names is not None else set(g.initializers)
+    for t in list(model.graph.initializer):
+        if t.name in candidates and t.name not in used:
+            model.graph.initializer.remove(t)

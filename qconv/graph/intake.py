@@ -14,7 +14,7 @@ from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from qconv.errors import QconvError
-from qconv.graph import Graph, ai_onnx_opset, attr, name_nodes, topo_sort, until_fixed, weights_held
+from qconv.graph import Graph, ai_onnx_opset, attr, drop_unused_initializers, name_nodes, topo_sort, until_fixed, weights_held
 
 _NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
 # IR version that first allows each ai.onnx opset (onnx.helper.VERSION_TABLE), enough for our targets.
@@ -406,15 +406,6 @@ def _set_conv_weights(model, g: Graph, conv, w: np.ndarray, b: np.ndarray) -> No
     else:
         conv.input.append(bname)
     drop_unused_initializers(model, old)
-
-
-def drop_unused_initializers(model: onnx.ModelProto, names=None) -> None:
-    g = Graph(model)
-    used = set(g.consumers) | g.graph_outputs | g.pinned
-    candidates = set(names) if names is not None else set(g.initializers)
-    for t in list(model.graph.initializer):
-        if t.name in candidates and t.name not in used:
-            model.graph.initializer.remove(t)
 
 
 def infer_types(model: onnx.ModelProto) -> None:

@@ -16,8 +16,7 @@ import onnx
 from onnx import helper
 
 from qconv.errors import QconvError
-from qconv.graph import Graph, integer_only, topo_sort
-from qconv.graph.intake import drop_unused_initializers
+from qconv.graph import Graph, drop_unused_initializers, integer_only, topo_sort
 from qconv.numeric import qmath
 from qconv.plan import NodeDecision, QuantPlan, TensorPlan
 from qconv.plan.config import QuantConfig

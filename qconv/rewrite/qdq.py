@@ -6,8 +6,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from qconv.graph import Graph, ai_onnx_opset, ensure_opset, topo_sort
-from qconv.graph.intake import drop_unused_initializers
+from qconv.graph import Graph, ai_onnx_opset, drop_unused_initializers, ensure_opset, topo_sort
 from qconv.numeric import qmath
 from qconv.plan import QuantPlan, TensorPlan
 from qconv.rewrite.rules import recurrent

@@ -11,8 +11,7 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-from qconv.graph import Graph, ensure_opset, topo_sort
-from qconv.graph.intake import drop_unused_initializers
+from qconv.graph import Graph, drop_unused_initializers, ensure_opset, topo_sort
 from qconv.rewrite import rules
 from qconv.rewrite.rules import MS
 

@@ -56,8 +56,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from qconv.errors import QconvError, UsageError
-from qconv.graph import Graph, attr, expose
-from qconv.graph.intake import drop_unused_initializers
+from qconv.graph import Graph, attr, drop_unused_initializers, expose
 from qconv.numeric import gptq, qmath
 from qconv.plan.names import first_match
 from qconv.runtime import run, session

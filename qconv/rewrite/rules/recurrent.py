@@ -87,8 +87,7 @@ def plan_lstm(node: onnx.NodeProto, g: Graph, qt: qmath.QType, per_channel: bool
 
 def apply_lstm(model: onnx.ModelProto, plan) -> onnx.ModelProto:
     """Every LSTM with weight plans of role ``lstm-weight`` becomes DynamicQuantizeLSTM (a copy of the model)."""
-    from qconv.graph import ensure_opset, topo_sort
-    from qconv.graph.intake import drop_unused_initializers
+    from qconv.graph import drop_unused_initializers, ensure_opset, topo_sort
 
     by_node: dict[str, dict[str, qmath.QParams]] = {}
     for t in plan.tensors.values():
