@@ -22,8 +22,8 @@ from qconv.plan.overrides import NodeOverride, Overrides, TensorOverride
 from qconv.tune.budget import Budget, BudgetSpent, Clock
 from qconv.tune.remedies import Context, concat, floating, island, proposals, ranges, smooth
 from qconv.tune.search import Search
-from qconv.tune.sensitivity import Site, gain, rank
-from qconv.tune.trial import Candidate, Ranked, TrialCache
+from qconv.tune.sensitivity import Site, gain, groups, rank
+from qconv.tune.trial import Candidate, Group, Ranked, TrialCache
 from tests.conftest import make_model
 
 METHOD_ERROR = {"minmax": 1.0, "percentile": 0.9, "mse": 0.7, "entropy": 1.3}
@@ -33,8 +33,8 @@ class FakeBench:
     """Cosine = 1 - sum of the quantized nodes' errors x the range method's factor; int16 removes 90% of a node's
     error, float all of it, a tensor override on its input 50%. Node "bad" cannot be built as int16."""
 
-    def __init__(self, errors: dict[str, float], costs: dict[str, float] | None = None):
-        self.errors, self.cost_map = errors, costs or {}
+    def __init__(self, errors: dict[str, float], costs: dict[str, float] | None = None, group_list=(), clips: str | None = None):
+        self.errors, self.cost_map, self.group_list, self.clips = errors, costs or {}, list(group_list), clips
         self.measured: list[tuple[str, str]] = []
 
     def key(self, method, overrides):
@@ -58,7 +58,12 @@ class FakeBench:
     def measure(self, method, overrides):
         self.measured.append((method, overrides.digest()))
         cos = 1.0 - sum(self._error(method, overrides, n) for n in self.errors)
-        return Metrics(cos, -10.0 * math.log10(max(1.0 - cos, 1e-12)))
+        # ``clips``: that range method raises the cosine by clipping small scores, and loses decisions.
+        passing = 0.8 if method == self.clips else 0.9
+        return Metrics(cos, -10.0 * math.log10(max(1.0 - cos, 1e-12)), agreement=0.95, passing=passing)
+
+    def groups(self, method, overrides):
+        return [g for g in self.group_list if not set(g.nodes) & set(overrides.nodes)]
 
     def rank(self, method, overrides):
         rows = [Ranked(n, "Conv", round(100.0 * self._error(method, Overrides(), n), 3), 30.0, 1.0 / len(self.errors))
@@ -160,12 +165,49 @@ def test_with_a_latency_target_cheap_nodes_are_remedied_before_costly_ones():
     assert {r.node: r.cost for r in s.sensitivity} == {"big": 0.5, "small": 0.01}
 
 
+def test_a_range_method_that_loses_decisions_is_refused_however_high_its_cosine():
+    # entropy clips: on the fake it would not; make the clipping method the best-cosine one (mse) instead.
+    s = search(FakeBench({"a": 0.002}, clips="mse"), target=0.5)
+    method, _, best = s.run("minmax", Overrides())
+    assert method == "percentile"
+    mse = next(t for t in s.trials if t.change.startswith("--method mse"))
+    assert mse.metrics.worst_cosine > best.metrics.worst_cosine and not mse.accepted
+    assert mse.note.startswith("refused: scores passing 0.25 (Jaccard) 0.8 < 0.9")
+
+
+def test_a_group_is_moved_before_single_nodes_and_int16_before_float():
+    errors = {f"mul{i}": 0.0004 for i in range(6)} | {"conv": 0.0001}
+    muls = Group("all 6 Mul nodes", tuple(f"mul{i}" for i in range(6)), 60.0)
+    s = search(FakeBench(errors, group_list=[muls]), target=0.9995)
+    _, overrides, best = s.run("minmax", Overrides())
+    assert [t.step for t in s.trials][4] == "group" and s.trials[4].change.startswith("all 6 Mul nodes int16")
+    assert s.trials[4].accepted and s.met(best)
+    assert {n: o.precision for n, o in overrides.nodes.items()} == {f"mul{i}": "int16" for i in range(6)}
+    assert s.changes[-1].what == "all 6 Mul nodes" and s.changes[-1].change.startswith("int16")
+
+
+def test_groups_by_op_type_skip_the_big_layers_and_rank_by_capped_error():
+    ranked = [Ranked("c0", "Conv", 90.0, 40.0, 0.5), Ranked("c1", "Conv", 3.0, 20.0, 0.4), Ranked("m0", "Mul", 2.0, 20.0, 0.0),
+              Ranked("m1", "Mul", 1.5, 20.0, 0.0), Ranked("s0", "Sigmoid", 9.0, 20.0, 0.0), Ranked("h", "Concat", 50.0, 9.0, 0.0)]
+    got = groups(ranked, {"head": ("h", "s0")}, {"Conv"})
+    assert [(g.label, g.nodes, g.estimate) for g in got] == [("head", ("h", "s0"), 39.0), ("all 2 Mul nodes", ("m0", "m1"), 3.5)]
+
+
 def test_a_trial_past_the_budget_raises_unless_forced():
     s = search(FakeBench({"a": 0.01}), trials=1)
     s.trial("baseline", "x", "minmax", Overrides())
     with pytest.raises(BudgetSpent):
         s.trial("ranges", "y", "mse", Overrides())
     assert s.trial("speed", "z", "mse", Overrides(), force=True).n == 2
+
+
+def test_a_time_budget_keeps_its_reserve():
+    clock = Clock(Budget(10.0, None), reserve=4.0)
+    clock.start -= 7.0
+    assert not clock.left(0) and not clock.over()
+    clock.start -= 4.0
+    assert clock.over()
+    assert Clock(Budget(None, 3)).left(2) and not Clock(Budget(None, 3)).over()
 
 
 def test_rank_orders_by_added_error_and_counts_the_models_input_as_exact():

@@ -152,7 +152,7 @@ def scheme_options(fn):
         click.option("--bias-correction", type=click.Choice(["full", "fast", "off"]), is_flag=False, flag_value="full", default=None,
                      help="int8: shift each layer's bias by the mean error int8 causes at its output, measured on the calibration rows "
                           "(same graph, same speed). full: layer by layer in the int8 model (errors carried from earlier layers too); "
-                          "fast: each layer alone, one pass; off.  [default: full with --data, none with --calib or --tune]"),
+                          "fast: each layer alone, one pass; off.  [default: full with --data (with --tune: on the plan it chose), none with --calib]"),
         click.option("--equalize", is_flag=True,
                      help="int8: cross-layer equalization, Conv pairs joined by identity/Relu rescaled to equal channel ranges "
                           "(helps --per-tensor most); a calibration file must be made with it too."),

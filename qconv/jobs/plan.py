@@ -56,7 +56,6 @@ class PlanJob:
     overrides: Path | None = None  # a JSON file with an "overrides" object (or a plan whose overrides to reuse)
     calib_options: CalibOptions = field(default_factory=CalibOptions)
     holdout: tuple[int, int] | None = None  # (K, N): calibrate on --data without its feeds K mod N (tuning measures on them)
-    tuning: bool = False  # the plan is tuning's: bias correction only when asked for
 
     def check(self, plan_file: bool = False) -> None:
         """With a plan file the mode is the plan's: --calib then only serves method overrides, --data evaluation."""
@@ -83,11 +82,11 @@ class PlanJob:
 
     def bias_correction(self) -> str | None:
         """The bias correction this plan gets: as asked, or by default full when the run has calibration rows (not with
-        --calib, which has none, nor with tuning, which measures its candidates without it)."""
+        --calib, which has none). Tuning measures its candidates without it and corrects the plan it chose."""
         asked = self.config.bias_correction
         if asked != "auto":
             return asked
-        return "full" if self.data is not None and self.config.needs_calibration and not self.tuning else None
+        return "full" if self.data is not None and self.config.needs_calibration else None
 
 
 def load_overrides(path: Path | None) -> Overrides:

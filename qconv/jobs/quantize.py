@@ -169,7 +169,7 @@ HOLDOUT = (4, 5)  # without --eval-data, tuning measures on every fifth feed of 
 
 def _run_tuned(job: QuantizeJob, prepared: pipeline.Prepared, labels, progress) -> tuple[dict, pipeline.Result]:
     """Calibrate, search the overrides (qconv.tune), then write and report the best model found."""
-    pj = dataclasses.replace(job.planning, tuning=True)
+    pj = job.planning
     o = pj.calib_options
     if job.evaluation.data is None:
         # Every fifth feed is held out; with fewer than 10 feeds, every fifth row (feeds of one row each).

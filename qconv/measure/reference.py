@@ -31,6 +31,7 @@ class Reference:
     full: bool = False
     labels: np.ndarray | None = None  # one class id per kept row
     float_seconds: float = 0.0  # the float model's time over the kept feeds (tuning sizes its trials by it)
+    slices: dict = field(default_factory=dict)  # parts of concatenated outputs, scored on their own (measure.slices)
 
     def keep(self, feed: dict, outputs: list, rows: int, limit_rows: int) -> None:
         """Keep this feed and its float outputs, while under ``limit_rows`` rows and ``REFERENCE_BYTES``."""
@@ -48,7 +49,7 @@ class Reference:
 
     def compare(self, sess) -> Tally:
         """Another model's outputs on the kept rows against the float ones (with the labels, if kept)."""
-        tally = Tally(self.names)
+        tally = Tally(self.names, slices=self.slices)
         for feed, ref in zip(self.feeds, self.outputs):
             tally.add(ref, runtime.run(sess, feed, self.names), self.labels)
         return tally

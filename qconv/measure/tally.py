@@ -18,21 +18,31 @@ from qconv.measure.stats import ErrorStats, top1
 
 @dataclass(frozen=True)
 class Metrics:
-    """The worst output's cosine and SQNR, top-1 agreement of the first output, and the top-1 drop (with labels)."""
+    """The worst output's cosine and SQNR, top-1 agreement of the first output, the top-1 drop (with labels); the worst
+    cosine of any part of a concatenated output, and the worst agreement of which scores pass ``PASS_SCORE``."""
 
     cosine: float
     sqnr_db: float
     agreement: float | None = None
     top1_drop: float | None = None
+    slice_cosine: float | None = None  # worst part of an output a Concat made (box coordinates vs class scores)
+    passing: float | None = None  # worst Jaccard index of the entries over PASS_SCORE, float vs quantized (scores in [0, 1])
+
+    @property
+    def worst_cosine(self) -> float:
+        """The cosine a search ranks by: the worst of every output and every part of one."""
+        return self.cosine if self.slice_cosine is None else min(self.cosine, self.slice_cosine)
 
     def to_dict(self) -> dict:
         """JSON-safe (infinite SQNR as "inf")."""
-        return {"cosine": self.cosine, "sqnr_db": json_number(self.sqnr_db), "agreement": self.agreement, "top1_drop": self.top1_drop}
+        return {"cosine": self.cosine, "sqnr_db": json_number(self.sqnr_db), "agreement": self.agreement, "top1_drop": self.top1_drop,
+                "slice_cosine": self.slice_cosine, "passing": self.passing}
 
     @classmethod
     def from_dict(cls, d: dict) -> Metrics:
         s = d["sqnr_db"]
-        return cls(d["cosine"], float(s) if s in ("inf", "-inf") else s, d.get("agreement"), d.get("top1_drop"))
+        return cls(d["cosine"], float(s) if s in ("inf", "-inf") else s, d.get("agreement"), d.get("top1_drop"), d.get("slice_cosine"),
+                   d.get("passing"))
 
 
 def json_number(x):
@@ -40,6 +50,9 @@ def json_number(x):
     if isinstance(x, float) and math.isinf(x):
         return "inf" if x > 0 else "-inf"
     return x
+
+
+PASS_SCORE = 0.25  # a detector's usual confidence threshold: entries above it are the decisions
 
 
 def agreement_axis(ref) -> bool:
@@ -58,6 +71,9 @@ class Tally:
     labelled: int = 0
     batches: int = 0
     rows: int = 0
+    slices: dict = field(default_factory=dict)  # {output: (axis, [(start, stop), ...])}: parts scored on their own
+    slice_stats: dict[str, ErrorStats] = field(default_factory=dict)
+    decisions: dict[str, list] = field(default_factory=dict)  # {output or part: [both pass, either passes, in [0, 1] so far]}
 
     def __post_init__(self) -> None:
         if not self.stats:
@@ -69,6 +85,7 @@ class Tally:
         for n, r, q in zip(self.names, ref, got):
             if isinstance(r, np.ndarray) and r.dtype.kind == "f":  # sequences and maps are not compared element-wise
                 self.stats[n].update(r, q)
+                self._parts(n, r, np.asarray(q))
         if ref and agreement_axis(ref[0]):
             pf, pq = top1(ref[0]), top1(got[0])
             self.agree += int((pf == pq).sum())
@@ -85,6 +102,26 @@ class Tally:
             self.labelled += int(pf.size)
         self.batches += 1
         self.rows += rows
+
+    def _parts(self, name: str, r: np.ndarray, q: np.ndarray) -> None:
+        """The parts of a concatenated output, and which scores pass the threshold, for the search's objective."""
+        parts = [(name, r, q)]
+        if name in self.slices and r.shape == q.shape:
+            axis, bounds = self.slices[name]
+            if axis < r.ndim and bounds[-1][1] == r.shape[axis]:
+                for a, b in bounds:
+                    key = f"{name}[{a}:{b}]"
+                    rs, qs = np.take(r, range(a, b), axis=axis), np.take(q, range(a, b), axis=axis)
+                    self.slice_stats.setdefault(key, ErrorStats()).update(rs, qs)
+                    parts.append((key, rs, qs))
+        for key, rs, qs in parts:
+            d = self.decisions.setdefault(key, [0, 0, True])
+            if d[2] and rs.size and (float(rs.min()) < 0.0 or float(rs.max()) > 1.0):
+                d[2] = False  # not scores: no decisions to agree on
+            if d[2]:
+                pf, pq = rs > PASS_SCORE, qs > PASS_SCORE
+                d[0] += int(np.count_nonzero(pf & pq))
+                d[1] += int(np.count_nonzero(pf | pq))
 
     def merge(self, other: Tally) -> None:
         """Add another shard's tally (labels are scored by the driver, in feed order: see ``score_labels``)."""
@@ -125,5 +162,7 @@ class Tally:
         drop = None
         if labelled and self.labelled:
             drop = 100.0 * (self.correct_float - self.correct_quant) / self.labelled
+        parts = [s.cosine for s in self.slice_stats.values() if s.count]
+        passing = [d[0] / d[1] for d in self.decisions.values() if d[2] and d[1]]
         return Metrics(float(min((s.cosine for s in used), default=1.0)), float(min((s.sqnr_db for s in used), default=math.inf)),
-                       self.agreement, drop)
+                       self.agreement, drop, float(min(parts)) if parts else None, float(min(passing)) if passing else None)

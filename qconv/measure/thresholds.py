@@ -63,6 +63,7 @@ class Thresholds:
         return out
 
     def key(self, m: Metrics) -> tuple:
-        """Smaller is better: unmet limits, their total shortfall, then the worst output's error, then agreement."""
+        """Smaller is better: unmet limits, their total shortfall, then the error of the worst output or part of one,
+        then agreement."""
         miss = self.misses(m)
-        return (len(miss), round(sum(s for _, s in miss), 9), round(1.0 - m.cosine, 12), -round(m.agreement or 0.0, 9))
+        return (len(miss), round(sum(s for _, s in miss), 9), round(1.0 - m.worst_cosine, 12), -round(m.agreement or 0.0, 9))

@@ -47,8 +47,9 @@ class Budget:
 class Clock:
     """The budget against the trials made and the time since the search started."""
 
-    def __init__(self, budget: Budget):
+    def __init__(self, budget: Budget, reserve: float = 0.0):
         self.budget = budget
+        self.reserve = reserve  # seconds kept for what follows the search (a time budget is a hard limit)
         self.start = time.perf_counter()
 
     def seconds(self) -> float:
@@ -57,7 +58,11 @@ class Clock:
     def left(self, trials: int) -> bool:
         if self.budget.trials is not None:
             return trials < self.budget.trials
-        return self.seconds() < self.budget.seconds
+        return self.seconds() < self.budget.seconds - self.reserve
+
+    def over(self) -> bool:
+        """A time budget is spent (a trial budget never stops what follows the search)."""
+        return self.budget.trials is None and self.seconds() >= self.budget.seconds
 
     def affordable(self, trials: list, wanted: int) -> int:
         """How many of ``wanted`` trials to spend on one sensitivity round (at least 1): a third of the trials left,
@@ -66,7 +71,7 @@ class Clock:
         if b.trials is not None:
             return max(1, min(wanted, (b.trials - len(trials)) // 3))
         per = max(0.05, np.median([t.seconds for t in trials if not t.cached] or [1.0]))
-        return max(1, min(wanted, int(0.35 * (b.seconds - self.seconds()) / per)))
+        return max(1, min(wanted, int(0.35 * (b.seconds - self.reserve - self.seconds()) / per)))
 
 
 DEFAULT_ROWS = 64

@@ -21,8 +21,9 @@ from qconv.measure.tally import Metrics
 from qconv.plan.overrides import Overrides
 from qconv.rewrite.rules import ANCHORS, SHARED
 from qconv.tune.remedies import Context, proposals
-from qconv.tune.sensitivity import Site, rank
-from qconv.tune.trial import Candidate, Ranked, TrialCache
+from qconv.measure.slices import concat_parts
+from qconv.tune.sensitivity import Site, groups, rank
+from qconv.tune.trial import Candidate, Group, Ranked, TrialCache
 
 RANK_ROWS = 8  # held rows the sensitivity pass runs on
 
@@ -31,6 +32,7 @@ class Lab:
     def __init__(self, prepared: pipeline.Prepared, ctx: Context, cache: TrialCache, ident: str):
         self.prepared, self.ctx, self.cache, self.ident = prepared, ctx, cache, ident
         self._last = None  # (key, result) of the last candidate built: ranking and costs rebuild the current best
+        self._ranked = None  # (key, ranked nodes) of the last ranking
 
     def key(self, method: str, overrides: Overrides) -> str:
         return hashlib.sha256(f"{self.ident}|{method}|{self.ctx.config.percentile}|{overrides.digest()}".encode()).hexdigest()
@@ -53,8 +55,29 @@ class Lab:
     def options(self, node: str, method: str, overrides: Overrides) -> Iterator[Candidate]:
         yield from proposals(self.ctx, self.ctx.nodes[node], method, overrides)
 
+    def groups(self, method: str, overrides: Overrides) -> list[Group]:
+        """Op-type groups of the quantized nodes not overridden yet (not Conv/MatMul/Gemm: the speed), and each output
+        Concat with the nodes that make its parts, by their summed error on the current candidate."""
+        ranked = [r for r in self.rank(method, overrides) if r.node not in overrides.nodes]
+        g = self.ctx.graph
+        heads: dict[str, list[str]] = {}
+        for part, (out, _) in concat_parts(self.prepared.model).items():
+            concat = g.producer.get(out)
+            maker = g.producer.get(part)
+            heads.setdefault(f"output '{out}': its Concat and the nodes that make its parts", [concat.name] if concat else [])
+            if maker is not None:
+                heads[f"output '{out}': its Concat and the nodes that make its parts"].append(maker.name)
+        return groups(ranked, {k: tuple(v) for k, v in heads.items()}, set(ANCHORS))
+
     def rank(self, method: str, overrides: Overrides) -> list[Ranked]:
-        """Quantized nodes by the error each adds, from one pass of the float and the QDQ analysis model."""
+        """Quantized nodes by the error each adds, from one pass of the float and the QDQ analysis model (kept for
+        the candidate it was measured on)."""
+        key = (method, overrides.digest())
+        if self._ranked is None or self._ranked[0] != key:
+            self._ranked = (key, self._rank(method, overrides))
+        return [dataclasses.replace(r) for r in self._ranked[1]]
+
+    def _rank(self, method: str, overrides: Overrides) -> list[Ranked]:
         result = self.candidate(method, overrides)
         sqnr, shapes = self._error_map(result)
         plan = result.plan

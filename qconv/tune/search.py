@@ -1,10 +1,12 @@
 """The search: from the plan as given to the best candidate measured, within the budget.
 
 1. ranges: each range method for the whole model; the best measured wins (never worse than the plan as given);
-2. sensitivity rounds: the lab ranks the quantized nodes by the error each adds; the top ones are measured alone
+2. groups: whole op types (every hard-swish Mul) and a head's output Concat with what feeds it, as int16 then
+   float, most estimated error first (errors that add up where no single node shows a gain alone);
+3. sensitivity rounds: the lab ranks the quantized nodes by the error each adds; the top ones are measured alone
    (the model with only that node float: the gain of falling back; for the first few, the float model with only
    that node quantized);
-3. remedies, per sensitive node in order of gain per cost: each remedy's candidates in turn (see
+4. remedies, per sensitive node in order of gain per cost: each remedy's candidates in turn (see
    ``qconv.tune.remedies``); the first that measures better, by at least a quarter of the node's float gain, is
    kept. Rounds repeat on the new best until the targets are met, every node was measured, or two rounds gain
    nothing.
@@ -23,13 +25,14 @@ from qconv.measure.thresholds import Thresholds
 from qconv.plan.overrides import NodeOverride, Overrides
 from qconv.tune.budget import BudgetSpent, Clock
 from qconv.tune.sensitivity import gain, priority
-from qconv.tune.trial import Candidate, Change, Ranked, Trial, TrialCache
+from qconv.tune.trial import Candidate, Change, Group, Ranked, Trial, TrialCache
 
 RANGE_METHODS = ("minmax", "percentile", "mse", "entropy")  # moving-average is minmax smoothed: not a separate candidate
 MIN_GAIN = 0.01  # a node is remedied only if keeping it float removes at least 1% of what the model misses by
 FIRST_ROUND, LATER_ROUNDS = 32, 16  # nodes measured alone per round, at most
 ALONE = 4  # of the first round's, how many are also measured as the only quantized node
 IDLE_ROUNDS = 2  # rounds without a gain before the ranks are taken for noise
+GROUPS = 3  # group moves measured (each as int16, then float), most estimated error first
 
 
 class Bench(Protocol):
@@ -44,6 +47,8 @@ class Bench(Protocol):
     def costs(self, method: str, overrides: Overrides) -> dict[str, float]: ...
 
     def options(self, node: str, method: str, overrides: Overrides) -> Iterator[Candidate]: ...
+
+    def groups(self, method: str, overrides: Overrides) -> list[Group]: ...
 
 
 class Search:
@@ -77,12 +82,29 @@ class Search:
         return t
 
     def better(self, a: Trial, b: Trial | None) -> bool:
-        """``a`` measures better than ``b`` (strictly)."""
+        """``a`` measures better than ``b`` (strictly), and keeps the float model's decisions at least as well as the
+        plan as given (a refused candidate says why in its note)."""
         if a.metrics is None:
             return False
-        if b is None or b.metrics is None:
-            return True
-        return self.targets.key(a.metrics) < self.targets.key(b.metrics)
+        if b is not None and b.metrics is not None and not self.targets.key(a.metrics) < self.targets.key(b.metrics):
+            return False
+        lost = self.decisions_lost(a.metrics)
+        if lost:
+            a.note = f"refused: {lost}"
+            return False
+        return True
+
+    def decisions_lost(self, m: Metrics) -> str | None:
+        """What ``m`` decides worse than the plan as given: top-1 agreement (per row or position) or which scores pass
+        0.25 (a detector's boxes). A range that clips the small scores raises the cosine and loses these."""
+        base = self.trials[0].metrics if self.trials else None
+        if base is None:
+            return None
+        for what, label in (("agreement", "top-1 agreement"), ("passing", "scores passing 0.25 (Jaccard)")):
+            b, a = getattr(base, what), getattr(m, what)
+            if b is not None and (a is None or a < b):
+                return f"{label} {a if a is None else round(a, 4)} < {round(b, 4)} as planned"
+        return None
 
     def met(self, t: Trial) -> bool:
         return t.metrics is not None and not self.targets.misses(t.metrics)
@@ -94,6 +116,7 @@ class Search:
         best.accepted = True
         method, best = self._ranges(method, overrides, best)
         try:
+            overrides, best = self._groups(method, overrides, best)
             done: set[str] = set()
             idle = 0
             while not self.met(best) and self.left() and idle < IDLE_ROUNDS:
@@ -122,6 +145,24 @@ class Search:
             self.changes.append(Change("all activations", f"range method {method}", f"measured best of {', '.join(RANGE_METHODS)} "
                                        f"(worst-output cosine {best.metrics.cosine:.5f})"))
         return method, best
+
+    def _groups(self, method: str, overrides: Overrides, best: Trial) -> tuple[Overrides, Trial]:
+        """Move whole groups before single nodes, in order of estimated error: int16 first (it keeps the integer
+        path), then float; a move is kept when it measures better and keeps the decisions."""
+        for g in self.bench.groups(method, overrides)[:GROUPS]:
+            if self.met(best) or not self.left():
+                break
+            for precision in ("int16", "float"):
+                extra = Overrides({n: NodeOverride(precision=precision) for n in g.nodes}, {})
+                t = self.trial("group", f"{g.label} {precision} (estimated {g.estimate:.0f} dB)", method, overrides.merged(extra))
+                if self.better(t, best) and gain(self.targets, best.metrics, t.metrics) >= MIN_GAIN:
+                    t.accepted = True
+                    self.changes.append(Change(g.label, "int16 activations (a16w8 islands)" if precision == "int16" else "kept float",
+                                               f"together they add an estimated {g.estimate:.0f} dB of error; with this change the worst "
+                                               f"cosine is {t.metrics.worst_cosine:.5f}"))
+                    overrides, best = overrides.merged(extra), t
+                    break
+        return overrides, best
 
     def _round(self, method: str, overrides: Overrides, best: Trial, done: set[str]) -> tuple[str, Overrides, Trial]:
         """One round: rank the nodes on the current best, measure the top ones not tried yet, remedy in order."""

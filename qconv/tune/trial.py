@@ -12,7 +12,7 @@ from pathlib import Path
 from qconv.measure.tally import Metrics, json_number
 from qconv.plan.overrides import Overrides
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: metrics with the parts of concatenated outputs and passing scores
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,16 @@ class Candidate:
     label: str  # the trial as the report's trial table names it
     method: str
     extra: Overrides
+
+
+@dataclass(frozen=True)
+class Group:
+    """Nodes moved together (every node of one op type; a head's output Concat and the nodes that feed it): their
+    errors add up where no single one shows a gain alone (28 hard-swish Muls of a recognizer)."""
+
+    label: str
+    nodes: tuple[str, ...]
+    estimate: float  # first-order: the dB of SQNR the nodes add, summed (each capped), from one ranking pass
 
 
 @dataclass
@@ -36,13 +46,15 @@ class Trial:
     cached: bool
     accepted: bool = False
     error: str | None = None
+    note: str | None = None  # why a candidate that measured better was not taken
 
     def to_dict(self) -> dict:
         m = self.metrics
         return {"n": self.n, "step": self.step, "change": self.change, "cosine": m.cosine if m else None,
                 "sqnr_db": json_number(m.sqnr_db) if m else None, "agreement": m.agreement if m else None,
-                "top1_drop": m.top1_drop if m else None, "seconds": round(self.seconds, 3), "cached": self.cached,
-                "accepted": self.accepted, "error": self.error}
+                "top1_drop": m.top1_drop if m else None, "slice_cosine": m.slice_cosine if m else None,
+                "passing": m.passing if m else None, "seconds": round(self.seconds, 3), "cached": self.cached,
+                "accepted": self.accepted, "error": self.error, "note": self.note}
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,14 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+import onnx
 
 from qconv import __version__, pipeline, runtime
 from qconv.calib.store import Ranges
-from qconv.data import FeedSource
+from qconv.data import FeedSource, feed_rows
+from qconv.graph import expose
+from qconv.measure.slices import concat_parts, output_slices
+from qconv.measure.tally import Tally
 from qconv.measure.evaluate import EvalOptions, evaluate
 from qconv.measure.reference import Reference, hold
 from qconv.measure.thresholds import Thresholds
@@ -53,6 +57,7 @@ class Tuned:
     search: Search
     held_rows: int
     speed: list
+    unseen: dict
 
     def section(self, data_note: str, gate: dict) -> dict:
         """The report's "tuning" section: targets, budget, every trial, what changed and why."""
@@ -66,26 +71,38 @@ class Tuned:
                 "changes": [c.to_dict() for c in s.changes], "sensitivity": [r.to_dict() for r in s.sensitivity[:24]],
                 "baseline": base.to_dict() if base else {},
                 "best": (accepted[-1].metrics.to_dict() if accepted[-1].metrics else {}) if accepted else None,
-                "speed": self.speed, "reached": bool(gate["passed"]), "missed": gate["failed"]}
+                "speed": self.speed, "unseen": self.unseen, "reached": bool(gate["passed"]), "missed": gate["failed"]}
 
 
 def tune(job: TuneJob, progress=pipeline.no_progress) -> Tuned:
     prepared, o = job.prepared, job.options
     targets, default = Thresholds.tuning(job.gates, job.evaluation.latency)
     threads = job.evaluation.threads or runtime.default_threads()
-    held = hold(runtime.session(prepared.model, threads, spinning=False), job.source, job.labels, o.rows)
+    fsess = runtime.session(prepared.model, threads, spinning=False)
+    held = hold(fsess, job.source, job.labels, o.rows)
+    held.slices = _slices(prepared.model, held, threads)
     ident = _identity(job, held)
     cache = TrialCache(cache_dir(o.cache_dir) / f"{prepared.model_id[:16]}-{ident[:16]}.json")
     ctx = Context(prepared.model, Ranges.of(job.calib), job.config, held, threads, job.calib_source)
-    search = Search(Lab(prepared, ctx, cache, ident), targets, Clock(o.budget), cache, progress("tuning", o.budget.trials))
+    # Time kept for what follows the search (the final rewrite, its evaluation, the unseen rows): about four float
+    # passes over the held rows, at most a quarter of the budget.
+    clock = Clock(o.budget, reserve=min(0.25 * (o.budget.seconds or 0.0), 4.0 * max(held.float_seconds, 0.5)))
+    search = Search(Lab(prepared, ctx, cache, ident), targets, clock, cache, progress("tuning", o.budget.trials))
     method, overrides, _ = search.run(job.config.method, job.overrides)
-    plan = job.correct(pipeline.plan(prepared, job.calib, dataclasses.replace(job.config, method=method), overrides))
-    result = pipeline.apply(prepared, plan, None, pipeline.check_feed(prepared, next(iter(job.source), None)))
+    tuned = pipeline.plan(prepared, job.calib, dataclasses.replace(job.config, method=method), overrides)
+    feed = pipeline.check_feed(prepared, next(iter(job.source), None))
+    # The search's choices against the plan as given, both as the trials measured them (no bias correction), on
+    # rows the search never saw; then the final model, with bias correction as the default has it.
+    plain = {"untuned": pipeline.apply(prepared, pipeline.plan(prepared, job.calib, job.config, job.overrides), check=False).model,
+             "tuned": pipeline.apply(prepared, tuned, check=False).model}
+    unseen = _unseen(job, fsess, held, plain, threads)
+    del plain
+    result = pipeline.apply(prepared, job.correct(tuned), None, feed)
     evaluation, reference = evaluate(prepared, result, job.source, job.labels, job.evaluation, progress)
     speed = []
     for _ in range(SPEED_ROUNDS):  # each round keeps float the nodes the new profile shows slower in int8
         lat = evaluation.get("latency_ms") or {}
-        if targets.max_latency_ratio is None or not lat or lat["ratio"] <= targets.max_latency_ratio:
+        if targets.max_latency_ratio is None or not lat or lat["ratio"] <= targets.max_latency_ratio or clock.over():
             break
         record, faster = speed_round(search, prepared, result, job.calib, evaluation, job.source, job.evaluation.threads, method)
         speed.append(record)
@@ -93,7 +110,52 @@ def tune(job: TuneJob, progress=pipeline.no_progress) -> Tuned:
             break
         result = faster
         evaluation, reference = evaluate(prepared, result, job.source, job.labels, job.evaluation, progress)
-    return Tuned(result, evaluation, reference, method, targets, default, search, held.rows, speed)
+    return Tuned(result, evaluation, reference, method, targets, default, search, held.rows, speed, unseen)
+
+
+UNSEEN_ROWS = 256
+
+
+def _unseen(job: TuneJob, fsess, held: Reference, models: dict, threads: int) -> dict:
+    """The untuned and the tuned model on rows of the source the search never measured (after the held ones, at most
+    ``UNSEEN_ROWS``): what the search's choices are worth on data it did not choose on."""
+    sessions = {k: runtime.session(m, threads, spinning=False) for k, m in models.items()}
+    tallies = {k: Tally(held.names, slices=held.slices) for k in models}
+    rows = 0
+    for k, feed in enumerate(job.source):
+        if k < len(held.feeds):
+            continue
+        if rows >= UNSEEN_ROWS:
+            break
+        ref = runtime.run(fsess, feed, held.names)
+        for name, sess in sessions.items():
+            tallies[name].add(ref, runtime.run(sess, feed, held.names))
+        rows += feed_rows(feed, job.source.specs)
+    if not rows:
+        return {"rows": 0, "note": "every row of the tuning data was used by the search: give --eval-data with more rows"}
+    out = {"rows": rows, **{k: t.metrics().to_dict() for k, t in tallies.items()}}
+    lost = [k for k in ("agreement", "passing", "slice_cosine", "cosine")
+            if out["untuned"].get(k) is not None and (out["tuned"].get(k) or 0.0) < out["untuned"][k]]
+    if lost:
+        out["warning"] = (f"on {rows} rows the search never saw, the tuned model is below the untuned one in {', '.join(lost)}: "
+                          "the search rows may be too few to choose on (raise --tune-rows)")
+    return out
+
+
+def _slices(model, held: Reference, threads: int) -> dict:
+    """The parts of the concatenated outputs, with the sizes the graph does not give measured on one held feed."""
+    parts = concat_parts(model)
+    slices = output_slices(model)
+    missing = [p for p, (out, _) in parts.items() if out not in slices]
+    if not missing:
+        return slices
+    sess = runtime.session(expose(model, {p: onnx.TensorProto.FLOAT for p in missing}), threads)
+    sizes = {}
+    for p, v in zip(missing, runtime.run(sess, held.feeds[0], missing)):
+        axis = parts[p][1]
+        if isinstance(v, np.ndarray) and v.ndim:
+            sizes[p] = int(v.shape[axis])
+    return output_slices(model, sizes)
 
 
 def _identity(job: TuneJob, held: Reference) -> str:

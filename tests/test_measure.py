@@ -1,0 +1,62 @@
+"""What a comparison adds up to when one output holds several kinds of values: the parts of a concatenated output are
+scored on their own, and scores in [0, 1] by which entries pass 0.25 (a detector's decisions)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper
+
+from qconv.measure.slices import concat_parts, output_slices
+from qconv.measure.tally import Metrics, Tally
+from tests.conftest import make_model
+
+
+def head(parts_shape=("N",)):
+    """boxes [1, 4, N] (pixels) ++ sigmoid scores [1, 3, N] -> [1, 7, N], as a YOLOv8 head ends."""
+    n = parts_shape[0]
+    nodes = [helper.make_node("Sigmoid", ["logits"], ["scores"], name="sig"),
+             helper.make_node("Concat", ["boxes", "scores"], ["out"], axis=-2, name="cat")]
+    return make_model(nodes, [helper.make_tensor_value_info("boxes", TensorProto.FLOAT, [1, 4, n]),
+                              helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 3, n])],
+                      [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 7, n])])
+
+
+def test_output_slices_from_the_graph_and_from_measured_sizes():
+    from qconv.graph.intake import infer_types
+
+    m = head()
+    infer_types(m)
+    assert output_slices(m) == {"out": (1, [(0, 4), (4, 7)])}
+    assert concat_parts(m) == {"boxes": ("out", -2), "scores": ("out", -2)}
+    bare = head()
+    del bare.graph.input[:]  # the parts' shapes unknown: only measured sizes say where they are
+    assert output_slices(bare) == {}
+    assert output_slices(bare, {"boxes": 4, "scores": 3}) == {"out": (1, [(0, 4), (4, 7)])}
+    del bare.graph.output[0].type.tensor_type.shape.dim[:]  # nor the rank: a negative axis cannot be placed
+    assert output_slices(bare, {"boxes": 4, "scores": 3}) == {}
+
+
+def test_clipping_small_scores_shows_in_the_parts_and_the_decisions_not_in_the_whole():
+    rng = np.random.default_rng(0)
+    boxes = rng.uniform(0, 640, (1, 4, 500)).astype(np.float32)
+    scores = (rng.uniform(0, 1, (1, 3, 500)) ** 6).astype(np.float32)  # mostly small, a few confident
+    ref = np.concatenate([boxes, scores], axis=1)
+    got = ref.copy()
+    got[:, 4:] = np.where(scores < 0.3, 0.0, scores)  # a range that clips the small scores
+    whole = Tally(["out"])
+    whole.add([ref], [got])
+    parts = Tally(["out"], slices={"out": (1, [(0, 4), (4, 7)])})
+    parts.add([ref], [got])
+    m0, m1 = whole.metrics(), parts.metrics()
+    assert m0.cosine == pytest.approx(m1.cosine) and m0.cosine > 0.9999
+    assert m1.slice_cosine < 0.99 and m1.worst_cosine == m1.slice_cosine
+    # Entries between 0.25 and 0.3 no longer pass: the decisions differ; the boxes (pixels) are not scores.
+    assert m1.passing < 1.0 and set(parts.decisions) == {"out", "out[0:4]", "out[4:7]"}
+    assert not parts.decisions["out[0:4]"][2] and parts.decisions["out[4:7]"][2]
+
+
+def test_metrics_round_trip_and_the_worst_cosine():
+    m = Metrics(0.999, float("inf"), 0.9, None, 0.95, 0.8)
+    assert Metrics.from_dict(m.to_dict()) == m and m.to_dict()["sqnr_db"] == "inf"
+    assert m.worst_cosine == 0.95 and Metrics(0.99, 20.0).worst_cosine == 0.99
