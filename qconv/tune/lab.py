@@ -52,6 +52,12 @@ class Lab:
         sess = runtime.session(self.candidate(method, overrides).model, self.ctx.threads, spinning=False)
         return held.compare(sess).metrics(labelled=held.labels is not None)
 
+    def measure_plan(self, plan) -> Metrics:
+        """A complete plan (e.g. with bias corrections) on the held rows."""
+        held = self.ctx.held
+        sess = runtime.session(pipeline.apply(self.prepared, plan, check=False).model, self.ctx.threads, spinning=False)
+        return held.compare(sess).metrics(labelled=held.labels is not None)
+
     def options(self, node: str, method: str, overrides: Overrides) -> Iterator[Candidate]:
         yield from proposals(self.ctx, self.ctx.nodes[node], method, overrides)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -28,7 +29,7 @@ from qconv.tune.lab import Lab
 from qconv.tune.remedies import Context
 from qconv.tune.search import Search
 from qconv.tune.speed import SPEED_ROUNDS, speed_round
-from qconv.tune.trial import TrialCache, cache_dir
+from qconv.tune.trial import Change, Trial, TrialCache, cache_dir
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,7 +88,8 @@ def tune(job: TuneJob, progress=pipeline.no_progress) -> Tuned:
     # Time kept for what follows the search (the final rewrite, its evaluation, the unseen rows): about four float
     # passes over the held rows, at most a quarter of the budget.
     clock = Clock(o.budget, reserve=min(0.25 * (o.budget.seconds or 0.0), 4.0 * max(held.float_seconds, 0.5)))
-    search = Search(Lab(prepared, ctx, cache, ident), targets, clock, cache, progress("tuning", o.budget.trials))
+    lab = Lab(prepared, ctx, cache, ident)
+    search = Search(lab, targets, clock, cache, progress("tuning", o.budget.trials))
     method, overrides, _ = search.run(job.config.method, job.overrides)
     tuned = pipeline.plan(prepared, job.calib, dataclasses.replace(job.config, method=method), overrides)
     feed = pipeline.check_feed(prepared, next(iter(job.source), None))
@@ -97,7 +99,7 @@ def tune(job: TuneJob, progress=pipeline.no_progress) -> Tuned:
              "tuned": pipeline.apply(prepared, tuned, check=False).model}
     unseen = _unseen(job, fsess, held, plain, threads)
     del plain
-    result = pipeline.apply(prepared, job.correct(tuned), None, feed)
+    result = pipeline.apply(prepared, _corrected_if_better(search, lab, tuned, job.correct(tuned)), None, feed)
     evaluation, reference = evaluate(prepared, result, job.source, job.labels, job.evaluation, progress)
     speed = []
     for _ in range(SPEED_ROUNDS):  # each round keeps float the nodes the new profile shows slower in int8
@@ -114,6 +116,34 @@ def tune(job: TuneJob, progress=pipeline.no_progress) -> Tuned:
 
 
 UNSEEN_ROWS = 256
+
+
+def _corrected_if_better(search: Search, lab: Lab, plain, corrected):
+    """The chosen plan with bias correction only when that measures at least as well on the held rows and keeps the
+    decisions (a correction measured on calibration rows is a change like any other: it is measured, not assumed)."""
+    if not corrected.corrections:
+        return plain
+    t0 = time.perf_counter()
+    base = lab.measure_plan(plain)
+    m = lab.measure_plan(corrected)
+    ok = search.targets.key(m) <= search.targets.key(base) and not _lost(base, m)
+    t = Trial(len(search.trials) + 1, "bias correction", f"bias correction ({len(corrected.corrections)} layers) on the chosen plan",
+              corrected.overrides, m, time.perf_counter() - t0, False, accepted=ok,
+              note=None if ok else f"refused: worst cosine {m.worst_cosine:.5f} vs {base.worst_cosine:.5f} without it"
+              + (f"; {_lost(base, m)}" if _lost(base, m) else ""))
+    search.trials.append(t)
+    if ok:
+        search.changes.append(Change("all corrected layers", "bias correction", f"measured on the tuning rows: worst cosine "
+                                     f"{m.worst_cosine:.6f} (without it {base.worst_cosine:.6f})"))
+    return corrected if ok else plain
+
+
+def _lost(base, m) -> str | None:
+    for what in ("agreement", "passing"):
+        b, a = getattr(base, what), getattr(m, what)
+        if b is not None and (a is None or a < b):
+            return f"{what} {a} < {b}"
+    return None
 
 
 def _unseen(job: TuneJob, fsess, held: Reference, models: dict, threads: int) -> dict:
