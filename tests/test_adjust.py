@@ -12,6 +12,7 @@ from qconv import pipeline
 from qconv.adjust import bias
 from qconv.cli.main import cli
 from qconv.data import FeedSource, InputSpec
+from qconv.plan.overrides import NodeOverride, Overrides
 from qconv.plan.config import QuantConfig
 from tests.conftest import conv_model, make_model, optimized_ops, run_model
 
@@ -247,3 +248,29 @@ def test_bias_correction_is_the_default_only_where_there_are_rows(tmp_path, conv
     assert makefile_step["config"]["bias_correction"] is None and makefile_step["bias_correction"] is None
     off = report("--data", conv_data, "--bias-correction", "off")
     assert off["config"]["bias_correction"] is None and off["bias_correction"] is None
+
+
+def test_a_16_bit_island_in_an_int8_model_is_not_corrected(tmp_path):
+    """Corrected with its 16-bit islands, YOLOv8n's class scores collapsed (tuning's int16 group move): the layers of
+    an island are left as they are; the int8 layers around it are still corrected."""
+    rng = np.random.default_rng(1)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.2, (16, 6)).astype(np.float32), "W"),
+             numpy_helper.from_array(rng.normal(0, 0.1, 6).astype(np.float32), "B"),
+             numpy_helper.from_array(rng.normal(0, 0.2, (6, 4)).astype(np.float32), "W2"),
+             numpy_helper.from_array(rng.normal(0, 0.1, 4).astype(np.float32), "B2")]
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"), helper.make_node("Add", ["h", "B"], ["a"], name="add"),
+             helper.make_node("Relu", ["a"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "W2"], ["h2"], name="mm2"), helper.make_node("Add", ["h2", "B2"], ["y"], name="add2")]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5, 16])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5, 4])], inits, opset=13)
+    src, data = tmp_path / "m.onnx", tmp_path / "x.npy"
+    onnx.save(model, src)
+    np.save(data, (rng.gamma(2.0, 1.0, (12, 5, 16)) + 1).astype(np.float32))
+    prepared = pipeline.load(src, QuantConfig())
+    calib = pipeline.calibrate(prepared, pipeline.feeds_for(prepared, data, 4))
+    from qconv.adjust.bias import targets
+
+    plain = pipeline.plan(prepared, calib, QuantConfig(bias_correction="fast"))
+    island = pipeline.plan(prepared, calib, QuantConfig(bias_correction="fast"), Overrides({"mm2": NodeOverride(precision="int16")}, {}))
+    assert {t.node for t in targets(prepared.model, plain)} == {"mm", "mm2"}
+    assert {t.node for t in targets(prepared.model, island)} == {"mm"}

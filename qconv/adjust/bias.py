@@ -65,6 +65,9 @@ def targets(model: onnx.ModelProto, plan: QuantPlan) -> list[Target]:
             continue
         if node.name not in tx.consumers or node.name not in tw.consumers:
             continue
+        ty = plan.tensors.get(node.output[0])
+        if plan.config.mode == "int8" and (tx.qparams.qtype.bits > 8 or (ty is not None and ty.qparams.qtype.bits > 8)):
+            continue  # a 16-bit island in an int8 model: corrected with it, YOLOv8n's scores collapsed (issue 19 note)
         t = _target(node, g, plan)
         if t is not None:
             out.append(dataclasses.replace(t, rank=g.array(w).ndim))

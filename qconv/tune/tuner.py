@@ -3,6 +3,7 @@ while it misses its latency target. Returns the model and the report's "tuning" 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -99,7 +100,7 @@ def tune(job: TuneJob, progress=pipeline.no_progress) -> Tuned:
              "tuned": pipeline.apply(prepared, tuned, check=False).model}
     unseen = _unseen(job, fsess, held, plain, threads)
     del plain
-    result = pipeline.apply(prepared, _corrected_if_better(search, lab, tuned, job.correct(tuned)), None, feed)
+    result = pipeline.apply(prepared, _corrected_if_better(search, lab, tuned, job.correct(copy.deepcopy(tuned))), None, feed)
     evaluation, reference = evaluate(prepared, result, job.source, job.labels, job.evaluation, progress)
     speed = []
     for _ in range(SPEED_ROUNDS):  # each round keeps float the nodes the new profile shows slower in int8
