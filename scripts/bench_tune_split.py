@@ -1,0 +1,93 @@
+#!/usr/bin/env python3
+"""--tune against the untuned default on the quality ledger's models and task metrics, with three disjoint splits:
+calibration rows (the ledger's), tuning rows (16 more, rendered with another seed, given as --eval-data: the rows
+the search measures on) and the ledger's eval rows (never seen by calibration or the search), with 95% bootstrap
+intervals over eval rows.
+
+    .venv/bin/python scripts/bench_tune_split.py yolov8_doclaynet [--budget 3m] [--ref REV] [-- extra quantize flags]
+
+``--ref REV`` runs qconv from a worktree of REV (to compare a tuner before and after a change in one run).
+Models are downloaded into ~/.cache/qconv-bench (never committed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from scripts.bench_ledger import outputs_of, pages, tasks  # noqa: E402
+
+TUNE_ROWS = 16
+
+
+def tuning_rows(task, work: Path) -> Path:
+    path = work / f"{task.name}.tune.npy"
+    if not path.exists():
+        shape = np.load(task.case.eval, mmap_mode="r").shape
+        if task.name.startswith("yolo"):
+            np.save(path, pages(TUNE_ROWS, shape[2], shape[3], 53, mean=(0, 0, 0), std=(1, 1, 1)))
+        else:
+            np.save(path, pages(TUNE_ROWS, shape[2], shape[3], 53))
+    return path
+
+
+def score(task, ref, path: Path) -> tuple[float, float, float]:
+    got = outputs_of(path, task.case.eval, task.case.batch)
+    k, t = (np.asarray(a, float) for a in task.rows(ref, got, task.truth))
+    rng = np.random.default_rng(0)
+    boots = [k[i].sum() / max(t[i].sum(), 1) for i in (rng.integers(0, len(k), len(k)) for _ in range(1000))]
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return 100 * k.sum() / max(t.sum(), 1), 100 * lo, 100 * hi
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("task")
+    ap.add_argument("--budget", default="3m")
+    ap.add_argument("--ref", default=None)
+    ap.add_argument("extra", nargs="*")
+    args = ap.parse_args()
+    work = Path(tempfile.gettempdir()) / "qconv-bench-tune-split"
+    work.mkdir(exist_ok=True)
+    task = next(t for t in tasks(work, False) if t.name == args.task)
+    tree = ROOT
+    if args.ref:
+        tree = Path(tempfile.mkdtemp(prefix="qconv-ref.")) / "tree"
+        subprocess.run(["git", "worktree", "add", "--detach", str(tree), args.ref], cwd=ROOT, check=True, capture_output=True)
+    c, ref = task.case, outputs_of(task.case.model, task.case.eval, task.case.batch)
+    tune = ["--eval-data", str(tuning_rows(task, work)), "--tune", "--budget", args.budget, "--no-latency", "--layer-samples", "0"]
+    try:
+        for label, flags in (("untuned", []), ("tuned", tune + args.extra)):
+            out, rep = work / f"{task.name}.{label}.onnx", work / f"{task.name}.{label}.json"
+            t0 = time.perf_counter()
+            p = subprocess.run([sys.executable, "-m", "qconv", "quantize", str(c.model), "--data", str(c.calib), "--batch-size",
+                                str(c.batch), "-o", str(out), "-q", "--report", str(rep), *flags], cwd=tree, capture_output=True,
+                               text=True, env={**os.environ, "QCONV_CACHE_DIR": str(work / "cache")})
+            secs = time.perf_counter() - t0
+            if p.returncode not in (0, 3):
+                print(f"{label}: failed: {p.stderr.strip()[-300:]}")
+                continue
+            s, lo, hi = score(task, ref, out)
+            t = json.loads(rep.read_text()).get("tuning") or {}
+            print(f"{task.name} {label:8s} {task.metric_name} {s:.1f} [{lo:.1f}, {hi:.1f}]  {secs:.0f} s"
+                  + (f"  {len(t['trials'])} trials; changes: " + "; ".join(f"{x['what'][:40]}: {x['change']}" for x in t["changes"])
+                     if t else ""), flush=True)
+    finally:
+        if args.ref:
+            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, capture_output=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
