@@ -46,7 +46,8 @@ def test_clipping_small_scores_shows_in_the_parts_and_the_decisions_not_in_the_w
     got[:, 4:] = np.where(scores < 0.3, 0.0, scores)  # a range that clips the small scores
     whole = Tally(["out"])
     whole.add([ref], [got])
-    parts = Tally(["out"], slices={"out": (1, [(0, 4), (4, 7)])})
+    assert whole.metrics().passing is None and not whole.decisions  # a report's pass over the eval data does no more
+    parts = Tally(["out"], slices={"out": (1, [(0, 4), (4, 7)])}, objective=True)
     parts.add([ref], [got])
     m0, m1 = whole.metrics(), parts.metrics()
     assert m0.cosine == pytest.approx(m1.cosine) and m0.cosine > 0.9999

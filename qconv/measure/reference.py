@@ -49,7 +49,7 @@ class Reference:
 
     def compare(self, sess) -> Tally:
         """Another model's outputs on the kept rows against the float ones (with the labels, if kept)."""
-        tally = Tally(self.names, slices=self.slices)
+        tally = Tally(self.names, slices=self.slices, objective=True)
         for feed, ref in zip(self.feeds, self.outputs):
             tally.add(ref, runtime.run(sess, feed, self.names), self.labels)
         return tally

@@ -11,16 +11,22 @@ from qconv.graph import Graph
 PASS_OVER = ("Identity",)
 
 
+def output_concat(g: Graph, output: str):
+    """The Concat node that makes graph output ``output`` (through Identity), or None."""
+    node = g.producer.get(output)
+    while node is not None and node.op_type in PASS_OVER:
+        node = g.producer.get(node.input[0])
+    return node if node is not None and node.op_type == "Concat" else None
+
+
 def output_slices(model: onnx.ModelProto, sizes: dict[str, int] | None = None) -> dict[str, tuple[int, list[tuple[int, int]]]]:
     """{output: (axis, [(start, stop), ...])} for each graph output a Concat of two or more parts makes, from the
     parts' static sizes along the axis (``sizes``: measured ones, by part name, where the graph does not say)."""
     g = Graph(model)
     out = {}
     for o in model.graph.output:
-        node = g.producer.get(o.name)
-        while node is not None and node.op_type in PASS_OVER:
-            node = g.producer.get(node.input[0])
-        if node is None or node.op_type != "Concat" or len([i for i in node.input if i]) < 2:
+        node = output_concat(g, o.name)
+        if node is None or len([i for i in node.input if i]) < 2:
             continue
         axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
         rank = len(g.shape(node.output[0]) or g.shape(node.input[0]) or [])
@@ -46,10 +52,8 @@ def concat_parts(model: onnx.ModelProto) -> dict[str, tuple[str, int]]:
     g = Graph(model)
     parts = {}
     for o in model.graph.output:
-        node = g.producer.get(o.name)
-        while node is not None and node.op_type in PASS_OVER:
-            node = g.producer.get(node.input[0])
-        if node is not None and node.op_type == "Concat":
+        node = output_concat(g, o.name)
+        if node is not None:
             axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
             for part in node.input:
                 if part:

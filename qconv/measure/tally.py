@@ -71,6 +71,7 @@ class Tally:
     labelled: int = 0
     batches: int = 0
     rows: int = 0
+    objective: bool = False  # also what a search ranks by: parts of concatenated outputs, scores passing PASS_SCORE
     slices: dict = field(default_factory=dict)  # {output: (axis, [(start, stop), ...])}: parts scored on their own
     slice_stats: dict[str, ErrorStats] = field(default_factory=dict)
     decisions: dict[str, list] = field(default_factory=dict)  # {output or part: [both pass, either passes, in [0, 1] so far]}
@@ -85,7 +86,8 @@ class Tally:
         for n, r, q in zip(self.names, ref, got):
             if isinstance(r, np.ndarray) and r.dtype.kind == "f":  # sequences and maps are not compared element-wise
                 self.stats[n].update(r, q)
-                self._parts(n, r, np.asarray(q))
+                if self.objective:
+                    self._parts(n, r, np.asarray(q))
         if ref and agreement_axis(ref[0]):
             pf, pq = top1(ref[0]), top1(got[0])
             self.agree += int((pf == pq).sum())

@@ -21,7 +21,7 @@ from qconv.measure.tally import Metrics
 from qconv.plan.overrides import Overrides
 from qconv.rewrite.rules import ANCHORS, SHARED
 from qconv.tune.remedies import Context, proposals
-from qconv.measure.slices import concat_parts
+from qconv.measure.slices import concat_parts, output_concat
 from qconv.tune.sensitivity import Site, groups, rank
 from qconv.tune.trial import Candidate, Group, Ranked, TrialCache
 
@@ -68,11 +68,10 @@ class Lab:
         g = self.ctx.graph
         heads: dict[str, list[str]] = {}
         for part, (out, _) in concat_parts(self.prepared.model).items():
-            concat = g.producer.get(out)
+            nodes = heads.setdefault(f"output '{out}': its Concat and the nodes that make its parts", [output_concat(g, out).name])
             maker = g.producer.get(part)
-            heads.setdefault(f"output '{out}': its Concat and the nodes that make its parts", [concat.name] if concat else [])
             if maker is not None:
-                heads[f"output '{out}': its Concat and the nodes that make its parts"].append(maker.name)
+                nodes.append(maker.name)
         return groups(ranked, {k: tuple(v) for k, v in heads.items()}, set(ANCHORS))
 
     def rank(self, method: str, overrides: Overrides) -> list[Ranked]:

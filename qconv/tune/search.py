@@ -94,10 +94,12 @@ class Search:
             return False
         return True
 
-    def decisions_lost(self, m: Metrics) -> str | None:
-        """What ``m`` decides worse than the plan as given: top-1 agreement (per row or position) or which scores pass
-        0.25 (a detector's boxes). A range that clips the small scores raises the cosine and loses these."""
-        base = self.trials[0].metrics if self.trials else None
+    def decisions_lost(self, m: Metrics, base: Metrics | None = None) -> str | None:
+        """What ``m`` decides worse than ``base`` (default: the plan as given): top-1 agreement (per row or position)
+        or which scores pass 0.25 (a detector's boxes). A range that clips the small scores raises the cosine and
+        loses these."""
+        if base is None:
+            base = self.trials[0].metrics if self.trials else None
         if base is None:
             return None
         for what, label in (("agreement", "top-1 agreement"), ("passing", "scores passing 0.25 (Jaccard)")):

@@ -91,16 +91,14 @@ def tune(job: TuneJob, progress=pipeline.no_progress) -> Tuned:
     clock = Clock(o.budget, reserve=min(0.25 * (o.budget.seconds or 0.0), 4.0 * max(held.float_seconds, 0.5)))
     lab = Lab(prepared, ctx, cache, ident)
     search = Search(lab, targets, clock, cache, progress("tuning", o.budget.trials))
-    method, overrides, _ = search.run(job.config.method, job.overrides)
+    method, overrides, best = search.run(job.config.method, job.overrides)
     tuned = pipeline.plan(prepared, job.calib, dataclasses.replace(job.config, method=method), overrides)
     feed = pipeline.check_feed(prepared, next(iter(job.source), None))
     # The search's choices against the plan as given, both as the trials measured them (no bias correction), on
     # rows the search never saw; then the final model, with bias correction as the default has it.
-    plain = {"untuned": pipeline.apply(prepared, pipeline.plan(prepared, job.calib, job.config, job.overrides), check=False).model,
-             "tuned": pipeline.apply(prepared, tuned, check=False).model}
-    unseen = _unseen(job, fsess, held, plain, threads)
-    del plain
-    result = pipeline.apply(prepared, _corrected_if_better(search, lab, tuned, job.correct(copy.deepcopy(tuned))), None, feed)
+    unseen = _unseen(job, fsess, held, {"untuned": pipeline.plan(prepared, job.calib, job.config, job.overrides), "tuned": tuned},
+                     threads)
+    result = pipeline.apply(prepared, _corrected_if_better(search, lab, tuned, best, job.correct(copy.deepcopy(tuned))), None, feed)
     evaluation, reference = evaluate(prepared, result, job.source, job.labels, job.evaluation, progress)
     speed = []
     for _ in range(SPEED_ROUNDS):  # each round keeps float the nodes the new profile shows slower in int8
@@ -119,19 +117,20 @@ def tune(job: TuneJob, progress=pipeline.no_progress) -> Tuned:
 UNSEEN_ROWS = 256
 
 
-def _corrected_if_better(search: Search, lab: Lab, plain, corrected):
-    """The chosen plan with bias correction only when that measures at least as well on the held rows and keeps the
-    decisions (a correction measured on calibration rows is a change like any other: it is measured, not assumed)."""
-    if not corrected.corrections:
+def _corrected_if_better(search: Search, lab: Lab, plain, best: Trial, corrected):
+    """The chosen plan with bias correction only when that measures at least as well on the held rows as the plan
+    without it (``best``, the search's trial of it) and keeps the decisions: a correction measured on calibration rows
+    is a change like any other, measured, not assumed."""
+    if not corrected.corrections or best.metrics is None:
         return plain
     t0 = time.perf_counter()
-    base = lab.measure_plan(plain)
-    m = lab.measure_plan(corrected)
-    ok = search.targets.key(m) <= search.targets.key(base) and not _lost(base, m)
+    base, m = best.metrics, lab.measure_plan(corrected)
+    lost = search.decisions_lost(m, base)
+    ok = search.targets.key(m) <= search.targets.key(base) and not lost
     t = Trial(len(search.trials) + 1, "bias correction", f"bias correction ({len(corrected.corrections)} layers) on the chosen plan",
               corrected.overrides, m, time.perf_counter() - t0, False, accepted=ok,
               note=None if ok else f"refused: worst cosine {m.worst_cosine:.5f} vs {base.worst_cosine:.5f} without it"
-              + (f"; {_lost(base, m)}" if _lost(base, m) else ""))
+              + (f"; {lost}" if lost else ""))
     search.trials.append(t)
     if ok:
         search.changes.append(Change("all corrected layers", "bias correction", f"measured on the tuning rows: worst cosine "
@@ -139,19 +138,14 @@ def _corrected_if_better(search: Search, lab: Lab, plain, corrected):
     return corrected if ok else plain
 
 
-def _lost(base, m) -> str | None:
-    for what in ("agreement", "passing"):
-        b, a = getattr(base, what), getattr(m, what)
-        if b is not None and (a is None or a < b):
-            return f"{what} {a} < {b}"
-    return None
-
-
-def _unseen(job: TuneJob, fsess, held: Reference, models: dict, threads: int) -> dict:
-    """The untuned and the tuned model on rows of the source the search never measured (after the held ones, at most
-    ``UNSEEN_ROWS``): what the search's choices are worth on data it did not choose on."""
-    sessions = {k: runtime.session(m, threads, spinning=False) for k, m in models.items()}
-    tallies = {k: Tally(held.names, slices=held.slices) for k in models}
+def _unseen(job: TuneJob, fsess, held: Reference, plans: dict, threads: int) -> dict:
+    """The untuned and the tuned plan (as the trials measure them: no bias correction) on rows of the source the search
+    never measured (after the held ones, at most ``UNSEEN_ROWS``): what its choices are worth on data it did not
+    choose on. Nothing is rewritten when there are no such rows."""
+    if job.source.count() <= len(held.feeds):
+        return {"rows": 0, "note": "every row of the tuning data was used by the search: give --eval-data with more rows"}
+    sessions = {k: runtime.session(pipeline.apply(job.prepared, p, check=False).model, threads, spinning=False) for k, p in plans.items()}
+    tallies = {k: Tally(held.names, slices=held.slices, objective=True) for k in plans}
     rows = 0
     for k, feed in enumerate(job.source):
         if k < len(held.feeds):
