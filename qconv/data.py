@@ -7,6 +7,10 @@ Rules (also in the README):
 - An array whose rank equals the input's is split along axis 0 into batches of ``--batch-size`` (a fixed
   batch dimension in the model wins).
 - A 0-d array (say, a sample rate) goes unchanged to every feed.
+- Decoders: a file of token ids alone feeds a model with a KV cache. A missing float input whose name has
+  ``past`` or ``cache`` in it is fed empty (length 0 on its one dynamic axis that no given input shares: the
+  prompt step), a missing ``attention_mask`` as ones and a missing ``position_ids`` as 0..seq-1, both shaped
+  like ``input_ids``.
 Arrays are cast to the input's type when that loses nothing (float64 -> float32, int32 -> int64); NaN or
 Inf in a float feed is an error.
 """
@@ -196,7 +200,7 @@ def _open(path: Path, specs: list[InputSpec]) -> dict[str, np.ndarray]:
     except Exception as exc:  # noqa: BLE001 - numpy raises many types for broken files
         raise QconvError(f"cannot read data file {path} (truncated or not numpy?): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     wanted = {s.name for s in specs}
-    missing = sorted(wanted - set(arrays))
+    missing = sorted(wanted - set(arrays) - {s.name for s in derivable(specs, set(arrays))})
     extra = sorted(set(arrays) - wanted)
     if missing or extra:
         parts = []
@@ -206,6 +210,63 @@ def _open(path: Path, specs: list[InputSpec]) -> dict[str, np.ndarray]:
             parts.append(f"unknown {', '.join(extra)}")
         raise QconvError(f"{path.name}: keys do not match the model inputs ({'; '.join(parts)}); model inputs are {', '.join(sorted(wanted))}")
     return arrays
+
+
+_DERIVED_NAMES = ("attention_mask", "position_ids")
+
+
+def derivable(specs: list[InputSpec], given: set[str]) -> list[InputSpec]:
+    """The inputs a decoder's prompt step can do without (see the module docstring), when not in ``given``."""
+    names = {s.name for s in specs}
+    out = []
+    for s in specs:
+        if s.name in given:
+            continue
+        lowered = s.name.lower()
+        if s.name in _DERIVED_NAMES and "input_ids" in given and "input_ids" in names and s.dtype.kind in "iu":
+            out.append(s)
+        elif s.dtype.kind == "f" and s.rank >= 2 and ("past" in lowered or "cache" in lowered):
+            out.append(s)
+    return out
+
+
+def _derived(spec: InputSpec, feed: dict[str, np.ndarray], specs: list[InputSpec], where: str) -> np.ndarray:
+    """The value of a derivable input for this feed of the given inputs."""
+    if spec.name in _DERIVED_NAMES:
+        ids = feed["input_ids"]
+        if spec.name == "attention_mask":
+            return np.ones(ids.shape, dtype=spec.dtype)
+        return np.broadcast_to(np.arange(ids.shape[-1], dtype=spec.dtype), ids.shape).copy()
+    sizes = {}  # dim symbol -> size, from the inputs this feed gives
+    for s in specs:
+        if s.name in feed:
+            for want, got in zip(s.shape, feed[s.name].shape):
+                if isinstance(want, str):
+                    sizes.setdefault(want, got)
+    rows = _rows(feed, [s for s in specs if s.name in feed])
+    dims, free = [], []
+    for axis, want in enumerate(spec.shape):
+        if isinstance(want, int) and want > 0:
+            dims.append(want)
+        elif isinstance(want, str) and want in sizes:
+            dims.append(sizes[want])
+        elif axis == 0:
+            dims.append(rows)
+        else:
+            dims.append(0)
+            free.append(axis)
+    if len(free) != 1:
+        raise QconvError(f"{where}: input '{spec.name}' (shape {list(spec.shape)}) is not in the data and qconv cannot "
+                         "tell its cache axis: add it to the data file")
+    return np.zeros(dims, dtype=spec.dtype)
+
+
+def complete(feed: dict[str, np.ndarray], specs: list[InputSpec], where: str) -> dict[str, np.ndarray]:
+    """``feed`` with the derivable inputs it lacks added (a decoder's empty cache, mask and positions)."""
+    given = dict(feed)
+    for spec in derivable(specs, set(given)):
+        feed[spec.name] = _derived(spec, given, specs, where)
+    return feed
 
 
 def _cast(a: np.ndarray, spec: InputSpec, where: str, cast: bool = False) -> np.ndarray:
@@ -288,7 +349,7 @@ def _split(arrays: dict[str, np.ndarray], specs: list[InputSpec], batch_size: in
             _check_shape(piece, spec, where)
             _check_finite(piece, spec, where)
             feed[name] = piece
-        yield first + k, feed
+        yield first + k, complete(feed, specs, where)
 
 
 class FeedSource:

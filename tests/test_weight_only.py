@@ -11,6 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qconv.errors import QconvError, UsageError
 from qconv.graph.intake import prepare
+from qconv.numeric import qmath
 from qconv.rewrite import weight_only as wo
 from tests.conftest import SAMPLES, make_model, run_model
 
@@ -37,13 +38,36 @@ weights = st.tuples(st.integers(1, 70), st.integers(1, 5)).flatmap(
 
 
 @settings(max_examples=150, deadline=None)
-@given(w=weights, block_size=st.sampled_from([16, 32]), symmetric=st.booleans())
-def test_block_error_is_at_most_half_a_step(w, block_size, symmetric):
-    qw = wo.rtn(w, block_size, symmetric)
+@given(w=weights, block_size=st.sampled_from([16, 32]))
+def test_affine_block_error_is_at_most_half_a_step(w, block_size):
+    qw = wo.rtn(w, block_size, symmetric=False)
     assert qw.q.shape == w.shape and qw.q.max(initial=0) <= 15
     assert qw.scale.shape == (-(-w.shape[0] // block_size), w.shape[1])
     step = np.abs(np.repeat(qw.scale, block_size, axis=0)[: w.shape[0]])
     assert np.all(np.abs(qw.dequantize() - w) <= step / 2 * (1 + 1e-5) + 1e-30)
+
+
+def _block_sq_error(blocks, scale):
+    qp = qmath.QParams(np.asarray(scale, np.float32), np.full(len(blocks), 8, np.uint8), wo.UINT4, axis=0)
+    return np.sum((blocks - qmath.dequantize(qmath.quantize(blocks, qp), qp)) ** 2, axis=1)
+
+
+@settings(max_examples=150, deadline=None)
+@given(blocks=arrays(np.float32, st.tuples(st.integers(1, 6), st.sampled_from([16, 32])),
+                     elements=st.floats(-100, 100, width=32)))
+def test_symmetric_step_is_the_least_error_of_the_three_rules(blocks):
+    qp = wo.fit_blocks(blocks, symmetric=True)
+    assert np.all(qp.zero_point == 8) and np.all(qp.scale != 0)
+    chosen = _block_sq_error(blocks, qp.scale)
+    b = blocks.astype(np.float64)
+    lo, hi = np.minimum(b.min(1), 0), np.maximum(b.max(1), 0)
+    unclipped = np.where(np.maximum(hi / 8, -lo / 7) < np.maximum(-lo / 8, hi / 7), -np.maximum(hi / 8, -lo / 7),
+                         np.maximum(-lo / 8, hi / 7))
+    onnxruntime = np.where(-lo >= hi, lo, hi) / -8
+    absmax = np.maximum(-lo, hi) / 7
+    for rule in (unclipped, onnxruntime, absmax):
+        rule = np.where(rule != 0, rule, 1.0)
+        assert np.all(chosen <= _block_sq_error(blocks, rule) * (1 + 1e-6) + 1e-12)
 
 
 @settings(max_examples=100, deadline=None)

@@ -139,8 +139,13 @@ def scheme_options(fn):
                      help="int8: make the model's float inputs and outputs integer tensors (scales in the model's metadata)."),
         click.option("--exclude-nodes", multiple=True, metavar="GLOB", help="Keep nodes whose name matches GLOB in float (repeatable)."),
         click.option("--keep-io-types/--no-keep-io-types", default=True, show_default=True, help="fp16: keep model inputs and outputs float32."),
-        click.option("--int4-method", type=click.Choice(["rtn", "gptq"]), default="gptq", show_default=True,
-                     help="int4 with --data: GPTQ (data-aware); without data, round-to-nearest is used."),
+        click.option("--int4-method", type=click.Choice(["rtn", "gptq", "hqq", "awq"]), default="gptq", show_default=True,
+                     help="int4: gptq or awq need --data (without it, round-to-nearest is used); rtn: round to nearest; "
+                          "hqq: half-quadratic fit of each block to its weights, no data."),
+        click.option("--accuracy-level", type=click.Choice(["auto", "0", "1", "2", "3", "4"]), default="auto", show_default=True,
+                     help="int4: MatMulNBits accuracy_level. auto: 4 (int8 activation products, ~3x faster a token on x86) "
+                          "when the outputs agree with the float computation on the data's rows (or generated ones); "
+                          "0 leaves onnxruntime's default."),
         click.option("--block-size", type=int, default=32, show_default=True, help="int4: weights per block along K (16, 32, 64, 128 or 256)."),
         click.option("--reduce-range", is_flag=True, help="7-bit weights, for CPUs without VNNI (avoids int16 overflow in their int8 kernels)."),
         click.option("--symmetric-activations", is_flag=True, help="Zero point fixed at the middle of the activation range."),
@@ -169,7 +174,7 @@ def scheme_options(fn):
 
 
 SCHEME_KEYS = ("mode", "fmt", "per_tensor", "weight_type", "affine_weights", "activation_type", "symmetric_activations",
-               "reduce_range", "block_size", "int4_method", "keep_io_types", "exclude_nodes", "exclude_ops", "quantized_io",
+               "reduce_range", "block_size", "int4_method", "accuracy_level", "keep_io_types", "exclude_nodes", "exclude_ops", "quantized_io",
                "bias_correction", "floor_ranges", "equalize")
 
 
@@ -179,7 +184,7 @@ def config_from(kwargs: dict) -> QuantConfig:
     return QuantConfig(mode=k["mode"], format=k["fmt"], per_channel=not k["per_tensor"], weight_type=k["weight_type"],
                        symmetric_weights=not k["affine_weights"], activation_type=k["activation_type"],
                        symmetric_activations=k["symmetric_activations"], reduce_range=k["reduce_range"],
-                       block_size=k["block_size"], int4_method=k["int4_method"], keep_io_types=k["keep_io_types"],
+                       block_size=k["block_size"], int4_method=k["int4_method"], accuracy_level=k["accuracy_level"], keep_io_types=k["keep_io_types"],
                        exclude_nodes=tuple(k["exclude_nodes"]), exclude_ops=tuple(k["exclude_ops"]), quantized_io=k["quantized_io"],
                        bias_correction={None: "auto", "off": None}.get(k["bias_correction"], k["bias_correction"]), floor_ranges=k["floor_ranges"],
                        equalize=k["equalize"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 
 import click
@@ -83,9 +85,12 @@ def quantize_cmd(term, model, out, plan_file, tune, budget, tune_rows, **kw):
     if not tune and any(ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE for k in ("budget", "tune_rows")):
         raise UsageError("--budget and --tune-rows set how --tune searches: add --tune")
     evaluation = eval_options_from(kw, kw.pop("eval_data"))
-    plan = PlanJob(model=model, config=config_from(kw), method=method, percentile=percentile, calib=kw.pop("calib"), data=kw.pop("data"),
+    gates, config = gates_from(kw), config_from(kw)
+    if config.mode == "int4" and gates.max_size_mb is not None:  # the gate's size buys 8-bit layers (mixed int4/int8)
+        config = dataclasses.replace(config, size_budget_mb=gates.max_size_mb)
+    plan = PlanJob(model=model, config=config, method=method, percentile=percentile, calib=kw.pop("calib"), data=kw.pop("data"),
                    force_calib=kw.pop("force_calib"), overrides=kw.pop("overrides"), calib_options=calib_options_from(kw))
-    job = QuantizeJob(out=out, planning=plan, plan_file=plan_file, evaluation=evaluation, gates=gates_from(kw), reports=tuple(kw.pop("reports")),
+    job = QuantizeJob(out=out, planning=plan, plan_file=plan_file, evaluation=evaluation, gates=gates, reports=tuple(kw.pop("reports")),
                       speed_fallback=kw.pop("speed_fallback"), tune=TuneOptions(budget=Budget.parse(budget), rows=tune_rows) if tune else None,
                       write_plan=kw.pop("write_plan"))
     job.check()

@@ -3,6 +3,9 @@ round-to-nearest or, with calibration rows, GPTQ; everything else stays float.""
 
 from __future__ import annotations
 
+from itertools import islice
+
+from qconv.errors import QconvError
 from qconv.modes import Applied, Findings
 from qconv.modes.common import check_float_only, decisions_from
 from qconv.plan import QuantPlan
@@ -35,12 +38,29 @@ def plan(prepared, stats, config, overrides: Overrides) -> QuantPlan:
 
 
 def apply(prepared, p: QuantPlan, calib_feeds=None) -> Applied:
-    from qconv.rewrite.weight_only import quantize_int4
+    from qconv.rewrite import weight_only as wo
 
     config = p.config
-    method = config.int4_method if calib_feeds is not None else "rtn"
-    r = quantize_int4(prepared.model, block_size=config.block_size, symmetric=config.symmetric_weights, method=method,
-                      calib_feeds=calib_feeds if method == "gptq" else None, only_nodes={n.name for n in p.nodes if n.quantized})
-    findings = Findings(int4={"method": method, "block_size": config.block_size, "symmetric": config.symmetric_weights,
-                              "weights": r.quantized})
-    return Applied(r.model, findings, r.model)
+    method = config.int4_method if calib_feeds is not None or config.int4_method not in wo.CALIBRATED else "rtn"
+    r = wo.quantize_int4(prepared.model, block_size=config.block_size, symmetric=config.symmetric_weights, method=method,
+                         calib_feeds=calib_feeds if method in wo.CALIBRATED else None,
+                         only_nodes={n.name for n in p.nodes if n.quantized},
+                         max_bytes=None if config.size_budget_mb is None else int(config.size_budget_mb * 1e6))
+    model, level = r.model, None
+    if config.accuracy_level != "auto":
+        pinned = int(config.accuracy_level) or None
+        model, level = wo.with_accuracy_level(model, pinned), {"chosen": pinned, "rows": None, "why": "pinned by --accuracy-level"}
+    elif any(n.op_type == "MatMulNBits" for n in model.graph.node):
+        feeds = list(islice(iter(calib_feeds), wo.LEVEL_FEEDS)) if calib_feeds is not None else []
+        try:
+            model, level = wo.choose_accuracy_level(prepared.model, model, feeds or wo.generated_feeds(model),
+                                                    "calibration rows" if feeds else "generated rows (no --data)")
+        except QconvError as exc:
+            if feeds:
+                raise
+            level = {"chosen": None, "rows": None, "why": f"no rows to compare the levels on (generated rows did not run: "
+                                                          f"{str(exc).splitlines()[0][:160]}): pass --data, or --accuracy-level 4"}
+    findings = Findings(int4={"method": method, "block_size": config.block_size,
+                              "symmetric": config.symmetric_weights and method != "hqq",
+                              "accuracy_level": level, "scalings": r.scalings, "weights": r.quantized})
+    return Applied(model, findings, model)

@@ -12,6 +12,8 @@ from qconv.plan.names import first_match
 MODES = ("int8", "dynamic", "fp16", "a16w8", "int4")
 FORMATS = ("qdq", "qoperator")
 BLOCK_SIZES = (16, 32, 64, 128, 256)
+INT4_METHODS = ("rtn", "gptq", "hqq", "awq")  # qconv.rewrite.weight_only.METHODS
+ACCURACY_LEVELS = ("auto", "0", "1", "2", "3", "4")
 # Modes that need calibration statistics, and the formats each mode can be written in.
 CALIBRATED = {"int8", "a16w8"}
 MODE_FORMATS = {"int8": ("qdq", "qoperator"), "a16w8": ("qdq",), "dynamic": ("qoperator",), "fp16": (), "int4": ()}
@@ -31,6 +33,12 @@ class QuantConfig:
     percentile: float = 99.999
     block_size: int = 32
     int4_method: str = "rtn"
+    # int4: auto (accuracy_level 4 when the outputs agree with the float-activation kernels on the data's rows, or
+    # on generated rows without data), or a level 0-4 pinned (0: the attribute left out, onnxruntime's default)
+    accuracy_level: str = "auto"
+    # int4: the size the model may reach (the --max-size-mb gate): the MatMuls whose int4 error is largest are stored
+    # in 8 bits while the model stays within it (mixed int4/int8); None: every weight int4
+    size_budget_mb: float | None = None
     keep_io_types: bool = True
     exclude_nodes: tuple[str, ...] = field(default_factory=tuple)
     exclude_ops: tuple[str, ...] = field(default_factory=tuple)
@@ -76,8 +84,10 @@ class QuantConfig:
         if self.bias_correction in ("full", "fast") and not self.needs_calibration:
             raise UsageError(f"--bias-correction corrects the static int8 modes (int8, a16w8); --mode {self.mode} has no activation "
                              "quantization to correct: drop it")
-        if self.int4_method not in ("rtn", "gptq"):
-            raise UsageError(f"unknown int4 method '{self.int4_method}'; choose rtn or gptq")
+        if self.int4_method not in INT4_METHODS:
+            raise UsageError(f"unknown int4 method '{self.int4_method}'; choose one of {', '.join(INT4_METHODS)}")
+        if self.accuracy_level not in ACCURACY_LEVELS:
+            raise UsageError(f"--accuracy-level must be one of {', '.join(ACCURACY_LEVELS)} (got {self.accuracy_level})")
 
     @property
     def output_format(self) -> str:
@@ -138,4 +148,7 @@ class QuantConfig:
         d["exclude_ops"] = list(self.exclude_ops)
         d["format"] = self.output_format
         d["activation_type"] = self.act_type
+        if self.mode != "int4":
+            d.pop("accuracy_level")  # int4 only; plans of the other modes stay as they were
+            d.pop("size_budget_mb")
         return d

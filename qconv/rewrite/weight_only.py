@@ -27,14 +27,15 @@ Gather on a float32 table [V, D] along axis 0 (embeddings) (GatherBlockQuantized
     instead of an error.
 
 Symmetric scale
-    The signed range [-8, 7] is lopsided. ``absmax / 7`` never uses -8. onnxruntime's quantizer puts the
-    largest magnitude on -8 (flipping the scale's sign when that value is positive) and clips the other
-    side's extreme at 7, which can cost a whole step on that value. Here the step is
-    ``max(larger side / 8, smaller side / 7)`` with the sign of the scale chosen so the larger side lands on
-    -8: never coarser than absmax / 7, often absmax / 8, and nothing is clipped, so every value is within half
-    a step. Measured mean relative error at block 32 on the sample transformer's weights: absmax/7 0.0809,
-    this 0.0732, onnxruntime's 0.0724 (slightly lower on average, but without the half-step bound).
-    Negative scales are fine for the kernels (onnxruntime's own quantizer emits them).
+    The signed range [-8, 7] is lopsided, and the three steps in use each win on some blocks: ``absmax / 7``
+    never uses -8; onnxruntime's quantizer puts the largest magnitude on -8 (flipping the scale's sign when
+    that value is positive) and clips the other side's extreme at 7; ``max(larger side / 8, smaller side / 7)``
+    with the larger side on -8 clips nothing. Each block takes the one with the least squared error (three
+    round trips of the block; never worse than any one of them). Measured on the Shakespeare decoder of
+    scripts/bench_int4.py (block 32, RTN, 96 held-out windows, 2,048 teacher-forced greedy steps): no-clip
+    alone +0.363% perplexity, greedy agreement 0.940; onnxruntime's +0.426%, 0.965; absmax/7 +0.328%, 0.953;
+    the per-block choice +0.311%, 0.960. Negative scales are fine for the kernels (onnxruntime's own quantizer
+    emits them). 8-bit layers (mixed models) use the no-clip step.
 Affine
     The block's range widened to include 0 over 0..15 (qmath.choose_qparams), zero point rounded.
 GPTQ
@@ -43,30 +44,42 @@ GPTQ
     Weights read by several MatMuls sum their inputs' Hessians. Each weight is then quantized by qconv.numeric.gptq
     (act-order off by default). Hessians taken sequentially on the partly quantized model (one pass per
     layer) gave no gain on the sample transformer, so one pass it is. Gather tables always use round-to-nearest.
+HQQ (no data)
+    qconv.numeric.hqq: block parameters fitted to the weights by half-quadratic steps on an lp norm, zero points
+    rounded to integers (float zero points have no fast CPU kernel). Always stored affine.
+AWQ (data)
+    qconv.numeric.awq: per input tensor, a channel scale ``s`` searched on the calibration Hessian (the same
+    streamed ``H`` as GPTQ), weights stored as ``diag(s) W`` and ``1 / s`` folded into what makes the input: the
+    constant of a norm's ``Mul`` (RMSNorm/LayerNorm weight), a LayerNormalization's scale and bias, or the columns
+    of the MatMul that feeds an elementwise ``Mul`` (SwiGLU's up projection); anywhere else a ``Mul`` by ``1 / s``
+    is inserted before the MatMuls (one per input tensor). Then each block's range is clip-searched on the error
+    weighted by ``diag H``. Weights read by MatMuls with different inputs keep ``s = 1``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from qconv.errors import QconvError, UsageError
-from qconv.graph import Graph, attr, drop_unused_initializers, expose
-from qconv.numeric import gptq, qmath
+from qconv.graph import Graph, attr, drop_unused_initializers, expose, topo_sort
+from qconv.numeric import awq, gptq, hqq, qmath
 from qconv.plan.names import first_match
 from qconv.runtime import run, session
 
 BLOCK_SIZES = (16, 32, 64, 128, 256)
-METHODS = ("rtn", "gptq")
+METHODS = ("rtn", "gptq", "hqq", "awq")
+CALIBRATED = ("gptq", "awq")
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 MS_DOMAIN = "com.microsoft"
 UINT4 = qmath.QType("uint8", 0, 15)  # 4-bit values, one per uint8 until packed
-SYMMETRIC_ZERO_POINT = 8
+UINT8 = qmath.QType("uint8", 0, 255)  # the 8-bit layers of a mixed model (MatMulNBits bits=8)
+SYMMETRIC_ZERO_POINT = 8  # onnxruntime's default zero point: 2^(bits - 1)
 PERCDAMP = 0.01
 _FLOATING = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
 
@@ -76,6 +89,7 @@ class WeightOnlyResult:
     model: onnx.ModelProto
     quantized: list[dict]  # node, op_type, weight, shape, block_size, symmetric, method, rel_error
     kept_float: list[dict]  # name, op_type, reason
+    scalings: list[dict] = field(default_factory=list)  # AWQ: input, alpha, folded_into (None: a Mul), scale range
 
 
 @dataclass(frozen=True)
@@ -115,31 +129,71 @@ def unpack_nibbles(packed: np.ndarray, length: int) -> np.ndarray:
     return q[..., :length]
 
 
-def fit_blocks(x: np.ndarray, symmetric: bool) -> qmath.QParams:
-    """4-bit parameters for each row of ``x [C, n]`` (one block per row), shape (C,) along axis 0."""
+def _symmetric(scale: np.ndarray, qt: qmath.QType, half: int) -> qmath.QParams:
+    scale = np.where((scale != 0) & np.isfinite(scale), scale, 1.0).astype(np.float32)
+    return qmath.QParams(scale, np.full(scale.shape, half, dtype=np.uint8), qt, axis=0)
+
+
+def fit_blocks(x: np.ndarray, symmetric: bool, bits: int = 4) -> qmath.QParams:
+    """4-bit (or 8-bit) parameters for each row of ``x [C, n]`` (one block per row), shape (C,) along axis 0.
+
+    Symmetric 4-bit: each block takes whichever of three steps leaves the least squared error (see the module
+    docstring): no clipping with the larger side on -8, onnxruntime's larger side / -8 (the other side clipped at
+    7), or absmax / 7."""
     x = np.asarray(x, dtype=np.float64)
     lo = np.minimum(x.min(axis=1), 0.0)
     hi = np.maximum(x.max(axis=1), 0.0)
+    qt, half = (UINT4, 8) if bits == 4 else (UINT8, 128)
     if not symmetric:
-        return qmath.choose_qparams(lo, hi, UINT4, symmetric=False, axis=0)
-    step_if_positive = np.maximum(-lo / 8, hi / 7)  # scale > 0: the negative side reaches -8
-    step_if_negative = np.maximum(hi / 8, -lo / 7)  # scale < 0: the positive side reaches -8
-    scale = np.where(step_if_negative < step_if_positive, -step_if_negative, step_if_positive).astype(np.float32)
-    scale = np.where((scale != 0) & np.isfinite(scale), scale, np.float32(1.0)).astype(np.float32)
-    return qmath.QParams(scale, np.full(scale.shape, SYMMETRIC_ZERO_POINT, dtype=np.uint8), UINT4, axis=0)
+        return qmath.choose_qparams(lo, hi, qt, symmetric=False, axis=0)
+    step_if_positive = np.maximum(-lo / half, hi / (half - 1))  # scale > 0: the negative side reaches -half
+    step_if_negative = np.maximum(hi / half, -lo / (half - 1))  # scale < 0: the positive side reaches -half
+    unclipped = _symmetric(np.where(step_if_negative < step_if_positive, -step_if_negative, step_if_positive), qt, half)
+    if bits != 4:
+        return unclipped
+    larger = np.where(-lo >= hi, lo, hi)  # the signed value of the largest magnitude
+    candidates = [unclipped, _symmetric(larger / -half, qt, half), _symmetric(np.maximum(-lo, hi) / (half - 1), qt, half)]
+    x32 = x.astype(np.float32)
+    errors = np.stack([np.sum((x32 - qmath.dequantize(qmath.quantize(x32, c), c)) ** 2, axis=1) for c in candidates])
+    pick = np.argmin(errors, axis=0)  # ties: the first, the unclipped step
+    return _symmetric(np.choose(pick, [c.scale for c in candidates]), qt, half)
 
 
-def rtn(w: np.ndarray, block_size: int, symmetric: bool) -> Int4Weight:
-    """Round-to-nearest block-wise quantization of ``w [K, N]`` along K."""
+def _blocks(a: np.ndarray, block_size: int) -> np.ndarray:
+    """``a [K, N]`` as blocks [n_blocks * N, block_size] along K (zero-padded to whole blocks)."""
+    k_dim, n_dim = a.shape
+    n_blocks = -(-k_dim // block_size)
+    padded = np.zeros((n_blocks * block_size, n_dim), dtype=a.dtype)
+    padded[:k_dim] = a
+    return padded.reshape(n_blocks, block_size, n_dim).transpose(0, 2, 1).reshape(n_blocks * n_dim, block_size)
+
+
+def blockwise(w: np.ndarray, block_size: int, fit: Callable[[np.ndarray], qmath.QParams]) -> Int4Weight:
+    """Block-wise quantization of ``w [K, N]`` along K with the parameters ``fit`` chooses for each block."""
     k_dim, n_dim = w.shape
     n_blocks = -(-k_dim // block_size)
-    padded = np.zeros((n_blocks * block_size, n_dim), dtype=np.float32)
-    padded[:k_dim] = w
-    blocks = padded.reshape(n_blocks, block_size, n_dim).transpose(0, 2, 1).reshape(n_blocks * n_dim, block_size)
-    qp = fit_blocks(blocks, symmetric)
+    blocks = _blocks(np.asarray(w, dtype=np.float32), block_size)
+    qp = fit(blocks)
     q = qmath.quantize(blocks, qp).reshape(n_blocks, n_dim, block_size).transpose(0, 2, 1)
     q = q.reshape(n_blocks * block_size, n_dim)[:k_dim]
     return Int4Weight(q, qp.scale.reshape(n_blocks, n_dim), qp.zero_point.reshape(n_blocks, n_dim), block_size)
+
+
+def rtn(w: np.ndarray, block_size: int, symmetric: bool, bits: int = 4) -> Int4Weight:
+    """Round-to-nearest block-wise quantization of ``w [K, N]`` along K (8-bit for a mixed model's chosen layers)."""
+    return blockwise(w, block_size, partial(fit_blocks, symmetric=symmetric, bits=bits))
+
+
+def hqq_weight(w: np.ndarray, block_size: int) -> Int4Weight:
+    """HQQ block parameters (affine, integer zero points): qconv.numeric.hqq."""
+    return blockwise(w, block_size, partial(hqq.fit, qt=UINT4))
+
+
+def clipped_weight(w: np.ndarray, block_size: int, symmetric: bool, importance: np.ndarray) -> Int4Weight:
+    """Round-to-nearest with each block's range clip-searched on the error weighted by ``importance`` [K] (the
+    mean square of the input channel each row of ``w`` multiplies)."""
+    weights = _blocks(np.broadcast_to(np.asarray(importance, np.float32)[:, None], w.shape).copy(), block_size)
+    return blockwise(w, block_size, lambda blocks: awq.clip_fit(blocks, weights, partial(fit_blocks, symmetric=symmetric)))
 
 
 def gptq_weight(w: np.ndarray, hessian: np.ndarray, block_size: int, symmetric: bool,
@@ -154,13 +208,15 @@ def rel_error(w: np.ndarray, qw: Int4Weight) -> float:
     return float(np.linalg.norm(w - qw.dequantize())) / norm if norm else 0.0
 
 
-def matmul_nbits_tensors(qw: Int4Weight, symmetric: bool) -> list[np.ndarray]:
-    """MatMulNBits inputs B, scales (and zero_points when affine) for ``qw`` of a weight [K, N]."""
+def matmul_nbits_tensors(qw: Int4Weight, symmetric: bool, bits: int = 4) -> list[np.ndarray]:
+    """MatMulNBits inputs B, scales (and zero_points when affine) for ``qw`` of a weight [K, N]; 8-bit values are
+    stored one per byte (B [N, n_blocks, block_size], zero points [N, n_blocks])."""
     n_dim = qw.q.shape[1]
     n_blocks = qw.scale.shape[0]
-    b = pack_nibbles(qw.padded_q().reshape(n_blocks, qw.block_size, n_dim).transpose(2, 0, 1))
-    arrays = [b, np.ascontiguousarray(qw.scale.T)]
-    return arrays if symmetric else arrays + [pack_nibbles(qw.zero_point.T)]
+    b = qw.padded_q().reshape(n_blocks, qw.block_size, n_dim).transpose(2, 0, 1)
+    pack = pack_nibbles if bits == 4 else np.ascontiguousarray
+    arrays = [pack(b), np.ascontiguousarray(qw.scale.T)]
+    return arrays if symmetric else arrays + [pack(qw.zero_point.T)]
 
 
 def gather_tensors(qw: Int4Weight, symmetric: bool) -> list[np.ndarray]:
@@ -175,8 +231,8 @@ def _check_options(block_size, method: str, calib_feeds, accuracy_level) -> None
                          f"got {block_size!r}")
     if method not in METHODS:
         raise UsageError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    if method == "gptq" and calib_feeds is None:
-        raise UsageError("method 'gptq' needs calibration data (calib_feeds); use method 'rtn' without data")
+    if method in CALIBRATED and calib_feeds is None:
+        raise UsageError(f"method '{method}' needs calibration data (calib_feeds); use method 'rtn' or 'hqq' without data")
     if accuracy_level is not None and accuracy_level not in ACCURACY_LEVELS:
         levels = ", ".join(map(str, ACCURACY_LEVELS))
         raise UsageError(f"accuracy_level must be one of {levels}, got {accuracy_level!r}")
@@ -266,49 +322,192 @@ def input_hessians(model: onnx.ModelProto, widths: dict[str, int], feeds: Iterab
             rows[name] += x.shape[0]
     for name in names:
         if rows[name] == 0:
-            raise UsageError(f"method 'gptq' needs calibration data, but calib_feeds gave no rows for '{name}'")
+            raise UsageError(f"int4 methods gptq and awq need calibration data, but calib_feeds gave no rows for '{name}'")
         if not np.all(np.isfinite(sums[name])):
             raise QconvError(f"calibration activations of '{name}' hold inf/NaN values, which GPTQ cannot use: "
                              "use method 'rtn' or exclude the MatMuls reading it")
     return {n: sums[n] / rows[n] for n in names}
 
 
-def _weight_hessians(model: onnx.ModelProto, g: Graph, targets, feeds) -> dict[tuple[str, str], np.ndarray]:
-    """Hessian per ("MatMul", weight): the sum over the MatMuls reading that weight."""
-    matmuls = [n for n in targets if n.op_type == "MatMul"]
-    if not matmuls:
-        return {}
-    widths = {n.input[0]: int(g.initializers[n.input[1]].dims[0]) for n in matmuls}
-    per_input = input_hessians(model, widths, feeds)
-    hessians: dict[tuple[str, str], np.ndarray] = {}
+def _weight_hessians(per_input: dict[str, np.ndarray], matmuls) -> dict[str, np.ndarray]:
+    """Hessian per MatMul weight: the sum over the MatMuls reading that weight."""
+    hessians: dict[str, np.ndarray] = {}
     for node in matmuls:
-        key = ("MatMul", node.input[1])
-        hessians[key] = hessians.get(key, 0.0) + per_input[node.input[0]]
+        hessians[node.input[1]] = hessians.get(node.input[1], 0.0) + per_input[node.input[0]]
     return hessians
 
 
-def _encode(g: Graph, node: onnx.NodeProto, block_size: int, symmetric: bool, hessian, act_order: bool):
-    """(new initializers, quantized record without the node name) for the weight of ``node``."""
+@dataclass
+class _Scaling:
+    """AWQ's result for one input tensor: the channel scale, its alpha, and where ``1 / s`` went."""
+
+    input: str
+    scale: np.ndarray
+    alpha: float
+    folded_into: str | None  # an initializer or node name; None: a Mul is inserted before the MatMuls
+
+
+def _fold_target(g: Graph, x: str, readers: list[onnx.NodeProto]) -> tuple[str, list[str]] | None:
+    """Where ``1 / s`` for input ``x`` can be folded exactly: (what, [initializers to divide, and how]); None when
+    only an inserted Mul can carry it. Kinds: 'rows' (divide a [K] vector), 'columns' (divide a weight's columns)."""
+    if x in g.graph_outputs or x in g.pinned or {id(n) for n in g.consumers.get(x, [])} != {id(n) for n in readers}:
+        return None
+    producer = g.producer.get(x)
+    if producer is None:
+        return None
+    k_dim = int(g.initializers[readers[0].input[1]].dims[0])
+
+    def vector(name):
+        return g.is_constant(name) and g.types.get(name) == TensorProto.FLOAT and len(g.consumers[name]) == 1 and \
+            int(np.prod(g.initializers[name].dims)) == k_dim and list(g.initializers[name].dims)[-1] == k_dim
+
+    if producer.op_type in ("LayerNormalization", "SimplifiedLayerNormalization") and len(producer.output) >= 1 \
+            and all(vector(n) for n in producer.input[1:3] if n) and len(producer.input) >= 2:
+        return "rows", [n for n in producer.input[1:3] if n]
+    if producer.op_type == "Mul" and producer.domain in ("", "ai.onnx"):
+        for const, other in ((producer.input[1], producer.input[0]), (producer.input[0], producer.input[1])):
+            if vector(const):
+                return "rows", [const]
+        for side in producer.input:
+            mm = g.producer.get(side)
+            if (mm is not None and mm.op_type == "MatMul" and g.is_constant(mm.input[1]) and g.only_consumer(side) is producer
+                    and g.types.get(mm.input[1]) == TensorProto.FLOAT and list(g.initializers[mm.input[1]].dims)[-1] == k_dim
+                    and len(g.initializers[mm.input[1]].dims) == 2):
+                return "columns", [mm.input[1]]
+    return None
+
+
+def _awq(m: onnx.ModelProto, g: Graph, matmuls, per_input: dict[str, np.ndarray], block_size: int,
+         symmetric: bool) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[_Scaling]]:
+    """AWQ over the int4 MatMuls: ({weight: diag(s) W}, {weight: importance [K]}, scalings). Folds ``1 / s`` into
+    initializers of ``m`` where _fold_target allows; the caller inserts Muls for the rest."""
+    by_input: dict[str, list[onnx.NodeProto]] = {}
+    for node in matmuls:
+        by_input.setdefault(node.input[0], []).append(node)
+    inputs_of_weight: dict[str, set[str]] = {}
+    for node in matmuls:
+        inputs_of_weight.setdefault(node.input[1], set()).add(node.input[0])
+    round_trip = lambda w: rtn(w, block_size, symmetric).dequantize()  # noqa: E731
+    overrides: dict[str, np.ndarray] = {}  # weights with folded columns, before their own scaling
+    scaled, importance, scalings = {}, {}, []
+    for x, readers in by_input.items():
+        h = per_input[x]
+        weights = sorted({n.input[1] for n in readers})
+        shared = any(len(inputs_of_weight[w]) > 1 for w in weights)
+        arrays = {w: overrides.get(w, g.array(w).astype(np.float32)) for w in weights}
+        if shared:
+            s, alpha = np.ones(h.shape[0]), 0.0
+        else:
+            s, alpha, _ = awq.search_scale([arrays[w] for w in weights], h, round_trip)
+        diag = np.maximum(np.diag(h), 0.0) / (s * s)
+        for w in weights:
+            scaled[w] = (arrays[w] * s[:, None]).astype(np.float32)
+            importance[w] = diag
+        if alpha == 0.0:
+            continue
+        target = _fold_target(g, x, readers)
+        folded = None
+        if target is not None:
+            kind, names = target
+            for name in names:
+                if kind == "rows":
+                    v = g.array(name).astype(np.float64)
+                    g.initializers[name].CopyFrom(numpy_helper.from_array((v / s.reshape(v.shape)).astype(np.float32), name))
+                elif name in scaled:  # a weight already scaled and quantized earlier in this loop: divide both
+                    scaled[name] = (scaled[name] / s[None, :]).astype(np.float32)
+                else:
+                    overrides[name] = (overrides.get(name, g.array(name).astype(np.float32)) / s[None, :]).astype(np.float32)
+            folded = names[0]
+        scalings.append(_Scaling(x, s, alpha, folded))
+    for name, arr in overrides.items():
+        if name not in scaled:
+            g.initializers[name].CopyFrom(numpy_helper.from_array(arr, name))
+    return scaled, importance, scalings
+
+
+def _insert_scales(m: onnx.ModelProto, g: Graph, scalings: list[_Scaling], replaced: dict[str, onnx.NodeProto]) -> None:
+    """A ``Mul`` by ``1 / s`` before the int4 MatMuls of each scaling that could not be folded."""
+    added = []
+    for sc in scalings:
+        if sc.folded_into is not None:
+            continue
+        inv = g.unique(sc.input + "_awq_inv_scale")
+        out = g.unique(sc.input + "_awq_scaled")
+        m.graph.initializer.append(numpy_helper.from_array((1.0 / sc.scale).astype(np.float32), inv))
+        added.append(helper.make_node("Mul", [sc.input, inv], [out], name=g.unique(sc.input + "_awq_scale")))
+        for node in m.graph.node:
+            if node.op_type == "MatMulNBits" and node.input[0] == sc.input and node.name in replaced:
+                node.input[0] = out
+    if added:
+        m.graph.node.extend(added)
+        topo_sort(m)
+
+
+def _encode(g: Graph, node: onnx.NodeProto, block_size: int, symmetric: bool, method: str, hessian, act_order: bool,
+            weight: np.ndarray | None = None, importance: np.ndarray | None = None, bits: int = 4):
+    """(new initializers, quantized record without the node name, the dequantized weight or None) for the weight of
+    ``node``; ``weight``, when given, replaces the stored one (AWQ's scaled weight). ``bits=8``: a mixed model's
+    8-bit layer (symmetric round-to-nearest, MatMulNBits bits=8)."""
     name = _weight_input(node)
-    w = g.array(name).astype(np.float32)
+    w = g.array(name).astype(np.float32) if weight is None else weight
+    affine = not symmetric or method == "hqq"
+    if bits == 8:
+        qw = rtn(w, block_size, True, bits=8)
+        inits = [numpy_helper.from_array(a, g.unique(name + sfx))
+                 for a, sfx in zip(matmul_nbits_tensors(qw, True, 8), ("_Q8", "_scales8"))]
+        record = {"op_type": node.op_type, "weight": name, "shape": list(w.shape), "block_size": block_size,
+                  "symmetric": True, "method": "rtn", "bits": 8, "rel_error": rel_error(w, qw)}
+        return inits, record, qw.dequantize()
     if node.op_type == "Gather":
         qw = rtn(w.T, block_size, symmetric)
-        arrays, err = gather_tensors(qw, symmetric), rel_error(w.T, qw)
+        arrays, err, used = gather_tensors(qw, symmetric), rel_error(w.T, qw), "rtn"
+        affine = not symmetric
     else:
-        if hessian is None:
-            qw = rtn(w, block_size, symmetric)
-        else:
+        if method == "gptq" and hessian is not None:
             qw = gptq_weight(w, hessian, block_size, symmetric, act_order)
-        arrays, err = matmul_nbits_tensors(qw, symmetric), rel_error(w, qw)
+        elif method == "hqq":
+            qw = hqq_weight(w, block_size)
+        elif method == "awq" and importance is not None:
+            qw = clipped_weight(w, block_size, symmetric, importance)
+        else:
+            qw = rtn(w, block_size, symmetric)
+        used = method if method != "gptq" or hessian is not None else "rtn"
+        arrays, err = matmul_nbits_tensors(qw, not affine), rel_error(w, qw)
     suffixes = ("_Q4", "_scales", "_zero_points")
     inits = [numpy_helper.from_array(a, g.unique(name + s)) for a, s in zip(arrays, suffixes)]
     record = {"op_type": node.op_type, "weight": name, "shape": list(w.shape), "block_size": block_size,
-              "symmetric": symmetric, "method": "rtn" if hessian is None else "gptq", "rel_error": err}
-    return inits, record
+              "symmetric": not affine, "method": used, "bits": 4, "rel_error": err}
+    return inits, record, (qw.dequantize() if node.op_type == "MatMul" else None)
+
+
+def _eight_bit(encoded: dict, weights: dict[str, np.ndarray], hessians: dict[str, np.ndarray], size: int,
+               budget: int) -> list[str]:
+    """The MatMul weights to store in 8 bits so that the model stays within ``budget`` bytes (``size``: all in
+    int4): greedily by int4 output error removed per byte added, the error measured as ``tr(D^T H D) / tr(W^T H W)``
+    on the calibration Hessian when there is one, else on the weight (``||D||^2 / ||W||^2``)."""
+    gains = []
+    for (op_type, name), (inits, record, approx) in encoded.items():
+        if op_type != "MatMul" or approx is None:
+            continue
+        w = weights[name]
+        d = w.astype(np.float64) - approx
+        h = hessians.get(name)
+        err = awq.output_error(w, approx, h) / max(awq.output_error(w, np.zeros_like(w), h), 1e-30) if h is not None \
+            else float(np.sum(d * d)) / max(float(np.sum(w.astype(np.float64) ** 2)), 1e-30)
+        k_dim, n_dim = w.shape
+        n_blocks = -(-k_dim // record["block_size"])
+        extra = n_dim * n_blocks * record["block_size"] // 2  # a byte per value instead of half of one
+        gains.append((-err / max(extra, 1), name, extra))
+    chosen = []
+    for _, name, extra in sorted(gains):
+        if size + extra <= budget:
+            chosen.append(name)
+            size += extra
+    return chosen
 
 
 def _replacement(g: Graph, node: onnx.NodeProto, inits: list[TensorProto], block_size: int,
-                 accuracy_level: int | None) -> onnx.NodeProto:
+                 accuracy_level: int | None, bits: int = 4) -> onnx.NodeProto:
     data, params = inits[0].name, [t.name for t in inits[1:]]
     name = g.unique(node.name + "_Q4")
     if node.op_type == "Gather":
@@ -317,16 +516,18 @@ def _replacement(g: Graph, node: onnx.NodeProto, inits: list[TensorProto], block
     k_dim, n_dim = g.initializers[_weight_input(node)].dims
     extra = {} if accuracy_level is None else {"accuracy_level": accuracy_level}
     return helper.make_node("MatMulNBits", [node.input[0], data, *params], list(node.output), name=name,
-                            domain=MS_DOMAIN, K=k_dim, N=n_dim, bits=4, block_size=block_size, **extra)
+                            domain=MS_DOMAIN, K=k_dim, N=n_dim, bits=bits, block_size=block_size, **extra)
 
 
 def quantize_int4(model: onnx.ModelProto, block_size: int = 32, symmetric: bool = True, method: str = "rtn",
                   calib_feeds: Iterable[dict[str, np.ndarray]] | None = None, exclude_nodes=(),
-                  accuracy_level: int | None = None, act_order: bool = False, only_nodes=None) -> WeightOnlyResult:
+                  accuracy_level: int | None = None, act_order: bool = False, only_nodes=None,
+                  max_bytes: int | None = None) -> WeightOnlyResult:
     """Store constant MatMul weights and Gather tables of ``model`` as block-wise int4 (see the module docstring).
 
-    ``exclude_nodes`` are node-name globs kept in float. ``method="gptq"`` streams ``calib_feeds`` (feed dicts,
-    one batch each) through onnxruntime; with ``method="rtn"`` they are not used. The input model is not changed.
+    ``exclude_nodes`` are node-name globs kept in float. ``method`` "gptq" and "awq" stream ``calib_feeds`` (feed
+    dicts, one batch each) through onnxruntime; "rtn" and "hqq" do not use them. ``max_bytes``: a size budget that
+    buys 8-bit storage for the MatMuls whose int4 error is largest (_eight_bit). The input model is not changed.
     """
     _check_options(block_size, method, calib_feeds, accuracy_level)
     block_size = int(block_size)
@@ -334,18 +535,154 @@ def quantize_int4(model: onnx.ModelProto, block_size: int = 32, symmetric: bool 
     m.CopyFrom(model)
     g = Graph(m)
     targets, kept = _select(m, g, block_size, exclude_nodes, None if only_nodes is None else set(only_nodes))
-    hessians = _weight_hessians(m, g, targets.values(), calib_feeds) if method == "gptq" else {}
-    encoded: dict[tuple[str, str], tuple[list[TensorProto], dict]] = {}
-    quantized = []
-    for position, node in targets.items():
+    matmuls = [n for n in targets.values() if n.op_type == "MatMul"]
+    per_input = {}
+    if method in CALIBRATED and matmuls:
+        widths = {n.input[0]: int(g.initializers[n.input[1]].dims[0]) for n in matmuls}
+        per_input = input_hessians(m, widths, calib_feeds)
+    hessians = _weight_hessians(per_input, matmuls) if per_input else {}
+    scaled, importance, scalings = _awq(m, g, matmuls, per_input, block_size, symmetric) if method == "awq" else ({}, {}, [])
+    for sc in scalings:  # the error of a scaled weight is measured on the scaled input
+        for node in matmuls:
+            if node.input[0] == sc.input:
+                hessians[node.input[1]] = hessians[node.input[1]] / np.outer(sc.scale, sc.scale)
+
+    def encode(node, bits=4):
+        weight = _weight_input(node)
+        mm = node.op_type == "MatMul"
+        return _encode(g, node, block_size, symmetric, method, hessians.get(weight) if method == "gptq" else None, act_order,
+                       scaled.get(weight) if mm else None, importance.get(weight) if mm else None, bits)
+
+    encoded = {}
+    for node in targets.values():
         key = (node.op_type, _weight_input(node))
         if key not in encoded:
-            encoded[key] = _encode(g, node, block_size, symmetric, hessians.get(key), act_order)
-        inits, record = encoded[key]
+            encoded[key] = encode(node)
+    if max_bytes is not None:
+        weights = {name: scaled.get(name, g.array(name).astype(np.float32)) for op, name in encoded if op == "MatMul"}
+        size = _size_after(m, g, encoded, targets)
+        for name in _eight_bit(encoded, weights, hessians, size, max_bytes):
+            node = next(n for n in matmuls if n.input[1] == name)
+            encoded[("MatMul", name)] = encode(node, bits=8)
+    quantized, replaced = [], {}
+    for position, node in targets.items():
+        inits, record, _ = encoded[(node.op_type, _weight_input(node))]
         quantized.append({"node": node.name, **record})
-        m.graph.node[position].CopyFrom(_replacement(g, node, inits, block_size, accuracy_level))
-    m.graph.initializer.extend(t for inits, _ in encoded.values() for t in inits)
+        new = _replacement(g, node, inits, block_size, accuracy_level, record["bits"])
+        m.graph.node[position].CopyFrom(new)
+        replaced[new.name] = new
+    m.graph.initializer.extend(t for inits, _, _ in encoded.values() for t in inits)
     if targets and not any(op.domain == MS_DOMAIN for op in m.opset_import):
         m.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    _insert_scales(m, g, scalings, replaced)
     drop_unused_initializers(m, [weight for _, weight in encoded])
-    return WeightOnlyResult(m, quantized, kept)
+    return WeightOnlyResult(m, quantized, kept, [{"input": sc.input, "alpha": sc.alpha, "folded_into": sc.folded_into,
+                                                  "scale_range": [float(np.min(sc.scale)), float(np.max(sc.scale))]}
+                                                 for sc in scalings])
+
+
+def _size_after(m: onnx.ModelProto, g: Graph, encoded: dict, targets: dict) -> int:
+    """Bytes of the model once every target is stored as ``encoded`` says (float weights gone, new ones added)."""
+    weights = {name for _, name in encoded}
+    readers_left = {name for name in weights for n in g.consumers.get(name, []) if n not in targets.values()}
+    dropped = sum(g.initializers[name].ByteSize() for name in weights - readers_left)
+    added = sum(t.ByteSize() for inits, _, _ in encoded.values() for t in inits)
+    return m.ByteSize() - dropped + added
+
+
+FAST_LEVEL = 4  # int8 products of the activations with the 4-bit weights (VNNI / AVX-512 kernels on x86)
+LEVEL_ARGMAX_DROP = 0.005  # level 4 may lose at most this much argmax agreement with the float model...
+LEVEL_COSINE_GROWTH = 1.25  # ...and grow the cosine distance to it by at most this factor
+LEVEL_FEEDS = 4
+
+
+def with_accuracy_level(model: onnx.ModelProto, level: int | None) -> onnx.ModelProto:
+    """A copy with ``accuracy_level`` set on every MatMulNBits (None: the attribute removed, onnxruntime's default)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for node in m.graph.node:
+        if node.op_type == "MatMulNBits" and node.domain == MS_DOMAIN:
+            kept = [a for a in node.attribute if a.name != "accuracy_level"]
+            del node.attribute[:]
+            node.attribute.extend(kept)
+            if level is not None:
+                node.attribute.append(helper.make_attribute("accuracy_level", level))
+    return m
+
+
+def generated_feeds(model: onnx.ModelProto, count: int = LEVEL_FEEDS, length: int = 16, seed: int = 0) -> list[dict]:
+    """Feeds for a model with no data given: token ids drawn from the vocabulary of the table they index,
+    floats from N(0, 1), symbolic dims ``length`` (batch 1), and a decoder's cache inputs empty."""
+    from qconv.data import InputSpec, complete, derivable
+
+    g = Graph(model)
+    rng = np.random.default_rng(seed)
+    specs = [InputSpec.from_value_info(i) for i in model.graph.input if i.name not in g.initializers]
+    auto = {s.name for s in derivable(specs, {s.name for s in specs if s.name == "input_ids"})}
+    feeds = []
+    for _ in range(count):
+        feed = {}
+        for s in specs:
+            if s.name in auto:
+                continue
+            shape = [d if isinstance(d, int) and d > 0 else (1 if k == 0 else length) for k, d in enumerate(s.shape)]
+            if s.dtype.kind in "iu":
+                tables = [int(g.initializers[n.input[0]].dims[0]) for n in g.consumers.get(s.name, [])
+                          if n.op_type == "Gather" and n.input[1] == s.name and n.input[0] in g.initializers]
+                feed[s.name] = rng.integers(0, min(tables) if tables else 2, size=shape).astype(s.dtype)
+            elif s.dtype.kind == "b":
+                feed[s.name] = np.ones(shape, dtype=bool)
+            else:
+                feed[s.name] = rng.standard_normal(shape).astype(s.dtype)
+        feeds.append(complete(feed, specs, "generated feeds"))
+    return feeds
+
+
+def _agreement(reference: list[list[np.ndarray]], outputs: list[list[np.ndarray]], names: list[str]) -> dict:
+    """Lowest cosine over outputs against the reference and, over outputs whose last axis reads as scores (rank >= 2,
+    last dim >= 2, not a cache), the fraction of positions with the reference's argmax."""
+    cosines, same, total = [], 0, 0
+    for k, name in enumerate(names):
+        a = np.concatenate([np.asarray(r[k], np.float64).ravel() for r in reference])
+        b = np.concatenate([np.asarray(o[k], np.float64).ravel() for o in outputs])
+        den = float(np.sqrt((a @ a) * (b @ b)))
+        cosines.append(float(a @ b) / den if den > 0 else 1.0)
+        lowered = name.lower()
+        if any(w in lowered for w in ("present", "past", "cache")):
+            continue
+        for r, o in zip(reference, outputs):
+            if np.ndim(r[k]) >= 2 and np.shape(r[k])[-1] >= 2 and np.size(r[k]):
+                same += int(np.sum(np.argmax(r[k], axis=-1) == np.argmax(o[k], axis=-1)))
+                total += int(np.size(r[k]) // np.shape(r[k])[-1])
+    return {"min_cosine": round(min(cosines), 6) if cosines else 1.0, "argmax_agreement": round(same / total, 6) if total else None}
+
+
+def level_agreement(original: onnx.ModelProto, model: onnx.ModelProto, feeds: list[dict], level: int = FAST_LEVEL) -> dict:
+    """Agreement with the float model of the int4 ``model`` at onnxruntime's default level and at ``level``
+    (qconv.rewrite.weight_only._agreement), on ``feeds``. Deterministic: no timing decides anything."""
+    ref_sess = session(original)
+    names = [o.name for o in ref_sess.get_outputs()]
+    reference = [run(ref_sess, f, names) for f in feeds]
+    out = {}
+    for key, lvl in (("default", None), (f"level{level}", level)):
+        sess = session(with_accuracy_level(model, lvl))
+        out[key] = _agreement(reference, [run(sess, f, names) for f in feeds], names)
+    return out
+
+
+def choose_accuracy_level(original: onnx.ModelProto, model: onnx.ModelProto, feeds: list[dict],
+                          rows: str) -> tuple[onnx.ModelProto, dict]:
+    """The int4 model with accuracy_level 4 when it keeps the float model's outputs about as well as the default
+    computation does on ``feeds`` (argmax agreement down at most LEVEL_ARGMAX_DROP, cosine distance grown at most
+    LEVEL_COSINE_GROWTH times), else unchanged; and the record of the comparison."""
+    m = level_agreement(original, model, feeds)
+    base, fast = m["default"], m[f"level{FAST_LEVEL}"]
+    ok = (1 - fast["min_cosine"]) <= LEVEL_COSINE_GROWTH * (1 - base["min_cosine"]) + 1e-6
+    if base["argmax_agreement"] is not None:
+        ok = ok and fast["argmax_agreement"] >= base["argmax_agreement"] - LEVEL_ARGMAX_DROP
+    record = {"chosen": FAST_LEVEL if ok else None, "rows": rows, **m}
+    if not ok:
+        record["why"] = (f"accuracy_level {FAST_LEVEL} kept the float model's outputs less well (min cosine {fast['min_cosine']} vs "
+                         f"{base['min_cosine']}, argmax agreement {fast['argmax_agreement']} vs {base['argmax_agreement']}): "
+                         "onnxruntime's default (float activations) kept")
+    return (with_accuracy_level(model, FAST_LEVEL) if ok else model), record
