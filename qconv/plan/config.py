@@ -12,7 +12,7 @@ from qconv.plan.names import first_match
 MODES = ("int8", "dynamic", "fp16", "a16w8", "int4")
 FORMATS = ("qdq", "qoperator")
 BLOCK_SIZES = (16, 32, 64, 128, 256)
-INT4_METHODS = ("rtn", "gptq", "hqq", "awq")  # qconv.rewrite.weight_only.METHODS
+INT4_METHODS = ("rtn", "gptq", "hqq", "awq", "awq_gptq")  # qconv.rewrite.weight_only.METHODS
 ACCURACY_LEVELS = ("auto", "0", "1", "2", "3", "4")
 # Modes that need calibration statistics, and the formats each mode can be written in.
 CALIBRATED = {"int8", "a16w8"}

@@ -53,7 +53,8 @@ AWQ (data)
     constant of a norm's ``Mul`` (RMSNorm/LayerNorm weight), a LayerNormalization's scale and bias, or the columns
     of the MatMul that feeds an elementwise ``Mul`` (SwiGLU's up projection); anywhere else a ``Mul`` by ``1 / s``
     is inserted before the MatMuls (one per input tensor). Then each block's range is clip-searched on the error
-    weighted by ``diag H``. Weights read by MatMuls with different inputs keep ``s = 1``.
+    weighted by ``diag H``. Weights read by MatMuls with different inputs keep ``s = 1``. ``awq_gptq``: the same
+    scales, then GPTQ's rounding on the scaled weights (Hessian ``H / (s s^T)``) instead of the clip search.
 """
 
 from __future__ import annotations
@@ -73,8 +74,8 @@ from qconv.plan.names import first_match
 from qconv.runtime import run, session
 
 BLOCK_SIZES = (16, 32, 64, 128, 256)
-METHODS = ("rtn", "gptq", "hqq", "awq")
-CALIBRATED = ("gptq", "awq")
+METHODS = ("rtn", "gptq", "hqq", "awq", "awq_gptq")
+CALIBRATED = ("gptq", "awq", "awq_gptq")
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 MS_DOMAIN = "com.microsoft"
 UINT4 = qmath.QType("uint8", 0, 15)  # 4-bit values, one per uint8 until packed
@@ -130,8 +131,17 @@ def unpack_nibbles(packed: np.ndarray, length: int) -> np.ndarray:
 
 
 def _symmetric(scale: np.ndarray, qt: qmath.QType, half: int) -> qmath.QParams:
-    scale = np.where((scale != 0) & np.isfinite(scale), scale, 1.0).astype(np.float32)
+    scale = np.asarray(scale).astype(np.float32)  # zero checked after the cast: a tiny float64 step can underflow
+    scale = np.where((scale != 0) & np.isfinite(scale), scale, np.float32(1.0)).astype(np.float32)
     return qmath.QParams(scale, np.full(scale.shape, half, dtype=np.uint8), qt, axis=0)
+
+
+def _round_trip_error(x: np.ndarray, scale: np.ndarray, half: int) -> np.ndarray:
+    """Per row, the squared error of symmetric quantization with ``scale`` (float32, as the kernels decode it)."""
+    s = scale[:, None]
+    r = np.clip(np.rint(x / s), -half, half - 1) * s
+    r -= x
+    return np.einsum("ij,ij->i", r, r)
 
 
 def fit_blocks(x: np.ndarray, symmetric: bool, bits: int = 4) -> qmath.QParams:
@@ -154,7 +164,7 @@ def fit_blocks(x: np.ndarray, symmetric: bool, bits: int = 4) -> qmath.QParams:
     larger = np.where(-lo >= hi, lo, hi)  # the signed value of the largest magnitude
     candidates = [unclipped, _symmetric(larger / -half, qt, half), _symmetric(np.maximum(-lo, hi) / (half - 1), qt, half)]
     x32 = x.astype(np.float32)
-    errors = np.stack([np.sum((x32 - qmath.dequantize(qmath.quantize(x32, c), c)) ** 2, axis=1) for c in candidates])
+    errors = np.stack([_round_trip_error(x32, c.scale, half) for c in candidates])
     pick = np.argmin(errors, axis=0)  # ties: the first, the unclipped step
     return _symmetric(np.choose(pick, [c.scale for c in candidates]), qt, half)
 
@@ -463,7 +473,7 @@ def _encode(g: Graph, node: onnx.NodeProto, block_size: int, symmetric: bool, me
         arrays, err, used = gather_tensors(qw, symmetric), rel_error(w.T, qw), "rtn"
         affine = not symmetric
     else:
-        if method == "gptq" and hessian is not None:
+        if method in ("gptq", "awq_gptq") and hessian is not None:
             qw = gptq_weight(w, hessian, block_size, symmetric, act_order)
         elif method == "hqq":
             qw = hqq_weight(w, block_size)
@@ -541,7 +551,7 @@ def quantize_int4(model: onnx.ModelProto, block_size: int = 32, symmetric: bool 
         widths = {n.input[0]: int(g.initializers[n.input[1]].dims[0]) for n in matmuls}
         per_input = input_hessians(m, widths, calib_feeds)
     hessians = _weight_hessians(per_input, matmuls) if per_input else {}
-    scaled, importance, scalings = _awq(m, g, matmuls, per_input, block_size, symmetric) if method == "awq" else ({}, {}, [])
+    scaled, importance, scalings = _awq(m, g, matmuls, per_input, block_size, symmetric) if method in ("awq", "awq_gptq") else ({}, {}, [])
     for sc in scalings:  # the error of a scaled weight is measured on the scaled input
         for node in matmuls:
             if node.input[0] == sc.input:
@@ -550,7 +560,7 @@ def quantize_int4(model: onnx.ModelProto, block_size: int = 32, symmetric: bool 
     def encode(node, bits=4):
         weight = _weight_input(node)
         mm = node.op_type == "MatMul"
-        return _encode(g, node, block_size, symmetric, method, hessians.get(weight) if method == "gptq" else None, act_order,
+        return _encode(g, node, block_size, symmetric, method, hessians.get(weight) if method in ("gptq", "awq_gptq") else None, act_order,
                        scaled.get(weight) if mm else None, importance.get(weight) if mm else None, bits)
 
     encoded = {}

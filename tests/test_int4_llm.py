@@ -1,0 +1,248 @@
+"""int4 for language models: decoder feeds, HQQ, AWQ, mixed int4/int8, accuracy_level; the sample decoder
+(sample_models/tiny_decoder, a torch.onnx export with a KV cache) through the real CLI and onnxruntime."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from onnx import TensorProto, helper, numpy_helper
+
+from qconv.cli.main import cli as main
+from qconv.data import FeedSource, InputSpec
+from qconv.errors import QconvError
+from qconv.numeric import awq, hqq, qmath
+from qconv.rewrite import weight_only as wo
+from qconv.runtime import run, session
+from tests.conftest import SAMPLES, make_model
+
+DECODER = SAMPLES / "tiny_decoder"
+LAYERS, KV_HEADS, HEAD_DIM = 2, 2, 16
+
+
+def _past(batch=1, length=0):
+    z = np.zeros((batch, KV_HEADS, length, HEAD_DIM), np.float32)
+    return {f"past_key_values.{i}.{kv}": z for i in range(LAYERS) for kv in ("key", "value")}
+
+
+def _specs(model_path):
+    m = onnx.load(str(model_path))
+    return [InputSpec.from_value_info(i) for i in m.graph.input]
+
+
+# ---------------------------------------------------------------- feeds for a decoder
+
+def test_token_ids_alone_feed_a_decoder_with_an_empty_cache():
+    feeds = list(FeedSource(DECODER / "prompts.npz", _specs(DECODER / "model.onnx"), batch_size=8))
+    assert len(feeds) == 4
+    for feed in feeds:
+        assert feed["input_ids"].shape == (8, 64)
+        for i in range(LAYERS):
+            assert feed[f"past_key_values.{i}.key"].shape == (8, KV_HEADS, 0, HEAD_DIM)
+    sess = session(str(DECODER / "model.onnx"))
+    out = run(sess, feeds[0])
+    assert out[0].shape == (8, 64, 256) and out[1].shape == (8, KV_HEADS, 64, HEAD_DIM)
+
+
+def test_mask_and_positions_are_derived_and_an_unreadable_cache_is_an_error(tmp_path):
+    specs = [InputSpec("input_ids", np.dtype(np.int64), ("b", "s")), InputSpec("attention_mask", np.dtype(np.int64), ("b", "t")),
+             InputSpec("position_ids", np.dtype(np.int64), ("b", "s")), InputSpec("past.0", np.dtype(np.float32), ("b", 4, "p", 8))]
+    np.savez(tmp_path / "ids.npz", input_ids=np.arange(12).reshape(2, 6))
+    feed = next(iter(FeedSource(tmp_path / "ids.npz", specs, batch_size=2)))
+    np.testing.assert_array_equal(feed["attention_mask"], np.ones((2, 6)))
+    np.testing.assert_array_equal(feed["position_ids"], np.tile(np.arange(6), (2, 1)))
+    assert feed["past.0"].shape == (2, 4, 0, 8)
+    two_free = specs[:1] + [InputSpec("cache_x", np.dtype(np.float32), ("b", "p", "q"))]
+    with pytest.raises(QconvError, match="cannot tell its cache axis"):
+        next(iter(FeedSource(tmp_path / "ids.npz", two_free, batch_size=2)))
+    other = specs[:1] + [InputSpec("pixel_values", np.dtype(np.float32), ("b", 3))]
+    with pytest.raises(QconvError, match="missing pixel_values"):
+        next(iter(FeedSource(tmp_path / "ids.npz", other, batch_size=2)))
+
+
+# ---------------------------------------------------------------- HQQ and AWQ arithmetic
+
+def test_hqq_zero_points_are_integers_and_its_error_beats_min_max_on_heavy_tails():
+    rng = np.random.default_rng(0)
+    x = (rng.standard_t(4, size=(4000, 32)) * 0.02).astype(np.float32)
+    qp = hqq.fit(x, wo.UINT4)
+    assert qp.zero_point.dtype == np.uint8 and qp.zero_point.max() <= 15 and np.all(qp.scale > 0)
+
+    def mean_abs(p):
+        return float(np.abs(x - qmath.dequantize(qmath.quantize(x, p), p)).mean())
+
+    assert mean_abs(qp) < 0.99 * mean_abs(wo.fit_blocks(x, symmetric=False))
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**16), k_dim=st.sampled_from([32, 48, 64]))
+def test_awq_search_is_never_worse_than_plain_rounding_by_its_own_measure(seed, k_dim):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(256, k_dim)) * rng.uniform(0.1, 10, size=k_dim)  # channels of very different size
+    h = x.T @ x / len(x)
+    w = rng.normal(size=(k_dim, 16)).astype(np.float32)
+    s, alpha, errors = awq.search_scale([w], h, lambda a: wo.rtn(a, 16, True).dequantize())
+    assert errors[alpha] <= errors[0.0] and s.shape == (k_dim,) and np.all(s > 0)
+    chosen = wo.rtn((w * s[:, None]).astype(np.float32), 16, True).dequantize() / s[:, None]
+    assert awq.output_error(w, chosen, h) == pytest.approx(errors[alpha], rel=1e-6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(blocks=arrays(np.float32, st.tuples(st.integers(1, 5), st.just(16)), elements=st.floats(-10, 10, width=32)),
+       seed=st.integers(0, 1000))
+def test_clip_search_never_raises_a_blocks_weighted_error(blocks, seed):
+    weights = np.random.default_rng(seed).uniform(0.01, 5, size=blocks.shape).astype(np.float32)
+    fit = lambda b: wo.fit_blocks(b, symmetric=True)  # noqa: E731
+
+    def err(p):
+        return np.sum(weights * (blocks - qmath.dequantize(qmath.quantize(blocks, p), p)) ** 2, axis=1)
+
+    assert np.all(err(awq.clip_fit(blocks, weights, fit)) <= err(fit(blocks)) * (1 + 1e-6) + 1e-12)
+
+
+def _norm_model(residual: bool, seed: int = 0):
+    """x -> x * gamma (an RMSNorm's weight) -> MatMul(W); with ``residual`` the scaled tensor is also an output."""
+    rng = np.random.default_rng(seed)
+    k_dim, n_dim = 64, 32
+    gamma = rng.uniform(0.5, 2, k_dim).astype(np.float32)
+    w = rng.normal(size=(k_dim, n_dim)).astype(np.float32)
+    nodes = [helper.make_node("Mul", ["x", "gamma"], ["h"], name="norm_mul"),
+             helper.make_node("MatMul", ["h", "w"], ["y"], name="proj")]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", n_dim])]
+    if residual:
+        outputs.append(helper.make_tensor_value_info("h", TensorProto.FLOAT, ["n", k_dim]))
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", k_dim])
+    model = make_model(nodes, [x], outputs, [numpy_helper.from_array(gamma, "gamma"), numpy_helper.from_array(w, "w")])
+    feeds = [{"x": (rng.normal(size=(64, k_dim)) * np.where(np.arange(k_dim) < 4, 20.0, 1.0)).astype(np.float32)}
+             for _ in range(4)]  # four outlier channels, as language models have
+    return model, feeds
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_awq_folds_into_the_norm_or_inserts_a_mul_and_lowers_the_output_error(residual):
+    model, feeds = _norm_model(residual)
+    ref = session(model)
+    errors = {}
+    for method in ("rtn", "awq"):
+        r = wo.quantize_int4(model, block_size=16, method=method, calib_feeds=feeds if method == "awq" else None)
+        onnx.checker.check_model(r.model)
+        sess = session(r.model)
+        errors[method] = sum(float(np.sum((run(ref, f)[0] - run(sess, f)[0]) ** 2)) for f in feeds)
+        if method == "awq":
+            (scaling,) = r.scalings
+            assert scaling["alpha"] > 0
+            muls = [n for n in r.model.graph.node if n.op_type == "Mul"]
+            if residual:  # h is also an output: gamma cannot change, a Mul carries 1 / s
+                assert scaling["folded_into"] is None and len(muls) == 2
+                h = run(sess, feeds[0])[1]
+                np.testing.assert_allclose(h, run(ref, feeds[0])[1], rtol=1e-6)
+            else:
+                assert scaling["folded_into"] == "gamma" and len(muls) == 1
+    assert errors["awq"] < 0.9 * errors["rtn"]
+
+
+# ---------------------------------------------------------------- mixed int4 / int8
+
+def test_a_size_budget_stores_the_worst_layers_in_8_bits_that_onnxruntime_runs():
+    rng = np.random.default_rng(1)
+    ws = [rng.normal(size=(64, 64)).astype(np.float32) for i in range(4)]
+    ws[2][::16] *= 30  # one layer much harder for 4 bits: an outlier row in every block
+    nodes = [helper.make_node("MatMul", [f"a{i}", f"w{i}"], [f"a{i + 1}"], name=f"mm{i}") for i in range(4)]
+    model = make_model(nodes, [helper.make_tensor_value_info("a0", TensorProto.FLOAT, ["n", 64])],
+                       [helper.make_tensor_value_info("a4", TensorProto.FLOAT, ["n", 64])],
+                       [numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(ws)])
+    all4 = wo.quantize_int4(model, block_size=32)
+    size4 = all4.model.ByteSize()
+    budget = size4 + 64 * 64 // 2 + 100  # room for one layer
+    mixed = wo.quantize_int4(model, block_size=32, max_bytes=budget)
+    bits = {q["weight"]: q["bits"] for q in mixed.quantized}
+    assert [w for w, b in bits.items() if b == 8] == ["w2"]
+    assert size4 < mixed.model.ByteSize() <= budget
+    node = next(n for n in mixed.model.graph.node if n.name.startswith("mm2"))
+    a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+    inits = {t.name: numpy_helper.to_array(t) for t in mixed.model.graph.initializer}
+    assert a["bits"] == 8 and inits[node.input[1]].shape == (64, 2, 32) and len(node.input) == 3
+    # decode 8-bit values independently: zero point 128, scales [N, n_blocks]
+    q = inits[node.input[1]].astype(np.float32).reshape(64, 64) - 128.0
+    decoded = (q.reshape(64, 2, 32) * inits[node.input[2]][:, :, None]).reshape(64, 64).T
+    x = rng.normal(size=(5, 64)).astype(np.float32)
+    single = make_model([helper.make_node("MatMul", ["x", "w"], ["y"])], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 64])],
+                        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5, 64])], [numpy_helper.from_array(ws[2], "w")])
+    one = wo.quantize_int4(single, block_size=32, max_bytes=10**6)
+    assert one.quantized[0]["bits"] == 8
+    np.testing.assert_allclose(run(session(one.model), {"x": x})[0], x @ decoded, rtol=1e-4, atol=1e-3)
+    assert np.abs(decoded - ws[2]).max() <= np.abs(ws[2]).max() / 127
+
+
+# ---------------------------------------------------------------- accuracy_level
+
+def test_accuracy_level_is_set_or_removed_on_every_matmul_nbits():
+    rng = np.random.default_rng(2)
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])],
+                       [numpy_helper.from_array(rng.normal(size=(64, 8)).astype(np.float32), "w")])
+    q = wo.quantize_int4(model).model
+    four = wo.with_accuracy_level(q, 4)
+    assert [a.i for n in four.graph.node for a in n.attribute if a.name == "accuracy_level"] == [4]
+    assert not [a for n in wo.with_accuracy_level(four, None).graph.node for a in n.attribute if a.name == "accuracy_level"]
+    feeds = [{"x": rng.normal(size=(16, 64)).astype(np.float32)} for _ in range(2)]
+    chosen, record = wo.choose_accuracy_level(model, q, feeds, "test rows")
+    assert set(record) >= {"chosen", "rows", "default", "level4"}
+    assert record["level4"]["argmax_agreement"] is not None and 0.9 < record["level4"]["min_cosine"] <= 1.0
+
+
+# ---------------------------------------------------------------- the sample decoder through the CLI
+
+def _generate(sess, prompts, steps, forced=None):
+    out = run(sess, {"input_ids": prompts, **_past(len(prompts))})
+    logits, past = out[0], out[1:]
+    names = list(_past())
+    picked = []
+    for k in range(steps):
+        token = logits[:, -1].argmax(-1)
+        picked.append(token)
+        nxt = token if forced is None else forced[:, k]
+        out = run(sess, {"input_ids": nxt[:, None].astype(np.int64), **dict(zip(names, past))})
+        logits, past = out[0], out[1:]
+    return np.stack(picked, axis=1)
+
+
+@pytest.mark.parametrize("args, floor", [(["--mode", "int4", "--data", "prompts.npz", "--int4-method", "awq"], 0.8),
+                                         (["--mode", "int4", "--data", "prompts.npz", "--int4-method", "awq_gptq"], 0.8),
+                                         (["--mode", "int4", "--int4-method", "hqq"], 0.8),
+                                         (["--mode", "int4", "--data", "prompts.npz"], 0.8),
+                                         (["--mode", "dynamic"], 0.9), (["--mode", "fp16"], 0.99)])
+def test_the_sample_decoder_keeps_its_interface_and_generates_through_its_cache(tmp_path, args, floor, monkeypatch):
+    monkeypatch.chdir(DECODER)
+    out = tmp_path / "q.onnx"
+    r = CliRunner().invoke(main, ["quantize", "model.onnx", "-o", str(out), "--no-latency", "--json", *args])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    original, quantized = onnx.load(str(DECODER / "model.onnx")), onnx.load(str(out))
+    onnx.checker.check_model(quantized)
+    assert [(i.name, str(i.type)) for i in quantized.graph.input] == [(i.name, str(i.type)) for i in original.graph.input]
+    assert [(o.name, str(o.type)) for o in quantized.graph.output] == [(o.name, str(o.type)) for o in original.graph.output]
+    if "int4" in args:
+        assert report["int4"]["accuracy_level"]["chosen"] in (None, 4)
+        assert report["int4"]["method"] == (args[args.index("--int4-method") + 1] if "--int4-method" in args else "gptq")
+    prompts = np.load(DECODER / "eval.npz")["input_ids"][:, :32]
+    ref = _generate(session(str(DECODER / "model.onnx")), prompts, 16)
+    got = _generate(session(str(out)), prompts, 16, forced=ref)
+    assert np.mean(got == ref) >= floor  # teacher-forced greedy steps (256) that pick fp32's byte
+
+
+def test_accuracy_level_0_leaves_onnxruntimes_default_and_a_bad_level_is_a_usage_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(DECODER)
+    out = tmp_path / "q.onnx"
+    r = CliRunner().invoke(main, ["quantize", "model.onnx", "-o", str(out), "--mode", "int4", "--accuracy-level", "0", "--no-latency"])
+    assert r.exit_code == 0, r.output
+    assert not [a for n in onnx.load(str(out)).graph.node for a in n.attribute if a.name == "accuracy_level"]
+    bad = CliRunner().invoke(main, ["quantize", "model.onnx", "-o", str(tmp_path / "b.onnx"), "--mode", "int4", "--accuracy-level", "5"])
+    assert bad.exit_code == 2 and not (tmp_path / "b.onnx").exists()
