@@ -187,5 +187,14 @@ def model_identity(model: onnx.ModelProto) -> str:
     h = hashlib.sha256()
     for op in model.opset_import:
         h.update(f"{op.domain}:{op.version};".encode())
-    h.update(model.graph.SerializeToString(deterministic=True))
+    if model.graph.ByteSize() < _PROTO_LIMIT:
+        h.update(model.graph.SerializeToString(deterministic=True))
+        return h.hexdigest()
+    # past 2 GB one message cannot be serialized: the graph without its weights, then each weight in turn
+    bare = onnx.GraphProto()
+    for field in ("node", "input", "output", "value_info", "sparse_initializer"):
+        getattr(bare, field).extend(getattr(model.graph, field))
+    h.update(bare.SerializeToString(deterministic=True))
+    for t in model.graph.initializer:
+        h.update(t.SerializeToString(deterministic=True))
     return h.hexdigest()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -31,12 +33,59 @@ def session(model: onnx.ModelProto | str, threads: int | None = None, optimize: 
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    src = model if isinstance(model, str) else model.SerializeToString()
     try:
-        return ort.InferenceSession(src, sess_options=opts, providers=["CPUExecutionProvider"])
+        if isinstance(model, str):
+            return ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
+        if model.ByteSize() < PROTO_LIMIT:
+            return ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
+        with tempfile.TemporaryDirectory(prefix="qconv-session-") as tmp:
+            path = write_external(model, Path(tmp) / "model.onnx")
+            return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise QconvError(f"onnxruntime cannot load the model: {first}") from None
+
+
+PROTO_LIMIT = 2**31 - 2**26  # a protobuf message cannot pass 2 GB; keep a margin for the graph itself
+
+
+def write_external(model: onnx.ModelProto, path: Path, threshold: int = 1 << 20) -> Path:
+    """Write ``model`` with every initializer of ``threshold`` bytes or more in ``<path>.data``, without copying the
+    model first (onnx.save_model's external-data route rewrites the proto it is given, so callers would need a
+    second copy of every weight): big tensors are streamed to the data file one at a time."""
+    from onnx import external_data_helper
+
+    m = onnx.ModelProto()
+    graph = model.graph
+    kept = onnx.GraphProto()  # graph.CopyFrom would copy every weight
+    for field in ("name", "doc_string"):
+        setattr(kept, field, getattr(graph, field))
+    for field in ("node", "input", "output", "value_info", "sparse_initializer", "quantization_annotation"):
+        getattr(kept, field).extend(getattr(graph, field))
+    data = path.with_name(path.name + ".data")
+    with open(data, "wb") as f:
+        for t in graph.initializer:
+            if t.ByteSize() < threshold or t.data_location == onnx.TensorProto.EXTERNAL:
+                kept.initializer.append(t)
+                continue
+            ref = onnx.TensorProto()
+            ref.name, ref.data_type = t.name, t.data_type
+            ref.dims.extend(t.dims)
+            raw = t.raw_data if t.HasField("raw_data") else onnx.numpy_helper.to_array(t).tobytes()
+            offset = f.tell()
+            f.write(raw)
+            external_data_helper.set_external_data(ref, data.name, offset, len(raw))
+            ref.data_location = onnx.TensorProto.EXTERNAL
+            kept.initializer.append(ref)
+    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(m, field, getattr(model, field))
+    m.opset_import.extend(model.opset_import)
+    m.metadata_props.extend(model.metadata_props)
+    m.functions.extend(model.functions)
+    m.graph.CopyFrom(kept)
+    path.write_bytes(m.SerializeToString())
+    del kept
+    return path
 
 
 def run(sess: ort.InferenceSession, feed: dict, outputs: list[str] | None = None) -> list:

@@ -238,6 +238,16 @@ def test_the_sample_decoder_keeps_its_interface_and_generates_through_its_cache(
     assert np.mean(got == ref) >= floor  # teacher-forced greedy steps (256) that pick fp32's byte
 
 
+def test_a_model_without_a_cache_keeps_the_default_level(tmp_path):
+    out = tmp_path / "q.onnx"
+    r = CliRunner().invoke(main, ["quantize", str(SAMPLES / "tiny_transformer" / "model.onnx"), "-o", str(out), "--mode", "int4",
+                                  "--block-size", "16", "--no-latency", "--json"])
+    assert r.exit_code == 0, r.output
+    level = json.loads(r.stdout)["int4"]["accuracy_level"]
+    assert level["chosen"] is None and "no KV cache" in level["why"]
+    assert not [a for n in onnx.load(str(out)).graph.node for a in n.attribute if a.name == "accuracy_level"]
+
+
 def test_accuracy_level_0_leaves_onnxruntimes_default_and_a_bad_level_is_a_usage_error(tmp_path, monkeypatch):
     monkeypatch.chdir(DECODER)
     out = tmp_path / "q.onnx"

@@ -144,8 +144,8 @@ def scheme_options(fn):
                           "round-to-nearest is used); rtn: round to nearest; hqq: half-quadratic fit of each block to its weights, no data."),
         click.option("--accuracy-level", type=click.Choice(["auto", "0", "1", "2", "3", "4"]), default="auto", show_default=True,
                      help="int4: MatMulNBits accuracy_level. auto: 4 (int8 activation products, ~3x faster a token on x86) "
-                          "when the outputs agree with the float computation on the data's rows (or generated ones); "
-                          "0 leaves onnxruntime's default."),
+                          "for a decoder with a KV cache when its outputs keep the float model's as well as the default "
+                          "kernels do on the data's rows (or generated ones); 0 leaves onnxruntime's default."),
         click.option("--block-size", type=int, default=32, show_default=True, help="int4: weights per block along K (16, 32, 64, 128 or 256)."),
         click.option("--reduce-range", is_flag=True, help="7-bit weights, for CPUs without VNNI (avoids int16 overflow in their int8 kernels)."),
         click.option("--symmetric-activations", is_flag=True, help="Zero point fixed at the middle of the activation range."),

@@ -1,0 +1,88 @@
+"""Models past protobuf's 2 GB limit (external data): int4 quantization end to end. Marked large: it writes a
+2.2 GB model and takes a few minutes; run with ``pytest -m large tests/test_large_models.py``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from qconv.runtime import run, session
+
+pytestmark = pytest.mark.large
+
+VOCAB, DIM, HIDDEN, LAYERS = 32000, 2048, 5632, 10
+
+
+def _decoder_over_2gb(path):
+    """A decoder-shaped model (embedding, per layer q/o and a gated MLP on a residual stream, a KV-cache-like
+    concatenation per layer, an lm_head) of 2.2 GB, written with external data one weight at a time."""
+    rng = np.random.default_rng(0)
+    inits, nodes = [], [helper.make_node("Gather", ["embed", "input_ids"], ["x0"], name="embedding")]
+
+    def weight(name, shape, scale):
+        inits.append(numpy_helper.from_array((rng.standard_normal(shape, dtype=np.float32) * scale), name))
+
+    weight("embed", (VOCAB, DIM), 0.02)
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])]
+    outputs = []
+    x = "x0"
+    for i in range(LAYERS):
+        for name, shape in ((f"wq{i}", (DIM, DIM)), (f"wo{i}", (DIM, DIM)), (f"wg{i}", (DIM, HIDDEN)),
+                            (f"wu{i}", (DIM, HIDDEN)), (f"wd{i}", (HIDDEN, DIM))):
+            weight(name, shape, 1.0 / np.sqrt(shape[0]))
+        inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.key", TensorProto.FLOAT, ["batch", "past", DIM]))
+        outputs.append(helper.make_tensor_value_info(f"present.{i}.key", TensorProto.FLOAT, ["batch", "total", DIM]))
+        nodes += [
+            helper.make_node("MatMul", [x, f"wq{i}"], [f"q{i}"], name=f"q_proj{i}"),
+            helper.make_node("Concat", [f"past_key_values.{i}.key", f"q{i}"], [f"present.{i}.key"], axis=1, name=f"cache{i}"),
+            helper.make_node("MatMul", [f"q{i}", f"wo{i}"], [f"o{i}"], name=f"o_proj{i}"),
+            helper.make_node("Add", [x, f"o{i}"], [f"h{i}"], name=f"res_a{i}"),
+            helper.make_node("MatMul", [f"h{i}", f"wg{i}"], [f"g{i}"], name=f"gate_proj{i}"),
+            helper.make_node("Sigmoid", [f"g{i}"], [f"sg{i}"], name=f"act{i}"),
+            helper.make_node("MatMul", [f"h{i}", f"wu{i}"], [f"u{i}"], name=f"up_proj{i}"),
+            helper.make_node("Mul", [f"sg{i}", f"u{i}"], [f"m{i}"], name=f"glu{i}"),
+            helper.make_node("MatMul", [f"m{i}", f"wd{i}"], [f"d{i}"], name=f"down_proj{i}"),
+            helper.make_node("Add", [f"h{i}", f"d{i}"], [f"x{i + 1}"], name=f"res_m{i}"),
+        ]
+        x = f"x{i + 1}"
+    weight("head", (DIM, VOCAB), 1.0 / np.sqrt(DIM))
+    nodes.append(helper.make_node("MatMul", [x, "head"], ["logits"], name="lm_head"))
+    outputs.insert(0, helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", VOCAB]))
+    graph = helper.make_graph(nodes, "big_decoder", inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=path.name + ".data", size_threshold=1024)
+    return sum(int(np.prod(t.dims)) * 4 for t in inits)
+
+
+def test_a_decoder_past_2gb_quantizes_to_int4_and_runs(tmp_path):
+    src = tmp_path / "big.onnx"
+    weight_bytes = _decoder_over_2gb(src)
+    assert weight_bytes > 2**31
+    out = tmp_path / "big.int4.onnx"
+    code = ("import sys, runpy\nsys.argv = ['qconv'] + sys.argv[1:]\ntry:\n    runpy.run_module('qconv', run_name='__main__')\n"
+            "except SystemExit as e:\n    rc = e.code or 0\nelse:\n    rc = 0\n"
+            "print('PEAK_KB', open('/proc/self/status').read().split('VmHWM:')[1].split()[0], file=sys.stderr)\nsys.exit(rc)\n")
+    p = subprocess.run([sys.executable, "-c", code, "quantize", str(src), "-o", str(out), "--mode", "int4", "--json"],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    peak_mb = int(p.stderr.split("PEAK_KB")[1].split()[0]) / 1024
+    report = json.loads(p.stdout)
+    assert len(report["int4"]["weights"]) == 1 + 5 * LAYERS + 1
+    largest = HIDDEN * DIM * 4 / 2**20
+    print(f"model {weight_bytes / 2**30:.2f} GiB, largest weight {largest:.0f} MiB, int4 file {out.stat().st_size / 2**20:.0f} MiB, "
+          f"peak RSS {peak_mb:.0f} MiB")
+    q = onnx.load(str(out), load_external_data=False)
+    assert [i.name for i in q.graph.input] == ["input_ids"] + [f"past_key_values.{i}.key" for i in range(LAYERS)]
+    sess = session(str(out))
+    feed = {"input_ids": np.array([[1, 2, 3]], np.int64),
+            **{f"past_key_values.{i}.key": np.zeros((1, 0, DIM), np.float32) for i in range(LAYERS)}}
+    logits = run(sess, feed)[0]
+    assert logits.shape == (1, 3, VOCAB) and np.all(np.isfinite(logits))
