@@ -297,7 +297,7 @@ def check_feed(prepared: Prepared, feed: dict | None) -> dict | None:
             return None
         feed[spec.name] = np.zeros([d if isinstance(d, int) and d > 0 else 1 for d in spec.shape], dtype=spec.dtype)
     try:
-        runtime.run(runtime.session(prepared.model, threads=1), feed)
+        runtime.run(runtime.session(prepared.model, threads=1, prepack=False), feed)
     except QconvError:
         return None  # the float model cannot run on made-up inputs either: nothing to learn from them
     return feed

@@ -18,10 +18,11 @@ def default_threads() -> int:
 
 
 def session(model: onnx.ModelProto | str, threads: int | None = None, optimize: bool = True,
-            spinning: bool = True, profile_prefix: str | None = None) -> ort.InferenceSession:
+            spinning: bool = True, profile_prefix: str | None = None, prepack: bool = True) -> ort.InferenceSession:
     """A CPU session. ``spinning=False`` stops idle worker threads from busy-waiting: timings of two models
     measured in turn then do not steal each other's cores. ``profile_prefix`` records every kernel's time
-    (``end_profiling()`` returns the trace file's path)."""
+    (``end_profiling()`` returns the trace file's path). ``prepack=False``: weights are not copied into the
+    kernels' packed layouts, for a session run a few times (a check), which then holds its weights once."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or default_threads()
     opts.inter_op_num_threads = 1
@@ -31,6 +32,8 @@ def session(model: onnx.ModelProto | str, threads: int | None = None, optimize: 
         opts.profile_file_prefix = profile_prefix
     if not spinning:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not prepack:
+        opts.add_session_config_entry("session.disable_prepacking", "1")
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
@@ -59,7 +62,8 @@ def write_external(model: onnx.ModelProto, path: Path, threshold: int = 1 << 20)
     graph = model.graph
     kept = onnx.GraphProto()  # graph.CopyFrom would copy every weight
     for field in ("name", "doc_string"):
-        setattr(kept, field, getattr(graph, field))
+        if graph.HasField(field):
+            setattr(kept, field, getattr(graph, field))
     for field in ("node", "input", "output", "value_info", "sparse_initializer", "quantization_annotation"):
         getattr(kept, field).extend(getattr(graph, field))
     data = path.with_name(path.name + ".data")
@@ -78,7 +82,8 @@ def write_external(model: onnx.ModelProto, path: Path, threshold: int = 1 << 20)
             ref.data_location = onnx.TensorProto.EXTERNAL
             kept.initializer.append(ref)
     for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
-        setattr(m, field, getattr(model, field))
+        if model.HasField(field):  # proto2: setting a field marks it present, and the bytes would differ
+            setattr(m, field, getattr(model, field))
     m.opset_import.extend(model.opset_import)
     m.metadata_props.extend(model.metadata_props)
     m.functions.extend(model.functions)

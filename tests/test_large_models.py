@@ -26,7 +26,7 @@ def _decoder_over_2gb(path):
     inits, nodes = [], [helper.make_node("Gather", ["embed", "input_ids"], ["x0"], name="embedding")]
 
     def weight(name, shape, scale):
-        inits.append(numpy_helper.from_array((rng.standard_normal(shape, dtype=np.float32) * scale), name))
+        inits.append(numpy_helper.from_array((rng.standard_normal(shape, dtype=np.float32) * np.float32(scale)), name))
 
     weight("embed", (VOCAB, DIM), 0.02)
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])]

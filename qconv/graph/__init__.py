@@ -207,3 +207,29 @@ def drop_unused_initializers(model: onnx.ModelProto, names=None) -> None:
     for t in list(model.graph.initializer):
         if t.name in candidates and t.name not in used:
             model.graph.initializer.remove(t)
+
+
+def copy_with_placeholders(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
+    """A copy of ``model`` in which the initializers named in ``names`` keep their name, type and shape but no data
+    (placeholders, to be replaced before the model is used), so a rewrite that replaces big weights never holds
+    them twice. ``model.CopyFrom`` would copy every weight."""
+    m = onnx.ModelProto()
+    graph = model.graph
+    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        if model.HasField(field):  # proto2: setting a field marks it present, and the bytes would differ
+            setattr(m, field, getattr(model, field))
+    for field in ("opset_import", "metadata_props", "functions", "training_info"):
+        getattr(m, field).extend(getattr(model, field))
+    for field in ("name", "doc_string"):
+        if graph.HasField(field):
+            setattr(m.graph, field, getattr(graph, field))
+    for field in ("node", "input", "output", "value_info", "sparse_initializer", "quantization_annotation"):
+        getattr(m.graph, field).extend(getattr(graph, field))
+    for t in graph.initializer:
+        if t.name in names:
+            placeholder = m.graph.initializer.add()
+            placeholder.name, placeholder.data_type = t.name, t.data_type
+            placeholder.dims.extend(t.dims)
+        else:
+            m.graph.initializer.append(t)
+    return m

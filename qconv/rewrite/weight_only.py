@@ -68,7 +68,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from qconv.errors import QconvError, UsageError
-from qconv.graph import Graph, attr, drop_unused_initializers, expose, topo_sort
+from qconv.graph import Graph, attr, copy_with_placeholders, drop_unused_initializers, expose, topo_sort
 from qconv.numeric import awq, gptq, hqq, qmath
 from qconv.plan.names import first_match
 from qconv.runtime import run, session
@@ -541,15 +541,20 @@ def quantize_int4(model: onnx.ModelProto, block_size: int = 32, symmetric: bool 
     """
     _check_options(block_size, method, calib_feeds, accuracy_level)
     block_size = int(block_size)
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    g = Graph(m)
-    targets, kept = _select(m, g, block_size, exclude_nodes, None if only_nodes is None else set(only_nodes))
+    src = Graph(model)
+    chosen, kept = _select(model, src, block_size, exclude_nodes, None if only_nodes is None else set(only_nodes))
+    chosen_ids = {id(n) for n in chosen.values()}
+    replaced_weights = {_weight_input(n) for n in chosen.values()}
+    only_read_here = {w for w in replaced_weights if w not in src.graph_outputs and w not in src.pinned
+                      and all(id(n) in chosen_ids for n in src.consumers.get(w, []))}
+    m = copy_with_placeholders(model, only_read_here)  # the float weights being replaced are read from ``model``
+    g = _Sourced(m, src, only_read_here)
+    targets = {position: m.graph.node[position] for position in chosen}
     matmuls = [n for n in targets.values() if n.op_type == "MatMul"]
     per_input = {}
     if method in CALIBRATED and matmuls:
         widths = {n.input[0]: int(g.initializers[n.input[1]].dims[0]) for n in matmuls}
-        per_input = input_hessians(m, widths, calib_feeds)
+        per_input = input_hessians(model, widths, calib_feeds)
     hessians = _weight_hessians(per_input, matmuls) if per_input else {}
     scaled, importance, scalings = _awq(m, g, matmuls, per_input, block_size, symmetric) if method in ("awq", "awq_gptq") else ({}, {}, [])
     for sc in scalings:  # the error of a scaled weight is measured on the scaled input
@@ -591,13 +596,25 @@ def quantize_int4(model: onnx.ModelProto, block_size: int = 32, symmetric: bool 
                                                  for sc in scalings])
 
 
-def _size_after(m: onnx.ModelProto, g: Graph, encoded: dict, targets: dict) -> int:
+def _size_after(m: onnx.ModelProto, g: "_Sourced", encoded: dict, targets: dict) -> int:
     """Bytes of the model once every target is stored as ``encoded`` says (float weights gone, new ones added)."""
     weights = {name for _, name in encoded}
-    readers_left = {name for name in weights for n in g.consumers.get(name, []) if n not in targets.values()}
+    ids = {id(n) for n in targets.values()}
+    readers_left = {name for name in weights for n in g.consumers.get(name, []) if id(n) not in ids}
     dropped = sum(g.initializers[name].ByteSize() for name in weights - readers_left)
     added = sum(t.ByteSize() for inits, _, _ in encoded.values() for t in inits)
     return m.ByteSize() - dropped + added
+
+
+class _Sourced(Graph):
+    """The index of a copy whose replaced weights are placeholders: their arrays are read from the source graph."""
+
+    def __init__(self, model: onnx.ModelProto, source: Graph, placeholders: set[str]):
+        super().__init__(model)
+        self.source, self.placeholders = source, placeholders
+
+    def array(self, name: str) -> np.ndarray:
+        return self.source.array(name) if name in self.placeholders else super().array(name)
 
 
 FAST_LEVEL = 4  # int8 products of the activations with the 4-bit weights (VNNI / AVX-512 kernels on x86)
@@ -670,7 +687,7 @@ def _agreement(reference: list[list[np.ndarray]], outputs: list[list[np.ndarray]
 def level_agreement(original: onnx.ModelProto, model: onnx.ModelProto, feeds: list[dict], level: int = FAST_LEVEL) -> dict:
     """Agreement with the float model of the int4 ``model`` at onnxruntime's default level and at ``level``
     (qconv.rewrite.weight_only._agreement), on ``feeds``. Deterministic: no timing decides anything."""
-    ref_sess = session(original)
+    ref_sess = session(original, prepack=False)
     names = [o.name for o in ref_sess.get_outputs()]
     reference = [run(ref_sess, f, names) for f in feeds]
     out = {}
