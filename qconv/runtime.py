@@ -56,8 +56,6 @@ def write_external(model: onnx.ModelProto, path: Path, threshold: int = 1 << 20)
     """Write ``model`` with every initializer of ``threshold`` bytes or more in ``<path>.data``, without copying the
     model first (onnx.save_model's external-data route rewrites the proto it is given, so callers would need a
     second copy of every weight): big tensors are streamed to the data file one at a time."""
-    from onnx import external_data_helper
-
     m = onnx.ModelProto()
     graph = model.graph
     kept = onnx.GraphProto()  # graph.CopyFrom would copy every weight
@@ -78,7 +76,9 @@ def write_external(model: onnx.ModelProto, path: Path, threshold: int = 1 << 20)
             raw = t.raw_data if t.HasField("raw_data") else onnx.numpy_helper.to_array(t).tobytes()
             offset = f.tell()
             f.write(raw)
-            external_data_helper.set_external_data(ref, data.name, offset, len(raw))
+            for key, value in (("location", data.name), ("offset", str(offset)), ("length", str(len(raw)))):
+                entry = ref.external_data.add()
+                entry.key, entry.value = key, value
             ref.data_location = onnx.TensorProto.EXTERNAL
             kept.initializer.append(ref)
     for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):

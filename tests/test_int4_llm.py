@@ -256,3 +256,46 @@ def test_accuracy_level_0_leaves_onnxruntimes_default_and_a_bad_level_is_a_usage
     assert not [a for n in onnx.load(str(out)).graph.node for a in n.attribute if a.name == "accuracy_level"]
     bad = CliRunner().invoke(main, ["quantize", "model.onnx", "-o", str(tmp_path / "b.onnx"), "--mode", "int4", "--accuracy-level", "5"])
     assert bad.exit_code == 2 and not (tmp_path / "b.onnx").exists()
+
+
+# ---------------------------------------------------------------- past 2 GB, in small
+
+def test_a_model_written_with_streamed_external_weights_runs_like_the_original(tmp_path, monkeypatch):
+    from qconv import runtime
+
+    model, feeds = _norm_model(residual=True)
+    path = runtime.write_external(model, tmp_path / "m.onnx", threshold=64)
+    stored = onnx.load(str(path), load_external_data=False)
+    assert {t.name for t in stored.graph.initializer if t.data_location == TensorProto.EXTERNAL} == {"gamma", "w"}
+    expected = run(session(model), feeds[0])
+    for a, b in zip(run(session(str(path)), feeds[0]), expected):
+        np.testing.assert_array_equal(a, b)
+    monkeypatch.setattr(runtime, "PROTO_LIMIT", 64)  # every model now takes the past-2-GB route
+    for a, b in zip(run(runtime.session(model), feeds[0]), expected):
+        np.testing.assert_array_equal(a, b)
+    assert len(model.graph.initializer[1].raw_data) == 64 * 32 * 4  # the caller's model keeps its weights
+
+
+def test_the_identity_of_a_model_past_2gb_still_sees_every_weight(monkeypatch):
+    from qconv import io
+
+    model, _ = _norm_model(residual=False)
+    monkeypatch.setattr(io, "_PROTO_LIMIT", 64)
+    first = io.model_identity(model)
+    assert io.model_identity(model) == first
+    changed = onnx.ModelProto()
+    changed.CopyFrom(model)
+    w = numpy_helper.to_array(changed.graph.initializer[1]).copy()
+    w[0, 0] += 1
+    changed.graph.initializer[1].CopyFrom(numpy_helper.from_array(w, "w"))
+    assert io.model_identity(changed) != first
+
+
+def test_int4_reads_the_weights_it_replaces_from_the_source_and_leaves_it_unchanged():
+    model, _ = _norm_model(residual=False)
+    before = model.SerializeToString()
+    r = wo.quantize_int4(model, block_size=16)
+    assert model.SerializeToString() == before
+    names = {t.name for t in r.model.graph.initializer}
+    assert "w" not in names and "gamma" in names  # the float weight replaced, the norm's weight kept with its data
+    assert all(t.raw_data or t.float_data or t.int32_data for t in r.model.graph.initializer)
