@@ -27,7 +27,7 @@ from qconv.calib.observers import DEFAULT_BINS, DEFAULT_MOMENTUM
 from qconv.calib.store import Calibration, Ranges, Record
 from qconv.data import FeedSource, InputSpec
 from qconv.errors import QconvError
-from qconv.graph import subgraphs
+from qconv.graph import copy_with_placeholders, subgraphs
 from qconv.graph.intake import interface_change, prepare, prepare_quantized
 from qconv.plan import NodeDecision, QuantPlan
 from qconv.plan.config import QuantConfig
@@ -61,7 +61,10 @@ def load(path: str | os.PathLike, config: QuantConfig) -> Prepared:
     original, external = io.load_model_and_layout(path)
     identity = io.model_identity(original)
     found = quantized_ops(original)
-    model, notes = prepare_quantized(original) if found else prepare(original, config.min_opset)
+    structure = copy_with_placeholders(original, {t.name for t in original.graph.initializer})  # only its structure
+    del structure.graph.initializer[:]  # is read later: no weight
+    model, notes = prepare_quantized(original) if found else prepare(original, config.min_opset, in_place=True)
+    del original  # normalized in place (or copied, for a quantized model): the weights are held once
     if config.needs_calibration and not found:
         from qconv.graph.intake import expand_hard_activations
 
@@ -72,8 +75,7 @@ def load(path: str | os.PathLike, config: QuantConfig) -> Prepared:
             pairs = equalize(model)
             notes.append(f"cross-layer equalization: {pairs} Conv pair{'s' if pairs != 1 else ''} rescaled"
                          if pairs else "cross-layer equalization: no Conv pair joined by identity or Relu to rescale")
-    del original.graph.initializer[:]  # only its structure is read later: do not hold the weights twice
-    return Prepared(Path(path), original, model, notes, identity, external, found)
+    return Prepared(Path(path), structure, model, notes, identity, external, found)
 
 
 def check_float(prepared: Prepared) -> None:

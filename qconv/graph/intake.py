@@ -14,7 +14,8 @@ from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from qconv.errors import QconvError
-from qconv.graph import Graph, ai_onnx_opset, attr, drop_unused_initializers, name_nodes, topo_sort, until_fixed, weights_held
+from qconv.graph import (Graph, ai_onnx_opset, attr, copy_with_placeholders, drop_unused_initializers, name_nodes, topo_sort,
+                         until_fixed, weights_held)
 
 _NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
 # IR version that first allows each ai.onnx opset (onnx.helper.VERSION_TABLE), enough for our targets.
@@ -447,11 +448,17 @@ def prepare_quantized(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str
     return m, [n for n in notes if n]
 
 
-def prepare(model: onnx.ModelProto, min_opset: int) -> tuple[onnx.ModelProto, list[str]]:
-    """Return a normalized copy of ``model`` and notes on what was changed."""
+def prepare(model: onnx.ModelProto, min_opset: int, in_place: bool = False) -> tuple[onnx.ModelProto, list[str]]:
+    """Return a normalized copy of ``model`` (``in_place``: ``model`` itself, normalized; the caller keeps what it
+    needs of the original, and no weight is held twice) and notes on what was changed."""
     check_supported(model)
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
+    if in_place:
+        before = copy_with_placeholders(model, {t.name for t in model.graph.initializer})
+        m = model
+    else:
+        before = model
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
     notes = [strip_initializer_inputs(m), constants_to_initializers(m)]
     topo_sort(m)
     notes.append(upgrade_opset(m, min_opset))
@@ -461,7 +468,7 @@ def prepare(model: onnx.ModelProto, min_opset: int) -> tuple[onnx.ModelProto, li
     name_nodes(m)
     infer_types(m)
     notes.append(normalize_bodies(m))
-    changed = interface_change(model, m)
+    changed = interface_change(before, m)
     if changed:
         raise QconvError(f"internal error: normalizing the model changed its interface ({changed}); please report it")
     return m, [n for n in notes if n]
