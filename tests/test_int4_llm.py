@@ -299,3 +299,24 @@ def test_int4_reads_the_weights_it_replaces_from_the_source_and_leaves_it_unchan
     names = {t.name for t in r.model.graph.initializer}
     assert "w" not in names and "gamma" in names  # the float weight replaced, the norm's weight kept with its data
     assert all(t.raw_data or t.float_data or t.int32_data for t in r.model.graph.initializer)
+
+
+def test_a_budget_can_buy_an_8_bit_embedding_table_that_onnxruntime_gathers():
+    rng = np.random.default_rng(3)
+    table = rng.normal(size=(40, 64)).astype(np.float32)
+    table[:, ::16] *= 25  # an outlier column in every block: 4 bits are poor here
+    model = make_model([helper.make_node("Gather", ["table", "ids"], ["y"], name="embed")],
+                       [helper.make_tensor_value_info("ids", TensorProto.INT64, [5])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5, 64])], [numpy_helper.from_array(table, "table")])
+    r = wo.quantize_int4(model, block_size=32, max_bytes=10**6)
+    assert r.quantized[0]["bits"] == 8
+    node = next(n for n in r.model.graph.node if n.op_type == "GatherBlockQuantized")
+    assert {a.name: helper.get_attribute_value(a) for a in node.attribute}["bits"] == 8
+    inits = {t.name: numpy_helper.to_array(t) for t in r.model.graph.initializer}
+    data, scales = inits[node.input[0]], inits[node.input[2]]
+    assert data.shape == (40, 64) and scales.shape == (40, 2)
+    ids = np.array([0, 3, 39, 3, 7])
+    decoded = ((data[ids].astype(np.float32) - 128).reshape(5, 2, 32) * scales[ids][:, :, None]).reshape(5, 64)
+    got = run(session(r.model), {"ids": ids})[0]
+    np.testing.assert_allclose(got, decoded, rtol=1e-6)
+    assert np.abs(got - table[ids]).max() <= np.abs(table).max() / 127

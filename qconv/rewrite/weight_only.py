@@ -229,10 +229,12 @@ def matmul_nbits_tensors(qw: Int4Weight, symmetric: bool, bits: int = 4) -> list
     return arrays if symmetric else arrays + [pack(qw.zero_point.T)]
 
 
-def gather_tensors(qw: Int4Weight, symmetric: bool) -> list[np.ndarray]:
-    """GatherBlockQuantized data, scales (and zero_points when affine) for ``qw`` of a transposed table [D, V]."""
-    arrays = [pack_nibbles(qw.q.T), np.ascontiguousarray(qw.scale.T)]
-    return arrays if symmetric else arrays + [pack_nibbles(qw.zero_point.T)]
+def gather_tensors(qw: Int4Weight, symmetric: bool, bits: int = 4) -> list[np.ndarray]:
+    """GatherBlockQuantized data, scales (and zero_points when affine) for ``qw`` of a transposed table [D, V]; 8-bit
+    values one per byte (data [V, D], default zero point 128)."""
+    pack = pack_nibbles if bits == 4 else np.ascontiguousarray
+    arrays = [pack(qw.q.T), np.ascontiguousarray(qw.scale.T)]
+    return arrays if symmetric else arrays + [pack(qw.zero_point.T)]
 
 
 def _check_options(block_size, method: str, calib_feeds, accuracy_level) -> None:
@@ -462,16 +464,18 @@ def _encode(g: Graph, node: onnx.NodeProto, block_size: int, symmetric: bool, me
     w = g.array(name).astype(np.float32) if weight is None else weight
     affine = not symmetric or method == "hqq"
     if bits == 8:
-        qw = rtn(w, block_size, True, bits=8)
-        inits = [numpy_helper.from_array(a, g.unique(name + sfx))
-                 for a, sfx in zip(matmul_nbits_tensors(qw, True, 8), ("_Q8", "_scales8"))]
+        table = node.op_type == "Gather"
+        qw = rtn(w.T if table else w, block_size, True, bits=8)
+        arrays = gather_tensors(qw, True, 8) if table else matmul_nbits_tensors(qw, True, 8)
+        inits = [numpy_helper.from_array(a, g.unique(name + sfx)) for a, sfx in zip(arrays, ("_Q8", "_scales8"))]
         record = {"op_type": node.op_type, "weight": name, "shape": list(w.shape), "block_size": block_size,
-                  "symmetric": True, "method": "rtn", "bits": 8, "rel_error": rel_error(w, qw)}
-        return inits, record, qw.dequantize()
+                  "symmetric": True, "method": "rtn", "bits": 8, "rel_error": rel_error(w.T if table else w, qw)}
+        return inits, record, (qw.dequantize().T if table else qw.dequantize())
     if node.op_type == "Gather":
         qw = rtn(w.T, block_size, symmetric)
         arrays, err, used = gather_tensors(qw, symmetric), rel_error(w.T, qw), "rtn"
         affine = not symmetric
+        approx = qw.dequantize().T
     else:
         if method in ("gptq", "awq_gptq") and hessian is not None:
             qw = gptq_weight(w, hessian, block_size, symmetric, act_order)
@@ -487,31 +491,32 @@ def _encode(g: Graph, node: onnx.NodeProto, block_size: int, symmetric: bool, me
     inits = [numpy_helper.from_array(a, g.unique(name + s)) for a, s in zip(arrays, suffixes)]
     record = {"op_type": node.op_type, "weight": name, "shape": list(w.shape), "block_size": block_size,
               "symmetric": not affine, "method": used, "bits": 4, "rel_error": err}
-    return inits, record, (qw.dequantize() if node.op_type == "MatMul" else None)
+    return inits, record, (qw.dequantize() if node.op_type == "MatMul" else approx)
 
 
 def _eight_bit(encoded: dict, weights: dict[str, np.ndarray], hessians: dict[str, np.ndarray], size: int,
                budget: int) -> list[str]:
-    """The MatMul weights to store in 8 bits so that the model stays within ``budget`` bytes (``size``: all in
-    int4): greedily by int4 output error removed per byte added, the error measured as ``tr(D^T H D) / tr(W^T H W)``
-    on the calibration Hessian when there is one, else on the weight (``||D||^2 / ||W||^2``)."""
+    """The (op type, weight) keys of the MatMul weights and Gather tables to store in 8 bits so that the model stays
+    within ``budget`` bytes (``size``: all in int4): greedily by int4 error removed per byte added, the error measured
+    as ``tr(D^T H D) / tr(W^T H W)`` on the calibration Hessian when there is one (MatMuls with --data), else on the
+    weight (``||D||^2 / ||W||^2``)."""
     gains = []
     for (op_type, name), (inits, record, approx) in encoded.items():
-        if op_type != "MatMul" or approx is None:
+        if approx is None:
             continue
         w = weights[name]
         d = w.astype(np.float64) - approx
-        h = hessians.get(name)
+        h = hessians.get(name) if op_type == "MatMul" else None
         err = awq.output_error(w, approx, h) / max(awq.output_error(w, np.zeros_like(w), h), 1e-30) if h is not None \
             else float(np.sum(d * d)) / max(float(np.sum(w.astype(np.float64) ** 2)), 1e-30)
-        k_dim, n_dim = w.shape
+        k_dim, n_dim = w.shape if op_type == "MatMul" else w.T.shape
         n_blocks = -(-k_dim // record["block_size"])
         extra = n_dim * n_blocks * record["block_size"] // 2  # a byte per value instead of half of one
-        gains.append((-err / max(extra, 1), name, extra))
+        gains.append((-err / max(extra, 1), (op_type, name), extra))
     chosen = []
-    for _, name, extra in sorted(gains):
+    for _, key, extra in sorted(gains):
         if size + extra <= budget:
-            chosen.append(name)
+            chosen.append(key)
             size += extra
     return chosen
 
@@ -522,7 +527,7 @@ def _replacement(g: Graph, node: onnx.NodeProto, inits: list[TensorProto], block
     name = g.unique(node.name + "_Q4")
     if node.op_type == "Gather":
         return helper.make_node("GatherBlockQuantized", [data, node.input[1], *params], list(node.output), name=name,
-                                domain=MS_DOMAIN, bits=4, block_size=block_size, gather_axis=0, quantize_axis=1)
+                                domain=MS_DOMAIN, bits=bits, block_size=block_size, gather_axis=0, quantize_axis=1)
     k_dim, n_dim = g.initializers[_weight_input(node)].dims
     extra = {} if accuracy_level is None else {"accuracy_level": accuracy_level}
     return helper.make_node("MatMulNBits", [node.input[0], data, *params], list(node.output), name=name,
@@ -574,11 +579,11 @@ def quantize_int4(model: onnx.ModelProto, block_size: int = 32, symmetric: bool 
         if key not in encoded:
             encoded[key] = encode(node)
     if max_bytes is not None:
-        weights = {name: scaled.get(name, g.array(name).astype(np.float32)) for op, name in encoded if op == "MatMul"}
+        weights = {name: scaled.get(name, g.array(name).astype(np.float32)) for _, name in encoded}
         size = _size_after(m, g, encoded, targets)
-        for name in _eight_bit(encoded, weights, hessians, size, max_bytes):
-            node = next(n for n in matmuls if n.input[1] == name)
-            encoded[("MatMul", name)] = encode(node, bits=8)
+        for key in _eight_bit(encoded, weights, hessians, size, max_bytes):
+            node = next(n for n in targets.values() if (n.op_type, _weight_input(n)) == key)
+            encoded[key] = encode(node, bits=8)
     quantized, replaced = [], {}
     for position, node in targets.items():
         inits, record, _ = encoded[(node.op_type, _weight_input(node))]
