@@ -276,9 +276,11 @@ def encoder_rows(work: Path, block: int, count: int = 512) -> tuple[list[dict], 
             ("qconv gptq", ["--int4-method", "gptq", "--data", str(calib)]), ("qconv awq", ["--int4-method", "awq", "--data", str(calib)]),
             ("qconv awq_gptq", ["--int4-method", "awq_gptq", "--data", str(calib)]),
             (f"qconv awq_gptq mixed <= {fp32_bytes / 6e6:.1f} MB",
-             ["--int4-method", "awq_gptq", "--data", str(calib), "--max-size-mb", f"{fp32_bytes / 6e6:.2f}"])]
+             ["--int4-method", "awq_gptq", "--data", str(calib), "--max-size-mb", f"{fp32_bytes / 6e6:.2f}"]),
+            (f"qconv awq_gptq mixed <= {fp32_bytes / 4e6:.1f} MB",
+             ["--int4-method", "awq_gptq", "--data", str(calib), "--max-size-mb", f"{fp32_bytes / 4e6:.2f}"])]
     for name, args in runs:
-        out = work / ("enc_" + name.split(" <=")[0].replace(" ", "_") + ".onnx")
+        out = work / ("enc_" + name.replace(" <= ", "_").replace(" ", "_") + ".onnx")
         rows.append({"name": name, "path": out, "tool": qconv_cli(["quantize", str(model), "-o", str(out), *common, *args])})
     for name, algo in (("ort rtn", "rtn"), ("ort hqq", "hqq")):
         out = work / ("enc_" + name.replace(" ", "_") + ".onnx")
