@@ -320,3 +320,26 @@ def test_a_budget_can_buy_an_8_bit_embedding_table_that_onnxruntime_gathers():
     got = run(session(r.model), {"ids": ids})[0]
     np.testing.assert_allclose(got, decoded, rtol=1e-6)
     assert np.abs(got - table[ids]).max() <= np.abs(table).max() / 127
+
+
+def test_awq_folds_into_a_layer_normalizations_scale_and_bias():
+    rng = np.random.default_rng(5)
+    k_dim = 64
+    inits = [numpy_helper.from_array(rng.uniform(0.5, 2, k_dim).astype(np.float32), "ln_scale"),
+             numpy_helper.from_array(rng.normal(0, 0.5, k_dim).astype(np.float32), "ln_bias"),
+             numpy_helper.from_array(rng.normal(size=(k_dim, 32)).astype(np.float32), "w")]
+    nodes = [helper.make_node("LayerNormalization", ["x", "ln_scale", "ln_bias"], ["h"], axis=-1, name="ln"),
+             helper.make_node("MatMul", ["h", "w"], ["y"], name="proj")]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", k_dim])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 32])], inits)
+    feeds = [{"x": (rng.normal(size=(64, k_dim)) * np.where(np.arange(k_dim) < 4, 30.0, 1.0)).astype(np.float32)} for _ in range(4)]
+    r = wo.quantize_int4(model, block_size=16, method="awq", calib_feeds=feeds)
+    (scaling,) = r.scalings
+    assert scaling["folded_into"] == "ln_scale" and not [n for n in r.model.graph.node if n.op_type == "Mul"]
+    stored = {t.name: numpy_helper.to_array(t) for t in r.model.graph.initializer}
+    ratio = numpy_helper.to_array(inits[0]) / stored["ln_scale"]
+    np.testing.assert_allclose(numpy_helper.to_array(inits[1]) / stored["ln_bias"], ratio, rtol=1e-5)  # one s for both
+    ref, rtn_model = session(model), session(wo.quantize_int4(model, block_size=16).model)
+    awq_err = sum(float(np.sum((run(ref, f)[0] - run(session(r.model), f)[0]) ** 2)) for f in feeds)
+    rtn_err = sum(float(np.sum((run(ref, f)[0] - run(rtn_model, f)[0]) ** 2)) for f in feeds)
+    assert awq_err < rtn_err

@@ -373,7 +373,7 @@ def _fold_target(g: Graph, x: str, readers: list[onnx.NodeProto]) -> tuple[str, 
         return g.is_constant(name) and g.types.get(name) == TensorProto.FLOAT and len(g.consumers[name]) == 1 and \
             int(np.prod(g.initializers[name].dims)) == k_dim and list(g.initializers[name].dims)[-1] == k_dim
 
-    if producer.op_type in ("LayerNormalization", "SimplifiedLayerNormalization") and len(producer.output) >= 1 \
+    if producer.op_type in ("LayerNormalization", "SimplifiedLayerNormalization") and producer.output[0] == x \
             and all(vector(n) for n in producer.input[1:3] if n) and len(producer.input) >= 2:
         return "rows", [n for n in producer.input[1:3] if n]
     if producer.op_type == "Mul" and producer.domain in ("", "ai.onnx"):
