@@ -328,6 +328,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--skip-latency-model", action="store_true")
     ap.add_argument("--only-encoder", action="store_true", help="just the MiniLM section")
+    ap.add_argument("--skip-encoder", action="store_true", help="no MiniLM section")
     a = ap.parse_args()
     model = dlm.trained(CACHE)
     with tempfile.TemporaryDirectory() as tmp:
@@ -381,7 +382,7 @@ def main() -> None:
             if q:
                 ratio = q["token_ms"] / big[0]["token_ms"]
                 print(check("int4 per-token latency <= 0.6x fp32 (100 M version)", ratio <= 0.6, f"{ratio:.2f}x"))
-        enc = encoder_section(work, a.block_size)
+        enc = [] if a.skip_encoder else encoder_section(work, a.block_size)
         if a.json:
             def clean(r):
                 return {k: (str(v) if isinstance(v, Path) else v) for k, v in r.items()}

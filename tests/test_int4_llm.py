@@ -168,6 +168,8 @@ def test_a_size_budget_stores_the_worst_layers_in_8_bits_that_onnxruntime_runs()
     a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
     inits = {t.name: numpy_helper.to_array(t) for t in mixed.model.graph.initializer}
     assert a["bits"] == 8 and inits[node.input[1]].shape == (64, 2, 32) and len(node.input) == 3
+    assert a["accuracy_level"] == 4  # the only fast CPU kernel for 8-bit weights
+    assert wo.with_accuracy_level(mixed.model, None).graph.node[2] == node
     # decode 8-bit values independently: zero point 128, scales [N, n_blocks]
     q = inits[node.input[1]].astype(np.float32).reshape(64, 64) - 128.0
     decoded = (q.reshape(64, 2, 32) * inits[node.input[2]][:, :, None]).reshape(64, 64).T
@@ -176,7 +178,15 @@ def test_a_size_budget_stores_the_worst_layers_in_8_bits_that_onnxruntime_runs()
                         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5, 64])], [numpy_helper.from_array(ws[2], "w")])
     one = wo.quantize_int4(single, block_size=32, max_bytes=10**6)
     assert one.quantized[0]["bits"] == 8
-    np.testing.assert_allclose(run(session(one.model), {"x": x})[0], x @ decoded, rtol=1e-4, atol=1e-3)
+    exact = onnx.ModelProto()
+    exact.CopyFrom(one.model)
+    for n in exact.graph.node:  # float activations, to check the layout alone
+        kept = [a for a in n.attribute if a.name != "accuracy_level"]
+        del n.attribute[:]
+        n.attribute.extend(kept)
+    np.testing.assert_allclose(run(session(exact), {"x": x})[0], x @ decoded, rtol=1e-4, atol=1e-3)
+    fast = run(session(one.model), {"x": x})[0]  # int8 activations (accuracy_level 4)
+    assert np.linalg.norm(fast - x @ decoded) < 0.02 * np.linalg.norm(x @ decoded)
     assert np.abs(decoded - ws[2]).max() <= np.abs(ws[2]).max() / 127
 
 
