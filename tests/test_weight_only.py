@@ -66,7 +66,8 @@ def test_symmetric_step_is_the_least_error_of_the_three_rules(blocks):
     onnxruntime = np.where(-lo >= hi, lo, hi) / -8
     absmax = np.maximum(-lo, hi) / 7
     for rule in (unclipped, onnxruntime, absmax):
-        rule = np.where(rule != 0, rule, 1.0)
+        rule = rule.astype(np.float32)
+        rule = np.where(rule != 0, rule, np.float32(1.0))  # as the module does: zero checked after the cast
         assert np.all(chosen <= _block_sq_error(blocks, rule) * (1 + 1e-6) + 1e-12)
 
 
