@@ -353,3 +353,13 @@ def test_awq_folds_into_a_layer_normalizations_scale_and_bias():
     awq_err = sum(float(np.sum((run(ref, f)[0] - run(session(r.model), f)[0]) ** 2)) for f in feeds)
     rtn_err = sum(float(np.sum((run(ref, f)[0] - run(rtn_model, f)[0]) ** 2)) for f in feeds)
     assert awq_err < rtn_err
+
+
+def test_fp16s_kept_float_nodes_are_grouped_by_what_kept_them(tmp_path):
+    r = CliRunner().invoke(main, ["quantize", str(DECODER / "model.onnx"), "-o", str(tmp_path / "h.onnx"), "--mode", "fp16",
+                                  "--no-latency", "--json"])
+    assert r.exit_code == 0, r.output
+    groups = {g["reason"]: g for g in json.loads(r.stdout)["node_summary"]["kept_float_groups"]}
+    overflow = next(g for reason, g in groups.items() if reason.startswith("powers exceed"))
+    assert overflow["ops"] == {"Pow": LAYERS * 2 + 1}  # each RMSNorm's x**2 (two per layer and the final one)
+    assert not any("cast from integers" in reason and "Pow" in g["ops"] for reason, g in groups.items())

@@ -10,6 +10,8 @@ produces one and its rewrite reads it.
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -119,14 +121,17 @@ class QuantPlan:
             if not n.kept_float:
                 continue
             code = n.code or "other"
-            g = groups.setdefault(code, {"code": code, "reason": GROUPS.get(code, n.reason), "nodes": 0, "ops": {}, "examples": []})
+            # a code without a label groups by its reason with the names in quotes left out ('reads 'x', float32
+            # from Pow 'y'...' is one group however many nodes follow a Pow)
+            label = GROUPS.get(code) or re.sub(r"\s*'[^']*'", "", n.reason or code)
+            g = groups.setdefault((code, label), {"code": code, "reason": label, "nodes": 0, "ops": {}, "examples": []})
             g["nodes"] += 1
             g["ops"][n.op_type] = g["ops"].get(n.op_type, 0) + 1
             if len(g["examples"]) < examples:
                 g["examples"].append({"name": n.name, "op_type": n.op_type, "detail": n.reason})
         for g in groups.values():
             g["ops"] = dict(sorted(g["ops"].items(), key=lambda kv: (-kv[1], kv[0])))
-        return sorted(groups.values(), key=lambda g: (-g["nodes"], g["code"]))
+        return sorted(groups.values(), key=lambda g: (-g["nodes"], g["code"], g["reason"]))
 
     def to_dict(self) -> dict:
         return {
