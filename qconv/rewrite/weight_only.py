@@ -319,21 +319,36 @@ def int4_decisions(model: onnx.ModelProto, block_size: int, exclude_nodes=()) ->
 
 
 def input_hessians(model: onnx.ModelProto, widths: dict[str, int], feeds: Iterable[dict]) -> dict[str, np.ndarray]:
-    """``mean(x^T x)`` (float64 [K, K]) of each named float tensor, streaming one batch at a time."""
+    """``mean(x^T x)`` (float64 [K, K]) of each named float tensor, streaming the feeds. Rows are pooled (float32)
+    until a tensor has K of them, then one float32 product is added to the float64 sum: adding a K x K product for
+    every small feed cost more memory traffic than the products themselves (MiniLM, 256 feeds of 48 tokens: 29 s
+    of the run); the pool is at most K x K float32, half the sum's own size."""
     graph_inputs = set(Graph(model).graph_inputs)
     names = sorted(widths)
     computed = [n for n in names if n not in graph_inputs]
     sess = session(expose(model, {n: TensorProto.FLOAT for n in computed}))
     sums = {n: np.zeros((widths[n], widths[n])) for n in names}
     rows = dict.fromkeys(names, 0)
+    pools: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    pooled = dict.fromkeys(names, 0)
+
+    def flush(name):
+        if pools[name]:
+            x = np.concatenate(pools[name]) if len(pools[name]) > 1 else pools[name][0]
+            sums[name] += x.T @ x
+            pools[name], pooled[name] = [], 0
+
     for feed in feeds:
         values = dict(zip(computed, run(sess, feed, computed)))
         for name in names:
-            x = np.asarray(feed[name] if name in graph_inputs else values[name], dtype=np.float64)
-            x = x.reshape(-1, widths[name])
-            sums[name] += x.T @ x
+            x = np.asarray(feed[name] if name in graph_inputs else values[name], dtype=np.float32).reshape(-1, widths[name])
+            pools[name].append(x)
+            pooled[name] += x.shape[0]
             rows[name] += x.shape[0]
+            if pooled[name] >= widths[name]:
+                flush(name)
     for name in names:
+        flush(name)
         if rows[name] == 0:
             raise UsageError(f"int4 methods gptq and awq need calibration data, but calib_feeds gave no rows for '{name}'")
         if not np.all(np.isfinite(sums[name])):
