@@ -215,6 +215,12 @@ def _open(path: Path, specs: list[InputSpec]) -> dict[str, np.ndarray]:
 _DERIVED_NAMES = ("attention_mask", "position_ids")
 
 
+def is_cache_name(name: str) -> bool:
+    """A KV-cache tensor by its name (``past_key_values.0.key``, ``present.3.value``, ``cache_k``...)."""
+    lowered = name.lower()
+    return any(word in lowered for word in ("past", "present", "cache"))
+
+
 def derivable(specs: list[InputSpec], given: set[str]) -> list[InputSpec]:
     """The inputs a decoder's prompt step can do without (see the module docstring), when not in ``given``."""
     names = {s.name for s in specs}
@@ -222,10 +228,9 @@ def derivable(specs: list[InputSpec], given: set[str]) -> list[InputSpec]:
     for s in specs:
         if s.name in given:
             continue
-        lowered = s.name.lower()
         if s.name in _DERIVED_NAMES and "input_ids" in given and "input_ids" in names and s.dtype.kind in "iu":
             out.append(s)
-        elif s.dtype.kind == "f" and s.rank >= 2 and ("past" in lowered or "cache" in lowered):
+        elif s.dtype.kind == "f" and s.rank >= 2 and is_cache_name(s.name):
             out.append(s)
     return out
 

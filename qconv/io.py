@@ -14,6 +14,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from qconv.errors import QconvError
+from qconv.graph import copy_with_placeholders
 
 # Models whose protobuf would pass 2 GB must keep weights outside the .onnx file.
 _PROTO_LIMIT = 2**31 - 2**26
@@ -191,9 +192,8 @@ def model_identity(model: onnx.ModelProto) -> str:
         h.update(model.graph.SerializeToString(deterministic=True))
         return h.hexdigest()
     # past 2 GB one message cannot be serialized: the graph without its weights, then each weight in turn
-    bare = onnx.GraphProto()
-    for field in ("node", "input", "output", "value_info", "sparse_initializer"):
-        getattr(bare, field).extend(getattr(model.graph, field))
+    bare = copy_with_placeholders(model, {t.name for t in model.graph.initializer}).graph
+    del bare.initializer[:]
     h.update(bare.SerializeToString(deterministic=True))
     for t in model.graph.initializer:
         h.update(t.SerializeToString(deterministic=True))

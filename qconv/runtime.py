@@ -11,6 +11,7 @@ import onnx
 import onnxruntime as ort
 
 from qconv.errors import QconvError
+from qconv.graph import copy_with_placeholders
 
 
 def default_threads() -> int:
@@ -55,41 +56,23 @@ PROTO_LIMIT = 2**31 - 2**26  # a protobuf message cannot pass 2 GB; keep a margi
 def write_external(model: onnx.ModelProto, path: Path, threshold: int = 1 << 20) -> Path:
     """Write ``model`` with every initializer of ``threshold`` bytes or more in ``<path>.data``, without copying the
     model first (onnx.save_model's external-data route rewrites the proto it is given, so callers would need a
-    second copy of every weight): big tensors are streamed to the data file one at a time."""
-    m = onnx.ModelProto()
-    graph = model.graph
-    kept = onnx.GraphProto()  # graph.CopyFrom would copy every weight
-    for field in ("name", "doc_string"):
-        if graph.HasField(field):
-            setattr(kept, field, getattr(graph, field))
-    for field in ("node", "input", "output", "value_info", "sparse_initializer", "quantization_annotation"):
-        getattr(kept, field).extend(getattr(graph, field))
+    second copy of every weight): a copy with placeholders for the big tensors, whose bytes are streamed to the
+    data file one at a time."""
+    big = [t for t in model.graph.initializer if t.ByteSize() >= threshold and t.data_location != onnx.TensorProto.EXTERNAL]
+    m = copy_with_placeholders(model, {t.name for t in big})
+    refs = {t.name: t for t in m.graph.initializer}
     data = path.with_name(path.name + ".data")
     with open(data, "wb") as f:
-        for t in graph.initializer:
-            if t.ByteSize() < threshold or t.data_location == onnx.TensorProto.EXTERNAL:
-                kept.initializer.append(t)
-                continue
-            ref = onnx.TensorProto()
-            ref.name, ref.data_type = t.name, t.data_type
-            ref.dims.extend(t.dims)
+        for t in big:
             raw = t.raw_data if t.HasField("raw_data") else onnx.numpy_helper.to_array(t).tobytes()
             offset = f.tell()
             f.write(raw)
+            ref = refs[t.name]
             for key, value in (("location", data.name), ("offset", str(offset)), ("length", str(len(raw)))):
                 entry = ref.external_data.add()
                 entry.key, entry.value = key, value
             ref.data_location = onnx.TensorProto.EXTERNAL
-            kept.initializer.append(ref)
-    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
-        if model.HasField(field):  # proto2: setting a field marks it present, and the bytes would differ
-            setattr(m, field, getattr(model, field))
-    m.opset_import.extend(model.opset_import)
-    m.metadata_props.extend(model.metadata_props)
-    m.functions.extend(model.functions)
-    m.graph.CopyFrom(kept)
     path.write_bytes(m.SerializeToString())
-    del kept
     return path
 
 

@@ -58,6 +58,11 @@ def qconv_cli(args: list[str]) -> dict:
             "except SystemExit as e:\n    rc = e.code or 0\nelse:\n    rc = 0\n"
             "print('PEAK', open('/proc/self/status').read().split('VmHWM:')[1].split()[0], file=sys.stderr)\n"
             "sys.exit(rc)\n")
+    return _child(code, args)
+
+
+def _child(code: str, args: list[str] = ()) -> dict:
+    """Run ``python -c code args`` (which prints ``PEAK <VmHWM kB>`` on stderr): wall seconds, peak RSS, exit code."""
     start = time.perf_counter()
     p = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT)
     seconds = time.perf_counter() - start
@@ -95,12 +100,7 @@ q.process()
 q.model.save_model_to_file({str(out)!r}, use_external_data_format=False)
 print('PEAK', open('/proc/self/status').read().split('VmHWM:')[1].split()[0], file=sys.stderr)
 """
-    start = time.perf_counter()
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    peak = next((float(line.split()[1]) / 1024 for line in p.stderr.splitlines() if line.startswith("PEAK")), None)
-    return {"seconds": round(seconds, 1), "peak_mb": peak and round(peak), "rc": p.returncode,
-            "error": None if p.returncode == 0 else (p.stderr.strip().splitlines() or ["?"])[-1][:200]}
+    return _child(code)
 
 
 def shape_of(model: Path) -> dlm.Shape:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from itertools import islice
 
+from qconv.data import is_cache_name
 from qconv.errors import QconvError
 from qconv.modes import Applied, Findings
 from qconv.modes.common import check_float_only, decisions_from
@@ -16,8 +17,10 @@ SMOOTH = False
 
 def _has_cache(model) -> bool:
     """A decoder with a KV cache: generation calls it with one new row at a time, where accuracy_level 4 pays."""
-    return any(("past" in i.name.lower() or "cache" in i.name.lower()) and i.type.tensor_type.elem_type != 7
-               for i in model.graph.input)
+    from onnx import TensorProto
+
+    floats = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
+    return any(is_cache_name(i.name) and i.type.tensor_type.elem_type in floats for i in model.graph.input)
 
 
 def check(overrides: Overrides, config, where: str) -> None:

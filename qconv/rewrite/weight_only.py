@@ -67,6 +67,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from qconv.data import is_cache_name
 from qconv.errors import QconvError, UsageError
 from qconv.graph import Graph, attr, copy_with_placeholders, drop_unused_initializers, expose, topo_sort
 from qconv.numeric import awq, gptq, hqq, qmath
@@ -405,10 +406,10 @@ def _fold_target(g: Graph, x: str, readers: list[onnx.NodeProto]) -> tuple[str, 
     return None
 
 
-def _awq(m: onnx.ModelProto, g: Graph, matmuls, per_input: dict[str, np.ndarray], block_size: int,
+def _awq(g: Graph, matmuls, per_input: dict[str, np.ndarray], block_size: int,
          symmetric: bool) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[_Scaling]]:
     """AWQ over the int4 MatMuls: ({weight: diag(s) W}, {weight: importance [K]}, scalings). Folds ``1 / s`` into
-    initializers of ``m`` where _fold_target allows; the caller inserts Muls for the rest."""
+    the initializers of ``g``'s model where _fold_target allows; the caller inserts Muls for the rest."""
     by_input: dict[str, list[onnx.NodeProto]] = {}
     for node in matmuls:
         by_input.setdefault(node.input[0], []).append(node)
@@ -510,8 +511,8 @@ def _encode(g: Graph, node: onnx.NodeProto, block_size: int, symmetric: bool, me
     return inits, record, (qw.dequantize() if node.op_type == "MatMul" else approx)
 
 
-def _eight_bit(encoded: dict, weights: dict[str, np.ndarray], hessians: dict[str, np.ndarray], size: int,
-               budget: int) -> list[str]:
+def _eight_bit(encoded: dict, weight_of: Callable[[str], np.ndarray], hessians: dict[str, np.ndarray], size: int,
+               budget: int) -> list[tuple[str, str]]:
     """The (op type, weight) keys of the MatMul weights and Gather tables to store in 8 bits so that the model stays
     within ``budget`` bytes (``size``: all in int4): greedily by int4 error removed per byte added, the error measured
     as ``tr(D^T H D) / tr(W^T H W)`` on the calibration Hessian when there is one (MatMuls with --data), else on the
@@ -520,7 +521,7 @@ def _eight_bit(encoded: dict, weights: dict[str, np.ndarray], hessians: dict[str
     for (op_type, name), (inits, record, approx) in encoded.items():
         if approx is None:
             continue
-        w = weights[name]
+        w = weight_of(name)  # one float weight at a time: a budget never holds every weight twice
         d = w.astype(np.float64) - approx
         h = hessians.get(name) if op_type == "MatMul" else None
         err = awq.output_error(w, approx, h) / max(awq.output_error(w, np.zeros_like(w), h), 1e-30) if h is not None \
@@ -578,7 +579,7 @@ def quantize_int4(model: onnx.ModelProto, block_size: int = 32, symmetric: bool 
         widths = {n.input[0]: int(g.initializers[n.input[1]].dims[0]) for n in matmuls}
         per_input = input_hessians(model, widths, calib_feeds)
     hessians = _weight_hessians(per_input, matmuls) if per_input else {}
-    scaled, importance, scalings = _awq(m, g, matmuls, per_input, block_size, symmetric) if method in ("awq", "awq_gptq") else ({}, {}, [])
+    scaled, importance, scalings = _awq(g, matmuls, per_input, block_size, symmetric) if method in ("awq", "awq_gptq") else ({}, {}, [])
     for sc in scalings:  # the error of a scaled weight is measured on the scaled input
         for node in matmuls:
             if node.input[0] == sc.input:
@@ -596,9 +597,9 @@ def quantize_int4(model: onnx.ModelProto, block_size: int = 32, symmetric: bool 
         if key not in encoded:
             encoded[key] = encode(node)
     if max_bytes is not None:
-        weights = {name: scaled.get(name, g.array(name).astype(np.float32)) for _, name in encoded}
         size = _size_after(m, g, encoded, targets)
-        for key in _eight_bit(encoded, weights, hessians, size, max_bytes):
+        weight_of = lambda name: scaled[name] if name in scaled else g.array(name).astype(np.float32)  # noqa: E731
+        for key in _eight_bit(encoded, weight_of, hessians, size, max_bytes):
             node = next(n for n in targets.values() if (n.op_type, _weight_input(n)) == key)
             encoded[key] = encode(node, bits=8)
     quantized, replaced = [], {}
@@ -698,8 +699,7 @@ def _agreement(reference: list[list[np.ndarray]], outputs: list[list[np.ndarray]
         b = np.concatenate([np.asarray(o[k], np.float64).ravel() for o in outputs])
         den = float(np.sqrt((a @ a) * (b @ b)))
         cosines.append(float(a @ b) / den if den > 0 else 1.0)
-        lowered = name.lower()
-        if any(w in lowered for w in ("present", "past", "cache")):
+        if is_cache_name(name):
             continue
         for r, o in zip(reference, outputs):
             if np.ndim(r[k]) >= 2 and np.shape(r[k])[-1] >= 2 and np.size(r[k]):
