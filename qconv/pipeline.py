@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import collections
 import json
 import os
@@ -220,6 +222,8 @@ def replan(prepared: Prepared, stored: QuantPlan, calib: Calibration | None, whe
             raise QconvError(f"{where}: the override for tensor '{needs[0]}' changes its range method, which needs the calibration "
                              "statistics (a plan records ranges only): pass --calib FILE")
         stats = Ranges.recorded_in(stored.source)
+    elif stats is not None:  # the stored plan's kernel-table verdict holds: a plan is replanned without the table
+        stats = dataclasses.replace(stats, speed=stored.source.get("speed"))
     p = plan(prepared, stats, config, stored.overrides, where)
     keep_corrections(prepared, stored, p)
     return p

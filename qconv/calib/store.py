@@ -138,6 +138,7 @@ class Ranges:
     nonfinite: dict[str, int]
     masks: dict[str, float]
     identity: dict | None  # the calibration's identity (a stored plan's: as it recorded it)
+    speed: dict | None = None  # a stored plan's kernel-table verdict (qconv.plan.regions), reused without the table
 
     @classmethod
     def of(cls, calib: Calibration | Ranges | None) -> Ranges | None:
@@ -149,7 +150,8 @@ class Ranges:
     def recorded_in(cls, source: dict) -> Ranges:
         """The ranges a plan recorded in its ``source`` (no histograms: a method override needs the calibration file)."""
         return cls({}, {k: (float(v[0]), float(v[1])) for k, v in dict(source.get("ranges") or {}).items()},
-                   dict(source.get("nonfinite") or {}), dict(source.get("masks") or {}), source.get("calibration"))
+                   dict(source.get("nonfinite") or {}), dict(source.get("masks") or {}), source.get("calibration"),
+                   source.get("speed"))
 
     def select(self, method: str, symmetric: bool, percentile: float) -> dict[str, tuple[float, float]]:
         """The range of every observed tensor by ``method`` (a stored plan: the ranges it recorded)."""

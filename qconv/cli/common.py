@@ -161,6 +161,10 @@ def scheme_options(fn):
         click.option("--equalize", is_flag=True,
                      help="int8: cross-layer equalization, Conv pairs joined by identity/Relu rescaled to equal channel ranges "
                           "(helps --per-tensor most); a calibration file must be made with it too."),
+        click.option("--kernels", default="auto", show_default=True, metavar="auto|shipped|none|FILE",
+                     help="int8: the kernel cost table that keeps float the regions where int8 runs slower on this CPU. auto: the "
+                          "table `qconv kernels --measure` cached for this CPU, else the one shipped for its family; shipped: that one "
+                          "(the same model on every machine of the family); none: int8 wherever a kernel exists; or a table file."),
         click.option("--floor-ranges", is_flag=True,
                      help="Cut an activation's range where every reader is flat below (e.g. -3 before a hard-swish): exact, finer steps."),
         click.option("--format", "fmt", type=click.Choice(FORMATS), default=None,
@@ -175,7 +179,7 @@ def scheme_options(fn):
 
 SCHEME_KEYS = ("mode", "fmt", "per_tensor", "weight_type", "affine_weights", "activation_type", "symmetric_activations",
                "reduce_range", "block_size", "int4_method", "accuracy_level", "keep_io_types", "exclude_nodes", "exclude_ops", "quantized_io",
-               "bias_correction", "floor_ranges", "equalize")
+               "bias_correction", "floor_ranges", "equalize", "kernels")
 
 
 def config_from(kwargs: dict) -> QuantConfig:
@@ -187,7 +191,7 @@ def config_from(kwargs: dict) -> QuantConfig:
                        block_size=k["block_size"], int4_method=k["int4_method"], accuracy_level=k["accuracy_level"], keep_io_types=k["keep_io_types"],
                        exclude_nodes=tuple(k["exclude_nodes"]), exclude_ops=tuple(k["exclude_ops"]), quantized_io=k["quantized_io"],
                        bias_correction={None: "auto", "off": None}.get(k["bias_correction"], k["bias_correction"]), floor_ranges=k["floor_ranges"],
-                       equalize=k["equalize"])
+                       equalize=k["equalize"], kernels=k["kernels"])
 
 
 def calib_options_from(kwargs: dict) -> CalibOptions:

@@ -40,6 +40,7 @@ GROUPS = {
     "unsupported": "an input form the int8 kernels do not take",
     "custom-domain": "custom-domain op, left as it is",
     "mode": "this mode does not convert this op",
+    "speed": "int8 would run slower here on this CPU (kernel cost table): the region stays float",
 }
 
 

@@ -48,6 +48,9 @@ class QuantConfig:
     bias_correction: str | None = None
     floor_ranges: bool = False  # cut activation ranges where every reader is flat below (rules.saturation): exact, opt-in
     equalize: bool = False  # cross-layer equalization of Conv pairs before calibration (qconv.adjust.equalize)
+    # int8: the kernel cost table that decides where int8 is slower than float (qconv.plan.kernels): auto | shipped |
+    # none | a table file
+    kernels: str = "auto"
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -84,6 +87,8 @@ class QuantConfig:
         if self.bias_correction in ("full", "fast") and not self.needs_calibration:
             raise UsageError(f"--bias-correction corrects the static int8 modes (int8, a16w8); --mode {self.mode} has no activation "
                              "quantization to correct: drop it")
+        if not self.kernels:
+            raise UsageError("--kernels takes auto, shipped, none or a kernel table file (got an empty value)")
         if self.int4_method not in INT4_METHODS:
             raise UsageError(f"unknown int4 method '{self.int4_method}'; choose one of {', '.join(INT4_METHODS)}")
         if self.accuracy_level not in ACCURACY_LEVELS:
@@ -151,4 +156,6 @@ class QuantConfig:
         if self.mode != "int4":
             d.pop("accuracy_level")  # int4 only; plans of the other modes stay as they were
             d.pop("size_budget_mb")
+        if self.mode != "int8":
+            d.pop("kernels")
         return d

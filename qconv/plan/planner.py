@@ -71,6 +71,7 @@ class _State:
     recurrent: list = field(default_factory=list)  # LSTM nodes that become DynamicQuantizeLSTM
     scaled: dict = field(default_factory=dict)  # output of a Mul by a positive constant -> (its input, the constant)
     floors: dict = field(default_factory=dict)  # activation -> the value its readers are flat below (saturation.floor_of)
+    slower: dict = field(default_factory=dict)  # node -> why int8 is slower there (the kernel cost table's verdict)
 
     def keep_float(self, node, code: str, reason: str) -> None:
         self.decisions.append(NodeDecision(node.name, node.op_type, "float", reason, code))
@@ -78,11 +79,13 @@ class _State:
 
 def build_plan(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]], config: QuantConfig,
                nonfinite: dict[str, int] | None = None, masks: dict[str, float] | None = None,
-               overrides: Overrides | None = None, methods: dict[str, str] | None = None) -> QuantPlan:
+               overrides: Overrides | None = None, methods: dict[str, str] | None = None,
+               slower: dict[str, str] | None = None) -> QuantPlan:
     """The static plan of the main graph and of every If/Loop/Scan body (their nodes and tensors under scoped
-    names, see qconv.graph.subgraphs). ``methods`` names the range method behind each range (default: ``config.method``)."""
+    names, see qconv.graph.subgraphs). ``methods`` names the range method behind each range (default: ``config.method``).
+    ``slower``: main-graph nodes kept float because int8 is slower there (qconv.plan.regions), with the reason."""
     overrides = overrides or Overrides()
-    p = _plan_graph(model, ranges, config, nonfinite, masks, overrides, methods)
+    p = _plan_graph(model, ranges, config, nonfinite, masks, overrides, methods, slower)
     if not subgraphs.has_bodies(model):
         return p
     for body in subgraphs.bodies(model):
@@ -165,7 +168,7 @@ def subplan(p: QuantPlan, scope: str = "") -> QuantPlan:
 
 def _plan_graph(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]], config: QuantConfig,
                 nonfinite: dict[str, int] | None = None, masks: dict[str, float] | None = None,
-                overrides=None, methods: dict[str, str] | None = None) -> QuantPlan:
+                overrides=None, methods: dict[str, str] | None = None, slower: dict[str, str] | None = None) -> QuantPlan:
     """The static plan of one graph."""
     g = Graph(model)
     nonfinite = nonfinite or {}
@@ -174,6 +177,7 @@ def _plan_graph(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]], 
     act_q = qmath.qtype(config.act_type)
     w_q = config.weight_qtype
     st = _State()
+    st.slower = dict(slower or {})
     if config.floor_ranges:
         ranges, st.floors = _floored_ranges(g, ranges, act_q, methods or {})
     for node in model.graph.node:
@@ -244,6 +248,8 @@ def _decided_early(node, g: Graph, config: QuantConfig, precision, forced: bool,
         st.keep_float(node, "excluded", excluded)
     elif precision == "float":
         st.keep_float(node, "override", "kept float by the plan's override")
+    elif node.name in st.slower and precision is None:
+        st.keep_float(node, "speed", st.slower[node.name])
     elif node.op_type == "LSTM" and not forced:  # no static int8 kernel: int8 weights, run-time activations
         problem = recurrent.lstm_problem(node, g)
         if problem:

@@ -1,0 +1,258 @@
+"""Which int8 regions pay on this CPU: the speed side of the default plan.
+
+Given a plan, the per-row size of every activation (from the calibration's counts) and a kernel cost table, each
+node the plan quantizes is a candidate for float. Its int8 and float cost come from the table (a depthwise
+convolution over few channels, a uint8 MaxPool or AveragePool run slower in int8 than in float on onnxruntime's CPU
+kernels), a float activation or residual Add right after a Conv costs nothing (onnxruntime fuses it), and every
+tensor that crosses between int8 and float pays a conversion and a layout change. Choosing int8 or float for every
+candidate so that the sum is least is a minimum s-t cut (each border cost is paid only when its two ends differ),
+solved exactly: whole regions move together, never a lone node that would pay its borders twice. Float costs carry
+a margin so that int8 stays unless float is clearly cheaper, and the result is kept only when the whole model's
+estimate drops by ``MIN_GAIN``.
+
+Float where int8 is slower never costs accuracy: the nodes that move keep float32 arithmetic. MatMul and Gemm,
+nodes an override fixes and subgraph bodies are not candidates.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from qconv.graph import Graph, attr
+from qconv.plan import QuantPlan
+from qconv.plan.kernels import Table
+
+FLOAT_MARGIN = 1.10  # float must be 10% cheaper than int8 per node to move it
+MIN_GAIN = 0.03  # and the whole model's estimate must drop by 3%
+FUSED_ACT = {"Relu", "Clip", "Sigmoid", "HardSigmoid", "LeakyRelu", "Tanh"}  # onnxruntime fuses these into a float Conv
+NEUTRAL = {"Relu", "Clip", "LeakyRelu", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Slice", "Gather",
+           "Expand", "Tile", "Resize"}
+FIXED = {"MatMul", "Gemm", "ConvTranspose"}
+
+
+@dataclass
+class Estimate:
+    """The cost model's verdict: nodes to keep float, and the model's estimated time before and after (ns per row)."""
+
+    floats: list[str] = field(default_factory=list)
+    int8_ns: float = 0.0
+    chosen_ns: float = 0.0
+    float_ns: float = 0.0  # every candidate float
+    regions: list[dict] = field(default_factory=list)
+
+    def to_dict(self, table: Table) -> dict:
+        return {"table": table.summary(), "float_nodes": list(self.floats), "estimate_us": {
+            "int8": round(self.int8_ns / 1e3, 3), "chosen": round(self.chosen_ns / 1e3, 3), "all_float": round(self.float_ns / 1e3, 3)},
+            "regions": self.regions}
+
+
+class _Sizes:
+    """Elements per row of a tensor: the calibration's count, else a static shape, else a neighbour's."""
+
+    def __init__(self, g: Graph, counts: dict[str, float]):
+        self.g, self.counts = g, counts
+
+    def __call__(self, name: str, depth: int = 0) -> float:
+        if name in self.counts:
+            return self.counts[name]
+        shape = self.g.shape(name)
+        if shape and all(isinstance(d, int) and d > 0 for d in shape):
+            return float(np.prod(shape))
+        if depth > 4:
+            return 0.0
+        producer = self.g.producer.get(name)
+        if producer is not None and producer.op_type in FUSED_ACT | {"Add", "Mul", "Div", "Sub", "BatchNormalization"}:
+            return self(producer.input[0], depth + 1)
+        only = self.g.only_consumer(name)
+        if only is not None and only.op_type in FUSED_ACT and only.output:
+            return self(only.output[0], depth + 1)
+        return 0.0
+
+
+def _conv_cost(node, g: Graph, table: Table, out_elements: float) -> tuple[float, float] | None:
+    if len(node.input) < 2 or not g.is_constant(node.input[1]):
+        return None
+    w = g.initializers.get(node.input[1])
+    dims = list(w.dims) if w is not None else list(g.array(node.input[1]).shape)
+    if len(dims) != 4:
+        return None
+    cout, cin_g, kh, kw = dims
+    groups = int(attr(node, "group", 1))
+    if groups > 1 and cin_g == 1 and cout == groups:
+        key = "conv.depthwise3" if kh * kw <= 9 else "conv.depthwise5"
+        units = out_elements * (kh * kw / 25.0 if kh * kw > 25 else 1.0)
+        x = float(cout)
+    else:
+        key = "conv.pointwise" if kh * kw == 1 else "conv.dense3"
+        units = out_elements * cin_g * kh * kw
+        x = float(np.sqrt(cin_g * (cout / max(groups, 1))))
+    if not table.has(key):
+        return None
+    return table.cost(key, "int8", x, units), table.cost(key, "float", x, units)
+
+
+def _costs(node, g: Graph, table: Table, size: _Sizes, plan: QuantPlan) -> tuple[float, float]:
+    """(int8 ns, float ns) of one node, without its borders."""
+    op = node.op_type
+    out = size(node.output[0]) if node.output else 0.0
+    if op == "Conv":
+        got = _conv_cost(node, g, table, out)
+        if got:
+            return got
+    producer = g.producer.get(node.input[0]) if node.input else None
+    after_conv = producer is not None and producer.op_type == "Conv" and len(g.consumers.get(node.input[0], [])) == 1
+    if op in FUSED_ACT:
+        if node.name in plan.folded or op in ("Relu", "Clip", "LeakyRelu"):
+            return 0.0, 0.0
+        key = "Sigmoid" if table.has("Sigmoid") else None
+        if key is None:
+            return 0.0, 0.0
+        int8 = table.cost(key, "int8", 64, out)
+        return int8, 0.0 if after_conv else table.cost(key, "float", 64, out)
+    acts = [i for i in node.input if i and not g.is_constant(i)]
+    if op in ("Add", "Mul") and len(acts) == 1:  # by a constant: a scaled Mul runs no kernel, an Add a QLinearAdd
+        if op == "Mul" and _scaled(node, plan):
+            return 0.0, table.cost("MulBcast", "float", 64, out) if table.has("MulBcast") else 0.0
+        key = "MulBcast" if op == "Mul" else "Add"
+        return table.cost(key, "int8", 64, out), table.cost(key, "float", 64, out)
+    if op in ("Add", "Mul") and len(acts) == 2:
+        sizes = [size(a) for a in acts]
+        key = op if min(sizes) >= max(sizes) else ("MulBcast" if op == "Mul" else "Add")
+        fused = op == "Add" and any(
+            (p := g.producer.get(a)) is not None and p.op_type == "Conv" and len(g.consumers.get(a, [])) == 1 for a in acts)
+        return table.cost(key, "int8", 64, out), 0.0 if fused else table.cost(key, "float", 64, out)
+    if op in ("MaxPool", "AveragePool", "GlobalAveragePool", "Concat") and table.has(op):
+        units = size(node.input[0]) if op != "Concat" else out
+        return table.cost(op, "int8", 64, units), table.cost(op, "float", 64, units)
+    return 0.0, 0.0
+
+
+def _scaled(node, plan: QuantPlan) -> bool:
+    d = plan.decision(node.name)
+    return d is not None and "no kernel runs" in (d.reason or "")
+
+
+class _Flow:
+    """Max flow / min cut on a small graph (Edmonds-Karp with BFS; deterministic order)."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.cap: list[dict[int, float]] = [collections.defaultdict(float) for _ in range(n)]
+
+    def add(self, u: int, v: int, c: float) -> None:
+        if c > 0:
+            self.cap[u][v] += c
+            self.cap[v][u] += 0.0
+
+    def sink_side(self, s: int, t: int) -> set[int]:
+        """The nodes that can still reach ``t`` after the maximum flow: the smallest sink side of a minimum cut."""
+        while True:
+            parent = {s: s}
+            queue = collections.deque([s])
+            while queue and t not in parent:
+                u = queue.popleft()
+                for v in sorted(self.cap[u]):
+                    if v not in parent and self.cap[u][v] > 1e-9:
+                        parent[v] = u
+                        queue.append(v)
+            if t not in parent:
+                break
+            path, v = [], t
+            while v != s:
+                path.append((parent[v], v))
+                v = parent[v]
+            push = min(self.cap[u][v] for u, v in path)
+            for u, v in path:
+                self.cap[u][v] -= push
+                self.cap[v][u] += push
+        reach, queue = {t}, collections.deque([t])
+        while queue:
+            v = queue.popleft()
+            for u in sorted(self.cap[v]):  # every edge u -> v has its reverse entry in cap[v]
+                if u not in reach and self.cap[u].get(v, 0.0) > 1e-9:
+                    reach.add(u)
+                    queue.append(u)
+        return reach
+
+
+def choose(model, plan: QuantPlan, counts: dict[str, float], table: Table, fixed: set[str] = frozenset()) -> Estimate:
+    """The candidates to keep float so that the model's estimated time is least (empty when int8 everywhere wins)."""
+    g = Graph(model)
+    size = _Sizes(g, counts)
+    quantized = {d.name for d in plan.nodes if d.quantized}
+    nodes = [n for n in model.graph.node if n.name in quantized]
+    cand = [n for n in nodes if n.op_type not in FIXED and n.name not in fixed]
+    index = {n.name: k for k, n in enumerate(cand)}
+    unary8 = np.zeros(len(cand))
+    unaryf = np.zeros(len(cand))
+    for n in cand:
+        unary8[index[n.name]], unaryf[index[n.name]] = _costs(n, g, table, size, plan)
+    pairs: dict[tuple[int, int], float] = collections.defaultdict(float)
+    by_name = {n.name: n for n in nodes}
+    for name, t in sorted(plan.tensors.items()):
+        if t.role != "activation":
+            continue
+        elements = size(name)
+        producer = g.producer.get(name)
+        src = index.get(producer.name) if producer is not None else None
+        readers = [c for c in g.consumers.get(name, []) if c.name in by_name or c.name in index]
+        float_readers = [c for c in g.consumers.get(name, []) if c.name not in quantized]
+        if src is not None:
+            if float_readers or name in g.graph_outputs:
+                unary8[src] += table.border(elements, into_int8=False)
+        for c in readers:
+            dst = index.get(c.name)
+            if dst is None:
+                continue
+            if src is None:
+                if producer is None or producer.name not in quantized:  # float (or graph input) into an int8 node
+                    unary8[dst] += table.border(elements, into_int8=True)
+                continue
+            pairs[(src, dst)] += table.border(elements, into_int8=False)  # src int8, dst float
+            pairs[(dst, src)] += table.border(elements, into_int8=True)  # dst int8, src float
+    est = Estimate()
+    est.int8_ns = float(unary8.sum())
+    est.float_ns = float(unaryf.sum())
+    if not cand:
+        return est
+    s, t = len(cand), len(cand) + 1
+    flow = _Flow(len(cand) + 2)
+    for k in range(len(cand)):
+        f = unaryf[k] * FLOAT_MARGIN
+        base = min(f, unary8[k])
+        flow.add(s, k, f - base)  # cut when k is float
+        flow.add(k, t, unary8[k] - base)  # cut when k is int8
+    for (u, v), c in sorted(pairs.items()):
+        flow.add(u, v, c)  # cut when u is int8 and v float
+    floats = sorted(flow.sink_side(s, t) - {t})
+    label = np.zeros(len(cand), bool)
+    label[floats] = True
+
+    def total(lab) -> float:
+        cost = float(np.where(lab, unaryf, unary8).sum())
+        return cost + sum(c for (u, v), c in pairs.items() if not lab[u] and lab[v])
+
+    est.int8_ns = total(np.zeros(len(cand), bool))
+    est.chosen_ns = total(label)
+    if not floats or est.chosen_ns > est.int8_ns * (1.0 - MIN_GAIN):
+        est.chosen_ns = est.int8_ns
+        return est
+    est.floats = [cand[k].name for k in floats]
+    ops = collections.Counter(cand[k].op_type for k in floats)
+    est.regions = [{"op_type": op, "nodes": c} for op, c in sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))]
+    return est
+
+
+def counts_per_row(observers: dict, identity: dict | None) -> dict[str, float]:
+    """Elements per row of every observed tensor: its count over the rows calibration saw."""
+    if not identity:
+        return {}
+    feeds = int(identity.get("samples") or 0)
+    batch = int((identity.get("options") or {}).get("batch_size") or 1)
+    rows = feeds * max(batch, 1)
+    if rows <= 0:
+        return {}
+    return {k: float(o.count) / rows for k, o in observers.items() if getattr(o, "count", 0)}
