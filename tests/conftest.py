@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,12 @@ from onnx import TensorProto, helper, numpy_helper
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "sample_models"
 LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
+
+# Kernel tables cached on this machine must not change what the tests plan (each run starts with an empty cache, as a
+# fresh CI machine does), and the tests of the int8 rewrite see int8 wherever a kernel exists: on their tiny models,
+# timing would keep most of it float. tests/test_kernels.py tests --kernels auto and shipped.
+os.environ["QCONV_CACHE"] = tempfile.mkdtemp(prefix="qconv-test-cache.")
+os.environ["QCONV_KERNELS"] = "none"
 
 
 def make_model(nodes, inputs, outputs, initializers=(), opset=17, ir_version=8) -> onnx.ModelProto:

@@ -326,6 +326,7 @@ def test_html_screenshot_in_headless_chromium(tmp_path):
 def real_reports(tmp_path_factory):
     from qconv.jobs import CalibOptions, EvalOptions, PlanJob, QuantizeJob, run_quantize
     from qconv.measure.thresholds import Thresholds
+    from qconv.plan.config import QuantConfig
     from tests.conftest import SAMPLES
 
     out = tmp_path_factory.mktemp("reports")
@@ -333,6 +334,7 @@ def real_reports(tmp_path_factory):
     for name, ext in (("digits_cnn", "npy"), ("tiny_transformer", "npz")):
         d = SAMPLES / name
         job = QuantizeJob(out=out / f"{name}.onnx", planning=PlanJob(model=d / "model.onnx", data=d / f"calib.{ext}",
+                                                        config=QuantConfig(kernels="none"),  # int8 wherever a kernel is
                                                         calib_options=CalibOptions(batch_size=100)),
                           evaluation=EvalOptions(data=d / f"eval.{ext}", labels=d / "eval_labels.npy", layer_samples=32),
                           gates=Thresholds(min_sqnr=30.0) if name == "tiny_transformer" else Thresholds())

@@ -161,10 +161,11 @@ def scheme_options(fn):
         click.option("--equalize", is_flag=True,
                      help="int8: cross-layer equalization, Conv pairs joined by identity/Relu rescaled to equal channel ranges "
                           "(helps --per-tensor most); a calibration file must be made with it too."),
-        click.option("--kernels", default="auto", show_default=True, metavar="auto|shipped|none|FILE",
-                     help="int8: the kernel cost table that keeps float the regions where int8 runs slower on this CPU. auto: the "
-                          "table `qconv kernels --measure` cached for this CPU, else the one shipped for its family; shipped: that one "
-                          "(the same model on every machine of the family); none: int8 wherever a kernel exists; or a table file."),
+        click.option("--kernels", default="auto", show_default=True, metavar="auto|shipped|none|FILE", envvar="QCONV_KERNELS",
+                     help="int8: the kernel cost table that keeps float the regions where int8 runs slower on this CPU (env "
+                          "QCONV_KERNELS). auto: this model's nodes timed float and int8 on this machine, once (cached; "
+                          "`qconv kernels MODEL` times it ahead); shipped: the op-kind table shipped for this CPU family (the same "
+                          "model on every machine); none: int8 wherever a kernel exists; or a table file to pin."),
         click.option("--floor-ranges", is_flag=True,
                      help="Cut an activation's range where every reader is flat below (e.g. -3 before a hard-swish): exact, finer steps."),
         click.option("--format", "fmt", type=click.Choice(FORMATS), default=None,

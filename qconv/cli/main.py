@@ -7,6 +7,7 @@ import click
 from qconv import __version__
 from qconv.cli.calibrate import calibrate_group
 from qconv.cli.inspect_cmd import inspect_cmd
+from qconv.cli.kernels_cmd import kernels_cmd
 from qconv.cli.plan_cmd import plan_cmd
 from qconv.cli.quantize import quantize_cmd
 from qconv.cli.report_cmd import report_cmd
@@ -29,6 +30,7 @@ cli.add_command(quantize_cmd)
 cli.add_command(inspect_cmd)
 cli.add_command(report_cmd)
 cli.add_command(schema_cmd)
+cli.add_command(kernels_cmd)
 
 
 def main() -> None:

@@ -145,6 +145,7 @@ def run_plan(job: PlanJob, progress=pipeline.no_progress) -> tuple[QuantPlan, pi
     pipeline.check_float(prepared)
     calib = statistics(job, prepared, overrides, progress)
     config = job.effective(calib.options if calib is not None else None)
+    time_kernels(job, prepared, calib, config)
     return bias_corrected(job, prepared, pipeline.plan(prepared, calib, config, overrides), progress), prepared
 
 
@@ -166,3 +167,78 @@ def check_plan_model(stored: QuantPlan, path: Path, prepared: pipeline.Prepared,
     if made_for != prepared.model_id and not force:
         raise QconvError(f"plan file {path} was made for another model (id {made_for[:12]}, this model {prepared.model_id[:12]}): "
                          "re-run qconv plan, or pass --force-calib")
+
+
+def time_kernels(job: PlanJob, prepared: pipeline.Prepared, calib, config: QuantConfig, again: bool = False) -> Path | None:
+    """For ``--kernels auto``: time the model's nodes on this machine (float and all int8, one row, onnxruntime's own
+    profiler) unless a table of this model is cached, and cache it; the plan then keeps float the regions that run
+    slower in int8. Once per model and machine: later runs read the cache and plan the same bytes. Returns the cache
+    path, or None when nothing was timed (other modes or tables, no calibration, a row whose shape is unknown)."""
+    from qconv.measure.kernels import model_table
+    from qconv.plan import kernels
+
+    if config.mode != "int8" or config.kernels != "auto" or calib is None:
+        return None
+    path = kernels.model_cache_path(prepared.model_id)
+    if path.is_file() and not again:
+        return path
+    feed = _timing_feed(prepared, calib, job)
+    if feed is None:
+        return None
+    base = pipeline.plan(prepared, calib, dataclasses.replace(config, kernels="none", bias_correction=None), Overrides())
+    int8 = pipeline.apply(prepared, base, check=False).model
+    table = model_table(prepared.model, int8, feed, dict(base.folded), prepared.model_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    io.write_json(table, path)
+    return path
+
+
+def run_kernels(job: PlanJob, progress=pipeline.no_progress) -> Path:
+    """``qconv kernels MODEL``: time the model's nodes (again) and cache the table ``--kernels auto`` plans with."""
+    job.check()
+    prepared = pipeline.load(job.model, job.config)
+    pipeline.check_float(prepared)
+    calib = statistics(job, prepared, Overrides(), progress)
+    path = time_kernels(job, prepared, calib, dataclasses.replace(job.effective(calib.options), kernels="auto"), again=True)
+    if path is None:
+        raise QconvError(f"cannot time {job.model}: give --data with rows of its inputs (the calibration file alone does not "
+                         "say the size of every input dimension, or an input is not float)")
+    return path
+
+
+def _timing_feed(prepared: pipeline.Prepared, calib, job: PlanJob) -> dict | None:
+    """One row to time the model on: the first of --data, else made from the graph inputs' shapes, their unknown
+    sizes solved from the calibration's element counts (two unknown sizes taken square), values N(0, 1)."""
+    import numpy as np
+    import onnx
+
+    from qconv.plan import regions
+
+    if job.data is not None:
+        rows = pipeline.feeds_for(prepared, job.data, 1, cast=job.calib_options.cast_data)
+        return next(iter(rows), None)
+    counts = regions.counts_per_row(calib.tensors, calib.identity())
+    inits = {t.name for t in prepared.model.graph.initializer}
+    feed = {}
+    for vi in prepared.model.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tt.shape.dim]
+        if dims and dims[0] is None:
+            dims[0] = 1
+        unknown = [k for k, d in enumerate(dims) if d is None]
+        if unknown:
+            n = counts.get(vi.name)
+            known = int(np.prod([d for d in dims if d is not None])) if dims else 1
+            if not n or len(unknown) > 2:
+                return None
+            rest = n / known
+            sizes = [rest] if len(unknown) == 1 else [rest ** 0.5] * 2
+            for k, s in zip(unknown, sizes):
+                dims[k] = max(1, int(round(s)))
+        if tt.elem_type != onnx.TensorProto.FLOAT:
+            return None
+        feed[vi.name] = np.random.default_rng(0).standard_normal(dims).astype(np.float32)
+    return feed or None
+

@@ -15,7 +15,7 @@ from qconv import distributed, io, pipeline, runtime
 from qconv.errors import QconvError, UsageError
 from qconv.graph import ai_onnx_opset
 from qconv.jobs.common import finish, load_labels
-from qconv.jobs.plan import PlanJob, bias_corrected, check_plan_model, load_overrides, read_plan, statistics
+from qconv.jobs.plan import time_kernels, PlanJob, bias_corrected, check_plan_model, load_overrides, read_plan, statistics
 from qconv.measure.evaluate import EvalOptions, damage_warnings, evaluate
 from qconv.measure.stats import ErrorStats
 from qconv.measure.thresholds import Thresholds
@@ -105,6 +105,7 @@ def _make_plan(job: QuantizeJob, prepared: pipeline.Prepared, stored: QuantPlan 
         overrides = load_overrides(pj.overrides)
         calib = statistics(pj, prepared, overrides, progress)
         config = pj.effective(calib.options if calib is not None else None)
+        time_kernels(pj, prepared, calib, config)
         return bias_corrected(pj, prepared, pipeline.plan(prepared, calib, config, overrides), progress), calib
     check_plan_model(stored, job.plan_file, prepared, pj.force_calib)
     calib = pipeline.load_calibration(pj.calib, prepared, pj.force_calib) if pj.calib is not None else None
@@ -189,6 +190,7 @@ def _run_tuned(job: QuantizeJob, prepared: pipeline.Prepared, labels, progress) 
         eval_label = str(job.evaluation.data)
     overrides = load_overrides(pj.overrides)
     calib = statistics(pj, prepared, overrides, progress)
+    time_kernels(pj, prepared, calib, pj.effective(calib.options))
     calib_source = None
     if pj.data is not None:
         calib_source = pipeline.feeds_for(prepared, pj.data, pj.calib_options.batch_size, cast=o.cast_data, skip=pj.holdout)

@@ -32,7 +32,7 @@ def plan(prepared, stats: Ranges | None, config, overrides: Overrides) -> QuantP
     # The smoothing Mul runs in float: quantizing its input would crush the channels it exists to rescale.
     internal = overrides.merged(Overrides({m: NodeOverride(precision="float") for m in smooth_muls}, {}))
     p = build_plan(prepared.model, ranges, config, nonfinite, masks, internal, methods)
-    speed = _speed(prepared.model, p, stats, config, overrides)
+    speed = _speed(prepared, p, stats, config, overrides)
     if speed and speed.get("float_nodes"):
         why = _slower_reason(speed)
         p = build_plan(prepared.model, ranges, config, nonfinite, masks, internal, methods,
@@ -48,22 +48,47 @@ def plan(prepared, stats: Ranges | None, config, overrides: Overrides) -> QuantP
     return p
 
 
-def _speed(model, p: QuantPlan, stats: Ranges, config, overrides: Overrides) -> dict | None:
+def _speed(prepared, p: QuantPlan, stats: Ranges, config, overrides: Overrides) -> dict | None:
     """The kernel cost table's verdict for an int8 plan (qconv.plan.regions): recorded by a stored plan (replanned
     without the table), else computed from the calibration's tensor sizes; None when not weighed."""
     if config.mode != "int8":
         return None
     if stats.speed is not None:
         return stats.speed
-    table = kernels.load(config.kernels)
+    table = kernels.load(config.kernels, prepared.model_id)
     counts = regions.counts_per_row(stats.observers, stats.identity)
     if table is None or not counts:
         return None
     fixed = {d.name for d in p.nodes if overrides.node(d.name) is not None and overrides.node(d.name).precision is not None}
-    return regions.choose(model, p, counts, table, fixed).to_dict(table)
+    return regions.choose(prepared.model, p, counts, table, fixed, prepared.model_id).to_dict(table)
 
 
 def _slower_reason(speed: dict) -> str:
     est = speed["estimate_us"]
     return (f"int8 is slower here on this CPU: {len(speed['float_nodes'])} nodes stay float, the model estimated at {est['chosen']:.4g} "
             f"us a row against {est['int8']:.4g} us all int8 (kernel table '{speed['table']['name']}'; --kernels none quantizes them)")
+
+
+def apply(prepared, p: QuantPlan, calib_feeds=None) -> Applied:
+    config = p.config
+    qmodel, dequantized = apply_qdq(bias.apply(prepared.model, p.corrections), subplan(p))
+    findings = Findings()
+    apply_bodies(qmodel, p, findings, lambda m, sub: _body(m, sub, config))
+    analysis = qmodel
+    if config.quantized_io:
+        from qconv.rewrite.quantized_io import integer_io
+
+        ranges = {k: (float(v[0]), float(v[1])) for k, v in dict(p.source.get("ranges") or {}).items()}
+        ranges.update({k: t.range for k, t in p.tensors.items() if t.range is not None})
+        qmodel, findings.quantized_io = integer_io(qmodel, p, ranges)
+    if config.output_format == "qoperator":
+        qmodel, folded = fold_qoperator(qmodel)
+        findings.qoperator = dict(sorted(collections.Counter(folded.values()).items()))
+    return Applied(qmodel, findings, analysis, dequantized, retyped_io=bool(config.quantized_io))
+
+
+def _body(model, sub: QuantPlan, config):
+    rewritten, _ = apply_qdq(model, sub)
+    if config.output_format == "qoperator":
+        rewritten, _ = fold_qoperator(rewritten)
+    return rewritten

@@ -67,6 +67,12 @@ def cache_path() -> Path:
     return cache_dir() / f"{cpu_family()}-{platform.machine().lower()}-ort{_runtime_version()}.json"
 
 
+def model_cache_path(model_id: str) -> Path:
+    """Where a model's own table (its nodes timed in place) is cached on this machine."""
+    key = "".join(c for c in model_id if c.isalnum())[-24:] or "model"
+    return cache_dir() / "models" / f"{key}-{cpu_family()}-{platform.machine().lower()}-ort{_runtime_version()}.json"
+
+
 def new_table(name: str, ops: dict, per_element: dict, call_ns: dict, measured: bool) -> dict:
     return {"schema": SCHEMA, "version": VERSION, "name": name, "cpu_family": cpu_family(), "machine": platform.machine(),
             "onnxruntime": _runtime_version(), "threads": 1, "measured": measured, "call_ns": call_ns,
@@ -96,11 +102,18 @@ class Table:
             float(data["call_ns"]["float"]), float(data["call_ns"]["int8"])
             for k in ("QuantizeLinear", "DequantizeLinear", "layout.int8", "layout.float"):
                 float(data["per_element"][k])
+            for name, (int8, flt) in dict(data.get("nodes") or {}).items():
+                float(int8), float(flt)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise QconvError(f"{where} is missing or has malformed fields ({type(exc).__name__}: {exc}): "
                              "measure it again with qconv kernels --measure") from None
         text = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return cls(str(data.get("name", where)), data, hashlib.sha256(text.encode()).hexdigest()[:16])
+
+    def node(self, name: str) -> tuple[float, float] | None:
+        """(int8 ns, float ns) of a node timed in its model (a model's own table), else None."""
+        got = (self.data.get("nodes") or {}).get(name)
+        return None if got is None else (float(got[0]), float(got[1]))
 
     def has(self, key: str) -> bool:
         return key in self.data["ops"]
@@ -113,15 +126,21 @@ class Table:
     def call(self, precision: str) -> float:
         return float(self.data["call_ns"]["int8" if precision == "int8" else "float"])
 
-    def border(self, elements: float, into_int8: bool) -> float:
-        """Nanoseconds of converting ``elements`` values across an int8 region's border (and the layouts)."""
+    def border(self, elements: float, into_int8: bool, blocked: bool = True) -> float:
+        """Nanoseconds of converting ``elements`` values across an int8 region's border: the conversion, the int8
+        side's channels-last layout, and (``blocked``: the float side is a convolution) the float side's NCHWc one."""
         pe = self.data["per_element"]
         convert = pe["QuantizeLinear"] if into_int8 else pe["DequantizeLinear"]
-        return elements * (convert + pe["layout.int8"] + pe["layout.float"]) + self.call("int8")
+        layout = pe["layout.int8"] + (pe["layout.float"] if blocked else 0.0)
+        return elements * (convert + layout) + self.call("int8")
 
     def summary(self) -> dict:
-        return {"name": self.name, "digest": self.digest, "cpu_family": self.data.get("cpu_family"),
-                "onnxruntime": self.data.get("onnxruntime"), "measured": bool(self.data.get("measured"))}
+        d = {"name": self.name, "digest": self.digest, "cpu_family": self.data.get("cpu_family"),
+             "onnxruntime": self.data.get("onnxruntime"), "measured": bool(self.data.get("measured"))}
+        if self.data.get("nodes"):
+            d["nodes"] = len(self.data["nodes"])
+            d["feed"] = self.data.get("feed")
+        return d
 
 
 def _interpolate(points: list, x: float) -> float:
@@ -147,26 +166,30 @@ def shipped(family: str | None = None) -> Table:
     return Table.of(data, f"shipped kernel table {name}")
 
 
-def load(spec: str | None) -> Table | None:
-    """The table ``--kernels`` names: auto (cached measurement, else shipped), shipped, none, or a JSON file."""
+def load(spec: str | None, model_id: str | None = None) -> Table | None:
+    """The table ``--kernels`` names. auto: the model's own table cached on this machine (``qconv kernels MODEL``, or the
+    first int8 run that had rows to time it on), else None (no table: int8 wherever a kernel exists); shipped: the
+    op-kind table of this CPU family; none; or a JSON file."""
     spec = spec or "auto"
     if spec == "none":
         return None
     if spec == "shipped":
         return shipped()
     if spec == "auto":
-        path = cache_path()
-        if path.is_file():
-            try:
-                return Table.of(json.loads(path.read_text()), f"cached kernel table {path}")
-            except (QconvError, ValueError):
-                pass  # a stale or broken cache falls back to the shipped table
-        return shipped()
+        if model_id is None:
+            return None
+        path = model_cache_path(model_id)
+        if not path.is_file():
+            return None
+        try:
+            return Table.of(json.loads(path.read_text()), f"cached kernel table {path}")
+        except (QconvError, ValueError):
+            return None  # a broken cache is no table, never a failed run
     path = Path(spec)
     if not path.is_file():
-        raise QconvError(f"--kernels {spec}: no such file; give auto, shipped, none or a table written by qconv kernels --measure")
+        raise QconvError(f"--kernels {spec}: no such file; give auto, shipped, none or a table written by qconv kernels")
     try:
         data = json.loads(path.read_text())
     except ValueError as exc:
-        raise QconvError(f"--kernels {spec}: not JSON ({exc}): give a table written by qconv kernels --measure") from None
+        raise QconvError(f"--kernels {spec}: not JSON ({exc}): give a table written by qconv kernels") from None
     return Table.of(data, f"--kernels {spec}")

@@ -41,12 +41,12 @@ class Estimate:
     int8_ns: float = 0.0
     chosen_ns: float = 0.0
     float_ns: float = 0.0  # every candidate float
-    regions: list[dict] = field(default_factory=list)
+    by_op: list[dict] = field(default_factory=list)
 
     def to_dict(self, table: Table) -> dict:
         return {"table": table.summary(), "float_nodes": list(self.floats), "estimate_us": {
             "int8": round(self.int8_ns / 1e3, 3), "chosen": round(self.chosen_ns / 1e3, 3), "all_float": round(self.float_ns / 1e3, 3)},
-            "regions": self.regions}
+            "by_op": self.by_op}
 
 
 class _Sizes:
@@ -94,8 +94,11 @@ def _conv_cost(node, g: Graph, table: Table, out_elements: float) -> tuple[float
     return table.cost(key, "int8", x, units), table.cost(key, "float", x, units)
 
 
-def _costs(node, g: Graph, table: Table, size: _Sizes, plan: QuantPlan) -> tuple[float, float]:
-    """(int8 ns, float ns) of one node, without its borders."""
+def _costs(node, g: Graph, table: Table, size: _Sizes, plan: QuantPlan, own: bool) -> tuple[float, float]:
+    """(int8 ns, float ns) of one node, without its borders: as timed in its model when the table is the model's own."""
+    timed = table.node(node.name) if own else None
+    if timed is not None:
+        return timed
     op = node.op_type
     out = size(node.output[0]) if node.output else 0.0
     if op == "Conv":
@@ -178,8 +181,11 @@ class _Flow:
         return reach
 
 
-def choose(model, plan: QuantPlan, counts: dict[str, float], table: Table, fixed: set[str] = frozenset()) -> Estimate:
-    """The candidates to keep float so that the model's estimated time is least (empty when int8 everywhere wins)."""
+def choose(model, plan: QuantPlan, counts: dict[str, float], table: Table, fixed: set[str] = frozenset(),
+           model_id: str | None = None) -> Estimate:
+    """The candidates to keep float so that the model's estimated time is least (empty when int8 everywhere wins).
+    A table timed on the model ``model_id`` gives its nodes' own times; any other gives the op kinds'."""
+    own = bool(table.data.get("nodes")) and table.data.get("model_id") == model_id
     g = Graph(model)
     size = _Sizes(g, counts)
     quantized = {d.name for d in plan.nodes if d.quantized}
@@ -189,7 +195,7 @@ def choose(model, plan: QuantPlan, counts: dict[str, float], table: Table, fixed
     unary8 = np.zeros(len(cand))
     unaryf = np.zeros(len(cand))
     for n in cand:
-        unary8[index[n.name]], unaryf[index[n.name]] = _costs(n, g, table, size, plan)
+        unary8[index[n.name]], unaryf[index[n.name]] = _costs(n, g, table, size, plan, own)
     pairs: dict[tuple[int, int], float] = collections.defaultdict(float)
     by_name = {n.name: n for n in nodes}
     for name, t in sorted(plan.tensors.items()):
@@ -200,40 +206,35 @@ def choose(model, plan: QuantPlan, counts: dict[str, float], table: Table, fixed
         src = index.get(producer.name) if producer is not None else None
         readers = [c for c in g.consumers.get(name, []) if c.name in by_name or c.name in index]
         float_readers = [c for c in g.consumers.get(name, []) if c.name not in quantized]
-        if src is not None:
-            if float_readers or name in g.graph_outputs:
-                unary8[src] += table.border(elements, into_int8=False)
+        if src is not None and (float_readers or name in g.graph_outputs):
+            unary8[src] += table.border(elements, into_int8=False, blocked=any(c.op_type == "Conv" for c in float_readers))
         for c in readers:
             dst = index.get(c.name)
             if dst is None:
                 continue
             if src is None:
                 if producer is None or producer.name not in quantized:  # float (or graph input) into an int8 node
-                    unary8[dst] += table.border(elements, into_int8=True)
+                    unary8[dst] += table.border(elements, into_int8=True, blocked=producer is not None and producer.op_type == "Conv")
                 continue
-            pairs[(src, dst)] += table.border(elements, into_int8=False)  # src int8, dst float
-            pairs[(dst, src)] += table.border(elements, into_int8=True)  # dst int8, src float
+            pairs[(src, dst)] += table.border(elements, into_int8=False, blocked=c.op_type == "Conv")  # src int8, dst float
+            pairs[(dst, src)] += table.border(elements, into_int8=True, blocked=producer.op_type == "Conv")  # dst int8, src float
+    for act, producer_name in sorted(plan.folded.items()):  # a folded Relu/Clip split from its producer gets a Q/DQ pair
+        a, b = index.get(act), index.get(producer_name)
+        if a is not None and b is not None:
+            n = by_name[act]
+            elements = size(n.input[0])
+            pairs[(b, a)] += table.border(elements, into_int8=False, blocked=False)
+            pairs[(a, b)] += table.border(elements, into_int8=True)
     est = Estimate()
     est.int8_ns = float(unary8.sum())
     est.float_ns = float(unaryf.sum())
     if not cand:
         return est
-    s, t = len(cand), len(cand) + 1
-    flow = _Flow(len(cand) + 2)
-    for k in range(len(cand)):
-        f = unaryf[k] * FLOAT_MARGIN
-        base = min(f, unary8[k])
-        flow.add(s, k, f - base)  # cut when k is float
-        flow.add(k, t, unary8[k] - base)  # cut when k is int8
-    for (u, v), c in sorted(pairs.items()):
-        flow.add(u, v, c)  # cut when u is int8 and v float
-    floats = sorted(flow.sink_side(s, t) - {t})
-    label = np.zeros(len(cand), bool)
-    label[floats] = True
+    label = solve(unary8, unaryf * FLOAT_MARGIN, pairs)
+    floats = [k for k in range(len(cand)) if label[k]]
 
     def total(lab) -> float:
-        cost = float(np.where(lab, unaryf, unary8).sum())
-        return cost + sum(c for (u, v), c in pairs.items() if not lab[u] and lab[v])
+        return cost(unary8, unaryf, pairs, lab)
 
     est.int8_ns = total(np.zeros(len(cand), bool))
     est.chosen_ns = total(label)
@@ -242,8 +243,31 @@ def choose(model, plan: QuantPlan, counts: dict[str, float], table: Table, fixed
         return est
     est.floats = [cand[k].name for k in floats]
     ops = collections.Counter(cand[k].op_type for k in floats)
-    est.regions = [{"op_type": op, "nodes": c} for op, c in sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))]
+    est.by_op = [{"op_type": op, "nodes": c} for op, c in sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))]
     return est
+
+
+def cost(unary8, unaryf, pairs: dict, label) -> float:
+    """The estimate of one labelling (True: float): each node's cost in its precision, plus every border it crosses."""
+    total = float(np.where(label, unaryf, unary8).sum())
+    return total + sum(c for (u, v), c in pairs.items() if not label[u] and label[v])
+
+
+def solve(unary8, unaryf, pairs: dict) -> np.ndarray:
+    """The labelling (True: float) of least ``cost``, by a minimum s-t cut (source side int8, sink side float); of the
+    least labellings, the one with the fewest float nodes."""
+    n = len(unary8)
+    s, t = n, n + 1
+    flow = _Flow(n + 2)
+    for k in range(n):
+        base = min(unaryf[k], unary8[k])
+        flow.add(s, k, unaryf[k] - base)  # cut when k is float
+        flow.add(k, t, unary8[k] - base)  # cut when k is int8
+    for (u, v), c in sorted(pairs.items()):
+        flow.add(u, v, c)  # cut when u is int8 and v float
+    label = np.zeros(n, bool)
+    label[sorted(flow.sink_side(s, t) - {t})] = True
+    return label
 
 
 def counts_per_row(observers: dict, identity: dict | None) -> dict[str, float]:
