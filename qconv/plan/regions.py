@@ -271,12 +271,11 @@ def solve(unary8, unaryf, pairs: dict) -> np.ndarray:
 
 
 def counts_per_row(observers: dict, identity: dict | None) -> dict[str, float]:
-    """Elements per row of every observed tensor: its count over the rows calibration saw."""
-    if not identity:
-        return {}
-    feeds = int(identity.get("samples") or 0)
-    batch = int((identity.get("options") or {}).get("batch_size") or 1)
-    rows = feeds * max(batch, 1)
-    if rows <= 0:
-        return {}
-    return {k: float(o.count) / rows for k, o in observers.items() if getattr(o, "count", 0)}
+    """Elements per row of every observed tensor: its count over the feeds that observed it, over the batch size
+    (a calibration in several memory passes observes a tensor once per pass)."""
+    batch = int(((identity or {}).get("options") or {}).get("batch_size") or 1)
+    out = {}
+    for k, o in observers.items():
+        if getattr(o, "count", 0) and getattr(o, "batches", 0):
+            out[k] = float(o.count) / o.batches / max(batch, 1)
+    return out
