@@ -402,6 +402,12 @@ class FeedSource:
                     return
             first += count
 
+    def row_shapes(self) -> dict[str, list[int]]:
+        """The shape of each input in the first row (batch 1): what a model is timed on when only statistics are at hand."""
+        one = FeedSource(self.path, self.specs, batch_size=1, samples=1, cast=self.cast)
+        first = next(iter(one), None) or {}
+        return {k: [int(d) for d in np.shape(v)] for k, v in sorted(first.items())}
+
     def count(self) -> int:
         """Number of feeds, from the arrays' headers only (no data is read)."""
         total = 0

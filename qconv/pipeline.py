@@ -133,7 +133,7 @@ def calibration_record(source: FeedSource, method: str | None = None, bins: int 
                        **made) -> Record:
     """What a calibration over ``source`` records of how it was made (``made``: tensors, shards, equalize, percentile)."""
     return Record(method=method, bins=bins, momentum=momentum, batch_size=source.batch_size, samples=source.samples,
-                  shard=source.shard, **{"tensors": "planned", **made})
+                  shard=source.shard, row_shapes=source.row_shapes(), **{"tensors": "planned", **made})
 
 
 def calibrate(prepared: Prepared, source: FeedSource, threads: int | None = None,

@@ -312,3 +312,14 @@ def test_kernels_command_shows_and_measures(tmp_path):
     assert r.returncode == 2 and "names no one table" in r.stderr
     r = qconv("kernels", "--measure")
     assert r.returncode == 2 and "give -o FILE" in r.stderr
+
+
+def test_elements_per_row_count_each_pass_once():
+    class Obs:
+        def __init__(self, count, batches):
+            self.count, self.batches = count, batches
+
+    # 16 feeds of 8 rows of 46,080 values, observed in two memory passes (twice the count and the batches)
+    counts = regions.counts_per_row({"x": Obs(2 * 16 * 8 * 46080, 32), "y": Obs(16 * 8 * 10, 16), "never": Obs(0, 0)},
+                                    {"options": {"batch_size": 8}})
+    assert counts == {"x": 46080.0, "y": 10.0}

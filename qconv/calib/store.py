@@ -35,6 +35,7 @@ class Record:
     shards: int | None = None  # calibrated as this many shard tasks
     equalize: bool = False  # the model was calibrated after cross-layer equalization
     percentile: float | None = None
+    row_shapes: dict | None = None  # input -> shape of the first row: what a model is timed on (qconv.plan.kernels)
 
     def to_dict(self) -> dict:
         d = {"method": self.method, "bins": self.bins, "momentum": self.momentum, "batch_size": self.batch_size,
@@ -45,6 +46,8 @@ class Record:
             d["equalize"] = True
         if self.percentile is not None:
             d["percentile"] = self.percentile
+        if self.row_shapes:
+            d["row_shapes"] = {k: list(v) for k, v in sorted(self.row_shapes.items())}
         return d
 
 

@@ -186,8 +186,11 @@ def time_kernels(job: PlanJob, prepared: pipeline.Prepared, calib, config: Quant
     if feed is None:
         return None
     base = pipeline.plan(prepared, calib, dataclasses.replace(config, kernels="none", bias_correction=None), Overrides())
-    int8 = pipeline.apply(prepared, base, check=False).model
-    table = model_table(prepared.model, int8, feed, dict(base.folded), prepared.model_id)
+    try:
+        int8 = pipeline.apply(prepared, base, check=False).model
+        table = model_table(prepared.model, int8, feed, dict(base.folded), prepared.model_id)
+    except QconvError:  # a row the model cannot run (made from sizes alone): no table, the plan is int8 wherever it can be
+        return None
     path.parent.mkdir(parents=True, exist_ok=True)
     io.write_json(table, path)
     return path
@@ -207,8 +210,8 @@ def run_kernels(job: PlanJob, progress=pipeline.no_progress) -> Path:
 
 
 def _timing_feed(prepared: pipeline.Prepared, calib, job: PlanJob) -> dict | None:
-    """One row to time the model on: the first of --data, else made from the graph inputs' shapes, their unknown
-    sizes solved from the calibration's element counts (two unknown sizes taken square), values N(0, 1)."""
+    """One row to time the model on: the first of --data; else N(0, 1) values of the first row's shapes the calibration
+    recorded, else of the graph inputs' shapes with one unknown size solved from the calibration's element counts."""
     import numpy as np
     import onnx
 
@@ -217,6 +220,7 @@ def _timing_feed(prepared: pipeline.Prepared, calib, job: PlanJob) -> dict | Non
     if job.data is not None:
         rows = pipeline.feeds_for(prepared, job.data, 1, cast=job.calib_options.cast_data)
         return next(iter(rows), None)
+    recorded = calib.options.get("row_shapes") or {}
     counts = regions.counts_per_row(calib.tensors, calib.identity())
     inits = {t.name for t in prepared.model.graph.initializer}
     feed = {}
@@ -224,6 +228,11 @@ def _timing_feed(prepared: pipeline.Prepared, calib, job: PlanJob) -> dict | Non
         if vi.name in inits:
             continue
         tt = vi.type.tensor_type
+        if tt.elem_type != onnx.TensorProto.FLOAT:
+            return None
+        if vi.name in recorded:
+            feed[vi.name] = np.random.default_rng(0).standard_normal(recorded[vi.name]).astype(np.float32)
+            continue
         dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tt.shape.dim]
         if dims and dims[0] is None:
             dims[0] = 1
@@ -231,14 +240,9 @@ def _timing_feed(prepared: pipeline.Prepared, calib, job: PlanJob) -> dict | Non
         if unknown:
             n = counts.get(vi.name)
             known = int(np.prod([d for d in dims if d is not None])) if dims else 1
-            if not n or len(unknown) > 2:
+            if not n or len(unknown) > 1:
                 return None
-            rest = n / known
-            sizes = [rest] if len(unknown) == 1 else [rest ** 0.5] * 2
-            for k, s in zip(unknown, sizes):
-                dims[k] = max(1, int(round(s)))
-        if tt.elem_type != onnx.TensorProto.FLOAT:
-            return None
+            dims[unknown[0]] = max(1, int(round(n / known)))
         feed[vi.name] = np.random.default_rng(0).standard_normal(dims).astype(np.float32)
     return feed or None
 
