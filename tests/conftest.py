@@ -18,7 +18,7 @@ LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 # Kernel tables cached on this machine must not change what the tests plan (each run starts with an empty cache, as a
 # fresh CI machine does), and the tests of the int8 rewrite see int8 wherever a kernel exists: on their tiny models,
 # timing would keep most of it float. tests/test_kernels.py tests --kernels auto and shipped.
-os.environ["QCONV_CACHE"] = tempfile.mkdtemp(prefix="qconv-test-cache.")
+os.environ["QCONV_CACHE_DIR"] = tempfile.mkdtemp(prefix="qconv-test-cache.")
 os.environ["QCONV_KERNELS"] = "none"
 
 

@@ -31,7 +31,7 @@ def test_the_shipped_table_loads_and_names_itself():
     assert len(t.digest) == 16
     assert kernels.load("shipped").digest == t.digest
     assert kernels.load("none") is None
-    # auto is a model's own table, timed on this machine: none is cached in the tests' empty QCONV_CACHE
+    # auto is a model's own table, timed on this machine: none is cached in the tests' empty QCONV_CACHE_DIR
     assert kernels.load("auto", "some-model-id") is None
     assert kernels.load("auto") is None
     # onnxruntime's uint8 MaxPool is far slower than its float one on every CPU we know: the table must say so
@@ -39,7 +39,7 @@ def test_the_shipped_table_loads_and_names_itself():
 
 
 def test_auto_reads_the_models_cached_table(tmp_path, monkeypatch):
-    monkeypatch.setenv("QCONV_CACHE", str(tmp_path))
+    monkeypatch.setenv("QCONV_CACHE_DIR", str(tmp_path))
     data = json.loads(json.dumps(kernels.shipped().data))
     data.update(name="timed here", model_id="abc123", nodes={"n": [2.0, 1.0]})
     path = kernels.model_cache_path("abc123")
@@ -215,7 +215,7 @@ def test_the_float_region_runs_and_keeps_the_interface(pool, slow_pool_table, tm
 
 
 def test_auto_times_the_model_once_and_plans_the_same_bytes(pool, tmp_path, monkeypatch):
-    monkeypatch.setenv("QCONV_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("QCONV_CACHE_DIR", str(tmp_path / "cache"))
     m, d = pool
     r = qconv("quantize", m, "--data", d, "--kernels", "auto", "-o", tmp_path / "q1.onnx", "--report", tmp_path / "r.json", "-q")
     assert r.returncode == 0, r.stderr
@@ -232,7 +232,7 @@ def test_auto_times_the_model_once_and_plans_the_same_bytes(pool, tmp_path, monk
     assert r.returncode == 0, r.stderr
     assert set(kernels.load(str(tmp_path / "pin.json")).data["nodes"]) == set(table.data["nodes"])
     # the calibration file alone gives the input's size: the Makefile flow times too
-    monkeypatch.setenv("QCONV_CACHE", str(tmp_path / "cache2"))
+    monkeypatch.setenv("QCONV_CACHE_DIR", str(tmp_path / "cache2"))
     assert qconv("calibrate", m, "--data", d, "-o", tmp_path / "c.json", "-q").returncode == 0
     r = qconv("quantize", m, "--calib", tmp_path / "c.json", "--kernels", "auto", "-o", tmp_path / "q3.onnx", "-q")
     assert r.returncode == 0, r.stderr

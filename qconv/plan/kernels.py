@@ -58,7 +58,8 @@ def _runtime_version() -> str:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("QCONV_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "qconv")
+    """``$QCONV_CACHE_DIR/kernels`` (the tuning cache's root too), else ``~/.cache/qconv/kernels``."""
+    root = os.environ.get("QCONV_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "qconv")
     return Path(root) / "kernels"
 
 
