@@ -302,3 +302,35 @@ def test_smooth_remedy_only_for_outlier_channels_and_its_scales_keep_the_functio
     assert lo <= 0.0 <= hi
     ctx, node = _matmul_ctx(1.0)
     assert list(smooth.propose(ctx, node, "minmax", Overrides())) == []
+
+
+class MetricBench(FakeBench):
+    """The fake with a user metric: ``worse`` range method raises the cosine but scores the task lower."""
+
+    def __init__(self, errors, worse: str):
+        super().__init__(errors)
+        self.worse = worse
+
+    def measure(self, method, overrides):
+        m = super().measure(method, overrides)
+        return Metrics(m.cosine, m.sqnr_db, m.agreement, passing=m.passing, metric=0.8 if method == self.worse else 0.9)
+
+
+def test_a_candidate_that_scores_the_users_metric_lower_is_refused():
+    # only mse reaches the cosine target (0.9986 against 0.9982 for percentile), but it scores the task lower
+    s = search(MetricBench({"a": 0.002}, worse="mse"), target=0.9985)
+    method, _, best = s.run("minmax", Overrides())
+    mse = next(t for t in s.trials if t.change.startswith("--method mse"))
+    planned = s.trials[0]
+    assert mse.metrics.worst_cosine > planned.metrics.worst_cosine and not mse.accepted
+    assert mse.note.startswith("refused: --metric 0.8 < 0.9")
+    assert method != "mse" and best.metrics.metric == 0.9  # the search met the target another way
+
+
+def test_the_users_metric_ranks_before_cosine():
+    t = Thresholds(min_cosine=0.5)
+    hi_task = Metrics(0.99, 20.0, metric=0.95)
+    hi_cos = Metrics(0.999, 30.0, metric=0.90)
+    assert t.key(hi_task) < t.key(hi_cos)
+    gated = Thresholds(min_metric=0.97)
+    assert gated.misses(hi_task)[0][0] == "min-metric" and not Thresholds(min_metric=0.9).misses(hi_task)

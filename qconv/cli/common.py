@@ -91,6 +91,10 @@ def range_options(fn):
 def report_options(fn):
     """Where the report goes: files by extension, JSON on stdout; whether latency is measured, how many rows the
     per-layer analysis runs on."""
+    fn = click.option("--metric", default=None, metavar="MODULE:FUNCTION",
+                      help="Your task metric: FUNCTION(float_outputs, outputs) -> score or (total, count), higher is better "
+                           "(dicts of output name -> array, one call per feed). Reported; gated by --min-metric; tuning never "
+                           "takes a candidate it scores lower and ranks by it. MODULE: importable, or a path to a .py file.")(fn)
     fn = click.option("--layer-samples", type=click.IntRange(min=0), default=DEFAULT_LAYER_SAMPLES, show_default=True,
                       help="Rows of the evaluation data used for the per-layer analysis (0: none).")(fn)
     fn = click.option("--no-latency", is_flag=True, help="Skip the latency measurement.")(fn)
@@ -105,6 +109,7 @@ def gate_options(fn):
     fn = click.option("--max-latency-ratio", type=float, default=None, metavar="R", help="Gate: quantized/original median latency <= R.")(fn)
     fn = click.option("--max-size-mb", type=float, default=None, metavar="MB", help="Gate: quantized model size <= MB (10^6 bytes).")(fn)
     fn = click.option("--max-top1-drop", type=float, default=None, metavar="POINTS", help="Gate: top-1 accuracy drop <= POINTS (needs --eval-labels).")(fn)
+    fn = click.option("--min-metric", type=float, default=None, metavar="X", help="Gate: your --metric >= X (tuning: its target).")(fn)
     fn = click.option("--min-agreement", type=float, default=None, metavar="X",
                       help="Gate: top-1 agreement of the first output (argmax per row or position) with the original's >= X.")(fn)
     fn = click.option("--min-cosine", type=float, default=None, metavar="X", help="Gate: cosine similarity of every output >= X.")(fn)
@@ -113,7 +118,8 @@ def gate_options(fn):
 
 
 def gates_from(kwargs: dict) -> Thresholds:
-    return Thresholds(**{k: kwargs.pop(k) for k in ("min_sqnr", "min_cosine", "max_top1_drop", "max_size_mb", "max_latency_ratio", "min_agreement")})
+    return Thresholds(**{k: kwargs.pop(k) for k in ("min_sqnr", "min_cosine", "max_top1_drop", "max_size_mb", "max_latency_ratio", "min_agreement",
+                                                     "min_metric")})
 
 
 def finish(term, report: dict, as_json: bool, render) -> None:
@@ -205,7 +211,7 @@ def eval_options_from(kwargs: dict, data) -> EvalOptions:
     """The ``report_options`` that say what the report measures (``data``: the rows it measures on); pops them."""
     return EvalOptions(data=data, labels=kwargs.pop("eval_labels"), latency=not kwargs.pop("no_latency"),
                        layer_samples=kwargs.pop("layer_samples"), threads=kwargs.get("threads"), executor=kwargs.get("executor"),
-                       shards=kwargs.get("shards"))
+                       shards=kwargs.get("shards"), metric=kwargs.pop("metric"))
 
 
 def scheme_given(ctx: click.Context) -> list[str]:

@@ -10,6 +10,7 @@ from qconv.data import FeedSource, InputSpec
 from qconv.jobs.common import finish, load_labels
 from qconv.measure.evaluate import EvalOptions, evaluate_models
 from qconv.measure.layers import dequantized_of
+from qconv.measure import usermetric
 from qconv.measure.thresholds import Thresholds
 from qconv.report.build import build_comparison_report
 from qconv.report.write import check_report_paths
@@ -29,7 +30,8 @@ class CompareJob:
 
     def check(self) -> None:
         distributed.parse_executor(self.evaluation.executor)
-        self.gates.check_options(self.evaluation.labels is not None, self.evaluation.latency, True)
+        self.gates.check_options(self.evaluation.labels is not None, self.evaluation.latency, True, self.evaluation.metric is not None)
+        usermetric.load(self.evaluation.metric)  # a bad --metric fails before any work
         check_report_paths(self.reports, self.original, self.quantized, self.data)
 
 

@@ -18,6 +18,7 @@ from qconv.jobs.common import finish, load_labels
 from qconv.jobs.plan import time_kernels, PlanJob, bias_corrected, check_plan_model, load_overrides, read_plan, statistics
 from qconv.measure.evaluate import EvalOptions, damage_warnings, evaluate
 from qconv.measure.stats import ErrorStats
+from qconv.measure import usermetric
 from qconv.measure.thresholds import Thresholds
 from qconv.plan import QuantPlan
 from qconv.report.build import build_report
@@ -72,7 +73,10 @@ class QuantizeJob:
             raise UsageError("--speed-fallback measures the model: it needs evaluation data (--eval-data or --data) and latency (drop --no-latency)")
         if self.tune is not None:
             self._check_tune()
-        self.gates.check_options(e.labels is not None, e.latency and has_eval, has_eval)
+        self.gates.check_options(e.labels is not None, e.latency and has_eval, has_eval, e.metric is not None)
+        if e.metric is not None and not has_eval:
+            raise UsageError("--metric scores the model on evaluation rows: give --eval-data or --data")
+        usermetric.load(e.metric)  # a bad --metric fails before any work
         check_report_paths(self.reports, self.model)
         io.check_output_path(self.out, self.model, self.planning.calib, self.planning.data, e.data, self.plan_file)
         if self.write_plan is not None:

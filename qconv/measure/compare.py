@@ -40,7 +40,7 @@ def limited(feeds: Iterable[dict], specs, rows: int) -> Iterator[dict]:
 
 def compare_outputs(float_sess, quant_sess, feeds: Iterable[dict], labels: np.ndarray | None = None,
                     progress: Callable[[int], None] | None = None, reference: Reference | None = None,
-                    keep_rows: int = 0, specs=None) -> dict:
+                    keep_rows: int = 0, specs=None, metric=None) -> dict:
     """Per-output error statistics over all feeds, top-1 agreement of the first output, and top-1 accuracy
     of both models when labels are given. Streams: nothing is kept across batches but the sums (and the
     first ``keep_rows`` rows in ``reference``)."""
@@ -49,7 +49,7 @@ def compare_outputs(float_sess, quant_sess, feeds: Iterable[dict], labels: np.nd
     missing = [n for n in names if n not in qnames]
     if missing:
         raise QconvError(f"the quantized model lacks outputs {', '.join(missing)} of the original")
-    tally = Tally(names)
+    tally = Tally(names, metric=metric)
     for feed in feeds:
         ref = run(float_sess, feed, names)
         got = run(quant_sess, feed, names)

@@ -16,7 +16,7 @@ from qconv.calib.ranges import METHODS
 from qconv.data import FeedSource, feed_rows
 from qconv.errors import QconvError
 from qconv.graph import Graph, expose
-from qconv.measure import compare
+from qconv.measure import compare, usermetric
 from qconv.measure.latency import latency
 from qconv.measure.layers import probe_pairs
 from qconv.measure.reference import Reference
@@ -40,6 +40,7 @@ class EvalOptions:
     profile: bool = True  # with latency: per-node kernel times of both models
     executor: str | None = None  # the output comparison as shard tasks on Dask (see qconv.distributed)
     shards: int | None = None
+    metric: str | None = None  # --metric MODULE:FUNCTION (qconv.measure.usermetric)
 
 
 def evaluate(prepared: pipeline.Prepared, result: pipeline.Result, source: FeedSource, labels, opts: EvalOptions,
@@ -72,9 +73,9 @@ def _sharded_outputs(float_src, quant_src, source: FeedSource, labels, opts: Eva
                 src = str(p)
             paths.append(str(src))
         tasks = [(paths[0], paths[1], str(source.path), source.specs, source.batch_size, (k, shards), source.cast, io_params,
-                  labels is not None) for k in range(shards)]
+                  labels is not None, opts.metric) for k in range(shards)]
         parts = distributed.run_tasks(executor, evaluate_shard, tasks, "evaluating shards", progress)
-    tally = Tally(parts[0]["tally"].names)
+    tally = Tally(parts[0]["tally"].names, metric=usermetric.load(opts.metric))
     for p in parts:
         tally.merge(p["tally"])
     if tally.batches == 0:
@@ -109,14 +110,15 @@ def evaluate_models(float_src, quant_src, float_layers, quant_layers, dequantize
         from qconv.rewrite.quantized_io import IntegerIO
 
         qsess = IntegerIO(qsess, io)
-    reference = Reference([o.name for o in fsess.get_outputs()])
+    metric = usermetric.load(opts.metric)
+    reference = Reference([o.name for o in fsess.get_outputs()], metric=metric)
     if distributed.parse_executor(opts.executor).distributed or opts.shards:
         out = _sharded_outputs(float_src, quant_src, source, labels, opts, io, progress)
         for feed in compare.limited(source, source.specs, ALTERNATIVE_ROWS):  # the rows other candidates are measured on
             reference.keep(feed, runtime.run(fsess, feed, reference.names), 1, ALTERNATIVE_ROWS)
     else:
         out = compare.compare_outputs(fsess, qsess, source, labels, progress("evaluating", source.count()), reference,
-                                 ALTERNATIVE_ROWS, source.specs)
+                                 ALTERNATIVE_ROWS, source.specs, metric)
     if opts.latency:
         out["latency_ms"] = latency(fsess, qsess, next(iter(source)), threads)
     del fsess, qsess  # free their weights before the analysis sessions load theirs
@@ -195,7 +197,7 @@ def _better_method(prepared, result: pipeline.Result, calib, reference: Referenc
 
 
 def evaluate_shard(float_model: str, quant_model: str, data: str, specs: list, batch_size: int, shard: tuple[int, int],
-                   cast: bool, io: dict | None, predictions: bool) -> dict:
+                   cast: bool, io: dict | None, predictions: bool, metric: str | None = None) -> dict:
     """One shard's output comparison: error sums per output, top-1 agreement counts, and (for labels) the first
     output's argmax of both models per feed index, so the driver can score them against the labels in order."""
     from qconv.measure.stats import top1
@@ -206,7 +208,7 @@ def evaluate_shard(float_model: str, quant_model: str, data: str, specs: list, b
 
         qsess = IntegerIO(qsess, io)
     names = [o.name for o in fsess.get_outputs()]
-    tally = Tally(names)
+    tally = Tally(names, metric=usermetric.load(metric))
     preds = []
     for index, feed in FeedSource(data, specs, batch_size=batch_size, shard=shard, cast=cast).indexed():
         ref, got = runtime.run(fsess, feed, names), runtime.run(qsess, feed, names)

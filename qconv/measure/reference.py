@@ -32,6 +32,7 @@ class Reference:
     labels: np.ndarray | None = None  # one class id per kept row
     float_seconds: float = 0.0  # the float model's time over the kept feeds (tuning sizes its trials by it)
     slices: dict = field(default_factory=dict)  # parts of concatenated outputs, scored on their own (measure.slices)
+    metric: object = None  # the user's --metric (measure.usermetric), scored on every comparison
 
     def keep(self, feed: dict, outputs: list, rows: int, limit_rows: int) -> None:
         """Keep this feed and its float outputs, while under ``limit_rows`` rows and ``REFERENCE_BYTES``."""
@@ -49,7 +50,7 @@ class Reference:
 
     def compare(self, sess) -> Tally:
         """Another model's outputs on the kept rows against the float ones (with the labels, if kept)."""
-        tally = Tally(self.names, slices=self.slices, objective=True)
+        tally = Tally(self.names, slices=self.slices, objective=True, metric=self.metric)
         for feed, ref in zip(self.feeds, self.outputs):
             tally.add(ref, runtime.run(sess, feed, self.names), self.labels)
         return tally

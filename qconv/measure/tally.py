@@ -27,6 +27,7 @@ class Metrics:
     top1_drop: float | None = None
     slice_cosine: float | None = None  # worst part of an output a Concat made (box coordinates vs class scores)
     passing: float | None = None  # worst Jaccard index of the entries over PASS_SCORE, float vs quantized (scores in [0, 1])
+    metric: float | None = None  # the user's --metric (higher is better)
 
     @property
     def worst_cosine(self) -> float:
@@ -35,14 +36,17 @@ class Metrics:
 
     def to_dict(self) -> dict:
         """JSON-safe (infinite SQNR as "inf")."""
-        return {"cosine": self.cosine, "sqnr_db": json_number(self.sqnr_db), "agreement": self.agreement, "top1_drop": self.top1_drop,
-                "slice_cosine": self.slice_cosine, "passing": self.passing}
+        d = {"cosine": self.cosine, "sqnr_db": json_number(self.sqnr_db), "agreement": self.agreement, "top1_drop": self.top1_drop,
+             "slice_cosine": self.slice_cosine, "passing": self.passing}
+        if self.metric is not None:
+            d["metric"] = self.metric
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> Metrics:
         s = d["sqnr_db"]
         return cls(d["cosine"], float(s) if s in ("inf", "-inf") else s, d.get("agreement"), d.get("top1_drop"), d.get("slice_cosine"),
-                   d.get("passing"))
+                   d.get("passing"), d.get("metric"))
 
 
 def json_number(x):
@@ -75,6 +79,9 @@ class Tally:
     slices: dict = field(default_factory=dict)  # {output: (axis, [(start, stop), ...])}: parts scored on their own
     slice_stats: dict[str, ErrorStats] = field(default_factory=dict)
     decisions: dict[str, list] = field(default_factory=dict)  # {output or part: [both pass, either passes, in [0, 1] so far]}
+    metric: object = None  # a measure.usermetric.UserMetric: the user's task metric, summed feed by feed
+    metric_total: float = 0.0
+    metric_count: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.stats:
@@ -88,6 +95,10 @@ class Tally:
                 self.stats[n].update(r, q)
                 if self.objective:
                     self._parts(n, r, np.asarray(q))
+        if self.metric is not None:
+            total, count = self.metric.score(self.names, ref, got, rows)
+            self.metric_total += total
+            self.metric_count += count
         if ref and agreement_axis(ref[0]):
             pf, pq = top1(ref[0]), top1(got[0])
             self.agree += int((pf == pq).sum())
@@ -131,6 +142,8 @@ class Tally:
             self.stats[n].merge(other.stats[n])
         self.agree += other.agree
         self.positions += other.positions
+        self.metric_total += other.metric_total
+        self.metric_count += other.metric_count
         self.batches += other.batches
         self.rows += other.rows
 
@@ -146,10 +159,16 @@ class Tally:
     def agreement(self) -> float | None:
         return self.agree / self.positions if self.positions else None
 
+    @property
+    def metric_value(self) -> float | None:
+        return self.metric_total / self.metric_count if self.metric is not None and self.metric_count else None
+
     def summary(self, labels: np.ndarray | None = None) -> dict:
         """The report's fidelity section: every compared output, agreement and (with labels) the task."""
         result = {"outputs": {n: s.to_dict() for n, s in self.stats.items() if s.count}, "batches": self.batches,
                   "top1_agreement": self.agreement, "agreement_positions": self.positions}
+        if self.metric is not None:
+            result["metric"] = {"name": self.metric.spec, "value": self.metric_value, "count": self.metric_count}
         if labels is not None:
             seen = self.labelled
             if seen != labels.size:
@@ -167,4 +186,5 @@ class Tally:
         parts = [s.cosine for s in self.slice_stats.values() if s.count]
         passing = [d[0] / d[1] for d in self.decisions.values() if d[2] and d[1]]
         return Metrics(float(min((s.cosine for s in used), default=1.0)), float(min((s.sqnr_db for s in used), default=math.inf)),
-                       self.agreement, drop, float(min(parts)) if parts else None, float(min(passing)) if passing else None)
+                       self.agreement, drop, float(min(parts)) if parts else None, float(min(passing)) if passing else None,
+                       self.metric_value)

@@ -91,7 +91,7 @@ def _fidelity(evaluation: dict) -> dict:
     return {"rows": evaluation.get("rows"), "batches": evaluation.get("batches"),
             "top1_agreement": evaluation.get("top1_agreement"),
             "worst_output": worst[0] if worst else None, "worst_cosine": worst[1]["cosine"] if worst else None,
-            "layer_rows": evaluation.get("layer_rows")}
+            "layer_rows": evaluation.get("layer_rows"), "metric": evaluation.get("metric")}
 
 
 

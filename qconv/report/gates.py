@@ -41,6 +41,14 @@ def evaluate_gates(gates: Thresholds, report: dict) -> dict:
                            "message": "min-agreement: the first output is not class scores (no top-1 agreement to measure)"})
         else:
             add("min-agreement", m, gates.min_agreement, m >= gates.min_agreement, "", ">=")
+    if gates.min_metric is not None:
+        got = (report.get("fidelity") or {}).get("metric") or {}
+        m = got.get("value")
+        if m is None:
+            checks.append({"name": "min-metric", "measured": None, "required": gates.min_metric, "passed": False,
+                           "message": f"min-metric: {got.get('name', '--metric')} scored no rows"})
+        else:
+            add("min-metric", m, gates.min_metric, m >= gates.min_metric, "", ">=")
     if gates.max_top1_drop is not None:
         m = report["task"]["drop_points"]
         add("max-top1-drop", m, gates.max_top1_drop, m <= gates.max_top1_drop, " points", "<=")

@@ -102,7 +102,7 @@ class Search:
             base = self.trials[0].metrics if self.trials else None
         if base is None:
             return None
-        for what, label in (("agreement", "top-1 agreement"), ("passing", "scores passing 0.25 (Jaccard)")):
+        for what, label in (("metric", "--metric"), ("agreement", "top-1 agreement"), ("passing", "scores passing 0.25 (Jaccard)")):
             b, a = getattr(base, what), getattr(m, what)
             if b is not None and (a is None or a < b):
                 return f"{label} {a if a is None else round(a, 4)} < {round(b, 4)} as planned"

@@ -21,6 +21,7 @@ from qconv.graph import expose
 from qconv.measure.slices import concat_parts, output_slices
 from qconv.measure.tally import Tally
 from qconv.measure.evaluate import EvalOptions, evaluate
+from qconv.measure import usermetric
 from qconv.measure.reference import Reference, hold
 from qconv.measure.thresholds import Thresholds
 from qconv.plan import QuantPlan
@@ -83,6 +84,7 @@ def tune(job: TuneJob, progress=pipeline.no_progress) -> Tuned:
     fsess = runtime.session(prepared.model, threads, spinning=False)
     held = hold(fsess, job.source, job.labels, o.rows)
     held.slices = _slices(prepared.model, held, threads)
+    held.metric = usermetric.load(job.evaluation.metric)
     ident = _identity(job, held)
     cache = TrialCache(cache_dir(o.cache_dir) / f"{prepared.model_id[:16]}-{ident[:16]}.json")
     ctx = Context(prepared.model, Ranges.of(job.calib), job.config, held, threads, job.calib_source)
@@ -145,7 +147,7 @@ def _unseen(job: TuneJob, fsess, held: Reference, plans: dict, threads: int) -> 
     if job.source.count() <= len(held.feeds):
         return {"rows": 0, "note": "every row of the tuning data was used by the search: give --eval-data with more rows"}
     sessions = {k: runtime.session(pipeline.apply(job.prepared, p, check=False).model, threads, spinning=False) for k, p in plans.items()}
-    tallies = {k: Tally(held.names, slices=held.slices, objective=True) for k in plans}
+    tallies = {k: Tally(held.names, slices=held.slices, objective=True, metric=held.metric) for k in plans}
     rows = 0
     for k, feed in enumerate(job.source):
         if k < len(held.feeds):
@@ -159,7 +161,7 @@ def _unseen(job: TuneJob, fsess, held: Reference, plans: dict, threads: int) -> 
     if not rows:
         return {"rows": 0, "note": "every row of the tuning data was used by the search: give --eval-data with more rows"}
     out = {"rows": rows, **{k: t.metrics().to_dict() for k, t in tallies.items()}}
-    lost = [k for k in ("agreement", "passing", "slice_cosine", "cosine")
+    lost = [k for k in ("metric", "agreement", "passing", "slice_cosine", "cosine")
             if out["untuned"].get(k) is not None and (out["tuned"].get(k) or 0.0) < out["untuned"][k]]
     if lost:
         out["warning"] = (f"on {rows} rows the search never saw, the tuned model is below the untuned one in {', '.join(lost)}: "
@@ -188,5 +190,6 @@ def _identity(job: TuneJob, held: Reference) -> str:
     ident = json.dumps({"qconv": __version__, "model": job.prepared.model_id, "calib": pipeline.calibration_identity(job.calib),
                         "data": job.source.identity(), "rows": held.rows,
                         "labels": None if held.labels is None else hashlib.sha256(held.labels.tobytes()).hexdigest(),
+                        **({"metric": job.evaluation.metric} if job.evaluation.metric else {}),
                         "config": dataclasses.replace(job.config, method="minmax").to_dict()}, sort_keys=True, default=str)
     return hashlib.sha256(ident.encode()).hexdigest()
