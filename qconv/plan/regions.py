@@ -1,17 +1,17 @@
 """Which int8 regions pay on this CPU: the speed side of the default plan.
 
 Given a plan, the per-row size of every activation (from the calibration's counts) and a kernel cost table, each
-node the plan quantizes is a candidate for float. Its int8 and float cost come from the table (a depthwise
-convolution over few channels, a uint8 MaxPool or AveragePool run slower in int8 than in float on onnxruntime's CPU
-kernels), a float activation or residual Add right after a Conv costs nothing (onnxruntime fuses it), and every
-tensor that crosses between int8 and float pays a conversion and a layout change. Choosing int8 or float for every
-candidate so that the sum is least is a minimum s-t cut (each border cost is paid only when its two ends differ),
-solved exactly: whole regions move together, never a lone node that would pay its borders twice. Float costs carry
-a margin so that int8 stays unless float is clearly cheaper, and the result is kept only when the whole model's
-estimate drops by ``MIN_GAIN``.
+node the plan quantizes is a candidate for float. Its int8 and float cost come from the table: the node's own times
+when the table was timed on this model (``--kernels auto``), else its op kind's (a depthwise convolution over few
+channels, a uint8 MaxPool run slower in int8 than in float on onnxruntime's CPU kernels; a float activation or
+residual Add right after a Conv costs nothing, onnxruntime fuses it). Every tensor that crosses between int8 and float
+pays a conversion and a layout change. Choosing int8 or float for every candidate so that the sum is least is a
+minimum s-t cut (each border cost is paid only when its two ends differ), solved exactly: whole regions move
+together, never a lone node that would pay its borders twice. Float costs carry a margin so that int8 stays unless
+float is clearly cheaper, and the result is kept only when the whole model's estimate drops by ``MIN_GAIN``.
 
-Float where int8 is slower never costs accuracy: the nodes that move keep float32 arithmetic. MatMul and Gemm,
-nodes an override fixes and subgraph bodies are not candidates.
+Float where int8 is slower never costs accuracy: the nodes that move keep float32 arithmetic. Nodes an override
+fixes and subgraph bodies are not candidates, nor are MatMul and Gemm when only op kinds are priced.
 """
 
 from __future__ import annotations
@@ -190,7 +190,8 @@ def choose(model, plan: QuantPlan, counts: dict[str, float], table: Table, fixed
     size = _Sizes(g, counts)
     quantized = {d.name for d in plan.nodes if d.quantized}
     nodes = [n for n in model.graph.node if n.name in quantized]
-    cand = [n for n in nodes if n.op_type not in FIXED and n.name not in fixed]
+    # MatMul/Gemm have no op-kind entry: they are weighed only with the model's own times
+    cand = [n for n in nodes if (own or n.op_type not in FIXED) and n.name not in fixed]
     index = {n.name: k for k, n in enumerate(cand)}
     unary8 = np.zeros(len(cand))
     unaryf = np.zeros(len(cand))
