@@ -323,3 +323,31 @@ def test_elements_per_row_count_each_pass_once():
     counts = regions.counts_per_row({"x": Obs(2 * 16 * 8 * 46080, 32), "y": Obs(16 * 8 * 10, 16), "never": Obs(0, 0)},
                                     {"options": {"batch_size": 8}})
     assert counts == {"x": 46080.0, "y": 10.0}
+
+
+def test_the_estimate_of_a_plan_adds_its_nodes_and_borders(pool, slow_pool_table, tmp_path):
+    """regions.estimate: a float plan costs the float times; an int8 one the int8 times plus its input's conversion;
+    another model's table estimates nothing."""
+    from qconv import pipeline
+    from qconv.calib.store import Ranges
+    from qconv.plan.config import QuantConfig
+
+    m, d = pool
+    table = kernels.load(str(slow_pool_table))
+    prepared = pipeline.load(m, QuantConfig())
+    calib = pipeline.calibrate(prepared, pipeline.feeds_for(prepared, d, 8), config=QuantConfig())
+    stats = Ranges.of(calib)
+    counts = regions.counts_per_row(stats.observers, stats.identity)
+    every = pipeline.plan(prepared, calib, QuantConfig(kernels="none"))
+    planned, fp32 = regions.estimate(prepared.model, every, counts, table, prepared.model_id)
+    nodes = table.data["nodes"]
+    assert fp32 == pytest.approx(sum(f for _, f in nodes.values()))
+    int8_sum = sum(q for q, _ in nodes.values())
+    # the input is quantized once; the output of a Conv that is a graph output carries no Q/DQ (nothing to convert)
+    assert planned == pytest.approx(int8_sum + table.border(64 * 32 * 32, into_int8=True, blocked=False), rel=1e-6)
+    from qconv.plan.overrides import NodeOverride, Overrides
+
+    none = pipeline.plan(prepared, calib, QuantConfig(kernels="none"),
+                         Overrides({n: NodeOverride(precision="float") for n in ("conv1", "relu1", "pool", "conv2")}, {}))
+    assert regions.estimate(prepared.model, none, counts, table, prepared.model_id) == pytest.approx((fp32, fp32))
+    assert regions.estimate(prepared.model, every, counts, table, "another") is None

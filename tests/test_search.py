@@ -334,3 +334,38 @@ def test_the_users_metric_ranks_before_cosine():
     assert t.key(hi_task) < t.key(hi_cos)
     gated = Thresholds(min_metric=0.97)
     assert gated.misses(hi_task)[0][0] == "min-metric" and not Thresholds(min_metric=0.9).misses(hi_task)
+
+
+class SlowIslandBench(FakeBench):
+    """The fake with a kernel-table estimate: every int16 node adds 0.2x the float model's time to a 0.5x plan."""
+
+    def speed(self, method, overrides):
+        return 0.5 + 0.2 * sum(1 for o in overrides.nodes.values() if o.precision == "int16")
+
+
+def test_a_candidate_the_kernel_table_prices_over_the_speed_target_is_refused():
+    errors = {f"mul{i}": 0.0004 for i in range(6)}
+    muls = Group("all 6 Mul nodes", tuple(f"mul{i}" for i in range(6)), 60.0)
+    s = Search(SlowIslandBench(errors, group_list=[muls]), Thresholds(min_cosine=0.9995, max_latency_ratio=1.0),
+               Clock(Budget(None, 200)), TrialCache(None))
+    _, overrides, best = s.run("minmax", Overrides())
+    group16 = next(t for t in s.trials if t.change.startswith("all 6 Mul nodes int16"))
+    assert not group16.accepted and group16.note == ("refused: estimated at 1.70x the float model's time by the kernel table "
+                                                     "(target <= 1x)")
+    assert group16.to_dict()["estimated_speed"] == 1.7
+    assert all(o.precision != "int16" or sum(p.precision == "int16" for p in overrides.nodes.values()) <= 2
+               for o in overrides.nodes.values())  # at most two int16 islands fit in 1.0x
+    assert SlowIslandBench(errors).speed("minmax", overrides) <= 1.0
+
+
+def test_no_speed_refusal_when_the_plan_as_given_is_already_over_the_target():
+    class Over(SlowIslandBench):
+        def speed(self, method, overrides):
+            return 1.5 + super().speed(method, overrides)
+
+    errors = {f"mul{i}": 0.0004 for i in range(6)}
+    muls = Group("all 6 Mul nodes", tuple(f"mul{i}" for i in range(6)), 60.0)
+    s = Search(Over(errors, group_list=[muls]), Thresholds(min_cosine=0.9995, max_latency_ratio=1.0), Clock(Budget(None, 200)),
+               TrialCache(None))
+    s.run("minmax", Overrides())
+    assert not any((t.note or "").startswith("refused: estimated") for t in s.trials)

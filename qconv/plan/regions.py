@@ -280,3 +280,33 @@ def counts_per_row(observers: dict, identity: dict | None) -> dict[str, float]:
         if getattr(o, "count", 0) and getattr(o, "batches", 0):
             out[k] = float(o.count) / o.batches / max(batch, 1)
     return out
+
+
+def estimate(model, plan: QuantPlan, counts: dict[str, float], table: Table, model_id: str | None) -> tuple[float, float] | None:
+    """(ns a row of ``plan``'s model, ns a row of the float model) by a table timed on this model, else None: each node
+    at its int8 time where the plan quantizes it to 8 bits, its float time otherwise (a 16-bit island runs in float in
+    onnxruntime), and a conversion wherever a quantized tensor meets a float node or comes from one."""
+    if not (table.data.get("nodes") and table.data.get("model_id") == model_id):
+        return None
+    g = Graph(model)
+    size = _Sizes(g, counts)
+    wide = {n for n, t in plan.tensors.items() if t.role == "activation" and t.qparams.qtype.bits > 8}
+    int8 = {d.name for d in plan.nodes if d.quantized}
+    int8 -= {n.name for n in model.graph.node if n.name in int8 and any(i in wide for i in n.input)}
+    planned = fp32 = 0.0
+    for n in model.graph.node:
+        t = table.node(n.name)
+        if t is None:
+            continue
+        planned += t[0] if n.name in int8 else t[1]
+        fp32 += t[1]
+    for name, t in plan.tensors.items():
+        if t.role != "activation":
+            continue
+        producer = g.producer.get(name)
+        if producer is None or producer.name not in int8:
+            planned += table.border(size(name), into_int8=True, blocked=producer is not None and producer.op_type == "Conv")
+        for c in g.consumers.get(name, []):
+            if c.name not in int8:
+                planned += table.border(size(name), into_int8=False, blocked=c.op_type == "Conv")
+    return planned, fp32

@@ -18,6 +18,7 @@ from qconv.measure.compare import limited
 from qconv.measure.layers import probe_pairs
 from qconv.measure.stats import ErrorStats
 from qconv.measure.tally import Metrics
+from qconv.plan import kernels, regions
 from qconv.plan.overrides import Overrides
 from qconv.rewrite.rules import ANCHORS, SHARED
 from qconv.tune.remedies import Context, proposals
@@ -45,6 +46,19 @@ class Lab:
         result = pipeline.apply(self.prepared, pipeline.plan(self.prepared, self.ctx.stats, config, overrides, "tuning"), check=False)
         self._last = (key, result)
         return result
+
+    def speed(self, method: str, overrides: Overrides) -> float | None:
+        """The candidate's time as a multiple of the float model's, estimated by the kernel table timed on this model
+        (qconv.plan.regions.estimate; None without one): what a speed target refuses a candidate by before any A/B."""
+        table = kernels.load(self.ctx.config.kernels, self.prepared.model_id)
+        stats = self.ctx.stats
+        if table is None or stats is None or not stats.observers:
+            return None
+        config = dataclasses.replace(self.ctx.config, method=method)
+        plan = pipeline.plan(self.prepared, stats, config, overrides, "tuning")
+        got = regions.estimate(self.prepared.model, plan, regions.counts_per_row(stats.observers, stats.identity), table,
+                               self.prepared.model_id)
+        return None if got is None or got[1] <= 0 else got[0] / got[1]
 
     def measure(self, method: str, overrides: Overrides) -> Metrics:
         """The candidate's worst-output metrics on the held rows (QconvError when it cannot be built)."""

@@ -50,6 +50,8 @@ class Bench(Protocol):
 
     def groups(self, method: str, overrides: Overrides) -> list[Group]: ...
 
+    def speed(self, method: str, overrides: Overrides) -> float | None: ...
+
 
 class Search:
     def __init__(self, bench: Bench, targets: Thresholds, clock: Clock, cache: TrialCache,
@@ -58,6 +60,7 @@ class Search:
         self.trials: list[Trial] = []
         self.changes: list[Change] = []
         self.sensitivity: list[Ranked] = []
+        self._base_speed: float | None = None  # the plan as given, estimated by the kernel table (x the float model's time)
 
     # -- trials -----------------------------------------------------------------------------------
     def left(self) -> bool:
@@ -76,14 +79,16 @@ class Search:
             except QconvError as exc:
                 metrics, error = None, str(exc)
             self.cache.put_metrics(key, metrics, error)
-        t = Trial(len(self.trials) + 1, step, change, overrides, metrics, time.perf_counter() - t0, cached, error=error)
+        t = Trial(len(self.trials) + 1, step, change, overrides, metrics, time.perf_counter() - t0, cached, error=error,
+                  method=method)
         self.trials.append(t)
         self.advance(1)
         return t
 
     def better(self, a: Trial, b: Trial | None) -> bool:
-        """``a`` measures better than ``b`` (strictly), and keeps the float model's decisions at least as well as the
-        plan as given (a refused candidate says why in its note)."""
+        """``a`` measures better than ``b`` (strictly), keeps the float model's decisions at least as well as the
+        plan as given, and is not estimated over the speed target where the plan as given was not (a refused candidate
+        says why in its note)."""
         if a.metrics is None:
             return False
         if b is not None and b.metrics is not None and not self.targets.key(a.metrics) < self.targets.key(b.metrics):
@@ -92,7 +97,29 @@ class Search:
         if lost:
             a.note = f"refused: {lost}"
             return False
+        slow = self.too_slow(a)
+        if slow:
+            a.note = f"refused: {slow}"
+            return False
         return True
+
+    def too_slow(self, t: Trial) -> str | None:
+        """Why ``t`` is over the speed target by the kernel table's estimate (never when the plan as given is over it too:
+        the target then cannot be held to, the final A/B and speed rounds decide)."""
+        limit = self.targets.max_latency_ratio
+        speed = getattr(self.bench, "speed", None)
+        if limit is None or speed is None or not self.trials:
+            return None
+        if self._base_speed is None:
+            base = self.trials[0]
+            self._base_speed = speed(base.method, base.overrides) or 0.0
+        if self._base_speed > limit:
+            return None
+        est = speed(t.method, t.overrides)
+        t.speed = est
+        if est is not None and est > limit:
+            return f"estimated at {est:.2f}x the float model's time by the kernel table (target <= {limit:g}x)"
+        return None
 
     def decisions_lost(self, m: Metrics, base: Metrics | None = None) -> str | None:
         """What ``m`` decides worse than ``base`` (default: the plan as given): top-1 agreement (per row or position)

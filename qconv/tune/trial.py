@@ -47,6 +47,8 @@ class Trial:
     accepted: bool = False
     error: str | None = None
     note: str | None = None  # why a candidate that measured better was not taken
+    method: str = ""  # the range method it was measured with
+    speed: float | None = None  # its time as a multiple of the float model's, by the kernel table (when it was asked)
 
     def to_dict(self) -> dict:
         m = self.metrics
@@ -54,7 +56,8 @@ class Trial:
                 "sqnr_db": json_number(m.sqnr_db) if m else None, "agreement": m.agreement if m else None,
                 "top1_drop": m.top1_drop if m else None, "slice_cosine": m.slice_cosine if m else None,
                 "passing": m.passing if m else None, "seconds": round(self.seconds, 3), "cached": self.cached,
-                "accepted": self.accepted, "error": self.error, "note": self.note}
+                "accepted": self.accepted, "error": self.error, "note": self.note,
+                **({"estimated_speed": round(self.speed, 4)} if self.speed is not None else {})}
 
 
 @dataclass(frozen=True)
