@@ -216,48 +216,55 @@ def measure(progress: Callable[[str], None] = lambda _: None) -> dict:
 
 # ---- a model's own table: its nodes timed in context ---------------------------------------------------------
 
-def _conv_owner(node_name: str, op: str, g, names: set[str]) -> str:
-    """onnxruntime names a float Conv fused with what follows it (activation, residual Add) after the last fused
-    node's output: give the time to the Conv, as the int8 model's QLinearConv has it."""
-    if op not in ("Conv", "FusedConv") or node_name not in names:
+FAMILY = {"Conv": ("Conv",), "FusedConv": ("Conv",), "MatMul": ("MatMul",), "FusedMatMul": ("MatMul",),
+          "Gemm": ("Gemm", "MatMul"), "FusedGemm": ("Gemm", "MatMul")}
+
+
+def _owner(node_name: str, op: str, g, by_name: dict) -> str:
+    """onnxruntime names a float Conv/MatMul fused with what follows it (activation, bias or residual Add) after the
+    last fused node's output: give the time to the Conv/MatMul, as the int8 model's kernel has it."""
+    family = FAMILY.get(op)
+    node = by_name.get(node_name)
+    if family is None or node is None or node.op_type in family:
         return node_name
-    node = next((n for n in g.model.graph.node if n.name == node_name), None)
     for _ in range(3):
-        if node is None or node.op_type == "Conv":
-            break
         producers = [g.producer.get(i) for i in node.input if g.producer.get(i) is not None]
-        convs = [p for p in producers if p.op_type == "Conv"]
-        node = convs[0] if convs else (producers[0] if producers else None)
-    return node.name if node is not None and node.op_type == "Conv" else node_name
+        own = [p for p in producers if p.op_type in family]
+        if own:
+            return own[0].name
+        if not producers:
+            break
+        node = producers[0]
+    return node_name
 
 
-def _node_times(model: onnx.ModelProto, float_model: onnx.ModelProto, feed: dict, folded: dict, repeats: int) -> dict[str, float]:
-    """Nanoseconds per run of each float-graph node in ``model`` (conversions and layout changes left out): the least
-    of ``repeats`` profiles (a noisy machine only ever adds time)."""
+def _node_times(models: dict, float_model: onnx.ModelProto, feed: dict, folded: dict, repeats: int) -> dict[str, dict[str, float]]:
+    """{model key: {float-graph node: ns a run}} (conversions and layout changes left out): each node's least time over
+    ``repeats`` rounds, the models profiled in turn within a round, so a machine whose load drifts biases neither."""
     from qconv.graph import Graph
     from qconv.measure.profile import attribute, by_node
 
     g = Graph(float_model)
-    names = {n.name for n in float_model.graph.node}
-    best: dict[str, float] = {}
+    by_name = {n.name: n for n in float_model.graph.node}
+    best: dict[str, dict[str, float]] = {k: {} for k in models}
     for _ in range(repeats):
-        times = attribute(profile(model, feed, threads=1, runs=RUNS), float_model)
-        for t in times:
-            t.node = folded.get(t.node, t.node)
-            t.node = _conv_owner(t.node, t.op, g, names)
-        for node, us in by_node(times).items():
-            if node in names:
-                best[node] = min(best.get(node, float("inf")), 1000.0 * us)
+        for key, model in models.items():
+            times = attribute(profile(model, feed, threads=1, runs=RUNS), float_model)
+            for t in times:
+                t.node = _owner(folded.get(t.node, t.node), t.op, g, by_name)
+            for node, us in by_node(times).items():
+                if node in by_name:
+                    best[key][node] = min(best[key].get(node, float("inf")), 1000.0 * us)
     return best
 
 
 def model_table(float_model: onnx.ModelProto, int8_model: onnx.ModelProto, feed: dict, folded: dict, model_id: str,
-                repeats: int = 3) -> dict:
+                repeats: int = 5) -> dict:
     """The table of one model: every node's int8 time (in the all-int8 model) and float time (in the float model),
     measured in place on one row, so onnxruntime's layout choices and fusions around each node are the real ones;
     conversions and call costs from the shipped table of this CPU family."""
-    fl = _node_times(float_model, float_model, feed, folded, repeats)
-    q8 = _node_times(int8_model, float_model, feed, folded, repeats)
+    times = _node_times({"float": float_model, "int8": int8_model}, float_model, feed, folded, repeats)
+    fl, q8 = times["float"], times["int8"]
     base = kernels.shipped().data
     nodes = {n: [round(q8.get(n, 0.0), 1), round(fl.get(n, 0.0), 1)] for n in sorted(set(fl) | set(q8))}
     data = kernels.new_table(name=f"measured for this model: {kernels.cpu_family()}, 1 thread", ops=base["ops"],
