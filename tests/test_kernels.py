@@ -351,3 +351,24 @@ def test_the_estimate_of_a_plan_adds_its_nodes_and_borders(pool, slow_pool_table
                          Overrides({n: NodeOverride(precision="float") for n in ("conv1", "relu1", "pool", "conv2")}, {}))
     assert regions.estimate(prepared.model, none, counts, table, prepared.model_id) == pytest.approx((fp32, fp32))
     assert regions.estimate(prepared.model, every, counts, table, "another") is None
+
+
+@pytest.mark.parametrize("ratio, taken", [(0.8, True), (1.05, False)])
+def test_a_choice_timed_slower_when_the_table_was_made_is_not_taken(pool, slow_pool_table, tmp_path, ratio, taken):
+    m, d = pool
+    assert qconv("plan", m, "--data", d, "--kernels", slow_pool_table, "-o", tmp_path / "p.json", "-q").returncode == 0
+    floats = json.loads((tmp_path / "p.json").read_text())["source"]["speed"]["float_nodes"]
+    data = json.loads(slow_pool_table.read_text())
+    data["verified"] = {"float_nodes": floats, "ratio": ratio, "ratio_low": ratio - 0.01, "ratio_high": ratio + 0.01, "runs": 15}
+    slow_pool_table.write_text(json.dumps(data))
+    assert qconv("plan", m, "--data", d, "--kernels", slow_pool_table, "-o", tmp_path / "v.json", "-q").returncode == 0
+    plan = json.loads((tmp_path / "v.json").read_text())
+    speed = plan["source"]["speed"]
+    assert speed["verified"]["ratio"] == ratio
+    pool_node = nodes_of(tmp_path / "v.json")["pool"]
+    if taken:
+        assert speed["float_nodes"] == floats and pool_node["code"] == "speed"
+        assert f"timed A/B at {ratio:.3g}x the all-int8 model's time" in pool_node["reason"]
+    else:
+        assert speed["float_nodes"] == [] and pool_node["status"] == "quantized"
+        assert speed["estimate_us"]["chosen"] == speed["estimate_us"]["int8"]

@@ -193,7 +193,33 @@ def time_kernels(job: PlanJob, prepared: pipeline.Prepared, calib, config: Quant
         return None
     path.parent.mkdir(parents=True, exist_ok=True)
     io.write_json(table, path)
+    verified = _verify(prepared, calib, config, int8, feed)
+    if verified is not None:
+        table["verified"] = verified
+        io.write_json(table, path)
     return path
+
+
+def _verify(prepared: pipeline.Prepared, calib, config: QuantConfig, int8, feed: dict) -> dict | None:
+    """The region choice the new table makes, timed A/B against the all-int8 model on the same row (interleaved rounds,
+    one thread): the table keeps the verdict, and a choice that did not measure faster is not taken (regions.choose).
+    The estimate adds node times measured one model at a time; fusions and layouts at a region's border are where it
+    can be wrong."""
+    from qconv import runtime
+    from qconv.measure.latency import latency
+
+    try:
+        chosen = pipeline.plan(prepared, calib, dataclasses.replace(config, bias_correction=None), Overrides())
+        floats = (chosen.source.get("speed") or {}).get("float_nodes") or []
+        if not floats:
+            return None
+        mixed = pipeline.apply(prepared, chosen, check=False).model
+        lat = latency(runtime.session(int8, 1, spinning=False), runtime.session(mixed, 1, spinning=False), feed, 1,
+                      min_rounds=15, budget_s=8.0)
+    except QconvError:
+        return None
+    return {"float_nodes": floats, "ratio": round(lat["ratio"], 4), "ratio_low": round(lat["ratio_low"], 4),
+            "ratio_high": round(lat["ratio_high"], 4), "runs": lat["runs"]}
 
 
 def run_kernels(job: PlanJob, progress=pipeline.no_progress) -> Path:

@@ -65,8 +65,11 @@ def _speed(prepared, p: QuantPlan, stats: Ranges, config, overrides: Overrides) 
 
 def _slower_reason(speed: dict) -> str:
     est = speed["estimate_us"]
+    ab = speed.get("verified")
+    timed = f"; timed A/B at {ab['ratio']:.3g}x the all-int8 model's time" if ab else ""
     return (f"int8 is slower here on this CPU: {len(speed['float_nodes'])} nodes stay float, the model estimated at {est['chosen']:.4g} "
-            f"us a row against {est['int8']:.4g} us all int8 (kernel table '{speed['table']['name']}'; --kernels none quantizes them)")
+            f"us a row against {est['int8']:.4g} us all int8{timed} (kernel table '{speed['table']['name']}'; --kernels none "
+            "quantizes them)")
 
 
 def apply(prepared, p: QuantPlan, calib_feeds=None) -> Applied:

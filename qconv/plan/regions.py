@@ -42,11 +42,12 @@ class Estimate:
     chosen_ns: float = 0.0
     float_ns: float = 0.0  # every candidate float
     by_op: list[dict] = field(default_factory=list)
+    verified: dict | None = None  # the A/B timing of this very choice, when the table holds one
 
     def to_dict(self, table: Table) -> dict:
         return {"table": table.summary(), "float_nodes": list(self.floats), "estimate_us": {
             "int8": round(self.int8_ns / 1e3, 3), "chosen": round(self.chosen_ns / 1e3, 3), "all_float": round(self.float_ns / 1e3, 3)},
-            "by_op": self.by_op}
+            "by_op": self.by_op, **({"verified": self.verified} if self.verified else {})}
 
 
 class _Sizes:
@@ -243,6 +244,12 @@ def choose(model, plan: QuantPlan, counts: dict[str, float], table: Table, fixed
         est.chosen_ns = est.int8_ns
         return est
     est.floats = [cand[k].name for k in floats]
+    verified = table.data.get("verified") if own else None
+    if verified and sorted(verified.get("float_nodes") or []) == sorted(est.floats):
+        est.verified = verified
+        if float(verified["ratio"]) >= 1.0:  # timed when the table was made: not faster than all int8
+            est.floats, est.chosen_ns = [], est.int8_ns
+            return est
     ops = collections.Counter(cand[k].op_type for k in floats)
     est.by_op = [{"op_type": op, "nodes": c} for op, c in sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))]
     return est
