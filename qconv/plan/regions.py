@@ -182,11 +182,8 @@ class _Flow:
         return reach
 
 
-def choose(model, plan: QuantPlan, counts: dict[str, float], table: Table, fixed: set[str] = frozenset(),
-           model_id: str | None = None) -> Estimate:
-    """The candidates to keep float so that the model's estimated time is least (empty when int8 everywhere wins).
-    A table timed on the model ``model_id`` gives its nodes' own times; any other gives the op kinds'."""
-    own = bool(table.data.get("nodes")) and table.data.get("model_id") == model_id
+def _problem(model, plan: QuantPlan, counts: dict[str, float], table: Table, fixed, own: bool):
+    """(candidates, int8 ns, float ns, border ns by (int8 end, float end)) of the nodes ``plan`` quantizes."""
     g = Graph(model)
     size = _Sizes(g, counts)
     quantized = {d.name for d in plan.nodes if d.quantized}
@@ -194,23 +191,19 @@ def choose(model, plan: QuantPlan, counts: dict[str, float], table: Table, fixed
     # MatMul/Gemm have no op-kind entry: they are weighed only with the model's own times
     cand = [n for n in nodes if (own or n.op_type not in FIXED) and n.name not in fixed]
     index = {n.name: k for k, n in enumerate(cand)}
-    unary8 = np.zeros(len(cand))
-    unaryf = np.zeros(len(cand))
+    unary8, unaryf = np.zeros(len(cand)), np.zeros(len(cand))
     for n in cand:
         unary8[index[n.name]], unaryf[index[n.name]] = _costs(n, g, table, size, plan, own)
     pairs: dict[tuple[int, int], float] = collections.defaultdict(float)
-    by_name = {n.name: n for n in nodes}
     for name, t in sorted(plan.tensors.items()):
         if t.role != "activation":
             continue
-        elements = size(name)
-        producer = g.producer.get(name)
+        elements, producer = size(name), g.producer.get(name)
         src = index.get(producer.name) if producer is not None else None
-        readers = [c for c in g.consumers.get(name, []) if c.name in by_name or c.name in index]
         float_readers = [c for c in g.consumers.get(name, []) if c.name not in quantized]
         if src is not None and (float_readers or name in g.graph_outputs):
             unary8[src] += table.border(elements, into_int8=False, blocked=any(c.op_type == "Conv" for c in float_readers))
-        for c in readers:
+        for c in g.consumers.get(name, []):
             dst = index.get(c.name)
             if dst is None:
                 continue
@@ -220,37 +213,39 @@ def choose(model, plan: QuantPlan, counts: dict[str, float], table: Table, fixed
                 continue
             pairs[(src, dst)] += table.border(elements, into_int8=False, blocked=c.op_type == "Conv")  # src int8, dst float
             pairs[(dst, src)] += table.border(elements, into_int8=True, blocked=producer.op_type == "Conv")  # dst int8, src float
+    by_name = {n.name: n for n in nodes}
     for act, producer_name in sorted(plan.folded.items()):  # a folded Relu/Clip split from its producer gets a Q/DQ pair
         a, b = index.get(act), index.get(producer_name)
         if a is not None and b is not None:
-            n = by_name[act]
-            elements = size(n.input[0])
+            elements = size(by_name[act].input[0])
             pairs[(b, a)] += table.border(elements, into_int8=False, blocked=False)
             pairs[(a, b)] += table.border(elements, into_int8=True)
-    est = Estimate()
-    est.int8_ns = float(unary8.sum())
-    est.float_ns = float(unaryf.sum())
+    return cand, unary8, unaryf, pairs
+
+
+def choose(model, plan: QuantPlan, counts: dict[str, float], table: Table, fixed: set[str] = frozenset(),
+           model_id: str | None = None) -> Estimate:
+    """The candidates to keep float so that the model's estimated time is least (empty when int8 everywhere wins).
+    A table timed on the model ``model_id`` gives its nodes' own times; any other gives the op kinds'."""
+    own = bool(table.data.get("nodes")) and table.data.get("model_id") == model_id
+    cand, unary8, unaryf, pairs = _problem(model, plan, counts, table, fixed, own)
+    est = Estimate(float_ns=float(unaryf.sum()))
     if not cand:
         return est
     label = solve(unary8, unaryf * FLOAT_MARGIN, pairs)
-    floats = [k for k in range(len(cand)) if label[k]]
-
-    def total(lab) -> float:
-        return cost(unary8, unaryf, pairs, lab)
-
-    est.int8_ns = total(np.zeros(len(cand), bool))
-    est.chosen_ns = total(label)
-    if not floats or est.chosen_ns > est.int8_ns * (1.0 - MIN_GAIN):
+    est.int8_ns = cost(unary8, unaryf, pairs, np.zeros(len(cand), bool))
+    est.chosen_ns = cost(unary8, unaryf, pairs, label)
+    if not label.any() or est.chosen_ns > est.int8_ns * (1.0 - MIN_GAIN):
         est.chosen_ns = est.int8_ns
         return est
-    est.floats = [cand[k].name for k in floats]
+    est.floats = [n.name for n, f in zip(cand, label) if f]
     verified = table.data.get("verified") if own else None
     if verified and sorted(verified.get("float_nodes") or []) == sorted(est.floats):
         est.verified = verified
         if float(verified["ratio"]) >= 1.0:  # timed when the table was made: not faster than all int8
             est.floats, est.chosen_ns = [], est.int8_ns
             return est
-    ops = collections.Counter(cand[k].op_type for k in floats)
+    ops = collections.Counter(n.op_type for n, f in zip(cand, label) if f)
     est.by_op = [{"op_type": op, "nodes": c} for op, c in sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))]
     return est
 

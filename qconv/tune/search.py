@@ -53,6 +53,31 @@ class Bench(Protocol):
     def speed(self, method: str, overrides: Overrides) -> float | None: ...
 
 
+class SpeedGuard:
+    """The kernel table's estimate of a candidate's time (``Bench.speed``, x the float model's) against the latency
+    target: what refuses a slow candidate before any A/B (the final evaluation and speed rounds confirm)."""
+
+    def __init__(self, bench, limit: float | None):
+        self.estimate = getattr(bench, "speed", None)
+        self.limit = limit
+        self._base: float | None = None  # the plan as given
+
+    def refusal(self, base: Trial | None, t: Trial) -> str | None:
+        """Why ``t`` is over the target, if it is (never when the plan as given is over it too: the target then cannot be
+        held to by refusing, the final A/B and speed rounds decide)."""
+        if self.limit is None or self.estimate is None or base is None:
+            return None
+        if self._base is None:
+            self._base = self.estimate(base.method, base.overrides) or 0.0
+        if self._base > self.limit:
+            return None
+        est = self.estimate(t.method, t.overrides)
+        t.speed = est
+        if est is not None and est > self.limit:
+            return f"estimated at {est:.2f}x the float model's time by the kernel table (target <= {self.limit:g}x)"
+        return None
+
+
 class Search:
     def __init__(self, bench: Bench, targets: Thresholds, clock: Clock, cache: TrialCache,
                  advance: Callable[[int], None] = lambda n: None):
@@ -60,7 +85,7 @@ class Search:
         self.trials: list[Trial] = []
         self.changes: list[Change] = []
         self.sensitivity: list[Ranked] = []
-        self._base_speed: float | None = None  # the plan as given, estimated by the kernel table (x the float model's time)
+        self.speed = SpeedGuard(bench, targets.max_latency_ratio)
 
     # -- trials -----------------------------------------------------------------------------------
     def left(self) -> bool:
@@ -97,29 +122,11 @@ class Search:
         if lost:
             a.note = f"refused: {lost}"
             return False
-        slow = self.too_slow(a)
+        slow = self.speed.refusal(self.trials[0] if self.trials else None, a)
         if slow:
             a.note = f"refused: {slow}"
             return False
         return True
-
-    def too_slow(self, t: Trial) -> str | None:
-        """Why ``t`` is over the speed target by the kernel table's estimate (never when the plan as given is over it too:
-        the target then cannot be held to, the final A/B and speed rounds decide)."""
-        limit = self.targets.max_latency_ratio
-        speed = getattr(self.bench, "speed", None)
-        if limit is None or speed is None or not self.trials:
-            return None
-        if self._base_speed is None:
-            base = self.trials[0]
-            self._base_speed = speed(base.method, base.overrides) or 0.0
-        if self._base_speed > limit:
-            return None
-        est = speed(t.method, t.overrides)
-        t.speed = est
-        if est is not None and est > limit:
-            return f"estimated at {est:.2f}x the float model's time by the kernel table (target <= {limit:g}x)"
-        return None
 
     def decisions_lost(self, m: Metrics, base: Metrics | None = None) -> str | None:
         """What ``m`` decides worse than ``base`` (default: the plan as given): top-1 agreement (per row or position)
