@@ -21,6 +21,7 @@ from qconv.measure.profile import profile
 from qconv.plan import kernels
 
 RUNS = 16
+PROFILE_SECONDS = 0.4  # a model's profile in one round of a model table: at most RUNS runs, at least 2
 TARGET_ELEMENTS = 1 << 16  # output elements of a probe: big enough to be timed, small enough to stay in cache like a layer
 CHANNELS = (8, 16, 32, 64, 128, 256, 512)
 LAYOUT = ("Transpose", "ReorderInput", "ReorderOutput")
@@ -247,14 +248,18 @@ def _node_times(models: dict, float_model: onnx.ModelProto, feed: dict, folded: 
     g = Graph(float_model)
     by_name = {n.name: n for n in float_model.graph.node}
     best: dict[str, dict[str, float]] = {k: {} for k in models}
+    runs = 2  # the first round sizes the others: about PROFILE_SECONDS a profile (a 1024x1024 detector gets few runs)
     for _ in range(repeats):
         for key, model in models.items():
-            times = attribute(profile(model, feed, threads=1, runs=RUNS), float_model)
+            events = profile(model, feed, threads=1, runs=runs)
+            times = attribute(events, float_model)
             for t in times:
                 t.node = _owner(folded.get(t.node, t.node), t.op, g, by_name)
             for node, us in by_node(times).items():
                 if node in by_name:
                     best[key][node] = min(best[key].get(node, float("inf")), 1000.0 * us)
+            per_run = sum(us for _, _, us in events) / 1e6
+            runs = max(2, min(RUNS, int(PROFILE_SECONDS / max(per_run, 1e-6))))
     return best
 
 
