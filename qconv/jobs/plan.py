@@ -235,9 +235,13 @@ def run_kernels(job: PlanJob, progress=pipeline.no_progress) -> Path:
     return path
 
 
+INTEGER_INPUTS = {7: "int64", 6: "int32", 9: "bool"}  # onnx.TensorProto INT64, INT32, BOOL -> numpy
+
+
 def _timing_feed(prepared: pipeline.Prepared, calib, job: PlanJob) -> dict | None:
-    """One row to time the model on: the first of --data; else N(0, 1) values of the first row's shapes the calibration
-    recorded, else of the graph inputs' shapes with one unknown size solved from the calibration's element counts."""
+    """One row to time the model on: the first of --data; else N(0, 1) values (ones for integer inputs) of the first row's
+    shapes the calibration recorded, else of the graph inputs' shapes with one unknown size solved from the calibration's
+    element counts."""
     import numpy as np
     import onnx
 
@@ -254,6 +258,9 @@ def _timing_feed(prepared: pipeline.Prepared, calib, job: PlanJob) -> dict | Non
         if vi.name in inits:
             continue
         tt = vi.type.tensor_type
+        if vi.name in recorded and tt.elem_type in INTEGER_INPUTS:  # token ids, masks: ones (a valid id, an open mask)
+            feed[vi.name] = np.ones(recorded[vi.name], INTEGER_INPUTS[tt.elem_type])
+            continue
         if tt.elem_type != onnx.TensorProto.FLOAT:
             return None
         if vi.name in recorded:
