@@ -191,7 +191,12 @@ def warnings(report: dict, float_model) -> list[str]:
     """Things a user should act on: a measurably slower model (with the mode that would not be), fp16 overflow."""
     out = []
     if report["node_summary"]["quantized"] == 0:
-        out.append(f"nothing was quantized in {report['mode']} mode: see the reasons under kept_float")
+        groups = report["node_summary"].get("kept_float_groups") or []
+        if any(g.get("code") == "speed" for g in groups):
+            out.append(f"nothing was quantized in {report['mode']} mode: every region that could be int8 runs slower in int8 than in "
+                       "float on this CPU (kernel table); --kernels none quantizes them anyway (a smaller file), or try --mode dynamic")
+        else:
+            out.append(f"nothing was quantized in {report['mode']} mode: see the reasons under kept_float")
     lat = report.get("latency_ms")
     if lat and lat.get("verdict") == "slower":
         advice = _faster_suggestion(report["mode"], float_model) if float_model is not None else "see the per-layer table for what to keep float"
