@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
-from qconv import io
 from qconv.cli.common import calib_options_from, data_options, guarded
 from qconv.cli.console import table
 from qconv.errors import UsageError
-from qconv.plan import kernels
+from qconv.jobs import kernels as jobs
 
 
 @click.command("kernels")
@@ -42,7 +40,7 @@ def kernels_cmd(term, model, data, calib, measure, output, spec, as_json, quiet,
       qconv kernels                         # the shipped op-kind table of this CPU family
       qconv kernels --measure -o cpu.json   # measure this CPU's op-kind table
     """
-    from qconv.jobs.plan import PlanJob, run_kernels
+    from qconv.jobs.plan import PlanJob
     from qconv.plan.config import QuantConfig
 
     opts = calib_options_from(kwargs)
@@ -51,22 +49,16 @@ def kernels_cmd(term, model, data, calib, measure, output, spec, as_json, quiet,
             raise UsageError("--measure measures the op-kind table: drop MODEL, or drop --measure to time MODEL")
         job = PlanJob(model=model, data=data, calib=calib, config=QuantConfig(bias_correction=None), calib_options=opts)
         with term.progress() as progress:
-            path = run_kernels(job, progress)
-        tab = kernels.Table.of(json.loads(path.read_text()), str(path))
+            tab, path = jobs.timed(job, progress)
         term.info(f"timed {len(tab.data['nodes'])} nodes of {model}: cached in {path}")
     elif measure:
         if output is None:
             raise UsageError("--measure writes a file: give -o FILE (and pin it with --kernels FILE)")
-        from qconv.measure.kernels import measure as run
-
-        data_ = run()
-        tab = kernels.Table.of(data_, "measured table")
+        tab = jobs.measured()
     else:
-        if spec in ("auto", "none"):
-            raise UsageError(f"--kernels {spec} names no one table: give shipped or a file (or MODEL to time)")
-        tab = kernels.load(spec)
+        tab = jobs.shown(spec)
     if output is not None:
-        io.write_json(tab.data, output)
+        jobs.write(tab, output)
         term.info(f"kernel table written to {output} (digest {tab.digest})")
     if as_json:
         term.print_json({**tab.summary(), "table": tab.data})
