@@ -353,8 +353,9 @@ def test_the_estimate_of_a_plan_adds_its_nodes_and_borders(pool, slow_pool_table
     assert regions.estimate(prepared.model, every, counts, table, "another") is None
 
 
-@pytest.mark.parametrize("ratio, taken", [(0.8, True), (1.05, False)])
+@pytest.mark.parametrize("ratio, taken", [(0.8, True), (1.05, False), (0.995, False)])
 def test_a_choice_timed_slower_when_the_table_was_made_is_not_taken(pool, slow_pool_table, tmp_path, ratio, taken):
+    """Taken only when the A/B interval is wholly below 1 (0.995 +- 0.01 is not surely faster)."""
     m, d = pool
     assert qconv("plan", m, "--data", d, "--kernels", slow_pool_table, "-o", tmp_path / "p.json", "-q").returncode == 0
     floats = json.loads((tmp_path / "p.json").read_text())["source"]["speed"]["float_nodes"]
@@ -372,3 +373,28 @@ def test_a_choice_timed_slower_when_the_table_was_made_is_not_taken(pool, slow_p
     else:
         assert speed["float_nodes"] == [] and pool_node["status"] == "quantized"
         assert speed["estimate_us"]["chosen"] == speed["estimate_us"]["int8"]
+
+
+def test_a_models_table_gives_fused_float_time_to_the_conv_and_the_matmul():
+    """onnxruntime names a float Conv+Relu after the Relu and a MatMul+bias Add after the Add: the table gives that time
+    to the Conv and the MatMul, where the int8 model's kernel has it too."""
+    from qconv.measure.kernels import model_table
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.2, (32, 16, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.normal(0, 0.1, 32).astype(np.float32), "b"),
+             numpy_helper.from_array(rng.normal(0, 0.1, (16, 64)).astype(np.float32), "wm"),
+             numpy_helper.from_array(rng.normal(0, 0.1, 64).astype(np.float32), "bm")]
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "wm"], ["m"], name="matmul"),
+             helper.make_node("Add", ["m", "bm"], ["y"], name="bias")]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 16, 16])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32, 16, 64])], inits, opset=13)
+    table = model_table(model, model, {"x": rng.standard_normal((1, 16, 16, 16)).astype(np.float32)}, {"relu": "conv"},
+                        "id", repeats=1)
+    nodes = table["nodes"]
+    assert nodes["conv"][1] > 0 and nodes.get("relu", [0, 0])[1] == 0
+    assert nodes["matmul"][1] > 0 and nodes.get("bias", [0, 0])[1] == 0
+    assert table["model_id"] == "id" and table["feed"] == {"x": [1, 16, 16, 16]}
+    assert kernels.Table.of(table, "t").node("conv") is not None

@@ -202,7 +202,8 @@ def time_kernels(job: PlanJob, prepared: pipeline.Prepared, calib, config: Quant
 
 def _verify(prepared: pipeline.Prepared, calib, config: QuantConfig, int8, feed: dict) -> dict | None:
     """The region choice the new table makes, timed A/B against the all-int8 model on the same row (interleaved rounds,
-    one thread): the table keeps the verdict, and a choice that did not measure faster is not taken (regions.choose).
+    one thread): the table keeps the verdict, and a choice whose 95% interval is not wholly below 1 is not taken
+    (regions.choose).
     The estimate adds node times measured one model at a time; fusions and layouts at a region's border are where it
     can be wrong."""
     from qconv import runtime

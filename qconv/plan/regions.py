@@ -242,7 +242,7 @@ def choose(model, plan: QuantPlan, counts: dict[str, float], table: Table, fixed
     verified = table.data.get("verified") if own else None
     if verified and sorted(verified.get("float_nodes") or []) == sorted(est.floats):
         est.verified = verified
-        if float(verified["ratio"]) >= 1.0:  # timed when the table was made: not faster than all int8
+        if float(verified.get("ratio_high", verified["ratio"])) >= 1.0:  # timed when the table was made: not surely faster
             est.floats, est.chosen_ns = [], est.int8_ns
             return est
     ops = collections.Counter(n.op_type for n, f in zip(cand, label) if f)
