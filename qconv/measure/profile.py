@@ -23,6 +23,7 @@ from qconv.graph import Graph
 from qconv.runtime import run, session
 
 _TOKEN = re.compile(r"_token_\d+$")
+_FUSION = re.compile(r"/[A-Za-z]+Fusion$")
 CONVERSIONS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
 
 
@@ -66,6 +67,7 @@ def _resolve(name: str, op: str, names: set[str], g: Graph) -> str:
     if op.startswith("Reorder"):
         return "(layout)"
     base = _TOKEN.sub("", name.removesuffix("/duplicated"))
+    base = _FUSION.sub("", base) if base not in names else base  # 'matmul/MatMulAddFusion': MatMul + bias Add as one Gemm
     if base in names:
         return base
     for suffix in ("_nchwc", "_fused", "_QuantizeLinear", "_DequantizeLinear", "_DynamicQuantizeLinear"):
