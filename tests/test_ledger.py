@@ -39,8 +39,11 @@ def test_paired_interval_resolves_a_loss_and_not_noise():
     assert lo < 0 < hi
 
 
+@pytest.mark.parametrize("kernels", ["auto", "none"])
 @pytest.mark.parametrize("name", ["digits_cnn", "tiny_transformer"])
-def test_default_keeps_its_accuracy_on_the_sample_models(name, tmp_path):
+def test_default_keeps_its_accuracy_on_the_sample_models(name, kernels, tmp_path, monkeypatch):
+    """With the default kernel table (timed on this machine: regions where int8 is slower stay float) and without."""
+    monkeypatch.setenv("QCONV_CACHE_DIR", str(tmp_path / "cache"))
     d = SAMPLES / name
     calib_data = d / ("calib.npy" if (d / "calib.npy").exists() else "calib.npz")
     eval_data = d / ("eval.npy" if (d / "eval.npy").exists() else "eval.npz")
@@ -48,7 +51,7 @@ def test_default_keeps_its_accuracy_on_the_sample_models(name, tmp_path):
     runner = CliRunner()
     r = runner.invoke(cli, ["calibrate", str(d / "model.onnx"), "--data", str(calib_data), "-o", str(calib), "-q"])
     assert r.exit_code == 0, r.output
-    r = runner.invoke(cli, ["quantize", str(d / "model.onnx"), "--calib", str(calib), "-o", str(out), "-q"])
+    r = runner.invoke(cli, ["quantize", str(d / "model.onnx"), "--calib", str(calib), "-o", str(out), "-q", "--kernels", kernels])
     assert r.exit_code == 0, r.output
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     specs = [InputSpec(i.name, np.dtype(np.float32 if "float" in i.type else np.int64), tuple(i.shape)) for i in sess.get_inputs()]
