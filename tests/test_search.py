@@ -369,3 +369,16 @@ def test_no_speed_refusal_when_the_plan_as_given_is_already_over_the_target():
                TrialCache(None))
     s.run("minmax", Overrides())
     assert not any((t.note or "").startswith("refused: estimated") for t in s.trials)
+
+
+def test_rows_the_search_never_saw_keep_the_plan_as_given_when_it_decides_better():
+    from qconv.tune.tuner import unseen_verdict
+
+    worse = unseen_verdict({"rows": 64, "untuned": {"agreement": 0.95, "cosine": 0.99}, "tuned": {"agreement": 0.93, "cosine": 0.995}}, 64)
+    assert worse["kept_as_given"] and "decides worse than the plan as given (agreement)" in worse["warning"]
+    lower = unseen_verdict({"rows": 64, "untuned": {"agreement": 0.95, "cosine": 0.995}, "tuned": {"agreement": 0.95, "cosine": 0.99}}, 64)
+    assert "kept_as_given" not in lower and "below the untuned one in cosine" in lower["warning"]
+    better = unseen_verdict({"rows": 64, "untuned": {"passing": 0.8, "metric": 0.9}, "tuned": {"passing": 0.85, "metric": 0.91}}, 64)
+    assert "warning" not in better and "kept_as_given" not in better
+    task = unseen_verdict({"rows": 8, "untuned": {"metric": 0.9}, "tuned": {"metric": 0.89}}, 8)
+    assert task["kept_as_given"] and "(metric)" in task["warning"]

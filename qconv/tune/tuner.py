@@ -98,8 +98,11 @@ def tune(job: TuneJob, progress=pipeline.no_progress) -> Tuned:
     feed = pipeline.check_feed(prepared, next(iter(job.source), None))
     # The search's choices against the plan as given, both as the trials measured them (no bias correction), on
     # rows the search never saw; then the final model, with bias correction as the default has it.
-    unseen = _unseen(job, fsess, held, {"untuned": pipeline.plan(prepared, job.calib, job.config, job.overrides), "tuned": tuned},
-                     threads)
+    untuned = pipeline.plan(prepared, job.calib, job.config, job.overrides)
+    unseen = _unseen(job, fsess, held, {"untuned": untuned, "tuned": tuned}, threads)
+    if unseen.get("kept_as_given"):  # the search's choices lost decisions on rows it never saw: they are not taken
+        tuned, method, best = untuned, job.config.method, search.trials[0]
+        search.changes = [Change("the whole plan", "kept as given", unseen["warning"])]
     result = pipeline.apply(prepared, _corrected_if_better(search, lab, tuned, best, job.correct(copy.deepcopy(tuned))), None, feed)
     evaluation, reference = evaluate(prepared, result, job.source, job.labels, job.evaluation, progress)
     speed = []
@@ -161,9 +164,21 @@ def _unseen(job: TuneJob, fsess, held: Reference, plans: dict, threads: int) -> 
     if not rows:
         return {"rows": 0, "note": "every row of the tuning data was used by the search: give --eval-data with more rows"}
     out = {"rows": rows, **{k: t.metrics().to_dict() for k, t in tallies.items()}}
+    return unseen_verdict(out, rows)
+
+
+def unseen_verdict(out: dict, rows: int) -> dict:
+    """``out`` (the untuned and tuned metrics on rows the search never saw) with a warning where tuned is lower, and
+    ``kept_as_given`` where it decides worse (the user's metric, top-1 agreement, scores passing 0.25): then the tuned
+    choices are not taken."""
     lost = [k for k in ("metric", "agreement", "passing", "slice_cosine", "cosine")
             if out["untuned"].get(k) is not None and (out["tuned"].get(k) or 0.0) < out["untuned"][k]]
-    if lost:
+    decisive = [k for k in lost if k in ("metric", "agreement", "passing")]
+    if decisive:
+        out["kept_as_given"] = True
+        out["warning"] = (f"on {rows} rows the search never saw, the tuned plan decides worse than the plan as given "
+                          f"({', '.join(decisive)}): the plan as given is kept (raise --tune-rows, or give --eval-data with more rows)")
+    elif lost:
         out["warning"] = (f"on {rows} rows the search never saw, the tuned model is below the untuned one in {', '.join(lost)}: "
                           "the search rows may be too few to choose on (raise --tune-rows)")
     return out
