@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,12 +193,13 @@ def time_kernels(job: PlanJob, prepared: pipeline.Prepared, calib, config: Quant
         table = model_table(prepared.model, int8, feed, dict(base.folded), prepared.model_id)
     except QconvError:  # a row the model cannot run (made from sizes alone): no table, the plan is int8 wherever it can be
         return None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    io.write_json(table, path)
-    verified = _verify(prepared, calib, config, int8, feed)
+    with tempfile.TemporaryDirectory(prefix="qconv-kernels.") as tmp:  # the cache gets the table once it is checked
+        draft = io.write_json(table, Path(tmp) / "table.json")
+        verified = _verify(prepared, calib, dataclasses.replace(config, kernels=str(draft)), int8, feed)
     if verified is not None:
         table["verified"] = verified
-        io.write_json(table, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    io.write_json(table, path)
     return path
 
 
@@ -220,8 +222,8 @@ def _verify(prepared: pipeline.Prepared, calib, config: QuantConfig, int8, feed:
         t0 = time.perf_counter()
         runtime.run(a, feed)
         runtime.run(a, feed)
-        slow = time.perf_counter() - t0 > 2 * 0.02  # a big model: one run a block (its cache is not what the time is)
-        lat = latency(a, b, feed, 1, min_rounds=20, budget_s=AB_SECONDS, block=1 if slow else 3)
+        big = time.perf_counter() - t0 > 2 * BIG_RUN_SECONDS  # one run a block: its cache is not what its time is
+        lat = latency(a, b, feed, 1, min_rounds=20, budget_s=AB_SECONDS, block=1 if big else 3)
     except QconvError:
         return None
     return {"float_nodes": floats, "ratio": round(lat["ratio"], 4), "ratio_low": round(lat["ratio_low"], 4),
@@ -242,6 +244,7 @@ def run_kernels(job: PlanJob, progress=pipeline.no_progress) -> Path:
 
 
 AB_SECONDS = 15.0  # the A/B check of a new table's region choice (once per model and machine)
+BIG_RUN_SECONDS = 0.02  # a model whose run takes longer is timed one run a block
 INTEGER_INPUTS = {7: "int64", 6: "int32", 9: "bool"}  # onnx.TensorProto INT64, INT32, BOOL -> numpy
 
 

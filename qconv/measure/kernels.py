@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper, shape_inference
 
 from qconv.measure.profile import profile
 from qconv.plan import kernels
@@ -59,14 +59,15 @@ class _Qdq:
         self.nodes.append(helper.make_node("DequantizeLinear", [f"{x}_q{self._k}", s, z], [f"{x}_dq{self._k}"]))
         return f"{x}_dq{self._k}"
 
-    def weight(self, name: str, w: np.ndarray) -> str:
+    def weight(self, name: str, w: np.ndarray) -> tuple[str, np.ndarray]:
+        """(the dequantized weight's name, its per-channel scales)."""
         scale = (np.abs(w).reshape(w.shape[0], -1).max(1) / 127 + 1e-8).astype(np.float32)
         q = np.clip(np.round(w / scale.reshape(-1, *[1] * (w.ndim - 1))), -127, 127).astype(np.int8)
         self.const(name + "_q", q)
         self.const(name + "_s", scale)
         self.const(name + "_z", np.zeros(w.shape[0], np.int8))
         self.nodes.append(helper.make_node("DequantizeLinear", [name + "_q", name + "_s", name + "_z"], [name], axis=0))
-        return name
+        return name, scale
 
 
 def conv_probe(cin: int, cout: int, k: int, groups: int, side: int, quantized: bool) -> tuple[onnx.ModelProto, dict]:
@@ -77,8 +78,7 @@ def conv_probe(cin: int, cout: int, k: int, groups: int, side: int, quantized: b
     x = "x"
     if quantized:
         x = b_.act("x")
-        wn = b_.weight("w", w)
-        ws = numpy_helper.to_array(next(t for t in b_.inits if t.name == "w_s"))
+        wn, ws = b_.weight("w", w)
         bq = np.round(b / (0.05 * ws)).astype(np.int32)
         b_.const("b_q", bq)
         b_.const("b_s", (0.05 * ws).astype(np.float32))
@@ -120,9 +120,6 @@ def eltwise_probe(op: str, channels: int, side: int, quantized: bool, **attrs) -
     out = b_.act("o") if quantized else "o"
     b_.nodes.append(helper.make_node("Identity", [out], ["y"]))
     m = _model(b_.nodes, inputs, _vi("y", None), b_.inits)
-    m.graph.output[0].type.tensor_type.ClearField("shape")
-    from onnx import shape_inference
-
     oshape = shape_inference.infer_shapes(m).graph.value_info
     n_out = next(int(np.prod([d.dim_value for d in v.type.tensor_type.shape.dim])) for v in oshape if v.name == "o")
     return m, feed, (int(np.prod(shape)) if op in POOLS else n_out)

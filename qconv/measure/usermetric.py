@@ -10,6 +10,7 @@ searched first) or a path to a ``.py`` file.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import math
@@ -46,8 +47,10 @@ class UserMetric:
         return total, count
 
 
+@functools.lru_cache(maxsize=8)
 def load(spec: str | None) -> UserMetric | None:
-    """The metric ``spec`` names (``module:function`` or ``path/to/file.py:function``), or None."""
+    """The metric ``spec`` names (``module:function`` or ``path/to/file.py:function``), or None. Loaded once per process
+    (the job's check, evaluation and tuning all ask): a file module's top level runs once."""
     if not spec:
         return None
     module_name, sep, func = spec.rpartition(":")

@@ -59,7 +59,7 @@ def _speed(prepared, p: QuantPlan, stats: Ranges, config, overrides: Overrides) 
     counts = regions.counts_per_row(stats.observers, stats.identity)
     if table is None or not counts:
         return None
-    fixed = {d.name for d in p.nodes if overrides.node(d.name) is not None and overrides.node(d.name).precision is not None}
+    fixed = {d.name for d in p.nodes if getattr(overrides.node(d.name), "precision", None) is not None}
     return regions.choose(prepared.model, p, counts, table, fixed, prepared.model_id).to_dict(table)
 
 

@@ -3,11 +3,13 @@
 A table (JSON, schema ``qconv.kernels``) holds, per op kind and precision, nanoseconds per unit of work at a few
 channel counts (a multiply-add for dense convolutions, an output element otherwise), the per-element price of the
 conversions an int8 region's border adds (QuantizeLinear / DequantizeLinear, and the layout changes: onnxruntime
-runs int8 convolutions channels-last and float ones in blocked NCHWc), and the fixed cost of a kernel call.
-``qconv kernels --measure`` measures one (qconv.measure.kernels) and caches it; ``--kernels`` picks which a plan
-uses (``auto``: this CPU's cached table, else the table shipped for its family; ``shipped``; a file; ``none``).
-A plan is a pure function of the model, the statistics, the options and the table, so the same table gives the
-same bytes on any machine; the plan records the table's name and digest.
+runs int8 convolutions channels-last and float ones in blocked NCHWc), and the fixed cost of a kernel call. A model's
+own table (``nodes``: each node timed float and int8 in place, ``model_id``, the ``feed`` it was timed on, and the
+A/B ``verified`` verdict of the region choice it makes) is written by qconv.measure.kernels.model_table, cached per
+model and machine. ``--kernels`` picks which a plan uses: ``auto`` (the model's cached table, else none), ``shipped``
+(the op-kind table of this CPU family), a file, or ``none``. A plan is a pure function of the model, the statistics,
+the options and the table, so the same table gives the same bytes on any machine; the plan records its name and
+digest.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from qconv.errors import QconvError
 
 SCHEMA = "qconv.kernels"
 VERSION = 1
-CHOICES = ("auto", "shipped", "none")
 
 
 def cpu_family() -> str:
@@ -61,11 +62,6 @@ def cache_dir() -> Path:
     """``$QCONV_CACHE_DIR/kernels`` (the tuning cache's root too), else ``~/.cache/qconv/kernels``."""
     root = os.environ.get("QCONV_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "qconv")
     return Path(root) / "kernels"
-
-
-def cache_path() -> Path:
-    """Where this CPU's measured table is cached: one per CPU family, machine and onnxruntime version."""
-    return cache_dir() / f"{cpu_family()}-{platform.machine().lower()}-ort{_runtime_version()}.json"
 
 
 def model_cache_path(model_id: str) -> Path:

@@ -24,12 +24,11 @@ import numpy as np
 from qconv.graph import Graph, attr
 from qconv.plan import QuantPlan
 from qconv.plan.kernels import Table
+from qconv.rewrite.rules.elementwise import scalar_scale
 
 FLOAT_MARGIN = 1.10  # float must be 10% cheaper than int8 per node to move it
 MIN_GAIN = 0.03  # and the whole model's estimate must drop by 3%
 FUSED_ACT = {"Relu", "Clip", "Sigmoid", "HardSigmoid", "LeakyRelu", "Tanh"}  # onnxruntime fuses these into a float Conv
-NEUTRAL = {"Relu", "Clip", "LeakyRelu", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Slice", "Gather",
-           "Expand", "Tile", "Resize"}
 FIXED = {"MatMul", "Gemm", "ConvTranspose"}
 
 
@@ -109,16 +108,12 @@ def _costs(node, g: Graph, table: Table, size: _Sizes, plan: QuantPlan, own: boo
     producer = g.producer.get(node.input[0]) if node.input else None
     after_conv = producer is not None and producer.op_type == "Conv" and len(g.consumers.get(node.input[0], [])) == 1
     if op in FUSED_ACT:
-        if node.name in plan.folded or op in ("Relu", "Clip", "LeakyRelu"):
+        if node.name in plan.folded or op in ("Relu", "Clip", "LeakyRelu") or not table.has("Sigmoid"):
             return 0.0, 0.0
-        key = "Sigmoid" if table.has("Sigmoid") else None
-        if key is None:
-            return 0.0, 0.0
-        int8 = table.cost(key, "int8", 64, out)
-        return int8, 0.0 if after_conv else table.cost(key, "float", 64, out)
+        return table.cost("Sigmoid", "int8", 64, out), 0.0 if after_conv else table.cost("Sigmoid", "float", 64, out)
     acts = [i for i in node.input if i and not g.is_constant(i)]
     if op in ("Add", "Mul") and len(acts) == 1:  # by a constant: a scaled Mul runs no kernel, an Add a QLinearAdd
-        if op == "Mul" and _scaled(node, plan):
+        if op == "Mul" and scalar_scale(node, g) is not None:  # the planner read it as its input with a scaled scale
             return 0.0, table.cost("MulBcast", "float", 64, out) if table.has("MulBcast") else 0.0
         key = "MulBcast" if op == "Mul" else "Add"
         return table.cost(key, "int8", 64, out), table.cost(key, "float", 64, out)
@@ -132,11 +127,6 @@ def _costs(node, g: Graph, table: Table, size: _Sizes, plan: QuantPlan, own: boo
         units = size(node.input[0]) if op != "Concat" else out
         return table.cost(op, "int8", 64, units), table.cost(op, "float", 64, units)
     return 0.0, 0.0
-
-
-def _scaled(node, plan: QuantPlan) -> bool:
-    d = plan.decision(node.name)
-    return d is not None and "no kernel runs" in (d.reason or "")
 
 
 class _Flow:

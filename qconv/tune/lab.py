@@ -54,8 +54,10 @@ class Lab:
         stats = self.ctx.stats
         if table is None or stats is None or not stats.observers:
             return None
-        config = dataclasses.replace(self.ctx.config, method=method)
-        plan = pipeline.plan(self.prepared, stats, config, overrides, "tuning")
+        if self._last is not None and self._last[0] == (method, overrides.digest()):
+            plan = self._last[1].plan  # the candidate just measured: its plan is built already
+        else:
+            plan = pipeline.plan(self.prepared, stats, dataclasses.replace(self.ctx.config, method=method), overrides, "tuning")
         got = regions.estimate(self.prepared.model, plan, regions.counts_per_row(stats.observers, stats.identity), table,
                                self.prepared.model_id)
         return None if got is None or got[1] <= 0 else got[0] / got[1]
