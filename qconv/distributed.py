@@ -118,7 +118,8 @@ def run_tasks(executor: Executor, fn: Callable, tasks: list[tuple], label: str,
 
 
 def calibrate_shard(model: str, data: str, per_channel: bool, batch_size: int, shard: tuple[int, int], bins: int,
-                    momentum: float, names: list[str], max_memory: int, cast: bool, equalize: bool = False) -> dict:
+                    momentum: float, names: list[str], max_memory: int, cast: bool, equalize: bool = False,
+                    hist_samples: int = 0) -> dict:
     """One shard's statistics: what a worker runs. Returns {"seen": feeds, "tensors": {name: TensorObserver}} (the
     observers travel pickled, their histograms as plain arrays: O(bins) per tensor)."""
     from qconv import pipeline
@@ -129,8 +130,9 @@ def calibrate_shard(model: str, data: str, per_channel: bool, batch_size: int, s
     source = pipeline.feeds_for(prepared, data, batch_size, None, shard, cast)
     if next(iter(source), None) is None:
         return {"seen": 0, "tensors": {}}
-    groups = memory_groups(prepared.model, source, names, max_memory)
-    observers, seen = collect(prepared.model, source, threads=1, bins=bins, momentum=momentum, names=names, groups=groups)
+    groups = memory_groups(prepared.model, source, names, max_memory, hist_samples)
+    observers, seen = collect(prepared.model, source, threads=1, bins=bins, momentum=momentum, names=names, groups=groups,
+                              samples=hist_samples)
     return {"seen": seen, "tensors": observers}
 
 

@@ -21,6 +21,7 @@ from qconv import __version__, io, modes, runtime
 from qconv.adjust import bias
 from qconv.calib.collect import (
     DEFAULT_MAX_MEMORY,
+    DEFAULT_SAMPLES,
     activation_tensors,
     collect,
     memory_groups,
@@ -139,18 +140,21 @@ def calibration_record(source: FeedSource, method: str | None = None, bins: int 
 def calibrate(prepared: Prepared, source: FeedSource, threads: int | None = None,
               progress: Progress = no_progress, method: str | None = None, bins: int = DEFAULT_BINS,
               momentum: float = DEFAULT_MOMENTUM, config: QuantConfig | None = None,
-              overrides: Overrides | None = None, max_memory: int = DEFAULT_MAX_MEMORY, equalize: bool = False) -> Calibration:
+              overrides: Overrides | None = None, max_memory: int = DEFAULT_MAX_MEMORY, equalize: bool = False,
+              hist_samples: int = DEFAULT_SAMPLES) -> Calibration:
     """Observe the tensors ``config``'s plan (with ``overrides``) can use (every float activation when ``config`` is None).
-    ``equalize``: the prepared model was equalized (recorded, so a file is never used with other weights)."""
+    ``equalize``: the prepared model was equalized (recorded, so a file is never used with other weights).
+    ``hist_samples``: histogram values per tensor and batch (0: every value; see qconv.calib.collect)."""
     names = activation_tensors(prepared.model)
     if config is not None:
         names = calibration_targets(prepared.model, config, names, overrides)
-    groups = memory_groups(prepared.model, source, names, max_memory)
+    groups = memory_groups(prepared.model, source, names, max_memory, hist_samples)
     label = "calibrating" if len(groups) == 1 else f"calibrating ({len(groups)} passes within --max-memory)"
     advance = progress(label, source.count() * len(groups))
     observers, seen = collect(prepared.model, source, threads=threads, progress=advance, bins=bins, momentum=momentum,
-                              names=names, groups=groups)
-    record = calibration_record(source, method, bins, momentum, tensors="all" if config is None else "planned", equalize=equalize)
+                              names=names, groups=groups, samples=hist_samples)
+    record = calibration_record(source, method, bins, momentum, tensors="all" if config is None else "planned", equalize=equalize,
+                                hist_samples=hist_samples)
     return Calibration(prepared.model_id, source.identity(), seen, record.to_dict(), observers)
 
 

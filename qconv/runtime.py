@@ -19,11 +19,15 @@ def default_threads() -> int:
 
 
 def session(model: onnx.ModelProto | str, threads: int | None = None, optimize: bool = True,
-            spinning: bool = True, profile_prefix: str | None = None, prepack: bool = True) -> ort.InferenceSession:
+            spinning: bool = True, profile_prefix: str | None = None, prepack: bool = True,
+            by_priority: bool = False) -> ort.InferenceSession:
     """A CPU session. ``spinning=False`` stops idle worker threads from busy-waiting: timings of two models
     measured in turn then do not steal each other's cores. ``profile_prefix`` records every kernel's time
     (``end_profiling()`` returns the trace file's path). ``prepack=False``: weights are not copied into the
-    kernels' packed layouts, for a session run a few times (a check), which then holds its weights once."""
+    kernels' packed layouts, for a session run a few times (a check), which then holds its weights once.
+    ``by_priority``: onnxruntime's priority-based node order, which runs a node soon after its inputs are made (a
+    calibration graph's statistics nodes then read their tensor while it is in cache and free it at once; the
+    default order runs them last, holding every observed tensor)."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or default_threads()
     opts.inter_op_num_threads = 1
@@ -35,6 +39,8 @@ def session(model: onnx.ModelProto | str, threads: int | None = None, optimize: 
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not prepack:
         opts.add_session_config_entry("session.disable_prepacking", "1")
+    if by_priority:
+        opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:

@@ -1,7 +1,9 @@
-"""Run the (normalized) float model over feeds with every float activation exposed; stream into observers.
+"""Run the (normalized) float model over feeds and stream each observed tensor's statistics into observers.
 
-Memory is one batch's activations at a time: statistics are folded into the observers and the arrays
-dropped before the next batch runs, so it does not grow with the number of samples.
+By default the statistics are computed inside onnxruntime (qconv.calib.ingraph) for the tensors that do not follow
+exactly from another (qconv.calib.derive): one pass, memory about what inference holds. With every value counted
+(``samples`` 0) the tensors are exposed as outputs instead, a batch's activations at a time, in as many passes as
+``--max-memory`` needs. Either way the statistics are folded batch by batch and never grow with the number of samples.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ from typing import Callable, Iterable
 import numpy as np
 import onnx
 
+from qconv.calib import derive, ingraph
+from qconv.calib.ingraph import DEFAULT_SAMPLES
 from qconv.calib.observers import DEFAULT_BINS, DEFAULT_MOMENTUM, TensorObserver
 from qconv.errors import QconvError
 from qconv.graph import Graph, expose, weights_held
-from qconv.runtime import run, session
+from qconv.runtime import default_threads, run, session
 
 
 def activation_tensors(model: onnx.ModelProto, bodies: bool = True) -> list[str]:
@@ -89,21 +93,112 @@ def collect(
     momentum: float = DEFAULT_MOMENTUM,
     names: list[str] | None = None,
     groups: list[list[str]] | None = None,
+    samples: int = DEFAULT_SAMPLES,
 ) -> tuple[dict[str, TensorObserver], int]:
     """Observers for ``names`` (default: every float activation), and the number of feeds seen.
 
-    ``groups`` (from ``memory_groups``) observes the tensors a group per pass over the data, so the exposed
-    activations stay within a memory budget; observers see the same batches in the same order either way, so
-    the statistics are identical."""
+    With ``samples`` > 0 (the default) the statistics are computed inside onnxruntime (qconv.calib.ingraph) on the
+    tensors that do not follow exactly from another one (qconv.calib.derive), in one pass, and the histograms count
+    a strided sample of at most about ``samples`` values per tensor and batch. With ``samples`` 0 every value of every
+    tensor leaves onnxruntime and is counted: ``groups`` (from ``memory_groups``) then observes the tensors a group
+    per pass over the data, so the exposed activations stay within a memory budget (observers see the same batches
+    in the same order either way, so the statistics are identical)."""
     names = activation_tensors(model) if names is None else names
     model, renamed = _promoted(model, names)
-    observers: dict[str, TensorObserver] = {}
-    seen = 0
-    for group in groups or [names]:
-        group = [renamed.get(n, n) for n in group]
-        got, seen = _collect_group(model, feeds, threads, progress, bins, momentum, group)
-        observers.update(got)
+    lifted = [renamed.get(n, n) for n in names]
+    if samples > 0 and ingraph.supported(model):
+        observers, seen = _collect_reduced(model, feeds, threads, progress, bins, momentum, lifted, samples)
+    else:
+        observers, seen = {}, 0
+        for group in groups or [names]:
+            group = [renamed.get(n, n) for n in group]
+            got, seen = _collect_group(model, feeds, threads, progress, bins, momentum, group, samples)
+            observers.update(got)
     return {n: observers[renamed.get(n, n)] for n in names}, seen
+
+
+class _Held(Exception):
+    """Tensors whose batch held inf or NaN: observed in full on the next attempt."""
+
+    def __init__(self, tensors: set[str]):
+        super().__init__(f"{len(tensors)} tensors held inf/NaN")
+        self.tensors = tensors
+
+
+def _collect_reduced(model, feeds, threads, progress, bins, momentum, names, samples) -> tuple[dict[str, TensorObserver], int]:
+    """One pass with the statistics in the graph. A tensor whose values were not all finite in some batch (attention
+    masks: -inf), and the tensors derived from it, are then observed in full, from the first batch again, so every
+    tensor's statistics are those of all its batches, made one way."""
+    chains = derive.chains(model, names)
+    full: set[str] = set()
+    while True:
+        try:
+            return _reduced_pass(model, feeds, threads, progress, bins, momentum, names, chains, full, samples)
+        except _Held as held:
+            full |= held.tensors
+
+
+def _reduced_pass(model, feeds, threads, progress, bins, momentum, names, chains, full, samples):
+    inputs = {i.name for i in model.graph.input}
+    derived = {t: c for t, c in chains.items() if t not in full and c[0] not in full}
+    roots = [n for n in names if n not in derived]
+    given = [n for n in roots if n in inputs]
+    graph = ingraph.StatsGraph(model, [n for n in roots if n not in inputs and n not in full],
+                               [n for n in roots if n not in inputs and n in full], samples)
+    sess = session(graph.model, threads or default_threads(), by_priority=True)
+    fetch = graph.outputs()
+    observers = {n: TensorObserver(bins=bins, momentum=momentum) for n in names}
+    followers: dict[str, list] = {}
+    for t, (root, steps) in derived.items():
+        followers.setdefault(root, []).append((t, steps))
+
+    def observe(index: int, feed: dict, fetched: list) -> None:
+        batches = graph.read(fetched)
+        for name in given:
+            batches[name] = ingraph.batch_of(feed[name], samples)
+        held = set()
+        for root, b in batches.items():
+            if b is None:
+                held |= {root} | {t for t, _ in followers.get(root, [])}
+                continue
+            observers[root].add(b.count, b.nonfinite, b.lo, b.hi, b.values, index)
+            for t, steps in followers.get(root, []):
+                lo, hi = derive.extremes(steps, b.lo, b.hi) if b.count else (0.0, 0.0)
+                if b.nonfinite or not (np.isfinite(lo) and np.isfinite(hi)):
+                    held.add(t)
+                    continue
+                observers[t].add(b.count, 0, lo, hi, derive.values(steps, b.values), index)
+        if held:
+            raise _Held(held)
+
+    # Inline, not on a second thread: onnxruntime's threads use every core here and spin between kernels, and the
+    # statistics left to fold are a few per cent of a batch's time (on 2 cores a second thread made the pass slower).
+    return observers, _stream(sess, feeds, fetch, observe, progress, overlap=False)
+
+
+def _stream(sess, feeds, fetch: list[str], observe, progress, overlap: bool = True) -> int:
+    """Run every feed, handing each batch's outputs to ``observe``, in order. With ``overlap``, on a second thread while
+    onnxruntime runs the next batch (numpy and onnxruntime both release the GIL): at most two batches are alive."""
+    seen = 0
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = None
+        # Each batch's index in the whole data set orders the moving averages, so shards merge exactly.
+        for index, feed in (feeds.indexed() if hasattr(feeds, "indexed") else enumerate(feeds)):
+            values = run(sess, feed, fetch)
+            if pending is not None:
+                pending.result()
+            if overlap:
+                pending = pool.submit(observe, index, feed, values)
+            else:
+                observe(index, feed, values)
+            seen += 1
+            if progress:
+                progress(1)
+        if pending is not None:
+            pending.result()
+    if seen == 0:
+        raise QconvError("no calibration samples: the data set is empty")
+    return seen
 
 
 def _promoted(model: onnx.ModelProto, names: list[str]) -> tuple[onnx.ModelProto, dict[str, str]]:
@@ -121,44 +216,31 @@ def _promoted(model: onnx.ModelProto, names: list[str]) -> tuple[onnx.ModelProto
     return m, {full: out for out, full in lifted.items()}
 
 
-def memory_groups(model: onnx.ModelProto, feeds: Iterable[dict], names: list[str], max_memory: int) -> list[list[str]]:
-    """``names`` cut so one pass holds at most ``max_memory`` bytes of exposed activations (two feeds alive)."""
+def memory_groups(model: onnx.ModelProto, feeds: Iterable[dict], names: list[str], max_memory: int,
+                  samples: int = DEFAULT_SAMPLES) -> list[list[str]]:
+    """``names`` cut so one pass holds at most ``max_memory`` bytes of exposed activations (two feeds alive). Statistics
+    computed in the graph (``samples`` > 0) expose almost nothing: one pass."""
     first = next(iter(feeds), None)
     if first is None:
         raise QconvError("no calibration samples: the data set is empty")
+    if samples > 0 and ingraph.supported(model):
+        return [list(names)]
     return groups_within(names, tensor_bytes(model, first, names), max(1, max_memory // 2))
 
 
-def _collect_group(model, feeds, threads, progress, bins, momentum, names) -> tuple[dict[str, TensorObserver], int]:
+def _collect_group(model, feeds, threads, progress, bins, momentum, names, samples) -> tuple[dict[str, TensorObserver], int]:
     # One core is left to the statistics thread unless the caller says otherwise.
     sess = session(expose(model, {n: onnx.TensorProto.FLOAT for n in names}), threads or max(1, (os.cpu_count() or 2) - 1))
     outputs = [o.name for o in sess.get_outputs()]
-    wanted = [n for n in outputs if n in set(names)]
     inputs = [n for n in names if n in {i.name for i in sess.get_inputs()}]
+    wanted = [n for n in outputs if n in set(names) and n not in inputs]  # an input is observed from the feed, once
     observers = {n: TensorObserver(bins=bins, momentum=momentum) for n in names}
 
     def observe(index: int, feed: dict, values: list) -> None:
         for name in inputs:
             observers[name].update(np.asarray(feed[name], dtype=np.float32), index)
         for name, value in zip(wanted, values):
-            observers[name].update(np.asarray(value), index)
+            value = np.asarray(value)
+            observers[name].update(value, index, ingraph.sample_step(value.size, samples))
 
-    # Statistics of batch k are computed while onnxruntime runs batch k + 1 (numpy and onnxruntime both
-    # release the GIL): at most two batches of activations are alive, and observers see batches in order.
-    seen = 0
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = None
-        # Each batch's index in the whole data set orders the moving averages, so shards merge exactly.
-        for index, feed in (feeds.indexed() if hasattr(feeds, "indexed") else enumerate(feeds)):
-            values = run(sess, feed, wanted)
-            if pending is not None:
-                pending.result()
-            pending = pool.submit(observe, index, feed, values)
-            seen += 1
-            if progress:
-                progress(1)
-        if pending is not None:
-            pending.result()
-    if seen == 0:
-        raise QconvError("no calibration samples: the data set is empty")
-    return observers, seen
+    return observers, _stream(sess, feeds, wanted, observe, progress)

@@ -158,27 +158,41 @@ class TensorObserver:
         if self.hist is None and self.bins:
             self.hist = Histogram(self.bins)
 
-    def update(self, x: np.ndarray, index: int | None = None) -> None:
-        """Fold one batch in; ``index`` is its position in the whole data set (default: the next one)."""
+    def update(self, x: np.ndarray, index: int | None = None, sample_step: int = 1) -> None:
+        """Fold one batch in; ``index`` is its position in the whole data set (default: the next one). The histogram
+        counts every ``sample_step``-th value of the flattened batch (1: every value)."""
         if x.size == 0:
             return
         x = np.asarray(x, dtype=np.float32)
-        self.count += int(x.size)
         lo, hi = float(x.min()), float(x.max())
+        nonfinite = 0
         if not (math.isfinite(lo) and math.isfinite(hi)):  # NaN propagates; +-inf from masks: filter
-            finite = x[np.isfinite(x)]
-            self.nonfinite += int(x.size - finite.size)
-            x = finite
-            if x.size == 0:
+            finite = np.isfinite(x)
+            nonfinite = int(x.size - np.count_nonzero(finite))
+            if nonfinite == x.size:
+                self.count += int(x.size)
+                self.nonfinite += nonfinite
                 return
-            lo, hi = float(x.min()), float(x.max())
+            lo, hi = float(x[finite].min()), float(x[finite].max())
+        values = x.reshape(-1)[::sample_step] if sample_step > 1 else x
+        if nonfinite:
+            values = values[np.isfinite(values)]
+        self.add(int(x.size), nonfinite, lo, hi, values, index)
+
+    def add(self, count: int, nonfinite: int, lo: float, hi: float, values: np.ndarray, index: int | None = None) -> None:
+        """Fold one batch in from its statistics: ``count`` elements, ``nonfinite`` of them inf/NaN, finite extremes
+        ``lo``/``hi``, and the finite ``values`` the histogram counts (all of them, or a sample within [lo, hi])."""
+        self.count += count
+        self.nonfinite += nonfinite
+        if count == nonfinite:
+            return
         self.min, self.max = min(self.min, lo), max(self.max, hi)
         self.ema_min, self.ema_max = _ema_step(self.ema_min, self.ema_max, lo, hi, self.momentum)
         if self.extremes is not None:
             self.extremes.append((self.extremes[-1][0] + 1 if index is None and self.extremes else index or 0, lo, hi))
         self.batches += 1
-        if self.hist is not None:
-            self.hist.add(x, lo, hi)
+        if self.hist is not None and values.size:
+            self.hist.add(values, lo, hi)
 
     @property
     def seen_finite(self) -> bool:

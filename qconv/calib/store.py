@@ -36,10 +36,12 @@ class Record:
     equalize: bool = False  # the model was calibrated after cross-layer equalization
     percentile: float | None = None
     row_shapes: dict | None = None  # input -> shape of the first row: what a model is timed on (qconv.plan.kernels)
+    hist_samples: int = 0  # histogram values per tensor and batch (0: every value; qconv.calib.ingraph)
 
     def to_dict(self) -> dict:
         d = {"method": self.method, "bins": self.bins, "momentum": self.momentum, "batch_size": self.batch_size,
-             "samples": self.samples, "shard": f"{self.shard[0]}/{self.shard[1]}", "tensors": self.tensors}
+             "samples": self.samples, "shard": f"{self.shard[0]}/{self.shard[1]}", "tensors": self.tensors,
+             "hist_samples": self.hist_samples}
         if self.shards is not None:
             d["shards"] = self.shards
         if self.equalize:

@@ -65,11 +65,14 @@ def data_options(fn):
     fn = click.option("--executor", default=None, metavar="local|local:N|dask://HOST:PORT",
                       help="Run calibration shards on Dask: local:N starts N worker processes here (pip install 'qconv[dask]').")(fn)
     fn = click.option("--max-memory", default="1GB", show_default=True, metavar="SIZE", callback=lambda ctx, p, v: parse_size(v),
-                      help="Activation memory one calibration pass may hold; beyond it tensors are observed over several passes.")(fn)
+                      help="Activation memory one calibration pass may hold with --hist-samples 0; beyond it tensors are observed over several passes.")(fn)
     fn = click.option("--cast-data", is_flag=True,
                       help="Use integer data for float inputs as it is (by default refused: un-normalized pixels are a classic mistake).")(fn)
     fn = click.option("--momentum", type=click.FloatRange(0.0, 1.0, min_open=True), default=DEFAULT_MOMENTUM, show_default=True,
                       help="Weight of each batch in the moving-average method.")(fn)
+    fn = click.option("--hist-samples", type=click.IntRange(min=0), default=None, metavar="N",
+                      help="Histogram values per tensor and batch, a strided sample (default 16384; 0 counts every value, "
+                           "the default when --method is percentile, entropy or mse). Min/max are always exact.")(fn)
     fn = click.option("--bins", type=click.IntRange(min=128, max=65536), default=DEFAULT_BINS, show_default=True,
                       help="Histogram bins per tensor (memory per tensor is O(bins), whatever the samples).")(fn)
     fn = click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
@@ -203,7 +206,8 @@ def config_from(kwargs: dict) -> QuantConfig:
 
 def calib_options_from(kwargs: dict) -> CalibOptions:
     """Pop the ``data_options`` (and read --threads) into the options of calibration."""
-    k = {name: kwargs.pop(name) for name in ("batch_size", "samples", "bins", "momentum", "cast_data", "max_memory", "executor", "shards")}
+    k = {name: kwargs.pop(name) for name in ("batch_size", "samples", "bins", "momentum", "cast_data", "max_memory", "executor", "shards",
+                                        "hist_samples")}
     return CalibOptions(threads=kwargs.get("threads"), **k)
 
 

@@ -49,9 +49,10 @@ def run_calibrate(job: CalibrateJob, progress=pipeline.no_progress):
     o = job.options
     sharded = distributed.parse_executor(o.executor).distributed or o.shards
     source = pipeline.feeds_for(prepared, job.data, o.batch_size, o.samples, job.shard, o.cast_data)
+    samples = o.samples_for(job.method)
     options = pipeline.calibration_record(source, job.method, o.bins, o.momentum, tensors="all" if job.all_tensors else "planned",
                                           shards=(o.shards or distributed.DEFAULT_SHARDS) if sharded else None,
-                                          equalize=job.equalize, percentile=job.percentile).to_dict()
+                                          equalize=job.equalize, percentile=job.percentile, hist_samples=samples).to_dict()
     data_id = source.identity()
     if job.out.exists():
         try:
@@ -64,10 +65,11 @@ def run_calibrate(job: CalibrateJob, progress=pipeline.no_progress):
         names = activation_tensors(prepared.model)
         if not job.all_tensors:
             names = calibration_targets(prepared.model, config, names)
-        calib = sharded_calibration(prepared, job.data, source, names, config.per_channel, job.method, o, progress, job.equalize)
+        calib = sharded_calibration(prepared, job.data, source, names, config.per_channel, job.method, o, progress, job.equalize,
+                                    samples)
     else:
         calib = pipeline.calibrate(prepared, source, o.threads, progress, job.method, o.bins, o.momentum,
-                                   None if job.all_tensors else config, None, o.max_memory)
+                                   None if job.all_tensors else config, None, o.max_memory, hist_samples=samples)
     calib.options = options
     io.write_json(calib.to_dict(), job.out)
     return calib

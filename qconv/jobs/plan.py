@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qconv import distributed, io, pipeline
+from qconv.calib import ingraph
 from qconv.calib.collect import activation_tensors
+from qconv.calib.ingraph import DEFAULT_SAMPLES
 from qconv.calib.observers import DEFAULT_BINS, DEFAULT_MOMENTUM
 from qconv.calib.ranges import DEFAULT_METHOD
 from qconv.data import FeedSource
@@ -34,11 +36,17 @@ class CalibOptions:
     max_memory: int = 1 << 30  # bytes of exposed activations one calibration pass may hold
     executor: str | None = None  # local | local:N | dask://HOST:PORT (shards as tasks on Dask)
     shards: int | None = None  # with a distributed executor: how many shards (default 16, whatever the workers)
+    hist_samples: int | None = None  # histogram values per tensor and batch (None: by the range method; 0: every value)
+
+    def samples_for(self, method: str | None) -> int:
+        return ingraph.samples_for(self.hist_samples, method)
 
     def check(self) -> None:
         ex = distributed.parse_executor(self.executor)
         if self.shards is not None and self.shards < 1:
             raise UsageError("--shards must be at least 1")
+        if self.hist_samples is not None and self.hist_samples < 0:
+            raise UsageError("--hist-samples must be 0 (every value) or more")
         if (ex.distributed or self.shards) and self.samples is not None:
             raise UsageError("--samples cannot be combined with --executor/--shards (each shard reads its own feeds): "
                              "give the rows to calibrate on as the data")
@@ -115,13 +123,14 @@ def statistics(job: PlanJob, prepared: pipeline.Prepared, overrides: Overrides, 
     if distributed.parse_executor(o.executor).distributed or o.shards:
         names = calibration_targets(prepared.model, job.effective(None), activation_tensors(prepared.model), overrides)
         return sharded_calibration(prepared, job.data, source, names, job.config.per_channel, job.method, o, progress,
-                                   job.config.equalize)
+                                   job.config.equalize, o.samples_for(job.effective(None).method))
+    config = job.effective(None)
     return pipeline.calibrate(prepared, source, o.threads, progress, job.method, o.bins, o.momentum,
-                              job.effective(None), overrides, o.max_memory, job.config.equalize)
+                              config, overrides, o.max_memory, job.config.equalize, o.samples_for(config.method))
 
 
 def sharded_calibration(prepared: pipeline.Prepared, data: Path, source: FeedSource, names: list[str], per_channel: bool,
-                        method: str, o: CalibOptions, progress, equalize: bool = False):
+                        method: str, o: CalibOptions, progress, equalize: bool = False, hist_samples: int = DEFAULT_SAMPLES):
     """Calibration of ``names`` as shard tasks on the executor, merged in shard order (see qconv.distributed)."""
     from qconv.calib.store import Calibration, merge_tensors
 
@@ -129,13 +138,13 @@ def sharded_calibration(prepared: pipeline.Prepared, data: Path, source: FeedSou
     shards = o.shards or distributed.DEFAULT_SHARDS
     data_id = source.identity()  # once, here: workers never hash the data
     tasks = [(str(prepared.path), str(data), per_channel, o.batch_size, (k, shards), o.bins, o.momentum, names, o.max_memory,
-              o.cast_data, equalize) for k in range(shards)]
+              o.cast_data, equalize, hist_samples) for k in range(shards)]
     parts = distributed.run_tasks(executor, distributed.calibrate_shard, tasks, "calibrating shards", progress)
     seen = sum(p["seen"] for p in parts)
     if seen == 0:
         raise QconvError("no calibration samples: the data set is empty")
     observers = merge_tensors([p["tensors"] for p in parts])
-    record = pipeline.calibration_record(source, method, o.bins, o.momentum, shards=shards, equalize=equalize)
+    record = pipeline.calibration_record(source, method, o.bins, o.momentum, shards=shards, equalize=equalize, hist_samples=hist_samples)
     return Calibration(prepared.model_id, data_id, seen, record.to_dict(), {n: observers[n] for n in names if n in observers})
 
 

@@ -1,0 +1,147 @@
+"""Tensors whose statistics follow exactly from another tensor's: calibration observes the one and computes the rest.
+
+A tensor made from another by a copy (Reshape, Transpose, Squeeze, ...) holds the same values; one made by a monotone
+elementwise op with constant operands (Relu, Clip, Neg, LeakyRelu, Add/Sub/Mul/Div by a float scalar) holds f(x) for
+each value x, and f maps the extremes of x to its own extremes (swapped when f decreases). Every such f is one IEEE
+float32 operation per step (a rounded add, multiply or divide, a comparison), which onnxruntime computes the same way,
+so the derived extremes and the derived histogram sample are bit-identical to what observing the tensor would give.
+
+Observing fewer tensors is most of what makes calibration cheap: an observed tensor is read again after it is made,
+and the chains of scalar ops a hard-swish or a normalization makes (x + 3, clip, / 6) can then no longer run in place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from qconv.graph import Graph, attr
+
+COPIES = frozenset({"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity"})
+_ARITH = {"Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div"}
+
+
+@dataclass(frozen=True)
+class Step:
+    """One exact elementwise op: ``op`` in copy, add, sub, rsub (c - x), mul, div, clip, relu, neg, leaky."""
+
+    op: str
+    a: float = 0.0  # the constant (clip: the low bound; leaky: alpha)
+    b: float = 0.0  # clip: the high bound
+
+    def apply(self, x):
+        """f(x) in float32, elementwise (``x`` an array or a float32 scalar)."""
+        a, b = np.float32(self.a), np.float32(self.b)
+        x = np.asarray(x, dtype=np.float32)
+        if self.op == "copy":
+            return x
+        if self.op == "add":
+            return x + a
+        if self.op == "sub":
+            return x - a
+        if self.op == "rsub":
+            return a - x
+        if self.op == "mul":
+            return x * a
+        if self.op == "div":
+            return x / a
+        if self.op == "clip":
+            return np.minimum(np.maximum(x, a), b)
+        if self.op == "relu":
+            return np.maximum(x, np.float32(0))
+        if self.op == "neg":
+            return -x
+        if self.op == "leaky":
+            return np.where(x >= 0, x, x * a)
+        raise ValueError(f"unknown step {self.op}")
+
+    @property
+    def decreasing(self) -> bool:
+        return self.op in ("rsub", "neg") or (self.op in ("mul", "div") and self.a < 0)
+
+
+def extremes(steps: tuple[Step, ...], lo: float, hi: float) -> tuple[float, float]:
+    """The extremes of f(x) for x with extremes ``lo``, ``hi`` (f = the steps in order)."""
+    a, b = np.float32(lo), np.float32(hi)
+    for s in steps:
+        a, b = s.apply(a), s.apply(b)
+        if s.decreasing:
+            a, b = b, a
+    return float(a), float(b)
+
+
+def values(steps: tuple[Step, ...], x: np.ndarray) -> np.ndarray:
+    for s in steps:
+        x = s.apply(x)
+    return x
+
+
+def _scalar(g: Graph, name: str) -> float | None:
+    """The value of a float32 constant holding one element, else None."""
+    if not name or not g.is_constant(name) or g.initializers[name].data_type != onnx.TensorProto.FLOAT:
+        return None
+    a = g.array(name)
+    return float(a.reshape(-1)[0]) if a.size == 1 else None
+
+
+def step_of(node: onnx.NodeProto, g: Graph) -> tuple[str, Step] | None:
+    """(the input it reads, the step) when ``node``'s float output is an exact monotone function of one input."""
+    op, ins = node.op_type, list(node.input)
+    if len(node.output) != 1 or not ins or not ins[0]:
+        return None
+    if op in COPIES:
+        return ins[0], Step("copy")
+    if op == "Relu":
+        return ins[0], Step("relu")
+    if op == "Neg":
+        return ins[0], Step("neg")
+    if op == "LeakyRelu":
+        alpha = float(attr(node, "alpha", 0.01))
+        return (ins[0], Step("leaky", alpha)) if alpha >= 0 else None
+    if op == "Clip":
+        if len(ins) > 1 or any(a.name in ("min", "max") for a in node.attribute):
+            lo = _scalar(g, ins[1]) if len(ins) > 1 and ins[1] else attr(node, "min", -np.inf)
+            hi = _scalar(g, ins[2]) if len(ins) > 2 and ins[2] else attr(node, "max", np.inf)
+            if lo is None or hi is None:
+                return None
+            return ins[0], Step("clip", float(lo), float(hi))
+        return ins[0], Step("copy")
+    if op in _ARITH and len(ins) == 2:
+        first, second = _scalar(g, ins[0]), _scalar(g, ins[1])
+        if second is not None and first is None:
+            return ins[0], Step(_ARITH[op], second)
+        if first is not None and second is None and op in ("Add", "Mul"):
+            return ins[1], Step(_ARITH[op], first)
+        if first is not None and second is None and op == "Sub":
+            return ins[1], Step("rsub", first)
+    return None
+
+
+def chains(model: onnx.ModelProto, names: list[str]) -> dict[str, tuple[str, tuple[Step, ...]]]:
+    """For each of ``names`` (float tensors of the main graph) that follows exactly from another of them, or from a
+    tensor such a chain starts at: name -> (the observed tensor it follows from, the steps in order). The tensors not
+    in the result are the ones to observe. Each target is resolved only through tensors observed or derived anyway,
+    so deriving never adds an observation (a Conv output a Relu absorbs stays unobserved, and fused)."""
+    g = Graph(model)
+    have = {}  # tensor -> (root, steps): observed roots map to themselves
+    wanted = set(names)
+    out = {}
+    order = {o: k for k, node in enumerate(model.graph.node) for o in node.output}
+    for name in sorted(wanted, key=lambda n: order.get(n, -1)):
+        path, t = [], name
+        while t not in have:
+            node = g.producer.get(t)
+            found = step_of(node, g) if node is not None and g.is_float(t) else None
+            if found is None or not g.is_float(found[0]):
+                break
+            t, step = found
+            path.append(step)
+        if t in have and path:
+            root, steps = have[t]
+            out[name] = (root, steps + tuple(reversed(path)))
+            have[name] = out[name]
+        else:
+            have[name] = (name, ())
+    return out

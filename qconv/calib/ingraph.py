@@ -1,0 +1,202 @@
+"""Statistics computed inside onnxruntime: the calibration graph reduces each observed tensor where it is made.
+
+For each observed tensor the graph gains, next to its producer: per-channel ReduceMin, ReduceMax and ReduceSum (the
+sum is there to see inf and NaN, which onnxruntime's min and max skip), its Size, and every s-th value of it in
+flattened order (s = ceil(size / samples), made odd so that it cannot fall in step with an even width or channel
+count; s = 1 when ``samples`` is 0 or the tensor is small). Only these few numbers and the sample leave onnxruntime,
+and with priority-based node order each reduction runs while its tensor is in cache, after which the tensor is freed:
+calibration runs at about the cost of one float pass, and holds about what inference holds.
+
+The per-channel partial results are reduced again in numpy: a min of mins is exact, so the extremes are the ones a
+full read of the tensor gives. A tensor whose batch held inf or NaN is reported as such (``None``), and the caller
+observes it in full instead (qconv.calib.collect).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from qconv.graph import Graph, ai_onnx_opset, weights_held
+
+DEFAULT_SAMPLES = 16384  # histogram values per observed tensor per batch (0: every value)
+MIN_OPSET = 13  # ReduceSum's axes input, Slice's steps input
+
+
+HISTOGRAM_METHODS = ("percentile", "entropy", "mse")
+
+
+def samples_for(asked: int | None, method: str | None) -> int:
+    """Histogram values per tensor and batch: as asked, else every value when the run's range method reads the
+    histogram's tails (a sample's 99.999th percentile is its largest value), else a sample."""
+    if asked is not None:
+        return asked
+    return 0 if method in HISTOGRAM_METHODS else DEFAULT_SAMPLES
+
+
+def sample_step(size: int, samples: int) -> int:
+    """Every how many values (flattened order) the histogram counts: odd, and 1 for ``samples`` 0 or small tensors."""
+    if samples <= 0 or size <= samples:
+        return 1
+    s = -(-size // samples)
+    return s + 1 - s % 2
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One batch of one tensor: what an observer folds in (TensorObserver.add)."""
+
+    count: int
+    nonfinite: int
+    lo: float
+    hi: float
+    values: np.ndarray  # the finite values the histogram counts
+
+
+def batch_of(x: np.ndarray, samples: int) -> Batch:
+    """A Batch from the full tensor (graph inputs, and tensors observed in full)."""
+    x = np.asarray(x, dtype=np.float32)
+    if x.size == 0:
+        return Batch(0, 0, 0.0, 0.0, x.reshape(-1))
+    lo, hi = float(x.min()), float(x.max())
+    nonfinite = 0
+    values = x.reshape(-1)[::sample_step(x.size, samples)]
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        finite = np.isfinite(x)
+        nonfinite = int(x.size - np.count_nonzero(finite))
+        if nonfinite == x.size:
+            return Batch(int(x.size), nonfinite, 0.0, 0.0, x.reshape(-1)[:0])
+        lo, hi = float(x[finite].min()), float(x[finite].max())
+        values = values[np.isfinite(values)]
+    return Batch(int(x.size), nonfinite, lo, hi, values)
+
+
+@dataclass(frozen=True)
+class _Probe:
+    lo: str
+    hi: str
+    total: str
+    size: str
+    sample: str
+
+
+class StatsGraph:
+    """``model`` with statistics of ``reduced`` computed in the graph and ``full`` exposed as they are."""
+
+    def __init__(self, model: onnx.ModelProto, reduced: list[str], full: list[str], samples: int):
+        self.samples = samples
+        self.full = list(full)
+        self.model = onnx.ModelProto()
+        self.model.CopyFrom(model)
+        ranks = _ranks(self.model)
+        g = Graph(self.model)
+        opset = ai_onnx_opset(self.model)
+        consts = self._constants(g, samples)
+        nodes_after: dict[int, list] = {}
+        position = {o: k for k, node in enumerate(self.model.graph.node) for o in node.output}
+        self.probes: dict[str, _Probe] = {}
+        outputs = []
+        for name in reduced:
+            probe = _Probe(*(g.unique(f"qconv_calib/{name}/{part}") for part in ("min", "max", "sum", "size", "sample")))
+            self.probes[name] = probe
+            nodes_after.setdefault(position.get(name, -1), []).extend(_probe_nodes(name, probe, ranks.get(name), opset, consts, g))
+            outputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in (probe.lo, probe.hi, probe.total, probe.sample)]
+            outputs.append(helper.make_tensor_value_info(probe.size, TensorProto.INT64, []))
+        have = {o.name for o in self.model.graph.output}
+        outputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in self.full if n not in have]
+        ordered = list(nodes_after.get(-1, []))
+        for k, node in enumerate(self.model.graph.node):
+            ordered.append(node)
+            ordered.extend(nodes_after.get(k, []))
+        del self.model.graph.node[:]
+        self.model.graph.node.extend(ordered)
+        self.model.graph.output.extend(outputs)
+
+    def _constants(self, g: Graph, samples: int) -> dict[str, str]:
+        k = samples if samples > 0 else 1 << 62  # 0: every value (s = 1)
+        values = {"flat": np.array([-1], np.int64), "zero": np.array([0], np.int64), "k": np.array(k, np.int64),
+                  "k1": np.array(k - 1, np.int64), "one": np.array(1, np.int64), "two": np.array(2, np.int64)}
+        names = {}
+        for key, value in values.items():
+            names[key] = g.unique(f"qconv_calib/{key}")
+            self.model.graph.initializer.append(numpy_helper.from_array(value, names[key]))
+        return names
+
+    def outputs(self) -> list[str]:
+        """The session outputs to fetch, in the order ``read`` takes them."""
+        out = []
+        for p in self.probes.values():
+            out += [p.lo, p.hi, p.total, p.size, p.sample]
+        return out + self.full
+
+    def read(self, fetched: list) -> dict[str, Batch | None]:
+        """Each tensor's Batch from the fetched outputs; None for a reduced tensor whose batch held inf or NaN."""
+        out: dict[str, Batch | None] = {}
+        k = 0
+        for name in self.probes:
+            lo, hi, total, size, sample = fetched[k:k + 5]
+            k += 5
+            n = int(size)
+            if n == 0:
+                out[name] = Batch(0, 0, 0.0, 0.0, np.zeros(0, np.float32))
+                continue
+            lo, hi = float(np.min(lo)), float(np.max(hi))
+            if not (np.isfinite(lo) and np.isfinite(hi) and np.isfinite(total).all()):
+                out[name] = None
+                continue
+            out[name] = Batch(n, 0, lo, hi, np.asarray(sample, dtype=np.float32).reshape(-1))
+        for name, value in zip(self.full, fetched[k:]):
+            out[name] = batch_of(value, self.samples)
+        return out
+
+
+def _ranks(model: onnx.ModelProto) -> dict[str, int]:
+    """Rank of each tensor onnx's shape inference can tell (for the per-channel reductions)."""
+    try:
+        with weights_held(model):
+            inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception:  # noqa: BLE001 - unknown ranks reduce over every axis
+        return {}
+    g = inferred.graph
+    return {vi.name: len(vi.type.tensor_type.shape.dim) for vi in list(g.value_info) + list(g.input) + list(g.output)
+            if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape")}
+
+
+def _probe_nodes(name: str, p: _Probe, rank: int | None, opset: int, c: dict, g: Graph) -> list:
+    """Per-channel min, max and sum (axis 1 kept: onnxruntime splits such reductions over its threads, where a
+    reduction to one number runs on one), the size, and the strided sample."""
+    axes = [0] + list(range(2, rank)) if rank and rank >= 3 else ([1] if rank == 2 else None)
+    nodes = []
+    axes_name = None
+    if axes is not None:
+        axes_name = g.unique(f"qconv_calib/{name}/axes")
+        nodes.append(helper.make_node("Constant", [], [axes_name], value=numpy_helper.from_array(np.array(axes, np.int64))))
+    for op, out in (("ReduceMin", p.lo), ("ReduceMax", p.hi), ("ReduceSum", p.total)):
+        if axes is None:
+            nodes.append(helper.make_node(op, [name], [out], keepdims=0))
+        elif op == "ReduceSum" or opset >= 18:
+            nodes.append(helper.make_node(op, [name, axes_name], [out], keepdims=0))
+        else:
+            nodes.append(helper.make_node(op, [name], [out], keepdims=0, axes=axes))
+    t = {k: g.unique(f"qconv_calib/{name}/{k}") for k in ("flat", "a", "s", "odd", "s1", "n1")}
+    nodes += [
+        helper.make_node("Size", [name], [p.size]),
+        helper.make_node("Reshape", [name, c["flat"]], [t["flat"]]),
+        # s = ceil(n / k); s += 1 - s % 2 (odd, and 1 for an empty tensor)
+        helper.make_node("Add", [p.size, c["k1"]], [t["a"]]),
+        helper.make_node("Div", [t["a"], c["k"]], [t["s"]]),
+        helper.make_node("Mod", [t["s"], c["two"]], [t["odd"]]),
+        helper.make_node("Sub", [c["one"], t["odd"]], [t["odd"] + "/pad"]),
+        helper.make_node("Add", [t["s"], t["odd"] + "/pad"], [t["s1"] + "/0"]),
+        helper.make_node("Unsqueeze", [t["s1"] + "/0", c["zero"]], [t["s1"]]),
+        helper.make_node("Unsqueeze", [p.size, c["zero"]], [t["n1"]]),
+        helper.make_node("Slice", [t["flat"], c["zero"], t["n1"], c["zero"], t["s1"]], [p.sample]),
+    ]
+    return nodes
+
+
+def supported(model: onnx.ModelProto) -> bool:
+    return ai_onnx_opset(model) >= MIN_OPSET

@@ -1,0 +1,172 @@
+"""Statistics computed inside onnxruntime (qconv.calib.ingraph) and derived along exact elementwise chains
+(qconv.calib.derive): the same extremes, counts and moving averages as reading every value of every tensor."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+from qconv.calib import derive, ingraph
+from qconv.calib.collect import activation_tensors, collect
+from qconv.cli.main import cli
+from qconv.data import FeedSource, InputSpec
+from qconv.graph import expose
+from tests.conftest import make_model
+
+F = TensorProto.FLOAT
+
+
+def _chain_model(opset=17) -> onnx.ModelProto:
+    """Conv -> hard-swish (x * clip(x + 3, 0, 6) / 6) -> Relu -> Reshape -> Transpose, with Sub, rsub, Neg, LeakyRelu,
+    a negative Mul, Div by a scalar, and a Mul of two tensors (observed) along the way."""
+    rng = np.random.default_rng(0)
+    c = lambda v, n: numpy_helper.from_array(np.array(v, np.float32), n)  # noqa: E731
+    inits = [numpy_helper.from_array(rng.normal(0, 0.5, (6, 3, 3, 3)).astype(np.float32), "w"), c(3.0, "three"), c(0.0, "zero"),
+             c(6.0, "six"), c(-0.7, "neg"), c([1.5], "c1"), numpy_helper.from_array(np.array([2, -1], np.int64), "shape")]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["conv"], pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["conv", "three"], ["a3"]),
+        helper.make_node("Clip", ["a3", "zero", "six"], ["clip"]),
+        helper.make_node("Mul", ["conv", "clip"], ["prod"]),  # two tensors: observed
+        helper.make_node("Div", ["prod", "six"], ["hs"]),
+        helper.make_node("Relu", ["hs"], ["relu"]),
+        helper.make_node("Reshape", ["relu", "shape"], ["flat"]),
+        helper.make_node("Transpose", ["flat"], ["tr"], perm=[1, 0]),
+        helper.make_node("Sub", ["hs", "c1"], ["sub"]),
+        helper.make_node("Sub", ["c1", "sub"], ["rsub"]),
+        helper.make_node("Neg", ["rsub"], ["negd"]),
+        helper.make_node("Mul", ["negd", "neg"], ["mneg"]),
+        helper.make_node("LeakyRelu", ["mneg"], ["leaky"], alpha=0.1),
+        helper.make_node("Mul", ["neg", "leaky"], ["mfirst"]),
+        helper.make_node("Add", ["mfirst", "tr_back"], ["sum"]),
+        helper.make_node("Transpose", ["tr"], ["tr_back0"], perm=[1, 0]),
+        helper.make_node("Reshape", ["tr_back0", "shape4"], ["tr_back"]),
+    ]
+    inits.append(numpy_helper.from_array(np.array([2, 6, 8, 8], np.int64), "shape4"))
+    nodes = nodes[:14] + nodes[15:] + [nodes[14]]
+    return onnx.shape_inference.infer_shapes(make_model(  # typed, as qconv's intake leaves a model
+        nodes, [helper.make_tensor_value_info("x", F, [2, 3, 8, 8])], [helper.make_tensor_value_info("sum", F, [2, 6, 8, 8])], inits, opset=opset))
+
+
+def _feeds(model, rows, path):
+    np.save(path, rows)
+    specs = [InputSpec.from_value_info(i) for i in model.graph.input]
+    return FeedSource(path, specs, batch_size=2)
+
+
+def _same(a, b):
+    return (a.min, a.max, a.count, a.nonfinite, a.batches, a.ema_min, a.ema_max, a.extremes) == \
+        (b.min, b.max, b.count, b.nonfinite, b.batches, b.ema_min, b.ema_max, b.extremes)
+
+
+@pytest.mark.parametrize("opset", [13, 18])
+def test_derived_and_reduced_statistics_equal_reading_every_value(opset, tmp_path):
+    model = _chain_model(opset)
+    rows = np.random.default_rng(1).normal(0, 2, (10, 3, 8, 8)).astype(np.float32)
+    names = activation_tensors(model)
+    chains = derive.chains(model, names)
+    # the scalar chains follow from the tensors they start at; the product of two tensors does not
+    assert {"a3", "clip", "hs", "relu", "flat", "tr", "sub", "rsub", "negd", "mneg", "leaky", "mfirst"} <= set(chains)
+    assert chains["clip"] == ("conv", (derive.Step("add", 3.0), derive.Step("clip", 0.0, 6.0)))
+    assert chains["relu"][0] == "prod" and "prod" not in chains and "conv" not in chains
+    fast, seen = collect(model, _feeds(model, rows, tmp_path / 'rows.npy'), names=names)
+    slow, seen2 = collect(model, _feeds(model, rows, tmp_path / 'rows.npy'), names=names, samples=0)
+    assert seen == seen2 == 5
+    for n in names:
+        assert _same(fast[n], slow[n]), n
+    # every value counted (samples 0): the histogram holds them all; a sample holds at most about `samples` a batch
+    assert all(slow[n].hist.counts.sum() == slow[n].count for n in names)
+    small, _ = collect(model, _feeds(model, rows, tmp_path / 'rows.npy'), names=names, samples=64)
+    for n in names:
+        assert _same(small[n], slow[n]), n
+        per_batch = max(1, -(-768 // 64))
+        assert small[n].hist.counts.sum() <= 5 * (768 // (per_batch + 1 - per_batch % 2) + 1)
+
+
+def test_sample_step_is_odd_and_shared_by_numpy_and_the_graph():
+    assert ingraph.sample_step(100, 0) == 1 and ingraph.sample_step(100, 100) == 1
+    assert [ingraph.sample_step(n, 10) for n in (11, 20, 21, 30, 31, 1000)] == [3, 3, 3, 3, 5, 101]
+    x = np.arange(1000, dtype=np.float32)
+    b = ingraph.batch_of(x, 10)
+    assert b.values.tolist() == x[::101].tolist() and (b.lo, b.hi, b.count) == (0.0, 999.0, 1000)
+
+
+@settings(max_examples=80, deadline=None)
+@given(values=st.lists(st.floats(-1e4, 1e4, width=32), min_size=1, max_size=40),
+       c=st.floats(-50, 50, width=32).filter(lambda v: abs(v) > 1e-3),
+       ops=st.lists(st.sampled_from(["add", "sub", "rsub", "mul", "div", "clip", "relu", "neg", "leaky", "copy"]), min_size=1, max_size=4))
+def test_derived_extremes_are_the_extremes_of_the_derived_values(values, c, ops):
+    steps = tuple(derive.Step(op, c if op != "clip" else -abs(c), abs(c)) if op != "leaky" else derive.Step(op, abs(c) / 50) for op in ops)
+    x = np.array(values, np.float32)
+    y = derive.values(steps, x)
+    lo, hi = derive.extremes(steps, float(x.min()), float(x.max()))
+    if np.isfinite(y).all():
+        assert (lo, hi) == (float(y.min()), float(y.max()))
+
+
+def _nonfinite_model():
+    """y = log(x) (-inf at 0, NaN below 0) -> Add 1 -> Relu; z = x * 2 (finite)."""
+    inits = [numpy_helper.from_array(np.array(1.0, np.float32), "one"), numpy_helper.from_array(np.array(2.0, np.float32), "two")]
+    nodes = [helper.make_node("Log", ["x"], ["lg"]), helper.make_node("Add", ["lg", "one"], ["a1"]), helper.make_node("Relu", ["a1"], ["y"]),
+             helper.make_node("Mul", ["x", "two"], ["z0"]), helper.make_node("Sin", ["z0"], ["z"])]
+    return onnx.shape_inference.infer_shapes(make_model(
+        nodes, [helper.make_tensor_value_info("x", F, [None, 16])],
+        [helper.make_tensor_value_info("y", F, None), helper.make_tensor_value_info("z", F, None)], inits))
+
+
+@pytest.mark.parametrize("where", [0, 3])
+def test_a_tensor_holding_inf_or_nan_is_observed_in_full_from_the_first_batch(where, tmp_path):
+    model = _nonfinite_model()
+    rows = np.random.default_rng(2).uniform(0.5, 2.0, (8, 16)).astype(np.float32)
+    rows[where * 2, 3] = 0.0  # log -> -inf, in batch `where`
+    rows[where * 2 + 1, 5] = -1.0  # log -> NaN (onnxruntime's ReduceMin/Max skip it; the sum sees it)
+    names = activation_tensors(model)
+    fast, _ = collect(model, _feeds(model, rows, tmp_path / "rows.npy"), names=names)
+    slow, _ = collect(model, _feeds(model, rows, tmp_path / "rows.npy"), names=names, samples=0)
+    for n in names:
+        assert _same(fast[n], slow[n]), n
+    assert fast["lg"].nonfinite == 2 and fast["a1"].nonfinite == 2 and fast["y"].nonfinite == 1  # relu(NaN) stays NaN
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_calibrate_records_its_histogram_samples_and_counts_every_value_for_tail_methods(tmp_path):
+    model = _chain_model()
+    onnx.save(model, tmp_path / "m.onnx")
+    np.save(tmp_path / "d.npy", np.random.default_rng(3).normal(0, 2, (6, 3, 8, 8)).astype(np.float32))
+    r = invoke("calibrate", tmp_path / "m.onnx", "--data", tmp_path / "d.npy", "-o", tmp_path / "a.json")
+    assert r.exit_code == 0, r.output
+    a = json.loads((tmp_path / "a.json").read_text())
+    assert a["options"]["hist_samples"] == ingraph.DEFAULT_SAMPLES
+    r = invoke("calibrate", tmp_path / "m.onnx", "--data", tmp_path / "d.npy", "-o", tmp_path / "p.json", "--method", "percentile")
+    assert r.exit_code == 0, r.output
+    p = json.loads((tmp_path / "p.json").read_text())
+    assert p["options"]["hist_samples"] == 0
+    for name, t in a["tensors"].items():  # the same extremes either way
+        assert (t["min"], t["max"], t["count"]) == (p["tensors"][name]["min"], p["tensors"][name]["max"], p["tensors"][name]["count"])
+    r = invoke("calibrate", tmp_path / "m.onnx", "--data", tmp_path / "d.npy", "-o", tmp_path / "x.json", "--hist-samples", "-1")
+    assert r.exit_code == 2 and "--hist-samples" in r.output
+
+
+def test_the_calibration_graph_is_a_valid_model_with_the_original_outputs():
+    model = _chain_model()
+    from qconv.runtime import session
+
+    g = ingraph.StatsGraph(model, ["conv", "prod"], ["hs"], 64)
+    sess = session(g.model, by_priority=True)
+    assert [o.name for o in sess.get_outputs()][:1] == ["sum"]  # the model's outputs first, unchanged
+    x = np.random.default_rng(4).normal(0, 1, (2, 3, 8, 8)).astype(np.float32)
+    fetched = sess.run(g.outputs(), {"x": x})
+    got = g.read(fetched)
+    ref = dict(zip(["conv", "prod", "hs"], session(expose(model, {"conv": F, "prod": F, "hs": F})).run(["conv", "prod", "hs"], {"x": x})))
+    for name in ("conv", "prod", "hs"):
+        assert (got[name].lo, got[name].hi, got[name].count) == (float(ref[name].min()), float(ref[name].max()), ref[name].size)
+    step = ingraph.sample_step(ref["conv"].size, 64)
+    assert got["conv"].values.tolist() == ref["conv"].reshape(-1)[::step].tolist()
