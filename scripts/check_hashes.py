@@ -4,6 +4,7 @@
     python scripts/check_hashes.py --ref main~3        # the same in a worktree of another commit: compare
     python scripts/check_hashes.py --json h.json       # keep them; --against h.json compares with a kept set
     python scripts/check_hashes.py --bench             # also the PP-OCRv4 recognizer and detector (downloaded)
+    python scripts/check_hashes.py --contents          # what a file decides, not its records (see content_hash)
 
 Every mode, calibration files and --data, --plan, the QOperator conversion, bias correction, equalization, floors
 and tuning with a budget in trials (deterministic; its trial cache in a fresh directory). Exit 1 when any hash
@@ -95,6 +96,29 @@ def bench_commands(scratch: Path) -> list[tuple[str, list[str]]]:
     ]
 
 
+CONTENTS = False  # --contents: hash what each file decides (see content_hash)
+
+
+def content_hash(path: Path) -> str:
+    """A model's graph without its metadata (which records the calibration file's identity), a plan without its
+    "source", a calibration file's exact statistics (extremes, counts, moving averages) without its histograms and
+    options: equal when a change altered how a file is made or recorded but nothing a quantized model depends on."""
+    import onnx
+
+    if path.suffix == ".onnx":
+        m = onnx.load(str(path))
+        del m.metadata_props[:]
+        m.doc_string = ""
+        return hashlib.sha256(m.SerializeToString(deterministic=True)).hexdigest()
+    d = json.loads(path.read_text())
+    if d.get("schema") == "qconv.calibration":
+        keep = ("min", "max", "count", "nonfinite", "batches", "ema_min", "ema_max")
+        d = {k: {f: t.get(f) for f in keep} for k, t in d["tensors"].items()}
+    elif isinstance(d, dict):
+        d = {k: v for k, v in d.items() if k != "source"}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+
 def run_set(tree: Path, commands, label: str) -> dict[str, str]:
     """Run ``commands`` with ``tree``'s qconv; {name: sha256 of the model written, or "failed (exit N)"}."""
     out: dict[str, str] = {}
@@ -112,7 +136,7 @@ def run_set(tree: Path, commands, label: str) -> dict[str, str]:
             if p.returncode not in (0, 3):  # 3: a gate (tuning's targets) missed, the model is written
                 out[name] = f"failed (exit {p.returncode}): {(p.stderr.strip().splitlines() or [''])[-1][:160]}"
             elif written is not None and written.suffix in (".onnx", ".json"):  # models, calibration files, plans
-                out[name] = hashlib.sha256(written.read_bytes()).hexdigest()
+                out[name] = content_hash(written) if CONTENTS else hashlib.sha256(written.read_bytes()).hexdigest()
             else:
                 out[name] = "ok"
             report = Path(tmp) / f"{name}.report.json"
@@ -130,7 +154,10 @@ def main() -> int:
     ap.add_argument("--against", type=Path, help="a JSON of hashes kept by an earlier run")
     ap.add_argument("--json", type=Path, help="write this tree's hashes here")
     ap.add_argument("--bench", action="store_true", help="also the OCR bench models (downloaded into the bench cache)")
+    ap.add_argument("--contents", action="store_true", help="hash what files decide, not how they are recorded (content_hash)")
     args = ap.parse_args()
+    global CONTENTS
+    CONTENTS = args.contents
     scratch = Path(tempfile.mkdtemp(prefix="qconv-hash-data."))
     commands = COMMANDS + (bench_commands(scratch) if args.bench else [])
     here = run_set(ROOT, commands, "this tree")

@@ -170,3 +170,18 @@ def test_the_calibration_graph_is_a_valid_model_with_the_original_outputs():
         assert (got[name].lo, got[name].hi, got[name].count) == (float(ref[name].min()), float(ref[name].max()), ref[name].size)
     step = ingraph.sample_step(ref["conv"].size, 64)
     assert got["conv"].values.tolist() == ref["conv"].reshape(-1)[::step].tolist()
+
+
+def test_a_tail_method_on_sampled_histograms_is_warned_about(tmp_path):
+    model = _chain_model()
+    onnx.save(model, tmp_path / "m.onnx")
+    np.save(tmp_path / "d.npy", np.random.default_rng(5).normal(0, 2, (6, 3, 8, 8)).astype(np.float32))
+    for tag, extra in (("sampled", []), ("every", ["--method", "percentile"])):
+        r = invoke("calibrate", tmp_path / "m.onnx", "--data", tmp_path / "d.npy", "-o", tmp_path / f"{tag}.json", *extra)
+        assert r.exit_code == 0, r.output
+        r = invoke("quantize", tmp_path / "m.onnx", "--calib", tmp_path / f"{tag}.json", "--method", "percentile", "-o",
+                   tmp_path / f"{tag}.onnx", "--report", tmp_path / f"{tag}.report.json", "--no-latency", "--kernels", "none")
+        assert r.exit_code == 0, r.output
+        warned = [w for w in json.loads((tmp_path / f"{tag}.report.json").read_text())["warnings"] if "histograms of a sample" in w]
+        assert len(warned) == (1 if tag == "sampled" else 0), warned
+        assert "--hist-samples 0" in (warned[0] if warned else "--hist-samples 0")

@@ -3,8 +3,11 @@
 A tensor made from another by a copy (Reshape, Transpose, Squeeze, ...) holds the same values; one made by a monotone
 elementwise op with constant operands (Relu, Clip, Neg, LeakyRelu, Add/Sub/Mul/Div by a float scalar) holds f(x) for
 each value x, and f maps the extremes of x to its own extremes (swapped when f decreases). Every such f is one IEEE
-float32 operation per step (a rounded add, multiply or divide, a comparison), which onnxruntime computes the same way,
-so the derived extremes and the derived histogram sample are bit-identical to what observing the tensor would give.
+float32 operation per step (a rounded add, multiply or divide, a comparison), which onnxruntime's own kernels compute
+the same way, so the derived extremes and histogram sample are bit-identical to what observing the tensor gives
+(tests/test_ingraph.py). Not observing them also lets onnxruntime fuse more of the model (a MatMul with the Div
+after it, a LayerNorm): then the observed tensors themselves are computed as the fused float model computes them,
+which can differ from an unfused run by float rounding.
 
 Observing fewer tensors is most of what makes calibration cheap: an observed tensor is read again after it is made,
 and the chains of scalar ops a hard-swish or a normalization makes (x + 3, clip, / 6) can then no longer run in place.

@@ -175,6 +175,8 @@ HOLDOUT = (4, 5)  # without --eval-data, tuning measures on every fifth feed of 
 def _run_tuned(job: QuantizeJob, prepared: pipeline.Prepared, labels, progress) -> tuple[dict, pipeline.Result]:
     """Calibrate, search the overrides (qconv.tune), then write and report the best model found."""
     pj = job.planning
+    if pj.calib_options.hist_samples is None:  # the search tries clipping methods, which read the histograms' tails
+        pj = dataclasses.replace(pj, calib_options=dataclasses.replace(pj.calib_options, hist_samples=0))
     o = pj.calib_options
     if job.evaluation.data is None:
         # Every fifth feed is held out; with fewer than 10 feeds, every fifth row (feeds of one row each).

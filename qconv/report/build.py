@@ -208,6 +208,12 @@ def warnings(report: dict, float_model) -> list[str]:
                       f"{' ...' if len(slow) > 4 else ''}; --speed-fallback keeps them float when that measures faster")
         out.append(f"the {report['mode']} model is slower than the original on this CPU ({lat['ratio']:.2f}x the time, "
                    f"95% interval {lat['ratio_low']:.2f}-{lat['ratio_high']:.2f}x over {lat['runs']} runs); {advice}")
+    cal = report.get("calibration") or {}
+    sampled = (cal.get("recorded_with") or {}).get("hist_samples")
+    if sampled and cal.get("method") in ("percentile", "entropy"):
+        out.append(f"the {cal['method']} ranges come from histograms of a sample ({sampled} values per tensor and batch), which "
+                   f"cannot place a tail exactly: re-run qconv calibrate with --method {cal['method']} (or --hist-samples 0) "
+                   "to count every value")
     fp16 = report.get("fp16")
     if fp16 and fp16.get("overflow"):
         names = ", ".join(o["tensor"] for o in fp16["overflow"][:5])
