@@ -311,11 +311,12 @@ def print_targets(rows: list[dict], samples: list[int]) -> None:
 FP32_PASS = r"""
 import sys, time, numpy as np, onnxruntime as ort
 sys.path.insert(0, sys.argv[4])
-from qconv.data import FeedSource
-from scripts.benchlib import graph_specs
+from qconv.data import FeedSource, InputSpec
 opts = ort.SessionOptions(); opts.log_severity_level = 3
 s = ort.InferenceSession(sys.argv[1], opts, providers=["CPUExecutionProvider"])
-feeds = list(FeedSource(sys.argv[2], graph_specs(sys.argv[1]), batch_size=int(sys.argv[3])))
+import onnx
+specs = [InputSpec.from_value_info(i) for i in onnx.load(sys.argv[1], load_external_data=False).graph.input]
+feeds = list(FeedSource(sys.argv[2], specs, batch_size=int(sys.argv[3])))
 t = time.perf_counter()
 for f in feeds:
     s.run(None, f)
@@ -339,20 +340,39 @@ quantize_static(sys.argv[1], sys.argv[5], Reader(), quant_format=QuantFormat.QDQ
 """
 
 
+PEAK = r"""
+import atexit, os, runpy, sys
+def _peak():
+    with open(os.environ["BENCH_PEAK_FILE"], "w") as f:
+        f.write(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM:")))
+atexit.register(_peak)
+sys.argv = sys.argv[1:]
+if sys.argv[0] == "-m":
+    sys.argv = sys.argv[1:]
+    runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+else:
+    code = sys.argv[1]
+    sys.argv = ["-c"] + sys.argv[2:]
+    exec(compile(code, "<bench>", "exec"), {"__name__": "__main__"})
+"""
+
+
 def timed(cmd: list[str], env: dict | None = None) -> dict:
-    """Wall seconds and peak RSS (MB) of a child process, from wait4's rusage (the child alone)."""
+    """Wall seconds and peak RSS (MB) of a child Python process: its own VmHWM, written at exit (a forked child's
+    ru_maxrss starts at its parent's size)."""
     import os
     import subprocess
 
+    peak_file = Path(tempfile.mkstemp(prefix="qconv-peak-")[1])
+    env = dict(env or os.environ, BENCH_PEAK_FILE=str(peak_file))
     t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    _, status, usage = os.wait4(p.pid, 0)
+    p = subprocess.run([cmd[0], "-c", PEAK, *cmd[1:]], capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
-    out, err = p.stdout.read(), p.stderr.read()
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        return {"error": (err.strip().splitlines() or [f"exit {code}"])[-1][:200]}
-    return {"wall_s": wall, "peak_mb": usage.ru_maxrss / 1024.0, "stdout": out}
+    if p.returncode != 0:
+        return {"error": (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1][:200]}
+    peak = int(peak_file.read_text()) / 1024.0
+    peak_file.unlink()
+    return {"wall_s": wall, "peak_mb": peak, "stdout": p.stdout}
 
 
 def public_cases(work: Path) -> list[dict]:

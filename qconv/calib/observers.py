@@ -49,6 +49,8 @@ class Histogram:
             span = hi - lo if hi > lo else max(abs(hi), 1e-30)
             self.width = 2.0 ** math.ceil(math.log2(span / (self.bins - 1)))
             self.start = math.floor(lo / self.width)
+        if self.start <= math.floor(lo / self.width) and math.floor(hi / self.width) < self.start + self.bins:
+            return  # already inside the window (most batches): nothing moves
         nz = np.flatnonzero(self.counts)
         while True:
             first = math.floor(lo / self.width)
