@@ -132,11 +132,12 @@ def calibrate_shard(model: str, data: str, per_channel: bool, batch_size: int, s
         return {"seen": 0, "tensors": {}}
     groups = memory_groups(prepared.model, source, names, max_memory, hist_samples)
     observers, seen = collect(prepared.model, source, threads=1, bins=bins, momentum=momentum, names=names, groups=groups,
-                              samples=hist_samples)
+                              samples=hist_samples, cache=_SESSIONS)
     return {"seen": seen, "tensors": observers}
 
 
 _PREPARED: dict = {}  # per worker process: the model of the last job, keyed by path, size, mtime and scheme
+_SESSIONS: dict = {}  # per worker process: that model's calibration graph and session (qconv.calib.collect's cache)
 
 
 def _prepared(model: str, per_channel: bool, equalize: bool = False):
@@ -147,6 +148,7 @@ def _prepared(model: str, per_channel: bool, equalize: bool = False):
     key = (model, st.st_size, st.st_mtime_ns, per_channel, equalize)
     if key not in _PREPARED:
         _PREPARED.clear()  # one model at a time: a worker's memory holds one set of weights
+        _SESSIONS.clear()
         _PREPARED[key] = pipeline.load(Path(model), QuantConfig(per_channel=per_channel, equalize=equalize))
     return _PREPARED[key]
 

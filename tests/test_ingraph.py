@@ -71,7 +71,8 @@ def test_derived_and_reduced_statistics_equal_reading_every_value(opset, tmp_pat
     names = activation_tensors(model)
     chains = derive.chains(model, names)
     # the scalar chains follow from the tensors they start at; the product of two tensors does not
-    assert {"a3", "clip", "hs", "relu", "flat", "tr", "sub", "rsub", "negd", "mneg", "leaky", "mfirst"} <= set(chains)
+    assert {"a3", "clip", "hs", "relu", "flat", "sub", "rsub", "negd", "mneg", "leaky", "mfirst"} <= set(chains)
+    assert "tr" not in chains  # a Transpose permutes the values: observed, so samples never depend on derivation
     assert chains["clip"] == ("conv", (derive.Step("add", 3.0), derive.Step("clip", 0.0, 6.0)))
     assert chains["relu"][0] == "prod" and "prod" not in chains and "conv" not in chains
     fast, seen = collect(model, _feeds(model, rows, tmp_path / 'rows.npy'), names=names)
@@ -185,3 +186,24 @@ def test_a_tail_method_on_sampled_histograms_is_warned_about(tmp_path):
         warned = [w for w in json.loads((tmp_path / f"{tag}.report.json").read_text())["warnings"] if "histograms of a sample" in w]
         assert len(warned) == (1 if tag == "sampled" else 0), warned
         assert "--hist-samples 0" in (warned[0] if warned else "--hist-samples 0")
+
+
+def test_merging_many_shards_folds_the_moving_average_once_and_equals_one_observer():
+    from qconv.calib.observers import TensorObserver
+    from qconv.calib.store import merge_tensors
+
+    rng = np.random.default_rng(6)
+    batches = [rng.normal(k % 3, 1 + k % 4, 200).astype(np.float32) for k in range(24)]
+    whole = TensorObserver(bins=256)
+    for k, x in enumerate(batches):
+        whole.update(x, k)
+    parts = []
+    for s in range(5):  # interleaved shards, as --shards makes them
+        o = TensorObserver(bins=256)
+        for k in range(s, len(batches), 5):
+            o.update(batches[k], k)
+        parts.append({"t": o})
+    merged = merge_tensors(parts)["t"]
+    assert merged.to_dict() == whole.to_dict()
+    assert parts[0]["t"].batches == 5  # the parts are not changed by merging
+

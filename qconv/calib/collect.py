@@ -94,6 +94,7 @@ def collect(
     names: list[str] | None = None,
     groups: list[list[str]] | None = None,
     samples: int = DEFAULT_SAMPLES,
+    cache: dict | None = None,
 ) -> tuple[dict[str, TensorObserver], int]:
     """Observers for ``names`` (default: every float activation), and the number of feeds seen.
 
@@ -102,12 +103,15 @@ def collect(
     a strided sample of at most about ``samples`` values per tensor and batch. With ``samples`` 0 every value of every
     tensor leaves onnxruntime and is counted: ``groups`` (from ``memory_groups``) then observes the tensors a group
     per pass over the data, so the exposed activations stay within a memory budget (observers see the same batches
-    in the same order either way, so the statistics are identical)."""
+    in the same order either way, so the statistics are identical). ``cache``: a dict kept by the caller for one model
+    (a Dask worker's), in which the calibration graph and its session are kept for the next call with the same
+    tensors: a worker builds them once, not once per shard."""
     names = activation_tensors(model) if names is None else names
     model, renamed = _promoted(model, names)
     lifted = [renamed.get(n, n) for n in names]
     if samples > 0 and ingraph.supported(model):
-        observers, seen = _collect_reduced(model, feeds, threads, progress, bins, momentum, lifted, samples)
+        observers, seen = _collect_reduced(model, feeds, threads, progress, bins, momentum, lifted, samples,
+                                           {} if cache is None else cache)
     else:
         observers, seen = {}, 0
         for group in groups or [names]:
@@ -125,27 +129,34 @@ class _Held(Exception):
         self.tensors = tensors
 
 
-def _collect_reduced(model, feeds, threads, progress, bins, momentum, names, samples) -> tuple[dict[str, TensorObserver], int]:
+def _collect_reduced(model, feeds, threads, progress, bins, momentum, names, samples, cache) -> tuple[dict[str, TensorObserver], int]:
     """One pass with the statistics in the graph. A tensor whose values were not all finite in some batch (attention
     masks: -inf), and the tensors derived from it, are then observed in full, from the first batch again, so every
     tensor's statistics are those of all its batches, made one way."""
-    chains = derive.chains(model, names)
-    full: set[str] = set()
+    key = (tuple(names), samples, threads)
+    if ("chains", key) not in cache:
+        cache[("chains", key)] = (derive.chains(model, names), set())
+    chains, full = cache[("chains", key)]  # a worker's later shards start from the tensors known to hold inf/NaN
     while True:
         try:
-            return _reduced_pass(model, feeds, threads, progress, bins, momentum, names, chains, full, samples)
+            return _reduced_pass(model, feeds, threads, progress, bins, momentum, names, chains, full, samples, cache, key)
         except _Held as held:
             full |= held.tensors
 
 
-def _reduced_pass(model, feeds, threads, progress, bins, momentum, names, chains, full, samples):
+def _reduced_pass(model, feeds, threads, progress, bins, momentum, names, chains, full, samples, cache, key):
     inputs = {i.name for i in model.graph.input}
     derived = {t: c for t, c in chains.items() if t not in full and c[0] not in full}
     roots = [n for n in names if n not in derived]
     given = [n for n in roots if n in inputs]
-    graph = ingraph.StatsGraph(model, [n for n in roots if n not in inputs and n not in full],
-                               [n for n in roots if n not in inputs and n in full], samples)
-    sess = session(graph.model, threads or default_threads(), by_priority=True)
+    made = (key, frozenset(full))
+    if made not in cache:
+        for stale in [k for k in cache if k[0] == key and k != made]:  # one session alive: a restart frees the last
+            del cache[stale]
+        graph = ingraph.StatsGraph(model, [n for n in roots if n not in inputs and n not in full],
+                                   [n for n in roots if n not in inputs and n in full], samples)
+        cache[made] = (graph, session(graph.model, threads or default_threads(), by_priority=True))
+    graph, sess = cache[made]
     fetch = graph.outputs()
     observers = {n: TensorObserver(bins=bins, momentum=momentum) for n in names}
     followers: dict[str, list] = {}

@@ -1,6 +1,6 @@
 """Tensors whose statistics follow exactly from another tensor's: calibration observes the one and computes the rest.
 
-A tensor made from another by a copy (Reshape, Transpose, Squeeze, ...) holds the same values; one made by a monotone
+A tensor made from another by a copy that keeps the flattened order (Reshape, Squeeze, ...) holds the same values; one made by a monotone
 elementwise op with constant operands (Relu, Clip, Neg, LeakyRelu, Add/Sub/Mul/Div by a float scalar) holds f(x) for
 each value x, and f maps the extremes of x to its own extremes (swapped when f decreases). Every such f is one IEEE
 float32 operation per step (a rounded add, multiply or divide, a comparison), which onnxruntime's own kernels compute
@@ -22,7 +22,10 @@ import onnx
 
 from qconv.graph import Graph, attr
 
-COPIES = frozenset({"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity"})
+# Copies that keep the flattened order: a derived tensor's histogram sample is then the values at the same positions
+# as observing it would sample, so a file never depends on whether a tensor was derived or observed (a tensor whose
+# source held inf/NaN in one shard is observed there). Transpose permutes: it is observed.
+COPIES = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"})
 _ARITH = {"Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div"}
 
 

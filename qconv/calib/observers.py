@@ -200,17 +200,22 @@ class TensorObserver:
     def seen_finite(self) -> bool:
         return self.min <= self.max
 
-    def merge(self, other: "TensorObserver") -> None:
-        """Combine two observers of the same tensor (shards). Moving averages combine weighted by batches."""
+    def copy(self) -> "TensorObserver":
+        hist = None if self.hist is None else Histogram(self.hist.bins, self.hist.width, self.hist.start, self.hist.counts.copy())
+        return TensorObserver(self.bins, self.momentum, self.min, self.max, self.count, self.nonfinite, self.batches,
+                              self.ema_min, self.ema_max, hist, None if self.extremes is None else list(self.extremes))
+
+    def merge(self, other: "TensorObserver", refold: bool = True) -> None:
+        """Combine two observers of the same tensor (shards). With per-batch extremes on both sides the moving
+        average is the single run's (``refold`` False defers that fold to one ``refold()`` after many merges);
+        without, moving averages combine weighted by batches."""
         self.min, self.max = min(self.min, other.min), max(self.max, other.max)
         self.count += other.count
         self.nonfinite += other.nonfinite
         if self.extremes is not None and other.extremes is not None:
-            # The single run's moving average: the batches of both, folded again in data-set order.
-            self.extremes = sorted(self.extremes + other.extremes)
-            self.ema_min = self.ema_max = None
-            for _, lo, hi in self.extremes:
-                self.ema_min, self.ema_max = _ema_step(self.ema_min, self.ema_max, lo, hi, self.momentum)
+            self.extremes = self.extremes + other.extremes
+            if refold:
+                self.refold()
         elif other.ema_min is not None:
             self.extremes = None
             if self.ema_min is None:
@@ -222,6 +227,13 @@ class TensorObserver:
         self.batches += other.batches
         if self.hist is not None and other.hist is not None:
             self.hist.merge(other.hist)
+
+    def refold(self) -> None:
+        """The single run's moving average: every batch's extremes folded again in data-set order."""
+        self.extremes.sort()
+        self.ema_min = self.ema_max = None
+        for _, lo, hi in self.extremes:
+            self.ema_min, self.ema_max = _ema_step(self.ema_min, self.ema_max, lo, hi, self.momentum)
 
     def to_dict(self) -> dict:
         d = {

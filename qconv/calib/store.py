@@ -165,18 +165,25 @@ class Ranges:
         return {k: select_range(o, method, symmetric, percentile) for k, o in self.observers.items() if o.seen_finite}
 
 
-_MERGE_KEYS = ("bins", "momentum", "batch_size")
+_MERGE_KEYS = ("bins", "momentum", "batch_size", "hist_samples")
 
 
 def merge_tensors(parts: list[dict[str, TensorObserver]]) -> dict[str, TensorObserver]:
-    """Observers of the same tensors from shards, merged in the order given (min/max and histograms exactly)."""
-    tensors: dict[str, TensorObserver] = {}
+    """Observers of the same tensors from shards, merged in the order given (min/max and histograms exactly). Each
+    tensor's moving average is folded once, from all shards' per-batch extremes (not once per shard)."""
+    groups: dict[str, list[TensorObserver]] = {}
     for part in parts:
         for k, o in part.items():
-            if k in tensors:
-                tensors[k].merge(o)
-            else:
-                tensors[k] = TensorObserver.from_dict(o.to_dict(), momentum=o.momentum)
+            groups.setdefault(k, []).append(o)
+    tensors: dict[str, TensorObserver] = {}
+    for k, group in groups.items():
+        merged = group[0].copy()
+        deferred = merged.extremes is not None and all(o.extremes is not None for o in group[1:])
+        for o in group[1:]:
+            merged.merge(o, refold=not deferred)
+        if deferred and len(group) > 1:
+            merged.refold()
+        tensors[k] = merged
     return tensors
 
 
