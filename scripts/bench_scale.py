@@ -110,17 +110,22 @@ def main() -> None:
         fp32_s = time.perf_counter() - t0
         base = ["calibrate", str(model), "--data", str(data), "--batch-size", "8", "-q"]
         plain = timed_run(base + ["-o", str(work / "plain.json")])
-        rows, files = {}, {}
+        single = timed_run(base + ["-o", str(work / "single.json"), "--threads", "1"])
+        plain_tensors = json.loads((work / "plain.json").read_text())["tensors"]
+        rows, files, tensors_same = {}, {}, {}
         for n in args.workers:
             out = work / f"w{n}.json"
             rows[n] = timed_run(base + ["-o", str(out), "--executor", f"local:{n}", "--shards", str(args.shards)])
             files[n] = out.read_bytes()
+            tensors_same[n] = json.loads(files[n])["tensors"] == plain_tensors
         merge_s = merge_seconds(work / f"w{args.workers[0]}.json", args.shards)
     one = rows[args.workers[0]]
     table = [["run", "wall s", "x fp32 pass", "peak RSS all processes MB", "peak RSS one process MB"],
              ["fp32 pass (2 threads)", f"{fp32_s:.2f}", "1.00", "-", "-"],
              ["in process, no shards", f"{plain['wall_s']:.2f}", f"{plain['wall_s'] / fp32_s:.2f}", f"{plain['peak_total_mb']:.0f}",
-              f"{plain['peak_process_mb']:.0f}"]]
+              f"{plain['peak_process_mb']:.0f}"],
+             ["in process, --threads 1", f"{single['wall_s']:.2f}", f"{single['wall_s'] / fp32_s:.2f}", f"{single['peak_total_mb']:.0f}",
+              f"{single['peak_process_mb']:.0f}"]]
     for n, r in rows.items():
         table.append([f"local:{n}, {args.shards} shards", f"{r['wall_s']:.2f}", f"{r['wall_s'] / fp32_s:.2f}",
                       f"{r['peak_total_mb']:.0f}", f"{r['peak_process_mb']:.0f}"])
@@ -138,6 +143,12 @@ def main() -> None:
     same = len(set(files.values())) == 1
     print("\ntargets:")
     print("  " + check("every worker count writes the same calibration file", same, f"{len(files)} runs"))
+    print("  " + check("the sharded statistics equal the single process's, tensor for tensor", all(tensors_same.values()),
+                       ", ".join(f"local:{n} {'same' if v else 'DIFFERENT'}" for n, v in tensors_same.items())))
+    if 2 in rows:
+        speedup = single["wall_s"] / rows[2]["wall_s"]
+        print("  " + check("local:2 at least 1.4x faster than one single-threaded process", speedup >= 1.4,
+                           f"{single['wall_s']:.2f} s -> {rows[2]['wall_s']:.2f} s ({speedup:.2f}x)"))
     w = sorted(rows)
     if len(w) > 1:
         print("  " + check(f"{w[1]} workers are faster than {w[0]} on 2 cores", rows[w[1]]["wall_s"] < rows[w[0]]["wall_s"],

@@ -207,3 +207,20 @@ def test_merging_many_shards_folds_the_moving_average_once_and_equals_one_observ
     assert merged.to_dict() == whole.to_dict()
     assert parts[0]["t"].batches == 5  # the parts are not changed by merging
 
+
+
+def test_shards_merged_by_hand_equal_a_single_run_tensor_for_tensor(tmp_path):
+    model = _chain_model()
+    onnx.save(model, tmp_path / "m.onnx")
+    rows = np.random.default_rng(7).normal(0, 2, (12, 3, 8, 8)).astype(np.float32)
+    rows[7] *= 9  # a late, wide batch: single runs and shards place their histogram windows differently
+    np.save(tmp_path / "d.npy", rows)
+    base = ["calibrate", tmp_path / "m.onnx", "--data", tmp_path / "d.npy", "--batch-size", "2", "--bins", "128", "--hist-samples", "64"]
+    assert invoke(*base, "-o", tmp_path / "one.json").exit_code == 0
+    for k in range(3):
+        assert invoke(*base, "--shard", f"{k}/3", "-o", tmp_path / f"s{k}.json").exit_code == 0
+    r = invoke("calibrate", "merge", *[tmp_path / f"s{k}.json" for k in range(3)], "-o", tmp_path / "merged.json")
+    assert r.exit_code == 0, r.output
+    one = json.loads((tmp_path / "one.json").read_text())["tensors"]
+    merged = json.loads((tmp_path / "merged.json").read_text())["tensors"]
+    assert merged == one
