@@ -445,17 +445,19 @@ def print_model_row(row: dict) -> None:
 
 
 def print_model_targets(rows: list[dict]) -> None:
-    print("\ntargets (issue: the tool's own cost):")
+    print("\ntargets (issue: the tool's own cost); a process's wall time against the fp32 process's (both start Python, load"
+          "\nthe model and the data), the fp32 pass alone in brackets:")
     for r in rows:
-        base_s, base_mb = r["fp32"].get("pass_s"), r["fp32"].get("peak_mb")
+        base_s, base_mb, proc_s = r["fp32"].get("pass_s"), r["fp32"].get("peak_mb"), r["fp32"].get("wall_s")
         cal, quant = r["calibrate"], r["quantize --data"]
         if "wall_s" in cal:
-            print(check_line(f"{r['name']}: calibrate {cal['wall_s'] / base_s:.2f}x one fp32 pass (<= 1.5x)", cal["wall_s"] <= 1.5 * base_s))
+            print(check_line(f"{r['name']}: calibrate {cal['wall_s'] / proc_s:.2f}x the fp32 process ({cal['wall_s'] / base_s:.2f}x the "
+                             "pass alone) (<= 1.5x)", cal["wall_s"] <= 1.5 * proc_s))
             print(check_line(f"{r['name']}: calibrate peak RSS {cal['peak_mb']:.0f} MB <= inference {base_mb:.0f} MB + 25%",
                              cal["peak_mb"] <= 1.25 * base_mb))
         if "wall_s" in quant:
-            print(check_line(f"{r['name']}: quantize --data {quant['wall_s'] / base_s:.2f}x one fp32 pass (<= 2x; warm kernel cache)",
-                             quant["wall_s"] <= 2 * base_s))
+            print(check_line(f"{r['name']}: quantize --data {quant['wall_s'] / proc_s:.2f}x the fp32 process ({quant['wall_s'] / base_s:.2f}x "
+                             "the pass alone; warm kernel cache) (<= 2x)", quant["wall_s"] <= 2 * proc_s))
 
 
 if __name__ == "__main__":
