@@ -224,3 +224,25 @@ def test_shards_merged_by_hand_equal_a_single_run_tensor_for_tensor(tmp_path):
     one = json.loads((tmp_path / "one.json").read_text())["tensors"]
     merged = json.loads((tmp_path / "merged.json").read_text())["tensors"]
     assert merged == one
+
+
+@settings(max_examples=80, deadline=None)
+@given(spec=st.lists(st.tuples(st.floats(-100, 100), st.floats(1e-3, 100), st.integers(1, 300)), min_size=2, max_size=10),
+       shards=st.integers(2, 4), step=st.sampled_from([1, 3, 7]), bins=st.sampled_from([16, 128, 2048]))
+def test_any_split_into_shards_merges_into_the_single_runs_observer(spec, shards, step, bins):
+    from qconv.calib.observers import TensorObserver
+    from qconv.calib.store import merge_tensors
+
+    rng = np.random.default_rng(8)
+    batches = [rng.normal(mu, sd, n).astype(np.float32) for mu, sd, n in spec]
+    whole = TensorObserver(bins=bins)
+    for k, x in enumerate(batches):
+        whole.update(x, k, step)  # a strided sample: the histogram misses some extremes, as in-graph samples do
+    whole.canonicalize()
+    parts = []
+    for s in range(shards):
+        o = TensorObserver(bins=bins)
+        for k in range(s, len(batches), shards):
+            o.update(batches[k], k, step)
+        parts.append({"t": o})
+    assert merge_tensors(parts)["t"].to_dict() == whole.to_dict()

@@ -118,6 +118,8 @@ def collect(
             group = [renamed.get(n, n) for n in group]
             got, seen = _collect_group(model, feeds, threads, progress, bins, momentum, group, samples)
             observers.update(got)
+    for o in observers.values():
+        o.canonicalize()  # the grid a file records, whatever the batch order: shards merge into the same bytes
     return {n: observers[renamed.get(n, n)] for n in names}, seen
 
 

@@ -46,8 +46,7 @@ class Histogram:
     def _fit(self, lo: float, hi: float) -> None:
         """Slide and widen the window until [lo, hi] and every non-empty bin fit."""
         if self.width == 0.0:
-            span = hi - lo if hi > lo else max(abs(hi), 1e-30)
-            self.width = 2.0 ** math.ceil(math.log2(span / (self.bins - 1)))
+            self.width = fitting_width(lo, hi, self.bins)
             self.start = math.floor(lo / self.width)
         if self.start <= math.floor(lo / self.width) and math.floor(hi / self.width) < self.start + self.bins:
             return  # already inside the window (most batches): nothing moves
@@ -93,6 +92,21 @@ class Histogram:
             counts[self.bins - 1] += counts[self.bins:].sum()
         self.counts += counts[: self.bins]
 
+    def canonical(self, lo: float, hi: float) -> "Histogram":
+        """This histogram on the canonical grid of data with extremes ``lo``/``hi``: the finest power-of-two width
+        that holds them (``fitting_width``), the window starting at the first non-empty bin. Any stream of the same
+        values, in any order or any split into shards, ends on that grid: a width only ever doubles to hold values
+        within [lo, hi], so it is never coarser than the canonical one, and doubling to it is exact."""
+        h = Histogram(self.bins, self.width, self.start, self.counts.copy())
+        if h.width and lo < hi:
+            target = fitting_width(lo, hi, self.bins)
+            while h.width < target:
+                h._double()
+        span = _span(h)
+        if span and span[0] != h.start:
+            h._slide(span[0])
+        return h
+
     def coarsened_to(self, width: float) -> "Histogram":
         """This histogram's counts on a grid of ``width`` (a power-of-two multiple of our width)."""
         h = Histogram(self.bins, self.width, self.start, self.counts.copy())
@@ -137,6 +151,17 @@ class Histogram:
         if counts.size != int(d["bins"]):
             raise ValueError("histogram counts do not match its bin count")
         return cls(int(d["bins"]), float(d["width"]), int(d["start"]), counts)
+
+
+def fitting_width(lo: float, hi: float, bins: int) -> float:
+    """The finest power of two w with floor(hi / w) - floor(lo / w) < bins (for lo == hi: about the value's float32
+    resolution, so a constant first batch never forces a coarser grid on the values after it)."""
+    if hi > lo:
+        w = 2.0 ** math.ceil(math.log2((hi - lo) / (bins - 1)))
+        while math.floor(hi / (w / 2)) - math.floor(lo / (w / 2)) < bins:
+            w /= 2
+        return w
+    return 2.0 ** (math.frexp(abs(hi))[1] - 24) if hi else 2.0 ** -126
 
 
 def _span(h: Histogram) -> tuple[int, int] | None:
@@ -235,6 +260,11 @@ class TensorObserver:
         if self.hist is not None and other.hist is not None:
             self.hist.merge(other.hist)
 
+    def canonicalize(self) -> None:
+        """Put the histogram on its canonical grid (Histogram.canonical): what a run, or a merge of shards, ends with."""
+        if self.hist is not None and self.hist.width and self.seen_finite:
+            self.hist = self.hist.canonical(self.min, self.max)
+
     def refold(self) -> None:
         """The single run's moving average: every batch's extremes folded again in data-set order."""
         self.extremes.sort()
@@ -253,7 +283,7 @@ class TensorObserver:
             "ema_max": self.ema_max,
         }
         if self.hist is not None and self.hist.width:
-            d["hist"] = self.hist.to_dict()
+            d["hist"] = (self.hist.canonical(self.min, self.max) if self.seen_finite else self.hist).to_dict()
         if self.extremes:
             d["extremes"] = _pack_extremes(self.extremes)
         return d

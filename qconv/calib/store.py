@@ -183,6 +183,7 @@ def merge_tensors(parts: list[dict[str, TensorObserver]]) -> dict[str, TensorObs
             merged.merge(o, refold=not deferred)
         if deferred and len(group) > 1:
             merged.refold()
+        merged.canonicalize()
         tensors[k] = merged
     return tensors
 
