@@ -157,7 +157,9 @@ def _reduced_pass(model, feeds, threads, progress, bins, momentum, names, chains
             del cache[stale]
         graph = ingraph.StatsGraph(model, [n for n in roots if n not in inputs and n not in full],
                                    [n for n in roots if n not in inputs and n in full], samples)
-        cache[made] = (graph, session(graph.model, threads or default_threads(), by_priority=True))
+        with graph.applied() as applied:  # the model itself, for as long as onnxruntime reads it: no copy of the weights
+            sess = session(applied, threads or default_threads(), by_priority=True)
+        cache[made] = (graph, sess)
     graph, sess = cache[made]
     fetch = graph.outputs()
     observers = {n: TensorObserver(bins=bins, momentum=momentum) for n in names}

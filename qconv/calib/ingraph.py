@@ -14,6 +14,7 @@ observes it in full instead (qconv.calib.collect).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,19 +85,20 @@ class _Probe:
 
 
 class StatsGraph:
-    """``model`` with statistics of ``reduced`` computed in the graph and ``full`` exposed as they are."""
+    """``model`` with statistics of ``reduced`` computed in the graph and ``full`` exposed as they are. The additions
+    are applied to the model only while a session is made from it (``applied``), so the weights are never copied."""
 
     def __init__(self, model: onnx.ModelProto, reduced: list[str], full: list[str], samples: int):
         self.samples = samples
         self.full = list(full)
-        self.model = onnx.ModelProto()
-        self.model.CopyFrom(model)
-        ranks = _ranks(self.model)
-        g = Graph(self.model)
-        opset = ai_onnx_opset(self.model)
+        self.model = model
+        self._inits: list = []
+        ranks = _ranks(model)
+        g = Graph(model)
+        opset = ai_onnx_opset(model)
         consts = self._constants(g, samples)
         nodes_after: dict[int, list] = {}
-        position = {o: k for k, node in enumerate(self.model.graph.node) for o in node.output}
+        position = {o: k for k, node in enumerate(model.graph.node) for o in node.output}
         self.probes: dict[str, _Probe] = {}
         outputs = []
         for name in reduced:
@@ -105,15 +107,33 @@ class StatsGraph:
             nodes_after.setdefault(position.get(name, -1), []).extend(_probe_nodes(name, probe, ranks.get(name), opset, consts, g))
             outputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in (probe.lo, probe.hi, probe.total, probe.sample)]
             outputs.append(helper.make_tensor_value_info(probe.size, TensorProto.INT64, []))
-        have = {o.name for o in self.model.graph.output}
+        have = {o.name for o in model.graph.output}
         outputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in self.full if n not in have]
-        ordered = list(nodes_after.get(-1, []))
-        for k, node in enumerate(self.model.graph.node):
-            ordered.append(node)
-            ordered.extend(nodes_after.get(k, []))
-        del self.model.graph.node[:]
-        self.model.graph.node.extend(ordered)
-        self.model.graph.output.extend(outputs)
+        self._after = nodes_after
+        self._outputs = outputs
+
+    @contextmanager
+    def applied(self):
+        """The model with the statistics nodes placed right after their tensors' producers, and their outputs; the
+        model is restored on leaving (nodes, outputs and initializers as they were)."""
+        m = self.model
+        saved = [n.SerializeToString() for n in m.graph.node]
+        outputs, inits = len(m.graph.output), len(m.graph.initializer)
+        try:
+            ordered = list(self._after.get(-1, []))
+            for k, raw in enumerate(saved):
+                ordered.append(onnx.NodeProto.FromString(raw))
+                ordered.extend(self._after.get(k, []))
+            del m.graph.node[:]
+            m.graph.node.extend(ordered)
+            m.graph.output.extend(self._outputs)
+            m.graph.initializer.extend(self._inits)
+            yield m
+        finally:
+            del m.graph.node[:]
+            m.graph.node.extend(onnx.NodeProto.FromString(raw) for raw in saved)
+            del m.graph.output[outputs:]
+            del m.graph.initializer[inits:]
 
     def _constants(self, g: Graph, samples: int) -> dict[str, str]:
         k = samples if samples > 0 else 1 << 62  # 0: every value (s = 1)
@@ -122,7 +142,7 @@ class StatsGraph:
         names = {}
         for key, value in values.items():
             names[key] = g.unique(f"qconv_calib/{key}")
-            self.model.graph.initializer.append(numpy_helper.from_array(value, names[key]))
+            self._inits.append(numpy_helper.from_array(value, names[key]))
         return names
 
     def outputs(self) -> list[str]:
