@@ -249,3 +249,17 @@ def test_any_split_into_shards_merges_into_the_single_runs_observer(spec, shards
             o.update(batches[k], k, step)
         parts.append({"t": o})
     assert merge_tensors(parts)["t"].to_dict() == whole.to_dict()
+
+
+def test_below_opset_13_the_tensors_are_exposed_and_sampled_the_same_way(tmp_path):
+    model = _chain_model(opset=11)  # ReduceSum's axes input and Slice's steps need 13: the exposure path
+    assert not ingraph.supported(model)
+    rows = np.random.default_rng(9).normal(0, 2, (6, 3, 8, 8)).astype(np.float32)
+    names = activation_tensors(model)
+    sampled, _ = collect(model, _feeds(model, rows, tmp_path / "rows.npy"), names=names, samples=64)
+    every, _ = collect(model, _feeds(model, rows, tmp_path / "rows.npy"), names=names, samples=0)
+    for n in names:
+        assert _same(sampled[n], every[n]), n
+    step = ingraph.sample_step(2 * 6 * 8 * 8, 64)
+    assert sampled["conv"].hist.counts.sum() == 3 * len(range(0, 2 * 6 * 8 * 8, step))
+    assert every["conv"].hist.counts.sum() == every["conv"].count
