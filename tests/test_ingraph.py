@@ -263,3 +263,16 @@ def test_below_opset_13_the_tensors_are_exposed_and_sampled_the_same_way(tmp_pat
     step = ingraph.sample_step(2 * 6 * 8 * 8, 64)
     assert sampled["conv"].hist.counts.sum() == 3 * len(range(0, 2 * 6 * 8 * 8, step))
     assert every["conv"].hist.counts.sum() == every["conv"].count
+
+
+def test_tiny_and_constant_values_get_a_grid_float32_can_scale_by():
+    from qconv.calib.observers import MIN_WIDTH, TensorObserver, fitting_width
+
+    assert fitting_width(1e-40, 1e-40, 2048) == MIN_WIDTH and fitting_width(0.0, 1e-44, 2048) == MIN_WIDTH
+    assert fitting_width(-1.0, 1.0, 2048) == 2.0 ** -9 and fitting_width(3.0, 3.0, 2048) == 2.0 ** -22
+    o = TensorObserver(bins=128)
+    for x in (np.full(10, 1e-40, np.float32), np.array([1e-40, 2e-38, 5.0], np.float32), np.zeros(4, np.float32)):
+        o.update(x)
+    assert o.hist.counts.sum() == 17 and (o.min, o.max) == (0.0, 5.0)
+    o.canonicalize()
+    assert o.hist.counts.sum() == 17

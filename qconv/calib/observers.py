@@ -153,15 +153,18 @@ class Histogram:
         return cls(int(d["bins"]), float(d["width"]), int(d["start"]), counts)
 
 
+MIN_WIDTH = 2.0 ** -126  # values are scaled by 1 / width in float32: no finer grid than that can hold
+
+
 def fitting_width(lo: float, hi: float, bins: int) -> float:
-    """The finest power of two w with floor(hi / w) - floor(lo / w) < bins (for lo == hi: about the value's float32
-    resolution, so a constant first batch never forces a coarser grid on the values after it)."""
+    """The finest power of two w (at least MIN_WIDTH) with floor(hi / w) - floor(lo / w) < bins (for lo == hi: about
+    the value's float32 resolution, so a constant first batch never forces a coarser grid on the values after it)."""
     if hi > lo:
-        w = 2.0 ** math.ceil(math.log2((hi - lo) / (bins - 1)))
-        while math.floor(hi / (w / 2)) - math.floor(lo / (w / 2)) < bins:
+        w = max(2.0 ** math.ceil(math.log2((hi - lo) / (bins - 1))), MIN_WIDTH)
+        while w > MIN_WIDTH and math.floor(hi / (w / 2)) - math.floor(lo / (w / 2)) < bins:
             w /= 2
         return w
-    return 2.0 ** (math.frexp(abs(hi))[1] - 24) if hi else 2.0 ** -126
+    return max(2.0 ** (math.frexp(abs(hi))[1] - 24), MIN_WIDTH) if hi else MIN_WIDTH
 
 
 def _span(h: Histogram) -> tuple[int, int] | None:
