@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,23 +31,16 @@ sys.path.insert(0, str(ROOT))
 
 from qconv.data import FeedSource  # noqa: E402
 from scripts.bench_ledger import tasks  # noqa: E402  (the ledger's models and rows)
-from scripts.benchlib import aligned, graph_specs, ort_int8, session  # noqa: E402
+from scripts.benchlib import aligned, graph_specs, measured, ort_int8, session  # noqa: E402
 
 VARIANTS = {"qconv": ["--bias-correction", "off"], "+bc full": ["--bias-correction", "full"], "+bc fast": ["--bias-correction", "fast"],
             "+eq +bc": ["--equalize", "--bias-correction"]}
-PEAK = "import atexit, sys, re; atexit.register(lambda: sys.stderr.write('VmHWM ' + re.search(r'VmHWM:\\s+(\\d+)', " \
-       "open('/proc/self/status').read()).group(1) + '\\n')); from qconv.cli.main import cli; cli(sys.argv[1:], prog_name='qconv')"
-
-
 def qconv_run(args: list[str]) -> tuple[float, float]:
     """(seconds, peak RSS MB) of one qconv command in a fresh process."""
-    t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-c", PEAK, *args], capture_output=True, text=True, cwd=ROOT)
-    seconds = time.perf_counter() - t0
-    if r.returncode:
-        raise RuntimeError(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}")
-    kb = next(int(line.split()[1]) for line in r.stderr.splitlines() if line.startswith("VmHWM "))
-    return seconds, kb / 1024.0
+    r = measured([sys.executable, "-m", "qconv", *args])
+    if "error" in r:
+        raise RuntimeError(r["error"])
+    return r["wall_s"], r["peak_mb"]
 
 
 def fp32_pass(model: Path, calib: Path, batch: int) -> float:

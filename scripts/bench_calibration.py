@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "sample_models" / "digits_cnn"
 sys.path.insert(0, str(ROOT))
 
-from scripts.benchlib import in_child, peak_rss_mb, rss_mb, session
+from scripts.benchlib import in_child, measured, peak_rss_mb, rss_mb, session
 
 
 def mosaics(digits: np.ndarray, count: int, size: int, seed: int) -> np.ndarray:
@@ -340,41 +340,6 @@ quantize_static(sys.argv[1], sys.argv[5], Reader(), quant_format=QuantFormat.QDQ
 """
 
 
-PEAK = r"""
-import atexit, os, runpy, sys
-def _peak():
-    with open(os.environ["BENCH_PEAK_FILE"], "w") as f:
-        f.write(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM:")))
-atexit.register(_peak)
-sys.argv = sys.argv[1:]
-if sys.argv[0] == "-m":
-    sys.argv = sys.argv[1:]
-    runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
-else:
-    code = sys.argv[1]
-    sys.argv = ["-c"] + sys.argv[2:]
-    exec(compile(code, "<bench>", "exec"), {"__name__": "__main__"})
-"""
-
-
-def timed(cmd: list[str], env: dict | None = None) -> dict:
-    """Wall seconds and peak RSS (MB) of a child Python process: its own VmHWM, written at exit (a forked child's
-    ru_maxrss starts at its parent's size)."""
-    import os
-    import subprocess
-
-    peak_file = Path(tempfile.mkstemp(prefix="qconv-peak-")[1])
-    env = dict(env or os.environ, BENCH_PEAK_FILE=str(peak_file))
-    t0 = time.perf_counter()
-    p = subprocess.run([cmd[0], "-c", PEAK, *cmd[1:]], capture_output=True, text=True, env=env)
-    wall = time.perf_counter() - t0
-    if p.returncode != 0:
-        return {"error": (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1][:200]}
-    peak = int(peak_file.read_text()) / 1024.0
-    peak_file.unlink()
-    return {"wall_s": wall, "peak_mb": peak, "stdout": p.stdout}
-
-
 def public_cases(work: Path) -> list[dict]:
     """The issue's three: PP-OCRv4 recognizer (400 rendered lines, batches of 8), text detector (48 rendered pages),
     and a BERT-style encoder (all-MiniLM-L6-v2, 512 tokenized lines of the plays, batches of 32)."""
@@ -412,16 +377,16 @@ def models_table(work: Path, exact: bool) -> list[dict]:
     for c in public_cases(work):
         m, d, b = str(c["model"]), str(c["data"]), str(c["batch"])
         env = dict(os.environ, QCONV_CACHE_DIR=str(work / f"cache-{len(rows)}"))
-        fp = timed([py, "-c", FP32_PASS, m, d, b, str(ROOT)])
+        fp = measured([py, "-c", FP32_PASS, m, d, b, str(ROOT)])
         row = {"name": c["name"], "fp32": {**fp, "pass_s": float(fp["stdout"].strip().splitlines()[-1]) if "stdout" in fp else None}}
-        row["calibrate"] = timed(cli + ["calibrate", m, "--data", d, "--batch-size", b, "-o", str(work / "c.json"), "-q"], env)
+        row["calibrate"] = measured(cli + ["calibrate", m, "--data", d, "--batch-size", b, "-o", str(work / "c.json"), "-q"], env)
         if exact:
-            row["calibrate exact"] = timed(cli + ["calibrate", m, "--data", d, "--batch-size", b, "--hist-samples", "0",
+            row["calibrate exact"] = measured(cli + ["calibrate", m, "--data", d, "--batch-size", b, "--hist-samples", "0",
                                                   "-o", str(work / "e.json"), "-q"], env)
         q = cli + ["quantize", m, "--data", d, "--batch-size", b, "-o", str(work / "q.onnx"), "-q", "--no-latency"]
-        row["quantize --data (first)"] = timed(q, env)
-        row["quantize --data"] = timed(q, env)
-        row["ort quantize_static"] = timed([py, "-c", ORT_MINMAX, m, d, b, str(ROOT), str(work / "o.onnx")])
+        row["quantize --data (first)"] = measured(q, env)
+        row["quantize --data"] = measured(q, env)
+        row["ort quantize_static"] = measured([py, "-c", ORT_MINMAX, m, d, b, str(ROOT), str(work / "o.onnx")])
         rows.append(row)
         print_model_row(row)
     return rows

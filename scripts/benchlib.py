@@ -196,6 +196,42 @@ def rss_mb() -> float:
     return float("nan")
 
 
+PEAK = r"""
+import atexit, os, runpy, sys
+def _peak():
+    with open(os.environ["BENCH_PEAK_FILE"], "w") as f:
+        f.write(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM:")))
+atexit.register(_peak)
+sys.argv = sys.argv[1:]
+if sys.argv[0] == "-m":
+    sys.argv = sys.argv[1:]
+    runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+else:
+    code = sys.argv[1]
+    sys.argv = ["-c"] + sys.argv[2:]
+    exec(compile(code, "<bench>", "exec"), {"__name__": "__main__"})
+"""
+
+
+def measured(cmd: list[str], env: dict | None = None) -> dict:
+    """Wall seconds, peak RSS (MB) and stdout of a child Python process (``[python, "-m", module, ...]`` or
+    ``[python, "-c", code, ...]``), run from the repository root: its own VmHWM, written at exit (a forked child's
+    ru_maxrss starts at its parent's size); {"error": last stderr line} when it fails."""
+    import os
+    import tempfile
+
+    peak_file = Path(tempfile.mkstemp(prefix="qconv-peak-")[1])
+    env = dict(env or os.environ, BENCH_PEAK_FILE=str(peak_file))
+    t0 = time.perf_counter()
+    p = subprocess.run([cmd[0], "-c", PEAK, *cmd[1:]], capture_output=True, text=True, env=env, cwd=ROOT)
+    wall = time.perf_counter() - t0
+    if p.returncode != 0:
+        return {"error": (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1][:200]}
+    peak = int(peak_file.read_text()) / 1024.0
+    peak_file.unlink()
+    return {"wall_s": wall, "peak_mb": peak, "stdout": p.stdout}
+
+
 def in_child(fn, *args) -> dict:
     """Run ``fn(*args, queue)`` in a spawned process and return what it put on the queue (or an error)."""
     ctx = multiprocessing.get_context("spawn")

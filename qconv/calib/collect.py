@@ -17,7 +17,7 @@ import onnx
 
 from qconv.calib import derive, ingraph
 from qconv.calib.ingraph import DEFAULT_SAMPLES
-from qconv.calib.observers import DEFAULT_BINS, DEFAULT_MOMENTUM, TensorObserver
+from qconv.calib.observers import DEFAULT_BINS, DEFAULT_MOMENTUM, Batch, TensorObserver
 from qconv.errors import QconvError
 from qconv.graph import Graph, expose, weights_held
 from qconv.runtime import default_threads, run, session
@@ -176,13 +176,13 @@ def _reduced_pass(model, feeds, threads, progress, bins, momentum, names, chains
             if b is None:
                 held |= {root} | {t for t, _ in followers.get(root, [])}
                 continue
-            observers[root].add(b.count, b.nonfinite, b.lo, b.hi, b.values, index)
+            observers[root].add(b, index)
             for t, steps in followers.get(root, []):
                 lo, hi = derive.extremes(steps, b.lo, b.hi) if b.count else (0.0, 0.0)
                 if b.nonfinite or not (np.isfinite(lo) and np.isfinite(hi)):
                     held.add(t)
                     continue
-                observers[t].add(b.count, 0, lo, hi, derive.values(steps, b.values), index)
+                observers[t].add(Batch(b.count, 0, lo, hi, derive.values(steps, b.values)), index)
         if held:
             raise _Held(held)
 
@@ -251,11 +251,8 @@ def _collect_group(model, feeds, threads, progress, bins, momentum, names, sampl
     wanted = [n for n in outputs if n in set(names) and n not in inputs]  # an input is observed from the feed, once
     observers = {n: TensorObserver(bins=bins, momentum=momentum) for n in names}
 
-    def observe(index: int, feed: dict, values: list) -> None:
-        for name in inputs:
-            observers[name].update(np.asarray(feed[name], dtype=np.float32), index)
-        for name, value in zip(wanted, values):
-            value = np.asarray(value)
-            observers[name].update(value, index, ingraph.sample_step(value.size, samples))
+    def observe(index: int, feed: dict, values: list) -> None:  # inputs from the feed, the rest as fetched; one rule
+        for name, value in [(n, feed[n]) for n in inputs] + list(zip(wanted, values)):
+            observers[name].add(ingraph.batch_of(value, samples), index)
 
     return observers, _stream(sess, feeds, wanted, observe, progress)

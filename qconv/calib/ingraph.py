@@ -21,6 +21,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from qconv.calib import observers
+from qconv.calib.observers import Batch
 from qconv.graph import Graph, ai_onnx_opset, weights_held
 
 DEFAULT_SAMPLES = 16384  # histogram values per observed tensor per batch (0: every value)
@@ -46,33 +48,10 @@ def sample_step(size: int, samples: int) -> int:
     return s + 1 - s % 2
 
 
-@dataclass(frozen=True)
-class Batch:
-    """One batch of one tensor: what an observer folds in (TensorObserver.add)."""
-
-    count: int
-    nonfinite: int
-    lo: float
-    hi: float
-    values: np.ndarray  # the finite values the histogram counts
-
-
 def batch_of(x: np.ndarray, samples: int) -> Batch:
-    """A Batch from the full tensor (graph inputs, and tensors observed in full)."""
-    x = np.asarray(x, dtype=np.float32)
-    if x.size == 0:
-        return Batch(0, 0, 0.0, 0.0, x.reshape(-1))
-    lo, hi = float(x.min()), float(x.max())
-    nonfinite = 0
-    values = x.reshape(-1)[::sample_step(x.size, samples)]
-    if not (np.isfinite(lo) and np.isfinite(hi)):
-        finite = np.isfinite(x)
-        nonfinite = int(x.size - np.count_nonzero(finite))
-        if nonfinite == x.size:
-            return Batch(int(x.size), nonfinite, 0.0, 0.0, x.reshape(-1)[:0])
-        lo, hi = float(x[finite].min()), float(x[finite].max())
-        values = values[np.isfinite(values)]
-    return Batch(int(x.size), nonfinite, lo, hi, values)
+    """A Batch read from the whole tensor (graph inputs, tensors observed in full), sampled by the graph's rule."""
+    x = np.asarray(x)
+    return observers.batch_of(x, sample_step(x.size, samples))
 
 
 @dataclass(frozen=True)

@@ -135,15 +135,8 @@ class Histogram:
         self.width, self.start, self.counts = a.width, lo, a.counts + b.counts
 
     def to_dict(self) -> dict:
-        """The counts with the window starting at the first non-empty bin: where a window sits depends on the order
-        the batches came in, the bins it holds do not, so a merge of shards writes what a single run writes."""
-        span = _span(self)
-        h = self
-        if span and span[0] != self.start:
-            h = Histogram(self.bins, self.width, self.start, self.counts.copy())
-            h._slide(span[0])
-        raw = zlib.compress(h.counts.astype("<i8").tobytes(), 6)
-        return {"bins": h.bins, "width": h.width, "start": h.start, "counts_zlib_b64": base64.b64encode(raw).decode()}
+        raw = zlib.compress(self.counts.astype("<i8").tobytes(), 6)
+        return {"bins": self.bins, "width": self.width, "start": self.start, "counts_zlib_b64": base64.b64encode(raw).decode()}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Histogram":
@@ -173,6 +166,34 @@ def _span(h: Histogram) -> tuple[int, int] | None:
     return (h.start + int(nz[0]), h.start + int(nz[-1])) if nz.size else None
 
 
+@dataclass(frozen=True)
+class Batch:
+    """One batch of one tensor, as an observer folds it in: ``count`` elements, ``nonfinite`` of them inf/NaN, the
+    finite extremes ``lo``/``hi``, and the finite ``values`` the histogram counts (all, or a sample within [lo, hi])."""
+
+    count: int
+    nonfinite: int
+    lo: float
+    hi: float
+    values: np.ndarray
+
+
+def batch_of(x: np.ndarray, step: int = 1) -> Batch:
+    """A Batch read from the whole tensor; the histogram takes every ``step``-th value in flattened order."""
+    x = np.asarray(x, dtype=np.float32)
+    if x.size == 0:
+        return Batch(0, 0, 0.0, 0.0, x.reshape(-1))
+    lo, hi = float(x.min()), float(x.max())
+    values = x.reshape(-1)[::step]
+    if math.isfinite(lo) and math.isfinite(hi):
+        return Batch(int(x.size), 0, lo, hi, values)
+    finite = np.isfinite(x)  # NaN propagates through min/max; +-inf from masks: both filtered
+    nonfinite = int(x.size - np.count_nonzero(finite))
+    if nonfinite == x.size:
+        return Batch(int(x.size), nonfinite, 0.0, 0.0, values[:0])
+    return Batch(int(x.size), nonfinite, float(x[finite].min()), float(x[finite].max()), values[np.isfinite(values)])
+
+
 @dataclass
 class TensorObserver:
     """Everything any range method needs, accumulated batch by batch."""
@@ -198,38 +219,21 @@ class TensorObserver:
     def update(self, x: np.ndarray, index: int | None = None, sample_step: int = 1) -> None:
         """Fold one batch in; ``index`` is its position in the whole data set (default: the next one). The histogram
         counts every ``sample_step``-th value of the flattened batch (1: every value)."""
-        if x.size == 0:
-            return
-        x = np.asarray(x, dtype=np.float32)
-        lo, hi = float(x.min()), float(x.max())
-        nonfinite = 0
-        if not (math.isfinite(lo) and math.isfinite(hi)):  # NaN propagates; +-inf from masks: filter
-            finite = np.isfinite(x)
-            nonfinite = int(x.size - np.count_nonzero(finite))
-            if nonfinite == x.size:
-                self.count += int(x.size)
-                self.nonfinite += nonfinite
-                return
-            lo, hi = float(x[finite].min()), float(x[finite].max())
-        values = x.reshape(-1)[::sample_step] if sample_step > 1 else x
-        if nonfinite:
-            values = values[np.isfinite(values)]
-        self.add(int(x.size), nonfinite, lo, hi, values, index)
+        self.add(batch_of(x, sample_step), index)
 
-    def add(self, count: int, nonfinite: int, lo: float, hi: float, values: np.ndarray, index: int | None = None) -> None:
-        """Fold one batch in from its statistics: ``count`` elements, ``nonfinite`` of them inf/NaN, finite extremes
-        ``lo``/``hi``, and the finite ``values`` the histogram counts (all of them, or a sample within [lo, hi])."""
-        self.count += count
-        self.nonfinite += nonfinite
-        if count == nonfinite:
+    def add(self, b: "Batch", index: int | None = None) -> None:
+        """Fold one batch in from its statistics (see Batch)."""
+        self.count += b.count
+        self.nonfinite += b.nonfinite
+        if b.count == b.nonfinite:
             return
-        self.min, self.max = min(self.min, lo), max(self.max, hi)
-        self.ema_min, self.ema_max = _ema_step(self.ema_min, self.ema_max, lo, hi, self.momentum)
+        self.min, self.max = min(self.min, b.lo), max(self.max, b.hi)
+        self.ema_min, self.ema_max = _ema_step(self.ema_min, self.ema_max, b.lo, b.hi, self.momentum)
         if self.extremes is not None:
-            self.extremes.append((self.extremes[-1][0] + 1 if index is None and self.extremes else index or 0, lo, hi))
+            self.extremes.append((self.extremes[-1][0] + 1 if index is None and self.extremes else index or 0, b.lo, b.hi))
         self.batches += 1
-        if self.hist is not None and values.size:
-            self.hist.add(values, lo, hi)
+        if self.hist is not None and b.values.size:
+            self.hist.add(b.values, b.lo, b.hi)
 
     @property
     def seen_finite(self) -> bool:

@@ -120,11 +120,11 @@ def statistics(job: PlanJob, prepared: pipeline.Prepared, overrides: Overrides, 
         return calib
     o = job.calib_options
     source = pipeline.feeds_for(prepared, job.data, o.batch_size, o.samples, cast=o.cast_data, skip=job.holdout)
-    if distributed.parse_executor(o.executor).distributed or o.shards:
-        names = calibration_targets(prepared.model, job.effective(None), activation_tensors(prepared.model), overrides)
-        return sharded_calibration(prepared, job.data, source, names, job.config.per_channel, job.method, o, progress,
-                                   job.config.equalize, o.samples_for(job.effective(None).method))
     config = job.effective(None)
+    if distributed.parse_executor(o.executor).distributed or o.shards:
+        names = calibration_targets(prepared.model, config, activation_tensors(prepared.model), overrides)
+        return sharded_calibration(prepared, job.data, source, names, job.config.per_channel, job.method, o, progress,
+                                   job.config.equalize, o.samples_for(config.method))
     return pipeline.calibrate(prepared, source, o.threads, progress, job.method, o.bins, o.momentum,
                               config, overrides, o.max_memory, job.config.equalize, o.samples_for(config.method))
 
