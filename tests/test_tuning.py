@@ -305,3 +305,19 @@ def test_tuning_section_renders_in_html_and_markdown(tmp_path, cache):
     assert "**Tuning**: targets missed (min-cosine)" in text
     for c in report["tuning"]["changes"]:
         assert c["change"] in text
+
+
+def test_trials_run_from_cuts_measure_what_whole_runs_measure(tmp_path, cache):
+    """Candidates that change a node downstream run only the graph after the last cut before it, from the current
+    best's values there: every trial's numbers, the choices and the written bytes are those of whole runs."""
+    args = ("--budget", "30trials", "--min-cosine", "0.99999", "--no-latency", "--kernels", "none")
+    _, out_cut, rep_cut, _ = tune(tmp_path, "cut", cache, *args)
+    whole = {"QCONV_CACHE_DIR": str(tmp_path / "whole-cache"), "QCONV_TRIAL_CUTS": "0"}
+    _, out_whole, rep_whole, _ = tune(tmp_path, "whole", whole, *args)
+    a, b = rep_cut["tuning"], rep_whole["tuning"]
+    assert a["cut_trials"] > 0 and not b.get("cut_trials")
+    shares = [x["graph_share"] for x in a["trials"] if "graph_share" in x]
+    assert len(shares) == a["cut_trials"] and all(0 < s < 1 for s in shares)
+    for x, y in zip(a["trials"], b["trials"], strict=True):
+        assert (x["change"], x["cosine"], x["sqnr_db"], x["agreement"]) == (y["change"], y["cosine"], y["sqnr_db"], y["agreement"])
+    assert out_cut.read_bytes() == out_whole.read_bytes()

@@ -144,6 +144,7 @@ class Ranges:
     masks: dict[str, float]
     identity: dict | None  # the calibration's identity (a stored plan's: as it recorded it)
     speed: dict | None = None  # a stored plan's kernel-table verdict (qconv.plan.regions), reused without the table
+    _selected: dict = field(default_factory=dict, compare=False, repr=False)  # (method, symmetric, percentile) -> ranges
 
     @classmethod
     def of(cls, calib: Calibration | Ranges | None) -> Ranges | None:
@@ -162,7 +163,10 @@ class Ranges:
         """The range of every observed tensor by ``method`` (a stored plan: the ranges it recorded)."""
         if self.recorded is not None:
             return dict(self.recorded)
-        return {k: select_range(o, method, symmetric, percentile) for k, o in self.observers.items() if o.seen_finite}
+        key = (method, symmetric, percentile)  # observers do not change once calibrated: tuning plans many times per method
+        if key not in self._selected:
+            self._selected[key] = {k: select_range(o, method, symmetric, percentile) for k, o in self.observers.items() if o.seen_finite}
+        return dict(self._selected[key])
 
 
 _MERGE_KEYS = ("bins", "momentum", "batch_size", "hist_samples")

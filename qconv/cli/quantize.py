@@ -163,6 +163,7 @@ def render_groups(term, groups: list[dict]) -> None:
 
 def render_tuning(term, t: dict) -> None:
     cached = f", {t['cached_trials']} from the cache" if t.get("cached_trials") else ""
+    cached += f", {t['cut_trials']} run from a cut" if t.get("cut_trials") else ""
     term.print(f"tuning: {len(t['trials'])} trials in {t['seconds']:.1f} s{cached} (budget {t['budget']}), measured on {t['rows']} rows "
                f"of {t['data']}")
     b, best = t.get("baseline") or {}, t.get("best") or {}

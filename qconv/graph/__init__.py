@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import defaultdict, deque
 from contextlib import contextmanager
 from typing import Callable
 
@@ -161,26 +161,50 @@ def name_nodes(model: onnx.ModelProto) -> None:
 
 
 def topo_sort(model: onnx.ModelProto) -> None:
-    """Reorder the main graph's nodes topologically (stable for already-sorted graphs)."""
+    """Reorder the main graph's nodes topologically (stable for already-sorted graphs).
+
+    The order is that of repeated passes over the nodes, each emitting in turn every node whose inputs are known by
+    then, computed in one walk: a node's pass is the largest over its inputs' makers of the maker's pass (a maker
+    earlier in the list) or the maker's pass + 1 (a later one); nodes sort by (pass, index). Nodes on a cycle or
+    with an input nothing makes go last, in their order (the checker reports them)."""
     g = model.graph
+    nodes = list(g.node)
     known = {i.name for i in g.input} | {t.name for t in g.initializer} | {""}
-    remaining = list(g.node)
-    ordered = []
-    while remaining:
-        progress = False
-        rest = []
-        for node in remaining:
-            needs = set(node.input) | subgraph_inputs(node)
-            if needs <= known:
-                ordered.append(node)
-                known.update(node.output)
-                progress = True
-            else:
-                rest.append(node)
-        if not progress:
-            ordered.extend(rest)  # a cycle or a missing input: leave the checker to report it
-            break
-        remaining = rest
+    maker = {}
+    for k, node in enumerate(nodes):
+        for o in node.output:
+            if o and o not in known:
+                maker.setdefault(o, k)
+    deps: list[list[int] | None] = []
+    for node in nodes:
+        d: list[int] | None = []
+        for name in set(node.input) | subgraph_inputs(node):
+            if name in known:
+                continue
+            if name not in maker:
+                d = None
+                break
+            d.append(maker[name])
+        deps.append(d)
+    passes: list[int | None] = [None] * len(nodes)
+    users: list[list[int]] = [[] for _ in nodes]
+    waiting = [0] * len(nodes)
+    for k, d in enumerate(deps):
+        if d is not None:
+            deps[k] = sorted(set(d))
+            waiting[k] = len(deps[k])
+            for j in deps[k]:
+                users[j].append(k)
+    ready = deque(k for k, d in enumerate(deps) if d is not None and not waiting[k])
+    while ready:
+        k = ready.popleft()
+        passes[k] = max([1] + [passes[j] if j < k else passes[j] + 1 for j in deps[k]])
+        for u in users[k]:
+            waiting[u] -= 1
+            if not waiting[u]:
+                ready.append(u)
+    placed = sorted((p, k) for k, p in enumerate(passes) if p is not None)
+    ordered = [nodes[k] for _, k in placed] + [nodes[k] for k, p in enumerate(passes) if p is None]
     del g.node[:]
     g.node.extend(ordered)
 

@@ -531,6 +531,7 @@ def _tuning(report: dict) -> str:
     trials = rows(t, "trials")
     targets = ", ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in sorted(section(t, "targets").items()) if k != "default")
     cached = f", {t.get('cached_trials')} from the cache" if t.get("cached_trials") else ""
+    cached += f", {t.get('cut_trials')} run only after the node they change" if t.get("cut_trials") else ""
     note = (f"Target: {targets}{' (the default)' if section(t, 'targets').get('default') else ''}. "
             f"{len(trials)} candidates measured in {format_number(t.get('seconds'), '.1f')} s{cached} (budget {t.get('budget')}) "
             f"on {t.get('rows')} rows: {t.get('data')}. Each dot is one candidate's worst-output error (1 - cosine, log scale); "

@@ -14,6 +14,7 @@ import onnx
 
 from qconv import pipeline, runtime
 from qconv.graph import Graph, expose
+from qconv.measure import cuts
 from qconv.measure.compare import limited
 from qconv.measure.layers import probe_pairs
 from qconv.measure.stats import ErrorStats
@@ -34,6 +35,8 @@ class Lab:
         self.prepared, self.ctx, self.cache, self.ident = prepared, ctx, cache, ident
         self._last = None  # (key, result) of the last candidate built: ranking and costs rebuild the current best
         self._ranked = None  # (key, ranked nodes) of the last ranking
+        self._anchor = None  # (method, overrides, nodes) the next candidates change, until measured: cuts.Anchor
+        self.share = 1.0  # the share of the last measured candidate's graph that ran (below 1: from a cut)
 
     def key(self, method: str, overrides: Overrides) -> str:
         return hashlib.sha256(f"{self.ident}|{method}|{self.ctx.config.percentile}|{overrides.digest()}".encode()).hexdigest()
@@ -62,11 +65,31 @@ class Lab:
                                self.prepared.model_id)
         return None if got is None or got[1] <= 0 else got[0] / got[1]
 
+    def anchor(self, method: str, overrides: Overrides, nodes: list[str]) -> None:
+        """The candidates that follow change ``nodes`` of this one (the current best): its values at the cuts before
+        them are kept on the first trial, and each candidate then runs only its graph after the last cut it shares."""
+        self._anchor = (method, overrides, list(nodes)) if cuts.enabled() else None
+
     def measure(self, method: str, overrides: Overrides) -> Metrics:
-        """The candidate's worst-output metrics on the held rows (QconvError when it cannot be built)."""
+        """The candidate's worst-output metrics on the held rows (QconvError when it cannot be built). After it,
+        ``share`` is the share of the candidate's graph that ran (below 1 when it ran from a cut)."""
         held = self.ctx.held
-        sess = runtime.session(self.candidate(method, overrides).model, self.ctx.threads, spinning=False)
-        return held.compare(sess).metrics(labelled=held.labels is not None)
+        model = self.candidate(method, overrides).model
+        anchor = self._anchored()
+        cut = anchor.cut(model) if anchor is not None else None
+        self.share = cut.share if cut is not None else 1.0
+        if cut is not None:
+            tally = anchor.compare(cut, self.ctx.threads, held.feeds, held, held.names)
+        else:
+            tally = held.compare(runtime.session(model, self.ctx.threads, spinning=False))
+        return tally.metrics(labelled=held.labels is not None)
+
+    def _anchored(self) -> cuts.Anchor | None:
+        if isinstance(self._anchor, tuple):
+            method, overrides, nodes = self._anchor
+            model = self.candidate(method, overrides).model
+            self._anchor = cuts.Anchor(model, self.ctx.held.feeds, self.ctx.threads, nodes)
+        return self._anchor
 
     def measure_plan(self, plan) -> Metrics:
         """A complete plan (e.g. with bias corrections) on the held rows."""

@@ -98,14 +98,16 @@ class Search:
         key = self.bench.key(method, overrides)
         t0 = time.perf_counter()
         cached, metrics, error = self.cache.metrics(key)
+        share = None
         if not cached:
             try:
                 metrics = self.bench.measure(method, overrides)
+                share = getattr(self.bench, "share", None)
             except QconvError as exc:
                 metrics, error = None, str(exc)
             self.cache.put_metrics(key, metrics, error)
         t = Trial(len(self.trials) + 1, step, change, overrides, metrics, time.perf_counter() - t0, cached, error=error,
-                  method=method)
+                  method=method, share=share)
         self.trials.append(t)
         self.advance(1)
         return t
@@ -205,6 +207,9 @@ class Search:
         ranked = [r for r in self.bench.rank(method, overrides) if r.node not in done and r.node not in overrides.nodes]
         first_round = not done
         k = min(self.clock.affordable(self.trials, len(ranked)), FIRST_ROUND if first_round else LATER_ROUNDS)
+        anchor = getattr(self.bench, "anchor", None)
+        if anchor is not None:  # the round's candidates change these nodes of the current best: run only what follows
+            anchor(method, overrides, [r.node for r in ranked[:k]])
         measured = self._alone(ranked[:k], method, overrides, best, done, first_round)
         costs = self.bench.costs(method, overrides) if self.targets.max_latency_ratio is not None else None
         for r in measured:

@@ -49,6 +49,7 @@ class Trial:
     note: str | None = None  # why a candidate that measured better was not taken
     method: str = ""  # the range method it was measured with
     speed: float | None = None  # its time as a multiple of the float model's, by the kernel table (when it was asked)
+    share: float | None = None  # the share of its graph's nodes that ran (below 1: from a cut of the current best's values)
 
     def to_dict(self) -> dict:
         m = self.metrics
@@ -57,7 +58,8 @@ class Trial:
                 "top1_drop": m.top1_drop if m else None, "slice_cosine": m.slice_cosine if m else None,
                 "passing": m.passing if m else None, "seconds": round(self.seconds, 3), "cached": self.cached,
                 "accepted": self.accepted, "error": self.error, "note": self.note,
-                **({"estimated_speed": round(self.speed, 4)} if self.speed is not None else {})}
+                **({"estimated_speed": round(self.speed, 4)} if self.speed is not None else {}),
+                **({"graph_share": round(self.share, 4)} if self.share is not None and self.share < 1.0 else {})}
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,7 @@ class Tuned:
         return {"targets": {**self.targets.to_dict(), "default": self.default_targets}, "budget": s.clock.budget.describe(),
                 "rows": self.held_rows, "data": data_note, "seconds": round(s.clock.seconds(), 2),
                 "trials": [t.to_dict() for t in s.trials], "cached_trials": sum(t.cached for t in s.trials),
+                "cut_trials": sum(t.share is not None and t.share < 1.0 for t in s.trials),
                 "cache": str(s.cache.path) if s.cache.path else None, "method": self.method,
                 "changes": [c.to_dict() for c in s.changes], "sensitivity": [r.to_dict() for r in s.sensitivity[:24]],
                 "baseline": base.to_dict() if base else {},
