@@ -382,3 +382,38 @@ def test_rows_the_search_never_saw_keep_the_plan_as_given_when_it_decides_better
     assert "warning" not in better and "kept_as_given" not in better
     task = unseen_verdict({"rows": 8, "untuned": {"metric": 0.9}, "tuned": {"metric": 0.89}}, 8)
     assert task["kept_as_given"] and "(metric)" in task["warning"]
+
+
+class LanedBench(FakeBench):
+    """FakeBench measuring ``lanes`` candidates at once: it measures every candidate it is handed (the ones a kept
+    candidate makes moot included), which the search must never record."""
+
+    def lanes(self):
+        return 3
+
+    def measure_many(self, cands, go=lambda: True):
+        out = []
+        for k, (method, overrides) in enumerate(cands):
+            if k and not go():
+                break
+            try:
+                out.append((self.measure(method, overrides), None, 0.5, 0.01))
+            except QconvError as exc:
+                out.append((None, str(exc), None, 0.01))
+        return out
+
+
+@given(st.integers(1, 40), st.lists(st.floats(1e-5, 1e-2), min_size=1, max_size=6), st.sampled_from([0.999, 0.9999, 0.99999]))
+@settings(max_examples=80, deadline=None)
+def test_measuring_in_lanes_makes_the_trials_and_choices_of_one_at_a_time(budget, errors, target):
+    names = {f"n{k}": e for k, e in enumerate(errors)}
+    names["bad"] = errors[0]
+    groups = [Group("all 2", ("n0", "bad"), 20.0)] if len(errors) > 1 else []
+    one = search(FakeBench(names, group_list=groups), target=target, trials=budget)
+    laned_bench = LanedBench(names, group_list=groups)
+    laned = search(laned_bench, target=target, trials=budget)
+    (m1, o1, b1), (m2, o2, b2) = one.run("minmax", Overrides()), laned.run("minmax", Overrides())
+    assert (m1, o1, b1.n, b1.metrics) == (m2, o2, b2.n, b2.metrics)
+    assert [(t.change, t.metrics, t.error, t.accepted) for t in one.trials] == [(t.change, t.metrics, t.error, t.accepted) for t in laned.trials]
+    assert len(laned.trials) <= budget
+    assert len(laned_bench.measured) >= len([t for t in laned.trials if t.error is None])  # speculative ones dropped

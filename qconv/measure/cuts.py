@@ -265,9 +265,9 @@ class Anchor:
         return Cut(_cut_model(model, sorted(needed), {t: self.elem[s] for t, s in cut_inputs.items()}, fed), cut_inputs,
                    sorted(fed), run / max(len(data), 1))
 
-    def compare(self, cut: Cut, threads: int, feeds: list[dict], reference, names: list[str]) -> Tally:
-        """``cut``'s outputs on the held rows against the float ones (``reference``: measure.reference.Reference)."""
-        sess = runtime.session(cut.model, threads, spinning=False)
+    def compare(self, cut: Cut, sess, feeds: list[dict], reference, names: list[str]) -> Tally:
+        """``cut``'s outputs (``sess``: a session of ``cut.model``) on the held rows against the float ones
+        (``reference``: measure.reference.Reference)."""
         tally = Tally(names, slices=reference.slices, objective=True, metric=reference.metric)
         renamed = {t: _cut_name(cut.model, t) for t in cut.inputs}
         for feed, values, ref in zip(feeds, self.values, reference.outputs):

@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
+import threading
+import time
 from typing import Iterator
 
 import numpy as np
 import onnx
 
 from qconv import pipeline, runtime
+from qconv.errors import QconvError
 from qconv.graph import Graph, expose
 from qconv.measure import cuts
 from qconv.measure.compare import limited
@@ -37,6 +41,7 @@ class Lab:
         self._ranked = None  # (key, ranked nodes) of the last ranking
         self._anchor = None  # (method, overrides, nodes) the next candidates change, until measured: cuts.Anchor
         self.share = 1.0  # the share of the last measured candidate's graph that ran (below 1: from a cut)
+        self._building = threading.Lock()  # candidates are planned and rewritten one at a time (shared caches)
 
     def key(self, method: str, overrides: Overrides) -> str:
         return hashlib.sha256(f"{self.ident}|{method}|{self.ctx.config.percentile}|{overrides.digest()}".encode()).hexdigest()
@@ -70,18 +75,82 @@ class Lab:
         them are kept on the first trial, and each candidate then runs only its graph after the last cut it shares."""
         self._anchor = (method, overrides, list(nodes)) if cuts.enabled() else None
 
+    def lanes(self) -> int:
+        """Candidates measured at once: two sessions of half the threads each (on 2 cores, two one-thread runs of a
+        batch-1 model do twice the work of one two-thread run), the next candidate built while the other runs.
+        ``QCONV_TRIAL_LANES=1`` measures one at a time (what benchmarks compare against)."""
+        if os.environ.get("QCONV_TRIAL_LANES") == "1":
+            return 1
+        return 2 if self.ctx.threads >= 2 else 1
+
     def measure(self, method: str, overrides: Overrides) -> Metrics:
         """The candidate's worst-output metrics on the held rows (QconvError when it cannot be built). After it,
         ``share`` is the share of the candidate's graph that ran (below 1 when it ran from a cut)."""
-        held = self.ctx.held
+        run = self._prepare(method, overrides, self.ctx.threads)
+        self.share = run[1]
+        return self._run(*run)
+
+    def measure_many(self, cands: list[tuple[str, Overrides]], go=lambda: True) -> list[tuple]:
+        """(metrics or None, error or None, share, seconds) of each candidate in order, ``lanes()`` at a time, while
+        ``go()``: the prefix measured. Candidates are built one at a time (planning and rewriting share this lab's
+        caches); their onnxruntime runs overlap."""
+        lanes = self.lanes()
+        threads = max(1, self.ctx.threads // lanes)
+        out: list = [None] * len(cands)
+        claim = threading.Lock()
+        state = {"next": 0, "stop": False}
+
+        def lane():
+            while True:
+                with claim:
+                    k = state["next"]
+                    if k >= len(cands) or state["stop"] or (k > 0 and not go()):
+                        state["stop"] = True
+                        return
+                    state["next"] = k + 1
+                t0 = time.perf_counter()
+                try:
+                    with self._building:
+                        run = self._prepare(*cands[k], threads)
+                    out[k] = (self._run(*run), None, run[1], time.perf_counter() - t0)
+                except QconvError as exc:
+                    out[k] = (None, str(exc), None, time.perf_counter() - t0)
+                except BaseException as exc:  # noqa: BLE001 - a bug: raised again in the caller's thread
+                    failed.append(exc)
+                    with claim:
+                        state["stop"] = True
+                    return
+
+        failed: list[BaseException] = []
+        workers = [threading.Thread(target=lane, daemon=True) for _ in range(lanes)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        if failed:
+            raise failed[0]
+        done = []
+        for got in out:
+            if got is None:
+                break
+            done.append(got)
+        return done
+
+    def _prepare(self, method: str, overrides: Overrides, threads: int):
+        """(session, share of the graph it runs, the anchor and cut it runs from or None)."""
         model = self.candidate(method, overrides).model
         anchor = self._anchored()
         cut = anchor.cut(model) if anchor is not None else None
-        self.share = cut.share if cut is not None else 1.0
         if cut is not None:
-            tally = anchor.compare(cut, self.ctx.threads, held.feeds, held, held.names)
+            return runtime.session(cut.model, threads, spinning=False), cut.share, (anchor, cut)
+        return runtime.session(model, threads, spinning=False), 1.0, None
+
+    def _run(self, sess, share: float, cut) -> Metrics:
+        held = self.ctx.held
+        if cut is not None:
+            tally = cut[0].compare(cut[1], sess, held.feeds, held, held.names)
         else:
-            tally = held.compare(runtime.session(model, self.ctx.threads, spinning=False))
+            tally = held.compare(sess)
         return tally.metrics(labelled=held.labels is not None)
 
     def _anchored(self) -> cuts.Anchor | None:

@@ -95,22 +95,70 @@ class Search:
         """Measure one candidate (or read it from the cache). ``force``: past the budget (the final speed check)."""
         if not force and not self.left():
             raise BudgetSpent
-        key = self.bench.key(method, overrides)
-        t0 = time.perf_counter()
-        cached, metrics, error = self.cache.metrics(key)
-        share = None
-        if not cached:
-            try:
-                metrics = self.bench.measure(method, overrides)
-                share = getattr(self.bench, "share", None)
-            except QconvError as exc:
-                metrics, error = None, str(exc)
-            self.cache.put_metrics(key, metrics, error)
-        t = Trial(len(self.trials) + 1, step, change, overrides, metrics, time.perf_counter() - t0, cached, error=error,
-                  method=method, share=share)
-        self.trials.append(t)
-        self.advance(1)
-        return t
+        return self._record([(step, change, method, overrides)], lambda: True)[0][0]
+
+    def batch(self, specs: list[tuple[str, str, str, Overrides]]) -> list[Trial]:
+        """Measure ``specs`` (step, change, method, overrides) in order within the budget, several at once where the
+        bench runs lanes: the trials made (fewer than asked when the budget ends)."""
+        return self.first_kept(specs, None)[0]
+
+    def first_kept(self, specs: list[tuple[str, str, str, Overrides]], kept: Callable[[Trial], bool] | None) -> tuple[list[Trial], int | None]:
+        """``batch`` that stops at the first trial ``kept`` accepts: (the trials made, the index of the kept one or
+        None). Candidates measured alongside the kept one are dropped unrecorded: the trials and the choices are those
+        of measuring one at a time."""
+        lanes = max(1, int(getattr(self.bench, "lanes", lambda: 1)()))
+        out: list[Trial] = []
+        i = 0
+        while i < len(specs) and self.left():
+            room = len(specs) - i if self.clock.budget.trials is None else self.clock.budget.trials - len(self.trials)
+            chunk = specs[i:i + max(1, min(room, lanes if kept is not None else len(specs)))]
+            made, stop = self._record(chunk, self.left, kept)
+            out += made
+            i += len(chunk)
+            if stop:
+                return out, len(out) - 1
+            if len(made) < len(chunk):
+                break
+        return out, None
+
+    def _record(self, specs: list, go: Callable[[], bool], kept: Callable[[Trial], bool] | None = None) -> tuple[list[Trial], bool]:
+        """Measure the uncached of ``specs`` (while ``go()``), then record trials in order up to the first unmeasured
+        one, or up to the first that ``kept`` accepts (then True)."""
+        keys = [self.bench.key(method, overrides) for _, _, method, overrides in specs]
+        hits = [self.cache.metrics(k) for k in keys]
+        todo = [(s[2], s[3]) for s, h in zip(specs, hits) if not h[0]]
+        many = getattr(self.bench, "measure_many", None)
+        if many is not None and len(todo) > 1:
+            measured = list(many(todo, go))
+        else:
+            measured = []
+            for method, overrides in todo:
+                if measured and not go():
+                    break
+                t0 = time.perf_counter()
+                try:
+                    m, error = self.bench.measure(method, overrides), None
+                except QconvError as exc:
+                    m, error = None, str(exc)
+                measured.append((m, error, getattr(self.bench, "share", None), time.perf_counter() - t0))
+        out: list[Trial] = []
+        fresh = iter(measured)
+        for (step, change, method, overrides), key, (cached, metrics, error) in zip(specs, keys, hits):
+            share, seconds = None, 0.0
+            if not cached:
+                got = next(fresh, None)
+                if got is None:
+                    break
+                metrics, error, share, seconds = got
+                self.cache.put_metrics(key, metrics, error)
+            t = Trial(len(self.trials) + 1, step, change, overrides, metrics, seconds, cached, error=error, method=method,
+                      share=share)
+            self.trials.append(t)
+            self.advance(1)
+            out.append(t)
+            if kept is not None and kept(t):
+                return out, True
+        return out, False
 
     def better(self, a: Trial, b: Trial | None) -> bool:
         """``a`` measures better than ``b`` (strictly), keeps the float model's decisions at least as well as the
@@ -170,14 +218,9 @@ class Search:
     def _ranges(self, base: str, overrides: Overrides, best: Trial) -> tuple[str, Trial]:
         """Each range method for every tensor; the best measured (before the budget ends) is kept."""
         method = base
-        for m in RANGE_METHODS:
-            if m == base:
-                continue
-            if not self.left():
-                break
-            t = self.trial("ranges", f"--method {m} for every tensor", m, overrides)
+        for t in self.batch([("ranges", f"--method {m} for every tensor", m, overrides) for m in RANGE_METHODS if m != base]):
             if self.better(t, best):
-                best, method = t, m
+                best, method = t, t.method
         if method != base:
             best.accepted = True
             self.changes.append(Change("all activations", f"range method {method}", f"measured best of {', '.join(RANGE_METHODS)} "
@@ -190,16 +233,20 @@ class Search:
         for g in self.bench.groups(method, overrides)[:GROUPS]:
             if self.met(best) or not self.left():
                 break
-            for precision in ("int16", "float"):
-                extra = Overrides({n: NodeOverride(precision=precision) for n in g.nodes}, {})
-                t = self.trial("group", f"{g.label} {precision} (estimated {g.estimate:.0f} dB)", method, overrides.merged(extra))
-                if self.better(t, best) and gain(self.targets, best.metrics, t.metrics) >= MIN_GAIN:
-                    t.accepted = True
-                    self.changes.append(Change(g.label, "int16 activations (a16w8 islands)" if precision == "int16" else "kept float",
-                                               f"together they add an estimated {g.estimate:.0f} dB of error; with this change the worst "
-                                               f"cosine is {t.metrics.worst_cosine:.5f}"))
-                    overrides, best = overrides.merged(extra), t
-                    break
+            moves = {p: Overrides({n: NodeOverride(precision=p) for n in g.nodes}, {}) for p in ("int16", "float")}
+            specs = [("group", f"{g.label} {p} (estimated {g.estimate:.0f} dB)", method, overrides.merged(extra))
+                     for p, extra in moves.items()]
+            ok = lambda t, base=best: self.better(t, base) and gain(self.targets, base.metrics, t.metrics) >= MIN_GAIN  # noqa: E731
+            made, k = self.first_kept(specs, ok)
+            if k is not None:
+                t, precision = made[k], list(moves)[k]
+                t.accepted = True
+                self.changes.append(Change(g.label, "int16 activations (a16w8 islands)" if precision == "int16" else "kept float",
+                                           f"together they add an estimated {g.estimate:.0f} dB of error; with this change the worst "
+                                           f"cosine is {t.metrics.worst_cosine:.5f}"))
+                overrides, best = overrides.merged(moves[precision]), t
+            elif len(made) < len(specs):
+                raise BudgetSpent
         return overrides, best
 
     def _round(self, method: str, overrides: Overrides, best: Trial, done: set[str]) -> tuple[str, Overrides, Trial]:
@@ -214,39 +261,48 @@ class Search:
         costs = self.bench.costs(method, overrides) if self.targets.max_latency_ratio is not None else None
         for r in measured:
             r.cost = costs.get(r.node, r.mac_share) if costs else r.mac_share
-        for r in sorted((r for r in measured if (r.float_gain or 0.0) >= MIN_GAIN), key=priority):
+        order = sorted((r for r in measured if (r.float_gain or 0.0) >= MIN_GAIN), key=priority)
+        for k, r in enumerate(order):
             if self.met(best):
                 break
+            before = best
             method, overrides, best = self._remedy(r, method, overrides, best)
+            if best is not before and anchor is not None and order[k + 1:]:  # the next remedies change the new best
+                anchor(method, overrides, [x.node for x in order[k + 1:]])
         return method, overrides, best
 
     def _alone(self, top: list[Ranked], method: str, overrides: Overrides, best: Trial, done: set[str],
                first_round: bool) -> list[Ranked]:
         """Measure each of ``top`` kept float alone (its gain); the first round's best few also quantized alone."""
         measured = []
-        for r in top:
+        made = self.batch([("sensitivity", f"'{r.node}' ({r.op}) alone in float", method,
+                            overrides.merged(Overrides({r.node: NodeOverride(precision="float")}, {}))) for r in top])
+        for r, t in zip(top, made):
             done.add(r.node)
             measured.append(r)
-            t = self.trial("sensitivity", f"'{r.node}' ({r.op}) alone in float", method,
-                           overrides.merged(Overrides({r.node: NodeOverride(precision="float")}, {})))
             r.float_gain = gain(self.targets, best.metrics, t.metrics)
             r.float_cosine = t.metrics.cosine if t.metrics else None
             self.sensitivity.append(r)
-        for r in sorted(measured, key=lambda r: -(r.float_gain or 0.0))[:ALONE if first_round else 0]:
-            if not self.left():
-                break
-            alone = Overrides({"*": NodeOverride(precision="float"), r.node: NodeOverride(precision="int8")}, {})
-            t = self.trial("sensitivity", f"'{r.node}' alone quantized", method, alone)
+        if len(made) < len(top):
+            raise BudgetSpent
+        first = sorted(measured, key=lambda r: -(r.float_gain or 0.0))[:ALONE if first_round else 0]
+        made = self.batch([("sensitivity", f"'{r.node}' alone quantized", method,
+                            Overrides({"*": NodeOverride(precision="float"), r.node: NodeOverride(precision="int8")}, {})) for r in first])
+        for r, t in zip(first, made):
             r.alone_cosine = t.metrics.cosine if t.metrics else None
         return measured
 
     def _remedy(self, r: Ranked, method: str, overrides: Overrides, best: Trial) -> tuple[str, Overrides, Trial]:
         """Each candidate for ``r`` in turn; the first that measures better by enough is kept."""
-        for c in self.bench.options(r.node, method, overrides):
-            t = self.trial("remedy", c.label, c.method, overrides.merged(c.extra))
-            if self.better(t, best) and gain(self.targets, best.metrics, t.metrics) >= max(0.25 * r.float_gain, MIN_GAIN / 2):
-                t.accepted = True
-                self.changes.append(Change(r.node, c.what, f"{r.describe()}; with this change the worst-output cosine is "
-                                           f"{t.metrics.cosine:.5f}", op=r.op))
-                return c.method, overrides.merged(c.extra), t
+        options = list(self.bench.options(r.node, method, overrides))
+        ok = lambda t: self.better(t, best) and gain(self.targets, best.metrics, t.metrics) >= max(0.25 * r.float_gain, MIN_GAIN / 2)  # noqa: E731
+        made, k = self.first_kept([("remedy", c.label, c.method, overrides.merged(c.extra)) for c in options], ok)
+        if k is not None:
+            t, c = made[k], options[k]
+            t.accepted = True
+            self.changes.append(Change(r.node, c.what, f"{r.describe()}; with this change the worst-output cosine is "
+                                       f"{t.metrics.cosine:.5f}", op=r.op))
+            return c.method, overrides.merged(c.extra), t
+        if len(made) < len(options):
+            raise BudgetSpent
         return method, overrides, best
