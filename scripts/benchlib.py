@@ -213,7 +213,7 @@ else:
 """
 
 
-def measured(cmd: list[str], env: dict | None = None) -> dict:
+def measured(cmd: list[str], env: dict | None = None, ok: tuple[int, ...] = (0,)) -> dict:
     """Wall seconds, peak RSS (MB) and stdout of a child Python process (``[python, "-m", module, ...]`` or
     ``[python, "-c", code, ...]``), run from the repository root: its own VmHWM, written at exit (a forked child's
     ru_maxrss starts at its parent's size); {"error": last stderr line} when it fails."""
@@ -225,7 +225,7 @@ def measured(cmd: list[str], env: dict | None = None) -> dict:
     t0 = time.perf_counter()
     p = subprocess.run([cmd[0], "-c", PEAK, *cmd[1:]], capture_output=True, text=True, env=env, cwd=ROOT)
     wall = time.perf_counter() - t0
-    if p.returncode != 0:
+    if p.returncode not in ok:
         return {"error": (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1][:200]}
     peak = int(peak_file.read_text()) / 1024.0
     peak_file.unlink()

@@ -330,3 +330,47 @@ def test_groups_respect_the_budget():
     assert groups_within(list(sizes), sizes, 8) == [["a", "b"], ["c"], ["d"]]
     assert groups_within(list(sizes), sizes, 2) == [["a"], ["b"], ["c"], ["d"]]  # a tensor over budget is alone
     assert groups_within(list(sizes), sizes, 100) == [list(sizes)]
+
+
+def _kl_by_bins(counts: np.ndarray, i: int, levels: int = 128) -> float:
+    """KL(P || Q) of one candidate threshold, bin by bin (TensorRT's recipe, as qconv computed it before the prefix
+    sums): the reference the closed form is held to."""
+    from qconv.calib.ranges import _EPS
+
+    c = counts.astype(np.float64)
+    p = c[:i].copy()
+    p[i - 1] += c[i:].sum()
+    support = p > 0
+    groups = np.minimum((np.arange(i) * levels) // i, levels - 1)
+    mass = np.bincount(groups, weights=c[:i], minlength=levels)
+    nonzero = np.bincount(groups, weights=support.astype(np.float64), minlength=levels)
+    q = np.where(support, mass[groups] / np.maximum(nonzero[groups], 1), 0.0)
+    p, q = p / p.sum(), q / max(q.sum(), 1e-300)
+    q = np.where(support & (q == 0), _EPS, q)
+    q /= q.sum()
+    return float(np.sum(p[support] * np.log(p[support] / q[support])))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_entropy_threshold_is_the_least_kl_of_the_bin_by_bin_sum(data):
+    """The prefix-sum KL picks a threshold whose bin-by-bin KL is the least (ties within rounding: the smallest)."""
+    from qconv.calib.ranges import _kl_threshold
+
+    n = data.draw(st.integers(129, 1500))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    shape = data.draw(st.sampled_from(["sparse", "dense", "tail", "clipped-only"]))
+    counts = rng.integers(0, 50, n) * (rng.random(n) < (0.1 if shape == "sparse" else 0.9))
+    if shape == "tail":
+        counts = (rng.exponential(200, n) * np.exp(-np.arange(n) / (n / 8))).astype(np.int64)
+    if shape == "clipped-only":
+        counts[: n // 2] = 0
+    counts[rng.integers(0, n)] += 1
+    got = int(round(_kl_threshold(counts, 1.0, 128)))
+    step = max(1, (n - 128) // 512)
+    cands = list(range(128, n, step)) + [n]
+    kl = {i: _kl_by_bins(counts, i) for i in cands}
+    least = min(kl.values())
+    assert got in kl
+    assert kl[got] <= least + 1e-9 * max(1.0, abs(least))
+    assert all(kl[i] > least + 1e-13 * max(1.0, abs(least)) for i in cands if i < got)  # nothing smaller is clearly as good

@@ -64,30 +64,43 @@ def percentile_range(o: TensorObserver, percentile: float, symmetric: bool) -> t
 
 
 def _kl_threshold(counts: np.ndarray, width: float, levels: int) -> float:
-    """TensorRT's entropy calibration on a |x| histogram: the threshold with the least KL(P || Q)."""
+    """TensorRT's entropy calibration on a |x| histogram: the threshold with the least KL(P || Q).
+
+    For a candidate threshold of i bins, P is the histogram's first i bins with the clipped mass added to the last,
+    Q merges those bins (unclipped) into ``levels`` groups spread over each group's nonzero bins, with a zero Q bin
+    where P has mass smoothed to a small epsilon. Both are constant over a group, so KL(P || Q) is a sum over the
+    ``levels`` groups of prefix sums (counts, nonzero bins, c log c): every candidate at once, in O(levels) each
+    rather than O(bins) (a tuning run's entropy trial was ~10 s of loops; the values agree with the per-bin sum to
+    ~1e-15). Candidates within 1e-12 of the least KL are ties, and the smallest threshold among them is taken."""
     n = counts.size
     if n <= levels:
         return n * width
-    counts = counts.astype(np.float64)
-    best, best_i = np.inf, n
-    step = max(1, (n - levels) // 512)  # at most ~512 candidates: bounded time per tensor
-    for i in list(range(levels, n, step)) + [n]:
-        p = counts[:i].copy()
-        p[i - 1] += counts[i:].sum()  # clipped values saturate into the last bin
-        support_mask = p > 0
-        # Q: merge the unclipped reference bins into `levels` groups, spread each over its nonzero bins
-        groups = np.minimum((np.arange(i) * levels) // i, levels - 1)
-        mass = np.bincount(groups, weights=counts[:i], minlength=levels)
-        support = np.bincount(groups, weights=support_mask.astype(np.float64), minlength=levels)
-        q = np.where(support_mask, mass[groups] / np.maximum(support[groups], 1), 0.0)
-        p, q = p / p.sum(), q / max(q.sum(), 1e-300)
-        q = np.where(support_mask & (q == 0), _EPS, q)  # smoothing, as TensorRT does: finite KL when clipping
-        q /= q.sum()
-        m = support_mask
-        kl = float(np.sum(p[m] * np.log(p[m] / q[m])))
-        if kl < best:
-            best, best_i = kl, i
-    return best_i * width
+    c = counts.astype(np.float64)
+    step = max(1, (n - levels) // 512)  # at most ~512 candidates
+    i = np.array(list(range(levels, n, step)) + [n], np.int64)
+    total = c.sum()
+    cum = np.concatenate([[0.0], np.cumsum(c)])  # integers: exact
+    nonzero = np.concatenate([[0], np.cumsum(c > 0)])
+    clogc = np.concatenate([[0.0], np.cumsum(c * np.log(np.where(c > 0, c, 1.0)))])
+    start = (np.arange(levels)[None, :] * i[:, None] + levels - 1) // levels  # each group's first bin
+    end = np.concatenate([start[:, 1:], i[:, None]], axis=1)
+    mass = cum[end] - cum[start]
+    support = (nonzero[end] - nonzero[start]).astype(np.float64)
+    last, above = c[i - 1], total - cum[i]
+    support[:, -1] += (last == 0) & (above > 0)  # the clipped mass puts the last bin in P's support
+    p_last = (last + above) / total
+    smoothed = (mass[:, -1] == 0) & (above > 0)  # the last group is the clipped bin alone: Q is epsilon there
+    z = (cum[i] > 0) + _EPS * smoothed  # Q's sum before it is normalized again
+    weight = mass / total  # P's mass over each group's support
+    weight[:, -1] = (mass[:, -1] + above) / total
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p_log_p = (clogc[i - 1] - np.log(total) * cum[i - 1]) / total + np.where(p_last > 0, p_last * np.log(p_last), 0.0)
+        log_q = np.log(mass / (np.maximum(support, 1.0) * np.maximum(cum[i], 1e-300)[:, None] * z[:, None]))
+        p_log_q = np.where(mass > 0, weight * np.where(mass > 0, log_q, 0.0), 0.0).sum(axis=1)
+        p_log_q += np.where(smoothed, p_last * np.log(_EPS / z), 0.0)
+    kl = p_log_p - p_log_q
+    k = int(np.argmax(kl <= kl.min() + 1e-12 * max(1.0, abs(float(kl.min())))))
+    return int(i[k]) * width
 
 
 def entropy_range(o: TensorObserver, symmetric: bool, levels: int | None = None) -> tuple[float, float]:
