@@ -154,6 +154,13 @@ def test_models_with_subgraphs_are_never_cut():
     assert not cuts.Anchor(m, [{"x": np.ones(2, np.float32)}], 1, ["if"]).available
 
 
+def test_models_that_draw_random_numbers_are_never_cut():
+    nodes = [helper.make_node("RandomNormalLike", ["x"], ["r"], name="noise"), helper.make_node("Add", ["x", "r"], ["y"], name="add")]
+    m = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    assert cuts.signatures(m) is None
+
+
 @pytest.mark.parametrize("budget", [0, 1])
 def test_no_cut_fits_a_tiny_budget(budget):
     base, fs = chain_model(), feeds()

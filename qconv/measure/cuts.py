@@ -51,7 +51,8 @@ def _tensor_digest(t: onnx.TensorProto) -> bytes:
 
 def signatures(model: onnx.ModelProto) -> dict[str, bytes] | None:
     """{tensor: signature} of every tensor of the main graph; None when a node holds a subgraph (its body may read
-    outer tensors by name, which a digest of its attributes does not see)."""
+    outer tensors by name, which a digest of its attributes does not see) or draws random numbers (two runs of the
+    same node then differ)."""
     g = model.graph
     sig: dict[str, bytes] = {}
     for t in g.initializer:
@@ -59,6 +60,8 @@ def signatures(model: onnx.ModelProto) -> dict[str, bytes] | None:
     for i in g.input:  # an input of an old model that shares an initializer's name: a feed may override it
         sig[i.name] = b"input:" + i.name.encode() + sig.get(i.name, b"")
     for node in g.node:
+        if "Random" in node.op_type or node.op_type in ("Multinomial", "Bernoulli"):
+            return None
         h = hashlib.blake2b(digest_size=16)
         h.update(f"{node.domain}|{node.op_type}".encode())
         for a in sorted(node.attribute, key=lambda a: a.name):
@@ -271,7 +274,7 @@ class Anchor:
         tally = Tally(names, slices=reference.slices, objective=True, metric=reference.metric)
         renamed = {t: _cut_name(cut.model, t) for t in cut.inputs}
         for feed, values, ref in zip(feeds, self.values, reference.outputs):
-            f = {k: feed[k] for k in cut.feeds}
+            f = {k: feed[k] for k in cut.feeds if k in feed}  # an old model's input with an initializer may go unfed
             f.update({renamed[t]: values[s] for t, s in cut.inputs.items()})
             tally.add(ref, runtime.run(sess, f, names), reference.labels)
         return tally
