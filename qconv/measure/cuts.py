@@ -23,7 +23,6 @@ import numpy as np
 import onnx
 
 from qconv import runtime
-from qconv.measure.tally import Tally
 
 CUT_BYTES = 128 * 2**20  # values held at the cuts, over all held rows, at most
 QDQ = ("QuantizeLinear", "DequantizeLinear")
@@ -158,27 +157,28 @@ def cut_points(model: onnx.ModelProto, starts: list[int], const: set[str], back:
     return out
 
 
-def starts_of(model: onnx.ModelProto, node_name: str, const: set[str] | None = None) -> list[int]:
-    """Where a change to ``node_name`` can begin in a rewritten model: the first of its DequantizeLinear inputs (a
-    change that keeps its inputs' quantization: weights, smoothing), and the first of the QuantizeLinear nodes before
-    them (a change to an input's range or precision)."""
+def starts_of(model: onnx.ModelProto, names: list[str], const: set[str] | None = None) -> list[int]:
+    """Where a change to one of ``names`` can begin in a rewritten model, sorted: for each node, the first of its
+    DequantizeLinear inputs (a change that keeps its inputs' quantization: weights, smoothing) and the first of the
+    QuantizeLinear nodes before them (a change to an input's range or precision)."""
     nodes = model.graph.node
     const = constant_tensors(model) if const is None else const
     index = {n.name: k for k, n in enumerate(nodes)}
-    if node_name not in index:
-        return []
     producer = {o: k for k, n in enumerate(nodes) for o in n.output if o}
-    out = []
-    for ops in (("DequantizeLinear",), QDQ):
-        first, stack = index[node_name], [index[node_name]]
-        while stack:
-            for t in nodes[stack.pop()].input:
-                k = producer.get(t) if t not in const else None
-                if k is not None and nodes[k].op_type in ops and k < first:
-                    first = k
-                    stack.append(k)
-        out.append(first)
-    return sorted(set(out))
+    out = set()
+    for name in names:
+        if name not in index:
+            continue
+        for ops in (("DequantizeLinear",), QDQ):
+            first, stack = index[name], [index[name]]
+            while stack:
+                for t in nodes[stack.pop()].input:
+                    k = producer.get(t) if t not in const else None
+                    if k is not None and nodes[k].op_type in ops and k < first:
+                        first = k
+                        stack.append(k)
+            out.add(first)
+    return sorted(out)
 
 
 @dataclass
@@ -202,7 +202,7 @@ class Anchor:
         if sig is None or not feeds:
             return
         const = constant_tensors(model)
-        cuts = cut_points(model, sorted({k for s in starts for k in starts_of(model, s, const) if k}), const)
+        cuts = cut_points(model, [k for k in starts_of(model, starts, const) if k], const)
         tensors = list(dict.fromkeys(t for c in cuts for t in c))
         if not tensors:
             return
@@ -234,7 +234,7 @@ class Anchor:
         if sig is None:
             return None
         g = model.graph
-        inits = {t.name: t for t in g.initializer}
+        inits = {t.name for t in g.initializer}
         graph_inputs = {i.name for i in g.input}
         producer = {o: k for k, n in enumerate(g.node) for o in n.output if o}
         needed: set[int] = set()
@@ -268,16 +268,13 @@ class Anchor:
         return Cut(_cut_model(model, sorted(needed), {t: self.elem[s] for t, s in cut_inputs.items()}, fed), cut_inputs,
                    sorted(fed), run / max(len(data), 1))
 
-    def compare(self, cut: Cut, sess, feeds: list[dict], reference, names: list[str]) -> Tally:
-        """``cut``'s outputs (``sess``: a session of ``cut.model``) on the held rows against the float ones
-        (``reference``: measure.reference.Reference)."""
-        tally = Tally(names, slices=reference.slices, objective=True, metric=reference.metric)
+    def feeds(self, cut: Cut, feeds: list[dict]):
+        """The cut model's feeds for the held rows: the kept values at its cut inputs, and the graph inputs it reads."""
         renamed = {t: _cut_name(cut.model, t) for t in cut.inputs}
-        for feed, values, ref in zip(feeds, self.values, reference.outputs):
+        for feed, values in zip(feeds, self.values):
             f = {k: feed[k] for k in cut.feeds if k in feed}  # an old model's input with an initializer may go unfed
             f.update({renamed[t]: values[s] for t, s in cut.inputs.items()})
-            tally.add(ref, runtime.run(sess, f, names), reference.labels)
-        return tally
+            yield f
 
 
 def expose_only(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:

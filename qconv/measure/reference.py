@@ -48,10 +48,11 @@ class Reference:
         self.rows += rows
         self.nbytes += size
 
-    def compare(self, sess) -> Tally:
-        """Another model's outputs on the kept rows against the float ones (with the labels, if kept)."""
+    def compare(self, sess, feeds=None) -> Tally:
+        """Another model's outputs on the kept rows against the float ones (with the labels, if kept). ``feeds``: that
+        model's own feeds for the same rows, in order (a cut model's: measure.cuts), instead of the kept ones."""
         tally = Tally(self.names, slices=self.slices, objective=True, metric=self.metric)
-        for feed, ref in zip(self.feeds, self.outputs):
+        for feed, ref in zip(self.feeds if feeds is None else feeds, self.outputs):
             tally.add(ref, runtime.run(sess, feed, self.names), self.labels)
         return tally
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import os
 import threading
 import time
@@ -86,9 +87,9 @@ class Lab:
     def measure(self, method: str, overrides: Overrides) -> Metrics:
         """The candidate's worst-output metrics on the held rows (QconvError when it cannot be built). After it,
         ``share`` is the share of the candidate's graph that ran (below 1 when it ran from a cut)."""
-        run = self._prepare(method, overrides, self.ctx.threads)
-        self.share = run[1]
-        return self._run(*run)
+        sess, cut, feeds = self._prepare(method, overrides, self.ctx.threads)
+        self.share = cut.share if cut is not None else 1.0
+        return self._run(sess, feeds)
 
     def measure_many(self, cands: list[tuple[str, Overrides]], go=lambda: True) -> list[tuple]:
         """(metrics or None, error or None, share, seconds) of each candidate in order, ``lanes()`` at a time, while
@@ -111,8 +112,8 @@ class Lab:
                 t0 = time.perf_counter()
                 try:
                     with self._building:
-                        run = self._prepare(*cands[k], threads)
-                    out[k] = (self._run(*run), None, run[1], time.perf_counter() - t0)
+                        sess, cut, feeds = self._prepare(*cands[k], threads)
+                    out[k] = (self._run(sess, feeds), None, cut.share if cut is not None else 1.0, time.perf_counter() - t0)
                 except QconvError as exc:
                     out[k] = (None, str(exc), None, time.perf_counter() - t0)
                 except BaseException as exc:  # noqa: BLE001 - a bug: raised again in the caller's thread
@@ -129,29 +130,21 @@ class Lab:
             w.join()
         if failed:
             raise failed[0]
-        done = []
-        for got in out:
-            if got is None:
-                break
-            done.append(got)
-        return done
+        return list(itertools.takewhile(lambda got: got is not None, out))
 
     def _prepare(self, method: str, overrides: Overrides, threads: int):
-        """(session, share of the graph it runs, the anchor and cut it runs from or None)."""
+        """(a session of the candidate, or of its cut when it runs from the anchor's values; the cut or None; the
+        cut's feeds for the held rows or None)."""
         model = self.candidate(method, overrides).model
         anchor = self._anchored()
         cut = anchor.cut(model) if anchor is not None else None
-        if cut is not None:
-            return runtime.session(cut.model, threads, spinning=False), cut.share, (anchor, cut)
-        return runtime.session(model, threads, spinning=False), 1.0, None
+        if cut is None:
+            return runtime.session(model, threads, spinning=False), None, None
+        return runtime.session(cut.model, threads, spinning=False), cut, anchor.feeds(cut, self.ctx.held.feeds)
 
-    def _run(self, sess, share: float, cut) -> Metrics:
+    def _run(self, sess, feeds) -> Metrics:
         held = self.ctx.held
-        if cut is not None:
-            tally = cut[0].compare(cut[1], sess, held.feeds, held, held.names)
-        else:
-            tally = held.compare(sess)
-        return tally.metrics(labelled=held.labels is not None)
+        return held.compare(sess, feeds).metrics(labelled=held.labels is not None)
 
     def _anchored(self) -> cuts.Anchor | None:
         if isinstance(self._anchor, tuple):

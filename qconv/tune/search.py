@@ -262,13 +262,13 @@ class Search:
         for r in measured:
             r.cost = costs.get(r.node, r.mac_share) if costs else r.mac_share
         order = sorted((r for r in measured if (r.float_gain or 0.0) >= MIN_GAIN), key=priority)
-        for k, r in enumerate(order):
+        for j, r in enumerate(order):
             if self.met(best):
                 break
             before = best
             method, overrides, best = self._remedy(r, method, overrides, best)
-            if best is not before and anchor is not None and order[k + 1:]:  # the next remedies change the new best
-                anchor(method, overrides, [x.node for x in order[k + 1:]])
+            if best is not before and anchor is not None and order[j + 1:]:  # the next remedies change the new best
+                anchor(method, overrides, [x.node for x in order[j + 1:]])
         return method, overrides, best
 
     def _alone(self, top: list[Ranked], method: str, overrides: Overrides, best: Trial, done: set[str],
