@@ -14,7 +14,7 @@ from qconv.cli.main import cli
 from qconv.data import FeedSource, InputSpec
 from qconv.plan.overrides import NodeOverride, Overrides
 from qconv.plan.config import QuantConfig
-from tests.conftest import conv_model, make_model, optimized_ops, run_model
+from tests.conftest import ROOT, conv_model, make_model, optimized_ops, run_model
 
 
 def invoke(*args):
@@ -274,3 +274,50 @@ def test_a_16_bit_island_in_an_int8_model_is_not_corrected(tmp_path):
     island = pipeline.plan(prepared, calib, QuantConfig(bias_correction="fast"), Overrides({"mm2": NodeOverride(precision="int16")}, {}))
     assert {t.node for t in targets(prepared.model, plain)} == {"mm", "mm2"}
     assert {t.node for t in targets(prepared.model, island)} == {"mm"}
+
+
+def _whole_runs(model, p, rows):
+    """The full correction measured the plain way: every level on whole runs of the int8 model from the graph inputs."""
+    from qconv.plan.planner import subplan
+    from qconv.rewrite.qdq import apply_qdq
+    from qconv.runtime import session
+
+    found = bias.targets(model, p)
+    reference = bias._sums(model, found, rows, 1)
+    m, deltas = bias._with_deltas(apply_qdq(model, subplan(p))[0], found)
+    sess, fed, out = session(m, 1), {name: np.zeros(shape, np.float32) for name, shape in deltas.values()}, {}
+    for level in bias.levels(found, bias._out_levels(m, found)):
+        fetch = [o for t in level for o in (f"{t.node}.bc_sum", f"{t.node}.bc_size")]
+        for t, pair in zip(level, bias._channel_sums(sess, level, rows, fetch, bias._inputs_of(sess, fed))):
+            out[t.node] = (bias._mean(reference[t.node], t.channels) - bias._mean(pair, t.channels)).astype(np.float32)
+            fed[deltas[t.node][0]] = out[t.node].reshape(deltas[t.node][1])
+    return out, m, found
+
+
+@pytest.mark.parametrize("name,data", [("digits_cnn", "calib.npy"), ("tiny_transformer", "calib.npz")])
+def test_full_correction_by_segments_equals_whole_runs(name, data):
+    """Each level runs only its segment of the int8 model, from the values the levels before it left: the shifts are
+    exactly those of whole runs (the DequantizeLinear -> op -> QuantizeLinear fusions stay inside one segment), and
+    every node that computes on the data runs in one segment only."""
+    src = ROOT / "sample_models" / name / "model.onnx"
+    prepared = pipeline.load(src, QuantConfig())
+    source = pipeline.feeds_for(prepared, ROOT / "sample_models" / name / data, 2)
+    p = pipeline.plan(prepared, pipeline.calibrate(prepared, source, 1), QuantConfig(kernels="none"))
+    rows = list(bias._first_rows(source, bias.FULL_ROWS, []))
+    whole, m, found = _whole_runs(prepared.model, p, rows)
+    segmented, n = bias.measure_full(prepared.model, p, rows, 1)
+    assert n == bias.FULL_ROWS and len(whole) == len(found) >= 4 and len(bias.levels(found, bias._out_levels(m, found))) >= 3
+    assert set(segmented) == set(whole)
+    for k in whole:
+        np.testing.assert_array_equal(segmented[k], whole[k], err_msg=k)
+    const = {t.name for t in m.graph.initializer}
+    for node in m.graph.node:
+        if all(i in const for i in node.input if i):
+            const.update(node.output)
+    segs = bias.segments(m, bias.levels(found, bias._out_levels(m, found)))
+    computing = [k for s in segs for k in s.nodes
+                 if m.graph.node[k].op_type != "DequantizeLinear" and not set(m.graph.node[k].output) <= const]
+    assert len(computing) == len(set(computing)) > len(found)
+    made_by = {o: node.op_type for node in m.graph.node for o in node.output}
+    crossing = [made_by.get(i, "input") for s in segs for i in s.inputs]
+    assert "DequantizeLinear" not in crossing, crossing  # int8 values cross, never their float copies
