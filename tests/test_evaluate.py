@@ -90,3 +90,33 @@ def test_class_scores_are_recognized_past_data_movement():
     assert _scores(m)
     m.graph.node[0].op_type = "Relu"
     assert not _scores(m)
+
+
+def test_probe_sizes_are_the_elements_onnxruntime_computes():
+    from qconv.graph import expose
+    from qconv.measure.layers import probe_sizes
+    from tests.conftest import conv_model, run_model
+
+    m = conv_model()
+    names = ["c1", "r1", "c2", "gap", "flat"]
+    feed = {"x": np.zeros((3, 3, 8, 8), np.float32)}
+    sizes = probe_sizes(m, feed, names)
+    got = run_model(expose(m, {n: 1 for n in names}), feed)[1:]
+    assert sizes == {n: int(v.size) for n, v in zip(names, got)} and sizes["c1"] == 3 * 8 * 64
+    assert [i.type.tensor_type.shape.dim[0].dim_param for i in m.graph.input] == ["N"]  # the model is left as it was
+
+
+@given(st.lists(st.integers(1, 80_000_000), min_size=1, max_size=60), st.integers(1, 64))
+@settings(max_examples=200, deadline=None)
+def test_layer_plan_bounds_values_and_exposure(sizes, rows):
+    """The per-layer analysis compares at most LAYER_VALUES values (never fewer than 2 rows, never more than offered)
+    and exposes at most CHUNK_BYTES a run (a tensor larger than that alone), every probe once, in graph order."""
+    from qconv.measure.compare import CHUNK_BYTES, LAYER_VALUES, layer_plan
+
+    named = {f"t{k}": n for k, n in enumerate(sizes)}
+    use, chunks = layer_plan(named, rows)
+    assert 1 <= use <= rows and (use <= max(2, LAYER_VALUES // sum(sizes)))
+    assert use == rows or use * sum(sizes) <= LAYER_VALUES or use == 2
+    assert [t for c in chunks for t in c] == list(named)
+    assert all(len(c) == 1 or 4 * sum(named[t] for t in c) <= CHUNK_BYTES for c in chunks)
+    assert all(4 * sum(named[t] for t in a + b[:1]) > CHUNK_BYTES for a, b in zip(chunks, chunks[1:]))  # none split early

@@ -24,6 +24,8 @@ from qconv.measure.tally import Tally
 from qconv.runtime import run
 
 DEFAULT_LAYER_SAMPLES = 32
+LAYER_VALUES = 1 << 26  # values of the probed tensors the per-layer analysis compares, over its rows (at least 2 rows)
+CHUNK_BYTES = 128 << 20  # float32 bytes of the tensors one analysis run exposes: onnxruntime holds them all at once
 
 
 def limited(feeds: Iterable[dict], specs, rows: int) -> Iterator[dict]:
@@ -62,6 +64,24 @@ def compare_outputs(float_sess, quant_sess, feeds: Iterable[dict], labels: np.nd
     if tally.batches == 0:
         raise QconvError("evaluation data set is empty")
     return {**tally.summary(labels), "rows": tally.rows}
+
+
+def layer_plan(sizes: dict[str, int], rows: int) -> tuple[int, list[list[str]]]:
+    """How the per-layer analysis bounds its cost: the rows to compare (of the ``rows`` offered: as many as hold
+    ``LAYER_VALUES`` values in the probed tensors, at least 2), and the probes (``sizes``: elements a row, in graph
+    order) in chunks that each expose at most ``CHUNK_BYTES`` a run. A text-line recognizer keeps its 32 rows and
+    one chunk; a 1024x1024 detector (~1.5e8 probed values a row) compares 2 rows in a few chunks."""
+    per_row = max(1, sum(sizes.values()))
+    use = max(min(rows, 2), min(rows, LAYER_VALUES // per_row))
+    chunks: list[list[str]] = [[]]
+    held = 0
+    for t, n in sizes.items():
+        if chunks[-1] and held + 4 * n > CHUNK_BYTES:
+            chunks.append([])
+            held = 0
+        chunks[-1].append(t)
+        held += 4 * n
+    return use, [c for c in chunks if c]
 
 
 def compare_layers(float_sess, quant_sess, feeds: Iterable[dict], probes: dict[str, str],

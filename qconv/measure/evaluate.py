@@ -5,6 +5,7 @@ model gets (with the range method that measures better)."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from qconv.errors import QconvError
 from qconv.graph import Graph, expose
 from qconv.measure import compare, usermetric
 from qconv.measure.latency import latency
-from qconv.measure.layers import probe_pairs
+from qconv.measure.layers import probe_pairs, probe_sizes
 from qconv.measure.reference import Reference
 from qconv.measure.tally import Tally
 
@@ -127,13 +128,27 @@ def evaluate_models(float_src, quant_src, float_layers, quant_layers, dequantize
         ftypes = Graph(float_layers).types if qtypes is not None else None
         pairs = probe_pairs(float_layers, quant_layers, dequantized, ftypes, qtypes)
         if pairs:
-            fl = runtime.session(expose(float_layers, {t: onnx.TensorProto.FLOAT for t in pairs}), threads)
-            ql = runtime.session(expose(quant_layers, dict(pairs.values())), threads)
-            feeds = list(compare.limited(source, source.specs, opts.layer_samples))
-            out["layers"] = compare.compare_layers(fl, ql, feeds, {t: q for t, (q, _) in pairs.items()},
-                                              progress("per-layer analysis", len(feeds)))
-            out["layer_rows"] = sum(feed_rows(f, source.specs) for f in feeds)
+            out["layers"], out["layer_rows"] = _layers(float_layers, quant_layers, pairs, source, opts.layer_samples, threads, progress)
     return out, reference
+
+
+def _layers(float_layers, quant_layers, pairs: dict, source: FeedSource, samples: int, threads: int, progress) -> tuple[dict, int]:
+    """Per-layer statistics over the first rows of ``source`` and the rows they cover, in bounded time and memory
+    (``compare.layer_plan``: fewer rows and several runs a row where the activations are large)."""
+    rows = compare.limited(source, source.specs, samples)
+    first = next(rows, None)
+    if first is None:
+        return {}, 0
+    use, chunks = compare.layer_plan(probe_sizes(float_layers, first, pairs), samples)
+    feeds = [first] + list(itertools.islice(rows, use - 1))  # held for every chunk: ``use`` is small where rows are big
+    advance = progress("per-layer analysis", len(feeds) * len(chunks))
+    stats: dict = {}
+    for chunk in chunks:
+        fl = runtime.session(expose(float_layers, {t: onnx.TensorProto.FLOAT for t in chunk}), threads)
+        ql = runtime.session(expose(quant_layers, dict(pairs[t] for t in chunk)), threads)
+        stats.update(compare.compare_layers(fl, ql, feeds, {t: pairs[t][0] for t in chunk}, advance))
+        del fl, ql
+    return {t: stats[t] for t in pairs if t in stats}, sum(feed_rows(f, source.specs) for f in feeds)
 
 
 def damage_warnings(evaluation: dict, prepared, result: pipeline.Result, calib, reference: Reference,

@@ -9,6 +9,7 @@ other tools, as long as they keep the original tensor names.
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 
 from qconv.graph import FLOAT_TYPES, Graph, weights_held
@@ -61,3 +62,29 @@ def dequantized_of(model: onnx.ModelProto) -> dict[str, str]:
             if dq:
                 out.setdefault(node.input[0], dq[0].output[0])
     return out
+
+
+def probe_sizes(model: onnx.ModelProto, feed: dict, names) -> dict[str, int]:
+    """{tensor: elements on ``feed``} of ``names``, from onnx shape inference with the graph inputs fixed to the
+    feed's shapes; a tensor whose shape it cannot settle counts as the largest one it settled (so a chunk of
+    probes errs on the small side)."""
+    with weights_held(model):  # the copy and the inference never see the big initializers
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+    for i in m.graph.input:
+        if i.name in feed and i.type.HasField("tensor_type"):
+            shape = i.type.tensor_type.shape
+            shape.ClearField("dim")
+            for d in np.shape(feed[i.name]):
+                shape.dim.add().dim_value = int(d)
+    try:
+        m = onnx.shape_inference.infer_shapes(m, strict_mode=False, data_prop=True)
+    except Exception:  # noqa: BLE001 - best effort: contrib ops may defeat it
+        pass
+    known = {}
+    for vi in list(m.graph.value_info) + list(m.graph.output):
+        dims = vi.type.tensor_type.shape.dim if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape") else None
+        if dims is not None and all(d.HasField("dim_value") for d in dims):
+            known[vi.name] = int(np.prod([d.dim_value for d in dims], dtype=np.int64))
+    fallback = max(known.values(), default=1)
+    return {t: known.get(t, fallback) for t in names}
