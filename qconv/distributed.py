@@ -12,6 +12,7 @@ run with the shard named, and nothing is written.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,14 +120,14 @@ def run_tasks(executor: Executor, fn: Callable, tasks: list[tuple], label: str,
 
 def calibrate_shard(model: str, data: str, per_channel: bool, batch_size: int, shard: tuple[int, int], bins: int,
                     momentum: float, names: list[str], max_memory: int, cast: bool, equalize: bool = False,
-                    hist_samples: int = 0) -> dict:
+                    hist_samples: int = 0, scales: dict | None = None) -> dict:
     """One shard's statistics: what a worker runs. Returns {"seen": feeds, "tensors": {name: TensorObserver}} (the
     observers travel pickled, their histograms as plain arrays: O(bins) per tensor)."""
     from qconv import pipeline
     from qconv.calib.collect import collect, memory_groups
 
     _fault_injection(shard)
-    prepared = _prepared(model, per_channel, equalize)
+    prepared = _prepared(model, per_channel, equalize, scales)
     source = pipeline.feeds_for(prepared, data, batch_size, None, shard, cast)
     if next(iter(source), None) is None:
         return {"seen": 0, "tensors": {}}
@@ -140,16 +141,19 @@ _PREPARED: dict = {}  # per worker process: the model of the last job, keyed by 
 _SESSIONS: dict = {}  # per worker process: that model's calibration graph and session (qconv.calib.collect's cache)
 
 
-def _prepared(model: str, per_channel: bool, equalize: bool = False):
+def _prepared(model: str, per_channel: bool, equalize: bool = False, scales: dict | None = None):
     from qconv import pipeline
     from qconv.plan.config import QuantConfig
 
     st = os.stat(model)
-    key = (model, st.st_size, st.st_mtime_ns, per_channel, equalize)
+    key = (model, st.st_size, st.st_mtime_ns, per_channel, equalize, json.dumps(scales or {}, sort_keys=True))
     if key not in _PREPARED:
         _PREPARED.clear()  # one model at a time: a worker's memory holds one set of weights
         _SESSIONS.clear()
-        _PREPARED[key] = pipeline.load(Path(model), QuantConfig(per_channel=per_channel, equalize=equalize))
+        prepared = pipeline.load(Path(model), QuantConfig(per_channel=per_channel, equalize=equalize))
+        if scales:
+            pipeline.equalize_gated(prepared, None, scales=scales)
+        _PREPARED[key] = prepared
     return _PREPARED[key]
 
 

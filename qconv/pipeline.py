@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 import collections
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -79,6 +80,37 @@ def load(path: str | os.PathLike, config: QuantConfig) -> Prepared:
             notes.append(f"cross-layer equalization: {pairs} Conv pair{'s' if pairs != 1 else ''} rescaled"
                          if pairs else "cross-layer equalization: no Conv pair joined by identity or Relu to rescale")
     return Prepared(Path(path), structure, model, notes, identity, external, found)
+
+
+def equalize_gated(prepared: Prepared, source: Iterable[dict] | None, threads: int | None = None,
+                   scales: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+    """--equalize, the part that needs data: the Conv -> gated activation (hard-swish, SiLU) -> Conv pairs, rescaled in
+    ``prepared.model`` on the per-channel extremes of the first rows of ``source`` (or by the ``scales`` a
+    calibration file or plan recorded). Returns the scales, to be recorded."""
+    from qconv.adjust import equalize as eq
+
+    if scales is None:
+        pairs = eq.gated_pairs(prepared.model)
+        if not pairs or source is None:
+            return {}
+        probe, names = eq.range_probe(prepared.model, pairs)
+        sess = runtime.session(probe, threads)
+        peaks: dict[str, np.ndarray] = {}
+        rows = 0
+        for feed in source:
+            for p, v in zip(pairs, runtime.run(sess, feed, names)):
+                peaks[p.conv] = np.maximum(peaks.get(p.conv, 0.0), np.asarray(v, np.float64))
+            rows += len(next(iter(feed.values()))) if feed else 1
+            if rows >= eq.RANGE_ROWS:
+                break
+        del sess, probe
+        scales = eq.gated_scales(prepared.model, pairs, peaks)
+        prepared.notes.append(f"cross-layer equalization through gated activations: {len(scales)} of {len(pairs)} "
+                              f"Conv -> hard-swish/SiLU -> Conv pair{'s' if len(pairs) != 1 else ''} rescaled on {rows} rows")
+    if eq.apply_gated(prepared.model, scales):
+        digest = hashlib.blake2b(json.dumps(scales, sort_keys=True).encode(), digest_size=8).hexdigest()
+        prepared.variant = f"eq{digest}"
+    return scales
 
 
 def check_float(prepared: Prepared) -> None:
@@ -188,6 +220,8 @@ def plan(prepared: Prepared, calib: Calibration | Ranges | None, config: QuantCo
     stats = Ranges.of(calib)
     p = mode.plan(prepared, stats, config, overrides)
     p.source = {"model_id": prepared.model_id, "calibration": stats.identity if stats is not None else None, **p.source}
+    if isinstance(calib, Calibration) and calib.equalization:
+        p.source["equalization"] = calib.equalization
     return p
 
 
@@ -229,6 +263,8 @@ def replan(prepared: Prepared, stored: QuantPlan, calib: Calibration | None, whe
     elif stats is not None:  # the stored plan's kernel-table verdict holds: a plan is replanned without the table
         stats = dataclasses.replace(stats, speed=stored.source.get("speed"))
     p = plan(prepared, stats, config, stored.overrides, where)
+    if stored.source.get("equalization"):
+        p.source["equalization"] = stored.source["equalization"]
     keep_corrections(prepared, stored, p)
     return p
 

@@ -24,6 +24,12 @@ class Prepared:
     external_data: bool
     quantized_already: dict | None = None  # integer ops found in the input (it is not a float model)
     derived: dict = field(default_factory=dict, repr=False, compare=False)  # smoothed forms, by their scales
+    variant: str = ""  # what changed the graph after intake (--equalize's gated pairs): kernel tables are per variant
+
+    @property
+    def kernel_id(self) -> str:
+        """The id a kernel table of this graph is cached and matched by."""
+        return f"{self.model_id}-{self.variant}" if self.variant else self.model_id
 
 
 def smoothed(prepared: Prepared, overrides: Overrides | None) -> Prepared:

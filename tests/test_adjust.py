@@ -321,3 +321,70 @@ def test_full_correction_by_segments_equals_whole_runs(name, data):
     made_by = {o: node.op_type for node in m.graph.node for o in node.output}
     crossing = [made_by.get(i, "input") for s in segs for i in s.inputs]
     assert "DequantizeLinear" not in crossing, crossing  # int8 values cross, never their float copies
+
+
+def gated_pair(gate: str, depthwise: bool = True) -> onnx.ModelProto:
+    """x -> Conv(8, bias) -> y * gate(y) -> Conv (depthwise or dense) -> out. The channels of y span 0.01 to 30 (a folded
+    BatchNorm's spread), so one 8-bit scale for the activation rounds the small ones away. ``gate``: HardSwish (the
+    op, which intake expands into y * Clip(y + 3, 0, 6) / 6) or SiLU (y * Sigmoid(y))."""
+    rng = np.random.default_rng(11)
+    w1 = rng.normal(0, 1, (8, 3, 3, 3)).astype(np.float32) * np.geomspace(0.01, 30, 8).astype(np.float32).reshape(8, 1, 1, 1)
+    w2 = (rng.normal(0, 0.5, (8, 1, 3, 3) if depthwise else (4, 8, 3, 3)) / np.geomspace(0.01, 30, 8).reshape(
+        (8, 1, 1, 1) if depthwise else (1, 8, 1, 1))).astype(np.float32)  # BN-folded: small channels read with large weights
+    inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(rng.normal(0, 0.01, 8).astype(np.float32), "b1"),
+             numpy_helper.from_array(w2, "w2")]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["y"], pads=[1, 1, 1, 1], name="conv1")]
+    if gate == "HardSwish":
+        nodes.append(helper.make_node("HardSwish", ["y"], ["h"], name="act"))
+    else:
+        nodes += [helper.make_node("Sigmoid", ["y"], ["s"], name="sig"), helper.make_node("Mul", ["y", "s"], ["h"], name="silu")]
+    nodes.append(helper.make_node("Conv", ["h", "w2"], ["out"], pads=[1, 1, 1, 1], group=8 if depthwise else 1, name="conv2"))
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 6, 6])],
+                      [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)], inits, opset=14)
+
+
+@pytest.mark.parametrize("gate,depthwise", [("HardSwish", True), ("HardSwish", False), ("SiLU", True)])
+def test_gated_equalization_is_exact_and_lowers_the_int8_error(tmp_path, gate, depthwise):
+    """--equalize rescales Conv -> hard-swish/SiLU -> Conv on measured channel extremes: the float function is kept
+    (the gate reads y / t through one inserted Mul), the int8 model's error falls, and the calibration file and the
+    plan record the scales, so --calib and --plan reproduce the model without data."""
+    from qconv.adjust import equalize as eq
+
+    src = tmp_path / "m.onnx"
+    onnx.save(gated_pair(gate, depthwise), src)
+    x = np.random.default_rng(2).normal(0, 1, (32, 3, 6, 6)).astype(np.float32)
+    data = tmp_path / "x.npy"
+    np.save(data, x)
+    prepared = pipeline.load(src, QuantConfig(equalize=True))
+    before = run_model(prepared.model, {"x": x})[0]
+    assert [p.conv for p in eq.gated_pairs(prepared.model)] == ["conv1"]
+    scales = pipeline.equalize_gated(prepared, pipeline.feeds_for(prepared, data, 4))
+    assert list(scales) == ["conv1"] and max(scales["conv1"]) > 10 and min(scales["conv1"]) == 1.0
+    assert sum(n.op_type == "Mul" and n.name.endswith("eq_unscale") for n in prepared.model.graph.node) == 1
+    np.testing.assert_allclose(run_model(prepared.model, {"x": x})[0], before, rtol=1e-4, atol=1e-5 * np.abs(before).max())
+    plain, equal = tmp_path / "c.json", tmp_path / "ce.json"
+    assert invoke("calibrate", src, "--data", data, "-o", plain, "-q").exit_code == 0
+    assert invoke("calibrate", src, "--data", data, "-o", equal, "-q", "--equalize").exit_code == 0
+    assert json.loads(equal.read_text())["equalization"]["conv1"] == scales["conv1"]
+    assert "equalization" not in json.loads(plain.read_text())
+    err = {}
+    for name, args in (("plain", ["--calib", plain]), ("eq", ["--calib", equal, "--equalize", "--write-plan", tmp_path / "p.json"])):
+        assert invoke("quantize", src, *args, "-o", tmp_path / f"{name}.onnx", "-q").exit_code == 0
+        err[name] = float(np.sqrt(((run_model(tmp_path / f"{name}.onnx", {"x": x})[0] - before) ** 2).mean()))
+    assert err["eq"] < 0.5 * err["plain"], err
+    assert invoke("quantize", src, "--plan", tmp_path / "p.json", "-o", tmp_path / "again.onnx", "-q").exit_code == 0
+    assert (tmp_path / "again.onnx").read_bytes() == (tmp_path / "eq.onnx").read_bytes()
+    onnx.checker.check_model(onnx.load(tmp_path / "eq.onnx"))
+
+
+def test_gated_pairs_need_a_pure_gate_and_convs_after():
+    from qconv.adjust import equalize as eq
+
+    m = gated_pair("SiLU")
+    m.graph.output.append(helper.make_tensor_value_info("h", TensorProto.FLOAT, None))  # h leaves the graph: not only Convs read it
+    assert eq.gated_pairs(m) == []
+    m = gated_pair("SiLU")
+    m.graph.node.append(helper.make_node("Relu", ["s"], ["s2"], name="other"))  # the gate's value has a second reader
+    m.graph.output.append(helper.make_tensor_value_info("s2", TensorProto.FLOAT, None))
+    assert eq.gated_pairs(m) == []
+    assert [p.conv for p in eq.gated_pairs(gated_pair("SiLU"))] == ["conv1"]

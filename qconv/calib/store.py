@@ -61,9 +61,10 @@ class Calibration:
     options: dict
     tensors: dict[str, TensorObserver] = field(default_factory=dict)
     qconv_version: str = __version__
+    equalization: dict[str, list[float]] = field(default_factory=dict)  # --equalize: Conv -> its gated pair's scales
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "schema": SCHEMA,
             "version": VERSION,
             "qconv_version": self.qconv_version,
@@ -73,6 +74,9 @@ class Calibration:
             "options": self.options,
             "tensors": {name: obs.to_dict() for name, obs in sorted(self.tensors.items())},
         }
+        if self.equalization:
+            d["equalization"] = {k: list(v) for k, v in sorted(self.equalization.items())}
+        return d
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "calibration file") -> "Calibration":
@@ -89,6 +93,7 @@ class Calibration:
                 options=options,
                 tensors={k: TensorObserver.from_dict(v, momentum=float(options.get("momentum", 0.01))) for k, v in dict(d["tensors"]).items()},
                 qconv_version=str(d.get("qconv_version", "")),
+                equalization={str(k): [float(x) for x in v] for k, v in dict(d.get("equalization") or {}).items()},
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise QconvError(f"{source} is missing or has malformed fields ({exc}): re-run qconv calibrate") from None

@@ -54,23 +54,26 @@ def run_calibrate(job: CalibrateJob, progress=pipeline.no_progress):
                                           shards=(o.shards or distributed.DEFAULT_SHARDS) if sharded else None,
                                           equalize=job.equalize, percentile=job.percentile, hist_samples=samples).to_dict()
     data_id = source.identity()
+    scales = pipeline.equalize_gated(prepared, source, o.threads) if job.equalize else {}
     if job.out.exists():
         try:
             old = Calibration.from_dict(io.read_json(job.out, "calibration file"))
         except QconvError:
             old = None
-        if old and old.model_id == prepared.model_id and old.data_id == data_id and old.options == options:
+        if old and old.model_id == prepared.model_id and old.data_id == data_id and old.options == options \
+                and old.equalization == scales:
             return None
     if sharded:
         names = activation_tensors(prepared.model)
         if not job.all_tensors:
             names = calibration_targets(prepared.model, config, names)
         calib = sharded_calibration(prepared, job.data, source, names, config.per_channel, job.method, o, progress, job.equalize,
-                                    samples)
+                                    samples, scales)
     else:
         calib = pipeline.calibrate(prepared, source, o.threads, progress, job.method, o.bins, o.momentum,
                                    None if job.all_tensors else config, None, o.max_memory, hist_samples=samples)
     calib.options = options
+    calib.equalization = scales
     io.write_json(calib.to_dict(), job.out)
     return calib
 

@@ -117,20 +117,27 @@ def statistics(job: PlanJob, prepared: pipeline.Prepared, overrides: Overrides, 
             raise QconvError(f"calibration file {job.calib} was made {'with' if made else 'without'} --equalize and this run "
                              f"{'asks for' if job.config.equalize else 'does not ask for'} it (the ranges belong to other weights): "
                              f"{'add' if made else 'drop'} --equalize, or re-run qconv calibrate {'without' if made else 'with'} it")
+        if calib.equalization:
+            pipeline.equalize_gated(prepared, None, scales=calib.equalization)
         return calib
     o = job.calib_options
     source = pipeline.feeds_for(prepared, job.data, o.batch_size, o.samples, cast=o.cast_data, skip=job.holdout)
     config = job.effective(None)
+    scales = pipeline.equalize_gated(prepared, source, o.threads) if job.config.equalize else {}
     if distributed.parse_executor(o.executor).distributed or o.shards:
         names = calibration_targets(prepared.model, config, activation_tensors(prepared.model), overrides)
-        return sharded_calibration(prepared, job.data, source, names, job.config.per_channel, job.method, o, progress,
-                                   job.config.equalize, o.samples_for(config.method))
-    return pipeline.calibrate(prepared, source, o.threads, progress, job.method, o.bins, o.momentum,
-                              config, overrides, o.max_memory, job.config.equalize, o.samples_for(config.method))
+        calib = sharded_calibration(prepared, job.data, source, names, job.config.per_channel, job.method, o, progress,
+                                    job.config.equalize, o.samples_for(config.method), scales)
+    else:
+        calib = pipeline.calibrate(prepared, source, o.threads, progress, job.method, o.bins, o.momentum,
+                                   config, overrides, o.max_memory, job.config.equalize, o.samples_for(config.method))
+    calib.equalization = scales
+    return calib
 
 
 def sharded_calibration(prepared: pipeline.Prepared, data: Path, source: FeedSource, names: list[str], per_channel: bool,
-                        method: str, o: CalibOptions, progress, equalize: bool = False, hist_samples: int = DEFAULT_SAMPLES):
+                        method: str, o: CalibOptions, progress, equalize: bool = False, hist_samples: int = DEFAULT_SAMPLES,
+                        scales: dict | None = None):
     """Calibration of ``names`` as shard tasks on the executor, merged in shard order (see qconv.distributed)."""
     from qconv.calib.store import Calibration, merge_tensors
 
@@ -138,7 +145,7 @@ def sharded_calibration(prepared: pipeline.Prepared, data: Path, source: FeedSou
     shards = o.shards or distributed.DEFAULT_SHARDS
     data_id = source.identity()  # once, here: workers never hash the data
     tasks = [(str(prepared.path), str(data), per_channel, o.batch_size, (k, shards), o.bins, o.momentum, names, o.max_memory,
-              o.cast_data, equalize, hist_samples) for k in range(shards)]
+              o.cast_data, equalize, hist_samples, scales or {}) for k in range(shards)]
     parts = distributed.run_tasks(executor, distributed.calibrate_shard, tasks, "calibrating shards", progress)
     seen = sum(p["seen"] for p in parts)
     if seen == 0:
@@ -190,7 +197,7 @@ def time_kernels(job: PlanJob, prepared: pipeline.Prepared, calib, config: Quant
 
     if config.mode != "int8" or config.kernels != "auto" or calib is None:
         return None
-    path = kernels.model_cache_path(prepared.model_id)
+    path = kernels.model_cache_path(prepared.kernel_id)
     if path.is_file() and not again:
         return path
     feed = _timing_feed(prepared, calib, job)
@@ -199,7 +206,7 @@ def time_kernels(job: PlanJob, prepared: pipeline.Prepared, calib, config: Quant
     base = pipeline.plan(prepared, calib, dataclasses.replace(config, kernels="none", bias_correction=None), Overrides())
     try:
         int8 = pipeline.apply(prepared, base, check=False).model
-        table = model_table(prepared.model, int8, feed, dict(base.folded), prepared.model_id)
+        table = model_table(prepared.model, int8, feed, dict(base.folded), prepared.kernel_id)
     except QconvError:  # a row the model cannot run (made from sizes alone): no table, the plan is int8 wherever it can be
         return None
     with tempfile.TemporaryDirectory(prefix="qconv-kernels.") as tmp:  # the cache gets the table once it is checked

@@ -124,6 +124,8 @@ def run_quantize(job: QuantizeJob, progress=pipeline.no_progress) -> tuple[dict,
     labels = load_labels(job.evaluation.labels)
     stored = read_plan(job.plan_file) if job.plan_file is not None else None
     prepared = pipeline.load(job.model, stored.config if stored is not None else job.planning.config)
+    if stored is not None and stored.source.get("equalization"):
+        pipeline.equalize_gated(prepared, None, scales=stored.source["equalization"])
     if job.converting:
         return _run_conversion(job, prepared, labels, progress)
     pipeline.check_float(prepared)

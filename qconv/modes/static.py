@@ -55,12 +55,12 @@ def _speed(prepared, p: QuantPlan, stats: Ranges, config, overrides: Overrides) 
         return None
     if stats.speed is not None:
         return stats.speed
-    table = kernels.load(config.kernels, prepared.model_id)
+    table = kernels.load(config.kernels, prepared.kernel_id)
     counts = regions.counts_per_row(stats.observers, stats.identity)
     if table is None or not counts:
         return None
     fixed = {d.name for d in p.nodes if getattr(overrides.node(d.name), "precision", None) is not None}
-    return regions.choose(prepared.model, p, counts, table, fixed, prepared.model_id).to_dict(table)
+    return regions.choose(prepared.model, p, counts, table, fixed, prepared.kernel_id).to_dict(table)
 
 
 def _slower_reason(speed: dict) -> str:
