@@ -169,7 +169,8 @@ def scheme_options(fn):
                           "fast: each layer alone, one pass; off.  [default: full with --data (with --tune: on the plan it chose), none with --calib]"),
         click.option("--equalize", is_flag=True,
                      help="int8: cross-layer equalization, Conv pairs joined by identity/Relu rescaled to equal channel ranges "
-                          "(helps --per-tensor most); a calibration file must be made with it too."),
+                          "(helps --per-tensor most), and pairs joined by hard-swish/SiLU rescaled on the channel ranges of "
+                          "the calibration rows (one Mul each); a calibration file must be made with it too."),
         click.option("--kernels", default="auto", show_default=True, metavar="auto|shipped|none|FILE", envvar="QCONV_KERNELS",
                      help="int8: the kernel cost table that keeps float the regions where int8 runs slower on this CPU (env "
                           "QCONV_KERNELS). auto: this model's nodes timed float and int8 on this machine, once (cached; "
