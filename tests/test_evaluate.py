@@ -120,3 +120,22 @@ def test_layer_plan_bounds_values_and_exposure(sizes, rows):
     assert [t for c in chunks for t in c] == list(named)
     assert all(len(c) == 1 or 4 * sum(named[t] for t in c) <= CHUNK_BYTES for c in chunks)
     assert all(4 * sum(named[t] for t in a + b[:1]) > CHUNK_BYTES for a, b in zip(chunks, chunks[1:]))  # none split early
+
+
+def test_an_l2_normalized_output_is_not_judged_by_its_argmax():
+    """A sentence embedding (x / max(||x||, eps), as torch's F.normalize exports) has no class to agree on: the damage
+    warning does not read top-1 agreement there, and still does for logits."""
+    from onnx import TensorProto, helper
+
+    from qconv.measure.evaluate import _normalized
+    from tests.conftest import make_model
+
+    eps = helper.make_tensor("eps", TensorProto.FLOAT, [], [1e-12])
+    nodes = [helper.make_node("ReduceL2", ["x"], ["n"], axes=[-1], keepdims=1), helper.make_node("Clip", ["n", "eps"], ["c"]),
+             helper.make_node("Expand", ["c", "shape"], ["e"]), helper.make_node("Div", ["x", "e"], ["y"])]
+    shape = helper.make_tensor("shape", TensorProto.INT64, [2], [1, 8])
+    io = ([helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])])
+    assert _normalized(make_model(nodes, *io, [eps, shape], opset=13))
+    w = helper.make_tensor("w", TensorProto.FLOAT, [8, 8], [0.1] * 64)
+    assert not _normalized(make_model([helper.make_node("MatMul", ["x", "w"], ["y"])], *io, [w], opset=13))
+    assert not _normalized(make_model([helper.make_node("Div", ["x", "w"], ["y"])], *io, [w], opset=13))  # divided, not by its norm

@@ -158,7 +158,8 @@ def damage_warnings(evaluation: dict, prepared, result: pipeline.Result, calib, 
     outs = evaluation.get("outputs", {})
     bad = [(k, v["cosine"]) for k, v in outs.items() if v["cosine"] < DAMAGE_COSINE]
     agreement = evaluation.get("top1_agreement")
-    classifier = bool(outs) and (evaluation.get("task") is not None or _rank(prepared.model) == 2 or _scores(prepared.model))
+    classifier = bool(outs) and (evaluation.get("task") is not None or _rank(prepared.model) == 2 or _scores(prepared.model)) \
+        and not _normalized(prepared.model)
     low_agreement = classifier and agreement is not None and agreement < DAMAGE_COSINE
     if not bad and not low_agreement:
         return []
@@ -184,6 +185,34 @@ def _scores(model: onnx.ModelProto) -> bool:
     while node is not None and node.op_type in ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity"):
         node = producers.get(node.input[0])  # past data movement (onnx's opset converter wraps Softmax-12 in two)
     return node is not None and node.op_type in ("Softmax", "LogSoftmax")
+
+
+NORM_PATH = ("Expand", "Clip", "Max", "Add", "Sqrt", "Reshape", "Unsqueeze", "Identity", "Cast")
+
+
+def _normalized(model: onnx.ModelProto) -> bool:
+    """The first output is divided by its own L2 norm (a sentence embedding: ``F.normalize``, LpNormalization): its
+    argmax means nothing, so top-1 agreement does not judge it (MiniLM was called damaged at cosine 0.984)."""
+    if not model.graph.output:
+        return False
+    producers = {o: n for n in model.graph.node for o in n.output}
+    node = producers.get(model.graph.output[0].name)
+    while node is not None and node.op_type in ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity"):
+        node = producers.get(node.input[0])
+    if node is None or node.op_type == "LpNormalization":
+        return node is not None
+    if node.op_type != "Div" or len(node.input) < 2:
+        return False
+    divisor = producers.get(node.input[1])
+    for _ in range(8):
+        if divisor is None:
+            return False
+        if divisor.op_type in ("ReduceL2", "ReduceSumSquare"):
+            return True
+        if divisor.op_type not in NORM_PATH:
+            return False
+        divisor = producers.get(divisor.input[0])
+    return False
 
 
 def _rank(model: onnx.ModelProto) -> int:
