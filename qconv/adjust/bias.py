@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from qconv.graph import FLOAT, Graph, ai_onnx_opset, attr, ensure_opset, subgraph_inputs, topo_sort
+from qconv.graph import FLOAT, Graph, ai_onnx_opset, attr, ensure_opset, subgraph_inputs, submodel, topo_sort
 from qconv.numeric import qmath
 from qconv.plan import QuantPlan, TensorPlan
 from qconv.rewrite.qdq import activation_pair
@@ -308,23 +308,16 @@ def _segment_model(m: onnx.ModelProto, seg: Segment, have: dict, sums: list[str]
     dtype), its level's sums and the values later segments read as outputs (the latter untyped: onnxruntime types
     them from the nodes that make them)."""
     g = m.graph
-    sub_m = onnx.ModelProto()
-    sub_m.ir_version = m.ir_version
-    sub_m.opset_import.extend(m.opset_import)
-    sub_m.functions.extend(m.functions)
+    sub_m = submodel(m, seg.nodes)
     sub = sub_m.graph
-    sub.name = g.name
-    nodes = [g.node[k] for k in seg.nodes]
-    read = {i for n in nodes for i in list(n.input) + sorted(subgraph_inputs(n)) if i}
-    sub.initializer.extend(t for t in g.initializer if t.name in read)
     graph_inputs = {i.name: i for i in g.input}
+    read = {i for n in sub.node for i in list(n.input) + sorted(subgraph_inputs(n)) if i}
     for name in seg.inputs:
         if name in graph_inputs:
             sub.input.append(graph_inputs[name])
         else:
             sub.input.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(np.dtype(have[name])), None))
     sub.input.extend(i for i in g.input if i.name.endswith(".bc_delta") and i.name in read)
-    sub.node.extend(nodes)
     outputs = {o.name: o for o in g.output}
     sub.output.extend(outputs[name] for name in sums)
     for name in seg.keep:

@@ -138,6 +138,23 @@ def expose(model: onnx.ModelProto, names_types: dict[str, int]) -> onnx.ModelPro
     return m
 
 
+def submodel(model: onnx.ModelProto, indices: list[int]) -> onnx.ModelProto:
+    """A model of the nodes of ``model`` at ``indices`` (in that order) with the initializers they read (subgraph
+    bodies' outer reads included): the caller adds its inputs and outputs. The initializers are shared by copy, the
+    rest of ``model`` is never copied."""
+    g = model.graph
+    m = onnx.ModelProto()
+    m.ir_version = model.ir_version
+    m.opset_import.extend(model.opset_import)
+    m.functions.extend(model.functions)
+    m.graph.name = g.name
+    nodes = [g.node[k] for k in indices]
+    read = {i for n in nodes for i in list(n.input) + sorted(subgraph_inputs(n)) if i}
+    m.graph.initializer.extend(t for t in g.initializer if t.name in read)
+    m.graph.node.extend(nodes)
+    return m
+
+
 def ensure_opset(model: onnx.ModelProto, domain: str, version: int) -> None:
     """Import ``domain`` at ``version`` at least."""
     for op in model.opset_import:

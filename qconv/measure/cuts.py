@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 
 from qconv import runtime
+from qconv.graph import submodel
 
 CUT_BYTES = 128 * 2**20  # values held at the cuts, over all held rows, at most
 QDQ = ("QuantizeLinear", "DequantizeLinear")
@@ -310,22 +311,17 @@ def _spread(n: int) -> list[int]:
 
 def _cut_model(model: onnx.ModelProto, needed: list[int], cut_inputs: dict[str, tuple[int, int]], fed: list[str]) -> onnx.ModelProto:
     g = model.graph
-    m = onnx.ModelProto()
-    m.ir_version = model.ir_version
-    m.opset_import.extend(model.opset_import)
-    m.functions.extend(model.functions)
+    m = submodel(model, needed)
     sub = m.graph
-    sub.name = g.name
-    nodes = [g.node[k] for k in needed]
-    read = {i for n in nodes for i in n.input if i}
-    sub.initializer.extend(t for t in g.initializer if t.name in read)
     sub.input.extend(i for i in g.input if i.name in fed)
     outputs = {o.name for o in g.output}
+    renamed = []
     for k, (t, (elem, rank)) in enumerate(cut_inputs.items()):
         name = _cut_name(model, t)
         sub.input.append(onnx.helper.make_tensor_value_info(name, elem, [f"cut{k}_{d}" for d in range(rank)]))
         if t in outputs:
-            sub.node.append(onnx.helper.make_node("Identity", [name], [t]))
-    sub.node.extend(nodes)
+            renamed.append(onnx.helper.make_node("Identity", [name], [t]))
+    for k, node in enumerate(renamed):  # before the nodes that read them
+        sub.node.insert(k, node)
     sub.output.extend(g.output)
     return m
