@@ -283,7 +283,8 @@ def outputs_of(path: Path, data: Path, batch: int) -> list[np.ndarray]:
     return [np.concatenate([r[i] for r in runs]) for i in range(len(names))]
 
 
-DATA_FLAGS = ("--bias-correction", "--equalize")
+DATA_FLAGS = ("--bias-correction",)  # measured on rows at quantize time: quantize --data in one step
+CALIB_FLAGS = ("--equalize",)  # given to calibrate too (the file records what they measured)
 
 
 def qconv_cli(cli: list[str], task: Task, work: Path, tag: str, extra: list[str]) -> tuple[Path, float]:
@@ -296,7 +297,8 @@ def qconv_cli(cli: list[str], task: Task, work: Path, tag: str, extra: list[str]
         subprocess.run(cli + ["quantize", str(c.model), "--data", str(c.calib), "--batch-size", str(c.batch), "-o", str(out), "-q", *extra],
                        check=True, capture_output=True, text=True)
         return out, time.perf_counter() - t0
-    subprocess.run(cli + ["calibrate", str(c.model), "--data", str(c.calib), "--batch-size", str(c.batch), "-o", str(calib), "-q"],
+    both = [f for f in extra if f in CALIB_FLAGS]
+    subprocess.run(cli + ["calibrate", str(c.model), "--data", str(c.calib), "--batch-size", str(c.batch), "-o", str(calib), "-q", *both],
                    check=True, capture_output=True, text=True)
     subprocess.run(cli + ["quantize", str(c.model), "--calib", str(calib), "-o", str(out), "-q", *extra],
                    check=True, capture_output=True, text=True)
