@@ -96,14 +96,12 @@ def equalize_gated(prepared: Prepared, source: Iterable[dict] | None, threads: i
         probe, names = eq.range_probe(prepared.model, pairs)
         sess = runtime.session(probe, threads)
         peaks: dict[str, np.ndarray] = {}
-        rows = 0
-        for feed in source:
+        seen: list[int] = []
+        for feed in bias.first_rows(source, eq.RANGE_ROWS, seen):
             for p, v in zip(pairs, runtime.run(sess, feed, names)):
                 peaks[p.conv] = np.maximum(peaks.get(p.conv, 0.0), np.asarray(v, np.float64))
-            rows += len(next(iter(feed.values()))) if feed else 1
-            if rows >= eq.RANGE_ROWS:
-                break
         del sess, probe
+        rows = sum(seen)
         scales = eq.gated_scales(prepared.model, pairs, peaks)
         prepared.notes.append(f"cross-layer equalization through gated activations: {len(scales)} of {len(pairs)} "
                               f"Conv -> hard-swish/SiLU -> Conv pair{'s' if len(pairs) != 1 else ''} rescaled on {rows} rows")

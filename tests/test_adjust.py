@@ -303,7 +303,7 @@ def test_full_correction_by_segments_equals_whole_runs(name, data):
     prepared = pipeline.load(src, QuantConfig())
     source = pipeline.feeds_for(prepared, ROOT / "sample_models" / name / data, 2)
     p = pipeline.plan(prepared, pipeline.calibrate(prepared, source, 1), QuantConfig(kernels="none"))
-    rows = list(bias._first_rows(source, bias.FULL_ROWS, []))
+    rows = list(bias.first_rows(source, bias.FULL_ROWS, []))
     whole, m, found = _whole_runs(prepared.model, p, rows)
     segmented, n = bias.measure_full(prepared.model, p, rows, 1)
     assert n == bias.FULL_ROWS and len(whole) == len(found) >= 4 and len(bias.levels(found, bias._out_levels(m, found))) >= 3

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from qconv import runtime
-from qconv.graph import subgraph_inputs, topo_sort
+from qconv.graph import constant_tensors, subgraph_inputs, topo_sort
 from qconv.measure import cuts
 from qconv.measure.reference import Reference
 from tests.conftest import make_model
@@ -135,7 +135,7 @@ def test_cut_points_avoid_tensors_a_full_run_fuses_away():
     m.graph.initializer.extend(q)
     unsafe = cuts.unsafe_tensors(m)
     assert {"b", "b_dq"} <= unsafe and "b_q" not in unsafe
-    const = cuts.constant_tensors(m)
+    const = constant_tensors(m)
     # a change to c1 that keeps b's quantization runs from b_q (after the QuantizeLinear); one that changes b's range
     # from the Conv output before the Relu, as b itself is only read by the QuantizeLinear
     assert cuts.cut_points(m, cuts.starts_of(m, ["c1"], const), const) == [["a"], ["b_q"]]

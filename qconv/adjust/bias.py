@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from qconv.graph import FLOAT, Graph, ai_onnx_opset, attr, ensure_opset, subgraph_inputs, submodel, topo_sort
+from qconv.graph import FLOAT, Graph, ai_onnx_opset, attr, constant_tensors, ensure_opset, subgraph_inputs, submodel, topo_sort
 from qconv.numeric import qmath
 from qconv.plan import QuantPlan, TensorPlan
 from qconv.rewrite.qdq import activation_pair
@@ -148,15 +148,16 @@ def probe(model: onnx.ModelProto, plan: QuantPlan, found: list[Target]) -> onnx.
     return m
 
 
-def _rows_of(feed: dict) -> int:
+def rows_of(feed: dict) -> int:
+    """Rows in a feed (its first input's leading dimension)."""
     return len(next(iter(feed.values()))) if feed else 1
 
 
-def _first_rows(feeds: Iterable[dict], max_rows: int, seen: list[int]):
+def first_rows(feeds: Iterable[dict], max_rows: int, seen: list[int]):
     """The feeds, until they hold ``max_rows`` rows (streamed: never all in memory); each feed's rows go to ``seen``."""
     for feed in feeds:
         yield feed
-        seen.append(_rows_of(feed))
+        seen.append(rows_of(feed))
         if sum(seen) >= max_rows:
             return
 
@@ -166,12 +167,16 @@ def _channel_sums(sess, found: list[Target], feeds: Iterable[dict], fetch: list[
     """(channel sums, element count) of each target over ``feeds``: the runs return (sum, size) pairs in ``found``'s order."""
     sums, counts = [np.zeros(t.channels, np.float64) for t in found], [0] * len(found)
     for feed in feeds:
-        got = run(sess, {**feed, **(extra or {})}, fetch)
-        for k in range(len(found)):
-            sums[k] += got[2 * k].astype(np.float64)
-            counts[k] += int(got[2 * k + 1])
+        _add_sums(sums, counts, run(sess, {**feed, **(extra or {})}, fetch))
         advance(1)
     return list(zip(sums, counts))
+
+
+def _add_sums(sums: list[np.ndarray], counts: list[int], got: list) -> None:
+    """Fold one run's (channel sums, element count) pairs, in order, into the running totals."""
+    for k in range(len(sums)):
+        sums[k] += got[2 * k].astype(np.float64)
+        counts[k] += int(got[2 * k + 1])
 
 
 def _mean(pair: tuple[np.ndarray, int], channels: int) -> np.ndarray:
@@ -187,7 +192,7 @@ def measure(model: onnx.ModelProto, plan: QuantPlan, feeds: Iterable[dict], thre
         return {}, 0
     sess = session(probe(model, plan, found), threads)
     seen: list[int] = []
-    got = _channel_sums(sess, found, _first_rows(feeds, max_rows, seen), advance=advance)
+    got = _channel_sums(sess, found, first_rows(feeds, max_rows, seen), advance=advance)
     return {t.node: (-_mean(p, t.channels)).astype(np.float32) for t, p in zip(found, got) if p[1]}, sum(seen)  # float - twin
 
 
@@ -207,7 +212,7 @@ def measure_full(model: onnx.ModelProto, plan: QuantPlan, feeds: Iterable[dict],
     if not found:
         return {}, 0
     seen: list[int] = []
-    rows = list(_first_rows(feeds, max_rows, seen))
+    rows = list(first_rows(feeds, max_rows, seen))
     reference = _sums(model, found, rows, threads)
     qmodel, _ = apply_qdq(model, subplan(plan))
     m, deltas = _with_deltas(qmodel, found)
@@ -221,9 +226,7 @@ def measure_full(model: onnx.ModelProto, plan: QuantPlan, feeds: Iterable[dict],
         totals, counts = [np.zeros(t.channels, np.float64) for t in level], [0] * len(level)
         for values in cache:
             got = run(sess, {**{k: values[k] for k in seg.inputs}, **_inputs_of(sess, fed)}, sums + seg.keep)
-            for k in range(len(level)):
-                totals[k] += got[2 * k].astype(np.float64)
-                counts[k] += int(got[2 * k + 1])
+            _add_sums(totals, counts, got)
             for name in [k for k in values if k not in seg.later]:
                 del values[name]
             values.update(zip(seg.keep, got[len(sums):]))
@@ -258,7 +261,7 @@ def segments(m: onnx.ModelProto, groups: list[list[Target]]) -> list[Segment]:
     level_of = {t.node: k + 1 for k, group in enumerate(groups) for t in group}
     deltas = {f"{name}.bc_delta": k + 1 for name, k in level_of.items()}
     inits = {t.name for t in m.graph.initializer}
-    const = inits - {i.name for i in m.graph.input}
+    const = constant_tensors(m)
     made_in: dict[str, int] = {i.name: 1 for i in m.graph.input}
     made_in.update(deltas)
     seg: list[int] = []
@@ -269,10 +272,7 @@ def segments(m: onnx.ModelProto, groups: list[list[Target]]) -> list[Segment]:
 
     for k, n in enumerate(nodes):
         ins = reads(n)
-        if all(i in const for i in ins) and not subgraph_inputs(n) and "Random" not in n.op_type:
-            const.update(o for o in n.output if o)
-            floating.add(k)
-        elif n.op_type == "DequantizeLinear":
+        if n.op_type == "DequantizeLinear" or all(o in const for o in n.output if o):
             floating.add(k)
         at = level_of.get(n.name) or max([made_in[i] for i in ins if i in made_in] + [1])
         seg.append(at)

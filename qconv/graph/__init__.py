@@ -138,6 +138,17 @@ def expose(model: onnx.ModelProto, names_types: dict[str, int]) -> onnx.ModelPro
     return m
 
 
+def constant_tensors(model: onnx.ModelProto) -> set[str]:
+    """Tensors computed from initializers alone (a weight's DequantizeLinear, shape constants): a run of part of the
+    graph (a tuning trial's cut, a bias-correction segment) computes them itself rather than being fed them."""
+    const = {t.name for t in model.graph.initializer} - {i.name for i in model.graph.input}
+    for n in model.graph.node:
+        if all(i in const for i in n.input if i) and not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                                                            for a in n.attribute) and "Random" not in n.op_type:
+            const.update(o for o in n.output if o)
+    return const
+
+
 def submodel(model: onnx.ModelProto, indices: list[int]) -> onnx.ModelProto:
     """A model of the nodes of ``model`` at ``indices`` (in that order) with the initializers they read (subgraph
     bodies' outer reads included): the caller adds its inputs and outputs. The initializers are shared by copy, the

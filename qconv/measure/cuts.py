@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 
 from qconv import runtime
-from qconv.graph import submodel
+from qconv.graph import constant_tensors, submodel
 
 CUT_BYTES = 128 * 2**20  # values held at the cuts, over all held rows, at most
 QDQ = ("QuantizeLinear", "DequantizeLinear")
@@ -75,17 +75,6 @@ def signatures(model: onnx.ModelProto) -> dict[str, bytes] | None:
             if o:
                 sig[o] = d + bytes([k % 256])
     return sig
-
-
-def constant_tensors(model: onnx.ModelProto) -> set[str]:
-    """Tensors computed from initializers alone (a weight's DequantizeLinear, shape constants): a cut run computes
-    them itself, they are never cut."""
-    const = {t.name for t in model.graph.initializer} - {i.name for i in model.graph.input}
-    for n in model.graph.node:
-        if all(i in const for i in n.input if i) and not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-                                                            for a in n.attribute) and "Random" not in n.op_type:
-            const.update(o for o in n.output if o)
-    return const
 
 
 def _spans(model: onnx.ModelProto, const: set[str]) -> dict[str, tuple[int, int]]:

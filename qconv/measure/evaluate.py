@@ -176,14 +176,19 @@ def damage_warnings(evaluation: dict, prepared, result: pipeline.Result, calib, 
     return [msg]
 
 
+def _first_output_maker(model: onnx.ModelProto) -> tuple[onnx.NodeProto | None, dict]:
+    """The node that computes the first output, past data movement (onnx's opset converter wraps Softmax-12 in two
+    Reshapes), and the graph's {tensor: producer}."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    node = producers.get(model.graph.output[0].name) if model.graph.output else None
+    while node is not None and node.op_type in ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity"):
+        node = producers.get(node.input[0])
+    return node, producers
+
+
 def _scores(model: onnx.ModelProto) -> bool:
     """The first output is class scores per position (a Softmax/LogSoftmax result, e.g. an OCR recognizer's)."""
-    if not model.graph.output:
-        return False
-    producers = {o: n for n in model.graph.node for o in n.output}
-    node = producers.get(model.graph.output[0].name)
-    while node is not None and node.op_type in ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity"):
-        node = producers.get(node.input[0])  # past data movement (onnx's opset converter wraps Softmax-12 in two)
+    node, _ = _first_output_maker(model)
     return node is not None and node.op_type in ("Softmax", "LogSoftmax")
 
 
@@ -193,12 +198,7 @@ NORM_PATH = ("Expand", "Clip", "Max", "Add", "Sqrt", "Reshape", "Unsqueeze", "Id
 def _normalized(model: onnx.ModelProto) -> bool:
     """The first output is divided by its own L2 norm (a sentence embedding: ``F.normalize``, LpNormalization): its
     argmax means nothing, so top-1 agreement does not judge it (MiniLM was called damaged at cosine 0.984)."""
-    if not model.graph.output:
-        return False
-    producers = {o: n for n in model.graph.node for o in n.output}
-    node = producers.get(model.graph.output[0].name)
-    while node is not None and node.op_type in ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity"):
-        node = producers.get(node.input[0])
+    node, producers = _first_output_maker(model)
     if node is None or node.op_type == "LpNormalization":
         return node is not None
     if node.op_type != "Div" or len(node.input) < 2:
