@@ -326,6 +326,174 @@ def page_images(count: int, size: int = 480, seed: int = 0) -> np.ndarray:
     return out
 
 
+def _prose() -> list[str]:
+    """English prose for paragraphs: the dataset descriptions scikit-learn ships (reStructuredText markup dropped)."""
+    import re
+
+    import sklearn
+
+    words = []
+    for p in sorted((Path(sklearn.__file__).parent / "datasets" / "descr").glob("*.rst")):
+        for w in p.read_text(encoding="utf-8").split():
+            if re.fullmatch(r"[A-Za-z][A-Za-z,.;:()'-]*|\d[\d.,%]*", w) and not w.startswith(".."):
+                words.append(w)
+    return words
+
+
+def _photos() -> list[np.ndarray]:
+    """The natural photographs scikit-learn ships (a temple, a flower), RGB uint8."""
+    from sklearn.datasets import load_sample_images
+
+    return list(load_sample_images().images)
+
+
+def layout_pages(count: int, height: int, width: int, seed: int, letterbox: bool = False) -> np.ndarray:
+    """``count`` rendered document pages, RGB in [0, 1], [count, 3, height, width]: what a layout detector reads.
+
+    Each page is laid out as papers and reports are: an optional running header and page number, a title, one or two
+    columns of paragraphs (English prose), section headings, bulleted lists, photographs with captions (crops of
+    scikit-learn's sample images) and ruled tables of words and numbers, on off-white paper with scanner noise.
+    ``letterbox``: a portrait page (8.5 x 11) centred on grey (114), as YOLO's preprocessing pads a page to a square;
+    else the page fills the frame (resized, as PicoDet's preprocessing does)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    rng = np.random.default_rng(seed)
+    prose, photos = _prose(), _photos()
+    out = np.empty((count, 3, height, width), np.float32)
+    fonts: dict[int, object] = {}
+
+    def font(size: int):
+        if size not in fonts:
+            fonts[size] = ImageFont.load_default(size=size)
+        return fonts[size]
+
+    def words(n: int) -> list[str]:
+        start = int(rng.integers(0, len(prose) - n))
+        return prose[start:start + n]
+
+    def wrap(ws: list[str], f, w: int) -> list[str]:
+        lines, cur = [], ""
+        for word in ws:
+            nxt = f"{cur} {word}".strip()
+            if cur and f.getlength(nxt) > w:
+                lines.append(cur)
+                cur = word
+            else:
+                cur = nxt
+        return lines + ([cur] if cur else [])
+
+    for k in range(count):
+        ph, pw = height, (width if not letterbox else min(width, int(round(height * 8.5 / 11))))
+        paper = int(rng.integers(232, 256))
+        ink = int(rng.integers(0, 50))
+        page = Image.new("RGB", (pw, ph), (paper, paper, paper - int(rng.integers(0, 8))))
+        d = ImageDraw.Draw(page)
+        body = max(9, int(round(ph * rng.uniform(0.0125, 0.017))))
+        lead = int(body * rng.uniform(1.25, 1.5))
+        mx, my = int(pw * rng.uniform(0.07, 0.11)), int(ph * rng.uniform(0.05, 0.08))
+        y = my
+        if rng.random() < 0.6:  # running header
+            d.text((mx, y), " ".join(words(int(rng.integers(3, 8)))), fill=(ink + 60,) * 3, font=font(int(body * 0.85)))
+            y += int(body * 1.6)
+            if rng.random() < 0.5:
+                d.line([(mx, y), (pw - mx, y)], fill=(ink + 80,) * 3, width=1)
+                y += int(body * 0.8)
+        if rng.random() < 0.75:  # title
+            tf = font(int(body * rng.uniform(1.7, 2.6)))
+            for line in wrap(words(int(rng.integers(4, 14))), tf, pw - 2 * mx)[:2]:
+                x = mx if rng.random() < 0.6 else int((pw - tf.getlength(line)) / 2)
+                d.text((x, y), line, fill=(ink,) * 3, font=tf, stroke_width=1 if rng.random() < 0.6 else 0, stroke_fill=(ink,) * 3)
+                y += int(tf.size * 1.3)
+            y += body
+            if rng.random() < 0.5:  # authors / abstract line
+                d.text((mx, y), " ".join(words(int(rng.integers(4, 9)))), fill=(ink + 30,) * 3, font=font(int(body * 0.95)))
+                y += 2 * lead
+        cols = 2 if rng.random() < 0.45 else 1
+        gap = int(pw * 0.04)
+        cw = (pw - 2 * mx - (cols - 1) * gap) // cols
+        bottom = ph - my - (2 * body if rng.random() < 0.7 else 0)
+        top = y
+        for c in range(cols):
+            x0, y = mx + c * (cw + gap), top
+            while y < bottom - 3 * lead:
+                kind = rng.choice(["para", "head", "list", "photo", "table"], p=[0.5, 0.14, 0.1, 0.13, 0.13])
+                if kind == "para":
+                    lines = wrap(words(int(rng.integers(25, 110))), font(body), cw)
+                    indent = int(body * 1.5) if rng.random() < 0.5 else 0
+                    for j, line in enumerate(lines):
+                        if y + lead > bottom:
+                            break
+                        d.text((x0 + (indent if j == 0 else 0), y), line, fill=(ink,) * 3, font=font(body))
+                        y += lead
+                    y += int(lead * rng.uniform(0.5, 1.2))
+                elif kind == "head":
+                    hf = font(int(body * rng.uniform(1.15, 1.5)))
+                    num = f"{int(rng.integers(1, 9))}. " if rng.random() < 0.5 else ""
+                    d.text((x0, y + lead // 2), num + " ".join(words(int(rng.integers(2, 6)))), fill=(ink,) * 3, font=hf,
+                           stroke_width=1, stroke_fill=(ink,) * 3)
+                    y += int(hf.size * 1.3) + lead
+                elif kind == "list":
+                    for _ in range(int(rng.integers(2, 6))):
+                        item = wrap(words(int(rng.integers(5, 25))), font(body), cw - 2 * body)
+                        if y + lead * len(item) > bottom:
+                            break
+                        d.ellipse([x0 + body // 3, y + body // 3, x0 + body // 3 + body // 3, y + 2 * body // 3], fill=(ink,) * 3)
+                        for line in item:
+                            d.text((x0 + 2 * body, y), line, fill=(ink,) * 3, font=font(body))
+                            y += lead
+                    y += lead
+                elif kind == "photo":
+                    src = photos[int(rng.integers(len(photos)))]
+                    w = int(cw * rng.uniform(0.55, 1.0))
+                    h = int(w * rng.uniform(0.45, 0.9))
+                    if y + h + 2 * lead > bottom:
+                        y += lead
+                        continue
+                    ch, cwid = int(src.shape[0] * rng.uniform(0.4, 1.0)), int(src.shape[1] * rng.uniform(0.4, 1.0))
+                    oy, ox = int(rng.integers(0, src.shape[0] - ch + 1)), int(rng.integers(0, src.shape[1] - cwid + 1))
+                    crop = Image.fromarray(src[oy:oy + ch, ox:ox + cwid]).resize((w, h))
+                    page.paste(crop, (x0 + (cw - w) // 2, y))
+                    y += h + body // 2
+                    cap = wrap(["Figure", f"{int(rng.integers(1, 12))}:"] + words(int(rng.integers(5, 20))), font(int(body * 0.9)), cw)
+                    for line in cap[:2]:
+                        d.text((x0, y), line, fill=(ink,) * 3, font=font(int(body * 0.9)))
+                        y += int(lead * 0.9)
+                    y += lead
+                else:  # table
+                    ncol, nrow = int(rng.integers(3, 6)), int(rng.integers(3, 9))
+                    rh = int(lead * 1.3)
+                    if y + rh * nrow + 2 * lead > bottom:
+                        y += lead
+                        continue
+                    tf = font(int(body * 0.9))
+                    d.text((x0, y), " ".join(["Table", f"{int(rng.integers(1, 9))}:"] + words(int(rng.integers(3, 9)))), fill=(ink,) * 3, font=tf)
+                    y += lead
+                    colw = cw // ncol
+                    ruled = rng.random() < 0.6
+                    for r in range(nrow + 1):
+                        if ruled or r in (0, 1, nrow):
+                            d.line([(x0, y + r * rh), (x0 + colw * ncol, y + r * rh)], fill=(ink,) * 3, width=1)
+                    if ruled:
+                        for cidx in range(ncol + 1):
+                            d.line([(x0 + cidx * colw, y), (x0 + cidx * colw, y + nrow * rh)], fill=(ink,) * 3, width=1)
+                    for r in range(nrow):
+                        for cidx in range(ncol):
+                            cell = WORDS[int(rng.integers(len(WORDS)))] if (r == 0 or cidx == 0) else f"{rng.uniform(0, 999):.{int(rng.integers(0, 3))}f}"
+                            d.text((x0 + cidx * colw + 3, y + r * rh + (rh - body) // 2), cell[:max(3, colw // max(1, body // 2))], fill=(ink,) * 3, font=tf)
+                    y += nrow * rh + lead
+        if bottom < ph - my:  # page number
+            d.text((pw // 2 - body, ph - my - body), str(int(rng.integers(1, 400))), fill=(ink,) * 3, font=font(body))
+        a = np.asarray(page, np.float32) / 255.0
+        a = np.clip(a + rng.normal(0, 0.015, a.shape).astype(np.float32), 0, 1)  # scanner noise
+        if letterbox:
+            frame = np.full((height, width, 3), 114 / 255, np.float32)
+            x = (width - pw) // 2
+            frame[:, x:x + pw] = a
+            a = frame
+        out[k] = a.transpose(2, 0, 1)
+    return out
+
+
 def ort_int8(case: Case, out: Path, method: str = "MinMax") -> None:
     """onnxruntime.quantization.quantize_static: QDQ, per-channel int8 weights, uint8 activations (after an opset-13
     upgrade for older models, which its quantizer needs)."""

@@ -63,3 +63,22 @@ def test_default_keeps_its_accuracy_on_the_sample_models(name, kernels, tmp_path
     lo, hi = paired_interval(before, correct)
     assert hi >= 0, (f"{name}: the default lost top-1 beyond noise: {100 * correct.mean():.1f}% vs {100 * before.mean():.1f}% "
                      f"in the ledger baseline (95% paired interval {100 * lo:+.1f} .. {100 * hi:+.1f} points)")
+
+
+def test_detection_metric_counts_boxes_after_nms_and_false_ones_in_the_jaccard():
+    from scripts.bench_ledger import yolo_jaccard_rows, yolo_rows
+
+    def yolo_out(boxes):  # [1, 4 + 2 classes, anchors]: (cx, cy, w, h, score class 0, score class 1)
+        return np.array(boxes, np.float32).T[None]
+
+    ref = yolo_out([[100, 100, 50, 50, 0.9, 0], [102, 101, 50, 50, 0.8, 0],  # one object, two anchors: NMS keeps one
+                    [300, 300, 80, 40, 0, 0.7], [500, 500, 20, 20, 0.1, 0]])  # a second object; a score below 0.25
+    same = yolo_rows([ref], [ref], None)
+    assert same[0].tolist() == [2] and same[1].tolist() == [2]
+    got = yolo_out([[101, 100, 50, 50, 0.6, 0],  # kept (IoU > 0.5, same class)
+                    [300, 300, 80, 40, 0.7, 0.1],  # the second object, wrong class: not kept
+                    [700, 700, 30, 30, 0.5, 0]])  # a false detection
+    kept, total = yolo_rows([ref], [got], None)
+    assert kept.tolist() == [1] and total.tolist() == [2]
+    kept, union = yolo_jaccard_rows([ref], [got], None)
+    assert kept.tolist() == [1] and union.tolist() == [2 + 3 - 1]
