@@ -150,7 +150,7 @@ def _prepared(model: str, per_channel: bool, equalize: bool = False, scales: dic
     if key not in _PREPARED:
         _PREPARED.clear()  # one model at a time: a worker's memory holds one set of weights
         _SESSIONS.clear()
-        prepared = pipeline.load(Path(model), QuantConfig(per_channel=per_channel, equalize=equalize))
+        prepared = pipeline.load(Path(model), QuantConfig(per_channel=per_channel, equalize="on" if equalize else "off"))
         if scales:
             pipeline.equalize_gated(prepared, None, scales=scales)
         _PREPARED[key] = prepared

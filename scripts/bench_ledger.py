@@ -321,7 +321,7 @@ def outputs_of(path: Path, data: Path, batch: int) -> list[np.ndarray]:
 
 
 DATA_FLAGS = ("--bias-correction",)  # measured on rows at quantize time: quantize --data in one step
-CALIB_FLAGS = ("--equalize",)  # given to calibrate too (the file records what they measured)
+CALIB_FLAGS = ("--equalize", "--no-equalize")  # given to calibrate too (the file records what they measured)
 
 
 def qconv_cli(cli: list[str], task: Task, work: Path, tag: str, extra: list[str]) -> tuple[Path, float]:

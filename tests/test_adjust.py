@@ -213,13 +213,18 @@ def test_equalize_on_the_command_line(tmp_path):
     data = tmp_path / "x.npy"
     np.save(data, np.random.default_rng(1).normal(0, 1, (32, 3, 6, 6)).astype(np.float32))
     plain, eq = tmp_path / "c.json", tmp_path / "ce.json"
-    assert invoke("calibrate", src, "--data", data, "-o", plain, "-q").exit_code == 0
+    assert invoke("calibrate", src, "--data", data, "-o", plain, "-q", "--no-equalize").exit_code == 0
     assert invoke("calibrate", src, "--data", data, "-o", eq, "-q", "--equalize").exit_code == 0
     r = invoke("quantize", src, "--calib", plain, "--equalize", "-o", tmp_path / "q.onnx")
-    assert r.exit_code == 1 and "was made without --equalize and this run asks for it" in r.output
+    assert r.exit_code == 1 and "was made without cross-layer equalization and this run asks for it" in r.output
     assert not (tmp_path / "q.onnx").exists()
-    r = invoke("quantize", src, "--calib", eq, "-o", tmp_path / "q.onnx")
-    assert r.exit_code == 1 and "was made with --equalize and this run does not ask for it" in r.output
+    r = invoke("quantize", src, "--calib", eq, "--no-equalize", "-o", tmp_path / "q.onnx")
+    assert r.exit_code == 1 and "this run has --no-equalize: drop --no-equalize" in r.output
+    assert not (tmp_path / "q.onnx").exists()
+    # without the flag, quantize follows the file (what the default's calibration does): the same model as with it
+    assert invoke("quantize", src, "--calib", eq, "-o", tmp_path / "follow.onnx", "-q").exit_code == 0
+    assert invoke("quantize", src, "--calib", eq, "--equalize", "-o", tmp_path / "asked.onnx", "-q").exit_code == 0
+    assert (tmp_path / "follow.onnx").read_bytes() == (tmp_path / "asked.onnx").read_bytes()
     errs = {}
     for name, args in (("pt", ["--calib", plain, "--per-tensor"]), ("pt_eq", ["--calib", eq, "--per-tensor", "--equalize"])):
         out = tmp_path / f"{name}.onnx"
@@ -323,19 +328,25 @@ def test_full_correction_by_segments_equals_whole_runs(name, data):
     assert "DequantizeLinear" not in crossing, crossing  # int8 values cross, never their float copies
 
 
-def gated_pair(gate: str, depthwise: bool = True) -> onnx.ModelProto:
+def gated_pair(gate: str, depthwise: bool = True, spread: float = 3000.0) -> onnx.ModelProto:
     """x -> Conv(8, bias) -> y * gate(y) -> Conv (depthwise or dense) -> out. The channels of y span 0.01 to 30 (a folded
     BatchNorm's spread), so one 8-bit scale for the activation rounds the small ones away. ``gate``: HardSwish (the
-    op, which intake expands into y * Clip(y + 3, 0, 6) / 6) or SiLU (y * Sigmoid(y))."""
+    op, which intake expands into y * Clip(y / 6 + 1 / 2, 0, 1)), Paddle's export of it (y * (Clip(y + 3, 0, 6) * 1/6))
+    or SiLU (y * Sigmoid(y))."""
     rng = np.random.default_rng(11)
-    w1 = rng.normal(0, 1, (8, 3, 3, 3)).astype(np.float32) * np.geomspace(0.01, 30, 8).astype(np.float32).reshape(8, 1, 1, 1)
-    w2 = (rng.normal(0, 0.5, (8, 1, 3, 3) if depthwise else (4, 8, 3, 3)) / np.geomspace(0.01, 30, 8).reshape(
+    ranges = np.geomspace(np.sqrt(0.3 / spread), np.sqrt(0.3 * spread), 8)  # spread 3000: 0.01 to 30
+    w1 = rng.normal(0, 1, (8, 3, 3, 3)).astype(np.float32) * ranges.astype(np.float32).reshape(8, 1, 1, 1)
+    w2 = (rng.normal(0, 0.5, (8, 1, 3, 3) if depthwise else (4, 8, 3, 3)) / ranges.reshape(
         (8, 1, 1, 1) if depthwise else (1, 8, 1, 1))).astype(np.float32)  # BN-folded: small channels read with large weights
     inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(rng.normal(0, 0.01, 8).astype(np.float32), "b1"),
              numpy_helper.from_array(w2, "w2")]
     nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["y"], pads=[1, 1, 1, 1], name="conv1")]
     if gate == "HardSwish":
         nodes.append(helper.make_node("HardSwish", ["y"], ["h"], name="act"))
+    elif gate == "Paddle":
+        inits += [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("three", 3.0), ("zero", 0.0), ("six", 6.0), ("sixth", 1 / 6))]
+        nodes += [helper.make_node("Add", ["y", "three"], ["a"], name="add3"), helper.make_node("Clip", ["a", "zero", "six"], ["c"], name="clip"),
+                  helper.make_node("Mul", ["c", "sixth"], ["s"], name="div6"), helper.make_node("Mul", ["y", "s"], ["h"], name="hswish")]
     else:
         nodes += [helper.make_node("Sigmoid", ["y"], ["s"], name="sig"), helper.make_node("Mul", ["y", "s"], ["h"], name="silu")]
     nodes.append(helper.make_node("Conv", ["h", "w2"], ["out"], pads=[1, 1, 1, 1], group=8 if depthwise else 1, name="conv2"))
@@ -343,11 +354,12 @@ def gated_pair(gate: str, depthwise: bool = True) -> onnx.ModelProto:
                       [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)], inits, opset=14)
 
 
-@pytest.mark.parametrize("gate,depthwise", [("HardSwish", True), ("HardSwish", False), ("SiLU", True)])
+@pytest.mark.parametrize("gate,depthwise", [("HardSwish", True), ("HardSwish", False), ("Paddle", True), ("SiLU", True)])
 def test_gated_equalization_is_exact_and_lowers_the_int8_error(tmp_path, gate, depthwise):
     """--equalize rescales Conv -> hard-swish/SiLU -> Conv on measured channel extremes: the float function is kept
-    (the gate reads y / t through one inserted Mul), the int8 model's error falls, and the calibration file and the
-    plan record the scales, so --calib and --plan reproduce the model without data."""
+    (the gate reads y / t: folded into a hard-swish's own first op, so the node count stays; through one inserted Mul
+    before a Sigmoid), the int8 model's error falls, and the calibration file and the plan record the scales, so
+    --calib and --plan reproduce the model without data."""
     from qconv.adjust import equalize as eq
 
     src = tmp_path / "m.onnx"
@@ -357,24 +369,58 @@ def test_gated_equalization_is_exact_and_lowers_the_int8_error(tmp_path, gate, d
     np.save(data, x)
     prepared = pipeline.load(src, QuantConfig(equalize=True))
     before = run_model(prepared.model, {"x": x})[0]
+    ops = sorted(n.op_type for n in prepared.model.graph.node)
     assert [p.conv for p in eq.gated_pairs(prepared.model)] == ["conv1"]
     scales = pipeline.equalize_gated(prepared, pipeline.feeds_for(prepared, data, 4))
     assert list(scales) == ["conv1"] and max(scales["conv1"]) > 10 and min(scales["conv1"]) == 1.0
-    assert sum(n.op_type == "Mul" and n.name.endswith("eq_unscale") for n in prepared.model.graph.node) == 1
+    inserted = sum(n.op_type == "Mul" and n.name.endswith("eq_unscale") for n in prepared.model.graph.node)
+    assert inserted == (gate == "SiLU")
+    if gate != "SiLU":
+        assert sorted(n.op_type for n in prepared.model.graph.node) == ops
+        read = {i for n in prepared.model.graph.node for i in n.input}
+        assert all(t.name in read for t in prepared.model.graph.initializer)  # the scalars the gate read are gone
     np.testing.assert_allclose(run_model(prepared.model, {"x": x})[0], before, rtol=1e-4, atol=1e-5 * np.abs(before).max())
-    plain, equal = tmp_path / "c.json", tmp_path / "ce.json"
-    assert invoke("calibrate", src, "--data", data, "-o", plain, "-q").exit_code == 0
+    plain, equal, auto = tmp_path / "c.json", tmp_path / "ce.json", tmp_path / "ca.json"
+    assert invoke("calibrate", src, "--data", data, "-o", plain, "-q", "--no-equalize").exit_code == 0
     assert invoke("calibrate", src, "--data", data, "-o", equal, "-q", "--equalize").exit_code == 0
+    assert invoke("calibrate", src, "--data", data, "-o", auto, "-q").exit_code == 0  # the default: checked, and it pays here
     assert json.loads(equal.read_text())["equalization"]["conv1"] == scales["conv1"]
+    assert json.loads(auto.read_text())["equalization"]["conv1"] == scales["conv1"]
     assert "equalization" not in json.loads(plain.read_text())
     err = {}
-    for name, args in (("plain", ["--calib", plain]), ("eq", ["--calib", equal, "--equalize", "--write-plan", tmp_path / "p.json"])):
+    for name, args in (("plain", ["--calib", plain]), ("eq", ["--calib", equal, "--equalize", "--write-plan", tmp_path / "p.json"]),
+                       ("auto", ["--calib", auto]), ("data", ["--data", data, "--bias-correction", "off"])):
         assert invoke("quantize", src, *args, "-o", tmp_path / f"{name}.onnx", "-q").exit_code == 0
         err[name] = float(np.sqrt(((run_model(tmp_path / f"{name}.onnx", {"x": x})[0] - before) ** 2).mean()))
-    assert err["eq"] < 0.5 * err["plain"], err
+    assert err["eq"] < 0.5 * err["plain"] and err["auto"] < 0.5 * err["plain"] and err["data"] < 0.5 * err["plain"], err
+    r = invoke("quantize", src, "--calib", auto, "--no-equalize", "-o", tmp_path / "no.onnx", "-q")
+    assert r.exit_code == 1 and "re-run qconv calibrate --no-equalize" in r.output and not (tmp_path / "no.onnx").exists()
     assert invoke("quantize", src, "--plan", tmp_path / "p.json", "-o", tmp_path / "again.onnx", "-q").exit_code == 0
     assert (tmp_path / "again.onnx").read_bytes() == (tmp_path / "eq.onnx").read_bytes()
     onnx.checker.check_model(onnx.load(tmp_path / "eq.onnx"))
+
+
+def test_the_default_equalizes_only_where_the_int8_outputs_gain(tmp_path):
+    """Without a flag, calibrate (and quantize --data) equalize when a quick int8 check on the first rows says the
+    outputs gain: on channels spread 3000x, yes; on channels alike, where int8 is already close, no (and the file and
+    the model are those of --no-equalize)."""
+    x = np.random.default_rng(2).normal(0, 1, (32, 3, 6, 6)).astype(np.float32)
+    data = tmp_path / "x.npy"
+    np.save(data, x)
+    for spread, kept in ((3000.0, True), (1.0, False)):
+        src = tmp_path / f"m{spread:g}.onnx"
+        onnx.save(gated_pair("HardSwish", spread=spread), src)
+        auto, off = tmp_path / f"a{spread:g}.json", tmp_path / f"o{spread:g}.json"
+        assert invoke("calibrate", src, "--data", data, "-o", auto, "-q").exit_code == 0
+        assert invoke("calibrate", src, "--data", data, "-o", off, "-q", "--no-equalize").exit_code == 0
+        a, o = json.loads(auto.read_text()), json.loads(off.read_text())
+        assert bool(a["options"].get("equalize")) is kept and ("equalization" in a) is kept
+        if not kept:
+            assert a == o
+        plan = tmp_path / f"p{spread:g}.json"
+        assert invoke("quantize", src, "--data", data, "-o", tmp_path / "q.onnx", "-q", "--write-plan", plan).exit_code == 0
+        written = json.loads(plan.read_text())
+        assert written["config"]["equalize"] is kept and ("equalization" in written["source"]) is kept
 
 
 def test_gated_pairs_need_a_pure_gate_and_convs_after():

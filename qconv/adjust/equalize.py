@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from qconv.graph import Graph, attr
+from qconv.graph import Graph, ai_onnx_opset, attr, subgraph_inputs
 
 HOMOGENEOUS = ("Relu", "LeakyRelu")
 ITERATIONS = 8  # chains (Conv -> Conv -> Conv) converge in a few sweeps
@@ -243,6 +243,7 @@ def apply_gated(model: onnx.ModelProto, scales: dict[str, list[float]]) -> int:
         raise QconvError(f"the recorded equalization names Conv '{missing[0]}', which is not a Conv -> gated activation -> Conv "
                          "pair of this model: re-run qconv calibrate --equalize (or quantize --data --equalize)")
     by_name = {n.name: n for n in model.graph.node}
+    unread: list[str] = []  # constants a folded gate no longer reads (dropped at the end: ``inits`` holds the protos)
     for name in sorted(scales):
         p = found[name]
         t = np.asarray(scales[name], np.float64)
@@ -257,8 +258,12 @@ def apply_gated(model: onnx.ModelProto, scales: dict[str, list[float]]) -> int:
             w2 = array(c2.input[1])
             inits[c2.input[1]].CopyFrom(numpy_helper.from_array(_scale_inputs(w2, attr(c2, "group", 1), 1.0 / t).astype(np.float32), c2.input[1]))
         y = conv.output[0]
-        inverse, unscaled = g.unique(f"{p.conv}.eq_inverse"), g.unique(f"{y}.eq_unscaled")
         shape = [1, t.size] + [1] * (w1.ndim - 2)
+        folded = _fold_inverse(model, g, by_name, p, y, (1.0 / t).reshape(shape))
+        if folded is not None:
+            unread += folded
+            continue
+        inverse, unscaled = g.unique(f"{p.conv}.eq_inverse"), g.unique(f"{y}.eq_unscaled")
         model.graph.initializer.append(numpy_helper.from_array((1.0 / t).reshape(shape).astype(np.float32), inverse))
         gate = by_name[p.gate]
         gate.input[list(gate.input).index(y)] = unscaled
@@ -269,4 +274,96 @@ def apply_gated(model: onnx.ModelProto, scales: dict[str, list[float]]) -> int:
             vi = model.graph.value_info.add()
             vi.CopyFrom(typed)
             vi.name = unscaled
+    _drop_unread(model, unread)
     return len(scales)
+
+
+def _fold_inverse(model: onnx.ModelProto, g: Graph, by_name: dict, p: Gated, y: str, inverse: np.ndarray) -> list[str] | None:
+    """Fold the gate's 1/t into the gate's own first op, so a rescaled pair runs as many ops as before; returns the
+    constants the gate no longer reads, or None where it cannot fold (a Sigmoid first: SiLU). Two forms, both exact up
+    to float rounding:
+
+    - ``y * c`` or ``y / c`` with a scalar c first (hard-swish as intake expands it: Mul 1/6, Add 1/2, Clip 0..1):
+      the constant becomes per channel, c / t (or c * t);
+    - ``Clip(y + a, lo, hi) * m`` (or ``/ d``) with m > 0 (Paddle's hard-swish: Add 3, Clip 0..6, Mul 1/6) is
+      ``Clip(y * m + a * m, lo * m, hi * m)``: the three nodes become Mul (by m / t per channel), Add, Clip."""
+    first = by_name[p.gate]
+    const = [i for i in first.input if i != y]
+    if len(const) != 1 or not _scalar(g, const[0]):
+        return None
+    c = float(g.array(const[0]).reshape(()))
+    if first.op_type in ("Mul", "Div"):
+        if first.op_type == "Div" and list(first.input).index(const[0]) != 1:
+            return None  # c / y
+        name = g.unique(f"{first.name}.eq_scale")
+        value = c * inverse if first.op_type == "Mul" else c / inverse
+        model.graph.initializer.append(numpy_helper.from_array(value.astype(g.array(const[0]).dtype), name))
+        first.input[list(first.input).index(const[0])] = name
+        return [const[0]]
+    if first.op_type != "Add":
+        return None
+    clip = g.only_consumer(first.output[0])
+    last = g.only_consumer(clip.output[0]) if clip is not None and clip.op_type == "Clip" else None
+    if last is None or last.op_type not in ("Mul", "Div") or last.name == p.mul or list(by_name[p.mul].input).count(last.output[0]) != 1:
+        return None
+    lc = [i for i in last.input if i != clip.output[0]]
+    if len(lc) != 1 or not _scalar(g, lc[0]) or (last.op_type == "Div" and list(last.input).index(lc[0]) != 1):
+        return None
+    m = float(g.array(lc[0]).reshape(()))
+    m = m if last.op_type == "Mul" else 1.0 / m
+    bounds = _clip_bounds(clip, g)
+    if not m > 0 or bounds is None:
+        return None
+    lo, hi = bounds
+    bound_names = [i for i in list(clip.input)[1:] if i]
+    dtype = g.array(const[0]).dtype
+    y_in, mid1, mid2, out = y, first.output[0], clip.output[0], last.output[0]
+    m_name, a_name = g.unique(f"{first.name}.eq_scale"), g.unique(f"{clip.name}.eq_offset")
+    model.graph.initializer.extend([numpy_helper.from_array((m * inverse).astype(dtype), m_name),
+                                    numpy_helper.from_array(np.array(c * m, dtype), a_name)])
+    _rebuild(first, "Mul", [y_in, m_name], mid1)
+    _rebuild(clip, "Add", [mid1, a_name], mid2)
+    if ai_onnx_opset(model) >= 11:
+        lo_name, hi_name = g.unique(f"{last.name}.eq_min"), g.unique(f"{last.name}.eq_max")
+        model.graph.initializer.extend([numpy_helper.from_array(np.array(lo * m, dtype), lo_name),
+                                        numpy_helper.from_array(np.array(hi * m, dtype), hi_name)])
+        _rebuild(last, "Clip", [mid2, lo_name, hi_name], out)
+    else:
+        _rebuild(last, "Clip", [mid2], out, min=float(lo * m), max=float(hi * m))
+    return [const[0], lc[0]] + bound_names
+
+
+def _scalar(g: Graph, name: str) -> bool:
+    return g.is_constant(name) and g.array(name).size == 1 and g.array(name).dtype in (np.float32, np.float64)
+
+
+def _clip_bounds(clip, g: Graph) -> tuple[float, float] | None:
+    """(min, max) of a Clip whose bounds are constants (attributes before opset 11, inputs after)."""
+    lo, hi = attr(clip, "min", float("-inf")), attr(clip, "max", float("inf"))
+    for k, name in ((1, "lo"), (2, "hi")):
+        if len(clip.input) > k and clip.input[k]:
+            if not _scalar(g, clip.input[k]):
+                return None
+            v = float(g.array(clip.input[k]).reshape(()))
+            lo, hi = (v, hi) if name == "lo" else (lo, v)
+    return lo, hi
+
+
+def _rebuild(node, op: str, inputs: list[str], output: str, **attrs) -> None:
+    """``node`` in place (its name and output kept) as ``op`` on ``inputs``."""
+    node.op_type = op
+    del node.input[:]
+    node.input.extend(inputs)
+    del node.attribute[:]
+    node.attribute.extend(onnx.helper.make_attribute(k, v) for k, v in attrs.items())
+    assert list(node.output) == [output]
+
+
+def _drop_unread(model: onnx.ModelProto, names: list[str]) -> None:
+    """Remove the initializers of ``names`` that no node reads any more (a constant shared by other gates stays)."""
+    read = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output} | set().union(*(subgraph_inputs(n) for n in model.graph.node))
+    gone = {n for n in names if n not in read}
+    if gone:
+        keep = [t for t in model.graph.initializer if t.name not in gone]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(keep)

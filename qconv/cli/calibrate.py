@@ -60,7 +60,9 @@ def calibrate_group():
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Calibration file to write (JSON).")
 @click.option("--shard", default=None, metavar="K/N", help="Use every N-th feed starting at K (K from 0); merge the shards later.")
 @click.option("--per-tensor", is_flag=True, help="Calibrate for per-tensor weights (only changes the opset needed).")
-@click.option("--equalize", is_flag=True, help="Calibrate after cross-layer equalization (for quantize --equalize).")
+@click.option("--equalize/--no-equalize", default=None,
+              help="--equalize: calibrate after cross-layer equalization (for quantize --equalize). --no-equalize: none.  "
+                   "[default: the hard-swish/SiLU pairs worth it by a quick int8 check on the first rows, recorded in the file]")
 @click.option("--export", "export_spec", default=None, metavar="tensorrt:PATH",
               help="Also write TensorRT calibration tables (PATH, PATH.json, PATH.cache); observes every float tensor.")
 @click.option("--all-tensors", is_flag=True,
@@ -83,7 +85,7 @@ def run_cmd(term, model, data, out, shard, per_tensor, equalize, export_spec, al
     export = parse_export(export_spec)
     job = CalibrateJob(model=model, data=data, out=out, shard=parse_shard(shard), per_tensor=per_tensor,
                        all_tensors=all_tensors or export is not None, method=method, percentile=percentile,
-                       options=calib_options_from(kw), equalize=equalize)
+                       options=calib_options_from(kw), equalize={None: "auto", True: "on", False: "off"}[equalize])
     job.check()
     if export is not None:
         for p in export_paths(export[1]):
@@ -91,6 +93,8 @@ def run_cmd(term, model, data, out, shard, per_tensor, equalize, export_spec, al
     with term.progress() as progress:
         calib = run_calibrate(job, progress)
     fresh = calib is not None
+    for note in job.notes:
+        term.info(note)
     if not fresh:
         term.info(f"{out} is up to date (same model, data and options): nothing to do")
     else:

@@ -167,10 +167,11 @@ def scheme_options(fn):
                      help="int8: shift each layer's bias by the mean error int8 causes at its output, measured on the calibration rows "
                           "(same graph, same speed). full: layer by layer in the int8 model (errors carried from earlier layers too); "
                           "fast: each layer alone, one pass; off.  [default: full with --data (with --tune: on the plan it chose), none with --calib]"),
-        click.option("--equalize", is_flag=True,
-                     help="int8: cross-layer equalization, Conv pairs joined by identity/Relu rescaled to equal channel ranges "
-                          "(helps --per-tensor most), and pairs joined by hard-swish/SiLU rescaled on the channel ranges of "
-                          "the calibration rows (one Mul each); a calibration file must be made with it too."),
+        click.option("--equalize/--no-equalize", default=None,
+                     help="int8: cross-layer equalization. --equalize: Conv pairs joined by identity/Relu rescaled to equal channel "
+                          "ranges (helps --per-tensor most), and every pair joined by hard-swish/SiLU rescaled on the channel ranges "
+                          "of the calibration rows; a calibration file must be made with it too. --no-equalize: none.  [default: "
+                          "the hard-swish/SiLU pairs, where a quick int8 check on the calibration rows says the outputs gain]"),
         click.option("--kernels", default="auto", show_default=True, metavar="auto|shipped|none|FILE", envvar="QCONV_KERNELS",
                      help="int8: the kernel cost table that keeps float the regions where int8 runs slower on this CPU (env "
                           "QCONV_KERNELS). auto: this model's nodes timed float and int8 on this machine, once (cached; "
@@ -202,7 +203,7 @@ def config_from(kwargs: dict) -> QuantConfig:
                        block_size=k["block_size"], int4_method=k["int4_method"], accuracy_level=k["accuracy_level"], keep_io_types=k["keep_io_types"],
                        exclude_nodes=tuple(k["exclude_nodes"]), exclude_ops=tuple(k["exclude_ops"]), quantized_io=k["quantized_io"],
                        bias_correction={None: "auto", "off": None}.get(k["bias_correction"], k["bias_correction"]), floor_ranges=k["floor_ranges"],
-                       equalize=k["equalize"], kernels=k["kernels"])
+                       equalize={None: "auto", True: "on", False: "off"}[k["equalize"]], kernels=k["kernels"])
 
 
 def calib_options_from(kwargs: dict) -> CalibOptions:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from qconv.calib.collect import activation_tensors
 from qconv.calib.ranges import DEFAULT_METHOD
 from qconv.errors import QconvError, UsageError
 from qconv.graph import ai_onnx_opset
-from qconv.jobs.plan import CalibOptions, sharded_calibration
+from qconv.jobs.plan import CalibOptions, equalization, sharded_calibration
 from qconv.plan.config import QuantConfig
 from qconv.plan.planner import calibration_targets
 from qconv.rewrite.quantized_io import io_params_of
@@ -29,7 +30,8 @@ class CalibrateJob:
     method: str | None = None  # None: recorded as null, so quantize uses the default (calib.ranges.DEFAULT_METHOD)
     percentile: float | None = None
     options: CalibOptions = field(default_factory=CalibOptions)
-    equalize: bool = False  # calibrate the model after cross-layer equalization (for quantize --equalize)
+    equalize: str = "auto"  # on: calibrate after cross-layer equalization (for quantize --equalize); auto: checked; off
+    notes: list[str] = field(default_factory=list)  # what run_calibrate decided on the way (equalization), for the user
 
     def check(self) -> None:
         QuantConfig(method=self.method or DEFAULT_METHOD, percentile=99.999 if self.percentile is None else self.percentile)  # validates
@@ -50,11 +52,14 @@ def run_calibrate(job: CalibrateJob, progress=pipeline.no_progress):
     sharded = distributed.parse_executor(o.executor).distributed or o.shards
     source = pipeline.feeds_for(prepared, job.data, o.batch_size, o.samples, job.shard, o.cast_data)
     samples = o.samples_for(job.method)
+    first = pipeline.feeds_for(prepared, job.data, o.batch_size, o.samples, cast=o.cast_data)  # every shard decides alike
+    made, scales = equalization(prepared, first, job.equalize, dataclasses.replace(config, method=job.method or DEFAULT_METHOD),
+                                o.threads)
+    job.notes[:] = [n for n in prepared.notes if n.startswith("cross-layer equalization")]
     options = pipeline.calibration_record(source, job.method, o.bins, o.momentum, tensors="all" if job.all_tensors else "planned",
                                           shards=(o.shards or distributed.DEFAULT_SHARDS) if sharded else None,
-                                          equalize=job.equalize, percentile=job.percentile, hist_samples=samples).to_dict()
+                                          equalize=made, percentile=job.percentile, hist_samples=samples).to_dict()
     data_id = source.identity()
-    scales = pipeline.equalize_gated(prepared, source, o.threads) if job.equalize else {}
     if job.out.exists():
         try:
             old = Calibration.from_dict(io.read_json(job.out, "calibration file"))
@@ -67,8 +72,8 @@ def run_calibrate(job: CalibrateJob, progress=pipeline.no_progress):
         names = activation_tensors(prepared.model)
         if not job.all_tensors:
             names = calibration_targets(prepared.model, config, names)
-        calib = sharded_calibration(prepared, job.data, source, names, config.per_channel, job.method, o, progress, job.equalize,
-                                    samples, scales)
+        calib = sharded_calibration(prepared, job.data, source, names, config.per_channel, job.method, o, progress,
+                                    made, samples, scales)
     else:
         calib = pipeline.calibrate(prepared, source, o.threads, progress, job.method, o.bins, o.momentum,
                                    None if job.all_tensors else config, None, o.max_memory, hist_samples=samples)

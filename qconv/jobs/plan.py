@@ -88,7 +88,10 @@ class PlanJob:
         recorded = recorded or {}
         method = self.method or recorded.get("method") or DEFAULT_METHOD
         pct = self.percentile if self.percentile is not None else float(recorded.get("percentile", 99.999))
-        return dataclasses.replace(self.config, method=method, percentile=pct, bias_correction=self.bias_correction())
+        equalize = self.config.equalize
+        if equalize == "auto" and recorded:  # as the calibration decided: the plan replays it
+            equalize = "on" if recorded.get("equalize") else "off"
+        return dataclasses.replace(self.config, method=method, percentile=pct, bias_correction=self.bias_correction(), equalize=equalize)
 
     def bias_correction(self) -> str | None:
         """The bias correction this plan gets: as asked, or by default full when the run has calibration rows (not with
@@ -112,27 +115,40 @@ def statistics(job: PlanJob, prepared: pipeline.Prepared, overrides: Overrides, 
         return None
     if job.calib is not None:
         calib = pipeline.load_calibration(job.calib, prepared, job.force_calib)
-        made = bool(calib.options.get("equalize"))
-        if made != job.config.equalize:
-            raise QconvError(f"calibration file {job.calib} was made {'with' if made else 'without'} --equalize and this run "
-                             f"{'asks for' if job.config.equalize else 'does not ask for'} it (the ranges belong to other weights): "
-                             f"{'add' if made else 'drop'} --equalize, or re-run qconv calibrate {'without' if made else 'with'} it")
-        if calib.equalization:
-            pipeline.equalize_gated(prepared, None, scales=calib.equalization)
+        made, asked = bool(calib.options.get("equalize")), job.config.equalize
+        if asked == "on" and not made:
+            raise QconvError(f"calibration file {job.calib} was made without cross-layer equalization and this run asks for it "
+                             "(the ranges belong to other weights): drop --equalize, or re-run qconv calibrate with it")
+        if asked == "off" and made:
+            raise QconvError(f"calibration file {job.calib} was made with cross-layer equalization (its ranges belong to the "
+                             "rescaled weights) and this run has --no-equalize: drop --no-equalize, or re-run qconv calibrate --no-equalize")
+        if made:  # --equalize rescaled the identity/Relu pairs at load; the default's file says to, here
+            pipeline.equalize_recorded(prepared, calib.equalization, plain_pairs=asked != "on")
         return calib
     o = job.calib_options
     source = pipeline.feeds_for(prepared, job.data, o.batch_size, o.samples, cast=o.cast_data, skip=job.holdout)
     config = job.effective(None)
-    scales = pipeline.equalize_gated(prepared, source, o.threads) if job.config.equalize else {}
+    made, scales = equalization(prepared, source, job.config.equalize, config, o.threads)
     if distributed.parse_executor(o.executor).distributed or o.shards:
         names = calibration_targets(prepared.model, config, activation_tensors(prepared.model), overrides)
         calib = sharded_calibration(prepared, job.data, source, names, job.config.per_channel, job.method, o, progress,
-                                    job.config.equalize, o.samples_for(config.method), scales)
+                                    made, o.samples_for(config.method), scales)
     else:
         calib = pipeline.calibrate(prepared, source, o.threads, progress, job.method, o.bins, o.momentum,
-                                   config, overrides, o.max_memory, job.config.equalize, o.samples_for(config.method))
+                                   config, overrides, o.max_memory, made, o.samples_for(config.method))
     calib.equalization = scales
     return calib
+
+
+def equalization(prepared: pipeline.Prepared, source, asked: str, config: QuantConfig, threads: int | None
+                 ) -> tuple[bool, dict[str, list[float]]]:
+    """Cross-layer equalization before calibration, as ``asked`` (auto, on, off): (the model was equalized, the gated
+    pairs' scales), both recorded in the calibration so --calib and --plan reproduce the model without data."""
+    if asked == "auto":
+        return pipeline.equalize_checked(prepared, source, config, threads)
+    if asked == "on":  # the identity/Relu pairs were rescaled at load
+        return True, pipeline.equalize_gated(prepared, source, threads)
+    return False, {}
 
 
 def sharded_calibration(prepared: pipeline.Prepared, data: Path, source: FeedSource, names: list[str], per_channel: bool,

@@ -47,7 +47,12 @@ class QuantConfig:
     # command line's default): full when the run has calibration rows (--data, no --tune), else none. Jobs resolve it.
     bias_correction: str | None = None
     floor_ranges: bool = False  # cut activation ranges where every reader is flat below (rules.saturation): exact, opt-in
-    equalize: bool = False  # cross-layer equalization of Conv pairs before calibration (qconv.adjust.equalize)
+    # cross-layer equalization (qconv.adjust.equalize). on (--equalize): Conv pairs joined by identity/Relu rescaled
+    # data-free at intake, and the pairs joined by hard-swish/SiLU on the calibration rows; auto (the default): the
+    # hard-swish/SiLU pairs only, kept where a quick check on those rows says the int8 model's outputs gain enough to
+    # pay for it (pipeline.equalize_gated); off (--no-equalize). Plans store on as true and the rest as false: a plan
+    # replays the scales it recorded (source.equalization), never the check.
+    equalize: str = "auto"
     # int8: the kernel cost table that decides where int8 is slower than float (qconv.plan.kernels): auto | shipped |
     # none | a table file
     kernels: str = "auto"
@@ -82,7 +87,11 @@ class QuantConfig:
                                  f"{self.activation_type} (or make them match)")
         if self.bias_correction not in (None, "full", "fast", "auto"):
             raise UsageError(f"--bias-correction is full, fast or off (got {self.bias_correction})")
-        if self.equalize and not self.needs_calibration:
+        if isinstance(self.equalize, bool):  # the API's older spelling
+            object.__setattr__(self, "equalize", "on" if self.equalize else "off")
+        if self.equalize not in ("auto", "on", "off"):
+            raise UsageError(f"equalize is auto, on or off (got {self.equalize})")
+        if self.equalize == "on" and not self.needs_calibration:
             raise UsageError(f"--equalize prepares the weights for the static int8 modes (int8, a16w8), not --mode {self.mode}: drop it")
         if self.bias_correction in ("full", "fast") and not self.needs_calibration:
             raise UsageError(f"--bias-correction corrects the static int8 modes (int8, a16w8); --mode {self.mode} has no activation "
@@ -145,6 +154,8 @@ class QuantConfig:
             kw["format"] = None
         kw["exclude_nodes"] = tuple(kw.get("exclude_nodes", ()))
         kw["exclude_ops"] = tuple(kw.get("exclude_ops", ()))
+        if isinstance(kw.get("equalize"), bool):
+            kw["equalize"] = "on" if kw["equalize"] else "off"
         return cls(**kw)
 
     def to_dict(self) -> dict:
@@ -153,6 +164,7 @@ class QuantConfig:
         d["exclude_ops"] = list(self.exclude_ops)
         d["format"] = self.output_format
         d["activation_type"] = self.act_type
+        d["equalize"] = self.equalize == "on"
         if self.mode != "int4":
             d.pop("accuracy_level")  # int4 only; plans of the other modes stay as they were
             d.pop("size_budget_mb")
