@@ -43,6 +43,26 @@ def test_quantize_writes_model_and_report(conv_path, conv_data, tmp_path):
     assert run_model(out, {"x": x})[0].shape == (16, 5)
 
 
+def test_quantize_data_evaluates_on_its_first_rows_unless_eval_data_is_given(conv_path, tmp_path):
+    """Without --eval-data, quantize --data reports fidelity on the first 64 calibration rows (in-sample, and said so);
+    --eval-data with the same file evaluates every row."""
+    from qconv.jobs.quantize import IN_SAMPLE_ROWS
+
+    data = tmp_path / "x.npy"
+    np.save(data, np.random.default_rng(4).normal(0, 1, (100, 3, 8, 8)).astype(np.float32))
+    reports = {}
+    for name, extra in (("in", []), ("all", ["--eval-data", data])):
+        rep = tmp_path / f"{name}.json"
+        r = invoke("quantize", conv_path, "-o", tmp_path / f"{name}.onnx", "--data", data, "--report", rep, "--no-latency", *extra)
+        assert r.exit_code == 0, r.output
+        reports[name] = json.loads(rep.read_text())
+    assert IN_SAMPLE_ROWS == 64 and reports["in"]["fidelity"]["rows"] == 64 and reports["in"]["evaluation"]["in_sample"] is True
+    assert "the first calibration rows: give --eval-data" in invoke("quantize", conv_path, "-o", tmp_path / "t.onnx", "--data", data,
+                                                                    "--no-latency").output
+    assert reports["all"]["fidelity"]["rows"] == 100 and reports["all"]["evaluation"]["in_sample"] is False
+    assert (tmp_path / "in.onnx").read_bytes() == (tmp_path / "all.onnx").read_bytes()  # the model does not depend on it
+
+
 def test_calibrate_then_quantize_from_file_and_up_to_date(conv_path, conv_data, tmp_path):
     calib = tmp_path / "c.json"
     r = invoke("calibrate", conv_path, "--data", conv_data, "-o", calib)

@@ -127,7 +127,8 @@ def render(term, report: dict) -> None:
     if report["outputs"]:
         fid = report.get("fidelity") or {}
         title = "Output fidelity (quantized vs original"
-        title += f", {fid['rows']} rows)" if fid.get("rows") else ")"
+        title += f", {fid['rows']} rows" if fid.get("rows") else ""
+        title += ", the first calibration rows: give --eval-data for held-out ones)" if (report.get("evaluation") or {}).get("in_sample") else ")"
         term.print(table(title, ["output", "SQNR dB", "cosine", "max abs err", "mean abs err"],
                          [[k, _fmt(v["sqnr_db"], ".2f"), _fmt(v["cosine"], ".6f"), _fmt(v["max_abs_err"], ".4g"), _fmt(v["mean_abs_err"], ".4g")]
                           for k, v in report["outputs"].items()]))
