@@ -17,8 +17,10 @@ speed): calibration with every adjustment on within 3x the plain run's wall time
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -63,8 +65,11 @@ def main() -> None:
     wanted = {"qconv", "+bc full", *[v.strip() for v in args.variants.split(",")]}
     for k in [k for k in VARIANTS if k not in wanted]:
         del VARIANTS[k]
-    os.environ.setdefault("QCONV_CACHE_DIR", tempfile.mkdtemp(prefix="qconv-cache."))
+    if "QCONV_CACHE_DIR" not in os.environ:  # a fresh kernel cache: every table timed in this run
+        os.environ["QCONV_CACHE_DIR"] = tempfile.mkdtemp(prefix="qconv-cache.")
+        atexit.register(shutil.rmtree, os.environ["QCONV_CACHE_DIR"], True)
     work = Path(tempfile.mkdtemp(prefix="qconv-adjust."))
+    atexit.register(shutil.rmtree, work, True)  # its data and models: about 2 GB a run
     record: dict = {}
     table = [["model", "rows", "fp32 pass s", "ort static s", *[f"{v} s" for v in VARIANTS], "x plain: " + " / ".join(list(VARIANTS)[1:]),
               "x fp32 pass: qconv / +bc full", "x ort: qconv / +bc full", "peak MB: " + " / ".join(VARIANTS)]]

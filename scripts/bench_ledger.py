@@ -39,10 +39,12 @@ scripts/ledger_baseline.json (per-row scores included, so later runs pair agains
 from __future__ import annotations
 
 import argparse
+import atexit
 import io
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -426,8 +428,11 @@ def main() -> None:
     ap.add_argument("--write-baseline", action="store_true", help=f"store the default column as {BASELINE.relative_to(ROOT)}")
     args = ap.parse_args()
     logging.getLogger().setLevel(logging.ERROR)
-    os.environ.setdefault("QCONV_CACHE_DIR", tempfile.mkdtemp(prefix="qconv-cache."))
+    if "QCONV_CACHE_DIR" not in os.environ:  # a fresh kernel cache: every table timed in this run
+        os.environ["QCONV_CACHE_DIR"] = tempfile.mkdtemp(prefix="qconv-cache.")
+        atexit.register(shutil.rmtree, os.environ["QCONV_CACHE_DIR"], True)
     work = Path(tempfile.mkdtemp(prefix="qconv-ledger."))
+    atexit.register(shutil.rmtree, work, True)  # its data and models: about 2 GB a run
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if "default" not in variants:
         variants.insert(0, "default")
