@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 import collections
+import copy
 import hashlib
 import json
 import os
@@ -164,34 +165,42 @@ def equalization_pays(plain: Prepared, equalized: Prepared, rows: list[dict], co
     coordinates; 93.1% -> 96.7% kept), PP-LCNet 47.0 -> 47.3 dB (100% agreement either way, 1.3x slower
     equalized). Returns (pays, the figures)."""
     config = dataclasses.replace(config, kernels="none", bias_correction=None, equalize="off", quantized_io=None)
-    sess = runtime.session(plain.model, threads)
-    names = [o.name for o in plain.model.graph.output if Graph(plain.model).is_float(o.name)]
-    reference = [runtime.run(sess, feed, names) for feed in rows]
-    del sess
+    names, reference = float_outputs(plain.model, rows, threads)
     sqnr = []
     for candidate in (plain, equalized):
         targets = calibration_targets(candidate.model, config, activation_tensors(candidate.model))
         observers, seen = collect(candidate.model, rows, threads, names=targets)
         calib = Calibration(candidate.model_id, "equalization check", seen, {"method": config.method}, observers)
-        result = apply(candidate, plan(candidate, calib, config), check=False)
-        qsess = runtime.session(result.model, threads)
-        signal: list = [0.0] * len(names)
-        noise: list = [0.0] * len(names)
-        for feed, ref in zip(rows, reference):
-            for k, (f, q) in enumerate(zip(ref, runtime.run(qsess, feed, names))):
-                f64 = np.asarray(f, np.float64)
-                signal[k] = signal[k] + _channel_sums(f64 * f64)
-                noise[k] = noise[k] + _channel_sums((np.asarray(q, np.float64) - f64) ** 2)
-        del qsess, result
-        per_output = []
-        for s, n in zip(signal, noise):
-            s, n = np.atleast_1d(s), np.atleast_1d(n)
-            live = s > 0
-            per_output.append(float(np.mean(10 * np.log10(s[live] / np.maximum(n[live], 1e-30)))) if live.any() else 0.0)
-        sqnr.append(float(np.mean(per_output)))
+        sqnr.append(output_sqnr(names, reference, apply(candidate, plan(candidate, calib, config), check=False).model, rows, threads))
     before, after = sqnr
     pays = after - before >= EQUALIZE_GAIN_DB and before < EQUALIZE_GOOD_DB
     return pays, f"int8 output SQNR on {sum(bias.rows_of(f) for f in rows)} rows: {before:.1f} dB plain, {after:.1f} dB equalized"
+
+
+def float_outputs(model: onnx.ModelProto, rows: list[dict], threads: int | None = None) -> tuple[list[str], list[list]]:
+    """The float outputs' names and their values on ``rows`` (the reference of a check)."""
+    names = [o.name for o in model.graph.output if Graph(model).is_float(o.name)]
+    sess = runtime.session(model, threads)
+    return names, [runtime.run(sess, feed, names) for feed in rows]
+
+
+def output_sqnr(names: list[str], reference: list[list], qmodel: onnx.ModelProto, rows: list[dict], threads: int | None = None) -> float:
+    """SQNR in dB of ``qmodel``'s outputs against ``reference`` on ``rows``: the mean over the outputs of the mean over
+    each output's channels (``_channel_sums``)."""
+    qsess = runtime.session(qmodel, threads)
+    signal: list = [0.0] * len(names)
+    noise: list = [0.0] * len(names)
+    for feed, ref in zip(rows, reference):
+        for k, (f, q) in enumerate(zip(ref, runtime.run(qsess, feed, names))):
+            f64 = np.asarray(f, np.float64)
+            signal[k] = signal[k] + _channel_sums(f64 * f64)
+            noise[k] = noise[k] + _channel_sums((np.asarray(q, np.float64) - f64) ** 2)
+    per_output = []
+    for s, n in zip(signal, noise):
+        s, n = np.atleast_1d(s), np.atleast_1d(n)
+        live = s > 0
+        per_output.append(float(np.mean(10 * np.log10(s[live] / np.maximum(n[live], 1e-30)))) if live.any() else 0.0)
+    return float(np.mean(per_output)) if per_output else 0.0
 
 
 def _channel_sums(a: np.ndarray) -> np.ndarray:
@@ -325,10 +334,13 @@ def plan(prepared: Prepared, calib: Calibration | Ranges | None, config: QuantCo
 
 
 def correct_bias(prepared: Prepared, p: QuantPlan, source: FeedSource, threads: int | None = None,
-                 progress: Progress = no_progress) -> QuantPlan:
-    """``p`` with bias correction measured on ``source`` (when its config asks for it) and recorded in the plan."""
+                 progress: Progress = no_progress, check: bool = False) -> QuantPlan:
+    """``p`` with bias correction measured on ``source`` (when its config asks for it) and recorded in the plan.
+    ``check`` (the default with --data): kept only when ``bias_correction_pays`` on the rows after those it was
+    measured on; else ``p`` without it, and a note says why."""
     if not p.config.bias_correction:
         return p
+    plain = copy.deepcopy(p) if check else None
     model = smoothed(prepared, p.overrides).model
     if p.config.bias_correction == "fast":
         rows = min(source.count() * source.batch_size, bias.MAX_ROWS)
@@ -339,7 +351,45 @@ def correct_bias(prepared: Prepared, p: QuantPlan, source: FeedSource, threads: 
         shifts, rows = bias.measure_full(model, p, source, threads, advance)
     bias.record(p, model, shifts)
     p.source["bias_correction"] = {"method": p.config.bias_correction, "rows": rows}
-    return p
+    if plain is None or not shifts:
+        return p
+    held = rows_after(source, rows, BIAS_CHECK_ROWS)
+    pays, why = bias_correction_pays(prepared, plain, p, held, threads)
+    p.source["bias_correction"]["check"] = why
+    if pays:
+        return p
+    plain.config = dataclasses.replace(plain.config, bias_correction=None)
+    plain.source["bias_correction"] = {"method": p.config.bias_correction, "rows": rows, "check": why, "kept": False}
+    prepared.notes.append(f"bias correction measured on {rows} rows and left out: {why}")
+    return plain
+
+
+BIAS_CHECK_ROWS = 8  # rows after those bias correction was measured on, on which the default checks it
+
+
+def rows_after(source: Iterable[dict], skip: int, count: int) -> list[dict]:
+    """About ``count`` rows of ``source`` after its first ``skip`` (its first ``count`` when it has no more)."""
+    seen, out = 0, []
+    for feed in source:
+        if seen >= skip:
+            out.append(feed)
+            if sum(bias.rows_of(f) for f in out) >= count:
+                break
+        seen += bias.rows_of(feed)
+    return out or list(bias.first_rows(source, count, []))
+
+
+def bias_correction_pays(prepared: Prepared, plain: QuantPlan, corrected: QuantPlan, rows: list[dict],
+                         threads: int | None = None) -> tuple[bool, str]:
+    """The default's check of bias correction: the int8 model of ``plain`` and of ``corrected`` run on ``rows``, kept
+    when the corrected one's output SQNR (``output_sqnr``) is higher. The mean shift of a layer's output over a few
+    pages is mostly the background's; YOLOv8n DocLayNet kept 39% of fp32's boxes with it (96% without), while the
+    text detector's map IoU rose 93.0 -> 95.1 (bench_ledger)."""
+    names, reference = float_outputs(prepared.model, rows, threads)
+    before = output_sqnr(names, reference, apply(prepared, plain, check=False).model, rows, threads)
+    after = output_sqnr(names, reference, apply(prepared, corrected, check=False).model, rows, threads)
+    n = sum(bias.rows_of(f) for f in rows)
+    return after > before, f"int8 output SQNR on {n} further rows: {before:.1f} dB without, {after:.1f} dB with"
 
 
 def keep_corrections(prepared: Prepared, stored: QuantPlan, p: QuantPlan) -> QuantPlan:

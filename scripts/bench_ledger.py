@@ -322,7 +322,8 @@ def outputs_of(path: Path, data: Path, batch: int) -> list[np.ndarray]:
     return [np.concatenate([r[i] for r in runs]) for i in range(len(names))]
 
 
-DATA_FLAGS = ("--bias-correction",)  # measured on rows at quantize time: quantize --data in one step
+DATA_FLAGS = ("--bias-correction", "--data")  # measured on rows at quantize time: quantize --data in one step
+# (the variant "--data" alone is what `quantize --data` does by default, its bias correction checked)
 CALIB_FLAGS = ("--equalize", "--no-equalize")  # given to calibrate too (the file records what they measured)
 
 
@@ -333,7 +334,8 @@ def qconv_cli(cli: list[str], task: Task, work: Path, tag: str, extra: list[str]
     out = work / f"{task.name}.{tag}.onnx"
     t0 = time.perf_counter()
     if any(f in extra for f in DATA_FLAGS):  # steps that measure on rows: quantize --data in one step
-        subprocess.run(cli + ["quantize", str(c.model), "--data", str(c.calib), "--batch-size", str(c.batch), "-o", str(out), "-q", *extra],
+        flags = [f for f in extra if f != "--data"]
+        subprocess.run(cli + ["quantize", str(c.model), "--data", str(c.calib), "--batch-size", str(c.batch), "-o", str(out), "-q", *flags],
                        check=True, capture_output=True, text=True)
         return out, time.perf_counter() - t0
     both = [f for f in extra if f in CALIB_FLAGS]

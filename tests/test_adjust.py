@@ -238,6 +238,34 @@ def test_equalize_on_the_command_line(tmp_path):
     assert r.exit_code == 2 and "--equalize prepares the weights for the static int8 modes" in r.output
 
 
+def test_the_default_bias_correction_is_kept_only_where_further_rows_gain(tmp_path, conv_path):
+    """quantize --data measures bias correction on the first 8 rows and checks it on the next 8: kept where those rows
+    are like the rest, left out (config, report and a note say so) where the first rows are flat, like white pages,
+    and their mean shift is wrong elsewhere. --bias-correction full skips the check."""
+    rng = np.random.default_rng(1)
+    flat = np.full((8, 3, 8, 8), 2.0) + rng.normal(0, 0.01, (8, 3, 8, 8))
+    out = {}
+    for name, first in (("alike", rng.normal(0, 1, (8, 3, 8, 8))), ("flat", flat)):
+        data = tmp_path / f"{name}.npy"
+        np.save(data, np.concatenate([first, rng.normal(0, 1, (24, 3, 8, 8))]).astype(np.float32))
+        rep, plan = tmp_path / f"{name}.json", tmp_path / f"{name}.plan.json"
+        r = invoke("quantize", conv_path, "--data", data, "-o", tmp_path / f"{name}.onnx", "--report", rep, "--write-plan", plan,
+                   "-q", "--no-latency")
+        assert r.exit_code == 0, r.output
+        out[name] = (json.loads(rep.read_text()), json.loads(plan.read_text()))
+    report, plan = out["alike"]
+    assert report["bias_correction"]["layers"] == 3 and "kept" not in plan["source"]["bias_correction"]
+    report, plan = out["flat"]
+    check = plan["source"]["bias_correction"]
+    assert check["kept"] is False and check["check"].startswith("int8 output SQNR on 8 further rows")
+    assert report["bias_correction"] is None and plan["config"]["bias_correction"] is None and not plan.get("corrections")
+    assert any(n.startswith("bias correction measured on 8 rows and left out") for n in report["model"]["intake"])
+    forced = tmp_path / "forced.json"
+    assert invoke("quantize", conv_path, "--data", tmp_path / "flat.npy", "--bias-correction", "full", "-o", tmp_path / "f.onnx",
+                  "--report", forced, "-q", "--no-latency").exit_code == 0
+    assert json.loads(forced.read_text())["bias_correction"]["layers"] == 3
+
+
 def test_bias_correction_is_the_default_only_where_there_are_rows(tmp_path, conv_path, conv_data):
     def report(*args):
         out = tmp_path / "r.json"

@@ -189,7 +189,7 @@ def bias_corrected(job: PlanJob, prepared: pipeline.Prepared, plan: QuantPlan, p
         return plan
     o = job.calib_options
     source = pipeline.feeds_for(prepared, job.data, o.batch_size, o.samples, cast=o.cast_data, skip=job.holdout)
-    return pipeline.correct_bias(prepared, plan, source, o.threads, progress)
+    return pipeline.correct_bias(prepared, plan, source, o.threads, progress, check=job.config.bias_correction == "auto")
 
 
 def read_plan(path: Path) -> QuantPlan:
