@@ -239,7 +239,7 @@ def test_equalize_on_the_command_line(tmp_path):
 
 
 def test_the_default_bias_correction_is_kept_only_where_further_rows_gain(tmp_path, conv_path):
-    """quantize --data measures bias correction on the first 8 rows and checks it on the next 8: kept where those rows
+    """quantize --data measures bias correction on the first 8 rows and checks it on 8 others: kept where those rows
     are like the rest, left out (config, report and a note say so) where the first rows are flat, like white pages,
     and their mean shift is wrong elsewhere. --bias-correction full skips the check."""
     rng = np.random.default_rng(1)
@@ -257,7 +257,7 @@ def test_the_default_bias_correction_is_kept_only_where_further_rows_gain(tmp_pa
     assert report["bias_correction"]["layers"] == 3 and "kept" not in plan["source"]["bias_correction"]
     report, plan = out["flat"]
     check = plan["source"]["bias_correction"]
-    assert check["kept"] is False and check["check"].startswith("int8 output SQNR on 8 further rows")
+    assert check["kept"] is False and check["check"].startswith("int8 output SQNR on 8 other rows")
     assert report["bias_correction"] is None and plan["config"]["bias_correction"] is None and not plan.get("corrections")
     assert any(n.startswith("bias correction measured on 8 rows and left out") for n in report["model"]["intake"])
     forced = tmp_path / "forced.json"

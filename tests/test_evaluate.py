@@ -40,9 +40,10 @@ def test_error_stats_match_float64(x, noise, seed):
         assert abs(s.sqnr_db - sqnr) < 1e-3
     r64, y64 = x.astype(np.float64), y.astype(np.float64)
     ss, aa, nn = r64 @ r64, y64 @ y64, (r64 - y64) @ (r64 - y64)
-    # near cos = 1 the error stays relative to 1 - cos; elsewhere it is float32 rounding of the sums
+    # near cos = 1 the error stays relative to 1 - cos; elsewhere it is float32 rounding of the sums, and of the
+    # cosine itself (half a float32 step below 1: hypothesis found 2.5e-8 on a spike of 1449 among zeros)
     scale = nn / (2 * math.sqrt(ss * aa)) if ss and aa else 1.0
-    assert abs(s.cosine - cos) <= 1e-6 * (1 - cos) + 1e-6 * scale + 1e-9
+    assert abs(s.cosine - cos) <= 1e-6 * (1 - cos) + 1e-6 * scale + np.finfo(np.float32).eps / 2
 
 
 def test_error_stats_skip_nonfinite_and_survive_huge_values():
