@@ -150,9 +150,9 @@ def _prepared(model: str, per_channel: bool, equalize: bool = False, scales: dic
     if key not in _PREPARED:
         _PREPARED.clear()  # one model at a time: a worker's memory holds one set of weights
         _SESSIONS.clear()
-        prepared = pipeline.load(Path(model), QuantConfig(per_channel=per_channel, equalize="on" if equalize else "off"))
-        if scales:
-            pipeline.equalize_gated(prepared, None, scales=scales)
+        prepared = pipeline.load(Path(model), QuantConfig(per_channel=per_channel, equalize="off"))
+        if equalize:  # as the main process equalized before calibrating (the same steps as quantize --calib replays)
+            pipeline.equalize_recorded(prepared, scales or {}, plain_pairs=True)
         _PREPARED[key] = prepared
     return _PREPARED[key]
 

@@ -156,14 +156,14 @@ EQUALIZE_GOOD_DB = 40.0  # auto: ... and the plain int8 model's not already this
 
 def equalization_pays(plain: Prepared, equalized: Prepared, rows: list[dict], config: QuantConfig,
                       threads: int | None = None) -> tuple[bool, str]:
-    """The default's check of gated equalization: the int8 model made from ``plain`` and from ``equalized`` (each calibrated
-    on ``rows`` alone, planned without a kernel table or bias correction), run on ``rows``; the output SQNR in dB (mean
-    over the float outputs of the mean over each output's channels, ``_channel_sums``) of each against the float model. Equalization pays when it gains EQUALIZE_GAIN_DB and the
-    plain model is below EQUALIZE_GOOD_DB: a rescaled hard-swish pair can cost a per-channel Mul at run time (its 1/6
-    no longer folds into a scale), which a model int8 already serves well should not pay. Measured on 8 rows: PicoDet
-    layout 6.5 -> 16.1 dB (59.8% -> 91.5% of fp32's boxes kept), YOLOv8n 29.1 -> 29.5 dB (its output is mostly box
-    coordinates; 93.1% -> 96.7% kept), PP-LCNet 47.0 -> 47.3 dB (100% agreement either way, 1.3x slower
-    equalized). Returns (pays, the figures)."""
+    """The default's check of gated equalization: the int8 model made from ``plain`` and from ``equalized`` (each
+    calibrated on ``rows`` alone, planned without a kernel table or bias correction), run on ``rows``; the output SQNR
+    (``output_sqnr``) of each against the float model. Equalization pays when it gains EQUALIZE_GAIN_DB and the plain
+    model is below EQUALIZE_GOOD_DB: a rescaled hard-swish pair can cost a per-channel Mul at run time (its 1/6 no
+    longer folds into a scale), which a model int8 already serves well should not pay. Measured on 4 rows: PicoDet
+    layout 5.5 -> 17.4 dB, kept (59.8% -> 91.5% of fp32's boxes); YOLOv8n 18.4 -> 18.3 dB, left (+0.8 [-0.3, +2.0]
+    boxes with them at a pinned kernel table); PP-LCNet 47.9 -> 49.3 dB, left (100% agreement either way, 1.3x slower
+    with them). Returns (pays, the figures)."""
     config = dataclasses.replace(config, kernels="none", bias_correction=None, equalize="off", quantized_io=None)
     names, reference = float_outputs(plain.model, rows, threads)
     sqnr = []
@@ -186,15 +186,15 @@ def float_outputs(model: onnx.ModelProto, rows: list[dict], threads: int | None 
 
 def output_sqnr(names: list[str], reference: list[list], qmodel: onnx.ModelProto, rows: list[dict], threads: int | None = None) -> float:
     """SQNR in dB of ``qmodel``'s outputs against ``reference`` on ``rows``: the mean over the outputs of the mean over
-    each output's channels (``_channel_sums``)."""
+    each output's channels (``_feature_sums``)."""
     qsess = runtime.session(qmodel, threads)
     signal: list = [0.0] * len(names)
     noise: list = [0.0] * len(names)
     for feed, ref in zip(rows, reference):
         for k, (f, q) in enumerate(zip(ref, runtime.run(qsess, feed, names))):
             f64 = np.asarray(f, np.float64)
-            signal[k] = signal[k] + _channel_sums(f64 * f64)
-            noise[k] = noise[k] + _channel_sums((np.asarray(q, np.float64) - f64) ** 2)
+            signal[k] = signal[k] + _feature_sums(f64 * f64)
+            noise[k] = noise[k] + _feature_sums((np.asarray(q, np.float64) - f64) ** 2)
     per_output = []
     for s, n in zip(signal, noise):
         s, n = np.atleast_1d(s), np.atleast_1d(n)
@@ -203,7 +203,7 @@ def output_sqnr(names: list[str], reference: list[list], qmodel: onnx.ModelProto
     return float(np.mean(per_output)) if per_output else 0.0
 
 
-def _channel_sums(a: np.ndarray) -> np.ndarray:
+def _feature_sums(a: np.ndarray) -> np.ndarray:
     """Sums of ``a`` per channel of an output's feature axis (its smallest axis after the first with 2 to 64 entries:
     YOLOv8's 4 box sides and 11 class scores, PicoDet's 10 classes), else the total. Each channel is a quantity of its
     own that the task reads: one SQNR over their concatenation would be the SQNR of the largest (YOLOv8's box

@@ -196,7 +196,8 @@ def gated_scales(model: onnx.ModelProto, pairs: list[Gated], peaks: dict[str, np
     of h's channels, and the weights Conv2 reads from channel c are divided by t_c: one 8-bit scale for h then
     resolves its small channels t_c times finer, while Conv2's weights (per output channel) lose little. A pair is
     kept when the estimated quantization noise at Conv2's output, sum_c a_c step^2 with a_c = sum of Conv2's squared
-    weights on channel c, falls by MIN_GAIN_DB (each kept pair costs one elementwise Mul at run time)."""
+    weights on channel c, falls by MIN_GAIN_DB (a kept pair can cost a per-channel Mul at run time: SiLU's inserted
+    one, or a hard-swish's 1/6 that no longer folds into a quantization scale)."""
     g = Graph(model)
     by_name = {n.name: n for n in model.graph.node}
     out = {}
@@ -224,9 +225,10 @@ def _input_energy(w2: np.ndarray, groups: int) -> np.ndarray:
 
 
 def apply_gated(model: onnx.ModelProto, scales: dict[str, list[float]]) -> int:
-    """Rescale the pairs of ``scales`` in place, exactly: Conv1's output channel c (weights, bias) times t_c, a Mul by
-    1/t before the gate so it reads y as before, and the weights Conv2 reads from channel c divided by t_c; then
-    y * gate(y) carries the factor t to Conv2, which removes it. Returns how many pairs were rescaled."""
+    """Rescale the pairs of ``scales`` in place, exactly: Conv1's output channel c (weights, bias) times t_c, the gate
+    reading y / t as before (1/t folded into a hard-swish's first op, ``_fold_inverse``; else a Mul inserted before the
+    gate), and the weights Conv2 reads from channel c divided by t_c; then y * gate(y) carries the factor t to Conv2,
+    which removes it. Returns how many pairs were rescaled."""
     if not scales:
         return 0
     g = Graph(model)

@@ -62,7 +62,8 @@ def calibrate_group():
 @click.option("--per-tensor", is_flag=True, help="Calibrate for per-tensor weights (only changes the opset needed).")
 @click.option("--equalize/--no-equalize", default=None,
               help="--equalize: calibrate after cross-layer equalization (for quantize --equalize). --no-equalize: none.  "
-                   "[default: the hard-swish/SiLU pairs worth it by a quick int8 check on the first rows, recorded in the file]")
+                   "[default: the identity/Relu pairs, and the hard-swish/SiLU pairs worth it by a quick int8 check on the "
+                   "first rows; recorded in the file]")
 @click.option("--export", "export_spec", default=None, metavar="tensorrt:PATH",
               help="Also write TensorRT calibration tables (PATH, PATH.json, PATH.cache); observes every float tensor.")
 @click.option("--all-tensors", is_flag=True,

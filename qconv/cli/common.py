@@ -171,7 +171,8 @@ def scheme_options(fn):
                      help="int8: cross-layer equalization. --equalize: Conv pairs joined by identity/Relu rescaled to equal channel "
                           "ranges (helps --per-tensor most), and every pair joined by hard-swish/SiLU rescaled on the channel ranges "
                           "of the calibration rows; a calibration file must be made with it too. --no-equalize: none.  [default: "
-                          "the hard-swish/SiLU pairs, where a quick int8 check on the calibration rows says the outputs gain]"),
+                          "the identity/Relu pairs, and the hard-swish/SiLU pairs where a quick int8 check on the calibration "
+                          "rows says the outputs gain; with --calib, as the file records]"),
         click.option("--kernels", default="auto", show_default=True, metavar="auto|shipped|none|FILE", envvar="QCONV_KERNELS",
                      help="int8: the kernel cost table that keeps float the regions where int8 runs slower on this CPU (env "
                           "QCONV_KERNELS). auto: this model's nodes timed float and int8 on this machine, once (cached; "

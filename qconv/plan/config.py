@@ -49,9 +49,10 @@ class QuantConfig:
     floor_ranges: bool = False  # cut activation ranges where every reader is flat below (rules.saturation): exact, opt-in
     # cross-layer equalization (qconv.adjust.equalize). on (--equalize): Conv pairs joined by identity/Relu rescaled
     # data-free at intake, and the pairs joined by hard-swish/SiLU on the calibration rows; auto (the default): the
-    # hard-swish/SiLU pairs only, kept where a quick check on those rows says the int8 model's outputs gain enough to
-    # pay for it (pipeline.equalize_gated); off (--no-equalize). Plans store on as true and the rest as false: a plan
-    # replays the scales it recorded (source.equalization), never the check.
+    # same, the hard-swish/SiLU pairs kept only where a quick check on those rows says the int8 model's outputs gain
+    # enough to pay for them (pipeline.equalize_checked); off (--no-equalize). Jobs resolve auto to on or off as the
+    # calibration decided, so plans store on (true) or off (false) and replay the scales they recorded
+    # (source.equalization), never the check.
     equalize: str = "auto"
     # int8: the kernel cost table that decides where int8 is slower than float (qconv.plan.kernels): auto | shipped |
     # none | a table file
@@ -87,7 +88,7 @@ class QuantConfig:
                                  f"{self.activation_type} (or make them match)")
         if self.bias_correction not in (None, "full", "fast", "auto"):
             raise UsageError(f"--bias-correction is full, fast or off (got {self.bias_correction})")
-        if isinstance(self.equalize, bool):  # the API's older spelling
+        if isinstance(self.equalize, bool):  # plans store it so, and the API's older spelling
             object.__setattr__(self, "equalize", "on" if self.equalize else "off")
         if self.equalize not in ("auto", "on", "off"):
             raise UsageError(f"equalize is auto, on or off (got {self.equalize})")
@@ -154,9 +155,7 @@ class QuantConfig:
             kw["format"] = None
         kw["exclude_nodes"] = tuple(kw.get("exclude_nodes", ()))
         kw["exclude_ops"] = tuple(kw.get("exclude_ops", ()))
-        if isinstance(kw.get("equalize"), bool):
-            kw["equalize"] = "on" if kw["equalize"] else "off"
-        return cls(**kw)
+        return cls(**kw)  # a plan's equalize is a bool: __post_init__ reads it as on/off
 
     def to_dict(self) -> dict:
         d = asdict(self)
