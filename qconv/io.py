@@ -14,7 +14,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from qconv.errors import QconvError
-from qconv.graph import copy_with_placeholders
+from qconv.graph import copy_with_placeholders, hash_loaded, has_lazy, is_lazy, lazy_span
 
 # Models whose protobuf would pass 2 GB must keep weights outside the .onnx file.
 _PROTO_LIMIT = 2**31 - 2**26
@@ -49,13 +49,52 @@ def load_model_and_layout(path: str | os.PathLike) -> tuple[onnx.ModelProto, boo
     external = has_external_data(model)
     if external:
         try:
-            onnx.external_data_helper.load_external_data_for_model(model, str(p.parent))
+            if _external_bytes(model, p.parent) > LAZY_BYTES:
+                _point_to_files(model, p.parent)
+            else:
+                onnx.external_data_helper.load_external_data_for_model(model, str(p.parent))
         except Exception as exc:  # noqa: BLE001 - onnx raises OSError, ValueError or ValidationError here
             raise QconvError(
                 f"cannot read the model's external data next to {p}: {_first_line(exc)}; keep the .data file beside the model"
             ) from None
         model.ir_version = max(model.ir_version, 4)
     return model, external
+
+
+# Past protobuf's limit a model cannot be held as one message anyway: its weights stay in their files, read one at a
+# time where they are used (qconv.graph.tensor_array), so qconv holds about one weight and what it writes, not the
+# model (a 2.09 GiB decoder to int4: 9.2 GB peak when loaded, see tests/test_large_models.py).
+LAZY_BYTES = _PROTO_LIMIT
+
+
+def _external_bytes(model: onnx.ModelProto, base: Path) -> int:
+    total = 0
+    for t in onnx.external_data_helper._get_all_tensors(model):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in t.external_data}
+            total += int(info["length"]) if "length" in info else (base / info["location"]).stat().st_size
+    return total
+
+
+def _point_to_files(model: onnx.ModelProto, base: Path) -> None:
+    """Leave the main graph's weights in their files, their locations made absolute (qconv.graph.is_lazy); weights of
+    subgraphs and attributes are loaded (they are small, and read where a lazy one is not looked for)."""
+    for t in model.graph.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = str((base / e.value).resolve())
+        path, offset, length = lazy_span(t)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{Path(path).name} (weight '{t.name}') not found")
+        if offset + length > os.path.getsize(path):
+            raise ValueError(f"weight '{t.name}' runs past the end of {Path(path).name}")
+    for t in onnx.external_data_helper._get_all_tensors(model):
+        if t.data_location == onnx.TensorProto.EXTERNAL and not is_lazy(t):
+            onnx.external_data_helper.load_external_data_for_tensor(t, str(base))
+            t.data_location = onnx.TensorProto.DEFAULT
+            del t.external_data[:]
 
 
 def op_counts(path: str | os.PathLike) -> dict[str, int]:
@@ -108,17 +147,22 @@ def save_model(model: onnx.ModelProto, out: str | os.PathLike, external_data: bo
     """Write ``model`` to ``out`` atomically; weights go to ``<out>.data`` beside it when asked or needed."""
     o = Path(out)
     if external_data is None:
-        external_data = model.ByteSize() > _PROTO_LIMIT
+        external_data = model.ByteSize() > _PROTO_LIMIT or has_lazy(model)
     tmpdir = Path(tempfile.mkdtemp(prefix=".qconv-", dir=o.parent))
     try:
         tmp_model = tmpdir / o.name
-        if external_data:
+        if has_lazy(model) or model.ByteSize() > _PROTO_LIMIT:  # streamed: never a second copy of the weights
+            data_name = o.name + ".data"
+            write_external(model, tmp_model, threshold=1024)
+            os.replace(tmpdir / data_name, o.parent / data_name)
+        elif external_data:
             data_name = o.name + ".data"
             onnx.save_model(
                 model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
                 location=data_name, size_threshold=1024,
             )
-            os.replace(tmpdir / data_name, o.parent / data_name)
+            if (tmpdir / data_name).exists():  # no weight of 1 KB or more (a small model quantized): none written
+                os.replace(tmpdir / data_name, o.parent / data_name)
         else:
             with open(tmp_model, "wb") as f:
                 f.write(model.SerializeToString(deterministic=True))
@@ -188,13 +232,88 @@ def model_identity(model: onnx.ModelProto) -> str:
     h = hashlib.sha256()
     for op in model.opset_import:
         h.update(f"{op.domain}:{op.version};".encode())
-    if model.graph.ByteSize() < _PROTO_LIMIT:
+    if model.graph.ByteSize() < _PROTO_LIMIT and not has_lazy(model):
         h.update(model.graph.SerializeToString(deterministic=True))
         return h.hexdigest()
-    # past 2 GB one message cannot be serialized: the graph without its weights, then each weight in turn
+    # past 2 GB one message cannot be serialized: the graph without its weights, then each weight in turn (a lazy
+    # one as if loaded: the same model gives the same id however it was read)
     bare = copy_with_placeholders(model, {t.name for t in model.graph.initializer}).graph
     del bare.initializer[:]
     h.update(bare.SerializeToString(deterministic=True))
     for t in model.graph.initializer:
-        h.update(t.SerializeToString(deterministic=True))
+        hash_loaded(t, h)
     return h.hexdigest()
+
+
+def write_external(model: onnx.ModelProto, path: Path, threshold: int = 1 << 20, link: bool = False) -> Path:
+    """Write ``model`` with every initializer of ``threshold`` bytes or more in ``<path>.data``, without copying the
+    model first (onnx.save_model's external-data route rewrites the proto it is given, so callers would need a
+    second copy of every weight): a copy with placeholders for the big tensors, whose bytes are streamed to the
+    data file one at a time. Lazy weights (qconv.graph.is_lazy) are copied from their file in chunks; with ``link``
+    (a session's temporary folder) their file is hard-linked beside ``path`` instead, where the file system allows."""
+    tensors = model.graph.initializer
+    big = [t for t in tensors if is_lazy(t) or (t.ByteSize() >= threshold and t.data_location != onnx.TensorProto.EXTERNAL)]
+    m = copy_with_placeholders(model, {t.name for t in big})
+    refs = {t.name: t for t in m.graph.initializer}
+    data = path.with_name(path.name + ".data")
+    linked: dict[str, str] = {}
+    with open(data, "wb") as f:
+        for t in big:
+            ref = refs[t.name]
+            if t.HasField("doc_string"):
+                ref.doc_string = t.doc_string
+            if is_lazy(t):
+                source, start, length = lazy_span(t)
+                if link and source not in linked and _hard_link(source, path.parent / f"linked{len(linked)}.data"):
+                    linked[source] = f"linked{len(linked)}.data"
+                if source in linked:
+                    _reference(ref, linked[source], start, length)
+                    continue
+                offset = _align(f)
+                _copy_span(source, start, length, f)
+            else:
+                raw = t.raw_data if t.HasField("raw_data") else onnx.numpy_helper.to_array(t).tobytes()
+                offset, length = _align(f), len(raw)
+                f.write(raw)
+            _reference(ref, data.name, offset, length)
+    path.write_bytes(m.SerializeToString())
+    return path
+
+
+ALIGN = 1 << 16  # onnxruntime maps a weight from the file, instead of copying it, only at an aligned offset
+
+
+def _align(f) -> int:
+    """Pad ``f`` to the next ALIGN boundary; returns the offset the next weight starts at."""
+    offset = f.tell()
+    if offset % ALIGN:
+        f.write(b"\0" * (ALIGN - offset % ALIGN))
+    return f.tell()
+
+
+def _reference(ref: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    del ref.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = ref.external_data.add()
+        entry.key, entry.value = key, value
+    ref.data_location = onnx.TensorProto.EXTERNAL
+
+
+def _hard_link(source: str, target: Path) -> bool:
+    try:
+        os.link(source, target)
+        return True
+    except OSError:  # another file system, or links not allowed: the bytes are copied instead
+        return False
+
+
+def _copy_span(source: str, start: int, length: int, out, chunk: int = 1 << 24) -> None:
+    with open(source, "rb") as f:
+        f.seek(start)
+        left = length
+        while left:
+            block = f.read(min(chunk, left))
+            if not block:
+                raise QconvError(f"external data file {source} ends before its weights do")
+            out.write(block)
+            left -= len(block)

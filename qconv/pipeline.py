@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 import collections
+import contextlib
 import copy
 import hashlib
 import json
@@ -505,15 +506,17 @@ def check_feed(prepared: Prepared, feed: dict | None) -> dict | None:
 
 def verify(model: onnx.ModelProto, feed: dict | None = None) -> None:
     """The output must pass onnx.checker, load in onnxruntime and, given ``feed``, run on it; or nothing is written."""
-    try:
-        if model.ByteSize() < 2**31 - 2**26:
-            onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as exc:
-        raise QconvError(f"internal error: the quantized model fails onnx.checker ({str(exc).splitlines()[0]}); please report it") from None
-    try:
-        sess = runtime.session(model, threads=1)
-    except QconvError as exc:
-        raise QconvError(f"internal error: the rewritten model does not load ({exc}); nothing was written, please report it") from None
+    with contextlib.ExitStack() as stack:
+        # a model with weights still in the input's file copies them (a quantized model keeps few: norms, biases)
+        path = stack.enter_context(runtime.as_file(model, link=False)) if runtime.goes_by_file(model) else None
+        try:
+            onnx.checker.check_model(model if path is None else str(path))
+        except onnx.checker.ValidationError as exc:
+            raise QconvError(f"internal error: the quantized model fails onnx.checker ({str(exc).splitlines()[0]}); please report it") from None
+        try:
+            sess = runtime.session(model if path is None else str(path), threads=1, prepack=False)  # a check: weights held once
+        except QconvError as exc:
+            raise QconvError(f"internal error: the rewritten model does not load ({exc}); nothing was written, please report it") from None
     if feed is None:
         return
     from qconv.rewrite.quantized_io import IntegerIO, io_params_of

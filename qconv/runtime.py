@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -11,7 +12,8 @@ import onnx
 import onnxruntime as ort
 
 from qconv.errors import QconvError
-from qconv.graph import copy_with_placeholders
+from qconv.graph import has_lazy
+from qconv.io import write_external
 
 
 def default_threads() -> int:
@@ -46,10 +48,9 @@ def session(model: onnx.ModelProto | str, threads: int | None = None, optimize: 
     try:
         if isinstance(model, str):
             return ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
-        if model.ByteSize() < PROTO_LIMIT:
+        if not goes_by_file(model):
             return ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
-        with tempfile.TemporaryDirectory(prefix="qconv-session-") as tmp:
-            path = write_external(model, Path(tmp) / "model.onnx")
+        with as_file(model) as path:
             return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -57,29 +58,24 @@ def session(model: onnx.ModelProto | str, threads: int | None = None, optimize: 
 
 
 PROTO_LIMIT = 2**31 - 2**26  # a protobuf message cannot pass 2 GB; keep a margin for the graph itself
+# Bigger models reach onnxruntime through a temporary file with their weights beside it, not as one serialized
+# message: the message and onnxruntime's parse of it were two more copies of the weights (an int4 decoder of 334 MB
+# held 1.9 GB in its checks), where weights in a file are read, or mapped when prepacking is off, once.
+FILE_SESSION_BYTES = 1 << 28
 
 
-def write_external(model: onnx.ModelProto, path: Path, threshold: int = 1 << 20) -> Path:
-    """Write ``model`` with every initializer of ``threshold`` bytes or more in ``<path>.data``, without copying the
-    model first (onnx.save_model's external-data route rewrites the proto it is given, so callers would need a
-    second copy of every weight): a copy with placeholders for the big tensors, whose bytes are streamed to the
-    data file one at a time."""
-    big = [t for t in model.graph.initializer if t.ByteSize() >= threshold and t.data_location != onnx.TensorProto.EXTERNAL]
-    m = copy_with_placeholders(model, {t.name for t in big})
-    refs = {t.name: t for t in m.graph.initializer}
-    data = path.with_name(path.name + ".data")
-    with open(data, "wb") as f:
-        for t in big:
-            raw = t.raw_data if t.HasField("raw_data") else onnx.numpy_helper.to_array(t).tobytes()
-            offset = f.tell()
-            f.write(raw)
-            ref = refs[t.name]
-            for key, value in (("location", data.name), ("offset", str(offset)), ("length", str(len(raw)))):
-                entry = ref.external_data.add()
-                entry.key, entry.value = key, value
-            ref.data_location = onnx.TensorProto.EXTERNAL
-    path.write_bytes(m.SerializeToString())
-    return path
+def goes_by_file(model: onnx.ModelProto) -> bool:
+    """Whether onnxruntime (and onnx.checker) should read ``model`` from a file (see FILE_SESSION_BYTES)."""
+    return has_lazy(model) or model.ByteSize() >= FILE_SESSION_BYTES
+
+
+@contextlib.contextmanager
+def as_file(model: onnx.ModelProto, link: bool = True):
+    """A temporary .onnx path holding ``model``, its big weights beside it (lazy ones hard-linked where possible;
+    ``link=False`` for onnx.checker, which refuses hard-linked files); removed after the block (a session made from
+    it keeps what it mapped)."""
+    with tempfile.TemporaryDirectory(prefix="qconv-session-") as tmp:
+        yield write_external(model, Path(tmp) / "model.onnx", link=link)
 
 
 def run(sess: ort.InferenceSession, feed: dict, outputs: list[str] | None = None) -> list:

@@ -27,7 +27,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from qconv.graph import FLOAT, Graph, ai_onnx_opset, attr, constant_tensors, ensure_opset, subgraph_inputs, submodel, topo_sort
+from qconv.graph import (FLOAT, Graph, ai_onnx_opset, attr, constant_tensors, ensure_opset, subgraph_inputs, submodel, tensor_array,
+                         topo_sort)
 from qconv.numeric import qmath
 from qconv.plan import QuantPlan, TensorPlan
 from qconv.rewrite.qdq import activation_pair
@@ -473,7 +474,7 @@ def apply(model: onnx.ModelProto, corrections: dict) -> onnx.ModelProto:
                 node.input[2] = c["bias"]
             continue
         t = inits[c["bias"]]
-        b = numpy_helper.to_array(t).astype(np.float32)
+        b = tensor_array(t).astype(np.float32)
         t.CopyFrom(numpy_helper.from_array((b + shift.reshape(b.shape)).astype(np.float32), t.name))
     return m
 

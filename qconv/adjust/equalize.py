@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from qconv.graph import Graph, ai_onnx_opset, attr, subgraph_inputs
+from qconv.graph import Graph, ai_onnx_opset, attr, subgraph_inputs, tensor_array
 
 HOMOGENEOUS = ("Relu", "LeakyRelu")
 ITERATIONS = 8  # chains (Conv -> Conv -> Conv) converge in a few sweeps
@@ -59,7 +59,7 @@ def equalize(model: onnx.ModelProto, iterations: int = ITERATIONS) -> int:
     if not found:
         return 0
     inits = {t.name: t for t in model.graph.initializer}
-    arrays = {name: numpy_helper.to_array(inits[name]).astype(np.float64) for a, b in found for name in _params(a) + _params(b)}
+    arrays = {name: tensor_array(inits[name]).astype(np.float64) for a, b in found for name in _params(a) + _params(b)}
     for _ in range(iterations):
         for a, b in found:
             w1, w2 = arrays[a.input[1]], arrays[b.input[1]]
@@ -235,7 +235,7 @@ def apply_gated(model: onnx.ModelProto, scales: dict[str, list[float]]) -> int:
     inits = {t.name: t for t in model.graph.initializer}
 
     def array(name: str) -> np.ndarray:  # read afresh: a Conv2 of one pair may be the Conv1 of the next
-        return numpy_helper.to_array(inits[name]).astype(np.float64)
+        return tensor_array(inits[name]).astype(np.float64)
 
     found = {p.conv: p for p in gated_pairs(model)}
     missing = sorted(set(scales) - set(found))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict, deque
 from contextlib import contextmanager
 from typing import Callable
@@ -62,7 +63,7 @@ class Graph:
         return name in self.initializers
 
     def array(self, name: str) -> np.ndarray:
-        return numpy_helper.to_array(self.initializers[name])
+        return tensor_array(self.initializers[name])
 
     def is_float(self, name: str) -> bool:
         return self.types.get(name) == FLOAT
@@ -94,6 +95,128 @@ def integer_only(node: onnx.NodeProto, g: Graph) -> bool:
     """True when no output is float: shape and index math (Shape, Range, comparisons on shapes...)."""
     outs = [n for n in node.output if n]
     return bool(outs) and all(n in g.types and g.types[n] not in FLOAT_TYPES for n in outs)
+
+
+# Weights left in their file (models past protobuf's 2 GB, loaded by qconv.io with ``lazy``): the tensor keeps
+# data_location EXTERNAL with an absolute ``location``, and is read one at a time where it is used. onnxruntime
+# refuses absolute locations, so sessions and saved models go through qconv.runtime.write_external / qconv.io.
+def is_lazy(t: onnx.TensorProto) -> bool:
+    return t.data_location == onnx.TensorProto.EXTERNAL and os.path.isabs(external_info(t).get("location", ""))
+
+
+def external_info(t: onnx.TensorProto) -> dict[str, str]:
+    return {e.key: e.value for e in t.external_data}
+
+
+def lazy_span(t: onnx.TensorProto) -> tuple[str, int, int]:
+    """(file, offset, length) of a lazy tensor's bytes."""
+    info = external_info(t)
+    offset = int(info.get("offset", 0))
+    length = int(info["length"]) if "length" in info else os.path.getsize(info["location"]) - offset
+    return info["location"], offset, length
+
+
+def lazy_bytes(t: onnx.TensorProto) -> bytes:
+    path, offset, length = lazy_span(t)
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read(length)
+    if len(data) != length:
+        raise ValueError(f"external data of '{t.name}' ends early in {path}")
+    return data
+
+
+def tensor_array(t: onnx.TensorProto) -> np.ndarray:
+    """The value of an initializer, read from its file when it is lazy (one weight at a time, one copy)."""
+    if not is_lazy(t):
+        return numpy_helper.to_array(t)
+    if t.data_type not in _PLAIN_TYPES:  # stored differently from numpy's layout (bfloat16, 4-bit, strings)
+        loaded = onnx.TensorProto()
+        loaded.name, loaded.data_type = t.name, t.data_type
+        loaded.dims.extend(t.dims)
+        loaded.raw_data = lazy_bytes(t)
+        return numpy_helper.to_array(loaded)
+    path, offset, length = lazy_span(t)
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
+    values = np.fromfile(path, dtype=dtype.newbyteorder("<"), count=length // dtype.itemsize, offset=offset)
+    if values.size != int(np.prod(t.dims, dtype=np.int64)):
+        raise ValueError(f"external data of '{t.name}' holds {values.size} values for shape {list(t.dims)}")
+    return values.astype(dtype, copy=False).reshape(tuple(t.dims))
+
+
+_PLAIN_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT8,
+                onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16, onnx.TensorProto.INT32,
+                onnx.TensorProto.UINT32, onnx.TensorProto.INT64, onnx.TensorProto.UINT64, onnx.TensorProto.BOOL}
+_RAW_DATA = 9  # TensorProto.raw_data's field number
+
+
+def hash_loaded(t: onnx.TensorProto, h) -> None:
+    """``h.update`` with the deterministic serialization of ``t`` as onnx.load gives it with its external data (the
+    bytes read in, the external fields cleared), the bytes of a lazy tensor streamed from its file: a weight hashes
+    the same lazy or loaded, and no copy of it is made. Deterministic serialization writes fields in number order:
+    the fields before raw_data, raw_data, then the ones after it."""
+    if not is_lazy(t):
+        h.update(t.SerializeToString(deterministic=True))
+        return
+    low, high = onnx.TensorProto(), onnx.TensorProto()
+    for field, value in t.ListFields():
+        if field.name == "external_data":
+            continue
+        target = low if field.number < _RAW_DATA else high
+        if isinstance(value, (list, tuple)) or hasattr(value, "extend"):
+            getattr(target, field.name).extend(value)
+        else:
+            setattr(target, field.name, value)
+    high.data_location = onnx.TensorProto.DEFAULT
+    path, offset, length = lazy_span(t)
+    h.update(low.SerializeToString(deterministic=True))
+    h.update(bytes([_RAW_DATA << 3 | 2]) + _varint(length))
+    with open(path, "rb") as f:
+        f.seek(offset)
+        left = length
+        while left:
+            block = f.read(min(left, 1 << 24))
+            if not block:
+                raise ValueError(f"external data of '{t.name}' ends early in {path}")
+            h.update(block)
+            left -= len(block)
+    h.update(high.SerializeToString(deterministic=True))
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+_FINITE: dict[tuple, bool] = {}
+
+
+def all_finite(t: onnx.TensorProto) -> bool:
+    """No inf/NaN in a float initializer; a lazy one is scanned from its file a slice at a time (and once per run)."""
+    if not is_lazy(t):
+        return bool(np.all(np.isfinite(numpy_helper.to_array(t))))
+    path, offset, length = lazy_span(t)
+    key = (path, offset, length, os.path.getmtime(path))
+    if key not in _FINITE:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+        values = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(length // dtype.itemsize,))
+        step = 1 << 22
+        _FINITE[key] = all(bool(np.all(np.isfinite(values[i:i + step]))) for i in range(0, values.size, step))
+        del values
+    return _FINITE[key]
+
+
+def stored_bytes(t: onnx.TensorProto) -> int:
+    """Bytes a tensor takes in a saved model, its data included when that is lazy."""
+    return t.ByteSize() + (lazy_span(t)[2] if is_lazy(t) else 0)
+
+
+def has_lazy(model: onnx.ModelProto) -> bool:
+    return any(is_lazy(t) for t in model.graph.initializer)
 
 
 @contextmanager

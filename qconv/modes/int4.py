@@ -58,7 +58,7 @@ def apply(prepared, p: QuantPlan, calib_feeds=None) -> Applied:
     model, level = r.model, None
     if config.accuracy_level != "auto":
         pinned = int(config.accuracy_level) or None
-        model, level = wo.with_accuracy_level(model, pinned), {"chosen": pinned, "rows": None, "why": "pinned by --accuracy-level"}
+        model, level = wo.set_accuracy_level(model, pinned), {"chosen": pinned, "rows": None, "why": "pinned by --accuracy-level"}
     elif not _has_cache(model):
         level = {"chosen": None, "rows": None,
                  "why": "no KV cache: every call carries many rows (a prompt, a batch), where accuracy_level 4 ran slower than "

@@ -69,7 +69,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qconv.data import is_cache_name
 from qconv.errors import QconvError, UsageError
-from qconv.graph import Graph, attr, copy_with_placeholders, drop_unused_initializers, expose, topo_sort
+from qconv.graph import Graph, all_finite, attr, copy_with_placeholders, drop_unused_initializers, expose, stored_bytes, topo_sort
 from qconv.numeric import awq, gptq, hqq, qmath
 from qconv.plan.names import first_match
 from qconv.runtime import run, session
@@ -104,12 +104,13 @@ class Int4Weight:
     zero_point: np.ndarray  # uint8 [n_blocks, N]
     block_size: int
 
-    def _per_row(self, p: np.ndarray) -> np.ndarray:
-        return p[np.arange(self.q.shape[0]) // self.block_size]
+    def _per_row(self, p: np.ndarray, first: int) -> np.ndarray:
+        return p[(first + np.arange(self.q.shape[0])) // self.block_size]
 
-    def dequantize(self) -> np.ndarray:
-        centered = self.q.astype(np.float32) - self._per_row(self.zero_point).astype(np.float32)
-        return (centered * self._per_row(self.scale)).astype(np.float32)
+    def dequantize(self, first: int = 0) -> np.ndarray:
+        """The float weight; ``first``: the row of the whole weight that ``q``'s first row is (a slice of rows)."""
+        centered = self.q.astype(np.float32) - self._per_row(self.zero_point, first).astype(np.float32)
+        return (centered * self._per_row(self.scale, first)).astype(np.float32)
 
     def padded_q(self) -> np.ndarray:
         """``q`` padded along K to whole blocks with the zero point (padding decodes to exactly 0)."""
@@ -180,32 +181,52 @@ def _blocks(a: np.ndarray, block_size: int) -> np.ndarray:
     return padded.reshape(n_blocks, block_size, n_dim).transpose(0, 2, 1).reshape(n_blocks * n_dim, block_size)
 
 
-def blockwise(w: np.ndarray, block_size: int, fit: Callable[[np.ndarray], qmath.QParams]) -> Int4Weight:
-    """Block-wise quantization of ``w [K, N]`` along K with the parameters ``fit`` chooses for each block."""
+CHUNK_VALUES = 1 << 22  # weights are quantized this many values at a time (16 MB of float32): a 262 MB embedding
+# table no longer takes 2 GB of float64 temporaries; blocks never straddle chunks, so the result is the same
+
+
+def blockwise(w: np.ndarray, block_size: int, fit: Callable[[np.ndarray, slice], qmath.QParams]) -> Int4Weight:
+    """Block-wise quantization of ``w [K, N]`` along K with the parameters ``fit(blocks, columns)`` chooses for each
+    block of the ``columns`` of ``w`` it is given (a few columns at a time, CHUNK_VALUES values)."""
     k_dim, n_dim = w.shape
     n_blocks = -(-k_dim // block_size)
-    blocks = _blocks(np.asarray(w, dtype=np.float32), block_size)
-    qp = fit(blocks)
-    q = qmath.quantize(blocks, qp).reshape(n_blocks, n_dim, block_size).transpose(0, 2, 1)
-    q = q.reshape(n_blocks * block_size, n_dim)[:k_dim]
-    return Int4Weight(q, qp.scale.reshape(n_blocks, n_dim), qp.zero_point.reshape(n_blocks, n_dim), block_size)
+    step = max(1, CHUNK_VALUES // max(n_blocks * block_size, 1))
+    q = np.empty((k_dim, n_dim), dtype=np.uint8)
+    scale = zero_point = None
+    for start in range(0, n_dim, step):
+        cols = slice(start, min(n_dim, start + step))
+        width = cols.stop - cols.start
+        blocks = _blocks(np.asarray(w[:, cols], dtype=np.float32), block_size)
+        qp = fit(blocks, cols)
+        part = qmath.quantize(blocks, qp).reshape(n_blocks, width, block_size).transpose(0, 2, 1)
+        q[:, cols] = part.reshape(n_blocks * block_size, width)[:k_dim]
+        if scale is None:
+            scale = np.empty((n_blocks, n_dim), dtype=qp.scale.dtype)
+            zero_point = np.empty((n_blocks, n_dim), dtype=qp.zero_point.dtype)
+        scale[:, cols] = qp.scale.reshape(n_blocks, width)
+        zero_point[:, cols] = qp.zero_point.reshape(n_blocks, width)
+    return Int4Weight(q, scale, zero_point, block_size)
 
 
 def rtn(w: np.ndarray, block_size: int, symmetric: bool, bits: int = 4) -> Int4Weight:
     """Round-to-nearest block-wise quantization of ``w [K, N]`` along K (8-bit for a mixed model's chosen layers)."""
-    return blockwise(w, block_size, partial(fit_blocks, symmetric=symmetric, bits=bits))
+    return blockwise(w, block_size, lambda blocks, _: fit_blocks(blocks, symmetric, bits))
 
 
 def hqq_weight(w: np.ndarray, block_size: int) -> Int4Weight:
     """HQQ block parameters (affine, integer zero points): qconv.numeric.hqq."""
-    return blockwise(w, block_size, partial(hqq.fit, qt=UINT4))
+    return blockwise(w, block_size, lambda blocks, _: hqq.fit(blocks, UINT4))
 
 
 def clipped_weight(w: np.ndarray, block_size: int, symmetric: bool, importance: np.ndarray) -> Int4Weight:
     """Round-to-nearest with each block's range clip-searched on the error weighted by ``importance`` [K] (the
     mean square of the input channel each row of ``w`` multiplies)."""
-    weights = _blocks(np.broadcast_to(np.asarray(importance, np.float32)[:, None], w.shape).copy(), block_size)
-    return blockwise(w, block_size, lambda blocks: awq.clip_fit(blocks, weights, partial(fit_blocks, symmetric=symmetric)))
+    column = np.asarray(importance, np.float32)[:, None]
+
+    def fit(blocks, cols):
+        weights = _blocks(np.broadcast_to(column, (w.shape[0], cols.stop - cols.start)).copy(), block_size)
+        return awq.clip_fit(blocks, weights, partial(fit_blocks, symmetric=symmetric))
+    return blockwise(w, block_size, fit)
 
 
 def gptq_weight(w: np.ndarray, hessian: np.ndarray, block_size: int, symmetric: bool,
@@ -217,7 +238,15 @@ def gptq_weight(w: np.ndarray, hessian: np.ndarray, block_size: int, symmetric: 
 
 def rel_error(w: np.ndarray, qw: Int4Weight) -> float:
     norm = float(np.linalg.norm(w))
-    return float(np.linalg.norm(w - qw.dequantize())) / norm if norm else 0.0
+    if not norm:
+        return 0.0
+    step = max(1, CHUNK_VALUES // max(w.shape[1], 1))
+    squares = 0.0
+    for start in range(0, w.shape[0], step):  # a few rows at a time: no float copy of the whole weight
+        part = Int4Weight(qw.q[start:start + step], qw.scale, qw.zero_point, qw.block_size)
+        d = w[start:start + step] - part.dequantize(start)
+        squares += float(np.einsum("ij,ij->", d, d, dtype=np.float64))
+    return float(np.sqrt(squares)) / norm
 
 
 def matmul_nbits_tensors(qw: Int4Weight, symmetric: bool, bits: int = 4) -> list[np.ndarray]:
@@ -286,7 +315,7 @@ def _weight_problem(node: onnx.NodeProto, g: Graph, block_size: int) -> str | No
         return f"{label}={width} is smaller than block_size {block_size}"
     if node.op_type == "Gather" and width % 2:
         return f"D={width} is odd: GatherBlockQuantized packs two 4-bit values per byte along D"
-    if not np.all(np.isfinite(g.array(name))):
+    if not all_finite(t):
         return f"{what} '{name}' holds inf/NaN values"
     return None
 
@@ -473,10 +502,11 @@ def _insert_scales(m: onnx.ModelProto, g: Graph, scalings: list[_Scaling], repla
 
 
 def _encode(g: Graph, node: onnx.NodeProto, block_size: int, symmetric: bool, method: str, hessian, act_order: bool,
-            weight: np.ndarray | None = None, importance: np.ndarray | None = None, bits: int = 4):
+            weight: np.ndarray | None = None, importance: np.ndarray | None = None, bits: int = 4, approx: bool = True):
     """(new initializers, quantized record without the node name, the dequantized weight or None) for the weight of
     ``node``; ``weight``, when given, replaces the stored one (AWQ's scaled weight). ``bits=8``: a mixed model's
-    8-bit layer (symmetric round-to-nearest, MatMulNBits bits=8)."""
+    8-bit layer (symmetric round-to-nearest, MatMulNBits bits=8). ``approx=False``: no dequantized weight (only a
+    size budget reads it; kept for every weight it would be a float copy of the model)."""
     name = _weight_input(node)
     w = g.array(name).astype(np.float32) if weight is None else weight
     affine = not symmetric or method == "hqq"
@@ -487,12 +517,11 @@ def _encode(g: Graph, node: onnx.NodeProto, block_size: int, symmetric: bool, me
         inits = [numpy_helper.from_array(a, g.unique(name + sfx)) for a, sfx in zip(arrays, ("_Q8", "_scales8"))]
         record = {"op_type": node.op_type, "weight": name, "shape": list(w.shape), "block_size": block_size,
                   "symmetric": True, "method": "rtn", "bits": 8, "rel_error": rel_error(w.T if table else w, qw)}
-        return inits, record, (qw.dequantize().T if table else qw.dequantize())
+        return inits, record, (None if not approx else qw.dequantize().T if table else qw.dequantize())
     if node.op_type == "Gather":
         qw = rtn(w.T, block_size, symmetric)
         arrays, err, used = gather_tensors(qw, symmetric), rel_error(w.T, qw), "rtn"
         affine = not symmetric
-        approx = qw.dequantize().T
     else:
         if method in ("gptq", "awq_gptq") and hessian is not None:
             qw = gptq_weight(w, hessian, block_size, symmetric, act_order)
@@ -508,7 +537,9 @@ def _encode(g: Graph, node: onnx.NodeProto, block_size: int, symmetric: bool, me
     inits = [numpy_helper.from_array(a, g.unique(name + s)) for a, s in zip(arrays, suffixes)]
     record = {"op_type": node.op_type, "weight": name, "shape": list(w.shape), "block_size": block_size,
               "symmetric": not affine, "method": used, "bits": 4, "rel_error": err}
-    return inits, record, (qw.dequantize() if node.op_type == "MatMul" else approx)
+    if not approx:
+        return inits, record, None
+    return inits, record, (qw.dequantize() if node.op_type == "MatMul" else qw.dequantize().T)
 
 
 def _eight_bit(encoded: dict, weight_of: Callable[[str], np.ndarray], hessians: dict[str, np.ndarray], size: int,
@@ -589,7 +620,7 @@ def quantize_int4(model: onnx.ModelProto, block_size: int = 32, symmetric: bool 
         weight = _weight_input(node)
         mm = node.op_type == "MatMul"
         return _encode(g, node, block_size, symmetric, method, hessians.get(weight) if method in ("gptq", "awq_gptq") else None, act_order,
-                       scaled.get(weight) if mm else None, importance.get(weight) if mm else None, bits)
+                       scaled.get(weight) if mm else None, importance.get(weight) if mm else None, bits, max_bytes is not None)
 
     encoded = {}
     for node in targets.values():
@@ -609,7 +640,9 @@ def quantize_int4(model: onnx.ModelProto, block_size: int = 32, symmetric: bool 
         new = _replacement(g, node, inits, block_size, accuracy_level, record["bits"])
         m.graph.node[position].CopyFrom(new)
         replaced[new.name] = new
-    m.graph.initializer.extend(t for inits, _, _ in encoded.values() for t in inits)
+    for key, (inits, record, approx) in encoded.items():  # one weight's tensors at a time: extend copies them
+        m.graph.initializer.extend(inits)
+        encoded[key] = ([], record, approx)
     if targets and not any(op.domain == MS_DOMAIN for op in m.opset_import):
         m.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     _insert_scales(m, g, scalings, replaced)
@@ -624,9 +657,9 @@ def _size_after(m: onnx.ModelProto, g: "_Sourced", encoded: dict, targets: dict)
     weights = {name for _, name in encoded}
     ids = {id(n) for n in targets.values()}
     readers_left = {name for name in weights for n in g.consumers.get(name, []) if id(n) not in ids}
-    dropped = sum(g.initializers[name].ByteSize() for name in weights - readers_left)
+    dropped = sum(stored_bytes(g.initializers[name]) for name in weights - readers_left)
     added = sum(t.ByteSize() for inits, _, _ in encoded.values() for t in inits)
-    return m.ByteSize() - dropped + added
+    return m.ByteSize() + sum(stored_bytes(t) - t.ByteSize() for t in m.graph.initializer) - dropped + added
 
 
 class _Sourced(Graph):
@@ -652,14 +685,19 @@ def with_accuracy_level(model: onnx.ModelProto, level: int | None) -> onnx.Model
     for them at the default level is ~50x slower per token (measured) and slower on a batch too."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
-    for node in m.graph.node:
+    return set_accuracy_level(m, level)
+
+
+def set_accuracy_level(model: onnx.ModelProto, level: int | None) -> onnx.ModelProto:
+    """with_accuracy_level in place (no copy of the weights); returns ``model``."""
+    for node in model.graph.node:
         if node.op_type == "MatMulNBits" and node.domain == MS_DOMAIN and attr(node, "bits", 4) == 4:
             kept = [a for a in node.attribute if a.name != "accuracy_level"]
             del node.attribute[:]
             node.attribute.extend(kept)
             if level is not None:
                 node.attribute.append(helper.make_attribute("accuracy_level", level))
-    return m
+    return model
 
 
 def generated_feeds(model: onnx.ModelProto, count: int = LEVEL_FEEDS, length: int = 16, seed: int = 0) -> list[dict]:
@@ -715,9 +753,18 @@ def level_agreement(original: onnx.ModelProto, model: onnx.ModelProto, feeds: li
     names = [o.name for o in ref_sess.get_outputs()]
     reference = [run(ref_sess, f, names) for f in feeds]
     out = {}
-    for key, lvl in (("default", None), (f"level{level}", level)):
-        sess = session(with_accuracy_level(model, lvl))
-        out[key] = _agreement(reference, [run(sess, f, names) for f in feeds], names)
+    del ref_sess  # a model past 2 GB: its float weights are not held while the int4 ones are
+    before = {k: [onnx.AttributeProto.FromString(a.SerializeToString()) for a in n.attribute]
+              for k, n in enumerate(model.graph.node) if n.op_type == "MatMulNBits"}
+    try:
+        for key, lvl in (("default", None), (f"level{level}", level)):
+            sess = session(set_accuracy_level(model, lvl))  # in place, restored below: no copy of the weights
+            out[key] = _agreement(reference, [run(sess, f, names) for f in feeds], names)
+            del sess
+    finally:
+        for k, attributes in before.items():
+            del model.graph.node[k].attribute[:]
+            model.graph.node[k].attribute.extend(attributes)
     return out
 
 
@@ -736,4 +783,4 @@ def choose_accuracy_level(original: onnx.ModelProto, model: onnx.ModelProto, fee
         record["why"] = (f"accuracy_level {FAST_LEVEL} kept the float model's outputs less well (min cosine {fast['min_cosine']} vs "
                          f"{base['min_cosine']}, argmax agreement {fast['argmax_agreement']} vs {base['argmax_agreement']}): "
                          "onnxruntime's default (float activations) kept")
-    return (with_accuracy_level(model, FAST_LEVEL) if ok else model), record
+    return (set_accuracy_level(model, FAST_LEVEL) if ok else model), record
