@@ -9,8 +9,10 @@ Rules (also in the README):
 - A 0-d array (say, a sample rate) goes unchanged to every feed.
 - Decoders: a file of token ids alone feeds a model with a KV cache. A missing float input whose name has
   ``past`` or ``cache`` in it is fed empty (length 0 on its one dynamic axis that no given input shares: the
-  prompt step), a missing ``attention_mask`` as ones and a missing ``position_ids`` as 0..seq-1, both shaped
-  like ``input_ids``.
+  prompt step), a missing ``attention_mask`` as ones, a missing ``position_ids`` as 0..seq-1 and a missing
+  ``token_type_ids`` as zeros (one segment, as BERT-style encoders default to), all shaped like ``input_ids``.
+- Text: ``token_windows`` turns a text file into windows of token ids with a tokenizer the user names (``qconv
+  tokenize``); a .txt given as data is refused with that command in the message.
 Arrays are cast to the input's type when that loses nothing (float64 -> float32, int32 -> int64); NaN or
 Inf in a float feed is an error.
 """
@@ -26,7 +28,7 @@ from typing import Iterator
 
 import numpy as np
 
-from qconv.errors import QconvError
+from qconv.errors import QconvError, UsageError
 
 _ONNX_TO_NP = {
     "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
@@ -75,6 +77,9 @@ def _files(path: Path) -> list[Path]:
         if not files:
             raise QconvError(f"data folder has no .npy or .npz files: {path}")
         return files
+    if path.suffix in (".txt", ".text", ".md", ".jsonl"):
+        raise QconvError(f"{path} is text: turn it into token ids first with the model's tokenizer, e.g. qconv tokenize "
+                         f"{path} --tokenizer tokenizer.json -o {path.with_suffix('.npz').name}, then --data that file")
     if path.suffix not in (".npy", ".npz"):
         raise QconvError(f"data must be a .npy file, a .npz file or a folder of them: {path}")
     return [path]
@@ -212,7 +217,7 @@ def _open(path: Path, specs: list[InputSpec]) -> dict[str, np.ndarray]:
     return arrays
 
 
-_DERIVED_NAMES = ("attention_mask", "position_ids")
+_DERIVED_NAMES = ("attention_mask", "position_ids", "token_type_ids")
 
 
 def is_cache_name(name: str) -> bool:
@@ -241,6 +246,8 @@ def _derived(spec: InputSpec, feed: dict[str, np.ndarray], specs: list[InputSpec
         ids = feed["input_ids"]
         if spec.name == "attention_mask":
             return np.ones(ids.shape, dtype=spec.dtype)
+        if spec.name == "token_type_ids":
+            return np.zeros(ids.shape, dtype=spec.dtype)
         return np.broadcast_to(np.arange(ids.shape[-1], dtype=spec.dtype), ids.shape).copy()
     sizes = {}  # dim symbol -> size, from the inputs this feed gives
     for s in specs:
@@ -481,3 +488,42 @@ def _truncate(feed, specs, rows: int):
         out[s.name] = a[:rows] if (a.ndim >= 1 and s.rank >= 1 and not fixed) else a
     return out
 
+
+TEXT_INSTALL = "pip install 'qconv[text]'"
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """A Hugging Face ``tokenizers`` tokenizer from tokenizer.json (or a folder holding one), or a one-line error."""
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise UsageError(f"tokenizing text needs the tokenizers package: {TEXT_INSTALL}") from None
+    p = Path(path)
+    if p.is_dir():
+        p = p / "tokenizer.json"
+    if not p.is_file():
+        raise QconvError(f"tokenizer not found: {p} (give a tokenizer.json, or the folder of a Hugging Face model that has one)")
+    try:
+        return Tokenizer.from_file(str(p))
+    except Exception as exc:  # noqa: BLE001 - the Rust side raises plain Exceptions
+        raise QconvError(f"not a tokenizers tokenizer.json: {p} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+
+
+def token_windows(text: str, tokenizer, length: int, windows: int | None = None) -> np.ndarray:
+    """int64 [n, length]: the text's token ids cut into consecutive windows (GPTQ's and AWQ's calibration rows), each
+    framed by the special tokens the tokenizer adds around a sequence (a BOS, or BERT's [CLS] ... [SEP]); the last
+    partial window is dropped unless it is the only one (then it is the whole text, shorter than ``length``)."""
+    probe, bare = tokenizer.encode("a"), tokenizer.encode("a", add_special_tokens=False)
+    start = next((k for k in range(len(probe.ids) - len(bare.ids) + 1) if probe.ids[k:k + len(bare.ids)] == bare.ids), 0)
+    head, tail = probe.ids[:start], probe.ids[start + len(bare.ids):]
+    body = length - len(head) - len(tail)
+    if body < 1:
+        raise UsageError(f"--seq-len {length} leaves no room for text between the tokenizer's {len(head) + len(tail)} special tokens")
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    if not ids:
+        raise QconvError("the text has no tokens (empty file?)")
+    count = max(1, len(ids) // body)
+    if windows is not None:
+        count = min(count, windows)
+    rows = [head + ids[k * body:(k + 1) * body] + tail for k in range(count)]
+    return np.asarray(rows, dtype=np.int64)

@@ -12,6 +12,7 @@ from qconv.cli.plan_cmd import plan_cmd
 from qconv.cli.quantize import quantize_cmd
 from qconv.cli.report_cmd import report_cmd
 from qconv.cli.schema_cmd import schema_cmd
+from qconv.cli.tokenize_cmd import tokenize_cmd
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -31,6 +32,7 @@ cli.add_command(inspect_cmd)
 cli.add_command(report_cmd)
 cli.add_command(schema_cmd)
 cli.add_command(kernels_cmd)
+cli.add_command(tokenize_cmd)
 
 
 def main() -> None:

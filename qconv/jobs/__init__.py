@@ -5,6 +5,7 @@ before anything is read or written) and returns plain values for the CLI to rend
 ``quantize``   ``run_quantize``  ... -> plan -> apply -> evaluate [-> tune] -> report     (``qconv quantize``)
 ``compare``    ``run_compare``   any two models on the same data -> report               (``qconv report``)
 ``calibrate``  ``run_calibrate`` the statistics file, merges, exports                    (``qconv calibrate``)
+``tokenize``   ``run_tokenize``  a text file as windows of token ids                      (``qconv tokenize``)
 """
 
 from qconv.jobs.calibrate import CalibrateJob, run_calibrate
