@@ -363,3 +363,21 @@ def test_fp16s_kept_float_nodes_are_grouped_by_what_kept_them(tmp_path):
     overflow = next(g for reason, g in groups.items() if reason.startswith("powers exceed"))
     assert overflow["ops"] == {"Pow": LAYERS * 2 + 1}  # each RMSNorm's x**2 (two per layer and the final one)
     assert not any("cast from integers" in reason and "Pow" in g["ops"] for reason, g in groups.items())
+
+
+def test_hessians_past_their_budget_are_taken_a_group_at_a_time_with_the_same_result(monkeypatch):
+    """GPTQ on a decoder whose Hessians exceed HESSIAN_BYTES: one float pass per group of inputs, each group's weights
+    rounded before the next; the Hessians, hence the model, are those of the single pass."""
+    model = onnx.load(str(SAMPLES / "tiny_decoder" / "model.onnx"))
+    specs = [InputSpec.from_value_info(i) for i in model.graph.input]
+    feeds = FeedSource(SAMPLES / "tiny_decoder" / "prompts.npz", specs, batch_size=4)
+    single = wo.quantize_int4(model, method="gptq", calib_feeds=feeds)
+    budget = 12 * 64 * 64 + 1  # about one 64-wide input per group
+    monkeypatch.setattr(wo, "HESSIAN_BYTES", budget)
+    passes = []
+    real = wo.input_hessians
+    monkeypatch.setattr(wo, "input_hessians", lambda m, w, f, sess=None: passes.append(sorted(w)) or real(m, w, f, sess))
+    grouped = wo.quantize_int4(model, method="gptq", calib_feeds=feeds)
+    assert len(passes) > 3 and sum(len(p) for p in passes) == len({x for p in passes for x in p})  # each input once
+    assert grouped.model.SerializeToString() == single.model.SerializeToString()
+    assert {q["method"] for q in grouped.quantized if q["op_type"] == "MatMul"} == {"gptq"}

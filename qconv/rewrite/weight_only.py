@@ -43,7 +43,9 @@ GPTQ
     tensor (q/k/v projections share one), one batch at a time: memory is O(K^2) per input, not O(samples).
     Weights read by several MatMuls sum their inputs' Hessians. Each weight is then quantized by qconv.numeric.gptq
     (act-order off by default). Hessians taken sequentially on the partly quantized model (one pass per
-    layer) gave no gain on the sample transformer, so one pass it is. Gather tables always use round-to-nearest.
+    layer) gave no gain on the sample transformer, so one pass it is, unless the Hessians exceed HESSIAN_BYTES:
+    then one float pass per group of inputs (hessian_groups), the same numbers. Gather tables always use
+    round-to-nearest.
 HQQ (no data)
     qconv.numeric.hqq: block parameters fitted to the weights by half-quadratic steps on an lp norm, zero points
     rounded to integers (float zero points have no fast CPU kernel). Always stored affine.
@@ -348,7 +350,14 @@ def int4_decisions(model: onnx.ModelProto, block_size: int, exclude_nodes=()) ->
     return {n.name for n in targets.values()}, {k["name"]: k["reason"] for k in kept}
 
 
-def input_hessians(model: onnx.ModelProto, widths: dict[str, int], feeds: Iterable[dict]) -> dict[str, np.ndarray]:
+def hessian_session(model: onnx.ModelProto, names: Iterable[str]):
+    """A float session that also outputs ``names`` (those computed in the graph): one per model, whichever group of
+    them a pass reads, so every pass computes them alike (what is exposed changes which nodes onnxruntime fuses)."""
+    graph_inputs = set(Graph(model).graph_inputs)
+    return session(expose(model, {n: TensorProto.FLOAT for n in sorted(names) if n not in graph_inputs}))
+
+
+def input_hessians(model: onnx.ModelProto, widths: dict[str, int], feeds: Iterable[dict], sess=None) -> dict[str, np.ndarray]:
     """``mean(x^T x)`` (float64 [K, K]) of each named float tensor, streaming the feeds. Rows are pooled (float32)
     until a tensor has K of them, then one float32 product is added to the float64 sum: adding a K x K product for
     every small feed cost more memory traffic than the products themselves (MiniLM, 256 feeds of 48 tokens: 29 s
@@ -356,7 +365,7 @@ def input_hessians(model: onnx.ModelProto, widths: dict[str, int], feeds: Iterab
     graph_inputs = set(Graph(model).graph_inputs)
     names = sorted(widths)
     computed = [n for n in names if n not in graph_inputs]
-    sess = session(expose(model, {n: TensorProto.FLOAT for n in computed}))
+    sess = sess if sess is not None else hessian_session(model, names)
     sums = {n: np.zeros((widths[n], widths[n])) for n in names}
     rows = dict.fromkeys(names, 0)
     pools: dict[str, list[np.ndarray]] = {n: [] for n in names}
@@ -384,15 +393,53 @@ def input_hessians(model: onnx.ModelProto, widths: dict[str, int], feeds: Iterab
         if not np.all(np.isfinite(sums[name])):
             raise QconvError(f"calibration activations of '{name}' hold inf/NaN values, which GPTQ cannot use: "
                              "use method 'rtn' or exclude the MatMuls reading it")
-    return {n: sums[n] / rows[n] for n in names}
+    for name in names:  # in place: a second copy of every Hessian at once was the peak
+        sums[name] /= rows[name]
+    return sums
 
 
 def _weight_hessians(per_input: dict[str, np.ndarray], matmuls) -> dict[str, np.ndarray]:
     """Hessian per MatMul weight: the sum over the MatMuls reading that weight."""
     hessians: dict[str, np.ndarray] = {}
-    for node in matmuls:
-        hessians[node.input[1]] = hessians.get(node.input[1], 0.0) + per_input[node.input[0]]
+    for node in matmuls:  # one reader: its input's array itself (q/k/v share one; GPTQ copies what it changes)
+        w, h = node.input[1], per_input[node.input[0]]
+        hessians[w] = h if w not in hessians else hessians[w] + h
     return hessians
+
+
+HESSIAN_BYTES = 1 << 30  # GPTQ's Hessians one float pass may hold (each input K x K: float64 sum + float32 row pool)
+
+
+def hessian_groups(matmuls: list[onnx.NodeProto], widths: dict[str, int], budget: int = HESSIAN_BYTES) -> list[list[onnx.NodeProto]]:
+    """The MatMuls in groups whose inputs' Hessians fit ``budget`` bytes together, in graph order; inputs that share a
+    weight stay in one group (its Hessian sums them). One group when all fit: a 7B decoder's would need ~44 GB, so
+    they are taken a group at a time, one float pass over the data each."""
+    parent = {n.input[0]: n.input[0] for n in matmuls}
+
+    def root(x):
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    first_reader: dict[str, str] = {}
+    for n in matmuls:  # inputs read through one weight are one unit
+        if n.input[1] in first_reader:
+            parent[root(n.input[0])] = root(first_reader[n.input[1]])
+        else:
+            first_reader[n.input[1]] = n.input[0]
+    units: dict[str, list[onnx.NodeProto]] = {}
+    for n in matmuls:
+        units.setdefault(root(n.input[0]), []).append(n)
+    groups, cost = [[]], 0
+    for nodes in units.values():
+        size = sum(12 * widths[x] ** 2 for x in {n.input[0] for n in nodes})
+        if groups[-1] and cost + size > budget:
+            groups.append([])
+            cost = 0
+        groups[-1].extend(nodes)
+        cost += size
+    return groups
 
 
 @dataclass
@@ -605,9 +652,22 @@ def quantize_int4(model: onnx.ModelProto, block_size: int = 32, symmetric: bool 
     g = _Sourced(m, src, only_read_here)
     targets = {position: m.graph.node[position] for position in chosen}
     matmuls = [n for n in targets.values() if n.op_type == "MatMul"]
+    widths = {n.input[0]: int(g.initializers[n.input[1]].dims[0]) for n in matmuls}
+    groups = hessian_groups(matmuls, widths, HESSIAN_BYTES) if method == "gptq" and max_bytes is None and matmuls else [matmuls]
+    grouped = {}
+    if len(groups) > 1:  # Hessians past HESSIAN_BYTES: a float pass per group, its weights rounded before the next
+        feeds = list(calib_feeds) if iter(calib_feeds) is calib_feeds else calib_feeds  # a generator is read once
+        sess = hessian_session(model, widths)
+        for group in groups:
+            hessians = _weight_hessians(input_hessians(model, {n.input[0]: widths[n.input[0]] for n in group}, feeds, sess), group)
+            for node in group:
+                key = (node.op_type, _weight_input(node))
+                if key not in grouped:
+                    grouped[key] = _encode(g, node, block_size, symmetric, method, hessians[key[1]], act_order, approx=False)
+            del hessians
+        del sess
     per_input = {}
-    if method in CALIBRATED and matmuls:
-        widths = {n.input[0]: int(g.initializers[n.input[1]].dims[0]) for n in matmuls}
+    if method in CALIBRATED and matmuls and len(groups) == 1:
         per_input = input_hessians(model, widths, calib_feeds)
     hessians = _weight_hessians(per_input, matmuls) if per_input else {}
     scaled, importance, scalings = _awq(g, matmuls, per_input, block_size, symmetric) if method in ("awq", "awq_gptq") else ({}, {}, [])
@@ -626,7 +686,7 @@ def quantize_int4(model: onnx.ModelProto, block_size: int = 32, symmetric: bool 
     for node in targets.values():
         key = (node.op_type, _weight_input(node))
         if key not in encoded:
-            encoded[key] = encode(node)
+            encoded[key] = grouped.pop(key) if key in grouped else encode(node)
     if max_bytes is not None:
         size = _size_after(m, g, encoded, targets)
         weight_of = lambda name: scaled[name] if name in scaled else g.array(name).astype(np.float32)  # noqa: E731
