@@ -21,12 +21,14 @@ def default_threads() -> int:
 
 
 def session(model: onnx.ModelProto | str, threads: int | None = None, optimize: bool = True,
-            spinning: bool = True, profile_prefix: str | None = None, prepack: bool = True,
+            spinning: bool = True, profile_prefix: str | None = None, prepack: bool | None = None,
             by_priority: bool = False) -> ort.InferenceSession:
     """A CPU session. ``spinning=False`` stops idle worker threads from busy-waiting: timings of two models
     measured in turn then do not steal each other's cores. ``profile_prefix`` records every kernel's time
     (``end_profiling()`` returns the trace file's path). ``prepack=False``: weights are not copied into the
-    kernels' packed layouts, for a session run a few times (a check), which then holds its weights once.
+    kernels' packed layouts, for a session run a few times (a check), which then holds its weights once; None
+    (the default): prepacked, unless the model has weights left in their file (qconv.graph.is_lazy: a model past 2 GB,
+    whose weights are then mapped, not copied); a timing passes True, so both sides run as a user runs them.
     ``by_priority``: onnxruntime's priority-based node order, which runs a node soon after its inputs are made (a
     calibration graph's statistics nodes then read their tensor while it is in cache and free it at once; the
     default order runs them last, holding every observed tensor)."""
@@ -39,6 +41,8 @@ def session(model: onnx.ModelProto | str, threads: int | None = None, optimize: 
         opts.profile_file_prefix = profile_prefix
     if not spinning:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if prepack is None:
+        prepack = not (isinstance(model, onnx.ModelProto) and has_lazy(model))
     if not prepack:
         opts.add_session_config_entry("session.disable_prepacking", "1")
     if by_priority:

@@ -26,7 +26,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scripts.bench_ledger import outputs_of, pages, tasks  # noqa: E402
+from scripts.bench_ledger import imagenet, outputs_of, pages, tasks  # noqa: E402
+from scripts.benchlib import layout_pages  # noqa: E402
 
 TUNE_ROWS = 16
 
@@ -35,8 +36,10 @@ def tuning_rows(task, work: Path) -> Path:
     path = work / f"{task.name}.tune.npy"
     if not path.exists():
         shape = np.load(task.case.eval, mmap_mode="r").shape
-        if task.name.startswith("yolo"):
-            np.save(path, pages(TUNE_ROWS, shape[2], shape[3], 53, mean=(0, 0, 0), std=(1, 1, 1)))
+        if task.name.startswith("yolo"):  # the layout detectors: laid-out pages as their eval rows, another seed
+            np.save(path, layout_pages(TUNE_ROWS, shape[2], shape[3], 53, letterbox=True))
+        elif task.name == "picodet_layout":
+            np.save(path, imagenet(layout_pages(TUNE_ROWS, shape[2], shape[3], 53)))
         else:
             np.save(path, pages(TUNE_ROWS, shape[2], shape[3], 53))
     return path

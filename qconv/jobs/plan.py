@@ -250,7 +250,7 @@ def _verify(prepared: pipeline.Prepared, calib, config: QuantConfig, int8, feed:
         if not floats:
             return None
         mixed = pipeline.apply(prepared, chosen, check=False).model
-        a, b = runtime.session(int8, 1, spinning=False), runtime.session(mixed, 1, spinning=False)
+        a, b = runtime.session(int8, 1, spinning=False, prepack=True), runtime.session(mixed, 1, spinning=False, prepack=True)
         t0 = time.perf_counter()
         runtime.run(a, feed)
         runtime.run(a, feed)

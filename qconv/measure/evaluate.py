@@ -105,8 +105,9 @@ def evaluate_models(float_src, quant_src, float_layers, quant_layers, dequantize
                      opts: EvalOptions, progress, qtypes=None, io: dict | None = None) -> tuple[dict, Reference]:
     """``io``: integer-I/O parameters of the quantized model; its inputs are quantized and outputs dequantized here."""
     threads = opts.threads or runtime.default_threads()
-    fsess = runtime.session(float_src, threads, spinning=False)
-    qsess = runtime.session(quant_src, threads, spinning=False)
+    timed = True if opts.latency else None  # a model past 2 GB is prepacked only when it is timed
+    fsess = runtime.session(float_src, threads, spinning=False, prepack=timed)
+    qsess = runtime.session(quant_src, threads, spinning=False, prepack=timed)
     if io:
         from qconv.rewrite.quantized_io import IntegerIO
 

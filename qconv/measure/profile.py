@@ -37,7 +37,7 @@ class NodeTime:
 def profile(model: onnx.ModelProto | str, feed: dict, threads: int = 1, runs: int = 10) -> list[tuple[str, str, float]]:
     """[(runtime node name, op, mean us)] over ``runs`` runs after one warm-up run."""
     with tempfile.TemporaryDirectory(prefix="qconv-profile.") as d:
-        sess = session(model, threads, spinning=False, profile_prefix=os.path.join(d, "p"))
+        sess = session(model, threads, spinning=False, profile_prefix=os.path.join(d, "p"), prepack=True)
         run(sess, feed)
         for _ in range(runs):
             run(sess, feed)

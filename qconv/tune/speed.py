@@ -38,8 +38,8 @@ def speed_fallback(prepared: pipeline.Prepared, result: pipeline.Result, calib, 
         candidate_plan = pipeline.replan(prepared, dataclasses.replace(stored, overrides=merged), None)
     candidate = pipeline.apply(prepared, candidate_plan)
     threads = threads or runtime.default_threads()
-    timing = latency(runtime.session(result.model, threads, spinning=False),
-                     runtime.session(candidate.model, threads, spinning=False), next(iter(source)), threads)
+    timing = latency(runtime.session(result.model, threads, spinning=False, prepack=True),
+                     runtime.session(candidate.model, threads, spinning=False, prepack=True), next(iter(source)), threads)
     taken = timing["verdict"] == "faster"
     record = {"tried": slow, "taken": taken, "ratio": timing["ratio"], "ratio_low": timing["ratio_low"],
               "ratio_high": timing["ratio_high"], "runs": timing["runs"],
