@@ -210,6 +210,14 @@ def test_a_time_budget_keeps_its_reserve():
     assert Clock(Budget(None, 3)).left(2) and not Clock(Budget(None, 3)).over()
 
 
+def test_a_time_budget_starts_no_trial_that_would_end_past_it():
+    clock = Clock(Budget(10.0, None))
+    clock.start -= 7.0
+    assert clock.left(5, next_seconds=2.0)
+    assert not clock.left(5, next_seconds=3.5)
+    assert Clock(Budget(None, 3)).left(2, next_seconds=1e9)  # a budget in trials counts trials only
+
+
 def test_rank_orders_by_added_error_and_counts_the_models_input_as_exact():
     sites = [Site("first", "Conv", "t1", ("x",), 10.0), Site("mid", "Conv", "t2", ("t1",), 30.0),
              Site("last", "Gemm", "t3", ("t2",), 60.0), Site("unseen", "Relu", "t9", ("t3",), 0.0)]

@@ -16,6 +16,7 @@ The lab (``qconv.tune.lab``, or a fake one in tests) turns candidates into numbe
 
 from __future__ import annotations
 
+import statistics
 import time
 from typing import Callable, Iterator, Protocol
 
@@ -89,7 +90,8 @@ class Search:
 
     # -- trials -----------------------------------------------------------------------------------
     def left(self) -> bool:
-        return self.clock.left(len(self.trials))
+        recent = [t.seconds for t in self.trials[-5:] if not t.cached]
+        return self.clock.left(len(self.trials), statistics.median(recent) if recent else 0.0)
 
     def trial(self, step: str, change: str, method: str, overrides: Overrides, force: bool = False) -> Trial:
         """Measure one candidate (or read it from the cache). ``force``: past the budget (the final speed check)."""
