@@ -63,18 +63,15 @@ def _decoder_over_2gb(path):
     return sum(int(np.prod(t.dims)) * 4 for t in inits)
 
 
-def test_a_decoder_past_2gb_quantizes_to_int4_and_runs(tmp_path):
-    src = tmp_path / "big.onnx"
-    weight_bytes = _decoder_over_2gb(src)
-    assert weight_bytes > 2**31
-    out = tmp_path / "big.int4.onnx"
+def _quantize_measured(tmp_path, *args) -> tuple[dict, float, float]:
+    """(report, peak RSS MiB, peak anonymous RSS MiB) of ``qconv quantize ARGS --json`` in a child process. The
+    anonymous part is the memory qconv holds; VmHWM also counts the pages of the weights' file onnxruntime maps."""
     code = ("import sys, runpy\nsys.argv = ['qconv'] + sys.argv[1:]\ntry:\n    runpy.run_module('qconv', run_name='__main__')\n"
             "except SystemExit as e:\n    rc = e.code or 0\nelse:\n    rc = 0\n"
             "print('PEAK_KB', open('/proc/self/status').read().split('VmHWM:')[1].split()[0], file=sys.stderr)\nsys.exit(rc)\n")
     logs = [open(tmp_path / name, "w+") for name in ("stdout", "stderr")]  # files: a full pipe would stall the child
-    p = subprocess.Popen([sys.executable, "-c", code, "quantize", str(src), "-o", str(out), "--mode", "int4", "--json"],
-                         stdout=logs[0], stderr=logs[1], text=True)
-    anon_kb = 0  # memory qconv holds; VmHWM also counts the pages of the weights' file that onnxruntime maps
+    p = subprocess.Popen([sys.executable, "-c", code, "quantize", *map(str, args), "--json"], stdout=logs[0], stderr=logs[1], text=True)
+    anon_kb = 0
     while p.poll() is None:
         try:
             anon_kb = max(anon_kb, int(open(f"/proc/{p.pid}/status").read().split("RssAnon:")[1].split()[0]))
@@ -83,13 +80,21 @@ def test_a_decoder_past_2gb_quantizes_to_int4_and_runs(tmp_path):
         time.sleep(0.05)
     stdout, stderr = ((f.seek(0), f.read(), f.close())[1] for f in logs)
     assert p.returncode == 0, stderr[-2000:]
-    peak_mb = int(stderr.split("PEAK_KB")[1].split()[0]) / 1024
-    report = json.loads(stdout)
+    return json.loads(stdout), int(stderr.split("PEAK_KB")[1].split()[0]) / 1024, anon_kb / 1024
+
+
+def test_a_decoder_past_2gb_quantizes_to_int4_and_runs(tmp_path):
+    src = tmp_path / "big.onnx"
+    weight_bytes = _decoder_over_2gb(src)
+    assert weight_bytes > 2**31
+    out = tmp_path / "big.int4.onnx"
+    report, peak_mb, anon_mb = _quantize_measured(tmp_path, src, "-o", out, "--mode", "int4")
+    anon_kb = anon_mb * 1024
     assert len(report["int4"]["weights"]) == 1 + 5 * LAYERS + 1
     largest = VOCAB * DIM * 4 / 2**20  # the embedding table (and lm_head)
     written = sum(f.stat().st_size for f in tmp_path.glob("big.int4.onnx*"))
     print(f"model {weight_bytes / 2**30:.2f} GiB, largest weight {largest:.0f} MiB, int4 files {written / 2**20:.0f} MiB, "
-          f"peak RSS {peak_mb:.0f} MiB, of it held (anonymous) {anon_kb / 1024:.0f} MiB")
+          f"peak RSS {peak_mb:.0f} MiB, of it held (anonymous) {anon_mb:.0f} MiB")
     # the float weights are read one at a time from their file, never the model: 1.4 GB held, 9.2 GB before. What
     # remains is the int4 model (334 MiB) and onnxruntime's checks of it (transient copies while a session is made)
     assert anon_kb * 1024 < 0.75 * weight_bytes
@@ -101,3 +106,17 @@ def test_a_decoder_past_2gb_quantizes_to_int4_and_runs(tmp_path):
             **{f"past_key_values.{i}.key": np.zeros((1, 0, DIM), np.float32) for i in range(LAYERS)}}
     logits = run(sess, feed)[0]
     assert logits.shape == (1, 3, VOCAB) and np.all(np.isfinite(logits))
+
+
+def test_gptq_past_2gb_holds_one_group_of_hessians_at_a_time(tmp_path):
+    """GPTQ with data on the same decoder: its Hessians (5.3 GB for every MatMul input at once) are taken within
+    weight_only.HESSIAN_BYTES, the float model is mapped, not prepacked. ~9 minutes (GPTQ's numpy work)."""
+    src = tmp_path / "big.onnx"
+    weight_bytes = _decoder_over_2gb(src)
+    prompts = tmp_path / "prompts.npz"
+    np.savez(prompts, input_ids=np.random.default_rng(0).integers(0, VOCAB, (16, 1, 64)).astype(np.int64))
+    out = tmp_path / "big.gptq.onnx"
+    report, peak_mb, anon_mb = _quantize_measured(tmp_path, src, "-o", out, "--mode", "int4", "--data", prompts, "--no-latency")
+    print(f"GPTQ: peak RSS {peak_mb:.0f} MiB, held (anonymous) {anon_mb:.0f} MiB")
+    assert {w["method"] for w in report["int4"]["weights"] if w["op_type"] == "MatMul"} == {"gptq"}
+    assert anon_mb * 2**20 < 1.6 * weight_bytes  # 3.0 GiB measured; 4.8 GiB when the float sessions prepacked
