@@ -14,7 +14,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from qconv.errors import QconvError
-from qconv.graph import copy_with_placeholders, hash_loaded, has_lazy, is_lazy, lazy_span
+from qconv.graph import copy_with_placeholders, external_info, hash_loaded, has_lazy, is_lazy, lazy_chunks, lazy_span
 
 # Models whose protobuf would pass 2 GB must keep weights outside the .onnx file.
 _PROTO_LIMIT = 2**31 - 2**26
@@ -71,7 +71,7 @@ def _external_bytes(model: onnx.ModelProto, base: Path) -> int:
     total = 0
     for t in onnx.external_data_helper._get_all_tensors(model):
         if t.data_location == onnx.TensorProto.EXTERNAL:
-            info = {e.key: e.value for e in t.external_data}
+            info = external_info(t)
             total += int(info["length"]) if "length" in info else (base / info["location"]).stat().st_size
     return total
 
@@ -146,12 +146,11 @@ def model_size_bytes(path: str | os.PathLike) -> int:
 def save_model(model: onnx.ModelProto, out: str | os.PathLike, external_data: bool | None = None) -> Path:
     """Write ``model`` to ``out`` atomically; weights go to ``<out>.data`` beside it when asked or needed."""
     o = Path(out)
-    if external_data is None:
-        external_data = model.ByteSize() > _PROTO_LIMIT or has_lazy(model)
+    streamed = has_lazy(model) or model.ByteSize() > _PROTO_LIMIT  # never a second copy of the weights
     tmpdir = Path(tempfile.mkdtemp(prefix=".qconv-", dir=o.parent))
     try:
         tmp_model = tmpdir / o.name
-        if has_lazy(model) or model.ByteSize() > _PROTO_LIMIT:  # streamed: never a second copy of the weights
+        if streamed:
             data_name = o.name + ".data"
             write_external(model, tmp_model, threshold=1024)
             os.replace(tmpdir / data_name, o.parent / data_name)
@@ -270,7 +269,8 @@ def write_external(model: onnx.ModelProto, path: Path, threshold: int = 1 << 20,
                     _reference(ref, linked[source], start, length)
                     continue
                 offset = _align(f)
-                _copy_span(source, start, length, f)
+                for block in lazy_chunks(t):
+                    f.write(block)
             else:
                 raw = t.raw_data if t.HasField("raw_data") else onnx.numpy_helper.to_array(t).tobytes()
                 offset, length = _align(f), len(raw)
@@ -305,15 +305,3 @@ def _hard_link(source: str, target: Path) -> bool:
         return True
     except OSError:  # another file system, or links not allowed: the bytes are copied instead
         return False
-
-
-def _copy_span(source: str, start: int, length: int, out, chunk: int = 1 << 24) -> None:
-    with open(source, "rb") as f:
-        f.seek(start)
-        left = length
-        while left:
-            block = f.read(min(chunk, left))
-            if not block:
-                raise QconvError(f"external data file {source} ends before its weights do")
-            out.write(block)
-            left -= len(block)

@@ -61,7 +61,6 @@ def session(model: onnx.ModelProto | str, threads: int | None = None, optimize: 
         raise QconvError(f"onnxruntime cannot load the model: {first}") from None
 
 
-PROTO_LIMIT = 2**31 - 2**26  # a protobuf message cannot pass 2 GB; keep a margin for the graph itself
 # Bigger models reach onnxruntime through a temporary file with their weights beside it, not as one serialized
 # message: the message and onnxruntime's parse of it were two more copies of the weights (an int4 decoder of 334 MB
 # held 1.9 GB in its checks), where weights in a file are read, or mapped when prepacking is off, once.

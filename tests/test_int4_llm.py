@@ -280,7 +280,7 @@ def test_a_model_written_with_streamed_external_weights_runs_like_the_original(t
     expected = run(session(model), feeds[0])
     for a, b in zip(run(session(str(path)), feeds[0]), expected):
         np.testing.assert_array_equal(a, b)
-    monkeypatch.setattr(runtime, "PROTO_LIMIT", 64)  # every model now takes the past-2-GB route
+    monkeypatch.setattr(runtime, "FILE_SESSION_BYTES", 64)  # every model now reaches onnxruntime through a file
     for a, b in zip(run(runtime.session(model), feeds[0]), expected):
         np.testing.assert_array_equal(a, b)
     assert len(model.graph.initializer[1].raw_data) == 64 * 32 * 4  # the caller's model keeps its weights

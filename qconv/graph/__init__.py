@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections import defaultdict, deque
 from contextlib import contextmanager
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import onnx
@@ -116,14 +116,18 @@ def lazy_span(t: onnx.TensorProto) -> tuple[str, int, int]:
     return info["location"], offset, length
 
 
-def lazy_bytes(t: onnx.TensorProto) -> bytes:
+def lazy_chunks(t: onnx.TensorProto, chunk: int = 1 << 24) -> Iterator[bytes]:
+    """A lazy tensor's bytes, read from its file ``chunk`` bytes at a time (hashing and copying never hold it whole)."""
     path, offset, length = lazy_span(t)
     with open(path, "rb") as f:
         f.seek(offset)
-        data = f.read(length)
-    if len(data) != length:
-        raise ValueError(f"external data of '{t.name}' ends early in {path}")
-    return data
+        left = length
+        while left:
+            block = f.read(min(chunk, left))
+            if not block:
+                raise ValueError(f"external data of '{t.name}' ends early in {path}")
+            left -= len(block)
+            yield block
 
 
 def tensor_array(t: onnx.TensorProto) -> np.ndarray:
@@ -134,7 +138,7 @@ def tensor_array(t: onnx.TensorProto) -> np.ndarray:
         loaded = onnx.TensorProto()
         loaded.name, loaded.data_type = t.name, t.data_type
         loaded.dims.extend(t.dims)
-        loaded.raw_data = lazy_bytes(t)
+        loaded.raw_data = b"".join(lazy_chunks(t))
         return numpy_helper.to_array(loaded)
     path, offset, length = lazy_span(t)
     dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
@@ -168,18 +172,10 @@ def hash_loaded(t: onnx.TensorProto, h) -> None:
         else:
             setattr(target, field.name, value)
     high.data_location = onnx.TensorProto.DEFAULT
-    path, offset, length = lazy_span(t)
     h.update(low.SerializeToString(deterministic=True))
-    h.update(bytes([_RAW_DATA << 3 | 2]) + _varint(length))
-    with open(path, "rb") as f:
-        f.seek(offset)
-        left = length
-        while left:
-            block = f.read(min(left, 1 << 24))
-            if not block:
-                raise ValueError(f"external data of '{t.name}' ends early in {path}")
-            h.update(block)
-            left -= len(block)
+    h.update(bytes([_RAW_DATA << 3 | 2]) + _varint(lazy_span(t)[2]))
+    for block in lazy_chunks(t):
+        h.update(block)
     h.update(high.SerializeToString(deterministic=True))
 
 

@@ -654,6 +654,17 @@ def quantize_int4(model: onnx.ModelProto, block_size: int = 32, symmetric: bool 
     matmuls = [n for n in targets.values() if n.op_type == "MatMul"]
     widths = {n.input[0]: int(g.initializers[n.input[1]].dims[0]) for n in matmuls}
     groups = hessian_groups(matmuls, widths, HESSIAN_BYTES) if method == "gptq" and max_bytes is None and matmuls else [matmuls]
+    hessians: dict[str, np.ndarray] = {}
+    scaled: dict[str, np.ndarray] = {}
+    importance: dict[str, np.ndarray] = {}
+    scalings: list[_Scaling] = []
+
+    def encode(node, bits=4):
+        weight = _weight_input(node)
+        mm = node.op_type == "MatMul"
+        return _encode(g, node, block_size, symmetric, method, hessians.get(weight) if method in ("gptq", "awq_gptq") else None, act_order,
+                       scaled.get(weight) if mm else None, importance.get(weight) if mm else None, bits, max_bytes is not None)
+
     grouped = {}
     if len(groups) > 1:  # Hessians past HESSIAN_BYTES: a float pass per group, its weights rounded before the next
         feeds = list(calib_feeds) if iter(calib_feeds) is calib_feeds else calib_feeds  # a generator is read once
@@ -663,24 +674,19 @@ def quantize_int4(model: onnx.ModelProto, block_size: int = 32, symmetric: bool 
             for node in group:
                 key = (node.op_type, _weight_input(node))
                 if key not in grouped:
-                    grouped[key] = _encode(g, node, block_size, symmetric, method, hessians[key[1]], act_order, approx=False)
-            del hessians
+                    grouped[key] = encode(node)
+        hessians = {}
         del sess
-    per_input = {}
-    if method in CALIBRATED and matmuls and len(groups) == 1:
+    elif method in CALIBRATED and matmuls:
         per_input = input_hessians(model, widths, calib_feeds)
-    hessians = _weight_hessians(per_input, matmuls) if per_input else {}
-    scaled, importance, scalings = _awq(g, matmuls, per_input, block_size, symmetric) if method in ("awq", "awq_gptq") else ({}, {}, [])
+        hessians = _weight_hessians(per_input, matmuls)
+        if method in ("awq", "awq_gptq"):
+            scaled, importance, scalings = _awq(g, matmuls, per_input, block_size, symmetric)
+        del per_input
     for sc in scalings:  # the error of a scaled weight is measured on the scaled input
         for node in matmuls:
             if node.input[0] == sc.input:
                 hessians[node.input[1]] = hessians[node.input[1]] / np.outer(sc.scale, sc.scale)
-
-    def encode(node, bits=4):
-        weight = _weight_input(node)
-        mm = node.op_type == "MatMul"
-        return _encode(g, node, block_size, symmetric, method, hessians.get(weight) if method in ("gptq", "awq_gptq") else None, act_order,
-                       scaled.get(weight) if mm else None, importance.get(weight) if mm else None, bits, max_bytes is not None)
 
     encoded = {}
     for node in targets.values():
