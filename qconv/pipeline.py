@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 
 from qconv import __version__, io, modes, runtime
-from qconv.adjust import bias
+from qconv.adjust import bias, rounding
 from qconv.calib.collect import (
     DEFAULT_MAX_MEMORY,
     DEFAULT_SAMPLES,
@@ -365,6 +365,21 @@ def correct_bias(prepared: Prepared, p: QuantPlan, source: FeedSource, threads: 
     return plain
 
 
+def round_weights(prepared: Prepared, p: QuantPlan, source: FeedSource, threads: int | None = None,
+                  progress: Progress = no_progress, max_memory: int = 1 << 30) -> QuantPlan:
+    """``p`` with learned weight rounding (``--rounding gptq``) measured on ``source`` and recorded in its weights."""
+    if p.config.rounding == "nearest":
+        return p
+    model = smoothed(prepared, p.overrides).model
+    advance = progress("learned rounding (GPTQ), layer by layer", len(rounding.targets(model, p)))
+    results, rows = rounding.learn(model, p, source, threads, max_memory, advance, source.count() * max(1, source.batch_size))
+    s = rounding.record(p, results, rows)
+    prepared.notes.append(f"learned rounding (GPTQ) on {rows} rows: {s['layers_changed']} of {s['layers']} layers changed, "
+                          f"{s['weights_moved']} of {s['weights']} weights moved from nearest, each layer's output error on "
+                          f"its rows x{s['median_error_ratio']:.2f} (median)")
+    return p
+
+
 BIAS_CHECK_ROWS = 8  # rows besides those bias correction was measured on, on which the default checks it
 
 
@@ -401,6 +416,7 @@ def bias_correction_pays(prepared: Prepared, plain: QuantPlan, corrected: QuantP
 def keep_corrections(prepared: Prepared, stored: QuantPlan, p: QuantPlan) -> QuantPlan:
     """``p`` (planned again from ``stored`` with other overrides) with the corrections of ``stored`` that still hold."""
     bias.carry(stored, p, smoothed(prepared, p.overrides).model)
+    rounding.carry(stored, p)
     return p
 
 
@@ -439,6 +455,7 @@ def apply(prepared: Prepared, p: QuantPlan, calib_feeds: Iterable[dict] | None =
     qmodel, findings = done.model, done.findings
     if p.corrections:
         findings.bias_correction = bias.summary(p)
+    findings.rounding = rounding.summary(p)
     _keep_value_info(qmodel, {vi.name for vi in prepared.original.graph.value_info})
     subgraphs.prune_initializers(qmodel)  # e.g. the bounds of a Clip folded into its producer's QuantizeLinear
     changed = interface_change(prepared.model, qmodel)

@@ -322,7 +322,7 @@ def outputs_of(path: Path, data: Path, batch: int) -> list[np.ndarray]:
     return [np.concatenate([r[i] for r in runs]) for i in range(len(names))]
 
 
-DATA_FLAGS = ("--bias-correction", "--data")  # measured on rows at quantize time: quantize --data in one step
+DATA_FLAGS = ("--bias-correction", "--data", "--rounding")  # measured on rows at quantize time: quantize --data in one step
 # (the variant "--data" alone is what `quantize --data` does by default, its bias correction checked)
 CALIB_FLAGS = ("--equalize", "--no-equalize")  # given to calibrate too (the file records what they measured)
 

@@ -29,7 +29,7 @@ from onnx import helper, numpy_helper
 
 from qconv.graph import (FLOAT, Graph, ai_onnx_opset, attr, constant_tensors, ensure_opset, subgraph_inputs, submodel, tensor_array,
                          topo_sort)
-from qconv.numeric import qmath
+from qconv.numeric import qmath, rounding
 from qconv.plan import QuantPlan, TensorPlan
 from qconv.rewrite.qdq import activation_pair
 from qconv.runtime import run, session
@@ -125,7 +125,7 @@ def probe(model: onnx.ModelProto, plan: QuantPlan, found: list[Target]) -> onnx.
             nodes += pair
             inits += params
         tw = plan.tensors[t.w]
-        wdq = qmath.dequantize(qmath.quantize(g.array(t.w).astype(np.float32), tw.qparams), tw.qparams)
+        wdq = qmath.dequantize(rounding.integers(g.array(t.w).astype(np.float32), tw.qparams, tw.rounding), tw.qparams)
         w_name = g.unique(f"{t.node}.bc_weight")
         inits.append(numpy_helper.from_array(wdq, w_name))
         ins = [fq_of[t.x], w_name]

@@ -167,6 +167,10 @@ def scheme_options(fn):
                      help="int8: shift each layer's bias by the mean error int8 causes at its output, measured on the calibration rows "
                           "(same graph, same speed). full: layer by layer in the int8 model (errors carried from earlier layers too); "
                           "fast: each layer alone, one pass; off.  [default: full with --data (with --tune: on the plan it chose), none with --calib]"),
+        click.option("--rounding", type=click.Choice(["nearest", "gptq"]), default="nearest", show_default=True,
+                     help="int8: which integer each weight takes. gptq: rounded for the layer's output on the calibration rows "
+                          "(GPTQ's update on each Conv/Gemm/MatMul, im2col for Conv), same scales, graph and speed; needs --data. "
+                          "The plan records the integers."),
         click.option("--equalize/--no-equalize", default=None,
                      help="int8: cross-layer equalization. --equalize: Conv pairs joined by identity/Relu rescaled to equal channel "
                           "ranges (helps --per-tensor most), and every pair joined by hard-swish/SiLU rescaled on the channel ranges "
@@ -192,7 +196,7 @@ def scheme_options(fn):
 
 SCHEME_KEYS = ("mode", "fmt", "per_tensor", "weight_type", "affine_weights", "activation_type", "symmetric_activations",
                "reduce_range", "block_size", "int4_method", "accuracy_level", "keep_io_types", "exclude_nodes", "exclude_ops", "quantized_io",
-               "bias_correction", "floor_ranges", "equalize", "kernels")
+               "bias_correction", "rounding", "floor_ranges", "equalize", "kernels")
 
 
 def config_from(kwargs: dict) -> QuantConfig:
@@ -203,7 +207,8 @@ def config_from(kwargs: dict) -> QuantConfig:
                        symmetric_activations=k["symmetric_activations"], reduce_range=k["reduce_range"],
                        block_size=k["block_size"], int4_method=k["int4_method"], accuracy_level=k["accuracy_level"], keep_io_types=k["keep_io_types"],
                        exclude_nodes=tuple(k["exclude_nodes"]), exclude_ops=tuple(k["exclude_ops"]), quantized_io=k["quantized_io"],
-                       bias_correction={None: "auto", "off": None}.get(k["bias_correction"], k["bias_correction"]), floor_ranges=k["floor_ranges"],
+                       bias_correction={None: "auto", "off": None}.get(k["bias_correction"], k["bias_correction"]), rounding=k["rounding"],
+                       floor_ranges=k["floor_ranges"],
                        equalize={None: "auto", True: "on", False: "off"}[k["equalize"]], kernels=k["kernels"])
 
 

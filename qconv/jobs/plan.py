@@ -79,6 +79,9 @@ class PlanJob:
             if config.bias_correction in ("full", "fast") and self.data is None:
                 raise UsageError("--bias-correction measures each layer's mean error on the calibration rows: give --data DATA "
                                  "in place of --calib (a calibration file holds ranges, not rows)")
+            if config.rounding != "nearest" and self.data is None:
+                raise UsageError(f"--rounding {config.rounding} rounds each weight for its layer's inputs on the calibration rows: give "
+                                 "--data DATA in place of --calib (a calibration file holds ranges, not rows)")
         elif self.calib is not None:
             raise UsageError(f"--mode {config.mode} takes no calibration file: drop --calib (--data, if given, is used for evaluation"
                              f"{' and GPTQ' if config.mode == 'int4' else ''})")
@@ -180,15 +183,17 @@ def run_plan(job: PlanJob, progress=pipeline.no_progress) -> tuple[QuantPlan, pi
     calib = statistics(job, prepared, overrides, progress)
     config = job.effective(calib.options if calib is not None else None)
     time_kernels(job, prepared, calib, config)
-    return bias_corrected(job, prepared, pipeline.plan(prepared, calib, config, overrides), progress), prepared
+    return adjusted(job, prepared, pipeline.plan(prepared, calib, config, overrides), progress), prepared
 
 
-def bias_corrected(job: PlanJob, prepared: pipeline.Prepared, plan: QuantPlan, progress) -> QuantPlan:
-    """The plan with bias correction measured on the calibration rows (when --bias-correction asks for it)."""
-    if not plan.config.bias_correction:
+def adjusted(job: PlanJob, prepared: pipeline.Prepared, plan: QuantPlan, progress) -> QuantPlan:
+    """The plan with the weight-level steps measured on the calibration rows, as its config asks: learned rounding
+    (--rounding), then bias correction (--bias-correction), which measures the int8 model with the learned integers."""
+    if not plan.config.bias_correction and plan.config.rounding == "nearest":
         return plan
     o = job.calib_options
     source = pipeline.feeds_for(prepared, job.data, o.batch_size, o.samples, cast=o.cast_data, skip=job.holdout)
+    plan = pipeline.round_weights(prepared, plan, source, o.threads, progress, o.max_memory)
     return pipeline.correct_bias(prepared, plan, source, o.threads, progress, check=job.config.bias_correction == "auto")
 
 

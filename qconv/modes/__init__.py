@@ -27,6 +27,7 @@ class Findings:
     qoperator: dict | None = None  # {QLinear op: count} of the QOperator form
     subgraphs: dict | None = None  # If/Loop/Scan bodies rewritten
     bias_correction: dict | None = None
+    rounding: dict | None = None  # learned weight rounding: layers, weights moved, error ratio
     converted_from: str | None = None  # "qdq": a QDQ model folded into QOperator form
 
     def to_dict(self) -> dict:

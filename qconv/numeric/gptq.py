@@ -45,6 +45,23 @@ def gptq(w: np.ndarray, hessian: np.ndarray, block_size: int, fit: Fit, percdamp
     ``q`` holds the stored integers (``w ~= (q - zero_point) * scale`` per block), with the dtype and range of
     the QType that ``fit`` returns.
     """
+    return _gptq(w, hessian, block_size, fit, percdamp, act_order)
+
+
+def gptq_fixed(w: np.ndarray, hessian: np.ndarray, params: qmath.QParams, percdamp: float = 0.01,
+               act_order: bool = True) -> np.ndarray:
+    """GPTQ's rounding of ``w [K, N]`` with parameters already chosen (one scale / zero point per column, shape (N,)):
+    the int8 weights of a plan, whose scales the rewrite keeps. Returns the integers q [K, N]. Act-order is free
+    here (no block parameters are fitted on the way), and it rounds the features that matter most first."""
+    q, _, _ = _gptq(w, hessian, w.shape[0], lambda rows: params, percdamp, act_order, fixed=True)
+    dead = np.diag(np.asarray(hessian)) == 0  # features the rows never fed: nearest, not GPTQ's 0 (run-time rows may)
+    if dead.any():
+        q[dead] = qmath.quantize(w[dead], params)
+    return q
+
+
+def _gptq(w: np.ndarray, hessian: np.ndarray, block_size: int, fit: Fit, percdamp: float, act_order: bool,
+          fixed: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     k_dim = w.shape[0]
     n_blocks = -(-k_dim // block_size)
     h = np.array(hessian, dtype=np.float64)
@@ -54,14 +71,14 @@ def gptq(w: np.ndarray, hessian: np.ndarray, block_size: int, fit: Fit, percdamp
     weights[dead, :] = 0.0
 
     params: list[qmath.QParams | None] = [None] * n_blocks
-    if act_order:
+    if act_order and not fixed:
         params = [fit(weights[b * block_size:(b + 1) * block_size].T) for b in range(n_blocks)]
     order = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k_dim)
     weights = weights[order]
     u = inverse_hessian_factor(h[np.ix_(order, order)], percdamp)
 
     rows: list[np.ndarray | None] = [None] * k_dim
-    lazy = max(LAZY_ROWS, block_size)
+    lazy = LAZY_ROWS if fixed else max(LAZY_ROWS, block_size)
     for start in range(0, k_dim, lazy):
         stop = min(start + lazy, k_dim)
         batch = weights[start:stop]  # a view: updates land in ``weights``

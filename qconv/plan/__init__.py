@@ -70,6 +70,8 @@ class TensorPlan:
     origin: str = ""
     method: str = ""  # activations: the range method (or "explicit" for an override range)
     range: tuple[float, float] | None = None  # activations: the range the parameters cover
+    # weights: the integers learned rounding chose, as differences from nearest (qconv.numeric.rounding); None: nearest
+    rounding: str | None = None
 
     def to_dict(self) -> dict:
         d = {"tensor": self.name, "role": self.role, **self.qparams.to_dict(), "consumers": list(self.consumers),
@@ -77,6 +79,8 @@ class TensorPlan:
         if self.role == "activation":
             d["method"] = self.method
             d["range"] = None if self.range is None else [float(self.range[0]), float(self.range[1])]
+        if self.rounding:
+            d["rounding"] = self.rounding
         return d
 
     @classmethod
@@ -86,8 +90,11 @@ class TensorPlan:
         zp = np.asarray(d["zero_point"], dtype=np.int64).astype(qt.dtype)
         qp = qmath.QParams(scale, zp, qt, d.get("axis"))
         rng = d.get("range")
+        rounding = d.get("rounding")
+        if rounding is not None and not isinstance(rounding, str):
+            raise ValueError(f"tensor '{name}': rounding is a string record")
         return cls(d.get("tensor", name), d["role"], qp, list(d.get("consumers", [])), d.get("origin", ""), d.get("method", ""),
-                   None if rng is None else (float(rng[0]), float(rng[1])))
+                   None if rng is None else (float(rng[0]), float(rng[1])), rounding or None)
 
 
 @dataclass

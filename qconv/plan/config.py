@@ -14,6 +14,7 @@ FORMATS = ("qdq", "qoperator")
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 INT4_METHODS = ("rtn", "gptq", "hqq", "awq", "awq_gptq")  # qconv.rewrite.weight_only.METHODS
 ACCURACY_LEVELS = ("auto", "0", "1", "2", "3", "4")
+ROUNDINGS = ("nearest", "gptq")  # qconv.adjust.rounding.METHODS
 # Modes that need calibration statistics, and the formats each mode can be written in.
 CALIBRATED = {"int8", "a16w8"}
 MODE_FORMATS = {"int8": ("qdq", "qoperator"), "a16w8": ("qdq",), "dynamic": ("qoperator",), "fp16": (), "int4": ()}
@@ -46,6 +47,9 @@ class QuantConfig:
     # full | fast: shift each int8 layer's bias by the mean error measured on the data (qconv.adjust.bias); auto (the
     # command line's default): full when the run has calibration rows (--data, no --tune), else none. Jobs resolve it.
     bias_correction: str | None = None
+    # nearest | gptq: the integer each int8 weight takes; gptq rounds for the layer's output on the calibration rows
+    # (qconv.adjust.rounding), keeping the plan's scales
+    rounding: str = "nearest"
     floor_ranges: bool = False  # cut activation ranges where every reader is flat below (rules.saturation): exact, opt-in
     # cross-layer equalization (qconv.adjust.equalize). on (--equalize): Conv pairs joined by identity/Relu rescaled
     # data-free at intake, and the pairs joined by hard-swish/SiLU on the calibration rows; auto (the default): the
@@ -88,6 +92,11 @@ class QuantConfig:
                                  f"{self.activation_type} (or make them match)")
         if self.bias_correction not in (None, "full", "fast", "auto"):
             raise UsageError(f"--bias-correction is full, fast or off (got {self.bias_correction})")
+        if self.rounding not in ROUNDINGS:
+            raise UsageError(f"--rounding is {' or '.join(ROUNDINGS)} (got {self.rounding})")
+        if self.rounding != "nearest" and not self.needs_calibration:
+            raise UsageError(f"--rounding {self.rounding} rounds the int8 weights of the static modes (int8, a16w8); --mode {self.mode} "
+                             f"{'has its own --int4-method' if self.mode == 'int4' else 'rounds to nearest'}: drop it")
         if isinstance(self.equalize, bool):  # plans store it so, and the API's older spelling
             object.__setattr__(self, "equalize", "on" if self.equalize else "off")
         if self.equalize not in ("auto", "on", "off"):
@@ -169,4 +178,6 @@ class QuantConfig:
             d.pop("size_budget_mb")
         if self.mode != "int8":
             d.pop("kernels")
+        if self.rounding == "nearest":
+            d.pop("rounding")  # plans without learned rounding stay as they were
         return d

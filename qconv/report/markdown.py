@@ -99,6 +99,11 @@ def _summary(report: dict) -> str:
     if bc:
         lines.append(_row("bias correction", DASH, f"{format_number(bc.get('layers'), 'g')} layers",
                           f"{_text(bc.get('method'))}, on {format_number(bc.get('rows'), 'g')} rows"))
+    lr = section(report, "rounding")
+    if lr:
+        lines.append(_row("learned rounding", DASH, f"{format_number(lr.get('layers_changed'), 'g')} layers",
+                          f"{format_number(lr.get('weights_moved'), 'g')} weights moved; output error x"
+                          f"{format_number(lr.get('median_error_ratio'), '.2f')} (median), on {format_number(lr.get('rows'), 'g')} rows"))
     nodes = section(report, "node_summary")
     if nodes:
         lines.append(_row("nodes", DASH, f"{format_number(nodes.get('quantized'), 'g')} quantized",

@@ -7,7 +7,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from qconv.graph import Graph, ai_onnx_opset, drop_unused_initializers, ensure_opset, topo_sort
-from qconv.numeric import qmath
+from qconv.numeric import qmath, rounding
 from qconv.plan import QuantPlan, TensorPlan
 from qconv.rewrite.rules import recurrent
 from qconv.rewrite.rules.elementwise import scalar_scale
@@ -93,8 +93,8 @@ def _constant(g: Graph, tp: TensorPlan):
     arr = g.array(tp.name).astype(np.float32)
     if tp.role == "bias":
         arr = arr.reshape(-1)
-    q = numpy_helper.from_array(qmath.quantize(arr, qp), g.unique(tp.name + "_quantized"))
-    q.doc_string = f"qconv: from '{tp.name}' ({tp.origin}), {_fmt(qp)}"
+    q = numpy_helper.from_array(rounding.integers(arr, qp, tp.rounding), g.unique(tp.name + "_quantized"))
+    q.doc_string = f"qconv: from '{tp.name}' ({tp.origin}), {_fmt(qp)}{', learned rounding' if tp.rounding else ''}"
     scale, zp = _param_inits(g, tp.name, qp)
     dq_out = g.unique(tp.name + "_dequantized")
     dq = _dq_node(g, q.name, scale.name, zp.name, dq_out, qp, "qconv")
