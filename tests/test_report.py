@@ -88,8 +88,9 @@ def test_compare_a_model_made_by_onnxruntime(tmp_path):
 
     ort_model = tmp_path / "ort.onnx"
     quantize_static(str(D / "model.onnx"), str(ort_model), Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
+    # onnxruntime's int8 weights saturate the 16-bit sums of x86 CPUs without VNNI: cosine 0.989 on an AVX2 EPYC
     r = invoke("report", D / "model.onnx", ort_model, "--data", D / "eval.npy", "--eval-labels", D / "eval_labels.npy",
-               "--batch-size", "100", "--json", "--no-latency", "-q", "--min-cosine", "0.99")
+               "--batch-size", "100", "--json", "--no-latency", "-q", "--min-cosine", "0.98")
     assert r.exit_code == 0, r.output
     report = json.loads(r.stdout)
     assert report["mode"] == "compare" and report["task"]["original"] > 0.95

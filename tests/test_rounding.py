@@ -131,8 +131,8 @@ def test_a_rounding_record_round_trips(values, cols):
 
 # ---- the command line and the plan
 
-def _cnn() -> onnx.ModelProto:
-    """x[N,3,12,12] -> Conv 3x3 (8) -> Relu -> depthwise 3x3 -> Relu -> Conv 1x1 (6) -> GAP -> Flatten -> Gemm(4)."""
+def _cnn(head: bool = True) -> onnx.ModelProto:
+    """x[N,3,12,12] -> Conv 3x3 (8) -> Relu -> depthwise 3x3 -> Relu -> Conv 1x1 (6) [-> GAP -> Flatten -> Gemm(4)]."""
     rng = np.random.default_rng(7)
     inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in [
         ("w1", rng.normal(0, 0.4, (8, 3, 3, 3))), ("b1", rng.normal(0, 0.1, 8)),
@@ -144,13 +144,16 @@ def _cnn() -> onnx.ModelProto:
         helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
         helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1], group=8, name="dw"),
         helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
-        helper.make_node("Conv", ["r2", "w3", "b3"], ["c3"], name="pw"),
-        helper.make_node("GlobalAveragePool", ["c3"], ["gap"], name="gap"),
-        helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
-        helper.make_node("Gemm", ["flat", "wf", "bf"], ["y"], transB=1, name="fc"),
+        helper.make_node("Conv", ["r2", "w3", "b3"], ["c3" if head else "y"], name="pw"),
     ]
+    if head:
+        nodes += [helper.make_node("GlobalAveragePool", ["c3"], ["gap"], name="gap"),
+                  helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
+                  helper.make_node("Gemm", ["flat", "wf", "bf"], ["y"], transB=1, name="fc")]
+    else:
+        inits = inits[:-2]
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 12, 12])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4] if head else ["N", 6, 12, 12])
     return make_model(nodes, [x], [y], inits, opset=13)
 
 
@@ -159,7 +162,7 @@ def cnn(tmp_path):
     src = tmp_path / "m.onnx"
     onnx.save(_cnn(), src)
     rng = np.random.default_rng(2)
-    base = rng.normal(0, 1, (64, 3, 1, 1))  # correlated channels, smooth images: inputs whose errors do not average out
+    base = rng.uniform(-1, 1, (64, 3, 1, 1))  # correlated channels, smooth images: inputs whose errors do not average out
     data = (base + 0.3 * rng.normal(0, 1, (64, 3, 12, 12))).astype(np.float32)
     np.save(tmp_path / "calib.npy", data[:32])
     np.save(tmp_path / "held.npy", data[32:])
@@ -198,13 +201,18 @@ def test_learned_rounding_moves_integers_keeps_scales_and_the_plan_reproduces_it
 
 
 def test_learned_rounding_keeps_the_outputs_closer_on_rows_it_never_saw(tmp_path, cnn):
-    src, calib, held = cnn
-    common = ["--data", calib, "--batch-size", 4, "--bias-correction", "off", "-q"]
+    """With 16-bit activations the weights' rounding is the error that is left: learned rounding lowers it on rows it
+    never saw (in int8 the activations' error of this tiny model drowns it). No pooled head: its range, calibrated
+    on 32 images, would clip others' means and hide the layers."""
+    _, calib, held = cnn
+    src = tmp_path / "convs.onnx"
+    onnx.save(_cnn(head=False), src)
+    common = ["--data", calib, "--batch-size", 4, "--mode", "a16w8", "--bias-correction", "off", "-q"]
     for name, extra in (("near", []), ("lr", ["--rounding", "gptq"])):
         assert invoke("quantize", src, *common, *extra, "-o", tmp_path / f"{name}.onnx").exit_code == 0
     ref = run_model(src, {"x": held})[0]
     err = {n: float(np.mean((run_model(tmp_path / f"{n}.onnx", {"x": held})[0] - ref) ** 2)) for n in ("near", "lr")}
-    assert err["lr"] < err["near"], err
+    assert err["lr"] < 0.97 * err["near"], err  # 7.39e-5 vs 7.76e-5: the 1x1 output layer (8 inputs) leaves GPTQ little room
 
 
 def test_the_report_says_what_learned_rounding_did(tmp_path, cnn):

@@ -33,7 +33,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from qconv.adjust.bias import rows_of
 from qconv.graph import FLOAT, Graph, attr, expose
-from qconv.numeric import qmath, rounding
+from qconv.numeric import pairs, qmath, rounding
 from qconv.numeric.gptq import gptq_fixed
 from qconv.plan import QuantPlan
 from qconv.runtime import run, session
@@ -198,9 +198,11 @@ def _error(w: np.ndarray, q: np.ndarray, qp: qmath.QParams, h: np.ndarray) -> fl
     return float(np.sum(d * (h @ d)))
 
 
-def round_layer(w: np.ndarray, t: Target, qp: qmath.QParams, moments: Moments) -> Rounded:
+def round_layer(w: np.ndarray, t: Target, qp: qmath.QParams, moments: Moments, pair_safe: bool = True) -> Rounded:
     """GPTQ's integers for weight ``w`` (as stored) with the plan's ``qp``, group by group; a group keeps nearest
-    rounding where GPTQ's output error on its Hessian is not lower."""
+    rounding where GPTQ's output error on its Hessian is not lower. ``pair_safe``: an output channel where a step
+    would let two adjacent weights saturate x86's 16-bit sums (qconv.numeric.pairs; the plan's scales keep nearest
+    rounding clear of it) keeps nearest."""
     nearest = qmath.quantize(w, qp)
     learned = nearest.copy()
     before = after = 0.0
@@ -221,7 +223,26 @@ def round_layer(w: np.ndarray, t: Target, qp: qmath.QParams, moments: Moments) -
         qp_m = _columns(qp, slice(0, n), n)
         q, before, after = _round_matrix(wm, nearest.T if t.trans else nearest, qp_m, moments.h[0])
         learned = q.T if t.trans else q
+    if pair_safe:
+        learned = _clear_of_saturation(learned, nearest, t)
     return Rounded(rounding.deltas(learned, w, qp), before, after, moments.n)
+
+
+def _clear_of_saturation(learned: np.ndarray, nearest: np.ndarray, t: Target) -> np.ndarray:
+    """``learned`` with nearest rounding back in every output channel where it made a pair pass ``pairs.LIMIT``."""
+    layout = "conv" if t.op == "Conv" else ("nk" if t.trans else "kn")
+    rows = pairs.channels(learned, layout, t.groups)
+    if rows is None or learned.dtype.itemsize != 1 or not np.issubdtype(learned.dtype, np.signedinteger):
+        return learned
+    bad = pairs.violations(rows)
+    if not bad.any():
+        return learned
+    out = learned.copy()
+    if layout == "kn":
+        out[:, bad] = nearest[:, bad]
+    else:
+        out[bad] = nearest[bad]
+    return out
 
 
 def _round_matrix(wm: np.ndarray, q_near: np.ndarray, qp: qmath.QParams, h: np.ndarray) -> tuple[np.ndarray, float, float]:
@@ -262,7 +283,8 @@ def learn(model: onnx.ModelProto, plan: QuantPlan, feeds: Iterable[dict], thread
     for group in _groups(found, shapes, sizes, max_memory):
         got, rows = _hessians(model, group, shapes, feeds, threads, expected)
         for t in group:
-            out[t.w] = round_layer(g.array(t.w).astype(np.float32), t, plan.tensors[t.w].qparams, got[t.node])
+            out[t.w] = round_layer(g.array(t.w).astype(np.float32), t, plan.tensors[t.w].qparams, got[t.node],
+                                   plan.config.saturation_safe)
             del got[t.node]
         advance(len(group))
     return out, rows

@@ -50,6 +50,9 @@ class QuantConfig:
     # nearest | gptq: the integer each int8 weight takes; gptq rounds for the layer's output on the calibration rows
     # (qconv.adjust.rounding), keeping the plan's scales
     rounding: str = "nearest"
+    # int8 weights whose adjacent pairs could saturate the 16-bit sums of x86 CPUs without VNNI get a scale just wide
+    # enough (qconv.numeric.pairs); False (--allow-saturation): the scales the weights' ranges give
+    saturation_safe: bool = True
     floor_ranges: bool = False  # cut activation ranges where every reader is flat below (rules.saturation): exact, opt-in
     # cross-layer equalization (qconv.adjust.equalize). on (--equalize): Conv pairs joined by identity/Relu rescaled
     # data-free at intake, and the pairs joined by hard-swish/SiLU on the calibration rows; auto (the default): the
@@ -180,4 +183,6 @@ class QuantConfig:
             d.pop("kernels")
         if self.rounding == "nearest":
             d.pop("rounding")  # plans without learned rounding stay as they were
+        if self.saturation_safe:
+            d.pop("saturation_safe")
         return d

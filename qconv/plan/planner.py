@@ -16,7 +16,7 @@ from qconv.calib.ranges import select_range
 from qconv.calib.store import Ranges
 from qconv.errors import QconvError
 from qconv.graph import Graph, attr, integer_only, subgraphs
-from qconv.numeric import qmath
+from qconv.numeric import pairs, qmath
 from qconv.plan import NodeDecision, QuantPlan, TensorPlan
 from qconv.plan.config import QuantConfig
 from qconv.plan.overrides import Overrides
@@ -544,6 +544,8 @@ def _qparams(model, g: Graph, st: _State, outputs, ranges, folded, config, act_q
         elif role == "weight":
             qp = qmath.weight_qparams(g.array(name), w_q, config.symmetric_weights, axis)
             origin = "weight, per-channel" if axis is not None else "weight, per-tensor"
+            qp, origin = pair_safe(qp, g.array(name), [st.quantized[r] for r in readers.get(name, []) if r in st.quantized],
+                                   config, origin, st.wide)
         else:
             continue  # biases after their inputs and weights
         plans[name] = TensorPlan(name, role, qp, list(readers.get(name, [])), origin, method, rng)
@@ -552,6 +554,43 @@ def _qparams(model, g: Graph, st: _State, outputs, ranges, folded, config, act_q
         if role == "bias":
             _bias_plan(model, g, name, readers[name], plans, config)
     return plans
+
+
+def weight_layout(node: onnx.NodeProto) -> str | None:
+    """How an int8 kernel reads this node's weight (qconv.numeric.pairs): conv, kn, nk; None: no u8 x s8 kernel."""
+    if node.op_type == "Conv":
+        return "conv"
+    if node.op_type == "Gemm":
+        return "nk" if attr(node, "transB", 0) else "kn"
+    if node.op_type == "MatMul":
+        return "kn"
+    return None
+
+
+def pair_safe(qp: qmath.QParams, w: np.ndarray, readers: list, config, origin: str, wide=()) -> tuple[qmath.QParams, str]:
+    """The weight's parameters with each channel's scale widened just enough that no two adjacent int8 weights of
+    one sign can saturate the 16-bit sums of x86 CPUs without VNNI (qconv.numeric.pairs); unchanged with
+    --allow-saturation, for other weight types, asymmetric weights, and readers whose input is 16-bit (run in float)."""
+    if not config.saturation_safe or not pairs.applies(qp.qtype) or np.any(qp.zero_point != 0):
+        return qp, origin
+    scale = np.asarray(qp.scale, dtype=np.float32)
+    per_channel = scale.ndim > 0 and scale.size > 1
+    widest = scale
+    for node in readers:
+        layout = weight_layout(node)
+        c = pairs.channels(w, layout, int(attr(node, "group", 1))) if layout and node.input[0] not in wide else None
+        if c is None:
+            continue
+        aligned = per_channel and c.shape[0] == scale.size
+        new = pairs.safe_scale(c, scale if aligned else np.float32(scale.max()), aligned)
+        widest = np.maximum(widest, new if aligned else np.float32(new)).astype(np.float32)
+    changed = int(np.count_nonzero(np.asarray(widest) != scale))
+    if not changed:
+        return qp, origin
+    widest = widest.reshape(scale.shape) if scale.ndim else np.float32(np.asarray(widest).max())
+    what = f"{changed} of {scale.size} channels' scales" if per_channel else "its scale"
+    return (qmath.QParams(widest, qp.zero_point, qp.qtype, qp.axis),
+            f"{origin}, {what} widened so no two adjacent int8 weights can saturate the 16-bit sums of x86 CPUs without VNNI")
 
 
 def _bias_plan(model, g: Graph, name: str, readers: list[str], plans: dict[str, TensorPlan], config) -> None:
