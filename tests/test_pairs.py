@@ -124,3 +124,15 @@ def test_allow_saturation_keeps_the_ranges_scales(tmp_path):
     np.testing.assert_allclose(plain["tensors"]["w"]["scale"], np.abs(w).max(axis=0) / 127, rtol=1e-6)
     assert all(a >= b for a, b in zip(safe["tensors"]["w"]["scale"], plain["tensors"]["w"]["scale"]))
     assert plain["config"]["saturation_safe"] is False and "saturation_safe" not in safe["config"]
+
+
+def test_sixteen_bit_activations_keep_the_ranges_scales(tmp_path):
+    """a16w8 runs in float in onnxruntime (no 16-bit integer kernels): nothing saturates, nothing is widened."""
+    src = tmp_path / "m.onnx"
+    onnx.save(_layer("matmul"), src)
+    np.save(tmp_path / "x.npy", np.random.default_rng(1).uniform(0.0, 1.0, (8, 64)).astype(np.float32))
+    assert invoke("plan", src, "--data", tmp_path / "x.npy", "--mode", "a16w8", "-o", tmp_path / "p.json", "-q").exit_code == 0
+    t = json.loads((tmp_path / "p.json").read_text())["tensors"]["w"]
+    w = numpy_helper.to_array(onnx.load(src).graph.initializer[0])
+    np.testing.assert_allclose(t["scale"], np.abs(w).max(axis=0) / 127, rtol=1e-6)
+    assert "widened" not in t["origin"]

@@ -571,7 +571,8 @@ def pair_safe(qp: qmath.QParams, w: np.ndarray, readers: list, config, origin: s
     """The weight's parameters with each channel's scale widened just enough that no two adjacent int8 weights of
     one sign can saturate the 16-bit sums of x86 CPUs without VNNI (qconv.numeric.pairs); unchanged with
     --allow-saturation, for other weight types, asymmetric weights, and readers whose input is 16-bit (run in float)."""
-    if not config.saturation_safe or not pairs.applies(qp.qtype) or np.any(qp.zero_point != 0):
+    if not config.saturation_safe or not pairs.applies(qp.qtype) or np.any(qp.zero_point != 0) \
+            or qmath.qtype(config.act_type).bits > 8:  # a16w8: onnxruntime runs 16-bit Q/DQ in float
         return qp, origin
     scale = np.asarray(qp.scale, dtype=np.float32)
     per_channel = scale.ndim > 0 and scale.size > 1
