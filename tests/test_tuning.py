@@ -321,3 +321,16 @@ def test_trials_run_from_cuts_measure_what_whole_runs_measure(tmp_path, cache):
     for x, y in zip(a["trials"], b["trials"], strict=True):
         assert (x["change"], x["cosine"], x["sqnr_db"], x["agreement"]) == (y["change"], y["cosine"], y["sqnr_db"], y["agreement"])
     assert out_cut.read_bytes() == out_whole.read_bytes()
+
+
+def test_learned_rounding_on_the_chosen_plan_is_a_measured_step(tmp_path, cache):
+    """--tune --rounding gptq: the plan the search chose gets learned rounding (and bias correction), measured on the
+    held rows like any change: kept with its integers in the plan, or refused and the plan left without them."""
+    r, out, report, plan_path = tune(tmp_path, "lr", cache, "--budget", "6trials", "--rounding", "gptq", "--no-latency")
+    assert r.exit_code in (0, 3), r.output
+    steps = [x for x in report["tuning"]["trials"] if x["step"] == "weight steps"]
+    assert len(steps) == 1 and steps[0]["change"].startswith("learned rounding (")
+    plan = json.loads(plan_path.read_text())
+    rounded = [k for k, t in plan["tensors"].items() if "rounding" in t]
+    assert bool(rounded) == bool(steps[0]["accepted"])
+    assert (report["rounding"] is not None) == bool(steps[0]["accepted"])

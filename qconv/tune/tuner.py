@@ -124,22 +124,28 @@ UNSEEN_ROWS = 256
 
 
 def _corrected_if_better(search: Search, lab: Lab, plain, best: Trial, corrected):
-    """The chosen plan with bias correction only when that measures at least as well on the held rows as the plan
-    without it (``best``, the search's trial of it) and keeps the decisions: a correction measured on calibration rows
-    is a change like any other, measured, not assumed."""
-    if not corrected.corrections or best.metrics is None:
+    """The chosen plan with its weight steps (learned rounding, bias correction: ``job.correct``) only when that
+    measures at least as well on the held rows as the plan without them (``best``, the search's trial of it) and keeps
+    the decisions: a step measured on calibration rows is a change like any other, measured, not assumed."""
+    rounded = (corrected.source.get("rounding") or {}).get("layers_changed", 0)
+    if not (corrected.corrections or rounded) or best.metrics is None:
         return plain
+    steps = ([f"learned rounding ({rounded} layers)"] if rounded else []) + \
+        ([f"bias correction ({len(corrected.corrections)} layers)"] if corrected.corrections else [])
+    what = " and ".join(steps)
     t0 = time.perf_counter()
     base, m = best.metrics, lab.measure_plan(corrected)
     lost = search.decisions_lost(m, base)
     ok = search.targets.key(m) <= search.targets.key(base) and not lost
-    t = Trial(len(search.trials) + 1, "bias correction", f"bias correction ({len(corrected.corrections)} layers) on the chosen plan",
+    step = "weight steps" if rounded else "bias correction"
+    t = Trial(len(search.trials) + 1, step, f"{what} on the chosen plan",
               corrected.overrides, m, time.perf_counter() - t0, False, accepted=ok,
               note=None if ok else f"refused: worst cosine {m.worst_cosine:.5f} vs {base.worst_cosine:.5f} without it"
               + (f"; {lost}" if lost else ""))
     search.trials.append(t)
     if ok:
-        search.changes.append(Change("all corrected layers", "bias correction", f"measured on the tuning rows: worst cosine "
+        search.changes.append(Change("all adjusted layers" if rounded else "all corrected layers", what if rounded else step,
+                                     f"measured on the tuning rows: worst cosine "
                                      f"{m.worst_cosine:.6f} (without it {base.worst_cosine:.6f})"))
     return corrected if ok else plain
 
