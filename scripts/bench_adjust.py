@@ -6,7 +6,8 @@ For each bench model (the quality ledger's models and calibration rows), times a
   fp32 pass       one pass of the float model over the calibration rows (onnxruntime, 2 threads): the unit
   ort static      onnxruntime's quantize_static (MinMax, QDQ, per-channel) on the same rows
   qconv           `qconv quantize M --data ROWS --bias-correction off` (calibration, plan, rewrite, check)
-  + variants      the same with --bias-correction (full), --bias-correction fast, --equalize --bias-correction
+  + variants      the same with --bias-correction (full), --bias-correction fast, --equalize --bias-correction,
+                  --rounding gptq (learned rounding alone), and all of them
 
 Each qconv run is a fresh process; its peak RSS is the process's VmHWM. The targets (issue: accuracy that costs no
 speed): calibration with every adjustment on within 3x the plain run's wall time, and within its memory budget.
@@ -36,7 +37,8 @@ from scripts.bench_ledger import tasks  # noqa: E402  (the ledger's models and r
 from scripts.benchlib import aligned, graph_specs, measured, ort_int8, session  # noqa: E402
 
 VARIANTS = {"qconv": ["--bias-correction", "off"], "+bc full": ["--bias-correction", "full"], "+bc fast": ["--bias-correction", "fast"],
-            "+eq +bc": ["--equalize", "--bias-correction"]}
+            "+eq +bc": ["--equalize", "--bias-correction"], "+rounding": ["--rounding", "gptq", "--bias-correction", "off"],
+            "+eq +rounding +bc": ["--equalize", "--rounding", "gptq", "--bias-correction"]}
 def qconv_run(args: list[str]) -> tuple[float, float]:
     """(seconds, peak RSS MB) of one qconv command in a fresh process."""
     r = measured([sys.executable, "-m", "qconv", *args])

@@ -467,3 +467,27 @@ def test_gated_pairs_need_a_pure_gate_and_convs_after():
     m.graph.output.append(helper.make_tensor_value_info("s2", TensorProto.FLOAT, None))
     assert eq.gated_pairs(m) == []
     assert [p.conv for p in eq.gated_pairs(gated_pair("SiLU"))] == ["conv1"]
+
+
+def test_the_bias_correction_check_counts_top_classes_of_probability_outputs():
+    """A softmax output's top class per position is what a classifier or a CTC recognizer reads: the check counts where
+    it agrees with fp32's; outputs that are not probabilities (a detector's map, raw scores) count no positions."""
+    rng = np.random.default_rng(0)
+
+    def model(w, softmax=True):
+        nodes = [helper.make_node("MatMul", ["x", "w"], ["s"], name="mm")]
+        nodes.append(helper.make_node("Softmax", ["s"], ["y"], axis=-1, name="sm") if softmax else helper.make_node("Identity", ["s"], ["y"], name="id"))
+        return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 7, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 7, 5])],
+                          [numpy_helper.from_array(w.astype(np.float32), "w")], opset=13)
+
+    w = rng.normal(0, 1, (6, 5))
+    rows = [{"x": rng.normal(0, 1, (2, 7, 6)).astype(np.float32)} for _ in range(3)]
+    names, ref = pipeline.float_outputs(model(w), rows)
+    assert pipeline.is_probability(ref[0][0]) and not pipeline.is_probability(ref[0][0] - 0.1)
+    sqnr, (agree, positions) = pipeline.output_check(names, ref, model(w), rows)
+    assert positions == 3 * 2 * 7 and agree == positions and sqnr > 100
+    _, (agree, positions) = pipeline.output_check(names, ref, model(w + rng.normal(0, 1.0, w.shape)), rows)
+    assert positions == 42 and agree < positions
+    names, ref = pipeline.float_outputs(model(w, softmax=False), rows)
+    assert pipeline.output_check(names, ref, model(w, softmax=False), rows)[1] == (0, 0)
