@@ -59,6 +59,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from qconv.data import FeedSource  # noqa: E402
+from qconv.plan.kernels import cpu_family  # noqa: E402
 from scripts.bench_tuning import STRIDES, _boxes, _edit, _iou, pages, turned  # noqa: E402
 from scripts.benchlib import (  # noqa: E402
     SAMPLES,
@@ -76,6 +77,12 @@ from scripts.benchlib import (  # noqa: E402
 )
 
 BASELINE = ROOT / "scripts" / "ledger_baseline.json"
+
+
+def ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
 THREADS = 2
 RESAMPLES = 2000
 
@@ -440,6 +447,11 @@ def main() -> None:
         variants.insert(0, "default")
     before = worktree(args.before) if args.before else None
     baseline = json.loads(BASELINE.read_text()) if BASELINE.exists() else {"models": {}}
+    family = cpu_family()
+    if baseline.get("cpu_family", "x86-64-vnni") != family:  # int8 arithmetic differs (AVX2 saturates): not comparable
+        print(f"the committed baseline was measured on {baseline.get('cpu_family', 'x86-64-vnni')}, this CPU is {family}: "
+              "no pairing against it (give --before REV)", flush=True)
+        baseline = {"models": {}}
     table = [["model", "metric", "fp32", "ort", "nncf", "before", *[f"qconv {v}" for v in variants], "vs ref (paired)",
               "time vs fp32: ort / nncf / before / " + " / ".join(variants)]]
     verdicts, record = [], {"models": {}, "variants": variants, "before": args.before}
@@ -499,7 +511,8 @@ def main() -> None:
     if args.write_baseline:
         keep = {k: {kk: v[kk] for kk in ("metric", "rows", "num", "den", "cells", "ms")} for k, v in record["models"].items()}
         models = {**baseline["models"], **keep}  # the models not run keep their rows
-        BASELINE.write_text(json.dumps({"what": "bench_ledger default column", "models": models}, indent=None, default=float) + "\n")
+        BASELINE.write_text(json.dumps({"what": "bench_ledger default column", "cpu_family": family, "onnxruntime": ort_version(),
+                                        "models": models}, indent=None, default=float) + "\n")
     if before:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "prune"], check=False)
 
