@@ -136,3 +136,17 @@ def test_sixteen_bit_activations_keep_the_ranges_scales(tmp_path):
     w = numpy_helper.to_array(onnx.load(src).graph.initializer[0])
     np.testing.assert_allclose(t["scale"], np.abs(w).max(axis=0) / 127, rtol=1e-6)
     assert "widened" not in t["origin"]
+
+
+def test_learned_rounding_never_steps_a_pair_past_the_limit(tmp_path):
+    """GPTQ moves integers by a step or two: a channel where that would make a pair saturate keeps nearest rounding."""
+    src = tmp_path / "m.onnx"
+    onnx.save(_layer("conv_c16"), src)
+    rng = np.random.default_rng(3)
+    np.save(tmp_path / "x.npy", (rng.uniform(0.0, 1.0, (16, 1, 1, 1)) * rng.uniform(0.5, 1.0, (16, 16, 6, 6))).astype(np.float32))
+    r = invoke("quantize", src, "--data", tmp_path / "x.npy", "--rounding", "gptq", "--bias-correction", "off", "-o", tmp_path / "q.onnx",
+               "--write-plan", tmp_path / "p.json", "-q")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "p.json").read_text())["source"]["rounding"]["layers_changed"] == 1
+    q = next(numpy_helper.to_array(t) for t in onnx.load(tmp_path / "q.onnx").graph.initializer if t.name.startswith("w_quantized"))
+    assert not pairs.violations(pairs.channels(q, "conv")).any()

@@ -234,7 +234,7 @@ def _clear_of_saturation(learned: np.ndarray, nearest: np.ndarray, t: Target) ->
     rows = pairs.channels(learned, layout, t.groups)
     if rows is None or learned.dtype.itemsize != 1 or not np.issubdtype(learned.dtype, np.signedinteger):
         return learned
-    bad = pairs.violations(rows)
+    bad = pairs.violations(rows) & ~pairs.violations(pairs.channels(nearest, layout, t.groups))  # only where it was clear
     if not bad.any():
         return learned
     out = learned.copy()
@@ -283,8 +283,8 @@ def learn(model: onnx.ModelProto, plan: QuantPlan, feeds: Iterable[dict], thread
     for group in _groups(found, shapes, sizes, max_memory):
         got, rows = _hessians(model, group, shapes, feeds, threads, expected)
         for t in group:
-            out[t.w] = round_layer(g.array(t.w).astype(np.float32), t, plan.tensors[t.w].qparams, got[t.node],
-                                   plan.config.saturation_safe)
+            pair_safe = plan.config.saturation_safe and qmath.qtype(plan.config.act_type).bits <= 8  # a16w8 runs in float
+            out[t.w] = round_layer(g.array(t.w).astype(np.float32), t, plan.tensors[t.w].qparams, got[t.node], pair_safe)
             del got[t.node]
         advance(len(group))
     return out, rows
