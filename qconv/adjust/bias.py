@@ -53,18 +53,25 @@ class Target:
     rank: int = 2  # the weight's rank (a Conv's output rank)
 
 
-def targets(model: onnx.ModelProto, plan: QuantPlan) -> list[Target]:
-    """The layers of the main graph bias correction can shift, in graph order."""
+def quantized_layers(model: onnx.ModelProto, plan: QuantPlan):
+    """(graph, node, input's plan, weight's plan) of each main-graph Conv/Gemm/MatMul the plan quantizes whose input
+    is a quantized activation and whose weight a constant, in graph order: what the weight-level steps adjust."""
     g = Graph(model)
     quantized = {d.name for d in plan.nodes if d.quantized}
-    out = []
     for node in model.graph.node:
         if node.op_type not in OPS or node.domain not in ("", "ai.onnx") or node.name not in quantized or len(node.input) < 2:
             continue
-        x, w = node.input[0], node.input[1]
-        tx, tw = plan.tensors.get(x), plan.tensors.get(w)
-        if tx is None or tw is None or tx.role != "activation" or tw.role != "weight" or not g.is_constant(w):
+        tx, tw = plan.tensors.get(node.input[0]), plan.tensors.get(node.input[1])
+        if tx is None or tw is None or tx.role != "activation" or tw.role != "weight" or not g.is_constant(node.input[1]):
             continue
+        yield g, node, tx, tw
+
+
+def targets(model: onnx.ModelProto, plan: QuantPlan) -> list[Target]:
+    """The layers of the main graph bias correction can shift, in graph order."""
+    out = []
+    for g, node, tx, tw in quantized_layers(model, plan):
+        w = node.input[1]
         if node.name not in tx.consumers or node.name not in tw.consumers:
             continue
         ty = plan.tensors.get(node.output[0])

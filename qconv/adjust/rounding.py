@@ -31,14 +31,13 @@ import numpy as np
 import onnx
 from numpy.lib.stride_tricks import sliding_window_view
 
-from qconv.adjust.bias import rows_of
+from qconv.adjust.bias import quantized_layers, rows_of
 from qconv.graph import FLOAT, Graph, attr, expose
 from qconv.numeric import pairs, qmath, rounding
 from qconv.numeric.gptq import gptq_fixed
 from qconv.plan import QuantPlan
 from qconv.runtime import run, session
 
-OPS = ("Conv", "Gemm", "MatMul")
 METHODS = ("nearest", "gptq")
 MAX_ROWS = 32
 MIN_SAMPLES = 2048  # input vectors per layer at least (where the rows have them)
@@ -68,16 +67,9 @@ class Target:
 
 def targets(model: onnx.ModelProto, plan: QuantPlan) -> list[Target]:
     """The main graph's layers learned rounding can round, in graph order."""
-    g = Graph(model)
-    quantized = {d.name for d in plan.nodes if d.quantized}
     out = []
-    for node in model.graph.node:
-        if node.op_type not in OPS or node.domain not in ("", "ai.onnx") or node.name not in quantized or len(node.input) < 2:
-            continue
-        x, w = node.input[0], node.input[1]
-        tx, tw = plan.tensors.get(x), plan.tensors.get(w)
-        if tx is None or tw is None or tx.role != "activation" or tw.role != "weight" or not g.is_constant(w):
-            continue
+    for g, node, tx, tw in quantized_layers(model, plan):
+        w = node.input[1]
         if tw.consumers != [node.name] or len(g.consumers.get(w, [])) != 1 or tw.qparams.qtype.bits > 8:
             continue
         t = _target(node, g.array(w).shape, tw.qparams)
