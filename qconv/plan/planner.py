@@ -199,7 +199,7 @@ def _plan_graph(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]], 
     for node in st.recurrent:
         ov = overrides.node(node.name)
         per_channel = config.per_channel if not (ov and ov.granularity) else ov.granularity == "per-channel"
-        for name, qp in recurrent.plan_lstm(node, g, qmath.qtype("int8"), per_channel):
+        for name, qp in recurrent.plan_lstm(node, g, qmath.qtype("int8"), per_channel, config.saturation_safe):
             tensors[f"{node.name}/{name}"] = TensorPlan(name, recurrent.ROLE, qp, [node.name], "LSTM weight, int8 per gate row")
     return QuantPlan(config, st.decisions, tensors, folded, overrides)
 

@@ -68,7 +68,7 @@ def plan_dynamic(model: onnx.ModelProto, config: QuantConfig, overrides: Overrid
         found = _decide(node, g, config, ov)
         per_channel = config.per_channel if not (ov and ov.granularity) else ov.granularity == "per-channel"
         if isinstance(found[0], str) and found[0] == "lstm":
-            for name, qp in recurrent.plan_lstm(node, g, w_q, per_channel):
+            for name, qp in recurrent.plan_lstm(node, g, w_q, per_channel, config.saturation_safe):
                 tensors[f"{node.name}/{name}"] = TensorPlan(name, recurrent.ROLE, qp, [node.name], "LSTM weight, int8 per gate row")
             decisions.append(NodeDecision(node.name, node.op_type, "quantized", "int8 weights, activations quantized at run time (DynamicQuantizeLSTM)"))
             continue

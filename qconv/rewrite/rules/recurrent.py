@@ -13,7 +13,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from qconv.graph import Graph, attr
-from qconv.numeric import qmath
+from qconv.numeric import pairs, qmath
 
 MS = "com.microsoft"
 GRU_REASON = "onnxruntime has no int8 GRU kernel (no DynamicQuantizeGRU): GRU weights stay float"
@@ -34,16 +34,20 @@ def lstm_problem(node: onnx.NodeProto, g: Graph) -> str | None:
     return None
 
 
-def lstm_qparams(w: np.ndarray, qt: qmath.QType, per_channel: bool) -> qmath.QParams:
-    """Symmetric int8 parameters of an LSTM weight [D, 4H, K]: one per (direction, gate row), or per direction."""
+def lstm_qparams(w: np.ndarray, qt: qmath.QType, per_channel: bool, pair_safe: bool = True) -> qmath.QParams:
+    """Symmetric int8 parameters of an LSTM weight [D, 4H, K]: one per (direction, gate row), or per direction.
+    ``pair_safe``: widened where two adjacent weights along K could saturate the 16-bit sums of x86 CPUs without VNNI
+    (qconv.numeric.pairs; DynamicQuantizeLSTM runs the same u8 x s8 kernel: 13 dB -> 71 dB on an all-positive LSTM)."""
     d, rows, k = w.shape
+    safe = pair_safe and pairs.applies(qt)
     if per_channel:
         qp = qmath.weight_qparams(w.reshape(d * rows, k), qt, True, 0)
-        return qmath.QParams(qp.scale.reshape(d, rows), qp.zero_point.reshape(d, rows), qt, None)
+        scale = pairs.safe_scale(w.reshape(d * rows, k), qp.scale, True) if safe else qp.scale
+        return qmath.QParams(scale.reshape(d, rows), qp.zero_point.reshape(d, rows), qt, None)
     scales, zps = [], []
     for i in range(d):
         qp = qmath.weight_qparams(w[i], qt, True, None)
-        scales.append(qp.scale)
+        scales.append(pairs.safe_scale(w[i], qp.scale, False) if safe else qp.scale)
         zps.append(qp.zero_point)
     return qmath.QParams(np.asarray(scales, np.float32), np.asarray(zps).astype(qt.dtype), qt, None)
 
@@ -80,9 +84,9 @@ def emit_dynamic_lstm(g: Graph, node: onnx.NodeProto, qp_w: qmath.QParams, qp_r:
 ROLE = "lstm-weight"  # a TensorPlan role: the W or R of an LSTM that becomes DynamicQuantizeLSTM
 
 
-def plan_lstm(node: onnx.NodeProto, g: Graph, qt: qmath.QType, per_channel: bool) -> list:
+def plan_lstm(node: onnx.NodeProto, g: Graph, qt: qmath.QType, per_channel: bool, pair_safe: bool = True) -> list:
     """The two weight plans (W, R) of an LSTM that can run as DynamicQuantizeLSTM: [(name, qparams)]."""
-    return [(node.input[k], lstm_qparams(g.array(node.input[k]), qt, per_channel)) for k in (1, 2)]
+    return [(node.input[k], lstm_qparams(g.array(node.input[k]), qt, per_channel, pair_safe)) for k in (1, 2)]
 
 
 def apply_lstm(model: onnx.ModelProto, plan) -> onnx.ModelProto:
