@@ -192,17 +192,12 @@ def output_sqnr(names: list[str], reference: list[list], qmodel: onnx.ModelProto
 
 
 def output_check(names: list[str], reference: list[list], qmodel: onnx.ModelProto, rows: list[dict],
-                 threads: int | None = None) -> tuple[float, tuple[int, int]]:
-    """(output SQNR as ``output_sqnr``, (positions whose top class agrees, positions)) of ``qmodel`` against
-    ``reference`` on ``rows``. Positions are those of outputs that are probabilities over their last axis (a softmax:
-    a classifier's rows, a CTC recognizer's time steps), where the top class is what the task reads."""
-    return _check(names, reference, qmodel, rows, threads)[:2]
-
-
-def _check(names: list[str], reference: list[list], qmodel: onnx.ModelProto, rows: list[dict],
-           threads: int | None = None) -> tuple[float, tuple[int, int], tuple[int, int]]:
-    """``output_check`` and (entries both pass SCORE_PASS, entries either passes) over the outputs that are scores in
-    [0, 1] but not probabilities (a detector's sigmoid scores or map): the decisions a threshold takes from them."""
+                 threads: int | None = None) -> tuple[float, tuple[int, int], tuple[int, int]]:
+    """(output SQNR as ``output_sqnr``, (positions whose top class agrees, positions), (entries both pass SCORE_PASS,
+    entries either passes)) of ``qmodel`` against ``reference`` on ``rows``. Positions are those of outputs that are
+    probabilities over their last axis (a softmax: a classifier's rows, a CTC recognizer's time steps), where the top
+    class is what the task reads; entries those of outputs that are other scores in [0, 1] (a detector's sigmoid
+    scores or map), where a threshold takes the decisions."""
     qsess = runtime.session(qmodel, threads)
     signal: list = [0.0] * len(names)
     noise: list = [0.0] * len(names)
@@ -402,8 +397,9 @@ def round_weights(prepared: Prepared, p: QuantPlan, source: FeedSource, threads:
     if p.config.rounding == "nearest":
         return p
     model = smoothed(prepared, p.overrides).model
-    advance = progress("learned rounding (GPTQ), layer by layer", len(rounding.targets(model, p)))
-    results, rows = rounding.learn(model, p, source, threads, max_memory, advance, source.count() * max(1, source.batch_size))
+    found = rounding.targets(model, p)
+    advance = progress("learned rounding (GPTQ), layer by layer", len(found))
+    results, rows = rounding.learn(model, p, source, threads, max_memory, advance, source.count() * max(1, source.batch_size), found)
     s = rounding.record(p, results, rows)
     prepared.notes.append(f"learned rounding (GPTQ) on {rows} rows: {s['layers_changed']} of {s['layers']} layers changed, "
                           f"{s['weights_moved']} of {s['weights']} weights moved from nearest, each layer's output error on "
@@ -441,7 +437,7 @@ def bias_correction_pays(prepared: Prepared, plain: QuantPlan, corrected: QuantP
     for p in (plain, corrected):
         p = copy.copy(p)  # float inputs and outputs, whatever --quantized-io asks of the written model
         p.config = dataclasses.replace(p.config, quantized_io=None)
-        got.append(_check(names, reference, apply(prepared, p, check=False).model, rows, threads))
+        got.append(output_check(names, reference, apply(prepared, p, check=False).model, rows, threads))
     (before, (agree0, positions), (both0, either0)), (after, (agree1, _), (both1, either1)) = got
     n = sum(bias.rows_of(f) for f in rows)
     why = f"int8 output SQNR on {n} other rows: {before:.1f} dB without, {after:.1f} dB with"

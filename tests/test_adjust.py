@@ -485,9 +485,9 @@ def test_the_bias_correction_check_counts_top_classes_of_probability_outputs():
     rows = [{"x": rng.normal(0, 1, (2, 7, 6)).astype(np.float32)} for _ in range(3)]
     names, ref = pipeline.float_outputs(model(w), rows)
     assert pipeline.is_probability(ref[0][0]) and not pipeline.is_probability(ref[0][0] - 0.1)
-    sqnr, (agree, positions) = pipeline.output_check(names, ref, model(w), rows)
+    sqnr, (agree, positions), _ = pipeline.output_check(names, ref, model(w), rows)
     assert positions == 3 * 2 * 7 and agree == positions and sqnr > 100
-    _, (agree, positions) = pipeline.output_check(names, ref, model(w + rng.normal(0, 1.0, w.shape)), rows)
+    _, (agree, positions), _ = pipeline.output_check(names, ref, model(w + rng.normal(0, 1.0, w.shape)), rows)
     assert positions == 42 and agree < positions
     names, ref = pipeline.float_outputs(model(w, softmax=False), rows)
     assert pipeline.output_check(names, ref, model(w, softmax=False), rows)[1] == (0, 0)

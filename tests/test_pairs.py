@@ -175,3 +175,19 @@ def test_an_lstm_with_all_positive_weights_keeps_its_outputs(tmp_path, per_tenso
     report = json.loads(res.output[res.output.index("{"):])
     assert report["node_summary"]["by_op"]["LSTM"]["quantized"] == 1
     assert min(o["sqnr_db"] for o in report["outputs"].values()) > 40, report["outputs"]
+
+
+def test_a_depthwise_conv_keeps_its_ranges_scales(tmp_path):
+    """Depthwise kernels sum in 32 bits: nothing saturates, each channel keeps the scale its own range gives."""
+    rng = np.random.default_rng(0)
+    w = rng.uniform(0.5, 1.0, (8, 1, 3, 3)).astype(np.float32) * rng.uniform(0.1, 2.0, (8, 1, 1, 1)).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "w"], ["y"], group=8, pads=[1, 1, 1, 1], name="dw")
+    model = make_model([node], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 6, 6])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 6, 6])], [numpy_helper.from_array(w, "w")], opset=13)
+    src = tmp_path / "m.onnx"
+    onnx.save(model, src)
+    np.save(tmp_path / "x.npy", rng.uniform(0.0, 1.0, (4, 8, 6, 6)).astype(np.float32))
+    assert invoke("plan", src, "--data", tmp_path / "x.npy", "-o", tmp_path / "p.json", "-q").exit_code == 0
+    t = json.loads((tmp_path / "p.json").read_text())["tensors"]["w"]
+    np.testing.assert_allclose(t["scale"], np.abs(w).reshape(8, -1).max(axis=1) / 127, rtol=1e-6)
+    assert "widened" not in t["origin"]

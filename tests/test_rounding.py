@@ -62,7 +62,7 @@ def test_conv_patches_times_the_weight_are_the_conv(spec):
     node = model.graph.node[0]
     qp = qmath.weight_qparams(w, qmath.qtype("int8").restricted(), True, 0)
     t = rounding._target(node, w.shape, qp)
-    k = t.features(w.shape)
+    k = t.features
     patches = np.concatenate([p.reshape(p.shape[0], t.groups, k) for p in rounding._conv_patches(x, t, 10 ** 9)])
     positions = y.shape[0] * int(np.prod(y.shape[2:]))
     assert patches.shape[0] == positions

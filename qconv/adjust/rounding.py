@@ -38,7 +38,6 @@ from qconv.numeric.gptq import gptq_fixed
 from qconv.plan import QuantPlan
 from qconv.runtime import run, session
 
-METHODS = ("nearest", "gptq")
 MAX_ROWS = 32
 MIN_SAMPLES = 2048  # input vectors per layer at least (where the rows have them)
 SAMPLES_PER_FEATURE = 4  # ... and about this many per weight row (K), so H is well conditioned
@@ -54,15 +53,17 @@ class Target:
     op: str
     x: str
     w: str
+    shape: tuple[int, ...]  # the weight's, as stored
     groups: int = 1  # Conv groups: one matrix and one Hessian each
     trans: bool = False  # the weight is stored [N, K] (Gemm transB, Conv): transpose to [K, N]
     conv: dict = field(default_factory=dict)  # kernel, strides, dilations, pads (begin..., end...) or auto_pad
 
-    def features(self, w_shape: tuple[int, ...]) -> int:
+    @property
+    def features(self) -> int:
         """K of one matrix."""
         if self.op == "Conv":
-            return int(np.prod(w_shape[1:]))
-        return int(w_shape[0] if not self.trans else w_shape[1])
+            return int(np.prod(self.shape[1:]))
+        return int(self.shape[0] if not self.trans else self.shape[1])
 
 
 def targets(model: onnx.ModelProto, plan: QuantPlan) -> list[Target]:
@@ -72,7 +73,7 @@ def targets(model: onnx.ModelProto, plan: QuantPlan) -> list[Target]:
         w = node.input[1]
         if tw.consumers != [node.name] or len(g.consumers.get(w, [])) != 1 or tw.qparams.qtype.bits > 8:
             continue
-        t = _target(node, g.array(w).shape, tw.qparams)
+        t = _target(node, tuple(g.initializers[w].dims), tw.qparams)
         if t is not None:
             out.append(t)
     return out
@@ -83,12 +84,12 @@ def _target(node: onnx.NodeProto, shape: tuple[int, ...], qp: qmath.QParams) -> 
     if node.op_type == "MatMul":
         if len(shape) != 2 or (per_channel and qp.axis not in (1, -1)):
             return None
-        return Target(node.name, "MatMul", node.input[0], node.input[1])
+        return Target(node.name, "MatMul", node.input[0], node.input[1], shape)
     if node.op_type == "Gemm":
         trans = bool(attr(node, "transB", 0))
         if attr(node, "transA", 0) or len(shape) != 2 or (per_channel and qp.axis != (0 if trans else 1)):
             return None
-        return Target(node.name, "Gemm", node.input[0], node.input[1], trans=trans)
+        return Target(node.name, "Gemm", node.input[0], node.input[1], shape, trans=trans)
     if len(shape) < 3 or (per_channel and qp.axis != 0):
         return None
     spatial = len(shape) - 2
@@ -99,7 +100,7 @@ def _target(node: onnx.NodeProto, shape: tuple[int, ...], qp: qmath.QParams) -> 
             "auto_pad": attr(node, "auto_pad", b"NOTSET")}
     if isinstance(conv["auto_pad"], bytes):
         conv["auto_pad"] = conv["auto_pad"].decode()
-    return Target(node.name, "Conv", node.input[0], node.input[1], int(attr(node, "group", 1)), True, conv)
+    return Target(node.name, "Conv", node.input[0], node.input[1], shape, int(attr(node, "group", 1)), True, conv)
 
 
 # ---- inputs: the rows a layer's Hessian is taken on
@@ -144,8 +145,9 @@ def _samples(x: np.ndarray, t: Target, k: int, count: int) -> Iterable[np.ndarra
         return
     rows = x.reshape(-1, k)
     pick = np.unique(np.linspace(0, rows.shape[0] - 1, min(rows.shape[0], count)).round().astype(np.int64))
-    for start in range(0, pick.size, max(1, CHUNK_VALUES // k)):
-        yield np.ascontiguousarray(rows[pick[start:start + CHUNK_VALUES // k]], dtype=np.float32)[:, None, :]
+    step = max(1, CHUNK_VALUES // k)
+    for start in range(0, pick.size, step):
+        yield np.ascontiguousarray(rows[pick[start:start + step]], dtype=np.float32)[:, None, :]
 
 
 class Moments:
@@ -253,45 +255,41 @@ def _round_matrix(wm: np.ndarray, q_near: np.ndarray, qp: qmath.QParams, h: np.n
 # ---- the whole model
 
 def learn(model: onnx.ModelProto, plan: QuantPlan, feeds: Iterable[dict], threads: int | None = None,
-          max_memory: int = 1 << 30, advance: Callable[[int], None] = lambda n: None, rows: int = MAX_ROWS
-          ) -> tuple[dict[str, Rounded], int]:
-    """({weight: Rounded}, rows used) for every target of ``plan``, on the first ``MAX_ROWS`` rows of ``feeds``
-    (re-iterable: read once per group of layers); ``rows``: how many the feeds hold, if fewer (each then gives more
-    input vectors)."""
+          max_memory: int = 1 << 30, advance: Callable[[int], None] = lambda n: None, rows: int = MAX_ROWS,
+          found: list[Target] | None = None) -> tuple[dict[str, Rounded], int]:
+    """({weight: Rounded}, rows used) for every target of ``plan`` (``found``, when the caller has them), on the first
+    ``MAX_ROWS`` rows of ``feeds`` (re-iterable: read once per group of layers); ``rows``: how many the feeds hold, if
+    fewer (each then gives more input vectors)."""
     from qconv.calib.collect import tensor_bytes
 
-    found = targets(model, plan)
-    if not found:
-        return {}, 0
-    g = Graph(model)
-    first = next(iter(feeds), None)
+    found = targets(model, plan) if found is None else found
+    first = next(iter(feeds), None) if found else None
     if first is None:
         return {}, 0
-    shapes = {t.w: g.array(t.w).shape for t in found}
-    inputs = [t.x for t in found if t.x not in first]
-    sizes = tensor_bytes(model, first, sorted(set(inputs))) if inputs else {}
+    g = Graph(model)
+    inputs = sorted({t.x for t in found if t.x not in first})
+    sizes = tensor_bytes(model, first, inputs) if inputs else {}
+    pair_safe = plan.config.saturation_safe and qmath.qtype(plan.config.act_type).bits <= 8  # a16w8 runs in float
     out: dict[str, Rounded] = {}
     expected = max(1, min(MAX_ROWS, rows))
-    for group in _groups(found, shapes, sizes, max_memory):
-        got, rows = _hessians(model, group, shapes, feeds, threads, expected)
+    for group in _groups(found, sizes, max_memory):
+        got, rows = _hessians(model, group, feeds, threads, expected)
         for t in group:
-            pair_safe = plan.config.saturation_safe and qmath.qtype(plan.config.act_type).bits <= 8  # a16w8 runs in float
-            out[t.w] = round_layer(g.array(t.w).astype(np.float32), t, plan.tensors[t.w].qparams, got[t.node], pair_safe)
-            del got[t.node]
+            out[t.w] = round_layer(g.array(t.w).astype(np.float32), t, plan.tensors[t.w].qparams, got.pop(t.node), pair_safe)
         advance(len(group))
     return out, rows
 
 
-def _groups(found: list[Target], shapes: dict, sizes: dict[str, int], max_memory: int) -> list[list[Target]]:
+def _groups(found: list[Target], sizes: dict[str, int], max_memory: int) -> list[list[Target]]:
     """Consecutive targets whose exposed inputs (one row, twice: ORT's and ours) and Hessians fit ``max_memory``."""
     out, current, used, seen = [], [], 0, set()
     for t in found:
-        k = t.features(shapes[t.w])
-        cost = t.groups * k * k * 8 + (0 if t.x in seen else 2 * sizes.get(t.x, 0))
+        hessians = t.groups * t.features * t.features * 8
+        cost = hessians + (0 if t.x in seen else 2 * sizes.get(t.x, 0))
         if current and used + cost > max_memory:
             out.append(current)
             current, used, seen = [], 0, set()
-            cost = t.groups * k * k * 8 + 2 * sizes.get(t.x, 0)
+            cost = hessians + 2 * sizes.get(t.x, 0)
         current.append(t)
         used += cost
         seen.add(t.x)
@@ -300,14 +298,14 @@ def _groups(found: list[Target], shapes: dict, sizes: dict[str, int], max_memory
     return out
 
 
-def _hessians(model: onnx.ModelProto, group: list[Target], shapes: dict, feeds: Iterable[dict], threads: int | None,
+def _hessians(model: onnx.ModelProto, group: list[Target], feeds: Iterable[dict], threads: int | None,
               expected: int) -> tuple[dict[str, Moments], int]:
     """One float pass over the first ``MAX_ROWS`` rows with the group's inputs exposed: {node: Moments}."""
     names = sorted({t.x for t in group})
     graph_inputs = {i.name for i in model.graph.input}
     fetch = [n for n in names if n not in graph_inputs]
     sess = session(expose(model, {n: FLOAT for n in fetch}), threads)
-    moments = {t.node: Moments(t.groups, t.features(shapes[t.w])) for t in group}
+    moments = {t.node: Moments(t.groups, t.features) for t in group}
     total = 0
     for feed in feeds:
         if total >= MAX_ROWS:
@@ -316,10 +314,9 @@ def _hessians(model: onnx.ModelProto, group: list[Target], shapes: dict, feeds: 
         values.update({k: v for k, v in feed.items() if k in names})
         n = max(1, rows_of(feed))
         for t in group:
-            k = t.features(shapes[t.w])
-            per_row = -(-max(MIN_SAMPLES, SAMPLES_PER_FEATURE * k) // expected)
+            per_row = -(-max(MIN_SAMPLES, SAMPLES_PER_FEATURE * t.features) // expected)
             x = np.asarray(values[t.x], dtype=np.float32)
-            for chunk in _samples(x, t, k, per_row * n):
+            for chunk in _samples(x, t, t.features, per_row * n):
                 moments[t.node].add(chunk)
         total += n
     return moments, total

@@ -29,11 +29,21 @@ from qconv.numeric import qmath
 
 LIMIT = 128  # 255 * 128 = 32640 <= 32767 < 255 * 129
 SIGNED_MAX = 127  # the limit binds int8 weights whose magnitudes reach past LIMIT / 2
+WIDENED = "widened so no two adjacent int8 weights can saturate the 16-bit sums of x86 CPUs without VNNI"  # plans say so
 
 
 def applies(qt: qmath.QType) -> bool:
     """Signed 8-bit weights whose pairs can pass the limit (7-bit, reduce_range, ones cannot; uint8 runs u8 x u8)."""
     return qt.signed and qt.bits == 8 and 2 * qt.qmax > LIMIT
+
+
+def safe_params(qp: qmath.QParams, rows: np.ndarray | None, per_channel: bool) -> qmath.QParams:
+    """``qp`` with ``safe_scale`` applied for the weight ``rows`` (``channels``' layout; one row per scale when
+    ``per_channel``); ``qp`` itself where the rule does not apply (no pairs, not signed 8-bit, asymmetric weights)."""
+    if rows is None or not applies(qp.qtype) or np.any(qp.zero_point != 0):
+        return qp
+    scale = safe_scale(rows, qp.scale, per_channel)
+    return qp if np.array_equal(scale, qp.scale) else qmath.QParams(scale, qp.zero_point, qp.qtype, qp.axis)
 
 
 def channels(w: np.ndarray, layout: str, groups: int = 1) -> np.ndarray | None:

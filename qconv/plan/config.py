@@ -14,7 +14,7 @@ FORMATS = ("qdq", "qoperator")
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 INT4_METHODS = ("rtn", "gptq", "hqq", "awq", "awq_gptq")  # qconv.rewrite.weight_only.METHODS
 ACCURACY_LEVELS = ("auto", "0", "1", "2", "3", "4")
-ROUNDINGS = ("nearest", "gptq")  # qconv.adjust.rounding.METHODS
+ROUNDINGS = ("nearest", "gptq")  # --rounding: nearest, or qconv.adjust.rounding
 # Modes that need calibration statistics, and the formats each mode can be written in.
 CALIBRATED = {"int8", "a16w8"}
 MODE_FORMATS = {"int8": ("qdq", "qoperator"), "a16w8": ("qdq",), "dynamic": ("qoperator",), "fp16": (), "int4": ()}

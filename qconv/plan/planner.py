@@ -7,6 +7,7 @@ group them the way a user reads them.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -569,29 +570,25 @@ def weight_layout(node: onnx.NodeProto) -> str | None:
 
 def pair_safe(qp: qmath.QParams, w: np.ndarray, readers: list, config, origin: str, wide=()) -> tuple[qmath.QParams, str]:
     """The weight's parameters with each channel's scale widened just enough that no two adjacent int8 weights of
-    one sign can saturate the 16-bit sums of x86 CPUs without VNNI (qconv.numeric.pairs); unchanged with
-    --allow-saturation, for other weight types, asymmetric weights, and readers whose input is 16-bit (run in float)."""
-    if not config.saturation_safe or not pairs.applies(qp.qtype) or np.any(qp.zero_point != 0) \
-            or qmath.qtype(config.act_type).bits > 8:  # a16w8: onnxruntime runs 16-bit Q/DQ in float
+    one sign can saturate the 16-bit sums of x86 CPUs without VNNI (qconv.numeric.pairs), for every reader's layout;
+    unchanged with --allow-saturation and for readers whose input is 16-bit (a16w8, islands: run in float)."""
+    if not config.saturation_safe or qmath.qtype(config.act_type).bits > 8:
         return qp, origin
-    scale = np.asarray(qp.scale, dtype=np.float32)
-    per_channel = scale.ndim > 0 and scale.size > 1
-    widest = scale
+    per_channel = qp.scale.size > 1
+    widest = qp
     for node in readers:
         layout = weight_layout(node)
-        c = pairs.channels(w, layout, int(attr(node, "group", 1))) if layout and node.input[0] not in wide else None
-        if c is None:
+        rows = pairs.channels(w, layout, int(attr(node, "group", 1))) if layout and node.input[0] not in wide else None
+        if rows is None:
             continue
-        aligned = per_channel and c.shape[0] == scale.size
-        new = pairs.safe_scale(c, scale if aligned else np.float32(scale.max()), aligned)
-        widest = np.maximum(widest, new if aligned else np.float32(new)).astype(np.float32)
-    changed = int(np.count_nonzero(np.asarray(widest) != scale))
+        aligned = per_channel and rows.shape[0] == qp.scale.size
+        safe = pairs.safe_params(qp if aligned else dataclasses.replace(qp, scale=np.float32(qp.scale.max())), rows, aligned)
+        widest = dataclasses.replace(widest, scale=np.maximum(widest.scale, safe.scale).astype(np.float32))
+    changed = int(np.count_nonzero(widest.scale != qp.scale))
     if not changed:
         return qp, origin
-    widest = widest.reshape(scale.shape) if scale.ndim else np.float32(np.asarray(widest).max())
-    what = f"{changed} of {scale.size} channels' scales" if per_channel else "its scale"
-    return (qmath.QParams(widest, qp.zero_point, qp.qtype, qp.axis),
-            f"{origin}, {what} widened so no two adjacent int8 weights can saturate the 16-bit sums of x86 CPUs without VNNI")
+    what = f"{changed} of {qp.scale.size} channels' scales" if per_channel else "its scale"
+    return widest, f"{origin}, {what} {pairs.WIDENED}"
 
 
 def _bias_plan(model, g: Graph, name: str, readers: list[str], plans: dict[str, TensorPlan], config) -> None:

@@ -78,12 +78,10 @@ def plan_dynamic(model: onnx.ModelProto, config: QuantConfig, overrides: Overrid
         w, wname = found
         qp = qmath.weight_qparams(w, w_q, config.symmetric_weights, 1 if per_channel else None)
         origin = "weight, per-channel" if per_channel else "weight, per-tensor"
-        if config.saturation_safe and pairs.applies(qp.qtype) and not np.any(qp.zero_point != 0):
-            # DynamicQuantizeMatMul runs onnxruntime's u8 x s8 kernel: pairs along K of the [K, N] weight
-            safe = pairs.safe_scale(pairs.channels(w, "kn"), qp.scale, per_channel)
-            if not np.array_equal(safe, qp.scale):
-                qp = qmath.QParams(safe, qp.zero_point, qp.qtype, qp.axis)
-                origin += ", scale widened so no two adjacent int8 weights can saturate the 16-bit sums of x86 CPUs without VNNI"
+        if config.saturation_safe:  # DynamicQuantizeMatMul runs onnxruntime's u8 x s8 kernel: pairs along K of [K, N]
+            safe = pairs.safe_params(qp, pairs.channels(w, "kn"), per_channel)
+            if safe is not qp:
+                qp, origin = safe, f"{origin}, scale {pairs.WIDENED}"
         key = f"{node.name}/{wname}"  # one plan entry per reader: a Gemm with transB reads the weight transposed
         tensors[key] = TensorPlan(wname, "weight", qp, [node.name], origin)
         decisions.append(NodeDecision(node.name, node.op_type, "quantized"))

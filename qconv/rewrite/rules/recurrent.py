@@ -39,15 +39,15 @@ def lstm_qparams(w: np.ndarray, qt: qmath.QType, per_channel: bool, pair_safe: b
     ``pair_safe``: widened where two adjacent weights along K could saturate the 16-bit sums of x86 CPUs without VNNI
     (qconv.numeric.pairs; DynamicQuantizeLSTM runs the same u8 x s8 kernel: 13 dB -> 71 dB on an all-positive LSTM)."""
     d, rows, k = w.shape
-    safe = pair_safe and pairs.applies(qt)
     if per_channel:
         qp = qmath.weight_qparams(w.reshape(d * rows, k), qt, True, 0)
-        scale = pairs.safe_scale(w.reshape(d * rows, k), qp.scale, True) if safe else qp.scale
-        return qmath.QParams(scale.reshape(d, rows), qp.zero_point.reshape(d, rows), qt, None)
+        qp = pairs.safe_params(qp, w.reshape(d * rows, k), True) if pair_safe else qp
+        return qmath.QParams(qp.scale.reshape(d, rows), qp.zero_point.reshape(d, rows), qt, None)
     scales, zps = [], []
     for i in range(d):
         qp = qmath.weight_qparams(w[i], qt, True, None)
-        scales.append(pairs.safe_scale(w[i], qp.scale, False) if safe else qp.scale)
+        qp = pairs.safe_params(qp, w[i], False) if pair_safe else qp
+        scales.append(qp.scale)
         zps.append(qp.zero_point)
     return qmath.QParams(np.asarray(scales, np.float32), np.asarray(zps).astype(qt.dtype), qt, None)
 
