@@ -231,19 +231,21 @@ def time_kernels(job: PlanJob, prepared: pipeline.Prepared, calib, config: Quant
     except QconvError:  # a row the model cannot run (made from sizes alone): no table, the plan is int8 wherever it can be
         return None
     with tempfile.TemporaryDirectory(prefix="qconv-kernels.") as tmp:  # the cache gets the table once it is checked
-        draft = io.write_json(table, Path(tmp) / "table.json")
-        verified = _verify(prepared, calib, dataclasses.replace(config, kernels=str(draft)), int8, feed)
-    if verified is not None:
-        table["verified"] = verified
+        for _ in range(VERIFY_CHOICES):  # the most accurate near-fastest choice, then (if refused) the fastest one
+            draft = io.write_json(table, Path(tmp) / "table.json")
+            verified = _verify(prepared, calib, dataclasses.replace(config, kernels=str(draft)), int8, feed, kernels.verdicts(table))
+            if verified is None:
+                break
+            table["verified"] = kernels.verdicts(table) + [verified]
     path.parent.mkdir(parents=True, exist_ok=True)
     io.write_json(table, path)
     return path
 
 
-def _verify(prepared: pipeline.Prepared, calib, config: QuantConfig, int8, feed: dict) -> dict | None:
+def _verify(prepared: pipeline.Prepared, calib, config: QuantConfig, int8, feed: dict, timed: list[dict]) -> dict | None:
     """The region choice the new table makes, timed A/B against the all-int8 model on the same row (interleaved rounds,
     one thread): the table keeps the verdict, and a choice whose 95% interval is not wholly below 1 is not taken
-    (regions.choose).
+    (regions.choose, which then makes its next choice: None when that one is timed already or there is none).
     The estimate adds node times measured one model at a time; fusions and layouts at a region's border are where it
     can be wrong."""
     from qconv import runtime
@@ -252,7 +254,7 @@ def _verify(prepared: pipeline.Prepared, calib, config: QuantConfig, int8, feed:
     try:
         chosen = pipeline.plan(prepared, calib, dataclasses.replace(config, bias_correction=None), Overrides())
         floats = (chosen.source.get("speed") or {}).get("float_nodes") or []
-        if not floats:
+        if not floats or any(sorted(v["float_nodes"]) == sorted(floats) for v in timed):
             return None
         mixed = pipeline.apply(prepared, chosen, check=False).model
         a, b = runtime.session(int8, 1, spinning=False, prepack=True), runtime.session(mixed, 1, spinning=False, prepack=True)
@@ -280,6 +282,7 @@ def run_kernels(job: PlanJob, progress=pipeline.no_progress) -> Path:
     return path
 
 
+VERIFY_CHOICES = 2  # region choices timed A/B at most when a table is made (regions.choose makes two)
 AB_SECONDS = 15.0  # the A/B check of a new table's region choice (once per model and machine)
 BIG_RUN_SECONDS = 0.02  # a model whose run takes longer is timed one run a block
 INTEGER_INPUTS = {7: "int64", 6: "int32", 9: "bool"}  # onnx.TensorProto INT64, INT32, BOOL -> numpy

@@ -60,15 +60,19 @@ def _speed(prepared, p: QuantPlan, stats: Ranges, config, overrides: Overrides) 
     if table is None or not counts:
         return None
     fixed = {d.name for d in p.nodes if getattr(overrides.node(d.name), "precision", None) is not None}
-    return regions.choose(prepared.model, p, counts, table, fixed, prepared.kernel_id).to_dict(table)
+    return regions.choose(prepared.model, p, counts, table, fixed, prepared.kernel_id,
+                          regions.quantization_noise(p, stats.observers)).to_dict(table)
 
 
 def _slower_reason(speed: dict) -> str:
     est = speed["estimate_us"]
     ab = speed.get("verified")
     timed = f"; timed A/B at {ab['ratio']:.3g}x the all-int8 model's time" if ab else ""
+    noise = speed.get("noise_float")
+    kept = (f", and of the choices within {regions.ACCURACY_SHARE:.0%} of the fastest this one keeps {noise:.0%} of the estimated "
+            "rounding noise float") if noise else ""
     return (f"int8 is slower here on this CPU: {len(speed['float_nodes'])} nodes stay float, the model estimated at {est['chosen']:.4g} "
-            f"us a row against {est['int8']:.4g} us all int8{timed} (kernel table '{speed['table']['name']}'; --kernels none "
+            f"us a row against {est['int8']:.4g} us all int8{timed}{kept} (kernel table '{speed['table']['name']}'; --kernels none "
             "quantizes them)")
 
 

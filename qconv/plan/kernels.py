@@ -5,7 +5,7 @@ channel counts (a multiply-add for dense convolutions, an output element otherwi
 conversions an int8 region's border adds (QuantizeLinear / DequantizeLinear, and the layout changes: onnxruntime
 runs int8 convolutions channels-last and float ones in blocked NCHWc), and the fixed cost of a kernel call. A model's
 own table (``nodes``: each node timed float and int8 in place, ``model_id``, the ``feed`` it was timed on, and the
-A/B ``verified`` verdict of the region choice it makes) is written by qconv.measure.kernels.model_table, cached per
+A/B ``verified`` verdicts of the region choices it makes) is written by qconv.measure.kernels.model_table, cached per
 model and machine. ``--kernels`` picks which a plan uses: ``auto`` (the model's cached table, else none), ``shipped``
 (the op-kind table of this CPU family), a file, or ``none``. A plan is a pure function of the model, the statistics,
 the options and the table, so the same table gives the same bytes on any machine; the plan records its name and
@@ -101,6 +101,8 @@ class Table:
                 float(data["per_element"][k])
             for name, (int8, flt) in dict(data.get("nodes") or {}).items():
                 float(int8), float(flt)
+            for v in verdicts(data):
+                list(v["float_nodes"]), float(v["ratio"])
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise QconvError(f"{where} is missing or has malformed fields ({type(exc).__name__}: {exc}): "
                              "measure it again with qconv kernels --measure") from None
@@ -111,6 +113,14 @@ class Table:
         """(int8 ns, float ns) of a node timed in its model (a model's own table), else None."""
         got = (self.data.get("nodes") or {}).get(name)
         return None if got is None else (float(got[0]), float(got[1]))
+
+    def verdict(self, floats: list[str]) -> dict | None:
+        """The A/B timing (against all int8, when the table was made) of the choice keeping ``floats`` float, if timed."""
+        want = sorted(floats)
+        for v in verdicts(self.data):
+            if sorted(v.get("float_nodes") or []) == want:
+                return v
+        return None
 
     def has(self, key: str) -> bool:
         return key in self.data["ops"]
@@ -138,6 +148,12 @@ class Table:
             d["nodes"] = len(self.data["nodes"])
             d["feed"] = self.data.get("feed")
         return d
+
+
+def verdicts(data: dict) -> list[dict]:
+    """A model table's A/B verdicts, oldest first (a table written before there could be several holds one dict)."""
+    got = data.get("verified") or []
+    return [got] if isinstance(got, dict) else list(got)
 
 
 def _interpolate(points: list, x: float) -> float:
