@@ -482,16 +482,16 @@ def test_of_near_equal_choices_the_one_keeping_noise_float_is_taken_unless_timed
     def verdict(floats, ratio):
         return {"float_nodes": floats, "ratio": ratio, "ratio_low": ratio - 0.01, "ratio_high": ratio + 0.01, "runs": 15}
 
-    data["verified"] = [verdict(accurate, 1.02)]
+    data["verdicts"] = [verdict(accurate, 1.02)]
     slow_pool_table.write_text(json.dumps(data))
     speed, nodes = _choice(pool, tmp_path, slow_pool_table)
     assert speed["float_nodes"] == fastest and "verified" not in speed and "noise_float" in speed
     assert nodes["conv2"]["status"] == "quantized"
-    data["verified"].append(verdict(fastest, 0.9))
+    data["verdicts"].append(verdict(fastest, 0.9))
     slow_pool_table.write_text(json.dumps(data))
     speed, _ = _choice(pool, tmp_path, slow_pool_table)
     assert speed["float_nodes"] == fastest and speed["verified"]["ratio"] == 0.9
-    data["verified"][1] = verdict(fastest, 1.05)
+    data["verdicts"][1] = verdict(fastest, 1.05)
     slow_pool_table.write_text(json.dumps(data))
     speed, nodes = _choice(pool, tmp_path, slow_pool_table)
     assert speed["float_nodes"] == [] and speed["verified"]["ratio"] == 1.05 and nodes["pool"]["status"] == "quantized"

@@ -236,7 +236,7 @@ def time_kernels(job: PlanJob, prepared: pipeline.Prepared, calib, config: Quant
             verified = _verify(prepared, calib, dataclasses.replace(config, kernels=str(draft)), int8, feed, kernels.verdicts(table))
             if verified is None:
                 break
-            table["verified"] = kernels.verdicts(table) + [verified]
+            table["verdicts"] = kernels.verdicts(table) + [verified]
     path.parent.mkdir(parents=True, exist_ok=True)
     io.write_json(table, path)
     return path

@@ -5,7 +5,7 @@ channel counts (a multiply-add for dense convolutions, an output element otherwi
 conversions an int8 region's border adds (QuantizeLinear / DequantizeLinear, and the layout changes: onnxruntime
 runs int8 convolutions channels-last and float ones in blocked NCHWc), and the fixed cost of a kernel call. A model's
 own table (``nodes``: each node timed float and int8 in place, ``model_id``, the ``feed`` it was timed on, and the
-A/B ``verified`` verdicts of the region choices it makes) is written by qconv.measure.kernels.model_table, cached per
+A/B ``verdicts`` of the region choices it makes) is written by qconv.measure.kernels.model_table, cached per
 model and machine. ``--kernels`` picks which a plan uses: ``auto`` (the model's cached table, else none), ``shipped``
 (the op-kind table of this CPU family), a file, or ``none``. A plan is a pure function of the model, the statistics,
 the options and the table, so the same table gives the same bytes on any machine; the plan records its name and
@@ -151,9 +151,12 @@ class Table:
 
 
 def verdicts(data: dict) -> list[dict]:
-    """A model table's A/B verdicts, oldest first (a table written before there could be several holds one dict)."""
-    got = data.get("verified") or []
-    return [got] if isinstance(got, dict) else list(got)
+    """A model table's A/B verdicts, oldest first: ``verdicts``, or the one ``verified`` dict of a table written before
+    there could be several (new tables leave that key out, so an older qconv reading them plans by the estimate)."""
+    if "verdicts" in data:
+        return list(data["verdicts"] or [])
+    got = data.get("verified")
+    return [got] if isinstance(got, dict) else []
 
 
 def _interpolate(points: list, x: float) -> float:
