@@ -456,51 +456,60 @@ def _choice(pool, tmp_path, table_path):
     return json.loads((tmp_path / "c.json").read_text())["source"]["speed"], nodes_of(tmp_path / "c.json")
 
 
-def test_of_near_equal_choices_the_one_keeping_noise_float_is_taken_unless_timed_slower(pool, slow_pool_table, tmp_path, monkeypatch):
+def _verdict(floats, against, ratio):
+    return {"float_nodes": floats, "against": against, "ratio": ratio, "ratio_low": ratio - 0.01, "ratio_high": ratio + 0.01, "runs": 15}
+
+
+@pytest.fixture
+def near_equal_table(slow_pool_table):
     """conv2 costs 20 us in int8 and 34 us float (less its border): the fastest choice (float 10% dearer, the margin
-    against timing noise) keeps it int8, but float is within the accuracy share and keeps its input and output
-    unquantized. An A/B verdict refusing that choice gives way to the fastest one;
-    refusing both, to all int8."""
+    against timing noise) keeps it int8; the accurate one keeps it float, and its input and output unquantized."""
     data = json.loads(slow_pool_table.read_text())
     data["nodes"]["conv2"] = [20000.0, 34000.0]
     slow_pool_table.write_text(json.dumps(data))
-    speed, nodes = _choice(pool, tmp_path, slow_pool_table)
-    accurate = speed["float_nodes"]
-    assert "conv2" in accurate and speed["noise_float"] == 1.0
-    assert "rounding noise float" in nodes["conv2"]["reason"]
-
-    monkeypatch.setattr(regions, "ACCURACY_SHARE", 0.0)  # the same table without accuracy: conv2 stays int8
-    from qconv import pipeline
-    from qconv.plan.config import QuantConfig
-
-    m, d = pool
-    prepared = pipeline.load(m, QuantConfig())
-    calib = pipeline.calibrate(prepared, pipeline.feeds_for(prepared, d, 8), config=QuantConfig())
-    fastest = pipeline.plan(prepared, calib, QuantConfig(kernels=str(slow_pool_table))).source["speed"]["float_nodes"]
-    assert "conv2" not in fastest and "pool" in fastest
-
-    def verdict(floats, ratio):
-        return {"float_nodes": floats, "ratio": ratio, "ratio_low": ratio - 0.01, "ratio_high": ratio + 0.01, "runs": 15}
-
-    data["verdicts"] = [verdict(accurate, 1.02)]
-    slow_pool_table.write_text(json.dumps(data))
-    speed, nodes = _choice(pool, tmp_path, slow_pool_table)
-    assert speed["float_nodes"] == fastest and "verified" not in speed and "noise_float" in speed
-    assert nodes["conv2"]["status"] == "quantized"
-    data["verdicts"].append(verdict(fastest, 0.9))
-    slow_pool_table.write_text(json.dumps(data))
-    speed, _ = _choice(pool, tmp_path, slow_pool_table)
-    assert speed["float_nodes"] == fastest and speed["verified"]["ratio"] == 0.9
-    data["verdicts"][1] = verdict(fastest, 1.05)
-    slow_pool_table.write_text(json.dumps(data))
-    speed, nodes = _choice(pool, tmp_path, slow_pool_table)
-    assert speed["float_nodes"] == [] and speed["verified"]["ratio"] == 1.05 and nodes["pool"]["status"] == "quantized"
+    return slow_pool_table
 
 
-@pytest.mark.parametrize("ratios, floats", [((1.05, 0.9), "fastest"), ((1.05, 1.05), "none"), ((0.9,), "accurate")])
-def test_a_new_table_times_the_accurate_choice_then_the_fastest(pool, slow_pool_table, tmp_path, monkeypatch, ratios, floats):
-    """time_kernels times the region choice A/B against all int8 (a fake verdict here: the logic, not the clock); when
-    that is refused it times the choice the plan then makes (the fastest), and the cached table keeps both verdicts."""
+def test_the_fastest_choice_is_timed_first_then_the_accurate_one_against_it(pool, near_equal_table, tmp_path):
+    data = json.loads(near_equal_table.read_text())
+    speed, _ = _choice(pool, tmp_path, near_equal_table)  # no verdicts: the fastest stands on its estimate, and is asked about
+    fastest = speed["float_nodes"]
+    assert "pool" in fastest and "conv2" not in fastest
+    assert speed["pending"] == {"float_nodes": fastest, "against": []} and "noise_float" not in speed
+
+    data["verdicts"] = [_verdict(fastest, [], 0.9)]
+    near_equal_table.write_text(json.dumps(data))
+    speed, _ = _choice(pool, tmp_path, near_equal_table)
+    accurate = speed["pending"]["float_nodes"]
+    assert speed["float_nodes"] == fastest and speed["pending"]["against"] == fastest
+    assert set(accurate) == set(fastest) | {"conv2"} and speed["noise_float"] < 1.0
+
+    data["verdicts"].append(_verdict(accurate, fastest, 1.02))  # within 3% of the fastest: taken
+    near_equal_table.write_text(json.dumps(data))
+    speed, nodes = _choice(pool, tmp_path, near_equal_table)
+    assert speed["float_nodes"] == accurate and speed["noise_float"] == 1.0 and "pending" not in speed
+    assert speed["verified"]["ratio"] == 1.02 and "rounding noise float" in nodes["conv2"]["reason"]
+
+    data["verdicts"][1] = _verdict(accurate, fastest, 1.04)  # its interval reaches past 3%: the fastest stays
+    near_equal_table.write_text(json.dumps(data))
+    speed, nodes = _choice(pool, tmp_path, near_equal_table)
+    assert speed["float_nodes"] == fastest and nodes["conv2"]["status"] == "quantized" and speed["verified"]["ratio"] == 0.9
+
+    data["verdicts"] = [_verdict(fastest, [], 1.05)]  # the fastest refused: the accurate one is weighed against all int8
+    near_equal_table.write_text(json.dumps(data))
+    speed, _ = _choice(pool, tmp_path, near_equal_table)
+    assert speed["float_nodes"] == [] and speed["pending"] == {"float_nodes": accurate, "against": []}
+    data["verdicts"].append(_verdict(accurate, [], 1.1))
+    near_equal_table.write_text(json.dumps(data))
+    speed, nodes = _choice(pool, tmp_path, near_equal_table)
+    assert speed["float_nodes"] == [] and "pending" not in speed and nodes["pool"]["status"] == "quantized"
+
+
+@pytest.mark.parametrize("ratios, floats", [((0.9, 1.0), "accurate"), ((0.9, 1.1), "fastest"), ((1.05, 1.1), "none"),
+                                            ((1.05, 0.95), "accurate")])
+def test_a_new_table_times_the_fastest_choice_then_the_accurate_one(pool, near_equal_table, tmp_path, monkeypatch, ratios, floats):
+    """time_kernels answers the plan's pending A/B questions (a fake clock here: the logic, not the timing) and the
+    cached table keeps the verdicts, which then decide."""
     from qconv import pipeline
     from qconv.jobs import plan as jobs_plan
     from qconv.measure import kernels as measure_kernels
@@ -508,12 +517,12 @@ def test_a_new_table_times_the_accurate_choice_then_the_fastest(pool, slow_pool_
     from qconv.plan.config import QuantConfig
 
     monkeypatch.setenv("QCONV_CACHE_DIR", str(tmp_path / "cache"))
-    pinned = json.loads(slow_pool_table.read_text())
-    pinned["nodes"]["conv2"] = [20000.0, 34000.0]
+    pinned = json.loads(near_equal_table.read_text())
     monkeypatch.setattr(measure_kernels, "model_table", lambda *a, **k: json.loads(json.dumps(pinned)))
     asked = []
 
     def fake(a, b, feed, threads, **k):
+        assert a is not b
         asked.append(1)
         r = ratios[len(asked) - 1]
         return {"ratio": r, "ratio_low": r - 0.01, "ratio_high": r + 0.01, "runs": 20}
@@ -525,8 +534,9 @@ def test_a_new_table_times_the_accurate_choice_then_the_fastest(pool, slow_pool_
     calib = pipeline.calibrate(prepared, pipeline.feeds_for(prepared, d, 8), config=QuantConfig())
     path = jobs_plan.time_kernels(job, prepared, calib, job.config)
     verdicts = kernels.verdicts(json.loads(path.read_text()))
-    assert [v["ratio"] for v in verdicts] == list(ratios) and len(asked) == len(ratios)
-    assert "conv2" in verdicts[0]["float_nodes"] and all("conv2" not in v["float_nodes"] for v in verdicts[1:])
+    assert [v["ratio"] for v in verdicts] == list(ratios) and len(asked) == 2
+    fastest, accurate = verdicts[0]["float_nodes"], verdicts[1]["float_nodes"]
+    assert verdicts[0]["against"] == [] and "conv2" not in fastest and "conv2" in accurate
+    assert verdicts[1]["against"] == (fastest if ratios[0] < 1 else [])
     speed = pipeline.plan(prepared, calib, QuantConfig(kernels="auto")).source["speed"]
-    want = {"fastest": verdicts[-1]["float_nodes"], "none": [], "accurate": verdicts[0]["float_nodes"]}[floats]
-    assert speed["float_nodes"] == want
+    assert speed["float_nodes"] == {"fastest": fastest, "none": [], "accurate": accurate}[floats] and "pending" not in speed

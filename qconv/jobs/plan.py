@@ -231,10 +231,13 @@ def time_kernels(job: PlanJob, prepared: pipeline.Prepared, calib, config: Quant
     except QconvError:  # a row the model cannot run (made from sizes alone): no table, the plan is int8 wherever it can be
         return None
     with tempfile.TemporaryDirectory(prefix="qconv-kernels.") as tmp:  # the cache gets the table once it is checked
-        for _ in range(VERIFY_CHOICES):  # the most accurate near-fastest choice, then (if refused) the fastest one
+        models = {(): int8}
+        for _ in range(VERIFY_CHOICES):  # the fastest choice against all int8, then the accurate one against the winner
             draft = io.write_json(table, Path(tmp) / "table.json")
-            verified = _verify(prepared, calib, dataclasses.replace(config, kernels=str(draft)), int8, feed, kernels.verdicts(table))
-            if verified is None:
+            chosen = pipeline.plan(prepared, calib, dataclasses.replace(config, kernels=str(draft), bias_correction=None), Overrides())
+            asked = (chosen.source.get("speed") or {}).get("pending")
+            verified = asked and _verify(prepared, calib, config, models, asked, feed)
+            if not verified:
                 break
             table["verdicts"] = kernels.verdicts(table) + [verified]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -242,22 +245,25 @@ def time_kernels(job: PlanJob, prepared: pipeline.Prepared, calib, config: Quant
     return path
 
 
-def _verify(prepared: pipeline.Prepared, calib, config: QuantConfig, int8, feed: dict, timed: list[dict]) -> dict | None:
-    """The region choice the new table makes, timed A/B against the all-int8 model on the same row (interleaved rounds,
-    one thread): the table keeps the verdict, and a choice whose 95% interval is not wholly below 1 is not taken
-    (regions.choose, which then makes its next choice: None when that one is timed already or there is none).
+def _verify(prepared: pipeline.Prepared, calib, config: QuantConfig, models: dict, asked: dict, feed: dict) -> dict | None:
+    """The A/B timing of the region choice a new table asks about (regions.choose's ``pending``: keeping
+    ``float_nodes`` float, against keeping ``against`` float, or all int8) on the same row (interleaved rounds, one
+    thread): the table keeps the verdict, which decides the choice from then on. None when it cannot be timed.
     The estimate adds node times measured one model at a time; fusions and layouts at a region's border are where it
     can be wrong."""
     from qconv import runtime
     from qconv.measure.latency import latency
+    from qconv.plan.overrides import NodeOverride
 
     try:
-        chosen = pipeline.plan(prepared, calib, dataclasses.replace(config, bias_correction=None), Overrides())
-        floats = (chosen.source.get("speed") or {}).get("float_nodes") or []
-        if not floats or any(sorted(v["float_nodes"]) == sorted(floats) for v in timed):
-            return None
-        mixed = pipeline.apply(prepared, chosen, check=False).model
-        a, b = runtime.session(int8, 1, spinning=False, prepack=True), runtime.session(mixed, 1, spinning=False, prepack=True)
+        for floats in (asked["against"], asked["float_nodes"]):
+            key = tuple(sorted(floats))
+            if key not in models:
+                forced = Overrides({n: NodeOverride(precision="float") for n in floats}, {})
+                plan = pipeline.plan(prepared, calib, dataclasses.replace(config, kernels="none", bias_correction=None), forced)
+                models[key] = pipeline.apply(prepared, plan, check=False).model
+        a = runtime.session(models[tuple(sorted(asked["against"]))], 1, spinning=False, prepack=True)
+        b = runtime.session(models[tuple(sorted(asked["float_nodes"]))], 1, spinning=False, prepack=True)
         t0 = time.perf_counter()
         runtime.run(a, feed)
         runtime.run(a, feed)
@@ -265,8 +271,8 @@ def _verify(prepared: pipeline.Prepared, calib, config: QuantConfig, int8, feed:
         lat = latency(a, b, feed, 1, min_rounds=20, budget_s=AB_SECONDS, block=1 if big else 3)
     except QconvError:
         return None
-    return {"float_nodes": floats, "ratio": round(lat["ratio"], 4), "ratio_low": round(lat["ratio_low"], 4),
-            "ratio_high": round(lat["ratio_high"], 4), "runs": lat["runs"]}
+    return {"float_nodes": asked["float_nodes"], "against": asked["against"], "ratio": round(lat["ratio"], 4),
+            "ratio_low": round(lat["ratio_low"], 4), "ratio_high": round(lat["ratio_high"], 4), "runs": lat["runs"]}
 
 
 def run_kernels(job: PlanJob, progress=pipeline.no_progress) -> Path:
@@ -282,7 +288,7 @@ def run_kernels(job: PlanJob, progress=pipeline.no_progress) -> Path:
     return path
 
 
-VERIFY_CHOICES = 2  # region choices timed A/B at most when a table is made (regions.choose makes two)
+VERIFY_CHOICES = 2  # A/B timings when a table is made: regions.choose asks about two choices at most
 AB_SECONDS = 15.0  # the A/B check of a new table's region choice (once per model and machine)
 BIG_RUN_SECONDS = 0.02  # a model whose run takes longer is timed one run a block
 INTEGER_INPUTS = {7: "int64", 6: "int32", 9: "bool"}  # onnx.TensorProto INT64, INT32, BOOL -> numpy

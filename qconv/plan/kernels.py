@@ -114,11 +114,12 @@ class Table:
         got = (self.data.get("nodes") or {}).get(name)
         return None if got is None else (float(got[0]), float(got[1]))
 
-    def verdict(self, floats: list[str]) -> dict | None:
-        """The A/B timing (against all int8, when the table was made) of the choice keeping ``floats`` float, if timed."""
-        want = sorted(floats)
+    def verdict(self, floats: list[str], against: list[str]) -> dict | None:
+        """The A/B timing (when the table was made) of the choice keeping ``floats`` float against the one keeping
+        ``against`` float (empty: the all-int8 model), if timed."""
+        want = (sorted(floats), sorted(against))
         for v in verdicts(self.data):
-            if sorted(v.get("float_nodes") or []) == want:
+            if (sorted(v.get("float_nodes") or []), sorted(v.get("against") or [])) == want:
                 return v
         return None
 
