@@ -91,3 +91,31 @@ def test_evaluation_on_the_cluster_matches_the_local_one(tmp_path):
                                  "--json", "--no-latency", "--layer-samples", "0"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["task"] == a["task"]
+
+
+def test_a_cluster_started_early_is_used_or_closed(tmp_path):
+    """local:N starts its cluster while the driver prepares (distributed.start_early): the run takes it, and a run that
+    never needs it (its file is up to date) closes it and exits cleanly, leaving no worker behind."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    out = tmp_path / "c.json"
+    args = [sys.executable, "-m", "qconv", "calibrate", str(D / "model.onnx"), "--data", str(D / "calib.npy"), "--batch-size", "8",
+            "-o", str(out), "--executor", "local:2", "--shards", "4"]
+    first = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    stamp = out.stat().st_mtime_ns
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    workers = set()
+    while proc.poll() is None:  # the workers the unused cluster starts
+        try:
+            workers |= {c.pid for c in psutil.Process(proc.pid).children(recursive=True)}
+        except psutil.Error:
+            pass
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "up to date" in err and out.stat().st_mtime_ns == stamp
+    assert workers  # it was started
+    assert not [p for p in workers if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]

@@ -46,6 +46,7 @@ def run_calibrate(job: CalibrateJob, progress=pipeline.no_progress):
     from qconv.calib.store import Calibration
 
     job.check()
+    distributed.start_early(job.options.executor)
     config = QuantConfig(per_channel=not job.per_tensor, equalize=job.equalize)
     prepared = pipeline.load(job.model, config)
     o = job.options

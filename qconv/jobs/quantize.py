@@ -127,6 +127,8 @@ def _make_plan(job: QuantizeJob, prepared: pipeline.Prepared, stored: QuantPlan 
 def run_quantize(job: QuantizeJob, progress=pipeline.no_progress) -> tuple[dict, pipeline.Result]:
     """Plan (or read a plan), rewrite, evaluate, write the model and reports. Nothing is written on error."""
     job.check()
+    if job.plan_file is None and job.planning.data is not None:  # calibration shards, if any, start while this prepares
+        distributed.start_early(job.planning.calib_options.executor)
     labels = load_labels(job.evaluation.labels)
     stored = read_plan(job.plan_file) if job.plan_file is not None else None
     prepared = pipeline.load(job.model, stored.config if stored is not None else job.planning.config)
