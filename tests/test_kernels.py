@@ -488,12 +488,16 @@ def test_the_fastest_choice_is_timed_first_then_the_accurate_one_against_it(pool
     near_equal_table.write_text(json.dumps(data))
     speed, nodes = _choice(pool, tmp_path, near_equal_table)
     assert speed["float_nodes"] == accurate and speed["noise_float"] == 1.0 and "pending" not in speed
-    assert speed["verified"]["ratio"] == 1.02 and "rounding noise float" in nodes["conv2"]["reason"]
+    assert speed["verified"]["ratio"] == 1.02 and speed["choice"] == "accurate"
+    reason = nodes["conv2"]["reason"]
+    assert "int8 gains too little here" in reason and "timed A/B at 1.02x the fastest choice's time" in reason
+    assert "keeping 100% of the estimated rounding noise away" in reason and "--kernels none" in reason
 
     data["verdicts"][1] = _verdict(accurate, fastest, 1.04)  # its interval reaches past 3%: the fastest stays
     near_equal_table.write_text(json.dumps(data))
     speed, nodes = _choice(pool, tmp_path, near_equal_table)
     assert speed["float_nodes"] == fastest and nodes["conv2"]["status"] == "quantized" and speed["verified"]["ratio"] == 0.9
+    assert speed["choice"] == "fastest" and "int8 is slower here" in nodes["pool"]["reason"]
 
     data["verdicts"] = [_verdict(fastest, [], 1.05)]  # the fastest refused: the accurate one is weighed against all int8
     near_equal_table.write_text(json.dumps(data))

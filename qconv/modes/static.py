@@ -67,13 +67,15 @@ def _speed(prepared, p: QuantPlan, stats: Ranges, config, overrides: Overrides) 
 def _slower_reason(speed: dict) -> str:
     est = speed["estimate_us"]
     ab = speed.get("verified")
-    timed = f"; timed A/B at {ab['ratio']:.3g}x the all-int8 model's time" if ab else ""
-    noise = speed.get("noise_float")
-    kept = (f", and of the choices within {regions.ACCURACY_SHARE:.0%} of the fastest this one keeps {noise:.0%} of the estimated "
-            "rounding noise float") if noise else ""
+    against = "the fastest choice's" if ab and ab.get("against") else "the all-int8 model's"
+    timed = f"; timed A/B at {ab['ratio']:.3g}x {against} time" if ab else ""
+    table = f"(kernel table '{speed['table']['name']}'; --kernels none quantizes them)"
+    if speed.get("choice") == "accurate":
+        return (f"int8 gains too little here on this CPU to pay for its rounding: {len(speed['float_nodes'])} nodes stay float, the "
+                f"model estimated at {est['chosen']:.4g} us a row against {est['int8']:.4g} us all int8{timed} (within "
+                f"{regions.TOLERANCE:.0%}), keeping {speed['noise_float']:.0%} of the estimated rounding noise away {table}")
     return (f"int8 is slower here on this CPU: {len(speed['float_nodes'])} nodes stay float, the model estimated at {est['chosen']:.4g} "
-            f"us a row against {est['int8']:.4g} us all int8{timed}{kept} (kernel table '{speed['table']['name']}'; --kernels none "
-            "quantizes them)")
+            f"us a row against {est['int8']:.4g} us all int8{timed} {table}")
 
 
 def apply(prepared, p: QuantPlan, calib_feeds=None) -> Applied:

@@ -57,11 +57,13 @@ class Estimate:
     verified: dict | None = None  # the A/B timing that decided this choice, when the table holds one
     pending: dict | None = None  # an A/B the table lacks: {"float_nodes", "against"} (a new model table times it)
     noise_float: float | None = None  # the share of the rounding noise (quantization_noise) the float nodes keep away
+    choice: str = ""  # which choice the floats are: "fastest" or "accurate" (empty: all int8)
 
     def to_dict(self, table: Table) -> dict:
         return {"table": table.summary(), "float_nodes": list(self.floats), "estimate_us": {
             "int8": round(self.int8_ns / 1e3, 3), "chosen": round(self.chosen_ns / 1e3, 3), "all_float": round(self.float_ns / 1e3, 3)},
-            "by_op": self.by_op, **({"verified": self.verified} if self.verified else {}),
+            "by_op": self.by_op, **({"choice": self.choice} if self.choice else {}),
+            **({"verified": self.verified} if self.verified else {}),
             **({"noise_float": self.noise_float} if self.noise_float is not None else {}),
             **({"pending": self.pending} if self.pending else {})}
 
@@ -286,12 +288,13 @@ def choose(model, plan: QuantPlan, counts: dict[str, float], table: Table, fixed
             if own and verdict is None:
                 est.pending = {"float_nodes": names(accurate), "against": names(reference)}
             elif verdict is not None and float(verdict.get("ratio_high", verdict["ratio"])) <= 1.0 + TOLERANCE:
-                chosen, est.verified = accurate, verdict
+                chosen, est.verified, est.choice = accurate, verdict, "accurate"
             elif verdict is None and cost(unary8, unaryf, pairs, accurate) <= cost(unary8, unaryf, pairs, reference) + TOLERANCE * est.int8_ns:
-                chosen = accurate  # an op-kind table: the estimate decides
+                chosen, est.choice = accurate, "accurate"  # an op-kind table: the estimate decides
         est.noise_float = round(sum(w for ends, w in groups if all(chosen[k] for k in ends)) / total, 4)
     if chosen.any():
         est.floats, est.chosen_ns = names(chosen), cost(unary8, unaryf, pairs, chosen)
+        est.choice = est.choice or "fastest"
         ops = collections.Counter(n.op_type for n, f in zip(cand, chosen) if f)
         est.by_op = [{"op_type": op, "nodes": c} for op, c in sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))]
     return est
