@@ -109,8 +109,10 @@ def _started(executor: Executor):
 
 def _warm() -> None:
     """On each worker: the imports a shard task needs, before the first task arrives."""
-    import qconv.calib.collect  # noqa: F401
-    import qconv.pipeline  # noqa: F401
+    import importlib
+
+    for module in ("qconv.pipeline", "qconv.calib.collect"):
+        importlib.import_module(module)
 
 
 def _close_unused() -> None:
