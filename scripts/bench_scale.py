@@ -4,10 +4,11 @@
 Run from the repository root (needs the dask and bench extras: pip install -e '.[dask,bench]'; the model is
 downloaded from its PyPI wheel into ~/.cache/qconv-bench):
 
-    .venv/bin/python scripts/bench_scale.py [--rows 2048] [--workers 1 2 4] [--shards 16] [--json out.json]
+    .venv/bin/python scripts/bench_scale.py [--model cls|rec] [--rows 2048] [--workers 1 2 4] [--shards 16] [--json out.json]
 
-Model: PP-OCR's mobile text-orientation classifier (a real CNN, from the rapidocr-onnxruntime wheel) on --rows
-rendered 48x192 text lines, batches of 8, every planned tensor observed. For each worker count the same
+Model (from the rapidocr-onnxruntime wheel): ``cls``, PP-OCR's mobile text-orientation classifier (a small CNN: the
+driver's own start is a large part of its run), or ``rec``, the PP-OCRv4 recognizer (about 8x the work a line), on
+--rows rendered text lines (48x192 / 48x320), batches of 8, every planned tensor observed. For each worker count the same
 `qconv calibrate --executor local:N --shards S` runs in a child process; a sampler records the summed RSS of the
 driver and every worker process (peak), and the per-worker peak. Also measured: one fp32 pass over the rows, the
 in-process run without shards, and the merge of S shard results alone. The files of every worker count must be
@@ -92,21 +93,24 @@ def merge_seconds(calib: Path, shards: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=("cls", "rec"), default="cls")
     ap.add_argument("--rows", type=int, default=2048)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--shards", type=int, default=16)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    model = next(p for p in wheel_models("rapidocr-onnxruntime", "1.4.4", "*/models/*.onnx") if "cls" in p.name)
+    wanted = "ch_ppocr_mobile_v2.0_cls_infer.onnx" if args.model == "cls" else "ch_PP-OCRv4_rec_infer.onnx"
+    model = next(p for p in wheel_models("rapidocr-onnxruntime", "1.4.4", "*/models/*.onnx") if p.name == wanted)
+    width = 192 if args.model == "cls" else 320
     with tempfile.TemporaryDirectory(prefix="bench_scale.") as tmp:
         work = Path(tmp)
         data = work / "lines.npy"
-        np.save(data, text_lines(args.rows, 48, 192, seed=5))
+        np.save(data, text_lines(args.rows, 48, width, seed=5))
         s = session(model, 2)
         x = np.load(data)
         t0 = time.perf_counter()
         for k in range(0, len(x), 8):
-            s.run(None, {"x": x[k:k + 8]})
+            s.run(None, {s.get_inputs()[0].name: x[k:k + 8]})
         fp32_s = time.perf_counter() - t0
         base = ["calibrate", str(model), "--data", str(data), "--batch-size", "8", "-q"]
         plain = timed_run(base + ["-o", str(work / "plain.json")])
@@ -129,7 +133,7 @@ def main() -> None:
     for n, r in rows.items():
         table.append([f"local:{n}, {args.shards} shards", f"{r['wall_s']:.2f}", f"{r['wall_s'] / fp32_s:.2f}",
                       f"{r['peak_total_mb']:.0f}", f"{r['peak_process_mb']:.0f}"])
-    print(f"model: {model.name}; {args.rows} rows of 48x192 text lines, batches of 8; this machine has 2 cores")
+    print(f"model: {model.name}; {args.rows} rows of 48x{width} text lines, batches of 8; this machine has 2 cores")
     print(aligned(table))
     print(f"merge of {args.shards} shard results: {1000 * merge_s:.1f} ms")
     startup = 3.0  # a Dask scheduler/worker start, seconds (observed 2-4 s on this machine)
