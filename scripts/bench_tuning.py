@@ -15,7 +15,7 @@ onnxruntime's best static config: quantize_static QDQ, per-channel, MinMax or Pe
 qconv untuned: `quantize --data`; tuned: `quantize --data --eval-data --tune` with the issue's targets as gates.
 Latency: single feed, 2 threads, models interleaved, median. Run it alone on an idle machine:
 
-    .venv/bin/python scripts/bench_tuning.py [--budget 10m] [--only NAME] [--eval 64]
+    .venv/bin/python scripts/bench_tuning.py [--budget 10m] [--only NAME] [--eval 64] [--ort-methods MinMax]
 """
 
 from __future__ import annotations
@@ -229,14 +229,14 @@ def qconv_job(task: Task, out: Path, budget: Budget | None) -> tuple[dict, float
     return report, time.perf_counter() - t0
 
 
-def bench(task: Task, work: Path, budget: Budget) -> dict:
+def bench(task: Task, work: Path, budget: Budget, ort_methods: tuple[str, ...] = ("MinMax", "Percentile")) -> dict:
     c = task.case
     paths = {"fp32": c.model}
     result = {"wall": {}, "notes": []}
     ref = outputs_of(c.model, c.eval, c.batch)
     # onnxruntime: its best static config.
     best = None
-    for method in ("MinMax", "Percentile"):
+    for method in ort_methods:
         p = work / f"{c.name}.ort.{method}.onnx"
         t0 = time.perf_counter()
         try:
@@ -283,6 +283,9 @@ def main() -> None:
     ap.add_argument("--only", action="append", help="run only these cases")
     ap.add_argument("--calib", type=int, default=64, help="calibration rows (detector: a quarter)")
     ap.add_argument("--eval", type=int, default=96, help="evaluation rows (detector: a quarter)")
+    ap.add_argument("--ort-methods", default="MinMax,Percentile",
+                    help="onnxruntime calibration methods to try (its Percentile holds every activation of every row: "
+                         "13.6 GB on 64 recognizer lines, so give MinMax alone for the detectors on a 24 GB machine)")
     args = ap.parse_args()
     logging.getLogger().setLevel(logging.ERROR)
     budget = Budget.parse(args.budget)
@@ -294,7 +297,7 @@ def main() -> None:
         if args.only and name not in args.only:
             continue
         print(f"== {name} ({task.case.source})", flush=True)
-        r = bench(task, work, budget)
+        r = bench(task, work, budget, tuple(m for m in args.ort_methods.split(",") if m))
         ms = r["ms"]
         sp = {k: ms["fp32"] / ms[k] for k in ms if k != "fp32"}
         key = next(iter(task.wants))
