@@ -255,15 +255,17 @@ def _verify(prepared: pipeline.Prepared, calib, config: QuantConfig, models: dic
     from qconv.measure.latency import latency
     from qconv.plan.overrides import NodeOverride
 
+    def model_of(floats: list[str]):  # the model keeping ``floats`` float, made once per run
+        key = tuple(sorted(floats))
+        if key not in models:
+            forced = Overrides({n: NodeOverride(precision="float") for n in floats}, {})
+            plan = pipeline.plan(prepared, calib, dataclasses.replace(config, kernels="none", bias_correction=None), forced)
+            models[key] = pipeline.apply(prepared, plan, check=False).model
+        return models[key]
+
     try:
-        for floats in (asked["against"], asked["float_nodes"]):
-            key = tuple(sorted(floats))
-            if key not in models:
-                forced = Overrides({n: NodeOverride(precision="float") for n in floats}, {})
-                plan = pipeline.plan(prepared, calib, dataclasses.replace(config, kernels="none", bias_correction=None), forced)
-                models[key] = pipeline.apply(prepared, plan, check=False).model
-        a = runtime.session(models[tuple(sorted(asked["against"]))], 1, spinning=False, prepack=True)
-        b = runtime.session(models[tuple(sorted(asked["float_nodes"]))], 1, spinning=False, prepack=True)
+        a = runtime.session(model_of(asked["against"]), 1, spinning=False, prepack=True)
+        b = runtime.session(model_of(asked["float_nodes"]), 1, spinning=False, prepack=True)
         t0 = time.perf_counter()
         runtime.run(a, feed)
         runtime.run(a, feed)

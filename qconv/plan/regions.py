@@ -191,8 +191,10 @@ class _Flow:
         return reach
 
 
-def _problem(model, plan: QuantPlan, counts: dict[str, float], table: Table, fixed, own: bool):
-    """(candidates, int8 ns, float ns, border ns by (int8 end, float end)) of the nodes ``plan`` quantizes."""
+def _problem(model, plan: QuantPlan, counts: dict[str, float], table: Table, fixed, own: bool, noise: dict[str, float]):
+    """(candidates, int8 ns, float ns, border ns by (int8 end, float end), noise groups) of the nodes ``plan`` quantizes.
+    A noise group is (candidate indices, noise) of a quantized activation whose every int8 end (its producer and
+    readers) is a candidate: it stays quantized unless all of them are float."""
     g = Graph(model)
     size = _Sizes(g, counts)
     quantized = {d.name for d in plan.nodes if d.quantized}
@@ -229,7 +231,12 @@ def _problem(model, plan: QuantPlan, counts: dict[str, float], table: Table, fix
             elements = size(by_name[act].input[0])
             pairs[(b, a)] += table.border(elements, into_int8=False, blocked=False)
             pairs[(a, b)] += table.border(elements, into_int8=True)
-    return cand, unary8, unaryf, pairs
+    groups = []
+    for name, w in sorted(noise.items()):
+        ends = [n for n in [g.producer.get(name)] + list(g.consumers.get(name, [])) if n is not None and n.name in quantized]
+        if ends and all(n.name in index for n in ends):
+            groups.append((sorted({index[n.name] for n in ends}), w))
+    return cand, unary8, unaryf, pairs, groups
 
 
 def quantization_noise(plan: QuantPlan, observers: dict) -> dict[str, float]:
@@ -262,7 +269,7 @@ def choose(model, plan: QuantPlan, counts: dict[str, float], table: Table, fixed
     interval's upper end). A verdict the table lacks is left as ``pending`` (qconv.jobs.plan.time_kernels times it):
     meanwhile the fastest choice stands on its estimate, as it always did, and the accurate one is not taken."""
     own = bool(table.data.get("nodes")) and table.data.get("model_id") == model_id
-    cand, unary8, unaryf, pairs = _problem(model, plan, counts, table, fixed, own)
+    cand, unary8, unaryf, pairs, groups = _problem(model, plan, counts, table, fixed, own, noise or {})
     est = Estimate(float_ns=float(unaryf.sum()))
     if not cand:
         return est
@@ -277,7 +284,6 @@ def choose(model, plan: QuantPlan, counts: dict[str, float], table: Table, fixed
         if verdict is None or float(verdict.get("ratio_high", verdict["ratio"])) < 1.0:
             reference = fastest
         est.verified = verdict
-    groups = _noise_groups(model, plan, cand, noise or {})
     total = sum(w for _, w in groups)
     chosen = reference
     if total > 0 and est.pending is None:
@@ -291,7 +297,7 @@ def choose(model, plan: QuantPlan, counts: dict[str, float], table: Table, fixed
                 chosen, est.verified, est.choice = accurate, verdict, "accurate"
             elif verdict is None and cost(unary8, unaryf, pairs, accurate) <= cost(unary8, unaryf, pairs, reference) + TOLERANCE * est.int8_ns:
                 chosen, est.choice = accurate, "accurate"  # an op-kind table: the estimate decides
-        est.noise_float = round(sum(w for ends, w in groups if all(chosen[k] for k in ends)) / total, 4)
+        est.noise_float = round(1.0 - penalty(groups, chosen) / total, 4)
     if chosen.any():
         est.floats, est.chosen_ns = names(chosen), cost(unary8, unaryf, pairs, chosen)
         est.choice = est.choice or "fastest"
@@ -304,21 +310,6 @@ def cost(unary8, unaryf, pairs: dict, label) -> float:
     """The estimate of one labelling (True: float): each node's cost in its precision, plus every border it crosses."""
     total = float(np.where(label, unaryf, unary8).sum())
     return total + sum(c for (u, v), c in pairs.items() if not label[u] and label[v])
-
-
-def _noise_groups(model, plan: QuantPlan, cand, noise: dict[str, float]) -> list[tuple[list[int], float]]:
-    """(candidate indices, noise) of each quantized activation whose every int8 end (its producer and readers) is a
-    candidate: it stays quantized unless all of them are float."""
-    g = Graph(model)
-    index = {n.name: k for k, n in enumerate(cand)}
-    quantized = {d.name for d in plan.nodes if d.quantized}
-    out = []
-    for name, w in sorted(noise.items()):
-        ends = [n for n in [g.producer.get(name)] + list(g.consumers.get(name, [])) if n is not None and n.name in quantized]
-        if not ends or any(n.name not in index for n in ends):
-            continue
-        out.append((sorted({index[n.name] for n in ends}), w))
-    return out
 
 
 def solve(unary8, unaryf, pairs: dict, groups: list | None = None) -> np.ndarray:
