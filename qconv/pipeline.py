@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 
 from qconv import __version__, io, modes, runtime
-from qconv.adjust import bias, rounding
+from qconv.adjust import bias, clip, rounding
 from qconv.calib.collect import (
     DEFAULT_MAX_MEMORY,
     DEFAULT_SAMPLES,
@@ -30,7 +30,7 @@ from qconv.calib.collect import (
     memory_groups,
 )
 from qconv.calib.observers import DEFAULT_BINS, DEFAULT_MOMENTUM
-from qconv.calib.store import Calibration, Ranges, Record
+from qconv.calib.store import Calibration, Ranges, Record, refined_in
 from qconv.data import FeedSource, InputSpec
 from qconv.errors import QconvError
 from qconv.graph import Graph, copy_with_placeholders, subgraphs
@@ -363,7 +363,7 @@ def plan(prepared: Prepared, calib: Calibration | Ranges | None, config: QuantCo
 def correct_bias(prepared: Prepared, p: QuantPlan, source: FeedSource, threads: int | None = None,
                  progress: Progress = no_progress, check: bool = False) -> QuantPlan:
     """``p`` with bias correction measured on ``source`` (when its config asks for it) and recorded in the plan.
-    ``check`` (the default with --data): kept only when ``bias_correction_pays`` on rows spread over the rest of
+    ``check`` (the default with --data): kept only when ``changes_pay`` on rows spread over the rest of
     ``source``; else ``p`` without it, and a note says why."""
     if not p.config.bias_correction:
         return p
@@ -381,7 +381,7 @@ def correct_bias(prepared: Prepared, p: QuantPlan, source: FeedSource, threads: 
     if plain is None or not shifts:
         return p
     held = rows_spread(source, rows, BIAS_CHECK_ROWS)
-    pays, why = bias_correction_pays(prepared, plain, p, held, threads)
+    pays, why = changes_pay(prepared, plain, p, held, threads)
     p.source["bias_correction"]["check"] = why
     if pays:
         return p
@@ -407,6 +407,40 @@ def round_weights(prepared: Prepared, p: QuantPlan, source: FeedSource, threads:
     return p
 
 
+def refine_ranges(prepared: Prepared, p: QuantPlan, calib: Calibration | Ranges, source: FeedSource, threads: int | None = None,
+                  progress: Progress = no_progress, check: bool = True) -> QuantPlan:
+    """``p`` planned again with output-aware activation ranges (``--ranges output``, qconv.adjust.clip) searched on
+    ``source``; ``check``: kept only when ``changes_pay`` on rows spread over the rest of ``source``, else ``p``
+    with a note saying why."""
+    if p.config.ranges != "output":
+        return p
+    model = smoothed(prepared, p.overrides).model
+    found = clip.targets(model, p)
+    rows = source.count() * max(1, source.batch_size)
+    advance = progress("output-aware ranges, row by row", -(-min(rows, clip.MAX_ROWS) // max(1, source.batch_size)))
+    chosen, summary = clip.search(model, p, source, threads, found, rows, advance)
+    if not chosen:
+        p.source["output_ranges_search"] = {**summary, "kept": False}
+        return p
+    stats = dataclasses.replace(Ranges.of(calib), speed=p.source.get("speed"), refined=chosen)
+    refined = plan(prepared, stats, p.config, p.overrides)
+    refined.source["output_ranges_search"] = summary
+    note = (f"output-aware ranges on {summary['rows']} rows: {summary['moved']} of {summary['tensors']} activations narrowed, "
+            f"their readers' output error x{summary['median_error_ratio']:.2f} (median)")
+    if not check:
+        prepared.notes.append(note)
+        return refined
+    held = rows_spread(source, summary["rows"], BIAS_CHECK_ROWS)
+    pays, why = changes_pay(prepared, p, refined, held, threads)
+    summary["check"], summary["kept"] = why, pays
+    if pays:
+        prepared.notes.append(note)
+        return refined
+    p.source["output_ranges_search"] = summary
+    prepared.notes.append(f"output-aware ranges measured on {summary['rows']} rows and left out: {why}")
+    return p
+
+
 BIAS_CHECK_ROWS = 8  # rows besides those bias correction was measured on, on which the default checks it
 
 
@@ -423,9 +457,9 @@ def rows_spread(source: FeedSource, skip: int, count: int) -> list[dict]:
     return out or list(bias.first_rows(source, count, []))
 
 
-def bias_correction_pays(prepared: Prepared, plain: QuantPlan, corrected: QuantPlan, rows: list[dict],
-                         threads: int | None = None) -> tuple[bool, str]:
-    """The default's check of bias correction: the int8 model of ``plain`` and of ``corrected`` run on ``rows``, kept
+def changes_pay(prepared: Prepared, plain: QuantPlan, corrected: QuantPlan, rows: list[dict],
+                threads: int | None = None) -> tuple[bool, str]:
+    """The default's check of a weight- or range-level step (bias correction, output-aware ranges): the int8 model of ``plain`` and of ``corrected`` run on ``rows``, kept
     when the corrected one's output SQNR (``output_check``) is higher and, where an output is probabilities, its top
     class agrees with fp32's at least as often, and where outputs are scores in [0, 1], the entries passing 0.25 agree
     with fp32's at least as well (PicoDet: SQNR rose, boxes kept fell 91.5 -> 86.7). The mean shift of a layer's output over a few pages is mostly the
@@ -468,7 +502,7 @@ def replan(prepared: Prepared, stored: QuantPlan, calib: Calibration | None, whe
                              "statistics (a plan records ranges only): pass --calib FILE")
         stats = Ranges.recorded_in(stored.source)
     elif stats is not None:  # the stored plan's kernel-table verdict holds: a plan is replanned without the table
-        stats = dataclasses.replace(stats, speed=stored.source.get("speed"))
+        stats = dataclasses.replace(stats, speed=stored.source.get("speed"), refined=refined_in(stored.source))
     p = plan(prepared, stats, config, stored.overrides, where)
     if stored.source.get("equalization"):
         p.source["equalization"] = stored.source["equalization"]

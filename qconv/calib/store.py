@@ -149,6 +149,8 @@ class Ranges:
     masks: dict[str, float]
     identity: dict | None  # the calibration's identity (a stored plan's: as it recorded it)
     speed: dict | None = None  # a stored plan's kernel-table verdict (qconv.plan.regions), reused without the table
+    # ranges chosen for their readers' output error (--ranges output, qconv.adjust.clip), over the method's
+    refined: dict[str, tuple[float, float]] | None = None
     _selected: dict = field(default_factory=dict, compare=False, repr=False)  # (method, symmetric, percentile) -> ranges
 
     @classmethod
@@ -162,7 +164,7 @@ class Ranges:
         """The ranges a plan recorded in its ``source`` (no histograms: a method override needs the calibration file)."""
         return cls({}, {k: (float(v[0]), float(v[1])) for k, v in dict(source.get("ranges") or {}).items()},
                    dict(source.get("nonfinite") or {}), dict(source.get("masks") or {}), source.get("calibration"),
-                   source.get("speed"))
+                   source.get("speed"), refined_in(source))
 
     def select(self, method: str, symmetric: bool, percentile: float) -> dict[str, tuple[float, float]]:
         """The range of every observed tensor by ``method`` (a stored plan: the ranges it recorded)."""
@@ -172,6 +174,12 @@ class Ranges:
         if key not in self._selected:
             self._selected[key] = {k: select_range(o, method, symmetric, percentile) for k, o in self.observers.items() if o.seen_finite}
         return dict(self._selected[key])
+
+
+def refined_in(source: dict) -> dict[str, tuple[float, float]] | None:
+    """The output-aware ranges a plan recorded (``source.output_ranges``), or None."""
+    got = source.get("output_ranges")
+    return {k: (float(v[0]), float(v[1])) for k, v in dict(got).items()} if got else None
 
 
 _MERGE_KEYS = ("bins", "momentum", "batch_size", "hist_samples")

@@ -79,6 +79,9 @@ class PlanJob:
             if config.bias_correction in ("full", "fast") and self.data is None:
                 raise UsageError("--bias-correction measures each layer's mean error on the calibration rows: give --data DATA "
                                  "in place of --calib (a calibration file holds ranges, not rows)")
+            if config.ranges != "calibrated" and self.data is None:
+                raise UsageError(f"--ranges {config.ranges} measures each activation's error at its readers' outputs on the calibration "
+                                 "rows: give --data DATA in place of --calib (a calibration file holds ranges, not rows)")
             if config.rounding != "nearest" and self.data is None:
                 raise UsageError(f"--rounding {config.rounding} rounds each weight for its layer's inputs on the calibration rows: give "
                                  "--data DATA in place of --calib (a calibration file holds ranges, not rows)")
@@ -183,16 +186,19 @@ def run_plan(job: PlanJob, progress=pipeline.no_progress) -> tuple[QuantPlan, pi
     calib = statistics(job, prepared, overrides, progress)
     config = job.effective(calib.options if calib is not None else None)
     time_kernels(job, prepared, calib, config)
-    return adjusted(job, prepared, pipeline.plan(prepared, calib, config, overrides), progress), prepared
+    return adjusted(job, prepared, pipeline.plan(prepared, calib, config, overrides), progress, calib), prepared
 
 
-def adjusted(job: PlanJob, prepared: pipeline.Prepared, plan: QuantPlan, progress) -> QuantPlan:
-    """The plan with the weight-level steps measured on the calibration rows, as its config asks: learned rounding
-    (--rounding), then bias correction (--bias-correction), which measures the int8 model with the learned integers."""
-    if not plan.config.bias_correction and plan.config.rounding == "nearest":
+def adjusted(job: PlanJob, prepared: pipeline.Prepared, plan: QuantPlan, progress, calib=None) -> QuantPlan:
+    """The plan with the steps measured on the calibration rows, as its config asks: output-aware ranges (--ranges
+    output, planned again from ``calib``), learned rounding (--rounding), then bias correction (--bias-correction),
+    which measures the int8 model with the learned integers."""
+    if not plan.config.bias_correction and plan.config.rounding == "nearest" and plan.config.ranges == "calibrated":
         return plan
     o = job.calib_options
     source = pipeline.feeds_for(prepared, job.data, o.batch_size, o.samples, cast=o.cast_data, skip=job.holdout)
+    if calib is not None:
+        plan = pipeline.refine_ranges(prepared, plan, calib, source, o.threads, progress, check=False)
     plan = pipeline.round_weights(prepared, plan, source, o.threads, progress, o.max_memory)
     return pipeline.correct_bias(prepared, plan, source, o.threads, progress, check=job.config.bias_correction == "auto")
 

@@ -116,7 +116,7 @@ def _make_plan(job: QuantizeJob, prepared: pipeline.Prepared, stored: QuantPlan 
         calib = statistics(pj, prepared, overrides, progress)
         config = pj.effective(calib.options if calib is not None else None)
         time_kernels(pj, prepared, calib, config)
-        return adjusted(pj, prepared, pipeline.plan(prepared, calib, config, overrides), progress), calib
+        return adjusted(pj, prepared, pipeline.plan(prepared, calib, config, overrides), progress, calib), calib
     check_plan_model(stored, job.plan_file, prepared, pj.force_calib)
     calib = pipeline.load_calibration(pj.calib, prepared, pj.force_calib) if pj.calib is not None else None
     if not stored.stale:
@@ -215,7 +215,7 @@ def _run_tuned(job: QuantizeJob, prepared: pipeline.Prepared, labels, progress) 
         calib_source = pipeline.feeds_for(prepared, pj.data, pj.calib_options.batch_size, cast=o.cast_data, skip=pj.holdout)
     tuned = tune(TuneJob(prepared=prepared, calib=calib, config=pj.effective(calib.options), overrides=overrides, source=source,
                          labels=labels, gates=job.gates, options=job.tune, evaluation=job.evaluation, calib_source=calib_source,
-                         correct=lambda plan: adjusted(pj, prepared, plan, progress)), progress)
+                         correct=lambda plan: adjusted(pj, prepared, plan, progress, calib)), progress)
     result = tuned.result
     notes = damage_warnings(tuned.evaluation, prepared, result, calib, tuned.reference, job.evaluation.threads)
     report = _save_and_report(job, prepared, result, calib, tuned.evaluation, eval_label, notes)

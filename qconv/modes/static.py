@@ -43,6 +43,8 @@ def plan(prepared, stats: Ranges | None, config, overrides: Overrides) -> QuantP
             d.reason, d.code = "SmoothQuant's division of the input by its channel scales, in float before it is quantized", "mode"
     p.source = {"ranges": {k: [float(v[0]), float(v[1])] for k, v in sorted(ranges.items()) if k not in methods},
                 "nonfinite": dict(sorted(nonfinite.items())), "masks": dict(sorted(masks.items()))}
+    if stats.refined:
+        p.source["output_ranges"] = {k: [float(v[0]), float(v[1])] for k, v in sorted(stats.refined.items()) if methods.get(k) == "output"}
     if speed is not None:
         p.source["speed"] = speed
     return p

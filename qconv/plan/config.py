@@ -15,6 +15,7 @@ BLOCK_SIZES = (16, 32, 64, 128, 256)
 INT4_METHODS = ("rtn", "gptq", "hqq", "awq", "awq_gptq")  # qconv.rewrite.weight_only.METHODS
 ACCURACY_LEVELS = ("auto", "0", "1", "2", "3", "4")
 ROUNDINGS = ("nearest", "gptq")  # --rounding: nearest, or qconv.adjust.rounding
+RANGE_CHOICES = ("calibrated", "output")  # --ranges: the range method's, or qconv.adjust.clip
 # Modes that need calibration statistics, and the formats each mode can be written in.
 CALIBRATED = {"int8", "a16w8"}
 MODE_FORMATS = {"int8": ("qdq", "qoperator"), "a16w8": ("qdq",), "dynamic": ("qoperator",), "fp16": (), "int4": ()}
@@ -50,6 +51,9 @@ class QuantConfig:
     # nearest | gptq: the integer each int8 weight takes; gptq rounds for the layer's output on the calibration rows
     # (qconv.adjust.rounding), keeping the plan's scales
     rounding: str = "nearest"
+    # calibrated | output: each activation's range by the range method, or narrowed where that lowers the error at
+    # the outputs of the layers reading it, on the calibration rows (qconv.adjust.clip)
+    ranges: str = "calibrated"
     # int8 weights whose adjacent pairs could saturate the 16-bit sums of x86 CPUs without VNNI get a scale just wide
     # enough (qconv.numeric.pairs); False (--allow-saturation): the scales the weights' ranges give
     saturation_safe: bool = True
@@ -100,6 +104,11 @@ class QuantConfig:
         if self.rounding != "nearest" and not self.needs_calibration:
             raise UsageError(f"--rounding {self.rounding} rounds the int8 weights of the static modes (int8, a16w8); --mode {self.mode} "
                              f"{'has its own --int4-method' if self.mode == 'int4' else 'rounds to nearest'}: drop it")
+        if self.ranges not in RANGE_CHOICES:
+            raise UsageError(f"--ranges is {' or '.join(RANGE_CHOICES)} (got {self.ranges})")
+        if self.ranges != "calibrated" and not self.needs_calibration:
+            raise UsageError(f"--ranges {self.ranges} chooses the activation ranges of the static modes (int8, a16w8); --mode "
+                             f"{self.mode} has none: drop it")
         if isinstance(self.equalize, bool):  # plans store it so, and the API's older spelling
             object.__setattr__(self, "equalize", "on" if self.equalize else "off")
         if self.equalize not in ("auto", "on", "off"):
@@ -183,6 +192,8 @@ class QuantConfig:
             d.pop("kernels")
         if self.rounding == "nearest":
             d.pop("rounding")  # plans without learned rounding stay as they were
+        if self.ranges == "calibrated":
+            d.pop("ranges")
         if self.saturation_safe:
             d.pop("saturation_safe")
         return d

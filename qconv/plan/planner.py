@@ -524,7 +524,8 @@ def _qparams(model, g: Graph, st: _State, outputs, ranges, folded, config, act_q
         lo, hi = ranges[name]
         qt = wide_type(act_q) if wide else act_q
         method = methods.get(name, config.method)
-        origin = "calibrated range" if method != "explicit" else "range set by override"
+        origin = {"explicit": "range set by override",
+                  "output": "range chosen for the least error at its readers' outputs (--ranges output)"}.get(method, "calibrated range")
         if name in st.floors:
             origin += f", floored at {st.floors[name]:.6g} (every reader is flat below it)"
         return qmath.choose_qparams(lo, hi, qt, sym_a), origin, method, (lo, hi)
@@ -617,6 +618,8 @@ def activation_ranges(stats: Ranges, config: QuantConfig, overrides: Overrides |
     """
     ranges = stats.select(config.method, config.symmetric_activations, config.percentile)
     methods: dict[str, str] = {}
+    for name, r in sorted((stats.refined or {}).items()):  # --ranges output (qconv.adjust.clip)
+        ranges[name], methods[name] = r, "output"
     for name, t in sorted((overrides or Overrides()).tensors.items()):
         if t.range is not None:
             ranges[name], methods[name] = t.range, "explicit"

@@ -1,0 +1,180 @@
+"""Output-aware activation ranges (``--ranges output``): each activation's clip range chosen by the error it causes
+at the outputs of the layers that read it, not by its own histogram alone. Same graph, same speed.
+
+A range method looks at one tensor: min-max keeps every value and pays for it with a coarse step; MSE or entropy
+clip the tails by how often values fall there. Neither knows what the tail is worth downstream: a channel of rare
+large values multiplied by large weights is an object a detector sees, one multiplied by small weights is noise. The
+error a range causes at the output of its reader ``y = x W`` is what matters (AdaQuant, Hubara et al. 2021, learns
+it by gradient descent along with the weights; here the range alone is searched, on a grid):
+
+    err(range) = || Q_range(x) Wq - x W ||^2 / || x W ||^2
+
+with ``Wq`` the reader's int8 weights as the plan quantizes them (their error is part of the output's), summed over
+the readers, on the first ``MAX_ROWS`` calibration rows (a Conv's inputs are its im2col patches, evenly spaced
+positions as learned rounding takes them, ``SAMPLES`` per layer). The candidates shrink the calibrated range towards
+zero by factors in [``SMALLEST``, 1] (both ends by the same factor: zero stays where it was); a tensor takes the best
+only when it lowers the error by ``MARGIN`` or more.
+
+- Targets: activations whose every quantized reader is a Conv (grouped, depthwise), Gemm or 2-D MatMul with int8
+  weights (what ``qconv.adjust.rounding`` rounds), whose range is their own (calibrated, not shared from another
+  tensor or set by an override). An activation also read by an Add, a Concat or a float node is left as calibrated:
+  its error there is not measured.
+- The plan records the chosen ranges (``source.output_ranges``) and names the method ``output`` on each tensor, so
+  ``--plan`` reproduces them without data.
+- With ``--data`` the default keeps them only when the int8 model's outputs on other rows say they pay (the check bias
+  correction passes: output SQNR up, top classes and passing scores agreeing with fp32 at least as well).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import numpy as np
+import onnx
+
+from qconv.adjust.bias import quantized_layers, rows_of
+from qconv.adjust.rounding import Target, _samples, _target
+from qconv.graph import FLOAT, Graph, expose
+from qconv.numeric import qmath
+from qconv.plan import QuantPlan
+from qconv.runtime import run, session
+
+MAX_ROWS = 32
+SAMPLES = 2048  # input vectors per reader, spread over the rows
+SMALLEST = 0.25  # the narrowest candidate: a quarter of the calibrated range
+CANDIDATES = 16
+MARGIN = 0.02  # a tensor moves only when its readers' output error falls by 2% or more
+CHUNK = 512  # input vectors per product
+
+
+@dataclass
+class Activation:
+    """One activation to search: its calibrated range and parameters, and the layers that read it."""
+
+    name: str
+    lo: float
+    hi: float
+    qtype: qmath.QType
+    symmetric: bool
+    readers: list[Target] = field(default_factory=list)
+
+    def candidates(self) -> list[tuple[float, float]]:
+        alphas = np.geomspace(SMALLEST, 1.0, CANDIDATES)[::-1]  # 1.0 first: the calibrated range
+        return [(float(np.float32(self.lo * a)), float(np.float32(self.hi * a))) for a in alphas]
+
+
+def targets(model: onnx.ModelProto, plan: QuantPlan) -> list[Activation]:
+    """The activations whose range the search may move, in graph order."""
+    g = Graph(model)
+    layers: dict[str, list[Target]] = {}
+    for _, node, tx, tw in quantized_layers(model, plan):
+        if tx.qparams.qtype.bits > 8 or tw.qparams.qtype.bits > 8:
+            continue
+        t = _target(node, tuple(g.initializers[node.input[1]].dims), tw.qparams) if node.input[1] in g.initializers else None
+        if t is not None:
+            layers.setdefault(node.name, []).append(t)
+    out = []
+    for name, tp in plan.tensors.items():
+        if tp.role != "activation" or tp.range is None or tp.method in ("explicit", "output") or tp.qparams.qtype.bits > 8:
+            continue
+        if not tp.origin.startswith("calibrated range") or not tp.consumers:
+            continue
+        readers = [t for c in tp.consumers for t in layers.get(c, []) if t.x == name]
+        if len(readers) != len(tp.consumers) or len(g.consumers.get(name, [])) != len(tp.consumers):
+            continue  # a reader the search cannot measure (an Add, a Concat, a float node)
+        lo, hi = tp.range
+        if not (hi > lo) or not np.isfinite([lo, hi]).all():
+            continue
+        out.append(Activation(name, float(lo), float(hi), tp.qparams.qtype, bool(plan.config.symmetric_activations), readers))
+    order = {n: k for k, n in enumerate(dict.fromkeys(i for node in model.graph.node for i in node.input))}
+    return sorted(out, key=lambda a: order.get(a.name, len(order)))
+
+
+def _fake_quant(x: np.ndarray, qp: qmath.QParams) -> np.ndarray:
+    """QuantizeLinear then DequantizeLinear in float32 (round half to even, saturate), per tensor."""
+    s = np.float32(np.asarray(qp.scale).reshape(-1)[0])
+    zp = np.float32(np.asarray(qp.zero_point).reshape(-1)[0])
+    q = np.clip(np.rint(x / s) + zp, np.float32(qp.qtype.qmin), np.float32(qp.qtype.qmax))
+    return ((q - zp) * s).astype(np.float32)
+
+
+@dataclass
+class Errors:
+    """Each candidate's squared output error and the outputs' power, summed over a tensor's readers' samples."""
+
+    error: np.ndarray
+    power: float = 0.0
+    samples: int = 0
+
+    def relative(self) -> np.ndarray:
+        return self.error / max(self.power, 1e-30)
+
+
+def _weights(g: Graph, t: Target, plan: QuantPlan) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The reader's float and int8 weights as [K, per] matrices, one per group."""
+    w = g.array(t.w).astype(np.float32)
+    wq = qmath.dequantize(qmath.quantize(w, plan.tensors[t.w].qparams), plan.tensors[t.w].qparams)
+    if t.op == "Conv":
+        per = w.shape[0] // t.groups
+        return ([w[j * per:(j + 1) * per].reshape(per, -1).T.copy() for j in range(t.groups)],
+                [wq[j * per:(j + 1) * per].reshape(per, -1).T.copy() for j in range(t.groups)])
+    return [w.T.copy() if t.trans else w], [wq.T.copy() if t.trans else wq]
+
+
+def _accumulate(errors: Errors, chunk: np.ndarray, w: list[np.ndarray], wq: list[np.ndarray], params: list[qmath.QParams]) -> None:
+    """Add one chunk [s, groups, K] of a reader's inputs to ``errors``."""
+    for start in range(0, chunk.shape[0], CHUNK):
+        part = chunk[start:start + CHUNK]
+        for j in range(part.shape[1]):
+            x = part[:, j, :]
+            y = x @ w[j]
+            errors.power += float(np.sum(y.astype(np.float64) ** 2))
+            for k, qp in enumerate(params):
+                d = _fake_quant(x, qp) @ wq[j] - y
+                errors.error[k] += float(np.sum(d.astype(np.float64) ** 2))
+        errors.samples += part.shape[0]
+
+
+def search(model: onnx.ModelProto, plan: QuantPlan, feeds: Iterable[dict], threads: int | None = None,
+           found: list[Activation] | None = None, rows: int = MAX_ROWS,
+           advance: Callable[[int], None] = lambda n: None) -> tuple[dict[str, tuple[float, float]], dict]:
+    """({tensor: chosen range} for the tensors that move, summary) on the first ``MAX_ROWS`` rows of ``feeds``
+    (``rows``: how many the feeds hold, if fewer). One float pass with every target exposed, one row at a time."""
+    found = targets(model, plan) if found is None else found
+    summary = {"method": "output", "rows": 0, "tensors": len(found), "moved": 0, "median_error_ratio": 1.0}
+    if not found:
+        return {}, summary
+    g = Graph(model)
+    graph_inputs = {i.name for i in model.graph.input}
+    fetch = [a.name for a in found if a.name not in graph_inputs]
+    sess = session(expose(model, {n: FLOAT for n in fetch}), threads)
+    mats = {t.node: _weights(g, t, plan) for a in found for t in a.readers}
+    params = {a.name: [qmath.choose_qparams(lo, hi, a.qtype, a.symmetric) for lo, hi in a.candidates()] for a in found}
+    errors = {a.name: Errors(np.zeros(CANDIDATES)) for a in found}
+    expected = max(1, min(MAX_ROWS, rows))
+    total = 0
+    for feed in feeds:
+        if total >= MAX_ROWS:
+            break
+        values = dict(zip(fetch, run(sess, feed, fetch))) if fetch else {}
+        values.update({k: v for k, v in feed.items() if k in errors})
+        n = max(1, rows_of(feed))
+        for a in found:
+            x = np.asarray(values[a.name], dtype=np.float32)
+            for t in a.readers:
+                per_row = -(-SAMPLES // expected)
+                for chunk in _samples(x, t, t.features, per_row * n):
+                    _accumulate(errors[a.name], chunk, *mats[t.node], params[a.name])
+        total += n
+        advance(1)
+    chosen: dict[str, tuple[float, float]] = {}
+    ratios = []
+    for a in found:
+        rel = errors[a.name].relative()
+        k = int(np.argmin(rel))
+        if k and rel[k] <= (1.0 - MARGIN) * rel[0]:
+            chosen[a.name] = a.candidates()[k]
+            ratios.append(float(rel[k] / rel[0]))
+    summary.update({"rows": int(total), "moved": len(chosen), "median_error_ratio": float(np.median(ratios)) if ratios else 1.0})
+    return chosen, summary
