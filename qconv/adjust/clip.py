@@ -12,8 +12,9 @@ it by gradient descent along with the weights; here the range alone is searched,
 with ``Wq`` the reader's int8 weights as the plan quantizes them (their error is part of the output's), summed over
 the readers, on the first ``MAX_ROWS`` calibration rows (a Conv's inputs are its im2col patches, evenly spaced
 positions as learned rounding takes them, ``SAMPLES`` per layer). The candidates shrink the calibrated range towards
-zero by factors in [``SMALLEST``, 1] (both ends by the same factor: zero stays where it was); a tensor takes the best
-only when it lowers the error by ``MARGIN`` or more.
+zero by factors in [``SMALLEST``, 1]: its far end (a hard-swish's output: the high end), or where both ends are far,
+each alone and both together (zero stays where it was); a tensor takes the best only when it lowers the error by
+``MARGIN`` or more.
 
 - Targets: activations whose every quantized reader is a Conv (grouped, depthwise), Gemm or 2-D MatMul with int8
   weights (what ``qconv.adjust.rounding`` rounds), whose range is their own (calibrated, not shared from another
@@ -43,7 +44,7 @@ from qconv.runtime import run, session
 MAX_ROWS = 32
 SAMPLES = 2048  # input vectors per reader, spread over the rows
 SMALLEST = 0.25  # the narrowest candidate: a quarter of the calibrated range
-CANDIDATES = 16
+STEPS = 16  # factors in [SMALLEST, 1] per way of shrinking
 MARGIN = 0.02  # a tensor moves only when its readers' output error falls by 2% or more
 CHUNK = 512  # input vectors per product
 
@@ -60,8 +61,17 @@ class Activation:
     readers: list[Target] = field(default_factory=list)
 
     def candidates(self) -> list[tuple[float, float]]:
-        alphas = np.geomspace(SMALLEST, 1.0, CANDIDATES)[::-1]  # 1.0 first: the calibrated range
-        return [(float(np.float32(self.lo * a)), float(np.float32(self.hi * a))) for a in alphas]
+        """The calibrated range first, then its far end shrunk towards zero; where both ends are far (neither is
+        within a quarter of the other), each end alone and both together."""
+        alphas = np.geomspace(SMALLEST, 1.0, STEPS)[:-1][::-1]
+        f32 = lambda v: float(np.float32(v))  # noqa: E731
+        lo, hi = self.lo, self.hi
+        out = [(lo, hi)]
+        if hi > 0 and -lo < SMALLEST * hi:
+            return out + [(lo, f32(hi * a)) for a in alphas]
+        if lo < 0 and hi < SMALLEST * -lo:
+            return out + [(f32(lo * a), hi) for a in alphas]
+        return out + [(lo, f32(hi * a)) for a in alphas] + [(f32(lo * a), hi) for a in alphas] + [(f32(lo * a), f32(hi * a)) for a in alphas]
 
 
 def targets(model: onnx.ModelProto, plan: QuantPlan) -> list[Activation]:
@@ -91,12 +101,16 @@ def targets(model: onnx.ModelProto, plan: QuantPlan) -> list[Activation]:
     return sorted(out, key=lambda a: order.get(a.name, len(order)))
 
 
-def _fake_quant(x: np.ndarray, qp: qmath.QParams) -> np.ndarray:
-    """QuantizeLinear then DequantizeLinear in float32 (round half to even, saturate), per tensor."""
+def _fake_quant(x: np.ndarray, qp: qmath.QParams, out: np.ndarray | None = None) -> np.ndarray:
+    """QuantizeLinear then DequantizeLinear in float32 (round half to even, saturate), per tensor, into ``out``.
+    ``clip(rint(x / s) + zp, qmin, qmax) - zp`` is ``clip(rint(x / s), qmin - zp, qmax - zp)``: integers in float32."""
     s = np.float32(np.asarray(qp.scale).reshape(-1)[0])
-    zp = np.float32(np.asarray(qp.zero_point).reshape(-1)[0])
-    q = np.clip(np.rint(x / s) + zp, np.float32(qp.qtype.qmin), np.float32(qp.qtype.qmax))
-    return ((q - zp) * s).astype(np.float32)
+    zp = float(np.asarray(qp.zero_point).reshape(-1)[0])
+    out = np.divide(x, s, out=out, dtype=np.float32)
+    np.rint(out, out=out)
+    np.maximum(out, np.float32(qp.qtype.qmin - zp), out=out)
+    np.minimum(out, np.float32(qp.qtype.qmax - zp), out=out)
+    return np.multiply(out, s, out=out)
 
 
 @dataclass
@@ -111,48 +125,42 @@ class Errors:
         return self.error / max(self.power, 1e-30)
 
 
-def _weights(g: Graph, t: Target, plan: QuantPlan) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """The reader's float and int8 weights as [K, per] matrices, one per group."""
+def _weights(g: Graph, t: Target, plan: QuantPlan) -> tuple[np.ndarray, np.ndarray]:
+    """The reader's float and int8 weights as [groups, K, per] stacks of matrices."""
     w = g.array(t.w).astype(np.float32)
     wq = qmath.dequantize(qmath.quantize(w, plan.tensors[t.w].qparams), plan.tensors[t.w].qparams)
     if t.op == "Conv":
         per = w.shape[0] // t.groups
-        return ([w[j * per:(j + 1) * per].reshape(per, -1).T.copy() for j in range(t.groups)],
-                [wq[j * per:(j + 1) * per].reshape(per, -1).T.copy() for j in range(t.groups)])
-    return [w.T.copy() if t.trans else w], [wq.T.copy() if t.trans else wq]
+        return tuple(np.ascontiguousarray(a.reshape(t.groups, per, -1).transpose(0, 2, 1)) for a in (w, wq))
+    return tuple(np.ascontiguousarray(a.T if t.trans else a)[None] for a in (w, wq))
 
 
-def _accumulate(errors: Errors, chunk: np.ndarray, w: list[np.ndarray], wq: list[np.ndarray], params: list[qmath.QParams]) -> None:
-    """Add one chunk [s, groups, K] of a reader's inputs to ``errors``."""
+def _accumulate(errors: Errors, chunk: np.ndarray, w: np.ndarray, wq: np.ndarray, params: list[qmath.QParams]) -> None:
+    """Add one chunk [s, groups, K] of a reader's inputs to ``errors`` (every group in one batched product)."""
     for start in range(0, chunk.shape[0], CHUNK):
-        part = chunk[start:start + CHUNK]
-        for j in range(part.shape[1]):
-            x = part[:, j, :]
-            y = x @ w[j]
-            errors.power += float(np.sum(y.astype(np.float64) ** 2))
-            for k, qp in enumerate(params):
-                d = _fake_quant(x, qp) @ wq[j] - y
-                errors.error[k] += float(np.sum(d.astype(np.float64) ** 2))
-        errors.samples += part.shape[0]
+        x = np.ascontiguousarray(chunk[start:start + CHUNK].transpose(1, 0, 2))  # [groups, s, K]
+        y = np.matmul(x, w)
+        errors.power += float(np.sum(np.square(y, dtype=np.float64)))
+        buf = np.empty_like(x)
+        for k, qp in enumerate(params):
+            d = np.matmul(_fake_quant(x, qp, buf), wq)
+            d -= y
+            errors.error[k] += float(np.sum(np.square(d, dtype=np.float64)))
+        errors.samples += x.shape[1]
 
 
-def search(model: onnx.ModelProto, plan: QuantPlan, feeds: Iterable[dict], threads: int | None = None,
-           found: list[Activation] | None = None, rows: int = MAX_ROWS,
-           advance: Callable[[int], None] = lambda n: None) -> tuple[dict[str, tuple[float, float]], dict]:
-    """({tensor: chosen range} for the tensors that move, summary) on the first ``MAX_ROWS`` rows of ``feeds``
-    (``rows``: how many the feeds hold, if fewer). One float pass with every target exposed, one row at a time."""
-    found = targets(model, plan) if found is None else found
-    summary = {"method": "output", "rows": 0, "tensors": len(found), "moved": 0, "median_error_ratio": 1.0}
-    if not found:
-        return {}, summary
+def measure(model: onnx.ModelProto, plan: QuantPlan, feeds: Iterable[dict], found: list[Activation], threads: int | None = None,
+            rows: int = MAX_ROWS, advance: Callable[[int], None] = lambda n: None) -> tuple[dict[str, Errors], int]:
+    """({tensor: each candidate's error at its readers' outputs}, rows used) on the first ``MAX_ROWS`` rows of
+    ``feeds`` (``rows``: how many the feeds hold, if fewer): one float pass with every target exposed, row by row."""
     g = Graph(model)
     graph_inputs = {i.name for i in model.graph.input}
     fetch = [a.name for a in found if a.name not in graph_inputs]
     sess = session(expose(model, {n: FLOAT for n in fetch}), threads)
     mats = {t.node: _weights(g, t, plan) for a in found for t in a.readers}
     params = {a.name: [qmath.choose_qparams(lo, hi, a.qtype, a.symmetric) for lo, hi in a.candidates()] for a in found}
-    errors = {a.name: Errors(np.zeros(CANDIDATES)) for a in found}
-    expected = max(1, min(MAX_ROWS, rows))
+    errors = {a.name: Errors(np.zeros(len(params[a.name]))) for a in found}
+    per_row = -(-SAMPLES // max(1, min(MAX_ROWS, rows)))
     total = 0
     for feed in feeds:
         if total >= MAX_ROWS:
@@ -163,11 +171,23 @@ def search(model: onnx.ModelProto, plan: QuantPlan, feeds: Iterable[dict], threa
         for a in found:
             x = np.asarray(values[a.name], dtype=np.float32)
             for t in a.readers:
-                per_row = -(-SAMPLES // expected)
                 for chunk in _samples(x, t, t.features, per_row * n):
                     _accumulate(errors[a.name], chunk, *mats[t.node], params[a.name])
         total += n
         advance(1)
+    return errors, total
+
+
+def search(model: onnx.ModelProto, plan: QuantPlan, feeds: Iterable[dict], threads: int | None = None,
+           found: list[Activation] | None = None, rows: int = MAX_ROWS,
+           advance: Callable[[int], None] = lambda n: None) -> tuple[dict[str, tuple[float, float]], dict]:
+    """({tensor: chosen range} for the tensors that move, summary): ``measure``, then each tensor's candidate with
+    the least error, where it is ``MARGIN`` below the calibrated range's."""
+    found = targets(model, plan) if found is None else found
+    summary = {"method": "output", "rows": 0, "tensors": len(found), "moved": 0, "median_error_ratio": 1.0}
+    if not found:
+        return {}, summary
+    errors, total = measure(model, plan, feeds, found, threads, rows, advance)
     chosen: dict[str, tuple[float, float]] = {}
     ratios = []
     for a in found:

@@ -1,0 +1,167 @@
+"""Output-aware activation ranges (--ranges output): the error the search measures against onnxruntime's, the ranges
+it chooses where clipping pays and where it does not, the plan record, and the command line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+from qconv import pipeline
+from qconv.adjust import clip
+from qconv.cli.main import cli
+from qconv.numeric import qmath
+from qconv.plan.config import QuantConfig
+from tests.conftest import make_model, run_model
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.floats(-40, 5), st.floats(0.01, 60), st.sampled_from(["uint8", "int8"]), st.booleans(), st.integers(0, 2 ** 31 - 1))
+def test_the_search_quantizes_as_quantize_and_dequantize_linear_do(lo, hi, qt, symmetric, seed):
+    """Ties round to even, values past the range saturate: the candidates are what the int8 model computes."""
+    qp = qmath.choose_qparams(lo, hi, qmath.qtype(qt), symmetric)
+    rng = np.random.default_rng(seed)
+    s = float(np.asarray(qp.scale).reshape(-1)[0])
+    zp = float(np.asarray(qp.zero_point).reshape(-1)[0])
+    ties = ((np.arange(-300, 300) + 0.5 - zp) * s).astype(np.float32)  # exact halves between steps
+    x = np.concatenate([ties, rng.normal(0, max(abs(lo), hi), 500).astype(np.float32)])
+    np.testing.assert_array_equal(clip._fake_quant(x, qp), qmath.dequantize(qmath.quantize(x, qp), qp))
+
+
+def _exact(model: onnx.ModelProto, feed: dict) -> np.ndarray:
+    """onnxruntime without graph optimizations: Q/DQ pairs computed as written, the Conv in float."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return sess.run(None, feed)[0]
+
+
+def _conv_model(w: np.ndarray, group: int = 1) -> onnx.ModelProto:
+    node = helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1], group=group, name="conv")
+    return make_model([node], [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", w.shape[1] * group, 10, 10])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [numpy_helper.from_array(w, "w")], opset=13)
+
+
+def _qdq(model: onnx.ModelProto, xq: qmath.QParams, wq: qmath.QParams) -> onnx.ModelProto:
+    """``model`` (one Conv of x and w) with x and w through QuantizeLinear/DequantizeLinear as the plan says."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    w = numpy_helper.to_array(g.initializer[0])
+    g.initializer.extend([numpy_helper.from_array(np.asarray(xq.scale, np.float32), "xs"),
+                          numpy_helper.from_array(np.asarray(xq.zero_point), "xz"),
+                          numpy_helper.from_array(qmath.quantize(w, wq), "wi"),
+                          numpy_helper.from_array(np.asarray(wq.scale, np.float32), "ws"),
+                          numpy_helper.from_array(np.asarray(wq.zero_point), "wz")])
+    conv = g.node[0]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xi"]),
+             helper.make_node("DequantizeLinear", ["xi", "xs", "xz"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["wi", "ws", "wz"], ["wd"], axis=0)]
+    conv.input[0], conv.input[1] = "xd", "wd"
+    del g.node[:]
+    g.node.extend(nodes + [conv])
+    return m
+
+
+@pytest.mark.parametrize("group", [1, 4])
+def test_the_error_the_search_measures_is_onnxruntimes(tmp_path, group, monkeypatch):
+    """With every position sampled, the calibrated range's error at the Conv's output (int8 input and weights against
+    float) equals what onnxruntime computes for the same Q/DQ model, dense and grouped."""
+    monkeypatch.setattr(clip, "SAMPLES", 10 ** 9)
+    rng = np.random.default_rng(3)
+    w = rng.normal(0, 0.5, (8, 8 // group, 3, 3)).astype(np.float32)
+    model = _conv_model(w, group)
+    x = rng.normal(0, 1, (6, 8, 10, 10)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    prepared = pipeline.load(_save(tmp_path, model), QuantConfig(kernels="none"))
+    source = pipeline.feeds_for(prepared, tmp_path / "x.npy", batch_size=2)
+    calib = pipeline.calibrate(prepared, source)
+    p = pipeline.plan(prepared, calib, QuantConfig(kernels="none"))
+    found = clip.targets(prepared.model, p)
+    assert [(a.name, [t.node for t in a.readers]) for a in found] == [("x", ["conv"])]
+    errors, rows = clip.measure(prepared.model, p, source, found)
+    assert rows == 6 and errors["x"].samples == 6 * 100  # every output position
+    y = run_model(model, {"x": x})[0].astype(np.float64)
+    yq = _exact(_qdq(model, p.tensors["x"].qparams, p.tensors["w"].qparams), {"x": x}).astype(np.float64)
+    want = float(np.sum((yq - y) ** 2) / np.sum(y ** 2))
+    assert errors["x"].relative()[0] == pytest.approx(want, rel=1e-4)
+
+
+def _save(tmp_path, model) -> str:
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    return str(path)
+
+
+def _spiky(tmp_path, big_weight: float) -> tuple:
+    """x[N,8] -> MatMul [8,4]: channel 0 is 0 but for rare spikes of 40 (one row in 64), the others N(0, 1). The
+    spikes' weight row is ``big_weight``, the others' ~N(0, 0.5)."""
+    rng = np.random.default_rng(5)
+    w = rng.normal(0, 0.5, (8, 4)).astype(np.float32)
+    w[0] = big_weight
+    node = helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")
+    model = make_model([node], [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], [numpy_helper.from_array(w, "w")], opset=13)
+    x = rng.normal(0, 1, (1024, 8)).astype(np.float32)
+    x[:, 0] = 0.0
+    x[::64, 0] = 40.0
+    np.save(tmp_path / "calib.npy", x[:512])
+    return _save(tmp_path, model), tmp_path / "calib.npy", x[512:]
+
+
+def test_a_range_narrows_where_its_tail_meets_small_weights_and_the_outputs_gain(tmp_path):
+    src, calib, held = _spiky(tmp_path, 0.001)
+    common = ["--data", calib, "--batch-size", 16, "--bias-correction", "off", "-q"]
+    assert invoke("quantize", src, *common, "-o", tmp_path / "cal.onnx").exit_code == 0
+    r = invoke("quantize", src, *common, "--ranges", "output", "-o", tmp_path / "out.onnx", "--write-plan", tmp_path / "p.json")
+    assert r.exit_code == 0, r.output
+    plan = json.loads((tmp_path / "p.json").read_text())
+    x = plan["tensors"]["x"]
+    assert x["method"] == "output" and "readers' outputs" in x["origin"]
+    assert plan["source"]["output_ranges"] == {"x": x["range"]} and x["range"][1] < 0.5 * 40.0
+    s = plan["source"]["output_ranges_search"]
+    assert s["moved"] == 1 and s["tensors"] == 1 and s["rows"] == clip.MAX_ROWS and 0 < s["median_error_ratio"] < 0.5
+    ref = run_model(src, {"x": held})[0]
+    err = {n: float(np.mean((run_model(tmp_path / f"{n}.onnx", {"x": held})[0] - ref) ** 2)) for n in ("cal", "out")}
+    assert err["out"] < 0.5 * err["cal"], err
+    # the same graph: only the input's scale and zero point differ
+    a, b = onnx.load(tmp_path / "cal.onnx"), onnx.load(tmp_path / "out.onnx")
+    assert [n.op_type for n in a.graph.node] == [n.op_type for n in b.graph.node]
+    # --plan reproduces it without data, byte for byte, and so does a second run
+    assert invoke("quantize", src, "--plan", tmp_path / "p.json", "-o", tmp_path / "again.onnx", "-q").exit_code == 0
+    assert (tmp_path / "again.onnx").read_bytes() == (tmp_path / "out.onnx").read_bytes()
+    assert invoke("quantize", src, *common, "--ranges", "output", "-o", tmp_path / "out2.onnx").exit_code == 0
+    assert (tmp_path / "out2.onnx").read_bytes() == (tmp_path / "out.onnx").read_bytes()
+
+
+def test_a_range_whose_tail_meets_large_weights_is_kept(tmp_path):
+    """The same spikes times weights of 1: clipping them costs the outputs more than finer steps give back."""
+    src, calib, _ = _spiky(tmp_path, 1.0)
+    r = invoke("plan", src, "--data", calib, "--batch-size", 16, "--ranges", "output", "-o", tmp_path / "p.json", "-q")
+    assert r.exit_code == 0, r.output
+    plan = json.loads((tmp_path / "p.json").read_text())
+    assert plan["tensors"]["x"]["range"][1] == pytest.approx(40.0)  # the spikes stay in range (the low end may move)
+
+
+def test_output_ranges_refuse_what_they_cannot_do(tmp_path):
+    src, calib, _ = _spiky(tmp_path, 0.001)
+    c = tmp_path / "c.json"
+    assert invoke("calibrate", src, "--data", calib, "-o", c, "-q").exit_code == 0
+    r = invoke("quantize", src, "--calib", c, "--ranges", "output", "-o", tmp_path / "q.onnx")
+    assert r.exit_code == 2
+    assert ("error: --ranges output measures each activation's error at its readers' outputs on the calibration rows: give --data "
+            "DATA in place of --calib") in r.output
+    r = invoke("quantize", src, "--mode", "dynamic", "--ranges", "output", "-o", tmp_path / "q.onnx")
+    assert r.exit_code == 2 and "--ranges output chooses the activation ranges of the static modes (int8, a16w8); --mode dynamic" in r.output
+    assert not (tmp_path / "q.onnx").exists()
