@@ -504,8 +504,9 @@ def replan(prepared: Prepared, stored: QuantPlan, calib: Calibration | None, whe
     elif stats is not None:  # the stored plan's kernel-table verdict holds: a plan is replanned without the table
         stats = dataclasses.replace(stats, speed=stored.source.get("speed"), refined=refined_in(stored.source))
     p = plan(prepared, stats, config, stored.overrides, where)
-    if stored.source.get("equalization"):
-        p.source["equalization"] = stored.source["equalization"]
+    for key in ("equalization", "output_ranges_search"):
+        if stored.source.get(key):
+            p.source[key] = stored.source[key]
     keep_corrections(prepared, stored, p)
     return p
 
@@ -526,6 +527,7 @@ def apply(prepared: Prepared, p: QuantPlan, calib_feeds: Iterable[dict] | None =
     if p.corrections:
         findings.bias_correction = bias.summary(p)
     findings.rounding = rounding.summary(p)
+    findings.output_ranges = clip.summary(p)
     _keep_value_info(qmodel, {vi.name for vi in prepared.original.graph.value_info})
     subgraphs.prune_initializers(qmodel)  # e.g. the bounds of a Clip folded into its producer's QuantizeLinear
     changed = interface_change(prepared.model, qmodel)

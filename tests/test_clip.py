@@ -165,3 +165,24 @@ def test_output_ranges_refuse_what_they_cannot_do(tmp_path):
     r = invoke("quantize", src, "--mode", "dynamic", "--ranges", "output", "-o", tmp_path / "q.onnx")
     assert r.exit_code == 2 and "--ranges output chooses the activation ranges of the static modes (int8, a16w8); --mode dynamic" in r.output
     assert not (tmp_path / "q.onnx").exists()
+
+
+def test_the_report_says_what_the_search_did_and_an_edited_plan_keeps_its_ranges(tmp_path):
+    src, calib, _ = _spiky(tmp_path, 0.001)
+    r = invoke("quantize", src, "--data", calib, "--batch-size", 16, "--ranges", "output", "--no-latency", "-o", tmp_path / "q.onnx",
+               "--json", "--report", tmp_path / "r.md", "--write-plan", tmp_path / "p.json")
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.output[r.output.index("{"):])
+    assert rep["output_ranges"]["moved"] == 1 and rep["output_ranges"]["tensors"] == 1 and rep["output_ranges"]["method"] == "output"
+    assert "| output-aware ranges |" in (tmp_path / "r.md").read_text()
+    r = invoke("quantize", src, "--data", calib, "--no-latency", "-o", tmp_path / "n.onnx", "--json")
+    assert json.loads(r.output[r.output.index("{"):])["output_ranges"] is None
+    # an edited plan is planned again from what it recorded: the narrowed range stays, without data
+    plan = json.loads((tmp_path / "p.json").read_text())
+    plan["overrides"]["nodes"] = {"mm": {"granularity": "per-tensor"}}
+    (tmp_path / "edited.json").write_text(json.dumps(plan))
+    r = invoke("quantize", src, "--plan", tmp_path / "edited.json", "-o", tmp_path / "e.onnx", "--write-plan", tmp_path / "again.json", "-q")
+    assert r.exit_code == 0, r.output
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert again["tensors"]["x"]["range"] == plan["tensors"]["x"]["range"] and again["tensors"]["x"]["method"] == "output"
+    assert again["source"]["output_ranges"] == plan["source"]["output_ranges"] and np.size(again["tensors"]["w"]["scale"]) == 1

@@ -145,7 +145,8 @@ def _accumulate(errors: Errors, chunk: np.ndarray, w: np.ndarray, wq: np.ndarray
         for k, qp in enumerate(params):
             d = np.matmul(_fake_quant(x, qp, buf), wq)
             d -= y
-            errors.error[k] += float(np.sum(np.square(d, dtype=np.float64)))
+            flat = d.reshape(-1)
+            errors.error[k] += float(np.dot(flat, flat))
         errors.samples += x.shape[1]
 
 
@@ -198,3 +199,9 @@ def search(model: onnx.ModelProto, plan: QuantPlan, feeds: Iterable[dict], threa
             ratios.append(float(rel[k] / rel[0]))
     summary.update({"rows": int(total), "moved": len(chosen), "median_error_ratio": float(np.median(ratios)) if ratios else 1.0})
     return chosen, summary
+
+
+def summary(plan: QuantPlan) -> dict | None:
+    """What the report says about output-aware ranges (None when the plan did not search them)."""
+    made = plan.source.get("output_ranges_search")
+    return dict(made) if made else None

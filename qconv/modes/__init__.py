@@ -28,6 +28,7 @@ class Findings:
     subgraphs: dict | None = None  # If/Loop/Scan bodies rewritten
     bias_correction: dict | None = None
     rounding: dict | None = None  # learned weight rounding: layers, weights moved, error ratio
+    output_ranges: dict | None = None  # --ranges output: activations searched and narrowed, error ratio, the check
     converted_from: str | None = None  # "qdq": a QDQ model folded into QOperator form
 
     def to_dict(self) -> dict:

@@ -104,6 +104,12 @@ def _summary(report: dict) -> str:
         lines.append(_row("learned rounding", DASH, f"{format_number(lr.get('layers_changed'), 'g')} layers",
                           f"{format_number(lr.get('weights_moved'), 'g')} weights moved; output error x"
                           f"{format_number(lr.get('median_error_ratio'), '.2f')} (median), on {format_number(lr.get('rows'), 'g')} rows"))
+    orr = section(report, "output_ranges")
+    if orr:
+        kept = "" if orr.get("kept", True) else "; left out by the check"
+        lines.append(_row("output-aware ranges", DASH, f"{format_number(orr.get('moved'), 'g')} of {format_number(orr.get('tensors'), 'g')} narrowed",
+                          f"readers' output error x{format_number(orr.get('median_error_ratio'), '.2f')} (median), on "
+                          f"{format_number(orr.get('rows'), 'g')} rows{kept}"))
     nodes = section(report, "node_summary")
     if nodes:
         lines.append(_row("nodes", DASH, f"{format_number(nodes.get('quantized'), 'g')} quantized",
