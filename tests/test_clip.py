@@ -48,7 +48,8 @@ def _exact(model: onnx.ModelProto, feed: dict) -> np.ndarray:
 
 
 def _conv_model(w: np.ndarray, group: int = 1) -> onnx.ModelProto:
-    node = helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1], group=group, name="conv")
+    pad = w.shape[-1] // 2
+    node = helper.make_node("Conv", ["x", "w"], ["y"], pads=[pad] * 4, group=group, name="conv")
     return make_model([node], [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", w.shape[1] * group, 10, 10])],
                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [numpy_helper.from_array(w, "w")], opset=13)
 
@@ -74,13 +75,14 @@ def _qdq(model: onnx.ModelProto, xq: qmath.QParams, wq: qmath.QParams) -> onnx.M
     return m
 
 
-@pytest.mark.parametrize("group", [1, 4])
-def test_the_error_the_search_measures_is_onnxruntimes(tmp_path, group, monkeypatch):
-    """With every position sampled, the calibrated range's error at the Conv's output (int8 input and weights against
-    float) equals what onnxruntime computes for the same Q/DQ model, dense and grouped."""
+@pytest.mark.parametrize("group,out,k", [(1, 8, 3), (4, 8, 3), (1, 24, 1)])
+def test_the_error_the_search_measures_is_onnxruntimes(tmp_path, group, out, k, monkeypatch):
+    """With every position sampled, each candidate's error at the Conv's output (int8 input and weights against
+    float) equals what onnxruntime computes for the same Q/DQ model: dense, grouped, and a 1x1 Conv widening its
+    input (K < N: the search's Gram form)."""
     monkeypatch.setattr(clip, "SAMPLES", 10 ** 9)
     rng = np.random.default_rng(3)
-    w = rng.normal(0, 0.5, (8, 8 // group, 3, 3)).astype(np.float32)
+    w = rng.normal(0, 0.5, (out, 8 // group, k, k)).astype(np.float32)
     model = _conv_model(w, group)
     x = rng.normal(0, 1, (6, 8, 10, 10)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
@@ -93,9 +95,13 @@ def test_the_error_the_search_measures_is_onnxruntimes(tmp_path, group, monkeypa
     errors, rows = clip.measure(prepared.model, p, source, found)
     assert rows == 6 and errors["x"].samples == 6 * 100  # every output position
     y = run_model(model, {"x": x})[0].astype(np.float64)
-    yq = _exact(_qdq(model, p.tensors["x"].qparams, p.tensors["w"].qparams), {"x": x}).astype(np.float64)
-    want = float(np.sum((yq - y) ** 2) / np.sum(y ** 2))
-    assert errors["x"].relative()[0] == pytest.approx(want, rel=1e-4)
+    cands = found[0].candidates()
+    assert len(cands) == 1 + 3 * (clip.STEPS - 1)  # both ends far from zero: each alone and both
+    for j in (0, 5, len(cands) - 1):
+        xq = qmath.choose_qparams(*cands[j], p.tensors["x"].qparams.qtype, False)
+        yq = _exact(_qdq(model, xq, p.tensors["w"].qparams), {"x": x}).astype(np.float64)
+        want = float(np.sum((yq - y) ** 2) / np.sum(y ** 2))
+        assert errors["x"].relative()[j] == pytest.approx(want, rel=1e-4)
 
 
 def _save(tmp_path, model) -> str:

@@ -125,29 +125,56 @@ class Errors:
         return self.error / max(self.power, 1e-30)
 
 
-def _weights(g: Graph, t: Target, plan: QuantPlan) -> tuple[np.ndarray, np.ndarray]:
-    """The reader's float and int8 weights as [groups, K, per] stacks of matrices."""
-    w = g.array(t.w).astype(np.float32)
-    wq = qmath.dequantize(qmath.quantize(w, plan.tensors[t.w].qparams), plan.tensors[t.w].qparams)
-    if t.op == "Conv":
-        per = w.shape[0] // t.groups
-        return tuple(np.ascontiguousarray(a.reshape(t.groups, per, -1).transpose(0, 2, 1)) for a in (w, wq))
-    return tuple(np.ascontiguousarray(a.T if t.trans else a)[None] for a in (w, wq))
+@dataclass
+class Layer:
+    """A reader's float and int8 weights as [groups, K, per] stacks of matrices; where K < per (a layer widening its
+    input), also ``gram = Wq Wq^T`` and ``cross = (Wq - W) Wq^T`` [groups, K, K], so each candidate costs K x K, not
+    K x per, a row: with e = Q(x) - x and D = Wq - W, ``|Q(x) Wq - x W|^2 = e gram e^T + 2 (x cross) e^T + |x D|^2``."""
+
+    w: np.ndarray
+    wq: np.ndarray
+    gram: np.ndarray | None = None
+    cross: np.ndarray | None = None
+
+    @classmethod
+    def of(cls, g: Graph, t: Target, plan: QuantPlan) -> "Layer":
+        w = g.array(t.w).astype(np.float32)
+        wq = qmath.dequantize(qmath.quantize(w, plan.tensors[t.w].qparams), plan.tensors[t.w].qparams)
+        if t.op == "Conv":
+            per = w.shape[0] // t.groups
+            w, wq = (np.ascontiguousarray(a.reshape(t.groups, per, -1).transpose(0, 2, 1)) for a in (w, wq))
+        else:
+            w, wq = (np.ascontiguousarray(a.T if t.trans else a)[None] for a in (w, wq))
+        if w.shape[1] >= w.shape[2]:
+            return cls(w, wq)
+        wqt = wq.transpose(0, 2, 1)
+        return cls(w, wq, np.matmul(wq, wqt), np.matmul(wq - w, wqt))
 
 
-def _accumulate(errors: Errors, chunk: np.ndarray, w: np.ndarray, wq: np.ndarray, params: list[qmath.QParams]) -> None:
+def _accumulate(errors: Errors, chunk: np.ndarray, layer: Layer, params: list[qmath.QParams]) -> None:
     """Add one chunk [s, groups, K] of a reader's inputs to ``errors`` (every group in one batched product)."""
     for start in range(0, chunk.shape[0], CHUNK):
         x = np.ascontiguousarray(chunk[start:start + CHUNK].transpose(1, 0, 2))  # [groups, s, K]
-        y = np.matmul(x, w)
+        y = np.matmul(x, layer.w)
         errors.power += float(np.sum(np.square(y, dtype=np.float64)))
-        buf = np.empty_like(x)
-        for k, qp in enumerate(params):
-            d = np.matmul(_fake_quant(x, qp, buf), wq)
-            d -= y
-            flat = d.reshape(-1)
-            errors.error[k] += float(np.dot(flat, flat))
         errors.samples += x.shape[1]
+        buf = np.empty_like(x)
+        if layer.gram is None:
+            for k, qp in enumerate(params):
+                d = np.matmul(_fake_quant(x, qp, buf), layer.wq)
+                d -= y
+                flat = d.reshape(-1)
+                errors.error[k] += float(np.dot(flat, flat))
+            continue
+        xd = (np.matmul(x, layer.wq) - y).reshape(-1)
+        base = float(np.dot(xd, xd))
+        z = np.matmul(x, layer.cross).reshape(-1)
+        for k, qp in enumerate(params):
+            e = _fake_quant(x, qp, buf)
+            e -= x
+            u = np.matmul(e, layer.gram).reshape(-1)
+            flat = e.reshape(-1)
+            errors.error[k] += float(np.dot(u, flat)) + 2.0 * float(np.dot(flat, z)) + base
 
 
 def measure(model: onnx.ModelProto, plan: QuantPlan, feeds: Iterable[dict], found: list[Activation], threads: int | None = None,
@@ -158,7 +185,7 @@ def measure(model: onnx.ModelProto, plan: QuantPlan, feeds: Iterable[dict], foun
     graph_inputs = {i.name for i in model.graph.input}
     fetch = [a.name for a in found if a.name not in graph_inputs]
     sess = session(expose(model, {n: FLOAT for n in fetch}), threads)
-    mats = {t.node: _weights(g, t, plan) for a in found for t in a.readers}
+    layers = {t.node: Layer.of(g, t, plan) for a in found for t in a.readers}
     params = {a.name: [qmath.choose_qparams(lo, hi, a.qtype, a.symmetric) for lo, hi in a.candidates()] for a in found}
     errors = {a.name: Errors(np.zeros(len(params[a.name]))) for a in found}
     per_row = -(-SAMPLES // max(1, min(MAX_ROWS, rows)))
@@ -173,7 +200,7 @@ def measure(model: onnx.ModelProto, plan: QuantPlan, feeds: Iterable[dict], foun
             x = np.asarray(values[a.name], dtype=np.float32)
             for t in a.readers:
                 for chunk in _samples(x, t, t.features, per_row * n):
-                    _accumulate(errors[a.name], chunk, *mats[t.node], params[a.name])
+                    _accumulate(errors[a.name], chunk, layers[t.node], params[a.name])
         total += n
         advance(1)
     return errors, total

@@ -79,7 +79,7 @@ class PlanJob:
             if config.bias_correction in ("full", "fast") and self.data is None:
                 raise UsageError("--bias-correction measures each layer's mean error on the calibration rows: give --data DATA "
                                  "in place of --calib (a calibration file holds ranges, not rows)")
-            if config.ranges != "calibrated" and self.data is None:
+            if config.ranges == "output" and self.data is None:
                 raise UsageError(f"--ranges {config.ranges} measures each activation's error at its readers' outputs on the calibration "
                                  "rows: give --data DATA in place of --calib (a calibration file holds ranges, not rows)")
             if config.rounding != "nearest" and self.data is None:
@@ -97,7 +97,8 @@ class PlanJob:
         equalize = self.config.equalize
         if equalize == "auto" and recorded:  # as the calibration decided: the plan replays it
             equalize = "on" if recorded.get("equalize") else "off"
-        return dataclasses.replace(self.config, method=method, percentile=pct, bias_correction=self.bias_correction(), equalize=equalize)
+        return dataclasses.replace(self.config, method=method, percentile=pct, bias_correction=self.bias_correction(), equalize=equalize,
+                                   ranges=self.ranges())
 
     def bias_correction(self) -> str | None:
         """The bias correction this plan gets: as asked, or by default full when the run has calibration rows (not with
@@ -106,6 +107,15 @@ class PlanJob:
         if asked != "auto":
             return asked
         return "full" if self.data is not None and self.config.needs_calibration else None
+
+
+    def ranges(self) -> str:
+        """The activation ranges this plan gets: as asked, or by default output-aware (checked) when the run has
+        calibration rows (not with --calib, which has none)."""
+        asked = self.config.ranges
+        if asked != "auto":
+            return asked
+        return "output" if self.data is not None and self.config.needs_calibration else "calibrated"
 
 
 def load_overrides(path: Path | None) -> Overrides:
@@ -198,7 +208,7 @@ def adjusted(job: PlanJob, prepared: pipeline.Prepared, plan: QuantPlan, progres
     o = job.calib_options
     source = pipeline.feeds_for(prepared, job.data, o.batch_size, o.samples, cast=o.cast_data, skip=job.holdout)
     if calib is not None:
-        plan = pipeline.refine_ranges(prepared, plan, calib, source, o.threads, progress, check=False)
+        plan = pipeline.refine_ranges(prepared, plan, calib, source, o.threads, progress, check=job.config.ranges == "auto")
     plan = pipeline.round_weights(prepared, plan, source, o.threads, progress, o.max_memory)
     return pipeline.correct_bias(prepared, plan, source, o.threads, progress, check=job.config.bias_correction == "auto")
 

@@ -15,7 +15,7 @@ BLOCK_SIZES = (16, 32, 64, 128, 256)
 INT4_METHODS = ("rtn", "gptq", "hqq", "awq", "awq_gptq")  # qconv.rewrite.weight_only.METHODS
 ACCURACY_LEVELS = ("auto", "0", "1", "2", "3", "4")
 ROUNDINGS = ("nearest", "gptq")  # --rounding: nearest, or qconv.adjust.rounding
-RANGE_CHOICES = ("calibrated", "output")  # --ranges: the range method's, or qconv.adjust.clip
+RANGE_CHOICES = ("calibrated", "output", "auto")  # --ranges: the range method's, or qconv.adjust.clip; auto: jobs resolve it
 # Modes that need calibration statistics, and the formats each mode can be written in.
 CALIBRATED = {"int8", "a16w8"}
 MODE_FORMATS = {"int8": ("qdq", "qoperator"), "a16w8": ("qdq",), "dynamic": ("qoperator",), "fp16": (), "int4": ()}
@@ -52,7 +52,9 @@ class QuantConfig:
     # (qconv.adjust.rounding), keeping the plan's scales
     rounding: str = "nearest"
     # calibrated | output: each activation's range by the range method, or narrowed where that lowers the error at
-    # the outputs of the layers reading it, on the calibration rows (qconv.adjust.clip)
+    # the outputs of the layers reading it, on the calibration rows (qconv.adjust.clip); auto (the command line's
+    # default): output where the run has calibration rows (--data) and a check on other rows says it pays, else
+    # calibrated. Jobs resolve it; plans store calibrated or output.
     ranges: str = "calibrated"
     # int8 weights whose adjacent pairs could saturate the 16-bit sums of x86 CPUs without VNNI get a scale just wide
     # enough (qconv.numeric.pairs); False (--allow-saturation): the scales the weights' ranges give
@@ -106,7 +108,7 @@ class QuantConfig:
                              f"{'has its own --int4-method' if self.mode == 'int4' else 'rounds to nearest'}: drop it")
         if self.ranges not in RANGE_CHOICES:
             raise UsageError(f"--ranges is {' or '.join(RANGE_CHOICES)} (got {self.ranges})")
-        if self.ranges != "calibrated" and not self.needs_calibration:
+        if self.ranges == "output" and not self.needs_calibration:
             raise UsageError(f"--ranges {self.ranges} chooses the activation ranges of the static modes (int8, a16w8); --mode "
                              f"{self.mode} has none: drop it")
         if isinstance(self.equalize, bool):  # plans store it so, and the API's older spelling
@@ -192,7 +194,7 @@ class QuantConfig:
             d.pop("kernels")
         if self.rounding == "nearest":
             d.pop("rounding")  # plans without learned rounding stay as they were
-        if self.ranges == "calibrated":
+        if self.ranges != "output":
             d.pop("ranges")
         if self.saturation_safe:
             d.pop("saturation_safe")
