@@ -352,12 +352,35 @@ def plan(prepared: Prepared, calib: Calibration | Ranges | None, config: QuantCo
         prepared = smoothed(prepared, overrides)
     overrides.check_against(subgraphs.node_names(prepared.model), set(activation_tensors(prepared.model)), where)
     mode.check(overrides, config, where)
-    stats = Ranges.of(calib)
+    stats = _with_file_ranges(Ranges.of(calib), calib, config)
     p = mode.plan(prepared, stats, config, overrides)
     p.source = {"model_id": prepared.model_id, "calibration": stats.identity if stats is not None else None, **p.source}
+    if isinstance(calib, Calibration) and calib.output_ranges and stats is not None and stats.refined is not None:
+        p.source["output_ranges_search"] = {**calib.output_ranges["search"], "from": "calibration file"}
     if isinstance(calib, Calibration) and calib.equalization:
         p.source["equalization"] = calib.equalization
     return p
+
+
+def _with_file_ranges(stats: Ranges | None, calib, config: QuantConfig) -> Ranges | None:
+    """``stats`` with the output-aware ranges of a calibration file (``calibrate --ranges output``) where the plan asks
+    for them (``config.ranges`` output), has none of its own, and the file's were searched for its scheme."""
+    if config.ranges != "output" or stats is None or stats.refined is not None or file_ranges_problem(calib, config):
+        return stats
+    return dataclasses.replace(stats, refined={k: (float(v[0]), float(v[1])) for k, v in calib.output_ranges["ranges"].items()})
+
+
+def file_ranges_problem(calib, config: QuantConfig) -> str | None:
+    """Why a calibration file's output-aware ranges cannot serve a plan of ``config`` (None: they can)."""
+    if not isinstance(calib, Calibration) or not calib.output_ranges:
+        return ("--ranges output with --calib needs a calibration file made with qconv calibrate --ranges output (this one holds "
+                "statistics only): re-run calibrate with it, or give --data DATA")
+    want, made = clip.scheme(config), calib.output_ranges["scheme"]
+    if made != want:
+        differs = sorted(k for k in set(want) | set(made) if want.get(k) != made.get(k))
+        return (f"the calibration file's output-aware ranges were searched for another scheme ({', '.join(differs)} differ): "
+                "re-run qconv calibrate --ranges output with the same options, or pass --ranges calibrated")
+    return None
 
 
 def correct_bias(prepared: Prepared, p: QuantPlan, source: FeedSource, threads: int | None = None,

@@ -129,7 +129,7 @@ def _spiky(tmp_path, big_weight: float) -> tuple:
 def test_a_range_narrows_where_its_tail_meets_small_weights_and_the_outputs_gain(tmp_path):
     src, calib, held = _spiky(tmp_path, 0.001)
     common = ["--data", calib, "--batch-size", 16, "--bias-correction", "off", "-q"]
-    assert invoke("quantize", src, *common, "-o", tmp_path / "cal.onnx").exit_code == 0
+    assert invoke("quantize", src, *common, "--ranges", "calibrated", "-o", tmp_path / "cal.onnx").exit_code == 0
     r = invoke("quantize", src, *common, "--ranges", "output", "-o", tmp_path / "out.onnx", "--write-plan", tmp_path / "p.json")
     assert r.exit_code == 0, r.output
     plan = json.loads((tmp_path / "p.json").read_text())
@@ -149,6 +149,12 @@ def test_a_range_narrows_where_its_tail_meets_small_weights_and_the_outputs_gain
     assert (tmp_path / "again.onnx").read_bytes() == (tmp_path / "out.onnx").read_bytes()
     assert invoke("quantize", src, *common, "--ranges", "output", "-o", tmp_path / "out2.onnx").exit_code == 0
     assert (tmp_path / "out2.onnx").read_bytes() == (tmp_path / "out.onnx").read_bytes()
+    # the default with --data: the same ranges, kept because the int8 outputs on 8 other rows say they pay
+    r = invoke("quantize", src, *common, "-o", tmp_path / "default.onnx", "--write-plan", tmp_path / "d.json")
+    assert r.exit_code == 0, r.output
+    assert _initializers(tmp_path / "default.onnx") == _initializers(tmp_path / "out.onnx")
+    s = json.loads((tmp_path / "d.json").read_text())["source"]["output_ranges_search"]
+    assert s["kept"] is True and s["check"].startswith("int8 output SQNR on 16 other rows:")  # one feed of 16
 
 
 def test_a_range_whose_tail_meets_large_weights_is_kept(tmp_path):
@@ -162,12 +168,6 @@ def test_a_range_whose_tail_meets_large_weights_is_kept(tmp_path):
 
 def test_output_ranges_refuse_what_they_cannot_do(tmp_path):
     src, calib, _ = _spiky(tmp_path, 0.001)
-    c = tmp_path / "c.json"
-    assert invoke("calibrate", src, "--data", calib, "-o", c, "-q").exit_code == 0
-    r = invoke("quantize", src, "--calib", c, "--ranges", "output", "-o", tmp_path / "q.onnx")
-    assert r.exit_code == 2
-    assert ("error: --ranges output measures each activation's error at its readers' outputs on the calibration rows: give --data "
-            "DATA in place of --calib") in r.output
     r = invoke("quantize", src, "--mode", "dynamic", "--ranges", "output", "-o", tmp_path / "q.onnx")
     assert r.exit_code == 2 and "--ranges output chooses the activation ranges of the static modes (int8, a16w8); --mode dynamic" in r.output
     assert not (tmp_path / "q.onnx").exists()
@@ -181,7 +181,7 @@ def test_the_report_says_what_the_search_did_and_an_edited_plan_keeps_its_ranges
     rep = json.loads(r.output[r.output.index("{"):])
     assert rep["output_ranges"]["moved"] == 1 and rep["output_ranges"]["tensors"] == 1 and rep["output_ranges"]["method"] == "output"
     assert "| output-aware ranges |" in (tmp_path / "r.md").read_text()
-    r = invoke("quantize", src, "--data", calib, "--no-latency", "-o", tmp_path / "n.onnx", "--json")
+    r = invoke("quantize", src, "--data", calib, "--ranges", "calibrated", "--no-latency", "-o", tmp_path / "n.onnx", "--json")
     assert json.loads(r.output[r.output.index("{"):])["output_ranges"] is None
     # an edited plan is planned again from what it recorded: the narrowed range stays, without data
     plan = json.loads((tmp_path / "p.json").read_text())
@@ -192,3 +192,39 @@ def test_the_report_says_what_the_search_did_and_an_edited_plan_keeps_its_ranges
     again = json.loads((tmp_path / "again.json").read_text())
     assert again["tensors"]["x"]["range"] == plan["tensors"]["x"]["range"] and again["tensors"]["x"]["method"] == "output"
     assert again["source"]["output_ranges"] == plan["source"]["output_ranges"] and np.size(again["tensors"]["w"]["scale"]) == 1
+
+
+def _initializers(path) -> dict[str, bytes]:
+    return {t.name: t.SerializeToString() for t in onnx.load(path).graph.initializer}
+
+
+def test_a_calibration_file_carries_the_ranges_to_the_makefile_step(tmp_path):
+    """calibrate --ranges output, then quantize --calib (the Makefile step, no flag): the same model as quantize --data
+    --ranges output; a file without them, or for another scheme, is refused when they are asked for."""
+    src, calib, _ = _spiky(tmp_path, 0.001)
+    c = tmp_path / "c.json"
+    r = invoke("calibrate", src, "--data", calib, "--batch-size", 16, "--ranges", "output", "-o", c)
+    assert r.exit_code == 0, r.output
+    assert "output-aware ranges on 32 rows: 1 of 1 activations narrowed" in r.output
+    made = json.loads(c.read_text())
+    assert made["options"]["ranges"] == "output" and list(made["output_ranges"]["ranges"]) == ["x"]
+    assert invoke("quantize", src, "--calib", c, "-o", tmp_path / "file.onnx", "--write-plan", tmp_path / "p.json", "-q").exit_code == 0
+    common = ["--data", calib, "--batch-size", 16, "--bias-correction", "off", "-q"]
+    assert invoke("quantize", src, *common, "--ranges", "output", "-o", tmp_path / "data.onnx").exit_code == 0
+    assert _initializers(tmp_path / "file.onnx") == _initializers(tmp_path / "data.onnx")
+    plan = json.loads((tmp_path / "p.json").read_text())
+    assert plan["tensors"]["x"]["method"] == "output" and plan["source"]["output_ranges_search"]["from"] == "calibration file"
+    # --ranges calibrated ignores them; another scheme's file is refused when they are asked for, passed over by default
+    assert invoke("quantize", src, "--calib", c, "--ranges", "calibrated", "-o", tmp_path / "cal.onnx", "-q").exit_code == 0
+    assert _initializers(tmp_path / "cal.onnx") != _initializers(tmp_path / "file.onnx")
+    r = invoke("quantize", src, "--calib", c, "--per-tensor", "--ranges", "output", "-o", tmp_path / "pt.onnx")
+    assert r.exit_code == 2 and "error: the calibration file's output-aware ranges were searched for another scheme (per_channel differ)" in r.output
+    assert not (tmp_path / "pt.onnx").exists()
+    r = invoke("quantize", src, "--calib", c, "--per-tensor", "-o", tmp_path / "pt.onnx", "--json", "--no-latency")
+    assert r.exit_code == 0 and json.loads(r.output[r.output.index("{"):])["output_ranges"] is None
+    plain = tmp_path / "plain.json"
+    assert invoke("calibrate", src, "--data", calib, "-o", plain, "-q").exit_code == 0
+    r = invoke("quantize", src, "--calib", plain, "--ranges", "output", "-o", tmp_path / "q.onnx")
+    assert r.exit_code == 2 and "error: --ranges output with --calib needs a calibration file made with qconv calibrate --ranges output" in r.output
+    r = invoke("calibrate", src, "--data", calib, "--shard", "0/2", "--ranges", "output", "-o", tmp_path / "s.json")
+    assert r.exit_code == 2 and "--ranges output searches the ranges on the whole data" in r.output

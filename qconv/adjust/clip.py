@@ -152,7 +152,13 @@ class Layer:
 
 
 def _accumulate(errors: Errors, chunk: np.ndarray, layer: Layer, params: list[qmath.QParams]) -> None:
-    """Add one chunk [s, groups, K] of a reader's inputs to ``errors`` (every group in one batched product)."""
+    """Add one chunk [s, groups, K] of a reader's inputs to ``errors`` (every group in one batched product). Sums of
+    squares past float32's range (activations near 1e19) become inf: ``search`` leaves such a tensor as calibrated."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        _accumulate_chunks(errors, chunk, layer, params)
+
+
+def _accumulate_chunks(errors: Errors, chunk: np.ndarray, layer: Layer, params: list[qmath.QParams]) -> None:
     for start in range(0, chunk.shape[0], CHUNK):
         x = np.ascontiguousarray(chunk[start:start + CHUNK].transpose(1, 0, 2))  # [groups, s, K]
         y = np.matmul(x, layer.w)
@@ -220,6 +226,8 @@ def search(model: onnx.ModelProto, plan: QuantPlan, feeds: Iterable[dict], threa
     ratios = []
     for a in found:
         rel = errors[a.name].relative()
+        if not np.all(np.isfinite(rel)):
+            continue
         k = int(np.argmin(rel))
         if k and rel[k] <= (1.0 - MARGIN) * rel[0]:
             chosen[a.name] = a.candidates()[k]
@@ -232,3 +240,17 @@ def summary(plan: QuantPlan) -> dict | None:
     """What the report says about output-aware ranges (None when the plan did not search them)."""
     made = plan.source.get("output_ranges_search")
     return dict(made) if made else None
+
+
+SCHEME_KEYS = ("method", "percentile", "per_channel", "weight_type", "symmetric_weights", "symmetric_activations",
+               "reduce_range", "saturation_safe", "floor_ranges")
+
+
+def scheme(config) -> dict:
+    """What a search's ranges depend on besides the model and the rows: the range method they narrow and the
+    quantization of the activations and of their readers' weights (``calibrate --ranges output`` records it)."""
+    d = {k: getattr(config, k) for k in SCHEME_KEYS}
+    d["activation_type"] = config.act_type
+    if config.method != "percentile":
+        d.pop("percentile")
+    return d

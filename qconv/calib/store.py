@@ -37,6 +37,7 @@ class Record:
     percentile: float | None = None
     row_shapes: dict | None = None  # input -> shape of the first row: what a model is timed on (qconv.plan.kernels)
     hist_samples: int = 0  # histogram values per tensor and batch (0: every value; qconv.calib.ingraph)
+    ranges: str = "calibrated"  # output: the file also holds output-aware ranges (calibrate --ranges output)
 
     def to_dict(self) -> dict:
         d = {"method": self.method, "bins": self.bins, "momentum": self.momentum, "batch_size": self.batch_size,
@@ -50,6 +51,8 @@ class Record:
             d["percentile"] = self.percentile
         if self.row_shapes:
             d["row_shapes"] = {k: list(v) for k, v in sorted(self.row_shapes.items())}
+        if self.ranges != "calibrated":
+            d["ranges"] = self.ranges
         return d
 
 
@@ -62,6 +65,9 @@ class Calibration:
     tensors: dict[str, TensorObserver] = field(default_factory=dict)
     qconv_version: str = __version__
     equalization: dict[str, list[float]] = field(default_factory=dict)  # --equalize: Conv -> its gated pair's scales
+    # calibrate --ranges output (qconv.adjust.clip): {"ranges": {tensor: [lo, hi]}, "search": summary, "scheme": the
+    # plan's scheme they were searched for}; quantize --calib uses them where its scheme is the same
+    output_ranges: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         d = {
@@ -76,6 +82,8 @@ class Calibration:
         }
         if self.equalization:
             d["equalization"] = {k: list(v) for k, v in sorted(self.equalization.items())}
+        if self.output_ranges:
+            d["output_ranges"] = self.output_ranges
         return d
 
     @classmethod
@@ -94,6 +102,7 @@ class Calibration:
                 tensors={k: TensorObserver.from_dict(v, momentum=float(options.get("momentum", 0.01))) for k, v in dict(d["tensors"]).items()},
                 qconv_version=str(d.get("qconv_version", "")),
                 equalization={str(k): [float(x) for x in v] for k, v in dict(d.get("equalization") or {}).items()},
+                output_ranges=_output_ranges(d.get("output_ranges")),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise QconvError(f"{source} is missing or has malformed fields ({exc}): re-run qconv calibrate") from None
@@ -174,6 +183,13 @@ class Ranges:
         if key not in self._selected:
             self._selected[key] = {k: select_range(o, method, symmetric, percentile) for k, o in self.observers.items() if o.seen_finite}
         return dict(self._selected[key])
+
+
+def _output_ranges(d) -> dict:
+    if not d:
+        return {}
+    return {"ranges": {str(k): [float(v[0]), float(v[1])] for k, v in dict(d["ranges"]).items()}, "search": dict(d["search"]),
+            "scheme": dict(d["scheme"])}
 
 
 def refined_in(source: dict) -> dict[str, tuple[float, float]] | None:

@@ -66,13 +66,16 @@ def calibrate_group():
                    "first rows; recorded in the file]")
 @click.option("--export", "export_spec", default=None, metavar="tensorrt:PATH",
               help="Also write TensorRT calibration tables (PATH, PATH.json, PATH.cache); observes every float tensor.")
+@click.option("--ranges", type=click.Choice(["calibrated", "output"]), default="calibrated", show_default=True,
+              help="output: also search each activation's range for the least error at the outputs of the layers reading it "
+                   "(as quantize --data does by default), for the default scheme; quantize --calib then uses them.")
 @click.option("--all-tensors", is_flag=True,
               help="Observe every float activation, not only those the default plan quantizes (for --exclude-* at quantize time).")
 @data_options
 @range_options
 @output_options
 @guarded
-def run_cmd(term, model, data, out, shard, per_tensor, equalize, export_spec, all_tensors, method, percentile, **kw):
+def run_cmd(term, model, data, out, shard, per_tensor, equalize, export_spec, ranges, all_tensors, method, percentile, **kw):
     """Record per-tensor statistics (min/max, moving averages, histograms) of MODEL on DATA.
 
     The file stores statistics, not ranges: `qconv quantize --calib FILE --method M` picks any range
@@ -86,7 +89,7 @@ def run_cmd(term, model, data, out, shard, per_tensor, equalize, export_spec, al
     export = parse_export(export_spec)
     job = CalibrateJob(model=model, data=data, out=out, shard=parse_shard(shard), per_tensor=per_tensor,
                        all_tensors=all_tensors or export is not None, method=method, percentile=percentile,
-                       options=calib_options_from(kw), equalize={None: "auto", True: "on", False: "off"}[equalize])
+                       options=calib_options_from(kw), equalize={None: "auto", True: "on", False: "off"}[equalize], ranges=ranges)
     job.check()
     if export is not None:
         for p in export_paths(export[1]):
@@ -101,6 +104,10 @@ def run_cmd(term, model, data, out, shard, per_tensor, equalize, export_spec, al
     else:
         _warn_tensors(term, calib)
         term.info(f"wrote {out}: {len(calib.tensors)} tensors from {calib.samples} feeds")
+        if calib.output_ranges:
+            s = calib.output_ranges["search"]
+            term.info(f"output-aware ranges on {s['rows']} rows: {s['moved']} of {s['tensors']} activations narrowed, their readers' "
+                      f"output error x{s['median_error_ratio']:.2f} (median)")
     if export is not None:
         written = export_tables(calib if fresh else load_calibration_file(out), export[0], export[1])
         term.info(f"wrote TensorRT tables {', '.join(str(p) for p in written)}")

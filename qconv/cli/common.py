@@ -171,10 +171,12 @@ def scheme_options(fn):
                      help="int8: which integer each weight takes. gptq: rounded for the layer's output on the calibration rows "
                           "(GPTQ's update on each Conv/Gemm/MatMul, im2col for Conv), same scales, graph and speed; needs --data. "
                           "The plan records the integers."),
-        click.option("--ranges", type=click.Choice(["calibrated", "output"]), default="calibrated", show_default=True,
+        click.option("--ranges", type=click.Choice(["calibrated", "output"]), default=None,
                      help="int8: each activation's range. output: narrowed where that lowers the error at the outputs of the "
-                          "Conv/Gemm/MatMul layers reading it (their int8 weights included), searched on the calibration rows; "
-                          "same graph and speed; needs --data. The plan records the ranges."),
+                          "Conv/Gemm/MatMul layers reading it (their int8 weights included), searched on the calibration rows "
+                          "(--data) or taken from a file of calibrate --ranges output; same graph and speed; the plan records "
+                          "the ranges. calibrated: the range method's.  [default: output with --data where a check on other "
+                          "rows says it pays, or with a --calib file that has them; else calibrated]"),
         click.option("--allow-saturation", is_flag=True,
                      help="int8: keep each weight's scale as its range gives, as onnxruntime's quantizer does, even where two "
                           "adjacent int8 weights can saturate the 16-bit sums of x86 CPUs without VNNI (AVX2). For models "
@@ -215,7 +217,7 @@ def config_from(kwargs: dict) -> QuantConfig:
                        symmetric_activations=k["symmetric_activations"], reduce_range=k["reduce_range"],
                        block_size=k["block_size"], int4_method=k["int4_method"], accuracy_level=k["accuracy_level"], keep_io_types=k["keep_io_types"],
                        exclude_nodes=tuple(k["exclude_nodes"]), exclude_ops=tuple(k["exclude_ops"]), quantized_io=k["quantized_io"],
-                       bias_correction={None: "auto", "off": None}.get(k["bias_correction"], k["bias_correction"]), rounding=k["rounding"], ranges=k["ranges"],
+                       bias_correction={None: "auto", "off": None}.get(k["bias_correction"], k["bias_correction"]), rounding=k["rounding"], ranges=k["ranges"] or "auto",
                        saturation_safe=not k["allow_saturation"], floor_ranges=k["floor_ranges"],
                        equalize={None: "auto", True: "on", False: "off"}[k["equalize"]], kernels=k["kernels"])
 

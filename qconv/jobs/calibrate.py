@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qconv import distributed, io, pipeline, runtime
+from qconv.adjust import clip
 from qconv.calib.collect import activation_tensors
 from qconv.calib.ranges import DEFAULT_METHOD
 from qconv.errors import QconvError, UsageError
@@ -32,6 +33,7 @@ class CalibrateJob:
     options: CalibOptions = field(default_factory=CalibOptions)
     equalize: str = "auto"  # on: calibrate after cross-layer equalization (for quantize --equalize); auto: checked; off
     notes: list[str] = field(default_factory=list)  # what run_calibrate decided on the way (equalization), for the user
+    ranges: str = "calibrated"  # output: also search output-aware ranges for the default plan (qconv.adjust.clip)
 
     def check(self) -> None:
         QuantConfig(method=self.method or DEFAULT_METHOD, percentile=99.999 if self.percentile is None else self.percentile)  # validates
@@ -39,6 +41,11 @@ class CalibrateJob:
         if self.shard != (0, 1) and (distributed.parse_executor(self.options.executor).distributed or self.options.shards):
             raise UsageError("--shard K/N runs one shard by hand; --executor/--shards runs them all: give one of them")
         io.check_output_path(self.out, self.model, self.data)
+        if self.ranges == "output" and self.shard != (0, 1):
+            raise UsageError("--ranges output searches the ranges on the whole data, which a --shard K/N run does not see: calibrate "
+                             "without --shard (--executor/--shards spread the statistics and search once on the driver)")
+        if self.ranges == "output" and self.all_tensors:
+            raise UsageError("--ranges output searches the default plan's ranges: drop --all-tensors (or --export)")
 
 
 def run_calibrate(job: CalibrateJob, progress=pipeline.no_progress):
@@ -59,7 +66,7 @@ def run_calibrate(job: CalibrateJob, progress=pipeline.no_progress):
     job.notes[:] = [n for n in prepared.notes if n.startswith("cross-layer equalization")]
     options = pipeline.calibration_record(source, job.method, o.bins, o.momentum, tensors="all" if job.all_tensors else "planned",
                                           shards=(o.shards or distributed.DEFAULT_SHARDS) if sharded else None,
-                                          equalize=made, percentile=job.percentile, hist_samples=samples).to_dict()
+                                          equalize=made, percentile=job.percentile, hist_samples=samples, ranges=job.ranges).to_dict()
     data_id = source.identity()
     if job.out.exists():
         try:
@@ -80,8 +87,24 @@ def run_calibrate(job: CalibrateJob, progress=pipeline.no_progress):
                                    None if job.all_tensors else config, None, o.max_memory, hist_samples=samples)
     calib.options = options
     calib.equalization = scales
+    if job.ranges == "output":
+        calib.output_ranges = file_ranges(prepared, calib, first, dataclasses.replace(config, method=job.method or DEFAULT_METHOD,
+                                          percentile=99.999 if job.percentile is None else job.percentile), o, progress)
     io.write_json(calib.to_dict(), job.out)
     return calib
+
+
+def file_ranges(prepared: pipeline.Prepared, calib, source, config: QuantConfig, o: CalibOptions, progress) -> dict:
+    """``calibrate --ranges output``: the output-aware ranges of the default plan (every region int8: which ones the
+    kernel table keeps float is decided at quantize time, and a tensor whose readers stay float is not quantized),
+    searched on the first rows of ``source``, for the calibration file."""
+    config = dataclasses.replace(config, kernels="none")
+    p = pipeline.plan(prepared, calib, config)
+    found = clip.targets(prepared.model, p)
+    rows = source.count() * max(1, source.batch_size)
+    advance = progress("output-aware ranges, row by row", -(-min(rows, clip.MAX_ROWS) // max(1, source.batch_size)))
+    chosen, summary = clip.search(prepared.model, p, source, o.threads, found, rows, advance)
+    return {"ranges": {k: [float(v[0]), float(v[1])] for k, v in sorted(chosen.items())}, "search": summary, "scheme": clip.scheme(config)}
 
 
 EXPORT_FORMATS = ("tensorrt",)

@@ -79,9 +79,6 @@ class PlanJob:
             if config.bias_correction in ("full", "fast") and self.data is None:
                 raise UsageError("--bias-correction measures each layer's mean error on the calibration rows: give --data DATA "
                                  "in place of --calib (a calibration file holds ranges, not rows)")
-            if config.ranges == "output" and self.data is None:
-                raise UsageError(f"--ranges {config.ranges} measures each activation's error at its readers' outputs on the calibration "
-                                 "rows: give --data DATA in place of --calib (a calibration file holds ranges, not rows)")
             if config.rounding != "nearest" and self.data is None:
                 raise UsageError(f"--rounding {config.rounding} rounds each weight for its layer's inputs on the calibration rows: give "
                                  "--data DATA in place of --calib (a calibration file holds ranges, not rows)")
@@ -98,7 +95,7 @@ class PlanJob:
         if equalize == "auto" and recorded:  # as the calibration decided: the plan replays it
             equalize = "on" if recorded.get("equalize") else "off"
         return dataclasses.replace(self.config, method=method, percentile=pct, bias_correction=self.bias_correction(), equalize=equalize,
-                                   ranges=self.ranges())
+                                   ranges=self.ranges(recorded))
 
     def bias_correction(self) -> str | None:
         """The bias correction this plan gets: as asked, or by default full when the run has calibration rows (not with
@@ -109,13 +106,29 @@ class PlanJob:
         return "full" if self.data is not None and self.config.needs_calibration else None
 
 
-    def ranges(self) -> str:
-        """The activation ranges this plan gets: as asked, or by default output-aware (checked) when the run has
-        calibration rows (not with --calib, which has none)."""
+    def ranges(self, recorded: dict | None = None) -> str:
+        """The activation ranges this plan gets: as asked, or by default output-aware when the run has calibration
+        rows (searched, and checked) or its calibration file has them (``calibrate --ranges output``)."""
         asked = self.config.ranges
         if asked != "auto":
             return asked
-        return "output" if self.data is not None and self.config.needs_calibration else "calibrated"
+        if not self.config.needs_calibration:
+            return "calibrated"
+        return "output" if self.data is not None or (recorded or {}).get("ranges") == "output" else "calibrated"
+
+
+def with_file_ranges(job: PlanJob, prepared: pipeline.Prepared, calib, config: QuantConfig) -> QuantConfig:
+    """``config`` as a run with --calib can have it: output-aware ranges where the calibration file holds them for this
+    scheme; else refused when asked for (--ranges output), calibrated ranges with a note by default."""
+    if config.ranges != "output" or job.data is not None or calib is None:
+        return config
+    problem = pipeline.file_ranges_problem(calib, config)
+    if problem is None:
+        return config
+    if job.config.ranges == "output":
+        raise UsageError(problem)
+    prepared.notes.append(f"output-aware ranges left out: {problem}")
+    return dataclasses.replace(config, ranges="calibrated")
 
 
 def load_overrides(path: Path | None) -> Overrides:
@@ -194,7 +207,7 @@ def run_plan(job: PlanJob, progress=pipeline.no_progress) -> tuple[QuantPlan, pi
     prepared = pipeline.load(job.model, job.config)
     pipeline.check_float(prepared)
     calib = statistics(job, prepared, overrides, progress)
-    config = job.effective(calib.options if calib is not None else None)
+    config = with_file_ranges(job, prepared, calib, job.effective(calib.options if calib is not None else None))
     time_kernels(job, prepared, calib, config)
     return adjusted(job, prepared, pipeline.plan(prepared, calib, config, overrides), progress, calib), prepared
 
@@ -203,11 +216,11 @@ def adjusted(job: PlanJob, prepared: pipeline.Prepared, plan: QuantPlan, progres
     """The plan with the steps measured on the calibration rows, as its config asks: output-aware ranges (--ranges
     output, planned again from ``calib``), learned rounding (--rounding), then bias correction (--bias-correction),
     which measures the int8 model with the learned integers."""
-    if not plan.config.bias_correction and plan.config.rounding == "nearest" and plan.config.ranges == "calibrated":
-        return plan
+    if not plan.config.bias_correction and plan.config.rounding == "nearest" and (plan.config.ranges != "output" or job.data is None):
+        return plan  # (with --calib, the file's output-aware ranges are in the plan already)
     o = job.calib_options
     source = pipeline.feeds_for(prepared, job.data, o.batch_size, o.samples, cast=o.cast_data, skip=job.holdout)
-    if calib is not None:
+    if calib is not None and job.data is not None:
         plan = pipeline.refine_ranges(prepared, plan, calib, source, o.threads, progress, check=job.config.ranges == "auto")
     plan = pipeline.round_weights(prepared, plan, source, o.threads, progress, o.max_memory)
     return pipeline.correct_bias(prepared, plan, source, o.threads, progress, check=job.config.bias_correction == "auto")

@@ -15,7 +15,7 @@ from qconv import distributed, io, pipeline, runtime
 from qconv.errors import QconvError, UsageError
 from qconv.graph import ai_onnx_opset
 from qconv.jobs.common import finish, load_labels
-from qconv.jobs.plan import time_kernels, PlanJob, adjusted, check_plan_model, load_overrides, read_plan, statistics
+from qconv.jobs.plan import time_kernels, PlanJob, adjusted, check_plan_model, load_overrides, read_plan, statistics, with_file_ranges
 from qconv.measure.evaluate import EvalOptions, damage_warnings, evaluate
 from qconv.measure.stats import ErrorStats
 from qconv.measure import usermetric
@@ -114,7 +114,7 @@ def _make_plan(job: QuantizeJob, prepared: pipeline.Prepared, stored: QuantPlan 
     if stored is None:
         overrides = load_overrides(pj.overrides)
         calib = statistics(pj, prepared, overrides, progress)
-        config = pj.effective(calib.options if calib is not None else None)
+        config = with_file_ranges(pj, prepared, calib, pj.effective(calib.options if calib is not None else None))
         time_kernels(pj, prepared, calib, config)
         return adjusted(pj, prepared, pipeline.plan(prepared, calib, config, overrides), progress, calib), calib
     check_plan_model(stored, job.plan_file, prepared, pj.force_calib)
