@@ -179,6 +179,11 @@ def test_the_report_says_what_the_search_did_and_an_edited_plan_keeps_its_ranges
                "--json", "--report", tmp_path / "r.md", "--write-plan", tmp_path / "p.json")
     assert r.exit_code == 0, r.output
     rep = json.loads(r.output[r.output.index("{"):])
+    import jsonschema
+
+    from qconv.jobs.calibrate import schema
+
+    jsonschema.validate(rep, schema("report"))
     assert rep["output_ranges"]["moved"] == 1 and rep["output_ranges"]["tensors"] == 1 and rep["output_ranges"]["method"] == "output"
     assert "| output-aware ranges |" in (tmp_path / "r.md").read_text()
     r = invoke("quantize", src, "--data", calib, "--ranges", "calibrated", "--no-latency", "-o", tmp_path / "n.onnx", "--json")
@@ -208,6 +213,11 @@ def test_a_calibration_file_carries_the_ranges_to_the_makefile_step(tmp_path):
     assert "output-aware ranges on 32 rows: 1 of 1 activations narrowed" in r.output
     made = json.loads(c.read_text())
     assert made["options"]["ranges"] == "output" and list(made["output_ranges"]["ranges"]) == ["x"]
+    import jsonschema
+
+    from qconv.jobs.calibrate import schema
+
+    jsonschema.validate(made, schema("calibration"))
     assert invoke("quantize", src, "--calib", c, "-o", tmp_path / "file.onnx", "--write-plan", tmp_path / "p.json", "-q").exit_code == 0
     common = ["--data", calib, "--batch-size", 16, "--bias-correction", "off", "-q"]
     assert invoke("quantize", src, *common, "--ranges", "output", "-o", tmp_path / "data.onnx").exit_code == 0
