@@ -7,7 +7,8 @@ For each bench model (the quality ledger's models and calibration rows), times a
   ort static      onnxruntime's quantize_static (MinMax, QDQ, per-channel) on the same rows
   qconv           `qconv quantize M --data ROWS --bias-correction off` (calibration, plan, rewrite, check)
   + variants      the same with --bias-correction (full), --bias-correction fast, --equalize --bias-correction,
-                  --rounding gptq (learned rounding alone), and all of them
+                  --rounding gptq (learned rounding alone), --ranges output (output-aware ranges alone), all of them,
+                  and the default of quantize --data (checked bias correction and output-aware ranges)
 
 Each qconv run is a fresh process; its peak RSS is the process's VmHWM. The targets (issue: accuracy that costs no
 speed): calibration with every adjustment on within 3x the plain run's wall time, and within its memory budget.
@@ -36,9 +37,16 @@ from qconv.data import FeedSource  # noqa: E402
 from scripts.bench_ledger import tasks  # noqa: E402  (the ledger's models and rows)
 from scripts.benchlib import aligned, graph_specs, measured, ort_int8, session  # noqa: E402
 
-VARIANTS = {"qconv": ["--bias-correction", "off"], "+bc full": ["--bias-correction", "full"], "+bc fast": ["--bias-correction", "fast"],
-            "+eq +bc": ["--equalize", "--bias-correction"], "+rounding": ["--rounding", "gptq", "--bias-correction", "off"],
-            "+eq +rounding +bc": ["--equalize", "--rounding", "gptq", "--bias-correction"]}
+CAL = ["--ranges", "calibrated"]  # each step alone: the default's output-aware ranges off unless the column names them
+VARIANTS = {"qconv": ["--bias-correction", "off", *CAL], "+bc full": ["--bias-correction", "full", *CAL],
+            "+bc fast": ["--bias-correction", "fast", *CAL], "+eq +bc": ["--equalize", "--bias-correction", *CAL],
+            "+rounding": ["--rounding", "gptq", "--bias-correction", "off", *CAL],
+            "+ranges": ["--ranges", "output", "--bias-correction", "off"],
+            "+eq +rounding +bc": ["--equalize", "--rounding", "gptq", "--bias-correction", *CAL],
+            "+ranges +eq +rounding +bc": ["--ranges", "output", "--equalize", "--rounding", "gptq", "--bias-correction"],
+            "default (--data)": []}
+
+
 def qconv_run(args: list[str]) -> tuple[float, float]:
     """(seconds, peak RSS MB) of one qconv command in a fresh process."""
     r = measured([sys.executable, "-m", "qconv", *args])
@@ -88,7 +96,7 @@ def main() -> None:
         for label, flags in VARIANTS.items():
             out = work / f"{task.name}.{label.replace(' ', '_').replace('+', '')}.onnx"
             got[label] = qconv_run(["quantize", str(c.model), "--data", str(c.calib), "--batch-size", str(c.batch), "-o", str(out),
-                                    "-q", *flags])
+                                    "-q", "--no-latency", *flags])  # the report's latency A/B runs until decided: not the steps' cost
             print(f"{task.name:18s} {label:10s} {got[label][0]:7.1f} s  {got[label][1]:7.0f} MB", flush=True)
         plain = got["qconv"][0]
         record[task.name] = {"rows": rows, "fp32_pass_s": fp32, "ort_static_s": ort_s,
