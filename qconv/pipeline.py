@@ -510,10 +510,17 @@ def changes_pay(prepared: Prepared, plain: QuantPlan, corrected: QuantPlan, rows
     passing0, passing1 = both0 / max(either0, 1), both1 / max(either1, 1)
     if either0 or either1:  # scores in [0, 1]: which entries pass a detector's threshold is what it reads
         why += f"; scores passing {SCORE_PASS} agree with fp32's (Jaccard) {passing0:.4f} without, {passing1:.4f} with"
+    return pays(got[0], got[1], decisions_first), why
+
+
+def pays(without: tuple, with_: tuple, decisions_first: bool = False) -> bool:
+    """The verdict of ``changes_pay`` on two ``output_check`` results."""
+    (before, (agree0, positions), (both0, either0)), (after, (agree1, _), (both1, either1)) = without, with_
+    passing0, passing1 = both0 / max(either0, 1), both1 / max(either1, 1)
     not_worse = agree1 >= agree0 and passing1 >= passing0
     if decisions_first and (positions or either0 or either1):
-        return not_worse and (agree1 > agree0 or passing1 > passing0 or after > before), why
-    return after > before and not_worse, why
+        return not_worse and (agree1 > agree0 or passing1 > passing0 or after > before)
+    return after > before and not_worse
 
 
 def keep_corrections(prepared: Prepared, stored: QuantPlan, p: QuantPlan) -> QuantPlan:

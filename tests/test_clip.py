@@ -149,12 +149,12 @@ def test_a_range_narrows_where_its_tail_meets_small_weights_and_the_outputs_gain
     assert (tmp_path / "again.onnx").read_bytes() == (tmp_path / "out.onnx").read_bytes()
     assert invoke("quantize", src, *common, "--ranges", "output", "-o", tmp_path / "out2.onnx").exit_code == 0
     assert (tmp_path / "out2.onnx").read_bytes() == (tmp_path / "out.onnx").read_bytes()
-    # the default with --data: the same ranges, kept because the int8 outputs on 8 other rows say they pay
+    # the default with --data: the same ranges, kept because the int8 outputs on 64 other rows say they pay
     r = invoke("quantize", src, *common, "-o", tmp_path / "default.onnx", "--write-plan", tmp_path / "d.json")
     assert r.exit_code == 0, r.output
     assert _initializers(tmp_path / "default.onnx") == _initializers(tmp_path / "out.onnx")
     s = json.loads((tmp_path / "d.json").read_text())["source"]["output_ranges_search"]
-    assert s["kept"] is True and s["check"].startswith("int8 output SQNR on 16 other rows:")  # one feed of 16
+    assert s["kept"] is True and s["check"].startswith("int8 output SQNR on 64 other rows:")
 
 
 def test_a_range_whose_tail_meets_large_weights_is_kept(tmp_path):
@@ -238,3 +238,20 @@ def test_a_calibration_file_carries_the_ranges_to_the_makefile_step(tmp_path):
     assert r.exit_code == 2 and "error: --ranges output with --calib needs a calibration file made with qconv calibrate --ranges output" in r.output
     r = invoke("calibrate", src, "--data", calib, "--shard", "0/2", "--ranges", "output", "-o", tmp_path / "s.json")
     assert r.exit_code == 2 and "--ranges output searches the ranges on the whole data" in r.output
+
+
+def test_the_checks_verdict():
+    """Bias correction's check needs SQNR to rise and decisions not to get worse; the ranges' check lets decisions
+    decide where outputs have them (SQNR breaks a tie), and SQNR where they have none."""
+    probs = lambda sqnr, agree: (sqnr, (agree, 2560), (0, 0))  # noqa: E731  a recognizer's softmax
+    scores = lambda sqnr, both, either: (sqnr, (0, 0), (both, either))  # noqa: E731  a detector's
+    plain = lambda sqnr: (sqnr, (0, 0), (0, 0))  # noqa: E731  an embedding
+    assert not pipeline.pays(probs(18.5, 2306), probs(16.7, 2358))
+    assert pipeline.pays(probs(18.5, 2306), probs(16.7, 2358), decisions_first=True)
+    assert not pipeline.pays(probs(9.0, 2358), probs(10.4, 2306), decisions_first=True)
+    assert pipeline.pays(probs(9.0, 2306), probs(10.4, 2306), decisions_first=True)  # a tie: SQNR
+    assert not pipeline.pays(probs(10.4, 2306), probs(9.0, 2306), decisions_first=True)
+    assert not pipeline.pays(scores(30.0, 80, 100), scores(31.0, 79, 100), decisions_first=True)
+    assert pipeline.pays(scores(31.0, 79, 100), scores(30.0, 80, 100), decisions_first=True)
+    assert not pipeline.pays(scores(31.0, 79, 100), scores(30.0, 80, 100))
+    assert pipeline.pays(plain(20.0), plain(20.5), decisions_first=True) and not pipeline.pays(plain(20.5), plain(20.0), decisions_first=True)
