@@ -181,7 +181,7 @@ def test_profile_names_nodes_and_speed_fallback_records_its_choice(tmp_path):
     # when taken, none when not.
     codes = {n["name"]: n["code"] for n in report["nodes"]}
     expected = {node: {"precision": "float"} for node in fb["tried"]} if fb["taken"] else {}
-    assert report["overrides"]["nodes"] == expected
+    assert (report["overrides"] or {}).get("nodes", {}) == expected  # no overrides at all when not taken
     assert all((codes[node] == "override") == fb["taken"] for node in fb["tried"])
     assert fb["reason"] == "measured faster with these nodes float" if fb["taken"] else fb["reason"].startswith("not measurably faster")
     x = RNG.normal(0, 1, (2, 3, 64, 64)).astype(np.float32)
