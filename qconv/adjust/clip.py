@@ -41,12 +41,11 @@ from typing import Callable, Iterable
 import numpy as np
 import onnx
 
-from qconv.adjust.bias import quantized_layers, rows_of
-from qconv.adjust.rounding import Target, _samples, _target
-from qconv.graph import FLOAT, Graph, expose
+from qconv.adjust.bias import quantized_layers
+from qconv.adjust.rounding import Target, _samples, _target, exposed_rows
+from qconv.graph import Graph
 from qconv.numeric import qmath
 from qconv.plan import QuantPlan
-from qconv.runtime import run, session
 
 MAX_ROWS = 32
 SAMPLES = 2048  # input vectors per reader, spread over the rows
@@ -195,20 +194,12 @@ def measure(model: onnx.ModelProto, plan: QuantPlan, feeds: Iterable[dict], foun
     """({tensor: each candidate's error at its readers' outputs}, rows used) on the first ``MAX_ROWS`` rows of
     ``feeds`` (``rows``: how many the feeds hold, if fewer): one float pass with every target exposed, row by row."""
     g = Graph(model)
-    graph_inputs = {i.name for i in model.graph.input}
-    fetch = [a.name for a in found if a.name not in graph_inputs]
-    sess = session(expose(model, {n: FLOAT for n in fetch}), threads)
     layers = {t.node: Layer.of(g, t, plan) for a in found for t in a.readers}
     params = {a.name: [qmath.choose_qparams(lo, hi, a.qtype, a.symmetric) for lo, hi in a.candidates()] for a in found}
     errors = {a.name: Errors(np.zeros(len(params[a.name]))) for a in found}
     per_row = -(-SAMPLES // max(1, min(MAX_ROWS, rows)))
     total = 0
-    for feed in feeds:
-        if total >= MAX_ROWS:
-            break
-        values = dict(zip(fetch, run(sess, feed, fetch))) if fetch else {}
-        values.update({k: v for k, v in feed.items() if k in errors})
-        n = max(1, rows_of(feed))
+    for values, n in exposed_rows(model, errors, feeds, threads):
         for a in found:
             x = np.asarray(values[a.name], dtype=np.float32)
             for t in a.readers:

@@ -25,7 +25,7 @@ gradient descent over many iterations per layer; GPTQ takes one pass and one Cho
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import onnx
@@ -298,21 +298,31 @@ def _groups(found: list[Target], sizes: dict[str, int], max_memory: int) -> list
     return out
 
 
-def _hessians(model: onnx.ModelProto, group: list[Target], feeds: Iterable[dict], threads: int | None,
-              expected: int) -> tuple[dict[str, Moments], int]:
-    """One float pass over the first ``MAX_ROWS`` rows with the group's inputs exposed: {node: Moments}."""
-    names = sorted({t.x for t in group})
+def exposed_rows(model: onnx.ModelProto, names: Iterable[str], feeds: Iterable[dict], threads: int | None,
+                 max_rows: int = MAX_ROWS) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+    """({tensor: value}, rows) for each feed of the first ``max_rows`` rows of one float pass with ``names`` exposed
+    (graph inputs read from the feed)."""
+    names = set(names)
     graph_inputs = {i.name for i in model.graph.input}
-    fetch = [n for n in names if n not in graph_inputs]
+    fetch = sorted(n for n in names if n not in graph_inputs)
     sess = session(expose(model, {n: FLOAT for n in fetch}), threads)
-    moments = {t.node: Moments(t.groups, t.features) for t in group}
     total = 0
     for feed in feeds:
-        if total >= MAX_ROWS:
+        if total >= max_rows:
             break
         values = dict(zip(fetch, run(sess, feed, fetch))) if fetch else {}
         values.update({k: v for k, v in feed.items() if k in names})
         n = max(1, rows_of(feed))
+        yield values, n
+        total += n
+
+
+def _hessians(model: onnx.ModelProto, group: list[Target], feeds: Iterable[dict], threads: int | None,
+              expected: int) -> tuple[dict[str, Moments], int]:
+    """One float pass over the first ``MAX_ROWS`` rows with the group's inputs exposed: {node: Moments}."""
+    moments = {t.node: Moments(t.groups, t.features) for t in group}
+    total = 0
+    for values, n in exposed_rows(model, {t.x for t in group}, feeds, threads):
         for t in group:
             per_row = -(-max(MIN_SAMPLES, SAMPLES_PER_FEATURE * t.features) // expected)
             x = np.asarray(values[t.x], dtype=np.float32)
