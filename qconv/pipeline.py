@@ -437,11 +437,7 @@ def refine_ranges(prepared: Prepared, p: QuantPlan, calib: Calibration | Ranges,
     with a note saying why."""
     if p.config.ranges != "output":
         return p
-    model = smoothed(prepared, p.overrides).model
-    found = clip.targets(model, p)
-    rows = source.count() * max(1, source.batch_size)
-    advance = progress("output-aware ranges, row by row", -(-min(rows, clip.MAX_ROWS) // max(1, source.batch_size)))
-    chosen, summary = clip.search(model, p, source, threads, found, rows, advance)
+    chosen, summary = search_ranges(smoothed(prepared, p.overrides).model, p, source, threads, progress)
     if not chosen:
         p.source["output_ranges_search"] = {**summary, "kept": False}
         return p
@@ -462,6 +458,14 @@ def refine_ranges(prepared: Prepared, p: QuantPlan, calib: Calibration | Ranges,
     p.source["output_ranges_search"] = summary
     prepared.notes.append(f"output-aware ranges measured on {summary['rows']} rows and left out: {why}")
     return p
+
+
+def search_ranges(model: onnx.ModelProto, p: QuantPlan, source: FeedSource, threads: int | None = None,
+                  progress: Progress = no_progress) -> tuple[dict[str, tuple[float, float]], dict]:
+    """``clip.search`` on the first rows of ``source``, with a progress bar (quantize --data, calibrate --ranges output)."""
+    rows = source.count() * max(1, source.batch_size)
+    advance = progress("output-aware ranges, row by row", -(-min(rows, clip.MAX_ROWS) // max(1, source.batch_size)))
+    return clip.search(model, p, source, threads, rows=rows, advance=advance)
 
 
 # Rows the default's check of output-aware ranges runs on (besides the 32 searched): the two int8 models are built once,

@@ -83,20 +83,19 @@ class Activation:
 def targets(model: onnx.ModelProto, plan: QuantPlan) -> list[Activation]:
     """The activations whose range the search may move, in graph order."""
     g = Graph(model)
-    layers: dict[str, list[Target]] = {}
+    layers: dict[str, Target] = {}  # node -> its weight's matrices (one weight a node)
     for _, node, tx, tw in quantized_layers(model, plan):
-        if tx.qparams.qtype.bits > 8 or tw.qparams.qtype.bits > 8:
+        if tx.qparams.qtype.bits > 8 or tw.qparams.qtype.bits > 8 or node.input[1] not in g.initializers:
             continue
-        t = _target(node, tuple(g.initializers[node.input[1]].dims), tw.qparams) if node.input[1] in g.initializers else None
+        t = _target(node, tuple(g.initializers[node.input[1]].dims), tw.qparams)
         if t is not None:
-            layers.setdefault(node.name, []).append(t)
+            layers[node.name] = t
     out = []
-    for name, tp in plan.tensors.items():
-        if tp.role != "activation" or tp.range is None or tp.method in ("explicit", "output") or tp.qparams.qtype.bits > 8:
+    for name, tp in plan.tensors.items():  # "calibrated range": its own (not shared, not an override, not searched)
+        if tp.role != "activation" or tp.range is None or tp.qparams.qtype.bits > 8 or not tp.consumers \
+                or not tp.origin.startswith("calibrated range"):
             continue
-        if not tp.origin.startswith("calibrated range") or not tp.consumers:
-            continue
-        readers = [t for c in tp.consumers for t in layers.get(c, []) if t.x == name]
+        readers = [layers[c] for c in tp.consumers if c in layers and layers[c].x == name]
         if len(readers) != len(tp.consumers) or len(g.consumers.get(name, [])) != len(tp.consumers):
             continue  # a reader the search cannot measure (an Add, a Concat, a float node)
         lo, hi = tp.range

@@ -99,11 +99,7 @@ def file_ranges(prepared: pipeline.Prepared, calib, source, config: QuantConfig,
     kernel table keeps float is decided at quantize time, and a tensor whose readers stay float is not quantized),
     searched on the first rows of ``source``, for the calibration file."""
     config = dataclasses.replace(config, kernels="none")
-    p = pipeline.plan(prepared, calib, config)
-    found = clip.targets(prepared.model, p)
-    rows = source.count() * max(1, source.batch_size)
-    advance = progress("output-aware ranges, row by row", -(-min(rows, clip.MAX_ROWS) // max(1, source.batch_size)))
-    chosen, summary = clip.search(prepared.model, p, source, o.threads, found, rows, advance)
+    chosen, summary = pipeline.search_ranges(prepared.model, pipeline.plan(prepared, calib, config), source, o.threads, progress)
     return {"ranges": {k: [float(v[0]), float(v[1])] for k, v in sorted(chosen.items())}, "search": summary, "scheme": clip.scheme(config)}
 
 

@@ -212,7 +212,7 @@ def run_plan(job: PlanJob, progress=pipeline.no_progress) -> tuple[QuantPlan, pi
     return adjusted(job, prepared, pipeline.plan(prepared, calib, config, overrides), progress, calib), prepared
 
 
-def adjusted(job: PlanJob, prepared: pipeline.Prepared, plan: QuantPlan, progress, calib=None) -> QuantPlan:
+def adjusted(job: PlanJob, prepared: pipeline.Prepared, plan: QuantPlan, progress, calib) -> QuantPlan:
     """The plan with the steps measured on the calibration rows, as its config asks: output-aware ranges (--ranges
     output, planned again from ``calib``), learned rounding (--rounding), then bias correction (--bias-correction),
     which measures the int8 model with the learned integers."""
@@ -220,7 +220,7 @@ def adjusted(job: PlanJob, prepared: pipeline.Prepared, plan: QuantPlan, progres
         return plan  # (with --calib, the file's output-aware ranges are in the plan already)
     o = job.calib_options
     source = pipeline.feeds_for(prepared, job.data, o.batch_size, o.samples, cast=o.cast_data, skip=job.holdout)
-    if calib is not None and job.data is not None:
+    if job.data is not None:
         plan = pipeline.refine_ranges(prepared, plan, calib, source, o.threads, progress, check=job.config.ranges == "auto")
     plan = pipeline.round_weights(prepared, plan, source, o.threads, progress, o.max_memory)
     return pipeline.correct_bias(prepared, plan, source, o.threads, progress, check=job.config.bias_correction == "auto")
