@@ -17,7 +17,7 @@ from qconv.adjust import rounding
 from qconv.cli.main import cli
 from qconv.numeric import qmath
 from qconv.numeric import rounding as records
-from qconv.numeric.gptq import gptq_fixed
+from qconv.numeric.gptq import gptq_fixed, gptq_fixed_stack
 from tests.conftest import make_model, run_model
 
 
@@ -116,6 +116,38 @@ def test_features_the_rows_never_fed_keep_nearest():
     x[:, :5] = 0.0
     q = gptq_fixed(w, x.T @ x, qp)
     np.testing.assert_array_equal(q[:5], qmath.quantize(w[:5], qp))
+
+
+@pytest.mark.parametrize("groups, per, kernel", [(48, 1, 3), (16, 2, 3), (8, 4, 5)])
+def test_a_grouped_conv_rounds_every_group_at_once_as_one_by_one(groups, per, kernel):
+    """The batched GPTQ of a depthwise / grouped layer (one product per step over every group) gives the integers
+    and errors the group-by-group loop gives, dead features and a group the rows never fed included."""
+    rng = np.random.default_rng(groups)
+    w = rng.normal(size=(groups * per, 1 if per == 1 else per, kernel, kernel)).astype(np.float32)
+    x = rng.normal(size=(groups, 400, w[0].size)) * rng.random((groups, 1, w[0].size)) * 3
+    x[1, :, 2] = 0.0  # a feature group 1 never sees
+    x[2] = 0.0  # a group the rows never fed: nearest
+    h = np.matmul(x.transpose(0, 2, 1), x)
+    qp = qmath.weight_qparams(w, qmath.qtype("int8"), True, 0)
+    nearest = qmath.quantize(w, qp)
+    stacked, e0, e1 = rounding._round_stack(w, nearest, qp, h, groups)
+    loop, f0, f1 = nearest.copy(), 0.0, 0.0
+    for j in range(groups):
+        cols = slice(j * per, (j + 1) * per)
+        q, a, b = rounding._round_matrix(w[cols].reshape(per, -1).T, nearest[cols].reshape(per, -1).T,
+                                         rounding._columns(qp, cols, per), h[j])
+        loop[cols] = q.T.reshape(loop[cols].shape)
+        f0, f1 = f0 + a, f1 + b
+    np.testing.assert_array_equal(stacked, loop)
+    assert e0 == pytest.approx(f0, rel=1e-12) and e1 == pytest.approx(f1, rel=1e-12) and e1 < e0
+    np.testing.assert_array_equal(stacked[2 * per:3 * per], nearest[2 * per:3 * per])
+    assert np.count_nonzero(stacked != nearest) > 0
+
+
+def test_the_stacked_gptq_refuses_more_features_than_one_lazy_batch():
+    with pytest.raises(ValueError, match="K <= 128"):
+        gptq_fixed_stack(np.zeros((2, 129, 1)), np.zeros((2, 129, 129)),
+                         qmath.QParams(np.ones((2, 1), np.float32), np.zeros((2, 1), np.int8), qmath.qtype("int8")))
 
 
 @settings(max_examples=40, deadline=None)

@@ -34,7 +34,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from qconv.adjust.bias import quantized_layers, rows_of
 from qconv.graph import FLOAT, Graph, attr, expose
 from qconv.numeric import pairs, qmath, rounding
-from qconv.numeric.gptq import gptq_fixed
+from qconv.numeric.gptq import LAZY_ROWS, gptq_fixed, gptq_fixed_stack
 from qconv.plan import QuantPlan
 from qconv.runtime import run, session
 
@@ -201,7 +201,9 @@ def round_layer(w: np.ndarray, t: Target, qp: qmath.QParams, moments: Moments, p
     learned = nearest.copy()
     before = after = 0.0
     groups = t.groups
-    if t.op == "Conv":
+    if t.op == "Conv" and groups > 1 and w[0].size <= LAZY_ROWS:  # depthwise / grouped: every group at once
+        learned, before, after = _round_stack(w, nearest, qp, moments.h, groups)
+    elif t.op == "Conv":
         per = w.shape[0] // groups
         for j in range(groups):
             cols = slice(j * per, (j + 1) * per)
@@ -237,6 +239,35 @@ def _clear_of_saturation(learned: np.ndarray, nearest: np.ndarray, t: Target) ->
     else:
         out[bad] = nearest[bad]
     return out
+
+
+def _round_stack(w: np.ndarray, nearest: np.ndarray, qp: qmath.QParams, h: np.ndarray, groups: int) -> tuple[np.ndarray, float, float]:
+    """``_round_matrix`` for every group of a grouped Conv weight ``w [C_out, C_in/groups, kh, kw]`` in one batched
+    GPTQ (``gptq_fixed_stack``): (integers as stored, output error of nearest, of the integers kept), each group
+    keeping nearest where GPTQ's error on its Hessian is not lower."""
+    per = w.shape[0] // groups
+    wm = w.reshape(groups, per, -1).transpose(0, 2, 1)  # [G, K, per]
+    q_near = nearest.reshape(groups, per, -1).transpose(0, 2, 1)
+    scale = np.broadcast_to(np.asarray(qp.scale, np.float32).reshape(-1), (w.shape[0],)).reshape(groups, 1, per)
+    zp = np.broadcast_to(np.asarray(qp.zero_point).reshape(-1), (w.shape[0],)).reshape(groups, 1, per)
+    stacked = qmath.QParams(scale, zp, qp.qtype)
+    e_near = _errors(wm, q_near, stacked, h)
+    live = np.any(np.diagonal(h, axis1=1, axis2=2) > 0, axis=1) & (e_near != 0.0)
+    q = q_near.copy()
+    if live.any():
+        flat = qmath.QParams(scale[live, 0], zp[live, 0], qp.qtype)
+        q[live] = gptq_fixed_stack(wm[live], h[live], flat, PERCDAMP).astype(q_near.dtype)
+    e = _errors(wm, q, stacked, h)
+    better = e < e_near
+    q = np.where(better[:, None, None], q, q_near)
+    e_kept = np.where(better, e, e_near)
+    return q.transpose(0, 2, 1).reshape(nearest.shape), float(np.sum(e_near)), float(np.sum(e_kept))
+
+
+def _errors(w: np.ndarray, q: np.ndarray, qp: qmath.QParams, h: np.ndarray) -> np.ndarray:
+    """``_error`` of each matrix of a stack [G, K, N]."""
+    d = w.astype(np.float64) - qmath.dequantize(q, qp).astype(np.float64)
+    return np.sum(d * np.matmul(h, d), axis=(1, 2))
 
 
 def _round_matrix(wm: np.ndarray, q_near: np.ndarray, qp: qmath.QParams, h: np.ndarray) -> tuple[np.ndarray, float, float]:

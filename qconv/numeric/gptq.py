@@ -97,3 +97,50 @@ def _gptq(w: np.ndarray, hessian: np.ndarray, block_size: int, fit: Fit, percdam
     scale = np.stack([p.scale for p in params]).astype(np.float32)
     zero_point = np.stack([p.zero_point for p in params])
     return np.stack(rows), scale, zero_point
+
+
+def gptq_fixed_stack(w: np.ndarray, hessian: np.ndarray, params: qmath.QParams, percdamp: float = 0.01) -> np.ndarray:
+    """``gptq_fixed`` (act-order) of a stack of ``G`` small matrices at once, ``w [G, K, N]`` with Hessians
+    ``[G, K, K]`` and parameters of shape ``(G, N)``: a grouped or depthwise Conv's groups (a depthwise layer is
+    hundreds of 9 x 1 problems, where a loop over them costs Python, not arithmetic). The same steps as
+    ``gptq_fixed`` per group, batched; a group whose damped Hessian is not positive definite gets nearest rounding
+    (``gptq_fixed`` raises there). Returns the integers ``[G, K, N]``. For ``K`` up to ``LAZY_ROWS``."""
+    g_dim, k_dim, _ = w.shape
+    if k_dim > LAZY_ROWS:
+        raise ValueError(f"gptq_fixed_stack takes K <= {LAZY_ROWS} (got {k_dim})")
+    h = np.array(hessian, dtype=np.float64)
+    diag = np.diagonal(h, axis1=1, axis2=2)
+    dead = diag == 0
+    gi, ki = np.nonzero(dead)
+    h[gi, ki, ki] = 1.0
+    weights = np.array(w, dtype=np.float64)
+    weights[dead] = 0.0
+    order = np.argsort(-np.diagonal(h, axis1=1, axis2=2), axis=1, kind="stable")  # [G, K]
+    weights = np.take_along_axis(weights, order[:, :, None], axis=1)
+    hp = np.take_along_axis(np.take_along_axis(h, order[:, :, None], axis=1), order[:, None, :], axis=2)
+    hp[:, np.arange(k_dim), np.arange(k_dim)] += percdamp * np.mean(np.diagonal(hp, axis1=1, axis2=2), axis=1)[:, None]
+    u = np.zeros_like(hp)
+    ok = np.ones(g_dim, bool)
+    try:
+        lower_inv = np.linalg.inv(np.linalg.cholesky(hp))
+        u = np.linalg.cholesky(np.matmul(lower_inv.transpose(0, 2, 1), lower_inv)).transpose(0, 2, 1)
+    except np.linalg.LinAlgError:  # some group is not positive definite: factor one by one, nearest where it fails
+        for j in range(g_dim):
+            try:
+                lj = np.linalg.inv(np.linalg.cholesky(hp[j]))
+                u[j] = np.linalg.cholesky(lj.T @ lj).T
+            except np.linalg.LinAlgError:
+                ok[j] = False
+    u[~ok] = np.eye(k_dim)
+    qp = qmath.QParams(np.asarray(params.scale, np.float32), np.asarray(params.zero_point), params.qtype)
+    q = np.empty(weights.shape, params.qtype.dtype)
+    for k in range(k_dim):
+        q[:, k] = qmath.quantize(weights[:, k], qp)
+        err = (weights[:, k] - qmath.dequantize(q[:, k], qp)) / u[:, k, k][:, None]
+        weights[:, k + 1:] -= u[:, k, k + 1:, None] * err[:, None, :]
+    out = np.empty_like(q)
+    np.put_along_axis(out, order[:, :, None], q, axis=1)
+    nearest = qmath.quantize(np.asarray(w, np.float32), qmath.QParams(qp.scale[:, None, :], qp.zero_point[:, None, :], qp.qtype))
+    out[~ok] = nearest[~ok]
+    out[dead] = nearest[dead]  # features the rows never fed: nearest, not GPTQ's 0 (run-time rows may)
+    return out

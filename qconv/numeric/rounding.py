@@ -18,7 +18,7 @@ PREFIX = "int16-zlib-base64:"
 
 
 def pack(deltas: np.ndarray) -> str:
-    return PREFIX + base64.b64encode(zlib.compress(np.asarray(deltas, dtype="<i2").tobytes(), 9)).decode("ascii")
+    return PREFIX + base64.b64encode(zlib.compress(np.asarray(deltas, dtype="<i2").tobytes(), 6)).decode("ascii")
 
 
 def unpack(text: str, shape: tuple[int, ...]) -> np.ndarray:
