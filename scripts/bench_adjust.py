@@ -10,10 +10,11 @@ For each bench model (the quality ledger's models and calibration rows), times a
                   --rounding gptq (learned rounding alone), --ranges output (output-aware ranges alone), all of them,
                   and the default of quantize --data (checked bias correction and output-aware ranges)
 
-Each qconv run is a fresh process; its peak RSS is the process's VmHWM. The targets (issue: accuracy that costs no
+Each qconv run is a fresh process; its peak RSS is the process's VmHWM. With --repeat N every column runs N times, the
+rounds interleaved, and the table shows medians (the JSON keeps every run). The targets (issue: accuracy that costs no
 speed): calibration with every adjustment on within 3x the plain run's wall time, and within its memory budget.
 
-    .venv/bin/python scripts/bench_adjust.py [--only NAME] [--json adjust.json] [--quick]
+    .venv/bin/python scripts/bench_adjust.py [--only NAME] [--json adjust.json] [--quick] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ def main() -> None:
     ap.add_argument("--only", action="append", help="run only these models")
     ap.add_argument("--json", type=Path, help="write every number here")
     ap.add_argument("--quick", action="store_true", help="fewer rows")
+    ap.add_argument("--repeat", type=int, default=1, help="rounds of every column, interleaved; the table shows medians")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated columns (qconv and +bc full always run)")
     args = ap.parse_args()
     wanted = {"qconv", "+bc full", *[v.strip() for v in args.variants.split(",")]}
@@ -92,15 +94,17 @@ def main() -> None:
         t0 = time.perf_counter()
         ort_int8(c, work / f"{task.name}.ort.onnx")
         ort_s = time.perf_counter() - t0
-        got = {}
-        for label, flags in VARIANTS.items():
-            out = work / f"{task.name}.{label.replace(' ', '_').replace('+', '')}.onnx"
-            got[label] = qconv_run(["quantize", str(c.model), "--data", str(c.calib), "--batch-size", str(c.batch), "-o", str(out),
-                                    "-q", "--no-latency", *flags])  # the report's latency A/B runs until decided: not the steps' cost
-            print(f"{task.name:18s} {label:10s} {got[label][0]:7.1f} s  {got[label][1]:7.0f} MB", flush=True)
+        runs: dict[str, list[tuple[float, float]]] = {label: [] for label in VARIANTS}
+        for round_ in range(args.repeat):  # rounds interleave the columns: the machine's drift falls on all of them
+            for label, flags in VARIANTS.items():
+                out = work / f"{task.name}.{label.replace(' ', '_').replace('+', '')}.onnx"
+                runs[label].append(qconv_run(["quantize", str(c.model), "--data", str(c.calib), "--batch-size", str(c.batch), "-o",
+                                              str(out), "-q", "--no-latency", *flags]))  # the latency A/B: not the steps' cost
+                print(f"{task.name:18s} {label:10s} {runs[label][-1][0]:7.1f} s  {runs[label][-1][1]:7.0f} MB  (round {round_ + 1})", flush=True)
+        got = {k: (float(np.median([r[0] for r in v])), float(np.median([r[1] for r in v]))) for k, v in runs.items()}
         plain = got["qconv"][0]
         record[task.name] = {"rows": rows, "fp32_pass_s": fp32, "ort_static_s": ort_s,
-                             "qconv": {k: {"seconds": s, "peak_mb": m} for k, (s, m) in got.items()}}
+                             "qconv": {k: {"seconds": s, "peak_mb": m, "runs_s": [r[0] for r in runs[k]]} for k, (s, m) in got.items()}}
         table.append([task.name, str(rows), f"{fp32:.1f}", f"{ort_s:.1f}", *[f"{got[v][0]:.1f}" for v in VARIANTS],
                       " / ".join(f"{got[v][0] / plain:.2f}" for v in list(VARIANTS)[1:]),
                       f"{plain / fp32:.1f} / {got['+bc full'][0] / fp32:.1f}", f"{plain / ort_s:.2f} / {got['+bc full'][0] / ort_s:.2f}",

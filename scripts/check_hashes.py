@@ -90,6 +90,8 @@ def bench_commands(scratch: Path) -> list[tuple[str, list[str]]]:
         ("rec.fp16", ["quantize", str(rec), "--mode", "fp16", "-o", "{out}/rec.fp16.onnx"]),
         ("rec.tune", ["quantize", str(rec), "--data", lines, "--tune", "--budget", "5trials", "--min-cosine", "0.99999",
                       "--no-latency", "--layer-samples", "0", "-o", "{out}/rec.tune.onnx"]),
+        ("rec.rounding", ["quantize", str(rec), "--data", lines, "--rounding", "gptq", "--equalize", "--ranges", "output",
+                          "-o", "{out}/rec.rounding.onnx", "--no-latency", "--layer-samples", "0"]),
         ("det.int8-data", ["quantize", str(det), "--data", pages, "-o", "{out}/det.int8-data.onnx", "--no-latency", "--layer-samples", "0"]),
         ("det.qoperator", ["quantize", str(det), "--data", pages, "--bias-correction", "off", "--format", "qoperator",
                            "-o", "{out}/det.qoperator.onnx", "--no-latency", "--layer-samples", "0"]),
