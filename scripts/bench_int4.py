@@ -330,12 +330,15 @@ def main() -> None:
     ap.add_argument("--only-encoder", action="store_true", help="just the MiniLM section")
     ap.add_argument("--skip-encoder", action="store_true", help="no MiniLM section")
     a = ap.parse_args()
-    model = dlm.trained(CACHE)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        if a.only_encoder:
-            encoder_section(work, a.block_size)
+        if a.only_encoder:  # MiniLM alone: no decoder to train (torch only for MiniLM's first export)
+            enc = encoder_section(work, a.block_size)
+            if a.json:
+                a.json.write_text(json.dumps({"encoder": [{k: (str(v) if isinstance(v, Path) else v) for k, v in r.items()}
+                                                          for r in enc]}, indent=1))
             return
+        model = dlm.trained(CACHE)
         rows, info = quality_rows(model, work, a.block_size, a.windows)
         fp32 = rows[0]
         table = [["model", "size", "x smaller", "ppl/byte", "increase [95%]", "greedy agree", "prompt ms", "token ms",
