@@ -431,13 +431,13 @@ def round_weights(prepared: Prepared, p: QuantPlan, source: FeedSource, threads:
 
 
 def refine_ranges(prepared: Prepared, p: QuantPlan, calib: Calibration | Ranges, source: FeedSource, threads: int | None = None,
-                  progress: Progress = no_progress, check: bool = True) -> QuantPlan:
+                  progress: Progress = no_progress, check: bool = True, max_memory: int = DEFAULT_MAX_MEMORY) -> QuantPlan:
     """``p`` planned again with output-aware activation ranges (``--ranges output``, qconv.adjust.clip) searched on
     ``source``; ``check``: kept only when ``changes_pay`` on rows spread over the rest of ``source``, else ``p``
     with a note saying why."""
     if p.config.ranges != "output":
         return p
-    chosen, summary = search_ranges(smoothed(prepared, p.overrides).model, p, source, threads, progress)
+    chosen, summary = search_ranges(smoothed(prepared, p.overrides).model, p, source, threads, progress, max_memory)
     if not chosen:
         p.source["output_ranges_search"] = {**summary, "kept": False}
         return p
@@ -461,11 +461,15 @@ def refine_ranges(prepared: Prepared, p: QuantPlan, calib: Calibration | Ranges,
 
 
 def search_ranges(model: onnx.ModelProto, p: QuantPlan, source: FeedSource, threads: int | None = None,
-                  progress: Progress = no_progress) -> tuple[dict[str, tuple[float, float]], dict]:
-    """``clip.search`` on the first rows of ``source``, with a progress bar (quantize --data, calibrate --ranges output)."""
+                  progress: Progress = no_progress, max_memory: int = DEFAULT_MAX_MEMORY) -> tuple[dict[str, tuple[float, float]], dict]:
+    """``clip.search`` on the first rows of ``source``, with a progress bar (quantize --data, calibrate --ranges output);
+    its exposed activations within ``max_memory`` (a float pass per group of them)."""
     rows = source.count() * max(1, source.batch_size)
-    advance = progress("output-aware ranges, row by row", -(-min(rows, clip.MAX_ROWS) // max(1, source.batch_size)))
-    return clip.search(model, p, source, threads, rows=rows, advance=advance)
+    found = clip.targets(model, p)
+    parts = clip.groups(model, source, found, max_memory)
+    label = "output-aware ranges, row by row" + (f" ({len(parts)} passes within --max-memory)" if len(parts) > 1 else "")
+    advance = progress(label, len(parts) * -(-min(rows, clip.MAX_ROWS) // max(1, source.batch_size)))
+    return clip.search(model, p, source, threads, found=found, rows=rows, advance=advance, parts=parts)
 
 
 # Rows the default's check of output-aware ranges runs on (besides the 32 searched): the two int8 models are built once,

@@ -288,3 +288,28 @@ def test_the_checks_verdict():
     assert pipeline.pays(scores(31.0, 79, 100), scores(30.0, 80, 100), decisions_first=True)
     assert not pipeline.pays(scores(31.0, 79, 100), scores(30.0, 80, 100))
     assert pipeline.pays(plain(20.0), plain(20.5), decisions_first=True) and not pipeline.pays(plain(20.5), plain(20.0), decisions_first=True)
+
+
+def test_the_search_keeps_within_max_memory_in_passes_and_finds_the_same(tmp_path):
+    """With a budget too small for two targets' exposed values, every target is searched in a float pass of its own:
+    each one's errors (and pruning) are the ones the single pass measures, and so is the calibration file."""
+    d = "sample_models/digits_cnn"
+    prepared = pipeline.load(f"{d}/model.onnx", QuantConfig(kernels="none"))
+    source = pipeline.feeds_for(prepared, f"{d}/calib.npy", batch_size=8)
+    p = pipeline.plan(prepared, pipeline.calibrate(prepared, source), QuantConfig(kernels="none"))
+    found = clip.targets(prepared.model, p)
+    assert len(found) >= 2
+    assert clip.groups(prepared.model, source, found, 1 << 30) == [found]
+    parts = clip.groups(prepared.model, source, found, 1)
+    assert [a.name for part in parts for a in part] == [a.name for a in found] and len(parts) == len(found)
+    one, rows_one = clip.measure(prepared.model, p, source, found)
+    split, rows_split = clip.measure(prepared.model, p, source, found, parts=parts)
+    assert rows_one == rows_split and set(one) == set(split)
+    for name in one:
+        np.testing.assert_array_equal(one[name].error, split[name].error)
+        np.testing.assert_array_equal(one[name].alive, split[name].alive)
+    common = ["calibrate", f"{d}/model.onnx", "--data", f"{d}/calib.npy", "--ranges", "output", "-q"]
+    assert invoke(*common, "-o", tmp_path / "a.json").exit_code == 0
+    r = invoke(*common, "--max-memory", "1MB", "-o", tmp_path / "b.json")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()

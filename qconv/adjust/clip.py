@@ -211,9 +211,47 @@ def _accumulate_chunks(errors: Errors, chunk: np.ndarray, layer: Layer, params: 
 
 
 def measure(model: onnx.ModelProto, plan: QuantPlan, feeds: Iterable[dict], found: list[Activation], threads: int | None = None,
-            rows: int = MAX_ROWS, advance: Callable[[int], None] = lambda n: None) -> tuple[dict[str, Errors], int]:
+            rows: int = MAX_ROWS, advance: Callable[[int], None] = lambda n: None,
+            parts: list[list[Activation]] | None = None) -> tuple[dict[str, Errors], int]:
     """({tensor: each candidate's error at its readers' outputs}, rows used) on the first ``MAX_ROWS`` rows of
-    ``feeds`` (``rows``: how many the feeds hold, if fewer): one float pass with every target exposed, row by row."""
+    ``feeds`` (``rows``: how many the feeds hold, if fewer): a float pass with the targets exposed, row by row; given
+    ``parts`` (``groups``: the targets in groups whose exposed values fit a memory budget), a pass per group (``feeds``
+    re-iterable). A tensor's errors do not depend on the group it is measured in."""
+    errors: dict[str, Errors] = {}
+    total = 0
+    for group in ([found] if parts is None else parts):
+        got, total = _measure(model, plan, feeds, group, threads, rows, advance)
+        errors.update(got)
+    return errors, total
+
+
+def groups(model: onnx.ModelProto, feeds: Iterable[dict], found: list[Activation], max_memory: int | None) -> list[list[Activation]]:
+    """Consecutive targets whose exposed values (a feed's, twice: onnxruntime's and ours) and readers' matrices fit
+    ``max_memory`` (all of them in one group without a budget)."""
+    if max_memory is None or len(found) < 2:
+        return [found] if found else []
+    from qconv.calib.collect import tensor_bytes
+
+    first = next(iter(feeds), None)
+    if first is None:
+        return [found]
+    names = [a.name for a in found if a.name not in first]
+    sizes = tensor_bytes(model, first, names) if names else {}
+    out: list[list[Activation]] = [[]]
+    used = 0
+    for a in found:
+        k = sum(int(np.prod(t.shape)) for t in a.readers)
+        cost = 2 * sizes.get(a.name, 0) + 3 * 4 * k + 4 * BATCH_VALUES * len(a.readers)
+        if out[-1] and used + cost > max_memory:
+            out.append([])
+            used = 0
+        out[-1].append(a)
+        used += cost
+    return out
+
+
+def _measure(model: onnx.ModelProto, plan: QuantPlan, feeds: Iterable[dict], found: list[Activation], threads: int | None,
+             rows: int, advance: Callable[[int], None]) -> tuple[dict[str, Errors], int]:
     g = Graph(model)
     layers = {t.node: Layer.of(g, t, plan) for a in found for t in a.readers}
     params = {a.name: [qmath.choose_qparams(lo, hi, a.qtype, a.symmetric) for lo, hi in a.candidates()] for a in found}
@@ -247,14 +285,15 @@ def measure(model: onnx.ModelProto, plan: QuantPlan, feeds: Iterable[dict], foun
 
 def search(model: onnx.ModelProto, plan: QuantPlan, feeds: Iterable[dict], threads: int | None = None,
            found: list[Activation] | None = None, rows: int = MAX_ROWS,
-           advance: Callable[[int], None] = lambda n: None) -> tuple[dict[str, tuple[float, float]], dict]:
+           advance: Callable[[int], None] = lambda n: None,
+           parts: list[list[Activation]] | None = None) -> tuple[dict[str, tuple[float, float]], dict]:
     """({tensor: chosen range} for the tensors that move, summary): ``measure``, then each tensor's candidate with
     the least error, where it is ``MOVE_BELOW`` times the calibrated range's or less."""
     found = targets(model, plan) if found is None else found
     summary = {"method": "output", "rows": 0, "tensors": len(found), "moved": 0, "median_error_ratio": 1.0}
     if not found:
         return {}, summary
-    errors, total = measure(model, plan, feeds, found, threads, rows, advance)
+    errors, total = measure(model, plan, feeds, found, threads, rows, advance, parts)
     chosen: dict[str, tuple[float, float]] = {}
     ratios = []
     for a in found:

@@ -99,7 +99,8 @@ def file_ranges(prepared: pipeline.Prepared, calib, source, config: QuantConfig,
     kernel table keeps float is decided at quantize time, and a tensor whose readers stay float is not quantized),
     searched on the first rows of ``source``, for the calibration file."""
     config = dataclasses.replace(config, kernels="none")
-    chosen, summary = pipeline.search_ranges(prepared.model, pipeline.plan(prepared, calib, config), source, o.threads, progress)
+    chosen, summary = pipeline.search_ranges(prepared.model, pipeline.plan(prepared, calib, config), source, o.threads, progress,
+                                             o.max_memory)
     return {"ranges": {k: [float(v[0]), float(v[1])] for k, v in sorted(chosen.items())}, "search": summary, "scheme": clip.scheme(config)}
 
 
