@@ -45,6 +45,7 @@ from qconv.adjust.bias import quantized_layers
 from qconv.adjust.rounding import Target, _samples, _target, exposed_rows
 from qconv.graph import Graph
 from qconv.numeric import qmath
+from qconv.numeric.packing import consecutive
 from qconv.plan import QuantPlan
 
 MAX_ROWS = 32
@@ -237,17 +238,10 @@ def groups(model: onnx.ModelProto, feeds: Iterable[dict], found: list[Activation
         return [found]
     names = [a.name for a in found if a.name not in first]
     sizes = tensor_bytes(model, first, names) if names else {}
-    out: list[list[Activation]] = [[]]
-    used = 0
-    for a in found:
-        k = sum(int(np.prod(t.shape)) for t in a.readers)
-        cost = 2 * sizes.get(a.name, 0) + 3 * 4 * k + 4 * BATCH_VALUES * len(a.readers)
-        if out[-1] and used + cost > max_memory:
-            out.append([])
-            used = 0
-        out[-1].append(a)
-        used += cost
-    return out
+
+    def cost(a: Activation) -> int:
+        return 2 * sizes.get(a.name, 0) + 3 * 4 * sum(int(np.prod(t.shape)) for t in a.readers) + 4 * BATCH_VALUES * len(a.readers)
+    return consecutive(found, cost, max_memory)
 
 
 def _measure(model: onnx.ModelProto, plan: QuantPlan, feeds: Iterable[dict], found: list[Activation], threads: int | None,

@@ -73,6 +73,7 @@ from qconv.data import is_cache_name
 from qconv.errors import QconvError, UsageError
 from qconv.graph import Graph, all_finite, attr, copy_with_placeholders, drop_unused_initializers, expose, stored_bytes, topo_sort
 from qconv.numeric import awq, gptq, hqq, qmath
+from qconv.numeric.packing import consecutive
 from qconv.plan.names import first_match
 from qconv.runtime import run, session
 
@@ -431,15 +432,8 @@ def hessian_groups(matmuls: list[onnx.NodeProto], widths: dict[str, int], budget
     units: dict[str, list[onnx.NodeProto]] = {}
     for n in matmuls:
         units.setdefault(root(n.input[0]), []).append(n)
-    groups, cost = [[]], 0
-    for nodes in units.values():
-        size = sum(12 * widths[x] ** 2 for x in {n.input[0] for n in nodes})
-        if groups[-1] and cost + size > budget:
-            groups.append([])
-            cost = 0
-        groups[-1].extend(nodes)
-        cost += size
-    return groups
+    packs = consecutive(units.values(), lambda nodes: sum(12 * widths[x] ** 2 for x in {n.input[0] for n in nodes}), budget)
+    return [[n for nodes in pack for n in nodes] for pack in packs] or [[]]
 
 
 @dataclass
