@@ -188,8 +188,8 @@ def _columns(qp: qmath.QParams, cols: slice, n: int) -> qmath.QParams:
 
 
 def _error(w: np.ndarray, q: np.ndarray, qp: qmath.QParams, h: np.ndarray) -> float:
-    d = w.astype(np.float64) - qmath.dequantize(q, qp).astype(np.float64)
-    return float(np.sum(d * (h @ d)))
+    """The output error ``tr(D^T H D)`` of integers ``q`` for one [K, N] matrix (``_errors`` of a stack of one)."""
+    return float(_errors(w[None], q[None], qp, h[None])[0])
 
 
 def round_layer(w: np.ndarray, t: Target, qp: qmath.QParams, moments: Moments, pair_safe: bool = True) -> Rounded:
@@ -265,7 +265,7 @@ def _round_stack(w: np.ndarray, nearest: np.ndarray, qp: qmath.QParams, h: np.nd
 
 
 def _errors(w: np.ndarray, q: np.ndarray, qp: qmath.QParams, h: np.ndarray) -> np.ndarray:
-    """``_error`` of each matrix of a stack [G, K, N]."""
+    """The output error ``tr(D^T H D)``, ``D = W - dequantize(q)``, of each matrix of a stack [G, K, N]."""
     d = w.astype(np.float64) - qmath.dequantize(q, qp).astype(np.float64)
     return np.sum(d * np.matmul(h, d), axis=(1, 2))
 

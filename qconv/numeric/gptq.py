@@ -115,7 +115,7 @@ def gptq_fixed_stack(w: np.ndarray, hessian: np.ndarray, params: qmath.QParams, 
     h[gi, ki, ki] = 1.0
     weights = np.array(w, dtype=np.float64)
     weights[dead] = 0.0
-    order = np.argsort(-np.diagonal(h, axis1=1, axis2=2), axis=1, kind="stable")  # [G, K]
+    order = np.argsort(-diag, axis=1, kind="stable")  # [G, K] (``diag`` is a view: the dead features read 1 now)
     weights = np.take_along_axis(weights, order[:, :, None], axis=1)
     hp = np.take_along_axis(np.take_along_axis(h, order[:, :, None], axis=1), order[:, None, :], axis=2)
     hp[:, np.arange(k_dim), np.arange(k_dim)] += percdamp * np.mean(np.diagonal(hp, axis1=1, axis2=2), axis=1)[:, None]
