@@ -19,7 +19,7 @@ from qconv.calib import derive, ingraph
 from qconv.calib.ingraph import DEFAULT_SAMPLES
 from qconv.calib.observers import DEFAULT_BINS, DEFAULT_MOMENTUM, Batch, TensorObserver
 from qconv.errors import QconvError
-from qconv.graph import Graph, expose, weights_held
+from qconv.graph import Graph, expose, without_weights
 from qconv.runtime import default_threads, run, session
 
 
@@ -45,9 +45,7 @@ DEFAULT_MAX_MEMORY = 1 << 30  # bytes of exposed activations per pass (two feeds
 def tensor_bytes(model: onnx.ModelProto, feed: dict[str, np.ndarray], names: list[str]) -> dict[str, int]:
     """Bytes of each named float tensor for ``feed``, from onnx shape inference with the feed's shapes; a tensor
     whose shape stays unknown counts as the largest known one (a safe overestimate)."""
-    m = onnx.ModelProto()
-    with weights_held(model):
-        m.CopyFrom(model)
+    m = without_weights(model)
     del m.graph.value_info[:]
     for vi in m.graph.input:
         if vi.name in feed:

@@ -23,7 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qconv.calib import observers
 from qconv.calib.observers import Batch
-from qconv.graph import Graph, ai_onnx_opset, weights_held
+from qconv.graph import Graph, ai_onnx_opset, without_weights
 
 DEFAULT_SAMPLES = 16384  # histogram values per observed tensor per batch (0: every value)
 MIN_OPSET = 13  # ReduceSum's axes input, Slice's steps input
@@ -155,8 +155,7 @@ class StatsGraph:
 def _ranks(model: onnx.ModelProto) -> dict[str, int]:
     """Rank of each tensor onnx's shape inference can tell (for the per-channel reductions)."""
     try:
-        with weights_held(model):
-            inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+        inferred = onnx.shape_inference.infer_shapes(without_weights(model), strict_mode=False)
     except Exception:  # noqa: BLE001 - unknown ranks reduce over every axis
         return {}
     g = inferred.graph

@@ -15,7 +15,7 @@ from onnx.reference import ReferenceEvaluator
 
 from qconv.errors import QconvError
 from qconv.graph import (Graph, ai_onnx_opset, attr, copy_with_placeholders, drop_unused_initializers, name_nodes, topo_sort,
-                         until_fixed, weights_held)
+                         until_fixed, without_weights)
 
 _NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
 # IR version that first allows each ai.onnx opset (onnx.helper.VERSION_TABLE), enough for our targets.
@@ -413,13 +413,12 @@ def infer_types(model: onnx.ModelProto) -> None:
     """Fill value_info with inferred types and shapes where onnx can infer them.
 
     Inference reads initializers' types and dims, and the values of small ones (shape tensors): large
-    initializers are emptied for the call and restored after, so a 500 MB model is not copied twice.
+    initializers are left out of the copy it reads (``without_weights``), so a 500 MB model is not copied.
     """
-    with weights_held(model):
-        try:
-            inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
-        except Exception:  # noqa: BLE001 - inference is best effort; calibration reports real dtypes
-            inferred = None
+    try:
+        inferred = onnx.shape_inference.infer_shapes(without_weights(model), strict_mode=False, data_prop=True)
+    except Exception:  # noqa: BLE001 - inference is best effort; calibration reports real dtypes
+        inferred = None
     if inferred is not None:  # take everything inference touched except the (emptied) initializers
         for field in ("node", "value_info", "output"):
             del getattr(model.graph, field)[:]
