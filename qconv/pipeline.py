@@ -178,9 +178,15 @@ def equalization_pays(plain: Prepared, equalized: Prepared, rows: list[dict], co
     return pays, f"int8 output SQNR on {sum(bias.rows_of(f) for f in rows)} rows: {before:.1f} dB plain, {after:.1f} dB equalized"
 
 
+def float_names(model: onnx.ModelProto) -> list[str]:
+    """The model's float outputs: what a check compares."""
+    g = Graph(model)
+    return [o.name for o in model.graph.output if g.is_float(o.name)]
+
+
 def float_outputs(model: onnx.ModelProto, rows: list[dict], threads: int | None = None) -> tuple[list[str], list[list]]:
     """The float outputs' names and their values on ``rows`` (the reference of a check)."""
-    names = [o.name for o in model.graph.output if Graph(model).is_float(o.name)]
+    names = float_names(model)
     sess = runtime.session(model, threads)
     return names, [runtime.run(sess, feed, names) for feed in rows]
 
@@ -199,27 +205,99 @@ def output_check(names: list[str], reference: list[list], qmodel: onnx.ModelProt
     class is what the task reads; entries those of outputs that are other scores in [0, 1] (a detector's sigmoid
     scores or map), where a threshold takes the decisions."""
     qsess = runtime.session(qmodel, threads)
-    signal: list = [0.0] * len(names)
-    noise: list = [0.0] * len(names)
+    return check_summary([row_check(ref, runtime.run(qsess, feed, names)) for feed, ref in zip(rows, reference)], len(names))
+
+
+def row_check(ref: list, got: list) -> tuple:
+    """One row's part of ``output_check``: (per output: signal and noise sums per channel; agreeing positions,
+    positions, entries both pass, entries either passes)."""
+    sums = []
     agree = positions = both = either = 0
-    for feed, ref in zip(rows, reference):
-        for k, (f, q) in enumerate(zip(ref, runtime.run(qsess, feed, names))):
-            f64 = np.asarray(f, np.float64)
-            signal[k] = signal[k] + _feature_sums(f64 * f64)
-            noise[k] = noise[k] + _feature_sums((np.asarray(q, np.float64) - f64) ** 2)
-            if is_probability(f64):
-                agree += int((f64.argmax(-1) == np.asarray(q).argmax(-1)).sum())
-                positions += int(f64[..., 0].size)
-            elif f64.size and float(f64.min()) >= 0.0 and float(f64.max()) <= 1.0:
-                pf, pq = f64 > SCORE_PASS, np.asarray(q) > SCORE_PASS
-                both += int((pf & pq).sum())
-                either += int((pf | pq).sum())
+    for f, q in zip(ref, got):
+        f64 = np.asarray(f, np.float64)
+        sums.append((_feature_sums(f64 * f64), _feature_sums((np.asarray(q, np.float64) - f64) ** 2)))
+        if is_probability(f64):
+            agree += int((f64.argmax(-1) == np.asarray(q).argmax(-1)).sum())
+            positions += int(f64[..., 0].size)
+        elif f64.size and float(f64.min()) >= 0.0 and float(f64.max()) <= 1.0:
+            pf, pq = f64 > SCORE_PASS, np.asarray(q) > SCORE_PASS
+            both += int((pf & pq).sum())
+            either += int((pf | pq).sum())
+    return sums, agree, positions, both, either
+
+
+def check_summary(parts: list[tuple], outputs: int) -> tuple[float, tuple[int, int], tuple[int, int]]:
+    """``output_check``'s result from its rows' ``row_check`` parts, summed in row order."""
+    signal: list = [0.0] * outputs
+    noise: list = [0.0] * outputs
+    agree = positions = both = either = 0
+    for sums, a, p, b, e in parts:
+        for k, (s, n) in enumerate(sums):
+            signal[k] = signal[k] + s
+            noise[k] = noise[k] + n
+        agree, positions, both, either = agree + a, positions + p, both + b, either + e
     per_output = []
     for s, n in zip(signal, noise):
         s, n = np.atleast_1d(s), np.atleast_1d(n)
         live = s > 0
         per_output.append(float(np.mean(10 * np.log10(s[live] / np.maximum(n[live], 1e-30)))) if live.any() else 0.0)
     return (float(np.mean(per_output)) if per_output else 0.0), (agree, positions), (both, either)
+
+
+class CheckRows:
+    """What the default's checks of one run measured on their rows, for the checks after them: the float outputs (up
+    to ``FLOAT_BYTES``) and each int8 model's ``row_check`` parts, by a digest of the model's graph and of the row.
+    The bias-correction check's rows are among those the output-aware ranges were checked on, and its model without
+    bias correction is the one those ranges were checked with: neither is run again (MiniLM: a float and an int8
+    session fewer, of 11). A row's parts are what a fresh session computes on it, so the verdicts are the same."""
+
+    FLOAT_BYTES = 64 << 20
+
+    def __init__(self):
+        self.parts: dict[tuple[str, str], tuple] = {}
+        self.floats: dict[str, list] = {}
+        self.held = 0
+
+    def check(self, fmodel: onnx.ModelProto, names: list[str], qmodel: onnx.ModelProto, rows: list[dict],
+              threads: int | None = None) -> tuple[float, tuple[int, int], tuple[int, int]]:
+        """``output_check`` of ``qmodel`` on ``rows`` against ``fmodel``, running only what was not measured yet."""
+        key = _digest(qmodel.graph.SerializeToString(deterministic=True))
+        feeds = [_feed_digest(f) for f in rows]
+        missing = [k for k, d in enumerate(feeds) if (key, d) not in self.parts]
+        if missing:
+            refs = self.reference(fmodel, names, [rows[k] for k in missing], [feeds[k] for k in missing], threads)
+            qsess = runtime.session(qmodel, threads)
+            for k, ref in zip(missing, refs):
+                self.parts[(key, feeds[k])] = row_check(ref, runtime.run(qsess, rows[k], names))
+            del qsess
+        return check_summary([self.parts[(key, d)] for d in feeds], len(names))
+
+    def reference(self, fmodel: onnx.ModelProto, names: list[str], rows: list[dict], digests: list[str],
+                  threads: int | None = None) -> list[list]:
+        """The float outputs on ``rows``: kept ones, the rest run (and kept while they fit FLOAT_BYTES)."""
+        got = {d: self.floats[d] for d in digests if d in self.floats}
+        todo = [(feed, d) for feed, d in zip(rows, digests) if d not in got]
+        if todo:
+            sess = runtime.session(fmodel, threads)
+            for feed, d in todo:
+                got[d] = runtime.run(sess, feed, names)
+                size = sum(np.asarray(v).nbytes for v in got[d])
+                if self.held + size <= self.FLOAT_BYTES:
+                    self.floats[d], self.held = got[d], self.held + size
+        return [got[d] for d in digests]
+
+
+def _digest(raw: bytes) -> str:
+    return hashlib.blake2b(raw, digest_size=16).hexdigest()
+
+
+def _feed_digest(feed: dict) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(feed):
+        a = np.ascontiguousarray(feed[name])
+        h.update(f"{name}:{a.dtype.str}:{a.shape};".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
 
 
 SCORE_PASS = 0.25  # a detector's usual confidence threshold (measure.tally.PASS_SCORE)
@@ -384,7 +462,7 @@ def file_ranges_problem(calib, config: QuantConfig) -> str | None:
 
 
 def correct_bias(prepared: Prepared, p: QuantPlan, source: FeedSource, threads: int | None = None,
-                 progress: Progress = no_progress, check: bool = False) -> QuantPlan:
+                 progress: Progress = no_progress, check: bool = False, measured: CheckRows | None = None) -> QuantPlan:
     """``p`` with bias correction measured on ``source`` (when its config asks for it) and recorded in the plan.
     ``check`` (the default with --data): kept only when ``changes_pay`` on rows spread over the rest of
     ``source``; else ``p`` without it, and a note says why."""
@@ -404,7 +482,7 @@ def correct_bias(prepared: Prepared, p: QuantPlan, source: FeedSource, threads: 
     if plain is None or not shifts:
         return p
     held = rows_spread(source, rows, BIAS_CHECK_ROWS)
-    pays, why = changes_pay(prepared, plain, p, held, threads)
+    pays, why = changes_pay(prepared, plain, p, held, threads, measured=measured)
     p.source["bias_correction"]["check"] = why
     if pays:
         return p
@@ -431,7 +509,8 @@ def round_weights(prepared: Prepared, p: QuantPlan, source: FeedSource, threads:
 
 
 def refine_ranges(prepared: Prepared, p: QuantPlan, calib: Calibration | Ranges, source: FeedSource, threads: int | None = None,
-                  progress: Progress = no_progress, check: bool = True, max_memory: int = DEFAULT_MAX_MEMORY) -> QuantPlan:
+                  progress: Progress = no_progress, check: bool = True, max_memory: int = DEFAULT_MAX_MEMORY,
+                  measured: CheckRows | None = None) -> QuantPlan:
     """``p`` planned again with output-aware activation ranges (``--ranges output``, qconv.adjust.clip) searched on
     ``source``; ``check``: kept only when ``changes_pay`` on rows spread over the rest of ``source``, else ``p``
     with a note saying why."""
@@ -450,7 +529,7 @@ def refine_ranges(prepared: Prepared, p: QuantPlan, calib: Calibration | Ranges,
         prepared.notes.append(note)
         return refined
     held = rows_spread(source, summary["rows"], RANGES_CHECK_ROWS)
-    pays, why = changes_pay(prepared, p, refined, held, threads, decisions_first=True)
+    pays, why = changes_pay(prepared, p, refined, held, threads, decisions_first=True, measured=measured)
     summary["check"], summary["kept"] = why, pays
     if pays:
         prepared.notes.append(note)
@@ -492,7 +571,7 @@ def rows_spread(source: FeedSource, skip: int, count: int) -> list[dict]:
 
 
 def changes_pay(prepared: Prepared, plain: QuantPlan, corrected: QuantPlan, rows: list[dict],
-                threads: int | None = None, decisions_first: bool = False) -> tuple[bool, str]:
+                threads: int | None = None, decisions_first: bool = False, measured: CheckRows | None = None) -> tuple[bool, str]:
     """The default's check of a weight- or range-level step (bias correction, output-aware ranges): the int8 model of ``plain`` and of ``corrected`` run on ``rows``, kept
     when the corrected one's output SQNR (``output_check``) is higher and, where an output is probabilities, its top
     class agrees with fp32's at least as often, and where outputs are scores in [0, 1], the entries passing 0.25 agree
@@ -503,13 +582,16 @@ def changes_pay(prepared: Prepared, plain: QuantPlan, corrected: QuantPlan, rows
 
     ``decisions_first`` (output-aware ranges): where the outputs have decisions (probabilities, scores), those decide
     and SQNR only breaks a tie: narrowed ranges lifted the recognizer's characters 96.6 -> 97.8 on 400 lines while the
-    SQNR of its probabilities fell 18.5 -> 16.7 dB (clipping moves the small probabilities, which decode nothing)."""
-    names, reference = float_outputs(prepared.model, rows, threads)
+    SQNR of its probabilities fell 18.5 -> 16.7 dB (clipping moves the small probabilities, which decode nothing).
+
+    ``measured``: what earlier checks of the same run measured (CheckRows), which this one reads and adds to."""
+    measured = measured or CheckRows()
+    names = float_names(prepared.model)
     got = []
     for p in (plain, corrected):
         p = copy.copy(p)  # float inputs and outputs, whatever --quantized-io asks of the written model
         p.config = dataclasses.replace(p.config, quantized_io=None)
-        got.append(output_check(names, reference, apply(prepared, p, check=False).model, rows, threads))
+        got.append(measured.check(prepared.model, names, apply(prepared, p, check=False).model, rows, threads))
     (before, (agree0, positions), (both0, either0)), (after, (agree1, _), (both1, either1)) = got
     n = sum(bias.rows_of(f) for f in rows)
     why = f"int8 output SQNR on {n} other rows: {before:.1f} dB without, {after:.1f} dB with"

@@ -85,7 +85,11 @@ class Histogram:
         # width alone, never on the window: shards and single runs bin every value identically.
         y = np.multiply(x.ravel(), np.float32(1.0 / self.width), dtype=np.float32)
         np.floor(y, out=y)
-        idx = y.astype(np.intp)
+        # Every y lies in the window [start, start + bins) (its top edge up to float rounding), so int32 holds them when
+        # start does (it always has: a width is never finer than 2^-24 of the extremes), and converting to int32 takes
+        # a quarter of the time of int64.
+        small = abs(self.start) < 1 << 30
+        idx = y.astype(np.int32 if small else np.intp)
         idx -= self.start
         counts = np.bincount(idx, minlength=self.bins)
         if counts.size > self.bins:  # float rounding at the top edge only

@@ -220,11 +220,13 @@ def adjusted(job: PlanJob, prepared: pipeline.Prepared, plan: QuantPlan, progres
         return plan  # (with --calib, the file's output-aware ranges are in the plan already)
     o = job.calib_options
     source = pipeline.feeds_for(prepared, job.data, o.batch_size, o.samples, cast=o.cast_data, skip=job.holdout)
+    measured = pipeline.CheckRows()  # the checks share rows and models: each is run once
     if job.data is not None:
         plan = pipeline.refine_ranges(prepared, plan, calib, source, o.threads, progress, check=job.config.ranges == "auto",
-                                      max_memory=o.max_memory)
+                                      max_memory=o.max_memory, measured=measured)
     plan = pipeline.round_weights(prepared, plan, source, o.threads, progress, o.max_memory)
-    return pipeline.correct_bias(prepared, plan, source, o.threads, progress, check=job.config.bias_correction == "auto")
+    return pipeline.correct_bias(prepared, plan, source, o.threads, progress, check=job.config.bias_correction == "auto",
+                                 measured=measured)
 
 
 def read_plan(path: Path) -> QuantPlan:
