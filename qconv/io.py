@@ -152,7 +152,7 @@ def save_model(model: onnx.ModelProto, out: str | os.PathLike, external_data: bo
         tmp_model = tmpdir / o.name
         if streamed:
             data_name = o.name + ".data"
-            write_external(model, tmp_model, threshold=1024)
+            write_external(model, tmp_model, threshold=SPILL_BYTES)
             os.replace(tmpdir / data_name, o.parent / data_name)
         elif external_data:
             data_name = o.name + ".data"
@@ -289,6 +289,45 @@ def _align(f) -> int:
     if offset % ALIGN:
         f.write(b"\0" * (ALIGN - offset % ALIGN))
     return f.tell()
+
+
+SPILL_BYTES = 1 << 10  # save_model's threshold for a model past 2 GB: a spilled model is written as a held one would be
+
+
+class Spill:
+    """A scratch file where a rewrite of a model past 2 GB puts each new weight as it makes it, keeping in the model only
+    a lazy reference to it (qconv.graph.is_lazy): the new weights are never all held at once (an int4 decoder of 2 GB:
+    334 MiB), and sessions map them from the file instead of copying them (runtime.session does not prepack a model
+    with lazy weights). Weights under ``threshold`` bytes stay in the model, as write_external would leave them. The
+    folder goes at exit; a model that refers to it is written (save_model copies the bytes) before then."""
+
+    def __init__(self, threshold: int | None = None):
+        import atexit
+
+        self.threshold = SPILL_BYTES if threshold is None else threshold
+        self.folder = Path(tempfile.mkdtemp(prefix="qconv-spill."))
+        self.path = self.folder / "weights.data"
+        self._file = open(self.path, "wb")
+        atexit.register(self.close)
+
+    def keep(self, t: onnx.TensorProto) -> onnx.TensorProto:
+        """``t``, or a lazy reference to its bytes now written to the scratch file."""
+        if t.ByteSize() < self.threshold or not t.HasField("raw_data"):
+            return t
+        ref = onnx.TensorProto()
+        ref.name, ref.data_type = t.name, t.data_type
+        ref.dims.extend(t.dims)
+        raw = t.raw_data
+        offset = _align(self._file)
+        self._file.write(raw)
+        self._file.flush()
+        _reference(ref, str(self.path), offset, len(raw))
+        return ref
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def _reference(ref: onnx.TensorProto, location: str, offset: int, length: int) -> None:

@@ -86,6 +86,21 @@ def as_file(model: onnx.ModelProto, link: bool = True):
         yield write_external(model, Path(tmp) / "model.onnx", link=link)
 
 
+def give_back() -> None:
+    """Return the heap memory freed since to the system. glibc keeps freed blocks for reuse, and once a big block is
+    freed it serves the next ones up to 32 MB from its heap too: after the prepacked sessions of an int4 decoder of
+    2 GB were freed, 264 MB stayed held. A no-op where the C library has no malloc_trim."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def run(sess: ort.InferenceSession, feed: dict, outputs: list[str] | None = None) -> list:
     """Run on ``feed``; float32 arrays for float16 inputs (an fp16 model without --keep-io-types) are cast."""
     halves = getattr(sess, "_qconv_half_inputs", None)

@@ -95,9 +95,10 @@ def test_a_decoder_past_2gb_quantizes_to_int4_and_runs(tmp_path):
     written = sum(f.stat().st_size for f in tmp_path.glob("big.int4.onnx*"))
     print(f"model {weight_bytes / 2**30:.2f} GiB, largest weight {largest:.0f} MiB, int4 files {written / 2**20:.0f} MiB, "
           f"peak RSS {peak_mb:.0f} MiB, of it held (anonymous) {anon_mb:.0f} MiB")
-    # the float weights are read one at a time from their file, never the model: 1.4 GB held, 9.2 GB before. What
-    # remains is the int4 model (334 MiB) and onnxruntime's checks of it (transient copies while a session is made)
-    assert anon_kb * 1024 < 0.75 * weight_bytes
+    # the float weights are mapped from their file one at a time, each new int4 weight goes to a scratch file as it
+    # is made (io.Spill): 545 MiB held, 1.4 GB before that, 9.2 GB before weights were read one at a time. What remains
+    # is the accuracy-level check's prepacked int4 session (onnxruntime packs the 334 MiB of int4 weights)
+    assert anon_kb * 1024 < 0.35 * weight_bytes
     assert written < weight_bytes / 5
     q = onnx.load(str(out), load_external_data=False)
     assert [i.name for i in q.graph.input] == ["input_ids"] + [f"past_key_values.{i}.key" for i in range(LAYERS)]

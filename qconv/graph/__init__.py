@@ -141,9 +141,14 @@ def tensor_array(t: onnx.TensorProto) -> np.ndarray:
         return numpy_helper.to_array(loaded)
     path, offset, length = lazy_span(t)
     dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
-    values = np.fromfile(path, dtype=dtype.newbyteorder("<"), count=length // dtype.itemsize, offset=offset)
-    if values.size != int(np.prod(t.dims, dtype=np.int64)):
-        raise ValueError(f"external data of '{t.name}' holds {values.size} values for shape {list(t.dims)}")
+    count = min(length, max(0, os.path.getsize(path) - offset)) // dtype.itemsize
+    if count != int(np.prod(t.dims, dtype=np.int64)):
+        raise ValueError(f"external data of '{t.name}' holds {count} values for shape {list(t.dims)}")
+    if not count:
+        return np.zeros(tuple(t.dims), dtype)
+    # Mapped copy-on-write: the values are read from the file as they are used, and only pages written to become the
+    # process's own; a 250 MiB embedding is not copied into memory to be quantized a few columns at a time.
+    values = np.asarray(np.memmap(path, dtype=dtype.newbyteorder("<"), mode="c", offset=offset, shape=(count,)))
     return values.astype(dtype, copy=False).reshape(tuple(t.dims))
 
 

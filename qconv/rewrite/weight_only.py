@@ -71,11 +71,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qconv.data import is_cache_name
 from qconv.errors import QconvError, UsageError
-from qconv.graph import Graph, all_finite, attr, copy_with_placeholders, drop_unused_initializers, expose, stored_bytes, topo_sort
+from qconv.graph import Graph, all_finite, attr, copy_with_placeholders, drop_unused_initializers, expose, has_lazy, stored_bytes, topo_sort
+from qconv.io import Spill
 from qconv.numeric import awq, gptq, hqq, qmath
 from qconv.numeric.packing import consecutive
 from qconv.plan.names import first_match
-from qconv.runtime import run, session
+from qconv.runtime import give_back, run, session
 
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 METHODS = ("rtn", "gptq", "hqq", "awq", "awq_gptq")
@@ -549,7 +550,7 @@ def _encode(g: Graph, node: onnx.NodeProto, block_size: int, symmetric: bool, me
     8-bit layer (symmetric round-to-nearest, MatMulNBits bits=8). ``approx=False``: no dequantized weight (only a
     size budget reads it; kept for every weight it would be a float copy of the model)."""
     name = _weight_input(node)
-    w = g.array(name).astype(np.float32) if weight is None else weight
+    w = _float_array(g, name) if weight is None else weight
     affine = not symmetric or method == "hqq"
     if bits == 8:
         table = node.op_type == "Gather"
@@ -581,6 +582,12 @@ def _encode(g: Graph, node: onnx.NodeProto, block_size: int, symmetric: bool, me
     if not approx:
         return inits, record, None
     return inits, record, (qw.dequantize() if node.op_type == "MatMul" else qw.dequantize().T)
+
+
+def _float_array(g: Graph, name: str) -> np.ndarray:
+    """A weight as float32, not copied when it is float32 already and writable (a lazy weight, mapped from its file)."""
+    w = g.array(name)
+    return w if w.dtype == np.float32 and w.flags.writeable else w.astype(np.float32)
 
 
 def _eight_bit(encoded: dict, weight_of: Callable[[str], np.ndarray], hessians: dict[str, np.ndarray], size: int,
@@ -653,11 +660,15 @@ def quantize_int4(model: onnx.ModelProto, block_size: int = 32, symmetric: bool 
     importance: dict[str, np.ndarray] = {}
     scalings: list[_Scaling] = []
 
+    spill = Spill() if has_lazy(model) else None  # past 2 GB: each new weight goes to a file as it is made
+
     def encode(node, bits=4):
         weight = _weight_input(node)
         mm = node.op_type == "MatMul"
-        return _encode(g, node, block_size, symmetric, method, hessians.get(weight) if method in ("gptq", "awq_gptq") else None, act_order,
-                       scaled.get(weight) if mm else None, importance.get(weight) if mm else None, bits, max_bytes is not None)
+        inits, record, approx = _encode(g, node, block_size, symmetric, method, hessians.get(weight) if method in ("gptq", "awq_gptq") else None,
+                                        act_order, scaled.get(weight) if mm else None, importance.get(weight) if mm else None, bits,
+                                        max_bytes is not None)
+        return ([spill.keep(t) for t in inits] if spill else inits), record, approx
 
     grouped = {}
     if len(groups) > 1:  # Hessians past HESSIAN_BYTES: a float pass per group, its weights rounded before the next
@@ -689,7 +700,7 @@ def quantize_int4(model: onnx.ModelProto, block_size: int = 32, symmetric: bool 
             encoded[key] = grouped.pop(key) if key in grouped else encode(node)
     if max_bytes is not None:
         size = _size_after(m, g, encoded, targets)
-        weight_of = lambda name: scaled[name] if name in scaled else g.array(name).astype(np.float32)  # noqa: E731
+        weight_of = lambda name: scaled[name] if name in scaled else _float_array(g, name)  # noqa: E731
         for key in _eight_bit(encoded, weight_of, hessians, size, max_bytes):
             node = next(n for n in targets.values() if (n.op_type, _weight_input(n)) == key)
             encoded[key] = encode(node, bits=8)
@@ -718,7 +729,7 @@ def _size_after(m: onnx.ModelProto, g: "_Sourced", encoded: dict, targets: dict)
     ids = {id(n) for n in targets.values()}
     readers_left = {name for name in weights for n in g.consumers.get(name, []) if id(n) not in ids}
     dropped = sum(stored_bytes(g.initializers[name]) for name in weights - readers_left)
-    added = sum(t.ByteSize() for inits, _, _ in encoded.values() for t in inits)
+    added = sum(stored_bytes(t) for inits, _, _ in encoded.values() for t in inits)
     return m.ByteSize() + sum(stored_bytes(t) - t.ByteSize() for t in m.graph.initializer) - dropped + added
 
 
@@ -818,9 +829,12 @@ def level_agreement(original: onnx.ModelProto, model: onnx.ModelProto, feeds: li
               for k, n in enumerate(model.graph.node) if n.op_type == "MatMulNBits"}
     try:
         for key, lvl in (("default", None), (f"level{level}", level)):
-            sess = session(set_accuracy_level(model, lvl))  # in place, restored below: no copy of the weights
+            # in place, restored below: no copy of the weights. Prepacked whatever the model's size: onnxruntime's
+            # MatMulNBits reads accuracy_level only in its packed kernels (unpacked, level 4 computed as the default).
+            sess = session(set_accuracy_level(model, lvl), prepack=True)
             out[key] = _agreement(reference, [run(sess, f, names) for f in feeds], names)
             del sess
+            give_back()  # its packed weights: the next session's are not held beside them
     finally:
         for k, attributes in before.items():
             del model.graph.node[k].attribute[:]
