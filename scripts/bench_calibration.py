@@ -1,7 +1,7 @@
 """Calibration benchmark: qconv's streaming calibration vs onnxruntime's calibrators, side by side.
 
     .venv/bin/python scripts/bench_calibration.py [--samples 16 64 256] [--size 128] [--json out.json]
-    .venv/bin/python scripts/bench_calibration.py --models [--exact] [--json out.json]
+    .venv/bin/python scripts/bench_calibration.py --models [--exact] [--repeat 3] [--json out.json]
 
 ``--models``: the tool's own cost on public models (PP-OCRv4 recognizer on 400 rendered lines, text detector on 48
 rendered pages, all-MiniLM-L6-v2 on 512 tokenized lines), in one run: one fp32 onnxruntime pass over the same feeds
@@ -206,7 +206,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="qconv-bench-calib-"))
     if args.models:
-        rows = models_table(work, args.exact)
+        rows = models_table(work, args.exact, args.repeat)
         print_model_targets(rows)
         if args.json:
             args.json.write_text(json.dumps(rows, indent=2, default=str))
@@ -366,27 +366,43 @@ def public_cases(work: Path) -> list[dict]:
     return cases
 
 
-def models_table(work: Path, exact: bool) -> list[dict]:
+def models_table(work: Path, exact: bool, repeat: int = 1) -> list[dict]:
     """Per model, in one run: one fp32 onnxruntime pass (and its process's peak RSS: the inference footprint),
     `qconv calibrate` (default, and with --hist-samples 0 when ``exact``), `qconv quantize --data` (first run on a
-    fresh kernel cache, then a second run), onnxruntime quantize_static MinMax; every tool a child process."""
+    fresh kernel cache, then a second run), onnxruntime quantize_static MinMax; every tool a child process. With
+    ``repeat`` > 1 the whole sequence runs that many times in turn (rounds), and each cell is the median of its rounds:
+    this machine's speed drifts by 20% between minutes, so one run of each cannot resolve a ratio."""
     import os
 
     py, cli = sys.executable, [sys.executable, "-m", "qconv"]
     rows = []
     for c in public_cases(work):
         m, d, b = str(c["model"]), str(c["data"]), str(c["batch"])
-        env = dict(os.environ, QCONV_CACHE_DIR=str(work / f"cache-{len(rows)}"))
-        fp = measured([py, "-c", FP32_PASS, m, d, b, str(ROOT)])
-        row = {"name": c["name"], "fp32": {**fp, "pass_s": float(fp["stdout"].strip().splitlines()[-1]) if "stdout" in fp else None}}
-        row["calibrate"] = measured(cli + ["calibrate", m, "--data", d, "--batch-size", b, "-o", str(work / "c.json"), "-q"], env)
-        if exact:
-            row["calibrate exact"] = measured(cli + ["calibrate", m, "--data", d, "--batch-size", b, "--hist-samples", "0",
-                                                  "-o", str(work / "e.json"), "-q"], env)
-        q = cli + ["quantize", m, "--data", d, "--batch-size", b, "-o", str(work / "q.onnx"), "-q", "--no-latency"]
-        row["quantize --data (first)"] = measured(q, env)
-        row["quantize --data"] = measured(q, env)
-        row["ort quantize_static"] = measured([py, "-c", ORT_MINMAX, m, d, b, str(ROOT), str(work / "o.onnx")])
+        rounds = []
+        for k in range(repeat):
+            env = dict(os.environ, QCONV_CACHE_DIR=str(work / f"cache-{len(rows)}-{k}"))
+            fp = measured([py, "-c", FP32_PASS, m, d, b, str(ROOT)])
+            got = {"fp32": {**fp, "pass_s": float(fp["stdout"].strip().splitlines()[-1]) if "stdout" in fp else None}}
+            for out in ("c.json", "e.json"):
+                (work / out).unlink(missing_ok=True)  # never "up to date": every round calibrates
+            got["calibrate"] = measured(cli + ["calibrate", m, "--data", d, "--batch-size", b, "-o", str(work / "c.json"), "-q"], env)
+            if exact:
+                got["calibrate exact"] = measured(cli + ["calibrate", m, "--data", d, "--batch-size", b, "--hist-samples", "0",
+                                                      "-o", str(work / "e.json"), "-q"], env)
+            q = cli + ["quantize", m, "--data", d, "--batch-size", b, "-o", str(work / "q.onnx"), "-q", "--no-latency"]
+            got["quantize --data (first)"] = measured(q, env)
+            got["quantize --data"] = measured(q, env)
+            got["ort quantize_static"] = measured([py, "-c", ORT_MINMAX, m, d, b, str(ROOT), str(work / "o.onnx")])
+            rounds.append(got)
+        row = {"name": c["name"], "rounds": len(rounds)}
+        for key in rounds[0]:
+            cells = [r[key] for r in rounds]
+            ok = [x for x in cells if "error" not in x]
+            if not ok:
+                row[key] = cells[0]
+                continue
+            row[key] = {f: statistics.median(x[f] for x in ok) for f in ("wall_s", "peak_mb", "pass_s") if ok[0].get(f) is not None}
+            row[key]["wall_runs"] = [round(x["wall_s"], 2) for x in ok]
         rows.append(row)
         print_model_row(row)
     return rows
@@ -395,18 +411,19 @@ def models_table(work: Path, exact: bool) -> list[dict]:
 def print_model_row(row: dict) -> None:
     fp = row["fp32"]
     base_s, base_mb = fp.get("pass_s"), fp.get("peak_mb")
+    rounds = f", medians of {row['rounds']} rounds" if row.get("rounds", 1) > 1 else ""
     print(f"\n{row['name']}: one fp32 pass {fmt(base_s, '.2f')} s (process {fmt(fp.get('wall_s'), '.1f')} s), "
-          f"inference peak RSS {fmt(base_mb, '.0f')} MB", flush=True)
+          f"inference peak RSS {fmt(base_mb, '.0f')} MB{rounds}", flush=True)
     ort_s = row["ort quantize_static"].get("wall_s")
     for key, r in row.items():
-        if key in ("name", "fp32"):
+        if key in ("name", "fp32", "rounds"):
             continue
         if "error" in r:
             print(f"  {key:26s} FAILED: {r['error']}")
             continue
         print(f"  {key:26s} {r['wall_s']:7.1f} s  {r['wall_s'] / base_s:6.2f}x fp32 pass  "
               f"{fmt(r['wall_s'] / ort_s if ort_s else None, '.2f')}x ort  peak {r['peak_mb']:6.0f} MB  "
-              f"{r['peak_mb'] / base_mb:5.2f}x inference", flush=True)
+              f"{r['peak_mb'] / base_mb:5.2f}x inference" + (f"  runs {r['wall_runs']}" if row.get("rounds", 1) > 1 else ""), flush=True)
 
 
 def print_model_targets(rows: list[dict]) -> None:

@@ -491,3 +491,32 @@ def test_the_bias_correction_check_counts_top_classes_of_probability_outputs():
     assert positions == 42 and agree < positions
     names, ref = pipeline.float_outputs(model(w, softmax=False), rows)
     assert pipeline.output_check(names, ref, model(w, softmax=False), rows)[1] == (0, 0)
+
+
+def test_checks_of_one_run_measure_each_model_and_row_once_and_agree_with_fresh_sessions(monkeypatch):
+    """CheckRows (the default's checks, quantize --data): a model checked again on rows it was checked on runs no
+    session; its figures, and those of a mix of seen and new rows, equal output_check's on fresh sessions."""
+    rng = np.random.default_rng(1)
+
+    def model(w):
+        nodes = [helper.make_node("MatMul", ["x", "w"], ["s"], name="mm"), helper.make_node("Softmax", ["s"], ["y"], axis=-1, name="sm")]
+        return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 7, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 7, 5])],
+                          [numpy_helper.from_array(w.astype(np.float32), "w")], opset=13)
+
+    w = rng.normal(0, 1, (6, 5))
+    fmodel, q1, q2 = model(w), model(w + rng.normal(0, 0.3, w.shape)), model(w + rng.normal(0, 0.3, w.shape))
+    rows = [{"x": rng.normal(0, 1, (2, 7, 6)).astype(np.float32)} for _ in range(5)]
+    sessions = []
+    made = pipeline.runtime.session
+    monkeypatch.setattr(pipeline.runtime, "session", lambda m, *a, **k: sessions.append(m) or made(m, *a, **k))
+    memo, names = pipeline.CheckRows(), pipeline.float_names(fmodel)
+    first = memo.check(fmodel, names, q1, rows[:4], 1)
+    assert len(sessions) == 2  # the float model and q1
+    assert memo.check(fmodel, names, q1, rows[1:3], 1) == pipeline.output_check(names, [r for r in pipeline.float_outputs(fmodel, rows[1:3], 1)[1]], q1, rows[1:3], 1)
+    del sessions[:]
+    assert memo.check(fmodel, names, q1, rows[:4], 1) == first and not sessions  # all measured already
+    mixed = memo.check(fmodel, names, q2, rows[2:], 1)
+    assert len(sessions) == 2  # the float model for the one new row, and q2
+    assert mixed == pipeline.output_check(names, pipeline.float_outputs(fmodel, rows[2:], 1)[1], q2, rows[2:], 1)
+    assert first[1][1] == 4 * 2 * 7 and first[0] > 0

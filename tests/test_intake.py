@@ -140,3 +140,23 @@ def test_a_product_read_twice_keeps_its_form():
     out, notes = prepare(m, 13)
     assert not any("gate products" in n for n in notes)
     assert "product" in {o for n in out.graph.node for o in n.output}
+
+
+def test_shape_inference_reads_a_copy_without_the_weights_and_leaves_the_model_as_it_was():
+    """graph.without_weights: big initializers keep name, type and dims but no data (what inference reads), small ones
+    keep their values (shape tensors); the model itself is not touched, so its weights are never copied back in."""
+    from qconv.graph import without_weights
+
+    big = numpy_helper.from_array(np.ones((64, 64), np.float32), "w")
+    shape = numpy_helper.from_array(np.array([1, -1], np.int64), "shape")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"]), helper.make_node("Reshape", ["y", "shape"], ["z"])]
+    model = helper.make_model(helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
+                                                [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)], [big, shape]))
+    before = model.SerializeToString()
+    light = without_weights(model)
+    assert model.SerializeToString() == before
+    w, s = (next(t for t in light.graph.initializer if t.name == n) for n in ("w", "shape"))
+    assert not w.raw_data and list(w.dims) == [64, 64] and w.data_type == TensorProto.FLOAT
+    np.testing.assert_array_equal(numpy_helper.to_array(s), [1, -1])
+    inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
+    assert [d.dim_value for d in inferred.graph.output[0].type.tensor_type.shape.dim] == [1, 128]

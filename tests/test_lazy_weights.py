@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qconv import io, runtime
 from qconv.cli.main import cli
-from qconv.graph import copy_with_placeholders, has_lazy, hash_loaded, tensor_array
+from qconv.graph import copy_with_placeholders, has_lazy, hash_loaded, is_lazy, tensor_array
 from tests.conftest import SAMPLES, conv_model, run_model
 
 
@@ -143,3 +143,26 @@ def test_the_sample_decoder_through_the_file_path_keeps_its_int4_bytes(tmp_path,
         assert r.exit_code == 0, r.output
         graphs.append(_loaded(out).graph.SerializeToString(deterministic=True))
     assert graphs[0] == graphs[1]
+
+
+def test_a_spilled_weight_reads_back_as_it_was_from_an_aligned_offset(tmp_path):
+    """io.Spill: a weight of SPILL_BYTES or more goes to the scratch file at a 64 KiB boundary (onnxruntime maps it
+    from there) and comes back lazy, with the same name, type, shape and values; a smaller one stays held."""
+    spill = io.Spill()
+    try:
+        big = numpy_helper.from_array(np.arange(3000, dtype=np.float32).reshape(30, 100), "big")
+        other = numpy_helper.from_array(np.linspace(-1, 1, 700).astype(np.float16), "other")
+        small = numpy_helper.from_array(np.ones(8, np.float32), "small")
+        kept = [spill.keep(t) for t in (big, other, small)]
+        assert [is_lazy(t) for t in kept] == [True, True, False]
+        assert kept[2] is small
+        for held, ref in zip((big, other), kept[:2]):
+            np.testing.assert_array_equal(tensor_array(ref), numpy_helper.to_array(held))
+            assert (ref.name, ref.data_type, list(ref.dims)) == (held.name, held.data_type, list(held.dims))
+            assert int({e.key: e.value for e in ref.external_data}["offset"]) % io.ALIGN == 0
+        written = tensor_array(kept[0])
+        written[0, 0] = -5.0  # copy-on-write: the file keeps its value
+        assert tensor_array(kept[0])[0, 0] == 0.0
+    finally:
+        spill.close()
+    assert not spill.folder.exists()
