@@ -590,27 +590,25 @@ def _float_array(g: Graph, name: str) -> np.ndarray:
     return w if w.dtype == np.float32 and w.flags.writeable else w.astype(np.float32)
 
 
-def _eight_bit(encoded: dict, weight_of: Callable[[str], np.ndarray], hessians: dict[str, np.ndarray], size: int,
-               budget: int) -> list[tuple[str, str]]:
+def _int4_gain(op_type: str, w: np.ndarray, approx: np.ndarray, h: np.ndarray | None, block_size: int) -> tuple[float, int]:
+    """(int4 error per byte that 8 bits would add, the bytes added) of one weight: the error measured as
+    ``tr(D^T H D) / tr(W^T H W)`` on the calibration Hessian when there is one (MatMuls with --data), else on the
+    weight (``||D||^2 / ||W||^2``). Measured as each weight is encoded, while its Hessian is at hand, so neither the
+    dequantized weights nor every Hessian are held until the budget is spent."""
+    d = w.astype(np.float64) - approx
+    err = awq.output_error(w, approx, h) / max(awq.output_error(w, np.zeros_like(w), h), 1e-30) if h is not None \
+        else float(np.sum(d * d)) / max(float(np.sum(w.astype(np.float64) ** 2)), 1e-30)
+    k_dim, n_dim = w.shape if op_type == "MatMul" else w.T.shape
+    n_blocks = -(-k_dim // block_size)
+    extra = n_dim * n_blocks * block_size // 2  # a byte per value instead of half of one
+    return -err / max(extra, 1), extra
+
+
+def _eight_bit(gains: dict[tuple[str, str], tuple[float, int]], size: int, budget: int) -> list[tuple[str, str]]:
     """The (op type, weight) keys of the MatMul weights and Gather tables to store in 8 bits so that the model stays
-    within ``budget`` bytes (``size``: all in int4): greedily by int4 error removed per byte added, the error measured
-    as ``tr(D^T H D) / tr(W^T H W)`` on the calibration Hessian when there is one (MatMuls with --data), else on the
-    weight (``||D||^2 / ||W||^2``)."""
-    gains = []
-    for (op_type, name), (inits, record, approx) in encoded.items():
-        if approx is None:
-            continue
-        w = weight_of(name)  # one float weight at a time: a budget never holds every weight twice
-        d = w.astype(np.float64) - approx
-        h = hessians.get(name) if op_type == "MatMul" else None
-        err = awq.output_error(w, approx, h) / max(awq.output_error(w, np.zeros_like(w), h), 1e-30) if h is not None \
-            else float(np.sum(d * d)) / max(float(np.sum(w.astype(np.float64) ** 2)), 1e-30)
-        k_dim, n_dim = w.shape if op_type == "MatMul" else w.T.shape
-        n_blocks = -(-k_dim // record["block_size"])
-        extra = n_dim * n_blocks * record["block_size"] // 2  # a byte per value instead of half of one
-        gains.append((-err / max(extra, 1), (op_type, name), extra))
+    within ``budget`` bytes (``size``: all in int4): greedily by int4 error removed per byte added (``_int4_gain``)."""
     chosen = []
-    for _, key, extra in sorted(gains):
+    for _, key, extra in sorted((gain, key, extra) for key, (gain, extra) in gains.items()):
         if size + extra <= budget:
             chosen.append(key)
             size += extra
@@ -654,7 +652,7 @@ def quantize_int4(model: onnx.ModelProto, block_size: int = 32, symmetric: bool 
     targets = {position: m.graph.node[position] for position in chosen}
     matmuls = [n for n in targets.values() if n.op_type == "MatMul"]
     widths = {n.input[0]: int(g.initializers[n.input[1]].dims[0]) for n in matmuls}
-    groups = hessian_groups(matmuls, widths, HESSIAN_BYTES) if method == "gptq" and max_bytes is None and matmuls else [matmuls]
+    groups = hessian_groups(matmuls, widths, HESSIAN_BYTES) if method == "gptq" and matmuls else [matmuls]
     hessians: dict[str, np.ndarray] = {}
     scaled: dict[str, np.ndarray] = {}
     importance: dict[str, np.ndarray] = {}
@@ -662,13 +660,18 @@ def quantize_int4(model: onnx.ModelProto, block_size: int = 32, symmetric: bool 
 
     spill = Spill() if has_lazy(model) else None  # past 2 GB: each new weight goes to a file as it is made
 
+    gains: dict[tuple[str, str], tuple[float, int]] = {}  # a size budget's measure of each int4 weight (_int4_gain)
+
     def encode(node, bits=4):
         weight = _weight_input(node)
         mm = node.op_type == "MatMul"
+        budget = max_bytes is not None and bits == 4
         inits, record, approx = _encode(g, node, block_size, symmetric, method, hessians.get(weight) if method in ("gptq", "awq_gptq") else None,
-                                        act_order, scaled.get(weight) if mm else None, importance.get(weight) if mm else None, bits,
-                                        max_bytes is not None)
-        return ([spill.keep(t) for t in inits] if spill else inits), record, approx
+                                        act_order, scaled.get(weight) if mm else None, importance.get(weight) if mm else None, bits, budget)
+        if budget:
+            w = scaled[weight] if weight in scaled else _float_array(g, weight)
+            gains[(node.op_type, weight)] = _int4_gain(node.op_type, w, approx, hessians.get(weight) if mm else None, block_size)
+        return ([spill.keep(t) for t in inits] if spill else inits), record
 
     grouped = {}
     if len(groups) > 1:  # Hessians past HESSIAN_BYTES: a float pass per group, its weights rounded before the next
@@ -699,21 +702,19 @@ def quantize_int4(model: onnx.ModelProto, block_size: int = 32, symmetric: bool 
         if key not in encoded:
             encoded[key] = grouped.pop(key) if key in grouped else encode(node)
     if max_bytes is not None:
-        size = _size_after(m, g, encoded, targets)
-        weight_of = lambda name: scaled[name] if name in scaled else _float_array(g, name)  # noqa: E731
-        for key in _eight_bit(encoded, weight_of, hessians, size, max_bytes):
+        for key in _eight_bit(gains, _size_after(m, g, encoded, targets), max_bytes):
             node = next(n for n in targets.values() if (n.op_type, _weight_input(n)) == key)
             encoded[key] = encode(node, bits=8)
     quantized, replaced = [], {}
     for position, node in targets.items():
-        inits, record, _ = encoded[(node.op_type, _weight_input(node))]
+        inits, record = encoded[(node.op_type, _weight_input(node))]
         quantized.append({"node": node.name, **record})
         new = _replacement(g, node, inits, block_size, accuracy_level, record["bits"])
         m.graph.node[position].CopyFrom(new)
         replaced[new.name] = new
-    for key, (inits, record, approx) in encoded.items():  # one weight's tensors at a time: extend copies them
+    for key, (inits, record) in encoded.items():  # one weight's tensors at a time: extend copies them
         m.graph.initializer.extend(inits)
-        encoded[key] = ([], record, approx)
+        encoded[key] = ([], record)
     if targets and not any(op.domain == MS_DOMAIN for op in m.opset_import):
         m.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     _insert_scales(m, g, scalings, replaced)
@@ -729,7 +730,7 @@ def _size_after(m: onnx.ModelProto, g: "_Sourced", encoded: dict, targets: dict)
     ids = {id(n) for n in targets.values()}
     readers_left = {name for name in weights for n in g.consumers.get(name, []) if id(n) not in ids}
     dropped = sum(stored_bytes(g.initializers[name]) for name in weights - readers_left)
-    added = sum(stored_bytes(t) for inits, _, _ in encoded.values() for t in inits)
+    added = sum(stored_bytes(t) for inits, _ in encoded.values() for t in inits)
     return m.ByteSize() + sum(stored_bytes(t) - t.ByteSize() for t in m.graph.initializer) - dropped + added
 
 
