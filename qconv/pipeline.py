@@ -246,16 +246,18 @@ def check_summary(parts: list[tuple], outputs: int) -> tuple[float, tuple[int, i
 
 class CheckRows:
     """What the default's checks of one run measured on their rows, for the checks after them: the float outputs (up
-    to ``FLOAT_BYTES``) and each int8 model's ``row_check`` parts, by a digest of the model's graph and of the row.
-    The bias-correction check's rows are among those the output-aware ranges were checked on, and its model without
-    bias correction is the one those ranges were checked with: neither is run again (MiniLM: a float and an int8
-    session fewer, of 11). A row's parts are what a fresh session computes on it, so the verdicts are the same."""
+    to ``FLOAT_BYTES``, by the float model and a digest of the row; the float model is not changed while one CheckRows
+    is in use) and each int8 model's ``row_check`` parts, by a digest of the model's graph and of the row. The
+    bias-correction check's model without bias correction is usually the one the output-aware ranges were checked
+    with, and its rows are often among theirs: what was measured is not run again (MiniLM: its float rows and that
+    model, two sessions of 11; det: 3 of its 8 rows). A row's parts are what a fresh session computes on it, so the
+    verdicts are the same."""
 
     FLOAT_BYTES = 64 << 20
 
     def __init__(self):
         self.parts: dict[tuple[str, str], tuple] = {}
-        self.floats: dict[str, list] = {}
+        self.floats: dict[tuple[int, str], list] = {}
         self.held = 0
 
     def check(self, fmodel: onnx.ModelProto, names: list[str], qmodel: onnx.ModelProto, rows: list[dict],
@@ -275,16 +277,17 @@ class CheckRows:
     def reference(self, fmodel: onnx.ModelProto, names: list[str], rows: list[dict], digests: list[str],
                   threads: int | None = None) -> list[list]:
         """The float outputs on ``rows``: kept ones, the rest run (and kept while they fit FLOAT_BYTES)."""
-        got = {d: self.floats[d] for d in digests if d in self.floats}
-        todo = [(feed, d) for feed, d in zip(rows, digests) if d not in got]
+        keys = [(id(fmodel), d) for d in digests]
+        got = {k: self.floats[k] for k in keys if k in self.floats}
+        todo = [(feed, k) for feed, k in zip(rows, keys) if k not in got]
         if todo:
             sess = runtime.session(fmodel, threads)
-            for feed, d in todo:
-                got[d] = runtime.run(sess, feed, names)
-                size = sum(np.asarray(v).nbytes for v in got[d])
+            for feed, k in todo:
+                got[k] = runtime.run(sess, feed, names)
+                size = sum(np.asarray(v).nbytes for v in got[k])
                 if self.held + size <= self.FLOAT_BYTES:
-                    self.floats[d], self.held = got[d], self.held + size
-        return [got[d] for d in digests]
+                    self.floats[k], self.held = got[k], self.held + size
+        return [got[k] for k in keys]
 
 
 def _digest(raw: bytes) -> str:

@@ -548,7 +548,7 @@ def _encode(g: Graph, node: onnx.NodeProto, block_size: int, symmetric: bool, me
     """(new initializers, quantized record without the node name, the dequantized weight or None) for the weight of
     ``node``; ``weight``, when given, replaces the stored one (AWQ's scaled weight). ``bits=8``: a mixed model's
     8-bit layer (symmetric round-to-nearest, MatMulNBits bits=8). ``approx=False``: no dequantized weight (only a
-    size budget reads it; kept for every weight it would be a float copy of the model)."""
+    size budget reads it, at once: ``_int4_gain``)."""
     name = _weight_input(node)
     w = _float_array(g, name) if weight is None else weight
     affine = not symmetric or method == "hqq"
