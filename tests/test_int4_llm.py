@@ -403,3 +403,25 @@ def test_a_size_budget_with_gptq_takes_its_hessians_a_group_at_a_time_and_choose
     assert len(passes) > 3
     assert [q["weight"] for q in grouped.quantized if q["bits"] == 8] == eight
     assert grouped.model.SerializeToString() == single.model.SerializeToString()
+
+
+@pytest.mark.parametrize("method", ["awq", "awq_gptq"])
+def test_awq_takes_its_hessians_a_group_at_a_time_and_writes_what_one_pass_writes(monkeypatch, method):
+    """AWQ past HESSIAN_BYTES: one float pass per group, inputs searched in graph order, each weight encoded once it is
+    final (an up projection waits for the down projection's input, whose 1/s folds into its columns); the scalings
+    and the bytes are those of the single pass."""
+    model = onnx.load(str(SAMPLES / "tiny_decoder" / "model.onnx"))
+    specs = [InputSpec.from_value_info(i) for i in model.graph.input]
+    feeds = FeedSource(SAMPLES / "tiny_decoder" / "prompts.npz", specs, batch_size=4)
+    single = wo.quantize_int4(model, method=method, calib_feeds=feeds)
+    assert any(sc["folded_into"] for sc in single.scalings)
+    monkeypatch.setattr(wo, "HESSIAN_BYTES", 12 * 64 * 64 + 1)
+    passes, encoded = [], []
+    real_hessians, real_encode = wo.input_hessians, wo._encode
+    monkeypatch.setattr(wo, "input_hessians", lambda m, w, f, sess=None: passes.append(sorted(w)) or real_hessians(m, w, f, sess))
+    monkeypatch.setattr(wo, "_encode", lambda g, node, *a, **k: encoded.append((len(passes), node.input[1])) or real_encode(g, node, *a, **k))
+    grouped = wo.quantize_int4(model, method=method, calib_feeds=feeds)
+    assert len(passes) > 3 and sum(len(p) for p in passes) == len({x for p in passes for x in p})
+    assert encoded[0][0] < len(passes)  # weights are encoded between passes, not all after the last
+    assert grouped.scalings == single.scalings
+    assert grouped.model.SerializeToString() == single.model.SerializeToString()

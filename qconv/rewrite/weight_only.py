@@ -477,10 +477,24 @@ def _fold_target(g: Graph, x: str, readers: list[onnx.NodeProto]) -> tuple[str, 
     return None
 
 
-def _awq(g: Graph, matmuls, per_input: dict[str, np.ndarray], block_size: int,
-         symmetric: bool) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[_Scaling]]:
-    """AWQ over the int4 MatMuls: ({weight: diag(s) W}, {weight: importance [K]}, scalings). Folds ``1 / s`` into
-    the initializers of ``g``'s model where _fold_target allows; the caller inserts Muls for the rest."""
+@dataclass
+class _AwqState:
+    """What AWQ has decided so far: {weight: diag(s) W}, {weight: importance [K]}, the scalings, and the weights whose
+    columns took a later input's ``1 / s`` before their own input was searched (``overrides``)."""
+
+    scaled: dict[str, np.ndarray] = field(default_factory=dict)
+    importance: dict[str, np.ndarray] = field(default_factory=dict)
+    scalings: list[_Scaling] = field(default_factory=list)
+    overrides: dict[str, np.ndarray] = field(default_factory=dict)
+    owned: set[str] = field(default_factory=set)  # the weights AWQ scaled (encoded by the caller)
+
+
+def _awq(g: Graph, matmuls, per_input: dict[str, np.ndarray], block_size: int, symmetric: bool,
+         state: _AwqState | None = None, only: set[str] | None = None) -> _AwqState:
+    """AWQ over the int4 MatMuls, input by input in graph order (``only``: those inputs, for a group of Hessians;
+    ``state`` carries the earlier groups' decisions). Folds ``1 / s`` into the initializers of ``g``'s model where
+    _fold_target allows; the caller inserts Muls for the rest, and ends with ``_awq_finish``."""
+    state = state or _AwqState()
     by_input: dict[str, list[onnx.NodeProto]] = {}
     for node in matmuls:
         by_input.setdefault(node.input[0], []).append(node)
@@ -488,9 +502,10 @@ def _awq(g: Graph, matmuls, per_input: dict[str, np.ndarray], block_size: int,
     for node in matmuls:
         inputs_of_weight.setdefault(node.input[1], set()).add(node.input[0])
     round_trip = lambda w: rtn(w, block_size, symmetric).dequantize()  # noqa: E731
-    overrides: dict[str, np.ndarray] = {}  # weights with folded columns, before their own scaling
-    scaled, importance, scalings = {}, {}, []
+    scaled, overrides = state.scaled, state.overrides
     for x, readers in by_input.items():
+        if only is not None and x not in only:
+            continue
         h = per_input[x]
         weights = sorted({n.input[1] for n in readers})
         shared = any(len(inputs_of_weight[w]) > 1 for w in weights)
@@ -502,7 +517,8 @@ def _awq(g: Graph, matmuls, per_input: dict[str, np.ndarray], block_size: int,
         diag = np.maximum(np.diag(h), 0.0) / (s * s)
         for w in weights:
             scaled[w] = (arrays[w] * s[:, None]).astype(np.float32)
-            importance[w] = diag
+            state.importance[w] = diag
+            state.owned.add(w)
         if alpha == 0.0:
             continue
         target = _fold_target(g, x, readers)
@@ -518,11 +534,29 @@ def _awq(g: Graph, matmuls, per_input: dict[str, np.ndarray], block_size: int,
                 else:
                     overrides[name] = (overrides.get(name, g.array(name).astype(np.float32)) / s[None, :]).astype(np.float32)
             folded = names[0]
-        scalings.append(_Scaling(x, s, alpha, folded))
-    for name, arr in overrides.items():
-        if name not in scaled:
+        state.scalings.append(_Scaling(x, s, alpha, folded))
+    return state
+
+
+def _awq_finish(g: Graph, state: _AwqState) -> None:
+    """The weights that took a ``1 / s`` in their columns but are not AWQ's own (kept float): written back."""
+    for name, arr in state.overrides.items():
+        if name not in state.owned:
             g.initializers[name].CopyFrom(numpy_helper.from_array(arr, name))
-    return scaled, importance, scalings
+
+
+def _column_folds(g: Graph, matmuls) -> dict[str, set[str]]:
+    """{weight: the inputs whose ``1 / s`` AWQ may fold into its columns}: a weight is final only after them."""
+    by_input: dict[str, list[onnx.NodeProto]] = {}
+    for node in matmuls:
+        by_input.setdefault(node.input[0], []).append(node)
+    waits: dict[str, set[str]] = {}
+    for x, readers in by_input.items():
+        target = _fold_target(g, x, readers)
+        if target is not None and target[0] == "columns":
+            for name in target[1]:
+                waits.setdefault(name, set()).add(x)
+    return waits
 
 
 def _insert_scales(m: onnx.ModelProto, g: Graph, scalings: list[_Scaling], replaced: dict[str, onnx.NodeProto]) -> None:
@@ -629,6 +663,62 @@ def _replacement(g: Graph, node: onnx.NodeProto, inits: list[TensorProto], block
                             domain=MS_DOMAIN, K=k_dim, N=n_dim, bits=bits, block_size=block_size, **extra)
 
 
+def _scaled_hessians(hessians: dict[str, np.ndarray], scalings: list[_Scaling], matmuls) -> None:
+    """The error of a scaled weight is measured on the scaled input: its Hessian divided by ``s s^T``."""
+    for sc in scalings:
+        for node in matmuls:
+            if node.input[0] == sc.input:
+                hessians[node.input[1]] = hessians[node.input[1]] / np.outer(sc.scale, sc.scale)
+
+
+def _awq_groups(matmuls, widths: dict[str, int]) -> list[list[onnx.NodeProto]] | None:
+    """AWQ's Hessian groups (hessian_groups) when there is more than one and taking them in turn searches the inputs in
+    the order one pass would (AWQ's folds depend on it); else None: one pass."""
+    groups = hessian_groups(matmuls, widths, HESSIAN_BYTES) if matmuls else [[]]
+    if len(groups) < 2:
+        return None
+    order = list(dict.fromkeys(n.input[0] for n in matmuls))
+    taken = [x for group in groups for x in order if x in {n.input[0] for n in group}]
+    return groups if taken == order else None
+
+
+def _awq_grouped(model: onnx.ModelProto, g: Graph, matmuls, groups, widths: dict[str, int], calib_feeds, block_size: int,
+                 symmetric: bool, hessians: dict[str, np.ndarray], state: _AwqState,
+                 encode: Callable[[onnx.NodeProto], None]) -> None:
+    """AWQ with its Hessians a group at a time: one float pass per group (one session exposing every input, as GPTQ's
+    groups), its inputs searched in graph order, and each weight encoded (``encode``) as soon as it is final: its own
+    input searched, and every later input that may fold ``1 / s`` into its columns (_column_folds: a SwiGLU's up
+    projection waits for the down projection's input). Its Hessian and scaled copy are dropped then, so a pass holds one
+    group's Hessians and the few weights still waiting. The same decisions, in the same order, as one pass."""
+    feeds = list(calib_feeds) if iter(calib_feeds) is calib_feeds else calib_feeds  # a generator is read once
+    waits = _column_folds(g, matmuls)
+    readers: dict[str, set[str]] = {}
+    for node in matmuls:
+        readers.setdefault(node.input[1], set()).add(node.input[0])
+    searched: set[str] = set()
+    done: set[str] = set()
+    sess = hessian_session(model, widths)
+    for group in groups:
+        inputs = {n.input[0] for n in group}
+        per_input = input_hessians(model, {x: widths[x] for x in inputs}, feeds, sess)
+        weight_h = _weight_hessians(per_input, group)
+        _awq(g, matmuls, per_input, block_size, symmetric, state, only=inputs)
+        del per_input
+        _scaled_hessians(weight_h, [sc for sc in state.scalings if sc.input in inputs], group)
+        hessians.update(weight_h)
+        searched |= inputs
+        for node in matmuls:
+            w = node.input[1]
+            if w in done or not readers[w] <= searched or not waits.get(w, set()) <= searched:
+                continue
+            encode(node)
+            done.add(w)
+            hessians.pop(w, None)
+            state.scaled.pop(w, None)
+            state.overrides.pop(w, None)
+    del sess
+
+
 def quantize_int4(model: onnx.ModelProto, block_size: int = 32, symmetric: bool = True, method: str = "rtn",
                   calib_feeds: Iterable[dict[str, np.ndarray]] | None = None, exclude_nodes=(),
                   accuracy_level: int | None = None, act_order: bool = False, only_nodes=None,
@@ -674,7 +764,17 @@ def quantize_int4(model: onnx.ModelProto, block_size: int = 32, symmetric: bool 
         return ([spill.keep(t) for t in inits] if spill else inits), record
 
     grouped = {}
-    if len(groups) > 1:  # Hessians past HESSIAN_BYTES: a float pass per group, its weights rounded before the next
+    # AWQ's Hessians past HESSIAN_BYTES (_awq_grouped); with a size budget they are all taken at once, as the 8-bit
+    # layers it buys are encoded from the scaled weights after the budget is spent
+    awq_groups = _awq_groups(matmuls, widths) if method in ("awq", "awq_gptq") and max_bytes is None else None
+    if awq_groups is not None:
+        state = _AwqState()
+        scaled, importance, scalings = state.scaled, state.importance, state.scalings  # what ``encode`` reads
+        _awq_grouped(model, g, matmuls, awq_groups, widths, calib_feeds, block_size, symmetric, hessians, state,
+                     lambda node: grouped.__setitem__((node.op_type, _weight_input(node)), encode(node)))
+        _awq_finish(g, state)
+        hessians = {}
+    elif len(groups) > 1:  # Hessians past HESSIAN_BYTES: a float pass per group, its weights rounded before the next
         feeds = list(calib_feeds) if iter(calib_feeds) is calib_feeds else calib_feeds  # a generator is read once
         sess = hessian_session(model, widths)
         for group in groups:
@@ -689,12 +789,11 @@ def quantize_int4(model: onnx.ModelProto, block_size: int = 32, symmetric: bool 
         per_input = input_hessians(model, widths, calib_feeds)
         hessians = _weight_hessians(per_input, matmuls)
         if method in ("awq", "awq_gptq"):
-            scaled, importance, scalings = _awq(g, matmuls, per_input, block_size, symmetric)
+            state = _awq(g, matmuls, per_input, block_size, symmetric)
+            _awq_finish(g, state)
+            scaled, importance, scalings = state.scaled, state.importance, state.scalings
+            _scaled_hessians(hessians, state.scalings, matmuls)
         del per_input
-    for sc in scalings:  # the error of a scaled weight is measured on the scaled input
-        for node in matmuls:
-            if node.input[0] == sc.input:
-                hessians[node.input[1]] = hessians[node.input[1]] / np.outer(sc.scale, sc.scale)
 
     encoded = {}
     for node in targets.values():
