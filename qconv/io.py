@@ -298,13 +298,12 @@ class Spill:
     """A scratch file where a rewrite of a model past 2 GB puts each new weight as it makes it, keeping in the model only
     a lazy reference to it (qconv.graph.is_lazy): the new weights are never all held at once (an int4 decoder of 2 GB:
     334 MiB), and sessions map them from the file instead of copying them (runtime.session does not prepack a model
-    with lazy weights). Weights under ``threshold`` bytes stay in the model, as write_external would leave them. The
-    folder goes at exit; a model that refers to it is written (save_model copies the bytes) before then."""
+    with lazy weights). Weights under SPILL_BYTES stay in the model, as save_model would leave them. The folder goes at
+    exit; a model that refers to it is written (save_model copies the bytes) before then."""
 
-    def __init__(self, threshold: int | None = None):
+    def __init__(self):
         import atexit
 
-        self.threshold = SPILL_BYTES if threshold is None else threshold
         self.folder = Path(tempfile.mkdtemp(prefix="qconv-spill."))
         self.path = self.folder / "weights.data"
         self._file = open(self.path, "wb")
@@ -312,7 +311,7 @@ class Spill:
 
     def keep(self, t: onnx.TensorProto) -> onnx.TensorProto:
         """``t``, or a lazy reference to its bytes now written to the scratch file."""
-        if t.ByteSize() < self.threshold or not t.HasField("raw_data"):
+        if t.ByteSize() < SPILL_BYTES or not t.HasField("raw_data"):
             return t
         ref = onnx.TensorProto()
         ref.name, ref.data_type = t.name, t.data_type

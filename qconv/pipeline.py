@@ -247,7 +247,7 @@ def check_summary(parts: list[tuple], outputs: int) -> tuple[float, tuple[int, i
 class CheckRows:
     """What the default's checks of one run measured on their rows, for the checks after them: the float outputs (up
     to ``FLOAT_BYTES``, by the float model and a digest of the row; the float model is not changed while one CheckRows
-    is in use) and each int8 model's ``row_check`` parts, by a digest of the model's graph and of the row. The
+    is in use) and each int8 model's ``row_check`` parts, by the model's identity and a digest of the row. The
     bias-correction check's model without bias correction is usually the one the output-aware ranges were checked
     with, and its rows are often among theirs: what was measured is not run again (MiniLM: its float rows and that
     model, two sessions of 11; det: 3 of its 8 rows). A row's parts are what a fresh session computes on it, so the
@@ -263,7 +263,7 @@ class CheckRows:
     def check(self, fmodel: onnx.ModelProto, names: list[str], qmodel: onnx.ModelProto, rows: list[dict],
               threads: int | None = None) -> tuple[float, tuple[int, int], tuple[int, int]]:
         """``output_check`` of ``qmodel`` on ``rows`` against ``fmodel``, running only what was not measured yet."""
-        key = _digest(qmodel.graph.SerializeToString(deterministic=True))
+        key = io.model_identity(qmodel)  # graph and weights, streamed for a model past 2 GB
         feeds = [_feed_digest(f) for f in rows]
         missing = [k for k, d in enumerate(feeds) if (key, d) not in self.parts]
         if missing:
@@ -288,10 +288,6 @@ class CheckRows:
                 if self.held + size <= self.FLOAT_BYTES:
                     self.floats[k], self.held = got[k], self.held + size
         return [got[k] for k in keys]
-
-
-def _digest(raw: bytes) -> str:
-    return hashlib.blake2b(raw, digest_size=16).hexdigest()
 
 
 def _feed_digest(feed: dict) -> str:

@@ -477,6 +477,22 @@ def _fold_target(g: Graph, x: str, readers: list[onnx.NodeProto]) -> tuple[str, 
     return None
 
 
+def _by_input(matmuls) -> dict[str, list[onnx.NodeProto]]:
+    """{input tensor: the MatMuls reading it}, in graph order."""
+    out: dict[str, list[onnx.NodeProto]] = {}
+    for node in matmuls:
+        out.setdefault(node.input[0], []).append(node)
+    return out
+
+
+def _inputs_of_weight(matmuls) -> dict[str, set[str]]:
+    """{weight: the input tensors of the MatMuls reading it}."""
+    out: dict[str, set[str]] = {}
+    for node in matmuls:
+        out.setdefault(node.input[1], set()).add(node.input[0])
+    return out
+
+
 @dataclass
 class _AwqState:
     """What AWQ has decided so far: {weight: diag(s) W}, {weight: importance [K]}, the scalings, and the weights whose
@@ -486,7 +502,6 @@ class _AwqState:
     importance: dict[str, np.ndarray] = field(default_factory=dict)
     scalings: list[_Scaling] = field(default_factory=list)
     overrides: dict[str, np.ndarray] = field(default_factory=dict)
-    owned: set[str] = field(default_factory=set)  # the weights AWQ scaled (encoded by the caller)
 
 
 def _awq(g: Graph, matmuls, per_input: dict[str, np.ndarray], block_size: int, symmetric: bool,
@@ -495,15 +510,10 @@ def _awq(g: Graph, matmuls, per_input: dict[str, np.ndarray], block_size: int, s
     ``state`` carries the earlier groups' decisions). Folds ``1 / s`` into the initializers of ``g``'s model where
     _fold_target allows; the caller inserts Muls for the rest, and ends with ``_awq_finish``."""
     state = state or _AwqState()
-    by_input: dict[str, list[onnx.NodeProto]] = {}
-    for node in matmuls:
-        by_input.setdefault(node.input[0], []).append(node)
-    inputs_of_weight: dict[str, set[str]] = {}
-    for node in matmuls:
-        inputs_of_weight.setdefault(node.input[1], set()).add(node.input[0])
+    inputs_of_weight = _inputs_of_weight(matmuls)
     round_trip = lambda w: rtn(w, block_size, symmetric).dequantize()  # noqa: E731
     scaled, overrides = state.scaled, state.overrides
-    for x, readers in by_input.items():
+    for x, readers in _by_input(matmuls).items():
         if only is not None and x not in only:
             continue
         h = per_input[x]
@@ -518,7 +528,6 @@ def _awq(g: Graph, matmuls, per_input: dict[str, np.ndarray], block_size: int, s
         for w in weights:
             scaled[w] = (arrays[w] * s[:, None]).astype(np.float32)
             state.importance[w] = diag
-            state.owned.add(w)
         if alpha == 0.0:
             continue
         target = _fold_target(g, x, readers)
@@ -538,20 +547,18 @@ def _awq(g: Graph, matmuls, per_input: dict[str, np.ndarray], block_size: int, s
     return state
 
 
-def _awq_finish(g: Graph, state: _AwqState) -> None:
+def _awq_finish(g: Graph, state: _AwqState, matmuls) -> None:
     """The weights that took a ``1 / s`` in their columns but are not AWQ's own (kept float): written back."""
+    own = _inputs_of_weight(matmuls)
     for name, arr in state.overrides.items():
-        if name not in state.owned:
+        if name not in own:
             g.initializers[name].CopyFrom(numpy_helper.from_array(arr, name))
 
 
 def _column_folds(g: Graph, matmuls) -> dict[str, set[str]]:
     """{weight: the inputs whose ``1 / s`` AWQ may fold into its columns}: a weight is final only after them."""
-    by_input: dict[str, list[onnx.NodeProto]] = {}
-    for node in matmuls:
-        by_input.setdefault(node.input[0], []).append(node)
     waits: dict[str, set[str]] = {}
-    for x, readers in by_input.items():
+    for x, readers in _by_input(matmuls).items():
         target = _fold_target(g, x, readers)
         if target is not None and target[0] == "columns":
             for name in target[1]:
@@ -578,11 +585,12 @@ def _insert_scales(m: onnx.ModelProto, g: Graph, scalings: list[_Scaling], repla
 
 
 def _encode(g: Graph, node: onnx.NodeProto, block_size: int, symmetric: bool, method: str, hessian, act_order: bool,
-            weight: np.ndarray | None = None, importance: np.ndarray | None = None, bits: int = 4, approx: bool = True):
-    """(new initializers, quantized record without the node name, the dequantized weight or None) for the weight of
-    ``node``; ``weight``, when given, replaces the stored one (AWQ's scaled weight). ``bits=8``: a mixed model's
-    8-bit layer (symmetric round-to-nearest, MatMulNBits bits=8). ``approx=False``: no dequantized weight (only a
-    size budget reads it, at once: ``_int4_gain``)."""
+            weight: np.ndarray | None = None, importance: np.ndarray | None = None, bits: int = 4, gain: bool = False,
+            gain_hessian: np.ndarray | None = None):
+    """(new initializers, quantized record without the node name, ``_int4_gain`` or None) for the weight of ``node``;
+    ``weight``, when given, replaces the stored one (AWQ's scaled weight). ``bits=8``: a mixed model's 8-bit layer
+    (symmetric round-to-nearest, MatMulNBits bits=8). ``gain``: a size budget's measure of this int4 weight, on
+    ``gain_hessian`` when there is one, taken here while the weight and its approximation are at hand."""
     name = _weight_input(node)
     w = _float_array(g, name) if weight is None else weight
     affine = not symmetric or method == "hqq"
@@ -593,7 +601,7 @@ def _encode(g: Graph, node: onnx.NodeProto, block_size: int, symmetric: bool, me
         inits = [numpy_helper.from_array(a, g.unique(name + sfx)) for a, sfx in zip(arrays, ("_Q8", "_scales8"))]
         record = {"op_type": node.op_type, "weight": name, "shape": list(w.shape), "block_size": block_size,
                   "symmetric": True, "method": "rtn", "bits": 8, "rel_error": rel_error(w.T if table else w, qw)}
-        return inits, record, (None if not approx else qw.dequantize().T if table else qw.dequantize())
+        return inits, record, None
     if node.op_type == "Gather":
         qw = rtn(w.T, block_size, symmetric)
         arrays, err, used = gather_tensors(qw, symmetric), rel_error(w.T, qw), "rtn"
@@ -613,9 +621,10 @@ def _encode(g: Graph, node: onnx.NodeProto, block_size: int, symmetric: bool, me
     inits = [numpy_helper.from_array(a, g.unique(name + s)) for a, s in zip(arrays, suffixes)]
     record = {"op_type": node.op_type, "weight": name, "shape": list(w.shape), "block_size": block_size,
               "symmetric": not affine, "method": used, "bits": 4, "rel_error": err}
-    if not approx:
+    if not gain:
         return inits, record, None
-    return inits, record, (qw.dequantize() if node.op_type == "MatMul" else qw.dequantize().T)
+    approx = qw.dequantize() if node.op_type == "MatMul" else qw.dequantize().T
+    return inits, record, _int4_gain(node.op_type, w, approx, gain_hessian, block_size)
 
 
 def _float_array(g: Graph, name: str) -> np.ndarray:
@@ -671,51 +680,39 @@ def _scaled_hessians(hessians: dict[str, np.ndarray], scalings: list[_Scaling], 
                 hessians[node.input[1]] = hessians[node.input[1]] / np.outer(sc.scale, sc.scale)
 
 
-def _awq_groups(matmuls, widths: dict[str, int]) -> list[list[onnx.NodeProto]] | None:
-    """AWQ's Hessian groups (hessian_groups) when there is more than one and taking them in turn searches the inputs in
-    the order one pass would (AWQ's folds depend on it); else None: one pass."""
-    groups = hessian_groups(matmuls, widths, HESSIAN_BYTES) if matmuls else [[]]
-    if len(groups) < 2:
-        return None
-    order = list(dict.fromkeys(n.input[0] for n in matmuls))
-    taken = [x for group in groups for x in order if x in {n.input[0] for n in group}]
-    return groups if taken == order else None
+def _search_order_kept(groups, matmuls) -> bool:
+    """Whether taking ``groups`` in turn searches the inputs in the order one pass does (AWQ's folds depend on it)."""
+    order = list(_by_input(matmuls))
+    return [x for group in groups for x in order if x in {n.input[0] for n in group}] == order
 
 
-def _awq_grouped(model: onnx.ModelProto, g: Graph, matmuls, groups, widths: dict[str, int], calib_feeds, block_size: int,
-                 symmetric: bool, hessians: dict[str, np.ndarray], state: _AwqState,
-                 encode: Callable[[onnx.NodeProto], None]) -> None:
-    """AWQ with its Hessians a group at a time: one float pass per group (one session exposing every input, as GPTQ's
-    groups), its inputs searched in graph order, and each weight encoded (``encode``) as soon as it is final: its own
-    input searched, and every later input that may fold ``1 / s`` into its columns (_column_folds: a SwiGLU's up
-    projection waits for the down projection's input). Its Hessian and scaled copy are dropped then, so a pass holds one
-    group's Hessians and the few weights still waiting. The same decisions, in the same order, as one pass."""
+def _in_groups(model: onnx.ModelProto, matmuls, groups, widths: dict[str, int], calib_feeds, hessians: dict[str, np.ndarray],
+               encode: Callable[[onnx.NodeProto], None], search=None, waits: dict[str, set[str]] | None = None) -> None:
+    """Hessians past HESSIAN_BYTES: one float pass per group, through one session exposing every input (what is
+    exposed changes which nodes onnxruntime fuses, so every pass computes them alike); ``search(per_input, weight
+    Hessians, inputs)`` (AWQ) on the group; then each weight is encoded as soon as it is final: its readers' inputs
+    taken, and every input in ``waits`` for it (AWQ: a later input whose ``1 / s`` may fold into its columns). Its
+    Hessian is dropped then, so a pass holds one group's Hessians and the few weights still waiting."""
     feeds = list(calib_feeds) if iter(calib_feeds) is calib_feeds else calib_feeds  # a generator is read once
-    waits = _column_folds(g, matmuls)
-    readers: dict[str, set[str]] = {}
-    for node in matmuls:
-        readers.setdefault(node.input[1], set()).add(node.input[0])
-    searched: set[str] = set()
+    readers, waits = _inputs_of_weight(matmuls), waits or {}
+    taken: set[str] = set()
     done: set[str] = set()
     sess = hessian_session(model, widths)
     for group in groups:
         inputs = {n.input[0] for n in group}
         per_input = input_hessians(model, {x: widths[x] for x in inputs}, feeds, sess)
         weight_h = _weight_hessians(per_input, group)
-        _awq(g, matmuls, per_input, block_size, symmetric, state, only=inputs)
+        if search is not None:
+            search(per_input, weight_h, inputs)
         del per_input
-        _scaled_hessians(weight_h, [sc for sc in state.scalings if sc.input in inputs], group)
         hessians.update(weight_h)
-        searched |= inputs
+        taken |= inputs
         for node in matmuls:
             w = node.input[1]
-            if w in done or not readers[w] <= searched or not waits.get(w, set()) <= searched:
-                continue
-            encode(node)
-            done.add(w)
-            hessians.pop(w, None)
-            state.scaled.pop(w, None)
-            state.overrides.pop(w, None)
+            if w not in done and readers[w] <= taken and waits.get(w, set()) <= taken:
+                encode(node)
+                done.add(w)
+                hessians.pop(w, None)
     del sess
 
 
@@ -742,58 +739,51 @@ def quantize_int4(model: onnx.ModelProto, block_size: int = 32, symmetric: bool 
     targets = {position: m.graph.node[position] for position in chosen}
     matmuls = [n for n in targets.values() if n.op_type == "MatMul"]
     widths = {n.input[0]: int(g.initializers[n.input[1]].dims[0]) for n in matmuls}
-    groups = hessian_groups(matmuls, widths, HESSIAN_BYTES) if method == "gptq" and matmuls else [matmuls]
     hessians: dict[str, np.ndarray] = {}
-    scaled: dict[str, np.ndarray] = {}
-    importance: dict[str, np.ndarray] = {}
-    scalings: list[_Scaling] = []
-
+    state = _AwqState()  # AWQ's decisions (empty for the other methods)
+    scaled, importance, scalings = state.scaled, state.importance, state.scalings
     spill = Spill() if has_lazy(model) else None  # past 2 GB: each new weight goes to a file as it is made
-
     gains: dict[tuple[str, str], tuple[float, int]] = {}  # a size budget's measure of each int4 weight (_int4_gain)
 
     def encode(node, bits=4):
         weight = _weight_input(node)
         mm = node.op_type == "MatMul"
-        budget = max_bytes is not None and bits == 4
-        inits, record, approx = _encode(g, node, block_size, symmetric, method, hessians.get(weight) if method in ("gptq", "awq_gptq") else None,
-                                        act_order, scaled.get(weight) if mm else None, importance.get(weight) if mm else None, bits, budget)
-        if budget:
-            w = scaled[weight] if weight in scaled else _float_array(g, weight)
-            gains[(node.op_type, weight)] = _int4_gain(node.op_type, w, approx, hessians.get(weight) if mm else None, block_size)
+        inits, record, gain = _encode(g, node, block_size, symmetric, method, hessians.get(weight) if method in ("gptq", "awq_gptq") else None,
+                                      act_order, scaled.get(weight) if mm else None, importance.get(weight) if mm else None, bits,
+                                      gain=max_bytes is not None and bits == 4, gain_hessian=hessians.get(weight) if mm else None)
+        if gain is not None:
+            gains[(node.op_type, weight)] = gain
         return ([spill.keep(t) for t in inits] if spill else inits), record
 
+    groups = hessian_groups(matmuls, widths, HESSIAN_BYTES) if method in CALIBRATED and matmuls else [matmuls]
+    awq_run = method in ("awq", "awq_gptq")
+    if awq_run and (max_bytes is not None or not _search_order_kept(groups, matmuls)):
+        groups = [matmuls]  # with a budget, the 8-bit layers it buys are encoded from the scaled weights afterwards
     grouped = {}
-    # AWQ's Hessians past HESSIAN_BYTES (_awq_grouped); with a size budget they are all taken at once, as the 8-bit
-    # layers it buys are encoded from the scaled weights after the budget is spent
-    awq_groups = _awq_groups(matmuls, widths) if method in ("awq", "awq_gptq") and max_bytes is None else None
-    if awq_groups is not None:
-        state = _AwqState()
-        scaled, importance, scalings = state.scaled, state.importance, state.scalings  # what ``encode`` reads
-        _awq_grouped(model, g, matmuls, awq_groups, widths, calib_feeds, block_size, symmetric, hessians, state,
-                     lambda node: grouped.__setitem__((node.op_type, _weight_input(node)), encode(node)))
-        _awq_finish(g, state)
+    if len(groups) > 1:
+
+        def encode_now(node):  # final: encoded, and AWQ's float copies of the weight dropped
+            key = (node.op_type, _weight_input(node))
+            grouped[key] = encode(node)
+            scaled.pop(key[1], None)
+            state.overrides.pop(key[1], None)
+
+        def search(per_input, weight_h, inputs):
+            first = len(scalings)
+            _awq(g, matmuls, per_input, block_size, symmetric, state, only=inputs)
+            _scaled_hessians(weight_h, scalings[first:], matmuls)
+
+        _in_groups(model, matmuls, groups, widths, calib_feeds, hessians, encode_now,
+                   search if awq_run else None, _column_folds(g, matmuls) if awq_run else None)
         hessians = {}
-    elif len(groups) > 1:  # Hessians past HESSIAN_BYTES: a float pass per group, its weights rounded before the next
-        feeds = list(calib_feeds) if iter(calib_feeds) is calib_feeds else calib_feeds  # a generator is read once
-        sess = hessian_session(model, widths)
-        for group in groups:
-            hessians = _weight_hessians(input_hessians(model, {n.input[0]: widths[n.input[0]] for n in group}, feeds, sess), group)
-            for node in group:
-                key = (node.op_type, _weight_input(node))
-                if key not in grouped:
-                    grouped[key] = encode(node)
-        hessians = {}
-        del sess
     elif method in CALIBRATED and matmuls:
         per_input = input_hessians(model, widths, calib_feeds)
         hessians = _weight_hessians(per_input, matmuls)
-        if method in ("awq", "awq_gptq"):
-            state = _awq(g, matmuls, per_input, block_size, symmetric)
-            _awq_finish(g, state)
-            scaled, importance, scalings = state.scaled, state.importance, state.scalings
-            _scaled_hessians(hessians, state.scalings, matmuls)
+        if awq_run:
+            _awq(g, matmuls, per_input, block_size, symmetric, state)
+            _scaled_hessians(hessians, scalings, matmuls)
         del per_input
+    _awq_finish(g, state, matmuls)
 
     encoded = {}
     for node in targets.values():
