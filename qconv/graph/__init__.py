@@ -353,26 +353,40 @@ def topo_sort(model: onnx.ModelProto) -> None:
 
 def until_fixed(model: onnx.ModelProto, step: Callable[[onnx.ModelProto, Graph, onnx.NodeProto], bool]) -> int:
     """Offer every node to ``step`` in graph order, reading the graph again after each change it makes (``step``
-    returns True), until a whole pass changes nothing. Returns the number of changes."""
+    returns True), until a whole pass changes nothing. Returns the number of changes.
+
+    A change does not restart the pass from the first node: the node that changed is offered again, then the ones
+    after it, and the next pass offers the earlier ones. Restarting made a model with N foldable nodes cost N passes
+    over the whole graph (0.45 s of the text detector's 1.2 s load)."""
     count, changed = 0, True
     while changed:
         changed = False
-        g = Graph(model)
-        for node in list(model.graph.node):
-            if step(model, g, node):
+        g, k = Graph(model), 0
+        while k < len(model.graph.node):
+            if step(model, g, model.graph.node[k]):
                 count, changed = count + 1, True
-                break
+                g = Graph(model)
+                # ``step`` may remove nodes before this one (never more than it changed): offer this position again
+                k = max(0, k - 1)
+                continue
+            k += 1
     return count
 
 
 def drop_unused_initializers(model: onnx.ModelProto, names=None) -> None:
     """Remove initializers no node, graph output or subgraph reads (only among ``names`` when given)."""
-    g = Graph(model)
-    used = set(g.consumers) | g.graph_outputs | g.pinned
-    candidates = set(names) if names is not None else set(g.initializers)
-    for t in list(model.graph.initializer):
-        if t.name in candidates and t.name not in used:
-            model.graph.initializer.remove(t)
+    g = model.graph
+    candidates = set(names) if names is not None else {t.name for t in g.initializer}
+    if not candidates:
+        return
+    used = {o.name for o in g.output}
+    for node in g.node:
+        used.update(node.input)
+        if node.attribute:
+            used |= subgraph_inputs(node)
+    dropped = [t for t in g.initializer if t.name in candidates and t.name not in used]
+    for t in dropped:
+        g.initializer.remove(t)
 
 
 def copy_with_placeholders(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
