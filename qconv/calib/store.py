@@ -68,6 +68,10 @@ class Calibration:
     # calibrate --ranges output (qconv.adjust.clip): {"ranges": {tensor: [lo, hi]}, "search": summary, "scheme": the
     # plan's scheme they were searched for}; quantize --calib uses them where its scheme is the same
     output_ranges: dict = field(default_factory=dict)
+    # calibrate's check of range floors (pipeline.floors_checked, on the all-int8 plan of "scheme"): {"tensors": how many
+    # activations a floor moves, "kept": the verdict, "check": what it measured, "scheme": ...}; quantize --calib
+    # follows it by default where its scheme is the same. Empty: not checked (--floor-ranges / --no-floor-ranges).
+    floors: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         d = {
@@ -84,6 +88,8 @@ class Calibration:
             d["equalization"] = {k: list(v) for k, v in sorted(self.equalization.items())}
         if self.output_ranges:
             d["output_ranges"] = self.output_ranges
+        if self.floors:
+            d["floors"] = self.floors
         return d
 
     @classmethod
@@ -103,6 +109,7 @@ class Calibration:
                 qconv_version=str(d.get("qconv_version", "")),
                 equalization={str(k): [float(x) for x in v] for k, v in dict(d.get("equalization") or {}).items()},
                 output_ranges=_output_ranges(d.get("output_ranges")),
+                floors=_floors(d.get("floors")),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise QconvError(f"{source} is missing or has malformed fields ({exc}): re-run qconv calibrate") from None
@@ -242,3 +249,9 @@ def merge(parts: list[tuple[str, Calibration]]) -> Calibration:
     options["method"] = first.options.get("method")
     options["merged_from"] = len(parts)
     return Calibration(first.model_id, h.hexdigest(), sum(c.samples for _, c in parts), options, tensors, first.qconv_version)
+
+
+def _floors(d) -> dict:
+    if not d:
+        return {}
+    return {"tensors": int(d["tensors"]), "kept": bool(d["kept"]), "check": str(d.get("check", "")), "scheme": dict(d["scheme"])}

@@ -69,13 +69,16 @@ def calibrate_group():
 @click.option("--ranges", type=click.Choice(["calibrated", "output"]), default="calibrated", show_default=True,
               help="output: also search each activation's range for the least error at the outputs of the layers reading it "
                    "(as quantize --data does by default), for the default scheme; quantize --calib then uses them.")
+@click.option("--floor-ranges/--no-floor-ranges", default=None,
+              help="Range floors (quantize --floor-ranges) for quantize --calib: on, or off without checking.  [default: checked "
+                   "on rows spread over the data, the int8 model's outputs with and without them; the verdict is recorded]")
 @click.option("--all-tensors", is_flag=True,
               help="Observe every float activation, not only those the default plan quantizes (for --exclude-* at quantize time).")
 @data_options
 @range_options
 @output_options
 @guarded
-def run_cmd(term, model, data, out, shard, per_tensor, equalize, export_spec, ranges, all_tensors, method, percentile, **kw):
+def run_cmd(term, model, data, out, shard, per_tensor, equalize, export_spec, ranges, floor_ranges, all_tensors, method, percentile, **kw):
     """Record per-tensor statistics (min/max, moving averages, histograms) of MODEL on DATA.
 
     The file stores statistics, not ranges: `qconv quantize --calib FILE --method M` picks any range
@@ -89,7 +92,8 @@ def run_cmd(term, model, data, out, shard, per_tensor, equalize, export_spec, ra
     export = parse_export(export_spec)
     job = CalibrateJob(model=model, data=data, out=out, shard=parse_shard(shard), per_tensor=per_tensor,
                        all_tensors=all_tensors or export is not None, method=method, percentile=percentile,
-                       options=calib_options_from(kw), equalize={None: "auto", True: "on", False: "off"}[equalize], ranges=ranges)
+                       options=calib_options_from(kw), equalize={None: "auto", True: "on", False: "off"}[equalize], ranges=ranges,
+                       floors={None: "auto", True: "on", False: "off"}[floor_ranges])
     job.check()
     if export is not None:
         for p in export_paths(export[1]):

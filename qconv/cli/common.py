@@ -192,8 +192,10 @@ def scheme_options(fn):
                           "QCONV_KERNELS). auto: this model's nodes timed float and int8 on this machine, once (cached; "
                           "`qconv kernels MODEL` times it ahead); shipped: the op-kind table shipped for this CPU family (the same "
                           "model on every machine); none: int8 wherever a kernel exists; or a table file to pin."),
-        click.option("--floor-ranges", is_flag=True,
-                     help="Cut an activation's range where every reader is flat below (e.g. -3 before a hard-swish): exact, finer steps."),
+        click.option("--floor-ranges/--no-floor-ranges", default=None,
+                     help="int8: cut an activation's range where every reader is flat below (e.g. -3 before a hard-swish): exact, "
+                          "finer steps, but a finer grid can move a constant background onto a worse level.  [default: where a check "
+                          "of the int8 model's outputs on the calibration rows says they gain; with --calib, as the file records]"),
         click.option("--format", "fmt", type=click.Choice(FORMATS), default=None,
                      help="qdq (QuantizeLinear/DequantizeLinear pairs) or qoperator (QLinearConv, QLinearMatMul, ...)  [default: qdq]"),
         click.option("--mode", type=click.Choice(MODES), default="int8", show_default=True,
@@ -218,7 +220,7 @@ def config_from(kwargs: dict) -> QuantConfig:
                        block_size=k["block_size"], int4_method=k["int4_method"], accuracy_level=k["accuracy_level"], keep_io_types=k["keep_io_types"],
                        exclude_nodes=tuple(k["exclude_nodes"]), exclude_ops=tuple(k["exclude_ops"]), quantized_io=k["quantized_io"],
                        bias_correction={None: "auto", "off": None}.get(k["bias_correction"], k["bias_correction"]), rounding=k["rounding"], ranges=k["ranges"] or "auto",
-                       saturation_safe=not k["allow_saturation"], floor_ranges=k["floor_ranges"],
+                       saturation_safe=not k["allow_saturation"], floor_ranges="auto" if k["floor_ranges"] is None else k["floor_ranges"],
                        equalize={None: "auto", True: "on", False: "off"}[k["equalize"]], kernels=k["kernels"])
 
 

@@ -34,6 +34,7 @@ class CalibrateJob:
     equalize: str = "auto"  # on: calibrate after cross-layer equalization (for quantize --equalize); auto: checked; off
     notes: list[str] = field(default_factory=list)  # what run_calibrate decided on the way (equalization), for the user
     ranges: str = "calibrated"  # output: also search output-aware ranges for the default plan (qconv.adjust.clip)
+    floors: str = "auto"  # range floors: auto (checked on the calibration rows, recorded for quantize --calib), on, off
 
     def check(self) -> None:
         QuantConfig(method=self.method or DEFAULT_METHOD, percentile=99.999 if self.percentile is None else self.percentile)  # validates
@@ -67,6 +68,8 @@ def run_calibrate(job: CalibrateJob, progress=pipeline.no_progress):
     options = pipeline.calibration_record(source, job.method, o.bins, o.momentum, tensors="all" if job.all_tensors else "planned",
                                           shards=(o.shards or distributed.DEFAULT_SHARDS) if sharded else None,
                                           equalize=made, percentile=job.percentile, hist_samples=samples, ranges=job.ranges).to_dict()
+    if job.floors != "auto":
+        options["floor_ranges"] = job.floors
     data_id = source.identity()
     if job.out.exists():
         try:
@@ -87,11 +90,31 @@ def run_calibrate(job: CalibrateJob, progress=pipeline.no_progress):
                                    None if job.all_tensors else config, None, o.max_memory, hist_samples=samples)
     calib.options = options
     calib.equalization = scales
+    config = dataclasses.replace(config, method=job.method or DEFAULT_METHOD, percentile=99.999 if job.percentile is None else job.percentile,
+                                 floor_ranges=job.floors == "on")
+    if job.floors == "auto" and job.shard == (0, 1):
+        calib.floors = file_floors(prepared, calib, first, config, o, progress)
+        config = dataclasses.replace(config, floor_ranges=bool(calib.floors.get("kept")))
+        if calib.floors:
+            job.notes.append(pipeline.floors_note(calib.floors))
     if job.ranges == "output":
-        calib.output_ranges = file_ranges(prepared, calib, first, dataclasses.replace(config, method=job.method or DEFAULT_METHOD,
-                                          percentile=99.999 if job.percentile is None else job.percentile), o, progress)
+        calib.output_ranges = file_ranges(prepared, calib, first, config, o, progress)
     io.write_json(calib.to_dict(), job.out)
     return calib
+
+
+def file_floors(prepared: pipeline.Prepared, calib, source, config: QuantConfig, o: CalibOptions, progress) -> dict:
+    """The default's check of range floors (pipeline.floors_checked) for the calibration file: the all-int8 plan of
+    ``config`` (which regions the kernel table keeps float is decided at quantize time) with and without floors, run on
+    rows spread over ``source``; {} when no activation has a floor."""
+    from qconv.jobs.plan import floors_scheme
+
+    plain = pipeline.plan(prepared, calib, dataclasses.replace(config, kernels="none", floor_ranges=False))
+    rows = pipeline.rows_spread(source, 0, pipeline.FLOORS_CHECK_ROWS)
+    advance = progress("checking range floors", None)
+    _, found = pipeline.floors_checked(prepared, plain, calib, rows, o.threads)
+    advance(1)
+    return {**found, "scheme": floors_scheme(config)} if found else {}
 
 
 def file_ranges(prepared: pipeline.Prepared, calib, source, config: QuantConfig, o: CalibOptions, progress) -> dict:

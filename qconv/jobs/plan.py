@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qconv import distributed, io, pipeline
+from qconv.adjust import clip
 from qconv.calib import ingraph
 from qconv.calib.collect import activation_tensors
 from qconv.calib.ingraph import DEFAULT_SAMPLES
@@ -86,16 +87,28 @@ class PlanJob:
             raise UsageError(f"--mode {config.mode} takes no calibration file: drop --calib (--data, if given, is used for evaluation"
                              f"{' and GPTQ' if config.mode == 'int4' else ''})")
 
-    def effective(self, recorded: dict | None) -> QuantConfig:
-        """The config with the range method and percentile: from the options, else as calibration recorded them."""
+    def effective(self, recorded: dict | None, floors: dict | None = None) -> QuantConfig:
+        """The config with the range method and percentile: from the options, else as calibration recorded them.
+        ``floors``: the range-floor check a calibration file recorded (``Calibration.floors``)."""
         recorded = recorded or {}
         method = self.method or recorded.get("method") or DEFAULT_METHOD
         pct = self.percentile if self.percentile is not None else float(recorded.get("percentile", 99.999))
         equalize = self.config.equalize
         if equalize == "auto" and recorded:  # as the calibration decided: the plan replays it
             equalize = "on" if recorded.get("equalize") else "off"
-        return dataclasses.replace(self.config, method=method, percentile=pct, bias_correction=self.bias_correction(), equalize=equalize,
-                                   ranges=self.ranges(recorded))
+        config = dataclasses.replace(self.config, method=method, percentile=pct, bias_correction=self.bias_correction(), equalize=equalize,
+                                     ranges=self.ranges(recorded), floor_ranges=False if self.config.floor_ranges == "auto" else self.config.floor_ranges)
+        return dataclasses.replace(config, floor_ranges=self.floor_ranges(config, floors))
+
+    def floor_ranges(self, config: QuantConfig, floors: dict | None) -> bool:
+        """Range floors as asked, or by default (auto) as the calibration file's check found for this scheme; a run with
+        --data checks them itself (``adjusted``), so they start off."""
+        asked = self.config.floor_ranges
+        if asked != "auto":
+            return asked
+        if self.data is None and floors and floors.get("tensors") and floors.get("scheme") == floors_scheme(config):
+            return bool(floors["kept"])
+        return False
 
     def bias_correction(self) -> str | None:
         """The bias correction this plan gets: as asked, or by default full when the run has calibration rows (not with
@@ -117,6 +130,11 @@ class PlanJob:
         return "output" if self.data is not None or (recorded or {}).get("ranges") == "output" else "calibrated"
 
 
+def floors_scheme(config: QuantConfig) -> dict:
+    """What a range-floor check's verdict depends on besides the model, the statistics and the rows."""
+    return {k: v for k, v in clip.scheme(dataclasses.replace(config, floor_ranges=False)).items() if k != "floor_ranges"}
+
+
 def with_file_ranges(job: PlanJob, prepared: pipeline.Prepared, calib, config: QuantConfig) -> QuantConfig:
     """``config`` as a run with --calib can have it: output-aware ranges where the calibration file holds them for this
     scheme; else refused when asked for (--ranges output), calibrated ranges with a note by default."""
@@ -129,6 +147,11 @@ def with_file_ranges(job: PlanJob, prepared: pipeline.Prepared, calib, config: Q
         raise UsageError(problem)
     prepared.notes.append(f"output-aware ranges left out: {problem}")
     return dataclasses.replace(config, ranges="calibrated")
+
+
+def recorded(calib) -> tuple[dict | None, dict | None]:
+    """What ``PlanJob.effective`` reads of a calibration: its options and its range-floor check."""
+    return (calib.options, calib.floors) if calib is not None else (None, None)
 
 
 def load_overrides(path: Path | None) -> Overrides:
@@ -207,7 +230,7 @@ def run_plan(job: PlanJob, progress=pipeline.no_progress) -> tuple[QuantPlan, pi
     prepared = pipeline.load(job.model, job.config)
     pipeline.check_float(prepared)
     calib = statistics(job, prepared, overrides, progress)
-    config = with_file_ranges(job, prepared, calib, job.effective(calib.options if calib is not None else None))
+    config = with_file_ranges(job, prepared, calib, job.effective(*recorded(calib)))
     time_kernels(job, prepared, calib, config)
     return adjusted(job, prepared, pipeline.plan(prepared, calib, config, overrides), progress, calib), prepared
 
@@ -216,11 +239,17 @@ def adjusted(job: PlanJob, prepared: pipeline.Prepared, plan: QuantPlan, progres
     """The plan with the steps measured on the calibration rows, as its config asks: output-aware ranges (--ranges
     output, planned again from ``calib``), learned rounding (--rounding), then bias correction (--bias-correction),
     which measures the int8 model with the learned integers."""
-    if not plan.config.bias_correction and plan.config.rounding == "nearest" and (plan.config.ranges != "output" or job.data is None):
-        return plan  # (with --calib, the file's output-aware ranges are in the plan already)
+    floors = job.data is not None and job.config.floor_ranges == "auto" and plan.config.needs_calibration
+    if not floors and not plan.config.bias_correction and plan.config.rounding == "nearest" and (plan.config.ranges != "output" or job.data is None):
+        return plan  # (with --calib, the file's output-aware ranges and floors are in the plan already)
     o = job.calib_options
     source = pipeline.feeds_for(prepared, job.data, o.batch_size, o.samples, cast=o.cast_data, skip=job.holdout)
     measured = pipeline.CheckRows()  # the checks share rows and models: each is run once
+    if floors:
+        plan, found = pipeline.floors_checked(prepared, plan, calib, pipeline.rows_spread(source, 0, pipeline.FLOORS_CHECK_ROWS),
+                                              o.threads, measured)
+        if found:
+            prepared.notes.append(pipeline.floors_note(found))
     if job.data is not None:
         plan = pipeline.refine_ranges(prepared, plan, calib, source, o.threads, progress, check=job.config.ranges == "auto",
                                       max_memory=o.max_memory, measured=measured)
@@ -315,7 +344,7 @@ def run_kernels(job: PlanJob, progress=pipeline.no_progress) -> Path:
     prepared = pipeline.load(job.model, job.config)
     pipeline.check_float(prepared)
     calib = statistics(job, prepared, Overrides(), progress)
-    path = time_kernels(job, prepared, calib, dataclasses.replace(job.effective(calib.options), kernels="auto"), again=True)
+    path = time_kernels(job, prepared, calib, dataclasses.replace(job.effective(*recorded(calib)), kernels="auto"), again=True)
     if path is None:
         raise QconvError(f"cannot time {job.model}: give --data with rows of its inputs (the calibration file alone does not "
                          "say the size of every input dimension, or an input is not float)")

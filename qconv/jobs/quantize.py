@@ -15,7 +15,7 @@ from qconv import distributed, io, pipeline, runtime
 from qconv.errors import QconvError, UsageError
 from qconv.graph import ai_onnx_opset
 from qconv.jobs.common import finish, load_labels
-from qconv.jobs.plan import time_kernels, PlanJob, adjusted, check_plan_model, load_overrides, read_plan, statistics, with_file_ranges
+from qconv.jobs.plan import time_kernels, PlanJob, adjusted, check_plan_model, load_overrides, read_plan, recorded, statistics, with_file_ranges
 from qconv.measure.evaluate import EvalOptions, damage_warnings, evaluate
 from qconv.measure.stats import ErrorStats
 from qconv.measure import usermetric
@@ -114,7 +114,7 @@ def _make_plan(job: QuantizeJob, prepared: pipeline.Prepared, stored: QuantPlan 
     if stored is None:
         overrides = load_overrides(pj.overrides)
         calib = statistics(pj, prepared, overrides, progress)
-        config = with_file_ranges(pj, prepared, calib, pj.effective(calib.options if calib is not None else None))
+        config = with_file_ranges(pj, prepared, calib, pj.effective(*recorded(calib)))
         time_kernels(pj, prepared, calib, config)
         return adjusted(pj, prepared, pipeline.plan(prepared, calib, config, overrides), progress, calib), calib
     check_plan_model(stored, job.plan_file, prepared, pj.force_calib)
@@ -209,11 +209,11 @@ def _run_tuned(job: QuantizeJob, prepared: pipeline.Prepared, labels, progress) 
         eval_label = str(job.evaluation.data)
     overrides = load_overrides(pj.overrides)
     calib = statistics(pj, prepared, overrides, progress)
-    time_kernels(pj, prepared, calib, pj.effective(calib.options))
+    time_kernels(pj, prepared, calib, pj.effective(*recorded(calib)))
     calib_source = None
     if pj.data is not None:
         calib_source = pipeline.feeds_for(prepared, pj.data, pj.calib_options.batch_size, cast=o.cast_data, skip=pj.holdout)
-    tuned = tune(TuneJob(prepared=prepared, calib=calib, config=pj.effective(calib.options), overrides=overrides, source=source,
+    tuned = tune(TuneJob(prepared=prepared, calib=calib, config=pj.effective(*recorded(calib)), overrides=overrides, source=source,
                          labels=labels, gates=job.gates, options=job.tune, evaluation=job.evaluation, calib_source=calib_source,
                          correct=lambda plan: adjusted(pj, prepared, plan, progress, calib)), progress)
     result = tuned.result

@@ -59,7 +59,11 @@ class QuantConfig:
     # int8 weights whose adjacent pairs could saturate the 16-bit sums of x86 CPUs without VNNI get a scale just wide
     # enough (qconv.numeric.pairs); False (--allow-saturation): the scales the weights' ranges give
     saturation_safe: bool = True
-    floor_ranges: bool = False  # cut activation ranges where every reader is flat below (rules.saturation): exact, opt-in
+    # cut activation ranges where every reader is flat below (rules.saturation): exact, finer steps. auto (the command
+    # line's default): on where a check of the int8 model's outputs on calibration rows says they gain (with --data at
+    # quantize time; with --calib as `qconv calibrate` checked and recorded it), else off. Jobs resolve it; plans
+    # store true or false.
+    floor_ranges: bool | str = False
     # cross-layer equalization (qconv.adjust.equalize). on (--equalize): Conv pairs joined by identity/Relu rescaled
     # data-free at intake, and the pairs joined by hard-swish/SiLU on the calibration rows; auto (the default): the
     # same, the hard-swish/SiLU pairs kept only where a quick check on those rows says the int8 model's outputs gain
@@ -120,6 +124,8 @@ class QuantConfig:
         if self.bias_correction in ("full", "fast") and not self.needs_calibration:
             raise UsageError(f"--bias-correction corrects the static int8 modes (int8, a16w8); --mode {self.mode} has no activation "
                              "quantization to correct: drop it")
+        if self.floor_ranges not in (True, False, "auto"):
+            raise UsageError(f"floor_ranges is auto, true or false (got {self.floor_ranges})")
         if not self.kernels:
             raise UsageError("--kernels takes auto, shipped, none or a kernel table file (got an empty value)")
         if self.int4_method not in INT4_METHODS:

@@ -179,7 +179,7 @@ def _plan_graph(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]], 
     w_q = config.weight_qtype
     st = _State()
     st.slower = dict(slower or {})
-    if config.floor_ranges:
+    if config.floor_ranges is True:  # "auto" is a job's to resolve (it needs rows); unresolved, no floors
         ranges, st.floors = _floored_ranges(g, ranges, act_q, methods or {})
     for node in model.graph.node:
         _decide(node, g, ranges, nonfinite, masks, config, overrides.node(node.name), st)
