@@ -109,12 +109,48 @@ def test_planner_floors_a_hardswish_input_and_the_output_gets_closer(tmp_path):
     assert err_floor < 0.9 * err_plain, (err_floor, err_plain)
 
 
-def test_floors_are_opt_in(tmp_path):
-    """The quality ledger measured PicoDet losing detections with floors (an exact change that moves where a white
-    page's constant lands on the grid), so the default plan keeps the observed range."""
+def test_floors_by_default_where_the_check_says_they_pay(tmp_path):
+    """Floors are exact but move where a constant background lands on the grid (PicoDet kept fewer boxes with them), so
+    the default checks them: `quantize --data` on its rows, `calibrate` on the calibration rows, recorded in the file
+    for `quantize --calib`. On this net they lower the output error (the test above), so both flows keep them."""
+    src, data = hardswish_net(tmp_path)
+    run = lambda *a: CliRunner().invoke(cli, [str(v) for v in a], catch_exceptions=False)  # noqa: E731
+    assert run("quantize", src, "--data", data, "-o", tmp_path / "q.onnx", "--write-plan", tmp_path / "p.json", "-q").exit_code == 0
+    plan = json.loads((tmp_path / "p.json").read_text())
+    check = plan["source"]["floor_ranges_check"]
+    assert check["kept"] is True and check["tensors"] >= 1 and "calibration rows" in check["check"]
+    assert plan["config"]["floor_ranges"] is True and "floored at -3" in plan["tensors"]["h"]["origin"]
+
+    assert run("calibrate", src, "--data", data, "-o", tmp_path / "c.json", "-q").exit_code == 0
+    floors = json.loads((tmp_path / "c.json").read_text())["floors"]
+    assert floors["kept"] is True and floors["tensors"] >= 1 and floors["scheme"]["method"] == "minmax"
+    assert run("quantize", src, "--calib", tmp_path / "c.json", "-o", tmp_path / "f.onnx", "--write-plan", tmp_path / "pf.json", "-q").exit_code == 0
+    pf = json.loads((tmp_path / "pf.json").read_text())
+    assert pf["config"]["floor_ranges"] is True and pf["tensors"]["h"]["range"] == plan["tensors"]["h"]["range"]
+
+    # --no-floor-ranges, or a scheme the file's check was not made for: the observed range
+    for extra in (["--no-floor-ranges"], ["--symmetric-activations"]):
+        assert run("quantize", src, "--calib", tmp_path / "c.json", "-o", tmp_path / "u.onnx", "--write-plan", tmp_path / "pu.json",
+                   "-q", *extra).exit_code == 0
+        pu = json.loads((tmp_path / "pu.json").read_text())
+        assert pu["config"]["floor_ranges"] is False and "floored" not in pu["tensors"]["h"]["origin"], extra
+
+    # calibrate --no-floor-ranges checks nothing (and is not the same file: a re-run with the default checks again)
+    assert run("calibrate", src, "--data", data, "-o", tmp_path / "c.json", "-q", "--no-floor-ranges").exit_code == 0
+    d = json.loads((tmp_path / "c.json").read_text())
+    assert "floors" not in d and d["options"]["floor_ranges"] == "off"
+
+
+def test_floors_left_out_when_the_check_says_no(tmp_path, monkeypatch):
+    """The verdict is the check's (a fake one here): refused, the plan keeps the observed ranges and says why."""
+    from qconv import pipeline
+
+    monkeypatch.setattr(pipeline, "changes_pay", lambda *a, **k: (False, "fewer scores agree with fp32's"))
     src, data = hardswish_net(tmp_path)
     r = CliRunner().invoke(cli, ["quantize", str(src), "--data", str(data), "-o", str(tmp_path / "q.onnx"),
                                  "--write-plan", str(tmp_path / "p.json"), "-q"], catch_exceptions=False)
     assert r.exit_code == 0
     plan = json.loads((tmp_path / "p.json").read_text())
+    assert plan["source"]["floor_ranges_check"] == {"tensors": 1, "kept": False, "check": "fewer scores agree with fp32's"}
+    assert plan["config"]["floor_ranges"] is False
     assert plan["tensors"]["h"]["range"] == plan["source"]["ranges"]["h"] and "floored" not in plan["tensors"]["h"]["origin"]
