@@ -110,3 +110,24 @@ def test_npz_members_stream_in_row_blocks(tmp_path):
         feeds = list(FeedSource(p, specs, batch_size=8))
         np.testing.assert_array_equal(np.concatenate([f["x"] for f in feeds]), a)
         assert all(float(f["s"]) == 2.0 for f in feeds)
+
+
+def test_identity_is_kept_while_the_files_are_unchanged_and_follows_them_when_they_change(tmp_path):
+    """A job and its calibration both ask for the data's identity: the files are hashed once, but a file rewritten
+    (other bytes, other size or time) is hashed again, the selection options always count, and a source with a kept
+    hash still pickles (Dask ships sources to workers)."""
+    import os
+    import pickle
+
+    path = tmp_path / "d.npy"
+    np.save(path, np.zeros((4, 3, 4), np.float32))
+    src = FeedSource(path, [IMG], batch_size=2)
+    first = src.identity()
+    assert src.identity() == first == FeedSource(path, [IMG], batch_size=2).identity()
+    assert pickle.loads(pickle.dumps(src)).identity() == first
+    src.batch_size = 1
+    assert src.identity() != first
+    src.batch_size = 2
+    np.save(path, np.ones((4, 3, 4), np.float32))  # same size: the modification time tells
+    os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 1_000_000))
+    assert src.identity() == FeedSource(path, [IMG], batch_size=2).identity() != first
