@@ -347,9 +347,6 @@ def convert_qdq(prepared: Prepared, config: QuantConfig) -> Result:
     points are the model's own. The plan records which nodes became QLinear ops."""
     from qconv.rewrite.qdq_normalize import normalize_qdq
 
-    if config.floor_ranges == "auto":  # nothing is calibrated here: no floors, recorded as such
-        config = dataclasses.replace(config, floor_ranges=False)
-
     normalized, notes = normalize_qdq(prepared.model)
     prepared.notes.extend(notes)
     qmodel, folded = fold_qoperator(normalized)

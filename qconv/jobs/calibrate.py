@@ -12,7 +12,7 @@ from qconv.calib.collect import activation_tensors
 from qconv.calib.ranges import DEFAULT_METHOD
 from qconv.errors import QconvError, UsageError
 from qconv.graph import ai_onnx_opset
-from qconv.jobs.plan import CalibOptions, equalization, sharded_calibration
+from qconv.jobs.plan import CalibOptions, equalization, floors_scheme, sharded_calibration
 from qconv.plan.config import QuantConfig
 from qconv.plan.planner import calibration_targets
 from qconv.rewrite.quantized_io import io_params_of
@@ -109,8 +109,6 @@ def file_floors(prepared: pipeline.Prepared, calib, data: Path, source, config: 
     rows spread over ``data``, one row a run where the model takes that (``source``'s feeds where it does not): three
     sessions in turn at the calibration's batch size held 75 MB more than calibration itself (rec, batches of 8: 351
     against 277 MB peak); {} when no activation has a floor."""
-    from qconv.jobs.plan import floors_scheme
-
     plain = pipeline.plan(prepared, calib, dataclasses.replace(config, kernels="none", floor_ranges=False))
     try:
         rows = pipeline.rows_spread(pipeline.feeds_for(prepared, data, 1, o.samples, cast=o.cast_data), 0, pipeline.FLOORS_CHECK_ROWS)

@@ -97,7 +97,7 @@ class PlanJob:
         if equalize == "auto" and recorded:  # as the calibration decided: the plan replays it
             equalize = "on" if recorded.get("equalize") else "off"
         config = dataclasses.replace(self.config, method=method, percentile=pct, bias_correction=self.bias_correction(), equalize=equalize,
-                                     ranges=self.ranges(recorded), floor_ranges=False if self.config.floor_ranges == "auto" else self.config.floor_ranges)
+                                     ranges=self.ranges(recorded))
         return dataclasses.replace(config, floor_ranges=self.floor_ranges(config, floors))
 
     def floor_ranges(self, config: QuantConfig, floors: dict | None) -> bool:
@@ -106,7 +106,7 @@ class PlanJob:
         asked = self.config.floor_ranges
         if asked != "auto":
             return asked
-        if self.data is None and floors and floors.get("tensors") and floors.get("scheme") == floors_scheme(config):
+        if self.data is None and floors and floors["scheme"] == floors_scheme(config):
             return bool(floors["kept"])
         return False
 
@@ -132,7 +132,7 @@ class PlanJob:
 
 def floors_scheme(config: QuantConfig) -> dict:
     """What a range-floor check's verdict depends on besides the model, the statistics and the rows."""
-    return {k: v for k, v in clip.scheme(dataclasses.replace(config, floor_ranges=False)).items() if k != "floor_ranges"}
+    return {k: v for k, v in clip.scheme(config).items() if k != "floor_ranges"}
 
 
 def with_file_ranges(job: PlanJob, prepared: pipeline.Prepared, calib, config: QuantConfig) -> QuantConfig:

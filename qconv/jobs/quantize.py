@@ -227,7 +227,8 @@ def _run_tuned(job: QuantizeJob, prepared: pipeline.Prepared, labels, progress) 
 
 def _run_conversion(job: QuantizeJob, prepared: pipeline.Prepared, labels, progress) -> tuple[dict, pipeline.Result]:
     """``quantize --format qoperator`` on a QDQ model: fold, check the outputs against the QDQ model, report."""
-    result = pipeline.convert_qdq(prepared, job.planning.config)
+    # nothing is calibrated here: no range floors (the plan and the model record false, never the unresolved auto)
+    result = pipeline.convert_qdq(prepared, dataclasses.replace(job.planning.config, floor_ranges=False))
     o = job.planning.calib_options
     source = pipeline.feeds_for(prepared, job.evaluation.data, o.batch_size, cast=o.cast_data) if job.evaluation.data else None
     feed = pipeline.check_feed(prepared, next(iter(source), None) if source is not None else None)
