@@ -12,7 +12,7 @@ from qconv.modes import Applied, Findings
 from qconv.modes.common import apply_bodies
 from qconv.plan import QuantPlan, kernels, regions
 from qconv.plan.overrides import NodeOverride, Overrides
-from qconv.plan.planner import activation_ranges, build_plan, subplan
+from qconv.plan.planner import activation_ranges, build_plan, subplan, weight_only_tables
 from qconv.rewrite.qdq import apply_qdq
 from qconv.rewrite.qoperator import fold_qoperator
 
@@ -38,6 +38,7 @@ def plan(prepared, stats: Ranges | None, config, overrides: Overrides) -> QuantP
         p = build_plan(prepared.model, ranges, config, nonfinite, masks, internal, methods,
                        {n: why for n in speed["float_nodes"]})
     p.overrides = overrides
+    weight_only_tables(prepared.model, p)
     for d in p.nodes:
         if d.name in smooth_muls:
             d.reason, d.code = "SmoothQuant's division of the input by its channel scales, in float before it is quantized", "mode"

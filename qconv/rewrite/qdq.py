@@ -52,6 +52,11 @@ def apply_qdq(model: onnx.ModelProto, plan: QuantPlan) -> tuple[onnx.ModelProto,
     for name, tp in sorted(plan.tensors.items()):
         if tp.role == "lstm-weight":  # rewritten by rules.recurrent after the QDQ pass
             continue
+        if tp.role == "table":
+            nodes, inits = _table(g, tp, by_name)
+            new_nodes += nodes
+            new_inits += inits
+            continue
         if tp.role == "activation":
             nodes, inits, dq_out = activation_pair(g, tp)
             dequantized[name] = dq_out
@@ -99,6 +104,28 @@ def _constant(g: Graph, tp: TensorPlan):
     dq_out = g.unique(tp.name + "_dequantized")
     dq = _dq_node(g, q.name, scale.name, zp.name, dq_out, qp, "qconv")
     return [dq], [q, scale, zp], dq_out
+
+
+def _table(g: Graph, tp: TensorPlan, by_name: dict) -> tuple[list, list]:
+    """A weight-only table (planner.weight_only_tables): each of its Gathers reads the int8 rows, a second Gather reads
+    their scales ([V, 1], so they broadcast over each row), and Cast then Mul give the float rows, the same values
+    DequantizeLinear would give, for the rows a run reads only."""
+    qp = tp.qparams
+    q = numpy_helper.from_array(qmath.quantize(g.array(tp.name), qp), g.unique(tp.name + "_quantized"))
+    q.doc_string = f"qconv: from '{tp.name}' ({tp.origin}), {_fmt(qp)}"
+    scale = numpy_helper.from_array(qp.scale.astype(np.float32).reshape(-1, 1), g.unique(tp.name + "_row_scale"))
+    nodes = []
+    for reader in tp.consumers:
+        gather = by_name[reader]
+        out = gather.output[0]
+        rows, scales, floats = (g.unique(f"{out}_{k}") for k in ("int8_rows", "row_scales", "float_rows"))
+        gather.input[0], gather.output[0] = q.name, rows
+        nodes += [helper.make_node("Gather", [scale.name, gather.input[1]], [scales], name=g.unique(reader + "_row_scales"), axis=0),
+                  helper.make_node("Cast", [rows], [floats], name=g.unique(reader + "_to_float"), to=onnx.TensorProto.FLOAT),
+                  helper.make_node("Mul", [floats, scales], [out], name=g.unique(reader + "_scaled"))]
+        for n in nodes[-3:]:
+            n.doc_string = f"qconv: {tp.origin}"
+    return nodes, [q, scale]
 
 
 def fold_scaled_muls(m: onnx.ModelProto) -> list[str]:
