@@ -8,7 +8,7 @@ from qconv.modes import Applied, Findings
 from qconv.modes.common import apply_bodies, check_no_ranges
 from qconv.plan import QuantPlan
 from qconv.plan.overrides import Overrides
-from qconv.plan.planner import ScopedOverrides, merge_body, subplan
+from qconv.plan.planner import ScopedOverrides, merge_body, subplan, weight_only_tables
 from qconv.rewrite.dynamic import apply_dynamic, plan_dynamic
 
 SMOOTH = False
@@ -20,6 +20,7 @@ def check(overrides: Overrides, config, where: str) -> None:
 
 def plan(prepared, stats, config, overrides: Overrides) -> QuantPlan:
     p = plan_dynamic(prepared.model, config, overrides)
+    weight_only_tables(prepared.model, p)
     for body in subgraphs.bodies(prepared.model) if subgraphs.has_bodies(prepared.model) else []:
         wrapped, _ = subgraphs.body_model(prepared.model, body)
         bp = plan_dynamic(wrapped, config, ScopedOverrides(overrides, body.scope))

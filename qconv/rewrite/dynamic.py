@@ -22,6 +22,7 @@ from qconv.plan import NodeDecision, QuantPlan, TensorPlan
 from qconv.plan.config import QuantConfig
 from qconv.plan.overrides import Overrides
 from qconv.rewrite.rules import recurrent
+from qconv.rewrite.qdq import table_nodes
 from qconv.rewrite.rules.matmul import dynamic_weight, emit_matmul_integer
 
 CONV_REASON = ("dynamic mode keeps Conv in float: onnxruntime's ConvInteger has no optimized kernel and runs "
@@ -96,6 +97,12 @@ def apply_dynamic(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
     g = Graph(m)
     by_reader = {t.consumers[0]: t for t in plan.tensors.values() if t.role == "weight"}
     new_nodes, new_inits, replaced = [], [], []
+    by_name = {n.name: n for n in m.graph.node}
+    for tp in plan.tensors.values():
+        if tp.role == "table":  # planner.weight_only_tables: 8-bit rows, scaled after the gather
+            nodes, inits = table_nodes(g, tp, by_name)
+            new_nodes += nodes
+            new_inits += inits
     dql: dict[str, tuple[str, str, str]] = {}  # activation -> (quantized, scale, zero point)
     for node in m.graph.node:
         tp = by_reader.get(node.name)

@@ -53,7 +53,7 @@ def apply_qdq(model: onnx.ModelProto, plan: QuantPlan) -> tuple[onnx.ModelProto,
         if tp.role == "lstm-weight":  # rewritten by rules.recurrent after the QDQ pass
             continue
         if tp.role == "table":
-            nodes, inits = _table(g, tp, by_name)
+            nodes, inits = table_nodes(g, tp, by_name)
             new_nodes += nodes
             new_inits += inits
             continue
@@ -106,7 +106,7 @@ def _constant(g: Graph, tp: TensorPlan):
     return [dq], [q, scale, zp], dq_out
 
 
-def _table(g: Graph, tp: TensorPlan, by_name: dict) -> tuple[list, list]:
+def table_nodes(g: Graph, tp: TensorPlan, by_name: dict) -> tuple[list, list]:
     """A weight-only table (planner.weight_only_tables): each of its Gathers reads the int8 rows, a second Gather reads
     their scales ([V, 1], so they broadcast over each row), and Cast then Mul give the float rows, the same values
     DequantizeLinear would give, for the rows a run reads only."""
