@@ -383,23 +383,25 @@ def test_hessians_past_their_budget_are_taken_a_group_at_a_time_with_the_same_re
     assert {q["method"] for q in grouped.quantized if q["op_type"] == "MatMul"} == {"gptq"}
 
 
-def test_a_size_budget_with_gptq_takes_its_hessians_a_group_at_a_time_and_chooses_the_same_layers(monkeypatch):
-    """Mixed int4/int8 (--max-size-mb) with GPTQ: each weight's int4 error is measured as it is encoded, with its
-    group's Hessian, so the Hessians are taken a group at a time and no dequantized weight is kept; the layers chosen
-    for 8 bits, and the model, are those of a single pass."""
+@pytest.mark.parametrize("method", ["gptq", "awq", "awq_gptq"])
+def test_a_size_budget_takes_its_hessians_a_group_at_a_time_and_chooses_the_same_layers(monkeypatch, method):
+    """Mixed int4/int8 (--max-size-mb): each weight's int4 error is measured as it is encoded, with its group's
+    Hessian, so the Hessians are taken a group at a time and no dequantized weight is kept; AWQ's 8-bit candidate is
+    encoded from the scaled weight then too, so no scaled float copy waits for the budget. The layers chosen for 8
+    bits, and the model, are those of a single pass."""
     model = onnx.load(str(SAMPLES / "tiny_decoder" / "model.onnx"))
     specs = [InputSpec.from_value_info(i) for i in model.graph.input]
     feeds = FeedSource(SAMPLES / "tiny_decoder" / "prompts.npz", specs, batch_size=4)
-    size4 = wo.quantize_int4(model, method="gptq", calib_feeds=feeds).model.ByteSize()
+    size4 = wo.quantize_int4(model, method=method, calib_feeds=feeds).model.ByteSize()
     budget = size4 + 10 * 64 * 64 // 2  # room for some layers in 8 bits, not all
-    single = wo.quantize_int4(model, method="gptq", calib_feeds=feeds, max_bytes=budget)
+    single = wo.quantize_int4(model, method=method, calib_feeds=feeds, max_bytes=budget)
     eight = [q["weight"] for q in single.quantized if q["bits"] == 8]
     assert 1 <= len(eight) < len(single.quantized) and single.model.ByteSize() <= budget
     monkeypatch.setattr(wo, "HESSIAN_BYTES", 12 * 64 * 64 + 1)
     passes = []
     real = wo.input_hessians
     monkeypatch.setattr(wo, "input_hessians", lambda m, w, f, sess=None: passes.append(sorted(w)) or real(m, w, f, sess))
-    grouped = wo.quantize_int4(model, method="gptq", calib_feeds=feeds, max_bytes=budget)
+    grouped = wo.quantize_int4(model, method=method, calib_feeds=feeds, max_bytes=budget)
     assert len(passes) > 3
     assert [q["weight"] for q in grouped.quantized if q["bits"] == 8] == eight
     assert grouped.model.SerializeToString() == single.model.SerializeToString()

@@ -757,14 +757,16 @@ def quantize_int4(model: onnx.ModelProto, block_size: int = 32, symmetric: bool 
 
     groups = hessian_groups(matmuls, widths, HESSIAN_BYTES) if method in CALIBRATED and matmuls else [matmuls]
     awq_run = method in ("awq", "awq_gptq")
-    if awq_run and (max_bytes is not None or not _search_order_kept(groups, matmuls)):
-        groups = [matmuls]  # with a budget, the 8-bit layers it buys are encoded from the scaled weights afterwards
-    grouped = {}
+    if awq_run and not _search_order_kept(groups, matmuls):
+        groups = [matmuls]
+    grouped, eight = {}, {}
     if len(groups) > 1:
 
         def encode_now(node):  # final: encoded, and AWQ's float copies of the weight dropped
             key = (node.op_type, _weight_input(node))
             grouped[key] = encode(node)
+            if awq_run and max_bytes is not None:  # the 8 bits a budget may buy, from the scaled weight while it is here
+                eight[key] = encode(node, bits=8)
             scaled.pop(key[1], None)
             state.overrides.pop(key[1], None)
 
@@ -793,7 +795,8 @@ def quantize_int4(model: onnx.ModelProto, block_size: int = 32, symmetric: bool 
     if max_bytes is not None:
         for key in _eight_bit(gains, _size_after(m, g, encoded, targets), max_bytes):
             node = next(n for n in targets.values() if (n.op_type, _weight_input(n)) == key)
-            encoded[key] = encode(node, bits=8)
+            encoded[key] = eight.pop(key) if key in eight else encode(node, bits=8)
+    eight.clear()
     quantized, replaced = [], {}
     for position, node in targets.items():
         inits, record = encoded[(node.op_type, _weight_input(node))]
