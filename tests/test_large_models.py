@@ -121,3 +121,22 @@ def test_gptq_past_2gb_holds_one_group_of_hessians_at_a_time(tmp_path):
     print(f"GPTQ: peak RSS {peak_mb:.0f} MiB, held (anonymous) {anon_mb:.0f} MiB")
     assert {w["method"] for w in report["int4"]["weights"] if w["op_type"] == "MatMul"} == {"gptq"}
     assert anon_mb * 2**20 < 1.6 * weight_bytes  # 3.0 GiB measured; 4.8 GiB when the float sessions prepacked
+
+
+def test_awq_gptq_with_a_size_budget_past_2gb_holds_one_group_of_hessians_at_a_time(tmp_path):
+    """AWQ+GPTQ with --max-size-mb on the same decoder: the search and its Hessians go a group at a time as without a
+    budget, each weight's 8-bit candidate encoded from its scaled weight when it is final (and spilled), so neither
+    every Hessian nor a scaled float copy of every weight waits for the budget. ~10 minutes."""
+    src = tmp_path / "big.onnx"
+    weight_bytes = _decoder_over_2gb(src)
+    prompts = tmp_path / "prompts.npz"
+    np.savez(prompts, input_ids=np.random.default_rng(0).integers(0, VOCAB, (16, 1, 64)).astype(np.int64))
+    out = tmp_path / "big.awq.onnx"
+    report, peak_mb, anon_mb = _quantize_measured(tmp_path, src, "-o", out, "--mode", "int4", "--int4-method", "awq_gptq",
+                                                  "--data", prompts, "--max-size-mb", "420", "--no-latency")
+    written = sum(f.stat().st_size for f in tmp_path.glob("big.awq.onnx*"))
+    bits = [w["bits"] for w in report["int4"]["weights"] if w["op_type"] == "MatMul"]
+    print(f"AWQ+GPTQ within 420 MB: {bits.count(8)} of {len(bits)} MatMuls 8-bit, files {written / 2**20:.0f} MiB, "
+          f"peak RSS {peak_mb:.0f} MiB, held (anonymous) {anon_mb:.0f} MiB")
+    assert 8 in bits and 4 in bits and written <= 420e6
+    assert anon_mb * 2**20 < 1.6 * weight_bytes
