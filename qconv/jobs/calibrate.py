@@ -197,7 +197,7 @@ def run_inspect(model_path: Path, calib_path: Path | None, per_tensor: bool) -> 
     import collections
 
     from qconv.calib.collect import activation_tensors
-    from qconv.plan.planner import build_plan
+    from qconv.plan.planner import build_plan, weight_only_tables
 
     config = QuantConfig(per_channel=not per_tensor)
     prepared = pipeline.load(model_path, config)
@@ -208,6 +208,7 @@ def run_inspect(model_path: Path, calib_path: Path | None, per_tensor: bool) -> 
     else:  # structure only: every activation assumed to have a usable range
         ranges, nonfinite, masks = {n: (0.0, 1.0) for n in activation_tensors(prepared.model)}, {}, {}
     plan = build_plan(prepared.model, ranges, config, nonfinite, masks)
+    weight_only_tables(prepared.model, plan)
     return {
         "model": str(model_path),
         "ir_version": prepared.original.ir_version,
