@@ -21,8 +21,8 @@ from qconv.numeric import pairs, qmath
 from qconv.plan import NodeDecision, QuantPlan, TensorPlan
 from qconv.plan.config import QuantConfig
 from qconv.plan.overrides import Overrides
-from qconv.rewrite.rules import recurrent
 from qconv.rewrite.qdq import table_nodes
+from qconv.rewrite.rules import recurrent
 from qconv.rewrite.rules.matmul import dynamic_weight, emit_matmul_integer
 
 CONV_REASON = ("dynamic mode keeps Conv in float: onnxruntime's ConvInteger has no optimized kernel and runs "
