@@ -427,3 +427,28 @@ def test_awq_takes_its_hessians_a_group_at_a_time_and_writes_what_one_pass_write
     assert encoded[0][0] < len(passes)  # weights are encoded between passes, not all after the last
     assert grouped.scalings == single.scalings
     assert grouped.model.SerializeToString() == single.model.SerializeToString()
+
+
+def test_a_decoders_report_times_one_more_token_through_the_cache_the_first_feed_leaves(tmp_path):
+    """The report of a decoder with a KV cache times the first feed and one generated token (measure.evaluate.token_step);
+    the token step is wired right: its logits are those of the last position of the prompt run one token longer."""
+    from qconv.measure.evaluate import token_step
+
+    specs = [InputSpec.from_value_info(i) for i in onnx.load(str(DECODER / "model.onnx")).graph.input]
+    feed = next(iter(FeedSource(DECODER / "prompts.npz", specs, batch_size=2)))
+    sess = session(str(DECODER / "model.onnx"))
+    step, past = token_step(sess, feed)
+    ids = feed["input_ids"]
+    assert past == ids.shape[1] and step["input_ids"].shape == (2, 1)
+    assert all(step[f"past_key_values.{i}.{kv}"].shape[2] == past for i in range(2) for kv in ("key", "value"))
+    longer = {"input_ids": np.concatenate([ids, ids[:, -1:]], axis=1),  # the prompt one token longer, from an empty cache
+              **{k: np.zeros(v.shape[:2] + (0,) + v.shape[3:], v.dtype) for k, v in feed.items() if k != "input_ids"}}
+    np.testing.assert_allclose(run(sess, step)[0][:, -1], run(sess, longer)[0][:, -1], atol=1e-4)
+    cnn = session(str(SAMPLES / "digits_cnn" / "model.onnx"))
+    assert token_step(cnn, {cnn.get_inputs()[0].name: np.load(SAMPLES / "digits_cnn" / "eval.npy")[:1]}) is None
+
+    r = CliRunner().invoke(main, ["quantize", str(DECODER / "model.onnx"), "--mode", "int4", "--data", str(DECODER / "prompts.npz"),
+                                  "-o", str(tmp_path / "q.onnx"), "--report", str(tmp_path / "r.json"), "-q"])
+    assert r.exit_code == 0, r.output
+    token = json.loads((tmp_path / "r.json").read_text())["latency_ms"]["token"]
+    assert token["past"] == 64 and token["original"] > 0 and token["quantized"] > 0 and token["verdict"] in ("faster", "slower", "same within noise")

@@ -103,13 +103,13 @@ def _fmt(x, spec=".4f"):
     return format(x, spec) if isinstance(x, (int, float)) else str(x)
 
 
-def latency_row(lat: dict) -> list:
+def latency_row(lat: dict, what: str = "latency") -> list:
     change = "-"
     if lat.get("ratio"):
         change = f"{lat['ratio']:.2f}x time"
         if lat.get("ratio_low") is not None:
             change += f" ({lat['ratio_low']:.2f}-{lat['ratio_high']:.2f}, {lat.get('verdict', '')})"
-    return [f"latency (median of {lat['runs']}, {lat['threads']} threads)", f"{lat['original']:.3f} ms", f"{lat['quantized']:.3f} ms", change]
+    return [f"{what} (median of {lat['runs']}, {lat['threads']} threads)", f"{lat['original']:.3f} ms", f"{lat['quantized']:.3f} ms", change]
 
 
 def render(term, report: dict) -> None:
@@ -119,7 +119,10 @@ def render(term, report: dict) -> None:
         t = report["task"]
         rows.append(["top-1", f"{100 * t['original']:.2f}%", f"{100 * t['quantized']:.2f}%", f"{0.0 - t['drop_points']:+.2f} points"])
     if report.get("latency_ms"):
-        rows.append(latency_row(report["latency_ms"]))
+        lat = report["latency_ms"]
+        rows.append(latency_row(lat, "latency, the first feed" if lat.get("token") else "latency"))
+        if lat.get("token"):
+            rows.append(latency_row(lat["token"], f"one more token, cache of {lat['token']['past']}"))
     term.print(table(f"qconv {report['mode']}: {report['model']['input']} -> {report['model']['output']}",
                      ["", "original", "quantized", "change"], rows))
     if report.get("fidelity") is None and report.get("fidelity_reason"):

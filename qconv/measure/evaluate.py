@@ -14,7 +14,7 @@ import onnx
 
 from qconv import distributed, io, pipeline, runtime
 from qconv.calib.ranges import METHODS
-from qconv.data import FeedSource, feed_rows
+from qconv.data import FeedSource, feed_rows, is_cache_name
 from qconv.errors import QconvError
 from qconv.graph import Graph, expose
 from qconv.measure import compare, usermetric
@@ -122,7 +122,12 @@ def evaluate_models(float_src, quant_src, float_layers, quant_layers, dequantize
         out = compare.compare_outputs(fsess, qsess, source, labels, progress("evaluating", source.count()), reference,
                                  ALTERNATIVE_ROWS, source.specs, metric)
     if opts.latency:
-        out["latency_ms"] = latency(fsess, qsess, next(iter(source)), threads)
+        first = next(iter(source))
+        out["latency_ms"] = latency(fsess, qsess, first, threads)
+        step = token_step(fsess, first)
+        if step is not None:  # a decoder: what generation pays, one token at a time through the cache
+            feed, past = step
+            out["latency_ms"]["token"] = {**latency(fsess, qsess, feed, threads), "past": past}
     del fsess, qsess  # free their weights before the analysis sessions load theirs
     out["layer_rows"] = 0
     if opts.layer_samples > 0:
@@ -131,6 +136,43 @@ def evaluate_models(float_src, quant_src, float_layers, quant_layers, dequantize
         if pairs:
             out["layers"], out["layer_rows"] = _layers(float_layers, quant_layers, pairs, source, opts.layer_samples, threads, progress)
     return out, reference
+
+
+def token_step(fsess, feed: dict) -> tuple[dict, int] | None:
+    """A decoder's next step after ``feed``: one new token (the last id again) with the KV cache ``feed`` leaves, the
+    mask one longer, the position next, and the cache length; None for a model without a cache. Cache inputs (float,
+    ``past``/``cache`` in the name) take the cache outputs (``present``...) in order, each the same rank and one axis
+    longer than it was fed."""
+    inputs = {i.name: i for i in fsess.get_inputs()}
+    past = [n for n, i in inputs.items() if is_cache_name(n) and "float" in i.type and n in feed]
+    present = [o.name for o in fsess.get_outputs() if is_cache_name(o.name) and "float" in o.type]
+    ids = feed.get("input_ids")
+    if not past or len(past) != len(present) or ids is None or np.ndim(ids) != 2 or ids.shape[1] < 1:
+        return None
+    made = runtime.run(fsess, feed, present)
+    axes = set()
+    for name, new in zip(past, made):
+        old = np.asarray(feed[name])
+        grown = [k for k in range(old.ndim) if new.ndim == old.ndim and new.shape[k] != old.shape[k]]
+        if len(grown) != 1 or new.shape[grown[0]] != old.shape[grown[0]] + ids.shape[1]:
+            return None
+        axes.add(new.shape[grown[0]])
+    if len(axes) != 1:
+        return None
+    length = axes.pop()
+    step = dict(feed)
+    step.update(zip(past, made))
+    step["input_ids"] = np.ascontiguousarray(ids[:, -1:])
+    rows = ids.shape[0]
+    for name, value in (("attention_mask", np.ones((rows, length + 1))), ("position_ids", np.full((rows, 1), length)),
+                        ("token_type_ids", np.zeros((rows, 1)))):
+        if name in inputs and name in feed:
+            step[name] = value.astype(np.asarray(feed[name]).dtype)
+    try:
+        runtime.run(fsess, step)
+    except QconvError:
+        return None
+    return step, int(length)
 
 
 def _layers(float_layers, quant_layers, pairs: dict, source: FeedSource, samples: int, threads: int, progress) -> tuple[dict, int]:

@@ -390,6 +390,11 @@ def _latency_card(report: dict) -> str:
     sub = f"{format_number(lat.get('original'), '.2f')} ms \u2192 {format_number(lat.get('quantized'), '.2f')} ms"
     extra = [_plural(lat.get("runs"), "run"), _plural(lat.get("threads"), "thread")]
     sub += "".join(f" \u00b7 {x}" for x in extra if x)
+    token = lat.get("token") if isinstance(lat.get("token"), dict) else None
+    if token:
+        sub += (f" \u00b7 one more token (cache of {format_number(token.get('past'), 'g')}): "
+                f"{format_number(token.get('original'), '.3f')} ms \u2192 {format_number(token.get('quantized'), '.3f')} ms, "
+                f"{speed_change(as_number(token.get('ratio')), token.get('verdict'))}")
     return _card("Latency", speed_change(ratio, verdict), sub, kind)
 
 

@@ -88,6 +88,11 @@ def _summary(report: dict) -> str:
         lines.append(_row(f"latency ({format_number(lat.get('runs'), 'g')} runs)",
                           f"{format_number(lat.get('original'), '.2f')} ms",
                           f"{format_number(lat.get('quantized'), '.2f')} ms", speed_change(lat.get("ratio"), lat.get("verdict"))))
+        token = lat.get("token") if isinstance(lat.get("token"), dict) else None
+        if token:
+            lines.append(_row(f"one more token, cache of {format_number(token.get('past'), 'g')} ({format_number(token.get('runs'), 'g')} runs)",
+                              f"{format_number(token.get('original'), '.3f')} ms",
+                              f"{format_number(token.get('quantized'), '.3f')} ms", speed_change(token.get("ratio"), token.get("verdict"))))
     worst = worst_output(report)
     if worst:
         name, stats = worst
