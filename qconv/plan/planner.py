@@ -237,7 +237,7 @@ def weight_only_tables(model: onnx.ModelProto, p: QuantPlan) -> list[str]:
         if any(decided.get(n.name) is None or not decided[n.name].kept_float or decided[n.name].code in _TABLE_KEEPS
                for n in gathers):
             continue
-        table = g.array(name).astype(np.float32)
+        table = g.array(name)  # float32 (checked above), mapped and not copied past 2 GB
         if not np.all(np.isfinite(table)):
             continue
         qp = qmath.weight_qparams(table, qmath.qtype("int8"), True, 0)

@@ -106,12 +106,20 @@ def _constant(g: Graph, tp: TensorPlan):
     return [dq], [q, scale, zp], dq_out
 
 
+TABLE_ROWS = 4096  # rows of a table rounded at once (quantize's float64 temporaries stay small)
+
+
 def table_nodes(g: Graph, tp: TensorPlan, by_name: dict) -> tuple[list, list]:
     """A weight-only table (planner.weight_only_tables): each of its Gathers reads the int8 rows, a second Gather reads
     their scales ([V, 1], so they broadcast over each row), and Cast then Mul give the float rows, the same values
     DequantizeLinear would give, for the rows a run reads only."""
     qp = tp.qparams
-    q = numpy_helper.from_array(qmath.quantize(g.array(tp.name), qp), g.unique(tp.name + "_quantized"))
+    table = g.array(tp.name)  # a weight past 2 GB stays mapped from its file: rows are read and rounded a block at a time
+    rows = np.empty(table.shape, qp.qtype.dtype)
+    for start in range(0, table.shape[0], TABLE_ROWS):
+        part = slice(start, start + TABLE_ROWS)
+        rows[part] = qmath.quantize(table[part], qmath.QParams(qp.scale[part], qp.zero_point[part], qp.qtype, 0))
+    q = numpy_helper.from_array(rows, g.unique(tp.name + "_quantized"))
     q.doc_string = f"qconv: from '{tp.name}' ({tp.origin}), {_fmt(qp)}"
     scale = numpy_helper.from_array(qp.scale.astype(np.float32).reshape(-1, 1), g.unique(tp.name + "_row_scale"))
     nodes = []
