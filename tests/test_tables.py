@@ -118,3 +118,22 @@ def test_plan_then_quantize_writes_the_same_table_bytes(table_files, tmp_path):
     assert invoke("quantize", m, "--data", d, "--kernels", "none", "-o", tmp_path / "a.onnx", "-q", "--no-latency").exit_code == 0
     assert invoke("quantize", m, "--plan", tmp_path / "p.json", "-o", tmp_path / "b.onnx", "-q", "--no-latency").exit_code == 0
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+
+
+def test_a_table_left_in_its_file_is_rounded_as_a_loaded_one(tmp_path, monkeypatch):
+    """A model past 2 GB keeps its weights in their file (qconv.io lazy loading): the table is read and rounded a block
+    of rows at a time from the mapped file, and the written model is the loaded one's."""
+    from qconv import io
+
+    src = tmp_path / "e.onnx"
+    onnx.save_model(table_model(), str(src), save_as_external_data=True, location="e.onnx.data", size_threshold=0)
+    written = {}
+    for name, threshold in (("loaded", io.LAZY_BYTES), ("lazy", 0)):
+        monkeypatch.setattr(io, "LAZY_BYTES", threshold)
+        out = tmp_path / name / "q.onnx"
+        out.parent.mkdir()
+        r = invoke("quantize", src, "--mode", "dynamic", "-o", out, "-q", "--no-latency")
+        assert r.exit_code == 0, r.output
+        written[name] = onnx.load(str(out))
+        assert any(t.data_type == TensorProto.INT8 and list(t.dims) == [V, D] for t in written[name].graph.initializer)
+    assert written["loaded"].graph.SerializeToString(deterministic=True) == written["lazy"].graph.SerializeToString(deterministic=True)
