@@ -544,3 +544,35 @@ def test_a_new_table_times_the_fastest_choice_then_the_accurate_one(pool, near_e
     assert verdicts[1]["against"] == (fastest if ratios[0] < 1 else [])
     speed = pipeline.plan(prepared, calib, QuantConfig(kernels="auto")).source["speed"]
     assert speed["float_nodes"] == {"fastest": fastest, "none": [], "accurate": accurate}[floats] and "pending" not in speed
+
+
+def test_the_tuners_speed_estimate_reads_the_table_of_the_graph_variant_it_tunes(pool, slow_pool_table, tmp_path, monkeypatch):
+    """Kernel tables are cached per graph variant (``Prepared.kernel_id``: --equalize's gated pairs change the graph);
+    the tuner's speed guard read them by the bare model id, found none on an equalized model and refused nothing
+    (PicoDet tuned to 2.3x fp32's time against a 1.0x target). It reads the variant's table now."""
+    import dataclasses
+
+    from qconv import pipeline
+    from qconv.measure.reference import Reference
+    from qconv.plan.config import QuantConfig
+    from qconv.calib.store import Ranges
+    from qconv.plan.overrides import NodeOverride, Overrides
+    from qconv.tune.lab import Lab
+    from qconv.tune.remedies import Context
+    from qconv.tune.trial import TrialCache
+
+    monkeypatch.setenv("QCONV_CACHE_DIR", str(tmp_path / "cache"))
+    m, d = pool
+    config = QuantConfig(kernels="auto")
+    prepared = dataclasses.replace(pipeline.load(m, config), variant="eq-test")
+    assert prepared.kernel_id != prepared.model_id
+    calib = pipeline.calibrate(prepared, pipeline.feeds_for(prepared, d, 8), config=config)
+    data = json.loads(slow_pool_table.read_text())
+    data["model_id"] = prepared.kernel_id
+    path = kernels.model_cache_path(prepared.kernel_id)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(data))
+    lab = Lab(prepared, Context(prepared.model, Ranges.of(calib), config, Reference([]), 1), TrialCache(tmp_path / "t.json"), "id")
+    every = lab.speed("minmax", Overrides())
+    float_pool = lab.speed("minmax", Overrides({"pool": NodeOverride(precision="float")}, {}))
+    assert every is not None and float_pool is not None and float_pool < every  # the table's slow int8 MaxPool

@@ -59,7 +59,7 @@ class Lab:
     def speed(self, method: str, overrides: Overrides) -> float | None:
         """The candidate's time as a multiple of the float model's, estimated by the kernel table timed on this model
         (qconv.plan.regions.estimate; None without one): what a speed target refuses a candidate by before any A/B."""
-        table = kernels.load(self.ctx.config.kernels, self.prepared.model_id)
+        table = kernels.load(self.ctx.config.kernels, self.prepared.kernel_id)  # per graph variant (--equalize's pairs)
         stats = self.ctx.stats
         if table is None or stats is None or not stats.observers:
             return None
@@ -68,7 +68,7 @@ class Lab:
         else:
             plan = pipeline.plan(self.prepared, stats, dataclasses.replace(self.ctx.config, method=method), overrides, "tuning")
         got = regions.estimate(self.prepared.model, plan, regions.counts_per_row(stats.observers, stats.identity), table,
-                               self.prepared.model_id)
+                               self.prepared.kernel_id)
         return None if got is None or got[1] <= 0 else got[0] / got[1]
 
     def anchor(self, method: str, overrides: Overrides, nodes: list[str]) -> None:
