@@ -425,3 +425,14 @@ def test_measuring_in_lanes_makes_the_trials_and_choices_of_one_at_a_time(budget
     assert [(t.change, t.metrics, t.error, t.accepted) for t in one.trials] == [(t.change, t.metrics, t.error, t.accepted) for t in laned.trials]
     assert len(laned.trials) <= budget
     assert len(laned_bench.measured) >= len([t for t in laned.trials if t.error is None])  # speculative ones dropped
+
+
+def test_a_time_budget_keeps_room_for_what_follows_the_search():
+    """After the search come trial-sized steps (the unseen rows' two models, the final rewrite) and the final latency
+    A/B: a trial that would leave no room for them is not started (PicoDet's tuning ended 8-26 s past 180 s)."""
+    clock = Clock(Budget(20.0, None), after_trials=3, after_seconds=4.0)
+    clock.start -= 5.0
+    assert clock.left(5, next_seconds=2.0, per_trial=1.0)  # 5 + 2 + 3 + 4 = 14 < 20
+    assert not clock.left(5, next_seconds=2.0, per_trial=3.0)  # 5 + 2 + 9 + 4 = 20
+    assert Clock(Budget(20.0, None)).left(5, next_seconds=2.0, per_trial=3.0)  # nothing kept back without them
+    assert Clock(Budget(None, 3), after_trials=3, after_seconds=1e9).left(2, per_trial=1e9)  # a trial budget counts trials

@@ -24,8 +24,11 @@ def _block(sess, feed: dict, block: int) -> float:
     return float(np.median(times[1:])) if block > 1 else times[0]
 
 
+BUDGET_S = 10.0  # seconds of A/B rounds at most (past the minimum rounds)
+
+
 def latency(float_sess, quant_sess, feed: dict, threads: int, min_rounds: int = 25, max_rounds: int = 400,
-            budget_s: float = 10.0, target_width: float = 0.04, block: int = 3) -> dict:
+            budget_s: float = BUDGET_S, target_width: float = 0.04, block: int = 3) -> dict:
     """Median milliseconds of each model on one feed and the ratio with its spread, timed as A/B rounds.
 
     Each round times both models back to back (the order alternates), so machine noise hits both alike; each

@@ -47,21 +47,26 @@ class Budget:
 class Clock:
     """The budget against the trials made and the time since the search started."""
 
-    def __init__(self, budget: Budget, reserve: float = 0.0):
+    def __init__(self, budget: Budget, reserve: float = 0.0, after_trials: float = 0.0, after_seconds: float = 0.0):
         self.budget = budget
         self.reserve = reserve  # seconds kept for what follows the search (a time budget is a hard limit)
+        # and what follows it in trial-sized steps (the unseen rows' two models, the final rewrite), at the search's own
+        # median trial time, plus fixed seconds (the final latency A/B): PicoDet's 6 s trials ended 8-26 s past 180
+        self.after_trials, self.after_seconds = after_trials, after_seconds
         self.start = time.perf_counter()
 
     def seconds(self) -> float:
         return time.perf_counter() - self.start
 
-    def left(self, trials: int, next_seconds: float = 0.0) -> bool:
+    def left(self, trials: int, next_seconds: float = 0.0, per_trial: float = 0.0) -> bool:
         """Room for one more trial: under a trial budget, its count; under a time budget, the trial's expected
         ``next_seconds`` too, so that a trial is not started that would end past the limit (PicoDet's 9 s trials
-        took a 180 s budget to 212 s when only the start was checked)."""
+        took a 180 s budget to 212 s when only the start was checked), and what follows the search (``per_trial``:
+        the search's median trial seconds)."""
         if self.budget.trials is not None:
             return trials < self.budget.trials
-        return self.seconds() + next_seconds < self.budget.seconds - self.reserve
+        after = self.after_trials * per_trial + self.after_seconds
+        return self.seconds() + next_seconds + after < self.budget.seconds - self.reserve
 
     def over(self) -> bool:
         """A time budget is spent (a trial budget never stops what follows the search)."""

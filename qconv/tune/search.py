@@ -93,7 +93,8 @@ class Search:
         # room for the next trial and one more after the search (bias correction of the chosen plan is measured as a
         # trial): PicoDet's 6 s trials still ended 15 s past a 180 s budget with room for one only
         recent = [t.seconds for t in self.trials[-5:] if not t.cached]
-        return self.clock.left(len(self.trials), 2 * statistics.median(recent) if recent else 0.0)
+        per = statistics.median(recent) if recent else 0.0
+        return self.clock.left(len(self.trials), 2 * per, per)
 
     def trial(self, step: str, change: str, method: str, overrides: Overrides, force: bool = False) -> Trial:
         """Measure one candidate (or read it from the cache). ``force``: past the budget (the final speed check)."""
