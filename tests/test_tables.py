@@ -61,8 +61,9 @@ def test_a_large_table_read_by_float_gathers_keeps_8_bit_rows_and_reads_exactly_
     m, d = table_files
     out, plan_path = tmp_path / "q.onnx", tmp_path / "p.json"
     src = [] if "dynamic" in args else ["--data", d, "--kernels", "none"]
-    r = invoke("quantize", m, *src, *args, "-o", out, "--write-plan", plan_path, "-q", "--no-latency")
+    r = invoke("quantize", m, *src, *args, "-o", out, "--write-plan", plan_path, "--report", tmp_path / "r.json", "-q", "--no-latency")
     assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "r.json").read_text())["node_summary"]["tables"] == [{"tensor": "table", "rows": V, "gathers": ["embed"]}]
     plan = json.loads(plan_path.read_text())
     t = plan["tensors"]["table"]
     assert t["role"] == "table" and t["type"] == "int8" and t["axis"] == 0 and t["consumers"] == ["embed"]

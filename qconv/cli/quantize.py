@@ -146,6 +146,8 @@ def render(term, report: dict) -> None:
     n = report["node_summary"]
     term.print(f"nodes: {n['quantized']} quantized ({n['folded_activations']} Relu/Clip folded into their producer), "
                f"{n['float']} kept in float, {n['integer']} integer/shape ops left as they are")
+    for t in n.get("tables", []):
+        term.print(f"table '{t['tensor']}' ({t['rows']:,} rows, read by {', '.join(t['gathers'])}): stored as int8 rows, one scale a row")
     render_groups(term, n.get("kept_float_groups", []))
     if report.get("tuning"):
         render_tuning(term, report["tuning"])

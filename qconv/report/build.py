@@ -83,6 +83,9 @@ def node_summary(plan: QuantPlan) -> dict:
         "by_op": plan.by_op(),
         "kept_float": [{"name": n.name, "op_type": n.op_type, "reason": n.reason, "code": n.code} for n in plan.nodes if n.kept_float],
         "kept_float_groups": plan.kept_float_groups(),
+        # planner.weight_only_tables: float Gathers whose tables are stored as int8 rows
+        "tables": [{"tensor": t.name, "rows": int(t.qparams.scale.size), "gathers": list(t.consumers)}
+                   for _, t in sorted(plan.tensors.items()) if t.role == "table"],
     }
 
 
