@@ -153,7 +153,7 @@ def token_step(fsess, feed: dict) -> tuple[dict, int] | None:
     axes = set()
     for name, new in zip(past, made):
         old = np.asarray(feed[name])
-        grown = [k for k in range(old.ndim) if new.ndim == old.ndim and new.shape[k] != old.shape[k]]
+        grown = [k for k in range(old.ndim) if new.shape[k] != old.shape[k]] if new.ndim == old.ndim else []
         if len(grown) != 1 or new.shape[grown[0]] != old.shape[grown[0]] + ids.shape[1]:
             return None
         axes.add(new.shape[grown[0]])

@@ -115,11 +115,11 @@ def table_nodes(g: Graph, tp: TensorPlan, by_name: dict) -> tuple[list, list]:
     DequantizeLinear would give, for the rows a run reads only."""
     qp = tp.qparams
     table = g.array(tp.name)  # a weight past 2 GB stays mapped from its file: rows are read and rounded a block at a time
-    rows = np.empty(table.shape, qp.qtype.dtype)
+    ints = np.empty(table.shape, qp.qtype.dtype)
     for start in range(0, table.shape[0], TABLE_ROWS):
         part = slice(start, start + TABLE_ROWS)
-        rows[part] = qmath.quantize(table[part], qmath.QParams(qp.scale[part], qp.zero_point[part], qp.qtype, 0))
-    q = numpy_helper.from_array(rows, g.unique(tp.name + "_quantized"))
+        ints[part] = qmath.quantize(table[part], qmath.QParams(qp.scale[part], qp.zero_point[part], qp.qtype, 0))
+    q = numpy_helper.from_array(ints, g.unique(tp.name + "_quantized"))
     q.doc_string = f"qconv: from '{tp.name}' ({tp.origin}), {_fmt(qp)}"
     scale = numpy_helper.from_array(qp.scale.astype(np.float32).reshape(-1, 1), g.unique(tp.name + "_row_scale"))
     nodes = []
