@@ -119,3 +119,21 @@ def test_a_cluster_started_early_is_used_or_closed(tmp_path):
     assert proc.returncode == 0, err
     assert "up to date" in err and out.stat().st_mtime_ns == stamp and "Traceback" not in err
     assert not [p for p in workers if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+
+
+def test_local_workers_keep_the_default_allocator_threshold():
+    """Dask's nanny sets MALLOC_TRIM_THRESHOLD_ in its workers, which pins glibc's mmap threshold at 128 KB: a shard then
+    ran 1.46x slower per batch than in a plain process. local:N's workers start without it; the rest of Dask's worker
+    environment (one BLAS thread) is kept."""
+    import os
+
+    from qconv import distributed
+
+    client, cluster = distributed._client(distributed.parse_executor("local:1"))
+    try:
+        env = client.run(lambda: {k: os.environ.get(k) for k in ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS")})
+    finally:
+        client.close()
+        cluster.close()
+    assert [e["MALLOC_TRIM_THRESHOLD_"] for e in env.values()] == [os.environ.get("MALLOC_TRIM_THRESHOLD_")]
+    assert [e["OMP_NUM_THREADS"] for e in env.values()] == [os.environ.get("OMP_NUM_THREADS", "1")]
