@@ -129,11 +129,12 @@ def test_local_workers_keep_the_default_allocator_threshold():
 
     from qconv import distributed
 
+    before = os.environ.get("MALLOC_TRIM_THRESHOLD_")  # the nanny sets its variables in the starting process too
     client, cluster = distributed._client(distributed.parse_executor("local:1"))
     try:
         env = client.run(lambda: {k: os.environ.get(k) for k in ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS")})
     finally:
         client.close()
         cluster.close()
-    assert [e["MALLOC_TRIM_THRESHOLD_"] for e in env.values()] == [os.environ.get("MALLOC_TRIM_THRESHOLD_")]
+    assert [e["MALLOC_TRIM_THRESHOLD_"] for e in env.values()] == [before] and os.environ.get("MALLOC_TRIM_THRESHOLD_") == before
     assert [e["OMP_NUM_THREADS"] for e in env.values()] == [os.environ.get("OMP_NUM_THREADS", "1")]
