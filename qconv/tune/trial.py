@@ -12,7 +12,7 @@ from pathlib import Path
 from qconv.measure.tally import Metrics, json_number
 from qconv.plan.overrides import Overrides
 
-CACHE_VERSION = 2  # 2: metrics with the parts of concatenated outputs and passing scores
+CACHE_VERSION = 3  # 2: metrics with the parts of concatenated outputs and passing scores; 3: and their per-feed values
 
 
 @dataclass(frozen=True)
@@ -145,7 +145,7 @@ class TrialCache:
         return True, Metrics.from_dict(m) if m else None, hit.get("error")
 
     def put_metrics(self, key: str, metrics: Metrics | None, error: str | None) -> None:
-        self.put(key, {"metrics": metrics.to_dict() if metrics else None, "error": error})
+        self.put(key, {"metrics": metrics.to_dict(per_feed=True) if metrics else None, "error": error})
 
 
 def cache_dir(configured: Path | None) -> Path:
