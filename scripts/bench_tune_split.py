@@ -85,7 +85,8 @@ def main() -> int:
     ap.add_argument("--budget", default="3m")
     ap.add_argument("--ref", default=None)
     ap.add_argument("extra", nargs="*")
-    args = ap.parse_args()
+    args, rest = ap.parse_known_args()  # flags after the task and --budget (with or without "--") go to quantize
+    args.extra = [*args.extra, *(x for x in rest if x != "--")]
     work = Path(tempfile.gettempdir()) / "qconv-bench-tune-split"
     work.mkdir(exist_ok=True)
     task = next(t for t in tasks(work, False) if t.name == args.task)
