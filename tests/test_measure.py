@@ -57,6 +57,29 @@ def test_clipping_small_scores_shows_in_the_parts_and_the_decisions_not_in_the_w
     assert not parts.decisions["out[0:4]"][2] and parts.decisions["out[4:7]"][2]
 
 
+def test_per_feed_decisions_are_each_feeds_own_and_add_up_to_the_totals():
+    rng = np.random.default_rng(1)
+    refs = [rng.uniform(0, 1, (2, 5)).astype(np.float32) for _ in range(4)]  # scores, and a top-1 per row
+    gots = [np.clip(r + rng.normal(0, 0.15, r.shape), 0, 1).astype(np.float32) for r in refs]
+    t = Tally(["out"], objective=True)
+    alone = []
+    for r, q in zip(refs, gots):
+        t.add([r], [q], rows=2)
+        one = Tally(["out"], objective=True)
+        one.add([r], [q], rows=2)
+        alone.append(one.metrics())
+    m = t.metrics()
+    per = dict(m.per_feed)
+    assert list(per) == ["scores passing 0.25 in out", "top-1 agreement"]
+    assert per["top-1 agreement"] == tuple(a.agreement for a in alone) and np.mean(per["top-1 agreement"]) == m.agreement
+    assert per["scores passing 0.25 in out"] == tuple(a.passing for a in alone)
+    both, either = t.decisions["out"][:2]
+    assert m.passing == both / either
+    plain = Tally(["out"])
+    plain.add([refs[0]], [gots[0]])
+    assert plain.metrics().per_feed is None  # a report's tally keeps no per-feed values
+
+
 def test_metrics_round_trip_and_the_worst_cosine():
     m = Metrics(0.999, float("inf"), 0.9, None, 0.95, 0.8)
     assert Metrics.from_dict(m.to_dict()) == m and m.to_dict()["sqnr_db"] == "inf"

@@ -115,11 +115,12 @@ class Tally:
     objective: bool = False  # also what a search ranks by: parts of concatenated outputs, scores passing PASS_SCORE
     slices: dict = field(default_factory=dict)  # {output: (axis, [(start, stop), ...])}: parts scored on their own
     slice_stats: dict[str, ErrorStats] = field(default_factory=dict)
-    decisions: dict[str, list] = field(default_factory=dict)  # {output or part: [both pass, either passes, in [0, 1] so far]}
+    # {output or part: [both pass, either passes, in [0, 1] so far, each feed's Jaccard (Metrics.per_feed)]}
+    decisions: dict[str, list] = field(default_factory=dict)
     metric: object = None  # a measure.usermetric.UserMetric: the user's task metric, summed feed by feed
     metric_total: float = 0.0
     metric_count: float = 0.0
-    feeds: dict[str, list] = field(default_factory=dict)  # objective: per feed, each decision's value (Metrics.per_feed)
+    agree_feeds: list[float] = field(default_factory=list)  # objective: each feed's top-1 agreement (Metrics.per_feed)
 
     def __post_init__(self) -> None:
         if not self.stats:
@@ -143,7 +144,7 @@ class Tally:
             self.agree += same
             self.positions += int(pf.size)
             if self.objective:
-                self.feeds.setdefault("top-1 agreement", []).append(same / max(int(pf.size), 1))
+                self.agree_feeds.append(same / max(int(pf.size), 1))
         if labels is not None:
             if not isinstance(ref[0], np.ndarray):
                 raise QconvError("--eval-labels needs a tensor as the model's first output (it is a sequence or map)")
@@ -169,7 +170,7 @@ class Tally:
                     self.slice_stats.setdefault(key, ErrorStats()).update(rs, qs)
                     parts.append((key, rs, qs))
         for key, rs, qs in parts:
-            d = self.decisions.setdefault(key, [0, 0, True])
+            d = self.decisions.setdefault(key, [0, 0, True, []])
             if d[2] and rs.size and (float(rs.min()) < 0.0 or float(rs.max()) > 1.0):
                 d[2] = False  # not scores: no decisions to agree on
             if d[2]:
@@ -177,7 +178,7 @@ class Tally:
                 both, either = int(np.count_nonzero(pf & pq)), int(np.count_nonzero(pf | pq))
                 d[0] += both
                 d[1] += either
-                self.feeds.setdefault(f"scores passing {PASS_SCORE} in {key}", []).append(both / either if either else 1.0)
+                d[3].append(both / either if either else 1.0)
 
     def merge(self, other: Tally) -> None:
         """Add another shard's tally (labels are scored by the driver, in feed order: see ``score_labels``)."""
@@ -228,8 +229,8 @@ class Tally:
             drop = 100.0 * (self.correct_float - self.correct_quant) / self.labelled
         parts = [s.cosine for s in self.slice_stats.values() if s.count]
         passing = [d[0] / d[1] for d in self.decisions.values() if d[2] and d[1]]
-        scores = {f"scores passing {PASS_SCORE} in {k}" for k, d in self.decisions.items() if d[2]}  # outputs that are scores
-        per_feed = tuple((k, tuple(v)) for k, v in self.feeds.items() if k in scores or k == "top-1 agreement")
+        per_feed = tuple((f"scores passing {PASS_SCORE} in {k}", tuple(d[3])) for k, d in self.decisions.items() if d[2]) + (
+            (("top-1 agreement", tuple(self.agree_feeds)),) if self.agree_feeds else ())
         return Metrics(float(min((s.cosine for s in used), default=1.0)), float(min((s.sqnr_db for s in used), default=math.inf)),
                        self.agreement, drop, float(min(parts)) if parts else None, float(min(passing)) if passing else None,
                        self.metric_value, per_feed if self.objective else None)
