@@ -152,7 +152,7 @@ def int8_weight_bytes(path: Path) -> int:
 def evaluate(case: Case, fp32_path: Path, outs: dict[str, Path], threads: int, runs: int) -> None:
     labels = np.load(case.labels).reshape(-1) if case.labels else None
     source = feeds(case.model, case.eval)
-    ref_sess = session(fp32_path, threads)
+    ref_sess = session(fp32_path, threads, spinning=False)
     names = [o.name for o in ref_sess.get_outputs()]
     reference = [ref_sess.run(names, feed) for feed in source]
     weights = sum(onnx.numpy_helper.to_array(t).nbytes for t in onnx.load(str(fp32_path)).graph.initializer)
@@ -163,7 +163,7 @@ def evaluate(case: Case, fp32_path: Path, outs: dict[str, Path], threads: int, r
     for tool, out in outs.items():
         r = case.tools[tool]
         try:
-            sess = session(out, threads)
+            sess = session(out, threads, spinning=False)
             r.update(fidelity(sess, names, reference, source, labels))
         except Exception as exc:  # noqa: BLE001 - a model that will not load or run is a result
             r.update(status="RUN FAILED", error=first_line(exc))

@@ -121,7 +121,8 @@ def main() -> int:
             from qconv.data import FeedSource
 
             feed = next(iter(FeedSource(c.eval, graph_specs(c.model), batch_size=c.batch)))
-            ms = latencies({"fp32": session(c.model, 2), **{k: session(v, 2) for k, v in written.items()}}, feed, 40, 60.0)
+            ms = latencies({"fp32": session(c.model, 2, spinning=False), **{k: session(v, 2, spinning=False) for k, v in written.items()}},
+                           feed, 40, 60.0)
             print(f"{task.name} latency, one eval feed, 2 threads, median ms: "
                   + ", ".join(f"{k} {v:.2f} ({v / ms['fp32']:.2f}x fp32's time)" for k, v in ms.items()), flush=True)
     finally:

@@ -160,8 +160,17 @@ def fidelity(sess, names: list[str], reference: list[list], source: FeedSource, 
 def latencies(sessions: dict, feed: dict, runs: int, budget_s: float = 60.0, block: int = 4) -> dict[str, float]:
     """Median ms per model on one feed. Rounds interleave the models (rotating the order); in a round each model
     runs ``block`` times back to back and its first run is dropped, so no model pays for the cache another
-    just filled (in production one model runs alone)."""
+    just filled (in production one model runs alone).
+
+    Sessions whose idle threads spin are refused when several multi-threaded ones are timed in turn: the threads of
+    the session that just ran spin on the cores the next one needs. Measured on this 2-core machine: PicoDet's fp32
+    116.8 ms timed beside two spinning int8 sessions, 64.9 ms with none spinning, and its tuned int8 model read
+    1.05x fp32's time instead of 0.89x (bench_tune_split, 2026-12-04)."""
     names = list(sessions)
+    spinning = [n for n, s in sessions.items() if _spins(s)]
+    if len(sessions) > 1 and spinning:
+        raise ValueError(f"latencies: sessions {spinning} spin between runs; timed in turn they steal each other's "
+                         "cores: make them with session(..., spinning=False)")
     for _ in range(3):
         for s in sessions.values():
             s.run(None, feed)
@@ -178,6 +187,17 @@ def latencies(sessions: dict, feed: dict, runs: int, budget_s: float = 60.0, blo
         if k >= 4 and time.perf_counter() - start > budget_s:
             break
     return {n: float(np.median(t)) for n, t in times.items()}
+
+
+def _spins(sess) -> bool:
+    """Whether an onnxruntime session's idle intra-op threads busy-wait (its default, unless it runs on one thread)."""
+    opts = sess.get_session_options()
+    if opts.intra_op_num_threads == 1:
+        return False
+    try:
+        return opts.get_session_config_entry("session.intra_op.allow_spinning") != "0"
+    except Exception:  # noqa: BLE001 - onnxruntime raises for an entry never set: the default, spinning
+        return True
 
 
 def fmt(x, spec: str) -> str:

@@ -488,3 +488,53 @@ def test_a_time_budget_keeps_room_for_what_follows_the_search():
     assert not clock.left(5, next_seconds=2.0, per_trial=3.0)  # 5 + 2 + 9 + 4 = 20
     assert Clock(Budget(20.0, None)).left(5, next_seconds=2.0, per_trial=3.0)  # nothing kept back without them
     assert Clock(Budget(None, 3), after_trials=3, after_seconds=1e9).left(2, per_trial=1e9)  # a trial budget counts trials
+
+
+def _job_and_held(calib_rows, eval_rows, corrects=True, latency=True, layer_samples=0):
+    """A TuneJob's parts the estimate reads, and held rows whose float pass took 0.1 s a row (16 rows, feeds of 4)."""
+    from types import SimpleNamespace
+
+    from qconv.measure.evaluate import EvalOptions
+    from qconv.measure.reference import Reference
+
+    src = lambda rows: SimpleNamespace(count=lambda: rows // 4, batch_size=4)  # noqa: E731
+    job = SimpleNamespace(calib_source=src(calib_rows), source=src(eval_rows), corrects=corrects,
+                          evaluation=EvalOptions(latency=latency, layer_samples=layer_samples))
+    held = Reference(["y"], feeds=[{}] * 4, rows=16, float_seconds=1.6)
+    return job, held
+
+
+def test_what_follows_the_search_is_estimated_from_the_float_models_time_per_row():
+    """PicoDet's tuning ended 21 s past a 180 s budget: the steps on the calibration rows (19 s) and the evaluation with
+    its A/B timing and profile (17 s) had four float passes over the held rows (about 4 s) kept for them."""
+    from qconv.measure.latency import BUDGET_S
+    from qconv.tune.tuner import after_search
+
+    job, held = _job_and_held(calib_rows=64, eval_rows=48, layer_samples=32)
+    est = after_search(job, held)
+    assert est["corrections"] == pytest.approx(0.1 * (16 * 3 + 32 * 3 + 64 * 3 + 8 * 3))  # 36 s
+    assert est["unseen rows"] == pytest.approx(0.1 * 3 * (48 - 16))  # float, untuned and tuned on the 32 unseen rows
+    assert est["evaluation"] == pytest.approx(0.1 * (2 * 48 + 4 * 32))
+    assert est["latency"] == pytest.approx(BUDGET_S + 12 * 0.4) and est["profile"] == pytest.approx(44 * 0.4 + 1.0)
+    few, _ = _job_and_held(calib_rows=8, eval_rows=16, corrects=True, latency=False)
+    est = after_search(few, held)
+    assert est["corrections"] == pytest.approx(0.1 * 8 * 12)  # every step on the 8 rows there are
+    assert est["unseen rows"] == 0.0 and est["latency"] == 0.0 and est["profile"] == 0.0
+    none, _ = _job_and_held(calib_rows=64, eval_rows=16, corrects=False)
+    assert after_search(none, held)["corrections"] == 0.0  # nothing to correct: nothing kept for it
+
+
+def test_the_reserve_is_the_estimate_within_a_share_of_a_time_budget():
+    from qconv.tune.tuner import RESERVE_SHARE, reserved
+
+    est = {"corrections": 30.0, "evaluation": 10.0}
+    assert reserved(est, Budget(180.0, None)) == 40.0
+    assert reserved(est, Budget(50.0, None)) == RESERVE_SHARE * 50.0  # the search keeps the rest
+    assert reserved(est, Budget(None, 10)) == 40.0  # a trial budget: no clock to keep room on
+
+
+def test_a_step_after_the_search_is_started_only_when_it_fits_the_time_budget():
+    clock = Clock(Budget(60.0, None))
+    clock.start -= 40.0
+    assert clock.fits(15.0) and not clock.fits(25.0)
+    assert Clock(Budget(None, 3)).fits(1e9)  # a trial budget never stops what follows the search

@@ -106,6 +106,16 @@ def test_same_inputs_and_trial_budget_give_the_same_bytes_and_a_rerun_is_cached(
     assert [x["change"] for x in rep1["tuning"]["trials"]] == [x["change"] for x in rep2["tuning"]["trials"]]
 
 
+def test_a_time_budget_reports_what_it_kept_for_the_steps_after_the_search(tmp_path, cache):
+    r, _, report, _ = tune(tmp_path, "tb", cache, "--budget", "20s", "--min-cosine", "0.99999", "--no-latency")
+    assert r.exit_code in (0, 3), r.output
+    after = report["tuning"]["after_search"]
+    assert set(after["estimated_s"]) == {"corrections", "unseen rows", "evaluation", "latency", "profile"}
+    assert after["estimated_s"]["latency"] == 0.0  # --no-latency: no A/B timing to keep time for
+    assert after["reserved_s"] == pytest.approx(min(sum(after["estimated_s"].values()), 0.6 * 20), abs=0.3)
+    assert after["search_s"] + after["took_s"] == pytest.approx(report["tuning"]["seconds"], abs=0.3)
+
+
 def test_without_eval_data_part_of_the_calibration_data_is_held_out(tmp_path, cache):
     out, rep = tmp_path / "h.onnx", tmp_path / "h.json"
     r = invoke("quantize", DIGITS / "model.onnx", "-o", out, "--data", DIGITS / "calib.npy", "--tune", "--budget", "6trials",

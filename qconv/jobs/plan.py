@@ -235,13 +235,19 @@ def run_plan(job: PlanJob, progress=pipeline.no_progress) -> tuple[QuantPlan, pi
     return adjusted(job, prepared, pipeline.plan(prepared, calib, config, overrides), progress, calib), prepared
 
 
+def adjusts(job: PlanJob, config: QuantConfig) -> bool:
+    """Whether ``adjusted`` measures anything for a plan of ``config`` (else it returns the plan as it is)."""
+    floors = job.data is not None and job.config.floor_ranges == "auto" and config.needs_calibration
+    return bool(floors or config.bias_correction or config.rounding != "nearest" or (config.ranges == "output" and job.data is not None))
+
+
 def adjusted(job: PlanJob, prepared: pipeline.Prepared, plan: QuantPlan, progress, calib) -> QuantPlan:
     """The plan with the steps measured on the calibration rows, as its config asks: output-aware ranges (--ranges
     output, planned again from ``calib``), learned rounding (--rounding), then bias correction (--bias-correction),
     which measures the int8 model with the learned integers."""
-    floors = job.data is not None and job.config.floor_ranges == "auto" and plan.config.needs_calibration
-    if not floors and not plan.config.bias_correction and plan.config.rounding == "nearest" and (plan.config.ranges != "output" or job.data is None):
+    if not adjusts(job, plan.config):
         return plan  # (with --calib, the file's output-aware ranges and floors are in the plan already)
+    floors = job.data is not None and job.config.floor_ranges == "auto" and plan.config.needs_calibration
     o = job.calib_options
     source = pipeline.feeds_for(prepared, job.data, o.batch_size, o.samples, cast=o.cast_data, skip=job.holdout)
     measured = pipeline.CheckRows()  # the checks share rows and models: each is run once

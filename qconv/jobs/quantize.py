@@ -15,7 +15,7 @@ from qconv import distributed, io, pipeline, runtime
 from qconv.errors import QconvError, UsageError
 from qconv.graph import ai_onnx_opset
 from qconv.jobs.common import finish, load_labels
-from qconv.jobs.plan import time_kernels, PlanJob, adjusted, check_plan_model, load_overrides, read_plan, recorded, statistics, with_file_ranges
+from qconv.jobs.plan import time_kernels, PlanJob, adjusted, adjusts, check_plan_model, load_overrides, read_plan, recorded, statistics, with_file_ranges
 from qconv.measure.evaluate import EvalOptions, damage_warnings, evaluate
 from qconv.measure.stats import ErrorStats
 from qconv.measure import usermetric
@@ -213,9 +213,10 @@ def _run_tuned(job: QuantizeJob, prepared: pipeline.Prepared, labels, progress) 
     calib_source = None
     if pj.data is not None:
         calib_source = pipeline.feeds_for(prepared, pj.data, pj.calib_options.batch_size, cast=o.cast_data, skip=pj.holdout)
-    tuned = tune(TuneJob(prepared=prepared, calib=calib, config=pj.effective(*recorded(calib)), overrides=overrides, source=source,
+    config = pj.effective(*recorded(calib))
+    tuned = tune(TuneJob(prepared=prepared, calib=calib, config=config, overrides=overrides, source=source,
                          labels=labels, gates=job.gates, options=job.tune, evaluation=job.evaluation, calib_source=calib_source,
-                         correct=lambda plan: adjusted(pj, prepared, plan, progress, calib)), progress)
+                         correct=lambda plan: adjusted(pj, prepared, plan, progress, calib), corrects=adjusts(pj, config)), progress)
     result = tuned.result
     notes = damage_warnings(tuned.evaluation, prepared, result, calib, tuned.reference, job.evaluation.threads)
     report = _save_and_report(job, prepared, result, calib, tuned.evaluation, eval_label, notes)

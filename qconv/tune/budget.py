@@ -68,6 +68,10 @@ class Clock:
         after = self.after_trials * per_trial + self.after_seconds
         return self.seconds() + next_seconds + after < self.budget.seconds - self.reserve
 
+    def fits(self, seconds: float) -> bool:
+        """``seconds`` more end within a time budget (a trial budget never stops what follows the search)."""
+        return self.budget.trials is not None or self.seconds() + seconds <= self.budget.seconds
+
     def over(self) -> bool:
         """A time budget is spent (a trial budget never stops what follows the search)."""
         return self.budget.trials is None and self.seconds() >= self.budget.seconds

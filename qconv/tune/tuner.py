@@ -48,6 +48,7 @@ class TuneJob:
     evaluation: EvalOptions
     calib_source: FeedSource | None = None  # calibration rows, for per-channel statistics
     correct: Callable[[QuantPlan], QuantPlan] = lambda plan: plan  # bias correction of the final plan, when asked for
+    corrects: bool = False  # whether ``correct`` measures anything (its time is kept out of the search's budget)
 
 
 @dataclass
@@ -62,6 +63,7 @@ class Tuned:
     held_rows: int
     speed: list
     unseen: dict
+    after: dict  # what follows the search: the seconds kept for it (estimated before the search) and those it took
 
     def section(self, data_note: str, gate: dict) -> dict:
         """The report's "tuning" section: targets, budget, every trial, what changed and why."""
@@ -76,7 +78,8 @@ class Tuned:
                 "changes": [c.to_dict() for c in s.changes], "sensitivity": [r.to_dict() for r in s.sensitivity[:24]],
                 "baseline": base.to_dict() if base else {},
                 "best": (accepted[-1].metrics.to_dict() if accepted[-1].metrics else {}) if accepted else None,
-                "speed": self.speed, "unseen": self.unseen, "reached": bool(gate["passed"]), "missed": gate["failed"]}
+                "speed": self.speed, "unseen": self.unseen, "after_search": self.after,
+                "reached": bool(gate["passed"]), "missed": gate["failed"]}
 
 
 def tune(job: TuneJob, progress=pipeline.no_progress) -> Tuned:
@@ -90,16 +93,15 @@ def tune(job: TuneJob, progress=pipeline.no_progress) -> Tuned:
     ident = _identity(job, held)
     cache = TrialCache(cache_dir(o.cache_dir) / f"{prepared.model_id[:16]}-{ident[:16]}.json")
     ctx = Context(prepared.model, Ranges.of(job.calib), job.config, held, threads, job.calib_source)
-    # Time kept for what follows the search (the final rewrite, its evaluation, the unseen rows): about four float
-    # passes over the held rows, at most a quarter of the budget; and, as the search goes, three of its trials (the two
-    # models the unseen rows compare, the final rewrite) and the final latency A/B when one is measured. A time budget is
-    # a hard limit: PicoDet's tuning ended 8-26 s past 180 s with the passes alone.
-    latency_s = LATENCY_BUDGET_S if job.evaluation.latency else 0.0
-    clock = Clock(o.budget, reserve=min(0.25 * (o.budget.seconds or 0.0), 4.0 * max(held.float_seconds, 0.5)),
-                  after_trials=AFTER_TRIALS, after_seconds=latency_s)
+    # Time kept for what follows the search, estimated from the float model's time on the held rows (after_search);
+    # and, as the search goes, three of its trials (the two models the unseen rows compare, the final rewrite). A time
+    # budget is a hard limit.
+    estimate = after_search(job, held)
+    clock = Clock(o.budget, reserve=reserved(estimate, o.budget), after_trials=AFTER_TRIALS)
     lab = Lab(prepared, ctx, cache, ident)
     search = Search(lab, targets, clock, cache, progress("tuning", o.budget.trials))
     method, overrides, best = search.run(job.config.method, job.overrides)
+    search_s = clock.seconds()
     tuned = pipeline.plan(prepared, job.calib, dataclasses.replace(job.config, method=method), overrides)
     feed = pipeline.check_feed(prepared, next(iter(job.source), None))
     # The search's choices against the plan as given, both as the trials measured them (no bias correction), on
@@ -112,9 +114,14 @@ def tune(job: TuneJob, progress=pipeline.no_progress) -> Tuned:
     result = pipeline.apply(prepared, _corrected_if_better(search, lab, tuned, best, job.correct(copy.deepcopy(tuned))), None, feed)
     evaluation, reference = evaluate(prepared, result, job.source, job.labels, job.evaluation, progress)
     speed = []
+    # a speed round: a trial, a rewrite and an A/B timing, then the evaluation again
+    round_s = estimate["latency"] + estimate["evaluation"] + estimate["profile"] + LATENCY_BUDGET_S + 2.0 * held.float_seconds
     for _ in range(SPEED_ROUNDS):  # each round keeps float the nodes the new profile shows slower in int8
         lat = evaluation.get("latency_ms") or {}
-        if targets.max_latency_ratio is None or not lat or lat["ratio"] <= targets.max_latency_ratio or clock.over():
+        if targets.max_latency_ratio is None or not lat or lat["ratio"] <= targets.max_latency_ratio:
+            break
+        if not clock.fits(round_s):
+            speed.append({"tried": [], "taken": False, "reason": f"no time left in the budget for a speed round (about {round_s:.0f} s)"})
             break
         record, faster = speed_round(search, prepared, result, job.calib, evaluation, job.source, job.evaluation.threads, method)
         speed.append(record)
@@ -122,11 +129,43 @@ def tune(job: TuneJob, progress=pipeline.no_progress) -> Tuned:
             break
         result = faster
         evaluation, reference = evaluate(prepared, result, job.source, job.labels, job.evaluation, progress)
-    return Tuned(result, evaluation, reference, method, targets, default, search, held.rows, speed, unseen)
+    after = {"estimated_s": {k: round(v, 1) for k, v in estimate.items()}, "reserved_s": round(clock.reserve, 1),
+             "search_s": round(search_s, 1), "took_s": round(clock.seconds() - search_s, 1)}
+    return Tuned(result, evaluation, reference, method, targets, default, search, held.rows, speed, unseen, after)
 
 
 UNSEEN_ROWS = 256
 AFTER_TRIALS = 3  # trial-sized steps after the search: the unseen rows' two models, the final rewrite
+# The default's steps on calibration rows (job.correct: range floors, output-aware ranges searched and checked, bias
+# correction checked) as (rows, float-model passes over them): each check runs the float model and two int8 models.
+# Measured against the float model's time per row: PicoDet (64 pages) 19 s = 290 rows, the text detector 292 rows.
+CORRECT_PASSES = ((16, 3), (32, 3), (64, 3), (8, 3))
+RESERVE_SHARE = 0.6  # of a time budget at most: the search keeps the rest, and the run says when the estimate was larger
+
+
+def after_search(job: TuneJob, held: Reference) -> dict[str, float]:
+    """Seconds of what follows the search, estimated from the float model's time on the held rows before it starts: the
+    default's steps on the calibration rows (``job.correct``), the unseen rows (float, untuned and tuned), the
+    evaluation of the written model (float and int8 over the evaluation rows, per-layer analysis), its latency A/B and
+    node profile. The first estimate kept four float passes over the held rows: PicoDet's tuning ended 21 s past a 180
+    s budget (the steps on calibration rows alone took 19 s, the evaluation with its A/B timing and profile 17 s)."""
+    per_row = held.float_seconds / max(held.rows, 1)
+    per_feed = held.float_seconds / max(len(held.feeds), 1)
+    calib = job.calib_source
+    calib_rows = calib.count() * max(1, calib.batch_size) if job.corrects and calib is not None else 0
+    eval_rows = job.source.count() * max(1, job.source.batch_size)
+    ev = job.evaluation
+    return {"corrections": per_row * sum(passes * min(calib_rows, rows) for rows, passes in CORRECT_PASSES),
+            "unseen rows": per_row * 3 * min(max(eval_rows - held.rows, 0), UNSEEN_ROWS),
+            "evaluation": per_row * (2 * eval_rows + 4 * min(eval_rows, ev.layer_samples)),
+            "latency": LATENCY_BUDGET_S + 12 * per_feed if ev.latency else 0.0,
+            "profile": 44 * per_feed + 1.0 if ev.latency and ev.profile else 0.0}
+
+
+def reserved(estimate: dict[str, float], budget) -> float:
+    """The seconds a time budget keeps for what follows the search: the estimate, at most RESERVE_SHARE of it."""
+    total = sum(estimate.values())
+    return min(total, RESERVE_SHARE * budget.seconds) if budget.seconds else total
 
 
 def _corrected_if_better(search: Search, lab: Lab, plain, best: Trial, corrected):
