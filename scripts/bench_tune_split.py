@@ -4,13 +4,16 @@ calibration rows (the ledger's), tuning rows (16 more, rendered with another see
 the search measures on) and the ledger's eval rows (never seen by calibration or the search), with 95% bootstrap
 intervals over eval rows.
 
-    .venv/bin/python scripts/bench_tune_split.py yolov8_doclaynet [--budget 3m] [--ref REV] [-- extra quantize flags]
+    .venv/bin/python scripts/bench_tune_split.py yolov8_doclaynet [--budget 3m] [--ref REV] [--task-metric MIN] [-- extra quantize flags]
 
 The tuned run has no latency target (``--no-latency``) unless the extra flags hold ``--latency``: then the tuner's
 default target (never slower than fp32) and its A/B timings apply.
 
 After both runs, fp32 and the two written models are timed on one eval feed (2 threads, interleaved rounds, medians:
 ``benchlib.latencies``), so each line's speed is measured in the same run as its task metric.
+
+``--task-metric MIN`` tunes for the ledger's task metric (scripts/task_metrics.py as ``--metric``, ``--min-metric MIN``:
+YOLOv8n and PicoDet boxes kept, the text detector's map IoU) instead of the default output cosine.
 
 ``--ref REV`` runs qconv from a worktree of REV (to compare a tuner before and after a change in one run).
 Models are downloaded into ~/.cache/qconv-bench (never committed).
@@ -84,6 +87,8 @@ def main() -> int:
     ap.add_argument("task")
     ap.add_argument("--budget", default="3m")
     ap.add_argument("--ref", default=None)
+    ap.add_argument("--task-metric", type=float, default=None, metavar="MIN",
+                    help="tune for the ledger's task metric (scripts/task_metrics.py, --metric) with --min-metric MIN")
     ap.add_argument("extra", nargs="*")
     args, rest = ap.parse_known_args()  # flags after the task and --budget (with or without "--") go to quantize
     args.extra = [*args.extra, *(x for x in rest if x != "--")]
@@ -97,6 +102,10 @@ def main() -> int:
     c, ref = task.case, outputs_of(task.case.model, task.case.eval, task.case.batch)
     timed = "--latency" in args.extra  # the tuner's own latency target (never slower than fp32) and A/B timings
     extra = [x for x in args.extra if x != "--latency"]
+    if args.task_metric is not None:
+        from scripts.task_metrics import BY_TASK
+
+        extra += ["--metric", f"{ROOT / 'scripts' / 'task_metrics.py'}:{BY_TASK[task.name]}", "--min-metric", str(args.task_metric)]
     tune = ["--eval-data", str(tuning_rows(task, work)), "--tune", "--budget", args.budget, "--layer-samples", "0",
             *([] if timed else ["--no-latency"])]
     written = {}
@@ -115,6 +124,7 @@ def main() -> int:
             written[label] = out
             t = json.loads(rep.read_text()).get("tuning") or {}
             print(f"{task.name} {label:8s} {task.metric_name} {s:.1f} [{lo:.1f}, {hi:.1f}]  {secs:.0f} s"
+                  + (f" (tuning {t['seconds']:.0f} s of {t['budget']})" if t else "")
                   + (f"  {len(t['trials'])} trials; changes: " + "; ".join(f"{x['what'][:40]}: {x['change']}" for x in t["changes"])
                      if t else ""), flush=True)
         if written:

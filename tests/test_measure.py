@@ -80,6 +80,31 @@ def test_per_feed_decisions_are_each_feeds_own_and_add_up_to_the_totals():
     assert plain.metrics().per_feed is None  # a report's tally keeps no per-feed values
 
 
+def test_the_users_metric_is_kept_per_feed_for_the_noise_rule():
+    """A group move that lifts the user's task metric must lift it beyond the noise of the feeds, as the built-in
+    decisions must: each feed's total / count (a feed that counts nothing: 1, the same for every candidate)."""
+    from qconv.measure.tally import decisions_resolved
+    from qconv.measure.usermetric import UserMetric
+
+    kept = UserMetric("boxes:kept", lambda ref, got: (float((got["out"] > 0.5).sum()), float((ref["out"] > 0.5).sum())))
+    ref = [np.array([[0.9, 0.8, 0.1]], np.float32), np.array([[0.1, 0.2, 0.3]], np.float32), np.array([[0.9, 0.9, 0.9]], np.float32)]
+
+    def tally(gots):
+        t = Tally(["out"], objective=True, metric=kept)
+        for r, q in zip(ref, gots):
+            t.add([r], [np.asarray(q, np.float32)])
+        return t.metrics()
+
+    old = tally([[[0.9, 0.4, 0.1]], [[0.1, 0.2, 0.3]], [[0.9, 0.9, 0.4]]])
+    assert dict(old.per_feed)["your --metric"] == (0.5, 1.0, 2 / 3) and old.metric == pytest.approx(3 / 5)
+    one_page = tally([[[0.9, 0.8, 0.1]], [[0.1, 0.2, 0.3]], [[0.9, 0.9, 0.4]]])  # one page better, the rest the same
+    ok, why = decisions_resolved(one_page, old)
+    assert not ok and why.startswith("your --metric moved +0.1667 a feed on average")
+    plain = Tally(["out"], metric=kept)
+    plain.add([ref[0]], [ref[0]])
+    assert plain.metrics().per_feed is None
+
+
 def test_metrics_round_trip_and_the_worst_cosine():
     m = Metrics(0.999, float("inf"), 0.9, None, 0.95, 0.8)
     assert Metrics.from_dict(m.to_dict()) == m and m.to_dict()["sqnr_db"] == "inf"

@@ -431,6 +431,44 @@ def test_no_speed_refusal_when_the_plan_as_given_is_already_over_the_target():
     assert not any((t.note or "").startswith("refused: estimated") for t in s.trials)
 
 
+class TimedIslandBench(SlowIslandBench):
+    """SlowIslandBench whose whole-model A/B measures the plan as given at 0.6x where the table says 0.5x."""
+
+    def __init__(self, *a, measured=0.6, **k):
+        super().__init__(*a, **k)
+        self.ratio, self.timings = measured, []
+
+    def timed(self, method, overrides):
+        self.timings.append((method, overrides))
+        return self.ratio
+
+
+def test_under_a_time_budget_one_timing_of_the_plan_as_given_scales_the_tables_estimates():
+    """YOLOv8n: the table put the plan as given at 0.47x and its SiLU Muls float at 0.53x, under a 0.6x target; the
+    model measured 0.63x. One A/B of the plan as given (0.6 measured / 0.5 estimated) makes every estimate 1.2x."""
+    errors = {f"mul{i}": 0.0004 for i in range(6)}
+    muls = Group("all 6 Mul nodes", tuple(f"mul{i}" for i in range(6)), 60.0)
+    bench = TimedIslandBench(errors, group_list=[muls])
+    s = Search(bench, Thresholds(min_cosine=0.9995, max_latency_ratio=1.0), Clock(Budget(600.0, None)), TrialCache(None))
+    _, overrides, _ = s.run("minmax", Overrides())
+    assert bench.timings == [("minmax", Overrides())]  # the plan as given, once
+    assert s.speed.record == {"plan_as_given_measured": 0.6, "plan_as_given_estimated": 0.5, "scale": 1.2}
+    group16 = next(t for t in s.trials if t.change.startswith("all 6 Mul nodes int16"))
+    assert group16.speed == pytest.approx(1.7 * 1.2) and group16.note.startswith(
+        "refused: estimated at 2.04x the float model's time by the kernel table, scaled x1.20 to the plan as given's A/B")
+    islands = sum(o.precision == "int16" for o in overrides.nodes.values())
+    assert islands <= 1  # (0.5 + 0.2 k) x 1.2 <= 1.0: one island fits where the table alone let two in
+    # a trial budget never times (the same inputs write the same bytes), and a faster measurement never loosens
+    bench = TimedIslandBench(errors, group_list=[muls])
+    s = Search(bench, Thresholds(min_cosine=0.9995, max_latency_ratio=1.0), Clock(Budget(None, 200)), TrialCache(None))
+    s.run("minmax", Overrides())
+    assert bench.timings == [] and s.speed.record is None
+    fast = TimedIslandBench(errors, group_list=[muls], measured=0.3)
+    s = Search(fast, Thresholds(min_cosine=0.9995, max_latency_ratio=1.0), Clock(Budget(600.0, None)), TrialCache(None))
+    s.run("minmax", Overrides())
+    assert s.speed.scale == 1.0
+
+
 def test_rows_the_search_never_saw_keep_the_plan_as_given_when_it_decides_better():
     from qconv.tune.tuner import unseen_verdict
 

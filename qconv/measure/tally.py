@@ -121,6 +121,7 @@ class Tally:
     metric_total: float = 0.0
     metric_count: float = 0.0
     agree_feeds: list[float] = field(default_factory=list)  # objective: each feed's top-1 agreement (Metrics.per_feed)
+    metric_feeds: list[float] = field(default_factory=list)  # objective: each feed's --metric, total / count (1 if no count)
 
     def __post_init__(self) -> None:
         if not self.stats:
@@ -138,6 +139,8 @@ class Tally:
             total, count = self.metric.score(self.names, ref, got, rows)
             self.metric_total += total
             self.metric_count += count
+            if self.objective:
+                self.metric_feeds.append(total / count if count else 1.0)
         if ref and agreement_axis(ref[0]):
             pf, pq = top1(ref[0]), top1(got[0])
             same = int((pf == pq).sum())
@@ -230,7 +233,8 @@ class Tally:
         parts = [s.cosine for s in self.slice_stats.values() if s.count]
         passing = [d[0] / d[1] for d in self.decisions.values() if d[2] and d[1]]
         per_feed = tuple((f"scores passing {PASS_SCORE} in {k}", tuple(d[3])) for k, d in self.decisions.items() if d[2]) + (
-            (("top-1 agreement", tuple(self.agree_feeds)),) if self.agree_feeds else ())
+            (("top-1 agreement", tuple(self.agree_feeds)),) if self.agree_feeds else ()) + (
+            (("your --metric", tuple(self.metric_feeds)),) if self.metric_feeds else ())
         return Metrics(float(min((s.cosine for s in used), default=1.0)), float(min((s.sqnr_db for s in used), default=math.inf)),
                        self.agreement, drop, float(min(parts)) if parts else None, float(min(passing)) if passing else None,
                        self.metric_value, per_feed if self.objective else None)

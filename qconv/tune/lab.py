@@ -33,6 +33,7 @@ from qconv.tune.sensitivity import Site, groups, rank
 from qconv.tune.trial import Candidate, Group, Ranked, TrialCache
 
 RANK_ROWS = 8  # held rows the sensitivity pass runs on
+TIMED_SECONDS = 5.0  # A/B rounds of Lab.timed past its first 10
 
 
 class Lab:
@@ -70,6 +71,18 @@ class Lab:
         got = regions.estimate(self.prepared.model, plan, regions.counts_per_row(stats.observers, stats.identity), table,
                                self.prepared.kernel_id)
         return None if got is None or got[1] <= 0 else got[0] / got[1]
+
+    def timed(self, method: str, overrides: Overrides) -> float:
+        """The candidate's time as a multiple of the float model's, measured: A/B rounds on the first held feed (a
+        short timing: at least 10 rounds, about 5 s), what calibrates the kernel table's estimates (SpeedGuard)."""
+        from qconv.measure.latency import latency
+
+        threads = self.ctx.threads
+        model = self.candidate(method, overrides).model
+        got = latency(runtime.session(self.prepared.model, threads, spinning=False, prepack=True),
+                      runtime.session(model, threads, spinning=False, prepack=True), self.ctx.held.feeds[0], threads,
+                      min_rounds=10, budget_s=TIMED_SECONDS)
+        return float(got["ratio"])
 
     def anchor(self, method: str, overrides: Overrides, nodes: list[str]) -> None:
         """The candidates that follow change ``nodes`` of this one (the current best): its values at the cuts before

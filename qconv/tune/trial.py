@@ -12,7 +12,7 @@ from pathlib import Path
 from qconv.measure.tally import Metrics, json_number
 from qconv.plan.overrides import Overrides
 
-CACHE_VERSION = 3  # 2: metrics with the parts of concatenated outputs and passing scores; 3: and their per-feed values
+CACHE_VERSION = 4  # 2: metrics with the parts of concatenated outputs and passing scores; 3: and their per-feed values; 4: and the --metric per feed
 
 
 @dataclass(frozen=True)

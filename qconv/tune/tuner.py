@@ -78,7 +78,7 @@ class Tuned:
                 "changes": [c.to_dict() for c in s.changes], "sensitivity": [r.to_dict() for r in s.sensitivity[:24]],
                 "baseline": base.to_dict() if base else {},
                 "best": (accepted[-1].metrics.to_dict() if accepted[-1].metrics else {}) if accepted else None,
-                "speed": self.speed, "unseen": self.unseen, "after_search": self.after,
+                "speed": self.speed, "speed_guard": s.speed.record, "unseen": self.unseen, "after_search": self.after,
                 "reached": bool(gate["passed"]), "missed": gate["failed"]}
 
 
