@@ -73,13 +73,29 @@ def minilm_tuning_rows(work: Path, lines: int = 64) -> Path:
     return path
 
 
-def score(task, ref, path: Path) -> tuple[float, float, float]:
+def task_rows(task, ref, path: Path) -> tuple[np.ndarray, np.ndarray]:
     got = outputs_of(path, task.case.eval, task.case.batch)
-    k, t = (np.asarray(a, float) for a in task.rows(ref, got, task.truth))
-    rng = np.random.default_rng(0)
-    boots = [k[i].sum() / max(t[i].sum(), 1) for i in (rng.integers(0, len(k), len(k)) for _ in range(1000))]
+    return tuple(np.asarray(a, float) for a in task.rows(ref, got, task.truth))
+
+
+def resamples(n: int) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, n, (1000, n))
+
+
+def score(rows: tuple[np.ndarray, np.ndarray]) -> tuple[float, float, float]:
+    k, t = rows
+    idx = resamples(len(k))
+    boots = k[idx].sum(1) / np.maximum(t[idx].sum(1), 1)
     lo, hi = np.percentile(boots, [2.5, 97.5])
     return 100 * k.sum() / max(t.sum(), 1), 100 * lo, 100 * hi
+
+
+def paired(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> tuple[float, float, float]:
+    """b - a in points, with a 95% bootstrap interval over the same resampled eval rows for both."""
+    idx = resamples(len(a[0]))
+    d = b[0][idx].sum(1) / np.maximum(b[1][idx].sum(1), 1) - a[0][idx].sum(1) / np.maximum(a[1][idx].sum(1), 1)
+    lo, hi = np.percentile(d, [2.5, 97.5])
+    return 100 * (b[0].sum() / max(b[1].sum(), 1) - a[0].sum() / max(a[1].sum(), 1)), 100 * lo, 100 * hi
 
 
 def main() -> int:
@@ -108,7 +124,7 @@ def main() -> int:
         extra += ["--metric", f"{ROOT / 'scripts' / 'task_metrics.py'}:{BY_TASK[task.name]}", "--min-metric", str(args.task_metric)]
     tune = ["--eval-data", str(tuning_rows(task, work)), "--tune", "--budget", args.budget, "--layer-samples", "0",
             *([] if timed else ["--no-latency"])]
-    written = {}
+    written, measured = {}, {}
     try:
         for label, flags in (("untuned", []), ("tuned", tune + extra)):
             out, rep = work / f"{task.name}.{label}.onnx", work / f"{task.name}.{label}.json"
@@ -120,13 +136,17 @@ def main() -> int:
             if p.returncode not in (0, 3):
                 print(f"{label}: failed: {p.stderr.strip()[-300:]}")
                 continue
-            s, lo, hi = score(task, ref, out)
+            measured[label] = task_rows(task, ref, out)
+            s, lo, hi = score(measured[label])
             written[label] = out
             t = json.loads(rep.read_text()).get("tuning") or {}
             print(f"{task.name} {label:8s} {task.metric_name} {s:.1f} [{lo:.1f}, {hi:.1f}]  {secs:.0f} s"
                   + (f" (tuning {t['seconds']:.0f} s of {t['budget']})" if t else "")
                   + (f"  {len(t['trials'])} trials; changes: " + "; ".join(f"{x['what'][:40]}: {x['change']}" for x in t["changes"])
                      if t else ""), flush=True)
+        if len(measured) == 2:
+            d, lo, hi = paired(measured["untuned"], measured["tuned"])
+            print(f"{task.name} tuned - untuned, paired on the same eval rows: {d:+.2f} [{lo:+.2f}, {hi:+.2f}] points", flush=True)
         if written:
             from qconv.data import FeedSource
 
