@@ -131,6 +131,9 @@ def tune(job: TuneJob, progress=pipeline.no_progress) -> Tuned:
         evaluation, reference = evaluate(prepared, result, job.source, job.labels, job.evaluation, progress)
     after = {"estimated_s": {k: round(v, 1) for k, v in estimate.items()}, "reserved_s": round(clock.reserve, 1),
              "search_s": round(search_s, 1), "took_s": round(clock.seconds() - search_s, 1)}
+    if sum(estimate.values()) > clock.reserve:
+        after["note"] = (f"the steps after the search were estimated at {sum(estimate.values()):.0f} s, more than "
+                         f"{RESERVE_SHARE:.0%} of the budget: the search kept the rest, and the run may end past the budget")
     return Tuned(result, evaluation, reference, method, targets, default, search, held.rows, speed, unseen, after)
 
 
