@@ -69,6 +69,7 @@ from scripts.benchlib import (  # noqa: E402
     aligned,
     first_line,
     graph_specs,
+    imagenet,
     latencies,
     ort_int8,
     session,
@@ -259,13 +260,6 @@ def yolo_jaccard_rows(ref, got, truth):
 
 def layout_jaccard_rows(ref, got, truth):
     return layout_rows(ref, got, truth, jaccard=True)
-
-
-def imagenet(rgb: np.ndarray) -> np.ndarray:
-    """RGB in [0, 1] normalized by ImageNet's mean and std (PaddleDetection's and PP-OCR's preprocessing)."""
-    mean = np.array([0.485, 0.456, 0.406], np.float32)[:, None, None]
-    std = np.array([0.229, 0.224, 0.225], np.float32)[:, None, None]
-    return ((rgb - mean) / std).astype(np.float32)
 
 
 def tasks(work: Path, quick: bool) -> list[Task]:

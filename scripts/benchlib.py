@@ -367,6 +367,13 @@ def _photos() -> list[np.ndarray]:
     return list(load_sample_images().images)
 
 
+def imagenet(rgb: np.ndarray) -> np.ndarray:
+    """RGB in [0, 1] normalized by ImageNet's mean and std (PaddleDetection's and PP-OCR's preprocessing)."""
+    mean = np.array([0.485, 0.456, 0.406], np.float32)[:, None, None]
+    std = np.array([0.229, 0.224, 0.225], np.float32)[:, None, None]
+    return ((rgb - mean) / std).astype(np.float32)
+
+
 def layout_pages(count: int, height: int, width: int, seed: int, letterbox: bool = False) -> np.ndarray:
     """``count`` rendered document pages, RGB in [0, 1], [count, 3, height, width]: what a layout detector reads.
 
