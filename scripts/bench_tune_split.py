@@ -121,6 +121,8 @@ def main() -> int:
     if args.task_metric is not None:
         from scripts.task_metrics import BY_TASK
 
+        if task.name not in BY_TASK:
+            ap.error(f"--task-metric: no task metric function for {task.name} (there are: {', '.join(sorted(BY_TASK))})")
         extra += ["--metric", f"{ROOT / 'scripts' / 'task_metrics.py'}:{BY_TASK[task.name]}", "--min-metric", str(args.task_metric)]
     tune = ["--eval-data", str(tuning_rows(task, work)), "--tune", "--budget", args.budget, "--layer-samples", "0",
             *([] if timed else ["--no-latency"])]
