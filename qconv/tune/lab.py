@@ -72,6 +72,13 @@ class Lab:
                                self.prepared.kernel_id)
         return None if got is None or got[1] <= 0 else got[0] / got[1]
 
+    def smoothed_all(self, method: str, overrides: Overrides, alpha: float) -> Overrides | None:
+        """The overrides that smooth every MatMul/Gemm weight input ``overrides`` leaves alone, at ``alpha``
+        (remedies.smooth.smoothing_all): the search's SmoothQuant group move."""
+        from qconv.tune.remedies.smooth import smoothing_all
+
+        return smoothing_all(self.ctx, alpha, overrides)
+
     def timed(self, method: str, overrides: Overrides) -> float:
         """The candidate's time as a multiple of the float model's, measured: A/B rounds on the first held feed (a
         short timing: at least 10 rounds, about 5 s), what calibrates the kernel table's estimates (SpeedGuard)."""

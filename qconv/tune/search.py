@@ -37,6 +37,7 @@ FIRST_ROUND, LATER_ROUNDS = 32, 16  # nodes measured alone per round, at most
 ALONE = 4  # of the first round's, how many are also measured as the only quantized node
 IDLE_ROUNDS = 2  # rounds without a gain before the ranks are taken for noise
 GROUPS = 3  # group moves measured (each as int16, then float), most estimated error first
+SMOOTH_ALPHAS = (0.5, 0.65, 0.8, 0.95)  # SmoothQuant over every weight MatMul/Gemm: each measured, the best kept
 
 
 class Bench(Protocol):
@@ -244,6 +245,7 @@ class Search:
         method, best = self._ranges(method, overrides, best)
         try:
             overrides, best = self._groups(method, overrides, best)
+            overrides, best = self._smooth(method, overrides, best)
             done: set[str] = set()
             idle = 0
             while not self.met(best) and self.left() and idle < IDLE_ROUNDS:
@@ -267,6 +269,38 @@ class Search:
             self.changes.append(Change("all activations", f"range method {method}", f"measured best of {', '.join(RANGE_METHODS)} "
                                        f"(worst-output cosine {best.metrics.cosine:.5f})"))
         return method, best
+
+    def _smooth(self, method: str, overrides: Overrides, best: Trial) -> tuple[Overrides, Trial]:
+        """SmoothQuant over every MatMul/Gemm with a weight, at each of SMOOTH_ALPHAS: the best that measures better
+        than ``best`` beyond the noise of its decisions, and by MIN_GAIN, is kept. A transformer's error accumulates
+        over its layers, where no single MatMul shows a gain alone (all-MiniLM-L6-v2: 8 MatMuls smoothed one by one
+        in 160 trials reached cosine 0.9919; all 36 at alpha 0.8 reach 0.9969)."""
+        make = getattr(self.bench, "smoothed_all", None)
+        if make is None or self.met(best) or not self.left():
+            return overrides, best
+        extras = []
+        for alpha in SMOOTH_ALPHAS:
+            extra = make(method, overrides, alpha)
+            if extra is None:
+                return overrides, best
+            extras.append((alpha, extra))
+        specs = [("group", f"SmoothQuant on all {len(extra.nodes)} MatMul/Gemm weights (alpha {alpha:g})", method, overrides.merged(extra))
+                 for alpha, extra in extras]
+        made = self.batch(specs)
+        base, chosen = best, None
+        for t, (alpha, extra) in zip(made, extras):
+            if self.better(t, best, resolve=True) and gain(self.targets, base.metrics, t.metrics) >= MIN_GAIN:
+                best, chosen = t, (alpha, extra)
+        if chosen is not None:
+            alpha, extra = chosen
+            best.accepted = True
+            self.changes.append(Change(f"all {len(extra.nodes)} MatMul/Gemm weights", f"SmoothQuant scales (alpha {alpha:g}) folded into each",
+                                       f"measured best of alphas {', '.join(f'{a:g}' for a in SMOOTH_ALPHAS)}; the worst cosine is "
+                                       f"{best.metrics.worst_cosine:.5f} (without it {base.metrics.worst_cosine:.5f})"))
+            overrides = overrides.merged(extra)
+        elif len(made) < len(specs):
+            raise BudgetSpent
+        return overrides, best
 
     def _groups(self, method: str, overrides: Overrides, best: Trial) -> tuple[Overrides, Trial]:
         """Move whole groups before single nodes, in order of estimated error: int16 first (it keeps the integer
