@@ -273,6 +273,51 @@ def test_tuning_smooths_a_matmul_input_with_outlier_channels(tmp_path, cache):
     assert again.read_bytes() == out.read_bytes()
 
 
+def outlier_stack(layers: int = 8) -> onnx.ModelProto:
+    """``layers`` MatMuls, each input but the first scaled by channel gains with three outlier channels (x40) whose
+    weight rows are small: the error of every layer adds up, as in a transformer's stack."""
+    rng = np.random.default_rng(3)
+    nodes, inits, h = [], [], "x"
+    for i in range(layers):
+        w = rng.normal(0, 0.18, (32, 32)).astype(np.float32)
+        if i:
+            w[[2, 11, 29]] /= 40.0
+        g = np.ones(32, np.float32)
+        g[[2, 11, 29]] = 40.0
+        inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(g, f"g{i}")]
+        nodes.append(helper.make_node("MatMul", [h, f"w{i}"], [f"m{i}"], name=f"fc{i}"))
+        if i < layers - 1:
+            nodes.append(helper.make_node("Mul", [f"m{i}", f"g{i}"], [f"s{i}"], name=f"gain{i}"))
+            h = f"s{i}"
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32])
+    y = helper.make_tensor_value_info(f"m{layers - 1}", TensorProto.FLOAT, ["N", 32])
+    return make_model(nodes, [x], [y], inits)
+
+
+def test_tuning_smooths_every_matmul_of_a_deep_stack_as_one_move(tmp_path, cache):
+    model, calib, evald = tmp_path / "stack.onnx", tmp_path / "c.npy", tmp_path / "e.npy"
+    onnx.save(outlier_stack(), model)
+    rng = np.random.default_rng(4)
+    np.save(calib, rng.normal(0, 1, (128, 32)).astype(np.float32))
+    np.save(evald, rng.normal(0, 1, (128, 32)).astype(np.float32))
+    out, plain, rep, plan = tmp_path / "q.onnx", tmp_path / "plain.onnx", tmp_path / "q.json", tmp_path / "p.json"
+    r = invoke("quantize", model, "-o", out, "--data", calib, "--eval-data", evald, "--tune", "--budget", "12trials",
+               "--min-cosine", "0.9999", "--no-latency", "--layer-samples", 0, "--report", rep, "--write-plan", plan, "-q", env=cache)
+    assert r.exit_code in (0, 3), r.output
+    t = json.loads(rep.read_text())["tuning"]
+    group = [x for x in t["trials"] if x["change"].startswith("SmoothQuant on all 8 MatMul/Gemm weights")]
+    assert len(group) == 4 and sum(x["accepted"] for x in group) == 1, group
+    change = next(c for c in t["changes"] if c["what"] == "all 8 MatMul/Gemm weights")
+    nodes = json.loads(plan.read_text())["overrides"]["nodes"]
+    assert all(len(nodes[f"fc{i}"]["smooth"]) == 32 for i in range(8)) and change["change"].startswith("SmoothQuant scales (alpha ")
+    assert invoke("quantize", model, "-o", plain, "--data", calib, "--no-latency", "-q", env=cache).exit_code == 0
+    x = np.load(evald)
+    ref = run_model(model, {"x": x})[0]
+    cos = {k: float((ref * g).sum() / np.sqrt((ref * ref).sum() * (g * g).sum())) for k, g in
+           (("tuned", run_model(out, {"x": x})[0]), ("untuned", run_model(plain, {"x": x})[0]))}
+    assert cos["tuned"] > cos["untuned"], cos
+
+
 @pytest.mark.parametrize("override,message", [
     ({"fc2": {"smooth": [1.0] * 3}}, "smooth override for node 'fc2' has 3 scales, its weight has 64 input channels"),
     ({"act": {"smooth": [1.0] * 64}}, "smooth override for node 'act' (Relu): Relu is not MatMul, Gemm or Conv"),
