@@ -249,12 +249,18 @@ def test_smoothing_computes_the_same_function(seed):
     assert [n.op_type for n in smoothed.graph.node] == ["MatMul", "Relu", "Mul", "Mul", "MatMul"]
 
 
+def saved_with_rows(tmp_path, model: onnx.ModelProto, seed: int):
+    """``model`` saved, with 128 calibration and 128 eval rows of normal noise over its 32 inputs: (model, calib, eval)."""
+    paths = tmp_path / f"{model.graph.node[0].name}.onnx", tmp_path / "c.npy", tmp_path / "e.npy"
+    onnx.save(model, paths[0])
+    rng = np.random.default_rng(seed)
+    for p in paths[1:]:
+        np.save(p, rng.normal(0, 1, (128, 32)).astype(np.float32))
+    return paths
+
+
 def test_tuning_smooths_a_matmul_input_with_outlier_channels(tmp_path, cache):
-    model, calib, evald = tmp_path / "mlp.onnx", tmp_path / "c.npy", tmp_path / "e.npy"
-    onnx.save(outlier_mlp(), model)
-    rng = np.random.default_rng(1)
-    np.save(calib, rng.normal(0, 1, (128, 32)).astype(np.float32))
-    np.save(evald, rng.normal(0, 1, (128, 32)).astype(np.float32))
+    model, calib, evald = saved_with_rows(tmp_path, outlier_mlp(), 1)
     out, rep, plan = tmp_path / "q.onnx", tmp_path / "q.json", tmp_path / "p.json"
     r = invoke("quantize", model, "-o", out, "--data", calib, "--eval-data", evald, "--tune", "--budget", "30trials",
                "--min-cosine", "0.999", "--no-latency", "--layer-samples", 0, "--report", rep, "--write-plan", plan, "-q", env=cache)
@@ -295,11 +301,7 @@ def outlier_stack(layers: int = 8) -> onnx.ModelProto:
 
 
 def test_tuning_smooths_every_matmul_of_a_deep_stack_as_one_move(tmp_path, cache):
-    model, calib, evald = tmp_path / "stack.onnx", tmp_path / "c.npy", tmp_path / "e.npy"
-    onnx.save(outlier_stack(), model)
-    rng = np.random.default_rng(4)
-    np.save(calib, rng.normal(0, 1, (128, 32)).astype(np.float32))
-    np.save(evald, rng.normal(0, 1, (128, 32)).astype(np.float32))
+    model, calib, evald = saved_with_rows(tmp_path, outlier_stack(), 4)
     out, plain, rep, plan = tmp_path / "q.onnx", tmp_path / "plain.onnx", tmp_path / "q.json", tmp_path / "p.json"
     r = invoke("quantize", model, "-o", out, "--data", calib, "--eval-data", evald, "--tune", "--budget", "12trials",
                "--min-cosine", "0.9999", "--no-latency", "--layer-samples", 0, "--report", rep, "--write-plan", plan, "-q", env=cache)
