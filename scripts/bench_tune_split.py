@@ -35,7 +35,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scripts.bench_ledger import imagenet, outputs_of, pages, tasks  # noqa: E402
+from scripts.bench_ledger import RESAMPLES, bootstrap, imagenet, outputs_of, pages, paired, tasks  # noqa: E402
 from scripts.benchlib import graph_specs, latencies, layout_pages, session  # noqa: E402
 
 TUNE_ROWS = 16
@@ -79,23 +79,12 @@ def task_rows(task, ref, path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def resamples(n: int) -> np.ndarray:
-    return np.random.default_rng(0).integers(0, n, (1000, n))
+    """The ledger's resampled rows (its seed and count), so a task's intervals here are the ledger's."""
+    return np.random.default_rng(0).integers(0, n, (RESAMPLES, n))
 
 
-def score(rows: tuple[np.ndarray, np.ndarray]) -> tuple[float, float, float]:
-    k, t = rows
-    idx = resamples(len(k))
-    boots = k[idx].sum(1) / np.maximum(t[idx].sum(1), 1)
-    lo, hi = np.percentile(boots, [2.5, 97.5])
-    return 100 * k.sum() / max(t.sum(), 1), 100 * lo, 100 * hi
-
-
-def paired(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> tuple[float, float, float]:
-    """b - a in points, with a 95% bootstrap interval over the same resampled eval rows for both."""
-    idx = resamples(len(a[0]))
-    d = b[0][idx].sum(1) / np.maximum(b[1][idx].sum(1), 1) - a[0][idx].sum(1) / np.maximum(a[1][idx].sum(1), 1)
-    lo, hi = np.percentile(d, [2.5, 97.5])
-    return 100 * (b[0].sum() / max(b[1].sum(), 1) - a[0].sum() / max(a[1].sum(), 1)), 100 * lo, 100 * hi
+def points(value: tuple[float, float, float]) -> tuple[float, float, float]:
+    return tuple(100 * v for v in value)
 
 
 def main() -> int:
@@ -139,7 +128,7 @@ def main() -> int:
                 print(f"{label}: failed: {p.stderr.strip()[-300:]}")
                 continue
             measured[label] = task_rows(task, ref, out)
-            s, lo, hi = score(measured[label])
+            s, lo, hi = points(bootstrap(*measured[label], resamples(len(measured[label][0]))))
             written[label] = out
             t = json.loads(rep.read_text()).get("tuning") or {}
             print(f"{task.name} {label:8s} {task.metric_name} {s:.1f} [{lo:.1f}, {hi:.1f}]  {secs:.0f} s"
@@ -147,7 +136,7 @@ def main() -> int:
                   + (f"  {len(t['trials'])} trials; changes: " + "; ".join(f"{x['what'][:40]}: {x['change']}" for x in t["changes"])
                      if t else ""), flush=True)
         if len(measured) == 2:
-            d, lo, hi = paired(measured["untuned"], measured["tuned"])
+            d, lo, hi = points(paired(measured["untuned"], measured["tuned"], resamples(len(measured["untuned"][0]))))
             print(f"{task.name} tuned - untuned, paired on the same eval rows: {d:+.2f} [{lo:+.2f}, {hi:+.2f}] points", flush=True)
         if written:
             from qconv.data import FeedSource

@@ -256,10 +256,10 @@ def test_a_trial_past_the_budget_raises_unless_forced():
 def test_a_time_budget_keeps_its_reserve():
     clock = Clock(Budget(10.0, None), reserve=4.0)
     clock.start -= 7.0
-    assert not clock.left(0) and not clock.over()
+    assert not clock.left(0) and clock.fits(0.0)
     clock.start -= 4.0
-    assert clock.over()
-    assert Clock(Budget(None, 3)).left(2) and not Clock(Budget(None, 3)).over()
+    assert not clock.fits(0.0)
+    assert Clock(Budget(None, 3)).left(2) and Clock(Budget(None, 3)).fits(0.0)
 
 
 def test_a_time_budget_starts_no_trial_that_would_end_past_it():
@@ -520,12 +520,12 @@ def test_measuring_in_lanes_makes_the_trials_and_choices_of_one_at_a_time(budget
 def test_a_time_budget_keeps_room_for_what_follows_the_search():
     """After the search come trial-sized steps (the unseen rows' two models, the final rewrite) and the final latency
     A/B: a trial that would leave no room for them is not started (PicoDet's tuning ended 8-26 s past 180 s)."""
-    clock = Clock(Budget(20.0, None), after_trials=3, after_seconds=4.0)
+    clock = Clock(Budget(20.0, None), reserve=4.0, after_trials=3)
     clock.start -= 5.0
     assert clock.left(5, next_seconds=2.0, per_trial=1.0)  # 5 + 2 + 3 + 4 = 14 < 20
     assert not clock.left(5, next_seconds=2.0, per_trial=3.0)  # 5 + 2 + 9 + 4 = 20
     assert Clock(Budget(20.0, None)).left(5, next_seconds=2.0, per_trial=3.0)  # nothing kept back without them
-    assert Clock(Budget(None, 3), after_trials=3, after_seconds=1e9).left(2, per_trial=1e9)  # a trial budget counts trials
+    assert Clock(Budget(None, 3), reserve=1e9, after_trials=3).left(2, per_trial=1e9)  # a trial budget counts trials
 
 
 def _job_and_held(calib_rows, eval_rows, corrects=True, latency=True, layer_samples=0):

@@ -235,10 +235,13 @@ def run_plan(job: PlanJob, progress=pipeline.no_progress) -> tuple[QuantPlan, pi
     return adjusted(job, prepared, pipeline.plan(prepared, calib, config, overrides), progress, calib), prepared
 
 
+def _checks_floors(job: PlanJob, config: QuantConfig) -> bool:
+    return job.data is not None and job.config.floor_ranges == "auto" and config.needs_calibration
+
+
 def adjusts(job: PlanJob, config: QuantConfig) -> bool:
     """Whether ``adjusted`` measures anything for a plan of ``config`` (else it returns the plan as it is)."""
-    floors = job.data is not None and job.config.floor_ranges == "auto" and config.needs_calibration
-    return bool(floors or config.bias_correction or config.rounding != "nearest" or (config.ranges == "output" and job.data is not None))
+    return bool(_checks_floors(job, config) or config.bias_correction or config.rounding != "nearest" or (config.ranges == "output" and job.data is not None))
 
 
 def adjusted(job: PlanJob, prepared: pipeline.Prepared, plan: QuantPlan, progress, calib) -> QuantPlan:
@@ -247,11 +250,10 @@ def adjusted(job: PlanJob, prepared: pipeline.Prepared, plan: QuantPlan, progres
     which measures the int8 model with the learned integers."""
     if not adjusts(job, plan.config):
         return plan  # (with --calib, the file's output-aware ranges and floors are in the plan already)
-    floors = job.data is not None and job.config.floor_ranges == "auto" and plan.config.needs_calibration
     o = job.calib_options
     source = pipeline.feeds_for(prepared, job.data, o.batch_size, o.samples, cast=o.cast_data, skip=job.holdout)
     measured = pipeline.CheckRows()  # the checks share rows and models: each is run once
-    if floors:
+    if _checks_floors(job, plan.config):
         plan, found = pipeline.floors_checked(prepared, plan, calib, pipeline.rows_spread(source, 0, pipeline.FLOORS_CHECK_ROWS),
                                               o.threads, measured)
         if found:

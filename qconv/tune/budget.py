@@ -47,12 +47,12 @@ class Budget:
 class Clock:
     """The budget against the trials made and the time since the search started."""
 
-    def __init__(self, budget: Budget, reserve: float = 0.0, after_trials: float = 0.0, after_seconds: float = 0.0):
+    def __init__(self, budget: Budget, reserve: float = 0.0, after_trials: float = 0.0):
         self.budget = budget
         self.reserve = reserve  # seconds kept for what follows the search (a time budget is a hard limit)
         # and what follows it in trial-sized steps (the unseen rows' two models, the final rewrite), at the search's own
-        # median trial time, plus fixed seconds (the final latency A/B): PicoDet's 6 s trials ended 8-26 s past 180
-        self.after_trials, self.after_seconds = after_trials, after_seconds
+        # median trial time: PicoDet's 6 s trials ended 8-26 s past 180
+        self.after_trials = after_trials
         self.start = time.perf_counter()
 
     def seconds(self) -> float:
@@ -65,16 +65,11 @@ class Clock:
         the search's median trial seconds)."""
         if self.budget.trials is not None:
             return trials < self.budget.trials
-        after = self.after_trials * per_trial + self.after_seconds
-        return self.seconds() + next_seconds + after < self.budget.seconds - self.reserve
+        return self.seconds() + next_seconds + self.after_trials * per_trial < self.budget.seconds - self.reserve
 
     def fits(self, seconds: float) -> bool:
         """``seconds`` more end within a time budget (a trial budget never stops what follows the search)."""
         return self.budget.trials is not None or self.seconds() + seconds <= self.budget.seconds
-
-    def over(self) -> bool:
-        """A time budget is spent (a trial budget never stops what follows the search)."""
-        return self.budget.trials is None and self.seconds() >= self.budget.seconds
 
     def affordable(self, trials: list, wanted: int) -> int:
         """How many of ``wanted`` trials to spend on one sensitivity round (at least 1): a third of the trials left,

@@ -119,7 +119,7 @@ class Search:
     def left(self) -> bool:
         # room for the next trial and one more after the search (bias correction of the chosen plan is measured as a
         # trial): PicoDet's 6 s trials still ended 15 s past a 180 s budget with room for one only; the clock adds the
-        # rest of what follows the search at this median trial time (Clock.after_trials, after_seconds)
+        # rest of what follows the search at this median trial time (Clock.after_trials; the rest is its reserve)
         recent = [t.seconds for t in self.trials[-5:] if not t.cached]
         per = statistics.median(recent) if recent else 0.0
         return self.clock.left(len(self.trials), 2 * per, per)

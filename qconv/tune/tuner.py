@@ -142,7 +142,8 @@ AFTER_TRIALS = 3  # trial-sized steps after the search: the unseen rows' two mod
 # The default's steps on calibration rows (job.correct: range floors, output-aware ranges searched and checked, bias
 # correction checked) as (rows, float-model passes over them): each check runs the float model and two int8 models.
 # Measured against the float model's time per row: PicoDet (64 pages) 19 s = 290 rows, the text detector 292 rows.
-CORRECT_PASSES = ((16, 3), (32, 3), (64, 3), (8, 3))
+CORRECT_PASSES = ((pipeline.FLOORS_CHECK_ROWS, 3), (pipeline.clip.MAX_ROWS, 3), (pipeline.RANGES_CHECK_ROWS, 3),
+                  (pipeline.BIAS_CHECK_ROWS, 3))
 RESERVE_SHARE = 0.6  # of a time budget at most: the search keeps the rest, and the run says when the estimate was larger
 
 
