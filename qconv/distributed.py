@@ -171,14 +171,14 @@ def run_tasks(executor: Executor, fn: Callable, tasks: list[tuple], label: str,
 
 def calibrate_shard(model: str, data: str, per_channel: bool, batch_size: int, shard: tuple[int, int], bins: int,
                     momentum: float, names: list[str], max_memory: int, cast: bool, equalize: bool = False,
-                    hist_samples: int = 0, scales: dict | None = None) -> dict:
+                    hist_samples: int = 0, scales: dict | None = None, smoothing: dict | None = None) -> dict:
     """One shard's statistics: what a worker runs. Returns {"seen": feeds, "tensors": {name: TensorObserver}} (the
     observers travel pickled, their histograms as plain arrays: O(bins) per tensor)."""
     from qconv import pipeline
     from qconv.calib.collect import collect, memory_groups
 
     _fault_injection(shard)
-    prepared = _prepared(model, per_channel, equalize, scales)
+    prepared = _prepared(model, per_channel, equalize, scales, smoothing)
     source = pipeline.feeds_for(prepared, data, batch_size, None, shard, cast)
     if next(iter(source), None) is None:
         return {"seen": 0, "tensors": {}}
@@ -192,18 +192,20 @@ _PREPARED: dict = {}  # per worker process: the model of the last job, keyed by 
 _SESSIONS: dict = {}  # per worker process: that model's calibration graph and session (qconv.calib.collect's cache)
 
 
-def _prepared(model: str, per_channel: bool, equalize: bool = False, scales: dict | None = None):
+def _prepared(model: str, per_channel: bool, equalize: bool = False, scales: dict | None = None, smoothing: dict | None = None):
     from qconv import pipeline
     from qconv.plan.config import QuantConfig
 
     st = os.stat(model)
-    key = (model, st.st_size, st.st_mtime_ns, per_channel, equalize, json.dumps(scales or {}, sort_keys=True))
+    key = (model, st.st_size, st.st_mtime_ns, per_channel, equalize, json.dumps(scales or {}, sort_keys=True),
+           json.dumps(smoothing or {}, sort_keys=True))
     if key not in _PREPARED:
         _PREPARED.clear()  # one model at a time: a worker's memory holds one set of weights
         _SESSIONS.clear()
         prepared = pipeline.load(Path(model), QuantConfig(per_channel=per_channel, equalize="off"))
         if equalize:  # as the main process equalized before calibrating (the same steps as quantize --calib replays)
             pipeline.equalize_recorded(prepared, scales or {}, plain_pairs=True)
+        pipeline.smooth_recorded(prepared, smoothing or {})  # then SmoothQuant, as the main process did
         _PREPARED[key] = prepared
     return _PREPARED[key]
 

@@ -165,17 +165,85 @@ def equalization_pays(plain: Prepared, equalized: Prepared, rows: list[dict], co
     layout 5.5 -> 17.4 dB, kept (59.8% -> 91.5% of fp32's boxes); YOLOv8n 18.4 -> 18.3 dB, left (+0.8 [-0.3, +2.0]
     boxes with them at a pinned kernel table); PP-LCNet 47.9 -> 49.3 dB, left (100% agreement either way, 1.3x slower
     with them). Returns (pays, the figures)."""
-    config = dataclasses.replace(config, kernels="none", bias_correction=None, equalize="off", quantized_io=None)
+    before, after = int8_sqnr(plain, equalized, rows, config, threads)
+    pays = after - before >= EQUALIZE_GAIN_DB and before < EQUALIZE_GOOD_DB
+    return pays, f"int8 output SQNR on {sum(bias.rows_of(f) for f in rows)} rows: {before:.1f} dB plain, {after:.1f} dB equalized"
+
+
+def int8_sqnr(plain: Prepared, changed: Prepared, rows: list[dict], config: QuantConfig, threads: int | None = None
+              ) -> tuple[float, float]:
+    """The output SQNR of the int8 models made from ``plain`` and from ``changed`` (each calibrated on ``rows`` alone,
+    planned without a kernel table, bias correction, equalization or smoothing of its own), run on ``rows`` against the
+    float model: what the default's checks of a rewrite before calibration compare."""
+    config = dataclasses.replace(config, kernels="none", bias_correction=None, equalize="off", smooth="off", quantized_io=None)
     names, reference = float_outputs(plain.model, rows, threads)
     sqnr = []
-    for candidate in (plain, equalized):
+    for candidate in (plain, changed):
         targets = calibration_targets(candidate.model, config, activation_tensors(candidate.model))
         observers, seen = collect(candidate.model, rows, threads, names=targets)
         calib = Calibration(candidate.model_id, "equalization check", seen, {"method": config.method}, observers)
         sqnr.append(output_sqnr(names, reference, apply(candidate, plan(candidate, calib, config), check=False).model, rows, threads))
-    before, after = sqnr
-    pays = after - before >= EQUALIZE_GAIN_DB and before < EQUALIZE_GOOD_DB
-    return pays, f"int8 output SQNR on {sum(bias.rows_of(f) for f in rows)} rows: {before:.1f} dB plain, {after:.1f} dB equalized"
+    return sqnr[0], sqnr[1]
+
+
+SMOOTH_GAIN_DB = 0.5  # auto: the smoothed int8 model's outputs must be this much closer to the float model's (MiniLM: +7 dB)
+
+
+def smooth_checked(prepared: Prepared, source: Iterable[dict], config: QuantConfig, threads: int | None = None
+                   ) -> dict[str, list[float]]:
+    """The default (``smooth`` auto) for a transformer stack: SmoothQuant on every MatMul/Gemm input
+    (``qconv.adjust.smooth``: MIN_NODES or more, each node's alpha chosen for its own int8 output on the first ROWS
+    rows of ``source``), kept when the int8 model's output SQNR on EQUALIZE_CHECK_ROWS of those rows gains
+    SMOOTH_GAIN_DB and the plain model's is below EQUALIZE_GOOD_DB (the Mul each smoothed input costs is not paid where
+    int8 serves well already). ``config.smooth`` on: kept without the check, whatever the count. Returns the scales
+    applied ({} if none), to be recorded."""
+    from qconv.adjust import smooth as sq
+    from qconv.rewrite.smooth import apply_smoothing
+
+    asked = config.smooth
+    if asked == "off" or not config.needs_calibration or prepared.smoothing:
+        return {}
+    nodes = sq.smoothable(prepared.model)
+    if not nodes or (asked == "auto" and len(nodes) < sq.MIN_NODES):
+        return {}
+    rows = list(bias.first_rows(source, sq.ROWS, []))
+    chosen = sq.choose(prepared.model, nodes, sq.capture(prepared.model, nodes, rows, threads), sq.grid_of(config))
+    what = f"{len(chosen)} of {len(nodes)} MatMul/Gemm inputs"
+    if not chosen:
+        prepared.notes.append(f"SmoothQuant: no MatMul/Gemm input's int8 output gains from it ({len(nodes)} measured)")
+        return {}
+    scales = {k: list(s) for k, (_, s) in sorted(chosen.items())}
+    alphas = sorted({a for a, _ in chosen.values()})
+    how = f"alpha {alphas[0]:g}" if len(alphas) == 1 else f"alphas {alphas[0]:g}-{alphas[-1]:g}"
+    candidate = dataclasses.replace(prepared, model=apply_smoothing(prepared.model, {k: tuple(v) for k, v in scales.items()}),
+                                    notes=[], derived={}, smoothing=scales)
+    if asked == "auto":
+        check = list(bias.first_rows(rows, EQUALIZE_CHECK_ROWS, []))
+        before, after = int8_sqnr(prepared, candidate, check, config, threads)
+        figures = f"int8 output SQNR on {sum(bias.rows_of(f) for f in check)} rows: {before:.1f} dB plain, {after:.1f} dB smoothed"
+        if not (after - before >= SMOOTH_GAIN_DB and before < EQUALIZE_GOOD_DB):
+            prepared.notes.append(f"SmoothQuant: {what} left as they were ({figures})")
+            return {}
+        prepared.notes.append(f"SmoothQuant: {what} smoothed ({how}, each chosen for its layer on {sum(bias.rows_of(f) for f in rows)} "
+                              f"rows; {figures})")
+    else:
+        prepared.notes.append(f"SmoothQuant: {what} smoothed ({how}, each chosen for its layer)")
+    smooth_recorded(prepared, scales, candidate.model)
+    return scales
+
+
+def smooth_recorded(prepared: Prepared, scales: dict[str, list[float]], model: onnx.ModelProto | None = None) -> None:
+    """SmoothQuant scales a calibration file or plan recorded (or ``smooth_checked`` chose, ``model`` already rewritten),
+    applied to the prepared model; the graph variant (kernel tables) follows them."""
+    from qconv.rewrite.smooth import apply_smoothing
+
+    if not scales or prepared.smoothing:
+        return
+    prepared.model = model if model is not None else apply_smoothing(prepared.model, {k: tuple(v) for k, v in scales.items()})
+    prepared.smoothing = {k: list(v) for k, v in scales.items()}
+    prepared.derived.clear()
+    digest = hashlib.blake2b(json.dumps(sorted(prepared.smoothing.items())).encode(), digest_size=8).hexdigest()
+    prepared.variant = f"{prepared.variant}-sq{digest}" if prepared.variant else f"sq{digest}"
 
 
 def float_names(model: onnx.ModelProto) -> list[str]:
@@ -385,7 +453,7 @@ def calibrate(prepared: Prepared, source: FeedSource, threads: int | None = None
               progress: Progress = no_progress, method: str | None = None, bins: int = DEFAULT_BINS,
               momentum: float = DEFAULT_MOMENTUM, config: QuantConfig | None = None,
               overrides: Overrides | None = None, max_memory: int = DEFAULT_MAX_MEMORY, equalize: bool = False,
-              hist_samples: int = DEFAULT_SAMPLES) -> Calibration:
+              hist_samples: int = DEFAULT_SAMPLES, smooth: bool = False) -> Calibration:
     """Observe the tensors ``config``'s plan (with ``overrides``) can use (every float activation when ``config`` is None).
     ``equalize``: the prepared model was equalized (recorded, so a file is never used with other weights).
     ``hist_samples``: histogram values per tensor and batch (0: every value; see qconv.calib.collect)."""
@@ -398,7 +466,7 @@ def calibrate(prepared: Prepared, source: FeedSource, threads: int | None = None
     observers, seen = collect(prepared.model, source, threads=threads, progress=advance, bins=bins, momentum=momentum,
                               names=names, groups=groups, samples=hist_samples)
     record = calibration_record(source, method, bins, momentum, tensors="all" if config is None else "planned", equalize=equalize,
-                                hist_samples=hist_samples)
+                                hist_samples=hist_samples, smooth=smooth)
     return Calibration(prepared.model_id, source.identity(), seen, record.to_dict(), observers)
 
 
@@ -426,6 +494,10 @@ def plan(prepared: Prepared, calib: Calibration | Ranges | None, config: QuantCo
     if any(o.smooth is not None for o in overrides.nodes.values()):
         if not mode.SMOOTH:
             raise QconvError(f"{where}: smooth overrides apply to the static modes (int8, a16w8), not --mode {config.mode}")
+        twice = sorted(k for k, o in overrides.nodes.items() if o.smooth is not None and k in prepared.smoothing)
+        if twice:
+            raise QconvError(f"{where}: node '{twice[0]}' has a smooth override and was smoothed by the default SmoothQuant already: "
+                             "drop the override, or calibrate with --no-smooth")
         prepared = smoothed(prepared, overrides)
     overrides.check_against(subgraphs.node_names(prepared.model), set(activation_tensors(prepared.model)), where)
     mode.check(overrides, config, where)
@@ -436,6 +508,8 @@ def plan(prepared: Prepared, calib: Calibration | Ranges | None, config: QuantCo
         p.source["output_ranges_search"] = {**calib.output_ranges["search"], "from": "calibration file"}
     if isinstance(calib, Calibration) and calib.equalization:
         p.source["equalization"] = calib.equalization
+    if prepared.smoothing:
+        p.source["smoothing"] = prepared.smoothing
     return p
 
 

@@ -25,6 +25,7 @@ class Prepared:
     quantized_already: dict | None = None  # integer ops found in the input (it is not a float model)
     derived: dict = field(default_factory=dict, repr=False, compare=False)  # smoothed forms, by their scales
     variant: str = ""  # what changed the graph after intake (--equalize's gated pairs): kernel tables are per variant
+    smoothing: dict = field(default_factory=dict)  # node -> SmoothQuant scales the default applied (pipeline.smooth_checked)
 
     @property
     def kernel_id(self) -> str:
@@ -45,5 +46,5 @@ def smoothed(prepared: Prepared, overrides: Overrides | None) -> Prepared:
             prepared.derived.clear()
         model = apply_smoothing(prepared.model, scales)
         prepared.derived[key] = Prepared(prepared.path, prepared.original, model, prepared.notes, prepared.model_id,
-                                         prepared.external_data, prepared.quantized_already)
+                                         prepared.external_data, prepared.quantized_already, smoothing=prepared.smoothing)
     return prepared.derived[key]

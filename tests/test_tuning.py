@@ -303,7 +303,8 @@ def outlier_stack(layers: int = 8) -> onnx.ModelProto:
 def test_tuning_smooths_every_matmul_of_a_deep_stack_as_one_move(tmp_path, cache):
     model, calib, evald = saved_with_rows(tmp_path, outlier_stack(), 4)
     out, plain, rep, plan = tmp_path / "q.onnx", tmp_path / "plain.onnx", tmp_path / "q.json", tmp_path / "p.json"
-    r = invoke("quantize", model, "-o", out, "--data", calib, "--eval-data", evald, "--tune", "--budget", "12trials",
+    # --no-smooth: the default would smooth this stack before tuning (test_the_default_smooths_a_deep_stack_...)
+    r = invoke("quantize", model, "-o", out, "--data", calib, "--eval-data", evald, "--tune", "--budget", "12trials", "--no-smooth",
                "--min-cosine", "0.9999", "--no-latency", "--layer-samples", 0, "--report", rep, "--write-plan", plan, "-q", env=cache)
     assert r.exit_code in (0, 3), r.output
     t = json.loads(rep.read_text())["tuning"]
@@ -312,12 +313,51 @@ def test_tuning_smooths_every_matmul_of_a_deep_stack_as_one_move(tmp_path, cache
     change = next(c for c in t["changes"] if c["what"] == "all 8 MatMul/Gemm weights")
     nodes = json.loads(plan.read_text())["overrides"]["nodes"]
     assert all(len(nodes[f"fc{i}"]["smooth"]) == 32 for i in range(8)) and change["change"].startswith("SmoothQuant scales (alpha ")
-    assert invoke("quantize", model, "-o", plain, "--data", calib, "--no-latency", "-q", env=cache).exit_code == 0
+    assert invoke("quantize", model, "-o", plain, "--data", calib, "--no-smooth", "--no-latency", "-q", env=cache).exit_code == 0
     x = np.load(evald)
     ref = run_model(model, {"x": x})[0]
     cos = {k: float((ref * g).sum() / np.sqrt((ref * ref).sum() * (g * g).sum())) for k, g in
            (("tuned", run_model(out, {"x": x})[0]), ("untuned", run_model(plain, {"x": x})[0]))}
     assert cos["tuned"] > cos["untuned"], cos
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
+
+
+def test_the_default_smooths_a_deep_stack_and_a_calibration_file_replays_it(tmp_path, cache):
+    """The default's SmoothQuant (pipeline.smooth_checked) on an 8-layer stack with outlier channels: every MatMul's
+    input smoothed, checked by the int8 outputs, recorded in the calibration file and the plan, replayed by --calib
+    and --plan; --no-smooth keeps the model as it was, and a file made with it refuses --no-smooth in one line."""
+    model, calib, evald = saved_with_rows(tmp_path, outlier_stack(), 4)
+    x = np.load(evald)
+    ref = run_model(model, {"x": x})[0]
+    plain, data_run, cfile, from_file = (tmp_path / n for n in ("plain.onnx", "data.onnx", "c.json", "file.onnx"))
+    rep, plan, again = tmp_path / "r.json", tmp_path / "p.json", tmp_path / "again.onnx"
+    assert invoke("quantize", model, "-o", plain, "--data", calib, "--no-smooth", "--no-latency", "-q", env=cache).exit_code == 0
+    r = invoke("quantize", model, "-o", data_run, "--data", calib, "--no-latency", "--report", rep, "-q", env=cache)
+    assert r.exit_code == 0, r.output
+    assert cosine(ref, run_model(data_run, {"x": x})[0]) > cosine(ref, run_model(plain, {"x": x})[0]) + 0.001
+    r = invoke("calibrate", model, "--data", calib, "-o", cfile, env=cache)
+    assert r.exit_code == 0, r.output
+    assert "SmoothQuant: 8 of 8 MatMul/Gemm inputs smoothed" in r.output and "dB smoothed" in r.output, r.output
+    c = json.loads(cfile.read_text())
+    assert c["options"]["smooth"] is True and sorted(c["smoothing"]) == [f"fc{i}" for i in range(8)]
+    assert all(len(v) == 32 and min(v) > 0 for v in c["smoothing"].values())
+    assert "fc3/smoothed_input" in c["tensors"]
+    r = invoke("quantize", model, "-o", from_file, "--calib", cfile, "--no-latency", "--write-plan", plan, "-q", env=cache)
+    assert r.exit_code == 0, r.output
+    got = run_model(from_file, {"x": x})[0]
+    assert cosine(ref, got) > cosine(ref, run_model(plain, {"x": x})[0]) + 0.001
+    p = json.loads(plan.read_text())
+    assert p["config"]["smooth"] is True and sorted(p["source"]["smoothing"]) == [f"fc{i}" for i in range(8)]
+    assert invoke("quantize", model, "--plan", plan, "-o", again, "--no-latency", "-q").exit_code == 0
+    assert again.read_bytes() == from_file.read_bytes()
+    r = invoke("quantize", model, "-o", tmp_path / "no.onnx", "--calib", cfile, "--no-smooth", "--no-latency", "-q", env=cache)
+    assert r.exit_code == 1 and r.output.strip().splitlines()[-1] == (
+        f"error: calibration file {cfile} was made with SmoothQuant (its ranges belong to the smoothed model) and this run has "
+        "--no-smooth: drop --no-smooth, or re-run qconv calibrate --no-smooth"), r.output
+    assert not (tmp_path / "no.onnx").exists()
 
 
 @pytest.mark.parametrize("override,message", [

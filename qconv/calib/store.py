@@ -34,6 +34,7 @@ class Record:
     tensors: str  # "all" | "planned"
     shards: int | None = None  # calibrated as this many shard tasks
     equalize: bool = False  # the model was calibrated after cross-layer equalization
+    smooth: bool = False  # ... and after SmoothQuant (Calibration.smoothing holds the scales)
     percentile: float | None = None
     row_shapes: dict | None = None  # input -> shape of the first row: what a model is timed on (qconv.plan.kernels)
     hist_samples: int = 0  # histogram values per tensor and batch (0: every value; qconv.calib.ingraph)
@@ -47,6 +48,8 @@ class Record:
             d["shards"] = self.shards
         if self.equalize:
             d["equalize"] = True
+        if self.smooth:
+            d["smooth"] = True
         if self.percentile is not None:
             d["percentile"] = self.percentile
         if self.row_shapes:
@@ -65,6 +68,7 @@ class Calibration:
     tensors: dict[str, TensorObserver] = field(default_factory=dict)
     qconv_version: str = __version__
     equalization: dict[str, list[float]] = field(default_factory=dict)  # --equalize: Conv -> its gated pair's scales
+    smoothing: dict[str, list[float]] = field(default_factory=dict)  # SmoothQuant: MatMul/Gemm -> its input's scales
     # calibrate --ranges output (qconv.adjust.clip): {"ranges": {tensor: [lo, hi]}, "search": summary, "scheme": the
     # plan's scheme they were searched for}; quantize --calib uses them where its scheme is the same
     output_ranges: dict = field(default_factory=dict)
@@ -86,6 +90,8 @@ class Calibration:
         }
         if self.equalization:
             d["equalization"] = {k: list(v) for k, v in sorted(self.equalization.items())}
+        if self.smoothing:
+            d["smoothing"] = {k: list(v) for k, v in sorted(self.smoothing.items())}
         if self.output_ranges:
             d["output_ranges"] = self.output_ranges
         if self.floors:
@@ -108,6 +114,7 @@ class Calibration:
                 tensors={k: TensorObserver.from_dict(v, momentum=float(options.get("momentum", 0.01))) for k, v in dict(d["tensors"]).items()},
                 qconv_version=str(d.get("qconv_version", "")),
                 equalization={str(k): [float(x) for x in v] for k, v in dict(d.get("equalization") or {}).items()},
+                smoothing={str(k): [float(x) for x in v] for k, v in dict(d.get("smoothing") or {}).items()},
                 output_ranges=_output_ranges(d.get("output_ranges")),
                 floors=_floors(d.get("floors")),
             )
@@ -238,9 +245,13 @@ def merge(parts: list[tuple[str, Calibration]]) -> Calibration:
             raise QconvError(f"cannot merge {name} with {first_name}: they were made for different models")
         if c.qconv_version != first.qconv_version:
             raise QconvError(f"cannot merge {name} (qconv {c.qconv_version}) with {first_name} (qconv {first.qconv_version}): re-run calibrate with one version")
-        for key in _MERGE_KEYS:
+        for key in (*_MERGE_KEYS, "equalize", "smooth"):
             if c.options.get(key) != first.options.get(key):
                 raise QconvError(f"cannot merge {name} with {first_name}: option {key} differs ({c.options.get(key)} vs {first.options.get(key)})")
+        for key in ("equalization", "smoothing"):  # the weights the statistics were observed with
+            if getattr(c, key) != getattr(first, key):
+                raise QconvError(f"cannot merge {name} with {first_name}: their {key} scales differ (made from other data): calibrate "
+                                 "the shards with --shard K/N on the same data")
     tensors = merge_tensors([c.tensors for _, c in parts])
     h = hashlib.sha256()
     for data_id in sorted(c.data_id for _, c in parts):
@@ -248,7 +259,9 @@ def merge(parts: list[tuple[str, Calibration]]) -> Calibration:
     options = {k: first.options.get(k) for k in _MERGE_KEYS}
     options["method"] = first.options.get("method")
     options["merged_from"] = len(parts)
-    return Calibration(first.model_id, h.hexdigest(), sum(c.samples for _, c in parts), options, tensors, first.qconv_version)
+    options.update({k: True for k in ("equalize", "smooth") if first.options.get(k)})
+    return Calibration(first.model_id, h.hexdigest(), sum(c.samples for _, c in parts), options, tensors, first.qconv_version,
+                       equalization=dict(first.equalization), smoothing=dict(first.smoothing))
 
 
 def _floors(d) -> dict:

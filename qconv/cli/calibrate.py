@@ -64,6 +64,10 @@ def calibrate_group():
               help="--equalize: calibrate after cross-layer equalization (for quantize --equalize). --no-equalize: none.  "
                    "[default: the identity/Relu pairs, and the hard-swish/SiLU pairs worth it by a quick int8 check on the "
                    "first rows; recorded in the file]")
+@click.option("--smooth/--no-smooth", default=None,
+              help="--smooth: calibrate after SmoothQuant on every MatMul/Gemm input (for quantize --smooth). --no-smooth: none.  "
+                   "[default: on a transformer stack (8 or more such nodes) where a quick int8 check on the first rows says the "
+                   "outputs gain; recorded in the file]")
 @click.option("--export", "export_spec", default=None, metavar="tensorrt:PATH",
               help="Also write TensorRT calibration tables (PATH, PATH.json, PATH.cache); observes every float tensor.")
 @click.option("--ranges", type=click.Choice(["calibrated", "output"]), default="calibrated", show_default=True,
@@ -78,7 +82,7 @@ def calibrate_group():
 @range_options
 @output_options
 @guarded
-def run_cmd(term, model, data, out, shard, per_tensor, equalize, export_spec, ranges, floor_ranges, all_tensors, method, percentile, **kw):
+def run_cmd(term, model, data, out, shard, per_tensor, equalize, smooth, export_spec, ranges, floor_ranges, all_tensors, method, percentile, **kw):
     """Record per-tensor statistics (min/max, moving averages, histograms) of MODEL on DATA.
 
     The file stores statistics, not ranges: `qconv quantize --calib FILE --method M` picks any range
@@ -93,6 +97,7 @@ def run_cmd(term, model, data, out, shard, per_tensor, equalize, export_spec, ra
     job = CalibrateJob(model=model, data=data, out=out, shard=parse_shard(shard), per_tensor=per_tensor,
                        all_tensors=all_tensors or export is not None, method=method, percentile=percentile,
                        options=calib_options_from(kw), equalize={None: "auto", True: "on", False: "off"}[equalize], ranges=ranges,
+                       smooth={None: "auto", True: "on", False: "off"}[smooth],
                        floors={None: "auto", True: "on", False: "off"}[floor_ranges])
     job.check()
     if export is not None:

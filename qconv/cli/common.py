@@ -187,6 +187,12 @@ def scheme_options(fn):
                           "of the calibration rows; a calibration file must be made with it too. --no-equalize: none.  [default: "
                           "the identity/Relu pairs, and the hard-swish/SiLU pairs where a quick int8 check on the calibration "
                           "rows says the outputs gain; with --calib, as the file records]"),
+        click.option("--smooth/--no-smooth", default=None,
+                     help="int8: SmoothQuant. --smooth: every MatMul/Gemm input with a constant weight divided by per-channel "
+                          "scales folded into the weight (activation outliers move into the weight), each layer's alpha chosen "
+                          "for its own int8 output on the calibration rows; a calibration file must be made with it too. "
+                          "--no-smooth: none.  [default: on a transformer stack (8 or more such nodes) where a quick int8 check "
+                          "on the calibration rows says the outputs gain; with --calib, as the file records]"),
         click.option("--kernels", default="auto", show_default=True, metavar="auto|shipped|none|FILE", envvar="QCONV_KERNELS",
                      help="int8: the kernel cost table that keeps float the regions where int8 runs slower on this CPU (env "
                           "QCONV_KERNELS). auto: this model's nodes timed float and int8 on this machine, once (cached; "
@@ -208,7 +214,7 @@ def scheme_options(fn):
 
 SCHEME_KEYS = ("mode", "fmt", "per_tensor", "weight_type", "affine_weights", "activation_type", "symmetric_activations",
                "reduce_range", "block_size", "int4_method", "accuracy_level", "keep_io_types", "exclude_nodes", "exclude_ops", "quantized_io",
-               "bias_correction", "rounding", "ranges", "allow_saturation", "floor_ranges", "equalize", "kernels")
+               "bias_correction", "rounding", "ranges", "allow_saturation", "floor_ranges", "equalize", "smooth", "kernels")
 
 
 def config_from(kwargs: dict) -> QuantConfig:
@@ -221,7 +227,8 @@ def config_from(kwargs: dict) -> QuantConfig:
                        exclude_nodes=tuple(k["exclude_nodes"]), exclude_ops=tuple(k["exclude_ops"]), quantized_io=k["quantized_io"],
                        bias_correction={None: "auto", "off": None}.get(k["bias_correction"], k["bias_correction"]), rounding=k["rounding"], ranges=k["ranges"] or "auto",
                        saturation_safe=not k["allow_saturation"], floor_ranges="auto" if k["floor_ranges"] is None else k["floor_ranges"],
-                       equalize={None: "auto", True: "on", False: "off"}[k["equalize"]], kernels=k["kernels"])
+                       equalize={None: "auto", True: "on", False: "off"}[k["equalize"]],
+                       smooth={None: "auto", True: "on", False: "off"}[k["smooth"]], kernels=k["kernels"])
 
 
 def calib_options_from(kwargs: dict) -> CalibOptions:

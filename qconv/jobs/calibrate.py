@@ -32,6 +32,7 @@ class CalibrateJob:
     percentile: float | None = None
     options: CalibOptions = field(default_factory=CalibOptions)
     equalize: str = "auto"  # on: calibrate after cross-layer equalization (for quantize --equalize); auto: checked; off
+    smooth: str = "auto"  # SmoothQuant before calibration (pipeline.smooth_checked): auto (checked, on transformer stacks), on, off
     notes: list[str] = field(default_factory=list)  # what run_calibrate decided on the way (equalization), for the user
     ranges: str = "calibrated"  # output: also search output-aware ranges for the default plan (qconv.adjust.clip)
     floors: str = "auto"  # range floors: auto (checked on the calibration rows, recorded for quantize --calib), on, off
@@ -55,7 +56,7 @@ def run_calibrate(job: CalibrateJob, progress=pipeline.no_progress):
 
     job.check()
     distributed.start_early(job.options.executor)
-    config = QuantConfig(per_channel=not job.per_tensor, equalize=job.equalize)
+    config = QuantConfig(per_channel=not job.per_tensor, equalize=job.equalize, smooth=job.smooth)
     prepared = pipeline.load(job.model, config)
     o = job.options
     sharded = distributed.parse_executor(o.executor).distributed or o.shards
@@ -64,10 +65,12 @@ def run_calibrate(job: CalibrateJob, progress=pipeline.no_progress):
     first = pipeline.feeds_for(prepared, job.data, o.batch_size, o.samples, cast=o.cast_data)  # every shard decides alike
     made, scales = equalization(prepared, first, job.equalize, dataclasses.replace(config, method=job.method or DEFAULT_METHOD),
                                 o.threads)
-    job.notes[:] = [n for n in prepared.notes if n.startswith("cross-layer equalization")]
+    smoothing = pipeline.smooth_checked(prepared, first, dataclasses.replace(config, method=job.method or DEFAULT_METHOD), o.threads)
+    job.notes[:] = [n for n in prepared.notes if n.startswith(("cross-layer equalization", "SmoothQuant"))]
     options = pipeline.calibration_record(source, job.method, o.bins, o.momentum, tensors="all" if job.all_tensors else "planned",
                                           shards=(o.shards or distributed.DEFAULT_SHARDS) if sharded else None,
-                                          equalize=made, percentile=job.percentile, hist_samples=samples, ranges=job.ranges).to_dict()
+                                          equalize=made, percentile=job.percentile, hist_samples=samples, ranges=job.ranges,
+                                          smooth=bool(smoothing)).to_dict()
     if job.floors != "auto":
         options["floor_ranges"] = job.floors
     data_id = source.identity()
@@ -77,19 +80,20 @@ def run_calibrate(job: CalibrateJob, progress=pipeline.no_progress):
         except QconvError:
             old = None
         if old and old.model_id == prepared.model_id and old.data_id == data_id and old.options == options \
-                and old.equalization == scales:
+                and old.equalization == scales and old.smoothing == smoothing:
             return None
     if sharded:
         names = activation_tensors(prepared.model)
         if not job.all_tensors:
             names = calibration_targets(prepared.model, config, names)
         calib = sharded_calibration(prepared, job.data, source, names, config.per_channel, job.method, o, progress,
-                                    made, samples, scales)
+                                    made, samples, scales, smoothing)
     else:
         calib = pipeline.calibrate(prepared, source, o.threads, progress, job.method, o.bins, o.momentum,
                                    None if job.all_tensors else config, None, o.max_memory, hist_samples=samples)
     calib.options = options
     calib.equalization = scales
+    calib.smoothing = smoothing
     config = dataclasses.replace(config, method=job.method or DEFAULT_METHOD, percentile=99.999 if job.percentile is None else job.percentile,
                                  floor_ranges=job.floors == "on")
     if job.floors == "auto" and job.shard == (0, 1):

@@ -96,8 +96,11 @@ class PlanJob:
         equalize = self.config.equalize
         if equalize == "auto" and recorded:  # as the calibration decided: the plan replays it
             equalize = "on" if recorded.get("equalize") else "off"
+        smooth = self.config.smooth
+        if smooth == "auto" and recorded:
+            smooth = "on" if recorded.get("smooth") else "off"
         config = dataclasses.replace(self.config, method=method, percentile=pct, bias_correction=self.bias_correction(), equalize=equalize,
-                                     ranges=self.ranges(recorded))
+                                     smooth=smooth, ranges=self.ranges(recorded))
         return dataclasses.replace(config, floor_ranges=self.floor_ranges(config, floors))
 
     def floor_ranges(self, config: QuantConfig, floors: dict | None) -> bool:
@@ -176,20 +179,35 @@ def statistics(job: PlanJob, prepared: pipeline.Prepared, overrides: Overrides, 
                              "rescaled weights) and this run has --no-equalize: drop --no-equalize, or re-run qconv calibrate --no-equalize")
         if made:  # --equalize rescaled the identity/Relu pairs at load; the default's file says to, here
             pipeline.equalize_recorded(prepared, calib.equalization, plain_pairs=asked != "on")
+        replay_smoothing(prepared, calib.smoothing, job.config.smooth, f"calibration file {job.calib}", "qconv calibrate")
         return calib
     o = job.calib_options
     source = pipeline.feeds_for(prepared, job.data, o.batch_size, o.samples, cast=o.cast_data, skip=job.holdout)
     config = job.effective(None)
     made, scales = equalization(prepared, source, job.config.equalize, config, o.threads)
+    smoothing = pipeline.smooth_checked(prepared, source, config, o.threads)
     if distributed.parse_executor(o.executor).distributed or o.shards:
         names = calibration_targets(prepared.model, config, activation_tensors(prepared.model), overrides)
         calib = sharded_calibration(prepared, job.data, source, names, job.config.per_channel, job.method, o, progress,
-                                    made, o.samples_for(config.method), scales)
+                                    made, o.samples_for(config.method), scales, smoothing)
     else:
         calib = pipeline.calibrate(prepared, source, o.threads, progress, job.method, o.bins, o.momentum,
-                                   config, overrides, o.max_memory, made, o.samples_for(config.method))
+                                   config, overrides, o.max_memory, made, o.samples_for(config.method), smooth=bool(smoothing))
     calib.equalization = scales
+    calib.smoothing = smoothing
     return calib
+
+
+def replay_smoothing(prepared: pipeline.Prepared, scales: dict, asked: str, where: str, remedy: str) -> None:
+    """The SmoothQuant scales a calibration file or plan recorded, applied before planning (its ranges belong to the
+    smoothed model); refused where this run asks otherwise."""
+    if asked == "off" and scales:
+        raise QconvError(f"{where} was made with SmoothQuant (its ranges belong to the smoothed model) and this run has --no-smooth: "
+                         f"drop --no-smooth, or re-run {remedy} --no-smooth")
+    if asked == "on" and not scales:
+        raise QconvError(f"{where} was made without SmoothQuant and this run asks for it (--smooth): drop --smooth, or re-run "
+                         f"{remedy} --smooth")
+    pipeline.smooth_recorded(prepared, scales)
 
 
 def equalization(prepared: pipeline.Prepared, source, asked: str, config: QuantConfig, threads: int | None
@@ -205,7 +223,7 @@ def equalization(prepared: pipeline.Prepared, source, asked: str, config: QuantC
 
 def sharded_calibration(prepared: pipeline.Prepared, data: Path, source: FeedSource, names: list[str], per_channel: bool,
                         method: str, o: CalibOptions, progress, equalize: bool = False, hist_samples: int = DEFAULT_SAMPLES,
-                        scales: dict | None = None):
+                        scales: dict | None = None, smoothing: dict | None = None):
     """Calibration of ``names`` as shard tasks on the executor, merged in shard order (see qconv.distributed)."""
     from qconv.calib.store import Calibration, merge_tensors
 
@@ -213,13 +231,14 @@ def sharded_calibration(prepared: pipeline.Prepared, data: Path, source: FeedSou
     shards = o.shards or distributed.DEFAULT_SHARDS
     data_id = source.identity()  # once, here: workers never hash the data
     tasks = [(str(prepared.path), str(data), per_channel, o.batch_size, (k, shards), o.bins, o.momentum, names, o.max_memory,
-              o.cast_data, equalize, hist_samples, scales or {}) for k in range(shards)]
+              o.cast_data, equalize, hist_samples, scales or {}, smoothing or {}) for k in range(shards)]
     parts = distributed.run_tasks(executor, distributed.calibrate_shard, tasks, "calibrating shards", progress)
     seen = sum(p["seen"] for p in parts)
     if seen == 0:
         raise QconvError("no calibration samples: the data set is empty")
     observers = merge_tensors([p["tensors"] for p in parts])
-    record = pipeline.calibration_record(source, method, o.bins, o.momentum, shards=shards, equalize=equalize, hist_samples=hist_samples)
+    record = pipeline.calibration_record(source, method, o.bins, o.momentum, shards=shards, equalize=equalize, hist_samples=hist_samples,
+                                         smooth=bool(smoothing))
     return Calibration(prepared.model_id, data_id, seen, record.to_dict(), {n: observers[n] for n in names if n in observers})
 
 

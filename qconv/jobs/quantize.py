@@ -134,6 +134,8 @@ def run_quantize(job: QuantizeJob, progress=pipeline.no_progress) -> tuple[dict,
     prepared = pipeline.load(job.model, stored.config if stored is not None else job.planning.config)
     if stored is not None and stored.source.get("equalization"):
         pipeline.equalize_gated(prepared, None, scales=stored.source["equalization"])
+    if stored is not None and stored.source.get("smoothing"):
+        pipeline.smooth_recorded(prepared, stored.source["smoothing"])
     if job.converting:
         return _run_conversion(job, prepared, labels, progress)
     pipeline.check_float(prepared)

@@ -26,7 +26,7 @@ def check(overrides: Overrides, config, where: str) -> None:
 def plan(prepared, stats: Ranges | None, config, overrides: Overrides) -> QuantPlan:
     if stats is None:
         raise QconvError(f"--mode {config.mode} needs calibration: give --data or --calib")
-    smooth_muls = {f"{k}/smooth" for k, v in overrides.nodes.items() if v.smooth is not None}
+    smooth_muls = {f"{k}/smooth" for k, v in overrides.nodes.items() if v.smooth is not None} | {f"{k}/smooth" for k in prepared.smoothing}
     ranges, methods = activation_ranges(stats, config, overrides)
     nonfinite, masks = stats.nonfinite, stats.masks
     # The smoothing Mul runs in float: quantizing its input would crush the channels it exists to rescale.

@@ -71,6 +71,12 @@ class QuantConfig:
     # calibration decided, so plans store on (true) or off (false) and replay the scales they recorded
     # (source.equalization), never the check.
     equalize: str = "auto"
+    # SmoothQuant before calibration (qconv.adjust.smooth): every MatMul/Gemm input divided by per-channel scales folded
+    # into its weight, each layer's alpha chosen for its own int8 output on the calibration rows. auto (the default):
+    # on a transformer stack (adjust.smooth.MIN_NODES such nodes or more), kept where a quick check on those rows says the
+    # int8 model's outputs gain (pipeline.smooth_checked); on (--smooth): on any such node, no check; off (--no-smooth).
+    # Jobs resolve auto as the calibration decided; plans store true only when scales were applied (source.smoothing).
+    smooth: str = "auto"
     # int8: the kernel cost table that decides where int8 is slower than float (qconv.plan.kernels): auto | shipped |
     # none | a table file
     kernels: str = "auto"
@@ -119,6 +125,12 @@ class QuantConfig:
             object.__setattr__(self, "equalize", "on" if self.equalize else "off")
         if self.equalize not in ("auto", "on", "off"):
             raise UsageError(f"equalize is auto, on or off (got {self.equalize})")
+        if isinstance(self.smooth, bool):  # plans store it so
+            object.__setattr__(self, "smooth", "on" if self.smooth else "off")
+        if self.smooth not in ("auto", "on", "off"):
+            raise UsageError(f"smooth is auto, on or off (got {self.smooth})")
+        if self.smooth == "on" and not self.needs_calibration:
+            raise UsageError(f"--smooth rescales the weights for the static int8 modes (int8, a16w8), not --mode {self.mode}: drop it")
         if self.equalize == "on" and not self.needs_calibration:
             raise UsageError(f"--equalize prepares the weights for the static int8 modes (int8, a16w8), not --mode {self.mode}: drop it")
         if self.bias_correction in ("full", "fast") and not self.needs_calibration:
@@ -193,6 +205,10 @@ class QuantConfig:
         d["format"] = self.output_format
         d["activation_type"] = self.act_type
         d["equalize"] = self.equalize == "on"
+        if self.smooth == "on":
+            d["smooth"] = True
+        else:
+            d.pop("smooth")  # plans without SmoothQuant stay as they were
         if self.mode != "int4":
             d.pop("accuracy_level")  # int4 only; plans of the other modes stay as they were
             d.pop("size_budget_mb")

@@ -77,6 +77,8 @@ class Lab:
         (remedies.smooth.smoothing_all): the search's SmoothQuant group move."""
         from qconv.tune.remedies.smooth import smoothing_all
 
+        if self.prepared.smoothing:  # the default smoothed them already, each at its own alpha
+            return None
         return smoothing_all(self.ctx, alpha, overrides)
 
     def timed(self, method: str, overrides: Overrides) -> float:

@@ -39,8 +39,8 @@ def smoothing(ctx: Context, node, alpha: float, outliers: float = SMOOTH_OUTLIER
     largest channel magnitude ``outliers`` times the median channel's; 0: any input)."""
     g = ctx.graph
     layout = weight_layout(node, g)
-    if isinstance(layout, str) or not g.is_float(node.input[0]):
-        return None
+    if isinstance(layout, str) or not g.is_float(node.input[0]) or node.input[0] == smoothed_input(node.name):
+        return None  # (an input the default's SmoothQuant divided already is not divided again)
     if ctx.channels is None:
         names = {n.input[0]: input_axis(n) for n in ctx.model.graph.node
                  if not isinstance(weight_layout(n, g), str) and g.is_float(n.input[0])}
