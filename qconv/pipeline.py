@@ -190,15 +190,14 @@ SMOOTH_GAIN_DB = 0.5  # auto: the smoothed int8 model's outputs must be this muc
 
 
 def smooth_checked(prepared: Prepared, source: Iterable[dict], config: QuantConfig, threads: int | None = None
-                   ) -> dict[str, list[float]]:
+                   ) -> dict[str, dict]:
     """The default (``smooth`` auto) for a transformer stack: SmoothQuant on every MatMul/Gemm input
-    (``qconv.adjust.smooth``: MIN_NODES or more, each node's alpha chosen for its own int8 output on the first ROWS
-    rows of ``source``), kept when the int8 model's output SQNR on EQUALIZE_CHECK_ROWS of those rows gains
-    SMOOTH_GAIN_DB and the plain model's is below EQUALIZE_GOOD_DB (the Mul each smoothed input costs is not paid where
-    int8 serves well already). ``config.smooth`` on: kept without the check, whatever the count. Returns the scales
-    applied ({} if none), to be recorded."""
+    (``qconv.adjust.smooth``: MIN_NODES or more, each node's alpha and its smoothed input's range chosen for its own
+    int8 output on the first ROWS rows of ``source``), kept when the int8 model's output SQNR on EQUALIZE_CHECK_ROWS of
+    those rows gains SMOOTH_GAIN_DB and the plain model's is below EQUALIZE_GOOD_DB (the Mul each smoothed input costs
+    is not paid where int8 serves well already). ``config.smooth`` on: kept without the check, whatever the count.
+    Returns what was applied ({node: {"scales", "range"}}, {} if nothing), to be recorded."""
     from qconv.adjust import smooth as sq
-    from qconv.rewrite.smooth import apply_smoothing
 
     asked = config.smooth
     if asked == "off" or not config.needs_calibration or prepared.smoothing:
@@ -212,37 +211,39 @@ def smooth_checked(prepared: Prepared, source: Iterable[dict], config: QuantConf
     if not chosen:
         prepared.notes.append(f"SmoothQuant: no MatMul/Gemm input's int8 output gains from it ({len(nodes)} measured)")
         return {}
-    scales = {k: list(s) for k, (_, s) in sorted(chosen.items())}
-    alphas = sorted({a for a, _ in chosen.values()})
-    how = f"alpha {alphas[0]:g}" if len(alphas) == 1 else f"alphas {alphas[0]:g}-{alphas[-1]:g}"
-    candidate = dataclasses.replace(prepared, model=apply_smoothing(prepared.model, {k: tuple(v) for k, v in scales.items()}),
-                                    notes=[], derived={}, smoothing=scales)
+    smoothing = {k: v.to_dict() for k, v in sorted(chosen.items())}
+    alphas = sorted({v.alpha for v in chosen.values()})
+    how = (f"alpha {alphas[0]:g}" if len(alphas) == 1 else f"alphas {alphas[0]:g}-{alphas[-1]:g}") + \
+        f", each with its range chosen for its layer on {sum(bias.rows_of(f) for f in rows)} rows"
     if asked == "auto":
+        candidate = dataclasses.replace(prepared, notes=[], derived={})
+        smooth_recorded(candidate, smoothing)
         check = list(bias.first_rows(rows, EQUALIZE_CHECK_ROWS, []))
         before, after = int8_sqnr(prepared, candidate, check, config, threads)
         figures = f"int8 output SQNR on {sum(bias.rows_of(f) for f in check)} rows: {before:.1f} dB plain, {after:.1f} dB smoothed"
         if not (after - before >= SMOOTH_GAIN_DB and before < EQUALIZE_GOOD_DB):
             prepared.notes.append(f"SmoothQuant: {what} left as they were ({figures})")
             return {}
-        prepared.notes.append(f"SmoothQuant: {what} smoothed ({how}, each chosen for its layer on {sum(bias.rows_of(f) for f in rows)} "
-                              f"rows; {figures})")
+        prepared.notes.append(f"SmoothQuant: {what} smoothed ({how}; {figures})")
+        prepared.model, prepared.smoothing, prepared.variant = candidate.model, candidate.smoothing, candidate.variant
+        prepared.derived.clear()
     else:
-        prepared.notes.append(f"SmoothQuant: {what} smoothed ({how}, each chosen for its layer)")
-    smooth_recorded(prepared, scales, candidate.model)
-    return scales
+        prepared.notes.append(f"SmoothQuant: {what} smoothed ({how})")
+        smooth_recorded(prepared, smoothing)
+    return smoothing
 
 
-def smooth_recorded(prepared: Prepared, scales: dict[str, list[float]], model: onnx.ModelProto | None = None) -> None:
-    """SmoothQuant scales a calibration file or plan recorded (or ``smooth_checked`` chose, ``model`` already rewritten),
-    applied to the prepared model; the graph variant (kernel tables) follows them."""
+def smooth_recorded(prepared: Prepared, smoothing: dict[str, dict]) -> None:
+    """SmoothQuant as a calibration file or plan recorded it ({node: {"scales", "range"}}), applied to the prepared
+    model; the graph variant (kernel tables) follows it."""
     from qconv.rewrite.smooth import apply_smoothing
 
-    if not scales or prepared.smoothing:
+    if not smoothing or prepared.smoothing:
         return
-    prepared.model = model if model is not None else apply_smoothing(prepared.model, {k: tuple(v) for k, v in scales.items()})
-    prepared.smoothing = {k: list(v) for k, v in scales.items()}
-    prepared.derived.clear()
-    digest = hashlib.blake2b(json.dumps(sorted(prepared.smoothing.items())).encode(), digest_size=8).hexdigest()
+    prepared.model = apply_smoothing(prepared.model, {k: tuple(v["scales"]) for k, v in smoothing.items()})
+    prepared.smoothing = {k: {"scales": list(v["scales"]), "range": list(v["range"])} for k, v in sorted(smoothing.items())}
+    prepared.derived = {}
+    digest = hashlib.blake2b(json.dumps(prepared.smoothing, sort_keys=True).encode(), digest_size=8).hexdigest()
     prepared.variant = f"{prepared.variant}-sq{digest}" if prepared.variant else f"sq{digest}"
 
 

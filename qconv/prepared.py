@@ -25,7 +25,7 @@ class Prepared:
     quantized_already: dict | None = None  # integer ops found in the input (it is not a float model)
     derived: dict = field(default_factory=dict, repr=False, compare=False)  # smoothed forms, by their scales
     variant: str = ""  # what changed the graph after intake (--equalize's gated pairs): kernel tables are per variant
-    smoothing: dict = field(default_factory=dict)  # node -> SmoothQuant scales the default applied (pipeline.smooth_checked)
+    smoothing: dict = field(default_factory=dict)  # node -> {"scales", "range"}: the default's SmoothQuant (pipeline.smooth_checked)
 
     @property
     def kernel_id(self) -> str:

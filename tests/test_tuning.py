@@ -343,7 +343,7 @@ def test_the_default_smooths_a_deep_stack_and_a_calibration_file_replays_it(tmp_
     assert "SmoothQuant: 8 of 8 MatMul/Gemm inputs smoothed" in r.output and "dB smoothed" in r.output, r.output
     c = json.loads(cfile.read_text())
     assert c["options"]["smooth"] is True and sorted(c["smoothing"]) == [f"fc{i}" for i in range(8)]
-    assert all(len(v) == 32 and min(v) > 0 for v in c["smoothing"].values())
+    assert all(len(v["scales"]) == 32 and min(v["scales"]) > 0 and v["range"][0] <= 0 < v["range"][1] for v in c["smoothing"].values())
     assert "fc3/smoothed_input" in c["tensors"]
     r = invoke("quantize", model, "-o", from_file, "--calib", cfile, "--no-latency", "--write-plan", plan, "-q", env=cache)
     assert r.exit_code == 0, r.output

@@ -31,6 +31,8 @@ MIN_NODES = 8  # weight MatMul/Gemm nodes with a float input: a transformer's st
 ROWS = 64  # calibration rows the channel extremes and the sampled activations come from
 SAMPLED = 256  # activation rows (tokens) kept per input for the layer errors: O(SAMPLED x channels) memory each
 ALPHAS = tuple(round(0.5 + 0.05 * k, 2) for k in range(10))  # 0.5 .. 0.95; and no smoothing at all
+CLIPS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)  # the smoothed input's range, as a share of its extremes, tried at the chosen alpha
+PEAKS = 4  # of each feed's share of the sample, the rows with the largest magnitudes (a clipped range must serve them too)
 
 
 @dataclass
@@ -44,7 +46,9 @@ class Capture:
     def add(self, x: np.ndarray, keep: int) -> None:
         self.lo, self.hi = np.minimum(self.lo, x.min(0)), np.maximum(self.hi, x.max(0))
         if keep > 0 and len(x):
-            pick = np.unique(np.linspace(0, len(x) - 1, min(keep, len(x))).round().astype(np.int64))
+            peaks = np.argsort(-np.abs(x).max(1), kind="stable")[:min(PEAKS, keep // 2)]
+            spread = np.linspace(0, len(x) - 1, max(1, min(keep, len(x)) - len(peaks))).round().astype(np.int64)
+            pick = np.unique(np.concatenate([peaks, spread]))
             self.rows.append(np.ascontiguousarray(x[pick], np.float32))
 
 
@@ -124,22 +128,34 @@ def _quantized_weight(w: np.ndarray, grid: Grid) -> np.ndarray:
     return np.clip(np.round(w / scale), -grid.weight_max, grid.weight_max) * scale
 
 
-def layer_error(x: np.ndarray, lo: np.ndarray, hi: np.ndarray, w: np.ndarray, s: np.ndarray, reference: np.ndarray,
-                grid: Grid) -> float:
+def layer_error(x: np.ndarray, rng: tuple[float, float], w: np.ndarray, s: np.ndarray, reference: np.ndarray, grid: Grid,
+                wq: np.ndarray | None = None) -> float:
     """Relative squared error of the int8 layer's output ``(x / s) @ (s W)`` against ``reference`` (x @ W): the
-    smoothed input on the per-tensor grid of its range (from the per-channel extremes ``lo``/``hi`` over all rows seen),
-    the smoothed weight [K, N] on its own grid."""
-    xq = _quantized_act(x / s, float((lo / s).min()), float((hi / s).max()), grid)
-    got = xq @ _quantized_weight(w * s[:, None], grid)
+    smoothed input on the per-tensor grid of ``rng``, the smoothed weight [K, N] on its own grid (``wq``, if given)."""
+    xq = _quantized_act(x / s, rng[0], rng[1], grid)
+    got = xq @ (_quantized_weight(w * s[:, None], grid) if wq is None else wq)
     return float(np.sum((got - reference) ** 2, dtype=np.float64) / max(float(np.sum(reference ** 2, dtype=np.float64)), 1e-30))
 
 
-def choose(model: onnx.ModelProto, nodes: list[onnx.NodeProto], captured: dict[str, Capture], grid: Grid
-           ) -> dict[str, tuple[float, tuple[float, ...]]]:
-    """{node: (alpha, scales)} for the nodes whose own int8 output is closer to the float one smoothed at one of ALPHAS
-    than not smoothed (``layer_error`` on the sampled rows)."""
+@dataclass(frozen=True)
+class Smoothing:
+    """One node's SmoothQuant: its alpha, the scales its input is divided by, and the smoothed input's range."""
+
+    alpha: float
+    scales: tuple[float, ...]
+    range: tuple[float, float]
+
+    def to_dict(self) -> dict:
+        return {"scales": list(self.scales), "range": [self.range[0], self.range[1]]}
+
+
+def choose(model: onnx.ModelProto, nodes: list[onnx.NodeProto], captured: dict[str, Capture], grid: Grid) -> dict[str, Smoothing]:
+    """{node: Smoothing} for the nodes whose own int8 output is closer to the float one smoothed at one of ALPHAS than
+    not smoothed (``layer_error`` on the sampled rows, the range of the per-channel extremes over all rows seen); then,
+    at that alpha, the share of that range (CLIPS) with the least error: the smoothed input's range. The same search
+    output-aware ranges make (qconv.adjust.clip), for the one tensor a smoothing adds, so a calibration file carries it."""
     g = Graph(model)
-    chosen: dict[str, tuple[float, tuple[float, ...]]] = {}
+    chosen: dict[str, Smoothing] = {}
     for n in nodes:
         got = captured.get(n.input[0])
         w, axis = weight_layout(n, g)
@@ -149,13 +165,23 @@ def choose(model: onnx.ModelProto, nodes: list[onnx.NodeProto], captured: dict[s
         wk = np.ascontiguousarray(w if axis == 0 else w.T, np.float32)  # [K, N]
         reference = x @ wk
         ones = np.ones(wk.shape[0], np.float32)
-        best = (layer_error(x, got.lo, got.hi, wk, ones, reference, grid), None, None)
+        extent = lambda s: (min(0.0, float((got.lo / s).min())), max(0.0, float((got.hi / s).max())))  # noqa: E731
+        best = (layer_error(x, extent(ones), wk, ones, reference, grid), None, None)
         absmax = np.maximum(np.abs(got.lo), np.abs(got.hi))
         for alpha in ALPHAS:
             s = smoothing_scales(absmax, wk, 0, alpha)
-            err = layer_error(x, got.lo, got.hi, wk, s, reference, grid)
+            err = layer_error(x, extent(s), wk, s, reference, grid)
             if err < best[0]:
                 best = (err, alpha, s)
-        if best[1] is not None:
-            chosen[n.name] = (best[1], tuple(float(v) for v in best[2]))
+        if best[1] is None:
+            continue
+        err, alpha, s = best
+        wq = _quantized_weight(wk * s[:, None], grid)
+        lo, hi = extent(s)
+        rng = (lo, hi)
+        for c in CLIPS[1:]:
+            e = layer_error(x, (lo * c, hi * c), wk, s, reference, grid, wq)
+            if e < err:
+                err, rng = e, (lo * c, hi * c)
+        chosen[n.name] = Smoothing(alpha, tuple(float(v) for v in s), (float(rng[0]), float(rng[1])))
     return chosen

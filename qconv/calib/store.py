@@ -68,7 +68,7 @@ class Calibration:
     tensors: dict[str, TensorObserver] = field(default_factory=dict)
     qconv_version: str = __version__
     equalization: dict[str, list[float]] = field(default_factory=dict)  # --equalize: Conv -> its gated pair's scales
-    smoothing: dict[str, list[float]] = field(default_factory=dict)  # SmoothQuant: MatMul/Gemm -> its input's scales
+    smoothing: dict[str, dict] = field(default_factory=dict)  # SmoothQuant: MatMul/Gemm -> {"scales": [...], "range": [lo, hi]}
     # calibrate --ranges output (qconv.adjust.clip): {"ranges": {tensor: [lo, hi]}, "search": summary, "scheme": the
     # plan's scheme they were searched for}; quantize --calib uses them where its scheme is the same
     output_ranges: dict = field(default_factory=dict)
@@ -91,7 +91,7 @@ class Calibration:
         if self.equalization:
             d["equalization"] = {k: list(v) for k, v in sorted(self.equalization.items())}
         if self.smoothing:
-            d["smoothing"] = {k: list(v) for k, v in sorted(self.smoothing.items())}
+            d["smoothing"] = {k: {"scales": list(v["scales"]), "range": list(v["range"])} for k, v in sorted(self.smoothing.items())}
         if self.output_ranges:
             d["output_ranges"] = self.output_ranges
         if self.floors:
@@ -114,7 +114,7 @@ class Calibration:
                 tensors={k: TensorObserver.from_dict(v, momentum=float(options.get("momentum", 0.01))) for k, v in dict(d["tensors"]).items()},
                 qconv_version=str(d.get("qconv_version", "")),
                 equalization={str(k): [float(x) for x in v] for k, v in dict(d.get("equalization") or {}).items()},
-                smoothing={str(k): [float(x) for x in v] for k, v in dict(d.get("smoothing") or {}).items()},
+                smoothing=smoothing_of(d.get("smoothing")),
                 output_ranges=_output_ranges(d.get("output_ranges")),
                 floors=_floors(d.get("floors")),
             )
@@ -262,6 +262,17 @@ def merge(parts: list[tuple[str, Calibration]]) -> Calibration:
     options.update({k: True for k in ("equalize", "smooth") if first.options.get(k)})
     return Calibration(first.model_id, h.hexdigest(), sum(c.samples for _, c in parts), options, tensors, first.qconv_version,
                        equalization=dict(first.equalization), smoothing=dict(first.smoothing))
+
+
+def smoothing_of(d) -> dict[str, dict]:
+    """SmoothQuant as a calibration file or plan records it: node -> {"scales": [...], "range": [lo, hi]}."""
+    out = {}
+    for k, v in dict(d or {}).items():
+        scales, rng = [float(x) for x in v["scales"]], [float(x) for x in v["range"]]
+        if not scales or min(scales) <= 0 or len(rng) != 2 or not rng[0] <= 0.0 <= rng[1]:
+            raise ValueError(f"smoothing of '{k}'")
+        out[str(k)] = {"scales": scales, "range": rng}
+    return out
 
 
 def _floors(d) -> dict:

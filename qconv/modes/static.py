@@ -14,6 +14,7 @@ from qconv.plan import QuantPlan, kernels, regions
 from qconv.plan.overrides import NodeOverride, Overrides
 from qconv.plan.planner import activation_ranges, build_plan, subplan, weight_only_tables
 from qconv.rewrite.qdq import apply_qdq
+from qconv.rewrite.smooth import smoothed_input
 from qconv.rewrite.qoperator import fold_qoperator
 
 SMOOTH = True
@@ -28,6 +29,10 @@ def plan(prepared, stats: Ranges | None, config, overrides: Overrides) -> QuantP
         raise QconvError(f"--mode {config.mode} needs calibration: give --data or --calib")
     smooth_muls = {f"{k}/smooth" for k, v in overrides.nodes.items() if v.smooth is not None} | {f"{k}/smooth" for k in prepared.smoothing}
     ranges, methods = activation_ranges(stats, config, overrides)
+    for node, sm in sorted(prepared.smoothing.items()):  # the default's SmoothQuant chose each smoothed input's range
+        t = smoothed_input(node)
+        if t in ranges and t not in methods:  # (--ranges output and overrides come first)
+            ranges[t], methods[t] = (float(sm["range"][0]), float(sm["range"][1])), "smoothquant"
     nonfinite, masks = stats.nonfinite, stats.masks
     # The smoothing Mul runs in float: quantizing its input would crush the channels it exists to rescale.
     internal = overrides.merged(Overrides({m: NodeOverride(precision="float") for m in smooth_muls}, {}))

@@ -569,7 +569,8 @@ def _qparams(model, g: Graph, st: _State, outputs, ranges, folded, config, act_q
         qt = wide_type(act_q) if wide else act_q
         method = methods.get(name, config.method)
         origin = {"explicit": "range set by override",
-                  "output": "range chosen for the least error at its readers' outputs (--ranges output)"}.get(method, "calibrated range")
+                  "output": "range chosen for the least error at its readers' outputs (--ranges output)",
+                  "smoothquant": "range chosen with its SmoothQuant scales for the least error at its reader's output"}.get(method, "calibrated range")
         if name in st.floors:
             origin += f", floored at {st.floors[name]:.6g} (every reader is flat below it)"
         return qmath.choose_qparams(lo, hi, qt, sym_a), origin, method, (lo, hi)
