@@ -520,3 +520,40 @@ def test_checks_of_one_run_measure_each_model_and_row_once_and_agree_with_fresh_
     assert len(sessions) == 2  # the float model for the one new row, and q2
     assert mixed == pipeline.output_check(names, pipeline.float_outputs(fmodel, rows[2:], 1)[1], q2, rows[2:], 1)
     assert first[1][1] == 4 * 2 * 7 and first[0] > 0
+
+
+# ---- the default's SmoothQuant (qconv.adjust.smooth) --------------------------------------------------------------
+
+def _one_matmul(w: np.ndarray) -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", w.shape[0]])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", w.shape[1]])
+    return make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")], [x], [y], [numpy_helper.from_array(w, "w")])
+
+
+@pytest.mark.parametrize("outliers", [0.0, 30.0])
+def test_smoothquant_takes_an_alpha_only_where_the_layers_own_int8_output_gains(outliers):
+    """Each node's choice (alpha, then the range share) never has more error than leaving it alone, by the same
+    measure; an input with outlier channels gets smoothed and its error falls several times."""
+    from qconv.adjust import smooth as sq
+
+    rng = np.random.default_rng(7)
+    w = rng.normal(0, 0.2, (48, 24)).astype(np.float32)
+    x = rng.normal(0, 1, (400, 48)).astype(np.float32)
+    if outliers:
+        x[:, [3, 17]] *= outliers
+    model = _one_matmul(w)
+    got = sq.capture(model, sq.smoothable(model), [{"x": x[k:k + 50]} for k in range(0, 400, 50)])
+    assert got["x"].lo.shape == (48,) and sum(len(r) for r in got["x"].rows) <= sq.SAMPLED
+    grid = sq.grid_of(QuantConfig())
+    chosen = sq.choose(model, sq.smoothable(model), got, grid)
+    ref = x @ w
+    plain = sq.layer_error(x, (float(x.min()), float(x.max())), w, np.ones(48, np.float32), ref, grid)
+    if not chosen:
+        assert not outliers
+        return
+    c = chosen["fc"]
+    s = np.asarray(c.scales, np.float32)
+    smoothed = sq.layer_error(x, c.range, w, s, ref, grid)
+    assert smoothed <= plain * (0.25 if outliers else 1.05), (smoothed, plain, c.alpha)
+    assert c.alpha in sq.ALPHAS and c.range[0] <= 0.0 < c.range[1]
+    np.testing.assert_allclose((x / s) @ (w * s[:, None]), ref, rtol=1e-4, atol=1e-3)  # the same function

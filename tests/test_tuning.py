@@ -434,3 +434,47 @@ def test_learned_rounding_on_the_chosen_plan_is_a_measured_step(tmp_path, cache)
     rounded = [k for k, t in plan["tensors"].items() if "rounding" in t]
     assert bool(rounded) == bool(steps[0]["accepted"])
     assert (report["rounding"] is not None) == bool(steps[0]["accepted"])
+
+
+def test_sharded_calibration_of_a_smoothed_stack_is_the_single_runs_file(tmp_path, cache):
+    """Shard tasks calibrate the smoothed model as the main process does (distributed.calibrate_shard replays the
+    scales): the sharded file's statistics and smoothing are the single run's."""
+    model, calib, _ = saved_with_rows(tmp_path, outlier_stack(), 4)
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    assert invoke("calibrate", model, "--data", calib, "--batch-size", "8", "-o", one, env=cache).exit_code == 0
+    r = invoke("calibrate", model, "--data", calib, "--batch-size", "8", "--shards", "2", "-o", two, env=cache)
+    assert r.exit_code == 0, r.output
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert a["smoothing"] == b["smoothing"] and len(a["smoothing"]) == 8
+    assert a["tensors"] == b["tensors"]
+
+
+def test_smooth_on_a_small_model_and_no_smooth_on_a_stack(tmp_path, cache):
+    """--smooth applies SmoothQuant below the default's 8 nodes, without the check (the two-layer MLP whose second
+    input has outlier channels: closer to fp32 than the default, which leaves a 2-node model alone); --no-smooth
+    leaves a stack as it is; a file made without it is refused with --smooth in one line."""
+    model, calib, evald = saved_with_rows(tmp_path, outlier_mlp(), 1)
+    x = np.load(evald)
+    ref = run_model(model, {"x": x})[0]
+    plain, smooth, cfile, rep = tmp_path / "plain.onnx", tmp_path / "smooth.onnx", tmp_path / "c.json", tmp_path / "r.json"
+    r = invoke("quantize", model, "-o", plain, "--data", calib, "--no-latency", "--report", rep, "-q", env=cache)
+    assert r.exit_code == 0 and not [n for n in json.loads(rep.read_text())["model"]["intake"] if "SmoothQuant" in n], r.output
+    r = invoke("quantize", model, "-o", smooth, "--data", calib, "--smooth", "--no-latency", "--report", rep, "-q", env=cache)
+    assert r.exit_code == 0, r.output
+    notes = [n for n in json.loads(rep.read_text())["model"]["intake"] if n.startswith("SmoothQuant")]
+    assert len(notes) == 1 and notes[0].startswith("SmoothQuant: 2 of 2 MatMul/Gemm inputs smoothed (alpha"), notes
+    assert "dB" not in notes[0]  # --smooth: no check
+    assert cosine(ref, run_model(smooth, {"x": x})[0]) > cosine(ref, run_model(plain, {"x": x})[0])
+    assert [n.op_type for n in onnx.load(str(smooth)).graph.node if n.name.endswith("/smooth")] == ["Mul", "Mul"]
+    assert invoke("calibrate", model, "--data", calib, "-o", cfile, env=cache).exit_code == 0
+    assert "smoothing" not in json.loads(cfile.read_text())
+    r = invoke("quantize", model, "-o", tmp_path / "no.onnx", "--calib", cfile, "--smooth", "--no-latency", "-q", env=cache)
+    assert r.exit_code == 1 and r.output.strip().splitlines()[-1] == (
+        f"error: calibration file {cfile} was made without SmoothQuant and this run asks for it (--smooth): drop --smooth, or "
+        "re-run qconv calibrate --smooth"), r.output
+    (tmp_path / "s").mkdir()
+    stack, scalib, _ = saved_with_rows(tmp_path / "s", outlier_stack(), 4)
+    out = tmp_path / "s" / "q.onnx"
+    r = invoke("quantize", stack, "-o", out, "--data", scalib, "--no-smooth", "--no-latency", "--report", rep, "-q", env=cache)
+    assert r.exit_code == 0 and not [n for n in json.loads(rep.read_text())["model"]["intake"] if "SmoothQuant" in n], r.output
+    assert not [n for n in onnx.load(str(out)).graph.node if n.name.endswith("/smooth")]

@@ -62,7 +62,7 @@ def smoothable(model: onnx.ModelProto) -> list[onnx.NodeProto]:
 def capture(model: onnx.ModelProto, nodes: list[onnx.NodeProto], feeds: Iterable[dict], threads: int | None = None
             ) -> dict[str, Capture]:
     """Per-channel extremes and up to SAMPLED sampled rows of each node's input, over ``feeds`` (one float pass with
-    the inputs exposed). Each feed gives an even share of the sample, spread over its rows."""
+    the inputs exposed). Each feed gives an even share of the sample (that of ROWS rows), spread over its rows."""
     inputs = sorted({n.input[0] for n in nodes})
     sess = runtime.session(expose(model, {k: onnx.TensorProto.FLOAT for k in inputs}), threads)
     got: dict[str, Capture] = {}
@@ -78,9 +78,8 @@ def capture(model: onnx.ModelProto, nodes: list[onnx.NodeProto], feeds: Iterable
                 keep = max(1, SAMPLED // feeds_needed)
             if name not in got:
                 got[name] = Capture(x.min(0), x.max(0))
-                got[name].add(x, keep)
-            else:
-                got[name].add(x, keep)
+            c = got[name]
+            c.add(x, min(keep, SAMPLED - sum(len(r) for r in c.rows)))  # extremes over every feed, the sample bounded
     return got
 
 
