@@ -340,7 +340,7 @@ def test_the_default_smooths_a_deep_stack_and_a_calibration_file_replays_it(tmp_
     assert cosine(ref, run_model(data_run, {"x": x})[0]) > cosine(ref, run_model(plain, {"x": x})[0]) + 0.001
     r = invoke("calibrate", model, "--data", calib, "-o", cfile, env=cache)
     assert r.exit_code == 0, r.output
-    assert "SmoothQuant: 8 of 8 MatMul/Gemm inputs smoothed" in r.output and "dB smoothed" in r.output, r.output
+    assert "SmoothQuant: 8 of 8 MatMul/Gemm inputs smoothed (alphas " in r.output and "dB lower)" in r.output, r.output
     c = json.loads(cfile.read_text())
     assert c["options"]["smooth"] is True and sorted(c["smoothing"]) == [f"fc{i}" for i in range(8)]
     assert all(len(v["scales"]) == 32 and min(v["scales"]) > 0 and v["range"][0] <= 0 < v["range"][1] for v in c["smoothing"].values())
@@ -358,6 +358,14 @@ def test_the_default_smooths_a_deep_stack_and_a_calibration_file_replays_it(tmp_
         f"error: calibration file {cfile} was made with SmoothQuant (its ranges belong to the smoothed model) and this run has "
         "--no-smooth: drop --no-smooth, or re-run qconv calibrate --no-smooth"), r.output
     assert not (tmp_path / "no.onnx").exists()
+    qop = tmp_path / "qop.onnx"
+    assert invoke("quantize", model, "-o", qop, "--calib", cfile, "--format", "qoperator", "--no-latency", "-q", env=cache).exit_code == 0
+    assert cosine(ref, run_model(qop, {"x": x})[0]) > cosine(ref, run_model(plain, {"x": x})[0]) + 0.001
+    exported = tmp_path / "exported.json"
+    r = invoke("calibrate", model, "--data", calib, "-o", exported, "--export", f"tensorrt:{tmp_path / 'trt'}", env=cache)
+    assert r.exit_code == 0 and "smoothing" not in json.loads(exported.read_text()), r.output  # the tables name the model's tensors
+    r = invoke("calibrate", model, "--data", calib, "-o", tmp_path / "x.json", "--smooth", "--export", f"tensorrt:{tmp_path / 't2'}")
+    assert r.exit_code == 2 and "--export writes TensorRT tables of the model's own tensors" in r.output, r.output
 
 
 @pytest.mark.parametrize("override,message", [
@@ -463,7 +471,7 @@ def test_smooth_on_a_small_model_and_no_smooth_on_a_stack(tmp_path, cache):
     assert r.exit_code == 0, r.output
     notes = [n for n in json.loads(rep.read_text())["model"]["intake"] if n.startswith("SmoothQuant")]
     assert len(notes) == 1 and notes[0].startswith("SmoothQuant: 2 of 2 MatMul/Gemm inputs smoothed (alpha"), notes
-    assert "dB" not in notes[0]  # --smooth: no check
+    assert "dB smoothed" not in notes[0] and "not worth" not in notes[0]  # --smooth: kept without the checks
     assert cosine(ref, run_model(smooth, {"x": x})[0]) > cosine(ref, run_model(plain, {"x": x})[0])
     assert [n.op_type for n in onnx.load(str(smooth)).graph.node if n.name.endswith("/smooth")] == ["Mul", "Mul"]
     assert invoke("calibrate", model, "--data", calib, "-o", cfile, env=cache).exit_code == 0
@@ -478,3 +486,30 @@ def test_smooth_on_a_small_model_and_no_smooth_on_a_stack(tmp_path, cache):
     r = invoke("quantize", stack, "-o", out, "--data", scalib, "--no-smooth", "--no-latency", "--report", rep, "-q", env=cache)
     assert r.exit_code == 0 and not [n for n in json.loads(rep.read_text())["model"]["intake"] if "SmoothQuant" in n], r.output
     assert not [n for n in onnx.load(str(out)).graph.node if n.name.endswith("/smooth")]
+
+
+@pytest.mark.parametrize("layers_db,sure_db,kept,says", [
+    (3.0, 6.0, True, "dB lower)"),  # 29 dB: sure, no check of the whole model
+    (3.0, 100.0, True, "dB smoothed)"),  # below "sure": the int8 model's outputs are checked, and gain
+    (100.0, 100.0, False, "not worth a Mul each)"),  # the layers' gain below the bar: left, no check
+])
+def test_the_defaults_smoothquant_decision(tmp_path, monkeypatch, layers_db, sure_db, kept, says):
+    """pipeline.smooth_checked on the outlier stack through the real onnxruntime: the layers' summed gain decides,
+    the whole int8 model is checked only between SMOOTH_LAYERS_DB and SMOOTH_SURE_DB, and a model left alone is the
+    same model."""
+    from qconv import pipeline
+    from qconv.plan.config import QuantConfig
+
+    model, calib, _ = saved_with_rows(tmp_path, outlier_stack(), 4)
+    monkeypatch.setattr(pipeline, "SMOOTH_LAYERS_DB", layers_db)
+    monkeypatch.setattr(pipeline, "SMOOTH_SURE_DB", sure_db)
+    prepared = pipeline.load(model, QuantConfig())
+    before = prepared.model.SerializeToString()
+    got = pipeline.smooth_checked(prepared, pipeline.feeds_for(prepared, calib, 8), QuantConfig())
+    note = next(n for n in prepared.notes if n.startswith("SmoothQuant"))
+    assert note.endswith(says), note
+    assert bool(got) == kept and bool(prepared.smoothing) == kept
+    assert (prepared.model.SerializeToString() == before) != kept
+    if kept:
+        assert sorted(got) == [f"fc{i}" for i in range(8)] and prepared.variant.startswith("sq")
+        assert sum(n.name.endswith("/smooth") for n in prepared.model.graph.node) == 8

@@ -143,6 +143,8 @@ class Smoothing:
     alpha: float
     scales: tuple[float, ...]
     range: tuple[float, float]
+    error_before: float = 0.0  # the node's relative output error in int8 without smoothing, on the sampled rows
+    error_after: float = 0.0  # ... and with it
 
     def to_dict(self) -> dict:
         return {"scales": list(self.scales), "range": [self.range[0], self.range[1]]}
@@ -165,7 +167,8 @@ def choose(model: onnx.ModelProto, nodes: list[onnx.NodeProto], captured: dict[s
         reference = x @ wk
         ones = np.ones(wk.shape[0], np.float32)
         extent = lambda s: (min(0.0, float((got.lo / s).min())), max(0.0, float((got.hi / s).max())))  # noqa: E731
-        best = (layer_error(x, extent(ones), wk, ones, reference, grid), None, None)
+        plain = layer_error(x, extent(ones), wk, ones, reference, grid)
+        best = (plain, None, None)
         absmax = np.maximum(np.abs(got.lo), np.abs(got.hi))
         for alpha in ALPHAS:
             s = smoothing_scales(absmax, wk, 0, alpha)
@@ -182,5 +185,13 @@ def choose(model: onnx.ModelProto, nodes: list[onnx.NodeProto], captured: dict[s
             e = layer_error(x, (lo * c, hi * c), wk, s, reference, grid, wq)
             if e < err:
                 err, rng = e, (lo * c, hi * c)
-        chosen[n.name] = Smoothing(alpha, tuple(float(v) for v in s), (float(rng[0]), float(rng[1])))
+        chosen[n.name] = Smoothing(alpha, tuple(float(v) for v in s), (float(rng[0]), float(rng[1])), plain, err)
     return chosen
+
+
+def layers_gain_db(chosen: dict[str, Smoothing]) -> float:
+    """How much less error the chosen nodes' int8 outputs carry smoothed, in dB of their summed relative errors (the
+    nodes left alone change nothing): all-MiniLM-L6-v2 7.9 dB (its int8 model's output SQNR gains 6.9 dB), the PP-OCRv4
+    recognizer's 9 MatMuls 1.8 dB (0.8 dB; characters read +0.12 [-0.21, +0.46] points), the sample transformer 1.9 dB."""
+    before, after = sum(c.error_before for c in chosen.values()), sum(c.error_after for c in chosen.values())
+    return 10.0 * math.log10(before / after) if after > 0 and before > 0 else 0.0

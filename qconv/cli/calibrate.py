@@ -94,6 +94,10 @@ def run_cmd(term, model, data, out, shard, per_tensor, equalize, smooth, export_
       qconv calibrate model.onnx --data calib/ --shard 0/4 -o part0.json   # then: qconv calibrate merge
     """
     export = parse_export(export_spec)
+    if export is not None and smooth:
+        raise UsageError("--export writes TensorRT tables of the model's own tensors; --smooth calibrates a rewritten one: give one of them")
+    if export is not None:
+        smooth = False  # the tables name the model's own tensors
     job = CalibrateJob(model=model, data=data, out=out, shard=parse_shard(shard), per_tensor=per_tensor,
                        all_tensors=all_tensors or export is not None, method=method, percentile=percentile,
                        options=calib_options_from(kw), equalize={None: "auto", True: "on", False: "off"}[equalize], ranges=ranges,
