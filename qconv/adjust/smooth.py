@@ -109,6 +109,7 @@ def grid_of(config) -> Grid:
 
 
 def _quantized_act(x: np.ndarray, lo: float, hi: float, grid: Grid) -> np.ndarray:
+    """``x`` on the per-tensor grid of [lo, hi] (widened to hold 0), dequantized, in place."""
     lo, hi = min(0.0, lo), max(0.0, hi)
     if grid.act_symmetric:
         m = max(-lo, hi)
@@ -116,15 +117,23 @@ def _quantized_act(x: np.ndarray, lo: float, hi: float, grid: Grid) -> np.ndarra
     scale = (hi - lo) / (grid.act_max - grid.act_min)
     if scale <= 0:
         return x
-    zp = np.round(grid.act_min - lo / scale)
-    return (np.clip(np.round(x / scale) + zp, grid.act_min, grid.act_max) - zp) * scale
+    zp = float(np.round(grid.act_min - lo / scale))
+    x *= np.float32(1.0 / scale)
+    np.rint(x, out=x)
+    np.clip(x, grid.act_min - zp, grid.act_max - zp, out=x)
+    x *= np.float32(scale)
+    return x
 
 
 def _quantized_weight(w: np.ndarray, grid: Grid) -> np.ndarray:
-    """``w`` as [K, N] on its int8 grid: symmetric, one scale per output channel (column) or one for all."""
+    """``w`` as [K, N] on its int8 grid: symmetric, one scale per output channel (column) or one for all (a new array)."""
     m = np.abs(w).max(0, keepdims=True) if grid.per_channel else np.abs(w).max(keepdims=True)
     scale = np.where(m > 0, m / grid.weight_max, 1.0).astype(np.float32)
-    return np.clip(np.round(w / scale), -grid.weight_max, grid.weight_max) * scale
+    q = w / scale
+    np.rint(q, out=q)
+    np.clip(q, -grid.weight_max, grid.weight_max, out=q)
+    q *= scale
+    return q
 
 
 def layer_error(x: np.ndarray, rng: tuple[float, float], w: np.ndarray, s: np.ndarray, reference: np.ndarray, grid: Grid,
