@@ -367,7 +367,7 @@ def outputs_of(path: Path, data: Path, batch: int) -> list[np.ndarray]:
 
 DATA_FLAGS = ("--bias-correction", "--data", "--rounding")  # measured on rows at quantize time: quantize --data in one step
 # (the variant "--data" alone is what `quantize --data` does by default, its bias correction checked)
-CALIB_FLAGS = ("--equalize", "--no-equalize")  # given to calibrate too (the file records what they measured)
+CALIB_FLAGS = ("--equalize", "--no-equalize", "--smooth", "--no-smooth")  # given to calibrate too (the file records what they measured)
 
 
 def qconv_cli(cli: list[str], task: Task, work: Path, tag: str, extra: list[str]) -> tuple[Path, float]:
