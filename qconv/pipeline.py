@@ -247,7 +247,7 @@ def smooth_recorded(prepared: Prepared, smoothing: dict[str, dict]) -> None:
     if not smoothing or prepared.smoothing:
         return
     prepared.model = apply_smoothing(prepared.model, {k: tuple(v["scales"]) for k, v in smoothing.items()})
-    prepared.smoothing = {k: {"scales": list(v["scales"]), "range": list(v["range"])} for k, v in sorted(smoothing.items())}
+    prepared.smoothing = {k: dict(sorted(v.items())) for k, v in sorted(smoothing.items())}
     prepared.derived = {}
     digest = hashlib.blake2b(json.dumps(prepared.smoothing, sort_keys=True).encode(), digest_size=8).hexdigest()
     prepared.variant = f"{prepared.variant}-sq{digest}" if prepared.variant else f"sq{digest}"
@@ -780,6 +780,10 @@ def apply(prepared: Prepared, p: QuantPlan, calib_feeds: Iterable[dict] | None =
         findings.bias_correction = bias.summary(p)
     findings.rounding = rounding.summary(p)
     findings.output_ranges = clip.summary(p)
+    if prepared.smoothing:
+        from qconv.adjust import smooth as sq
+
+        findings.smoothing = sq.summary(prepared.smoothing)
     _keep_value_info(qmodel, {vi.name for vi in prepared.original.graph.value_info})
     subgraphs.prune_initializers(qmodel)  # e.g. the bounds of a Clip folded into its producer's QuantizeLinear
     changed = interface_change(prepared.model, qmodel)

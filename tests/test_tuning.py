@@ -467,11 +467,14 @@ def test_smooth_on_a_small_model_and_no_smooth_on_a_stack(tmp_path, cache):
     plain, smooth, cfile, rep = tmp_path / "plain.onnx", tmp_path / "smooth.onnx", tmp_path / "c.json", tmp_path / "r.json"
     r = invoke("quantize", model, "-o", plain, "--data", calib, "--no-latency", "--report", rep, "-q", env=cache)
     assert r.exit_code == 0 and not [n for n in json.loads(rep.read_text())["model"]["intake"] if "SmoothQuant" in n], r.output
+    assert json.loads(rep.read_text())["smoothing"] is None
     r = invoke("quantize", model, "-o", smooth, "--data", calib, "--smooth", "--no-latency", "--report", rep, "-q", env=cache)
     assert r.exit_code == 0, r.output
     notes = [n for n in json.loads(rep.read_text())["model"]["intake"] if n.startswith("SmoothQuant")]
     assert len(notes) == 1 and notes[0].startswith("SmoothQuant: 2 of 2 MatMul/Gemm inputs smoothed (alpha"), notes
     assert "dB smoothed" not in notes[0] and "not worth" not in notes[0]  # --smooth: kept without the checks
+    sm = json.loads(rep.read_text())["smoothing"]
+    assert sm["method"] == "smoothquant" and sm["nodes"] == 2 and 0.5 <= sm["alpha_min"] <= sm["alpha_max"] <= 0.95, sm
     assert cosine(ref, run_model(smooth, {"x": x})[0]) > cosine(ref, run_model(plain, {"x": x})[0])
     assert [n.op_type for n in onnx.load(str(smooth)).graph.node if n.name.endswith("/smooth")] == ["Mul", "Mul"]
     assert invoke("calibrate", model, "--data", calib, "-o", cfile, env=cache).exit_code == 0

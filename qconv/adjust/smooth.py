@@ -156,7 +156,7 @@ class Smoothing:
     error_after: float = 0.0  # ... and with it
 
     def to_dict(self) -> dict:
-        return {"scales": list(self.scales), "range": [self.range[0], self.range[1]]}
+        return {"alpha": self.alpha, "scales": list(self.scales), "range": [self.range[0], self.range[1]]}
 
 
 def choose(model: onnx.ModelProto, nodes: list[onnx.NodeProto], captured: dict[str, Capture], grid: Grid) -> dict[str, Smoothing]:
@@ -204,3 +204,12 @@ def layers_gain_db(chosen: dict[str, Smoothing]) -> float:
     recognizer's 9 MatMuls 1.8 dB (0.8 dB; characters read +0.12 [-0.21, +0.46] points), the sample transformer 1.9 dB."""
     before, after = sum(c.error_before for c in chosen.values()), sum(c.error_after for c in chosen.values())
     return 10.0 * math.log10(before / after) if after > 0 and before > 0 else 0.0
+
+
+def summary(smoothing: dict[str, dict]) -> dict | None:
+    """What the report says about SmoothQuant (None when nothing was smoothed): how many inputs, at which alphas."""
+    if not smoothing:
+        return None
+    alphas = sorted(float(v["alpha"]) for v in smoothing.values() if v.get("alpha") is not None)
+    return {"method": "smoothquant", "nodes": len(smoothing), "alpha_min": alphas[0] if alphas else None,
+            "alpha_max": alphas[-1] if alphas else None}

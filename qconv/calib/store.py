@@ -91,7 +91,7 @@ class Calibration:
         if self.equalization:
             d["equalization"] = {k: list(v) for k, v in sorted(self.equalization.items())}
         if self.smoothing:
-            d["smoothing"] = {k: {"scales": list(v["scales"]), "range": list(v["range"])} for k, v in sorted(self.smoothing.items())}
+            d["smoothing"] = {k: dict(sorted(v.items())) for k, v in sorted(self.smoothing.items())}
         if self.output_ranges:
             d["output_ranges"] = self.output_ranges
         if self.floors:
@@ -272,6 +272,8 @@ def smoothing_of(d) -> dict[str, dict]:
         if not scales or min(scales) <= 0 or len(rng) != 2 or not rng[0] <= 0.0 <= rng[1]:
             raise ValueError(f"smoothing of '{k}'")
         out[str(k)] = {"scales": scales, "range": rng}
+        if v.get("alpha") is not None:
+            out[str(k)]["alpha"] = float(v["alpha"])
     return out
 
 

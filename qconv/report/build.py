@@ -25,7 +25,8 @@ OPTIONAL_SECTIONS = {
     "tuning": "not asked for: pass --tune",
 }
 # Findings of one mode or form: null in the others.
-FINDINGS = ("quantized_io", "qoperator", "converted_from", "fp16", "int4", "subgraphs", "bias_correction", "rounding", "output_ranges")
+FINDINGS = ("quantized_io", "qoperator", "converted_from", "fp16", "int4", "subgraphs", "bias_correction", "rounding", "output_ranges",
+            "smoothing")
 NO_GATES = {"passed": True, "checks": [], "failed": []}
 
 

@@ -115,6 +115,10 @@ def _summary(report: dict) -> str:
         lines.append(_row("output-aware ranges", DASH, f"{format_number(orr.get('moved'), 'g')} of {format_number(orr.get('tensors'), 'g')} narrowed",
                           f"readers' output error x{format_number(orr.get('median_error_ratio'), '.2f')} (median), on "
                           f"{format_number(orr.get('rows'), 'g')} rows{kept}"))
+    sm = section(report, "smoothing")
+    if sm:
+        lines.append(_row("SmoothQuant", DASH, f"{format_number(sm.get('nodes'), 'g')} MatMul/Gemm inputs",
+                          f"alphas {format_number(sm.get('alpha_min'), 'g')}-{format_number(sm.get('alpha_max'), 'g')}, each chosen for its layer"))
     nodes = section(report, "node_summary")
     if nodes:
         lines.append(_row("nodes", DASH, f"{format_number(nodes.get('quantized'), 'g')} quantized",
