@@ -186,7 +186,7 @@ def int8_sqnr(plain: Prepared, changed: Prepared, rows: list[dict], config: Quan
     return sqnr[0], sqnr[1]
 
 
-SMOOTH_LAYERS_DB = 3.0  # auto: the smoothed layers' own int8 errors, summed, must fall this much (adjust.smooth.layers_gain_db)
+SMOOTH_LAYERS_DB = 2.5  # auto: the smoothed layers' own int8 errors, summed, must fall this much (adjust.smooth.layers_gain_db)
 SMOOTH_SURE_DB = 6.0  # ... and from here on no check of the whole int8 model is needed (MiniLM: 7.9 dB, its outputs +6.9 dB)
 SMOOTH_GAIN_DB = 0.5  # between the two, the int8 model's outputs with it must be this much closer to the float model's
 

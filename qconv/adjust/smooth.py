@@ -201,7 +201,8 @@ def choose(model: onnx.ModelProto, nodes: list[onnx.NodeProto], captured: dict[s
 def layers_gain_db(chosen: dict[str, Smoothing]) -> float:
     """How much less error the chosen nodes' int8 outputs carry smoothed, in dB of their summed relative errors (the
     nodes left alone change nothing): all-MiniLM-L6-v2 7.9 dB (its int8 model's output SQNR gains 6.9 dB), the PP-OCRv4
-    recognizer's 9 MatMuls 1.8 dB (0.8 dB; characters read +0.12 [-0.21, +0.46] points), the sample transformer 1.9 dB."""
+    recognizer's 9 MatMuls 1.8 dB (0.8 dB; characters read +0.12 [-0.21, +0.46] points), the sample transformer 1.9 dB,
+    the sample decoder 3.0 dB (36.2 against 35.2 dB; next-token agreement 0.948 -> 0.968, all int8)."""
     before, after = sum(c.error_before for c in chosen.values()), sum(c.error_after for c in chosen.values())
     return 10.0 * math.log10(before / after) if after > 0 and before > 0 else 0.0
 
