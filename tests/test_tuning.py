@@ -539,3 +539,44 @@ def test_the_default_smooths_the_sample_decoder_with_its_kv_cache(tmp_path, cach
     src, q = onnx.load(str(d / "model.onnx")), onnx.load(str(tmp_path / "default.onnx"))
     assert [i.name for i in q.graph.input] == [i.name for i in src.graph.input]
     assert [o.name for o in q.graph.output] == [o.name for o in src.graph.output]
+
+
+def gemm_stack(layers: int = 8) -> onnx.ModelProto:
+    """``outlier_stack`` as torch exports 2-D Linear layers: Gemm with transB=1 (weight [out, in]) and a bias."""
+    rng = np.random.default_rng(5)
+    nodes, inits, h = [], [], "x"
+    for i in range(layers):
+        w = rng.normal(0, 0.18, (32, 32)).astype(np.float32)
+        if i:
+            w[:, [2, 11, 29]] /= 40.0  # the input channels of [out, in]
+        g = np.ones(32, np.float32)
+        g[[2, 11, 29]] = 40.0
+        inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(rng.normal(0, 0.1, 32).astype(np.float32), f"b{i}"),
+                  numpy_helper.from_array(g, f"g{i}")]
+        nodes.append(helper.make_node("Gemm", [h, f"w{i}", f"b{i}"], [f"m{i}"], name=f"fc{i}", transB=1))
+        if i < layers - 1:
+            nodes.append(helper.make_node("Mul", [f"m{i}", f"g{i}"], [f"s{i}"], name=f"gain{i}"))
+            h = f"s{i}"
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32])
+    y = helper.make_tensor_value_info(f"m{layers - 1}", TensorProto.FLOAT, ["N", 32])
+    return make_model(nodes, [x], [y], inits)
+
+
+def test_the_default_smooths_a_stack_of_transposed_gemms(tmp_path, cache):
+    """Gemm with transB=1 (torch's Linear on 2-D inputs): the scales go along the weight's axis 1 and the model is the
+    same function before quantization; the default smooths all eight and lands closer to fp32 than --no-smooth."""
+    from qconv.rewrite.smooth import apply_smoothing
+
+    model, calib, evald = saved_with_rows(tmp_path, gemm_stack(), 4)
+    x = np.load(evald)
+    ref = run_model(model, {"x": x})[0]
+    cfile = tmp_path / "c.json"
+    assert invoke("calibrate", model, "--data", calib, "-o", cfile, env=cache).exit_code == 0
+    sm = json.loads(cfile.read_text())["smoothing"]
+    assert sorted(sm) == [f"fc{i}" for i in range(8)]
+    smoothed = apply_smoothing(onnx.load(str(model)), {k: tuple(v["scales"]) for k, v in sm.items()})
+    np.testing.assert_allclose(run_model(smoothed, {"x": x})[0], ref, rtol=1e-4, atol=1e-4)
+    out, plain = tmp_path / "q.onnx", tmp_path / "plain.onnx"
+    assert invoke("quantize", model, "-o", out, "--calib", cfile, "--no-latency", "-q", env=cache).exit_code == 0
+    assert invoke("quantize", model, "-o", plain, "--data", calib, "--no-smooth", "--no-latency", "-q", env=cache).exit_code == 0
+    assert cosine(ref, run_model(out, {"x": x})[0]) > cosine(ref, run_model(plain, {"x": x})[0]) + 0.001
