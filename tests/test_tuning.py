@@ -580,3 +580,26 @@ def test_the_default_smooths_a_stack_of_transposed_gemms(tmp_path, cache):
     assert invoke("quantize", model, "-o", out, "--calib", cfile, "--no-latency", "-q", env=cache).exit_code == 0
     assert invoke("quantize", model, "-o", plain, "--data", calib, "--no-smooth", "--no-latency", "-q", env=cache).exit_code == 0
     assert cosine(ref, run_model(out, {"x": x})[0]) > cosine(ref, run_model(plain, {"x": x})[0]) + 0.001
+
+
+def test_the_smoothquant_check_reads_decisions_where_the_outputs_are_probabilities(tmp_path, monkeypatch):
+    """Between the bars the whole int8 model is checked; where its output is a softmax, the top class per row decides
+    (as changes_pay does): the note gives both counts, and more rows agreeing keep it."""
+    import re
+
+    from qconv import pipeline
+    from qconv.plan.config import QuantConfig
+
+    m = outlier_stack()
+    m.graph.node.append(helper.make_node("Softmax", ["m7"], ["p"], name="softmax", axis=-1))
+    del m.graph.output[:]
+    m.graph.output.append(helper.make_tensor_value_info("p", TensorProto.FLOAT, ["N", 32]))
+    model, calib, _ = saved_with_rows(tmp_path, m, 4)
+    monkeypatch.setattr(pipeline, "SMOOTH_SURE_DB", 100.0)
+    prepared = pipeline.load(model, QuantConfig())
+    got = pipeline.smooth_checked(prepared, pipeline.feeds_for(prepared, calib, 8), QuantConfig())
+    note = next(n for n in prepared.notes if n.startswith("SmoothQuant"))
+    found = re.search(r"top class agrees with fp32 at (\d+) of (\d+) positions plain, (\d+) smoothed", note)
+    assert found, note
+    plain, positions, smoothed = (int(v) for v in found.groups())
+    assert positions == 8 and smoothed > plain and got and prepared.smoothing, note  # 4 -> 8 of 8 rows
