@@ -279,10 +279,11 @@ def test_tuning_smooths_a_matmul_input_with_outlier_channels(tmp_path, cache):
     assert again.read_bytes() == out.read_bytes()
 
 
-def outlier_stack(layers: int = 8) -> onnx.ModelProto:
+def outlier_stack(layers: int = 8, gemm: bool = False) -> onnx.ModelProto:
     """``layers`` MatMuls, each input but the first scaled by channel gains with three outlier channels (x40) whose
-    weight rows are small: the error of every layer adds up, as in a transformer's stack."""
-    rng = np.random.default_rng(3)
+    weight rows are small: the error of every layer adds up, as in a transformer's stack. ``gemm``: as torch exports
+    2-D Linear layers, Gemm with transB=1 (weight [out, in]) and a bias."""
+    rng = np.random.default_rng(5 if gemm else 3)
     nodes, inits, h = [], [], "x"
     for i in range(layers):
         w = rng.normal(0, 0.18, (32, 32)).astype(np.float32)
@@ -290,8 +291,12 @@ def outlier_stack(layers: int = 8) -> onnx.ModelProto:
             w[[2, 11, 29]] /= 40.0
         g = np.ones(32, np.float32)
         g[[2, 11, 29]] = 40.0
-        inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(g, f"g{i}")]
-        nodes.append(helper.make_node("MatMul", [h, f"w{i}"], [f"m{i}"], name=f"fc{i}"))
+        inits += [numpy_helper.from_array(w.T.copy() if gemm else w, f"w{i}"), numpy_helper.from_array(g, f"g{i}")]
+        if gemm:
+            inits.append(numpy_helper.from_array(rng.normal(0, 0.1, 32).astype(np.float32), f"b{i}"))
+            nodes.append(helper.make_node("Gemm", [h, f"w{i}", f"b{i}"], [f"m{i}"], name=f"fc{i}", transB=1))
+        else:
+            nodes.append(helper.make_node("MatMul", [h, f"w{i}"], [f"m{i}"], name=f"fc{i}"))
         if i < layers - 1:
             nodes.append(helper.make_node("Mul", [f"m{i}", f"g{i}"], [f"s{i}"], name=f"gain{i}"))
             h = f"s{i}"
@@ -541,33 +546,12 @@ def test_the_default_smooths_the_sample_decoder_with_its_kv_cache(tmp_path, cach
     assert [o.name for o in q.graph.output] == [o.name for o in src.graph.output]
 
 
-def gemm_stack(layers: int = 8) -> onnx.ModelProto:
-    """``outlier_stack`` as torch exports 2-D Linear layers: Gemm with transB=1 (weight [out, in]) and a bias."""
-    rng = np.random.default_rng(5)
-    nodes, inits, h = [], [], "x"
-    for i in range(layers):
-        w = rng.normal(0, 0.18, (32, 32)).astype(np.float32)
-        if i:
-            w[:, [2, 11, 29]] /= 40.0  # the input channels of [out, in]
-        g = np.ones(32, np.float32)
-        g[[2, 11, 29]] = 40.0
-        inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(rng.normal(0, 0.1, 32).astype(np.float32), f"b{i}"),
-                  numpy_helper.from_array(g, f"g{i}")]
-        nodes.append(helper.make_node("Gemm", [h, f"w{i}", f"b{i}"], [f"m{i}"], name=f"fc{i}", transB=1))
-        if i < layers - 1:
-            nodes.append(helper.make_node("Mul", [f"m{i}", f"g{i}"], [f"s{i}"], name=f"gain{i}"))
-            h = f"s{i}"
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32])
-    y = helper.make_tensor_value_info(f"m{layers - 1}", TensorProto.FLOAT, ["N", 32])
-    return make_model(nodes, [x], [y], inits)
-
-
 def test_the_default_smooths_a_stack_of_transposed_gemms(tmp_path, cache):
     """Gemm with transB=1 (torch's Linear on 2-D inputs): the scales go along the weight's axis 1 and the model is the
     same function before quantization; the default smooths all eight and lands closer to fp32 than --no-smooth."""
     from qconv.rewrite.smooth import apply_smoothing
 
-    model, calib, evald = saved_with_rows(tmp_path, gemm_stack(), 4)
+    model, calib, evald = saved_with_rows(tmp_path, outlier_stack(gemm=True), 4)
     x = np.load(evald)
     ref = run_model(model, {"x": x})[0]
     cfile = tmp_path / "c.json"
