@@ -22,6 +22,7 @@ import onnx
 
 from qconv import __version__, io, modes, runtime
 from qconv.adjust import bias, clip, rounding
+from qconv.adjust import smooth as sq
 from qconv.calib.collect import (
     DEFAULT_MAX_MEMORY,
     DEFAULT_SAMPLES,
@@ -30,7 +31,7 @@ from qconv.calib.collect import (
     memory_groups,
 )
 from qconv.calib.observers import DEFAULT_BINS, DEFAULT_MOMENTUM
-from qconv.calib.store import Calibration, Ranges, Record, refined_in
+from qconv.calib.store import Calibration, Ranges, Record, refined_in, smoothing_of
 from qconv.data import FeedSource, InputSpec
 from qconv.errors import QconvError
 from qconv.graph import Graph, copy_with_placeholders, subgraphs
@@ -165,16 +166,10 @@ def equalization_pays(plain: Prepared, equalized: Prepared, rows: list[dict], co
     layout 5.5 -> 17.4 dB, kept (59.8% -> 91.5% of fp32's boxes); YOLOv8n 18.4 -> 18.3 dB, left (+0.8 [-0.3, +2.0]
     boxes with them at a pinned kernel table); PP-LCNet 47.9 -> 49.3 dB, left (100% agreement either way, 1.3x slower
     with them). Returns (pays, the figures)."""
-    before, after = int8_sqnr(plain, equalized, rows, config, threads)
+    without, with_ = int8_checks(plain, equalized, rows, config, threads)
+    before, after = without[0], with_[0]
     pays = after - before >= EQUALIZE_GAIN_DB and before < EQUALIZE_GOOD_DB
     return pays, f"int8 output SQNR on {sum(bias.rows_of(f) for f in rows)} rows: {before:.1f} dB plain, {after:.1f} dB equalized"
-
-
-def int8_sqnr(plain: Prepared, changed: Prepared, rows: list[dict], config: QuantConfig, threads: int | None = None
-              ) -> tuple[float, float]:
-    """The output SQNR of the int8 models made from ``plain`` and from ``changed`` (``int8_checks``)."""
-    without, with_ = int8_checks(plain, changed, rows, config, threads)
-    return without[0], with_[0]
 
 
 def int8_checks(plain: Prepared, changed: Prepared, rows: list[dict], config: QuantConfig, threads: int | None = None
@@ -188,7 +183,7 @@ def int8_checks(plain: Prepared, changed: Prepared, rows: list[dict], config: Qu
     for candidate in (plain, changed):
         targets = calibration_targets(candidate.model, config, activation_tensors(candidate.model))
         observers, seen = collect(candidate.model, rows, threads, names=targets)
-        calib = Calibration(candidate.model_id, "equalization check", seen, {"method": config.method}, observers)
+        calib = Calibration(candidate.model_id, "int8 check", seen, {"method": config.method}, observers)
         got.append(output_check(names, reference, apply(candidate, plan(candidate, calib, config), check=False).model, rows, threads))
     return got[0], got[1]
 
@@ -211,8 +206,6 @@ def smooth_checked(prepared: Prepared, source: Iterable[dict], config: QuantConf
     the PP-OCRv4 recognizer's MatMuls gain 1.8 dB alone, 0.8 dB at its outputs, nothing in characters read.
     ``config.smooth`` on: kept without either check, whatever the count. Returns what was applied ({node: {"scales",
     "range"}}, {} if nothing), to be recorded."""
-    from qconv.adjust import smooth as sq
-
     asked = config.smooth
     if asked == "off" or not config.needs_calibration or prepared.smoothing:
         return {}
@@ -221,7 +214,7 @@ def smooth_checked(prepared: Prepared, source: Iterable[dict], config: QuantConf
         return {}
     rows = list(bias.first_rows(source, sq.ROWS, []))
     n_rows = sum(bias.rows_of(f) for f in rows)
-    chosen = sq.choose(prepared.model, nodes, sq.capture(prepared.model, nodes, rows, threads), sq.grid_of(config))
+    chosen = sq.choose(prepared.model, nodes, sq.capture(prepared.model, sq.inputs_of(nodes), rows, threads), sq.grid_of(config))
     what = f"{len(chosen)} of {len(nodes)} MatMul/Gemm inputs"
     if not chosen:
         prepared.notes.append(f"SmoothQuant: no MatMul/Gemm input's int8 output gains from it ({len(nodes)} measured on {n_rows} rows)")
@@ -239,15 +232,11 @@ def smooth_checked(prepared: Prepared, source: Iterable[dict], config: QuantConf
     if asked == "auto" and layers < SMOOTH_SURE_DB:
         check = list(bias.first_rows(rows, EQUALIZE_CHECK_ROWS, []))
         without, with_ = int8_checks(prepared, candidate, check, config, threads)
-        (before, (agree0, positions), (both0, either0)), (after, (agree1, _), (both1, either1)) = without, with_
-        how += f"; int8 output SQNR on {sum(bias.rows_of(f) for f in check)} rows: {before:.1f} dB plain, {after:.1f} dB smoothed"
-        gains = after - before >= SMOOTH_GAIN_DB and before < EQUALIZE_GOOD_DB
-        if positions or either0 or either1:  # decisions first (changes_pay): a softmax's SQNR is its confident steps'
-            passing0, passing1 = both0 / max(either0, 1), both1 / max(either1, 1)
-            how += (f"; top class agrees with fp32 at {agree0} of {positions} positions plain, {agree1} smoothed" if positions else
-                    f"; scores passing {SCORE_PASS} agree with fp32's (Jaccard) {passing0:.4f} plain, {passing1:.4f} smoothed")
-            gains = agree1 >= agree0 and passing1 >= passing0 and (agree1 > agree0 or passing1 > passing0 or gains)
-        if not gains:
+        before, after = without[0], with_[0]
+        how += (f"; int8 output SQNR on {sum(bias.rows_of(f) for f in check)} rows: {before:.1f} dB plain, {after:.1f} dB smoothed"
+                + decisions_text(without, with_, "plain", "smoothed"))
+        # decisions first (a softmax's SQNR is its confident steps'), the SQNR gain only where it pays for the Muls
+        if not pays(without, with_, decisions_first=True, gains=after - before >= SMOOTH_GAIN_DB and before < EQUALIZE_GOOD_DB):
             prepared.notes.append(f"SmoothQuant: {what} left as they were ({how})")
             return {}
     prepared.notes.append(f"SmoothQuant: {what} smoothed ({how})")
@@ -257,14 +246,14 @@ def smooth_checked(prepared: Prepared, source: Iterable[dict], config: QuantConf
 
 
 def smooth_recorded(prepared: Prepared, smoothing: dict[str, dict]) -> None:
-    """SmoothQuant as a calibration file or plan recorded it ({node: {"scales", "range"}}), applied to the prepared
-    model; the graph variant (kernel tables) follows it."""
+    """SmoothQuant as a calibration file or plan recorded it ({node: {"scales", "range", "alpha"}}, read by
+    ``calib.store.smoothing_of``), applied to the prepared model; the graph variant (kernel tables) follows it."""
     from qconv.rewrite.smooth import apply_smoothing
 
     if not smoothing or prepared.smoothing:
         return
-    prepared.model = apply_smoothing(prepared.model, {k: tuple(v["scales"]) for k, v in smoothing.items()})
-    prepared.smoothing = {k: dict(sorted(v.items())) for k, v in sorted(smoothing.items())}
+    prepared.smoothing = smoothing_of(smoothing)
+    prepared.model = apply_smoothing(prepared.model, {k: tuple(v["scales"]) for k, v in prepared.smoothing.items()})
     prepared.derived = {}
     digest = hashlib.blake2b(json.dumps(prepared.smoothing, sort_keys=True).encode(), digest_size=8).hexdigest()
     prepared.variant = f"{prepared.variant}-sq{digest}" if prepared.variant else f"sq{digest}"
@@ -731,25 +720,33 @@ def changes_pay(prepared: Prepared, plain: QuantPlan, corrected: QuantPlan, rows
         p = copy.copy(p)  # float inputs and outputs, whatever --quantized-io asks of the written model
         p.config = dataclasses.replace(p.config, quantized_io=None)
         got.append(measured.check(prepared.model, names, apply(prepared, p, check=False).model, rows, threads))
-    (before, (agree0, positions), (both0, either0)), (after, (agree1, _), (both1, either1)) = got
     n = sum(bias.rows_of(f) for f in rows)
-    why = f"int8 output SQNR on {n} {rows_are}: {before:.1f} dB without, {after:.1f} dB with"
-    if positions:  # probabilities (a softmax): the top class is what the task reads; SQNR alone once kept a loss
-        why += f"; top class agrees with fp32 at {agree0} of {positions} positions without, {agree1} with"
-    passing0, passing1 = both0 / max(either0, 1), both1 / max(either1, 1)
-    if either0 or either1:  # scores in [0, 1]: which entries pass a detector's threshold is what it reads
-        why += f"; scores passing {SCORE_PASS} agree with fp32's (Jaccard) {passing0:.4f} without, {passing1:.4f} with"
+    why = f"int8 output SQNR on {n} {rows_are}: {got[0][0]:.1f} dB without, {got[1][0]:.1f} dB with" + decisions_text(got[0], got[1])
     return pays(got[0], got[1], decisions_first), why
 
 
-def pays(without: tuple, with_: tuple, decisions_first: bool = False) -> bool:
-    """The verdict of ``changes_pay`` on two ``output_check`` results."""
+def decisions_text(without: tuple, with_: tuple, a: str = "without", b: str = "with") -> str:
+    """What two ``output_check`` results say of the decisions: the top class of probabilities (a softmax: what the task
+    reads; SQNR alone once kept a loss), which scores in [0, 1] pass a detector's threshold; "" where there are none."""
+    (_, (agree0, positions), (both0, either0)), (_, (agree1, _), (both1, either1)) = without, with_
+    text = ""
+    if positions:
+        text += f"; top class agrees with fp32 at {agree0} of {positions} positions {a}, {agree1} {b}"
+    if either0 or either1:
+        text += f"; scores passing {SCORE_PASS} agree with fp32's (Jaccard) {both0 / max(either0, 1):.4f} {a}, {both1 / max(either1, 1):.4f} {b}"
+    return text
+
+
+def pays(without: tuple, with_: tuple, decisions_first: bool = False, gains: bool | None = None) -> bool:
+    """The verdict of ``changes_pay`` on two ``output_check`` results. ``gains``: whether the SQNR moved enough (default:
+    any rise), which decides where there are no decisions and breaks their tie with ``decisions_first``."""
     (before, (agree0, positions), (both0, either0)), (after, (agree1, _), (both1, either1)) = without, with_
     passing0, passing1 = both0 / max(either0, 1), both1 / max(either1, 1)
     not_worse = agree1 >= agree0 and passing1 >= passing0
+    sqnr = after > before if gains is None else gains
     if decisions_first and (positions or either0 or either1):
-        return not_worse and (agree1 > agree0 or passing1 > passing0 or after > before)
-    return after > before and not_worse
+        return not_worse and (agree1 > agree0 or passing1 > passing0 or sqnr)
+    return sqnr and not_worse
 
 
 def keep_corrections(prepared: Prepared, stored: QuantPlan, p: QuantPlan) -> QuantPlan:
@@ -797,10 +794,7 @@ def apply(prepared: Prepared, p: QuantPlan, calib_feeds: Iterable[dict] | None =
         findings.bias_correction = bias.summary(p)
     findings.rounding = rounding.summary(p)
     findings.output_ranges = clip.summary(p)
-    if prepared.smoothing:
-        from qconv.adjust import smooth as sq
-
-        findings.smoothing = sq.summary(prepared.smoothing)
+    findings.smoothing = sq.summary(prepared.smoothing)
     _keep_value_info(qmodel, {vi.name for vi in prepared.original.graph.value_info})
     subgraphs.prune_initializers(qmodel)  # e.g. the bounds of a Clip folded into its producer's QuantizeLinear
     changed = interface_change(prepared.model, qmodel)

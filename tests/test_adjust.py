@@ -542,7 +542,7 @@ def test_smoothquant_takes_an_alpha_only_where_the_layers_own_int8_output_gains(
     if outliers:
         x[:, [3, 17]] *= outliers
     model = _one_matmul(w)
-    got = sq.capture(model, sq.smoothable(model), [{"x": x[k:k + 50]} for k in range(0, 400, 50)])
+    got = sq.capture(model, sq.inputs_of(sq.smoothable(model)), [{"x": x[k:k + 50]} for k in range(0, 400, 50)])
     assert got["x"].lo.shape == (48,) and sum(len(r) for r in got["x"].rows) <= sq.SAMPLED
     grid = sq.grid_of(QuantConfig())
     chosen = sq.choose(model, sq.smoothable(model), got, grid)

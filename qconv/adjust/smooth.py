@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 
 from qconv import runtime
+from qconv.adjust.bias import rows_of
 from qconv.graph import Graph, expose
 from qconv.rewrite.smooth import smoothing_scales, weight_layout
 
@@ -59,33 +60,33 @@ def smoothable(model: onnx.ModelProto) -> list[onnx.NodeProto]:
             and not isinstance(weight_layout(n, g), str)]
 
 
-def capture(model: onnx.ModelProto, nodes: list[onnx.NodeProto], feeds: Iterable[dict], threads: int | None = None
-            ) -> dict[str, Capture]:
-    """Per-channel extremes and up to SAMPLED sampled rows of each node's input, over ``feeds`` (one float pass with
-    the inputs exposed). Each feed gives an even share of the sample (that of ROWS rows), spread over its rows."""
-    inputs = sorted({n.input[0] for n in nodes})
-    sess = runtime.session(expose(model, {k: onnx.TensorProto.FLOAT for k in inputs}), threads)
+def inputs_of(nodes: list[onnx.NodeProto]) -> dict[str, int]:
+    """{input: its channel axis} of smoothable nodes (the last: what the weight's K axis multiplies)."""
+    return {n.input[0]: -1 for n in nodes}
+
+
+def capture(model: onnx.ModelProto, inputs: dict[str, int], feeds: Iterable[dict], threads: int | None = None,
+            sampled: int = SAMPLED) -> dict[str, Capture]:
+    """Per-channel extremes of each tensor ({name: its channel axis}) over ``feeds`` (one float pass with them exposed),
+    and up to ``sampled`` of its rows ([rows, channels]); each feed gives an even share of the sample (that of ROWS
+    rows), spread over its rows. Tuning's per-node SmoothQuant reads the extremes alone (``sampled`` 0)."""
+    names = sorted(inputs)
+    sess = runtime.session(expose(model, {k: onnx.TensorProto.FLOAT for k in names}), threads)
     got: dict[str, Capture] = {}
     keep = None
     for feed in feeds:
-        for name, v in zip(inputs, runtime.run(sess, feed, inputs)):
+        for name, v in zip(names, runtime.run(sess, feed, names)):
             v = np.asarray(v, np.float32)
             if v.ndim < 2:
                 continue
-            x = v.reshape(-1, v.shape[-1])
-            if keep is None:  # the share of one feed: SAMPLED over the feeds ROWS takes
-                feeds_needed = max(1, math.ceil(ROWS / max(1, _rows(feed))))
-                keep = max(1, SAMPLED // feeds_needed)
-            if name not in got:
-                got[name] = Capture(x.min(0), x.max(0))
-            c = got[name]
-            c.add(x, min(keep, SAMPLED - sum(len(r) for r in c.rows)))  # extremes over every feed, the sample bounded
+            x = np.moveaxis(v, inputs[name], -1).reshape(-1, v.shape[inputs[name]])
+            if keep is None:  # the share of one feed: ``sampled`` over the feeds ROWS takes
+                keep = sampled and max(1, sampled // max(1, math.ceil(ROWS / max(1, rows_of(feed)))))
+            c = got.get(name)
+            if c is None:
+                c = got[name] = Capture(np.full(x.shape[1], np.inf, np.float32), np.full(x.shape[1], -np.inf, np.float32))
+            c.add(x, min(keep, sampled - sum(len(r) for r in c.rows)))  # extremes over every feed, the sample bounded
     return got
-
-
-def _rows(feed: dict) -> int:
-    first = next(iter(feed.values()), None)
-    return int(np.asarray(first).shape[0]) if first is not None and np.asarray(first).ndim else 1
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from qconv.calib.collect import activation_tensors
 from qconv.calib.ranges import DEFAULT_METHOD
 from qconv.errors import QconvError, UsageError
 from qconv.graph import ai_onnx_opset
-from qconv.jobs.plan import CalibOptions, equalization, floors_scheme, sharded_calibration
+from qconv.jobs.plan import CalibOptions, floors_scheme, rewritten, sharded_calibration
 from qconv.plan.config import QuantConfig
 from qconv.plan.planner import calibration_targets
 from qconv.rewrite.quantized_io import io_params_of
@@ -63,9 +63,8 @@ def run_calibrate(job: CalibrateJob, progress=pipeline.no_progress):
     source = pipeline.feeds_for(prepared, job.data, o.batch_size, o.samples, job.shard, o.cast_data)
     samples = o.samples_for(job.method)
     first = pipeline.feeds_for(prepared, job.data, o.batch_size, o.samples, cast=o.cast_data)  # every shard decides alike
-    made, scales = equalization(prepared, first, job.equalize, dataclasses.replace(config, method=job.method or DEFAULT_METHOD),
-                                o.threads)
-    smoothing = pipeline.smooth_checked(prepared, first, dataclasses.replace(config, method=job.method or DEFAULT_METHOD), o.threads)
+    made, scales, smoothing = rewritten(prepared, first, job.equalize, dataclasses.replace(config, method=job.method or DEFAULT_METHOD),
+                                        o.threads)
     job.notes[:] = [n for n in prepared.notes if n.startswith(("cross-layer equalization", "SmoothQuant"))]
     options = pipeline.calibration_record(source, job.method, o.bins, o.momentum, tensors="all" if job.all_tensors else "planned",
                                           shards=(o.shards or distributed.DEFAULT_SHARDS) if sharded else None,

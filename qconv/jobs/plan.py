@@ -184,8 +184,7 @@ def statistics(job: PlanJob, prepared: pipeline.Prepared, overrides: Overrides, 
     o = job.calib_options
     source = pipeline.feeds_for(prepared, job.data, o.batch_size, o.samples, cast=o.cast_data, skip=job.holdout)
     config = job.effective(None)
-    made, scales = equalization(prepared, source, job.config.equalize, config, o.threads)
-    smoothing = pipeline.smooth_checked(prepared, source, config, o.threads)
+    made, scales, smoothing = rewritten(prepared, source, job.config.equalize, config, o.threads)
     if distributed.parse_executor(o.executor).distributed or o.shards:
         names = calibration_targets(prepared.model, config, activation_tensors(prepared.model), overrides)
         calib = sharded_calibration(prepared, job.data, source, names, job.config.per_channel, job.method, o, progress,
@@ -208,6 +207,15 @@ def replay_smoothing(prepared: pipeline.Prepared, scales: dict, asked: str, wher
         raise QconvError(f"{where} was made without SmoothQuant and this run asks for it (--smooth): drop --smooth, or re-run "
                          f"{remedy} --smooth")
     pipeline.smooth_recorded(prepared, scales)
+
+
+def rewritten(prepared: pipeline.Prepared, source, asked: str, config: QuantConfig, threads: int | None
+              ) -> tuple[bool, dict[str, list[float]], dict[str, dict]]:
+    """What changes the weights before calibration, in order: cross-layer equalization as ``asked`` (``equalization``),
+    then SmoothQuant as ``config.smooth`` asks (``pipeline.smooth_checked``). Returns (equalized, the gated pairs'
+    scales, the smoothing), all recorded in the calibration."""
+    made, scales = equalization(prepared, source, asked, config, threads)
+    return made, scales, pipeline.smooth_checked(prepared, source, config, threads)
 
 
 def equalization(prepared: pipeline.Prepared, source, asked: str, config: QuantConfig, threads: int | None

@@ -135,9 +135,7 @@ def run_quantize(job: QuantizeJob, progress=pipeline.no_progress) -> tuple[dict,
     if stored is not None and stored.source.get("equalization"):
         pipeline.equalize_gated(prepared, None, scales=stored.source["equalization"])
     if stored is not None and stored.source.get("smoothing"):
-        from qconv.calib.store import smoothing_of
-
-        pipeline.smooth_recorded(prepared, smoothing_of(stored.source["smoothing"]))
+        pipeline.smooth_recorded(prepared, stored.source["smoothing"])
     if job.converting:
         return _run_conversion(job, prepared, labels, progress)
     pipeline.check_float(prepared)

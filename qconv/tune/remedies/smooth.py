@@ -7,10 +7,8 @@ from __future__ import annotations
 from typing import Iterator
 
 import numpy as np
-import onnx
 
-from qconv import runtime
-from qconv.graph import expose
+from qconv.adjust.smooth import capture
 from qconv.measure.compare import limited
 from qconv.plan.overrides import NodeOverride, Overrides, TensorOverride
 from qconv.rewrite.smooth import input_axis, smoothed_input, smoothing_scales, weight_layout
@@ -45,7 +43,8 @@ def smoothing(ctx: Context, node, alpha: float, outliers: float = SMOOTH_OUTLIER
         names = {n.input[0]: input_axis(n) for n in ctx.model.graph.node
                  if not isinstance(weight_layout(n, g), str) and g.is_float(n.input[0])}
         feeds = ctx.calib_source if ctx.calib_source is not None else ctx.held.feeds
-        ctx.channels = channel_extremes(ctx.model, limited(feeds, ctx.specs, STAT_ROWS), names, ctx.threads)
+        got = capture(ctx.model, names, limited(feeds, ctx.specs, STAT_ROWS), ctx.threads, sampled=0)
+        ctx.channels = {k: (c.lo, c.hi) for k, c in got.items()}
     w, axis = layout
     st = ctx.channels.get(node.input[0])
     if st is None or st[0].size != w.shape[axis]:
@@ -74,21 +73,3 @@ def smoothing_all(ctx: Context, alpha: float, overrides: Overrides) -> Overrides
             nodes.update(extra.nodes)
             tensors.update(extra.tensors)
     return Overrides(nodes, tensors) if len(nodes) >= GROUP_MIN else None
-
-
-def channel_extremes(model: onnx.ModelProto, feeds, names: dict[str, int], threads: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per-channel (min, max) of each tensor ({name: channel axis}) over ``feeds`` (one pass with them exposed)."""
-    sess = runtime.session(expose(model, {n: onnx.TensorProto.FLOAT for n in names}), threads)
-    stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    order = list(names)
-    for feed in feeds:
-        for n, v in zip(order, runtime.run(sess, feed, order)):
-            v = np.asarray(v)
-            if v.ndim < 2:
-                continue
-            flat = np.moveaxis(v, names[n], -1).reshape(-1, v.shape[names[n]])
-            lo, hi = flat.min(0), flat.max(0)
-            if n in stats:
-                lo, hi = np.minimum(stats[n][0], lo), np.maximum(stats[n][1], hi)
-            stats[n] = (lo, hi)
-    return stats
