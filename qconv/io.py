@@ -11,10 +11,11 @@ import tempfile
 from pathlib import Path
 
 import onnx
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 
 from qconv.errors import QconvError
-from qconv.graph import copy_with_placeholders, external_info, hash_loaded, has_lazy, is_lazy, lazy_chunks, lazy_span
+from qconv.graph import (copy_with_placeholders, external_info, graph_size, hash_loaded, has_lazy, is_lazy, lazy_chunks, lazy_span,
+                         tensor_size)
 
 # Models whose protobuf would pass 2 GB must keep weights outside the .onnx file.
 _PROTO_LIMIT = 2**31 - 2**26
@@ -231,8 +232,8 @@ def model_identity(model: onnx.ModelProto) -> str:
     h = hashlib.sha256()
     for op in model.opset_import:
         h.update(f"{op.domain}:{op.version};".encode())
-    if model.graph.ByteSize() < _PROTO_LIMIT and not has_lazy(model):
-        h.update(model.graph.SerializeToString(deterministic=True))
+    if not has_lazy(model) and graph_size(model.graph) < _PROTO_LIMIT:
+        _hash_graph_bytes(model.graph, h)
         return h.hexdigest()
     # past 2 GB one message cannot be serialized: the graph without its weights, then each weight in turn (a lazy
     # one as if loaded: the same model gives the same id however it was read)
@@ -244,6 +245,79 @@ def model_identity(model: onnx.ModelProto) -> str:
     return h.hexdigest()
 
 
+def _hash_graph_bytes(graph: onnx.GraphProto, h, whole_below: int = 1 << 24) -> None:
+    """Hash exactly ``graph.SerializeToString(deterministic=True)`` without making it: the message without its
+    initializers (field 5), cut where the fields after 5 begin, with each initializer's record hashed in between, one
+    at a time (the whole message was a copy of every weight, and the hash's input another: MiniLM's 90 MB model peaked
+    180 MB higher while its identity was taken). Graphs below ``whole_below`` bytes are serialized whole."""
+    if graph_size(graph) < whole_below:
+        h.update(graph.SerializeToString(deterministic=True))
+        return
+    bare = onnx.GraphProto()
+    for field, value in graph.ListFields():
+        if field.name == "initializer":
+            continue
+        if hasattr(value, "extend"):  # repeated
+            getattr(bare, field.name).extend(value)
+        elif isinstance(value, Message):
+            getattr(bare, field.name).CopyFrom(value)
+        else:
+            setattr(bare, field.name, value)
+    raw = bare.SerializeToString(deterministic=True)
+    cut = _first_field_after(raw, 5)
+    h.update(raw[:cut])
+    for t in graph.initializer:
+        record = t.SerializeToString(deterministic=True)
+        h.update(b"\x2a" + _varint(len(record)))  # field 5, length-delimited
+        h.update(record)
+        del record
+    h.update(raw[cut:])
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _read_varint(buf: bytes, k: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        byte = buf[k]
+        value |= (byte & 0x7F) << shift
+        k += 1
+        if not byte & 0x80:
+            return value, k
+        shift += 7
+
+
+def _first_field_after(buf: bytes, number: int) -> int:
+    """Offset of the first top-level field of a serialized message whose number is above ``number`` (fields are
+    written in number order), or the end."""
+    k = 0
+    while k < len(buf):
+        tag, after = _read_varint(buf, k)
+        if tag >> 3 > number:
+            return k
+        wire = tag & 7
+        if wire == 0:
+            _, after = _read_varint(buf, after)
+        elif wire == 1:
+            after += 8
+        elif wire == 2:
+            length, after = _read_varint(buf, after)
+            after += length
+        elif wire == 5:
+            after += 4
+        else:
+            raise ValueError(f"unexpected wire type {wire} in a GraphProto")
+        k = after
+    return k
+
+
 def write_external(model: onnx.ModelProto, path: Path, threshold: int = 1 << 20, link: bool = False) -> Path:
     """Write ``model`` with every initializer of ``threshold`` bytes or more in ``<path>.data``, without copying the
     model first (onnx.save_model's external-data route rewrites the proto it is given, so callers would need a
@@ -251,7 +325,7 @@ def write_external(model: onnx.ModelProto, path: Path, threshold: int = 1 << 20,
     data file one at a time. Lazy weights (qconv.graph.is_lazy) are copied from their file in chunks; with ``link``
     (a session's temporary folder) their file is hard-linked beside ``path`` instead, where the file system allows."""
     tensors = model.graph.initializer
-    big = [t for t in tensors if is_lazy(t) or (t.ByteSize() >= threshold and t.data_location != onnx.TensorProto.EXTERNAL)]
+    big = [t for t in tensors if is_lazy(t) or (tensor_size(t) >= threshold and t.data_location != onnx.TensorProto.EXTERNAL)]
     m = copy_with_placeholders(model, {t.name for t in big})
     refs = {t.name: t for t in m.graph.initializer}
     data = path.with_name(path.name + ".data")
@@ -311,7 +385,7 @@ class Spill:
 
     def keep(self, t: onnx.TensorProto) -> onnx.TensorProto:
         """``t``, or a lazy reference to its bytes now written to the scratch file."""
-        if t.ByteSize() < SPILL_BYTES or not t.HasField("raw_data"):
+        if tensor_size(t) < SPILL_BYTES or not t.HasField("raw_data"):
             return t
         ref = onnx.TensorProto()
         ref.name, ref.data_type = t.name, t.data_type

@@ -12,7 +12,7 @@ import onnx
 import onnxruntime as ort
 
 from qconv.errors import QconvError
-from qconv.graph import has_lazy
+from qconv.graph import has_lazy, model_size
 from qconv.io import write_external
 
 
@@ -74,7 +74,7 @@ FILE_SESSION_BYTES = 1 << 24
 
 def goes_by_file(model: onnx.ModelProto) -> bool:
     """Whether onnxruntime (and onnx.checker) should read ``model`` from a file (see FILE_SESSION_BYTES)."""
-    return has_lazy(model) or model.ByteSize() >= FILE_SESSION_BYTES
+    return has_lazy(model) or model_size(model) >= FILE_SESSION_BYTES
 
 
 @contextlib.contextmanager
@@ -84,6 +84,20 @@ def as_file(model: onnx.ModelProto, link: bool = True):
     it keeps what it mapped)."""
     with tempfile.TemporaryDirectory(prefix="qconv-session-") as tmp:
         yield write_external(model, Path(tmp) / "model.onnx", link=link)
+
+
+def exposed_session(model: onnx.ModelProto, names_types: dict[str, int], threads: int | None = None,
+                    **options) -> ort.InferenceSession:
+    """A session of ``model`` whose outputs also include the given tensors (name -> element type; those already outputs
+    are not added again). The outputs are added to ``model`` itself while onnxruntime reads it and removed after: a
+    copy of the model (qconv.graph.expose) held its weights twice (MiniLM's SmoothQuant capture: 90 MB)."""
+    have = {o.name for o in model.graph.output}
+    count = len(model.graph.output)
+    model.graph.output.extend(onnx.helper.make_tensor_value_info(n, t, None) for n, t in names_types.items() if n not in have)
+    try:
+        return session(model, threads, **options)
+    finally:
+        del model.graph.output[count:]
 
 
 def give_back() -> None:

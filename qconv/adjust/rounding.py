@@ -32,11 +32,11 @@ import onnx
 from numpy.lib.stride_tricks import sliding_window_view
 
 from qconv.adjust.bias import quantized_layers, rows_of
-from qconv.graph import FLOAT, Graph, attr, expose
+from qconv.graph import FLOAT, Graph, attr
 from qconv.numeric import pairs, qmath, rounding
 from qconv.numeric.gptq import LAZY_ROWS, gptq_fixed, gptq_fixed_stack
 from qconv.plan import QuantPlan
-from qconv.runtime import run, session
+from qconv.runtime import exposed_session, run
 
 MAX_ROWS = 32
 MIN_SAMPLES = 2048  # input vectors per layer at least (where the rows have them)
@@ -336,7 +336,7 @@ def exposed_rows(model: onnx.ModelProto, names: Iterable[str], feeds: Iterable[d
     names = set(names)
     graph_inputs = {i.name for i in model.graph.input}
     fetch = sorted(n for n in names if n not in graph_inputs)
-    sess = session(expose(model, {n: FLOAT for n in fetch}), threads)
+    sess = exposed_session(model, {n: FLOAT for n in fetch}, threads)
     total = 0
     for feed in feeds:
         if total >= max_rows:

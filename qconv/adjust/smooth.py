@@ -25,7 +25,7 @@ import onnx
 
 from qconv import runtime
 from qconv.adjust.bias import rows_of
-from qconv.graph import Graph, expose
+from qconv.graph import Graph
 from qconv.rewrite.smooth import smoothing_scales, weight_layout
 
 MIN_NODES = 8  # weight MatMul/Gemm nodes with a float input: a transformer's stack (tuning's group move: the same count)
@@ -71,7 +71,7 @@ def capture(model: onnx.ModelProto, inputs: dict[str, int], feeds: Iterable[dict
     and up to ``sampled`` of its rows ([rows, channels]); each feed gives an even share of the sample (that of ROWS
     rows), spread over its rows. Tuning's per-node SmoothQuant reads the extremes alone (``sampled`` 0)."""
     names = sorted(inputs)
-    sess = runtime.session(expose(model, {k: onnx.TensorProto.FLOAT for k in names}), threads)
+    sess = runtime.exposed_session(model, {k: onnx.TensorProto.FLOAT for k in names}, threads)
     got: dict[str, Capture] = {}
     keep = None
     for feed in feeds:

@@ -19,8 +19,8 @@ from qconv.calib import derive, ingraph
 from qconv.calib.ingraph import DEFAULT_SAMPLES
 from qconv.calib.observers import DEFAULT_BINS, DEFAULT_MOMENTUM, Batch, TensorObserver
 from qconv.errors import QconvError
-from qconv.graph import Graph, expose, without_weights
-from qconv.runtime import default_threads, run, session
+from qconv.graph import Graph, without_weights
+from qconv.runtime import default_threads, exposed_session, run, session
 
 
 def activation_tensors(model: onnx.ModelProto, bodies: bool = True) -> list[str]:
@@ -243,7 +243,7 @@ def memory_groups(model: onnx.ModelProto, feeds: Iterable[dict], names: list[str
 
 def _collect_group(model, feeds, threads, progress, bins, momentum, names, samples) -> tuple[dict[str, TensorObserver], int]:
     # One core is left to the statistics thread unless the caller says otherwise.
-    sess = session(expose(model, {n: onnx.TensorProto.FLOAT for n in names}), threads or max(1, (os.cpu_count() or 2) - 1))
+    sess = exposed_session(model, {n: onnx.TensorProto.FLOAT for n in names}, threads or max(1, (os.cpu_count() or 2) - 1))
     outputs = [o.name for o in sess.get_outputs()]
     inputs = [n for n in names if n in {i.name for i in sess.get_inputs()}]
     wanted = [n for n in outputs if n in set(names) and n not in inputs]  # an input is observed from the feed, once

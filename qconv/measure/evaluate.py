@@ -16,7 +16,7 @@ from qconv import distributed, io, pipeline, runtime
 from qconv.calib.ranges import METHODS
 from qconv.data import FeedSource, feed_rows, is_cache_name
 from qconv.errors import QconvError
-from qconv.graph import Graph, expose
+from qconv.graph import Graph
 from qconv.measure import compare, usermetric
 from qconv.measure.latency import latency
 from qconv.measure.layers import probe_pairs, probe_sizes
@@ -187,8 +187,8 @@ def _layers(float_layers, quant_layers, pairs: dict, source: FeedSource, samples
     advance = progress("per-layer analysis", len(feeds) * len(chunks))
     stats: dict = {}
     for chunk in chunks:
-        fl = runtime.session(expose(float_layers, {t: onnx.TensorProto.FLOAT for t in chunk}), threads)
-        ql = runtime.session(expose(quant_layers, dict(pairs[t] for t in chunk)), threads)
+        fl = runtime.exposed_session(float_layers, {t: onnx.TensorProto.FLOAT for t in chunk}, threads)
+        ql = runtime.exposed_session(quant_layers, dict(pairs[t] for t in chunk), threads)
         stats.update(compare.compare_layers(fl, ql, feeds, {t: pairs[t][0] for t in chunk}, advance))
         del fl, ql
     return {t: stats[t] for t in pairs if t in stats}, sum(feed_rows(f, source.specs) for f in feeds)

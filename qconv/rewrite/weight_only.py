@@ -71,12 +71,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qconv.data import is_cache_name
 from qconv.errors import QconvError, UsageError
-from qconv.graph import Graph, all_finite, attr, copy_with_placeholders, drop_unused_initializers, expose, has_lazy, stored_bytes, topo_sort
+from qconv.graph import Graph, all_finite, attr, copy_with_placeholders, drop_unused_initializers, has_lazy, stored_bytes, topo_sort
 from qconv.io import Spill
 from qconv.numeric import awq, gptq, hqq, qmath
 from qconv.numeric.packing import consecutive
 from qconv.plan.names import first_match
-from qconv.runtime import give_back, run, session
+from qconv.runtime import exposed_session, give_back, run, session
 
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 METHODS = ("rtn", "gptq", "hqq", "awq", "awq_gptq")
@@ -356,7 +356,7 @@ def hessian_session(model: onnx.ModelProto, names: Iterable[str]):
     """A float session that also outputs ``names`` (those computed in the graph): one per model, whichever group of
     them a pass reads, so every pass computes them alike (what is exposed changes which nodes onnxruntime fuses)."""
     graph_inputs = set(Graph(model).graph_inputs)
-    return session(expose(model, {n: TensorProto.FLOAT for n in sorted(names) if n not in graph_inputs}))
+    return exposed_session(model, {n: TensorProto.FLOAT for n in sorted(names) if n not in graph_inputs})
 
 
 def input_hessians(model: onnx.ModelProto, widths: dict[str, int], feeds: Iterable[dict], sess=None) -> dict[str, np.ndarray]:

@@ -18,7 +18,7 @@ import onnx
 
 from qconv import pipeline, runtime
 from qconv.errors import QconvError
-from qconv.graph import Graph, expose
+from qconv.graph import Graph
 from qconv.measure import cuts
 from qconv.measure.compare import limited
 from qconv.measure.layers import probe_pairs
@@ -232,8 +232,8 @@ class Lab:
         ftypes = self.ctx.graph.types
         qtypes = {**ftypes, **{dq: onnx.TensorProto.FLOAT for dq in result.dequantized.values()}}
         pairs = probe_pairs(model, result.analysis_model, result.dequantized, ftypes, qtypes)
-        fl = runtime.session(expose(model, {t: onnx.TensorProto.FLOAT for t in pairs}), self.ctx.threads)
-        ql = runtime.session(expose(result.analysis_model, dict(pairs.values())), self.ctx.threads)
+        fl = runtime.exposed_session(model, {t: onnx.TensorProto.FLOAT for t in pairs}, self.ctx.threads)
+        ql = runtime.exposed_session(result.analysis_model, dict(pairs.values()), self.ctx.threads)
         held = self.ctx.held
         feeds = list(limited(held.feeds, self.ctx.specs, RANK_ROWS))
         outs = [o for o, v in zip(held.names, held.outputs[0]) if isinstance(v, np.ndarray) and v.dtype.kind == "f"]

@@ -17,7 +17,6 @@ import onnx
 from qconv import __version__, pipeline, runtime
 from qconv.calib.store import Ranges
 from qconv.data import FeedSource, feed_rows
-from qconv.graph import expose
 from qconv.measure.slices import concat_parts, output_slices
 from qconv.measure.tally import Tally
 from qconv.measure.evaluate import EvalOptions, evaluate
@@ -247,7 +246,7 @@ def _slices(model, held: Reference, threads: int) -> dict:
     missing = [p for p, (out, _) in parts.items() if out not in slices]
     if not missing:
         return slices
-    sess = runtime.session(expose(model, {p: onnx.TensorProto.FLOAT for p in missing}), threads)
+    sess = runtime.exposed_session(model, {p: onnx.TensorProto.FLOAT for p in missing}, threads)
     sizes = {}
     for p, v in zip(missing, runtime.run(sess, held.feeds[0], missing)):
         axis = parts[p][1]
