@@ -82,3 +82,28 @@ def test_detection_metric_counts_boxes_after_nms_and_false_ones_in_the_jaccard()
     assert kept.tolist() == [1] and total.tolist() == [2]
     kept, union = yolo_jaccard_rows([ref], [got], None)
     assert kept.tolist() == [1] and union.tolist() == [2 + 3 - 1]
+
+
+def test_clear_neighbours_count_only_sentences_whose_nearest_is_not_a_near_tie():
+    """Three pairs of embeddings; sentence 0's runner-up is within 0.01 cosine of its nearest, so a change that swaps
+    the two counts against the all-rows metric and not against the clear one, while a swap on a clear sentence counts
+    against both."""
+    from scripts.bench_ledger import clear_neighbour_rows, neighbour_rows
+
+    def unit(*v):
+        v = np.array(v, np.float64)
+        return v / np.linalg.norm(v)
+
+    ref = np.stack([unit(1, 0, 0, 0), unit(1, 0.100, 0, 0.3), unit(1, 0.101, 0, -0.3),  # 0: a near-tie between 1 and 2
+                    unit(0, 0, 1, 0), unit(0, 0.2, 1, 0), unit(0, 1, 0.3, 0)])
+    tie = ref.copy()
+    tie[0] = unit(1, 0, 0, -0.01)  # 0's nearest becomes 2, its runner-up
+    agree, den = neighbour_rows([ref], [tie], None)
+    assert den.sum() == 6 and agree[0] == 0
+    clear_agree, clear = clear_neighbour_rows([ref], [tie], None)
+    assert clear[0] == 0 and clear[3] == 1  # the tie is left out, the clear ones are counted
+    assert clear_agree.sum() / clear.sum() == 1.0
+    swap = ref.copy()
+    swap[3] = unit(0, 1, 0.2, 0)  # 3's nearest was 4 (clear), now 5
+    clear_agree, clear = clear_neighbour_rows([ref], [swap], None)
+    assert clear[3] == 1 and clear_agree[3] == 0
