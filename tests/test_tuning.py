@@ -587,3 +587,32 @@ def test_the_smoothquant_check_reads_decisions_where_the_outputs_are_probabiliti
     assert found, note
     plain, positions, smoothed = (int(v) for v in found.groups())
     assert positions == 8 and smoothed > plain and got and prepared.smoothing, note  # 4 -> 8 of 8 rows
+
+
+def test_a_kept_smoothings_scales_see_a_channel_that_spikes_only_after_the_first_rows(tmp_path, monkeypatch):
+    """The decision reads the first ROWS rows; a smoothing kept then takes its channel extremes from EXTREME_ROWS rows:
+    an input channel that spikes (x30) only in later rows gets a scale that holds the spike, which the same rows left
+    unseen do not give, and the note says how many rows the scales came from."""
+    from qconv import pipeline
+    from qconv.adjust import smooth as sq
+    from qconv.plan.config import QuantConfig
+
+    model, calib, _ = saved_with_rows(tmp_path, outlier_stack(), 4)
+    x = np.random.default_rng(9).normal(0, 1, (200, 32)).astype(np.float32)
+    x[150:, 5] *= 30.0  # only rows 150..199 spike on channel 5
+    np.save(calib, x)
+    got = {}
+    for extreme_rows in (sq.ROWS, sq.EXTREME_ROWS):
+        monkeypatch.setattr(sq, "EXTREME_ROWS", extreme_rows)
+        prepared = pipeline.load(model, QuantConfig())
+        got[extreme_rows] = pipeline.smooth_checked(prepared, pipeline.feeds_for(prepared, calib, 8), QuantConfig())
+        note = next(n for n in prepared.notes if n.startswith("SmoothQuant"))
+        assert f"channel extremes of {min(200, extreme_rows)} rows, each range chosen for its layer on 64;" in note, note
+    seen, unseen = got[sq.EXTREME_ROWS]["fc0"], got[sq.ROWS]["fc0"]
+    spike = float(np.abs(x[:, 5]).max())
+    assert spike > 10 * float(np.abs(x[:64, 5]).max())
+    assert seen["scales"][5] > 3 * unseen["scales"][5]  # the spike moved into the weight
+    s = np.array(seen["scales"], np.float32)
+    held = np.abs(x / s).max(0)  # every channel of the smoothed input, spikes included, within a few times the range
+    assert held.max() <= 4 * max(abs(seen["range"][0]), abs(seen["range"][1]))
+    assert float(np.abs(x[150:, 5] / unseen["scales"][5]).max()) > 8 * max(abs(unseen["range"][0]), abs(unseen["range"][1]))
