@@ -135,11 +135,15 @@ def _quantized_act(x: np.ndarray, lo: float, hi: float, grid: Grid) -> np.ndarra
     return x
 
 
-def _quantized_weight(w: np.ndarray, grid: Grid) -> np.ndarray:
-    """``w`` as [K, N] on its int8 grid: symmetric, one scale per output channel (column) or one for all (a new array)."""
-    m = np.abs(w).max(0, keepdims=True) if grid.per_channel else np.abs(w).max(keepdims=True)
+def _quantized_weight(w: np.ndarray, grid: Grid, owned: bool = False) -> np.ndarray:
+    """``w`` as [K, N] on its int8 grid: symmetric, one scale per output channel (column) or one for all (a new array;
+    ``owned``: ``w`` itself, overwritten)."""
+    if grid.per_channel:  # max |w| per column as max(max, -min): no |w| array
+        m = np.maximum(w.max(0, keepdims=True), -w.min(0, keepdims=True))
+    else:
+        m = np.maximum(w.max(keepdims=True), -w.min(keepdims=True))
     scale = np.where(m > 0, m / grid.weight_max, 1.0).astype(np.float32)
-    q = w / scale
+    q = np.divide(w, scale, out=w) if owned else w / scale
     np.rint(q, out=q)
     np.clip(q, -grid.weight_max, grid.weight_max, out=q)
     q *= scale
@@ -151,7 +155,7 @@ def layer_error(x: np.ndarray, rng: tuple[float, float], w: np.ndarray, s: np.nd
     """Relative squared error of the int8 layer's output ``(x / s) @ (s W)`` against ``reference`` (x @ W): the
     smoothed input on the per-tensor grid of ``rng``, the smoothed weight [K, N] on its own grid (``wq``, if given)."""
     xq = _quantized_act(x / s, rng[0], rng[1], grid)
-    got = xq @ (_quantized_weight(w * s[:, None], grid) if wq is None else wq)
+    got = xq @ (_quantized_weight(w * s[:, None], grid, owned=True) if wq is None else wq)
     return float(np.sum((got - reference) ** 2, dtype=np.float64) / max(float(np.sum(reference ** 2, dtype=np.float64)), 1e-30))
 
 
@@ -197,7 +201,7 @@ def choose(model: onnx.ModelProto, nodes: list[onnx.NodeProto], captured: dict[s
         if best[1] is None:
             continue
         err, alpha, s = best
-        wq = _quantized_weight(wk * s[:, None], grid)
+        wq = _quantized_weight(wk * s[:, None], grid, owned=True)
         lo, hi = extent(s)
         rng = (lo, hi)
         for c in CLIPS[1:]:
