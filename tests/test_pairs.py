@@ -24,6 +24,24 @@ def invoke(*args):
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
+def _rule(q: np.ndarray) -> list[bool]:
+    """Per row: a pair (2i, 2i+1) of one sign whose magnitudes add past LIMIT (an odd row's last value pairs with 0)."""
+    out = []
+    for row in q.tolist():
+        row = row + [0] * (len(row) % 2)
+        out.append(any(a * b > 0 and abs(a) + abs(b) > pairs.LIMIT for a, b in zip(row[0::2], row[1::2])))
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(arrays(np.int64, st.tuples(st.integers(1, 5), st.integers(1, 21)), elements=st.integers(-300, 300)), st.booleans())
+def test_violations_are_the_same_sign_pairs_past_the_limit(q, as_float):
+    """The float32 shortcut (|q0 + q1|, where every |q| <= LIMIT) and the general path, against the rule pair by pair."""
+    assert pairs.violations(q.astype(np.float32) if as_float else q).tolist() == _rule(q)
+    small = np.clip(q, -pairs.LIMIT, pairs.LIMIT)
+    assert pairs.violations(small.astype(np.float32) if as_float else small).tolist() == _rule(small)
+
+
 @settings(max_examples=60, deadline=None)
 @given(arrays(np.float32, st.tuples(st.integers(1, 6), st.integers(1, 33)), elements=st.floats(-4, 4, width=32)),
        st.booleans())
