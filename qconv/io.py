@@ -15,7 +15,7 @@ from google.protobuf.message import DecodeError, Message
 
 from qconv.errors import QconvError
 from qconv.graph import (copy_with_placeholders, external_info, graph_size, hash_loaded, has_lazy, is_lazy, lazy_chunks, lazy_span,
-                         tensor_size)
+                         tensor_size, varint)
 
 # Models whose protobuf would pass 2 GB must keep weights outside the .onnx file.
 _PROTO_LIMIT = 2**31 - 2**26
@@ -268,19 +268,10 @@ def _hash_graph_bytes(graph: onnx.GraphProto, h, whole_below: int = 1 << 24) -> 
     h.update(raw[:cut])
     for t in graph.initializer:
         record = t.SerializeToString(deterministic=True)
-        h.update(b"\x2a" + _varint(len(record)))  # field 5, length-delimited
+        h.update(b"\x2a" + varint(len(record)))  # field 5, length-delimited
         h.update(record)
         del record
     h.update(raw[cut:])
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
 
 
 def _read_varint(buf: bytes, k: int) -> tuple[int, int]:

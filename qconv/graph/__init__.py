@@ -177,13 +177,14 @@ def hash_loaded(t: onnx.TensorProto, h) -> None:
             setattr(target, field.name, value)
     high.data_location = onnx.TensorProto.DEFAULT
     h.update(low.SerializeToString(deterministic=True))
-    h.update(bytes([_RAW_DATA << 3 | 2]) + _varint(lazy_span(t)[2]))
+    h.update(bytes([_RAW_DATA << 3 | 2]) + varint(lazy_span(t)[2]))
     for block in lazy_chunks(t):
         h.update(block)
     h.update(high.SerializeToString(deterministic=True))
 
 
-def _varint(n: int) -> bytes:
+def varint(n: int) -> bytes:
+    """Protobuf's base-128 varint of ``n`` (a field's tag or length)."""
     out = bytearray()
     while True:
         byte, n = n & 0x7F, n >> 7
