@@ -18,6 +18,8 @@ from qconv.graph import (Graph, ai_onnx_opset, attr, copy_with_placeholders, dro
                          until_fixed, without_weights)
 
 _NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
+# Ops whose outputs are sequences or optionals: an initializer is a tensor, so their values cannot become one.
+_NOT_TENSORS = {"Optional", "SequenceConstruct", "SequenceEmpty", "SequenceInsert", "SequenceErase", "SplitToSequence", "SequenceMap"}
 # IR version that first allows each ai.onnx opset (onnx.helper.VERSION_TABLE), enough for our targets.
 _MIN_IR = {10: 5, 11: 6, 12: 7, 13: 7, 14: 7, 15: 8, 16: 8, 17: 8, 18: 8, 19: 9, 20: 9, 21: 10}
 
@@ -204,38 +206,51 @@ def expand_hard_activations(model: onnx.ModelProto) -> str | None:
 def fold_constants(model: onnx.ModelProto, keep_ops: frozenset = frozenset()) -> str | None:
     """Evaluate nodes whose inputs are all constant (e.g. weights made by ConstantOfShape or Unsqueeze); nodes of
     ``keep_ops`` stay (a QDQ model keeps the DequantizeLinear of its weights, while QuantizeLinear of a float
-    weight, as quantization-aware training exports it, becomes an int8 initializer)."""
+    weight, as quantization-aware training exports it, becomes an int8 initializer). A value read outside the folded
+    nodes must be a tensor: sequences and optionals (onnx's test_if_opt: an If branch returning
+    Optional(SequenceConstruct(constant))) stay computed, their producers left in the graph."""
     g = Graph(model)
-    const = set(g.initializers) | {""}
-    foldable = []
-    for node in model.graph.node:
-        if (
-            node.domain in ("", "ai.onnx")
-            and node.op_type not in keep_ops
-            and node.op_type not in _NONDETERMINISTIC
-            and not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
-            and all(i in const for i in node.input)
-            and not any(o in g.graph_outputs or o in g.pinned for o in node.output)
-        ):
-            foldable.append(node)
-            const.update(node.output)
-    if not foldable:
-        return None
-    folded_outputs = {o for n in foldable for o in n.output if o}
-    needed = [o for o in sorted(folded_outputs) if any(c not in foldable for c in g.consumers.get(o, []))]
-    used_inits = {i for n in foldable for i in n.input if i in g.initializers}
-    sub = onnx.helper.make_model(
-        onnx.helper.make_graph(
-            foldable, "fold", [],
-            [onnx.helper.make_value_info(o, onnx.TypeProto()) for o in needed],
-            [g.initializers[n] for n in sorted(used_inits)],
-        ),
-        opset_imports=[op for op in model.opset_import if op.domain in ("", "ai.onnx")],
-    )
-    try:
-        values = ReferenceEvaluator(sub).run(needed, {}) if needed else []
-    except Exception:  # noqa: BLE001 - an op the reference runtime lacks: leave the graph as it is
-        return None
+    barred: set[str] = set()  # outputs whose values are not tensors: their nodes are not folded
+    while True:
+        const = set(g.initializers) | {""}
+        foldable = []
+        for node in model.graph.node:
+            if (
+                node.domain in ("", "ai.onnx")
+                and node.op_type not in keep_ops
+                and node.op_type not in _NONDETERMINISTIC
+                and not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+                and all(i in const for i in node.input)
+                and not any(o in g.graph_outputs or o in g.pinned or o in barred for o in node.output)
+            ):
+                foldable.append(node)
+                const.update(node.output)
+        if not foldable:
+            return None
+        folded_outputs = {o for n in foldable for o in n.output if o}
+        needed = [o for o in sorted(folded_outputs) if any(c not in foldable for c in g.consumers.get(o, []))]
+        made_by = {o: n for n in foldable for o in n.output}
+        odd = {o for o in needed if made_by[o].op_type in _NOT_TENSORS}
+        if odd:
+            barred |= odd
+            continue
+        used_inits = {i for n in foldable for i in n.input if i in g.initializers}
+        sub = onnx.helper.make_model(
+            onnx.helper.make_graph(
+                foldable, "fold", [],
+                [onnx.helper.make_value_info(o, onnx.TypeProto()) for o in needed],
+                [g.initializers[n] for n in sorted(used_inits)],
+            ),
+            opset_imports=[op for op in model.opset_import if op.domain in ("", "ai.onnx")],
+        )
+        try:
+            values = ReferenceEvaluator(sub).run(needed, {}) if needed else []
+        except Exception:  # noqa: BLE001 - an op the reference runtime lacks: leave the graph as it is
+            return None
+        odd = {o for o, v in zip(needed, values) if not isinstance(v, (np.ndarray, np.generic))}  # a list, None, a map
+        if not odd:
+            break
+        barred |= odd
     folded_ids = {id(n) for n in foldable}
     keep = [n for n in model.graph.node if id(n) not in folded_ids]
     del model.graph.node[:]
