@@ -157,8 +157,11 @@ def probe(model: onnx.ModelProto, plan: QuantPlan, found: list[Target]) -> onnx.
 
 
 def rows_of(feed: dict) -> int:
-    """Rows in a feed (its first input's leading dimension)."""
-    return len(next(iter(feed.values()))) if feed else 1
+    """Rows in a feed (its first input's leading dimension; 1 for a scalar input, as onnx's test_loop11 feeds)."""
+    if not feed:
+        return 1
+    shape = np.shape(next(iter(feed.values())))
+    return int(shape[0]) if shape else 1
 
 
 def first_rows(feeds: Iterable[dict], max_rows: int, seen: list[int]):
