@@ -214,7 +214,8 @@ def smooth_checked(prepared: Prepared, source: Iterable[dict], config: QuantConf
     nodes = sq.smoothable(prepared.model)
     if not nodes or (asked == "auto" and len(nodes) < sq.MIN_NODES):
         return {}
-    rows = list(bias.first_rows(source, sq.ROWS, []))  # held: the whole-model check's rows come from them
+    feeds = iter(source)  # read once: the later rows continue from where the first ROWS end
+    rows = list(bias.first_rows(feeds, sq.ROWS, []))  # held: the whole-model check's rows come from them
     n_rows = sum(bias.rows_of(f) for f in rows)
     inputs = sq.inputs_of(nodes)
     captured = sq.capture(prepared.model, inputs, rows, threads)
@@ -229,11 +230,12 @@ def smooth_checked(prepared: Prepared, source: Iterable[dict], config: QuantConf
                               f"under {SMOOTH_LAYERS_DB:g} dB, not worth a Mul each)")
         return {}
     # Kept (or to be checked): the scales from the channel extremes of more rows, the alphas and ranges chosen again
-    later = itertools.islice(bias.first_rows(source, sq.EXTREME_ROWS, (seen := [])), len(rows), None)
+    seen: list[int] = []
+    later = bias.first_rows(feeds, sq.EXTREME_ROWS - n_rows, seen) if n_rows < sq.EXTREME_ROWS else iter(())
     first = next(later, None)
     if first is not None:
         captured = sq.capture(prepared.model, inputs, itertools.chain([first], later), threads, more=captured)
-    extremes = sum(seen)
+    extremes = n_rows + sum(seen)
     if extremes > n_rows:
         chosen = sq.choose(prepared.model, nodes, captured, sq.grid_of(config)) or chosen
         what = f"{len(chosen)} of {len(nodes)} MatMul/Gemm inputs"

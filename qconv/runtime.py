@@ -12,7 +12,7 @@ import onnx
 import onnxruntime as ort
 
 from qconv.errors import QconvError
-from qconv.graph import has_lazy, model_size
+from qconv.graph import add_outputs, has_lazy, model_size
 from qconv.io import write_external
 
 
@@ -91,9 +91,7 @@ def exposed_session(model: onnx.ModelProto, names_types: dict[str, int], threads
     """A session of ``model`` whose outputs also include the given tensors (name -> element type; those already outputs
     are not added again). The outputs are added to ``model`` itself while onnxruntime reads it and removed after: a
     copy of the model (qconv.graph.expose) held its weights twice (MiniLM's SmoothQuant capture: 90 MB)."""
-    have = {o.name for o in model.graph.output}
-    count = len(model.graph.output)
-    model.graph.output.extend(onnx.helper.make_tensor_value_info(n, t, None) for n, t in names_types.items() if n not in have)
+    count = add_outputs(model, names_types)
     try:
         return session(model, threads, **options)
     finally:

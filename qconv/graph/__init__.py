@@ -295,11 +295,17 @@ def expose(model: onnx.ModelProto, names_types: dict[str, int]) -> onnx.ModelPro
     """A copy of ``model`` whose graph outputs also include the given tensors (name -> element type)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
-    have = {o.name for o in m.graph.output}
-    for name, elem in names_types.items():
-        if name not in have:
-            m.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
+    add_outputs(m, names_types)
     return m
+
+
+def add_outputs(model: onnx.ModelProto, names_types: dict[str, int]) -> int:
+    """Graph outputs for the given tensors (name -> element type) that are not outputs yet, added to ``model`` itself;
+    the number of outputs before (``del model.graph.output[count:]`` takes them away again)."""
+    count = len(model.graph.output)
+    have = {o.name for o in model.graph.output}
+    model.graph.output.extend(onnx.helper.make_tensor_value_info(n, t, None) for n, t in names_types.items() if n not in have)
+    return count
 
 
 def constant_tensors(model: onnx.ModelProto) -> set[str]:
