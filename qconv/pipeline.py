@@ -42,6 +42,7 @@ from qconv.plan.config import QuantConfig
 from qconv.plan.overrides import Overrides
 from qconv.plan.planner import calibration_targets
 from qconv.prepared import Prepared, smoothed  # noqa: F401 - Prepared is the stages' common currency: pipeline.Prepared
+from qconv.rewrite import fusible
 from qconv.rewrite.qoperator import fold_qoperator
 
 Progress = Callable[[str, int | None], Callable[[int], None]]  # (label, total) -> advance(n)
@@ -813,6 +814,7 @@ def apply(prepared: Prepared, p: QuantPlan, calib_feeds: Iterable[dict] | None =
     findings.output_ranges = clip.summary(p)
     findings.smoothing = sq.summary(prepared.smoothing)
     _keep_value_info(qmodel, {vi.name for vi in prepared.original.graph.value_info})
+    findings.fused = fusible.fuse(qmodel)  # float regions in the forms onnxruntime runs as one kernel
     subgraphs.prune_initializers(qmodel)  # e.g. the bounds of a Clip folded into its producer's QuantizeLinear
     changed = interface_change(prepared.model, qmodel)
     if changed and not ((done.retyped_io or config.quantized_io) and changed.endswith("changes type")):

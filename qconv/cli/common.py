@@ -143,7 +143,7 @@ def finish(term, report: dict, as_json: bool, render) -> None:
 def scheme_options(fn):
     """The mode and scheme of a plan (shared by ``plan`` and ``quantize``), read back by ``config_from``."""
     opts = [
-        click.option("--exclude-ops", multiple=True, metavar="OP", help="Keep every node of this op type in float (repeatable)."),
+        click.option("--exclude-ops", multiple=True, metavar="OP", help="Keep every node of this op type in float (repeatable, or comma-separated: Add,Mul)."),
         click.option("--quantized-io", type=click.Choice(["uint8", "int8"]), default=None,
                      help="int8: make the model's float inputs and outputs integer tensors (scales in the model's metadata)."),
         click.option("--exclude-nodes", multiple=True, metavar="GLOB", help="Keep nodes whose name matches GLOB in float (repeatable)."),
@@ -217,6 +217,11 @@ SCHEME_KEYS = ("mode", "fmt", "per_tensor", "weight_type", "affine_weights", "ac
                "bias_correction", "rounding", "ranges", "allow_saturation", "floor_ranges", "equalize", "smooth", "kernels")
 
 
+def op_types(given) -> tuple[str, ...]:
+    """--exclude-ops values, each one or a comma-separated list (an op type never holds a comma)."""
+    return tuple(dict.fromkeys(op.strip() for value in given for op in value.split(",") if op.strip()))
+
+
 def config_from(kwargs: dict) -> QuantConfig:
     """Pop the scheme options out of a command's kwargs into a validated QuantConfig."""
     k = {name: kwargs.pop(name) for name in SCHEME_KEYS}
@@ -224,7 +229,7 @@ def config_from(kwargs: dict) -> QuantConfig:
                        symmetric_weights=not k["affine_weights"], activation_type=k["activation_type"],
                        symmetric_activations=k["symmetric_activations"], reduce_range=k["reduce_range"],
                        block_size=k["block_size"], int4_method=k["int4_method"], accuracy_level=k["accuracy_level"], keep_io_types=k["keep_io_types"],
-                       exclude_nodes=tuple(k["exclude_nodes"]), exclude_ops=tuple(k["exclude_ops"]), quantized_io=k["quantized_io"],
+                       exclude_nodes=tuple(k["exclude_nodes"]), exclude_ops=op_types(k["exclude_ops"]), quantized_io=k["quantized_io"],
                        bias_correction={None: "auto", "off": None}.get(k["bias_correction"], k["bias_correction"]), rounding=k["rounding"], ranges=k["ranges"] or "auto",
                        saturation_safe=not k["allow_saturation"], floor_ranges="auto" if k["floor_ranges"] is None else k["floor_ranges"],
                        equalize={None: "auto", True: "on", False: "off"}[k["equalize"]],

@@ -30,6 +30,7 @@ class Findings:
     rounding: dict | None = None  # learned weight rounding: layers, weights moved, error ratio
     output_ranges: dict | None = None  # --ranges output: activations searched and narrowed, error ratio, the check
     smoothing: dict | None = None  # SmoothQuant before calibration: inputs smoothed, the alphas chosen
+    fused: dict | None = None  # float regions written as onnxruntime fuses them (qconv.rewrite.fusible)
     converted_from: str | None = None  # "qdq": a QDQ model folded into QOperator form
 
     def to_dict(self) -> dict:

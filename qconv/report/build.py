@@ -26,7 +26,7 @@ OPTIONAL_SECTIONS = {
 }
 # Findings of one mode or form: null in the others.
 FINDINGS = ("quantized_io", "qoperator", "converted_from", "fp16", "int4", "subgraphs", "bias_correction", "rounding", "output_ranges",
-            "smoothing")
+            "smoothing", "fused")
 NO_GATES = {"passed": True, "checks": [], "failed": []}
 
 
