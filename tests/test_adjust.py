@@ -530,6 +530,29 @@ def _one_matmul(w: np.ndarray) -> onnx.ModelProto:
     return make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")], [x], [y], [numpy_helper.from_array(w, "w")])
 
 
+@pytest.mark.parametrize("opset", [13, 18])
+def test_smoothquants_later_rows_widen_the_extremes_inside_onnxruntime_exactly(opset):
+    """The extremes of later rows (the default's pass past the first 64) are reduced in the graph: the same numbers as
+    exposing the inputs and reducing them in numpy, at ReduceMin's attribute (opset 13) and input (18) forms; the model
+    is left as it was."""
+    from qconv.adjust import smooth as sq
+
+    rng = np.random.default_rng(11)
+    model = _one_matmul(rng.normal(0, 0.2, (48, 24)).astype(np.float32))
+    model.opset_import[0].version = opset
+    x = rng.normal(0, 1, (400, 48)).astype(np.float32)
+    x[300:, 5] *= 60.0  # a channel that spikes only late
+    feeds = [{"x": x[k:k + 50]} for k in range(0, 400, 50)]
+    inputs = sq.inputs_of(sq.smoothable(model))
+    before = model.SerializeToString()
+    whole = sq.capture(model, inputs, feeds, sampled=0)
+    widened = sq.capture(model, inputs, feeds[4:], more=sq.capture(model, inputs, feeds[:4]))
+    assert model.SerializeToString() == before
+    np.testing.assert_array_equal(widened["x"].lo, whole["x"].lo)
+    np.testing.assert_array_equal(widened["x"].hi, whole["x"].hi)
+    assert widened["x"].hi[5] == x[:, 5].max() and widened["x"].lo.dtype == np.float32
+
+
 @pytest.mark.parametrize("outliers", [0.0, 30.0])
 def test_smoothquant_takes_an_alpha_only_where_the_layers_own_int8_output_gains(outliers):
     """Each node's choice (alpha, then the range share) never has more error than leaving it alone, by the same

@@ -183,3 +183,16 @@ def test_exclude_ops_takes_a_comma_separated_list_as_repeated_flags():
     from qconv.cli.common import op_types
 
     assert op_types(("Add,Clip, Mul", "Conv", "Add")) == ("Add", "Clip", "Mul", "Conv")
+
+
+def test_an_exclusion_that_names_nothing_is_a_warning(tmp_path):
+    src, data, out = tmp_path / "m.onnx", tmp_path / "d.npy", tmp_path / "q.onnx"
+    onnx.save(conv_hard_swish_conv(), src)
+    np.save(data, np.random.default_rng(4).normal(0, 1, (16, 3, 8, 8)).astype(np.float32))
+    r = CliRunner().invoke(cli, ["quantize", str(src), "--data", str(data), "-o", str(out), "--no-latency", "--report", str(tmp_path / "r.json"),
+                                 "--exclude-ops", "Add,Clp", "--exclude-nodes", "conv9*", "--exclude-nodes", "conv1"])
+    assert r.exit_code == 0, r.output
+    warned = json.loads((tmp_path / "r.json").read_text())["warnings"]
+    assert "--exclude-ops Clp: no node of this model has that op type (op types are case-sensitive: Conv, MatMul, Mul)" in warned
+    assert "--exclude-nodes conv9*: no node of this model has a matching name (`qconv inspect MODEL` lists them)" in warned
+    assert not any("--exclude-ops Add" in w or "--exclude-nodes conv1:" in w for w in warned)

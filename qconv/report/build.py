@@ -192,6 +192,23 @@ def _calibration(calib, plan) -> dict | None:
     }
 
 
+def unmatched_exclusions(report: dict) -> list[str]:
+    """--exclude-ops / --exclude-nodes values that name no node the plan saw: a typo keeps nothing float, silently."""
+    from qconv.plan.names import first_match
+
+    nodes = report.get("nodes") or []
+    if not nodes:
+        return []
+    config = report.get("config") or {}
+    ops = {n.get("op_type") for n in nodes}
+    out = [f"--exclude-ops {op}: no node of this model has that op type (op types are case-sensitive: Conv, MatMul, Mul)"
+           for op in config.get("exclude_ops") or [] if op not in ops]
+    names = [n.get("name") or "" for n in nodes]
+    out += [f"--exclude-nodes {pattern}: no node of this model has a matching name (`qconv inspect MODEL` lists them)"
+            for pattern in config.get("exclude_nodes") or [] if not any(first_match(name, [pattern]) for name in names)]
+    return out
+
+
 def warnings(report: dict, float_model) -> list[str]:
     """Things a user should act on: a measurably slower model (with the mode that would not be), fp16 overflow."""
     out = []
@@ -219,6 +236,7 @@ def warnings(report: dict, float_model) -> list[str]:
         out.append(f"the {cal['method']} ranges come from histograms of a sample ({sampled} values per tensor and batch), which "
                    f"cannot place a tail exactly: re-run qconv calibrate with --method {cal['method']} (or --hist-samples 0) "
                    "to count every value")
+    out += unmatched_exclusions(report)
     fp16 = report.get("fp16")
     if fp16 and fp16.get("overflow"):
         names = ", ".join(o["tensor"] for o in fp16["overflow"][:5])
