@@ -194,5 +194,5 @@ def test_an_exclusion_that_names_nothing_is_a_warning(tmp_path):
     assert r.exit_code == 0, r.output
     warned = json.loads((tmp_path / "r.json").read_text())["warnings"]
     assert "--exclude-ops Clp: no node of this model has that op type (op types are case-sensitive: Conv, MatMul, Mul)" in warned
-    assert "--exclude-nodes conv9*: no node of this model has a matching name (`qconv inspect MODEL` lists them)" in warned
+    assert "--exclude-nodes conv9*: no node of this model has a matching name (the report's nodes and `qconv plan` list them)" in warned
     assert not any("--exclude-ops Add" in w or "--exclude-nodes conv1:" in w for w in warned)

@@ -204,7 +204,7 @@ def unmatched_exclusions(report: dict) -> list[str]:
     out = [f"--exclude-ops {op}: no node of this model has that op type (op types are case-sensitive: Conv, MatMul, Mul)"
            for op in config.get("exclude_ops") or [] if op not in ops]
     names = [n.get("name") or "" for n in nodes]
-    out += [f"--exclude-nodes {pattern}: no node of this model has a matching name (`qconv inspect MODEL` lists them)"
+    out += [f"--exclude-nodes {pattern}: no node of this model has a matching name (the report's nodes and `qconv plan` list them)"
             for pattern in config.get("exclude_nodes") or [] if not any(first_match(name, [pattern]) for name in names)]
     return out
 
