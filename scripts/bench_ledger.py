@@ -426,6 +426,7 @@ def nncf_int8(task: Task, out: Path) -> float:
 def worktree(rev: str) -> list[str]:
     path = Path(tempfile.mkdtemp(prefix="qconv-before.")) / "tree"
     subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(path), rev], check=True, capture_output=True)
+    atexit.register(subprocess.run, ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(path)], capture_output=True)
     # -P: not the current folder's qconv; its own kernel cache: another revision may read a table otherwise
     cache = Path(os.environ.get("QCONV_CACHE_DIR") or tempfile.mkdtemp(prefix="qconv-cache.")) / f"before-{rev}"
     return ["env", f"PYTHONPATH={path}", f"QCONV_CACHE_DIR={cache}", sys.executable, "-P", "-m", "qconv"]
