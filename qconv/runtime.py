@@ -87,15 +87,21 @@ def as_file(model: onnx.ModelProto, link: bool = True):
 
 
 def exposed_session(model: onnx.ModelProto, names_types: dict[str, int], threads: int | None = None,
-                    **options) -> ort.InferenceSession:
+                    nodes=(), initializers=(), **options) -> ort.InferenceSession:
     """A session of ``model`` whose outputs also include the given tensors (name -> element type; those already outputs
-    are not added again). The outputs are added to ``model`` itself while onnxruntime reads it and removed after: a
-    copy of the model (qconv.graph.expose) held its weights twice (MiniLM's SmoothQuant capture: 90 MB)."""
-    count = add_outputs(model, names_types)
+    are not added again), computed by ``nodes`` from ``initializers`` where they are not the model's own. All of them are
+    added to ``model`` itself while onnxruntime reads it and removed after: a copy of the model (qconv.graph.expose) held
+    its weights twice (MiniLM's SmoothQuant capture: 90 MB)."""
+    graph = model.graph
+    counts = (add_outputs(model, names_types), len(graph.node), len(graph.initializer))
+    graph.node.extend(nodes)
+    graph.initializer.extend(initializers)
     try:
         return session(model, threads, **options)
     finally:
-        del model.graph.output[count:]
+        del graph.output[counts[0]:]
+        del graph.node[counts[1]:]
+        del graph.initializer[counts[2]:]
 
 
 def give_back() -> None:
@@ -115,34 +121,6 @@ def give_back() -> None:
 
 def run(sess: ort.InferenceSession, feed: dict, outputs: list[str] | None = None) -> list:
     """Run on ``feed``; float32 arrays for float16 inputs (an fp16 model without --keep-io-types) are cast."""
-    feed = _cast_halves(sess, feed)
-    try:
-        return sess.run(outputs, feed)
-    except Exception as exc:  # noqa: BLE001
-        raise _run_error(exc) from None
-
-
-def run_each(sess: ort.InferenceSession, feed: dict, outputs: list[str]):
-    """``run``, the outputs handed over one at a time as numpy arrays, each copied out of onnxruntime when it is taken
-    and onnxruntime's copy freed: ``run`` copies them all before returning, so its peak holds every output twice
-    (SmoothQuant's capture of MiniLM: 24 exposed inputs of a 32-row batch, 94 MB each way)."""
-    feed = _cast_halves(sess, feed)
-    try:
-        values = sess.run_with_ort_values(outputs, {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in feed.items()})
-    except Exception as exc:  # noqa: BLE001
-        raise _run_error(exc) from None
-    for k, name in enumerate(outputs):
-        value, values[k] = values[k], None
-        yield name, value.numpy()
-        del value
-
-
-def _run_error(exc: Exception) -> QconvError:
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return QconvError(f"onnxruntime failed to run the model on the data: {first}")
-
-
-def _cast_halves(sess: ort.InferenceSession, feed: dict) -> dict:
     halves = getattr(sess, "_qconv_half_inputs", None)
     if halves is None:
         halves = {i.name for i in sess.get_inputs() if i.type == "tensor(float16)"}
@@ -153,4 +131,8 @@ def _cast_halves(sess: ort.InferenceSession, feed: dict) -> dict:
     if halves:
         feed = {k: (v.astype(np.float16) if k in halves and isinstance(v, np.ndarray) and v.dtype == np.float32 else v)
                 for k, v in feed.items()}
-    return feed
+    try:
+        return sess.run(outputs, feed)
+    except Exception as exc:  # noqa: BLE001
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise QconvError(f"onnxruntime failed to run the model on the data: {first}") from None

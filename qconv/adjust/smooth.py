@@ -88,7 +88,7 @@ def capture(model: onnx.ModelProto, inputs: dict[str, int], feeds: Iterable[dict
     for feed in feeds:
         sampling = seen < ROWS
         seen += max(1, rows_of(feed))
-        for name, v in runtime.run_each(sess, feed, names):  # one output at a time: the 24 of MiniLM are 94 MB a batch
+        for name, v in zip(names, runtime.run(sess, feed, names)):
             v = np.asarray(v, np.float32)
             if v.ndim < 2:
                 continue
@@ -107,7 +107,7 @@ def capture(model: onnx.ModelProto, inputs: dict[str, int], feeds: Iterable[dict
 def _widened(model: onnx.ModelProto, got: dict[str, Capture], feeds: Iterable[dict], threads: int | None) -> dict[str, Capture]:
     """``got``'s per-channel extremes widened by ``feeds``, each reduced inside onnxruntime (Reshape to [rows, channels],
     ReduceMin/ReduceMax over the rows): only 2 x channels numbers leave it per input, where the exposed inputs themselves
-    were 94 MB a 32-row batch of MiniLM: this pass's peak 458 -> 383 MB, calibrate's 494-497 -> 455-463 MB (three runs
+    were 94 MB a 32-row batch of MiniLM: this pass's peak 458 -> 383 MB, calibrate's 494-497 -> 453-454 MB (three runs
     each, 512 sentences, batch 32). A min is exact: the same extremes, the same file."""
     from onnx import helper, numpy_helper
 
@@ -116,7 +116,7 @@ def _widened(model: onnx.ModelProto, got: dict[str, Capture], feeds: Iterable[di
     names = sorted(got)
     g = Graph(model)
     opset = ai_onnx_opset(model)
-    nodes, outputs, inits = [], [], []
+    nodes, inits = [], []
     rows_axis = g.unique("qconv_smooth/rows_axis")
     inits.append(numpy_helper.from_array(np.array([0], np.int64), rows_axis))
     fetch = []
@@ -129,19 +129,10 @@ def _widened(model: onnx.ModelProto, got: dict[str, Capture], feeds: Iterable[di
             out = g.unique(f"qconv_smooth/{k}/{op}")
             nodes.append(helper.make_node(op, [flat, rows_axis], [out], keepdims=0) if opset >= 18
                          else helper.make_node(op, [flat], [out], keepdims=0, axes=[0]))
-            outputs.append(helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None))
             fetch.append(out)
-    graph = model.graph
-    counts = (len(graph.node), len(graph.output), len(graph.initializer))
-    graph.node.extend(nodes)
-    graph.output.extend(outputs)
-    graph.initializer.extend(inits)
-    try:  # the model itself, for as long as onnxruntime reads it: no copy of the weights
-        sess = runtime.session(model, threads, by_priority=True)
-    finally:
-        del graph.node[counts[0]:]
-        del graph.output[counts[1]:]
-        del graph.initializer[counts[2]:]
+    # the model itself, for as long as onnxruntime reads it: no copy of the weights
+    sess = runtime.exposed_session(model, {o: onnx.TensorProto.FLOAT for o in fetch}, threads, nodes=nodes, initializers=inits,
+                                   by_priority=True)
     for feed in feeds:
         values = runtime.run(sess, feed, fetch)
         for k, name in enumerate(names):

@@ -194,7 +194,7 @@ def _calibration(calib, plan) -> dict | None:
 
 def unmatched_exclusions(report: dict) -> list[str]:
     """--exclude-ops / --exclude-nodes values that name no node the plan saw: a typo keeps nothing float, silently."""
-    from qconv.plan.names import first_match
+    from qconv.plan.names import matches_any
 
     nodes = report.get("nodes") or []
     if not nodes:
@@ -205,7 +205,7 @@ def unmatched_exclusions(report: dict) -> list[str]:
            for op in config.get("exclude_ops") or [] if op not in ops]
     names = [n.get("name") or "" for n in nodes]
     out += [f"--exclude-nodes {pattern}: no node of this model has a matching name (the report's nodes and `qconv plan` list them)"
-            for pattern in config.get("exclude_nodes") or [] if not any(first_match(name, [pattern]) for name in names)]
+            for pattern in config.get("exclude_nodes") or [] if not matches_any(pattern, names)]
     return out
 
 

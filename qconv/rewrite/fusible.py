@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from qconv.calib.derive import Step, step_of
 from qconv.graph import Graph
 
 _ONNX = ("", "ai.onnx")
@@ -34,63 +35,32 @@ def fuse(model: onnx.ModelProto) -> dict | None:
     return {"hard_sigmoid": gates, "gelu": gelus} if gates or gelus else None
 
 
-def note(found: dict | None) -> str | None:
-    if not found:
+def _step(g: Graph, node: onnx.NodeProto | None) -> tuple[str, Step] | None:
+    """The exact elementwise step ``node`` is (qconv.calib.derive: its variable input, the op and its float32 scalar
+    constants), where each constant has rank 0 or 1, so the node broadcasts its input to nothing new."""
+    if node is None or node.domain not in _ONNX or any(len(g.initializers[i].dims) > 1 for i in node.input if i in g.initializers):
         return None
-    parts = []
-    if found.get("hard_sigmoid"):
-        parts.append(f"{found['hard_sigmoid']} hard-sigmoid gate{'s' if found['hard_sigmoid'] != 1 else ''} as HardSigmoid")
-    if found.get("gelu"):
-        parts.append(f"{found['gelu']} GELU{'s' if found['gelu'] != 1 else ''} in the order onnxruntime fuses into one Gelu")
-    return "float regions written as onnxruntime runs them fastest: " + ", ".join(parts)
+    return step_of(node, g)
 
 
-def _scalar(g: Graph, name: str) -> float | None:
-    """The value of a float32 constant holding one number, of rank 0 or 1 (so it broadcasts to nothing new)."""
-    t = g.initializers.get(name)
-    if t is None or t.data_type != onnx.TensorProto.FLOAT or len(t.dims) > 1 or math.prod(t.dims) != 1:
+def _scale(g: Graph, node: onnx.NodeProto | None) -> tuple[str, float] | None:
+    """(x, k) of ``x * k`` or ``x / (1/k)``."""
+    got = _step(g, node)
+    if got is None or got[1].op not in ("mul", "div") or (got[1].op == "div" and got[1].a == 0):
         return None
-    return float(g.array(name).reshape(-1)[0])
+    return got[0], got[1].a if got[1].op == "mul" else 1.0 / got[1].a
 
 
-def _operand(g: Graph, node: onnx.NodeProto) -> tuple[str, float] | None:
-    """(the variable input, the constant) of a two-input node with one float32 scalar constant input."""
-    if node.domain not in _ONNX or len(node.input) != 2:
-        return None
-    for k in (1, 0):
-        c = _scalar(g, node.input[k])
-        if c is not None and not g.is_constant(node.input[1 - k]):
-            if node.op_type in ("Div", "Sub") and k == 0:
-                return None  # c / x, c - x: not a scaling of x
-            return node.input[1 - k], c
-    return None
+def _shift(g: Graph, node: onnx.NodeProto | None) -> tuple[str, float] | None:
+    """(x, b) of ``x + b``."""
+    got = _step(g, node)
+    return (got[0], got[1].a) if got is not None and got[1].op == "add" else None
 
 
 def _next(g: Graph, name: str, op: str) -> onnx.NodeProto | None:
     """The node that alone reads ``name`` (not an output, not read by a subgraph), if it is an ``op``."""
     n = g.only_consumer(name)
     return n if n is not None and n.op_type == op and n.domain in _ONNX else None
-
-
-def _scale(g: Graph, node: onnx.NodeProto | None) -> tuple[str, float] | None:
-    """(x, k) of ``x * k`` or ``x / (1/k)``."""
-    if node is None or node.op_type not in ("Mul", "Div"):
-        return None
-    got = _operand(g, node)
-    if got is None or (node.op_type == "Div" and got[1] == 0):
-        return None
-    return (got[0], got[1]) if node.op_type == "Mul" else (got[0], 1.0 / got[1])
-
-
-def _clip_bounds(g: Graph, clip: onnx.NodeProto) -> tuple[float, float] | None:
-    if len(clip.input) == 3 and all(clip.input[1:]):
-        lo, hi = _scalar(g, clip.input[1]), _scalar(g, clip.input[2])
-        return None if lo is None or hi is None else (lo, hi)
-    if len(clip.input) == 1:  # opset < 11: bounds are attributes
-        attrs = {a.name: a.f for a in clip.attribute}
-        if "min" in attrs and "max" in attrs:
-            return attrs["min"], attrs["max"]
-    return None
 
 
 def _close(a: float, b: float) -> bool:
@@ -103,23 +73,24 @@ def hard_sigmoids(model: onnx.ModelProto) -> int:
     g = Graph(model)
     replace: dict[int, onnx.NodeProto] = {}  # id of the chain's last node -> the HardSigmoid
     drop: set[int] = set()
-    for clip in [n for n in model.graph.node if n.op_type == "Clip" and n.domain in _ONNX]:
-        bounds = _clip_bounds(g, clip)
-        add = g.producer.get(clip.input[0])
-        if bounds is None or bounds[0] != 0.0 or add is None or add.op_type != "Add" or g.only_consumer(add.output[0]) is not clip:
+    for clip in [n for n in model.graph.node if n.op_type == "Clip"]:
+        got = _step(g, clip)
+        if got is None or got[1].op != "clip" or got[1].a != 0.0:
             continue
-        shifted = _operand(g, add)
+        upper = got[1].b
+        add = g.producer.get(got[0])
+        shifted = _shift(g, add) if add is not None and g.only_consumer(add.output[0]) is clip else None
         if shifted is None:
             continue
         y, b = shifted
-        after = _scale(g, _next(g, clip.output[0], "Mul") or _next(g, clip.output[0], "Div"))
+        after = _scale(g, g.only_consumer(clip.output[0]))
         before_node = g.producer.get(y)
         before = _scale(g, before_node) if before_node is not None and g.only_consumer(y) is add else None
-        if after is not None and _close(after[1] * bounds[1], 1.0):  # clip(x + b, 0, u) * (1/u)
+        if after is not None and _close(after[1] * upper, 1.0):  # clip(x + b, 0, u) * (1/u)
             x, alpha, beta, chain = y, after[1], b * after[1], [add, clip, g.only_consumer(clip.output[0])]
-        elif bounds[1] == 1.0 and before is not None:  # clip(x * a + b, 0, 1)
+        elif upper == 1.0 and before is not None:  # clip(x * a + b, 0, 1)
             x, alpha, beta, chain = before[0], before[1], b, [before_node, add, clip]
-        elif bounds[1] == 1.0:  # clip(y + b, 0, 1): y scaled per channel (gated equalization's), or not at all
+        elif upper == 1.0:  # clip(y + b, 0, 1): y scaled per channel (gated equalization's), or not at all
             x, alpha, beta, chain = y, 1.0, b, [add, clip]
         else:
             continue
@@ -156,7 +127,7 @@ def gelu_order(model: onnx.ModelProto) -> int:
             continue
         x = got[0]
         add = _next(g, erf.output[0], "Add")
-        if add is None or (o := _operand(g, add)) is None or o[1] != 1.0:
+        if _shift(g, add) != (erf.output[0], 1.0):
             continue
         m1 = _next(g, add.output[0], "Mul")
         if m1 is None:
@@ -165,18 +136,14 @@ def gelu_order(model: onnx.ModelProto) -> int:
         if len(other) != 1:
             continue
         half = g.producer.get(other[0])
-        if half is not None and half.op_type == "Mul" and g.only_consumer(other[0]) is m1 and _operand(g, half) == (x, 0.5):
+        if half is not None and half.op_type == "Mul" and g.only_consumer(other[0]) is m1 and _scale(g, half) == (x, 0.5):
             pass  # (x * 0.5) * (1 + erf): the form already
         else:
             m2 = _next(g, m1.output[0], "Mul")
-            if m2 is None:
-                continue
-            outer = [i for i in m2.input if i != m1.output[0]]
-            if len(outer) != 1 or outer[0] == m1.output[0]:
-                continue
-            # (1 + erf) * c1, then * c2: {c1, c2} must be {x, 0.5}
-            pair = {other[0], outer[0]}
-            if x not in pair or _scalar(g, (pair - {x}).pop()) != 0.5 or len(pair) != 2:
+            outer = [i for i in m2.input if i != m1.output[0]] if m2 is not None else []
+            # (1 + erf) * 0.5 * x (torch's) or (1 + erf) * x * 0.5: one of the two Muls by 0.5, the other by x
+            if len(outer) != 1 or not ((_scale(g, m1) == (add.output[0], 0.5) and outer[0] == x)
+                                       or (other[0] == x and _scale(g, m2) == (m1.output[0], 0.5))):
                 continue
             m1.input[:] = [x, const("half", 0.5)]
             m2.input[:] = [m1.output[0], add.output[0]]
