@@ -1,10 +1,13 @@
 """Bias correction (qconv.adjust.bias): measured through onnxruntime, recorded in the plan, reproduced by --plan."""
 
 import json
+import math
 
 import numpy as np
 import onnx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
@@ -551,6 +554,76 @@ def test_smoothquants_later_rows_widen_the_extremes_inside_onnxruntime_exactly(o
     np.testing.assert_array_equal(widened["x"].lo, whole["x"].lo)
     np.testing.assert_array_equal(widened["x"].hi, whole["x"].hi)
     assert widened["x"].hi[5] == x[:, 5].max() and widened["x"].lo.dtype == np.float32
+
+
+def _whole_feed_sample(x: np.ndarray, keep: int, peaks: int) -> np.ndarray:
+    """The sample one feed gave before feeds ran in chunks (stop 44's Capture.add), written out again as the reference."""
+    top = np.argsort(-np.abs(x).max(1), kind="stable")[:min(peaks, keep // 2)]
+    spread = np.linspace(0, len(x) - 1, max(1, min(keep, len(x)) - len(top))).round().astype(np.int64)
+    return x[np.unique(np.concatenate([top, spread]))]
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 90), keep=st.integers(1, 300), chunk=st.integers(1, 40), seed=st.integers(0, 2**16))
+def test_a_feeds_share_of_the_sample_is_the_same_read_whole_or_in_chunks(rows, keep, chunk, seed):
+    """The rows a feed gives the SmoothQuant sample (its largest rows, the first of equals first, and the rest spread
+    evenly) are the same whether the feed is read whole or in chunks of any size, and the same as before chunks."""
+    from qconv.adjust import smooth as sq
+
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-3, 4, (rows, 5)).astype(np.float32)  # few values: many ties among the largest rows
+    whole = sq.Share(rows, keep)
+    whole.add(x)
+    parts = sq.Share(rows, keep)
+    for k in range(0, rows, chunk):
+        parts.add(x[k:k + chunk])
+    np.testing.assert_array_equal(whole.rows(), _whole_feed_sample(x, keep, sq.PEAKS))
+    np.testing.assert_array_equal(parts.rows(), whole.rows())
+
+
+def _rows_mixed(w: np.ndarray) -> onnx.ModelProto:
+    """x[N, C] minus its mean over the rows (each row sees the others), then a MatMul."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", w.shape[0]])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", w.shape[1]])
+    nodes = [helper.make_node("ReduceMean", ["x"], ["m"], axes=[0], keepdims=1), helper.make_node("Sub", ["x", "m"], ["c"]),
+             helper.make_node("MatMul", ["c", "w"], ["y"], name="fc")]
+    return make_model(nodes, [x], [y], [numpy_helper.from_array(w, "w")], opset=13)
+
+
+def _tokens_matmul(w: np.ndarray) -> onnx.ModelProto:
+    """x[N, T, C] -> Relu -> MatMul: rows independent, the MatMul's input [N, T, C]."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "T", w.shape[0]])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "T", w.shape[1]])
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("MatMul", ["r", "w"], ["y"], name="fc")]
+    return make_model(nodes, [x], [y], [numpy_helper.from_array(w, "w")], opset=13)
+
+
+@pytest.mark.parametrize("make, chunked", [(_tokens_matmul, True), (_rows_mixed, False)])
+def test_smoothquants_capture_runs_big_feeds_in_chunks_only_where_rows_do_not_mix(make, chunked, monkeypatch):
+    """A feed of more than CHUNK_ROWS rows is captured CHUNK_ROWS at a time (less held at once) with the same extremes
+    and sample as whole; a model whose rows see each other (a mean over axis 0) is run on whole feeds."""
+    from qconv.adjust import smooth as sq
+
+    rng = np.random.default_rng(5)
+    w = rng.normal(0, 0.2, (12, 6)).astype(np.float32)
+    model = make(w)
+    shape = (20, 3, 12) if make is _tokens_matmul else (20, 12)
+    feeds = [{"x": (rng.normal(0, 1, shape) * rng.uniform(0.5, 4, 12)).astype(np.float32)} for _ in range(5)]
+    inputs = {model.graph.node[-1].input[0]: -1}  # the MatMul's input
+    runs = []
+    real = sq.runtime.run
+    monkeypatch.setattr(sq.runtime, "run", lambda sess, feed, *a: runs.append(sq.rows_of(feed)) or real(sess, feed, *a))
+    got = sq.capture(model, inputs, feeds)
+    sizes = list(runs)
+    monkeypatch.setattr(sq, "CHUNK_ROWS", 1000)  # every feed whole: the reference
+    whole = sq.capture(model, inputs, feeds)
+    name = next(iter(inputs))
+    assert len(got[name].rows) == math.ceil(sq.ROWS / 20)  # the feeds of the first ROWS rows gave a share each
+    for a, b in [(got[name].lo, whole[name].lo), (got[name].hi, whole[name].hi)] + list(zip(got[name].rows, whole[name].rows)):
+        np.testing.assert_array_equal(a, b)
+    # chunked: the check (1 row, then the first chunk, which is kept), the rest of each sampled feed, later feeds whole
+    want = [1, 8] + [8, 4] + [8, 8, 4] * 3 + [20] if chunked else [1, 8] + [20] * 5
+    assert sizes == want
 
 
 @pytest.mark.parametrize("outliers", [0.0, 30.0])

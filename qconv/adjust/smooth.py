@@ -35,6 +35,10 @@ ROWS = 64  # calibration rows the sampled activations (the alpha's and the range
 # channels, and an 8-token sentence whose words spiked them was read at cosine 0.959 (NNCF's transformer preset, with
 # extremes over its 300-row subset: 0.991). 256 rows: 0.988, mean 0.99705 -> 0.99741 (1024 rows: 0.9925, 0.99767).
 EXTREME_ROWS = 256
+# The sampled capture runs a feed of more rows this many at a time where the model's rows are independent along the
+# feed's axis 0 (``_row_chunks``): the exposed inputs of a 32-row batch of MiniLM were 94 MB beside onnxruntime's own
+# 32-row buffers, calibrate's peak (446 MB); in chunks of 8 only the exposed values add up (the same values, bit for bit)
+CHUNK_ROWS = 8
 SAMPLED = 256  # activation rows (tokens) kept per input for the layer errors: O(SAMPLED x channels) memory each
 ALPHAS = tuple(round(0.5 + 0.05 * k, 2) for k in range(10))  # 0.5 .. 0.95; and no smoothing at all
 CLIPS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)  # the smoothed input's range, as a share of its extremes, tried at the chosen alpha
@@ -49,13 +53,52 @@ class Capture:
     hi: np.ndarray
     rows: list[np.ndarray] = field(default_factory=list)
 
-    def add(self, x: np.ndarray, keep: int) -> None:
+    def widen(self, x: np.ndarray) -> None:
         self.lo, self.hi = np.minimum(self.lo, x.min(0)), np.maximum(self.hi, x.max(0))
+
+    def add(self, x: np.ndarray, keep: int) -> None:
+        """``x``'s extremes, and ``keep`` of its rows (``Share``)."""
+        self.widen(x)
         if keep > 0 and len(x):
-            peaks = np.argsort(-np.abs(x).max(1), kind="stable")[:min(PEAKS, keep // 2)]
-            spread = np.linspace(0, len(x) - 1, max(1, min(keep, len(x)) - len(peaks))).round().astype(np.int64)
-            pick = np.unique(np.concatenate([peaks, spread]))
-            self.rows.append(np.ascontiguousarray(x[pick], np.float32))
+            share = Share(len(x), keep)
+            share.add(x)
+            self.rows.append(share.rows())
+
+
+class Share:
+    """One feed's share of an input's sample, read from its ``length`` rows in order, whole or in chunks: the PEAKS rows
+    with the largest magnitudes (the first of equals), and ``keep`` less those spread evenly over the rows."""
+
+    def __init__(self, length: int, keep: int):
+        self.peaks = min(PEAKS, keep // 2, length)
+        self.spread = np.linspace(0, length - 1, max(1, min(keep, length) - self.peaks)).round().astype(np.int64)
+        self.at = 0
+        self.index: np.ndarray = np.zeros(0, np.int64)  # the peaks so far, and then the spread rows seen
+        self.size: np.ndarray = np.zeros(0, np.float32)
+        self.kept: list[np.ndarray] = []
+        self.spread_index: list[np.ndarray] = []
+        self.spread_rows: list[np.ndarray] = []
+
+    def add(self, x: np.ndarray) -> None:
+        start, self.at = self.at, self.at + len(x)
+        if self.peaks:
+            size = np.abs(x).max(1)
+            top = np.argsort(-size, kind="stable")[:self.peaks]
+            index, size = np.concatenate([self.index, top + start]), np.concatenate([self.size, size[top]])
+            rows = np.concatenate([*self.kept, x[top]]) if self.kept else x[top]
+            order = np.lexsort((index, -size))[:self.peaks]  # by size, the first of equals first: a stable sort's order
+            self.index, self.size, self.kept = index[order], size[order], [rows[order]]
+        here = self.spread[(self.spread >= start) & (self.spread < self.at)]
+        if len(here):
+            self.spread_index.append(here)
+            self.spread_rows.append(x[here - start])
+
+    def rows(self) -> np.ndarray:
+        """The sampled rows in the order of the feed's rows."""
+        index = np.concatenate([self.index, *self.spread_index])
+        rows = np.concatenate([*self.kept, *self.spread_rows])
+        _, first = np.unique(index, return_index=True)
+        return np.ascontiguousarray(rows[first], np.float32)
 
 
 def smoothable(model: onnx.ModelProto) -> list[onnx.NodeProto]:
@@ -85,16 +128,24 @@ def capture(model: onnx.ModelProto, inputs: dict[str, int], feeds: Iterable[dict
     sess = runtime.exposed_session(model, {k: onnx.TensorProto.FLOAT for k in names}, threads, by_priority=True)
     got: dict[str, Capture] = {} if more is None else more
     keep, seen = None, 0 if more is None else ROWS
+    chunked = None if all(inputs[n] == -1 for n in names) else False  # decided on the first feed of more rows than a chunk
     for feed in feeds:
         sampling = seen < ROWS
         seen += max(1, rows_of(feed))
+        if keep is None:  # the share of one feed: ``sampled`` over the feeds ROWS takes
+            keep = sampled and max(1, sampled // max(1, math.ceil(ROWS / max(1, rows_of(feed)))))
+        head: list = []  # the first chunk's values, when the check below ran it
+        if chunked is None and sampling and keep and rows_of(feed) > CHUNK_ROWS:
+            head = [v for v in [_row_chunks(sess, feed, names)] if v is not None]
+            chunked = bool(head)
+        if chunked and sampling and keep:
+            _add_chunked(got, sess, feed, names, head, keep, sampled)
+            continue
         for name, v in zip(names, runtime.run(sess, feed, names)):
             v = np.asarray(v, np.float32)
             if v.ndim < 2:
                 continue
             x = np.moveaxis(v, inputs[name], -1).reshape(-1, v.shape[inputs[name]])
-            if keep is None:  # the share of one feed: ``sampled`` over the feeds ROWS takes
-                keep = sampled and max(1, sampled // max(1, math.ceil(ROWS / max(1, rows_of(feed)))))
             c = got.get(name)
             if c is None:
                 c = got[name] = Capture(np.full(x.shape[1], np.inf, np.float32), np.full(x.shape[1], -np.inf, np.float32))
@@ -102,6 +153,64 @@ def capture(model: onnx.ModelProto, inputs: dict[str, int], feeds: Iterable[dict
     del sess
     runtime.give_back()  # the exposed activations' heap back to the system (MiniLM: 281 -> 202 MB held after it)
     return got
+
+
+def _slices(feed: dict, start: int, stop: int) -> dict:
+    return {k: v[start:stop] for k, v in feed.items()}
+
+
+def _row_chunks(sess, feed: dict, names: list[str]) -> list | None:
+    """``names`` on ``feed``'s first CHUNK_ROWS rows if the feed may run that many rows at a time with the same values,
+    else None: every input has the feed's rows on axis 0, and on its first row alone every exposed tensor and output is
+    the first chunk's first rows (its axis 0 grows with the rows, the rest of its shape stays, its values agree): the
+    rows do not see each other (a sequence-first model, whose axis 0 is time, fails this and runs whole feeds)."""
+    rows = rows_of(feed)
+    if not all(isinstance(v, np.ndarray) and v.ndim >= 1 and v.shape[0] == rows for v in feed.values()):
+        return None
+    fetch = names + [o.name for o in sess.get_outputs() if o.name not in names]
+    try:
+        one = runtime.run(sess, _slices(feed, 0, 1), fetch)
+        chunk = runtime.run(sess, _slices(feed, 0, CHUNK_ROWS), fetch)
+    except Exception:  # noqa: BLE001 - a fixed batch dimension, or anything else: whole feeds, as before
+        return None
+    for a, b in zip(one, chunk):
+        a, b = np.asarray(a), np.asarray(b)
+        if a.ndim == 0 or b.shape != (a.shape[0] * CHUNK_ROWS, *a.shape[1:]):
+            return None
+        if a.dtype.kind == "f":
+            head = b[:a.shape[0]].astype(np.float64)
+            if not np.isfinite(head).all() or np.abs(head - a).max(initial=0.0) > 1e-3 * max(np.abs(head).max(initial=0.0), 1e-6):
+                return None
+        elif not np.array_equal(b[:a.shape[0]], a):
+            return None
+    return chunk[:len(names)]
+
+
+def _add_chunked(got: dict[str, Capture], sess, feed: dict, names: list[str], head: list, keep: int, sampled: int) -> None:
+    """``feed`` into ``got`` run CHUNK_ROWS rows at a time (``_row_chunks`` said it may; ``head``: its first chunk's
+    values if already run, taken from it): each chunk's values widen the extremes and pass through their input's share
+    of the sample, then are dropped: the same extremes and sample as the whole feed's."""
+    rows, shares = rows_of(feed), {}
+    for start in range(0, rows, CHUNK_ROWS):
+        values = head.pop() if head else runtime.run(sess, _slices(feed, start, start + CHUNK_ROWS), names)
+        for name, v in zip(names, values):
+            v = np.asarray(v, np.float32)
+            if v.ndim < 2:
+                continue
+            x = v.reshape(-1, v.shape[-1])
+            c = got.get(name)
+            if c is None:
+                c = got[name] = Capture(np.full(x.shape[1], np.inf, np.float32), np.full(x.shape[1], -np.inf, np.float32))
+            c.widen(x)
+            if name not in shares:  # the feed's rows of this input: its first chunk's, per row, times the feed's rows
+                n = min(keep, sampled - sum(len(r) for r in c.rows))
+                shares[name] = Share(len(x) // min(CHUNK_ROWS, rows) * rows, n) if n > 0 and len(x) else None
+            if shares[name] is not None:
+                shares[name].add(x)
+        values = None
+    for name, share in shares.items():
+        if share is not None:
+            got[name].rows.append(share.rows())
 
 
 def _widened(model: onnx.ModelProto, got: dict[str, Capture], feeds: Iterable[dict], threads: int | None) -> dict[str, Capture]:
