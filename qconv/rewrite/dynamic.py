@@ -16,7 +16,7 @@ import onnx
 from onnx import helper
 
 from qconv.errors import QconvError
-from qconv.graph import Graph, drop_unused_initializers, integer_only, topo_sort
+from qconv.graph import Graph, compacted, drop_unused_initializers, integer_only, topo_sort
 from qconv.numeric import pairs, qmath
 from qconv.plan import NodeDecision, QuantPlan, TensorPlan
 from qconv.plan.config import QuantConfig
@@ -124,4 +124,4 @@ def apply_dynamic(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
     m.graph.node.extend(new_nodes)
     topo_sort(m)
     drop_unused_initializers(m, sorted({t.name for t in plan.tensors.values()}))
-    return m
+    return compacted(m)  # without the float weights' bytes (graph.compacted)

@@ -36,7 +36,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from qconv.graph import FLOAT_TYPES, Graph, attr, subgraph_inputs, topo_sort
+from qconv.graph import FLOAT_TYPES, Graph, attr, compacted, subgraph_inputs, topo_sort
 from qconv.graph.intake import constants_to_initializers, infer_types
 from qconv.plan.names import first_match
 
@@ -111,7 +111,7 @@ def convert_fp16(
     _Rewriter(m, g, plans, FLOAT if keep_io_types else FLOAT16, planner.types).run()
     kept = [{"name": n.name, "op_type": n.op_type, "reason": p.reason} for n, p in zip(nodes, plans) if p.reason]
     converted = sum(1 for p in plans if not p.reason and FLOAT16 in p.inputs + p.outputs)
-    return Fp16Result(m, overflow, underflow, kept, converted)
+    return Fp16Result(compacted(m), overflow, underflow, kept, converted)  # without the float32 weights' bytes
 
 
 def fp16_decisions(model: onnx.ModelProto, block_ops: Iterable[str] = (), block_nodes: Iterable[str] = (),

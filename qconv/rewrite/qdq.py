@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from qconv.graph import Graph, ai_onnx_opset, drop_unused_initializers, ensure_opset, topo_sort
+from qconv.graph import Graph, ai_onnx_opset, compacted, drop_unused_initializers, ensure_opset, topo_sort
 from qconv.numeric import qmath, rounding
 from qconv.plan import QuantPlan, TensorPlan
 from qconv.rewrite.rules import recurrent
@@ -78,7 +78,7 @@ def apply_qdq(model: onnx.ModelProto, plan: QuantPlan) -> tuple[onnx.ModelProto,
     constants = fold_scaled_muls(m)
     topo_sort(m)
     drop_unused_initializers(m, [p.name for p in plan.tensors.values() if p.role not in ("activation", "lstm-weight")] + constants)
-    return recurrent.apply_lstm(m, plan), dequantized
+    return recurrent.apply_lstm(compacted(m), plan), dequantized
 
 
 def activation_pair(g: Graph, tp: TensorPlan):
