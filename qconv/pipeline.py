@@ -21,7 +21,7 @@ from typing import Callable, Iterable
 import numpy as np
 import onnx
 
-from qconv import __version__, io, modes, runtime
+from qconv import __version__, clock, io, modes, runtime
 from qconv.adjust import bias, clip, rounding
 from qconv.adjust import smooth as sq
 from qconv.calib.collect import (
@@ -66,6 +66,7 @@ def quantized_ops_of(op_counts: dict[str, int]) -> dict[str, int] | None:
     return dict(sorted(found.items())) or None
 
 
+@clock.timed("load")
 def load(path: str | os.PathLike, config: QuantConfig) -> Prepared:
     original, external = io.load_model_and_layout(path)
     identity = io.model_identity(original)
@@ -116,6 +117,7 @@ def equalize_gated(prepared: Prepared, source: Iterable[dict] | None, threads: i
     return scales
 
 
+@clock.timed("cross-layer equalization check")
 def equalize_checked(prepared: Prepared, source: Iterable[dict], config: QuantConfig, threads: int | None = None
                      ) -> tuple[bool, dict[str, list[float]]]:
     """The default (``equalize`` auto): cross-layer equalization as --equalize does it, with a check where it costs
@@ -195,6 +197,7 @@ SMOOTH_SURE_DB = 6.0  # ... and from here on no check of the whole int8 model is
 SMOOTH_GAIN_DB = 0.5  # between the two, the int8 model's outputs with it must be this much closer to the float model's
 
 
+@clock.timed("SmoothQuant")
 def smooth_checked(prepared: Prepared, source: Iterable[dict], config: QuantConfig, threads: int | None = None
                    ) -> dict[str, dict]:
     """The default (``smooth`` auto) for a transformer stack: SmoothQuant on every MatMul/Gemm input
@@ -480,6 +483,7 @@ def calibration_record(source: FeedSource, method: str | None = None, bins: int 
                   shard=source.shard, row_shapes=source.row_shapes(), **{"tensors": "planned", **made})
 
 
+@clock.timed("statistics")
 def calibrate(prepared: Prepared, source: FeedSource, threads: int | None = None,
               progress: Progress = no_progress, method: str | None = None, bins: int = DEFAULT_BINS,
               momentum: float = DEFAULT_MOMENTUM, config: QuantConfig | None = None,
@@ -517,6 +521,7 @@ class Result:
     dequantized: dict[str, str] = field(default_factory=dict)  # float tensor -> its DequantizeLinear output
 
 
+@clock.timed("plan")
 def plan(prepared: Prepared, calib: Calibration | Ranges | None, config: QuantConfig, overrides: Overrides | None = None,
          where: str = "overrides") -> QuantPlan:
     """Decide what ``config.mode`` does to every node of the prepared model: the plan its rewrite applies."""
@@ -575,6 +580,7 @@ def file_ranges_problem(calib, config: QuantConfig) -> str | None:
     return None
 
 
+@clock.timed("bias correction")
 def correct_bias(prepared: Prepared, p: QuantPlan, source: FeedSource, threads: int | None = None,
                  progress: Progress = no_progress, check: bool = False, measured: CheckRows | None = None) -> QuantPlan:
     """``p`` with bias correction measured on ``source`` (when its config asks for it) and recorded in the plan.
@@ -606,6 +612,7 @@ def correct_bias(prepared: Prepared, p: QuantPlan, source: FeedSource, threads: 
     return plain
 
 
+@clock.timed("learned rounding")
 def round_weights(prepared: Prepared, p: QuantPlan, source: FeedSource, threads: int | None = None,
                   progress: Progress = no_progress, max_memory: int = 1 << 30) -> QuantPlan:
     """``p`` with learned weight rounding (``--rounding gptq``) measured on ``source`` and recorded in its weights."""
@@ -653,6 +660,7 @@ def refine_ranges(prepared: Prepared, p: QuantPlan, calib: Calibration | Ranges,
     return p
 
 
+@clock.timed("range floors check")
 def floors_checked(prepared: Prepared, p: QuantPlan, calib: Calibration | Ranges, rows: list[dict], threads: int | None = None,
                    measured: CheckRows | None = None) -> tuple[QuantPlan, dict | None]:
     """``p`` (planned without floors) or the same plan with floored ranges (``--floor-ranges``: an activation every reader
@@ -682,6 +690,7 @@ def floors_note(found: dict) -> str:
             f"{'kept' if found['kept'] else 'left out'} ({found['check']})")
 
 
+@clock.timed("output-aware ranges")
 def search_ranges(model: onnx.ModelProto, p: QuantPlan, source: FeedSource, threads: int | None = None,
                   progress: Progress = no_progress, max_memory: int = DEFAULT_MAX_MEMORY) -> tuple[dict[str, tuple[float, float]], dict]:
     """``clip.search`` on the first rows of ``source``, with a progress bar (quantize --data, calibrate --ranges output);
@@ -800,6 +809,7 @@ def calibration_identity(calib: Calibration | Ranges | None) -> dict | None:
     return stats.identity if stats is not None else None
 
 
+@clock.timed("rewrite")
 def apply(prepared: Prepared, p: QuantPlan, calib_feeds: Iterable[dict] | None = None, feed: dict | None = None,
           check: bool = True) -> Result:
     """Rewrite the prepared model as the plan says, annotate it, and check that onnxruntime loads it (and runs it
@@ -909,6 +919,7 @@ def verify(model: onnx.ModelProto, feed: dict | None = None) -> None:
         raise QconvError(f"internal error: the quantized model loads but fails to run ({exc}); nothing was written, please report it") from None
 
 
+@clock.timed("write")
 def save_quantized(result: Result, out: Path, prepared: Prepared) -> int:
     io.save_model(result.model, out, external_data=prepared.external_data or None)
     return io.model_size_bytes(out)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 
 import numpy as np
 import pytest
@@ -131,3 +132,48 @@ def test_report_json_of_compare_and_quantize_share_one_schema(conv_path, conv_da
     for doc in (quantized, compared):
         jsonschema.validate(doc, schema("report"))
     assert sorted(quantized) == sorted(compared) and compared["mode"] == "compare"
+
+
+def test_the_clock_sums_calls_of_a_phase_and_names_a_phase_within_another(monkeypatch):
+    """Phases are listed in the order first entered, each with its calls summed; an inner phase is named after its
+    outer one; outside a recording nothing is kept."""
+    from qconv import clock
+
+    now = iter(float(t) for t in range(100))
+    monkeypatch.setattr(clock.time, "perf_counter", lambda: next(now))
+
+    @clock.timed("inner")
+    def inner():
+        return 7
+
+    assert inner() == 7 and clock.summary() is None  # no recording: a plain call
+    with clock.recording():  # t = 0
+        with clock.phase("outer"):  # 1
+            inner()  # 2 -> 3
+            inner()  # 4 -> 5
+        # outer ends at 6
+        inner()  # 7 -> 8
+        got = clock.summary()  # 9
+    assert got["seconds"] == 9.0
+    assert got["phases"] == [{"phase": "outer", "seconds": 5.0, "calls": 1}, {"phase": "outer > inner", "seconds": 2.0, "calls": 2},
+                             {"phase": "inner", "seconds": 1.0, "calls": 1}]
+    assert clock.summary() is None  # the recording ended with its block
+
+
+def test_a_reports_cost_is_what_the_run_took_phase_by_phase(conv_path, conv_data, tmp_path):
+    """quantize --data and report record their own cost: the phases the run went through, each with its calls; the
+    outer phases add up to at most the whole run; the process's peak memory."""
+    rep, cmp, md = tmp_path / "r.json", tmp_path / "c.json", tmp_path / "r.md"
+    assert invoke("quantize", conv_path, "--data", conv_data, "-o", tmp_path / "q.onnx", "-q", "--no-latency", "--report", rep,
+                  "--report", md).exit_code == 0
+    assert re.search(r"\| qconv's own run \| — \| [0-9.]+ s, peak [0-9]+ MB \| \w", md.read_text())
+    assert invoke("report", conv_path, tmp_path / "q.onnx", "--data", conv_data, "-q", "--no-latency", "--report", cmp).exit_code == 0
+    cost = json.loads(rep.read_text())["cost"]
+    phases = {p["phase"]: p for p in cost["phases"]}
+    for name in ("load", "statistics", "plan", "rewrite", "evaluation", "write", "report"):
+        assert phases[name]["calls"] >= 1 and phases[name]["seconds"] >= 0, name
+    outer = sum(p["seconds"] for p in cost["phases"] if " > " not in p["phase"])
+    assert outer <= cost["seconds"] + 0.01 and cost["peak_rss_mb"] > 50
+    assert all(p["phase"].split(" > ")[0] in phases for p in cost["phases"])  # an inner phase's outer one is listed
+    compared = json.loads(cmp.read_text())["cost"]
+    assert [p["phase"] for p in compared["phases"]] == ["evaluation"] and compared["seconds"] >= compared["phases"][0]["seconds"]

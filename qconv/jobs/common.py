@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qconv import clock
 from qconv.errors import QconvError
 from qconv.measure.thresholds import Thresholds
 from qconv.report.build import complete
@@ -32,5 +33,6 @@ def finish(report: dict, gates: Thresholds, paths) -> dict:
     targets' own), every schema key present, then written."""
     if "gate" not in report:
         report["gate"] = evaluate_gates(gates, report)
+    report["cost"] = clock.summary()  # what the run took, up to here (None outside a recording)
     write_reports(complete(report), paths)
     return report

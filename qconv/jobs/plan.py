@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qconv import distributed, io, pipeline
+from qconv import clock, distributed, io, pipeline
 from qconv.adjust import clip
 from qconv.calib import ingraph
 from qconv.calib.collect import activation_tensors
@@ -229,6 +229,7 @@ def equalization(prepared: pipeline.Prepared, source, asked: str, config: QuantC
     return False, {}
 
 
+@clock.timed("statistics (shards)")
 def sharded_calibration(prepared: pipeline.Prepared, data: Path, source: FeedSource, names: list[str], per_channel: bool,
                         method: str, o: CalibOptions, progress, equalize: bool = False, hist_samples: int = DEFAULT_SAMPLES,
                         scales: dict | None = None, smoothing: dict | None = None):
@@ -304,6 +305,7 @@ def check_plan_model(stored: QuantPlan, path: Path, prepared: pipeline.Prepared,
                          "re-run qconv plan, or pass --force-calib")
 
 
+@clock.timed("kernel table")
 def time_kernels(job: PlanJob, prepared: pipeline.Prepared, calib, config: QuantConfig, again: bool = False) -> Path | None:
     """For ``--kernels auto``: time the model's nodes on this machine (float and all int8, one row, onnxruntime's own
     profiler) unless a table of this model is cached, and cache it; the plan then keeps float the regions that run

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qconv import distributed, io, pipeline, runtime
+from qconv import clock, distributed, io, pipeline, runtime
 from qconv.errors import QconvError, UsageError
 from qconv.graph import ai_onnx_opset
 from qconv.jobs.common import finish, load_labels
@@ -125,7 +125,13 @@ def _make_plan(job: QuantizeJob, prepared: pipeline.Prepared, stored: QuantPlan 
 
 
 def run_quantize(job: QuantizeJob, progress=pipeline.no_progress) -> tuple[dict, pipeline.Result]:
-    """Plan (or read a plan), rewrite, evaluate, write the model and reports. Nothing is written on error."""
+    """Plan (or read a plan), rewrite, evaluate, write the model and reports. Nothing is written on error. The report's
+    ``cost`` is what this run took (qconv.clock)."""
+    with clock.recording():
+        return _run_quantize(job, progress)
+
+
+def _run_quantize(job: QuantizeJob, progress) -> tuple[dict, pipeline.Result]:
     job.check()
     if job.plan_file is None and job.planning.data is not None:  # calibration shards, if any, start while this prepares
         distributed.start_early(job.planning.calib_options.executor)

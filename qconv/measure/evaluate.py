@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from qconv import distributed, io, pipeline, runtime
+from qconv import clock, distributed, io, pipeline, runtime
 from qconv.calib.ranges import METHODS
 from qconv.data import FeedSource, feed_rows, is_cache_name
 from qconv.errors import QconvError
@@ -44,6 +44,7 @@ class EvalOptions:
     metric: str | None = None  # --metric MODULE:FUNCTION (qconv.measure.usermetric)
 
 
+@clock.timed("evaluation")
 def evaluate(prepared: pipeline.Prepared, result: pipeline.Result, source: FeedSource, labels, opts: EvalOptions,
              progress=pipeline.no_progress) -> tuple[dict, Reference]:
     """Fidelity of the written model against the original file, latency, and per-layer error on a sample."""

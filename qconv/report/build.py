@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from qconv import __version__, io
+from qconv import __version__, clock, io
 from qconv.calib.store import Calibration
 from qconv.graph import ai_onnx_opset
 from qconv.plan import QuantPlan
@@ -30,6 +30,7 @@ FINDINGS = ("quantized_io", "qoperator", "converted_from", "fp16", "int4", "subg
 NO_GATES = {"passed": True, "checks": [], "failed": []}
 
 
+@clock.timed("report")
 def build_report(plan: QuantPlan, float_model, quant_model, *, input_path: str, output_path: str, original_opset: int,
                  intake: list[str], findings: dict, calib, sizes: tuple[int, int], evaluation: dict | None,
                  eval_source: str | None, extra_warnings: list[str] = ()) -> dict:
@@ -314,4 +315,5 @@ def complete(report: dict) -> dict:
     for key in FINDINGS:
         report.setdefault(key, None)
     report.setdefault("gate", dict(NO_GATES))
+    report.setdefault("cost", None)
     return report

@@ -123,6 +123,13 @@ def _summary(report: dict) -> str:
     if nodes:
         lines.append(_row("nodes", DASH, f"{format_number(nodes.get('quantized'), 'g')} quantized",
                           f"{format_number(nodes.get('float'), 'g')} kept float"))
+    cost = section(report, "cost")
+    if cost:
+        outer = sorted((p for p in rows(cost, "phases") if " > " not in str(p.get("phase"))), key=lambda p: -(as_number(p.get("seconds")) or 0))
+        peak = as_number(cost.get("peak_rss_mb"))
+        lines.append(_row("qconv's own run", DASH, f"{format_number(cost.get('seconds'), '.3g')} s" + (f", peak {peak:.0f} MB" if peak else ""),
+                          ", ".join(f"{_text(p.get('phase'))} {format_number(p.get('seconds'), '.2g')} s" for p in outer[:3])
+                          + (" (the longest phases)" if len(outer) > 1 else "")))
     return "\n".join(lines) if len(lines) > 2 else ""
 
 

@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from qconv import __version__, pipeline, runtime
+from qconv import __version__, clock, pipeline, runtime
 from qconv.calib.store import Ranges
 from qconv.data import FeedSource, feed_rows
 from qconv.measure.slices import concat_parts, output_slices
@@ -81,6 +81,7 @@ class Tuned:
                 "reached": bool(gate["passed"]), "missed": gate["failed"]}
 
 
+@clock.timed("tuning")
 def tune(job: TuneJob, progress=pipeline.no_progress) -> Tuned:
     prepared, o = job.prepared, job.options
     targets, default = Thresholds.tuning(job.gates, job.evaluation.latency)
