@@ -177,3 +177,21 @@ def test_a_reports_cost_is_what_the_run_took_phase_by_phase(conv_path, conv_data
     assert all(p["phase"].split(" > ")[0] in phases for p in cost["phases"])  # an inner phase's outer one is listed
     compared = json.loads(cmp.read_text())["cost"]
     assert [p["phase"] for p in compared["phases"]] == ["evaluation"] and compared["seconds"] >= compared["phases"][0]["seconds"]
+
+
+def test_calibrate_says_what_its_run_took(conv_path, conv_data, tmp_path):
+    """calibrate prints its time and longest phases (the file holds no timing: the same bytes every run)."""
+    from qconv.cli.calibrate import cost_text
+
+    out = tmp_path / "c.json"
+    r = invoke("calibrate", conv_path, "--data", conv_data, "-o", out)
+    assert r.exit_code == 0 and re.search(r"wrote .*c\.json: \d+ tensors from \d+ feeds in [0-9.]+ s", r.output), r.output
+    first = out.read_bytes()
+    out.unlink()
+    assert invoke("calibrate", conv_path, "--data", conv_data, "-o", out).exit_code == 0 and out.read_bytes() == first
+    cost = {"seconds": 9.104, "peak_rss_mb": 400.0, "phases": [
+        {"phase": "load", "seconds": 0.29, "calls": 1}, {"phase": "SmoothQuant", "seconds": 4.31, "calls": 1},
+        {"phase": "SmoothQuant > rewrite", "seconds": 5.0, "calls": 2}, {"phase": "statistics", "seconds": 4.07, "calls": 1},
+        {"phase": "plan", "seconds": 0.01, "calls": 1}]}
+    assert cost_text(cost) == " in 9.1 s (SmoothQuant 4.3 s, statistics 4.1 s, load 0.29 s)"
+    assert cost_text(None) == ""

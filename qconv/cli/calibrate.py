@@ -116,7 +116,7 @@ def run_cmd(term, model, data, out, shard, per_tensor, equalize, smooth, export_
         term.info(f"{out} is up to date (same model, data and options): nothing to do")
     else:
         _warn_tensors(term, calib)
-        term.info(f"wrote {out}: {len(calib.tensors)} tensors from {calib.samples} feeds")
+        term.info(f"wrote {out}: {len(calib.tensors)} tensors from {calib.samples} feeds{cost_text(job.cost)}")
         if calib.output_ranges:
             s = calib.output_ranges["search"]
             term.info(f"output-aware ranges on {s['rows']} rows: {s['moved']} of {s['tensors']} activations narrowed, their readers' "
@@ -124,6 +124,15 @@ def run_cmd(term, model, data, out, shard, per_tensor, equalize, smooth, export_
     if export is not None:
         written = export_tables(calib if fresh else load_calibration_file(out), export[0], export[1])
         term.info(f"wrote TensorRT tables {', '.join(str(p) for p in written)}")
+
+
+def cost_text(cost: dict | None) -> str:
+    """" in 9.1 s (SmoothQuant 4.3 s, statistics 4.1 s, range floors check 0.9 s)": the run's time and its longest phases."""
+    if not cost:
+        return ""
+    outer = sorted((p for p in cost["phases"] if " > " not in p["phase"]), key=lambda p: -p["seconds"])
+    longest = ", ".join(f"{p['phase']} {p['seconds']:.2g} s" for p in outer[:3] if p["seconds"] >= 0.05)
+    return f" in {cost['seconds']:.3g} s" + (f" ({longest})" if longest else "")
 
 
 def _warn_tensors(term, calib) -> None:

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qconv import distributed, io, pipeline, runtime
+from qconv import clock, distributed, io, pipeline, runtime
 from qconv.adjust import clip
 from qconv.calib.collect import activation_tensors
 from qconv.calib.ranges import DEFAULT_METHOD
@@ -36,6 +36,7 @@ class CalibrateJob:
     notes: list[str] = field(default_factory=list)  # what run_calibrate decided on the way (equalization), for the user
     ranges: str = "calibrated"  # output: also search output-aware ranges for the default plan (qconv.adjust.clip)
     floors: str = "auto"  # range floors: auto (checked on the calibration rows, recorded for quantize --calib), on, off
+    cost: dict | None = None  # what the run took (qconv.clock), set by run_calibrate: the file itself holds no timing
 
     def check(self) -> None:
         QuantConfig(method=self.method or DEFAULT_METHOD, percentile=99.999 if self.percentile is None else self.percentile)  # validates
@@ -51,7 +52,16 @@ class CalibrateJob:
 
 
 def run_calibrate(job: CalibrateJob, progress=pipeline.no_progress):
-    """The calibration written to ``job.out``, or None when the file there is already up to date."""
+    """The calibration written to ``job.out``, or None when the file there is already up to date; ``job.cost`` says
+    what the run took, phase by phase (qconv.clock)."""
+    with clock.recording():
+        try:
+            return _run_calibrate(job, progress)
+        finally:
+            job.cost = clock.summary()
+
+
+def _run_calibrate(job: CalibrateJob, progress):
     from qconv.calib.store import Calibration
 
     job.check()
