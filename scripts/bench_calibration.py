@@ -8,7 +8,8 @@ rendered pages, all-MiniLM-L6-v2 on 512 tokenized lines), in one run: one fp32 o
 (its process's peak RSS is the inference footprint), `qconv calibrate`, `qconv quantize --data` (a first run on a
 fresh kernel cache, then a second), and onnxruntime's quantize_static (MinMax, QDQ); each a child process, wall time
 and peak RSS from its rusage; ``--exact`` adds `calibrate --hist-samples 0` (every value counted: the cost before the
-statistics moved into the graph).
+statistics moved into the graph). Under `quantize --data` it prints where that run's time went (its report's
+``cost``): each phase's median seconds and its ratio to the fp32 pass.
 
 Without ``--models``:
 
@@ -391,7 +392,10 @@ def models_table(work: Path, exact: bool, repeat: int = 1) -> list[dict]:
                                                       "-o", str(work / "e.json"), "-q"], env)
             q = cli + ["quantize", m, "--data", d, "--batch-size", b, "-o", str(work / "q.onnx"), "-q", "--no-latency"]
             got["quantize --data (first)"] = measured(q, env)
-            got["quantize --data"] = measured(q, env)
+            got["quantize --data"] = measured(q + ["--report", str(work / "q.report.json")], env)
+            if "error" not in got["quantize --data"]:  # where its time went (the report's cost)
+                cost = json.loads((work / "q.report.json").read_text())["cost"]
+                got["quantize --data"]["phases"] = {p["phase"]: p["seconds"] for p in cost["phases"] if " > " not in p["phase"]}
             got["ort quantize_static"] = measured([py, "-c", ORT_MINMAX, m, d, b, str(ROOT), str(work / "o.onnx")])
             rounds.append(got)
         row = {"name": c["name"], "rounds": len(rounds)}
@@ -403,6 +407,8 @@ def models_table(work: Path, exact: bool, repeat: int = 1) -> list[dict]:
                 continue
             row[key] = {f: statistics.median(x[f] for x in ok) for f in ("wall_s", "peak_mb", "pass_s") if ok[0].get(f) is not None}
             row[key]["wall_runs"] = [round(x["wall_s"], 2) for x in ok]
+            if all("phases" in x for x in ok):  # each phase's median over the rounds
+                row[key]["phases"] = {k: statistics.median(x["phases"].get(k, 0.0) for x in ok) for k in ok[0]["phases"]}
         rows.append(row)
         print_model_row(row)
     return rows
@@ -424,6 +430,9 @@ def print_model_row(row: dict) -> None:
         print(f"  {key:26s} {r['wall_s']:7.1f} s  {r['wall_s'] / base_s:6.2f}x fp32 pass  "
               f"{fmt(r['wall_s'] / ort_s if ort_s else None, '.2f')}x ort  peak {r['peak_mb']:6.0f} MB  "
               f"{r['peak_mb'] / base_mb:5.2f}x inference" + (f"  runs {r['wall_runs']}" if row.get("rounds", 1) > 1 else ""), flush=True)
+        if r.get("phases"):
+            longest = sorted(r["phases"].items(), key=lambda kv: -kv[1])
+            print("  " + " " * 26 + " phases: " + ", ".join(f"{k} {v:.1f} s ({v / base_s:.2f}x)" for k, v in longest if v >= 0.1), flush=True)
 
 
 def print_model_targets(rows: list[dict]) -> None:
