@@ -67,6 +67,21 @@ def phase(name: str):
         rec.stack.pop()
 
 
+def recorded(fn):
+    """Decorator: each call of the function is a recording (its report's ``cost``)."""
+    @functools.wraps(fn)
+    def inner(*args, **kwargs):
+        with recording():
+            return fn(*args, **kwargs)
+    return inner
+
+
+def longest(cost: dict, n: int = 3) -> list[dict]:
+    """The ``n`` longest outer phases of a cost summary (a report's ``cost``), longest first."""
+    outer = [p for p in cost.get("phases") or [] if " > " not in str(p.get("phase"))]
+    return sorted(outer, key=lambda p: -float(p.get("seconds") or 0.0))[:n]
+
+
 def timed(name: str):
     """Decorator: each call of the function is a phase ``name``."""
     def wrap(fn):

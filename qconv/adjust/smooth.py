@@ -53,6 +53,14 @@ class Capture:
     hi: np.ndarray
     rows: list[np.ndarray] = field(default_factory=list)
 
+    @classmethod
+    def of(cls, got: dict[str, "Capture"], name: str, channels: int) -> "Capture":
+        """``got``'s capture of ``name``, made empty (no extremes yet) the first time."""
+        c = got.get(name)
+        if c is None:
+            c = got[name] = cls(np.full(channels, np.inf, np.float32), np.full(channels, -np.inf, np.float32))
+        return c
+
     def widen(self, x: np.ndarray) -> None:
         self.lo, self.hi = np.minimum(self.lo, x.min(0)), np.maximum(self.hi, x.max(0))
 
@@ -146,9 +154,7 @@ def capture(model: onnx.ModelProto, inputs: dict[str, int], feeds: Iterable[dict
             if v.ndim < 2:
                 continue
             x = np.moveaxis(v, inputs[name], -1).reshape(-1, v.shape[inputs[name]])
-            c = got.get(name)
-            if c is None:
-                c = got[name] = Capture(np.full(x.shape[1], np.inf, np.float32), np.full(x.shape[1], -np.inf, np.float32))
+            c = Capture.of(got, name, x.shape[1])
             c.add(x, min(keep, sampled - sum(len(r) for r in c.rows)) if sampling else 0)  # extremes over every feed
     del sess
     runtime.give_back()  # the exposed activations' heap back to the system (MiniLM: 281 -> 202 MB held after it)
@@ -198,9 +204,7 @@ def _add_chunked(got: dict[str, Capture], sess, feed: dict, names: list[str], he
             if v.ndim < 2:
                 continue
             x = v.reshape(-1, v.shape[-1])
-            c = got.get(name)
-            if c is None:
-                c = got[name] = Capture(np.full(x.shape[1], np.inf, np.float32), np.full(x.shape[1], -np.inf, np.float32))
+            c = Capture.of(got, name, x.shape[1])
             c.widen(x)
             if name not in shares:  # the feed's rows of this input: its first chunk's, per row, times the feed's rows
                 n = min(keep, sampled - sum(len(r) for r in c.rows))

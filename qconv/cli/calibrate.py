@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from qconv import clock
 from qconv.cli.common import calib_options_from, data_options, guarded, output_options, range_options
 from qconv.errors import UsageError
 from qconv.io import check_output_path
@@ -130,8 +131,7 @@ def cost_text(cost: dict | None) -> str:
     """" in 9.1 s (SmoothQuant 4.3 s, statistics 4.1 s, range floors check 0.9 s)": the run's time and its longest phases."""
     if not cost:
         return ""
-    outer = sorted((p for p in cost["phases"] if " > " not in p["phase"]), key=lambda p: -p["seconds"])
-    longest = ", ".join(f"{p['phase']} {p['seconds']:.2g} s" for p in outer[:3] if p["seconds"] >= 0.05)
+    longest = ", ".join(f"{p['phase']} {p['seconds']:.2g} s" for p in clock.longest(cost) if p["seconds"] >= 0.05)
     return f" in {cost['seconds']:.3g} s" + (f" ({longest})" if longest else "")
 
 

@@ -35,14 +35,10 @@ class CompareJob:
         check_report_paths(self.reports, self.original, self.quantized, self.data)
 
 
+@clock.recorded
 def run_compare(job: CompareJob, progress=pipeline.no_progress) -> dict:
     """Compare any two models on the same data: outputs, task accuracy, latency and every shared tensor (the report's
     ``cost``: what the comparison took, qconv.clock)."""
-    with clock.recording():
-        return _run_compare(job, progress)
-
-
-def _run_compare(job: CompareJob, progress) -> dict:
     job.check()
     original, quantized = io.load_model(job.original), io.load_model(job.quantized)
     labels = load_labels(job.evaluation.labels)
@@ -50,8 +46,7 @@ def _run_compare(job: CompareJob, progress) -> dict:
     specs = [InputSpec.from_value_info(i) for i in original.graph.input if i.name not in initializers]
     source = FeedSource(job.data, specs, batch_size=job.batch_size, cast=job.cast_data)
     io_params = io_params_of(quantized)
-    with clock.phase("evaluation"):
-        evaluation, _ = evaluate_models(str(job.original), str(job.quantized), original, quantized, dequantized_of(quantized),
-                                         source, labels, job.evaluation, progress, io=io_params)
+    evaluation, _ = evaluate_models(str(job.original), str(job.quantized), original, quantized, dequantized_of(quantized),
+                                     source, labels, job.evaluation, progress, io=io_params)
     report = build_comparison_report(str(job.original), str(job.quantized), original, quantized, evaluation, str(job.data))
     return finish(report, job.gates, job.reports)

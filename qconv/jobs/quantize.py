@@ -124,14 +124,10 @@ def _make_plan(job: QuantizeJob, prepared: pipeline.Prepared, stored: QuantPlan 
     return pipeline.replan(prepared, stored, calib, f"plan file {job.plan_file}"), calib
 
 
+@clock.recorded
 def run_quantize(job: QuantizeJob, progress=pipeline.no_progress) -> tuple[dict, pipeline.Result]:
     """Plan (or read a plan), rewrite, evaluate, write the model and reports. Nothing is written on error. The report's
     ``cost`` is what this run took (qconv.clock)."""
-    with clock.recording():
-        return _run_quantize(job, progress)
-
-
-def _run_quantize(job: QuantizeJob, progress) -> tuple[dict, pipeline.Result]:
     job.check()
     if job.plan_file is None and job.planning.data is not None:  # calibration shards, if any, start while this prepares
         distributed.start_early(job.planning.calib_options.executor)

@@ -44,7 +44,6 @@ class EvalOptions:
     metric: str | None = None  # --metric MODULE:FUNCTION (qconv.measure.usermetric)
 
 
-@clock.timed("evaluation")
 def evaluate(prepared: pipeline.Prepared, result: pipeline.Result, source: FeedSource, labels, opts: EvalOptions,
              progress=pipeline.no_progress) -> tuple[dict, Reference]:
     """Fidelity of the written model against the original file, latency, and per-layer error on a sample."""
@@ -88,6 +87,7 @@ def _sharded_outputs(float_src, quant_src, source: FeedSource, labels, opts: Eva
     return {**tally.summary(labels), "rows": tally.rows}
 
 
+@clock.timed("profile")
 def node_profile(prepared: pipeline.Prepared, result: pipeline.Result, feed: dict, threads: int) -> dict:
     """Per-node kernel times of the float and the written model (onnxruntime's profiler) on one feed."""
     from qconv.measure import profile as prof
@@ -102,6 +102,7 @@ def node_profile(prepared: pipeline.Prepared, result: pipeline.Result, feed: dic
     return prof.compare(ft, qt, quantized, ops)
 
 
+@clock.timed("evaluation")
 def evaluate_models(float_src, quant_src, float_layers, quant_layers, dequantized, source: FeedSource, labels,
                      opts: EvalOptions, progress, qtypes=None, io: dict | None = None) -> tuple[dict, Reference]:
     """``io``: integer-I/O parameters of the quantized model; its inputs are quantized and outputs dequantized here."""

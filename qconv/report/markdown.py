@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 
+from qconv import clock
 from qconv.report.html import (
     DASH,
     as_number,
@@ -125,11 +126,11 @@ def _summary(report: dict) -> str:
                           f"{format_number(nodes.get('float'), 'g')} kept float"))
     cost = section(report, "cost")
     if cost:
-        outer = sorted((p for p in rows(cost, "phases") if " > " not in str(p.get("phase"))), key=lambda p: -(as_number(p.get("seconds")) or 0))
+        longest = clock.longest(cost)
         peak = as_number(cost.get("peak_rss_mb"))
         lines.append(_row("qconv's own run", DASH, f"{format_number(cost.get('seconds'), '.3g')} s" + (f", peak {peak:.0f} MB" if peak else ""),
-                          ", ".join(f"{_text(p.get('phase'))} {format_number(p.get('seconds'), '.2g')} s" for p in outer[:3])
-                          + (" (the longest phases)" if len(outer) > 1 else "")))
+                          ", ".join(f"{_text(p.get('phase'))} {format_number(p.get('seconds'), '.2g')} s" for p in longest)
+                          + (" (the longest phases)" if len(longest) > 1 else "")))
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
