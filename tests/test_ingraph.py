@@ -97,6 +97,44 @@ def test_sample_step_is_odd_and_shared_by_numpy_and_the_graph():
     assert b.values.tolist() == x[::101].tolist() and (b.lo, b.hi, b.count) == (0.0, 999.0, 1000)
 
 
+def test_a_run_of_many_batches_takes_fewer_histogram_values_a_batch_and_about_a_million_a_tensor():
+    assert ingraph.samples_for(None, None, 1) == ingraph.samples_for(None, "minmax", 64) == 16384  # as before, up to 64 batches
+    assert ingraph.samples_for(None, None, 65) == (1 << 20) // 65 == 16131
+    assert ingraph.samples_for(None, None, 400) == 2621  # PP-OCRv4 rec, 400 lines at batch 1
+    assert ingraph.samples_for(None, None, 10 ** 6) == ingraph.MIN_SAMPLES
+    assert ingraph.samples_for(None, "percentile", 400) == 0 and ingraph.samples_for(500, None, 400) == 500  # as asked
+
+
+def test_each_follower_is_computed_from_the_longest_chain_its_steps_extend():
+    a, b, c = derive.Step("add", 3.0), derive.Step("clip", 0.0, 6.0), derive.Step("div", 6.0)
+    derived = {"x3": ("x", (a,)), "clip": ("x", (a, b)), "hs": ("x", (a, b, c)), "r": ("x", (derive.Step("relu"),)),
+               "copy": ("y", (derive.Step("copy"),)), "x3b": ("x", (a,))}
+    got = derive.followers(derived)
+    assert got["x"] == [("x3", None, (a,)), ("r", None, (derive.Step("relu"),)), ("x3b", "x3", ()), ("clip", "x3", (b,)),
+                        ("hs", "clip", (c,))]
+    assert got["y"] == [("copy", None, (derive.Step("copy"),))]
+
+
+@settings(max_examples=60, deadline=None)
+@given(values=st.lists(st.floats(-1e4, 1e4, width=32), min_size=1, max_size=30),
+       chains=st.lists(st.lists(st.sampled_from(["add", "sub", "mul", "div", "clip", "relu", "neg", "leaky", "copy"]), min_size=1,
+                                max_size=4), min_size=1, max_size=6))
+def test_values_and_extremes_down_the_followers_tree_equal_those_from_the_root(values, chains):
+    make = {"clip": derive.Step("clip", -2.5, 7.0), "leaky": derive.Step("leaky", 0.1)}
+    full = [tuple(make.get(op, derive.Step(op, 1.7 if op != "div" else 3.1)) for op in ops) for ops in chains]
+    derived = {f"t{k}": ("x", steps) for k, steps in enumerate(full)}
+    derived.update({f"p{k}": ("x", steps[:1]) for k, steps in enumerate(full)})  # prefixes, so parents exist
+    x = np.array(values, np.float32)
+    got = {None: (float(x.min()), float(x.max()), x)}
+    for t, parent, steps in derive.followers(derived)["x"]:
+        lo, hi, v = got[parent]
+        got[t] = (*derive.extremes(steps, lo, hi), derive.values(steps, v))
+    for t, (_, steps) in derived.items():
+        want = derive.values(steps, x)
+        assert got[t][:2] == derive.extremes(steps, float(x.min()), float(x.max())), t
+        assert np.array_equal(got[t][2], want, equal_nan=True), t
+
+
 @settings(max_examples=80, deadline=None)
 @given(values=st.lists(st.floats(-1e4, 1e4, width=32), min_size=1, max_size=40),
        c=st.floats(-50, 50, width=32).filter(lambda v: abs(v) > 1e-3),
@@ -154,6 +192,16 @@ def test_calibrate_records_its_histogram_samples_and_counts_every_value_for_tail
         assert (t["min"], t["max"], t["count"]) == (p["tensors"][name]["min"], p["tensors"][name]["max"], p["tensors"][name]["count"])
     r = invoke("calibrate", tmp_path / "m.onnx", "--data", tmp_path / "d.npy", "-o", tmp_path / "x.json", "--hist-samples", "-1")
     assert r.exit_code == 2 and "--hist-samples" in r.output
+
+
+def test_a_long_run_records_the_samples_its_length_gave_and_every_shard_takes_them_too(tmp_path):
+    model = _chain_model()
+    onnx.save(model, tmp_path / "m.onnx")
+    np.save(tmp_path / "d.npy", np.random.default_rng(4).normal(0, 2, (140, 3, 8, 8)).astype(np.float32))  # 70 feeds of 2
+    for out, extra in (("a.json", []), ("s.json", ["--shard", "1/3"])):
+        r = invoke("calibrate", tmp_path / "m.onnx", "--data", tmp_path / "d.npy", "--batch-size", 2, "-o", tmp_path / out, *extra)
+        assert r.exit_code == 0, r.output
+        assert json.loads((tmp_path / out).read_text())["options"]["hist_samples"] == (1 << 20) // 70
 
 
 def test_the_calibration_graph_is_a_valid_model_with_the_original_outputs():

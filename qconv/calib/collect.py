@@ -161,9 +161,7 @@ def _reduced_pass(model, feeds, threads, progress, bins, momentum, names, chains
     graph, sess = cache[made]
     fetch = graph.outputs()
     observers = {n: TensorObserver(bins=bins, momentum=momentum) for n in names}
-    followers: dict[str, list] = {}
-    for t, (root, steps) in derived.items():
-        followers.setdefault(root, []).append((t, steps))
+    followers = derive.followers(derived)
 
     def observe(index: int, feed: dict, fetched: list) -> None:
         batches = graph.read(fetched)
@@ -172,15 +170,18 @@ def _reduced_pass(model, feeds, threads, progress, bins, momentum, names, chains
         held = set()
         for root, b in batches.items():
             if b is None:
-                held |= {root} | {t for t, _ in followers.get(root, [])}
+                held |= {root} | {t for t, *_ in followers.get(root, [])}
                 continue
             observers[root].add(b, index)
-            for t, steps in followers.get(root, []):
-                lo, hi = derive.extremes(steps, b.lo, b.hi) if b.count else (0.0, 0.0)
+            got = {None: (b.lo, b.hi, b.values)}  # each follower's from its parent's (derive.followers)
+            for t, parent, steps in followers.get(root, []):
+                lo, hi, values = got[parent]
+                lo, hi = derive.extremes(steps, lo, hi) if b.count else (0.0, 0.0)
+                got[t] = lo, hi, derive.values(steps, values)
                 if b.nonfinite or not (np.isfinite(lo) and np.isfinite(hi)):
                     held.add(t)
                     continue
-                observers[t].add(Batch(b.count, 0, lo, hi, derive.values(steps, b.values)), index)
+                observers[t].add(Batch(b.count, 0, lo, hi, got[t][2]), index)
         if held:
             raise _Held(held)
 

@@ -71,8 +71,8 @@ def _run_calibrate(job: CalibrateJob, progress):
     o = job.options
     sharded = distributed.parse_executor(o.executor).distributed or o.shards
     source = pipeline.feeds_for(prepared, job.data, o.batch_size, o.samples, job.shard, o.cast_data)
-    samples = o.samples_for(job.method)
     first = pipeline.feeds_for(prepared, job.data, o.batch_size, o.samples, cast=o.cast_data)  # every shard decides alike
+    samples = o.samples_for(job.method, first.count())
     made, scales, smoothing = rewritten(prepared, first, job.equalize, dataclasses.replace(config, method=job.method or DEFAULT_METHOD),
                                         o.threads)
     job.notes[:] = [n for n in prepared.notes if n.startswith(("cross-layer equalization", "SmoothQuant"))]

@@ -37,10 +37,11 @@ class CalibOptions:
     max_memory: int = 1 << 30  # bytes of exposed activations one calibration pass may hold
     executor: str | None = None  # local | local:N | dask://HOST:PORT (shards as tasks on Dask)
     shards: int | None = None  # with a distributed executor: how many shards (default 16, whatever the workers)
-    hist_samples: int | None = None  # histogram values per tensor and batch (None: by the range method; 0: every value)
+    hist_samples: int | None = None  # histogram values per tensor and batch (None: by the range method and the run's length; 0: every value)
 
-    def samples_for(self, method: str | None) -> int:
-        return ingraph.samples_for(self.hist_samples, method)
+    def samples_for(self, method: str | None, batches: int = 1) -> int:
+        """Histogram values per tensor and batch for a run of ``batches`` feeds (the whole data set's: qconv.calib.ingraph)."""
+        return ingraph.samples_for(self.hist_samples, method, batches)
 
     def check(self) -> None:
         ex = distributed.parse_executor(self.executor)
@@ -188,10 +189,10 @@ def statistics(job: PlanJob, prepared: pipeline.Prepared, overrides: Overrides, 
     if distributed.parse_executor(o.executor).distributed or o.shards:
         names = calibration_targets(prepared.model, config, activation_tensors(prepared.model), overrides)
         calib = sharded_calibration(prepared, job.data, source, names, job.config.per_channel, job.method, o, progress,
-                                    made, o.samples_for(config.method), scales, smoothing)
+                                    made, o.samples_for(config.method, source.count()), scales, smoothing)
     else:
-        calib = pipeline.calibrate(prepared, source, o.threads, progress, job.method, o.bins, o.momentum,
-                                   config, overrides, o.max_memory, made, o.samples_for(config.method), smooth=bool(smoothing))
+        calib = pipeline.calibrate(prepared, source, o.threads, progress, job.method, o.bins, o.momentum, config, overrides,
+                                   o.max_memory, made, o.samples_for(config.method, source.count()), smooth=bool(smoothing))
     calib.equalization = scales
     calib.smoothing = smoothing
     return calib
