@@ -68,8 +68,10 @@ def session(model: onnx.ModelProto | str, threads: int | None = None, optimize: 
 # start (an int4 decoder of 334 MB held 1.9 GB in its checks), and onnxruntime's Python session keeps the message for
 # its whole life (MiniLM, 91 MB of weights: 364 MB after a session from the message, 220 MB from a file, peak 412 -> 243
 # MB), where weights in a file are read, or mapped when prepacking is off, once. It is no slower: writing the file
-# costs what serializing the message did.
-FILE_SESSION_BYTES = 1 << 24
+# costs what serializing the message did (PP-OCRv4 rec, 11 MB: 43-50 ms a session either way). From 1 MB up: each
+# session of the recognizer held 56 MB from its message, 45 from a file (its calibrate at batch 1: peak 258 -> 228 MB
+# with the compacted load).
+FILE_SESSION_BYTES = 1 << 20
 
 
 def goes_by_file(model: onnx.ModelProto) -> bool:
