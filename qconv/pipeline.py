@@ -384,6 +384,7 @@ class CheckRows:
             for k, ref in zip(missing, refs):
                 self.parts[(key, feeds[k])] = row_check(ref, runtime.run(qsess, rows[k], names))
             del qsess
+            runtime.give_back(collect=False)  # its arena, before the next candidate is rewritten
         return check_summary([self.parts[(key, d)] for d in feeds], len(names))
 
     def reference(self, fmodel: onnx.ModelProto, names: list[str], rows: list[dict], digests: list[str],
@@ -399,6 +400,8 @@ class CheckRows:
                 size = sum(np.asarray(v).nbytes for v in got[k])
                 if self.held + size <= self.FLOAT_BYTES:
                     self.floats[k], self.held = got[k], self.held + size
+            del sess
+            runtime.give_back(collect=False)
         return [got[k] for k in keys]
 
 
@@ -510,6 +513,7 @@ def calibrate(prepared: Prepared, source: FeedSource, threads: int | None = None
     advance = progress(label, source.count() * len(groups))
     observers, seen = collect(prepared.model, source, threads=threads, progress=advance, bins=bins, momentum=momentum,
                               names=names, groups=groups, samples=hist_samples)
+    runtime.give_back(collect=False)  # the statistics session's arena, before the checks' models are built
     record = calibration_record(source, method, bins, momentum, tensors="all" if config is None else "planned", equalize=equalize,
                                 hist_samples=hist_samples, smooth=smooth)
     return Calibration(prepared.model_id, source.identity(), seen, record.to_dict(), observers)

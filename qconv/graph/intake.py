@@ -11,7 +11,6 @@ from __future__ import annotations
 import numpy as np
 import onnx
 from onnx import numpy_helper
-from onnx.reference import ReferenceEvaluator
 
 from qconv.errors import QconvError
 from qconv.graph import (Graph, ai_onnx_opset, attr, copy_with_placeholders, drop_unused_initializers, name_nodes, topo_sort,
@@ -243,6 +242,8 @@ def fold_constants(model: onnx.ModelProto, keep_ops: frozenset = frozenset()) ->
             ),
             opset_imports=[op for op in model.opset_import if op.domain in ("", "ai.onnx")],
         )
+        from onnx.reference import ReferenceEvaluator  # here: importing it costs 12 MB resident, and most models fold nothing
+
         try:
             values = ReferenceEvaluator(sub).run(needed, {}) if needed else []
         except Exception:  # noqa: BLE001 - an op the reference runtime lacks: leave the graph as it is
@@ -270,7 +271,7 @@ def upgrade_opset(model: onnx.ModelProto, target: int) -> str | None:
     if current >= target:
         return None
     try:
-        converted = onnx.version_converter.convert_version(model, target)
+        converted = _converted(model, target)
     except Exception as exc:  # noqa: BLE001 - the converter raises bare RuntimeErrors
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise QconvError(
@@ -286,6 +287,36 @@ def upgrade_opset(model: onnx.ModelProto, target: int) -> str | None:
     model.CopyFrom(converted)
     model.ir_version = max(model.ir_version, _MIN_IR.get(target, 7))
     return f"opset upgraded from {current} to {target} (needed by the QDQ form)"
+
+
+CONVERT_STRIP_BYTES = 4096  # initializers this big go through the version converter as placeholders
+
+
+def _converted(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
+    """``onnx.version_converter.convert_version(model, target)``, run on a copy whose big initializers are placeholders
+    (name, type, shape), their data put back after: the converter serializes, parses and copies the model several
+    times (PP-OCRv4 rec, 11 MB: 94 MB more at the peak of its normalizing). Its adapters read small constants (shapes,
+    axes, scales) only; where a big one came back renamed, reshaped or retyped, or not at all, the whole model is
+    converted as it is instead."""
+    big = {t.name: t for t in model.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL and _tensor_bytes(t) >= CONVERT_STRIP_BYTES}
+    if not big:
+        return onnx.version_converter.convert_version(model, target)
+    converted = onnx.version_converter.convert_version(copy_with_placeholders(model, set(big)), target)
+    back = {t.name: t for t in converted.graph.initializer if t.name in big}
+    if set(back) != set(big) or any(list(t.dims) != list(big[n].dims) or t.data_type != big[n].data_type or _has_data(t)
+                                    for n, t in back.items()):
+        return onnx.version_converter.convert_version(model, target)
+    for name, t in back.items():
+        t.CopyFrom(big[name])
+    return converted
+
+
+def _tensor_bytes(t: onnx.TensorProto) -> int:
+    return len(t.raw_data) + 4 * (len(t.float_data) + len(t.int32_data)) + 8 * (len(t.int64_data) + len(t.double_data) + len(t.uint64_data))
+
+
+def _has_data(t: onnx.TensorProto) -> bool:
+    return bool(_tensor_bytes(t) or t.string_data or t.external_data)
 
 
 def interface(model: onnx.ModelProto) -> dict[str, tuple]:

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qconv import clock, distributed, io, pipeline
+from qconv import clock, distributed, io, pipeline, runtime
 from qconv.adjust import clip
 from qconv.calib import ingraph
 from qconv.calib.collect import activation_tensors
@@ -216,7 +216,9 @@ def rewritten(prepared: pipeline.Prepared, source, asked: str, config: QuantConf
     then SmoothQuant as ``config.smooth`` asks (``pipeline.smooth_checked``). Returns (equalized, the gated pairs'
     scales, the smoothing), all recorded in the calibration."""
     made, scales = equalization(prepared, source, asked, config, threads)
-    return made, scales, pipeline.smooth_checked(prepared, source, config, threads)
+    smoothing = pipeline.smooth_checked(prepared, source, config, threads)
+    runtime.give_back(collect=False)  # the checks' sessions and candidate models, before the statistics session
+    return made, scales, smoothing
 
 
 def equalization(prepared: pipeline.Prepared, source, asked: str, config: QuantConfig, threads: int | None
