@@ -160,3 +160,28 @@ def test_shape_inference_reads_a_copy_without_the_weights_and_leaves_the_model_a
     np.testing.assert_array_equal(numpy_helper.to_array(s), [1, -1])
     inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
     assert [d.dim_value for d in inferred.graph.output[0].type.tensor_type.shape.dim] == [1, 128]
+
+
+def test_the_opset_upgrade_converts_a_weightless_copy_and_gives_the_same_model_as_converting_it_whole():
+    """Opset 11 -> 13: Squeeze's and ReduceSum's axes become inputs (small constants the adapters write), the Conv
+    and MatMul weights (big) go through as placeholders and come back with their data."""
+    from qconv.graph import intake
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(32, 4, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.normal(size=(16, 64)).astype(np.float32), "m"),
+             numpy_helper.from_array(np.array([1.5], np.float32), "small")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("ReduceSum", ["c"], ["r"], axes=[2], keepdims=1),
+             helper.make_node("Squeeze", ["r"], ["s"], axes=[2]),
+             helper.make_node("MatMul", ["s", "m"], ["y0"]),
+             helper.make_node("Mul", ["y0", "small"], ["y"])]
+    m = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 5, 16])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits, opset=11)
+    assert sum(intake._tensor_bytes(t) >= intake.CONVERT_STRIP_BYTES for t in m.graph.initializer) == 2
+    whole = onnx.version_converter.convert_version(m, 13)
+    got = intake._converted(m, 13)
+    assert got.SerializeToString() == whole.SerializeToString()
+    assert {t.name for t in got.graph.initializer} >= {"w", "m", "small"}
+    x = rng.normal(size=(1, 4, 5, 16)).astype(np.float32)
+    np.testing.assert_array_equal(run_model(got, {"x": x})[0], run_model(m, {"x": x})[0])
