@@ -106,23 +106,6 @@ def exposed_session(model: onnx.ModelProto, names_types: dict[str, int], threads
         del graph.initializer[counts[2]:]
 
 
-def big_blocks_go_back(threshold: int = 1 << 20) -> None:
-    """Have blocks of ``threshold`` bytes or more mapped on their own and unmapped when freed, and the heap's free top
-    returned past twice that (glibc's mallopt; a no-op elsewhere). By default glibc raises its mapping threshold to the
-    largest block freed, up to 32 MB, and serves such blocks from its heap after: a session's arena freed by one check
-    then stayed held under the next (PP-OCRv4 rec calibrate at batch 1: peak 228 -> 217 MB, the same time). The command
-    line sets it at start; the library leaves the process's allocator as its caller set it."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD (fixed: no more dynamic raise)
-        libc.mallopt(-1, 2 * threshold)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
 def give_back(collect: bool = True) -> None:
     """Return the heap memory freed since to the system. glibc keeps freed blocks for reuse, and once a big block is
     freed it serves the next ones up to 32 MB from its heap too: after the prepacked sessions of an int4 decoder of

@@ -37,9 +37,12 @@ class Step:
     a: float = 0.0  # the constant (clip: the low bound; leaky: alpha)
     b: float = 0.0  # clip: the high bound
 
+    def __post_init__(self):
+        object.__setattr__(self, "_f32", (np.float32(self.a), np.float32(self.b)))  # once, not on every batch
+
     def apply(self, x):
         """f(x) in float32, elementwise (``x`` an array or a float32 scalar)."""
-        a, b = np.float32(self.a), np.float32(self.b)
+        a, b = self._f32
         x = np.asarray(x, dtype=np.float32)
         if self.op == "copy":
             return x
@@ -69,13 +72,14 @@ class Step:
 
 
 def extremes(steps: tuple[Step, ...], lo: float, hi: float) -> tuple[float, float]:
-    """The extremes of f(x) for x with extremes ``lo``, ``hi`` (f = the steps in order)."""
-    a, b = np.float32(lo), np.float32(hi)
+    """The extremes of f(x) for x with extremes ``lo``, ``hi`` (f = the steps in order): both ends as one float32 pair
+    through each step (elementwise: the same values as one at a time), swapped after a decreasing one."""
+    v = np.array([lo, hi], np.float32)
     for s in steps:
-        a, b = s.apply(a), s.apply(b)
+        v = s.apply(v)
         if s.decreasing:
-            a, b = b, a
-    return float(a), float(b)
+            v = v[::-1]
+    return float(v[0]), float(v[1])
 
 
 def values(steps: tuple[Step, ...], x: np.ndarray) -> np.ndarray:

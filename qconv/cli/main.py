@@ -36,7 +36,4 @@ cli.add_command(tokenize_cmd)
 
 
 def main() -> None:
-    from qconv.jobs.common import start_process
-
-    start_process()
     cli(prog_name="qconv")

@@ -1,4 +1,4 @@
-"""What the jobs share: the command line's process start, labels for top-1, and the report's last step."""
+"""What the jobs that write reports share: labels for top-1, and the report's last step."""
 
 from __future__ import annotations
 
@@ -6,17 +6,12 @@ from pathlib import Path
 
 import numpy as np
 
-from qconv import clock, runtime
+from qconv import clock
 from qconv.errors import QconvError
 from qconv.measure.thresholds import Thresholds
 from qconv.report.build import complete
 from qconv.report.gates import evaluate_gates
 from qconv.report.write import write_reports
-
-
-def start_process() -> None:
-    """What a command-line process sets before its job: freed big blocks go back to the system (runtime.big_blocks_go_back)."""
-    runtime.big_blocks_go_back()
 
 
 def load_labels(path: Path | None) -> np.ndarray | None:

@@ -100,7 +100,7 @@ def apply_dynamic(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
     by_name = {n.name: n for n in m.graph.node}
     for tp in plan.tensors.values():
         if tp.role == "table":  # planner.weight_only_tables: 8-bit rows, scaled after the gather
-            nodes, inits = table_nodes(g, tp, by_name)
+            nodes, inits = table_nodes(g, tp, by_name, g.array)
             new_nodes += nodes
             new_inits += inits
     dql: dict[str, tuple[str, str, str]] = {}  # activation -> (quantized, scale, zero point)
