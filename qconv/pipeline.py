@@ -35,7 +35,7 @@ from qconv.calib.observers import DEFAULT_BINS, DEFAULT_MOMENTUM
 from qconv.calib.store import Calibration, Ranges, Record, refined_in, smoothing_of
 from qconv.data import FeedSource, InputSpec
 from qconv.errors import QconvError
-from qconv.graph import Graph, compacted, copy_with_placeholders, subgraphs
+from qconv.graph import Graph, compacted, copy_with_placeholders, model_size, subgraphs
 from qconv.graph.intake import interface_change, prepare, prepare_quantized
 from qconv.plan import NodeDecision, QuantPlan
 from qconv.plan.config import QuantConfig
@@ -85,7 +85,7 @@ def load(path: str | os.PathLike, config: QuantConfig) -> Prepared:
             pairs = equalize(model)
             notes.append(f"cross-layer equalization: {pairs} Conv pair{'s' if pairs != 1 else ''} rescaled"
                          if pairs else "cross-layer equalization: no Conv pair joined by identity or Relu to rescale")
-    if model.ByteSize() <= COMPACT_BELOW:
+    if model_size(model) <= COMPACT_BELOW:  # estimated: upb's ByteSize would serialize the model to count it
         model = compacted(model)  # what normalizing replaced is still in the loaded model's arena (graph.compacted)
         runtime.give_back()
     return Prepared(Path(path), structure, model, notes, identity, external, found)

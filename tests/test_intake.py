@@ -165,7 +165,7 @@ def test_shape_inference_reads_a_copy_without_the_weights_and_leaves_the_model_a
 def test_the_opset_upgrade_converts_a_weightless_copy_and_gives_the_same_model_as_converting_it_whole():
     """Opset 11 -> 13: Squeeze's and ReduceSum's axes become inputs (small constants the adapters write), the Conv
     and MatMul weights (big) go through as placeholders and come back with their data."""
-    from qconv.graph import intake
+    from qconv.graph import intake, tensor_size
 
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.normal(size=(32, 4, 3, 3)).astype(np.float32), "w"),
@@ -178,7 +178,7 @@ def test_the_opset_upgrade_converts_a_weightless_copy_and_gives_the_same_model_a
              helper.make_node("Mul", ["y0", "small"], ["y"])]
     m = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 5, 16])],
                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits, opset=11)
-    assert sum(intake._tensor_bytes(t) >= intake.CONVERT_STRIP_BYTES for t in m.graph.initializer) == 2
+    assert sum(tensor_size(t) >= intake.CONVERT_STRIP_BYTES for t in m.graph.initializer) == 2
     whole = onnx.version_converter.convert_version(m, 13)
     got = intake._converted(m, 13)
     assert got.SerializeToString() == whole.SerializeToString()

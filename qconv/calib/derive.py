@@ -103,8 +103,8 @@ def followers(derived: dict[str, tuple[str, tuple[Step, ...]]]) -> dict[str, lis
         placed = []
         for t, steps in sorted(group, key=lambda f: len(f[1])):  # stable: graph order among equals
             parent, base = None, ()
-            for u, s in done:
-                if len(base) <= len(s) <= len(steps) and steps[:len(s)] == s and (parent is None or len(s) > len(base)):
+            for u, s in done:  # shorter or as long (sorted): the longest prefix, the first of equals
+                if steps[:len(s)] == s and (parent is None or len(s) > len(base)):
                     parent, base = u, s
             placed.append((t, parent, steps[len(base):]))
             done.append((t, steps))

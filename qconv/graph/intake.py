@@ -13,7 +13,7 @@ import onnx
 from onnx import numpy_helper
 
 from qconv.errors import QconvError
-from qconv.graph import (Graph, ai_onnx_opset, attr, copy_with_placeholders, drop_unused_initializers, name_nodes, topo_sort,
+from qconv.graph import (Graph, ai_onnx_opset, attr, copy_with_placeholders, drop_unused_initializers, name_nodes, tensor_size, topo_sort,
                          until_fixed, without_weights)
 
 _NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
@@ -298,7 +298,7 @@ def _converted(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
     times (PP-OCRv4 rec, 11 MB: 94 MB more at the peak of its normalizing). Its adapters read small constants (shapes,
     axes, scales) only; where a big one came back renamed, reshaped or retyped, or not at all, the whole model is
     converted as it is instead."""
-    big = {t.name: t for t in model.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL and _tensor_bytes(t) >= CONVERT_STRIP_BYTES}
+    big = {t.name: t for t in model.graph.initializer if tensor_size(t) >= CONVERT_STRIP_BYTES}  # external ones: their head only
     if not big:
         return onnx.version_converter.convert_version(model, target)
     converted = onnx.version_converter.convert_version(copy_with_placeholders(model, set(big)), target)
@@ -311,12 +311,9 @@ def _converted(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
     return converted
 
 
-def _tensor_bytes(t: onnx.TensorProto) -> int:
-    return len(t.raw_data) + 4 * (len(t.float_data) + len(t.int32_data)) + 8 * (len(t.int64_data) + len(t.double_data) + len(t.uint64_data))
-
-
 def _has_data(t: onnx.TensorProto) -> bool:
-    return bool(_tensor_bytes(t) or t.string_data or t.external_data)
+    return bool(t.raw_data or t.float_data or t.int32_data or t.int64_data or t.double_data or t.uint64_data or t.string_data
+                or t.external_data)
 
 
 def interface(model: onnx.ModelProto) -> dict[str, tuple]:
