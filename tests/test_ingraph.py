@@ -53,10 +53,10 @@ def _chain_model(opset=17) -> onnx.ModelProto:
         nodes, [helper.make_tensor_value_info("x", F, [2, 3, 8, 8])], [helper.make_tensor_value_info("sum", F, [2, 6, 8, 8])], inits, opset=opset))
 
 
-def _feeds(model, rows, path):
+def _feeds(model, rows, path, batch=2):
     np.save(path, rows)
     specs = [InputSpec.from_value_info(i) for i in model.graph.input]
-    return FeedSource(path, specs, batch_size=2)
+    return FeedSource(path, specs, batch_size=batch)
 
 
 def _same(a, b):
@@ -324,3 +324,155 @@ def test_tiny_and_constant_values_get_a_grid_float32_can_scale_by():
     assert o.hist.counts.sum() == 17 and (o.min, o.max) == (0.0, 5.0)
     o.canonicalize()
     assert o.hist.counts.sum() == 17
+
+
+# ---- one-row feeds run stacked (collect.STACK_ROWS): each feed's own statistics, bit for bit ----------------------------
+
+def _row_model(mix: bool = False, opset: int = 17) -> onnx.ModelProto:
+    """x[N,3,H,W] -> Conv -> hard-swish (observed product, derived followers) -> Relu -> Reshape [0, -1]; ``mix``: also a
+    Transpose that puts the rows on axis 1 and a product of it (observed): a tensor whose rows are not each together."""
+    rng = np.random.default_rng(0)
+    c = lambda v, n: numpy_helper.from_array(np.array(v, np.float32), n)  # noqa: E731
+    inits = [numpy_helper.from_array(rng.normal(0, 0.5, (6, 3, 3, 3)).astype(np.float32), "w"), c(3.0, "three"), c(0.0, "zero"),
+             c(6.0, "six"), numpy_helper.from_array(np.array([0, -1], np.int64), "keep")]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["conv"], pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["conv", "three"], ["a3"]),
+        helper.make_node("Clip", ["a3", "zero", "six"], ["clip"]),
+        helper.make_node("Mul", ["conv", "clip"], ["prod"]),
+        helper.make_node("Div", ["prod", "six"], ["hs"]),
+        helper.make_node("Relu", ["hs"], ["relu"]),
+        helper.make_node("Reshape", ["relu", "keep"], ["y"]),
+    ]
+    outputs = [helper.make_tensor_value_info("y", F, None)]
+    if mix:
+        nodes += [helper.make_node("Transpose", ["hs"], ["tr"], perm=[1, 0, 2, 3]), helper.make_node("Mul", ["tr", "tr"], ["sq"])]
+        outputs.append(helper.make_tensor_value_info("sq", F, None))
+    return onnx.shape_inference.infer_shapes(make_model(
+        nodes, [helper.make_tensor_value_info("x", F, ["N", 3, "H", "W"])], outputs, inits, opset=opset))
+
+
+def _one_by_one(monkeypatch, model, feeds, **kw):
+    """``collect`` with every feed run alone (the statistics a stack must reproduce)."""
+    from qconv.calib import collect as c
+
+    with monkeypatch.context() as m:
+        m.setattr(c, "STACK_ROWS", 1)
+        return collect(model, feeds, **kw)
+
+
+def _spy_stacks(monkeypatch):
+    """The stack sizes each stacked pass ran with, and how many passes gave up stacking."""
+    from qconv.calib import collect as c
+
+    seen = {"stacked": [], "unstacked": 0}
+    real, real_same = c._stream_stacked, c._same_rows
+
+    def stream(sess, feeds, fetch, stack, *a, **k):
+        seen["stacked"].append(stack)
+        return real(sess, feeds, fetch, stack, *a, **k)
+
+    def same(*a, **k):
+        ok = real_same(*a, **k)
+        seen["unstacked"] += not ok
+        return ok
+
+    monkeypatch.setattr(c, "_stream_stacked", stream)
+    monkeypatch.setattr(c, "_same_rows", same)
+    return seen
+
+
+def _files_equal(a: dict, b: dict, names):
+    for n in names:
+        a[n].canonicalize()
+        b[n].canonicalize()
+        assert json.dumps(a[n].to_dict()) == json.dumps(b[n].to_dict()), n
+
+
+@pytest.mark.parametrize("opset", [13, 18])
+@pytest.mark.parametrize("samples", [64, 4096])
+def test_one_row_feeds_run_stacked_give_each_feeds_own_statistics_bit_for_bit(opset, samples, tmp_path, monkeypatch):
+    model = _row_model(opset=opset)
+    rows = np.random.default_rng(11).normal(0, 2, (21, 3, 8, 8)).astype(np.float32)  # 2 stacks of 8 and a tail of 5
+    rows[13] *= 40  # a wide row mid-stack: histograms widen within a stack
+    names = activation_tensors(model)
+    single, n1 = _one_by_one(monkeypatch, model, _feeds(model, rows, tmp_path / "r.npy", 1), names=names, samples=samples)
+    seen = _spy_stacks(monkeypatch)
+    stacked, n2 = collect(model, _feeds(model, rows, tmp_path / "r.npy", 1), names=names, samples=samples)
+    assert seen == {"stacked": [8], "unstacked": 0} and n1 == n2 == 21
+    assert stacked["prod"].batches == 21 and [e[0] for e in stacked["prod"].extremes] == list(range(21))
+    _files_equal(stacked, single, names)
+
+
+def test_a_tensor_that_mixes_the_rows_makes_the_feeds_run_one_at_a_time(tmp_path, monkeypatch):
+    model = _row_model(mix=True)
+    rows = np.random.default_rng(12).normal(0, 2, (10, 3, 8, 8)).astype(np.float32)
+    names = activation_tensors(model)
+    single, _ = _one_by_one(monkeypatch, model, _feeds(model, rows, tmp_path / "r.npy", 1), names=names, samples=64)
+    seen = _spy_stacks(monkeypatch)
+    got, n = collect(model, _feeds(model, rows, tmp_path / "r.npy", 1), names=names, samples=64)
+    assert seen == {"stacked": [8], "unstacked": 1} and n == 10  # tried, checked on the first stack, given up
+    _files_equal(got, single, names)
+
+
+def test_stacks_break_where_the_feeds_shapes_change(tmp_path, monkeypatch):
+    model = _row_model()
+    rng = np.random.default_rng(13)
+    data = tmp_path / "d"
+    data.mkdir()
+    np.save(data / "a.npy", rng.normal(0, 1, (5, 3, 8, 8)).astype(np.float32))
+    np.save(data / "b.npy", rng.normal(0, 3, (6, 3, 8, 12)).astype(np.float32))  # wider rows
+    specs = [InputSpec.from_value_info(i) for i in model.graph.input]
+    names = activation_tensors(model)
+    single, _ = _one_by_one(monkeypatch, model, FeedSource(data, specs, batch_size=1), names=names, samples=64)
+    seen = _spy_stacks(monkeypatch)
+    got, n = collect(model, FeedSource(data, specs, batch_size=1), names=names, samples=64)
+    assert seen == {"stacked": [8], "unstacked": 0} and n == 11
+    _files_equal(got, single, names)
+
+
+def test_a_stacked_row_holding_inf_or_nan_observes_that_tensor_in_full_as_one_row_feeds_do(tmp_path, monkeypatch):
+    model = _nonfinite_model()
+    rows = np.random.default_rng(2).uniform(0.5, 2.0, (12, 16)).astype(np.float32)
+    rows[9, 3] = 0.0  # -inf in the second stack
+    names = activation_tensors(model)
+    slow, _ = collect(model, _feeds(model, rows, tmp_path / "r.npy", 1), names=names, samples=0)
+    seen = _spy_stacks(monkeypatch)
+    fast, _ = collect(model, _feeds(model, rows, tmp_path / "r.npy", 1), names=names)
+    assert seen["stacked"] == [8]  # then the pass starts again, one feed a run, with the log observed in full
+    for n in names:
+        assert _same(fast[n], slow[n]), n
+    assert fast["lg"].nonfinite == 1
+
+
+def test_which_feeds_stack():
+    from qconv.calib.collect import STACK_ROWS, STACK_VALUES, stack_rows
+
+    model = _row_model()
+    one = {"x": np.zeros((1, 3, 8, 8), np.float32)}
+    assert stack_rows(model, one) == ("x", STACK_ROWS)
+    assert stack_rows(model, {"x": np.zeros((2, 3, 8, 8), np.float32)}) == (None, 1)  # feeds of several rows
+    assert stack_rows(model, {"x": np.zeros((1, 3, 256, 256), np.float32)}) == ("x", STACK_VALUES // (3 * 256 * 256))
+    assert stack_rows(model, {"x": np.zeros((1, 3, 480, 480), np.float32)}) == (None, 1)  # a page runs alone
+    fixed = _row_model()
+    fixed.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    assert stack_rows(fixed, one) == (None, 1)  # a fixed batch of one
+    paddle = _row_model()
+    paddle.graph.input[0].type.tensor_type.shape.dim[0].dim_value = -1  # Paddle's free axis
+    assert stack_rows(paddle, one) == ("x", STACK_ROWS)
+    assert stack_rows(model, None) == (None, 1)
+
+
+def test_shards_of_one_row_feeds_stack_their_own_rows_and_merge_into_the_single_run(tmp_path):
+    model = _row_model()
+    onnx.save(model, tmp_path / "m.onnx")
+    rows = np.random.default_rng(14).normal(0, 2, (30, 3, 8, 8)).astype(np.float32)
+    rows[17] *= 9
+    np.save(tmp_path / "d.npy", rows)
+    base = ["calibrate", tmp_path / "m.onnx", "--data", tmp_path / "d.npy", "--bins", "128", "--hist-samples", "64", "--no-floor-ranges"]
+    assert invoke(*base, "-o", tmp_path / "one.json").exit_code == 0
+    for k in range(3):
+        assert invoke(*base, "--shard", f"{k}/3", "-o", tmp_path / f"s{k}.json").exit_code == 0
+    r = invoke("calibrate", "merge", *[tmp_path / f"s{k}.json" for k in range(3)], "-o", tmp_path / "merged.json")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "merged.json").read_text())["tensors"] == json.loads((tmp_path / "one.json").read_text())["tensors"]

@@ -121,6 +121,10 @@ def collect(
     return {n: observers[renamed.get(n, n)] for n in names}, seen
 
 
+class _Unstacked(Exception):
+    """The stacked statistics run did not give each one-row feed's own statistics: run the feeds one at a time."""
+
+
 class _Held(Exception):
     """Tensors whose batch held inf or NaN: observed in full on the next attempt."""
 
@@ -142,6 +146,36 @@ def _collect_reduced(model, feeds, threads, progress, bins, momentum, names, sam
             return _reduced_pass(model, feeds, threads, progress, bins, momentum, names, chains, full, samples, cache, key)
         except _Held as held:
             full |= held.tensors
+        except _Unstacked:
+            cache[("rows", key)] = False
+
+
+# One-row feeds (the default --batch-size 1) run STACK_ROWS at a time, each row's statistics read apart in the graph
+# (ingraph.StatsGraph ``rows``): at batch 1 a run's own cost (its nodes' dispatch, its outputs, folding each tensor in
+# Python) was most of what the statistics cost past a float pass (PP-OCRv4 rec, 400 lines: the statistics graph 1.51x
+# the plain model's time one row a run, 1.13x eight rows a run, interleaved). Rows stack while the stacked inputs hold
+# at most STACK_VALUES values (a 480x480 page runs alone: its run's own cost is nothing beside its convolutions). The
+# first stack is checked row by row against each row run alone: the statistics must be the same bits (a tensor that
+# mixes rows, a kernel that rounds differently with more rows: the feeds then run one at a time, as before).
+STACK_ROWS = 8
+STACK_VALUES = 1 << 19
+
+
+def stack_rows(model: onnx.ModelProto, first: dict | None) -> tuple[str | None, int]:
+    """(the input a stacked feed's rows are counted on, how many one-row feeds a statistics run takes), or (None, 1)
+    where feeds cannot stack: a feed of more than one row, a scalar input, an input whose first axis is fixed."""
+    if not first:
+        return None, 1
+    declared = {i.name: i for i in model.graph.input if i.name in first}
+    arrays = [np.asarray(v) for v in first.values()]
+    if len(declared) != len(first) or any(a.ndim == 0 or a.shape[0] != 1 for a in arrays):
+        return None, 1
+    for vi in declared.values():
+        dims = vi.type.tensor_type.shape.dim
+        if not dims or dims[0].dim_value > 0:  # fixed (Paddle writes -1 for a free axis)
+            return None, 1
+    rows = max(1, min(STACK_ROWS, STACK_VALUES // max(1, sum(a.size for a in arrays))))
+    return (next(iter(declared)), rows) if rows > 1 else (None, 1)
 
 
 def _reduced_pass(model, feeds, threads, progress, bins, momentum, names, chains, full, samples, cache, key):
@@ -149,12 +183,14 @@ def _reduced_pass(model, feeds, threads, progress, bins, momentum, names, chains
     derived = {t: c for t, c in chains.items() if t not in full and c[0] not in full}
     roots = [n for n in names if n not in derived]
     given = [n for n in roots if n in inputs]
-    made = (key, frozenset(full))
+    reduced = [n for n in roots if n not in inputs and n not in full]
+    rows_input, stack = (None, 1) if full or not reduced or cache.get(("rows", key)) is False else \
+        stack_rows(model, next(iter(feeds), None))
+    made = (key, frozenset(full), rows_input)
     if made not in cache:
-        for stale in [k for k in cache if k[0] == key and k != made]:  # one session alive: a restart frees the last
-            del cache[stale]
-        graph = ingraph.StatsGraph(model, [n for n in roots if n not in inputs and n not in full],
-                                   [n for n in roots if n not in inputs and n in full], samples)
+        for stale in [k for k in cache if isinstance(k, tuple) and len(k) == 3 and k[0] == key and k != made]:
+            del cache[stale]  # one session alive: a restart frees the last
+        graph = ingraph.StatsGraph(model, reduced, [n for n in roots if n not in inputs and n in full], samples, rows=rows_input)
         with graph.applied() as applied:  # the model itself, for as long as onnxruntime reads it: no copy of the weights
             sess = session(applied, threads or default_threads(), by_priority=True)
         cache[made] = (graph, sess)
@@ -185,9 +221,111 @@ def _reduced_pass(model, feeds, threads, progress, bins, momentum, names, chains
         if held:
             raise _Held(held)
 
+    def observe_rows(indices: list[int], group: list[dict], fetched: list) -> None:
+        """``observe`` for a stack of one-row feeds: each tensor's rows folded in at once (TensorObserver.add_rows)."""
+        for index, feed in zip(indices, group):  # graph inputs, from each feed
+            for name in given:
+                observers[name].add(ingraph.batch_of(feed[name], samples), index)
+        held = set()
+        for root, r in graph.read_rows(fetched).items():
+            if r is None:
+                held |= {root} | {t for t, *_ in followers.get(root, [])}
+                continue
+            observers[root].add_rows(r.count, r.lo, r.hi, r.values, indices)
+            got = {None: (r.lo, r.hi, r.values)}
+            for t, parent, steps in followers.get(root, []):
+                lo, hi, values = got[parent]
+                if r.count:
+                    lo, hi = derive.extremes_rows(steps, lo, hi)
+                    values = derive.values(steps, values)
+                got[t] = lo, hi, values
+                if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
+                    held.add(t)
+                    continue
+                observers[t].add_rows(r.count, lo, hi, values, indices)
+        if held:
+            raise _Held(held)
+
+    if rows_input is not None:
+        checked = bool(cache.get(("rows", key)))
+        sums = frozenset(p.total for p in graph.probes.values())
+        check = None if checked else (lambda *a: _same_rows(*a, sums=sums))
+        seen = _stream_stacked(sess, feeds, fetch, stack, observe_rows, progress, check)
+        cache[("rows", key)] = True
+        return observers, seen
     # Inline, not on a second thread: onnxruntime's threads use every core here and spin between kernels, and the
     # statistics left to fold are a few per cent of a batch's time (on 2 cores a second thread made the pass slower).
     return observers, _stream(sess, feeds, fetch, observe, progress, overlap=False)
+
+
+def _same_rows(sess, fetch: list[str], group: list[dict], fetched: list, sums: frozenset = frozenset()) -> bool:
+    """Whether a stacked run's statistics (``fetched``) are, row by row, the bits each one-row feed of ``group`` gives
+    alone: extremes and samples equal, sizes equal per row; of the ``sums`` (there to see inf and NaN, and summed in
+    another order over more rows) whether each is finite."""
+    alone = [run(sess, feed, fetch) for feed in group]
+    for k, name in enumerate(fetch):
+        got = np.asarray(fetched[k])
+        parts = [np.asarray(a[k]) for a in alone]
+        if got.dtype == np.int64:  # a size: [rows, n] against [1, n]
+            if any(p.shape != (2,) or int(p[0]) != 1 or int(p[1]) != int(got[1]) for p in parts) or int(got[0]) != len(group):
+                return False
+            continue
+        want = np.concatenate(parts)
+        if got.shape != want.shape:
+            return False
+        if name in sums:
+            if not np.array_equal(np.isfinite(got), np.isfinite(want)):
+                return False
+        elif got.tobytes() != want.tobytes():
+            return False
+    return True
+
+
+def _stream_stacked(sess, feeds, fetch: list[str], stack: int, observe_rows, progress, check=None) -> int:
+    """``_stream`` for one-row feeds run ``stack`` at a time: consecutive feeds of the same shapes and types are
+    concatenated along axis 0, and each stack's statistics handed to ``observe_rows`` with the feeds' indices, in
+    order. ``check`` (the first stack of two or more): whether the stack gives each row's own statistics; if it does
+    not (or the stacked run fails, or a feed holds more than one row) the pass stops with _Unstacked."""
+    seen = 0
+    group: list[dict] = []
+    indices: list[int] = []
+
+    def flush():
+        nonlocal seen, check
+        stacked = group[0] if len(group) == 1 else {k: np.concatenate([f[k] for f in group]) for k in group[0]}
+        if check is not None and len(group) > 1:
+            try:
+                values = run(sess, stacked, fetch)
+                same = check(sess, fetch, group, values)
+            except QconvError:
+                same = False
+            if not same:
+                raise _Unstacked()
+            check = None
+        else:
+            values = run(sess, stacked, fetch)
+        observe_rows(list(indices), list(group), values)
+        seen += len(group)
+        if progress:
+            progress(len(group))
+        group.clear()
+        indices.clear()
+
+    def signature(feed: dict) -> tuple:
+        return tuple((k, np.shape(v), np.asarray(v).dtype.str) for k, v in feed.items())
+
+    for index, feed in (feeds.indexed() if hasattr(feeds, "indexed") else enumerate(feeds)):
+        if not all(np.ndim(v) >= 1 and np.shape(v)[0] == 1 for v in feed.values()):
+            raise _Unstacked()  # a feed of several rows is one batch: the graph would read it as several
+        if group and (len(group) == stack or signature(feed) != signature(group[0])):
+            flush()
+        group.append(feed)
+        indices.append(index)
+    if group:
+        flush()
+    if seen == 0:
+        raise QconvError("no calibration samples: the data set is empty")
+    return seen
 
 
 def _stream(sess, feeds, fetch: list[str], observe, progress, overlap: bool = True) -> int:

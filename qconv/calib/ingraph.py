@@ -78,12 +78,18 @@ class _Probe:
 
 class StatsGraph:
     """``model`` with statistics of ``reduced`` computed in the graph and ``full`` exposed as they are. The additions
-    are applied to the model only while a session is made from it (``applied``), so the weights are never copied."""
+    are applied to the model only while a session is made from it (``applied``), so the weights are never copied.
 
-    def __init__(self, model: onnx.ModelProto, reduced: list[str], full: list[str], samples: int):
+    ``rows``: each statistic per row of a feed that stacks several one-row feeds along axis 0 of ``rows`` (a graph
+    input): every reduced tensor is read as [rows, -1], so a row's extremes, size and sample are those the one-row feed
+    gives, wherever that tensor keeps each row's values together in flattened order (``read_rows``; the caller checks
+    that it does, qconv.calib.collect). Without it, the reductions keep axis 1 (see ``_probe_nodes``)."""
+
+    def __init__(self, model: onnx.ModelProto, reduced: list[str], full: list[str], samples: int, rows: str | None = None):
         self.samples = samples
         self.full = list(full)
         self.model = model
+        self.rows = rows
         self._inits: list = []
         ranks = _ranks(model)
         g = Graph(model)
@@ -91,14 +97,22 @@ class StatsGraph:
         consts = self._constants(g, samples)
         nodes_after: dict[int, list] = {}
         position = {o: k for k, node in enumerate(model.graph.node) for o in node.output}
+        if rows is not None:  # [rows of the stacked feed, -1], from the stacked input's shape: the graph's first nodes
+            consts["rows"] = g.unique("qconv_calib/rows")
+            shape, n = g.unique("qconv_calib/rows_shape"), g.unique("qconv_calib/rows_n")
+            nodes_after[-1] = [helper.make_node("Shape", [rows], [shape]),
+                               helper.make_node("Slice", [shape, consts["zero"], consts["one"]], [n]),
+                               helper.make_node("Concat", [n, consts["flat"]], [consts["rows"]], axis=0)]
         self.probes: dict[str, _Probe] = {}
         outputs = []
         for name in reduced:
             probe = _Probe(*(g.unique(f"qconv_calib/{name}/{part}") for part in ("min", "max", "sum", "size", "sample")))
             self.probes[name] = probe
-            nodes_after.setdefault(position.get(name, -1), []).extend(_probe_nodes(name, probe, ranks.get(name), opset, consts, g, samples))
+            made = _probe_nodes(name, probe, ranks.get(name), opset, consts, g, samples) if rows is None else \
+                _row_probe_nodes(name, probe, opset, consts, g, samples)
+            nodes_after.setdefault(position.get(name, -1), []).extend(made)
             outputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in (probe.lo, probe.hi, probe.total, probe.sample)]
-            outputs.append(helper.make_tensor_value_info(probe.size, TensorProto.INT64, [1]))
+            outputs.append(helper.make_tensor_value_info(probe.size, TensorProto.INT64, [1 if rows is None else 2]))
         have = {o.name for o in model.graph.output}
         outputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in self.full if n not in have]
         self._after = nodes_after
@@ -165,6 +179,33 @@ class StatsGraph:
             out[name] = batch_of(value, self.samples)
         return out
 
+    def read_rows(self, fetched: list) -> dict[str, Rows | None]:
+        """``read`` of a ``rows`` graph: each reduced tensor's Rows, None where some row held inf or NaN."""
+        out: dict[str, Rows | None] = {}
+        k = 0
+        for name in self.probes:
+            lo, hi, total, size, sample = fetched[k:k + 5]
+            k += 5
+            if int(size[1]) == 0:
+                out[name] = Rows(0, lo, hi, np.zeros((len(lo), 0), np.float32))
+                continue
+            if not (np.isfinite(lo).all() and np.isfinite(hi).all() and np.isfinite(total).all()):
+                out[name] = None
+                continue
+            out[name] = Rows(int(size[1]), lo, hi, sample)
+        return out
+
+
+@dataclass(frozen=True)
+class Rows:
+    """One tensor in a stacked feed, row by row: each row's element ``count``, finite extremes ``lo``/``hi`` ([rows]
+    float32) and histogram sample ``values`` ([rows, k]): what ``read`` gives for each one-row feed alone."""
+
+    count: int
+    lo: np.ndarray
+    hi: np.ndarray
+    values: np.ndarray
+
 
 def _ranks(model: onnx.ModelProto) -> dict[str, int]:
     """Rank of each tensor onnx's shape inference can tell (for the per-channel reductions)."""
@@ -207,6 +248,29 @@ def _probe_nodes(name: str, p: _Probe, rank: int | None, opset: int, c: dict, g:
         helper.make_node("Mul", [t["h"], c["two"]], [t["d"]]),
         helper.make_node("Add", [t["d"], c["one"]], [t["s"]]),
         helper.make_node("Slice", [flat, c["zero"], c["end"], c["zero"], t["s"]], [p.sample]),
+    ]
+
+
+def _row_probe_nodes(name: str, p: _Probe, opset: int, c: dict, g: Graph, samples: int) -> list:
+    """``_probe_nodes`` per row: the tensor as [rows, -1], reduced over axis 1 (each row's min, max and sum); the
+    size is that shape, and the sample takes every s-th value of each row (s from the row's size, as one row alone)."""
+    flat = g.unique(f"qconv_calib/{name}/rows")
+    nodes = [helper.make_node("Reshape", [name, c["rows"]], [flat]), helper.make_node("Shape", [flat], [p.size])]
+    for op, out in (("ReduceMin", p.lo), ("ReduceMax", p.hi), ("ReduceSum", p.total)):
+        if op == "ReduceSum" or opset >= 18:
+            nodes.append(helper.make_node(op, [flat, c["one"]], [out], keepdims=0))
+        else:
+            nodes.append(helper.make_node(op, [flat], [out], keepdims=0, axes=[1]))
+    if samples <= 0:
+        return nodes + [helper.make_node("Identity", [flat], [p.sample])]
+    t = {k: g.unique(f"qconv_calib/{name}/{k}") for k in ("n", "a", "h", "d", "s")}
+    return nodes + [
+        helper.make_node("Slice", [p.size, c["one"], c["two"]], [t["n"]]),
+        helper.make_node("Add", [t["n"], c["k1"]], [t["a"]]),
+        helper.make_node("Div", [t["a"], c["k2"]], [t["h"]]),
+        helper.make_node("Mul", [t["h"], c["two"]], [t["d"]]),
+        helper.make_node("Add", [t["d"], c["one"]], [t["s"]]),
+        helper.make_node("Slice", [flat, c["zero"], c["end"], c["one"], t["s"]], [p.sample]),
     ]
 
 

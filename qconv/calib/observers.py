@@ -243,6 +243,27 @@ class TensorObserver:
         if self.hist is not None and b.values.size:
             self.hist.add(b.values, b.lo, b.hi)
 
+    def add_rows(self, count: int, lo: np.ndarray, hi: np.ndarray, values: np.ndarray, indices: list[int]) -> None:
+        """Fold in several batches at once, in order: batch r has ``count`` finite elements, extremes ``lo[r]``/``hi[r]``
+        and is batch ``indices[r]`` of the data set; ``values`` are all their histogram samples. The same observer as
+        adding each batch alone: the histogram counts the same values, and its grid ends as the canonical one
+        (``canonicalize``) whichever batches it took at a time."""
+        if count == 0:
+            return
+        momentum, ema_min, ema_max = self.momentum, self.ema_min, self.ema_max
+        for index, a, b in zip(indices, lo.tolist(), hi.tolist()):
+            ema_min, ema_max = _ema_step(ema_min, ema_max, a, b, momentum)
+            if self.extremes is not None:
+                self.extremes.append((index, a, b))
+        self.ema_min, self.ema_max = ema_min, ema_max
+        n = len(indices)
+        self.count += count * n
+        self.batches += n
+        low, high = float(lo.min()), float(hi.max())
+        self.min, self.max = min(self.min, low), max(self.max, high)
+        if self.hist is not None and values.size:
+            self.hist.add(values, low, high)
+
     @property
     def seen_finite(self) -> bool:
         return self.min <= self.max
