@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from qconv.calib import derive, ingraph
-from qconv.calib.collect import activation_tensors, collect
+from qconv.calib.collect import STACK_ROWS, activation_tensors, collect
 from qconv.cli.main import cli
 from qconv.data import FeedSource, InputSpec
 from qconv.graph import expose
@@ -393,13 +393,13 @@ def _files_equal(a: dict, b: dict, names):
 @pytest.mark.parametrize("samples", [64, 4096])
 def test_one_row_feeds_run_stacked_give_each_feeds_own_statistics_bit_for_bit(opset, samples, tmp_path, monkeypatch):
     model = _row_model(opset=opset)
-    rows = np.random.default_rng(11).normal(0, 2, (21, 3, 8, 8)).astype(np.float32)  # 2 stacks of 8 and a tail of 5
+    rows = np.random.default_rng(11).normal(0, 2, (21, 3, 8, 8)).astype(np.float32)  # full stacks and a shorter tail
     rows[13] *= 40  # a wide row mid-stack: histograms widen within a stack
     names = activation_tensors(model)
     single, n1 = _one_by_one(monkeypatch, model, _feeds(model, rows, tmp_path / "r.npy", 1), names=names, samples=samples)
     seen = _spy_stacks(monkeypatch)
     stacked, n2 = collect(model, _feeds(model, rows, tmp_path / "r.npy", 1), names=names, samples=samples)
-    assert seen == {"stacked": [8], "unstacked": 0} and n1 == n2 == 21
+    assert seen == {"stacked": [STACK_ROWS], "unstacked": 0} and n1 == n2 == 21 and 21 % STACK_ROWS
     assert stacked["prod"].batches == 21 and [e[0] for e in stacked["prod"].extremes] == list(range(21))
     _files_equal(stacked, single, names)
 
@@ -411,7 +411,7 @@ def test_a_tensor_that_mixes_the_rows_makes_the_feeds_run_one_at_a_time(tmp_path
     single, _ = _one_by_one(monkeypatch, model, _feeds(model, rows, tmp_path / "r.npy", 1), names=names, samples=64)
     seen = _spy_stacks(monkeypatch)
     got, n = collect(model, _feeds(model, rows, tmp_path / "r.npy", 1), names=names, samples=64)
-    assert seen == {"stacked": [8], "unstacked": 1} and n == 10  # tried, checked on the first stack, given up
+    assert seen == {"stacked": [STACK_ROWS], "unstacked": 1} and n == 10  # tried, checked on the first stack, given up
     _files_equal(got, single, names)
 
 
@@ -427,32 +427,32 @@ def test_stacks_break_where_the_feeds_shapes_change(tmp_path, monkeypatch):
     single, _ = _one_by_one(monkeypatch, model, FeedSource(data, specs, batch_size=1), names=names, samples=64)
     seen = _spy_stacks(monkeypatch)
     got, n = collect(model, FeedSource(data, specs, batch_size=1), names=names, samples=64)
-    assert seen == {"stacked": [8], "unstacked": 0} and n == 11
+    assert seen == {"stacked": [STACK_ROWS], "unstacked": 0} and n == 11
     _files_equal(got, single, names)
 
 
 def test_a_stacked_row_holding_inf_or_nan_observes_that_tensor_in_full_as_one_row_feeds_do(tmp_path, monkeypatch):
     model = _nonfinite_model()
     rows = np.random.default_rng(2).uniform(0.5, 2.0, (12, 16)).astype(np.float32)
-    rows[9, 3] = 0.0  # -inf in the second stack
+    rows[9, 3] = 0.0  # -inf in a later stack
     names = activation_tensors(model)
     slow, _ = collect(model, _feeds(model, rows, tmp_path / "r.npy", 1), names=names, samples=0)
     seen = _spy_stacks(monkeypatch)
     fast, _ = collect(model, _feeds(model, rows, tmp_path / "r.npy", 1), names=names)
-    assert seen["stacked"] == [8]  # then the pass starts again, one feed a run, with the log observed in full
+    assert seen["stacked"] == [STACK_ROWS]  # then the pass starts again, one feed a run, with the log observed in full
     for n in names:
         assert _same(fast[n], slow[n]), n
     assert fast["lg"].nonfinite == 1
 
 
 def test_which_feeds_stack():
-    from qconv.calib.collect import STACK_ROWS, STACK_VALUES, stack_rows
+    from qconv.calib.collect import STACK_VALUES, stack_rows
 
     model = _row_model()
     one = {"x": np.zeros((1, 3, 8, 8), np.float32)}
     assert stack_rows(model, one) == ("x", STACK_ROWS)
     assert stack_rows(model, {"x": np.zeros((2, 3, 8, 8), np.float32)}) == (None, 1)  # feeds of several rows
-    assert stack_rows(model, {"x": np.zeros((1, 3, 256, 256), np.float32)}) == ("x", STACK_VALUES // (3 * 256 * 256))
+    assert stack_rows(model, {"x": np.zeros((1, 3, 256, 256), np.float32)}) == ("x", min(STACK_ROWS, STACK_VALUES // (3 * 256 * 256)))
     assert stack_rows(model, {"x": np.zeros((1, 3, 480, 480), np.float32)}) == (None, 1)  # a page runs alone
     fixed = _row_model()
     fixed.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1

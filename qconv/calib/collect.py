@@ -152,12 +152,13 @@ def _collect_reduced(model, feeds, threads, progress, bins, momentum, names, sam
 
 # One-row feeds (the default --batch-size 1) run STACK_ROWS at a time, each row's statistics read apart in the graph
 # (ingraph.StatsGraph ``rows``): at batch 1 a run's own cost (its nodes' dispatch, its outputs, folding each tensor in
-# Python) was most of what the statistics cost past a float pass (PP-OCRv4 rec, 400 lines: the statistics graph 1.51x
-# the plain model's time one row a run, 1.13x eight rows a run, interleaved). Rows stack while the stacked inputs hold
-# at most STACK_VALUES values (a 480x480 page runs alone: its run's own cost is nothing beside its convolutions). The
-# first stack is checked row by row against each row run alone: the statistics must be the same bits (a tensor that
-# mixes rows, a kernel that rounds differently with more rows: the feeds then run one at a time, as before).
-STACK_ROWS = 8
+# Python) was most of what the statistics cost past a float pass. PP-OCRv4 rec, 160 lines, the whole statistics pass in
+# interleaved rounds: 0.72x the time of one row a run with 4 rows a run, 0.74x with 8, 0.82x with 2; 8 held 5 MB more.
+# Rows stack while the stacked inputs hold at most STACK_VALUES values (a 480x480 page runs alone: its run's own cost is
+# nothing beside its convolutions). The first stack is checked row by row against each row run alone: the statistics
+# must be the same bits (a tensor that mixes rows, a kernel that rounds differently with more rows: the feeds then run
+# one at a time, as before).
+STACK_ROWS = 4
 STACK_VALUES = 1 << 19
 
 
