@@ -415,6 +415,18 @@ def test_a_tensor_that_mixes_the_rows_makes_the_feeds_run_one_at_a_time(tmp_path
     _files_equal(got, single, names)
 
 
+def test_rows_all_alike_run_alone_and_the_check_waits_for_rows_that_differ(tmp_path, monkeypatch):
+    model = _row_model(mix=True)
+    rows = np.random.default_rng(15).normal(0, 2, (12, 3, 8, 8)).astype(np.float32)
+    rows[:STACK_ROWS] = 0.0  # blank first rows: every tensor is zero, mixed or not, so they cannot tell
+    names = activation_tensors(model)
+    single, _ = _one_by_one(monkeypatch, model, _feeds(model, rows, tmp_path / "r.npy", 1), names=names, samples=64)
+    seen = _spy_stacks(monkeypatch)
+    got, n = collect(model, _feeds(model, rows, tmp_path / "r.npy", 1), names=names, samples=64)
+    assert seen == {"stacked": [STACK_ROWS], "unstacked": 1} and n == 12
+    _files_equal(got, single, names)
+
+
 def test_stacks_break_where_the_feeds_shapes_change(tmp_path, monkeypatch):
     model = _row_model()
     rng = np.random.default_rng(13)

@@ -232,13 +232,14 @@ def _reduced_pass(model, feeds, threads, progress, bins, momentum, names, chains
             if r is None:
                 held |= {root} | {t for t, *_ in followers.get(root, [])}
                 continue
+            if r.count == 0:  # an empty tensor: nothing to fold, for it or its followers
+                continue
             observers[root].add_rows(r.count, r.lo, r.hi, r.values, indices)
             got = {None: (r.lo, r.hi, r.values)}
             for t, parent, steps in followers.get(root, []):
                 lo, hi, values = got[parent]
-                if r.count:
-                    lo, hi = derive.extremes_rows(steps, lo, hi)
-                    values = derive.values(steps, values)
+                lo, hi = derive.extremes_rows(steps, lo, hi)
+                values = derive.values(steps, values)
                 got[t] = lo, hi, values
                 if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
                     held.add(t)
@@ -282,17 +283,26 @@ def _same_rows(sess, fetch: list[str], group: list[dict], fetched: list, sums: f
     return True
 
 
+def _same_feed(a: dict, b: dict) -> bool:
+    return all(np.array_equal(a[k], b[k]) for k in a)
+
+
 def _stream_stacked(sess, feeds, fetch: list[str], stack: int, observe_rows, progress, check=None) -> int:
     """``_stream`` for one-row feeds run ``stack`` at a time: consecutive feeds of the same shapes and types are
     concatenated along axis 0, and each stack's statistics handed to ``observe_rows`` with the feeds' indices, in
-    order. ``check`` (the first stack of two or more): whether the stack gives each row's own statistics; if it does
-    not (or the stacked run fails, or a feed holds more than one row) the pass stops with _Unstacked."""
+    order. ``check`` (the first stack of two or more rows not all alike): whether the stack gives each row's own
+    statistics; if it does not (or the stacked run fails, or a feed holds more than one row) the pass stops with
+    _Unstacked."""
     seen = 0
     group: list[dict] = []
     indices: list[int] = []
 
     def flush():
-        nonlocal seen, check
+        nonlocal check
+        if check is not None and len(group) > 1 and all(_same_feed(f, group[0]) for f in group[1:]):
+            for k in range(len(group)):  # rows all alike cannot show a tensor mixing them: alone, and check a later stack
+                observe_rows(indices[k:k + 1], group[k:k + 1], run(sess, group[k], fetch))
+            return done(len(group))
         stacked = group[0] if len(group) == 1 else {k: np.concatenate([f[k] for f in group]) for k in group[0]}
         if check is not None and len(group) > 1:
             try:
@@ -306,9 +316,13 @@ def _stream_stacked(sess, feeds, fetch: list[str], stack: int, observe_rows, pro
         else:
             values = run(sess, stacked, fetch)
         observe_rows(list(indices), list(group), values)
-        seen += len(group)
+        done(len(group))
+
+    def done(rows: int):
+        nonlocal seen
+        seen += rows
         if progress:
-            progress(len(group))
+            progress(rows)
         group.clear()
         indices.clear()
 

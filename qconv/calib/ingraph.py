@@ -89,7 +89,6 @@ class StatsGraph:
         self.samples = samples
         self.full = list(full)
         self.model = model
-        self.rows = rows
         self._inits: list = []
         ranks = _ranks(model)
         g = Graph(model)

@@ -166,4 +166,4 @@ def floored(lo: float, hi: float, t: float | None, levels: int) -> float:
     low = np.float32(max(lo, t - step))
     if low > t:  # float32 rounding must not lift it above the floor
         low = np.nextafter(np.float32(t), np.float32(-np.inf))
-    return float(max(low, lo))
+    return max(float(low), lo)  # in float64: numpy would compare a float32 with a Python float in float32
