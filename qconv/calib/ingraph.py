@@ -237,16 +237,21 @@ def _probe_nodes(name: str, p: _Probe, rank: int | None, opset: int, c: dict, g:
     nodes += [helper.make_node("Reshape", [name, c["flat"]], [flat]), helper.make_node("Shape", [flat], [p.size])]
     if samples <= 0:
         return nodes
-    # s = 2 floor((n + k - 1) / 2k) + 1: ceil(n / k), made odd (plus one where even), in four [1]-shaped integer ops the
-    # Slice reads directly (its ends past the size: clamped). Ten nodes a tensor became seven: at batch 1 a node's own
-    # cost is most of what these take (PP-OCRv4 rec, 103 observed tensors x 400 lines)
+    step, made = _step_nodes(name, p.size, c, g)
+    return nodes + made + [helper.make_node("Slice", [flat, c["zero"], c["end"], c["zero"], step], [p.sample])]
+
+
+def _step_nodes(name: str, size: str, c: dict, g: Graph) -> tuple[str, list]:
+    """(the sample's step, the nodes making it) from ``size`` ([1]: the values a tensor or row holds). s = 2 floor((n +
+    k - 1) / 2k) + 1: ceil(n / k), made odd (plus one where even), in four [1]-shaped integer ops the Slice reads
+    directly (its ends past the size: clamped). Ten nodes a tensor became seven: at batch 1 a node's own cost is most of
+    what these take (PP-OCRv4 rec, 103 observed tensors x 400 lines)."""
     t = {k: g.unique(f"qconv_calib/{name}/{k}") for k in ("a", "h", "d", "s")}
-    return nodes + [
-        helper.make_node("Add", [p.size, c["k1"]], [t["a"]]),
+    return t["s"], [
+        helper.make_node("Add", [size, c["k1"]], [t["a"]]),
         helper.make_node("Div", [t["a"], c["k2"]], [t["h"]]),
         helper.make_node("Mul", [t["h"], c["two"]], [t["d"]]),
         helper.make_node("Add", [t["d"], c["one"]], [t["s"]]),
-        helper.make_node("Slice", [flat, c["zero"], c["end"], c["zero"], t["s"]], [p.sample]),
     ]
 
 
@@ -262,15 +267,10 @@ def _row_probe_nodes(name: str, p: _Probe, opset: int, c: dict, g: Graph, sample
             nodes.append(helper.make_node(op, [flat], [out], keepdims=0, axes=[1]))
     if samples <= 0:
         return nodes + [helper.make_node("Identity", [flat], [p.sample])]
-    t = {k: g.unique(f"qconv_calib/{name}/{k}") for k in ("n", "a", "h", "d", "s")}
-    return nodes + [
-        helper.make_node("Slice", [p.size, c["one"], c["two"]], [t["n"]]),
-        helper.make_node("Add", [t["n"], c["k1"]], [t["a"]]),
-        helper.make_node("Div", [t["a"], c["k2"]], [t["h"]]),
-        helper.make_node("Mul", [t["h"], c["two"]], [t["d"]]),
-        helper.make_node("Add", [t["d"], c["one"]], [t["s"]]),
-        helper.make_node("Slice", [flat, c["zero"], c["end"], c["one"], t["s"]], [p.sample]),
-    ]
+    n = g.unique(f"qconv_calib/{name}/n")
+    step, made = _step_nodes(name, n, c, g)
+    return nodes + [helper.make_node("Slice", [p.size, c["one"], c["two"]], [n])] + made + \
+        [helper.make_node("Slice", [flat, c["zero"], c["end"], c["one"], step], [p.sample])]
 
 
 def supported(model: onnx.ModelProto) -> bool:
