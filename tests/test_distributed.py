@@ -15,8 +15,8 @@ pytest.importorskip("dask.distributed")
 D = SAMPLES / "digits_cnn"
 
 
-def calibrate(out, *extra, env=None):
-    return CliRunner(env=env).invoke(cli, ["calibrate", str(D / "model.onnx"), "--data", str(D / "calib.npy"), "--batch-size", "8",
+def calibrate(out, *extra, env=None, batch=8):
+    return CliRunner(env=env).invoke(cli, ["calibrate", str(D / "model.onnx"), "--data", str(D / "calib.npy"), "--batch-size", str(batch),
                                            "-o", str(out), "-q", *map(str, extra)], catch_exceptions=False)
 
 
@@ -40,6 +40,19 @@ def test_cluster_gives_the_same_file_as_one_process(in_process, tmp_path):
         u = b["tensors"][name]
         assert (u["min"], u["max"], u["count"], u["nonfinite"], u["hist"]) == (t["min"], t["max"], t["count"], t["nonfinite"], t["hist"])
         assert (u["ema_min"], u["ema_max"], u["extremes"]) == (t["ema_min"], t["ema_max"], t["extremes"])
+
+
+def test_one_row_feeds_stacked_on_workers_give_the_single_runs_statistics(tmp_path, monkeypatch):
+    from qconv.calib import collect
+
+    out, local, plain = tmp_path / "cluster.json", tmp_path / "local.json", tmp_path / "plain.json"
+    assert calibrate(out, "--executor", "local:2", "--shards", "4", batch=1).exit_code == 0  # each worker's shards stacked
+    assert calibrate(local, "--shards", "4", batch=1).exit_code == 0
+    assert out.read_bytes() == local.read_bytes()
+    monkeypatch.setattr(collect, "STACK_ROWS", 1)  # one row a run: what the stacks must equal
+    assert calibrate(plain, batch=1).exit_code == 0
+    a, b = json.loads(plain.read_text())["tensors"], json.loads(out.read_text())["tensors"]
+    assert a.keys() == b.keys() and all(b[n][k] == t[k] for n, t in a.items() for k in ("min", "max", "count", "hist", "ema_min", "ema_max", "extremes"))
 
 
 def test_a_killed_worker_is_retried(in_process, tmp_path):
