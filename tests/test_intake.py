@@ -226,9 +226,11 @@ def test_constants_folded_without_onnx_reference_are_the_ones_it_folds(other, mo
     calls = []
     real = intake._folded_exactly
     monkeypatch.setattr(intake, "_folded_exactly", lambda *a: calls.append(real(*a)) or calls[-1])
-    assert intake.fold_constants(fast)
+    with np.errstate(all="ignore"):  # onnx.reference (the set with a Sqrt) warns of the casts out of range
+        assert intake.fold_constants(fast)
     assert (calls[0] is None) == other
     monkeypatch.setattr(intake, "_folded_exactly", lambda *a: None)
-    assert intake.fold_constants(slow)
+    with np.errstate(all="ignore"):  # onnx.reference warns of the casts out of range
+        assert intake.fold_constants(slow)
     assert fast.SerializeToString() == slow.SerializeToString()
     assert [n.op_type for n in fast.graph.node] == (["Add", "Add", "Mul"] if other else ["Add", "Mul"])
