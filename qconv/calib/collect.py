@@ -326,14 +326,14 @@ def _stream_stacked(sess, feeds, fetch: list[str], stack: int, observe_rows, pro
         group.clear()
         indices.clear()
 
-    def signature(feed: dict) -> tuple:
-        return tuple((k, np.shape(v), np.asarray(v).dtype.str) for k, v in feed.items())
-
+    stacked_as = None  # the shapes and types of the stack being filled
     for index, feed in (feeds.indexed() if hasattr(feeds, "indexed") else enumerate(feeds)):
         if not all(np.ndim(v) >= 1 and np.shape(v)[0] == 1 for v in feed.values()):
             raise _Unstacked()  # a feed of several rows is one batch: the graph would read it as several
-        if group and (len(group) == stack or signature(feed) != signature(group[0])):
+        signature = tuple((k, np.shape(v), np.asarray(v).dtype.str) for k, v in feed.items())
+        if group and (len(group) == stack or signature != stacked_as):
             flush()
+        stacked_as = signature
         group.append(feed)
         indices.append(index)
     if group:

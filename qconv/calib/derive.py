@@ -74,12 +74,8 @@ class Step:
 def extremes(steps: tuple[Step, ...], lo: float, hi: float) -> tuple[float, float]:
     """The extremes of f(x) for x with extremes ``lo``, ``hi`` (f = the steps in order): both ends as one float32 pair
     through each step (elementwise: the same values as one at a time), swapped after a decreasing one."""
-    v = np.array([lo, hi], np.float32)
-    for s in steps:
-        v = s.apply(v)
-        if s.decreasing:
-            v = v[::-1]
-    return float(v[0]), float(v[1])
+    a, b = extremes_rows(steps, np.float32(lo), np.float32(hi))
+    return float(a), float(b)
 
 
 def extremes_rows(steps: tuple[Step, ...], lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -274,14 +274,10 @@ _STANDARD = frozenset(onnx.helper.np_dtype_to_tensor_dtype(np.dtype(t)) for t in
     "float32", "float64", "float16", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "bool"))
 
 
+@np.errstate(all="ignore")  # a cast out of range (inf to int32) is onnx.reference's value, without its warning
 def _folded_exactly(nodes: list, g: Graph, needed: list[str]) -> list | None:
     """``needed``'s values from ``nodes`` (in graph order, every input constant) when each is an Identity, a Cast between
     standard numeric types or a Reshape; None otherwise (onnx.reference folds them)."""
-    with np.errstate(all="ignore"):  # a cast out of range (inf to int32) is onnx.reference's value, without its warning
-        return _fold_nodes(nodes, g, needed)
-
-
-def _fold_nodes(nodes: list, g: Graph, needed: list[str]) -> list | None:
     values: dict[str, np.ndarray] = {}
     for node in nodes:
         if any(not i for i in node.input):
@@ -290,7 +286,7 @@ def _fold_nodes(nodes: list, g: Graph, needed: list[str]) -> list | None:
         if node.op_type == "Identity" and len(ins) == 1:
             out = ins[0]
         elif node.op_type == "Cast" and len(ins) == 1 and attr(node, "to") in _STANDARD and ins[0].dtype.kind in "biuf":
-            out = ins[0].astype(onnx.helper.tensor_dtype_to_np_dtype(attr(node, "to")))
+            out = ins[0].astype(onnx.helper.tensor_dtype_to_np_dtype(attr(node, "to")))  # onnx.reference's Cast
         elif node.op_type == "Reshape" and len(ins) == 2 and ins[1].dtype == np.int64:
             shape = np.copy(ins[1])
             if not attr(node, "allowzero", 0):
