@@ -233,12 +233,19 @@ def smooth_checked(prepared: Prepared, source: Iterable[dict], config: QuantConf
     n_rows = sum(bias.rows_of(f) for f in rows)
     inputs = sq.inputs_of(nodes)
     captured = sq.capture(prepared.model, inputs, rows, threads)
-    chosen = sq.choose(prepared.model, nodes, captured, sq.grid_of(config))
-    what = f"{len(chosen)} of {len(nodes)} MatMul/Gemm inputs"
-    if not chosen:
+    grid = sq.grid_of(config)
+    # The alphas first (``sq.choose`` without the range shares): a share only lowers a chosen layer's error, so where the
+    # gain without them is already sure (SMOOTH_SURE_DB: MiniLM), neither check below can go another way, and the
+    # shares are searched only if this choice is the one kept (the choice made again on more rows usually replaces it)
+    rough = sq.choose(prepared.model, nodes, captured, grid, clip=False)
+    what = f"{len(rough)} of {len(nodes)} MatMul/Gemm inputs"
+    if not rough:
         prepared.notes.append(f"SmoothQuant: no MatMul/Gemm input's int8 output gains from it ({len(nodes)} measured on {n_rows} rows)")
         return {}
-    layers = sq.layers_gain_db(chosen)
+    chosen, layers = rough, sq.layers_gain_db(rough)
+    if asked == "auto" and layers < SMOOTH_SURE_DB:  # the checks read the finished choice's gain
+        chosen = sq.clipped(prepared.model, nodes, captured, grid, rough)
+        layers = sq.layers_gain_db(chosen)
     if asked == "auto" and layers < SMOOTH_LAYERS_DB:
         prepared.notes.append(f"SmoothQuant: {what} left as they were (their int8 errors {layers:.1f} dB lower on {n_rows} rows: "
                               f"under {SMOOTH_LAYERS_DB:g} dB, not worth a Mul each)")
@@ -247,12 +254,15 @@ def smooth_checked(prepared: Prepared, source: Iterable[dict], config: QuantConf
     seen: list[int] = []
     later = bias.first_rows(feeds, sq.EXTREME_ROWS - n_rows, seen) if n_rows < sq.EXTREME_ROWS else iter(())
     first = next(later, None)
+    early = {k: sq.Capture(c.lo, c.hi, c.rows) for k, c in captured.items()}  # the first rows' extremes (widening replaces them)
     if first is not None:
         captured = sq.capture(prepared.model, inputs, itertools.chain([first], later), threads, more=captured)
     extremes = n_rows + sum(seen)
     if extremes > n_rows:
-        chosen = sq.choose(prepared.model, nodes, captured, sq.grid_of(config)) or chosen
+        chosen = sq.choose(prepared.model, nodes, captured, grid) or chosen
         what = f"{len(chosen)} of {len(nodes)} MatMul/Gemm inputs"
+    if chosen is rough:
+        chosen = sq.clipped(prepared.model, nodes, early, grid, rough)
     smoothing = {k: v.to_dict() for k, v in sorted(chosen.items())}
     alphas = sorted({v.alpha for v in chosen.values()})
     how = (f"alpha {alphas[0]:g}" if len(alphas) == 1 else f"alphas {alphas[0]:g}-{alphas[-1]:g}") + \

@@ -626,6 +626,31 @@ def test_smoothquants_capture_runs_big_feeds_in_chunks_only_where_rows_do_not_mi
     assert sizes == want
 
 
+@pytest.mark.parametrize("seed", [0, 5, 11])  # data where a range share pays (the search must find it)
+def test_smoothquants_alphas_then_range_shares_are_the_whole_search(seed):
+    """The default first chooses the alphas alone (``clip=False``) and searches the range shares only for the choice it
+    keeps (``clipped``): that gives what the whole search gives, node for node, and the gain without shares is a lower
+    bound of the gain with them (what lets the pipeline skip the shares where the gain is sure either way)."""
+    from qconv.adjust import smooth as sq
+
+    rng = np.random.default_rng(seed)
+    w = rng.normal(0, 0.2, (48, 24)).astype(np.float32)
+    x = rng.normal(0, 1, (400, 48)).astype(np.float32)
+    x[:, rng.choice(48, 3, replace=False)] *= rng.uniform(5, 40)
+    x[rng.choice(400, 4, replace=False)] *= 6  # a few tokens spike: a clipped range can pay
+    model = _one_matmul(w)
+    nodes = sq.smoothable(model)
+    got = sq.capture(model, sq.inputs_of(nodes), [{"x": x[k:k + 50]} for k in range(0, 400, 50)])
+    grid = sq.grid_of(QuantConfig())
+    whole = sq.choose(model, nodes, got, grid)
+    rough = sq.choose(model, nodes, got, grid, clip=False)
+    assert whole and set(rough) == set(whole)
+    assert sq.clipped(model, nodes, got, grid, rough) == whole
+    assert sq.layers_gain_db(rough) <= sq.layers_gain_db(whole)
+    assert rough["fc"].alpha == whole["fc"].alpha and rough["fc"].scales == whole["fc"].scales
+    assert rough["fc"].range != whole["fc"].range and whole["fc"].error_after < rough["fc"].error_after
+
+
 @pytest.mark.parametrize("outliers", [0.0, 30.0])
 def test_smoothquant_takes_an_alpha_only_where_the_layers_own_int8_output_gains(outliers):
     """Each node's choice (alpha, then the range share) never has more error than leaving it alone, by the same

@@ -26,7 +26,7 @@ import onnx
 from qconv import runtime
 from qconv.adjust.bias import rows_of
 from qconv.graph import Graph
-from qconv.rewrite.smooth import smoothing_scales, weight_layout
+from qconv.rewrite.smooth import smoothing_scales, weight_absmax, weight_layout
 
 MIN_NODES = 8  # weight MatMul/Gemm nodes with a float input: a transformer's stack (tuning's group move: the same count)
 ROWS = 64  # calibration rows the sampled activations (the alpha's and the range's layer errors) come from
@@ -309,12 +309,20 @@ def _quantized_weight(w: np.ndarray, grid: Grid, owned: bool = False) -> np.ndar
 
 
 def layer_error(x: np.ndarray, rng: tuple[float, float], w: np.ndarray, s: np.ndarray, reference: np.ndarray, grid: Grid,
-                wq: np.ndarray | None = None) -> float:
+                wq: np.ndarray | None = None, energy: float | None = None) -> float:
     """Relative squared error of the int8 layer's output ``(x / s) @ (s W)`` against ``reference`` (x @ W): the
-    smoothed input on the per-tensor grid of ``rng``, the smoothed weight [K, N] on its own grid (``wq``, if given)."""
+    smoothed input on the per-tensor grid of ``rng``, the smoothed weight [K, N] on its own grid (``wq``, if given).
+    ``energy``: ``reference_energy(reference)``, if already computed (a search reads it once a node)."""
     xq = _quantized_act(x / s, rng[0], rng[1], grid)
     got = xq @ (_quantized_weight(w * s[:, None], grid, owned=True) if wq is None else wq)
-    return float(np.sum((got - reference) ** 2, dtype=np.float64) / max(float(np.sum(reference ** 2, dtype=np.float64)), 1e-30))
+    got -= reference  # in place: the same float32 differences and squares as (got - reference) ** 2
+    np.square(got, out=got)
+    return float(np.sum(got, dtype=np.float64) / (reference_energy(reference) if energy is None else energy))
+
+
+def reference_energy(reference: np.ndarray) -> float:
+    """The float output's squared sum, the denominator of ``layer_error`` (at least 1e-30)."""
+    return max(float(np.sum(reference ** 2, dtype=np.float64)), 1e-30)
 
 
 @dataclass(frozen=True)
@@ -331,43 +339,86 @@ class Smoothing:
         return {"alpha": self.alpha, "scales": list(self.scales), "range": [self.range[0], self.range[1]]}
 
 
-def choose(model: onnx.ModelProto, nodes: list[onnx.NodeProto], captured: dict[str, Capture], grid: Grid) -> dict[str, Smoothing]:
+def choose(model: onnx.ModelProto, nodes: list[onnx.NodeProto], captured: dict[str, Capture], grid: Grid,
+           clip: bool = True) -> dict[str, Smoothing]:
     """{node: Smoothing} for the nodes whose own int8 output is closer to the float one smoothed at one of ALPHAS than
     not smoothed (``layer_error`` on the sampled rows, the range of the per-channel extremes over all rows seen); then,
     at that alpha, the share of that range (CLIPS) with the least error: the smoothed input's range. The same search
-    output-aware ranges make (qconv.adjust.clip), for the one tensor a smoothing adds, so a calibration file carries it."""
+    output-aware ranges make (qconv.adjust.clip), for the one tensor a smoothing adds, so a calibration file carries it.
+
+    ``clip`` False: the alphas alone, each range the whole extent (``clipped`` finishes them: the same result as
+    ``clip`` True). The nodes chosen are the same either way, and a range share only lowers each node's error, so
+    ``layers_gain_db`` of the unfinished choice is a lower bound of the finished one's."""
     g = Graph(model)
     chosen: dict[str, Smoothing] = {}
     for n in nodes:
-        got = captured.get(n.input[0])
-        w, axis = weight_layout(n, g)
-        if got is None or not got.rows or got.lo.size != w.shape[axis]:
+        layer = _layer(n, g, captured)
+        if layer is None:
             continue
-        x = np.concatenate(got.rows)
-        wk = np.ascontiguousarray(w if axis == 0 else w.T, np.float32)  # [K, N]
-        reference = x @ wk
+        got, x, wk, reference, energy = layer
         ones = np.ones(wk.shape[0], np.float32)
-        extent = lambda s: (min(0.0, float((got.lo / s).min())), max(0.0, float((got.hi / s).max())))  # noqa: E731
-        plain = layer_error(x, extent(ones), wk, ones, reference, grid)
+        plain = layer_error(x, _extent(got, ones), wk, ones, reference, grid, energy=energy)
         best = (plain, None, None)
         absmax = np.maximum(np.abs(got.lo), np.abs(got.hi))
+        wmax = weight_absmax(wk, 0)
         for alpha in ALPHAS:
-            s = smoothing_scales(absmax, wk, 0, alpha)
-            err = layer_error(x, extent(s), wk, s, reference, grid)
+            s = smoothing_scales(absmax, None, 0, alpha, wmax=wmax)
+            err = layer_error(x, _extent(got, s), wk, s, reference, grid, energy=energy)
             if err < best[0]:
                 best = (err, alpha, s)
         if best[1] is None:
             continue
         err, alpha, s = best
-        wq = _quantized_weight(wk * s[:, None], grid, owned=True)
-        lo, hi = extent(s)
-        rng = (lo, hi)
-        for c in CLIPS[1:]:
-            e = layer_error(x, (lo * c, hi * c), wk, s, reference, grid, wq)
-            if e < err:
-                err, rng = e, (lo * c, hi * c)
+        rng, err = _clip_search(x, wk, s, reference, energy, grid, _extent(got, s), err) if clip else (_extent(got, s), err)
         chosen[n.name] = Smoothing(alpha, tuple(float(v) for v in s), (float(rng[0]), float(rng[1])), plain, err)
     return chosen
+
+
+def clipped(model: onnx.ModelProto, nodes: list[onnx.NodeProto], captured: dict[str, Capture], grid: Grid,
+            rough: dict[str, Smoothing]) -> dict[str, Smoothing]:
+    """``rough`` (``choose`` with ``clip`` False on the same captures) with each node's range share searched: what
+    ``choose`` gives, without searching the alphas again."""
+    g = Graph(model)
+    out: dict[str, Smoothing] = {}
+    for n in nodes:
+        c = rough.get(n.name)
+        if c is None:
+            continue
+        got, x, wk, reference, energy = _layer(n, g, captured)
+        s = np.asarray(c.scales, np.float32)  # float32 -> float -> float32: the same scales
+        rng, err = _clip_search(x, wk, s, reference, energy, grid, _extent(got, s), c.error_after)
+        out[n.name] = Smoothing(c.alpha, c.scales, (float(rng[0]), float(rng[1])), c.error_before, err)
+    return out
+
+
+def _layer(n: onnx.NodeProto, g: Graph, captured: dict[str, Capture]) -> tuple | None:
+    """A node's capture, its sampled rows x, its weight as [K, N], x @ W and that output's energy; None when its input
+    was not captured (or not as the weight's channels)."""
+    got = captured.get(n.input[0])
+    w, axis = weight_layout(n, g)
+    if got is None or not got.rows or got.lo.size != w.shape[axis]:
+        return None
+    x = np.concatenate(got.rows)
+    wk = np.ascontiguousarray(w if axis == 0 else w.T, np.float32)  # [K, N]
+    reference = x @ wk
+    return got, x, wk, reference, reference_energy(reference)
+
+
+def _extent(got: Capture, s: np.ndarray) -> tuple[float, float]:
+    """The range of the smoothed input's per-channel extremes, widened to hold 0."""
+    return min(0.0, float((got.lo / s).min())), max(0.0, float((got.hi / s).max()))
+
+
+def _clip_search(x, wk, s, reference, energy, grid: Grid, extent: tuple[float, float], err: float) -> tuple[tuple, float]:
+    """The share of ``extent`` (CLIPS) with the least ``layer_error`` at scales ``s`` (``err``: the whole extent's)."""
+    wq = _quantized_weight(wk * s[:, None], grid, owned=True)
+    lo, hi = extent
+    rng = (lo, hi)
+    for c in CLIPS[1:]:
+        e = layer_error(x, (lo * c, hi * c), wk, s, reference, grid, wq, energy=energy)
+        if e < err:
+            err, rng = e, (lo * c, hi * c)
+    return rng, err
 
 
 def layers_gain_db(chosen: dict[str, Smoothing]) -> float:
