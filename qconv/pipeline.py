@@ -254,7 +254,8 @@ def smooth_checked(prepared: Prepared, source: Iterable[dict], config: QuantConf
     seen: list[int] = []
     later = bias.first_rows(feeds, sq.EXTREME_ROWS - n_rows, seen) if n_rows < sq.EXTREME_ROWS else iter(())
     first = next(later, None)
-    early = {k: sq.Capture(c.lo, c.hi, c.rows) for k, c in captured.items()}  # the first rows' extremes (widening replaces them)
+    # the first rows' extremes (widening replaces them), for finishing the first choice if it is the one kept
+    early = {k: sq.Capture(c.lo, c.hi, c.rows) for k, c in captured.items()} if chosen is rough else None
     if first is not None:
         captured = sq.capture(prepared.model, inputs, itertools.chain([first], later), threads, more=captured)
     extremes = n_rows + sum(seen)

@@ -26,7 +26,7 @@ import onnx
 from qconv import runtime
 from qconv.adjust.bias import rows_of
 from qconv.graph import Graph
-from qconv.rewrite.smooth import smoothing_scales, weight_absmax, weight_layout
+from qconv.rewrite.smooth import scales_from, weight_absmax, weight_layout
 
 MIN_NODES = 8  # weight MatMul/Gemm nodes with a float input: a transformer's stack (tuning's group move: the same count)
 ROWS = 64  # calibration rows the sampled activations (the alpha's and the range's layer errors) come from
@@ -362,7 +362,7 @@ def choose(model: onnx.ModelProto, nodes: list[onnx.NodeProto], captured: dict[s
         absmax = np.maximum(np.abs(got.lo), np.abs(got.hi))
         wmax = weight_absmax(wk, 0)
         for alpha in ALPHAS:
-            s = smoothing_scales(absmax, None, 0, alpha, wmax=wmax)
+            s = scales_from(absmax, wmax, alpha)
             err = layer_error(x, _extent(got, s), wk, s, reference, grid, energy=energy)
             if err < best[0]:
                 best = (err, alpha, s)

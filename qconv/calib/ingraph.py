@@ -158,13 +158,15 @@ class StatsGraph:
             out += [p.lo, p.hi, p.total, p.size, p.sample]
         return out + self.full
 
+    def _probed(self, fetched: list):
+        """(tensor, lo, hi, total, size, sample) of each reduced tensor, from the fetched outputs in ``outputs`` order."""
+        for k, name in enumerate(self.probes):
+            yield (name, *fetched[5 * k:5 * k + 5])
+
     def read(self, fetched: list) -> dict[str, Batch | None]:
         """Each tensor's Batch from the fetched outputs; None for a reduced tensor whose batch held inf or NaN."""
         out: dict[str, Batch | None] = {}
-        k = 0
-        for name in self.probes:
-            lo, hi, total, size, sample = fetched[k:k + 5]
-            k += 5
+        for name, lo, hi, total, size, sample in self._probed(fetched):
             n = int(size[0])
             if n == 0:
                 out[name] = Batch(0, 0, 0.0, 0.0, np.zeros(0, np.float32))
@@ -174,17 +176,14 @@ class StatsGraph:
                 out[name] = None
                 continue
             out[name] = Batch(n, 0, lo, hi, np.asarray(sample, dtype=np.float32).reshape(-1))
-        for name, value in zip(self.full, fetched[k:]):
+        for name, value in zip(self.full, fetched[5 * len(self.probes):]):
             out[name] = batch_of(value, self.samples)
         return out
 
     def read_rows(self, fetched: list) -> dict[str, Rows | None]:
         """``read`` of a ``rows`` graph: each reduced tensor's Rows, None where some row held inf or NaN."""
         out: dict[str, Rows | None] = {}
-        k = 0
-        for name in self.probes:
-            lo, hi, total, size, sample = fetched[k:k + 5]
-            k += 5
+        for name, lo, hi, total, size, sample in self._probed(fetched):
             if int(size[1]) == 0:
                 out[name] = Rows(0, lo, hi, np.zeros((len(lo), 0), np.float32))
                 continue

@@ -139,10 +139,13 @@ def weight_absmax(w: np.ndarray, axis: int) -> np.ndarray:
     return np.abs(np.moveaxis(w, axis, 0)).reshape(w.shape[axis], -1).max(axis=1)
 
 
-def smoothing_scales(absmax: np.ndarray, w: np.ndarray | None, axis: int, alpha: float, wmax: np.ndarray | None = None) -> np.ndarray:
-    """SmoothQuant's s_j = max|x_j|^alpha / max|W_j|^(1 - alpha), for channels that carry signal (others: 1).
-    ``wmax``: ``weight_absmax(w, axis)`` if already computed (a search over alphas reads it once)."""
-    wmax = weight_absmax(w, axis) if wmax is None else wmax
+def smoothing_scales(absmax: np.ndarray, w: np.ndarray, axis: int, alpha: float) -> np.ndarray:
+    """SmoothQuant's s_j = max|x_j|^alpha / max|W_j|^(1 - alpha), for channels that carry signal (others: 1)."""
+    return scales_from(absmax, weight_absmax(w, axis), alpha)
+
+
+def scales_from(absmax: np.ndarray, wmax: np.ndarray, alpha: float) -> np.ndarray:
+    """``smoothing_scales`` from the weight's per-channel extremes ``wmax`` (a search over alphas reads them once)."""
     a = np.asarray(absmax, np.float64)
     s = np.ones_like(a)
     ok = (a > 0) & (wmax > 0)
